@@ -1,0 +1,507 @@
+"""Tests for zhome.config (loading, validation) and the config-related CLI."""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zhome.cli import main
+from zhome.config import ConfigError, HomeserverConfig, load_config
+
+SAMPLE = Path(__file__).resolve().parent.parent / "config" / "homeserver.sample.yaml"
+
+MINIMAL = {
+    "server_name": "example.org",
+    "signing_key_path": "example.org.signing.key",
+    "listeners": [{"port": 8008, "type": "http"}],
+    "secrets": {"form_secret": "f" * 20, "macaroon_secret_key": "m" * 20},
+}
+
+
+def write(tmp_path: Path, raw: dict, name: str = "homeserver.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def load_raw(tmp_path: Path, **changes: object) -> HomeserverConfig:
+    raw = dict(MINIMAL)
+    raw.update(changes)
+    return load_config(write(tmp_path, raw))
+
+
+def error_for(tmp_path: Path, raw: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, raw))
+    text = str(info.value)
+    assert "\n" not in text
+    return text
+
+
+def with_changes(**changes: object) -> dict:
+    raw = dict(MINIMAL)
+    raw.update(changes)
+    return raw
+
+
+def generate(tmp_path: Path, *extra: str) -> tuple[int, str]:
+    path = str(tmp_path / "conf" / "homeserver.yaml")
+    rc = main(["generate-config", "--server-name", "example.org", "--config-path", path, *extra])
+    return rc, path
+
+
+# ---------------------------------------------------------------------------
+# generate-config
+
+
+def test_generate_config_writes_loadable_config_and_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, path = generate(tmp_path, "--port", "9008")
+    assert rc == 0
+    config = load_config(path)
+    conf_dir = str(tmp_path / "conf")
+    assert config.server_name == "example.org"
+    assert config.listeners[0].port == 9008
+    assert config.listeners[0].bind_addresses == ("127.0.0.1",)
+    assert config.listeners[0].resources == ("client",)
+    assert config.public_baseurl == "http://127.0.0.1:9008/"
+    assert config.signing_key_path == os.path.join(conf_dir, "example.org.signing.key")
+    assert os.path.exists(config.signing_key_path)
+    assert config.database.engine == "sqlite3"
+    assert config.database.args == {"database": os.path.join(conf_dir, "homeserver.db")}
+    assert len(config.secrets.macaroon_secret_key) >= 32
+    assert config.secrets.form_secret != config.secrets.macaroon_secret_key
+    # Secrets: owner-only.
+    assert os.stat(path).st_mode & 0o077 == 0
+    out = capsys.readouterr().out
+    assert f"Wrote the configuration to {path}" in out
+
+
+def test_generate_config_key_file_name_is_sanitised(tmp_path: Path) -> None:
+    path = str(tmp_path / "hs.yaml")
+    assert main(["generate-config", "--server-name", "example.org:8448", "-c", path]) == 0
+    assert load_config(path).signing_key_path == str(tmp_path / "example.org_8448.signing.key")
+
+
+def test_generate_config_data_dir(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    rc, path = generate(tmp_path, "--data-dir", str(data))
+    assert rc == 0
+    config = load_config(path)
+    assert config.data_dir == str(data)
+    assert config.database.args["database"] == str(data / "homeserver.db")
+    assert data.is_dir()
+
+
+def test_generate_config_with_database_url(tmp_path: Path) -> None:
+    rc, path = generate(tmp_path, "--database-url", "postgresql://zhome@db.internal:5433/zhome")
+    assert rc == 0
+    config = load_config(path)
+    assert config.database.engine == "psycopg2"
+    assert config.database.args == {
+        "database": "zhome",
+        "host": "db.internal",
+        "port": 5433,
+        "user": "zhome",
+        "cp_min": 5,
+        "cp_max": 10,
+    }
+
+
+def test_generate_config_rejects_bad_server_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "hs.yaml"
+    assert main(["generate-config", "--server-name", "not a name", "-c", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "server_name: 'not a name' is not a valid server name" in err
+    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_config_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, path = generate(tmp_path)
+    assert rc == 0
+    before = Path(path).read_text()
+    capsys.readouterr()
+    rc, _ = generate(tmp_path)
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"zhome generate-config: {path} already exists; use --force to overwrite it"
+    assert Path(path).read_text() == before
+
+
+def test_generate_config_force_overwrites_but_keeps_key(tmp_path: Path) -> None:
+    rc, path = generate(tmp_path)
+    key_path = load_config(path).signing_key_path
+    key_before = Path(key_path).read_text()
+    secret_before = load_config(path).secrets.macaroon_secret_key
+    rc, _ = generate(tmp_path, "--force", "--enable-registration")
+    assert rc == 0
+    config = load_config(path)
+    assert config.registration.enable_registration is True
+    assert config.secrets.macaroon_secret_key != secret_before
+    assert Path(key_path).read_text() == key_before
+
+
+def test_registration_off_by_default_and_on_with_flag(tmp_path: Path) -> None:
+    rc, path = generate(tmp_path / "a")
+    assert rc == 0
+    assert load_config(path).registration.enable_registration is False
+    rc, path = generate(tmp_path / "b", "--enable-registration")
+    assert rc == 0
+    assert load_config(path).registration.enable_registration is True
+    # And off when the key is left out of a hand-written file.
+    assert load_raw(tmp_path).registration.enable_registration is False
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+def test_sample_config_loads() -> None:
+    config = load_config(str(SAMPLE))
+    assert config.server_name == "example.org"
+    assert config.database.engine == "sqlite3"
+    assert config.rooms.default_room_version == "12"
+
+
+def test_defaults(tmp_path: Path) -> None:
+    config = load_raw(tmp_path)
+    assert config.log_level == "INFO"
+    assert config.log_file is None
+    assert config.data_dir == str(tmp_path)
+    assert config.listeners[0].tls is False
+    assert config.listeners[0].x_forwarded is False
+    assert config.registration.registration_shared_secret is None
+    assert config.registration.registration_requires_token is False
+    assert config.password_hashing.scheme == "argon2"
+    assert config.access_tokens.lifetime_ms is None
+    assert config.access_tokens.refresh_tokens is True
+    assert config.rate_limits.enabled is True
+    assert (config.rate_limits.message.per_second, config.rate_limits.message.burst_count) == (0.2, 10)
+    assert (config.rate_limits.registration.per_second, config.rate_limits.registration.burst_count) == (0.17, 3)
+    assert (config.rate_limits.login.per_second, config.rate_limits.login.burst_count) == (0.17, 3)
+    assert (config.rate_limits.joins.per_second, config.rate_limits.joins.burst_count) == (0.1, 10)
+    assert config.limits.max_upload_size == 50 * 1024 * 1024
+    assert config.limits.max_request_body_size == 1024 * 1024
+    assert config.limits.max_event_size == 65536
+    assert config.rooms.default_room_version == "12"
+    assert config.federation.enabled is False
+
+
+def test_partial_rate_limit_keeps_other_default(tmp_path: Path) -> None:
+    config = load_raw(tmp_path, rate_limits={"login": {"burst_count": 7}})
+    assert config.rate_limits.login.burst_count == 7
+    assert config.rate_limits.login.per_second == 0.17
+    assert config.rate_limits.message.burst_count == 10
+
+
+def test_relative_paths_resolve_against_config_dir(tmp_path: Path) -> None:
+    sub = tmp_path / "etc"
+    sub.mkdir()
+    raw = with_changes(
+        signing_key_path="keys/server.key",
+        data_dir="../var",
+        log_file="logs/hs.log",
+        database={"name": "sqlite3", "args": {"database": "db/hs.db"}},
+    )
+    config = load_config(write(sub, raw))
+    assert config.signing_key_path == str(sub / "keys" / "server.key")
+    assert config.data_dir == str(tmp_path / "var")
+    assert config.log_file == str(sub / "logs" / "hs.log")
+    # The database is relative to data_dir, not to the config file.
+    assert config.database.args["database"] == str(tmp_path / "var" / "db" / "hs.db")
+
+
+def test_absolute_paths_kept(tmp_path: Path) -> None:
+    config = load_raw(tmp_path, signing_key_path="/etc/zhome/key", data_dir="/srv/zhome")
+    assert config.signing_key_path == "/etc/zhome/key"
+    assert config.database.args["database"] == "/srv/zhome/homeserver.db"
+
+
+def test_sqlite_memory_database_not_resolved(tmp_path: Path) -> None:
+    config = load_raw(tmp_path, database={"name": "sqlite3", "args": {"database": ":memory:"}})
+    assert config.database.args == {"database": ":memory:"}
+
+
+def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
+    raw = with_changes(registration={"enable_registraton": True})
+    text = error_for(tmp_path, raw)
+    assert text == (
+        f"{tmp_path / 'homeserver.yaml'}: registration.enable_registraton: "
+        "unknown key (did you mean 'enable_registration'?)"
+    )
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    text = error_for(tmp_path, with_changes(colour="blue"))
+    assert text.endswith("homeserver.yaml: colour: unknown key")
+
+
+def test_wrong_type(tmp_path: Path) -> None:
+    raw = with_changes(listeners=[{"port": "abc", "type": "http"}])
+    assert error_for(tmp_path, raw).endswith("homeserver.yaml: listeners[0].port: expected an integer, got 'abc'")
+    raw = with_changes(registration={"enable_registration": "yes please"})
+    assert error_for(tmp_path, raw).endswith(
+        "registration.enable_registration: expected true or false, got 'yes please'"
+    )
+    raw = with_changes(rate_limits={"message": {"per_second": "fast"}})
+    assert error_for(tmp_path, raw).endswith("rate_limits.message.per_second: expected a number, got 'fast'")
+    raw = with_changes(rooms=["12"])
+    assert error_for(tmp_path, raw).endswith("rooms: expected a mapping, got a list")
+
+
+def test_bool_is_not_an_integer(tmp_path: Path) -> None:
+    raw = with_changes(listeners=[{"port": True, "type": "http"}])
+    assert error_for(tmp_path, raw).endswith("listeners[0].port: expected an integer, got true")
+
+
+def test_missing_server_name(tmp_path: Path) -> None:
+    raw = dict(MINIMAL)
+    del raw["server_name"]
+    assert error_for(tmp_path, raw).endswith("homeserver.yaml: server_name: required but missing")
+
+
+def test_missing_nested_required(tmp_path: Path) -> None:
+    raw = with_changes(listeners=[{"port": 8008}])
+    assert error_for(tmp_path, raw).endswith("listeners[0].type: required but missing")
+    raw = with_changes(secrets={"form_secret": "f" * 20})
+    assert error_for(tmp_path, raw).endswith("secrets.macaroon_secret_key: required but missing")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["example.org", "example.org:8448", "1.2.3.4", "1.2.3.4:80", "[::1]", "[1234:5678::abcd]:8448", "localhost"],
+)
+def test_valid_server_names(tmp_path: Path, name: str) -> None:
+    assert load_raw(tmp_path, server_name=name).server_name == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", "exa mple.org", "example.org:", "example.org:99999", "::1", "[::1", "[nothost]:80", "1.2.3.999", "ex_ample.org"]
+)
+def test_invalid_server_names(tmp_path: Path, name: str) -> None:
+    text = error_for(tmp_path, with_changes(server_name=name))
+    assert f"server_name: {name!r} is not a valid server name" in text
+
+
+def test_bad_port(tmp_path: Path) -> None:
+    raw = with_changes(listeners=[{"port": 70000, "type": "http"}])
+    assert error_for(tmp_path, raw).endswith("listeners[0].port: must be between 1 and 65535, got 70000")
+    raw = with_changes(listeners=[{"port": 0, "type": "http"}])
+    assert error_for(tmp_path, raw).endswith("listeners[0].port: must be between 1 and 65535, got 0")
+
+
+def test_listener_rules(tmp_path: Path) -> None:
+    raw = with_changes(listeners=[{"port": 9090, "type": "metrics"}])
+    assert error_for(tmp_path, raw).endswith(
+        "listeners: needs at least one http listener with the 'client' resource"
+    )
+    raw = with_changes(listeners=[{"port": 8008, "type": "http", "resources": ["federation"]}])
+    assert error_for(tmp_path, raw).endswith(
+        "listeners: needs at least one http listener with the 'client' resource"
+    )
+    raw = with_changes(listeners=[])
+    assert error_for(tmp_path, raw).endswith("listeners: needs at least 1 item(s)")
+    raw = with_changes(listeners=[{"port": 8008, "type": "http", "resources": ["client", "telepathy"]}])
+    assert error_for(tmp_path, raw).endswith(
+        "listeners[0].resources[1]: expected one of 'client', 'federation', 'media', got 'telepathy'"
+    )
+    raw = with_changes(listeners=[{"port": 8008, "type": "http", "bind_addresses": ["localhost"]}])
+    assert "listeners[0].bind_addresses[0]: expected an IP address" in error_for(tmp_path, raw)
+    raw = with_changes(listeners=[{"port": 8008, "type": "http"}, {"port": 8008, "type": "metrics"}])
+    assert error_for(tmp_path, raw).endswith(
+        "listeners[1].port: 127.0.0.1:8008 is already used by listeners[0]"
+    )
+
+
+def test_public_baseurl_from_first_client_listener(tmp_path: Path) -> None:
+    config = load_raw(
+        tmp_path,
+        listeners=[
+            {"port": 9090, "type": "metrics"},
+            {"port": 8448, "type": "http", "resources": ["federation"]},
+            {"port": 8009, "type": "http", "resources": ["client", "media"]},
+        ],
+    )
+    assert config.public_baseurl == "http://127.0.0.1:8009/"
+    config = load_raw(tmp_path, public_baseurl="https://matrix.example.org")
+    assert config.public_baseurl == "https://matrix.example.org/"
+    raw = with_changes(public_baseurl="matrix.example.org")
+    assert "public_baseurl: expected an http:// or https:// URL" in error_for(tmp_path, raw)
+
+
+def test_database_url_parsed_into_psycopg2_args(tmp_path: Path) -> None:
+    config = load_raw(tmp_path, database_url="postgresql://alice:s%40cret@db.example.org:5432/synapse_db")
+    assert config.database.engine == "psycopg2"
+    assert config.database.args == {
+        "database": "synapse_db",
+        "host": "db.example.org",
+        "port": 5432,
+        "user": "alice",
+        "password": "s@cret",
+        "cp_min": 5,
+        "cp_max": 10,
+    }
+    assert "s@cret" not in repr(config)
+    config = load_raw(tmp_path, database_url="postgres:///zhome?sslmode=require&cp_min=2&cp_max=4")
+    assert config.database.args == {"database": "zhome", "sslmode": "require", "cp_min": 2, "cp_max": 4}
+
+
+def test_database_url_errors(tmp_path: Path) -> None:
+    raw = with_changes(database_url="mysql://u:p@h/db")
+    assert error_for(tmp_path, raw).endswith("database_url: expected a postgresql:// URL")
+    raw = with_changes(database_url="postgresql://u:hunter2@h:notaport/db")
+    text = error_for(tmp_path, raw)
+    assert text.endswith("database_url: the port is not a number between 1 and 65535")
+    assert "hunter2" not in text
+    raw = with_changes(database_url="postgresql://h/")
+    assert "database_url: expected the database name after the host" in error_for(tmp_path, raw)
+    raw = with_changes(database_url="postgresql://h/db", database={"name": "sqlite3"})
+    assert error_for(tmp_path, raw).endswith("database_url: give either database or database_url, not both")
+
+
+def test_psycopg2_section(tmp_path: Path) -> None:
+    config = load_raw(
+        tmp_path,
+        database={"name": "psycopg2", "args": {"dbname": "zhome", "user": "zhome", "cp_max": 20}},
+    )
+    assert config.database.engine == "psycopg2"
+    assert config.database.args == {"database": "zhome", "user": "zhome", "cp_min": 5, "cp_max": 20}
+    raw = with_changes(database={"name": "psycopg2", "args": {"host": "h"}})
+    assert error_for(tmp_path, raw).endswith("database.args.database: required but missing")
+    raw = with_changes(database={"name": "psycopg2", "args": {"database": "d", "cp_min": 8, "cp_max": 4}})
+    assert error_for(tmp_path, raw).endswith("database.args.cp_max: must be at least cp_min (8), got 4")
+    raw = with_changes(database={"name": "psycopg2", "args": {"database": "d", "password": 12345}})
+    text = error_for(tmp_path, raw)
+    assert text.endswith("database.args.password: expected a string (value hidden)")
+    assert "12345" not in text
+    raw = with_changes(database={"name": "sqlite3", "args": {"host": "h"}})
+    assert error_for(tmp_path, raw).endswith("database.args.host: unknown key")
+    raw = with_changes(database={"name": "mysql"})
+    assert error_for(tmp_path, raw).endswith("database.name: expected one of 'sqlite3', 'psycopg2', got 'mysql'")
+
+
+def test_value_checks(tmp_path: Path) -> None:
+    raw = with_changes(log_level="LOUD")
+    assert "log_level: expected one of 'DEBUG', 'INFO', 'WARNING', 'ERROR', got 'LOUD'" in error_for(tmp_path, raw)
+    assert load_raw(tmp_path, log_level="debug").log_level == "DEBUG"
+    raw = with_changes(rooms={"default_room_version": "13"})
+    assert error_for(tmp_path, raw).endswith("rooms.default_room_version: expected a room version from 1 to 12, got '13'")
+    # Unquoted YAML numbers are accepted as version strings.
+    assert load_raw(tmp_path, rooms={"default_room_version": 10}).rooms.default_room_version == "10"
+    raw = with_changes(limits={"max_request_body_size": 1000})
+    assert error_for(tmp_path, raw).endswith("limits.max_request_body_size: must be at least 65536, got 1000")
+    raw = with_changes(rate_limits={"joins": {"per_second": 0}})
+    assert error_for(tmp_path, raw).endswith("rate_limits.joins.per_second: must be greater than 0, got 0")
+    raw = with_changes(secrets={"form_secret": "short", "macaroon_secret_key": "m" * 20})
+    assert error_for(tmp_path, raw).endswith(
+        "secrets.form_secret: must be at least 16 characters (generate-config makes good ones)"
+    )
+    raw = with_changes(password_hashing={"scheme": "md5"})
+    assert "password_hashing.scheme: expected one of 'argon2', 'bcrypt'" in error_for(tmp_path, raw)
+
+
+def test_empty_section_takes_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "homeserver.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL) + "registration:\nrate_limits:\n")
+    config = load_config(str(path))
+    assert config.registration.enable_registration is False
+    assert config.rate_limits.message.burst_count == 10
+
+
+def test_file_level_errors(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(str(missing))
+    assert str(info.value) == f"{missing}: cannot read: No such file or directory"
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server_name: [unclosed\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(bad))
+    assert str(info.value).startswith(f"{bad}: invalid YAML at line 2")
+
+    dup = tmp_path / "dup.yaml"
+    dup.write_text(yaml.safe_dump(MINIMAL) + "server_name: other.org\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(dup))
+    assert "duplicate key 'server_name'" in str(info.value)
+
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(scalar))
+    assert str(info.value) == f"{scalar}: expected a mapping of options at the top level, got 'just a string'"
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    config = load_raw(tmp_path)
+    with pytest.raises(AttributeError):
+        config.server_name = "other.org"  # type: ignore[misc]
+    assert "m" * 20 not in repr(config)
+
+
+# ---------------------------------------------------------------------------
+# run and register-user
+
+
+def test_run_reports_config_error_on_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, with_changes(listeners=[{"port": "abc", "type": "http"}]))
+    assert main(["run", "-c", path]) == 1
+    err = capsys.readouterr().err
+    assert err == f"{path}: listeners[0].port: expected an integer, got 'abc'\n"
+
+
+def test_run_calls_server_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[HomeserverConfig] = []
+    fake = types.ModuleType("zhome.server")
+    fake.run = lambda config: seen.append(config)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "zhome.server", fake)
+    monkeypatch.setattr("zhome.server", fake, raising=False)
+    path = write(tmp_path, MINIMAL)
+    assert main(["run", "--config-path", path]) == 0
+    assert seen and seen[0].server_name == "example.org"
+
+
+def _fake_admin_tasks(monkeypatch: pytest.MonkeyPatch, calls: list[tuple[str, str, bool]]) -> None:
+    def register_user(config: HomeserverConfig, username: str, password: str, admin: bool) -> str:
+        calls.append((username, password, admin))
+        return f"@{username}:{config.server_name}"
+
+    fake = types.ModuleType("zhome.admin_tasks")
+    fake.register_user = register_user  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "zhome.admin_tasks", fake)
+    monkeypatch.setattr("zhome.admin_tasks", fake, raising=False)
+
+
+def test_register_user_with_password_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[tuple[str, str, bool]] = []
+    _fake_admin_tasks(monkeypatch, calls)
+    pw = tmp_path / "pw"
+    pw.write_text("correct horse\nignored\n")
+    path = write(tmp_path, MINIMAL)
+    assert main(["register-user", "-c", path, "alice", "--admin", "--password-file", str(pw)]) == 0
+    assert calls == [("alice", "correct horse", True)]
+    assert capsys.readouterr().out == "@alice:example.org\n"
+
+
+def test_register_user_prompts_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[tuple[str, str, bool]] = []
+    _fake_admin_tasks(monkeypatch, calls)
+    answers = iter(["pw1", "pw2"])
+    monkeypatch.setattr("getpass.getpass", lambda prompt="": next(answers))
+    path = write(tmp_path, MINIMAL)
+    assert main(["register-user", "-c", path, "bob"]) == 1
+    assert capsys.readouterr().err == "zhome register-user: the passwords do not match\n"
+    assert calls == []
+    answers = iter(["same", "same"])
+    assert main(["register-user", "-c", path, "bob"]) == 0
+    assert calls == [("bob", "same", False)]

@@ -1,0 +1,298 @@
+"""The ``zhome`` command: run the server, generate a config, admin tasks.
+
+Subcommands:
+
+* ``generate-config``: write a complete, loadable configuration with a fresh
+  signing key and fresh secrets.
+* ``run``: load the configuration and start the homeserver.
+* ``register-user``: create a local account from the command line.
+
+Every failure the operator can fix is reported as one line on stderr with a
+non-zero exit code, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import re
+import secrets
+import sys
+from collections.abc import Sequence
+
+from zhome.config import ConfigError, HomeserverConfig, load_config, parse_config
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be between 1 and 65535, got {port}")
+    return port
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zhome", description="zhome, a Matrix homeserver.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate-config", help="write a new configuration file and signing key")
+    gen.add_argument("--server-name", required=True, help="the server name in user IDs, e.g. example.org")
+    gen.add_argument("--config-path", "-c", required=True, help="where to write the YAML configuration")
+    gen.add_argument("--data-dir", help="where the server keeps its data [the config file's directory]")
+    gen.add_argument("--port", type=_port, default=8008, help="client listener port on 127.0.0.1 [8008]")
+    gen.add_argument("--database-url", help="postgresql://user@host:port/db instead of SQLite")
+    gen.add_argument("--enable-registration", action="store_true", help="let anyone register an account")
+    gen.add_argument("--force", action="store_true", help="overwrite an existing configuration file")
+
+    run = commands.add_parser("run", help="start the homeserver")
+    run.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
+
+    reg = commands.add_parser("register-user", help="create a local user")
+    reg.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
+    reg.add_argument("username", metavar="USERNAME", help="localpart of the new user")
+    reg.add_argument("--admin", action="store_true", help="make the user a server admin")
+    reg.add_argument("--password-file", help="read the password from the first line of this file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        # argparse exits on --help and on usage errors; callers want a code.
+        return e.code if isinstance(e.code, int) else 2
+    if args.command == "generate-config":
+        return _generate_config(args)
+    if args.command == "run":
+        return _run(args)
+    return _register_user(args)
+
+
+def _error(command: str, message: str) -> int:
+    print(f"zhome {command}: {message}", file=sys.stderr)
+    return 1
+
+
+def _load(path: str) -> HomeserverConfig | None:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return None
+
+
+# ---------------------------------------------------------------------------
+# generate-config
+
+
+def _key_file_name(server_name: str) -> str:
+    # Server names may hold ":" and "[]" (port, IPv6), which are awkward or
+    # invalid in file names.
+    return re.sub(r"[^A-Za-z0-9._-]", "_", server_name) + ".signing.key"
+
+
+def _q(value: object) -> str:
+    """A YAML scalar for ``value``: JSON strings are valid YAML and quote safely."""
+    return json.dumps(value)
+
+
+def _render_config(
+    *,
+    server_name: str,
+    data_dir: str,
+    key_file: str,
+    port: int,
+    database_url: str | None,
+    enable_registration: bool,
+    form_secret: str,
+    macaroon_secret_key: str,
+) -> str:
+    if database_url:
+        database = f"database_url: {_q(database_url)}\n"
+    else:
+        database = (
+            "database:\n"
+            "  name: sqlite3\n"
+            "  args:\n"
+            "    # Relative to data_dir.\n"
+            '    database: "homeserver.db"\n'
+        )
+    return f"""\
+# zhome configuration, written by `zhome generate-config`.
+# config/homeserver.sample.yaml in the zhome source documents every option.
+# This file holds secrets: keep it readable by the server's user only.
+
+# The name in user IDs (@alice:NAME) and room aliases. Cannot change later.
+server_name: {_q(server_name)}
+
+# Relative to this file's directory. The key is the server's identity to
+# other servers: back it up, never share it.
+signing_key_path: {_q(key_file)}
+
+data_dir: {_q(data_dir)}
+
+log_level: INFO
+
+listeners:
+  - port: {port}
+    bind_addresses: ["127.0.0.1"]
+    type: http
+    resources: [client]
+    tls: false
+    x_forwarded: false
+
+{database}
+registration:
+  enable_registration: {"true" if enable_registration else "false"}
+  registration_requires_token: false
+
+password_hashing:
+  scheme: argon2
+
+access_tokens:
+  # null: access tokens do not expire.
+  lifetime_ms: null
+  refresh_tokens: true
+
+rate_limits:
+  enabled: true
+  message: {{per_second: 0.2, burst_count: 10}}
+  registration: {{per_second: 0.17, burst_count: 3}}
+  login: {{per_second: 0.17, burst_count: 3}}
+  joins: {{per_second: 0.1, burst_count: 10}}
+
+limits:
+  max_upload_size: 52428800
+  max_request_body_size: 1048576
+
+rooms:
+  default_room_version: "12"
+
+# Random per server; changing them invalidates issued tokens.
+secrets:
+  form_secret: {_q(form_secret)}
+  macaroon_secret_key: {_q(macaroon_secret_key)}
+
+federation:
+  enabled: false
+"""
+
+
+def _generate_config(args: argparse.Namespace) -> int:
+    from zhome.crypto.keys import new_signing_key, write_signing_key_file
+
+    config_path = os.path.abspath(args.config_path)
+    config_dir = os.path.dirname(config_path)
+    if os.path.exists(config_path) and not args.force:
+        return _error("generate-config", f"{args.config_path} already exists; use --force to overwrite it")
+    # Written out absolute: a relative --data-dir means relative to where the
+    # command ran, while relative paths in the file mean relative to the file.
+    data_dir = os.path.abspath(args.data_dir) if args.data_dir else config_dir
+    key_file = _key_file_name(args.server_name)
+    text = _render_config(
+        server_name=args.server_name,
+        data_dir=data_dir,
+        key_file=key_file,
+        port=args.port,
+        database_url=args.database_url,
+        enable_registration=args.enable_registration,
+        form_secret=secrets.token_urlsafe(32),
+        macaroon_secret_key=secrets.token_urlsafe(32),
+    )
+    # Validate before touching the disk, so a bad --server-name or
+    # --database-url leaves nothing half-written behind.
+    try:
+        config = parse_config(text, args.config_path)
+    except ConfigError as e:
+        return _error("generate-config", e.problem if not e.key_path else f"{e.key_path}: {e.problem}")
+
+    try:
+        os.makedirs(config_dir, exist_ok=True)
+        os.makedirs(data_dir, exist_ok=True)
+        key_path = config.signing_key_path
+        if os.path.exists(key_path):
+            # The key is the server's identity to other servers; replacing it
+            # would break federation, so an existing one is always kept.
+            print(f"Kept the existing signing key {key_path}")
+        else:
+            write_signing_key_file(key_path, new_signing_key())
+            print(f"Wrote a new signing key to {key_path}")
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.force else os.O_EXCL)
+        # 0600: the file holds secrets.
+        fd = os.open(config_path, flags, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+    except FileExistsError:
+        return _error("generate-config", f"{args.config_path} already exists; use --force to overwrite it")
+    except OSError as e:
+        return _error("generate-config", f"{e.filename or config_path}: {e.strerror or e}")
+    print(f"Wrote the configuration to {config_path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# run
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _load(args.config_path)
+    if config is None:
+        return 1
+    # Imported late: loading the whole server (reactor, storage, handlers) is
+    # not needed to generate a config or to report a config error.
+    from zhome import server
+
+    result = server.run(config)
+    return result if isinstance(result, int) else 0
+
+
+# ---------------------------------------------------------------------------
+# register-user
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    """The new user's password; ValueError with a one-line reason."""
+    if args.password_file:
+        try:
+            with open(args.password_file, encoding="utf-8") as f:
+                password = f.readline().rstrip("\r\n")
+        except OSError as e:
+            raise ValueError(f"{args.password_file}: {e.strerror or e}") from None
+        if not password:
+            raise ValueError(f"{args.password_file}: the first line is empty")
+        return password
+    password = getpass.getpass("Password: ")
+    if not password:
+        raise ValueError("the password must not be empty")
+    if getpass.getpass("Confirm password: ") != password:
+        raise ValueError("the passwords do not match")
+    return password
+
+
+def _register_user(args: argparse.Namespace) -> int:
+    config = _load(args.config_path)
+    if config is None:
+        return 1
+    try:
+        password = _read_password(args)
+    except ValueError as e:
+        return _error("register-user", str(e))
+    from zhome import admin_tasks
+
+    try:
+        user_id = admin_tasks.register_user(config, args.username, password, args.admin)
+    except ValueError as e:
+        # admin_tasks reports operator mistakes (taken or invalid username)
+        # as ValueError.
+        return _error("register-user", str(e))
+    print(user_id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

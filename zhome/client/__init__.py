@@ -1,0 +1,1 @@
+"""Client-Server API endpoints (spec: client-server-api)."""

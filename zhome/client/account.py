@@ -1,0 +1,470 @@
+"""Accounts: versions, capabilities, registration, login, logout, tokens,
+password change, deactivation, devices, profiles, user directory.
+
+Spec: client-server-api "Client Authentication", "Account registration and
+management", "Capabilities negotiation", "Device management", "Profiles",
+"User directory".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from twisted.internet import threads
+from twisted.web.server import Request
+
+from zhome.http.errors import MatrixError, bad_json, forbidden, invalid_param, missing_param, not_found
+from zhome.http.server import JsonResource, client_ip, query_arg, read_json_body
+from zhome.rooms.versions import KNOWN_ROOM_VERSIONS
+from zhome.util.ids import is_valid_user_id, is_valid_user_localpart, random_string
+from zhome.util.passwords import check_password, hash_password
+
+if TYPE_CHECKING:
+    from zhome.server import HomeServer
+
+CS = r"/_matrix/client/(?:r0|v3)"
+SPEC_VERSIONS = ["r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10",
+                 "v1.11", "v1.12", "v1.13", "v1.14", "v1.15", "v1.16"]
+UIA_SESSION_LIFETIME_MS = 30 * 60 * 1000
+
+
+def new_token(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_urlsafe(32)}"
+
+
+class AccountServlets:
+    def __init__(self, hs: "HomeServer") -> None:
+        self.hs = hs
+        self.accounts = hs.accounts
+        self.config = hs.config
+
+    def register_routes(self, r: JsonResource) -> None:
+        r.register("GET", r"/_matrix/client/versions", self.on_versions, "versions")
+        r.register("GET", CS + r"/capabilities", self.on_capabilities, "capabilities")
+        r.register("GET", CS + r"/login", self.on_login_flows, "login_flows")
+        r.register("POST", CS + r"/login", self.on_login, "login")
+        r.register("POST", CS + r"/register", self.on_register, "register")
+        r.register("GET", CS + r"/register/available", self.on_register_available, "register_available")
+        r.register("GET", CS + r"/register/m\.login\.registration_token/validity", self.on_regtoken_validity,
+                   "regtoken_validity")
+        r.register("POST", CS + r"/refresh", self.on_refresh, "refresh")
+        r.register("POST", CS + r"/logout", self.on_logout, "logout")
+        r.register("POST", CS + r"/logout/all", self.on_logout_all, "logout_all")
+        r.register("GET", CS + r"/account/whoami", self.on_whoami, "whoami")
+        r.register("POST", CS + r"/account/password", self.on_password, "password")
+        r.register("POST", CS + r"/account/deactivate", self.on_deactivate, "deactivate")
+        r.register("GET", CS + r"/devices", self.on_devices, "devices")
+        r.register("GET", CS + r"/devices/(?P<device_id>[^/]+)", self.on_get_device, "device")
+        r.register("PUT", CS + r"/devices/(?P<device_id>[^/]+)", self.on_put_device, "device")
+        r.register("DELETE", CS + r"/devices/(?P<device_id>[^/]+)", self.on_delete_device, "device")
+        r.register("POST", CS + r"/delete_devices", self.on_delete_devices, "delete_devices")
+        r.register("GET", CS + r"/profile/(?P<user_id>[^/]+)", self.on_get_profile, "profile")
+        r.register("GET", CS + r"/profile/(?P<user_id>[^/]+)/(?P<field>displayname|avatar_url)",
+                   self.on_get_profile_field, "profile_field")
+        r.register("PUT", CS + r"/profile/(?P<user_id>[^/]+)/(?P<field>displayname|avatar_url)",
+                   self.on_put_profile_field, "profile_field")
+        r.register("POST", CS + r"/user_directory/search", self.on_user_directory, "user_directory")
+        r.register("GET", r"/_zhome/admin/v1/register", self.on_admin_register_nonce, "admin_register")
+        r.register("POST", r"/_zhome/admin/v1/register", self.on_admin_register, "admin_register")
+
+    # -- discovery ---------------------------------------------------------
+    async def on_versions(self, request: Request) -> tuple[int, Any]:
+        return 200, {"versions": SPEC_VERSIONS, "unstable_features": {}}
+
+    async def on_capabilities(self, request: Request) -> tuple[int, Any]:
+        await self.hs.auth.get_user_by_req(request)
+        return 200, {
+            "capabilities": {
+                "m.change_password": {"enabled": True},
+                "m.room_versions": {
+                    "default": self.config.rooms.default_room_version,
+                    "available": {v: "stable" for v in KNOWN_ROOM_VERSIONS},
+                },
+                "m.set_displayname": {"enabled": True},
+                "m.set_avatar_url": {"enabled": True},
+                "m.3pid_changes": {"enabled": False},
+                "m.get_login_token": {"enabled": False},
+            }
+        }
+
+    # -- login -------------------------------------------------------------
+    async def on_login_flows(self, request: Request) -> tuple[int, Any]:
+        return 200, {"flows": [{"type": "m.login.password"}]}
+
+    async def on_login(self, request: Request) -> tuple[int, Any]:
+        body = read_json_body(request)
+        self.hs.ratelimit_login.check("ip:" + client_ip(request))
+        if body.get("type") != "m.login.password":
+            raise MatrixError(400, "M_UNKNOWN", "Unknown login type")
+        user_id = self._user_id_from_identifier(body)
+        password = body.get("password")
+        if not isinstance(password, str):
+            raise bad_json("'password' must be a string")
+        self.hs.ratelimit_login.check("user:" + user_id)
+        user = await self.accounts.get_user(user_id)
+        ok = user is not None and not user["deactivated"] and await threads.deferToThread(
+            check_password, password, user["password_hash"]
+        )
+        if not ok:
+            raise forbidden("Invalid username or password")
+        return 200, await self._issue_login(user_id, body, request)
+
+    def _user_id_from_identifier(self, body: dict[str, Any]) -> str:
+        ident = body.get("identifier")
+        if ident is None:
+            user = body.get("user")
+        else:
+            if not isinstance(ident, dict) or ident.get("type") != "m.id.user":
+                raise MatrixError(400, "M_UNKNOWN", "Only m.id.user identifiers are supported")
+            user = ident.get("user")
+        if not isinstance(user, str) or not user:
+            raise missing_param("Missing user identifier")
+        if user.startswith("@"):
+            return user.lower() if user.lower().endswith(":" + self.hs.server_name) else user
+        return f"@{user.lower()}:{self.hs.server_name}"
+
+    async def _issue_login(self, user_id: str, body: dict[str, Any], request: Request) -> dict[str, Any]:
+        device_id = body.get("device_id")
+        if device_id is None:
+            device_id = random_string(10).upper()
+        if not isinstance(device_id, str) or not device_id or len(device_id) > 255:
+            raise invalid_param("Invalid device_id")
+        display = body.get("initial_device_display_name")
+        if display is not None and not isinstance(display, str):
+            raise bad_json("'initial_device_display_name' must be a string")
+        access = new_token("zha")
+        lifetime = self.config.access_tokens.lifetime_ms
+        want_refresh = body.get("refresh_token") is True and self.config.access_tokens.refresh_tokens and lifetime
+        refresh = new_token("zhr") if want_refresh else None
+        valid_until = int(time.time() * 1000) + lifetime if lifetime else None
+        await self.accounts.create_device_and_token(user_id, device_id, access, display, valid_until, refresh,
+                                                    client_ip(request))
+        out: dict[str, Any] = {"user_id": user_id, "access_token": access, "device_id": device_id,
+                               "home_server": self.hs.server_name}
+        if lifetime:
+            out["expires_in_ms"] = lifetime
+        if refresh:
+            out["refresh_token"] = refresh
+        return out
+
+    async def on_refresh(self, request: Request) -> tuple[int, Any]:
+        body = read_json_body(request)
+        rt = body.get("refresh_token")
+        if not isinstance(rt, str):
+            raise missing_param("Missing refresh_token")
+        lifetime = self.config.access_tokens.lifetime_ms
+        access, new_refresh = new_token("zha"), new_token("zhr")
+        valid_until = int(time.time() * 1000) + lifetime if lifetime else None
+        res = await self.accounts.refresh(rt, access, valid_until, new_refresh)
+        if res is None:
+            raise MatrixError(401, "M_UNKNOWN_TOKEN", "Unknown refresh token", soft_logout=False)
+        out: dict[str, Any] = {"access_token": access, "refresh_token": new_refresh}
+        if lifetime:
+            out["expires_in_ms"] = lifetime
+        return 200, out
+
+    async def on_logout(self, request: Request) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        await self.accounts.delete_devices(req.user_id, [req.device_id])
+        return 200, {}
+
+    async def on_logout_all(self, request: Request) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        await self.accounts.delete_devices(req.user_id, None)
+        return 200, {}
+
+    async def on_whoami(self, request: Request) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        return 200, {"user_id": req.user_id, "device_id": req.device_id, "is_guest": False}
+
+    # -- registration -------------------------------------------------------
+    def _registration_flows(self) -> list[dict[str, Any]]:
+        if self.config.registration.registration_requires_token:
+            return [{"stages": ["m.login.registration_token"]}]
+        return [{"stages": ["m.login.dummy"]}]
+
+    async def on_register_available(self, request: Request) -> tuple[int, Any]:
+        self.hs.ratelimit_registration.check("ip:" + client_ip(request))
+        username = query_arg(request, "username")
+        if not username:
+            raise missing_param("Missing username")
+        user_id = self._check_username(username)
+        if await self.accounts.user_exists_ci(user_id):
+            raise MatrixError(400, "M_USER_IN_USE", "User ID already taken.")
+        return 200, {"available": True}
+
+    async def on_regtoken_validity(self, request: Request) -> tuple[int, Any]:
+        token = query_arg(request, "token")
+        if token is None:
+            raise missing_param("Missing token")
+        return 200, {"valid": await self.accounts.registration_token_valid(token)}
+
+    def _check_username(self, username: Any) -> str:
+        if not isinstance(username, str):
+            raise bad_json("'username' must be a string")
+        local = username.lower() if not username.startswith("@") else username[1:].split(":", 1)[0].lower()
+        if not local or not is_valid_user_localpart(local):
+            raise MatrixError(400, "M_INVALID_USERNAME", "User ID may only contain a-z, 0-9, '.', '_', '=', '-', '/', '+'")
+        user_id = f"@{local}:{self.hs.server_name}"
+        if len(user_id.encode()) > 255:
+            raise MatrixError(400, "M_INVALID_USERNAME", "User ID is too long")
+        return user_id
+
+    async def on_register(self, request: Request) -> tuple[int, Any]:
+        body = read_json_body(request, allow_empty=True)
+        kind = query_arg(request, "kind", "user")
+        if kind == "guest":
+            raise MatrixError(403, "M_GUEST_ACCESS_FORBIDDEN", "Guest access is disabled")
+        if kind != "user":
+            raise invalid_param("Unknown kind")
+        if not self.config.registration.enable_registration:
+            raise forbidden("Registration has been disabled")
+        self.hs.ratelimit_registration.check("ip:" + client_ip(request))
+        username = body.get("username")
+        user_id = self._check_username(username) if username is not None else None
+        if user_id is not None and await self.accounts.user_exists_ci(user_id):
+            raise MatrixError(400, "M_USER_IN_USE", "User ID already taken.")
+        password = body.get("password")
+        if password is not None and (not isinstance(password, str) or len(password) > 512):
+            raise bad_json("'password' must be a string of at most 512 characters")
+        used_token = await self._registration_uia(body)
+        if user_id is None:
+            for _ in range(10):
+                candidate = f"@{random_string(12).lower()}:{self.hs.server_name}"
+                if not await self.accounts.user_exists_ci(candidate):
+                    user_id = candidate
+                    break
+            else:
+                raise MatrixError(500, "M_UNKNOWN", "Could not allocate a user ID")
+        pw_hash = await threads.deferToThread(hash_password, password) if password else None
+        if not await self.accounts.create_user(user_id, pw_hash, displayname=user_id[1:].split(":")[0]):
+            raise MatrixError(400, "M_USER_IN_USE", "User ID already taken.")
+        if used_token is not None:
+            await self.accounts.use_registration_token(used_token)
+        session = (body.get("auth") or {}).get("session")
+        if isinstance(session, str):
+            await self.accounts.delete_uia_session(session)
+        if body.get("inhibit_login") is True:
+            return 200, {"user_id": user_id, "home_server": self.hs.server_name}
+        return 200, await self._issue_login(user_id, body, request)
+
+    async def _registration_uia(self, body: dict[str, Any]) -> Optional[str]:
+        """Run the registration UIA; returns the registration token used, if any."""
+        flows = self._registration_flows()
+        stage = flows[0]["stages"][0]
+        auth = body.get("auth")
+        if not isinstance(auth, dict):
+            session = random_string(24)
+            await self.accounts.create_uia_session(session, {})
+            raise MatrixError(401, "M_FORBIDDEN", "Authentication required", flows=flows, params={}, session=session,
+                              completed=[])
+        session = auth.get("session")
+        atype = auth.get("type")
+        if atype != stage:
+            raise MatrixError(401, "M_FORBIDDEN", "This authentication type is not allowed here", flows=flows,
+                              params={}, session=session, completed=[])
+        if stage == "m.login.registration_token":
+            token = auth.get("token")
+            if not isinstance(token, str) or not await self.accounts.registration_token_valid(token):
+                raise MatrixError(401, "M_FORBIDDEN", "Invalid registration token", flows=flows, params={},
+                                  session=session, completed=[])
+            return token
+        return None
+
+    # -- UIA for existing users ------------------------------------------------
+    async def require_password_uia(self, body: dict[str, Any], user_id: str) -> None:
+        """User-interactive auth with m.login.password for sensitive actions."""
+        flows = [{"stages": ["m.login.password"]}]
+        auth = body.get("auth")
+        if not isinstance(auth, dict):
+            session = random_string(24)
+            await self.accounts.create_uia_session(session, {"user_id": user_id})
+            raise MatrixError(401, "M_FORBIDDEN", "Authentication required", flows=flows, params={}, session=session,
+                              completed=[])
+        session = auth.get("session")
+        if auth.get("type") != "m.login.password":
+            raise MatrixError(401, "M_FORBIDDEN", "Unsupported authentication type", flows=flows, params={},
+                              session=session, completed=[])
+        claimed = self._user_id_from_identifier(auth)
+        user = await self.accounts.get_user(user_id)
+        pw = auth.get("password")
+        ok = (
+            claimed == user_id
+            and user is not None
+            and isinstance(pw, str)
+            and await threads.deferToThread(check_password, pw, user["password_hash"])
+        )
+        if not ok:
+            raise MatrixError(401, "M_FORBIDDEN", "Invalid password", flows=flows, params={}, session=session,
+                              completed=[])
+        if isinstance(session, str):
+            await self.accounts.delete_uia_session(session)
+
+    async def on_password(self, request: Request) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        body = read_json_body(request)
+        await self.require_password_uia(body, req.user_id)
+        new = body.get("new_password")
+        if not isinstance(new, str) or not new or len(new) > 512:
+            raise bad_json("'new_password' must be a non-empty string")
+        await self.accounts.set_password_hash(req.user_id, await threads.deferToThread(hash_password, new))
+        if body.get("logout_devices", True):
+            await self.accounts.delete_other_tokens(req.user_id, req.device_id)
+        return 200, {}
+
+    async def on_deactivate(self, request: Request) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        body = read_json_body(request)
+        await self.require_password_uia(body, req.user_id)
+        rooms = await self.hs.events.get_rooms_for_user(req.user_id)
+        for room_id, (membership, _) in rooms.items():
+            if membership in ("join", "invite", "knock"):
+                try:
+                    await self.hs.membership.update(req.user_id, req.user_id, room_id, "leave")
+                except MatrixError:
+                    pass
+        await self.accounts.set_deactivated(req.user_id)
+        return 200, {"id_server_unbind_result": "no-support"}
+
+    # -- devices ---------------------------------------------------------------
+    async def on_devices(self, request: Request) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        return 200, {"devices": await self.accounts.get_devices(req.user_id)}
+
+    async def on_get_device(self, request: Request, device_id: str) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        for d in await self.accounts.get_devices(req.user_id):
+            if d["device_id"] == device_id:
+                return 200, d
+        raise not_found("Device not found")
+
+    async def on_put_device(self, request: Request, device_id: str) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        body = read_json_body(request, allow_empty=True)
+        name = body.get("display_name")
+        if name is not None and not isinstance(name, str):
+            raise bad_json("'display_name' must be a string")
+        if not await self.accounts.set_device_name(req.user_id, device_id, name):
+            raise not_found("Device not found")
+        return 200, {}
+
+    async def on_delete_device(self, request: Request, device_id: str) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        body = read_json_body(request, allow_empty=True)
+        if not any(d["device_id"] == device_id for d in await self.accounts.get_devices(req.user_id)):
+            raise not_found("Device not found")
+        await self.require_password_uia(body, req.user_id)
+        await self.accounts.delete_devices(req.user_id, [device_id])
+        return 200, {}
+
+    async def on_delete_devices(self, request: Request) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        body = read_json_body(request)
+        devices = body.get("devices")
+        if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+            raise bad_json("'devices' must be a list of device IDs")
+        await self.require_password_uia(body, req.user_id)
+        await self.accounts.delete_devices(req.user_id, devices)
+        return 200, {}
+
+    # -- profiles ----------------------------------------------------------------
+    async def _profile_or_404(self, user_id: str) -> dict[str, Optional[str]]:
+        if not is_valid_user_id(user_id):
+            raise invalid_param("Invalid user ID")
+        p = await self.accounts.get_profile(user_id)
+        if p is None:
+            raise not_found("Profile not found")
+        return p
+
+    async def on_get_profile(self, request: Request, user_id: str) -> tuple[int, Any]:
+        p = await self._profile_or_404(user_id)
+        return 200, {k: v for k, v in p.items() if v is not None}
+
+    async def on_get_profile_field(self, request: Request, user_id: str, field: str) -> tuple[int, Any]:
+        p = await self._profile_or_404(user_id)
+        if p.get(field) is None:
+            raise not_found(f"No {field} set")
+        return 200, {field: p[field]}
+
+    async def on_put_profile_field(self, request: Request, user_id: str, field: str) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        if req.user_id != user_id and not req.is_admin:
+            raise forbidden("You may only change your own profile")
+        body = read_json_body(request)
+        value = body.get(field)
+        if value is not None and not isinstance(value, str):
+            raise bad_json(f"'{field}' must be a string")
+        if isinstance(value, str) and len(value) > 256 and field == "displayname":
+            raise bad_json("displayname is too long")
+        await self._profile_or_404(user_id)
+        await self.accounts.set_profile_field(user_id, field, value)
+        # Carry the change into the user's membership in every joined room.
+        rooms = await self.hs.events.get_rooms_for_user(user_id)
+        for room_id, (membership, _) in rooms.items():
+            if membership == "join":
+                try:
+                    await self.hs.membership.update(user_id, user_id, room_id, "join")
+                except MatrixError:
+                    pass
+        return 200, {}
+
+    async def on_user_directory(self, request: Request) -> tuple[int, Any]:
+        await self.hs.auth.get_user_by_req(request)
+        body = read_json_body(request)
+        term = body.get("search_term")
+        if not isinstance(term, str):
+            raise bad_json("'search_term' must be a string")
+        limit = body.get("limit", 10)
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise bad_json("'limit' must be a non-negative integer")
+        limit = min(limit, 100)
+        rows = await self.accounts.search_profiles(term, limit + 1)
+        results = []
+        for user_id, name, avatar in rows[:limit]:
+            r: dict[str, Any] = {"user_id": user_id}
+            if name is not None:
+                r["display_name"] = name
+            if avatar is not None:
+                r["avatar_url"] = avatar
+            results.append(r)
+        return 200, {"results": results, "limited": len(rows) > limit}
+
+    # -- shared-secret registration for operators ----------------------------------
+    async def on_admin_register_nonce(self, request: Request) -> tuple[int, Any]:
+        if not self.config.registration.registration_shared_secret:
+            raise forbidden("Shared-secret registration is not enabled")
+        nonce = secrets.token_hex(16)
+        self.hs.registration_nonces[nonce] = time.monotonic()
+        return 200, {"nonce": nonce}
+
+    async def on_admin_register(self, request: Request) -> tuple[int, Any]:
+        secret = self.config.registration.registration_shared_secret
+        if not secret:
+            raise forbidden("Shared-secret registration is not enabled")
+        body = read_json_body(request)
+        nonce = body.get("nonce")
+        created = self.hs.registration_nonces.pop(nonce, None) if isinstance(nonce, str) else None
+        if created is None or time.monotonic() - created > 60:
+            raise forbidden("Unknown or expired nonce")
+        username, password, admin, mac = (body.get("username"), body.get("password"), body.get("admin", False),
+                                          body.get("mac"))
+        if not isinstance(username, str) or not isinstance(password, str) or not isinstance(mac, str):
+            raise bad_json("username, password and mac are required strings")
+        want = registration_mac(secret, nonce, username, password, bool(admin))
+        if not hmac.compare_digest(want, mac):
+            raise forbidden("HMAC incorrect")
+        user_id = self._check_username(username)
+        pw_hash = await threads.deferToThread(hash_password, password)
+        if not await self.accounts.create_user(user_id, pw_hash, admin=bool(admin), displayname=username.lower()):
+            raise MatrixError(400, "M_USER_IN_USE", "User ID already taken.")
+        return 200, await self._issue_login(user_id, body, request)
+
+
+def registration_mac(secret: str, nonce: str, username: str, password: str, admin: bool) -> str:
+    """HMAC-SHA256 over nonce, username, password and the admin flag, NUL-separated."""
+    msg = b"\x00".join([nonce.encode(), username.encode(), password.encode(), b"admin" if admin else b"notadmin"])
+    return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()

@@ -1,0 +1,37 @@
+"""Events as clients see them (ClientEvent), with redactions applied.
+
+Spec: client-server-api "Room Events" (ClientEvent, ``unsigned``:
+``age``, ``redacted_because``, ``transaction_id``, ``prev_content``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from zhome.rooms.events import Event
+from zhome.rooms.redaction import prune_event_dict
+from zhome.storage.events import EventsStore
+
+
+async def serialize_events(
+    store: EventsStore, events: list[Event], with_room_id: bool = True, txn_ids: Optional[dict[str, str]] = None
+) -> list[dict[str, Any]]:
+    redaction_ids = [e.internal["redacted_by"] for e in events if e.internal.get("redacted_by")]
+    redactions = await store.get_events(redaction_ids) if redaction_ids else {}
+    now = int(time.time() * 1000)
+    out = []
+    for ev in events:
+        unsigned: dict[str, Any] = {"age": max(0, now - ev.origin_server_ts)}
+        red_id = ev.internal.get("redacted_by")
+        if red_id and red_id in redactions:
+            pruned = prune_event_dict(ev.room_version, ev.pdu)
+            view = Event(pruned, ev.event_id, ev.room_version)
+            unsigned["redacted_because"] = redactions[red_id].client_dict({}, with_room_id)
+            d = view.client_dict(unsigned, with_room_id)
+        else:
+            if txn_ids and ev.event_id in txn_ids:
+                unsigned["transaction_id"] = txn_ids[ev.event_id]
+            d = ev.client_dict(unsigned, with_room_id)
+        out.append(d)
+    return out

@@ -1,0 +1,699 @@
+"""Homeserver configuration: typed, validated, read from YAML.
+
+The file is checked in full when it is loaded, so a mistake stops the server
+before it starts rather than surfacing as a misbehaviour hours later. Unknown
+keys (usually typos), values of the wrong type and missing required values are
+all errors; each becomes a ``ConfigError`` whose text is one line naming the
+file, the key path and the problem, e.g.::
+
+    homeserver.yaml: listeners[0].port: expected an integer, got 'abc'
+
+The schema is declared once, on the frozen dataclasses below: every loadable
+field carries a converter (see ``setting``), and ``_build`` walks a YAML
+mapping against those declarations. Adding an option is one line on the
+right dataclass. ``config/homeserver.sample.yaml`` documents every option.
+
+Paths: ``signing_key_path``, ``data_dir`` and ``log_file`` are resolved
+against the directory holding the config file, an SQLite database path
+against ``data_dir``. Nothing here checks that files exist; start-up does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import yaml
+
+from zhome.rooms.versions import DEFAULT_ROOM_VERSION, KNOWN_ROOM_VERSIONS
+
+# The spec fixes the maximum size of a PDU (65536 bytes of canonical JSON);
+# it is a protocol rule, not a tuning knob, so it cannot be configured.
+MAX_EVENT_SIZE = 65536
+
+MiB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """A problem in the configuration file, reported as one line."""
+
+    def __init__(self, file: str, key_path: str, problem: str) -> None:
+        self.file = file
+        self.key_path = key_path
+        # A multi-line message would be cut up by log collectors and terminals
+        # alike; the brief promise is one line.
+        self.problem = " ".join(problem.split())
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        parts = [self.file]
+        if self.key_path:
+            parts.append(self.key_path)
+        parts.append(self.problem)
+        return ": ".join(parts)
+
+
+class _Invalid(Exception):
+    """Raised by converters; ``load_config`` adds the file name."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(path, problem)
+        self.path = path
+        self.problem = problem
+
+
+# ---------------------------------------------------------------------------
+# Converters: (value, key path) -> typed value, raising _Invalid.
+
+Converter = Callable[[Any, str], Any]
+T = TypeVar("T")
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _expected(what: str, value: Any, path: str) -> NoReturn:
+    raise _Invalid(path, f"expected {what}, got {_describe(value)}")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def string(value: Any, path: str) -> str:
+    if not isinstance(value, str):
+        _expected("a string", value, path)
+    return value
+
+
+def non_empty_string(value: Any, path: str) -> str:
+    if string(value, path) == "":
+        raise _Invalid(path, "must not be empty")
+    return value
+
+
+def boolean(value: Any, path: str) -> bool:
+    # Only YAML booleans: a string "false" being truthy is a classic trap.
+    if not isinstance(value, bool):
+        _expected("true or false", value, path)
+    return value
+
+
+def integer(minimum: int | None = None, maximum: int | None = None) -> Converter:
+    def convert(value: Any, path: str) -> int:
+        # bool is an int subclass in Python; "port: true" is not a port.
+        if not isinstance(value, int) or isinstance(value, bool):
+            _expected("an integer", value, path)
+        if minimum is not None and value < minimum:
+            raise _Invalid(path, _range_text(minimum, maximum, value))
+        if maximum is not None and value > maximum:
+            raise _Invalid(path, _range_text(minimum, maximum, value))
+        return value
+
+    return convert
+
+
+def _range_text(minimum: int | None, maximum: int | None, value: int) -> str:
+    if maximum is None:
+        return f"must be at least {minimum}, got {value}"
+    if minimum is None:
+        return f"must be at most {maximum}, got {value}"
+    return f"must be between {minimum} and {maximum}, got {value}"
+
+
+def positive_number(value: Any, path: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        _expected("a number", value, path)
+    if not value > 0:
+        raise _Invalid(path, f"must be greater than 0, got {value!r}")
+    return float(value)
+
+
+def one_of(*choices: str, ignore_case: bool = False) -> Converter:
+    listed = ", ".join(repr(c) for c in choices)
+
+    def convert(value: Any, path: str) -> str:
+        if not isinstance(value, str):
+            _expected(f"one of {listed}", value, path)
+        candidate = value.upper() if ignore_case else value
+        if candidate not in choices:
+            _expected(f"one of {listed}", value, path)
+        return candidate
+
+    return convert
+
+
+def optional(convert: Converter) -> Converter:
+    def convert_optional(value: Any, path: str) -> Any:
+        return None if value is None else convert(value, path)
+
+    return convert_optional
+
+
+def redacted(convert: Converter) -> Converter:
+    """Never echo a secret's value in an error message (it would be logged)."""
+
+    def convert_secret(value: Any, path: str) -> Any:
+        try:
+            return convert(value, path)
+        except _Invalid as e:
+            if ", got " not in e.problem:
+                raise
+            problem = e.problem.split(", got ")[0]
+            raise _Invalid(e.path, f"{problem} (value hidden)") from None
+
+    return convert_secret
+
+
+def list_of(convert: Converter, *, min_items: int = 0, unique: bool = False) -> Converter:
+    def convert_list(value: Any, path: str) -> tuple[Any, ...]:
+        if not isinstance(value, list):
+            _expected("a list", value, path)
+        if len(value) < min_items:
+            raise _Invalid(path, f"needs at least {min_items} item(s)")
+        items = tuple(convert(item, f"{path}[{i}]") for i, item in enumerate(value))
+        if unique:
+            for i, item in enumerate(items):
+                if item in items[:i]:
+                    raise _Invalid(f"{path}[{i}]", f"duplicate entry {item!r}")
+        return items
+
+    return convert_list
+
+
+def mapping(value: Any, path: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        _expected("a mapping", value, path)
+    return dict(value)
+
+
+def ip_literal(value: Any, path: str) -> str:
+    try:
+        ipaddress.ip_address(string(value, path))
+    except ValueError:
+        raise _Invalid(path, f"expected an IP address such as '127.0.0.1' or '::', got {value!r}") from None
+    return value
+
+
+_DNS_NAME = re.compile(r"[A-Za-z0-9.-]{1,255}")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def server_name(value: Any, path: str) -> str:
+    """A server name per the spec's appendix "Server Name".
+
+    ``hostname [":" port]`` where hostname is an IPv4 literal, a bracketed
+    IPv6 literal or a DNS name of [A-Za-z0-9.-].
+    """
+    text = string(value, path)
+    bad = _Invalid(
+        path,
+        f"{text!r} is not a valid server name "
+        "(expected a hostname or IP literal with an optional :port)",
+    )
+    port: str | None = None
+    if text.startswith("["):
+        end = text.find("]")
+        if end == -1:
+            raise bad
+        host, rest = text[1:end], text[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad from None
+        if rest:
+            if not rest.startswith(":"):
+                raise bad
+            port = rest[1:]
+    else:
+        host = text
+        if ":" in text:
+            host, port = text.rsplit(":", 1)
+        if not _DNS_NAME.fullmatch(host):
+            raise bad
+        # All digits and dots can only be meant as an IPv4 literal.
+        if re.fullmatch(r"[0-9.]+", host):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise bad from None
+    if port is not None and not (_PORT.fullmatch(port) and 1 <= int(port) <= 65535):
+        raise bad
+    return text
+
+
+def base_url(value: Any, path: str) -> str:
+    text = non_empty_string(value, path)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise _Invalid(path, f"expected an http:// or https:// URL, got {text!r}")
+    if parts.query or parts.fragment:
+        raise _Invalid(path, "must not have a query or fragment")
+    # Clients append paths such as "_matrix/client/..." to it.
+    return text if text.endswith("/") else text + "/"
+
+
+# ---------------------------------------------------------------------------
+# Declarative sections.
+
+_REQUIRED: Any = object()
+
+
+def setting(
+    convert: Converter,
+    default: Any = _REQUIRED,
+    *,
+    factory: Callable[[], Any] | None = None,
+    secret: bool = False,
+) -> Any:
+    """Declare a loadable field: its converter and, when optional, its default.
+
+    ``secret`` keeps the value out of error messages and out of repr(), so
+    logging a config object never logs a secret.
+    """
+    metadata = {"convert": redacted(convert) if secret else convert}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata, repr=not secret)
+    if default is _REQUIRED:
+        return field(metadata=metadata, repr=not secret)
+    return field(default=default, metadata=metadata, repr=not secret)
+
+
+class section:
+    """Converter for a nested mapping described by a dataclass."""
+
+    def __init__(self, cls: type[Any]) -> None:
+        self.cls = cls
+
+    def __call__(self, value: Any, path: str, base: Any = None) -> Any:
+        return _build(self.cls, value, path, base)
+
+
+def _build(cls: type[T], value: Any, path: str, base: T | None = None) -> T:
+    """Build ``cls`` from a YAML mapping, field by declared field.
+
+    Keys missing from ``value`` take their value from ``base`` when given
+    (so a partial override keeps the other defaults of that section), else
+    the dataclass default; a field without either is required.
+    """
+    # "registration:" with every key commented out reads as null.
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        _expected("a mapping", value, path)
+    specs = {f.name: f for f in dataclasses.fields(cls) if "convert" in f.metadata}  # type: ignore[arg-type]
+    # Unknown keys first: a typo should be reported as the typo, not as the
+    # required key it failed to spell.
+    for key in value:
+        if key not in specs:
+            problem = "unknown key"
+            close = difflib.get_close_matches(str(key), list(specs), n=1)
+            if close:
+                problem += f" (did you mean {close[0]!r}?)"
+            raise _Invalid(_join(path, str(key)), problem)
+    kwargs: dict[str, Any] = {}
+    for name, f in specs.items():
+        sub = _join(path, name)
+        convert = f.metadata["convert"]
+        if name in value:
+            if isinstance(convert, section):
+                inner_base = getattr(base, name) if base is not None else f.default
+                if not dataclasses.is_dataclass(inner_base):
+                    inner_base = None
+                kwargs[name] = convert(value[name], sub, inner_base)
+            else:
+                kwargs[name] = convert(value[name], sub)
+        elif base is not None:
+            kwargs[name] = getattr(base, name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise _Invalid(sub, "required but missing")
+    built = cls(**kwargs)
+    check = getattr(built, "_check", None)
+    if check is not None:
+        check(path)
+    return built
+
+
+# ---------------------------------------------------------------------------
+# The schema.
+
+
+@dataclass(frozen=True, kw_only=True)
+class ListenerConfig:
+    port: int = setting(integer(1, 65535))
+    bind_addresses: tuple[str, ...] = setting(list_of(ip_literal, min_items=1), default=("127.0.0.1",))
+    type: str = setting(one_of("http", "metrics"))
+    resources: tuple[str, ...] = setting(
+        list_of(one_of("client", "federation", "media"), unique=True), default=("client",)
+    )
+    tls: bool = setting(boolean, default=False)
+    # Trust X-Forwarded-For / -Proto: only behind a reverse proxy, otherwise
+    # any client could claim any address and dodge IP rate limits.
+    x_forwarded: bool = setting(boolean, default=False)
+
+    def _check(self, path: str) -> None:
+        if self.type == "http" and not self.resources:
+            raise _Invalid(_join(path, "resources"), "an http listener needs at least one resource")
+
+
+def _listeners(value: Any, path: str) -> tuple[ListenerConfig, ...]:
+    listeners: tuple[ListenerConfig, ...] = list_of(section(ListenerConfig), min_items=1)(value, path)
+    seen: dict[tuple[str, int], int] = {}
+    for i, listener in enumerate(listeners):
+        for address in listener.bind_addresses:
+            if (address, listener.port) in seen:
+                raise _Invalid(
+                    f"{path}[{i}].port",
+                    f"{address}:{listener.port} is already used by {path}[{seen[(address, listener.port)]}]",
+                )
+            seen[(address, listener.port)] = i
+    if not any(lst.type == "http" and "client" in lst.resources for lst in listeners):
+        raise _Invalid(path, "needs at least one http listener with the 'client' resource")
+    return listeners
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """``engine`` is "sqlite3" or "psycopg2"; ``args`` go to the storage layer.
+
+    sqlite3 args: ``{"database": absolute path or ":memory:"}``.
+    psycopg2 args: ``database`` plus any of host, port, user, password,
+    sslmode, and always ``cp_min``/``cp_max`` (connection pool bounds).
+    """
+
+    engine: str
+    args: dict[str, Any]
+
+    def __repr__(self) -> str:
+        shown = {k: ("<hidden>" if k == "password" else v) for k, v in self.args.items()}
+        return f"DatabaseConfig(engine={self.engine!r}, args={shown!r})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class _DatabaseSection:
+    name: str = setting(one_of("sqlite3", "psycopg2"))
+    args: dict[str, Any] = setting(mapping, factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _SqliteArgs:
+    database: str = setting(non_empty_string, default="homeserver.db")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _PostgresArgs:
+    host: str | None = setting(optional(non_empty_string), default=None)
+    port: int | None = setting(optional(integer(1, 65535)), default=None)
+    user: str | None = setting(optional(non_empty_string), default=None)
+    password: str | None = setting(optional(string), default=None, secret=True)
+    database: str | None = setting(optional(non_empty_string), default=None)
+    # libpq's own name for the database; accepted so DSN habits work.
+    dbname: str | None = setting(optional(non_empty_string), default=None)
+    sslmode: str | None = setting(
+        optional(one_of("disable", "allow", "prefer", "require", "verify-ca", "verify-full")), default=None
+    )
+    cp_min: int = setting(integer(1), default=5)
+    cp_max: int = setting(integer(1), default=10)
+
+    def _check(self, path: str) -> None:
+        if self.database is not None and self.dbname is not None:
+            raise _Invalid(_join(path, "dbname"), "give either database or dbname, not both")
+        if self.database is None and self.dbname is None:
+            raise _Invalid(_join(path, "database"), "required but missing")
+        if self.cp_max < self.cp_min:
+            raise _Invalid(
+                _join(path, "cp_max"), f"must be at least cp_min ({self.cp_min}), got {self.cp_max}"
+            )
+
+    def to_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"database": self.database or self.dbname}
+        for key in ("host", "port", "user", "password", "sslmode"):
+            if getattr(self, key) is not None:
+                args[key] = getattr(self, key)
+        args["cp_min"] = self.cp_min
+        args["cp_max"] = self.cp_max
+        return args
+
+
+def _database(value: Any, path: str) -> DatabaseConfig:
+    raw = _build(_DatabaseSection, value, path)
+    args_path = _join(path, "args")
+    if raw.name == "sqlite3":
+        return DatabaseConfig("sqlite3", {"database": _build(_SqliteArgs, raw.args, args_path).database})
+    return DatabaseConfig("psycopg2", _build(_PostgresArgs, raw.args, args_path).to_args())
+
+
+def parse_database_url(value: Any, path: str = "database_url") -> DatabaseConfig:
+    """``postgresql://user:password@host:port/database?sslmode=…&cp_min=…``.
+
+    Error messages never repeat the URL: it may hold a password.
+    """
+    text = non_empty_string(value, path)
+    parts = urlsplit(text)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise _Invalid(path, "expected a postgresql:// URL")
+    try:
+        port = parts.port
+    except ValueError:
+        raise _Invalid(path, "the port is not a number between 1 and 65535") from None
+    database = unquote(parts.path[1:]) if parts.path.startswith("/") else ""
+    if not database or "/" in database:
+        raise _Invalid(path, "expected the database name after the host, as in postgresql://host/dbname")
+    raw: dict[str, Any] = {"database": database}
+    if parts.username:
+        raw["user"] = unquote(parts.username)
+    if parts.password is not None:
+        raw["password"] = unquote(parts.password)
+    if parts.hostname:
+        raw["host"] = parts.hostname
+    if port is not None:
+        raw["port"] = port
+    for key, val in parse_qsl(parts.query, keep_blank_values=True):
+        if key in ("cp_min", "cp_max"):
+            if not _PORT.fullmatch(val):
+                raise _Invalid(f"{path}.{key}", f"expected an integer, got {val!r}")
+            raw[key] = int(val)
+        elif key == "sslmode":
+            raw[key] = val
+        else:
+            raise _Invalid(path, f"unknown query parameter {key!r} (known: sslmode, cp_min, cp_max)")
+    return DatabaseConfig("psycopg2", _build(_PostgresArgs, raw, path).to_args())
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegistrationConfig:
+    enable_registration: bool = setting(boolean, default=False)
+    # Lets admin tools register users through the shared-secret admin API.
+    registration_shared_secret: str | None = setting(optional(non_empty_string), default=None, secret=True)
+    registration_requires_token: bool = setting(boolean, default=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PasswordHashingConfig:
+    scheme: str = setting(one_of("argon2", "bcrypt"), default="argon2")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccessTokensConfig:
+    # None: access tokens do not expire.
+    lifetime_ms: int | None = setting(optional(integer(1)), default=None)
+    refresh_tokens: bool = setting(boolean, default=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RateLimit:
+    """A token bucket: ``burst_count`` actions at once, refilled at ``per_second``."""
+
+    per_second: float = setting(positive_number)
+    burst_count: int = setting(integer(1))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RateLimitsConfig:
+    enabled: bool = setting(boolean, default=True)
+    # Per user for message and joins, per client IP for registration and login.
+    message: RateLimit = setting(section(RateLimit), default=RateLimit(per_second=0.2, burst_count=10))
+    registration: RateLimit = setting(section(RateLimit), default=RateLimit(per_second=0.17, burst_count=3))
+    login: RateLimit = setting(section(RateLimit), default=RateLimit(per_second=0.17, burst_count=3))
+    joins: RateLimit = setting(section(RateLimit), default=RateLimit(per_second=0.1, burst_count=10))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitsConfig:
+    max_upload_size: int = setting(integer(1), default=50 * MiB)
+    # Bodies of non-upload requests. Below MAX_EVENT_SIZE some valid events
+    # could never be sent, so that is the floor.
+    max_request_body_size: int = setting(integer(MAX_EVENT_SIZE), default=1 * MiB)
+
+    @property
+    def max_event_size(self) -> int:
+        return MAX_EVENT_SIZE
+
+
+def _room_version(value: Any, path: str) -> str:
+    # Unquoted "default_room_version: 10" reads as an int in YAML.
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or value not in KNOWN_ROOM_VERSIONS:
+        _expected(f"a room version from 1 to {len(KNOWN_ROOM_VERSIONS)}", value, path)
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoomsConfig:
+    default_room_version: str = setting(_room_version, default=DEFAULT_ROOM_VERSION)
+
+
+def _secret(value: Any, path: str) -> str:
+    text = non_empty_string(value, path)
+    # These key HMACs over tokens; a short one can be guessed offline.
+    if len(text) < 16:
+        raise _Invalid(path, "must be at least 16 characters (generate-config makes good ones)")
+    return text
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecretsConfig:
+    form_secret: str = setting(_secret, secret=True)
+    macaroon_secret_key: str = setting(_secret, secret=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FederationConfig:
+    enabled: bool = setting(boolean, default=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HomeserverConfig:
+    server_name: str = setting(server_name)
+    # Always set after loading: derived from the first client listener when
+    # the file leaves it out. Ends with "/".
+    public_baseurl: str = setting(base_url, default="")
+    signing_key_path: str = setting(non_empty_string)
+    data_dir: str = setting(non_empty_string, default=".")
+    log_level: str = setting(one_of("DEBUG", "INFO", "WARNING", "ERROR", ignore_case=True), default="INFO")
+    log_file: str | None = setting(optional(non_empty_string), default=None)
+    listeners: tuple[ListenerConfig, ...] = setting(_listeners)
+    # The default is made absolute against data_dir after loading.
+    database: DatabaseConfig = setting(
+        _database, factory=lambda: DatabaseConfig("sqlite3", {"database": "homeserver.db"})
+    )
+    registration: RegistrationConfig = setting(section(RegistrationConfig), default=RegistrationConfig())
+    password_hashing: PasswordHashingConfig = setting(
+        section(PasswordHashingConfig), default=PasswordHashingConfig()
+    )
+    access_tokens: AccessTokensConfig = setting(section(AccessTokensConfig), default=AccessTokensConfig())
+    rate_limits: RateLimitsConfig = setting(section(RateLimitsConfig), default=RateLimitsConfig())
+    limits: LimitsConfig = setting(section(LimitsConfig), default=LimitsConfig())
+    rooms: RoomsConfig = setting(section(RoomsConfig), default=RoomsConfig())
+    secrets: SecretsConfig = setting(section(SecretsConfig))
+    federation: FederationConfig = setting(section(FederationConfig), default=FederationConfig())
+    # Not a YAML key: the absolute path of the file this came from.
+    config_path: str = ""
+
+
+# ---------------------------------------------------------------------------
+# Loading.
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (PyYAML keeps the last silently)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} at line {mark.line + 1}", mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _resolve(path: str, base: str) -> str:
+    return os.path.abspath(os.path.join(base, os.path.expanduser(path)))
+
+
+def parse_config(text: str, path: str) -> HomeserverConfig:
+    """Parse and validate YAML ``text`` as if read from the file ``path``."""
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(path, "", f"invalid YAML{where}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(path, "", f"expected a mapping of options at the top level, got {_describe(raw)}")
+    raw = dict(raw)
+    try:
+        database_url = raw.pop("database_url", None)
+        if database_url is not None and "database" in raw:
+            raise _Invalid("database_url", "give either database or database_url, not both")
+        config = _build(HomeserverConfig, raw, "")
+        if database_url is not None:
+            config = dataclasses.replace(config, database=parse_database_url(database_url))
+    except _Invalid as e:
+        raise ConfigError(path, e.path, e.problem) from None
+    return _finish(config, os.path.abspath(path))
+
+
+def _finish(config: HomeserverConfig, config_path: str) -> HomeserverConfig:
+    """Resolve relative paths and derive the defaults that depend on others."""
+    config_dir = os.path.dirname(config_path)
+    data_dir = _resolve(config.data_dir, config_dir)
+    database = config.database
+    if database.engine == "sqlite3" and database.args["database"] != ":memory:":
+        database = DatabaseConfig("sqlite3", {"database": _resolve(database.args["database"], data_dir)})
+    public_baseurl = config.public_baseurl
+    if not public_baseurl:
+        client = next(lst for lst in config.listeners if lst.type == "http" and "client" in lst.resources)
+        public_baseurl = f"http://127.0.0.1:{client.port}/"
+    return dataclasses.replace(
+        config,
+        public_baseurl=public_baseurl,
+        signing_key_path=_resolve(config.signing_key_path, config_dir),
+        data_dir=data_dir,
+        log_file=_resolve(config.log_file, config_dir) if config.log_file else None,
+        database=database,
+        config_path=config_path,
+    )
+
+
+def load_config(path: str) -> HomeserverConfig:
+    """Read and validate the YAML file at ``path``; ConfigError when invalid."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "not UTF-8 text") from None
+    return parse_config(text, path)

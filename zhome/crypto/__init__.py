@@ -1,0 +1,1 @@
+"""Canonical JSON, signing keys, event hashes and signatures (spec: appendices)."""

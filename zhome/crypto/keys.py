@@ -1,0 +1,71 @@
+"""Server signing keys (ed25519).
+
+Spec: server-server-api "Retrieving server keys"; appendices "Signing JSON".
+A key file holds one line per key: ``ed25519 <version> <unpadded base64 seed>``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import string
+from typing import Any
+
+from signedjson.key import (
+    decode_signing_key_base64,
+    encode_verify_key_base64,
+    generate_signing_key,
+    get_verify_key,
+)
+from unpaddedbase64 import encode_base64
+
+SigningKey = Any  # nacl.signing.SigningKey with .alg and .version set by signedjson
+
+
+def new_signing_key(version: str | None = None) -> SigningKey:
+    if version is None:
+        alphabet = string.ascii_letters + string.digits
+        version = "a_" + "".join(secrets.choice(alphabet) for _ in range(4))
+    return generate_signing_key(version)
+
+
+def key_id(key: SigningKey) -> str:
+    return f"{key.alg}:{key.version}"
+
+
+def verify_key_base64(key: SigningKey) -> str:
+    return encode_verify_key_base64(get_verify_key(key))
+
+
+def encode_signing_key_line(key: SigningKey) -> str:
+    return f"{key.alg} {key.version} {encode_base64(key.encode())}\n"
+
+
+def write_signing_key_file(path: str, key: SigningKey) -> None:
+    """Write ``key`` to ``path``, readable by the owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(encode_signing_key_line(key))
+
+
+def read_signing_key_file(path: str) -> list[SigningKey]:
+    """All keys in ``path``; the first is the one used for signing.
+
+    Raises ValueError naming the line when the file is malformed.
+    """
+    keys = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) != 3 or parts[0] != "ed25519":
+                raise ValueError(f"{path}:{n}: expected 'ed25519 <version> <base64 seed>'")
+            try:
+                keys.append(decode_signing_key_base64(parts[0], parts[1], parts[2]))
+            except Exception as e:  # nacl / base64 errors
+                raise ValueError(f"{path}:{n}: bad key: {e}") from None
+    if not keys:
+        raise ValueError(f"{path}: no signing key")
+    return keys

@@ -1,0 +1,1 @@
+"""Twisted web glue: routing, JSON, Matrix errors, auth, rate limits, CORS, metrics."""

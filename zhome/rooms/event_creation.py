@@ -1,0 +1,229 @@
+"""Building, signing, checking and sending local events.
+
+Spec: server-server-api "PDUs" (prev_events, auth_events, depth, hashes,
+signatures) and "Authorization rules". A local event is built on the room's
+forward extremities and the state after them, hashed and signed, checked
+against the auth rules, then handed to the one persistence path.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Optional
+
+from twisted.internet import defer
+
+from zhome.crypto.event_hashing import hash_and_sign_event
+from zhome.http.errors import MatrixError, forbidden, not_found
+from zhome.rooms import auth
+from zhome.rooms.events import Event, StateMap
+from zhome.rooms.persistence import Persister
+from zhome.rooms.validation import check_pdu_size
+from zhome.rooms.versions import EventIdFormat, RoomVersion, get_room_version
+from zhome.storage.events import EventsStore, PersistItem
+from zhome.storage.rooms import RoomsStore
+
+MAX_DEPTH = 2**63 - 1
+MAX_PREV_EVENTS = 10
+# Message types that count towards unread notifications.
+_NOTIFYING_TYPES = {"m.room.message", "m.room.encrypted", "m.sticker", "m.call.invite", "m.poll.start"}
+
+
+class RoomLocks:
+    """One lock per room: events of a room are built and persisted in turn,
+    so each new local event extends the previous one instead of forking."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[defer.DeferredLock, int]] = {}
+
+    @asynccontextmanager
+    async def lock(self, room_id: str) -> AsyncIterator[None]:
+        lk, n = self._locks.get(room_id, (defer.DeferredLock(), 0))
+        self._locks[room_id] = (lk, n + 1)
+        await lk.acquire()
+        try:
+            yield
+        finally:
+            lk.release()
+            lk2, n2 = self._locks[room_id]
+            if n2 <= 1:
+                del self._locks[room_id]
+            else:
+                self._locks[room_id] = (lk2, n2 - 1)
+
+
+class EventCreator:
+    def __init__(
+        self,
+        server_name: str,
+        signing_key: Any,
+        events: EventsStore,
+        rooms: RoomsStore,
+        persister: Persister,
+    ) -> None:
+        self.server_name = server_name
+        self.signing_key = signing_key
+        self.events = events
+        self.rooms = rooms
+        self.persister = persister
+        self.room_locks = RoomLocks()
+
+    async def room_version_of(self, room_id: str) -> RoomVersion:
+        v = await self.rooms.get_room_version(room_id)
+        if v is None:
+            raise not_found("Unknown room")
+        return get_room_version(v)
+
+    async def state_before_new_event(self, room_id: str) -> tuple[list[str], Optional[int], StateMap, int]:
+        """(prev_events, state group, state, depth) for the next local event."""
+        prevs = await self.events.get_forward_extremities(room_id)
+        if not prevs:
+            raise not_found("Unknown room")
+        evs = await self.events.get_events(prevs)
+        ordered = sorted(evs.values(), key=lambda e: (e.depth, e.internal.get("stream_ordering", 0)), reverse=True)
+        ordered = ordered[:MAX_PREV_EVENTS]
+        # With several extremities (a fork, which only federation creates)
+        # the state is that after the newest; state resolution of the forks
+        # belongs to the federation work.
+        group = await self.events.get_state_group_for_event(ordered[0].event_id)
+        state = dict(await self.events.get_state_group(group)) if group is not None else {}
+        depth = min(MAX_DEPTH, max(e.depth for e in ordered) + 1)
+        return [e.event_id for e in ordered], group, state, depth
+
+    def build_pdu(
+        self,
+        rv: RoomVersion,
+        room_id: Optional[str],
+        etype: str,
+        sender: str,
+        content: dict[str, Any],
+        state_key: Optional[str],
+        prev_events: list[str],
+        auth_events: list[str],
+        depth: int,
+        redacts: Optional[str] = None,
+    ) -> dict[str, Any]:
+        pdu: dict[str, Any] = {
+            "type": etype,
+            "sender": sender,
+            "content": content,
+            "prev_events": prev_events,
+            "auth_events": auth_events,
+            "depth": depth,
+            "origin_server_ts": int(time.time() * 1000),
+        }
+        if room_id is not None:
+            pdu["room_id"] = room_id
+        if state_key is not None:
+            pdu["state_key"] = state_key
+        if redacts is not None and not rv.redacts_in_content:
+            pdu["redacts"] = redacts
+        if rv.event_id_format is EventIdFormat.SERVER_CHOSEN:
+            # v1/v2 carry "origin" and reference events by (id, hashes) pairs;
+            # hashes may be empty for references we make ourselves.
+            pdu["origin"] = self.server_name
+            pdu["prev_events"] = [[e, {}] for e in prev_events]
+            pdu["auth_events"] = [[e, {}] for e in auth_events]
+        return pdu
+
+    def finish_event(self, rv: RoomVersion, pdu: dict[str, Any]) -> Event:
+        event_id, signed = hash_and_sign_event(rv, pdu, self.server_name, self.signing_key)
+        check_pdu_size(signed)
+        return Event(signed, event_id, rv)
+
+    async def create_event(
+        self,
+        room_id: str,
+        etype: str,
+        sender: str,
+        content: dict[str, Any],
+        state_key: Optional[str] = None,
+        redacts: Optional[str] = None,
+    ) -> tuple[Event, Optional[int], StateMap]:
+        """Build and auth-check an event; the caller holds the room lock."""
+        rv = await self.room_version_of(room_id)
+        if redacts is not None and rv.redacts_in_content:
+            content = dict(content, redacts=redacts)
+        prevs, group, state, depth = await self.state_before_new_event(room_id)
+        auth_keys = auth.auth_types_for_event(rv, etype, state_key, sender, content)
+        auth_ids = [state[k] for k in auth_keys if k in state]
+        pdu = self.build_pdu(rv, room_id, etype, sender, content, state_key, prevs, auth_ids, depth, redacts)
+        event = self.finish_event(rv, pdu)
+        await self.check_auth(event, state)
+        return event, group, state
+
+    async def check_auth(self, event: Event, state: StateMap) -> None:
+        rv = event.room_version
+        keys = auth.auth_types_for_event(rv, event.type, event.state_key, event.sender, event.content)
+        if rv.hydra and ("m.room.create", "") not in keys:
+            keys = [("m.room.create", "")] + list(keys)
+        wanted = {k: state[k] for k in keys if k in state}
+        evs = await self.events.get_events(wanted.values())
+        auth_events = {k: evs[v] for k, v in wanted.items() if v in evs}
+        try:
+            auth.check_auth_rules(event, auth_events)
+        except auth.AuthError as e:
+            raise forbidden(e.msg)
+
+    async def send(
+        self,
+        room_id: str,
+        etype: str,
+        sender: str,
+        content: dict[str, Any],
+        state_key: Optional[str] = None,
+        txn_id: Optional[str] = None,
+        device_id: Optional[str] = None,
+        redacts: Optional[str] = None,
+        extra_check: Any = None,
+    ) -> Event:
+        """Create, check and persist a local event; returns it once durable."""
+        async with self.room_locks.lock(room_id):
+            if txn_id is not None and device_id is not None:
+                existing = await self.events.get_event_id_for_txn(sender, device_id, txn_id)
+                if existing is not None:
+                    ev = await self.events.get_event(existing)
+                    if ev is not None:
+                        return ev
+            event, group, state = await self.create_event(room_id, etype, sender, content, state_key, redacts)
+            if extra_check is not None:
+                await extra_check(event, state)
+            unread = await self._unread_for(event, state)
+            item = PersistItem(event, group, state, txn_id=txn_id, device_id=device_id, unread=unread)
+            await self.persister.persist(item)
+            return event
+
+    async def _unread_for(self, event: Event, state: StateMap) -> dict[str, tuple[bool, bool]]:
+        if event.type not in _NOTIFYING_TYPES or event.is_state():
+            return {}
+        suffix = ":" + self.server_name
+        members = [
+            sk for (t, sk) in state if t == "m.room.member" and sk.endswith(suffix) and sk != event.sender
+        ]
+        if not members:
+            return {}
+        member_evs = await self.events.get_events(state[("m.room.member", m)] for m in members)
+        body = event.content.get("body")
+        mentions = event.content.get("m.mentions")
+        mentioned = set(mentions.get("user_ids", [])) if isinstance(mentions, dict) and isinstance(
+            mentions.get("user_ids"), list) else set()
+        out = {}
+        for m in members:
+            mev = member_evs.get(state[("m.room.member", m)])
+            if mev is None or mev.membership != "join":
+                continue
+            highlight = m in mentioned
+            if not highlight and isinstance(body, str):
+                name = mev.content.get("displayname")
+                highlight = m in body or (isinstance(name, str) and len(name) > 1 and name in body)
+            out[m] = (True, highlight)
+        return out
+
+    async def create_room_event(self, rv: RoomVersion, pdu: dict[str, Any]) -> Event:
+        return self.finish_event(rv, pdu)
+
+
+def raise_if_not_member(membership: Optional[str], msg: str = "You are not in this room") -> None:
+    if membership != "join":
+        raise MatrixError(403, "M_FORBIDDEN", msg)

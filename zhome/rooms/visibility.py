@@ -1,0 +1,69 @@
+"""History visibility: which events a user may see.
+
+Spec: client-server-api "History visibility" (the algorithm in "Room
+History Visibility"): world_readable; the user's membership at the event
+was join; shared and the user joined at some point after the event;
+invited and the user's membership at the event was invite.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from zhome.rooms.events import Event
+from zhome.storage.events import EventsStore
+
+
+class Visibility:
+    def __init__(self, events: EventsStore) -> None:
+        self.events = events
+
+    async def filter_events(self, user_id: str, events: list[Event]) -> list[Event]:
+        if not events:
+            return []
+        groups: dict[int, tuple[str, Optional[str]]] = {}
+        out = []
+        latest_join: dict[str, int] = {}
+        for ev in events:
+            g = await self.events.get_state_group_for_event(ev.event_id) if "state_group" not in ev.internal else \
+                ev.internal["state_group"]
+            if g is None:
+                continue
+            if g not in groups:
+                state = await self.events.get_state_group(g)
+                hv = "shared"
+                hv_id = state.get(("m.room.history_visibility", ""))
+                membership = None
+                ids = [i for i in (hv_id, state.get(("m.room.member", user_id))) if i]
+                evs = await self.events.get_events(ids)
+                if hv_id and hv_id in evs:
+                    v = evs[hv_id].content.get("history_visibility")
+                    if v in ("world_readable", "shared", "invited", "joined"):
+                        hv = v
+                mid = state.get(("m.room.member", user_id))
+                if mid and mid in evs:
+                    membership = evs[mid].membership
+                groups[g] = (hv, membership)
+            hv, membership = groups[g]
+            if hv == "world_readable" or membership == "join":
+                out.append(ev)
+                continue
+            if hv == "invited" and membership == "invite":
+                out.append(ev)
+                continue
+            if hv == "shared":
+                room = ev.room_id
+                if room not in latest_join:
+                    latest_join[room] = await self._latest_join(user_id, room)
+                if latest_join[room] > ev.internal.get("stream_ordering", 0):
+                    out.append(ev)
+        return out
+
+    async def _latest_join(self, user_id: str, room_id: str) -> int:
+        rows = await self.events.db.execute(
+            "latest_join",
+            "SELECT MAX(stream_ordering) FROM room_memberships WHERE user_id = ? AND room_id = ? AND membership = 'join'",
+            user_id,
+            room_id,
+        )
+        return int(rows[0][0] or 0) if rows else 0

@@ -1,0 +1,198 @@
+"""Builds every component once and wires them by explicit arguments.
+
+``HomeServer.setup()`` opens the database, applies migrations, loads the
+signing key and creates stores and services; ``start_listening()`` binds
+the listeners from the config. ``run(config)`` does both under the reactor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any, Optional
+
+from prometheus_client import REGISTRY, Gauge
+from prometheus_client.twisted import MetricsResource
+from twisted.internet import defer, reactor
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from zhome.client.account import AccountServlets
+from zhome.client.rooms import RoomServlets
+from zhome.client.sync import SyncServlets
+from zhome.config import HomeserverConfig
+from zhome.crypto.keys import read_signing_key_file
+from zhome.http.auth import Auth
+from zhome.http.ratelimit import RateLimiter
+from zhome.http.server import JsonResource
+from zhome.rooms.event_creation import EventCreator
+from zhome.rooms.membership import MembershipService
+from zhome.rooms.persistence import Persister
+from zhome.rooms.room_creation import RoomCreationService
+from zhome.rooms.visibility import Visibility
+from zhome.storage.accounts import AccountsStore
+from zhome.storage.database import Database
+from zhome.storage.events import EventsStore
+from zhome.storage.ids import IdGenerator
+from zhome.storage.migrations import prepare_database
+from zhome.storage.rooms import RoomsStore
+from zhome.storage.user_data import UserDataStore
+from zhome.sync.handler import SyncHandler
+from zhome.sync.notifier import Notifier
+from zhome.sync.typing import TypingService
+
+logger = logging.getLogger("zhome.server")
+
+DB_SECONDS = Gauge("zhome_db_last_interaction_seconds", "Duration of the last database interaction", ["desc"])
+
+
+class HomeServer:
+    def __init__(self, config: HomeserverConfig) -> None:
+        self.config = config
+        self.server_name = config.server_name
+        self.registration_nonces: dict[str, float] = {}
+        self.listening_ports: list[Any] = []
+
+    async def setup(self) -> None:
+        cfg = self.config
+        self.signing_keys = read_signing_key_file(cfg.signing_key_path)
+        self.signing_key = self.signing_keys[0]
+        self.db = Database(cfg.database.engine, dict(cfg.database.args))
+        self.db.on_interaction = lambda desc, secs: DB_SECONDS.labels(desc).set(secs)
+        await prepare_database(self.db)
+
+        db = self.db
+        stream_ids = await IdGenerator.from_table(db, "events", "stream_ordering")
+        group_ids = await IdGenerator.from_table(db, "state_groups", "id")
+        self.events = EventsStore(db, stream_ids, group_ids)
+        self.accounts = AccountsStore(
+            db,
+            await IdGenerator.from_table(db, "access_tokens", "id"),
+            await IdGenerator.from_table(db, "refresh_tokens", "id"),
+        )
+        self.rooms = RoomsStore(db)
+        account_data_ids = await IdGenerator.from_table(db, "account_data", "stream_id")
+        receipt_ids = await IdGenerator.from_table(db, "receipts", "stream_id")
+        self.user_data = UserDataStore(db, account_data_ids, receipt_ids)
+
+        self.notifier = Notifier(stream_ids.current(), account_data_ids.current(), receipt_ids.current())
+        self.typing = TypingService(self.notifier)
+        self.persister = Persister(db, self.events, self.notifier, self.server_name)
+        self.event_creator = EventCreator(self.server_name, self.signing_key, self.events, self.rooms,
+                                          self.persister)
+        self.membership = MembershipService(self.server_name, self.event_creator, self.events, self.accounts)
+        self.room_creation = RoomCreationService(self.server_name, self.event_creator, self.membership, self.rooms,
+                                                 cfg.rooms.default_room_version)
+        self.visibility = Visibility(self.events)
+        self.auth = Auth(self.accounts)
+        rl = cfg.rate_limits
+        self.ratelimit_message = RateLimiter(rl.message.per_second, rl.message.burst_count, rl.enabled)
+        self.ratelimit_registration = RateLimiter(rl.registration.per_second, rl.registration.burst_count, rl.enabled)
+        self.ratelimit_login = RateLimiter(rl.login.per_second, rl.login.burst_count, rl.enabled)
+        self.ratelimit_joins = RateLimiter(rl.joins.per_second, rl.joins.burst_count, rl.enabled)
+        self.sync_handler = SyncHandler(self)
+
+        self.client_resource = JsonResource(max_body_size=cfg.limits.max_request_body_size)
+        for servlets in self.client_servlets():
+            servlets.register_routes(self.client_resource)
+
+    def client_servlets(self) -> list[Any]:
+        from zhome.client.user_data import UserDataServlets
+
+        return [AccountServlets(self), RoomServlets(self), SyncServlets(self), UserDataServlets(self)]
+
+    def start_listening(self) -> None:
+        for listener in self.config.listeners:
+            if listener.type == "metrics":
+                root: Resource = Resource()
+                root.putChild(b"metrics", MetricsResource(REGISTRY))
+                site = Site(root)
+            else:
+                site = Site(_RootResource(self.client_resource))
+                site.displayTracebacks = False
+            site.noisy = False
+            for addr in listener.bind_addresses:
+                port = reactor.listenTCP(listener.port, site, interface=addr)  # type: ignore[attr-defined]
+                self.listening_ports.append(port)
+                logger.info("Listening on %s:%d (%s)", addr, listener.port, listener.type)
+
+    async def stop(self) -> None:
+        for p in self.listening_ports:
+            await p.stopListening()
+        await self.db.close()
+
+
+class _RootResource(Resource):
+    """Every path goes to the JSON resource, which answers unknown ones."""
+
+    def __init__(self, json_resource: JsonResource) -> None:
+        super().__init__()
+        self.json_resource = json_resource
+
+    def getChildWithDefault(self, path: bytes, request: Any) -> Resource:  # noqa: N802
+        return self.json_resource
+
+    def render(self, request: Any) -> Any:
+        return self.json_resource.render(request)
+
+
+def setup_logging(config: HomeserverConfig) -> None:
+    handler: logging.Handler
+    if config.log_file:
+        handler = logging.FileHandler(config.log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level)
+    # Twisted's own access log would print full request URIs (which may carry
+    # a deprecated access_token query parameter); route only its errors.
+    from twisted.python import log as twisted_log
+
+    observer = twisted_log.PythonLoggingObserver(loggerName="twisted")
+    observer.start()
+    logging.getLogger("twisted").setLevel(logging.WARNING)
+
+
+def run(config: HomeserverConfig) -> int:
+    setup_logging(config)
+    hs = HomeServer(config)
+    exit_code = [0]
+
+    async def start() -> None:
+        try:
+            await hs.setup()
+            hs.start_listening()
+            logger.info("zhome %s started for %s (pid %d)", _version(), config.server_name, os.getpid())
+        except Exception as e:
+            logger.error("Start-up failed: %s", e, exc_info=not isinstance(e, (ValueError, OSError)))
+            exit_code[0] = 1
+            reactor.stop()  # type: ignore[attr-defined]
+
+    async def shutdown() -> None:
+        try:
+            await hs.db.close()
+        except Exception:
+            pass
+
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(start()))  # type: ignore[attr-defined]
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(shutdown()))  # type: ignore
+    reactor.suggestThreadPoolSize(10)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+    return exit_code[0]
+
+
+def _version() -> str:
+    from zhome import __version__
+
+    return __version__
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+__all__ = ["HomeServer", "run", "Optional"]

@@ -1,0 +1,1 @@
+"""Database engines, the connection pool, migrations and the stores."""

@@ -1,0 +1,322 @@
+"""Users, profiles, devices, access and refresh tokens, UI-auth sessions.
+
+Spec: client-server-api "Client Authentication", "Device management",
+"Profiles". Tokens are kept as SHA-256 digests only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from zhome.storage.database import Database, IntegrityError, Txn
+from zhome.storage.ids import IdGenerator
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    token_id: int
+    user_id: str
+    device_id: str
+    valid_until_ms: Optional[int]
+    is_admin: bool
+    deactivated: bool
+
+
+class AccountsStore:
+    def __init__(self, db: Database, token_ids: IdGenerator, refresh_ids: IdGenerator) -> None:
+        self.db = db
+        self.token_ids = token_ids
+        self.refresh_ids = refresh_ids
+
+    # -- users ------------------------------------------------------------
+    async def create_user(self, user_id: str, password_hash: Optional[str], admin: bool = False,
+                          displayname: Optional[str] = None) -> bool:
+        """Create the account; False if the user ID is taken."""
+
+        def txn_fn(txn: Txn) -> None:
+            txn.execute(
+                "INSERT INTO users (user_id, password_hash, is_admin, created_ts) VALUES (?,?,?,?)",
+                (user_id, password_hash, int(admin), int(time.time() * 1000)),
+            )
+            txn.execute("INSERT INTO profiles (user_id, displayname) VALUES (?, ?)", (user_id, displayname))
+
+        try:
+            await self.db.run_interaction("create_user", txn_fn)
+        except IntegrityError:
+            return False
+        return True
+
+    async def get_user(self, user_id: str) -> Optional[dict[str, Any]]:
+        rows = await self.db.execute(
+            "get_user", "SELECT user_id, password_hash, is_admin, deactivated, created_ts FROM users WHERE user_id = ?",
+            user_id,
+        )
+        if not rows:
+            return None
+        u, ph, adm, deac, ts = rows[0]
+        return {"user_id": u, "password_hash": ph, "is_admin": bool(adm), "deactivated": bool(deac), "created_ts": ts}
+
+    async def user_exists_ci(self, user_id: str) -> bool:
+        rows = await self.db.execute("user_exists", "SELECT 1 FROM users WHERE LOWER(user_id) = LOWER(?)", user_id)
+        return bool(rows)
+
+    async def set_password_hash(self, user_id: str, password_hash: Optional[str]) -> None:
+        await self.db.run_interaction(
+            "set_password",
+            lambda txn: txn.execute("UPDATE users SET password_hash = ? WHERE user_id = ?", (password_hash, user_id)),
+        )
+
+    async def set_deactivated(self, user_id: str) -> None:
+        def txn_fn(txn: Txn) -> None:
+            txn.execute("UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = ?", (user_id,))
+            txn.execute("DELETE FROM access_tokens WHERE user_id = ?", (user_id,))
+            txn.execute("DELETE FROM refresh_tokens WHERE user_id = ?", (user_id,))
+            txn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
+            txn.execute("UPDATE profiles SET displayname = NULL, avatar_url = NULL WHERE user_id = ?", (user_id,))
+
+        await self.db.run_interaction("deactivate", txn_fn)
+
+    # -- profiles -----------------------------------------------------------
+    async def get_profile(self, user_id: str) -> Optional[dict[str, Optional[str]]]:
+        rows = await self.db.execute(
+            "get_profile", "SELECT displayname, avatar_url FROM profiles WHERE user_id = ?", user_id
+        )
+        if not rows:
+            return None
+        return {"displayname": rows[0][0], "avatar_url": rows[0][1]}
+
+    async def set_profile_field(self, user_id: str, field: str, value: Optional[str]) -> None:
+        assert field in ("displayname", "avatar_url")
+        await self.db.run_interaction(
+            "set_profile",
+            lambda txn: txn.execute(f"UPDATE profiles SET {field} = ? WHERE user_id = ?", (value, user_id)),
+        )
+
+    async def search_profiles(self, term: str, limit: int) -> list[tuple[str, Optional[str], Optional[str]]]:
+        like = "%" + term.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = await self.db.execute(
+            "search_profiles",
+            "SELECT p.user_id, p.displayname, p.avatar_url FROM profiles p JOIN users u ON u.user_id = p.user_id"
+            " WHERE u.deactivated = 0 AND (LOWER(p.user_id) LIKE ? ESCAPE '\\' OR LOWER(COALESCE(p.displayname, ''))"
+            " LIKE ? ESCAPE '\\') ORDER BY p.user_id LIMIT ?",
+            like,
+            like,
+            limit,
+        )
+        return [(u, d, a) for u, d, a in rows]
+
+    # -- devices and tokens ---------------------------------------------------
+    async def create_device_and_token(
+        self,
+        user_id: str,
+        device_id: str,
+        access_token: str,
+        display_name: Optional[str],
+        valid_until_ms: Optional[int],
+        refresh_token: Optional[str],
+        ip: Optional[str] = None,
+    ) -> None:
+        """Create (or reuse) the device and issue a token for it, atomically.
+
+        Logging in again with an existing device ID replaces that device's
+        old tokens, as the spec says for re-used device IDs.
+        """
+
+        def txn_fn(txn: Txn) -> None:
+            now = int(time.time() * 1000)
+            txn.execute("SELECT 1 FROM devices WHERE user_id = ? AND device_id = ?", (user_id, device_id))
+            if txn.fetchone() is None:
+                txn.execute(
+                    "INSERT INTO devices (user_id, device_id, display_name, last_seen_ts, last_seen_ip)"
+                    " VALUES (?,?,?,?,?)",
+                    (user_id, device_id, display_name, now, ip),
+                )
+            else:
+                txn.execute("DELETE FROM access_tokens WHERE user_id = ? AND device_id = ?", (user_id, device_id))
+                txn.execute("DELETE FROM refresh_tokens WHERE user_id = ? AND device_id = ?", (user_id, device_id))
+            self._issue_tokens_txn(txn, user_id, device_id, access_token, valid_until_ms, refresh_token)
+
+        await self.db.run_interaction("create_device_and_token", txn_fn)
+
+    def _issue_tokens_txn(
+        self,
+        txn: Txn,
+        user_id: str,
+        device_id: str,
+        access_token: str,
+        valid_until_ms: Optional[int],
+        refresh_token: Optional[str],
+    ) -> None:
+        rid = None
+        if refresh_token is not None:
+            rid = self.refresh_ids.next()
+            txn.execute(
+                "INSERT INTO refresh_tokens (id, token_hash, user_id, device_id) VALUES (?,?,?,?)",
+                (rid, token_hash(refresh_token), user_id, device_id),
+            )
+        txn.execute(
+            "INSERT INTO access_tokens (id, token_hash, user_id, device_id, valid_until_ms, refresh_token_id)"
+            " VALUES (?,?,?,?,?,?)",
+            (self.token_ids.next(), token_hash(access_token), user_id, device_id, valid_until_ms, rid),
+        )
+
+    async def refresh(
+        self, refresh_token: str, new_access: str, valid_until_ms: Optional[int], new_refresh: str
+    ) -> Optional[tuple[str, str]]:
+        """Swap a refresh token for new tokens; None if it is unknown."""
+
+        def txn_fn(txn: Txn) -> Optional[tuple[str, str]]:
+            txn.execute("SELECT id, user_id, device_id FROM refresh_tokens WHERE token_hash = ?",
+                        (token_hash(refresh_token),))
+            row = txn.fetchone()
+            if row is None:
+                return None
+            rid, user_id, device_id = row
+            txn.execute("DELETE FROM access_tokens WHERE refresh_token_id = ?", (rid,))
+            txn.execute("DELETE FROM refresh_tokens WHERE id = ?", (rid,))
+            self._issue_tokens_txn(txn, user_id, device_id, new_access, valid_until_ms, new_refresh)
+            return user_id, device_id
+
+        return await self.db.run_interaction("refresh_token", txn_fn)
+
+    async def get_token(self, access_token: str) -> Optional[TokenInfo]:
+        rows = await self.db.execute(
+            "get_token",
+            "SELECT t.id, t.user_id, t.device_id, t.valid_until_ms, u.is_admin, u.deactivated FROM access_tokens t"
+            " JOIN users u ON u.user_id = t.user_id WHERE t.token_hash = ?",
+            token_hash(access_token),
+        )
+        if not rows:
+            return None
+        tid, user_id, device_id, vu, adm, deac = rows[0]
+        return TokenInfo(tid, user_id, device_id, vu, bool(adm), bool(deac))
+
+    async def delete_token(self, token_id: int) -> None:
+        await self.db.run_interaction(
+            "delete_token", lambda txn: txn.execute("DELETE FROM access_tokens WHERE id = ?", (token_id,))
+        )
+
+    async def delete_devices(self, user_id: str, device_ids: Optional[list[str]]) -> None:
+        """Delete the given devices (all when None) and their tokens."""
+
+        def txn_fn(txn: Txn) -> None:
+            if device_ids is None:
+                txn.execute("DELETE FROM access_tokens WHERE user_id = ?", (user_id,))
+                txn.execute("DELETE FROM refresh_tokens WHERE user_id = ?", (user_id,))
+                txn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
+                return
+            for d in device_ids:
+                txn.execute("DELETE FROM access_tokens WHERE user_id = ? AND device_id = ?", (user_id, d))
+                txn.execute("DELETE FROM refresh_tokens WHERE user_id = ? AND device_id = ?", (user_id, d))
+                txn.execute("DELETE FROM devices WHERE user_id = ? AND device_id = ?", (user_id, d))
+
+        await self.db.run_interaction("delete_devices", txn_fn)
+
+    async def delete_other_tokens(self, user_id: str, keep_device: Optional[str]) -> None:
+        """Log out every device but ``keep_device`` (after a password change)."""
+
+        def txn_fn(txn: Txn) -> None:
+            txn.execute("SELECT device_id FROM devices WHERE user_id = ?", (user_id,))
+            for (d,) in txn.fetchall():
+                if d == keep_device:
+                    continue
+                txn.execute("DELETE FROM access_tokens WHERE user_id = ? AND device_id = ?", (user_id, d))
+                txn.execute("DELETE FROM refresh_tokens WHERE user_id = ? AND device_id = ?", (user_id, d))
+                txn.execute("DELETE FROM devices WHERE user_id = ? AND device_id = ?", (user_id, d))
+
+        await self.db.run_interaction("delete_other_tokens", txn_fn)
+
+    async def get_devices(self, user_id: str) -> list[dict[str, Any]]:
+        rows = await self.db.execute(
+            "get_devices",
+            "SELECT device_id, display_name, last_seen_ts, last_seen_ip FROM devices WHERE user_id = ?"
+            " ORDER BY device_id",
+            user_id,
+        )
+        out = []
+        for d, name, ts, ip in rows:
+            dev: dict[str, Any] = {"device_id": d}
+            if name is not None:
+                dev["display_name"] = name
+            if ts is not None:
+                dev["last_seen_ts"] = ts
+            if ip is not None:
+                dev["last_seen_ip"] = ip
+            out.append(dev)
+        return out
+
+    async def set_device_name(self, user_id: str, device_id: str, name: Optional[str]) -> bool:
+        def txn_fn(txn: Txn) -> bool:
+            txn.execute("UPDATE devices SET display_name = ? WHERE user_id = ? AND device_id = ?",
+                        (name, user_id, device_id))
+            return txn.rowcount > 0
+
+        return await self.db.run_interaction("set_device_name", txn_fn)
+
+    # -- UI auth sessions ---------------------------------------------------------
+    async def create_uia_session(self, session_id: str, params: dict[str, Any]) -> None:
+        await self.db.run_interaction(
+            "create_uia",
+            lambda txn: txn.execute(
+                "INSERT INTO ui_auth_sessions (session_id, created_ts, completed, params) VALUES (?,?,?,?)",
+                (session_id, int(time.time() * 1000), "[]", json.dumps(params)),
+            ),
+        )
+
+    async def get_uia_session(self, session_id: str) -> Optional[tuple[list[str], dict[str, Any], int]]:
+        rows = await self.db.execute(
+            "get_uia", "SELECT completed, params, created_ts FROM ui_auth_sessions WHERE session_id = ?", session_id
+        )
+        if not rows:
+            return None
+        return json.loads(rows[0][0]), json.loads(rows[0][1]), rows[0][2]
+
+    async def set_uia_completed(self, session_id: str, completed: list[str]) -> None:
+        await self.db.run_interaction(
+            "uia_completed",
+            lambda txn: txn.execute(
+                "UPDATE ui_auth_sessions SET completed = ? WHERE session_id = ?", (json.dumps(completed), session_id)
+            ),
+        )
+
+    async def delete_uia_session(self, session_id: str) -> None:
+        await self.db.run_interaction(
+            "delete_uia", lambda txn: txn.execute("DELETE FROM ui_auth_sessions WHERE session_id = ?", (session_id,))
+        )
+
+    # -- registration tokens --------------------------------------------------------
+    async def registration_token_valid(self, token: str) -> bool:
+        rows = await self.db.execute(
+            "regtoken_valid", "SELECT uses_allowed, completed, expiry_time FROM registration_tokens WHERE token = ?",
+            token,
+        )
+        if not rows:
+            return False
+        allowed, completed, expiry = rows[0]
+        if expiry is not None and expiry < int(time.time() * 1000):
+            return False
+        return allowed is None or completed < allowed
+
+    async def use_registration_token(self, token: str) -> None:
+        await self.db.run_interaction(
+            "regtoken_use",
+            lambda txn: txn.execute("UPDATE registration_tokens SET completed = completed + 1 WHERE token = ?",
+                                    (token,)),
+        )
+
+    async def add_registration_token(self, token: str, uses_allowed: Optional[int], expiry_time: Optional[int]) -> None:
+        await self.db.run_interaction(
+            "regtoken_add",
+            lambda txn: txn.execute(
+                "INSERT INTO registration_tokens (token, uses_allowed, completed, expiry_time) VALUES (?,?,0,?)",
+                (token, uses_allowed, expiry_time),
+            ),
+        )

@@ -1,0 +1,422 @@
+"""Events, the graph's edges, state groups and current state.
+
+Spec: server-server-api "Room State Resolution" and client-server "Syncing"
+rely on the facts stored here: every event with its stream position, its
+prev_events edges, the state group holding the room state after it, the
+forward extremities of each room and its current state.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+from zhome.rooms.events import Event, StateMap
+from zhome.rooms.versions import get_room_version
+from zhome.storage.database import Database, Txn
+from zhome.storage.ids import IdGenerator
+from zhome.storage.lru import LruCache
+
+# A state group's chain of deltas is cut by a full snapshot at this length.
+MAX_STATE_CHAIN = 64
+
+
+@dataclass
+class PersistItem:
+    event: Event
+    # State group holding the state *before* the event (None for a create).
+    state_group_before: Optional[int]
+    state_before: StateMap
+    txn_id: Optional[str] = None
+    device_id: Optional[str] = None
+    # user_id -> (notify, highlight) for local users whose unread counts grow.
+    unread: dict[str, tuple[bool, bool]] = field(default_factory=dict)
+    # Filled by persistence:
+    stream_ordering: int = 0
+    state_group_after: Optional[int] = None
+
+
+class EventsStore:
+    def __init__(self, db: Database, stream_ids: IdGenerator, state_group_ids: IdGenerator) -> None:
+        self.db = db
+        self.stream_ids = stream_ids
+        self.state_group_ids = state_group_ids
+        self._event_cache: LruCache[str, Event] = LruCache(50000)
+        self._state_group_cache: LruCache[int, dict[tuple[str, str], str]] = LruCache(5000)
+
+    # -- writing ----------------------------------------------------------
+    def persist_txn(self, txn: Txn, item: PersistItem) -> None:
+        """Write one event and everything that follows from it.
+
+        Runs inside the caller's transaction; the caller holds the
+        persistence lock so positions commit in the order they were given.
+        """
+        ev = item.event
+        so = self.stream_ids.next()
+        item.stream_ordering = so
+        rejected = ev.rejected_reason
+        group_after = item.state_group_before
+        if ev.is_state() and not rejected:
+            group_after = self._new_state_group_txn(
+                txn, ev.room_id, item.state_group_before, {ev.state_tuple(): ev.event_id}
+            )
+        item.state_group_after = group_after
+        txn.execute(
+            "INSERT INTO events (stream_ordering, event_id, room_id, type, state_key, sender, depth,"
+            " origin_server_ts, received_ts, json, rejected_reason, outlier, state_group)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,0,?)",
+            (
+                so,
+                ev.event_id,
+                ev.room_id,
+                ev.type,
+                ev.state_key,
+                ev.sender,
+                ev.depth,
+                ev.origin_server_ts,
+                int(time.time() * 1000),
+                json.dumps(ev.pdu, separators=(",", ":"), ensure_ascii=False),
+                rejected,
+                group_after,
+            ),
+        )
+        prevs = ev.prev_event_ids
+        if prevs:
+            txn.executemany(
+                "INSERT INTO event_edges (event_id, prev_event_id) VALUES (?, ?)",
+                [(ev.event_id, p) for p in prevs],
+            )
+            txn.executemany(
+                "DELETE FROM room_forward_extremities WHERE room_id = ? AND event_id = ?",
+                [(ev.room_id, p) for p in prevs],
+            )
+        txn.execute(
+            "INSERT INTO room_forward_extremities (room_id, event_id) VALUES (?, ?)", (ev.room_id, ev.event_id)
+        )
+        if rejected:
+            return
+        if ev.is_state():
+            txn.execute(
+                "DELETE FROM current_state_events WHERE room_id = ? AND type = ? AND state_key = ?",
+                (ev.room_id, ev.type, ev.state_key),
+            )
+            txn.execute(
+                "INSERT INTO current_state_events (room_id, type, state_key, event_id, membership)"
+                " VALUES (?,?,?,?,?)",
+                (ev.room_id, ev.type, ev.state_key, ev.event_id, ev.membership),
+            )
+        if ev.type == "m.room.member" and ev.state_key is not None:
+            txn.execute(
+                "INSERT INTO room_memberships (event_id, user_id, room_id, membership, stream_ordering)"
+                " VALUES (?,?,?,?,?)",
+                (ev.event_id, ev.state_key, ev.room_id, ev.membership or "", so),
+            )
+            if ev.membership == "join":
+                txn.execute(
+                    "DELETE FROM room_forgotten WHERE user_id = ? AND room_id = ?", (ev.state_key, ev.room_id)
+                )
+        redacts = ev.redacts
+        if redacts:
+            txn.execute("INSERT INTO redactions (event_id, redacts) VALUES (?, ?)", (ev.event_id, redacts))
+            self._event_cache.pop(redacts)
+        if item.txn_id and item.device_id:
+            txn.execute(
+                "INSERT INTO event_txn_ids (user_id, device_id, txn_id, event_id) VALUES (?,?,?,?)",
+                (ev.sender, item.device_id, item.txn_id, ev.event_id),
+            )
+        for user_id, (notify, highlight) in item.unread.items():
+            txn.execute(
+                "UPDATE room_unread SET notification_count = notification_count + ?,"
+                " highlight_count = highlight_count + ? WHERE user_id = ? AND room_id = ?",
+                (int(notify), int(highlight), user_id, ev.room_id),
+            )
+            if txn.rowcount == 0:
+                txn.execute(
+                    "INSERT INTO room_unread (user_id, room_id, notification_count, highlight_count)"
+                    " VALUES (?,?,?,?)",
+                    (user_id, ev.room_id, int(notify), int(highlight)),
+                )
+
+    def _new_state_group_txn(
+        self, txn: Txn, room_id: str, prev_group: Optional[int], delta: dict[tuple[str, str], str]
+    ) -> int:
+        chain = 0
+        if prev_group is not None:
+            txn.execute("SELECT chain_length FROM state_groups WHERE id = ?", (prev_group,))
+            row = txn.fetchone()
+            chain = int(row[0]) if row else 0
+        gid = self.state_group_ids.next()
+        if prev_group is None or chain + 1 >= MAX_STATE_CHAIN:
+            full = dict(self._state_group_txn(txn, prev_group)) if prev_group is not None else {}
+            full.update(delta)
+            txn.execute(
+                "INSERT INTO state_groups (id, room_id, prev_group, chain_length) VALUES (?,?,NULL,0)",
+                (gid, room_id),
+            )
+            entries = full
+        else:
+            txn.execute(
+                "INSERT INTO state_groups (id, room_id, prev_group, chain_length) VALUES (?,?,?,?)",
+                (gid, room_id, prev_group, chain + 1),
+            )
+            entries = delta
+        txn.executemany(
+            "INSERT INTO state_group_entries (state_group, type, state_key, event_id) VALUES (?,?,?,?)",
+            [(gid, t, sk, eid) for (t, sk), eid in entries.items()],
+        )
+        return gid
+
+    def new_state_group_txn(self, txn: Txn, room_id: str, state: StateMap) -> int:
+        """A snapshot group holding exactly ``state`` (used for resolved state)."""
+        return self._new_state_group_txn(txn, room_id, None, dict(state))
+
+    # -- reading: state -----------------------------------------------------
+    def _state_group_txn(self, txn: Txn, group: int) -> dict[tuple[str, str], str]:
+        cached = self._state_group_cache.get(group)
+        if cached is not None:
+            return cached
+        chain: list[int] = []
+        g: Optional[int] = group
+        base: dict[tuple[str, str], str] = {}
+        # The chain is bounded by MAX_STATE_CHAIN.
+        for _ in range(MAX_STATE_CHAIN + 2):
+            if g is None:
+                break
+            hit = self._state_group_cache.get(g)
+            if hit is not None:
+                base = dict(hit)
+                break
+            chain.append(g)
+            txn.execute("SELECT prev_group FROM state_groups WHERE id = ?", (g,))
+            row = txn.fetchone()
+            g = row[0] if row else None
+        for cg in reversed(chain):
+            txn.execute("SELECT type, state_key, event_id FROM state_group_entries WHERE state_group = ?", (cg,))
+            for t, sk, eid in txn.fetchall():
+                base[(t, sk)] = eid
+            self._state_group_cache.set(cg, dict(base))
+        return base
+
+    async def get_state_group(self, group: int) -> dict[tuple[str, str], str]:
+        cached = self._state_group_cache.get(group)
+        if cached is not None:
+            return cached
+        return await self.db.run_interaction("get_state_group", self._state_group_txn, group)
+
+    async def get_state_group_for_event(self, event_id: str) -> Optional[int]:
+        rows = await self.db.execute("state_group_for_event", "SELECT state_group FROM events WHERE event_id = ?", event_id)
+        return rows[0][0] if rows else None
+
+    async def get_state_after_event(self, event_id: str) -> StateMap:
+        g = await self.get_state_group_for_event(event_id)
+        return dict(await self.get_state_group(g)) if g is not None else {}
+
+    async def get_state_before_event(self, event: Event) -> StateMap:
+        state = await self.get_state_after_event(event.event_id)
+        if event.is_state():
+            # The state after a state event includes the event itself; the
+            # state before it is the state of its prev event.
+            prevs = event.prev_event_ids
+            if prevs:
+                return await self.get_state_after_event(prevs[0])
+            return {}
+        return state
+
+    async def get_current_state_ids(self, room_id: str) -> StateMap:
+        rows = await self.db.execute(
+            "current_state_ids", "SELECT type, state_key, event_id FROM current_state_events WHERE room_id = ?", room_id
+        )
+        return {(t, sk): eid for t, sk, eid in rows}
+
+    async def get_current_state_event_id(self, room_id: str, etype: str, state_key: str) -> Optional[str]:
+        rows = await self.db.execute(
+            "current_state_event",
+            "SELECT event_id FROM current_state_events WHERE room_id = ? AND type = ? AND state_key = ?",
+            room_id,
+            etype,
+            state_key,
+        )
+        return rows[0][0] if rows else None
+
+    async def get_forward_extremities(self, room_id: str) -> list[str]:
+        rows = await self.db.execute(
+            "forward_extremities", "SELECT event_id FROM room_forward_extremities WHERE room_id = ?", room_id
+        )
+        return [r[0] for r in rows]
+
+    # -- reading: events ----------------------------------------------------
+    def _row_to_event(self, row: tuple) -> Event:
+        event_id, room_version, js, rejected, so, redacted_by = row
+        ev = Event(json.loads(js), event_id, get_room_version(room_version), rejected)
+        ev.internal["stream_ordering"] = so
+        if redacted_by:
+            ev.internal["redacted_by"] = redacted_by
+        return ev
+
+    _EVENT_SELECT = (
+        "SELECT e.event_id, r.room_version, e.json, e.rejected_reason, e.stream_ordering,"
+        " (SELECT MIN(rd.event_id) FROM redactions rd WHERE rd.redacts = e.event_id)"
+        " FROM events e JOIN rooms r ON r.room_id = e.room_id"
+    )
+
+    async def get_events(self, event_ids: Iterable[str]) -> dict[str, Event]:
+        out: dict[str, Event] = {}
+        missing = []
+        for eid in event_ids:
+            ev = self._event_cache.get(eid)
+            if ev is not None:
+                out[eid] = ev
+            else:
+                missing.append(eid)
+        if missing:
+            fetched = await self.db.run_interaction("get_events", self._get_events_txn, missing)
+            for ev in fetched:
+                self._event_cache.set(ev.event_id, ev)
+                out[ev.event_id] = ev
+        return out
+
+    def _get_events_txn(self, txn: Txn, event_ids: list[str]) -> list[Event]:
+        res = []
+        for i in range(0, len(event_ids), 200):
+            chunk = event_ids[i : i + 200]
+            qs = ",".join("?" * len(chunk))
+            txn.execute(self._EVENT_SELECT + f" WHERE e.event_id IN ({qs})", chunk)
+            res.extend(self._row_to_event(r) for r in txn.fetchall())
+        return res
+
+    async def get_event(self, event_id: str) -> Optional[Event]:
+        return (await self.get_events([event_id])).get(event_id)
+
+    def cache_event(self, ev: Event) -> None:
+        self._event_cache.set(ev.event_id, ev)
+
+    def invalidate_event(self, event_id: str) -> None:
+        self._event_cache.pop(event_id)
+
+    async def get_state_events(self, state: StateMap) -> dict[tuple[str, str], Event]:
+        evs = await self.get_events(state.values())
+        return {k: evs[v] for k, v in state.items() if v in evs}
+
+    async def get_room_events_between(
+        self, room_id: str, from_exclusive: int, to_inclusive: int, limit: int, backwards: bool = True
+    ) -> list[Event]:
+        """Events of a room in (from, to] by stream order; newest first when backwards."""
+        order = "DESC" if backwards else "ASC"
+        rows = await self.db.execute(
+            "room_events_between",
+            "SELECT event_id FROM events WHERE room_id = ? AND stream_ordering > ? AND stream_ordering <= ?"
+            f" AND outlier = 0 AND rejected_reason IS NULL ORDER BY stream_ordering {order} LIMIT ?",
+            room_id,
+            from_exclusive,
+            to_inclusive,
+            limit,
+        )
+        ids = [r[0] for r in rows]
+        evs = await self.get_events(ids)
+        return [evs[i] for i in ids if i in evs]
+
+    async def get_rooms_changed_since(self, room_ids: list[str], since: int) -> set[str]:
+        if not room_ids:
+            return set()
+        out: set[str] = set()
+        for i in range(0, len(room_ids), 200):
+            chunk = room_ids[i : i + 200]
+            qs = ",".join("?" * len(chunk))
+            rows = await self.db.execute(
+                "rooms_changed",
+                f"SELECT DISTINCT room_id FROM events WHERE stream_ordering > ? AND room_id IN ({qs})",
+                since,
+                *chunk,
+            )
+            out.update(r[0] for r in rows)
+        return out
+
+    async def get_event_id_for_txn(self, user_id: str, device_id: str, txn_id: str) -> Optional[str]:
+        rows = await self.db.execute(
+            "event_for_txn",
+            "SELECT event_id FROM event_txn_ids WHERE user_id = ? AND device_id = ? AND txn_id = ?",
+            user_id,
+            device_id,
+            txn_id,
+        )
+        return rows[0][0] if rows else None
+
+    async def max_depth(self, event_ids: list[str]) -> int:
+        evs = await self.get_events(event_ids)
+        return max((e.depth for e in evs.values()), default=0)
+
+    # -- membership -----------------------------------------------------------
+    async def get_rooms_for_user(self, user_id: str) -> dict[str, tuple[str, str]]:
+        """room_id -> (membership, event_id) from current state."""
+        rows = await self.db.execute(
+            "rooms_for_user",
+            "SELECT room_id, membership, event_id FROM current_state_events WHERE type = 'm.room.member'"
+            " AND state_key = ?",
+            user_id,
+        )
+        return {r: (m, e) for r, m, e in rows}
+
+    async def get_joined_users(self, room_id: str) -> list[str]:
+        rows = await self.db.execute(
+            "joined_users",
+            "SELECT state_key FROM current_state_events WHERE room_id = ? AND type = 'm.room.member'"
+            " AND membership = 'join'",
+            room_id,
+        )
+        return [r[0] for r in rows]
+
+    async def get_membership_changes_since(self, user_id: str, since: int) -> list[tuple[str, str, int]]:
+        rows = await self.db.execute(
+            "membership_changes",
+            "SELECT room_id, membership, stream_ordering FROM room_memberships WHERE user_id = ?"
+            " AND stream_ordering > ? ORDER BY stream_ordering",
+            user_id,
+            since,
+        )
+        return [(r, m, s) for r, m, s in rows]
+
+    async def is_forgotten(self, user_id: str, room_id: str) -> bool:
+        rows = await self.db.execute(
+            "is_forgotten", "SELECT 1 FROM room_forgotten WHERE user_id = ? AND room_id = ?", user_id, room_id
+        )
+        return bool(rows)
+
+    async def forget_room(self, user_id: str, room_id: str) -> None:
+        def txn_fn(txn: Txn) -> None:
+            txn.execute("DELETE FROM room_forgotten WHERE user_id = ? AND room_id = ?", (user_id, room_id))
+            txn.execute("INSERT INTO room_forgotten (user_id, room_id) VALUES (?, ?)", (user_id, room_id))
+
+        await self.db.run_interaction("forget_room", txn_fn)
+
+    async def get_forgotten_rooms(self, user_id: str) -> set[str]:
+        rows = await self.db.execute("forgotten_rooms", "SELECT room_id FROM room_forgotten WHERE user_id = ?", user_id)
+        return {r[0] for r in rows}
+
+    async def get_membership_at(self, user_id: str, room_id: str, stream_ordering: int) -> Optional[tuple[str, int]]:
+        """The user's membership in the room as of a stream position."""
+        rows = await self.db.execute(
+            "membership_at",
+            "SELECT membership, stream_ordering FROM room_memberships WHERE user_id = ? AND room_id = ?"
+            " AND stream_ordering <= ? ORDER BY stream_ordering DESC LIMIT 1",
+            user_id,
+            room_id,
+            stream_ordering,
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    async def get_unread_counts(self, user_id: str, room_id: str) -> tuple[int, int]:
+        rows = await self.db.execute(
+            "unread_counts",
+            "SELECT notification_count, highlight_count FROM room_unread WHERE user_id = ? AND room_id = ?",
+            user_id,
+            room_id,
+        )
+        return (rows[0][0], rows[0][1]) if rows else (0, 0)
+
+    async def reset_unread(self, user_id: str, room_id: str) -> None:
+        await self.db.run_interaction(
+            "reset_unread",
+            lambda txn: txn.execute("DELETE FROM room_unread WHERE user_id = ? AND room_id = ?", (user_id, room_id)),
+        )

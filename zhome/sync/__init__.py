@@ -1,0 +1,1 @@
+"""Stream positions, the notifier and /sync assembly."""

@@ -1,0 +1,277 @@
+"""/sync assembly.
+
+Spec: client-server-api "Syncing" and GET /sync: initial and incremental
+sync, long-polling, ``full_state``, filters (timeline limit, types,
+lazy-loading members), joined/invited/knocked/left rooms with state,
+timeline (``limited``, ``prev_batch``), ephemeral events (typing,
+receipts), account data and unread notification counts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from zhome.client.serialize import serialize_events
+from zhome.rooms.events import Event, StateMap
+from zhome.sync.filtering import EventFilter, SyncFilter
+from zhome.sync.notifier import StreamToken
+
+if TYPE_CHECKING:
+    from zhome.server import HomeServer
+
+DEFAULT_TIMELINE_LIMIT = 10
+MAX_TIMELINE_LIMIT = 500
+STRIPPED_STATE_TYPES = (
+    "m.room.create", "m.room.join_rules", "m.room.canonical_alias", "m.room.avatar", "m.room.name",
+    "m.room.encryption", "m.room.topic",
+)
+
+
+class SyncHandler:
+    def __init__(self, hs: "HomeServer") -> None:
+        self.hs = hs
+        self.events = hs.events
+        self.notifier = hs.notifier
+
+    async def sync(self, user_id: str, since: Optional[StreamToken], timeout_ms: int, full_state: bool,
+                   flt: SyncFilter) -> dict[str, Any]:
+        if since is None or full_state:
+            return await self._build(user_id, since, full_state, flt)
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        # Wait for a change that concerns this user; a wake-up for nothing
+        # visible goes back to waiting until the deadline (bounded rounds).
+        for _ in range(1000):
+            rooms = await self.events.get_rooms_for_user(user_id)
+            interesting = {r for r, (m, _) in rooms.items() if m in ("join", "invite", "knock")}
+            remaining = max(0, int((deadline - time.monotonic()) * 1000))
+            await self.notifier.wait_for_change(user_id, interesting, since, remaining)
+            result = await self._build(user_id, since, False, flt)
+            if _has_content(result) or time.monotonic() >= deadline:
+                return result
+            since_now = StreamToken.decode(result["next_batch"])
+            since = since_now
+        return await self._build(user_id, since, False, flt)
+
+    async def _build(self, user_id: str, since: Optional[StreamToken], full_state: bool,
+                     flt: SyncFilter) -> dict[str, Any]:
+        now = self.notifier.current_token()
+        memberships = await self.events.get_rooms_for_user(user_id)
+        forgotten = await self.events.get_forgotten_rooms(user_id) if memberships else set()
+        join: dict[str, Any] = {}
+        invite: dict[str, Any] = {}
+        knock: dict[str, Any] = {}
+        leave: dict[str, Any] = {}
+
+        changed_rooms: set[str] = set()
+        newly: dict[str, str] = {}
+        if since is not None:
+            changed_rooms = await self.events.get_rooms_changed_since(list(memberships), since.events)
+            for room_id, membership, so in await self.events.get_membership_changes_since(user_id, since.events):
+                if so <= now.events:
+                    newly[room_id] = membership
+
+        joined_rooms = [r for r, (m, _) in memberships.items() if m == "join" and flt.room_included(r)]
+        receipts_by_room: dict[str, list[tuple]] = {}
+        if joined_rooms and (since is None or full_state or now.receipts > since.receipts):
+            for row in await self.hs.user_data.get_receipts_for_rooms(
+                    joined_rooms, since.receipts if since and not full_state else 0):
+                receipts_by_room.setdefault(row[0], []).append(row)
+        room_account_data: dict[str, list[dict[str, Any]]] = {}
+        global_account_data: list[dict[str, Any]] = []
+        ad_since = since.account_data if since is not None and not full_state else 0
+        if since is None or full_state or now.account_data > since.account_data:
+            for room_id, dtype, content in await self.hs.user_data.get_account_data_since(user_id, ad_since):
+                if room_id:
+                    if flt.room_account_data.matches_type(dtype):
+                        room_account_data.setdefault(room_id, []).append({"type": dtype, "content": content})
+                elif flt.account_data.matches_type(dtype):
+                    global_account_data.append({"type": dtype, "content": content})
+
+        for room_id in joined_rooms:
+            newly_joined = newly.get(room_id) == "join"
+            if since is not None and not full_state and room_id not in changed_rooms and not newly_joined:
+                eph = self._ephemeral(room_id, receipts_by_room.get(room_id, []), since, now, flt)
+                ad = room_account_data.get(room_id)
+                if eph or ad:
+                    entry: dict[str, Any] = {"timeline": {"events": [], "limited": False,
+                                                          "prev_batch": now.encode()},
+                                             "state": {"events": []}, "ephemeral": {"events": eph},
+                                             "account_data": {"events": ad or []}}
+                    entry["unread_notifications"] = await self._unread(user_id, room_id)
+                    entry["summary"] = {}
+                    join[room_id] = entry
+                continue
+            entry = await self._room_entry(user_id, room_id, since if not newly_joined else None, now, full_state,
+                                           flt, upto=None)
+            entry["ephemeral"] = {"events": self._ephemeral(room_id, receipts_by_room.get(room_id, []), since, now,
+                                                            flt)}
+            entry["account_data"] = {"events": room_account_data.get(room_id, [])}
+            entry["unread_notifications"] = await self._unread(user_id, room_id)
+            entry["summary"] = await self._summary(room_id, user_id)
+            join[room_id] = entry
+
+        for room_id, (membership, member_eid) in memberships.items():
+            if not flt.room_included(room_id):
+                continue
+            if membership in ("invite", "knock"):
+                if since is not None and not full_state and room_id not in newly:
+                    continue
+                member_ev = await self.events.get_event(member_eid)
+                if member_ev is None:
+                    continue
+                stripped = await self._stripped_state(room_id, member_ev)
+                if membership == "invite":
+                    invite[room_id] = {"invite_state": {"events": stripped}}
+                else:
+                    knock[room_id] = {"knock_state": {"events": stripped}}
+            elif membership in ("leave", "ban"):
+                if room_id in forgotten:
+                    continue
+                if since is None or full_state:
+                    if not flt.include_leave:
+                        continue
+                elif room_id not in newly:
+                    continue
+                member_ev = await self.events.get_event(member_eid)
+                if member_ev is None:
+                    continue
+                entry = await self._room_entry(user_id, room_id, since, now, full_state, flt,
+                                               upto=member_ev.internal.get("stream_ordering"))
+                entry["account_data"] = {"events": room_account_data.get(room_id, [])}
+                leave[room_id] = entry
+
+        rooms: dict[str, Any] = {}
+        if join:
+            rooms["join"] = join
+        if invite:
+            rooms["invite"] = invite
+        if knock:
+            rooms["knock"] = knock
+        if leave:
+            rooms["leave"] = leave
+        return {
+            "next_batch": now.encode(),
+            "rooms": rooms,
+            "account_data": {"events": global_account_data},
+            "presence": {"events": []},
+            "to_device": {"events": []},
+            "device_lists": {"changed": [], "left": []},
+            "device_one_time_keys_count": {},
+        }
+
+    async def _room_entry(self, user_id: str, room_id: str, since: Optional[StreamToken], now: StreamToken,
+                          full_state: bool, flt: SyncFilter, upto: Optional[int]) -> dict[str, Any]:
+        tl_filter: EventFilter = flt.timeline
+        limit = min(tl_filter.limit or DEFAULT_TIMELINE_LIMIT, MAX_TIMELINE_LIMIT)
+        upper = now.events if upto is None else min(upto, now.events)
+        lower = since.events if since is not None else 0
+        batch = await self.events.get_room_events_between(room_id, lower, upper, limit + 1, backwards=True)
+        limited = len(batch) > limit
+        batch = batch[:limit]
+        batch.reverse()
+        timeline = [e for e in batch if tl_filter.matches(e)]
+        timeline = await self._visible(user_id, room_id, timeline)
+        first_pos = batch[0].internal["stream_ordering"] if batch else upper + 1
+        # State at the start of the timeline.
+        if batch:
+            state_start = await self.events.get_state_before_event(batch[0])
+        elif upto is not None:
+            state_start = await self._state_at_pos(room_id, upper)
+        else:
+            state_start = await self.events.get_current_state_ids(room_id)
+        if since is None or full_state:
+            state_ids = state_start
+        elif limited:
+            state_since = await self._state_at_pos(room_id, since.events)
+            state_ids = {k: v for k, v in state_start.items() if state_since.get(k) != v}
+        else:
+            state_ids = {}
+        if tl_filter.lazy_load_members or flt.state.lazy_load_members:
+            wanted = {e.sender for e in timeline} | {user_id}
+            state_ids = {k: v for k, v in state_ids.items() if k[0] != "m.room.member" or k[1] in wanted}
+        timeline_ids = {e.event_id for e in timeline}
+        state_evs = await self.events.get_events(v for v in state_ids.values() if v not in timeline_ids)
+        state_list = sorted((e for e in state_evs.values() if flt.state.matches_type(e.type)),
+                            key=lambda e: e.internal.get("stream_ordering", 0))
+        return {
+            "timeline": {
+                "events": await serialize_events(self.events, timeline, with_room_id=False),
+                "limited": limited,
+                "prev_batch": StreamToken(max(first_pos - 1, 0), now.account_data, now.receipts,
+                                          now.typing).encode(),
+            },
+            "state": {"events": await serialize_events(self.events, state_list, with_room_id=False)},
+        }
+
+    async def _state_at_pos(self, room_id: str, pos: int) -> StateMap:
+        rows = await self.events.db.execute(
+            "state_at_pos", "SELECT event_id FROM events WHERE room_id = ? AND stream_ordering <= ?"
+            " AND rejected_reason IS NULL ORDER BY stream_ordering DESC LIMIT 1", room_id, pos)
+        if not rows:
+            return {}
+        return await self.events.get_state_after_event(rows[0][0])
+
+    async def _visible(self, user_id: str, room_id: str, events: list[Event]) -> list[Event]:
+        if not events:
+            return events
+        eid = await self.events.get_current_state_event_id(room_id, "m.room.member", user_id)
+        me = await self.events.get_event(eid) if eid else None
+        first = events[0].internal.get("stream_ordering", 0)
+        if me is not None and me.membership == "join" and me.internal.get("stream_ordering", 1 << 62) <= first:
+            # Joined throughout the timeline: every event is visible.
+            return events
+        return await self.hs.visibility.filter_events(user_id, events)
+
+    def _ephemeral(self, room_id: str, receipts: list[tuple], since: Optional[StreamToken], now: StreamToken,
+                   flt: SyncFilter) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if flt.ephemeral.matches_type("m.typing") and (since is None or now.typing > since.typing):
+            typing = self.hs.typing.get_typing(room_id)
+            if typing or since is not None:
+                out.append({"type": "m.typing", "content": {"user_ids": typing}})
+        if receipts and flt.ephemeral.matches_type("m.receipt"):
+            content: dict[str, Any] = {}
+            for _room, rtype, ruser, thread_id, event_id, data in receipts:
+                d = dict(data)
+                if thread_id:
+                    d["thread_id"] = thread_id
+                content.setdefault(event_id, {}).setdefault(rtype, {})[ruser] = d
+            out.append({"type": "m.receipt", "content": content})
+        return out
+
+    async def _unread(self, user_id: str, room_id: str) -> dict[str, int]:
+        n, h = await self.events.get_unread_counts(user_id, room_id)
+        return {"notification_count": n, "highlight_count": h}
+
+    async def _summary(self, room_id: str, user_id: str) -> dict[str, Any]:
+        state = await self.events.get_current_state_ids(room_id)
+        members = [(sk, eid) for (t, sk), eid in state.items() if t == "m.room.member"]
+        evs = await self.events.get_events(eid for _, eid in members)
+        joined = [sk for sk, eid in members if eid in evs and evs[eid].membership == "join"]
+        invited = [sk for sk, eid in members if eid in evs and evs[eid].membership == "invite"]
+        out: dict[str, Any] = {"m.joined_member_count": len(joined), "m.invited_member_count": len(invited)}
+        if ("m.room.name", "") not in state and ("m.room.canonical_alias", "") not in state:
+            out["m.heroes"] = sorted(u for u in joined + invited if u != user_id)[:5]
+        return out
+
+    async def _stripped_state(self, room_id: str, member_ev: Event) -> list[dict[str, Any]]:
+        state = await self.events.get_current_state_ids(room_id)
+        ids = [state[(t, "")] for t in STRIPPED_STATE_TYPES if (t, "") in state]
+        evs = await self.events.get_events(ids)
+        out = [{"type": e.type, "state_key": e.state_key, "content": e.content, "sender": e.sender}
+               for e in evs.values()]
+        inviter_key = ("m.room.member", member_ev.sender)
+        if inviter_key in state and member_ev.sender != member_ev.state_key:
+            inv = await self.events.get_event(state[inviter_key])
+            if inv is not None:
+                out.append({"type": inv.type, "state_key": inv.state_key, "content": inv.content,
+                            "sender": inv.sender})
+        out.append({"type": member_ev.type, "state_key": member_ev.state_key, "content": member_ev.content,
+                    "sender": member_ev.sender, "event_id": member_ev.event_id,
+                    "origin_server_ts": member_ev.origin_server_ts})
+        return out
+
+
+def _has_content(result: dict[str, Any]) -> bool:
+    return bool(result["rooms"] or result["account_data"]["events"])

@@ -1,0 +1,141 @@
+"""Stream positions and the notifier that wakes waiting /sync requests.
+
+Spec: client-server-api "Syncing" (long-polling with ``timeout``). Each
+stream (events, account data, receipts, typing) has an integer position;
+a sync token is their composition. Waiters register for the rooms they are
+in and their own user ID; a change to a room or user wakes exactly those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from prometheus_client import Gauge
+from twisted.internet import defer, reactor
+from twisted.internet.interfaces import IDelayedCall
+
+from zhome.http.errors import invalid_param
+
+SYNC_WAITERS = Gauge("zhome_sync_waiters", "Requests waiting in /sync")
+
+
+@dataclass(frozen=True, order=True)
+class StreamToken:
+    events: int
+    account_data: int
+    receipts: int
+    typing: int
+
+    def encode(self) -> str:
+        return f"s{self.events}_{self.account_data}_{self.receipts}_{self.typing}"
+
+    @classmethod
+    def decode(cls, s: str) -> "StreamToken":
+        try:
+            if not s.startswith("s"):
+                raise ValueError
+            parts = [int(p) for p in s[1:].split("_")]
+            if len(parts) != 4 or any(p < 0 for p in parts):
+                raise ValueError
+        except ValueError:
+            raise invalid_param(f"Invalid stream token {s!r}")
+        return cls(*parts)
+
+    def is_after(self, other: "StreamToken") -> bool:
+        return (
+            self.events > other.events
+            or self.account_data > other.account_data
+            or self.receipts > other.receipts
+            or self.typing > other.typing
+        )
+
+
+class _Waiter:
+    __slots__ = ("deferred", "rooms", "user_id", "timer")
+
+    def __init__(self, user_id: str, rooms: set[str]) -> None:
+        self.deferred: defer.Deferred[bool] = defer.Deferred()
+        self.rooms = rooms
+        self.user_id = user_id
+        self.timer: Optional[IDelayedCall] = None
+
+
+class Notifier:
+    def __init__(self, events_pos: int, account_data_pos: int, receipts_pos: int) -> None:
+        self.events_pos = events_pos
+        self.account_data_pos = account_data_pos
+        self.receipts_pos = receipts_pos
+        self.typing_pos = 0
+        self._by_room: dict[str, set[_Waiter]] = {}
+        self._by_user: dict[str, set[_Waiter]] = {}
+
+    def current_token(self) -> StreamToken:
+        return StreamToken(self.events_pos, self.account_data_pos, self.receipts_pos, self.typing_pos)
+
+    # -- producers ----------------------------------------------------------
+    def on_new_event(self, stream_ordering: int, room_id: str, extra_users: Iterable[str] = ()) -> None:
+        if stream_ordering > self.events_pos:
+            self.events_pos = stream_ordering
+        self._wake(room_ids=[room_id], user_ids=extra_users)
+
+    def on_account_data(self, pos: int, user_id: str) -> None:
+        self.account_data_pos = max(self.account_data_pos, pos)
+        self._wake(user_ids=[user_id])
+
+    def on_receipt(self, pos: int, room_id: str) -> None:
+        self.receipts_pos = max(self.receipts_pos, pos)
+        self._wake(room_ids=[room_id])
+
+    def on_typing(self, room_id: str) -> None:
+        self.typing_pos += 1
+        self._wake(room_ids=[room_id])
+
+    def _wake(self, room_ids: Iterable[str] = (), user_ids: Iterable[str] = ()) -> None:
+        hit: set[_Waiter] = set()
+        for r in room_ids:
+            hit.update(self._by_room.get(r, ()))
+        for u in user_ids:
+            hit.update(self._by_user.get(u, ()))
+        for w in hit:
+            self._finish(w, True)
+
+    # -- consumers -------------------------------------------------------------
+    async def wait_for_change(self, user_id: str, rooms: set[str], since: StreamToken, timeout_ms: int) -> bool:
+        """Wait until something for this user may have changed after ``since``.
+
+        Returns True when woken, False on timeout. Callers re-check the
+        streams afterwards; a spurious wake costs one more look.
+        """
+        if self.current_token().is_after(since):
+            return True
+        if timeout_ms <= 0:
+            return False
+        w = _Waiter(user_id, rooms)
+        for r in rooms:
+            self._by_room.setdefault(r, set()).add(w)
+        self._by_user.setdefault(user_id, set()).add(w)
+        w.timer = reactor.callLater(timeout_ms / 1000.0, self._finish, w, False)  # type: ignore[attr-defined]
+        SYNC_WAITERS.inc()
+        try:
+            return await w.deferred
+        finally:
+            SYNC_WAITERS.dec()
+
+    def _finish(self, w: _Waiter, woken: bool) -> None:
+        if w.deferred.called:
+            return
+        if w.timer is not None and w.timer.active():
+            w.timer.cancel()
+        for r in w.rooms:
+            s = self._by_room.get(r)
+            if s is not None:
+                s.discard(w)
+                if not s:
+                    del self._by_room[r]
+        s = self._by_user.get(w.user_id)
+        if s is not None:
+            s.discard(w)
+            if not s:
+                del self._by_user[w.user_id]
+        w.deferred.callback(woken)

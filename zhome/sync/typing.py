@@ -1,0 +1,51 @@
+"""Typing notifications.
+
+Spec: client-server-api "Typing Notifications". Typing is ephemeral by
+definition (it expires within seconds), so it lives in memory; a restart
+only drops notices that would have expired anyway.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from zhome.sync.notifier import Notifier
+
+MAX_TYPING_TIMEOUT_MS = 120_000
+
+
+class TypingService:
+    def __init__(self, notifier: Notifier, clock: Callable[[], float] = time.monotonic) -> None:
+        self.notifier = notifier
+        self.clock = clock
+        # room_id -> user_id -> expiry (monotonic seconds)
+        self._typing: dict[str, dict[str, float]] = {}
+
+    def set_typing(self, room_id: str, user_id: str, typing: bool, timeout_ms: int = 30000) -> None:
+        users = self._typing.setdefault(room_id, {})
+        changed = False
+        if typing:
+            timeout_ms = max(0, min(timeout_ms, MAX_TYPING_TIMEOUT_MS))
+            changed = user_id not in users
+            users[user_id] = self.clock() + timeout_ms / 1000.0
+        elif user_id in users:
+            del users[user_id]
+            changed = True
+        if not users:
+            self._typing.pop(room_id, None)
+        if changed:
+            self.notifier.on_typing(room_id)
+
+    def get_typing(self, room_id: str) -> list[str]:
+        users = self._typing.get(room_id)
+        if not users:
+            return []
+        now = self.clock()
+        expired = [u for u, exp in users.items() if exp <= now]
+        for u in expired:
+            del users[u]
+        if not users:
+            self._typing.pop(room_id, None)
+            return []
+        return sorted(users)
