@@ -1,0 +1,131 @@
+"""Start ``zhome run`` as a real process on a free loopback port.
+
+Each server gets its own config from ``zhome generate-config``, its own
+SQLite file or PostgreSQL database, and is stopped (and its database
+dropped) when the test ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+STARTUP_TIMEOUT_S = 30
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ZhomeProcess:
+    def __init__(self, workdir: Path, database_url: Optional[str] = None, server_name: str = "localhost",
+                 rate_limits: bool = False, overrides: Optional[dict[str, Any]] = None) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.config_path = workdir / "homeserver.yaml"
+        self.log_path = workdir / "zhome.log"
+        self.server_name = server_name
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        args = [
+            sys.executable, "-m", "zhome", "generate-config", "--server-name", server_name,
+            "--config-path", str(self.config_path), "--data-dir", str(workdir / "data"),
+            "--port", str(self.port), "--enable-registration",
+        ]
+        if database_url:
+            args += ["--database-url", database_url]
+        subprocess.run(args, check=True, capture_output=True)
+        cfg = yaml.safe_load(self.config_path.read_text())
+        cfg["rate_limits"]["enabled"] = rate_limits
+        cfg["log_level"] = "INFO"
+        for k, v in (overrides or {}).items():
+            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+                cfg[k].update(v)
+            else:
+                cfg[k] = v
+        self.config_path.write_text(yaml.safe_dump(cfg))
+
+    def start(self) -> "ZhomeProcess":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "zhome", "run", "--config-path", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=str(self.workdir),
+        )
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"zhome exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.base_url + "/_matrix/client/versions", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, socket.timeout):
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"zhome did not start in {STARTUP_TIMEOUT_S}s:\n{self.log()}")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+
+    def restart(self, kill: bool = False) -> None:
+        self.stop(kill=kill)
+        self.start()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+    # -- plain HTTP, for raw-protocol checks ------------------------------------
+    def request(self, method: str, path: str, body: Any = None, token: Optional[str] = None,
+                raw: Optional[bytes] = None, headers: Optional[dict[str, str]] = None) -> tuple[int, Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.base_url + path, data=data, method=method)
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                payload = r.read()
+                status = r.status
+        except urllib.error.HTTPError as e:
+            payload = e.read()
+            status = e.code
+        try:
+            return status, json.loads(payload) if payload else None
+        except ValueError:
+            return status, payload
+
+    def register(self, username: str, password: str = "correct horse battery") -> dict[str, Any]:
+        status, body = self.request("POST", "/_matrix/client/v3/register", {
+            "username": username, "password": password, "auth": {"type": "m.login.dummy"}})
+        assert status == 200, (status, body)
+        return body

@@ -1,0 +1,433 @@
+"""Per-user room data endpoints: typing, receipts, read markers, account
+data, room tags, push rules and the notifications list.
+
+Spec: client-server-api modules "Typing Notifications", "Receipts",
+"Fully read markers", "Client Config", "Room Tagging", "Push Notifications"
+("Push Rules: API", "Listing Notifications").
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from twisted.web.server import Request
+
+from zhome.client.account import CS
+from zhome.http.errors import MatrixError, bad_json, forbidden, invalid_param, not_found
+from zhome.http.server import JsonResource, query_arg, read_json_body
+from zhome.push.rules import (
+    HISTORICAL_ACTIONS,
+    KINDS,
+    build_ruleset,
+    default_rule,
+    find_rule,
+    is_default_rule_id,
+)
+
+if TYPE_CHECKING:
+    from zhome.server import HomeServer
+
+RECEIPT_TYPES = ("m.read", "m.read.private", "m.fully_read")
+# Receipt types that move the user's own read-up-to mark, and so clear
+# notification counts ("Marking notifications as read").
+READ_RECEIPT_TYPES = ("m.read", "m.read.private")
+
+# Account data types the server owns: clients change them through their own
+# APIs (read markers, push rules), never through /account_data.
+SERVER_CONTROLLED_ACCOUNT_DATA = ("m.fully_read", "m.push_rules")
+
+DEFAULT_TYPING_TIMEOUT_MS = 30_000
+
+_USER = r"/user/(?P<user_id>[^/]+)"
+_ROOM = r"/rooms/(?P<room_id>[^/]+)"
+_RULE = r"/pushrules/global/(?P<kind>[^/]+)/(?P<rule_id>[^/]+)"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _is_int(v: Any) -> bool:
+    # bool is an int subclass in Python but not an integer in JSON.
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float))) and not isinstance(v, bool)
+
+
+class UserDataServlets:
+    def __init__(self, hs: "HomeServer") -> None:
+        self.hs = hs
+
+    def register_routes(self, r: JsonResource) -> None:
+        r.register("PUT", CS + _ROOM + r"/typing/(?P<user_id>[^/]+)", self.on_typing, "typing")
+        r.register("POST", CS + _ROOM + r"/receipt/(?P<receipt_type>[^/]+)/(?P<event_id>[^/]+)", self.on_receipt,
+                   "receipt")
+        r.register("POST", CS + _ROOM + r"/read_markers", self.on_read_markers, "read_markers")
+
+        r.register("GET", CS + _USER + r"/account_data/(?P<data_type>[^/]+)", self.on_get_account_data,
+                   "account_data")
+        r.register("PUT", CS + _USER + r"/account_data/(?P<data_type>[^/]+)", self.on_put_account_data,
+                   "account_data")
+        r.register("GET", CS + _USER + _ROOM + r"/account_data/(?P<data_type>[^/]+)",
+                   self.on_get_room_account_data, "room_account_data")
+        r.register("PUT", CS + _USER + _ROOM + r"/account_data/(?P<data_type>[^/]+)",
+                   self.on_put_room_account_data, "room_account_data")
+
+        r.register("GET", CS + _USER + _ROOM + r"/tags", self.on_get_tags, "tags")
+        r.register("PUT", CS + _USER + _ROOM + r"/tags/(?P<tag>[^/]+)", self.on_put_tag, "tag")
+        r.register("DELETE", CS + _USER + _ROOM + r"/tags/(?P<tag>[^/]+)", self.on_delete_tag, "tag")
+
+        # The spec's paths end in a slash; accept them without one too, as
+        # clients are not consistent about it.
+        r.register("GET", CS + r"/pushrules/?", self.on_get_push_rules, "pushrules")
+        r.register("GET", CS + r"/pushrules/global/?", self.on_get_push_rules_global, "pushrules_global")
+        r.register("GET", CS + _RULE, self.on_get_push_rule, "pushrule")
+        r.register("PUT", CS + _RULE, self.on_put_push_rule, "pushrule")
+        r.register("DELETE", CS + _RULE, self.on_delete_push_rule, "pushrule")
+        r.register("GET", CS + _RULE + r"/(?P<attr>enabled|actions)", self.on_get_push_rule_attr,
+                   "pushrule_attr")
+        r.register("PUT", CS + _RULE + r"/(?P<attr>enabled|actions)", self.on_put_push_rule_attr,
+                   "pushrule_attr")
+
+        r.register("GET", CS + r"/notifications", self.on_notifications, "notifications")
+
+    # -- helpers ---------------------------------------------------------------
+    async def _require_joined(self, room_id: str, user_id: str) -> None:
+        eid = await self.hs.events.get_current_state_event_id(room_id, "m.room.member", user_id)
+        ev = await self.hs.events.get_event(eid) if eid else None
+        if ev is None or ev.membership != "join":
+            raise forbidden("You are not joined to this room")
+
+    async def _require_event_in_room(self, room_id: str, event_id: str) -> None:
+        ev = await self.hs.events.get_event(event_id)
+        if ev is None or ev.room_id != room_id:
+            raise not_found("Event not found in this room")
+
+    async def _auth_self(self, request: Request, user_id: str, what: str) -> str:
+        req = await self.hs.auth.get_user_by_req(request)
+        if req.user_id != user_id:
+            raise forbidden(f"Cannot {what} for other users.")
+        return req.user_id
+
+    async def _set_account_data(self, user_id: str, room_id: str, data_type: str, content: dict[str, Any]) -> None:
+        pos = await self.hs.user_data.set_account_data(user_id, room_id, data_type, content)
+        self.hs.notifier.on_account_data(pos, user_id)
+
+    # -- typing ----------------------------------------------------------------
+    async def on_typing(self, request: Request, room_id: str, user_id: str) -> tuple[int, Any]:
+        await self._auth_self(request, user_id, "set typing state")
+        body = read_json_body(request)
+        typing = body.get("typing")
+        if not isinstance(typing, bool):
+            raise bad_json("'typing' must be a boolean")
+        timeout = body.get("timeout", DEFAULT_TYPING_TIMEOUT_MS)
+        if typing and (not _is_int(timeout) or timeout < 0):
+            raise bad_json("'timeout' must be a non-negative integer")
+        await self._require_joined(room_id, user_id)
+        self.hs.typing.set_typing(room_id, user_id, typing, timeout if typing else 0)
+        return 200, {}
+
+    # -- receipts and read markers -----------------------------------------------
+    async def on_receipt(self, request: Request, room_id: str, receipt_type: str, event_id: str) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        if receipt_type not in RECEIPT_TYPES:
+            raise invalid_param(f"Receipt type must be one of {', '.join(RECEIPT_TYPES)}")
+        # Older clients send no body at all; the body only carries options.
+        body = read_json_body(request, allow_empty=True)
+        thread_id = body.get("thread_id")
+        if thread_id is not None:
+            if not isinstance(thread_id, str) or not thread_id:
+                raise invalid_param("thread_id field must be a non-empty string")
+            if receipt_type == "m.fully_read":
+                raise invalid_param("thread_id is not allowed for m.fully_read")
+        await self._require_joined(room_id, req.user_id)
+        await self._require_event_in_room(room_id, event_id)
+        if receipt_type == "m.fully_read":
+            await self._set_fully_read(req.user_id, room_id, event_id)
+        else:
+            await self._set_read_receipt(req.user_id, room_id, receipt_type, event_id, thread_id)
+        return 200, {}
+
+    async def on_read_markers(self, request: Request, room_id: str) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        body = read_json_body(request)
+        markers: dict[str, str] = {}
+        for key in ("m.fully_read", "m.read", "m.read.private"):
+            v = body.get(key)
+            if v is None:
+                continue
+            if not isinstance(v, str):
+                raise bad_json(f"'{key}' must be an event ID")
+            markers[key] = v
+        await self._require_joined(room_id, req.user_id)
+        # Check every event before writing any marker, so a bad one leaves
+        # nothing half-applied.
+        for eid in set(markers.values()):
+            await self._require_event_in_room(room_id, eid)
+        if "m.fully_read" in markers:
+            await self._set_fully_read(req.user_id, room_id, markers["m.fully_read"])
+        for rtype in READ_RECEIPT_TYPES:
+            if rtype in markers:
+                await self._set_read_receipt(req.user_id, room_id, rtype, markers[rtype], None)
+        return 200, {}
+
+    async def _set_fully_read(self, user_id: str, room_id: str, event_id: str) -> None:
+        # Spec "Fully read markers": stored as room account data, not a receipt.
+        await self._set_account_data(user_id, room_id, "m.fully_read", {"event_id": event_id})
+
+    async def _set_read_receipt(self, user_id: str, room_id: str, receipt_type: str, event_id: str,
+                                thread_id: Optional[str]) -> None:
+        data: dict[str, Any] = {"ts": _now_ms()}
+        if thread_id is not None:
+            # The m.receipt content carries thread_id next to ts.
+            data["thread_id"] = thread_id
+        # m.read.private is stored under its own type; /sync must show it to
+        # its owner only ("Private read receipts").
+        pos = await self.hs.user_data.set_receipt(room_id, receipt_type, user_id, event_id, data,
+                                                  thread_id=thread_id or "")
+        await self.hs.events.reset_unread(user_id, room_id)
+        self.hs.notifier.on_receipt(pos, room_id)
+
+    # -- account data ------------------------------------------------------------
+    async def on_get_account_data(self, request: Request, user_id: str, data_type: str) -> tuple[int, Any]:
+        await self._auth_self(request, user_id, "get account data")
+        if data_type == "m.push_rules":
+            # Always answerable, even before the user has changed a rule.
+            return 200, await self._ruleset(user_id)
+        content = await self.hs.user_data.get_account_data(user_id, "", data_type)
+        if content is None:
+            raise not_found("Account data not found.")
+        return 200, content
+
+    async def on_put_account_data(self, request: Request, user_id: str, data_type: str) -> tuple[int, Any]:
+        await self._auth_self(request, user_id, "add account data")
+        body = read_json_body(request)
+        self._check_client_settable(data_type)
+        await self._set_account_data(user_id, "", data_type, body)
+        return 200, {}
+
+    async def on_get_room_account_data(self, request: Request, user_id: str, room_id: str,
+                                       data_type: str) -> tuple[int, Any]:
+        await self._auth_self(request, user_id, "get account data")
+        self._check_room_id(room_id)
+        content = await self.hs.user_data.get_account_data(user_id, room_id, data_type)
+        if content is None:
+            raise not_found("Room account data not found.")
+        return 200, content
+
+    async def on_put_room_account_data(self, request: Request, user_id: str, room_id: str,
+                                       data_type: str) -> tuple[int, Any]:
+        await self._auth_self(request, user_id, "add account data")
+        self._check_room_id(room_id)
+        body = read_json_body(request)
+        self._check_client_settable(data_type)
+        await self._set_account_data(user_id, room_id, data_type, body)
+        return 200, {}
+
+    @staticmethod
+    def _check_client_settable(data_type: str) -> None:
+        if data_type in SERVER_CONTROLLED_ACCOUNT_DATA:
+            # The spec gives 405 with M_BAD_JSON for server-controlled types.
+            raise MatrixError(405, "M_BAD_JSON", f"Cannot set {data_type} through this API.")
+
+    @staticmethod
+    def _check_room_id(room_id: str) -> None:
+        if not room_id.startswith("!"):
+            raise invalid_param(f"{room_id} is not a valid room ID.")
+
+    # -- tags --------------------------------------------------------------------
+    async def _get_tags(self, user_id: str, room_id: str) -> dict[str, Any]:
+        content = await self.hs.user_data.get_account_data(user_id, room_id, "m.tag")
+        tags = content.get("tags") if content else None
+        return dict(tags) if isinstance(tags, dict) else {}
+
+    async def on_get_tags(self, request: Request, user_id: str, room_id: str) -> tuple[int, Any]:
+        await self._auth_self(request, user_id, "get tags")
+        return 200, {"tags": await self._get_tags(user_id, room_id)}
+
+    async def on_put_tag(self, request: Request, user_id: str, room_id: str, tag: str) -> tuple[int, Any]:
+        await self._auth_self(request, user_id, "add tags")
+        self._check_room_id(room_id)
+        body = read_json_body(request)
+        if "order" in body and not _is_number(body["order"]):
+            raise bad_json("'order' must be a number")
+        if len(tag.encode("utf-8")) > 255:
+            raise invalid_param("Tag names are limited to 255 bytes")
+        tags = await self._get_tags(user_id, room_id)
+        tags[tag] = body
+        await self._set_account_data(user_id, room_id, "m.tag", {"tags": tags})
+        return 200, {}
+
+    async def on_delete_tag(self, request: Request, user_id: str, room_id: str, tag: str) -> tuple[int, Any]:
+        await self._auth_self(request, user_id, "remove tags")
+        tags = await self._get_tags(user_id, room_id)
+        if tag in tags:
+            del tags[tag]
+            await self._set_account_data(user_id, room_id, "m.tag", {"tags": tags})
+        # Removing an absent tag is not an error: the end state is the same.
+        return 200, {}
+
+    # -- push rules ----------------------------------------------------------------
+    async def _ruleset(self, user_id: str) -> dict[str, Any]:
+        user_rules, enables = await self.hs.user_data.get_push_rule_changes(user_id)
+        return build_ruleset(user_id, user_rules, enables)
+
+    async def _push_rules_changed(self, user_id: str) -> None:
+        # Spec "Push Rules: Events": every change reaches the user's clients
+        # as m.push_rules account data holding the whole ruleset.
+        await self._set_account_data(user_id, "", "m.push_rules", await self._ruleset(user_id))
+
+    @staticmethod
+    def _check_kind(kind: str) -> None:
+        if kind not in KINDS:
+            raise invalid_param(f"Unknown push rule kind {kind!r}")
+
+    async def on_get_push_rules(self, request: Request) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        return 200, await self._ruleset(req.user_id)
+
+    async def on_get_push_rules_global(self, request: Request) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        return 200, (await self._ruleset(req.user_id))["global"]
+
+    async def on_get_push_rule(self, request: Request, kind: str, rule_id: str) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        self._check_kind(kind)
+        rule = find_rule(await self._ruleset(req.user_id), kind, rule_id)
+        if rule is None:
+            raise not_found("The push rule was not found.")
+        return 200, rule
+
+    async def on_put_push_rule(self, request: Request, kind: str, rule_id: str) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        self._check_kind(kind)
+        if is_default_rule_id(rule_id):
+            raise invalid_param("Rule IDs starting with '.' are reserved for server-default rules")
+        if "/" in rule_id or "\\" in rule_id:
+            raise invalid_param("Rule IDs may not contain slashes or backslashes")
+        if kind == "room" and not rule_id.startswith("!"):
+            raise invalid_param("The rule_id of a room rule must be a room ID")
+        if kind == "sender" and not rule_id.startswith("@"):
+            raise invalid_param("The rule_id of a sender rule must be a user ID")
+        body = read_json_body(request)
+        rule = self._validate_rule(kind, body)
+        before = query_arg(request, "before")
+        after = query_arg(request, "after")
+        for ref in (before, after):
+            if ref is not None and is_default_rule_id(ref):
+                raise MatrixError(400, "M_UNKNOWN", "Cannot position a rule relative to a server-default rule")
+
+        user_rules, _ = await self.hs.user_data.get_push_rule_changes(req.user_id)
+        same_kind = [r for k, r, _, _ in sorted(user_rules, key=lambda t: t[2]) if k == kind]
+        exists = rule_id in same_kind
+        if before is not None and after is not None:
+            # Spec: with both, the rule goes next to `before`.
+            after = None
+        if before is None and after is None and exists:
+            # The store puts a rule without before/after first; an update
+            # must keep its place instead, so anchor it to a neighbour.
+            i = same_kind.index(rule_id)
+            if i > 0:
+                after = same_kind[i - 1]
+            elif len(same_kind) > 1:
+                before = same_kind[1]
+        if rule_id in (before, after):
+            raise MatrixError(400, "M_UNKNOWN", "A rule cannot be positioned relative to itself")
+        ok = await self.hs.user_data.put_push_rule(req.user_id, kind, rule_id, rule, before, after)
+        if not ok:
+            raise MatrixError(400, "M_UNKNOWN", f"before/after rule not found: {before or after}")
+        if exists:
+            # Actions may have been overridden via /actions earlier; the new
+            # body's actions win. A new rule has no override row (delete
+            # clears it), so it starts enabled as the spec requires.
+            await self.hs.user_data.set_push_rule_attr(req.user_id, kind, rule_id, None, rule["actions"])
+        await self._push_rules_changed(req.user_id)
+        return 200, {}
+
+    async def on_delete_push_rule(self, request: Request, kind: str, rule_id: str) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        self._check_kind(kind)
+        if is_default_rule_id(rule_id):
+            if default_rule(req.user_id, kind, rule_id) is not None:
+                raise forbidden("Server-default rules cannot be deleted")
+            raise not_found("The push rule was not found.")
+        if not await self.hs.user_data.delete_push_rule(req.user_id, kind, rule_id):
+            raise not_found("The push rule was not found.")
+        await self._push_rules_changed(req.user_id)
+        return 200, {}
+
+    async def on_get_push_rule_attr(self, request: Request, kind: str, rule_id: str, attr: str) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        self._check_kind(kind)
+        rule = find_rule(await self._ruleset(req.user_id), kind, rule_id)
+        if rule is None:
+            raise not_found("The push rule was not found.")
+        return 200, {attr: rule[attr]}
+
+    async def on_put_push_rule_attr(self, request: Request, kind: str, rule_id: str, attr: str) -> tuple[int, Any]:
+        req = await self.hs.auth.get_user_by_req(request)
+        self._check_kind(kind)
+        body = read_json_body(request)
+        enabled: Optional[bool] = None
+        actions: Optional[list[Any]] = None
+        if attr == "enabled":
+            enabled = body.get("enabled")
+            if not isinstance(enabled, bool):
+                raise bad_json("'enabled' must be a boolean")
+        else:
+            actions = self._validate_actions(body.get("actions"))
+        if find_rule(await self._ruleset(req.user_id), kind, rule_id) is None:
+            raise not_found("The push rule was not found.")
+        await self.hs.user_data.set_push_rule_attr(req.user_id, kind, rule_id, enabled, actions)
+        await self._push_rules_changed(req.user_id)
+        return 200, {}
+
+    @classmethod
+    def _validate_rule(cls, kind: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The stored form of a PUT body: only the keys the kind uses."""
+        rule: dict[str, Any] = {"actions": cls._validate_actions(body.get("actions"))}
+        if kind in ("override", "underride"):
+            # Optional per the spec: a rule without conditions always matches.
+            conditions = body.get("conditions", [])
+            if not isinstance(conditions, list):
+                raise bad_json("'conditions' must be a list")
+            for c in conditions:
+                if not isinstance(c, dict) or not isinstance(c.get("kind"), str):
+                    raise bad_json("Each condition must be an object with a string 'kind'")
+            rule["conditions"] = conditions
+        elif kind == "content":
+            pattern = body.get("pattern")
+            if not isinstance(pattern, str) or not pattern:
+                raise bad_json("Content rules need a string 'pattern'")
+            rule["pattern"] = pattern
+        return rule
+
+    @staticmethod
+    def _validate_actions(actions: Any) -> list[Any]:
+        if not isinstance(actions, list):
+            raise bad_json("'actions' must be a list")
+        out: list[Any] = []
+        for a in actions:
+            if isinstance(a, str):
+                if a in HISTORICAL_ACTIONS:
+                    # Spec "Historical Actions": strip, equivalent to absent.
+                    continue
+                if a != "notify":
+                    raise bad_json(f"Unrecognised action {a!r}")
+                out.append(a)
+            elif isinstance(a, dict):
+                if not isinstance(a.get("set_tweak"), str):
+                    raise bad_json("Action objects must have a string 'set_tweak'")
+                out.append(a)
+            else:
+                raise bad_json("Actions must be strings or objects")
+        return out
+
+    # -- notifications -----------------------------------------------------------
+    async def on_notifications(self, request: Request) -> tuple[int, Any]:
+        await self.hs.auth.get_user_by_req(request)
+        # No notification log is kept yet; an empty list is a valid answer.
+        return 200, {"notifications": []}
