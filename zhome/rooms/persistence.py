@@ -57,6 +57,7 @@ class Persister:
             self._lock.release()
         ev = item.event
         ev.internal["stream_ordering"] = item.stream_ordering
+        ev.internal["state_group"] = item.state_group_after
         self.events.cache_event(ev)
         if ev.redacts:
             self.events.invalidate_event(ev.redacts)

@@ -25,8 +25,7 @@ class Visibility:
         out = []
         latest_join: dict[str, int] = {}
         for ev in events:
-            g = await self.events.get_state_group_for_event(ev.event_id) if "state_group" not in ev.internal else \
-                ev.internal["state_group"]
+            g = ev.internal.get("state_group")
             if g is None:
                 continue
             if g not in groups:

@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from zhome.client.serialize import serialize_events
+from zhome.push.rules import load_ruleset
 from zhome.rooms.events import Event, StateMap
 from zhome.sync.filtering import EventFilter, SyncFilter
 from zhome.sync.notifier import StreamToken
@@ -88,10 +89,17 @@ class SyncHandler:
                 elif flt.account_data.matches_type(dtype):
                     global_account_data.append({"type": dtype, "content": content})
 
+        if since is None and flt.account_data.matches_type("m.push_rules") and not any(
+                e["type"] == "m.push_rules" for e in global_account_data):
+            # Clients expect their push rules in the first sync even before
+            # they ever changed one.
+            global_account_data.append(
+                {"type": "m.push_rules", "content": await load_ruleset(self.hs.user_data, user_id)})
+
         for room_id in joined_rooms:
             newly_joined = newly.get(room_id) == "join"
             if since is not None and not full_state and room_id not in changed_rooms and not newly_joined:
-                eph = self._ephemeral(room_id, receipts_by_room.get(room_id, []), since, now, flt)
+                eph = self._ephemeral(user_id, room_id, receipts_by_room.get(room_id, []), since, now, flt)
                 ad = room_account_data.get(room_id)
                 if eph or ad:
                     entry: dict[str, Any] = {"timeline": {"events": [], "limited": False,
@@ -104,7 +112,7 @@ class SyncHandler:
                 continue
             entry = await self._room_entry(user_id, room_id, since if not newly_joined else None, now, full_state,
                                            flt, upto=None)
-            entry["ephemeral"] = {"events": self._ephemeral(room_id, receipts_by_room.get(room_id, []), since, now,
+            entry["ephemeral"] = {"events": self._ephemeral(user_id, room_id, receipts_by_room.get(room_id, []), since, now,
                                                             flt)}
             entry["account_data"] = {"events": room_account_data.get(room_id, [])}
             entry["unread_notifications"] = await self._unread(user_id, room_id)
@@ -223,8 +231,8 @@ class SyncHandler:
             return events
         return await self.hs.visibility.filter_events(user_id, events)
 
-    def _ephemeral(self, room_id: str, receipts: list[tuple], since: Optional[StreamToken], now: StreamToken,
-                   flt: SyncFilter) -> list[dict[str, Any]]:
+    def _ephemeral(self, user_id: str, room_id: str, receipts: list[tuple], since: Optional[StreamToken],
+                   now: StreamToken, flt: SyncFilter) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         if flt.ephemeral.matches_type("m.typing") and (since is None or now.typing > since.typing):
             typing = self.hs.typing.get_typing(room_id)
@@ -233,11 +241,15 @@ class SyncHandler:
         if receipts and flt.ephemeral.matches_type("m.receipt"):
             content: dict[str, Any] = {}
             for _room, rtype, ruser, thread_id, event_id, data in receipts:
+                if rtype == "m.read.private" and ruser != user_id:
+                    # Private receipts are for their owner only.
+                    continue
                 d = dict(data)
                 if thread_id:
                     d["thread_id"] = thread_id
                 content.setdefault(event_id, {}).setdefault(rtype, {})[ruser] = d
-            out.append({"type": "m.receipt", "content": content})
+            if content:
+                out.append({"type": "m.receipt", "content": content})
         return out
 
     async def _unread(self, user_id: str, room_id: str) -> dict[str, int]:

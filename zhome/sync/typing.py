@@ -8,7 +8,7 @@ only drops notices that would have expired anyway.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable, Optional
 
 from zhome.sync.notifier import Notifier
 
@@ -16,9 +16,15 @@ MAX_TYPING_TIMEOUT_MS = 120_000
 
 
 class TypingService:
-    def __init__(self, notifier: Notifier, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, notifier: Notifier, clock: Callable[[], float] = time.monotonic,
+                 call_later: Optional[Callable[..., Any]] = None) -> None:
         self.notifier = notifier
         self.clock = clock
+        if call_later is None:
+            from twisted.internet import reactor
+
+            call_later = reactor.callLater  # type: ignore[attr-defined]
+        self._call_later = call_later
         # room_id -> user_id -> expiry (monotonic seconds)
         self._typing: dict[str, dict[str, float]] = {}
 
@@ -29,6 +35,9 @@ class TypingService:
             timeout_ms = max(0, min(timeout_ms, MAX_TYPING_TIMEOUT_MS))
             changed = user_id not in users
             users[user_id] = self.clock() + timeout_ms / 1000.0
+            # Tell waiting clients when the notice runs out, not only when
+            # someone else next types.
+            self._call_later(timeout_ms / 1000.0 + 0.05, self._expire, room_id, user_id)
         elif user_id in users:
             del users[user_id]
             changed = True
@@ -36,6 +45,15 @@ class TypingService:
             self._typing.pop(room_id, None)
         if changed:
             self.notifier.on_typing(room_id)
+
+    def _expire(self, room_id: str, user_id: str) -> None:
+        users = self._typing.get(room_id)
+        if users is None or user_id not in users or users[user_id] > self.clock():
+            return
+        del users[user_id]
+        if not users:
+            self._typing.pop(room_id, None)
+        self.notifier.on_typing(room_id)
 
     def get_typing(self, room_id: str) -> list[str]:
         users = self._typing.get(room_id)
