@@ -592,6 +592,7 @@ class HomeserverConfig:
     data_dir: str = setting(non_empty_string, default=".")
     log_level: str = setting(one_of("DEBUG", "INFO", "WARNING", "ERROR", ignore_case=True), default="INFO")
     log_file: str | None = setting(optional(non_empty_string), default=None)
+    log_format: str = setting(one_of("text", "json"), default="text")
     listeners: tuple[ListenerConfig, ...] = setting(_listeners)
     # The default is made absolute against data_dir after loading.
     database: DatabaseConfig = setting(

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import time
-from typing import Any, Optional
+from typing import Any
 
-from prometheus_client import REGISTRY, Gauge
+from prometheus_client import REGISTRY, Histogram
 from prometheus_client.twisted import MetricsResource
 from twisted.internet import defer, reactor
 from twisted.web.resource import Resource
@@ -27,6 +25,7 @@ from zhome.crypto.keys import read_signing_key_file
 from zhome.http.auth import Auth
 from zhome.http.ratelimit import RateLimiter
 from zhome.http.server import JsonResource
+from zhome.logging_setup import setup_logging
 from zhome.rooms.event_creation import EventCreator
 from zhome.rooms.membership import MembershipService
 from zhome.rooms.persistence import Persister
@@ -45,7 +44,8 @@ from zhome.sync.typing import TypingService
 
 logger = logging.getLogger("zhome.server")
 
-DB_SECONDS = Gauge("zhome_db_last_interaction_seconds", "Duration of the last database interaction", ["desc"])
+DB_SECONDS = Histogram("zhome_db_interaction_seconds", "Database interactions by description", ["desc"],
+                       buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
 
 
 class HomeServer:
@@ -60,7 +60,7 @@ class HomeServer:
         self.signing_keys = read_signing_key_file(cfg.signing_key_path)
         self.signing_key = self.signing_keys[0]
         self.db = Database(cfg.database.engine, dict(cfg.database.args))
-        self.db.on_interaction = lambda desc, secs: DB_SECONDS.labels(desc).set(secs)
+        self.db.on_interaction = lambda desc, secs: DB_SECONDS.labels(desc).observe(secs)
         await prepare_database(self.db)
 
         db = self.db
@@ -138,27 +138,8 @@ class _RootResource(Resource):
         return self.json_resource.render(request)
 
 
-def setup_logging(config: HomeserverConfig) -> None:
-    handler: logging.Handler
-    if config.log_file:
-        handler = logging.FileHandler(config.log_file)
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.log_level)
-    # Twisted's own access log would print full request URIs (which may carry
-    # a deprecated access_token query parameter); route only its errors.
-    from twisted.python import log as twisted_log
-
-    observer = twisted_log.PythonLoggingObserver(loggerName="twisted")
-    observer.start()
-    logging.getLogger("twisted").setLevel(logging.WARNING)
-
-
 def run(config: HomeserverConfig) -> int:
-    setup_logging(config)
+    setup_logging(config.log_level, config.log_file, config.log_format)
     hs = HomeServer(config)
     exit_code = [0]
 
@@ -191,8 +172,3 @@ def _version() -> str:
     return __version__
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-__all__ = ["HomeServer", "run", "Optional"]

@@ -25,7 +25,8 @@ from zhome.util.ids import is_valid_room_alias, is_valid_user_id, server_of
 if TYPE_CHECKING:
     from zhome.server import HomeServer
 
-ROOM = r"(?P<room_id>![^/]+)"
+# Matched on the raw path: clients may percent-encode the '!' (as %21).
+ROOM = r"(?P<room_id>(?:!|%21)[^/]+)"
 MAX_PAGINATION_LIMIT = 1000
 
 

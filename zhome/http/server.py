@@ -24,6 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zhome.http.errors import MatrixError, not_json, too_large, unrecognized
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("zhome.access")
 
 Handler = Callable[..., Awaitable[tuple[int, Any]]]
 
@@ -95,8 +96,15 @@ class JsonResource(Resource):
         except Exception:
             logger.exception("Unhandled error handling %s %s", method, _redacted_path(raw_path))
             code, body = 500, {"errcode": "M_UNKNOWN", "error": "Internal server error"}
+        elapsed = time.monotonic() - start
         REQUESTS.labels(method, endpoint, str(code)).inc()
-        LATENCY.labels(method, endpoint).observe(time.monotonic() - start)
+        LATENCY.labels(method, endpoint).observe(elapsed)
+        if access_logger.isEnabledFor(logging.INFO):
+            access_logger.info(
+                "%s %s %d %.1fms", method, endpoint, code, elapsed * 1000,
+                extra={"method": method, "endpoint": endpoint, "status": code,
+                       "duration_ms": round(elapsed * 1000, 2)},
+            )
         if body is _ALREADY_WRITTEN:
             return
         respond_json(request, code, body)

@@ -1,0 +1,43 @@
+"""Structured logs and the Prometheus listener."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from typing import Any
+
+from tests.e2e.harness import free_port
+
+
+def test_json_logs_and_metrics(zhome_factory: Any) -> None:
+    metrics_port = free_port()
+    hs = zhome_factory(overrides={"log_format": "json"})
+    import yaml
+
+    cfg = yaml.safe_load(hs.config_path.read_text())
+    cfg["listeners"].append({"port": metrics_port, "type": "metrics", "bind_addresses": ["127.0.0.1"]})
+    hs.config_path.write_text(yaml.safe_dump(cfg))
+    hs.start()
+    alice = hs.register("alice")
+    token = alice["access_token"]
+    status, room = hs.request("POST", "/_matrix/client/v3/createRoom", {}, token)
+    assert status == 200
+    status, _ = hs.request("PUT", f"/_matrix/client/v3/rooms/{room['room_id']}/send/m.room.message/t1",
+                           {"msgtype": "m.text", "body": "secret-body-marker"}, token)
+    assert status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert 'zhome_http_requests_total{code="200",endpoint="send",method="PUT"} 1.0' in text
+    assert "zhome_http_request_seconds_bucket" in text
+    persisted = [line for line in text.splitlines() if line.startswith('zhome_events_persisted_total{origin="local"}')]
+    assert persisted and float(persisted[0].split()[-1]) >= 7  # createRoom events plus the message
+    assert "zhome_sync_waiters" in text
+    hs.stop()
+
+    log = hs.log_path.read_text()
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert records, log[-2000:]
+    sends = [r for r in records if r.get("endpoint") == "send"]
+    assert sends and sends[0]["status"] == 200 and sends[0]["method"] == "PUT"
+    assert token not in log
+    assert "secret-body-marker" not in log
