@@ -98,6 +98,8 @@ class AccountServlets:
     async def on_login(self, request: Request) -> tuple[int, Any]:
         body = read_json_body(request)
         self.hs.ratelimit_login.check("ip:" + client_ip(request))
+        if not isinstance(body.get("type"), str):
+            raise bad_json("'type' must be a string")
         if body.get("type") != "m.login.password":
             raise MatrixError(400, "M_UNKNOWN", "Unknown login type")
         user_id = self._user_id_from_identifier(body)

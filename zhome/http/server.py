@@ -21,7 +21,7 @@ from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from zhome.http.errors import MatrixError, not_json, too_large, unrecognized
+from zhome.http.errors import MatrixError, bad_json, not_json, too_large, unrecognized
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("zhome.access")
@@ -169,7 +169,8 @@ def read_json_body(request: Request, max_size: int = 1024 * 1024 * 2, allow_empt
     except (ValueError, UnicodeDecodeError):
         raise not_json("Content not JSON.")
     if not isinstance(body, dict):
-        raise not_json("Content must be a JSON object.")
+        # Valid JSON of the wrong shape is malformed, not "not JSON".
+        raise bad_json("Content must be a JSON object.")
     return body
 
 

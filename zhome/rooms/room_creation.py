@@ -56,7 +56,10 @@ class RoomCreationService:
         if preset not in PRESETS:
             raise invalid_param(f"Unknown preset {preset!r}")
         invites = body.get("invite", [])
-        if not isinstance(invites, list) or not all(isinstance(i, str) and is_valid_user_id(i) for i in invites):
+        if not isinstance(invites, list) or not all(isinstance(i, str) for i in invites):
+            # Wrong JSON types are M_BAD_JSON; well-typed but invalid IDs are M_INVALID_PARAM.
+            raise bad_json("'invite' must be a list of user IDs")
+        if not all(is_valid_user_id(i) for i in invites):
             raise invalid_param("'invite' must be a list of user IDs")
         creation_content = body.get("creation_content", {})
         check_client_content(rv, creation_content)

@@ -35,6 +35,11 @@ class AccountsStore:
         self.db = db
         self.token_ids = token_ids
         self.refresh_ids = refresh_ids
+        # Token lookups happen on every request. Entries are dropped whenever
+        # any token, device or user is removed, so a cached token is never
+        # one that was revoked.
+        self._token_cache: dict[str, TokenInfo] = {}
+        self._token_generation = 0
 
     # -- users ------------------------------------------------------------
     async def create_user(self, user_id: str, password_hash: Optional[str], admin: bool = False,
@@ -82,7 +87,9 @@ class AccountsStore:
             txn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
             txn.execute("UPDATE profiles SET displayname = NULL, avatar_url = NULL WHERE user_id = ?", (user_id,))
 
+        self._forget_tokens()
         await self.db.run_interaction("deactivate", txn_fn)
+        self._forget_tokens()
 
     # -- profiles -----------------------------------------------------------
     async def get_profile(self, user_id: str) -> Optional[dict[str, Optional[str]]]:
@@ -145,6 +152,8 @@ class AccountsStore:
             self._issue_tokens_txn(txn, user_id, device_id, access_token, valid_until_ms, refresh_token)
 
         await self.db.run_interaction("create_device_and_token", txn_fn)
+        # Re-using a device ID replaced that device's old tokens.
+        self._forget_tokens()
 
     def _issue_tokens_txn(
         self,
@@ -185,9 +194,21 @@ class AccountsStore:
             self._issue_tokens_txn(txn, user_id, device_id, new_access, valid_until_ms, new_refresh)
             return user_id, device_id
 
-        return await self.db.run_interaction("refresh_token", txn_fn)
+        result = await self.db.run_interaction("refresh_token", txn_fn)
+        self._forget_tokens()
+        return result
+
+    def _forget_tokens(self) -> None:
+        self._token_cache.clear()
+        # A lookup that started before a revocation must not cache its
+        # (possibly stale) answer afterwards.
+        self._token_generation += 1
 
     async def get_token(self, access_token: str) -> Optional[TokenInfo]:
+        cached = self._token_cache.get(access_token)
+        if cached is not None:
+            return cached
+        generation = self._token_generation
         rows = await self.db.execute(
             "get_token",
             "SELECT t.id, t.user_id, t.device_id, t.valid_until_ms, u.is_admin, u.deactivated FROM access_tokens t"
@@ -197,12 +218,18 @@ class AccountsStore:
         if not rows:
             return None
         tid, user_id, device_id, vu, adm, deac = rows[0]
-        return TokenInfo(tid, user_id, device_id, vu, bool(adm), bool(deac))
+        info = TokenInfo(tid, user_id, device_id, vu, bool(adm), bool(deac))
+        if generation == self._token_generation:
+            if len(self._token_cache) > 50000:
+                self._token_cache.clear()
+            self._token_cache[access_token] = info
+        return info
 
     async def delete_token(self, token_id: int) -> None:
         await self.db.run_interaction(
             "delete_token", lambda txn: txn.execute("DELETE FROM access_tokens WHERE id = ?", (token_id,))
         )
+        self._forget_tokens()
 
     async def delete_devices(self, user_id: str, device_ids: Optional[list[str]]) -> None:
         """Delete the given devices (all when None) and their tokens."""
@@ -219,6 +246,7 @@ class AccountsStore:
                 txn.execute("DELETE FROM devices WHERE user_id = ? AND device_id = ?", (user_id, d))
 
         await self.db.run_interaction("delete_devices", txn_fn)
+        self._forget_tokens()
 
     async def delete_other_tokens(self, user_id: str, keep_device: Optional[str]) -> None:
         """Log out every device but ``keep_device`` (after a password change)."""
@@ -233,6 +261,7 @@ class AccountsStore:
                 txn.execute("DELETE FROM devices WHERE user_id = ? AND device_id = ?", (user_id, d))
 
         await self.db.run_interaction("delete_other_tokens", txn_fn)
+        self._forget_tokens()
 
     async def get_devices(self, user_id: str) -> list[dict[str, Any]]:
         rows = await self.db.execute(

@@ -45,6 +45,7 @@ class EventsStore:
         self.state_group_ids = state_group_ids
         self._event_cache: LruCache[str, Event] = LruCache(50000)
         self._state_group_cache: LruCache[int, dict[tuple[str, str], str]] = LruCache(5000)
+        self._extremities_cache: LruCache[str, tuple[str, ...]] = LruCache(10000)
 
     # -- writing ----------------------------------------------------------
     def persist_txn(self, txn: Txn, item: PersistItem) -> None:
@@ -206,6 +207,9 @@ class EventsStore:
         return await self.db.run_interaction("get_state_group", self._state_group_txn, group)
 
     async def get_state_group_for_event(self, event_id: str) -> Optional[int]:
+        cached = self._event_cache.get(event_id)
+        if cached is not None and "state_group" in cached.internal:
+            return cached.internal["state_group"]
         rows = await self.db.execute("state_group_for_event", "SELECT state_group FROM events WHERE event_id = ?", event_id)
         return rows[0][0] if rows else None
 
@@ -241,10 +245,30 @@ class EventsStore:
         return rows[0][0] if rows else None
 
     async def get_forward_extremities(self, room_id: str) -> list[str]:
+        cached = self._extremities_cache.get(room_id)
+        if cached is not None:
+            return list(cached)
         rows = await self.db.execute(
             "forward_extremities", "SELECT event_id FROM room_forward_extremities WHERE room_id = ?", room_id
         )
         return [r[0] for r in rows]
+
+    def on_event_persisted(self, ev: Event) -> None:
+        """Keep caches in step with a committed event.
+
+        Called by the persister (the only writer of events) after commit, so
+        the cached extremities are exactly what the table now holds.
+        """
+        self.cache_event(ev)
+        if ev.redacts:
+            self.invalidate_event(ev.redacts)
+        current = self._extremities_cache.get(ev.room_id)
+        if current is None:
+            if not ev.prev_event_ids:
+                self._extremities_cache.set(ev.room_id, (ev.event_id,))
+            return
+        prevs = set(ev.prev_event_ids)
+        self._extremities_cache.set(ev.room_id, tuple([e for e in current if e not in prevs] + [ev.event_id]))
 
     # -- reading: events ----------------------------------------------------
     def _row_to_event(self, row: tuple) -> Event:
