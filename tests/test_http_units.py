@@ -1,0 +1,99 @@
+"""Unit tests of the pure HTTP and sync helpers: rate limiting, stream
+tokens, filters and typing expiry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from zhome.http.errors import MatrixError
+from zhome.http.ratelimit import RateLimiter
+from zhome.rooms.events import Event
+from zhome.rooms.versions import get_room_version
+from zhome.sync.filtering import EventFilter, validate_filter
+from zhome.sync.notifier import Notifier, StreamToken
+from zhome.sync.typing import TypingService
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_rate_limiter_burst_then_refill() -> None:
+    clock = FakeClock()
+    rl = RateLimiter(per_second=0.5, burst_count=3, clock=clock)
+    for _ in range(3):
+        rl.check("u")
+    with pytest.raises(MatrixError) as e:
+        rl.check("u")
+    assert e.value.code == 429 and e.value.errcode == "M_LIMIT_EXCEEDED"
+    assert e.value.extra["retry_after_ms"] == 2000
+    rl.check("other")  # keys are independent
+    clock.t += 2.0
+    rl.check("u")
+    with pytest.raises(MatrixError):
+        rl.check("u")
+
+
+def test_rate_limiter_disabled() -> None:
+    rl = RateLimiter(per_second=0.001, burst_count=1, enabled=False)
+    for _ in range(100):
+        rl.check("u")
+
+
+def test_stream_token_round_trip_and_errors() -> None:
+    t = StreamToken(5, 3, 2, 1)
+    assert StreamToken.decode(t.encode()) == t
+    assert StreamToken(6, 3, 2, 1).is_after(t)
+    assert not t.is_after(t)
+    for bad in ("", "x1_2_3_4", "s1_2_3", "s-1_2_3_4", "sa_b_c_d"):
+        with pytest.raises(MatrixError) as e:
+            StreamToken.decode(bad)
+        assert e.value.errcode == "M_INVALID_PARAM"
+
+
+def _ev(etype: str, sender: str = "@a:hs", content: Any = None) -> Event:
+    pdu = {"type": etype, "sender": sender, "room_id": "!r:hs", "content": content or {}}
+    return Event(pdu, "$e", get_room_version("10"))
+
+
+def test_event_filter_types_senders_wildcards() -> None:
+    f = EventFilter({"types": ["m.room.*"], "not_types": ["m.room.member"], "not_senders": ["@spam:hs"]})
+    assert f.matches(_ev("m.room.message"))
+    assert not f.matches(_ev("m.room.member"))
+    assert not f.matches(_ev("m.reaction"))
+    assert not f.matches(_ev("m.room.message", sender="@spam:hs"))
+    assert EventFilter({"contains_url": True}).matches(_ev("m.room.message", content={"url": "mxc://a/b"}))
+    assert not EventFilter({"contains_url": True}).matches(_ev("m.room.message"))
+
+
+def test_filter_validation() -> None:
+    validate_filter({"room": {"timeline": {"limit": 5, "types": ["m.room.message"]}}})
+    for bad in ({"room": {"timeline": {"limit": 0}}}, {"room": {"state": {"types": "m.room.name"}}},
+                {"event_format": "xml"}, {"room": []}):
+        with pytest.raises(MatrixError) as e:
+            validate_filter(bad)
+        assert e.value.errcode == "M_BAD_JSON"
+
+
+def test_typing_expires_and_notifies() -> None:
+    clock = FakeClock()
+    scheduled: list[tuple[float, Any, tuple[Any, ...]]] = []
+    notifier = Notifier(0, 0, 0)
+    typing = TypingService(notifier, clock=clock, call_later=lambda d, f, *a: scheduled.append((d, f, a)))
+    typing.set_typing("!r:hs", "@a:hs", True, 5000)
+    assert typing.get_typing("!r:hs") == ["@a:hs"]
+    assert notifier.typing_pos == 1
+    clock.t += 6
+    delay, fn, args = scheduled[0]
+    assert 5 <= delay < 6
+    fn(*args)
+    assert typing.get_typing("!r:hs") == []
+    assert notifier.typing_pos == 2  # the expiry woke /sync
+    typing.set_typing("!r:hs", "@a:hs", True, 10**9)  # capped
+    assert scheduled[-1][0] <= 121
