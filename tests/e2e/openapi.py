@@ -114,8 +114,10 @@ class Spec:
         # A response that was a $ref with a description sibling arrives as allOf.
         while "content" not in resp and "allOf" in resp:
             resp = {**resp["allOf"][0], **{k: v for k, v in resp.items() if k != "allOf"}}
-        schema = resp["content"]["application/json"]["schema"]
-        return schema
+        try:
+            return resp["content"]["application/json"]["schema"]
+        except KeyError:
+            raise KeyError(f"{method.upper()} {template} {status} documents no JSON body") from None
 
     def schema_file(self, relative: str) -> dict[str, Any]:
         """A schema file (e.g. ``definitions/errors/error.yaml``) with refs inlined."""

@@ -348,6 +348,9 @@ def test_deactivate(zhome: ZhomeProcess) -> None:
     assert status == 200 and body["membership"] == "leave"
     status, body = zhome.request("GET", CS + f"/rooms/{room_id}/joined_members", token=owner["access_token"])
     assert list(body["joined"]) == ["@nick:localhost"]
+    status, body = zhome.request("POST", CS + "/user_directory/search", {"search_term": "mona"},
+                                 token=owner["access_token"])
+    assert status == 200 and body["results"] == []
     # The name cannot be registered again.
     status, body = zhome.request("GET", CS + "/register/available?username=mona")
     assert status == 400 and body["errcode"] == "M_USER_IN_USE"

@@ -110,6 +110,27 @@ def test_bad_bodies(zhome: ZhomeProcess) -> None:
     status, topic = zhome.request("GET", _path(room, "state/m.room.topic/"), token=tok)
     assert status == 404 and topic["errcode"] == "M_NOT_FOUND", topic
 
+    # Request bodies over the configured maximum (1 MiB by default).
+    huge = json.dumps({"msgtype": "m.text", "body": "H" * (2 * 1024 * 1024)}).encode()
+    _err(zhome.request("PUT", send + "t10", raw=huge, token=tok), 413, "M_TOO_LARGE")
+    _err(zhome.request("PUT", _path(room, "send/" + "x" * 300 + "/t11"), {"body": "a"}, token=tok),
+         400, "M_BAD_JSON")
+
+    # Bad /messages parameters.
+    msgs = _path(room, "messages")
+    _err(zhome.request("GET", msgs + "?dir=x", token=tok), 400, "M_INVALID_PARAM")
+    _err(zhome.request("GET", msgs + "?dir=b&limit=abc", token=tok), 400, "M_INVALID_PARAM")
+    _err(zhome.request("GET", msgs + "?dir=b&limit=-1", token=tok), 400, "M_INVALID_PARAM")
+    _err(zhome.request("GET", msgs + "?dir=b&from=garbage", token=tok), 400, "M_INVALID_PARAM")
+    _err(zhome.request("GET", msgs + "?dir=b&filter=notjson", token=tok), 400, "M_BAD_JSON")
+    _err(zhome.request("GET", msgs + "?dir=b&filter=%5B%5D", token=tok), 400, "M_BAD_JSON")
+    _err(zhome.request("GET", msgs + "?dir=b&filter=%7Bbad", token=tok), 400, "M_BAD_JSON")
+    for bad_filter in ('{"types": 5}', '{"not_types": "m.room.message"}', '{"senders": [1]}', '{"limit": "x"}',
+                       '{"limit": -3}', '{"contains_url": "yes"}'):
+        _err(zhome.request("GET", msgs + "?dir=b&filter=" + urllib.parse.quote(bad_filter), token=tok),
+             400, "M_BAD_JSON")
+    _err(zhome.request("GET", CS + "/sync?since=garbage", token=tok), 400, "M_INVALID_PARAM")
+
     _assert_log_clean(zhome, [tok, SECRET_BODY, big[:200]])
 
 
@@ -127,7 +148,7 @@ def test_auth_errors(zhome: ZhomeProcess) -> None:
     assert status == 200
     body = _err(zhome.request("GET", CS + "/account/whoami", token=tok), 401, "M_UNKNOWN_TOKEN")
     assert body.get("soft_logout") is False, body
-    _assert_log_clean(zhome, [tok, "zha_not_a_real_token"])
+    _assert_log_clean(zhome, [tok, "zha_not_a_real_token", "correct horse battery"])
 
 
 def test_forbidden(zhome: ZhomeProcess) -> None:

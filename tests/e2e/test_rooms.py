@@ -10,6 +10,7 @@ Spec: client-server-api "Rooms", "Room membership", "Redactions",
 
 from __future__ import annotations
 
+import itertools
 import json
 import urllib.parse
 from typing import Any, Optional
@@ -17,6 +18,7 @@ from typing import Any, Optional
 from tests.e2e.harness import ZhomeProcess
 
 CS = "/_matrix/client/v3"
+_TXN = itertools.count()
 
 
 class U:
@@ -40,7 +42,7 @@ class U:
         return str(self.ok("POST", "/createRoom", body)["room_id"])
 
     def send(self, room_id: str, text: str, txn: Optional[str] = None) -> str:
-        txn = txn or f"t{abs(hash((room_id, text)))}-{id(object())}"
+        txn = txn or f"t{next(_TXN)}"
         return str(self.ok("PUT", f"/rooms/{q(room_id)}/send/m.room.message/{txn}",
                            {"msgtype": "m.text", "body": text})["event_id"])
 

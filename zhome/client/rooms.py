@@ -418,6 +418,9 @@ class RoomServlets:
         limit = min(limit, MAX_PAGINATION_LIMIT)
         raw_filter = query_arg(request, "filter")
         filt_json = parse_filter_param(raw_filter) if raw_filter else None
+        if raw_filter and filt_json is None:
+            # /messages takes an inline RoomEventFilter only, never a filter ID.
+            raise bad_json("Filter is not a JSON object")
         flt = EventFilter(filt_json)
         if flt.limit:
             limit = min(limit, flt.limit)

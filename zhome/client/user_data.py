@@ -38,6 +38,8 @@ READ_RECEIPT_TYPES = ("m.read", "m.read.private")
 SERVER_CONTROLLED_ACCOUNT_DATA = ("m.fully_read", "m.push_rules")
 
 DEFAULT_TYPING_TIMEOUT_MS = 30_000
+# Unread counts after a receipt look at no more than this many later events.
+_MAX_UNREAD_RECOUNT = 1000
 
 _USER = r"/user/(?P<user_id>[^/]+)"
 _ROOM = r"/rooms/(?P<room_id>[^/]+)"
@@ -188,8 +190,31 @@ class UserDataServlets:
         # its owner only ("Private read receipts").
         pos = await self.hs.user_data.set_receipt(room_id, receipt_type, user_id, event_id, data,
                                                   thread_id=thread_id or "")
-        await self.hs.events.reset_unread(user_id, room_id)
+        await self._recount_unread(user_id, room_id, event_id)
         self.hs.notifier.on_receipt(pos, room_id)
+
+    async def _recount_unread(self, user_id: str, room_id: str, event_id: str) -> None:
+        """Unread counts after a read receipt: the events after the one read.
+
+        A receipt for an older event leaves the newer events counted
+        ("Receiving notifications": counts are of events since the receipt).
+        """
+        ev = await self.hs.events.get_event(event_id)
+        member_id = await self.hs.events.get_current_state_event_id(room_id, "m.room.member", user_id)
+        so = ev.internal.get("stream_ordering") if ev is not None else None
+        if so is None or member_id is None:
+            await self.hs.events.reset_unread(user_id, room_id)
+            return
+        later = await self.hs.events.get_room_events_between(room_id, so, self.hs.notifier.events_pos,
+                                                             _MAX_UNREAD_RECOUNT, False)
+        member_state = {("m.room.member", user_id): member_id}
+        notifications = highlights = 0
+        for later_ev in later:
+            notify, highlight = (await self.hs.event_creator.unread_for(later_ev, member_state)).get(
+                user_id, (False, False))
+            notifications += int(notify)
+            highlights += int(highlight)
+        await self.hs.events.set_unread_counts(user_id, room_id, notifications, highlights)
 
     # -- account data ------------------------------------------------------------
     async def on_get_account_data(self, request: Request, user_id: str, data_type: str) -> tuple[int, Any]:

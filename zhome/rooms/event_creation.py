@@ -189,12 +189,13 @@ class EventCreator:
             event, group, state = await self.create_event(room_id, etype, sender, content, state_key, redacts)
             if extra_check is not None:
                 await extra_check(event, state)
-            unread = await self._unread_for(event, state)
+            unread = await self.unread_for(event, state)
             item = PersistItem(event, group, state, txn_id=txn_id, device_id=device_id, unread=unread)
             await self.persister.persist(item)
             return event
 
-    async def _unread_for(self, event: Event, state: StateMap) -> dict[str, tuple[bool, bool]]:
+    async def unread_for(self, event: Event, state: StateMap) -> dict[str, tuple[bool, bool]]:
+        """Local members of ``state`` whose unread counts ``event`` raises: (notify, highlight)."""
         if event.type not in _NOTIFYING_TYPES or event.is_state():
             return {}
         suffix = ":" + self.server_name

@@ -445,3 +445,15 @@ class EventsStore:
             "reset_unread",
             lambda txn: txn.execute("DELETE FROM room_unread WHERE user_id = ? AND room_id = ?", (user_id, room_id)),
         )
+
+    async def set_unread_counts(self, user_id: str, room_id: str, notifications: int, highlights: int) -> None:
+        def txn_fn(txn: Txn) -> None:
+            txn.execute("DELETE FROM room_unread WHERE user_id = ? AND room_id = ?", (user_id, room_id))
+            if notifications or highlights:
+                txn.execute(
+                    "INSERT INTO room_unread (user_id, room_id, notification_count, highlight_count)"
+                    " VALUES (?,?,?,?)",
+                    (user_id, room_id, notifications, highlights),
+                )
+
+        await self.db.run_interaction("set_unread_counts", txn_fn)

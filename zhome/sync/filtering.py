@@ -65,9 +65,12 @@ def parse_filter_param(raw: Optional[str]) -> Optional[dict[str, Any]]:
     if raw is None or not raw.lstrip().startswith("{"):
         return None
     try:
-        return validate_filter(json.loads(raw))
+        parsed = json.loads(raw)
     except ValueError:
         raise bad_json("Filter is not valid JSON")
+    # /messages and /context take a RoomEventFilter: check its own keys too,
+    # or a wrong type (e.g. "types": 5) fails later as a 500.
+    return _check_event_filter(validate_filter(parsed), "filter")
 
 
 def _match(pattern: str, value: str) -> bool:
