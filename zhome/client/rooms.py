@@ -416,12 +416,7 @@ class RoomServlets:
         if limit is None or limit < 0:
             raise invalid_param("'limit' must be a non-negative integer")
         limit = min(limit, MAX_PAGINATION_LIMIT)
-        raw_filter = query_arg(request, "filter")
-        filt_json = parse_filter_param(raw_filter) if raw_filter else None
-        if raw_filter and filt_json is None:
-            # /messages takes an inline RoomEventFilter only, never a filter ID.
-            raise bad_json("Filter is not a JSON object")
-        flt = EventFilter(filt_json)
+        flt = EventFilter(parse_filter_param(query_arg(request, "filter")))
         if flt.limit:
             limit = min(limit, flt.limit)
         await self._require_known_room(room_id)

@@ -61,15 +61,20 @@ def validate_filter(body: Any) -> dict[str, Any]:
 
 
 def parse_filter_param(raw: Optional[str]) -> Optional[dict[str, Any]]:
-    """Inline JSON filter from a query parameter; None when it is a filter ID."""
-    if raw is None or not raw.lstrip().startswith("{"):
+    """The inline RoomEventFilter of /messages or /context (None if absent).
+
+    These endpoints take a JSON object only, never a stored filter ID.
+    """
+    if not raw:
         return None
     try:
         parsed = json.loads(raw)
     except ValueError:
         raise bad_json("Filter is not valid JSON")
-    # /messages and /context take a RoomEventFilter: check its own keys too,
-    # or a wrong type (e.g. "types": 5) fails later as a 500.
+    if not isinstance(parsed, dict):
+        raise bad_json("Filter is not a JSON object")
+    # Check the RoomEventFilter's own keys too, or a wrong type (e.g.
+    # "types": 5) would fail later as a 500.
     return _check_event_filter(validate_filter(parsed), "filter")
 
 
