@@ -47,6 +47,16 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--database-url", help="postgresql://user@host:port/db instead of SQLite")
     gen.add_argument("--enable-registration", action="store_true", help="let anyone register an account")
     gen.add_argument("--force", action="store_true", help="overwrite an existing configuration file")
+    gen.add_argument(
+        "--federation-port", type=_port,
+        help="add a TLS federation listener on this port (on the server name's IP if it is an IP "
+        "literal, else 127.0.0.1)",
+    )
+    gen.add_argument(
+        "--self-signed-tls", action="store_true",
+        help="make a self-signed certificate for the server name and turn federation on without "
+        "certificate checks and with private addresses allowed: for local testing only",
+    )
 
     run = commands.add_parser("run", help="start the homeserver")
     run.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
@@ -111,6 +121,10 @@ def _render_config(
     enable_registration: bool,
     form_secret: str,
     macaroon_secret_key: str,
+    federation_port: int | None = None,
+    federation_bind: str = "127.0.0.1",
+    tls_files: tuple[str, str] | None = None,
+    self_signed_tls: bool = False,
 ) -> str:
     if database_url:
         database = f"database_url: {_q(database_url)}\n"
@@ -121,6 +135,52 @@ def _render_config(
             "  args:\n"
             "    # Relative to data_dir.\n"
             '    database: "homeserver.db"\n'
+        )
+    federation_listener = ""
+    if federation_port is not None:
+        federation_listener = f"""
+  # Server-Server API over TLS.
+  - port: {federation_port}
+    bind_addresses: [{_q(federation_bind)}]
+    type: http
+    resources: [federation]
+    tls: true
+    x_forwarded: false
+"""
+    tls = ""
+    if tls_files is not None:
+        note = (
+            "# A self-signed certificate from generate-config --self-signed-tls: other servers\n"
+            "# only accept it with certificate checks off. Replace it with a CA-signed one\n"
+            "# for real federation.\n"
+            if self_signed_tls
+            else "# Put the certificate (full chain, leaf first) and its key here.\n"
+        )
+        tls = (
+            f"{note}tls_certificate_path: {_q(tls_files[0])}\n"
+            f"tls_private_key_path: {_q(tls_files[1])}\n\n"
+        )
+    if self_signed_tls:
+        federation = (
+            "federation:\n"
+            "  enabled: true\n"
+            "  # For local testing only: accept any certificate and reach loopback and\n"
+            "  # private addresses. Never use these two settings in production.\n"
+            "  verify_certificates: false\n"
+            "  allow_private_addresses: true\n"
+            "  trusted_ca_files: []\n"
+            '  allowed_servers: ["*"]\n'
+            "  blocked_servers: []\n"
+        )
+    else:
+        federation = (
+            "federation:\n"
+            f"  enabled: {'true' if federation_port is not None else 'false'}\n"
+            "  verify_certificates: true\n"
+            "  allow_private_addresses: false\n"
+            "  trusted_ca_files: []\n"
+            '  allowed_servers: ["*"]\n'
+            "  blocked_servers: []\n"
         )
     return f"""\
 # zhome configuration, written by `zhome generate-config`.
@@ -145,8 +205,8 @@ listeners:
     resources: [client]
     tls: false
     x_forwarded: false
-
-{database}
+{federation_listener}
+{tls}{database}
 registration:
   enable_registration: {"true" if enable_registration else "false"}
   registration_requires_token: false
@@ -178,9 +238,7 @@ secrets:
   form_secret: {_q(form_secret)}
   macaroon_secret_key: {_q(macaroon_secret_key)}
 
-federation:
-  enabled: false
-"""
+{federation}"""
 
 
 def _generate_config(args: argparse.Namespace) -> int:
@@ -194,6 +252,10 @@ def _generate_config(args: argparse.Namespace) -> int:
     # command ran, while relative paths in the file mean relative to the file.
     data_dir = os.path.abspath(args.data_dir) if args.data_dir else config_dir
     key_file = _key_file_name(args.server_name)
+    tls_files: tuple[str, str] | None = None
+    if args.federation_port is not None or args.self_signed_tls:
+        base = key_file[: -len(".signing.key")]
+        tls_files = (base + ".tls.crt", base + ".tls.key")
     text = _render_config(
         server_name=args.server_name,
         data_dir=data_dir,
@@ -203,6 +265,10 @@ def _generate_config(args: argparse.Namespace) -> int:
         enable_registration=args.enable_registration,
         form_secret=secrets.token_urlsafe(32),
         macaroon_secret_key=secrets.token_urlsafe(32),
+        federation_port=args.federation_port,
+        federation_bind=_federation_bind_address(args.server_name),
+        tls_files=tls_files,
+        self_signed_tls=args.self_signed_tls,
     )
     # Validate before touching the disk, so a bad --server-name or
     # --database-url leaves nothing half-written behind.
@@ -222,6 +288,8 @@ def _generate_config(args: argparse.Namespace) -> int:
         else:
             write_signing_key_file(key_path, new_signing_key())
             print(f"Wrote a new signing key to {key_path}")
+        if args.self_signed_tls:
+            _write_self_signed_tls(config)
         flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.force else os.O_EXCL)
         # 0600: the file holds secrets.
         fd = os.open(config_path, flags, 0o600)
@@ -233,6 +301,38 @@ def _generate_config(args: argparse.Namespace) -> int:
         return _error("generate-config", f"{e.filename or config_path}: {e.strerror or e}")
     print(f"Wrote the configuration to {config_path}")
     return 0
+
+
+def _federation_bind_address(server_name: str) -> str:
+    """The server name's host when it is an IP literal (what peers connect to)."""
+    import ipaddress
+
+    host = server_name
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return "127.0.0.1"
+
+
+def _write_self_signed_tls(config: HomeserverConfig) -> None:
+    from zhome.federation.tls import generate_self_signed_certificate
+
+    cert_path, key_path = config.tls_certificate_path, config.tls_private_key_path
+    assert cert_path is not None and key_path is not None
+    if os.path.exists(cert_path) and os.path.exists(key_path):
+        print(f"Kept the existing TLS certificate {cert_path}")
+        return
+    cert_pem, key_pem = generate_self_signed_certificate(config.server_name)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_pem)
+    with open(cert_path, "wb") as f:
+        f.write(cert_pem)
+    print(f"Wrote a self-signed TLS certificate to {cert_path} (for local testing only)")
 
 
 # ---------------------------------------------------------------------------

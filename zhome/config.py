@@ -13,7 +13,8 @@ field carries a converter (see ``setting``), and ``_build`` walks a YAML
 mapping against those declarations. Adding an option is one line on the
 right dataclass. ``config/homeserver.sample.yaml`` documents every option.
 
-Paths: ``signing_key_path``, ``data_dir`` and ``log_file`` are resolved
+Paths: ``signing_key_path``, ``data_dir``, ``log_file``, the TLS certificate
+and key and ``federation.trusted_ca_files`` are resolved
 against the directory holding the config file, an SQLite database path
 against ``data_dir``. Nothing here checks that files exist; start-up does.
 """
@@ -577,9 +578,30 @@ class SecretsConfig:
     macaroon_secret_key: str = setting(_secret, secret=True)
 
 
+def server_glob(value: Any, path: str) -> str:
+    """A glob over server names ("*.example.org", "matrix.example.com:8448")."""
+    text = non_empty_string(value, path)
+    if not re.fullmatch(r"[A-Za-z0-9.\-:\[\]*?]+", text):
+        raise _Invalid(path, f"expected a server name pattern such as '*.example.org', got {text!r}")
+    return text
+
+
 @dataclass(frozen=True, kw_only=True)
 class FederationConfig:
     enabled: bool = setting(boolean, default=False)
+    # Check other servers' TLS certificates (against the system CAs plus
+    # trusted_ca_files). Turning this off is for local testing only.
+    verify_certificates: bool = setting(boolean, default=True)
+    # PEM files of extra certificate authorities to trust; relative paths
+    # resolve against the config file's directory.
+    trusted_ca_files: tuple[str, ...] = setting(list_of(non_empty_string), default=())
+    # Server names we talk to (both directions): allowed unless blocked.
+    allowed_servers: tuple[str, ...] = setting(list_of(server_glob), default=("*",))
+    blocked_servers: tuple[str, ...] = setting(list_of(server_glob), default=())
+    # Let outbound requests reach loopback, private and other non-global
+    # addresses. Off in production: a remote server name must not be a way
+    # to reach the internal network (SSRF).
+    allow_private_addresses: bool = setting(boolean, default=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -608,6 +630,9 @@ class HomeserverConfig:
     rooms: RoomsConfig = setting(section(RoomsConfig), default=RoomsConfig())
     secrets: SecretsConfig = setting(section(SecretsConfig))
     federation: FederationConfig = setting(section(FederationConfig), default=FederationConfig())
+    # PEM certificate (chain) and private key for listeners with tls: true.
+    tls_certificate_path: str | None = setting(optional(non_empty_string), default=None)
+    tls_private_key_path: str | None = setting(optional(non_empty_string), default=None)
     # Not a YAML key: the absolute path of the file this came from.
     config_path: str = ""
 
@@ -659,11 +684,21 @@ def parse_config(text: str, path: str) -> HomeserverConfig:
         if database_url is not None and "database" in raw:
             raise _Invalid("database_url", "give either database or database_url, not both")
         config = _build(HomeserverConfig, raw, "")
+        _check_tls(config)
         if database_url is not None:
             config = dataclasses.replace(config, database=parse_database_url(database_url))
     except _Invalid as e:
         raise ConfigError(path, e.path, e.problem) from None
     return _finish(config, os.path.abspath(path))
+
+
+def _check_tls(config: HomeserverConfig) -> None:
+    tls_listeners = [i for i, lst in enumerate(config.listeners) if lst.tls]
+    if not tls_listeners:
+        return
+    for key in ("tls_certificate_path", "tls_private_key_path"):
+        if getattr(config, key) is None:
+            raise _Invalid(key, f"required because listeners[{tls_listeners[0]}] has tls: true")
 
 
 def _finish(config: HomeserverConfig, config_path: str) -> HomeserverConfig:
@@ -683,6 +718,16 @@ def _finish(config: HomeserverConfig, config_path: str) -> HomeserverConfig:
         signing_key_path=_resolve(config.signing_key_path, config_dir),
         data_dir=data_dir,
         log_file=_resolve(config.log_file, config_dir) if config.log_file else None,
+        tls_certificate_path=(
+            _resolve(config.tls_certificate_path, config_dir) if config.tls_certificate_path else None
+        ),
+        tls_private_key_path=(
+            _resolve(config.tls_private_key_path, config_dir) if config.tls_private_key_path else None
+        ),
+        federation=dataclasses.replace(
+            config.federation,
+            trusted_ca_files=tuple(_resolve(p, config_dir) for p in config.federation.trusted_ca_files),
+        ),
         database=database,
         config_path=config_path,
     )

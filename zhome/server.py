@@ -26,6 +26,7 @@ from zhome.http.auth import Auth
 from zhome.http.ratelimit import RateLimiter
 from zhome.http.server import JsonResource
 from zhome.logging_setup import setup_logging
+from zhome.push.cache import RulesetCache
 from zhome.rooms.event_creation import EventCreator
 from zhome.rooms.membership import MembershipService
 from zhome.rooms.persistence import Persister
@@ -80,8 +81,9 @@ class HomeServer:
         self.notifier = Notifier(stream_ids.current(), account_data_ids.current(), receipt_ids.current())
         self.typing = TypingService(self.notifier)
         self.persister = Persister(db, self.events, self.notifier, self.server_name)
+        self.push_rules_cache = RulesetCache(self.user_data)
         self.event_creator = EventCreator(self.server_name, self.signing_key, self.events, self.rooms,
-                                          self.persister)
+                                          self.persister, push_rules_cache=self.push_rules_cache)
         self.membership = MembershipService(self.server_name, self.event_creator, self.events, self.accounts)
         self.room_creation = RoomCreationService(self.server_name, self.event_creator, self.membership, self.rooms,
                                                  cfg.rooms.default_room_version)

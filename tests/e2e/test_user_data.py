@@ -287,3 +287,36 @@ def test_unread_notification_counts(zhome: ZhomeProcess) -> None:
     assert counts() == {"notification_count": 2, "highlight_count": 1}
     alice.ok("POST", f"/rooms/{q(room_id)}/receipt/m.read.private/{q(newest)}", {})
     assert counts() == {"notification_count": 0, "highlight_count": 0}
+
+
+def test_unread_counts_follow_push_rules(zhome: ZhomeProcess) -> None:
+    alice, bob, carol = U(zhome, "alice"), U(zhome, "bob"), U(zhome, "carol")
+    room_id = _shared_room(alice, bob)
+    carol.ok("POST", f"/rooms/{q(room_id)}/join", {})
+
+    def counts() -> dict[str, int]:
+        return dict(alice.sync(incremental=False)["rooms"]["join"][room_id]["unread_notifications"])
+
+    def mention() -> str:
+        return bob.send(room_id, {"msgtype": "m.text", "body": "please look",
+                                  "m.mentions": {"user_ids": [alice.user_id]}})
+
+    bob.say(room_id, "plain before")
+    assert counts() == {"notification_count": 1, "highlight_count": 0}
+
+    # Three members: no one-to-one rule applies, so a plain message no longer notifies.
+    alice.ok("PUT", "/pushrules/global/underride/.m.rule.message/enabled", {"enabled": False})
+    bob.say(room_id, "plain after")
+    assert counts() == {"notification_count": 1, "highlight_count": 0}
+    mention()
+    assert counts() == {"notification_count": 2, "highlight_count": 1}
+
+    # The master rule mutes everything, mentions included.
+    alice.ok("PUT", "/pushrules/global/override/.m.rule.master/enabled", {"enabled": True})
+    mention()
+    bob.say(room_id, "plain while muted")
+    assert counts() == {"notification_count": 2, "highlight_count": 1}
+    # A receipt recounts with the same rules: nothing after it counts.
+    last = carol.say(room_id, "carol too")
+    alice.ok("POST", f"/rooms/{q(room_id)}/receipt/m.read/{q(last)}", {})
+    assert counts() == {"notification_count": 0, "highlight_count": 0}

@@ -207,10 +207,15 @@ class UserDataServlets:
             return
         later = await self.hs.events.get_room_events_between(room_id, so, self.hs.notifier.events_pos,
                                                              _MAX_UNREAD_RECOUNT, False)
-        member_state = {("m.room.member", user_id): member_id}
+        if later:
+            # Push rules need the member count and power levels too; the
+            # current state stands in for the state at each later event.
+            state = await self.hs.events.get_current_state_ids(room_id)
+        else:
+            state = {("m.room.member", user_id): member_id}
         notifications = highlights = 0
         for later_ev in later:
-            notify, highlight = (await self.hs.event_creator.unread_for(later_ev, member_state)).get(
+            notify, highlight = (await self.hs.event_creator.unread_for(later_ev, state, for_user=user_id)).get(
                 user_id, (False, False))
             notifications += int(notify)
             highlights += int(highlight)
@@ -301,6 +306,10 @@ class UserDataServlets:
         return build_ruleset(user_id, user_rules, enables)
 
     async def _push_rules_changed(self, user_id: str) -> None:
+        # Unread counts of the next messages must follow the new rules.
+        cache = getattr(self.hs, "push_rules_cache", None)
+        if cache is not None:
+            cache.invalidate(user_id)
         # Spec "Push Rules: Events": every change reaches the user's clients
         # as m.push_rules account data holding the whole ruleset.
         await self._set_account_data(user_id, "", "m.push_rules", await self._ruleset(user_id))

@@ -16,6 +16,7 @@ from twisted.internet import defer
 
 from zhome.crypto.event_hashing import hash_and_sign_event
 from zhome.http.errors import MatrixError, forbidden, not_found
+from zhome.push.evaluator import actions_highlight, actions_notify, evaluate
 from zhome.rooms import auth
 from zhome.rooms.events import Event, StateMap
 from zhome.rooms.persistence import Persister
@@ -61,12 +62,15 @@ class EventCreator:
         events: EventsStore,
         rooms: RoomsStore,
         persister: Persister,
+        push_rules_cache: Any = None,
     ) -> None:
         self.server_name = server_name
         self.signing_key = signing_key
         self.events = events
         self.rooms = rooms
         self.persister = persister
+        # zhome.push.cache.RulesetCache; None counts messages without push rules.
+        self.push_rules_cache = push_rules_cache
         self.room_locks = RoomLocks()
 
     async def room_version_of(self, room_id: str) -> RoomVersion:
@@ -194,13 +198,20 @@ class EventCreator:
             await self.persister.persist(item)
             return event
 
-    async def unread_for(self, event: Event, state: StateMap) -> dict[str, tuple[bool, bool]]:
-        """Local members of ``state`` whose unread counts ``event`` raises: (notify, highlight)."""
+    async def unread_for(self, event: Event, state: StateMap,
+                         for_user: Optional[str] = None) -> dict[str, tuple[bool, bool]]:
+        """Local members of ``state`` whose unread counts ``event`` raises: (notify, highlight).
+
+        ``for_user`` limits the answer to that one member.
+        """
+        if self.push_rules_cache is not None:
+            return await self._unread_by_push_rules(event, state, for_user)
         if event.type not in _NOTIFYING_TYPES or event.is_state():
             return {}
         suffix = ":" + self.server_name
         members = [
             sk for (t, sk) in state if t == "m.room.member" and sk.endswith(suffix) and sk != event.sender
+            and (for_user is None or sk == for_user)
         ]
         if not members:
             return {}
@@ -219,6 +230,46 @@ class EventCreator:
                 name = mev.content.get("displayname")
                 highlight = m in body or (isinstance(name, str) and len(name) > 1 and name in body)
             out[m] = (True, highlight)
+        return out
+
+    async def _unread_by_push_rules(self, event: Event, state: StateMap,
+                                    for_user: Optional[str]) -> dict[str, tuple[bool, bool]]:
+        """Spec "Receiving notifications": counts follow each member's push
+        rules. Rules come from the per-user cache and state events from the
+        event cache, so a message costs no query once both are warm."""
+        member_keys = [k for k in state if k[0] == "m.room.member"]
+        wanted = [state[k] for k in member_keys]
+        for k in ((auth.CREATE, ""), (auth.POWER_LEVELS, "")):
+            if k in state:
+                wanted.append(state[k])
+        evs = await self.events.get_events(wanted)
+        suffix = ":" + self.server_name
+        joined: list[tuple[str, Event]] = []
+        for k in member_keys:
+            mev = evs.get(state[k])
+            if mev is not None and mev.membership == "join":
+                joined.append((k[1], mev))
+        targets = [
+            (u, mev) for u, mev in joined
+            if u != event.sender and u.endswith(suffix) and (for_user is None or u == for_user)
+        ]
+        if not targets:
+            return {}
+        auth_events = {k: evs[state[k]] for k in ((auth.CREATE, ""), (auth.POWER_LEVELS, ""))
+                       if k in state and state[k] in evs}
+        pl = auth_events.get((auth.POWER_LEVELS, ""))
+        power_levels = pl.content if pl is not None else {}
+        level = auth.get_user_power_level(event.sender, auth_events)
+        # v12 creators have infinite power; any finite threshold is below it.
+        sender_level = int(level) if level != float("inf") else 2**63
+        out: dict[str, tuple[bool, bool]] = {}
+        for user_id, mev in targets:
+            ruleset = await self.push_rules_cache.get(user_id)
+            name = mev.content.get("displayname")
+            actions = evaluate(ruleset, event, user_id, name if isinstance(name, str) else None,
+                               len(joined), power_levels, sender_level)
+            if actions_notify(actions):
+                out[user_id] = (True, actions_highlight(actions))
         return out
 
     async def create_room_event(self, rv: RoomVersion, pdu: dict[str, Any]) -> Event:

@@ -58,7 +58,7 @@ class Persister:
         ev = item.event
         ev.internal["stream_ordering"] = item.stream_ordering
         ev.internal["state_group"] = item.state_group_after
-        self.events.on_event_persisted(ev)
+        self.events.on_event_persisted(item)
         extra = [ev.state_key] if ev.type == "m.room.member" and ev.state_key else []
         self.notifier.on_new_event(item.stream_ordering, ev.room_id, extra)
         origin = "local" if ev.sender.endswith(":" + self.server_name) else "remote"

@@ -33,6 +33,17 @@ class PersistItem:
     device_id: Optional[str] = None
     # user_id -> (notify, highlight) for local users whose unread counts grow.
     unread: dict[str, tuple[bool, bool]] = field(default_factory=dict)
+    # An outlier is stored without state, extremities or timeline position
+    # (auth chains and state fetched over federation).
+    outlier: bool = False
+    # Passed auth against its own state but not against current state.
+    soft_failed: bool = False
+    # When the state before the event was resolved from several groups (a
+    # fork) or received over federation, write it as a new snapshot group.
+    snapshot_before: bool = False
+    # The room's current state after this event when it is not simply the
+    # old current state plus this event (forks, joins over federation).
+    current_state: Optional[StateMap] = None
     # Filled by persistence:
     stream_ordering: int = 0
     state_group_after: Optional[int] = None
@@ -58,37 +69,28 @@ class EventsStore:
         so = self.stream_ids.next()
         item.stream_ordering = so
         rejected = ev.rejected_reason
+        if item.outlier:
+            self._insert_event_txn(txn, item, so, None)
+            return
+        if item.snapshot_before:
+            item.state_group_before = self._new_state_group_txn(txn, ev.room_id, None, dict(item.state_before))
         group_after = item.state_group_before
         if ev.is_state() and not rejected:
             group_after = self._new_state_group_txn(
                 txn, ev.room_id, item.state_group_before, {ev.state_tuple(): ev.event_id}
             )
         item.state_group_after = group_after
-        txn.execute(
-            "INSERT INTO events (stream_ordering, event_id, room_id, type, state_key, sender, depth,"
-            " origin_server_ts, received_ts, json, rejected_reason, outlier, state_group)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,0,?)",
-            (
-                so,
-                ev.event_id,
-                ev.room_id,
-                ev.type,
-                ev.state_key,
-                ev.sender,
-                ev.depth,
-                ev.origin_server_ts,
-                int(time.time() * 1000),
-                json.dumps(ev.pdu, separators=(",", ":"), ensure_ascii=False),
-                rejected,
-                group_after,
-            ),
-        )
+        self._insert_event_txn(txn, item, so, group_after)
         prevs = ev.prev_event_ids
         if prevs:
             txn.executemany(
                 "INSERT INTO event_edges (event_id, prev_event_id) VALUES (?, ?)",
                 [(ev.event_id, p) for p in prevs],
             )
+        if rejected or item.soft_failed:
+            # Neither rejected nor soft-failed events extend the room.
+            return
+        if prevs:
             txn.executemany(
                 "DELETE FROM room_forward_extremities WHERE room_id = ? AND event_id = ?",
                 [(ev.room_id, p) for p in prevs],
@@ -96,9 +98,9 @@ class EventsStore:
         txn.execute(
             "INSERT INTO room_forward_extremities (room_id, event_id) VALUES (?, ?)", (ev.room_id, ev.event_id)
         )
-        if rejected:
-            return
-        if ev.is_state():
+        if item.current_state is not None:
+            self._replace_current_state_txn(txn, ev.room_id, item.current_state)
+        elif ev.is_state():
             txn.execute(
                 "DELETE FROM current_state_events WHERE room_id = ? AND type = ? AND state_key = ?",
                 (ev.room_id, ev.type, ev.state_key),
@@ -139,6 +141,75 @@ class EventsStore:
                     " VALUES (?,?,?,?)",
                     (user_id, ev.room_id, int(notify), int(highlight)),
                 )
+
+    def _insert_event_txn(self, txn: Txn, item: PersistItem, so: int, group: Optional[int]) -> None:
+        ev = item.event
+        txn.execute(
+            "INSERT INTO events (stream_ordering, event_id, room_id, type, state_key, sender, depth,"
+            " origin_server_ts, received_ts, json, rejected_reason, outlier, state_group, soft_failed)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                so,
+                ev.event_id,
+                ev.room_id,
+                ev.type,
+                ev.state_key,
+                ev.sender,
+                ev.depth,
+                ev.origin_server_ts,
+                int(time.time() * 1000),
+                json.dumps(ev.pdu, separators=(",", ":"), ensure_ascii=False),
+                ev.rejected_reason,
+                int(item.outlier),
+                group,
+                int(item.soft_failed),
+            ),
+        )
+
+    def _replace_current_state_txn(self, txn: Txn, room_id: str, state: StateMap) -> None:
+        txn.execute("SELECT type, state_key, event_id FROM current_state_events WHERE room_id = ?", (room_id,))
+        old = {(t, sk): eid for t, sk, eid in txn.fetchall()}
+        changed = {k: v for k, v in state.items() if old.get(k) != v}
+        removed = [k for k in old if k not in state]
+        for t, sk in removed + list(changed):
+            txn.execute(
+                "DELETE FROM current_state_events WHERE room_id = ? AND type = ? AND state_key = ?", (room_id, t, sk)
+            )
+        if not changed:
+            return
+        memberships: dict[str, Optional[str]] = {}
+        member_ids = [eid for (t, _), eid in changed.items() if t == "m.room.member"]
+        for i in range(0, len(member_ids), 200):
+            chunk = member_ids[i: i + 200]
+            qs = ",".join("?" * len(chunk))
+            txn.execute(f"SELECT event_id, json FROM events WHERE event_id IN ({qs})", chunk)
+            for eid, js in txn.fetchall():
+                memberships[eid] = (json.loads(js).get("content") or {}).get("membership")
+        txn.executemany(
+            "INSERT INTO current_state_events (room_id, type, state_key, event_id, membership) VALUES (?,?,?,?,?)",
+            [(room_id, t, sk, eid, memberships.get(eid) if t == "m.room.member" else None)
+             for (t, sk), eid in changed.items()],
+        )
+
+    def set_invite_membership_txn(self, txn: Txn, ev: Event, stream_ordering: int) -> None:
+        """Record a local user's invite to a room this server is not in.
+
+        The invite arrives alone (an outlier); it still has to show in the
+        user's /sync and let them accept or reject it.
+        """
+        assert ev.state_key is not None
+        txn.execute(
+            "DELETE FROM current_state_events WHERE room_id = ? AND type = 'm.room.member' AND state_key = ?",
+            (ev.room_id, ev.state_key),
+        )
+        txn.execute(
+            "INSERT INTO current_state_events (room_id, type, state_key, event_id, membership) VALUES (?,?,?,?,?)",
+            (ev.room_id, "m.room.member", ev.state_key, ev.event_id, ev.membership),
+        )
+        txn.execute(
+            "INSERT INTO room_memberships (event_id, user_id, room_id, membership, stream_ordering) VALUES (?,?,?,?,?)",
+            (ev.event_id, ev.state_key, ev.room_id, ev.membership or "", stream_ordering),
+        )
 
     def _new_state_group_txn(
         self, txn: Txn, room_id: str, prev_group: Optional[int], delta: dict[tuple[str, str], str]
@@ -253,15 +324,18 @@ class EventsStore:
         )
         return [r[0] for r in rows]
 
-    def on_event_persisted(self, ev: Event) -> None:
+    def on_event_persisted(self, item: PersistItem) -> None:
         """Keep caches in step with a committed event.
 
         Called by the persister (the only writer of events) after commit, so
         the cached extremities are exactly what the table now holds.
         """
+        ev = item.event
         self.cache_event(ev)
         if ev.redacts:
             self.invalidate_event(ev.redacts)
+        if item.outlier or item.soft_failed or ev.rejected_reason:
+            return
         current = self._extremities_cache.get(ev.room_id)
         if current is None:
             if not ev.prev_event_ids:
@@ -332,7 +406,8 @@ class EventsStore:
         rows = await self.db.execute(
             "room_events_between",
             "SELECT event_id FROM events WHERE room_id = ? AND stream_ordering > ? AND stream_ordering <= ?"
-            f" AND outlier = 0 AND rejected_reason IS NULL ORDER BY stream_ordering {order} LIMIT ?",
+            " AND outlier = 0 AND soft_failed = 0 AND rejected_reason IS NULL"
+            f" ORDER BY stream_ordering {order} LIMIT ?",
             room_id,
             from_exclusive,
             to_inclusive,
@@ -351,7 +426,8 @@ class EventsStore:
             qs = ",".join("?" * len(chunk))
             rows = await self.db.execute(
                 "rooms_changed",
-                f"SELECT DISTINCT room_id FROM events WHERE stream_ordering > ? AND room_id IN ({qs})",
+                "SELECT DISTINCT room_id FROM events WHERE stream_ordering > ? AND outlier = 0 AND soft_failed = 0"
+                f" AND room_id IN ({qs})",
                 since,
                 *chunk,
             )
