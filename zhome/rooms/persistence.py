@@ -9,7 +9,7 @@ only after commit are /sync waiters woken and other components told.
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from prometheus_client import Counter
 from twisted.internet import defer
@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 EVENTS_PERSISTED = Counter("zhome_events_persisted_total", "Events persisted", ["origin"])
 
 PostPersistHook = Callable[[Event], Awaitable[None]]
+PrePersistHook = Callable[[PersistItem], Awaitable[None]]
+TxnHook = Callable[[Any, PersistItem], None]
+AfterCommitHook = Callable[[PersistItem], None]
 
 
 class Persister:
@@ -36,6 +39,11 @@ class Persister:
         # /sync reader never skips an event; one writer at a time keeps it so.
         self._lock = defer.DeferredLock()
         self.hooks: list[PostPersistHook] = []
+        # Run before the transaction (may fill fields of the item), inside it,
+        # and right after commit.
+        self.pre_hooks: list[PrePersistHook] = []
+        self.txn_hooks: list[TxnHook] = []
+        self.after_commit_hooks: list[AfterCommitHook] = []
 
     async def persist(self, item: PersistItem, before_txn: Callable | None = None) -> int:
         """Write ``item``; returns its stream ordering.
@@ -45,10 +53,15 @@ class Persister:
         event).
         """
 
+        for pre in self.pre_hooks:
+            await pre(item)
+
         def txn_fn(txn):  # type: ignore[no-untyped-def]
             if before_txn is not None:
                 before_txn(txn)
             self.events.persist_txn(txn, item)
+            for hook in self.txn_hooks:
+                hook(txn, item)
 
         await self._lock.acquire()
         try:
@@ -59,6 +72,8 @@ class Persister:
         ev.internal["stream_ordering"] = item.stream_ordering
         ev.internal["state_group"] = item.state_group_after
         self.events.on_event_persisted(item)
+        for after in self.after_commit_hooks:
+            after(item)
         extra = [ev.state_key] if ev.type == "m.room.member" and ev.state_key else []
         self.notifier.on_new_event(item.stream_ordering, ev.room_id, extra)
         origin = "local" if ev.sender.endswith(":" + self.server_name) else "remote"

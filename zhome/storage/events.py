@@ -44,6 +44,9 @@ class PersistItem:
     # The room's current state after this event when it is not simply the
     # old current state plus this event (forks, joins over federation).
     current_state: Optional[StateMap] = None
+    # Servers that must receive the event (the outbound queue is written in
+    # the same transaction).
+    destinations: list[str] = field(default_factory=list)
     # Filled by persistence:
     stream_ordering: int = 0
     state_group_after: Optional[int] = None
