@@ -505,3 +505,106 @@ def test_register_user_prompts_twice(
     answers = iter(["same", "same"])
     assert main(["register-user", "-c", path, "bob"]) == 0
     assert calls == [("bob", "same", False)]
+
+
+# ---------------------------------------------------------------------------
+# Federation and TLS
+
+
+def test_federation_defaults(tmp_path: Path) -> None:
+    fed = load_raw(tmp_path).federation
+    assert fed.enabled is False
+    assert fed.verify_certificates is True
+    assert fed.trusted_ca_files == ()
+    assert fed.allowed_servers == ("*",)
+    assert fed.blocked_servers == ()
+    assert fed.allow_private_addresses is False
+    config = load_raw(tmp_path)
+    assert config.tls_certificate_path is None and config.tls_private_key_path is None
+
+
+def test_federation_options(tmp_path: Path) -> None:
+    config = load_raw(
+        tmp_path,
+        federation={
+            "enabled": True, "verify_certificates": False, "trusted_ca_files": ["ca/extra.pem", "/etc/ca.pem"],
+            "allowed_servers": ["*.example.org", "[::1]:8448"], "blocked_servers": ["bad.example.org"],
+            "allow_private_addresses": True,
+        },
+    )
+    fed = config.federation
+    assert fed.trusted_ca_files == (str(tmp_path / "ca" / "extra.pem"), "/etc/ca.pem")
+    assert fed.allowed_servers == ("*.example.org", "[::1]:8448")
+    assert fed.blocked_servers == ("bad.example.org",)
+    assert fed.verify_certificates is False and fed.allow_private_addresses is True
+    raw = with_changes(federation={"blocked_servers": ["bad server"]})
+    assert "federation.blocked_servers[0]: expected a server name pattern" in error_for(tmp_path, raw)
+    raw = with_changes(federation={"verify_certificates": "no"})
+    assert error_for(tmp_path, raw).endswith("federation.verify_certificates: expected true or false, got 'no'")
+    raw = with_changes(federation={"allow_loopback": True})
+    assert "federation.allow_loopback: unknown key" in error_for(tmp_path, raw)
+
+
+def test_tls_listener_needs_certificate_and_key(tmp_path: Path) -> None:
+    listeners = [{"port": 8008, "type": "http"},
+                 {"port": 8448, "type": "http", "resources": ["federation"], "tls": True}]
+    raw = with_changes(listeners=listeners)
+    assert error_for(tmp_path, raw).endswith("tls_certificate_path: required because listeners[1] has tls: true")
+    raw = with_changes(listeners=listeners, tls_certificate_path="tls.crt")
+    assert error_for(tmp_path, raw).endswith("tls_private_key_path: required because listeners[1] has tls: true")
+    config = load_raw(tmp_path, listeners=listeners, tls_certificate_path="tls.crt",
+                      tls_private_key_path="/etc/tls.key")
+    assert config.tls_certificate_path == str(tmp_path / "tls.crt")
+    assert config.tls_private_key_path == "/etc/tls.key"
+    assert config.listeners[1].tls is True
+
+
+def test_generate_config_self_signed_federation(tmp_path: Path) -> None:
+    from cryptography import x509
+    import ipaddress
+
+    path = str(tmp_path / "hs.yaml")
+    rc = main(["generate-config", "--server-name", "127.0.0.5:28448", "-c", path, "--port", "28008",
+               "--federation-port", "28448", "--self-signed-tls"])
+    assert rc == 0
+    config = load_config(path)
+    fed_listener = config.listeners[1]
+    assert (fed_listener.port, fed_listener.bind_addresses, fed_listener.resources, fed_listener.tls) == (
+        28448, ("127.0.0.5",), ("federation",), True)
+    assert config.federation.enabled is True
+    assert config.federation.verify_certificates is False
+    assert config.federation.allow_private_addresses is True
+    assert config.tls_certificate_path == str(tmp_path / "127.0.0.5_28448.tls.crt")
+    assert os.stat(config.tls_private_key_path).st_mode & 0o077 == 0
+    cert = x509.load_pem_x509_certificate(Path(config.tls_certificate_path).read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.5")]
+
+
+def test_generate_config_self_signed_dns_name(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    rc, path = generate(tmp_path, "--federation-port", "8448", "--self-signed-tls")
+    assert rc == 0
+    config = load_config(path)
+    assert config.listeners[1].bind_addresses == ("127.0.0.1",)
+    cert = x509.load_pem_x509_certificate(Path(config.tls_certificate_path).read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["example.org"]
+
+
+def test_generate_config_federation_port_without_certificate(tmp_path: Path) -> None:
+    rc, path = generate(tmp_path, "--federation-port", "8448")
+    assert rc == 0
+    config = load_config(path)
+    # Certificate checks stay on; the operator supplies the certificate.
+    assert config.federation.enabled is True
+    assert config.federation.verify_certificates is True
+    assert config.federation.allow_private_addresses is False
+    assert config.listeners[1].tls is True
+    assert config.tls_certificate_path is not None and not os.path.exists(config.tls_certificate_path)
+    # Without either flag, no federation listener and federation off.
+    rc, path = generate(tmp_path / "plain")
+    config = load_config(path)
+    assert len(config.listeners) == 1 and config.federation.enabled is False
+    assert config.tls_certificate_path is None

@@ -602,6 +602,9 @@ class FederationConfig:
     # addresses. Off in production: a remote server name must not be a way
     # to reach the internal network (SSRF).
     allow_private_addresses: bool = setting(boolean, default=False)
+    # The outbound queue retries a failing server with exponential backoff
+    # up to this interval (milliseconds).
+    max_retry_interval_ms: int = setting(integer(100, 24 * 3600 * 1000), default=10 * 60 * 1000)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -97,33 +97,165 @@ class HomeServer:
         self.sync_handler = SyncHandler(self)
 
         self.client_resource = JsonResource(max_body_size=cfg.limits.max_request_body_size)
+        self.federation_handler: Any = None
+        self.federation_sender: Any = None
+        self.edu_sender: Any = None
         for servlets in self.client_servlets():
             servlets.register_routes(self.client_resource)
+        self._setup_federation()
+        await self._setup_federation_services()
+
+    def _setup_federation(self) -> None:
+        """The outbound client (when enabled) and the federation + key resource."""
+        cfg = self.config
+        fed = cfg.federation
+        from zhome.federation.destinations import DestinationPolicy
+
+        self.destination_policy = DestinationPolicy.from_config(fed)
+        self.federation_client: Any = None
+        if fed.enabled:
+            from zhome.federation.discovery import ServerResolver
+            from zhome.federation.tls import FederationTLSPolicy
+            from zhome.federation.transport import FederationClient
+
+            if not fed.verify_certificates:
+                logger.warning(
+                    "federation.verify_certificates is false: other servers' TLS certificates are NOT "
+                    "checked. This is for local testing only; never run a public server like this."
+                )
+            if fed.allow_private_addresses:
+                logger.warning(
+                    "federation.allow_private_addresses is true: server names may resolve to loopback "
+                    "and private addresses. For local testing only."
+                )
+            self.federation_tls_policy = FederationTLSPolicy(fed.verify_certificates, fed.trusted_ca_files)
+            self.server_resolver = ServerResolver(
+                allow_private_addresses=fed.allow_private_addresses, tls_policy=self.federation_tls_policy
+            )
+            self.federation_client = FederationClient(
+                self.server_name, self.signing_key, self.server_resolver, self.federation_tls_policy,
+                destination_policy=self.destination_policy,
+            )
+        self.federation_resource: JsonResource | None = None
+        if any("federation" in lst.resources for lst in cfg.listeners if lst.type == "http"):
+            # One resource for /_matrix/federation/ and /_matrix/key/.
+            self.federation_resource = JsonResource(max_body_size=cfg.limits.max_request_body_size)
+            self.federation_resource.register(
+                "GET", "/_matrix/federation/v1/version", self._federation_version, name="federation_version"
+            )
+
+    async def _setup_federation_services(self) -> None:
+        """Keys, the residency policy, the inbound handler and the outbound queue."""
+        from zhome.federation.key_resource import KeyServlets
+        from zhome.federation.keyring import Keyring
+        from zhome.federation.policy import ResidencyPolicy
+
+        fetch = None
+        if self.federation_client is not None:
+            client = self.federation_client
+
+            async def fetch(destination: str, path: str) -> Any:
+                return await client.get_json(destination, path, signed=False, timeout=30)
+
+        self.keyring = Keyring(self.server_name, self.signing_keys, {}, self.db, fetch)
+        self.residency_policy = ResidencyPolicy(self.server_name, self.destination_policy)
+        if self.federation_resource is not None:
+            KeyServlets(self.keyring).register_routes(self.federation_resource)
+        if self.federation_client is None:
+            return
+        from zhome.federation.edus import EduSender
+        from zhome.federation.handler import FederationHandler
+        from zhome.federation.sender import FederationSender
+        from zhome.federation.servlets import FederationServlets
+
+        self.federation_handler = FederationHandler(self)
+        self.membership.federation = self.federation_handler
+        queue_ids = await IdGenerator.from_table(self.db, "federation_outbound", "id")
+        self.federation_sender = FederationSender(
+            self.server_name, self.db, queue_ids, self.federation_client.put_json, self.events.get_events,
+            self.residency_policy, max_retry_interval_ms=self.config.federation.max_retry_interval_ms)
+        self.persister.pre_hooks.append(self.federation_sender.before_persist)
+        self.persister.txn_hooks.append(self.federation_sender.persist_txn_hook)
+        self.persister.after_commit_hooks.append(self.federation_sender.after_persist)
+        self.edu_sender = EduSender(self)
+        self.typing.on_local_typing = self.edu_sender.on_local_typing
+        if self.federation_resource is not None:
+            FederationServlets(self).register_routes(self.federation_resource)
+        await self.federation_sender.start()
+
+    async def _federation_version(self, request: Any) -> tuple[int, Any]:
+        return 200, {"server": {"name": "zhome", "version": _version()}}
+
+    def _listener_root(self, listener: Any) -> Resource:
+        federation = self.federation_resource if "federation" in listener.resources else None
+        if "client" not in listener.resources and federation is not None:
+            return _ListenerRoot(federation, None)
+        return _ListenerRoot(self.client_resource, federation)
 
     def client_servlets(self) -> list[Any]:
         from zhome.client.user_data import UserDataServlets
 
-        return [AccountServlets(self), RoomServlets(self), SyncServlets(self), UserDataServlets(self)]
+        self.room_servlets = RoomServlets(self)
+        return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self)]
 
     def start_listening(self) -> None:
+        tls_factory = None
+        if any(lst.tls for lst in self.config.listeners):
+            from zhome.federation.tls import server_context_factory
+
+            assert self.config.tls_certificate_path and self.config.tls_private_key_path
+            tls_factory = server_context_factory(self.config.tls_certificate_path, self.config.tls_private_key_path)
         for listener in self.config.listeners:
             if listener.type == "metrics":
                 root: Resource = Resource()
                 root.putChild(b"metrics", MetricsResource(REGISTRY))
                 site = Site(root)
             else:
-                site = Site(_RootResource(self.client_resource))
+                site = Site(self._listener_root(listener))
                 site.displayTracebacks = False
             site.noisy = False
             for addr in listener.bind_addresses:
-                port = reactor.listenTCP(listener.port, site, interface=addr)  # type: ignore[attr-defined]
+                if listener.tls:
+                    port = reactor.listenSSL(  # type: ignore[attr-defined]
+                        listener.port, site, tls_factory, interface=addr
+                    )
+                else:
+                    port = reactor.listenTCP(listener.port, site, interface=addr)  # type: ignore[attr-defined]
                 self.listening_ports.append(port)
-                logger.info("Listening on %s:%d (%s)", addr, listener.port, listener.type)
+                logger.info(
+                    "Listening on %s:%d (%s%s: %s)", addr, listener.port, listener.type,
+                    ", TLS" if listener.tls else "", ", ".join(listener.resources),
+                )
 
     async def stop(self) -> None:
+        if self.federation_sender is not None:
+            self.federation_sender.stop()
         for p in self.listening_ports:
             await p.stopListening()
         await self.db.close()
+
+
+class _ListenerRoot(Resource):
+    """Routes /_matrix/federation/ and /_matrix/key/ to the federation resource
+    when the listener serves it; everything else to the default resource."""
+
+    _FEDERATION_PREFIXES = (b"/_matrix/federation/", b"/_matrix/key/")
+
+    def __init__(self, default: JsonResource, federation: JsonResource | None) -> None:
+        super().__init__()
+        self.default = default
+        self.federation = federation
+
+    def _pick(self, request: Any) -> JsonResource:
+        if self.federation is not None and request.path.startswith(self._FEDERATION_PREFIXES):
+            return self.federation
+        return self.default
+
+    def getChildWithDefault(self, path: bytes, request: Any) -> Resource:  # noqa: N802
+        return self._pick(request)
+
+    def render(self, request: Any) -> Any:
+        return self._pick(request).render(request)
 
 
 class _RootResource(Resource):
@@ -156,6 +288,8 @@ def run(config: HomeserverConfig) -> int:
             reactor.stop()  # type: ignore[attr-defined]
 
     async def shutdown() -> None:
+        if getattr(hs, "federation_sender", None) is not None:
+            hs.federation_sender.stop()
         try:
             await hs.db.close()
         except Exception:

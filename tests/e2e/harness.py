@@ -32,7 +32,8 @@ def free_port() -> int:
 
 class ZhomeProcess:
     def __init__(self, workdir: Path, database_url: Optional[str] = None, server_name: str = "localhost",
-                 rate_limits: bool = False, overrides: Optional[dict[str, Any]] = None) -> None:
+                 rate_limits: bool = False, overrides: Optional[dict[str, Any]] = None,
+                 federation_ip: Optional[str] = None) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -46,12 +47,22 @@ class ZhomeProcess:
             "--config-path", str(self.config_path), "--data-dir", str(workdir / "data"),
             "--port", str(self.port), "--enable-registration",
         ]
+        if federation_ip is not None:
+            # A federating server is named by its IP literal and port, so
+            # peers need no DNS: e.g. 127.0.0.2:28448.
+            fed_port = free_port()
+            server_name = f"{federation_ip}:{fed_port}"
+            self.server_name = server_name
+            args[args.index("--server-name") + 1] = server_name
+            args += ["--federation-port", str(fed_port), "--self-signed-tls"]
         if database_url:
             args += ["--database-url", database_url]
         subprocess.run(args, check=True, capture_output=True)
         cfg = yaml.safe_load(self.config_path.read_text())
         cfg["rate_limits"]["enabled"] = rate_limits
         cfg["log_level"] = "INFO"
+        if federation_ip is not None:
+            cfg["federation"]["max_retry_interval_ms"] = 2000
         for k, v in (overrides or {}).items():
             if isinstance(v, dict) and isinstance(cfg.get(k), dict):
                 cfg[k].update(v)

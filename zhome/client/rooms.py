@@ -14,7 +14,7 @@ from twisted.web.server import Request
 from zhome.client.account import CS
 from zhome.client.serialize import serialize_events
 from zhome.http.errors import MatrixError, bad_json, forbidden, invalid_param, not_found
-from zhome.http.server import JsonResource, query_arg, query_int, read_json_body
+from zhome.http.server import JsonResource, query_arg, query_args, query_int, read_json_body
 from zhome.rooms import auth as auth_rules
 from zhome.rooms.events import Event
 from zhome.rooms.validation import check_client_content, check_field_lengths
@@ -87,17 +87,45 @@ class RoomServlets:
             return await self.events.get_state_after_event(ev.event_id)
         raise forbidden("You are not in this room")
 
-    async def _resolve_room(self, target: str) -> str:
+    async def _resolve_room(self, target: str, request: Optional[Request] = None) -> tuple[str, list[str]]:
+        """(room ID, servers to join through) for a room ID or alias."""
+        via: list[str] = []
+        if request is not None:
+            via = query_args(request, "via") + query_args(request, "server_name")
         if target.startswith("!"):
-            return target
+            return target, via
         if target.startswith("#"):
             if not is_valid_room_alias(target):
                 raise invalid_param("Invalid room alias")
-            found = await self.hs.rooms.get_alias(target)
-            if found is None:
-                raise not_found("Room alias not found")
-            return found[0]
+            server = server_of(target)
+            if server == self.hs.server_name:
+                found = await self.hs.rooms.get_alias(target)
+                if found is None:
+                    raise not_found("Room alias not found")
+                return found[0], via
+            return await self._remote_alias(target, server)
         raise invalid_param("Expected a room ID or alias")
+
+    async def _remote_alias(self, alias: str, server: str) -> tuple[str, list[str]]:
+        client = self.hs.federation_client
+        if client is None:
+            raise not_found("Room alias not found (federation is disabled)")
+        from zhome.federation.transport import FederationError, FederationHttpError
+
+        try:
+            resp = await client.get_json(server, "/_matrix/federation/v1/query/directory",
+                                         query={"room_alias": alias})
+        except FederationHttpError as e:
+            if e.status == 404:
+                raise not_found("Room alias not found")
+            raise MatrixError(502, "M_UNKNOWN", f"{server} answered {e.status}")
+        except FederationError as e:
+            raise MatrixError(502, "M_UNKNOWN", f"Could not reach {server}: {type(e).__name__}")
+        room_id = resp.get("room_id") if isinstance(resp, dict) else None
+        servers = resp.get("servers") if isinstance(resp, dict) else None
+        if not isinstance(room_id, str):
+            raise not_found("Room alias not found")
+        return room_id, [server] + [s for s in (servers or []) if isinstance(s, str)]
 
     # -- creation and membership --------------------------------------------
     async def on_create_room(self, request: Request) -> tuple[int, Any]:
@@ -110,28 +138,30 @@ class RoomServlets:
             out["room_alias"] = alias
         return 200, out
 
-    async def _join(self, request: Request, room_id: str) -> tuple[int, Any]:
+    async def _join(self, request: Request, room_id: str, via: list[str]) -> tuple[int, Any]:
         req = await self.hs.auth.get_user_by_req(request)
         body = read_json_body(request, allow_empty=True)
         self.hs.ratelimit_joins.check(req.user_id)
-        extra = {}
         if "reason" in body and not isinstance(body["reason"], str):
             raise bad_json("'reason' must be a string")
         await self.hs.membership.update(req.user_id, req.user_id, room_id, "join", reason=body.get("reason"),
-                                        extra=extra)
+                                        via=via)
         return 200, {"room_id": room_id}
 
     async def on_join_target(self, request: Request, target: str) -> tuple[int, Any]:
-        return await self._join(request, await self._resolve_room(target))
+        await self.hs.auth.get_user_by_req(request)
+        room_id, via = await self._resolve_room(target, request)
+        return await self._join(request, room_id, via)
 
     async def on_join_room(self, request: Request, room_id: str) -> tuple[int, Any]:
-        return await self._join(request, room_id)
+        return await self._join(request, room_id, [])
 
     async def on_knock(self, request: Request, target: str) -> tuple[int, Any]:
         req = await self.hs.auth.get_user_by_req(request)
         body = read_json_body(request, allow_empty=True)
-        room_id = await self._resolve_room(target)
-        await self.hs.membership.update(req.user_id, req.user_id, room_id, "knock", reason=body.get("reason"))
+        room_id, via = await self._resolve_room(target, request)
+        await self.hs.membership.update(req.user_id, req.user_id, room_id, "knock", reason=body.get("reason"),
+                                        via=via)
         return 200, {"room_id": room_id}
 
     def _membership_handler(self, action: str):  # type: ignore[no-untyped-def]

@@ -192,6 +192,10 @@ class UserDataServlets:
                                                   thread_id=thread_id or "")
         await self._recount_unread(user_id, room_id, event_id)
         self.hs.notifier.on_receipt(pos, room_id)
+        if receipt_type == "m.read" and self.hs.edu_sender is not None:
+            # Public receipts go to the other servers in the room; private
+            # ones never leave this server.
+            await self.hs.edu_sender.receipt(room_id, user_id, event_id, data)
 
     async def _recount_unread(self, user_id: str, room_id: str, event_id: str) -> None:
         """Unread counts after a read receipt: the events after the one read.

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Optional
 
 from nacl.signing import VerifyKey
-from signedjson.key import decode_verify_key_base64
 from twisted.internet import defer
+from unpaddedbase64 import decode_base64
 
 from zhome.crypto.canonical import encode_canonical_json
 from zhome.crypto.keys import SigningKey, key_id as signing_key_id, verify_key_base64
@@ -109,7 +109,10 @@ def _decode_verify_key(key_id: str, key_b64: Any) -> VerifyKey:
     algorithm, _, version = key_id.partition(":")
     if algorithm not in SUPPORTED_ALGORITHMS or not version:
         raise ValueError(f"unsupported key ID {key_id!r}")
-    return decode_verify_key_base64(algorithm, version, key_b64)
+    try:
+        return VerifyKey(decode_base64(key_b64))
+    except Exception as e:  # bad base64, wrong key length
+        raise ValueError(f"key {key_id} is not a valid {algorithm} key: {e}") from None
 
 
 def _is_int(v: Any) -> bool:
@@ -372,7 +375,8 @@ class Keyring:
         if last is not None and now - last[0] < MIN_FETCH_INTERVAL_MS:
             if last[1] is not None:
                 return _FetchOutcome(False, f"recent fetch failed ({last[1]}); not retrying yet")
-            return _FetchOutcome(False, "keys were fetched less than a minute ago")
+            # What the server publishes is already in the cache.
+            return _FetchOutcome(True)
 
         self._inflight[server_name] = []
         self._last_fetch[server_name] = (now, None)

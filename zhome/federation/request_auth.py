@@ -14,13 +14,14 @@ for older servers a colon is accepted in unquoted values. A request whose
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nacl.signing import VerifyKey
 
-from zhome.crypto.canonical import encode_canonical_json
 from zhome.crypto.keys import SigningKey
 from zhome.crypto.signing import SignatureError, sign_json, verify_json_signature
 from zhome.http.errors import MatrixError
@@ -125,13 +126,11 @@ def _uri(request: Any) -> str:
     return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
 
 
-def _content(request: Any, body: bytes | Any | None) -> Any | None:
+def _content(body: bytes | Any | None) -> Any | None:
     if body is None or isinstance(body, (bytes, bytearray)):
         raw = bytes(body) if body is not None else b""
         if not raw.strip():
             return None
-        import json
-
         try:
             return json.loads(raw.decode("utf-8"))
         except (ValueError, UnicodeDecodeError):
@@ -161,13 +160,8 @@ async def authenticate_request(
         raise unauthorized("Missing X-Matrix Authorization header")
     method = request.method.decode("ascii") if isinstance(request.method, bytes) else str(request.method)
     uri = _uri(request)
-    content = _content(request, body)
-    if now_ms is None:
-        import time
-
-        ts = int(time.time() * 1000)
-    else:
-        ts = now_ms()
+    content = _content(body)
+    ts = int(time.time() * 1000) if now_ms is None else now_ms()
     last_error: MatrixError | None = None
     # A sender may send several headers (several keys); one valid is enough.
     for header in headers:
@@ -190,8 +184,3 @@ async def authenticate_request(
         return origin
     assert last_error is not None
     raise last_error
-
-
-def canonical_body(content: Any) -> bytes:
-    """The bytes to send for ``content`` (what the signature covers once parsed)."""
-    return encode_canonical_json(content)

@@ -73,10 +73,12 @@ def server_context_factory(cert_path: str, key_path: str) -> ssl.CertificateOpti
         raise TLSConfigError(
             f"tls_private_key_path {key_path} does not match the certificate in {cert_path}"
         )
+    # pyOpenSSL takes cryptography objects directly (its own wrappers are
+    # deprecated for contexts); Twisted passes them through.
     return ssl.CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
-        certificate=crypto.X509.from_cryptography(chain[0]),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
+        privateKey=key,  # type: ignore[arg-type]
+        certificate=chain[0],  # type: ignore[arg-type]
+        extraCertChain=list(chain[1:]),  # type: ignore[arg-type]
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
 
@@ -183,7 +185,8 @@ class FederationTLSPolicy:
             return creator
         if self.verify_certificates:
             creator = ssl.optionsForClientTLS(
-                name, trustRoot=self._trust_root, extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2}
+                name, trustRoot=self._trust_root,  # type: ignore[arg-type]
+                extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2}
             )
         else:
             if self._unverified_context is None:

@@ -14,7 +14,10 @@ from typing import Any, AsyncIterator, Optional
 
 from twisted.internet import defer
 
-from zhome.crypto.event_hashing import hash_and_sign_event
+from unpaddedbase64 import encode_base64
+
+from zhome.crypto.event_hashing import compute_reference_hash, hash_and_sign_event
+from zhome.rooms.state_res import resolve_state
 from zhome.http.errors import MatrixError, forbidden, not_found
 from zhome.push.evaluator import actions_highlight, actions_notify, evaluate
 from zhome.rooms import auth
@@ -87,12 +90,20 @@ class EventCreator:
         evs = await self.events.get_events(prevs)
         ordered = sorted(evs.values(), key=lambda e: (e.depth, e.internal.get("stream_ordering", 0)), reverse=True)
         ordered = ordered[:MAX_PREV_EVENTS]
-        # With several extremities (a fork, which only federation creates)
-        # the state is that after the newest; state resolution of the forks
-        # belongs to the federation work.
+        depth = min(MAX_DEPTH, max(e.depth for e in ordered) + 1)
         group = await self.events.get_state_group_for_event(ordered[0].event_id)
         state = dict(await self.events.get_state_group(group)) if group is not None else {}
-        depth = min(MAX_DEPTH, max(e.depth for e in ordered) + 1)
+        if len(ordered) > 1:
+            # A fork (only federation makes them): the new event merges it,
+            # with the state resolved from every branch. group None asks the
+            # persistence path for a new snapshot group.
+            sets = [state]
+            for e in ordered[1:]:
+                g = await self.events.get_state_group_for_event(e.event_id)
+                sets.append(dict(await self.events.get_state_group(g)) if g is not None else {})
+            rv = ordered[0].room_version
+            state = await resolve_state(rv, sets, self.events.get_events)
+            group = None
         return [e.event_id for e in ordered], group, state, depth
 
     def build_pdu(
@@ -153,6 +164,11 @@ class EventCreator:
         auth_keys = auth.auth_types_for_event(rv, etype, state_key, sender, content)
         auth_ids = [state[k] for k in auth_keys if k in state]
         pdu = self.build_pdu(rv, room_id, etype, sender, content, state_key, prevs, auth_ids, depth, redacts)
+        if rv.event_id_format is EventIdFormat.SERVER_CHOSEN:
+            # v1/v2 reference events together with their reference hashes.
+            refs = await self.events.get_events(prevs + auth_ids)
+            pdu["prev_events"] = [[e, _ref_hash(refs.get(e))] for e in prevs]
+            pdu["auth_events"] = [[e, _ref_hash(refs.get(e))] for e in auth_ids]
         event = self.finish_event(rv, pdu)
         await self.check_auth(event, state)
         return event, group, state
@@ -181,6 +197,7 @@ class EventCreator:
         device_id: Optional[str] = None,
         redacts: Optional[str] = None,
         extra_check: Any = None,
+        transform: Any = None,
     ) -> Event:
         """Create, check and persist a local event; returns it once durable."""
         async with self.room_locks.lock(room_id):
@@ -193,8 +210,12 @@ class EventCreator:
             event, group, state = await self.create_event(room_id, etype, sender, content, state_key, redacts)
             if extra_check is not None:
                 await extra_check(event, state)
+            if transform is not None:
+                # E.g. an invite countersigned by the invitee's server.
+                event = await transform(event, state)
             unread = await self.unread_for(event, state)
-            item = PersistItem(event, group, state, txn_id=txn_id, device_id=device_id, unread=unread)
+            item = PersistItem(event, group, state, txn_id=txn_id, device_id=device_id, unread=unread,
+                               snapshot_before=group is None and bool(state))
             await self.persister.persist(item)
             return event
 
@@ -274,6 +295,12 @@ class EventCreator:
 
     async def create_room_event(self, rv: RoomVersion, pdu: dict[str, Any]) -> Event:
         return self.finish_event(rv, pdu)
+
+
+def _ref_hash(ev: Optional[Event]) -> dict[str, str]:
+    if ev is None:
+        return {}
+    return {"sha256": encode_base64(compute_reference_hash(ev.room_version, ev.pdu), urlsafe=False)}
 
 
 def raise_if_not_member(membership: Optional[str], msg: str = "You are not in this room") -> None:

@@ -13,6 +13,12 @@ from zhome.rooms.event_creation import EventCreator
 from zhome.rooms.events import Event
 from zhome.storage.accounts import AccountsStore
 from zhome.storage.events import EventsStore
+from zhome.util.ids import server_of
+
+STRIPPED_STATE_TYPES = (
+    "m.room.create", "m.room.join_rules", "m.room.canonical_alias", "m.room.avatar", "m.room.name",
+    "m.room.encryption", "m.room.topic",
+)
 
 
 class MembershipService:
@@ -21,8 +27,8 @@ class MembershipService:
         self.creator = creator
         self.events = events
         self.accounts = accounts
-        # Set by federation when it exists: joins of rooms not known here.
-        self.remote_join: Any = None
+        # The federation handler, when federation is enabled.
+        self.federation: Any = None
 
     def is_mine(self, user_id: str) -> bool:
         return user_id.endswith(":" + self.server_name)
@@ -56,12 +62,8 @@ class MembershipService:
         extra: Optional[dict[str, Any]] = None,
         txn_id: Optional[str] = None,
         device_id: Optional[str] = None,
+        via: Optional[list[str]] = None,
     ) -> Event:
-        known = await self.creator.rooms.get_room_version(room_id)
-        if known is None:
-            if membership in ("join", "knock") and self.remote_join is not None:
-                return await self.remote_join(sender, room_id, membership, reason, extra)
-            raise not_found("Room not found on this server")
         content: dict[str, Any] = {"membership": membership}
         if membership in ("join", "invite", "knock"):
             content.update(await self._profile_content(target))
@@ -73,6 +75,16 @@ class MembershipService:
             if not isinstance(reason, str):
                 raise MatrixError(400, "M_BAD_JSON", "'reason' must be a string")
             content["reason"] = reason
+        if sender == target and membership in ("join", "knock", "leave") and not await self.host_in_room(room_id):
+            # This server has no usable copy of the room: go through a
+            # server that is in it.
+            if self.federation is None:
+                raise not_found("Room not found on this server")
+            servers = list(via or []) + await self._servers_to_try(room_id, target)
+            if membership == "leave":
+                return await self.federation.remote_leave(target, room_id, servers)
+            extra_content = {k: v for k, v in content.items() if k not in ("membership",)}
+            return await self.federation.remote_join(target, room_id, servers, membership, extra_content)
         if membership == "join":
             current = await self.current_membership(room_id, target)
             if current == "join":
@@ -88,6 +100,48 @@ class MembershipService:
                 raise forbidden(f"{target} is already in the room.")
             if current == "ban":
                 raise forbidden(f"{target} is banned from the room")
+        countersign = None
+        if membership == "invite" and not self.is_mine(target):
+            if self.federation is None:
+                raise forbidden("Federation is not enabled on this server")
+            countersign = self._countersign_invite
         return await self.creator.send(
-            room_id, "m.room.member", sender, content, state_key=target, txn_id=txn_id, device_id=device_id
+            room_id, "m.room.member", sender, content, state_key=target, txn_id=txn_id, device_id=device_id,
+            transform=countersign,
         )
+
+    async def _countersign_invite(self, ev: Event, state: dict[tuple[str, str], str]) -> Event:
+        assert self.federation is not None
+        return await self.federation.send_invite(ev, await self.stripped_state(state))
+
+    async def stripped_state(self, state: dict[tuple[str, str], str]) -> list[dict[str, Any]]:
+        """The state an invitee may see before joining (spec: stripped state)."""
+        keys = [(t, "") for t in STRIPPED_STATE_TYPES]
+        evs = await self.events.get_events(state[k] for k in keys if k in state)
+        return [{"type": e.type, "state_key": e.state_key, "content": e.content, "sender": e.sender}
+                for e in evs.values()]
+
+    async def host_in_room(self, room_id: str) -> bool:
+        """Whether this server holds the room's current state (a local member is in it)."""
+        if await self.creator.rooms.get_room_version(room_id) is None:
+            return False
+        if not await self.events.get_forward_extremities(room_id):
+            return False
+        joined = await self.events.get_joined_users(room_id)
+        if any(self.is_mine(u) for u in joined):
+            return True
+        # A room created here that every local user left is still ours to
+        # rejoin unless other servers carried it on.
+        return not any(not self.is_mine(u) for u in joined)
+
+    async def _servers_to_try(self, room_id: str, user_id: str) -> list[str]:
+        servers: list[str] = []
+        eid = await self.events.get_current_state_event_id(room_id, "m.room.member", user_id)
+        ev = await self.events.get_event(eid) if eid else None
+        if ev is not None and ev.sender != user_id:
+            servers.append(server_of(ev.sender))
+        for u in await self.events.get_joined_users(room_id):
+            servers.append(server_of(u))
+        if ":" in room_id:
+            servers.append(server_of(room_id))
+        return [s for s in dict.fromkeys(servers) if s != self.server_name]

@@ -68,6 +68,48 @@ class Persister:
             await self.db.run_interaction("persist_event", txn_fn)
         finally:
             self._lock.release()
+        await self._after_commit(item)
+        return item.stream_ordering
+
+    async def persist_many(self, items: list[PersistItem]) -> None:
+        """Write several outliers (state and auth chains) in one transaction."""
+        assert all(i.outlier for i in items)
+
+        def txn_fn(txn):  # type: ignore[no-untyped-def]
+            for item in items:
+                self.events.persist_txn(txn, item)
+
+        await self._lock.acquire()
+        try:
+            await self.db.run_interaction("persist_outliers", txn_fn)
+        finally:
+            self._lock.release()
+        for item in items:
+            item.event.internal["outlier"] = True
+            item.event.internal["stream_ordering"] = item.stream_ordering
+            self.events.cache_event(item.event)
+        if items:
+            self.notifier.on_new_event(max(i.stream_ordering for i in items), items[0].event.room_id)
+
+    async def persist_membership_outlier(self, ev: Event) -> None:
+        """An invite or knock for a room this server is not in."""
+        item = PersistItem(ev, None, {}, outlier=True)
+
+        def txn_fn(txn):  # type: ignore[no-untyped-def]
+            self.events.persist_txn(txn, item)
+            self.events.set_invite_membership_txn(txn, ev, item.stream_ordering)
+
+        await self._lock.acquire()
+        try:
+            await self.db.run_interaction("persist_membership_outlier", txn_fn)
+        finally:
+            self._lock.release()
+        ev.internal["outlier"] = True
+        ev.internal["stream_ordering"] = item.stream_ordering
+        self.events.cache_event(ev)
+        self.notifier.on_new_event(item.stream_ordering, ev.room_id, [ev.state_key] if ev.state_key else [])
+
+    async def _after_commit(self, item: PersistItem) -> None:
         ev = item.event
         ev.internal["stream_ordering"] = item.stream_ordering
         ev.internal["state_group"] = item.state_group_after
@@ -85,4 +127,3 @@ class Persister:
                 # A hook (federation sender, for one) failing must not undo
                 # or fail a send that is already durable.
                 logger.exception("post-persist hook failed for %s", ev.event_id)
-        return item.stream_ordering

@@ -349,16 +349,21 @@ class EventsStore:
 
     # -- reading: events ----------------------------------------------------
     def _row_to_event(self, row: tuple) -> Event:
-        event_id, room_version, js, rejected, so, state_group, redacted_by = row
+        event_id, room_version, js, rejected, so, state_group, outlier, soft_failed, redacted_by = row
         ev = Event(json.loads(js), event_id, get_room_version(room_version), rejected)
         ev.internal["stream_ordering"] = so
         ev.internal["state_group"] = state_group
+        if outlier:
+            ev.internal["outlier"] = True
+        if soft_failed:
+            ev.internal["soft_failed"] = True
         if redacted_by:
             ev.internal["redacted_by"] = redacted_by
         return ev
 
     _EVENT_SELECT = (
         "SELECT e.event_id, r.room_version, e.json, e.rejected_reason, e.stream_ordering, e.state_group,"
+        " e.outlier, e.soft_failed,"
         " (SELECT MIN(rd.event_id) FROM redactions rd WHERE rd.redacts = e.event_id)"
         " FROM events e JOIN rooms r ON r.room_id = e.room_id"
     )

@@ -268,6 +268,18 @@ class SyncHandler:
         return out
 
     async def _stripped_state(self, room_id: str, member_ev: Event) -> list[dict[str, Any]]:
+        unsigned = member_ev.pdu.get("unsigned")
+        given = None
+        if isinstance(unsigned, dict):
+            given = unsigned.get("invite_room_state") or unsigned.get("knock_room_state")
+        if isinstance(given, list) and not await self.hs.membership.host_in_room(room_id):
+            # An invite or knock over federation: the other server told us
+            # what the room looks like.
+            out = [s for s in given if isinstance(s, dict)]
+            out.append({"type": member_ev.type, "state_key": member_ev.state_key, "content": member_ev.content,
+                        "sender": member_ev.sender, "event_id": member_ev.event_id,
+                        "origin_server_ts": member_ev.origin_server_ts})
+            return out
         state = await self.events.get_current_state_ids(room_id)
         ids = [state[(t, "")] for t in STRIPPED_STATE_TYPES if (t, "") in state]
         evs = await self.events.get_events(ids)

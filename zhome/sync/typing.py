@@ -25,10 +25,15 @@ class TypingService:
 
             call_later = reactor.callLater  # type: ignore[attr-defined]
         self._call_later = call_later
+        self.on_local_typing: Optional[Callable[[str, str, bool, int], None]] = None
         # room_id -> user_id -> expiry (monotonic seconds)
         self._typing: dict[str, dict[str, float]] = {}
 
-    def set_typing(self, room_id: str, user_id: str, typing: bool, timeout_ms: int = 30000) -> None:
+    def set_typing(self, room_id: str, user_id: str, typing: bool, timeout_ms: int = 30000,
+                   local: bool = True) -> None:
+        if local and self.on_local_typing is not None:
+            # Other servers in the room hear about local users' typing.
+            self.on_local_typing(room_id, user_id, typing, timeout_ms)
         users = self._typing.setdefault(room_id, {})
         changed = False
         if typing:

@@ -1,0 +1,596 @@
+"""Remote events: receiving PDUs, and joining, leaving, knocking and
+inviting across servers.
+
+Spec: server-server-api "Checks performed on receipt of a PDU" (format,
+signatures, content hash — redact on mismatch —, auth against the event's
+auth events, against the state before it, and soft-fail against current
+state), "Retrieving events" (get_missing_events, state, event_auth),
+"Joining Rooms" (make_join/send_join v2), "Leaving Rooms", "Knocking",
+"Inviting to a room" (invite v2). Every accepted event goes through the one
+persistence path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Iterable, Optional
+
+from prometheus_client import Counter
+
+from zhome.crypto.canonical import check_canonical_json_value
+from zhome.crypto.event_hashing import compute_event_id, hash_and_sign_event, verify_content_hash
+from zhome.crypto.signing import SignatureError
+from zhome.federation.keyring import KeyLookupError
+from zhome.http.errors import MatrixError, forbidden, not_found
+from zhome.rooms import auth
+from zhome.rooms.events import Event, StateMap
+from zhome.rooms.redaction import prune_event_dict
+from zhome.rooms.state_res import StateResolutionError, resolve_state
+from zhome.rooms.validation import MAX_EVENT_SIZE
+from zhome.rooms.versions import KNOWN_ROOM_VERSIONS, EventIdFormat, RoomVersion, get_room_version
+from zhome.storage.events import PersistItem
+from zhome.util.ids import is_valid_user_id, server_of
+
+if TYPE_CHECKING:
+    from zhome.server import HomeServer
+
+logger = logging.getLogger(__name__)
+
+PDUS = Counter("zhome_federation_inbound_pdus_total", "Inbound PDUs by outcome", ["outcome"])
+
+# Bounds on what one inbound event may make us fetch.
+MAX_MISSING_EVENTS = 20
+MAX_AUTH_FETCH = 500
+
+
+class PduRejected(Exception):
+    """The PDU failed a check and was not stored (or stored as rejected)."""
+
+
+def _strip_pdu(pdu: dict[str, Any]) -> dict[str, Any]:
+    # Fields a sending server may add that are not part of the event.
+    out = dict(pdu)
+    for k in ("unsigned", "age_ts", "outlier", "destinations"):
+        out.pop(k, None)
+    return out
+
+
+def parse_pdu(rv: RoomVersion, pdu: Any) -> Event:
+    """Format checks and the event ID of a received PDU."""
+    if not isinstance(pdu, dict):
+        raise PduRejected("PDU is not an object")
+    for key, typ in (("type", str), ("sender", str), ("content", dict), ("depth", int),
+                     ("origin_server_ts", int), ("prev_events", list), ("auth_events", list),
+                     ("hashes", dict), ("signatures", dict)):
+        v = pdu.get(key)
+        if not isinstance(v, typ) or isinstance(v, bool):
+            raise PduRejected(f"PDU field {key!r} missing or of the wrong type")
+    if not (rv.hydra and pdu["type"] == "m.room.create") and not isinstance(pdu.get("room_id"), str):
+        raise PduRejected("PDU has no room_id")
+    if "state_key" in pdu and not isinstance(pdu["state_key"], str):
+        raise PduRejected("state_key must be a string")
+    if not is_valid_user_id(pdu["sender"]):
+        raise PduRejected("sender is not a user ID")
+    try:
+        check_canonical_json_value(pdu, strict=rv.strict_canonical_json)
+    except ValueError as e:
+        raise PduRejected(f"not canonical JSON: {e}")
+    from zhome.crypto.canonical import encode_canonical_json
+
+    if len(encode_canonical_json(pdu)) > MAX_EVENT_SIZE:
+        raise PduRejected("PDU larger than 65536 bytes")
+    if rv.event_id_format is EventIdFormat.SERVER_CHOSEN:
+        event_id = pdu.get("event_id")
+        if not isinstance(event_id, str) or not event_id.startswith("$"):
+            raise PduRejected("PDU has no event_id")
+        refs = [r for r in pdu["prev_events"] + pdu["auth_events"]]
+        if not all(isinstance(r, list) and r and isinstance(r[0], str) for r in refs):
+            raise PduRejected("bad event references")
+    else:
+        if not all(isinstance(r, str) for r in pdu["prev_events"] + pdu["auth_events"]):
+            raise PduRejected("bad event references")
+        event_id = compute_event_id(rv, pdu)
+    if len(pdu["prev_events"]) > 20 or len(pdu["auth_events"]) > 10:
+        raise PduRejected("too many prev_events or auth_events")
+    return Event(pdu, event_id, rv)
+
+
+class FederationHandler:
+    def __init__(self, hs: "HomeServer") -> None:
+        self.hs = hs
+        self.server_name = hs.server_name
+        self.events = hs.events
+        self.rooms = hs.rooms
+        self.keyring = hs.keyring
+        self.client = hs.federation_client
+        self.policy = hs.residency_policy
+
+    def is_mine(self, user_id: str) -> bool:
+        return server_of(user_id) == self.server_name
+
+    # -- checking received events -------------------------------------------------
+    async def check_signatures_and_hash(self, rv: RoomVersion, ev: Event) -> Event:
+        """Signature check (reject) and content hash check (redact)."""
+        try:
+            await self.keyring.verify_event(rv, ev.pdu)
+        except (SignatureError, KeyLookupError) as e:
+            raise PduRejected(f"bad signature: {e}")
+        if not verify_content_hash(ev.pdu):
+            logger.info("content hash mismatch on %s: redacting", ev.event_id)
+            return Event(prune_event_dict(rv, ev.pdu), ev.event_id, rv)
+        return ev
+
+    async def _load_events(self, ids: Iterable[str]) -> dict[str, Event]:
+        return await self.events.get_events(ids)
+
+    async def resolve(self, rv: RoomVersion, state_sets: list[StateMap]) -> StateMap:
+        if len(state_sets) == 1:
+            return dict(state_sets[0])
+        try:
+            return await resolve_state(rv, state_sets, self._load_events)
+        except StateResolutionError as e:
+            raise PduRejected(f"state resolution failed: {e}")
+
+    def _auth_map(self, ev: Event, state: StateMap, evs: dict[str, Event]) -> dict[tuple[str, str], Event]:
+        keys = auth.auth_types_for_event(ev.room_version, ev.type, ev.state_key, ev.sender, ev.content)
+        if ("m.room.create", "") not in keys:
+            keys = [("m.room.create", "")] + list(keys)
+        return {k: evs[state[k]] for k in keys if k in state and state[k] in evs}
+
+    async def check_auth_against(self, ev: Event, state: StateMap) -> Optional[str]:
+        """None when ``ev`` passes the auth rules against ``state``, else why not."""
+        keys = auth.auth_types_for_event(ev.room_version, ev.type, ev.state_key, ev.sender, ev.content)
+        wanted = [state[k] for k in list(keys) + [("m.room.create", "")] if k in state]
+        evs = await self.events.get_events(wanted)
+        try:
+            auth.check_auth_rules(ev, self._auth_map(ev, state, evs))
+        except auth.AuthError as e:
+            return e.msg
+        return None
+
+    async def check_auth_events(self, ev: Event) -> Optional[str]:
+        """Auth against the event's own auth_events (which must be stored)."""
+        ids = ev.auth_event_ids
+        evs = await self.events.get_events(ids)
+        if len(evs) != len(set(ids)):
+            return "auth events missing"
+        state: StateMap = {}
+        for e in evs.values():
+            if e.rejected_reason:
+                return f"auth event {e.event_id} was rejected"
+            if e.is_state():
+                state[e.state_tuple()] = e.event_id
+        if ev.room_version.hydra and ev.type != "m.room.create":
+            # v12: the create event is implied by the room ID.
+            create_id = "$" + ev.room_id[1:]
+            if create_id in (await self.events.get_events([create_id])):
+                state[("m.room.create", "")] = create_id
+        return await self.check_auth_against(ev, state)
+
+    # -- fetching what is missing -----------------------------------------------------
+    async def fetch_auth_chain(self, origin: str, room_id: str, event_id: str, rv: RoomVersion) -> None:
+        """Store the auth chain of ``event_id`` from ``origin`` as outliers."""
+        resp = await self.client.get_json(origin, f"/_matrix/federation/v1/event_auth/{_q(room_id)}/{_q(event_id)}")
+        chain = resp.get("auth_chain") if isinstance(resp, dict) else None
+        if not isinstance(chain, list):
+            raise PduRejected("bad event_auth response")
+        await self.store_outliers(rv, chain[:MAX_AUTH_FETCH])
+
+    async def store_outliers(self, rv: RoomVersion, pdus: list[Any]) -> dict[str, Event]:
+        """Check and store events known only as state or auth chain.
+
+        Events are checked in depth order, each against its own auth events;
+        one that fails is stored as rejected so nothing builds on it.
+        """
+        parsed: dict[str, Event] = {}
+        for p in pdus:
+            try:
+                ev = parse_pdu(rv, _strip_pdu(p))
+            except PduRejected as e:
+                logger.info("dropping malformed state/auth event: %s", e)
+                continue
+            parsed[ev.event_id] = ev
+        known = await self.events.get_events(parsed)
+        todo = [e for eid, e in parsed.items() if eid not in known]
+        todo.sort(key=lambda e: (e.depth, e.event_id))
+        items = []
+        for ev in todo:
+            try:
+                ev = await self.check_signatures_and_hash(rv, ev)
+            except PduRejected as e:
+                logger.info("dropping %s: %s", ev.event_id, e)
+                continue
+            items.append(ev)
+        # Auth checks need earlier items stored (they are each other's
+        # auth events): check against the batch plus the database.
+        batch: dict[str, Event] = {}
+        out_items = []
+        for ev in items:
+            reason = await self._check_auth_with(ev, batch)
+            if reason:
+                ev = Event(ev.pdu, ev.event_id, rv, rejected_reason=reason)
+            batch[ev.event_id] = ev
+            out_items.append(PersistItem(ev, None, {}, outlier=True))
+        if out_items:
+            await self.hs.persister.persist_many(out_items)
+        result = dict(known)
+        result.update(batch)
+        return result
+
+    async def _check_auth_with(self, ev: Event, batch: dict[str, Event]) -> Optional[str]:
+        ids = list(ev.auth_event_ids)
+        if ev.room_version.hydra and ev.type != "m.room.create":
+            ids.append("$" + ev.room_id[1:])
+        found = {i: batch[i] for i in ids if i in batch}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            found.update(await self.events.get_events(missing))
+        if any(i not in found for i in ev.auth_event_ids):
+            return "auth events missing"
+        state: StateMap = {}
+        for e in found.values():
+            if e.rejected_reason:
+                return f"auth event {e.event_id} was rejected"
+            if e.is_state():
+                state[e.state_tuple()] = e.event_id
+        try:
+            auth.check_auth_rules(ev, self._auth_map(ev, state, found))
+        except auth.AuthError as e:
+            return e.msg
+        return None
+
+    async def _fetch_missing_prevs(self, origin: str, ev: Event) -> None:
+        missing = [p for p in ev.prev_event_ids if p not in await self.events.get_events([p])]
+        if not missing:
+            return
+        extremities = await self.events.get_forward_extremities(ev.room_id)
+        try:
+            resp = await self.client.post_json(
+                origin, f"/_matrix/federation/v1/get_missing_events/{_q(ev.room_id)}",
+                {"earliest_events": extremities, "latest_events": [ev.event_id], "limit": MAX_MISSING_EVENTS,
+                 "min_depth": 0})
+        except Exception as e:
+            logger.info("get_missing_events from %s failed: %s", origin, e)
+            return
+        got = resp.get("events") if isinstance(resp, dict) else None
+        if not isinstance(got, list):
+            return
+        parsed = []
+        for p in got[:MAX_MISSING_EVENTS]:
+            try:
+                parsed.append(parse_pdu(ev.room_version, _strip_pdu(p)))
+            except PduRejected:
+                continue
+        parsed.sort(key=lambda e: e.depth)
+        for m in parsed:
+            if m.event_id == ev.event_id:
+                continue
+            try:
+                await self._process_pdu(origin, m, fetch_missing=False)
+            except PduRejected as e:
+                logger.info("missing event %s rejected: %s", m.event_id, e)
+
+    async def _state_at_unknown_prevs(self, origin: str, ev: Event) -> StateMap:
+        """Ask ``origin`` for the state before ``ev`` when its prev events are unknown."""
+        resp = await self.client.get_json(origin, f"/_matrix/federation/v1/state/{_q(ev.room_id)}",
+                                          query={"event_id": ev.prev_event_ids[0]})
+        if not isinstance(resp, dict):
+            raise PduRejected("bad /state response")
+        pdus = resp.get("pdus") or []
+        chain = resp.get("auth_chain") or []
+        if not isinstance(pdus, list) or not isinstance(chain, list):
+            raise PduRejected("bad /state response")
+        stored = await self.store_outliers(ev.room_version, chain + pdus)
+        state: StateMap = {}
+        prev_ev = None
+        for p in pdus:
+            try:
+                e = parse_pdu(ev.room_version, _strip_pdu(p))
+            except PduRejected:
+                continue
+            s = stored.get(e.event_id)
+            if s is not None and s.is_state() and not s.rejected_reason:
+                state[s.state_tuple()] = s.event_id
+        # /state gives the state *at* the prev event (before it); add the
+        # prev event itself if it is a state event we now know.
+        prev = ev.prev_event_ids[0]
+        prev_ev = (await self.events.get_events([prev])).get(prev)
+        if prev_ev is not None and prev_ev.is_state() and not prev_ev.rejected_reason:
+            state[prev_ev.state_tuple()] = prev_ev.event_id
+        return state
+
+    # -- the receive path ---------------------------------------------------------------
+    async def on_receive_pdu(self, origin: str, pdu: Any) -> str:
+        """Check and persist one PDU from a transaction; returns its event ID."""
+        if not isinstance(pdu, dict):
+            raise PduRejected("PDU is not an object")
+        room_id = pdu.get("room_id")
+        if not isinstance(room_id, str):
+            raise PduRejected("PDU has no room_id")
+        version = await self.rooms.get_room_version(room_id)
+        if version is None:
+            raise PduRejected("this server is not in the room")
+        rv = get_room_version(version)
+        ev = parse_pdu(rv, _strip_pdu(pdu))
+        if not await self._room_allows(origin, room_id) or not await self._room_allows(server_of(ev.sender),
+                                                                                       room_id):
+            self.policy.count_refusal("receive")
+            raise PduRejected("server refused by the room's residency policy")
+        async with self.hs.event_creator.room_locks.lock(room_id):
+            return await self._process_pdu(origin, ev, fetch_missing=True)
+
+    async def _room_allows(self, server: str, room_id: str) -> bool:
+        state = await self.events.get_current_state_ids(room_id)
+        keys = [k for k in (("m.room.server_acl", ""), ("zhome.residency", "")) if k in state]
+        evs = await self.events.get_events(state[k] for k in keys)
+        return self.policy.room_allows(server, {k: evs[state[k]].content for k in keys if state[k] in evs})
+
+    async def _process_pdu(self, origin: str, ev: Event, fetch_missing: bool) -> str:
+        rv = ev.room_version
+        if await self.events.get_event(ev.event_id) is not None:
+            # Already stored (possibly as an outlier fetched for another
+            # event's auth chain): nothing more to do.
+            return ev.event_id
+        ev = await self.check_signatures_and_hash(rv, ev)
+        # Auth events first: they decide whether the event is valid at all.
+        missing_auth = [a for a in ev.auth_event_ids if a not in await self.events.get_events([a])]
+        if missing_auth:
+            try:
+                await self.fetch_auth_chain(origin, ev.room_id, ev.event_id, rv)
+            except Exception as e:
+                raise PduRejected(f"could not fetch auth events: {e}")
+        if fetch_missing:
+            await self._fetch_missing_prevs(origin, ev)
+        prevs = await self.events.get_events(ev.prev_event_ids)
+        known_prevs = [p for p in ev.prev_event_ids if p in prevs and not prevs[p].internal.get("outlier")]
+        snapshot = False
+        group: Optional[int] = None
+        if known_prevs and len(known_prevs) == len(ev.prev_event_ids):
+            sets = []
+            for p in known_prevs:
+                g = await self.events.get_state_group_for_event(p)
+                sets.append(dict(await self.events.get_state_group(g)) if g is not None else {})
+            if len(sets) == 1:
+                state_before = sets[0]
+                group = await self.events.get_state_group_for_event(known_prevs[0])
+            else:
+                state_before = await self.resolve(rv, sets)
+                snapshot = True
+        else:
+            try:
+                state_before = await self._state_at_unknown_prevs(origin, ev)
+            except PduRejected:
+                raise
+            except Exception as e:
+                raise PduRejected(f"could not fetch the state before the event: {e}")
+            snapshot = True
+
+        reason = await self.check_auth_events(ev)
+        if reason is None:
+            reason = await self.check_auth_against(ev, state_before)
+        if reason is not None:
+            PDUS.labels("rejected").inc()
+            logger.info("rejecting %s from %s: %s", ev.event_id, origin, reason)
+            ev = Event(ev.pdu, ev.event_id, rv, rejected_reason=reason)
+            await self.hs.persister.persist(PersistItem(ev, group, state_before, snapshot_before=snapshot))
+            raise PduRejected(reason)
+
+        current = await self.events.get_current_state_ids(ev.room_id)
+        soft_failed = (await self.check_auth_against(ev, current)) is not None
+        new_current: Optional[StateMap] = None
+        if not soft_failed:
+            old_ext = await self.events.get_forward_extremities(ev.room_id)
+            new_ext = [e for e in old_ext if e not in set(ev.prev_event_ids)]
+            state_after = dict(state_before)
+            if ev.is_state():
+                state_after[ev.state_tuple()] = ev.event_id
+            if new_ext:
+                sets = [state_after]
+                for x in new_ext:
+                    g = await self.events.get_state_group_for_event(x)
+                    if g is not None:
+                        sets.append(dict(await self.events.get_state_group(g)))
+                new_current = await self.resolve(rv, sets)
+            else:
+                new_current = state_after
+        else:
+            PDUS.labels("soft_failed").inc()
+            logger.info("soft-failing %s from %s", ev.event_id, origin)
+        unread = {}
+        if not soft_failed:
+            unread = await self.hs.event_creator.unread_for(ev, state_before)
+        item = PersistItem(ev, group, state_before, snapshot_before=snapshot, soft_failed=soft_failed,
+                           current_state=new_current, unread=unread)
+        await self.hs.persister.persist(item)
+        if not soft_failed:
+            PDUS.labels("accepted").inc()
+        return ev.event_id
+
+    # -- joining a remote room -----------------------------------------------------------
+    async def remote_join(self, user_id: str, room_id: str, servers: list[str], membership: str = "join",
+                          content_extra: Optional[dict[str, Any]] = None) -> Event:
+        """Join (or knock on) a room this server is not in, through ``servers``."""
+        last_error: Optional[Exception] = None
+        for server in _dedupe(s for s in servers if s != self.server_name):
+            if not self.policy.server_allowed(server):
+                self.policy.count_refusal("join")
+                continue
+            try:
+                return await self._join_via(server, user_id, room_id, membership, content_extra or {})
+            except MatrixError:
+                raise
+            except Exception as e:
+                logger.info("joining %s via %s failed: %s", room_id, server, e)
+                last_error = e
+        if last_error is None:
+            raise not_found("No known servers to join the room through")
+        raise MatrixError(502, "M_UNKNOWN", f"Could not join through any server: {_describe(last_error)}")
+
+    async def _join_via(self, server: str, user_id: str, room_id: str, membership: str,
+                        content_extra: dict[str, Any]) -> Event:
+        from zhome.federation.transport import FederationHttpError
+
+        make = "make_join" if membership == "join" else "make_knock"
+        try:
+            resp = await self.client.get_json(
+                server, f"/_matrix/federation/v1/{make}/{_q(room_id)}/{_q(user_id)}",
+                query={"ver": list(KNOWN_ROOM_VERSIONS)})
+        except FederationHttpError as e:
+            if e.status in (403, 404, 400):
+                raise MatrixError(e.status if e.status != 400 else 403, e.errcode or "M_FORBIDDEN",
+                                  f"{server} refused the {membership}: {_err_text(e)}")
+            raise
+        version = resp.get("room_version", "1") if isinstance(resp, dict) else None
+        template = resp.get("event") if isinstance(resp, dict) else None
+        if version not in KNOWN_ROOM_VERSIONS or not isinstance(template, dict):
+            raise MatrixError(400, "M_INCOMPATIBLE_ROOM_VERSION", "Unsupported room version or bad template")
+        rv = get_room_version(version)
+        pdu = {k: v for k, v in template.items() if k not in ("signatures", "hashes", "unsigned", "event_id")}
+        if pdu.get("sender") != user_id or pdu.get("state_key") != user_id or pdu.get("type") != "m.room.member":
+            raise PduRejected("bad join template")
+        content = dict(pdu.get("content") or {})
+        content["membership"] = membership
+        content.update(await self.hs.membership._profile_content(user_id))
+        content.update(content_extra)
+        pdu["content"] = content
+        pdu["origin_server_ts"] = int(time.time() * 1000)
+        if rv.event_id_format is EventIdFormat.SERVER_CHOSEN:
+            pdu["origin"] = self.server_name
+        event_id, signed = hash_and_sign_event(rv, pdu, self.server_name, self.hs.signing_key)
+        send = "send_join" if membership == "join" else "send_knock"
+        path = f"/_matrix/federation/v2/{send}/{_q(room_id)}/{_q(event_id)}" if membership == "join" else \
+            f"/_matrix/federation/v1/{send}/{_q(room_id)}/{_q(event_id)}"
+        result = await self.client.put_json(server, path, signed, timeout=300)
+        if not isinstance(result, dict):
+            raise PduRejected("bad send_join response")
+        ev = Event(signed, event_id, rv)
+        if membership == "knock":
+            # A knock leaves us outside the room: store it like an invite.
+            stripped = result.get("knock_room_state") or result.get("knock_state_events") or []
+            ev.pdu.setdefault("unsigned", {})["knock_room_state"] = stripped
+            await self.store_membership_outlier(ev, version)
+            return ev
+        if isinstance(result.get("event"), dict):
+            # A restricted join comes back countersigned by the resident server.
+            ev = Event(result["event"], event_id, rv)
+        state_pdus = result.get("state") or []
+        chain = result.get("auth_chain") or []
+        if not isinstance(state_pdus, list) or not isinstance(chain, list):
+            raise PduRejected("bad send_join response")
+        await self._ensure_room(room_id, version)
+        stored = await self.store_outliers(rv, chain + state_pdus)
+        state: StateMap = {}
+        for p in state_pdus:
+            try:
+                eid = parse_pdu(rv, _strip_pdu(p)).event_id
+            except PduRejected:
+                continue
+            s = stored.get(eid)
+            if s is not None and s.is_state() and not s.rejected_reason:
+                state[s.state_tuple()] = s.event_id
+        if ("m.room.create", "") not in state:
+            raise PduRejected("the room state has no create event")
+        reason = await self.check_auth_against(ev, state)
+        if reason:
+            raise MatrixError(403, "M_FORBIDDEN", f"Join not allowed: {reason}")
+        after = dict(state)
+        after[ev.state_tuple()] = ev.event_id
+        async with self.hs.event_creator.room_locks.lock(room_id):
+            await self.hs.persister.persist(PersistItem(ev, None, state, snapshot_before=True, current_state=after))
+        return ev
+
+    async def _ensure_room(self, room_id: str, version: str) -> None:
+        if await self.rooms.get_room_version(room_id) is None:
+            await self.hs.db.run_interaction(
+                "store_remote_room", lambda txn: self.rooms.store_room_txn(txn, room_id, version, None))
+
+    async def store_membership_outlier(self, ev: Event, version: str) -> None:
+        """An invite or knock for a room we are not in: visible to the user only."""
+        await self._ensure_room(ev.room_id, version)
+        await self.hs.persister.persist_membership_outlier(ev)
+
+    # -- leaving a room we are not joined to (rejecting an invite) ------------------------
+    async def remote_leave(self, user_id: str, room_id: str, servers: list[str]) -> Event:
+        last_error: Optional[Exception] = None
+        for server in _dedupe(s for s in servers if s != self.server_name):
+            try:
+                resp = await self.client.get_json(
+                    server, f"/_matrix/federation/v1/make_leave/{_q(room_id)}/{_q(user_id)}")
+                version = resp.get("room_version") or await self.rooms.get_room_version(room_id) or "1"
+                rv = get_room_version(version)
+                pdu = {k: v for k, v in resp["event"].items()
+                       if k not in ("signatures", "hashes", "unsigned", "event_id")}
+                pdu["origin_server_ts"] = int(time.time() * 1000)
+                pdu["content"] = {"membership": "leave"}
+                if rv.event_id_format is EventIdFormat.SERVER_CHOSEN:
+                    pdu["origin"] = self.server_name
+                event_id, signed = hash_and_sign_event(rv, pdu, self.server_name, self.hs.signing_key)
+                await self.client.put_json(
+                    server, f"/_matrix/federation/v2/send_leave/{_q(room_id)}/{_q(event_id)}", signed)
+                ev = Event(signed, event_id, rv)
+                await self.store_membership_outlier(ev, version)
+                return ev
+            except Exception as e:
+                last_error = e
+                logger.info("remote leave of %s via %s failed: %s", room_id, server, e)
+        raise MatrixError(502, "M_UNKNOWN", f"Could not leave through any server: {_describe(last_error)}")
+
+    # -- inviting a remote user -------------------------------------------------------------
+    async def send_invite(self, ev: Event, invite_room_state: list[dict[str, Any]]) -> Event:
+        """Have the invitee's server countersign an invite we created."""
+        target = ev.state_key or ""
+        server = server_of(target)
+        if not self.policy.server_allowed(server):
+            self.policy.count_refusal("invite")
+            raise forbidden(f"Federation with {server} is not allowed by this server's policy")
+        body = {"event": ev.pdu, "room_version": ev.room_version.identifier,
+                "invite_room_state": invite_room_state}
+        from zhome.federation.transport import FederationHttpError
+
+        try:
+            resp = await self.client.put_json(
+                server, f"/_matrix/federation/v2/invite/{_q(ev.room_id)}/{_q(ev.event_id)}", body)
+        except FederationHttpError as e:
+            raise MatrixError(403 if e.status in (400, 403) else 502, e.errcode or "M_FORBIDDEN",
+                              f"{server} refused the invite: {_err_text(e)}")
+        signed = resp.get("event") if isinstance(resp, dict) else None
+        if not isinstance(signed, dict):
+            raise MatrixError(502, "M_UNKNOWN", "Bad invite response")
+        signed = _strip_pdu(signed)
+        new = parse_pdu(ev.room_version, signed)
+        if new.event_id != ev.event_id:
+            raise MatrixError(502, "M_UNKNOWN", "The invited server changed the invite event")
+        try:
+            await self.keyring.verify_event(ev.room_version, signed)
+            await self.keyring.verify_json(server, prune_event_dict(ev.room_version, signed), None)
+        except (SignatureError, KeyLookupError) as e:
+            raise MatrixError(502, "M_UNKNOWN", f"Bad signature on the invite: {e}")
+        return Event(signed, ev.event_id, ev.room_version)
+
+
+def _dedupe(xs: Iterable[str]) -> list[str]:
+    seen: set[str] = set()
+    out = []
+    for x in xs:
+        if x and x not in seen:
+            seen.add(x)
+            out.append(x)
+    return out
+
+
+def _q(s: str) -> str:
+    from urllib.parse import quote
+
+    return quote(s, safe="")
+
+
+def _describe(e: Optional[Exception]) -> str:
+    return f"{type(e).__name__}: {e}"[:300] if e else "unknown error"
+
+
+def _err_text(e: Any) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        return body["error"][:300]
+    return str(e)[:300]

@@ -1,0 +1,525 @@
+"""Inbound Server-Server API endpoints.
+
+Spec: server-server-api: /send/{txnId} (PDUs and EDUs, idempotent per
+origin and txnId), make_join/send_join (v2), make_leave/send_leave (v2),
+make_knock/send_knock, invite (v2), backfill, get_missing_events, state,
+state_ids, event, event_auth, query/directory, query/profile,
+user/devices, publicRooms. Every request is authenticated with X-Matrix;
+every PDU is checked by the federation handler before it is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from twisted.web.server import Request
+
+from zhome.crypto.event_hashing import hash_and_sign_event
+from zhome.federation.handler import PduRejected, _strip_pdu, parse_pdu
+from zhome.federation.request_auth import authenticate_request
+from zhome.http.errors import MatrixError, bad_json, forbidden, not_found, too_large
+from zhome.http.server import JsonResource, query_arg, query_args, query_int
+from zhome.rooms.events import Event, StateMap
+from zhome.rooms.versions import KNOWN_ROOM_VERSIONS, get_room_version
+from zhome.util.ids import server_of
+
+if TYPE_CHECKING:
+    from zhome.server import HomeServer
+
+logger = logging.getLogger(__name__)
+
+FED = r"/_matrix/federation/(?P<ver>v1|v2)"
+MAX_TXN_BYTES = 10 * 1024 * 1024
+MAX_PDUS = 50
+MAX_EDUS = 100
+MAX_BACKFILL = 100
+
+
+class FederationServlets:
+    def __init__(self, hs: "HomeServer") -> None:
+        self.hs = hs
+        self.events = hs.events
+        self.handler = hs.federation_handler
+
+    def register_routes(self, r: JsonResource) -> None:
+        room = r"(?P<room_id>[^/]+)"
+        eid = r"(?P<event_id>[^/]+)"
+        r.register("PUT", FED + r"/send/(?P<txn_id>[^/]+)", self.on_send, "fed_send")
+        r.register("GET", FED + r"/make_join/" + room + r"/(?P<user_id>[^/]+)", self.on_make_join, "make_join")
+        r.register("PUT", FED + r"/send_join/" + room + "/" + eid, self.on_send_join, "send_join")
+        r.register("GET", FED + r"/make_leave/" + room + r"/(?P<user_id>[^/]+)", self.on_make_leave, "make_leave")
+        r.register("PUT", FED + r"/send_leave/" + room + "/" + eid, self.on_send_leave, "send_leave")
+        r.register("GET", FED + r"/make_knock/" + room + r"/(?P<user_id>[^/]+)", self.on_make_knock, "make_knock")
+        r.register("PUT", FED + r"/send_knock/" + room + "/" + eid, self.on_send_knock, "send_knock")
+        r.register("PUT", FED + r"/invite/" + room + "/" + eid, self.on_invite, "invite")
+        r.register("GET", FED + r"/backfill/" + room, self.on_backfill, "backfill")
+        r.register("POST", FED + r"/get_missing_events/" + room, self.on_get_missing_events, "get_missing_events")
+        r.register("GET", FED + r"/state/" + room, self.on_state, "state")
+        r.register("GET", FED + r"/state_ids/" + room, self.on_state_ids, "state_ids")
+        r.register("GET", FED + r"/event/" + eid, self.on_event, "event")
+        r.register("GET", FED + r"/event_auth/" + room + "/" + eid, self.on_event_auth, "event_auth")
+        r.register("GET", FED + r"/query/directory", self.on_query_directory, "query_directory")
+        r.register("GET", FED + r"/query/profile", self.on_query_profile, "query_profile")
+        r.register("GET", FED + r"/user/devices/(?P<user_id>[^/]+)", self.on_user_devices, "user_devices")
+        r.register("GET", FED + r"/publicRooms", self.on_public_rooms, "fed_public_rooms")
+        r.register("POST", FED + r"/publicRooms", self.on_public_rooms, "fed_public_rooms")
+
+    # -- helpers -----------------------------------------------------------------
+    async def _auth(self, request: Request, body: Any = None) -> str:
+        origin = await authenticate_request(
+            request, body, self.hs.server_name, self._verify_key,
+            is_server_allowed=self.hs.residency_policy.server_allowed,
+        )
+        sender = self.hs.federation_sender
+        if sender is not None:
+            await sender.on_destination_alive(origin)
+        return origin
+
+    async def _verify_key(self, server: str, key_id: str, at_ts: int) -> Any:
+        from zhome.federation.keyring import KeyLookupError
+
+        try:
+            return await self.hs.keyring.get_verify_key(server, key_id, at_ts)
+        except KeyLookupError:
+            return None
+
+    def _body(self, request: Request, max_size: int = MAX_TXN_BYTES) -> Any:
+        raw = request.content.read(max_size + 1) if request.content is not None else b""
+        if len(raw) > max_size:
+            raise too_large("Request too large")
+        if not raw:
+            return None
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            raise MatrixError(400, "M_NOT_JSON", "Content not JSON")
+
+    async def _authed_body(self, request: Request) -> tuple[str, Any]:
+        body = self._body(request)
+        origin = await self._auth(request, body)
+        return origin, body
+
+    async def _room_version(self, room_id: str) -> str:
+        v = await self.hs.rooms.get_room_version(room_id)
+        if v is None:
+            raise not_found("Unknown room")
+        return v
+
+    async def _origin_in_room(self, origin: str, room_id: str) -> None:
+        """Only servers with a member in the room may read it."""
+        await self._room_version(room_id)
+        state = await self.events.get_current_state_ids(room_id)
+        ids = [eid for (t, sk), eid in state.items() if t == "m.room.member" and server_of(sk) == origin]
+        evs = await self.events.get_events(ids)
+        if not any(e.membership in ("join", "invite", "knock", "leave") for e in evs.values()):
+            raise forbidden("Your server is not in this room")
+        if not await self.handler._room_allows(origin, room_id):
+            self.hs.residency_policy.count_refusal("read")
+            raise forbidden("Refused by this room's residency policy")
+
+    async def _auth_chain(self, event_ids: list[str], limit: int = 10000) -> list[Event]:
+        seen: dict[str, Event] = {}
+        todo = list(event_ids)
+        for _ in range(limit):
+            if not todo:
+                break
+            batch = await self.events.get_events(todo[:200])
+            todo = todo[200:]
+            for e in batch.values():
+                for a in e.auth_event_ids:
+                    if a not in seen:
+                        seen[a] = None  # type: ignore[assignment]
+                        todo.append(a)
+            for k, v in batch.items():
+                if k in seen and seen[k] is None:
+                    seen[k] = v
+        got = await self.events.get_events([k for k, v in seen.items() if v is None])
+        for k, v in got.items():
+            seen[k] = v
+        return [e for e in seen.values() if e is not None]
+
+    # -- /send ------------------------------------------------------------------------
+    async def on_send(self, request: Request, ver: str, txn_id: str) -> tuple[int, Any]:
+        origin, body = await self._authed_body(request)
+        if not isinstance(body, dict):
+            raise bad_json("Transaction must be an object")
+        if body.get("origin", origin) != origin:
+            raise forbidden("Transaction origin does not match the request's signature")
+        pdus = body.get("pdus", [])
+        edus = body.get("edus", [])
+        if not isinstance(pdus, list) or not isinstance(edus, list):
+            raise bad_json("pdus and edus must be lists")
+        if len(pdus) > MAX_PDUS or len(edus) > MAX_EDUS:
+            raise bad_json(f"A transaction holds at most {MAX_PDUS} PDUs and {MAX_EDUS} EDUs")
+        rows = await self.hs.db.execute(
+            "received_txn", "SELECT response FROM federation_received_txns WHERE origin = ? AND txn_id = ?",
+            origin, txn_id)
+        if rows:
+            return 200, json.loads(rows[0][0])
+        results: dict[str, Any] = {}
+        for pdu in pdus:
+            event_id = _event_id_guess(pdu)
+            try:
+                event_id = await self.handler.on_receive_pdu(origin, pdu)
+                results[event_id] = {}
+            except PduRejected as e:
+                results[event_id] = {"error": str(e)[:500]}
+            except MatrixError as e:
+                results[event_id] = {"error": e.msg[:500]}
+            except Exception as e:
+                logger.exception("processing PDU %s from %s", event_id, origin)
+                results[event_id] = {"error": f"internal error: {type(e).__name__}"}
+        for edu in edus:
+            try:
+                await self._on_edu(origin, edu)
+            except Exception:
+                logger.exception("processing EDU from %s", origin)
+        response = {"pdus": results}
+
+        def store(txn: Any) -> None:
+            txn.execute("DELETE FROM federation_received_txns WHERE origin = ? AND txn_id = ?", (origin, txn_id))
+            txn.execute(
+                "INSERT INTO federation_received_txns (origin, txn_id, response, received_ts) VALUES (?,?,?,?)",
+                (origin, txn_id, json.dumps(response), int(time.time() * 1000)))
+
+        await self.hs.db.run_interaction("store_received_txn", store)
+        logger.info("transaction %s from %s: %d pdus, %d edus", txn_id, origin, len(pdus), len(edus))
+        return 200, response
+
+    async def _on_edu(self, origin: str, edu: Any) -> None:
+        if not isinstance(edu, dict):
+            return
+        etype = edu.get("edu_type")
+        content = edu.get("content")
+        if not isinstance(content, dict):
+            return
+        if etype == "m.typing":
+            room_id, user_id, typing = content.get("room_id"), content.get("user_id"), content.get("typing")
+            if not isinstance(room_id, str) or not isinstance(user_id, str) or server_of(user_id) != origin:
+                return
+            eid = await self.events.get_current_state_event_id(room_id, "m.room.member", user_id)
+            ev = await self.events.get_event(eid) if eid else None
+            if ev is None or ev.membership != "join":
+                return
+            timeout = content.get("timeout", 30000)
+            self.hs.typing.set_typing(room_id, user_id, bool(typing), timeout if isinstance(timeout, int) else 30000,
+                                      local=False)
+        elif etype == "m.receipt":
+            for room_id, by_type in content.items():
+                if not isinstance(by_type, dict):
+                    continue
+                for rtype, by_user in by_type.items():
+                    if rtype != "m.read" or not isinstance(by_user, dict):
+                        continue
+                    for user_id, data in by_user.items():
+                        if server_of(user_id) != origin or not isinstance(data, dict):
+                            continue
+                        ids = data.get("event_ids")
+                        if not isinstance(ids, list) or not ids or not isinstance(ids[0], str):
+                            continue
+                        ev = await self.events.get_event(ids[0])
+                        if ev is None or ev.room_id != room_id:
+                            continue
+                        rdata = data.get("data") if isinstance(data.get("data"), dict) else {}
+                        thread_id = rdata.get("thread_id") if isinstance(rdata.get("thread_id"), str) else ""
+                        pos = await self.hs.user_data.set_receipt(
+                            room_id, "m.read", user_id, ids[0], {k: v for k, v in rdata.items() if k == "ts"},
+                            thread_id)
+                        self.hs.notifier.on_receipt(pos, room_id)
+
+    # -- joining ---------------------------------------------------------------------------
+    async def _make_membership(self, request: Request, room_id: str, user_id: str, membership: str,
+                               versions_checked: bool) -> tuple[int, Any]:
+        origin = await self._auth(request)
+        if server_of(user_id) != origin:
+            raise forbidden("The user is not on the requesting server")
+        version = await self._room_version(room_id)
+        if versions_checked:
+            supported = query_args(request, "ver") or ["1"]
+            if version not in supported:
+                raise MatrixError(400, "M_INCOMPATIBLE_ROOM_VERSION",
+                                  f"Your server does not support room version {version}", room_version=version)
+        if not await self.handler._room_allows(origin, room_id):
+            self.hs.residency_policy.count_refusal("join")
+            raise forbidden("This server's residency policy does not allow your server in this room")
+        creator = self.hs.event_creator
+        rv = get_room_version(version)
+        prevs, group, state, depth = await creator.state_before_new_event(room_id)
+        content: dict[str, Any] = {"membership": membership}
+        from zhome.rooms import auth
+
+        keys = auth.auth_types_for_event(rv, "m.room.member", user_id, user_id, content)
+        auth_ids = [state[k] for k in keys if k in state]
+        pdu = creator.build_pdu(rv, room_id, "m.room.member", user_id, content, user_id, prevs, auth_ids, depth)
+        if "origin" in pdu:
+            pdu["origin"] = origin
+        # Check now, so a refused join fails at make_join with a clear error.
+        probe = Event(dict(pdu), "$probe", rv)
+        reason = await self.handler.check_auth_against(probe, state)
+        if reason is not None:
+            raise forbidden(f"You are not allowed to {membership} this room: {reason}")
+        return 200, {"event": pdu, "room_version": version}
+
+    async def on_make_join(self, request: Request, ver: str, room_id: str, user_id: str) -> tuple[int, Any]:
+        return await self._make_membership(request, room_id, user_id, "join", True)
+
+    async def on_make_leave(self, request: Request, ver: str, room_id: str, user_id: str) -> tuple[int, Any]:
+        return await self._make_membership(request, room_id, user_id, "leave", False)
+
+    async def on_make_knock(self, request: Request, ver: str, room_id: str, user_id: str) -> tuple[int, Any]:
+        return await self._make_membership(request, room_id, user_id, "knock", True)
+
+    async def _receive_membership(self, request: Request, room_id: str, event_id: str,
+                                  membership: str) -> tuple[str, Event, StateMap]:
+        origin, body = await self._authed_body(request)
+        version = await self._room_version(room_id)
+        rv = get_room_version(version)
+        try:
+            ev = parse_pdu(rv, _strip_pdu(body if isinstance(body, dict) else {}))
+        except PduRejected as e:
+            raise bad_json(str(e))
+        if ev.event_id != event_id or ev.room_id != room_id:
+            raise bad_json("Event ID or room ID does not match the path")
+        if ev.type != "m.room.member" or ev.state_key != ev.sender or ev.membership != membership:
+            raise bad_json(f"Not a {membership} event")
+        if server_of(ev.sender) != origin:
+            raise forbidden("The event's sender is not on the requesting server")
+        if not await self.handler._room_allows(origin, room_id):
+            self.hs.residency_policy.count_refusal(membership)
+            raise forbidden("This server's residency policy does not allow your server in this room")
+        try:
+            await self.handler.on_receive_pdu(origin, ev.pdu)
+        except PduRejected as e:
+            raise forbidden(f"The {membership} was rejected: {e}")
+        stored = await self.events.get_event(event_id)
+        if stored is None or stored.rejected_reason or stored.internal.get("soft_failed"):
+            raise forbidden(f"The {membership} was not accepted")
+        before = await self.events.get_state_before_event(stored)
+        return origin, stored, before
+
+    async def on_send_join(self, request: Request, ver: str, room_id: str, event_id: str) -> tuple[int, Any]:
+        origin, ev, before = await self._receive_membership(request, room_id, event_id, "join")
+        state_evs = await self.events.get_events(before.values())
+        chain = await self._auth_chain(list(before.values()) + ev.auth_event_ids)
+        servers = sorted({server_of(sk) for (t, sk), _ in before.items() if t == "m.room.member"})
+        body = {
+            "origin": self.hs.server_name,
+            "state": [e.pdu for e in state_evs.values()],
+            "auth_chain": [e.pdu for e in chain],
+            "event": ev.pdu,
+            "members_omitted": False,
+            "servers_in_room": servers,
+        }
+        if ver == "v1":
+            return 200, [200, body]
+        return 200, body
+
+    async def on_send_leave(self, request: Request, ver: str, room_id: str, event_id: str) -> tuple[int, Any]:
+        await self._receive_membership(request, room_id, event_id, "leave")
+        return 200, ([200, {}] if ver == "v1" else {})
+
+    async def on_send_knock(self, request: Request, ver: str, room_id: str, event_id: str) -> tuple[int, Any]:
+        _, ev, before = await self._receive_membership(request, room_id, event_id, "knock")
+        return 200, {"knock_room_state": await self.hs.membership.stripped_state(before)}
+
+    async def on_invite(self, request: Request, ver: str, room_id: str, event_id: str) -> tuple[int, Any]:
+        origin, body = await self._authed_body(request)
+        if not isinstance(body, dict):
+            raise bad_json("Body must be an object")
+        if ver == "v2":
+            pdu = body.get("event")
+            version = body.get("room_version", "1")
+            invite_state = body.get("invite_room_state", [])
+        else:
+            pdu, version, invite_state = body, "1", (body.get("unsigned") or {}).get("invite_room_state", [])
+        if version not in KNOWN_ROOM_VERSIONS:
+            raise MatrixError(400, "M_INCOMPATIBLE_ROOM_VERSION", "Unsupported room version", room_version=version)
+        rv = get_room_version(version)
+        try:
+            ev = parse_pdu(rv, _strip_pdu(pdu if isinstance(pdu, dict) else {}))
+        except PduRejected as e:
+            raise bad_json(str(e))
+        if ev.event_id != event_id or ev.room_id != room_id:
+            raise bad_json("Event ID or room ID does not match the path")
+        target = ev.state_key or ""
+        if ev.type != "m.room.member" or ev.membership != "invite" or server_of(target) != self.hs.server_name:
+            raise bad_json("Not an invite for a user of this server")
+        if server_of(ev.sender) != origin:
+            raise forbidden("The inviter is not on the requesting server")
+        if not self.hs.residency_policy.server_allowed(origin):
+            self.hs.residency_policy.count_refusal("invite")
+            raise forbidden("This server's policy does not allow invites from your server")
+        user = await self.hs.accounts.get_user(target)
+        if user is None or user["deactivated"]:
+            raise not_found("Unknown user")
+        try:
+            await self.hs.keyring.verify_event(rv, ev.pdu)
+        except Exception as e:
+            raise forbidden(f"Bad signature on the invite: {e}")
+        _, signed = hash_and_sign_event(rv, ev.pdu, self.hs.server_name, self.hs.signing_key)
+        stored = dict(signed)
+        if isinstance(invite_state, list):
+            stored["unsigned"] = {"invite_room_state": [s for s in invite_state if isinstance(s, dict)][:50]}
+        invite_ev = Event(stored, event_id, rv)
+        if await self.events.get_event(event_id) is None and not await self.hs.membership.host_in_room(room_id):
+            await self.handler.store_membership_outlier(invite_ev, version)
+        return 200, ({"event": signed} if ver == "v2" else [200, {"event": signed}])
+
+    # -- reading ---------------------------------------------------------------------------------
+    async def on_backfill(self, request: Request, ver: str, room_id: str) -> tuple[int, Any]:
+        origin = await self._auth(request)
+        await self._origin_in_room(origin, room_id)
+        start = query_args(request, "v")
+        limit = min(max(query_int(request, "limit", 10) or 10, 1), MAX_BACKFILL)
+        out: list[Event] = []
+        seen: set[str] = set()
+        frontier = list(start)
+        # Breadth-first back through prev_events, bounded by limit.
+        for _ in range(limit * 4):
+            if not frontier or len(out) >= limit:
+                break
+            evs = await self.events.get_events(frontier)
+            frontier = []
+            for e in sorted(evs.values(), key=lambda x: -x.depth):
+                if e.event_id in seen or e.room_id != room_id:
+                    continue
+                seen.add(e.event_id)
+                out.append(e)
+                frontier.extend(p for p in e.prev_event_ids if p not in seen)
+        return 200, {"origin": self.hs.server_name, "origin_server_ts": int(time.time() * 1000),
+                     "pdus": [e.pdu for e in out[:limit]]}
+
+    async def on_get_missing_events(self, request: Request, ver: str, room_id: str) -> tuple[int, Any]:
+        origin, body = await self._authed_body(request)
+        await self._origin_in_room(origin, room_id)
+        if not isinstance(body, dict):
+            raise bad_json("Body must be an object")
+        earliest = set(body.get("earliest_events") or [])
+        latest = body.get("latest_events") or []
+        limit = body.get("limit", 10)
+        min_depth = body.get("min_depth", 0)
+        if not isinstance(limit, int) or not isinstance(latest, list) or not isinstance(min_depth, int):
+            raise bad_json("Bad get_missing_events request")
+        limit = max(0, min(limit, 50))
+        found: list[Event] = []
+        seen = set(latest) | earliest
+        starts = await self.events.get_events([e for e in latest if isinstance(e, str)])
+        frontier = [p for e in starts.values() for p in e.prev_event_ids if p not in seen]
+        for _ in range(limit + 1):
+            if not frontier or len(found) >= limit:
+                break
+            evs = await self.events.get_events(frontier)
+            frontier = []
+            for e in evs.values():
+                if e.event_id in seen or e.depth < min_depth or e.room_id != room_id:
+                    continue
+                seen.add(e.event_id)
+                found.append(e)
+                frontier.extend(p for p in e.prev_event_ids if p not in seen)
+        found.sort(key=lambda e: e.depth)
+        return 200, {"events": [e.pdu for e in found[-limit:]] if limit else []}
+
+    async def _state_at(self, request: Request, room_id: str) -> tuple[StateMap, list[Event]]:
+        origin = await self._auth(request)
+        await self._origin_in_room(origin, room_id)
+        event_id = query_arg(request, "event_id")
+        if event_id is None:
+            raise MatrixError(400, "M_MISSING_PARAM", "event_id is required")
+        ev = await self.events.get_event(event_id)
+        if ev is None or ev.room_id != room_id or ev.internal.get("outlier"):
+            raise not_found("Event not found")
+        state = await self.events.get_state_before_event(ev)
+        chain = await self._auth_chain(list(state.values()))
+        return state, chain
+
+    async def on_state(self, request: Request, ver: str, room_id: str) -> tuple[int, Any]:
+        state, chain = await self._state_at(request, room_id)
+        evs = await self.events.get_events(state.values())
+        return 200, {"pdus": [e.pdu for e in evs.values()], "auth_chain": [e.pdu for e in chain]}
+
+    async def on_state_ids(self, request: Request, ver: str, room_id: str) -> tuple[int, Any]:
+        state, chain = await self._state_at(request, room_id)
+        return 200, {"pdu_ids": list(state.values()), "auth_chain_ids": [e.event_id for e in chain]}
+
+    async def on_event(self, request: Request, ver: str, event_id: str) -> tuple[int, Any]:
+        origin = await self._auth(request)
+        ev = await self.events.get_event(event_id)
+        if ev is None:
+            raise not_found("Event not found")
+        await self._origin_in_room(origin, ev.room_id)
+        return 200, {"origin": self.hs.server_name, "origin_server_ts": int(time.time() * 1000), "pdus": [ev.pdu]}
+
+    async def on_event_auth(self, request: Request, ver: str, room_id: str, event_id: str) -> tuple[int, Any]:
+        origin = await self._auth(request)
+        await self._origin_in_room(origin, room_id)
+        ev = await self.events.get_event(event_id)
+        if ev is None or ev.room_id != room_id:
+            raise not_found("Event not found")
+        chain = await self._auth_chain(ev.auth_event_ids)
+        return 200, {"auth_chain": [e.pdu for e in chain]}
+
+    async def on_query_directory(self, request: Request, ver: str) -> tuple[int, Any]:
+        await self._auth(request)
+        alias = query_arg(request, "room_alias")
+        if not alias:
+            raise MatrixError(400, "M_MISSING_PARAM", "room_alias is required")
+        found = await self.hs.rooms.get_alias(alias)
+        if found is None:
+            raise not_found("Room alias not found")
+        servers = {self.hs.server_name} | {server_of(u) for u in await self.events.get_joined_users(found[0])}
+        return 200, {"room_id": found[0], "servers": sorted(servers)}
+
+    async def on_query_profile(self, request: Request, ver: str) -> tuple[int, Any]:
+        await self._auth(request)
+        user_id = query_arg(request, "user_id")
+        field = query_arg(request, "field")
+        if not user_id:
+            raise MatrixError(400, "M_MISSING_PARAM", "user_id is required")
+        if server_of(user_id) != self.hs.server_name:
+            raise MatrixError(400, "M_INVALID_PARAM", "Not a user of this server")
+        profile = await self.hs.accounts.get_profile(user_id)
+        if profile is None:
+            raise not_found("Profile not found")
+        out = {k: v for k, v in profile.items() if v is not None}
+        if field is not None:
+            if field not in ("displayname", "avatar_url"):
+                raise MatrixError(400, "M_INVALID_PARAM", "Unknown profile field")
+            out = {field: out[field]} if field in out else {}
+        return 200, out
+
+    async def on_user_devices(self, request: Request, ver: str, user_id: str) -> tuple[int, Any]:
+        await self._auth(request)
+        if server_of(user_id) != self.hs.server_name:
+            raise MatrixError(400, "M_INVALID_PARAM", "Not a user of this server")
+        # End-to-end encryption keys are not served yet: no device has keys.
+        return 200, {"user_id": user_id, "stream_id": 0, "devices": []}
+
+    async def on_public_rooms(self, request: Request, ver: str) -> tuple[int, Any]:
+        body = self._body(request) if request.method == b"POST" else None
+        await self._auth(request, body)
+        rooms = self.hs.room_servlets
+        if isinstance(body, dict):
+            flt = body.get("filter") or {}
+            term = flt.get("generic_search_term") if isinstance(flt, dict) else None
+            return 200, await rooms._public_rooms(body.get("limit"), body.get("since"), term, None)
+        return 200, await rooms._public_rooms(query_int(request, "limit"), query_arg(request, "since"), None, None)
+
+
+def _event_id_guess(pdu: Any) -> str:
+    """An identifier for a PDU's result entry even when it fails to parse."""
+    if isinstance(pdu, dict):
+        if isinstance(pdu.get("event_id"), str):
+            return pdu["event_id"]
+        room_id = pdu.get("room_id")
+        if isinstance(room_id, str):
+            try:
+                from zhome.crypto.event_hashing import compute_event_id
+
+                return compute_event_id(get_room_version("10"), pdu)
+            except Exception:
+                pass
+    return "$invalid"
+
