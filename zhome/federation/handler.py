@@ -38,6 +38,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PDUS = Counter("zhome_federation_inbound_pdus_total", "Inbound PDUs by outcome", ["outcome"])
+REJECTED = Counter("zhome_federation_rejected_pdus_total", "Inbound PDUs refused, by reason", ["reason"])
+
+
+def rejection_category(reason: str) -> str:
+    """A small fixed set of labels for the metric (reasons are free text)."""
+    r = reason.lower()
+    for key, label in (("signature", "signature"), ("residency", "policy"), ("policy", "policy"),
+                       ("not in the room", "unknown_room"), ("state resolution", "state"),
+                       ("fetch", "missing_events"), ("missing", "missing_events"), ("json", "format"),
+                       ("field", "format"), ("larger", "format"), ("event_id", "format"),
+                       ("references", "format"), ("sender", "format")):
+        if key in r:
+            return label
+    return "auth"
 
 # Bounds on what one inbound event may make us fetch.
 MAX_MISSING_EVENTS = 20
@@ -303,6 +317,15 @@ class FederationHandler:
     # -- the receive path ---------------------------------------------------------------
     async def on_receive_pdu(self, origin: str, pdu: Any) -> str:
         """Check and persist one PDU from a transaction; returns its event ID."""
+        try:
+            event_id = await self._receive_pdu(origin, pdu)
+        except PduRejected as e:
+            REJECTED.labels(rejection_category(str(e))).inc()
+            logger.info("inbound PDU from %s refused: %s", origin, str(e)[:200])
+            raise
+        return event_id
+
+    async def _receive_pdu(self, origin: str, pdu: Any) -> str:
         if not isinstance(pdu, dict):
             raise PduRejected("PDU is not an object")
         room_id = pdu.get("room_id")
@@ -405,6 +428,7 @@ class FederationHandler:
         await self.hs.persister.persist(item)
         if not soft_failed:
             PDUS.labels("accepted").inc()
+            logger.info("accepted %s (%s) in %s from %s", ev.event_id, ev.type, ev.room_id, origin)
         return ev.event_id
 
     # -- joining a remote room -----------------------------------------------------------
