@@ -149,8 +149,8 @@ class EventsStore:
         ev = item.event
         txn.execute(
             "INSERT INTO events (stream_ordering, event_id, room_id, type, state_key, sender, depth,"
-            " origin_server_ts, received_ts, json, rejected_reason, outlier, state_group, soft_failed)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " origin_server_ts, received_ts, json, rejected_reason, outlier, state_group, soft_failed,"
+            " prev_state_group) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 so,
                 ev.event_id,
@@ -166,6 +166,7 @@ class EventsStore:
                 int(item.outlier),
                 group,
                 int(item.soft_failed),
+                None if item.outlier else item.state_group_before,
             ),
         )
 
@@ -292,15 +293,15 @@ class EventsStore:
         return dict(await self.get_state_group(g)) if g is not None else {}
 
     async def get_state_before_event(self, event: Event) -> StateMap:
-        state = await self.get_state_after_event(event.event_id)
-        if event.is_state():
-            # The state after a state event includes the event itself; the
-            # state before it is the state of its prev event.
-            prevs = event.prev_event_ids
-            if prevs:
-                return await self.get_state_after_event(prevs[0])
+        if not event.is_state():
+            # A message changes no state: before and after are the same.
+            return await self.get_state_after_event(event.event_id)
+        rows = await self.db.execute(
+            "prev_state_group", "SELECT prev_state_group FROM events WHERE event_id = ?", event.event_id
+        )
+        if not rows or rows[0][0] is None:
             return {}
-        return state
+        return dict(await self.get_state_group(rows[0][0]))
 
     async def get_current_state_ids(self, room_id: str) -> StateMap:
         rows = await self.db.execute(
