@@ -27,7 +27,7 @@ from zhome.rooms import auth
 from zhome.rooms.events import Event, StateMap
 from zhome.rooms.redaction import prune_event_dict
 from zhome.rooms.state_res import StateResolutionError, resolve_state
-from zhome.rooms.validation import MAX_EVENT_SIZE
+from zhome.rooms.validation import MAX_EVENT_SIZE, MAX_FIELD_BYTES
 from zhome.rooms.versions import KNOWN_ROOM_VERSIONS, EventIdFormat, RoomVersion, get_room_version
 from zhome.storage.events import PersistItem
 from zhome.util.ids import is_valid_user_id, server_of
@@ -86,6 +86,11 @@ def parse_pdu(rv: RoomVersion, pdu: Any) -> Event:
         raise PduRejected("state_key must be a string")
     if not is_valid_user_id(pdu["sender"]):
         raise PduRejected("sender is not a user ID")
+    # client-server-api "Size limits": these keys are at most 255 bytes each.
+    for key in ("sender", "room_id", "type", "state_key", "event_id"):
+        value = pdu.get(key)
+        if isinstance(value, str) and len(value.encode("utf-8")) > MAX_FIELD_BYTES:
+            raise PduRejected(f"{key} longer than {MAX_FIELD_BYTES} bytes")
     try:
         check_canonical_json_value(pdu, strict=rv.strict_canonical_json)
     except ValueError as e:
@@ -138,11 +143,22 @@ class FederationHandler:
     async def _load_events(self, ids: Iterable[str]) -> dict[str, Event]:
         return await self.events.get_events(ids)
 
-    async def resolve(self, rv: RoomVersion, state_sets: list[StateMap]) -> StateMap:
+    async def resolve(self, rv: RoomVersion, state_sets: list[StateMap],
+                      unstored: Optional[Event] = None) -> StateMap:
+        """Resolve ``state_sets``; ``unstored`` is an event in them that is
+        being checked and so is not in the database yet."""
         if len(state_sets) == 1:
             return dict(state_sets[0])
+
+        async def load(ids: Iterable[str]) -> dict[str, Event]:
+            wanted = list(ids)
+            found = await self._load_events([i for i in wanted if unstored is None or i != unstored.event_id])
+            if unstored is not None and unstored.event_id in wanted:
+                found[unstored.event_id] = unstored
+            return found
+
         try:
-            return await resolve_state(rv, state_sets, self._load_events)
+            return await resolve_state(rv, state_sets, load)
         except StateResolutionError as e:
             raise PduRejected(f"state resolution failed: {e}")
 
@@ -414,7 +430,7 @@ class FederationHandler:
                     g = await self.events.get_state_group_for_event(x)
                     if g is not None:
                         sets.append(dict(await self.events.get_state_group(g)))
-                new_current = await self.resolve(rv, sets)
+                new_current = await self.resolve(rv, sets, unstored=ev)
             else:
                 new_current = state_after
         else:
@@ -491,7 +507,10 @@ class FederationHandler:
         ev = Event(signed, event_id, rv)
         if membership == "knock":
             # A knock leaves us outside the room: store it like an invite.
-            stripped = result.get("knock_room_state") or result.get("knock_state_events") or []
+            from zhome.federation.servlets import _stripped
+
+            given = result.get("knock_room_state") or result.get("knock_state_events") or []
+            stripped = _stripped(given) if isinstance(given, list) else []
             ev.pdu.setdefault("unsigned", {})["knock_room_state"] = stripped
             await self.store_membership_outlier(ev, version)
             return ev

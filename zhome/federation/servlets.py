@@ -161,7 +161,9 @@ class FederationServlets:
             return 200, json.loads(rows[0][0])
         results: dict[str, Any] = {}
         for pdu in pdus:
-            event_id = _event_id_guess(pdu)
+            room_id = pdu.get("room_id") if isinstance(pdu, dict) else None
+            known_version = await self.hs.rooms.get_room_version(room_id) if isinstance(room_id, str) else None
+            event_id = _event_id_guess(pdu, known_version)
             try:
                 event_id = await self.handler.on_receive_pdu(origin, pdu)
                 results[event_id] = {}
@@ -323,7 +325,7 @@ class FederationServlets:
 
     async def on_send_knock(self, request: Request, ver: str, room_id: str, event_id: str) -> tuple[int, Any]:
         _, ev, before = await self._receive_membership(request, room_id, event_id, "knock")
-        return 200, {"knock_room_state": await self.hs.membership.stripped_state(before)}
+        return 200, {"knock_room_state": await self.hs.membership.room_state_pdus(before)}
 
     async def on_invite(self, request: Request, ver: str, room_id: str, event_id: str) -> tuple[int, Any]:
         origin, body = await self._authed_body(request)
@@ -362,7 +364,7 @@ class FederationServlets:
         _, signed = hash_and_sign_event(rv, ev.pdu, self.hs.server_name, self.hs.signing_key)
         stored = dict(signed)
         if isinstance(invite_state, list):
-            stored["unsigned"] = {"invite_room_state": [s for s in invite_state if isinstance(s, dict)][:50]}
+            stored["unsigned"] = {"invite_room_state": _stripped(invite_state)}
         invite_ev = Event(stored, event_id, rv)
         if await self.events.get_event(event_id) is None and not await self.hs.membership.host_in_room(room_id):
             await self.handler.store_membership_outlier(invite_ev, version)
@@ -508,18 +510,32 @@ class FederationServlets:
         return 200, await rooms._public_rooms(query_int(request, "limit"), query_arg(request, "since"), None, None)
 
 
-def _event_id_guess(pdu: Any) -> str:
-    """An identifier for a PDU's result entry even when it fails to parse."""
-    if isinstance(pdu, dict):
-        if isinstance(pdu.get("event_id"), str):
-            return pdu["event_id"]
-        room_id = pdu.get("room_id")
-        if isinstance(room_id, str):
-            try:
-                from zhome.crypto.event_hashing import compute_event_id
+def _stripped(events: list[Any]) -> list[dict[str, Any]]:
+    """Invite or knock room state (full PDUs since spec v1.16) as the
+    stripped state events clients get."""
+    out = []
+    for e in events[:50]:
+        if isinstance(e, dict) and isinstance(e.get("type"), str) and isinstance(e.get("content"), dict):
+            out.append({k: e[k] for k in ("type", "state_key", "content", "sender") if k in e})
+    return out
 
-                return compute_event_id(get_room_version("10"), pdu)
-            except Exception:
-                pass
+
+def _event_id_guess(pdu: Any, version: str | None) -> str:
+    """An identifier for a PDU's result entry even when it fails to parse.
+
+    The event ID depends on the room version (its redaction algorithm), so
+    use the room's version when we know the room; a guess otherwise.
+    """
+    if isinstance(pdu, dict):
+        from zhome.crypto.event_hashing import compute_event_id
+        from zhome.rooms.versions import EventIdFormat
+
+        try:
+            rv = get_room_version(version if version in KNOWN_ROOM_VERSIONS else "10")
+            if rv.event_id_format is EventIdFormat.SERVER_CHOSEN or not isinstance(pdu.get("room_id"), str):
+                return pdu["event_id"] if isinstance(pdu.get("event_id"), str) else "$invalid"
+            return compute_event_id(rv, _strip_pdu(pdu))
+        except Exception:
+            pass
     return "$invalid"
 

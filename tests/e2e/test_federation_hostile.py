@@ -1,0 +1,641 @@
+"""A hostile remote server against a real zhome.
+
+A real zhome "A" (federation over TLS on 127.0.0.2) has a public room made by
+its local user. "E" is a fake remote server run inside the test: its own
+ed25519 key, served at ``/_matrix/key/v2/server`` from a small HTTPS server
+on 127.0.0.6 in a background thread. E's user joins A's room properly
+(make_join / send_join v2), then E sends transactions that break the rules.
+
+Each case checks that A answers as the spec says, that the room state A
+shows its clients is unchanged, and that A keeps serving.
+
+Spec: server-server-api "Transactions" (at most 50 PDUs and 100 EDUs,
+per-PDU results, idempotent per origin and transaction ID),
+"Authentication" ("Request Authentication": X-Matrix, destination),
+"Checks performed on receipt of a PDU" (signatures: reject; content hash:
+redact; auth rules: reject), "Validating hashes and signatures on received
+events".
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+import os
+import secrets
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pytest
+
+from tests.conftest import _pg_admin_connection, _pg_server_args
+from tests.e2e.conftest import _database_url
+from tests.e2e.harness import ZhomeProcess
+from zhome.crypto.event_hashing import compute_event_id, hash_and_sign_event
+from zhome.crypto.keys import SigningKey, key_id, new_signing_key, verify_key_base64
+from zhome.crypto.signing import sign_json
+from zhome.federation.request_auth import sign_request
+from zhome.federation.tls import generate_self_signed_certificate
+from zhome.rooms.auth import auth_types_for_event
+from zhome.rooms.versions import KNOWN_ROOM_VERSIONS, RoomVersion, get_room_version
+
+CS = "/_matrix/client/v3"
+FED = "/_matrix/federation"
+E_IP = "127.0.0.6"
+_TXN = itertools.count()
+
+
+def q(s: str) -> str:
+    return urllib.parse.quote(s, safe="")
+
+
+def _free_port(ip: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((ip, 0))
+        return int(s.getsockname()[1])
+
+
+def _unverified_client_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+# -- E: the fake remote server ---------------------------------------------------
+
+
+class FakeServer:
+    """Server "E": a key, an HTTPS listener that serves it, and a client to A."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = _free_port(E_IP)
+        self.server_name = f"{E_IP}:{self.port}"
+        self.key: SigningKey = new_signing_key()
+        self.requests_seen: list[tuple[str, str]] = []
+        cert_pem, key_pem = generate_self_signed_certificate(self.server_name)
+        workdir.mkdir(parents=True, exist_ok=True)
+        cert_path, key_path = workdir / "e.crt", workdir / "e.key"
+        cert_path.write_bytes(cert_pem)
+        key_path.write_bytes(key_pem)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(cert_path), str(key_path))
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
+                pass
+
+            def _reply(self, code: int, body: Any) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                fake.requests_seen.append((self.command, self.path))
+                path = self.path.split("?", 1)[0]
+                if self.command == "GET" and path.startswith("/_matrix/key/v2/server"):
+                    self._reply(200, fake.key_response())
+                elif self.command == "PUT" and path.startswith(FED + "/v1/send/"):
+                    # A's outbound queue: accept and ignore.
+                    self._reply(200, {"pdus": {}})
+                else:
+                    self._reply(404, {"errcode": "M_NOT_FOUND", "error": "E does not serve this"})
+
+            do_GET = _handle  # noqa: N815 - stdlib's names
+            do_PUT = _handle  # noqa: N815
+            do_POST = _handle  # noqa: N815
+
+        self.httpd = ThreadingHTTPServer((E_IP, self.port), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="fake-server-E", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def key_response(self) -> dict[str, Any]:
+        now = int(time.time() * 1000)
+        body = {
+            "server_name": self.server_name,
+            "verify_keys": {key_id(self.key): {"key": verify_key_base64(self.key)}},
+            "old_verify_keys": {},
+            "valid_until_ts": now + 24 * 3600 * 1000,
+        }
+        return sign_json(body, self.server_name, self.key)
+
+    # -- talking to A's federation listener ----------------------------------------
+    def request(self, a: ZhomeProcess, method: str, path: str, body: Any = None, *,
+                auth: Optional[str] = "sign", raw: Optional[bytes] = None,
+                destination: Optional[str] = None, signed_content: Any = "same") -> tuple[int, Any]:
+        """One request to A. ``auth``: "sign" (a correct X-Matrix header),
+        None (no header) or a literal header value. ``signed_content``: what
+        the header signs when it differs from the body sent."""
+        host, _, port = a.server_name.rpartition(":")
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        headers = {}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        if auth == "sign":
+            content = body if signed_content == "same" else signed_content
+            headers["Authorization"] = sign_request(
+                self.server_name, destination or a.server_name, method, path, content, self.key)
+        elif auth is not None:
+            headers["Authorization"] = auth
+        conn = http.client.HTTPSConnection(host, int(port), timeout=120, context=_unverified_client_context())
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            payload = resp.read()
+            status = resp.status
+        finally:
+            conn.close()
+        try:
+            return status, json.loads(payload) if payload else None
+        except ValueError:
+            return status, payload
+
+
+class RemoteRoom:
+    """E's view of A's room after joining: what it needs to build events."""
+
+    def __init__(self, e: FakeServer, room_id: str, rv: RoomVersion, state: dict[tuple[str, str], str],
+                 latest: str, depth: int) -> None:
+        self.e = e
+        self.room_id = room_id
+        self.rv = rv
+        self.state = state
+        self.latest = latest
+        self.depth = depth
+
+    def build(self, etype: str, content: dict[str, Any], sender: str, state_key: Optional[str] = None,
+              room_id: Optional[str] = None) -> dict[str, Any]:
+        keys = auth_types_for_event(self.rv, etype, state_key, sender, content)
+        pdu: dict[str, Any] = {
+            "room_id": room_id or self.room_id,
+            "sender": sender,
+            "type": etype,
+            "content": content,
+            "depth": self.depth + 1,
+            "origin_server_ts": int(time.time() * 1000),
+            "prev_events": [self.latest],
+            "auth_events": [self.state[k] for k in keys if k in self.state],
+        }
+        if state_key is not None:
+            pdu["state_key"] = state_key
+        return pdu
+
+    def sign(self, pdu: dict[str, Any], key: Optional[SigningKey] = None) -> tuple[str, dict[str, Any]]:
+        return hash_and_sign_event(self.rv, pdu, self.e.server_name, key or self.e.key)
+
+    def accepted(self, event_id: str, pdu: dict[str, Any]) -> None:
+        """A took ``pdu``: build on it from now on."""
+        self.latest = event_id
+        self.depth = pdu["depth"]
+        if "state_key" in pdu:
+            self.state[(pdu["type"], pdu["state_key"])] = event_id
+
+
+class World:
+    def __init__(self, a: ZhomeProcess, e: FakeServer, token: str, alice: str, mallory: str,
+                 room: RemoteRoom) -> None:
+        self.a = a
+        self.e = e
+        self.token = token
+        self.alice = alice
+        self.mallory = mallory
+        self.room = room
+
+    # A's client API, as alice
+    def client(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        return self.a.request(method, CS + path, body, token=self.token)
+
+    def room_state(self) -> list[dict[str, Any]]:
+        status, body = self.client("GET", f"/rooms/{q(self.room.room_id)}/state")
+        assert status == 200, (status, body)
+        # unsigned.age changes with every read: compare the events themselves.
+        events = [{k: v for k, v in ev.items() if k != "unsigned"} for ev in body]
+        return sorted(events, key=lambda ev: (ev["type"], ev["state_key"]))
+
+    def message_ids(self) -> list[str]:
+        status, body = self.client("GET", f"/rooms/{q(self.room.room_id)}/messages?dir=b&limit=200")
+        assert status == 200, (status, body)
+        return [ev["event_id"] for ev in body["chunk"]]
+
+    def send_txn(self, pdus: list[dict[str, Any]], edus: Optional[list[dict[str, Any]]] = None,
+                 txn_id: Optional[str] = None, origin: Optional[str] = None, **kw: Any) -> tuple[int, Any]:
+        txn_id = txn_id or f"hostile{next(_TXN)}-{time.time_ns()}"
+        body = {"origin": origin or self.e.server_name, "origin_server_ts": int(time.time() * 1000),
+                "pdus": pdus, "edus": edus or []}
+        return self.e.request(self.a, "PUT", f"{FED}/v1/send/{q(txn_id)}", body, **kw)
+
+    def assert_serving(self) -> None:
+        status, body = self.a.request("GET", "/_matrix/client/versions")
+        assert status == 200 and "versions" in body, (status, body)
+        assert self.a.proc is not None and self.a.proc.poll() is None, self.a.log()
+
+
+def _join(a: ZhomeProcess, e: FakeServer, room_id: str, mallory: str) -> RemoteRoom:
+    ver = "&".join("ver=" + q(v) for v in KNOWN_ROOM_VERSIONS)
+    status, made = e.request(a, "GET", f"{FED}/v1/make_join/{q(room_id)}/{q(mallory)}?{ver}")
+    assert status == 200, (status, made, a.log())
+    rv = get_room_version(made["room_version"])
+    template = dict(made["event"])
+    template["origin_server_ts"] = int(time.time() * 1000)
+    template["content"] = {"membership": "join", "displayname": "Mallory"}
+    for k in ("signatures", "hashes", "unsigned", "event_id"):
+        template.pop(k, None)
+    event_id, signed = hash_and_sign_event(rv, template, e.server_name, e.key)
+    status, joined = e.request(a, "PUT", f"{FED}/v2/send_join/{q(room_id)}/{q(event_id)}", signed)
+    assert status == 200, (status, joined, a.log())
+    assert isinstance(joined, dict) and isinstance(joined.get("state"), list), joined
+    state: dict[tuple[str, str], str] = {}
+    for pdu in joined["state"]:
+        eid = _event_id_of(rv, pdu)
+        state[(pdu["type"], pdu["state_key"])] = eid
+    room = RemoteRoom(e, room_id, rv, state, event_id, template["depth"])
+    room.accepted(event_id, template)
+    return room
+
+
+def _event_id_of(rv: RoomVersion, pdu: dict[str, Any]) -> str:
+    return compute_event_id(rv, {k: v for k, v in pdu.items() if k != "unsigned"})
+
+
+@pytest.fixture(scope="module", params=["sqlite3", "postgres"])
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """A with alice's public room, and E with @mallory joined to it.
+
+    Module-scoped, one per database engine: starting a server and joining
+    for every case would cost more than the cases themselves.
+    """
+    workdir = tmp_path_factory.mktemp(f"hostile-{request.param}")
+    db_url = None
+    pg_name = None
+    if request.param == "postgres":
+        if os.environ.get("ZHOME_TEST_NO_POSTGRES") == "1":
+            pytest.skip("ZHOME_TEST_NO_POSTGRES=1")
+        pg_name = f"zhome_test_{secrets.token_hex(8)}"
+        admin = _pg_admin_connection()
+        try:
+            with admin.cursor() as cur:
+                cur.execute(f"CREATE DATABASE {pg_name} ENCODING 'UTF8' LC_COLLATE 'C' "
+                            "LC_CTYPE 'C' TEMPLATE template0")
+        finally:
+            admin.close()
+        db_url = _database_url(("psycopg2", {**_pg_server_args(), "database": pg_name}))
+    a = ZhomeProcess(workdir / "a", database_url=db_url, federation_ip="127.0.0.2")
+    e = FakeServer(workdir / "e")
+    try:
+        a.start()
+        reg = a.register("alice")
+        token, alice = reg["access_token"], reg["user_id"]
+        status, created = a.request("POST", CS + "/createRoom", {"preset": "public_chat", "name": "Open"},
+                                    token=token)
+        assert status == 200, (status, created)
+        mallory = f"@mallory:{e.server_name}"
+        room = _join(a, e, created["room_id"], mallory)
+        w = World(a, e, token, alice, mallory, room)
+        members = {ev["state_key"]: ev["content"].get("membership") for ev in w.room_state()
+                   if ev["type"] == "m.room.member"}
+        assert members == {alice: "join", mallory: "join"}, members
+        yield w
+    finally:
+        a.stop()
+        e.stop()
+        if pg_name is not None:
+            admin = _pg_admin_connection()
+            try:
+                with admin.cursor() as cur:
+                    cur.execute(f"DROP DATABASE IF EXISTS {pg_name} WITH (FORCE)")
+            finally:
+                admin.close()
+
+
+# -- the cases ------------------------------------------------------------------------
+
+
+def test_a_valid_event_is_accepted(world: World) -> None:
+    """The control case: E's properly made event gets through."""
+    r = world.room
+    pdu = r.build("m.room.message", {"msgtype": "m.text", "body": "hello from E"}, world.mallory)
+    eid, signed = r.sign(pdu)
+    status, body = world.send_txn([signed])
+    assert status == 200, (status, body)
+    assert body["pdus"] == {eid: {}}, body
+    r.accepted(eid, pdu)
+    assert eid in world.message_ids()
+    world.assert_serving()
+
+
+def test_bad_signature_is_rejected(world: World) -> None:
+    r = world.room
+    before = world.room_state()
+    pdu = r.build("m.room.message", {"msgtype": "m.text", "body": "signed by someone else"}, world.mallory)
+    # Same key ID as E's real key, different key: the signature cannot hold.
+    impostor = new_signing_key(world.e.key.version)
+    eid, signed = r.sign(pdu, key=impostor)
+    status, body = world.send_txn([signed])
+    assert status == 200, (status, body)
+    assert set(body["pdus"]) == {eid}, body
+    assert "error" in body["pdus"][eid], body
+    assert eid not in world.message_ids()
+    assert world.room_state() == before
+    world.assert_serving()
+
+
+def test_bad_content_hash_is_redacted(world: World) -> None:
+    r = world.room
+    before = world.room_state()
+    pdu = r.build("m.room.message", {"msgtype": "m.text", "body": "original"}, world.mallory)
+    eid, signed = r.sign(pdu)
+    # Content is stripped by redaction: the signature (over the redacted
+    # form) and the event ID still hold, the content hash does not.
+    signed["content"] = {"msgtype": "m.text", "body": "tampered after signing"}
+    status, body = world.send_txn([signed])
+    assert status == 200, (status, body)
+    assert body["pdus"] == {eid: {}}, body
+    r.accepted(eid, signed)
+    status, ev = world.client("GET", f"/rooms/{q(r.room_id)}/event/{q(eid)}")
+    assert status == 200, (status, ev)
+    assert ev["content"] == {}, ev
+    assert world.room_state() == before
+    world.assert_serving()
+
+
+def test_forged_sender_from_a_is_rejected(world: World) -> None:
+    r = world.room
+    before = world.room_state()
+    pdu = r.build("m.room.message", {"msgtype": "m.text", "body": "I am alice, honest"}, world.alice)
+    eid, signed = r.sign(pdu)  # signed by E only
+    status, body = world.send_txn([signed])
+    assert status == 200, (status, body)
+    assert set(body["pdus"]) == {eid} and "error" in body["pdus"][eid], body
+    assert eid not in world.message_ids()
+    assert world.room_state() == before
+    world.assert_serving()
+
+
+def test_event_failing_auth_is_rejected(world: World) -> None:
+    r = world.room
+    before = world.room_state()
+    pl_before = [ev for ev in before if ev["type"] == "m.room.power_levels"]
+    assert pl_before and pl_before[0]["content"].get("users", {}).get(world.mallory, 0) == 0
+    content = dict(pl_before[0]["content"])
+    content["users"] = {**content.get("users", {}), world.mallory: 100}
+    pdu = r.build("m.room.power_levels", content, world.mallory, state_key="")
+    eid, signed = r.sign(pdu)
+    status, body = world.send_txn([signed])
+    assert status == 200, (status, body)
+    assert set(body["pdus"]) == {eid} and "error" in body["pdus"][eid], body
+    assert world.room_state() == before
+    assert eid not in world.message_ids()
+    world.assert_serving()
+
+
+def test_too_many_pdus_or_edus(world: World) -> None:
+    r = world.room
+    before = world.room_state()
+    pdus, ids = [], []
+    for i in range(51):
+        pdu = r.build("m.room.message", {"msgtype": "m.text", "body": f"flood {i}"}, world.mallory)
+        eid, signed = r.sign(pdu)
+        pdus.append(signed)
+        ids.append(eid)
+    status, body = world.send_txn(pdus)
+    assert status == 400, (status, body)
+    assert body["errcode"] == "M_BAD_JSON", body
+    world.assert_serving()
+    edus = [{"edu_type": "m.typing", "content": {"room_id": r.room_id, "user_id": world.mallory,
+                                                  "typing": True}} for _ in range(101)]
+    status, body = world.send_txn([], edus)
+    assert status == 400, (status, body)
+    assert body["errcode"] == "M_BAD_JSON", body
+    assert not set(ids) & set(world.message_ids())
+    assert world.room_state() == before
+    world.assert_serving()
+
+
+def test_body_over_10_mib(world: World) -> None:
+    before = world.room_state()
+    pad = "a" * (10 * 1024 * 1024 + 16)
+    edus = [{"edu_type": "org.example.padding", "content": {"pad": pad}}]
+    status, body = world.send_txn([], edus)
+    assert status == 413, (status, body)
+    assert body["errcode"] == "M_TOO_LARGE", body
+    assert world.room_state() == before
+    world.assert_serving()
+
+
+def test_request_authentication(world: World) -> None:
+    before = world.room_state()
+    r = world.room
+    pdu = r.build("m.room.message", {"msgtype": "m.text", "body": "unauthenticated"}, world.mallory)
+    eid, signed = r.sign(pdu)
+    # Signed for another destination.
+    status, body = world.send_txn([signed], destination="other.example:8448")
+    assert status == 401 and body["errcode"] == "M_UNAUTHORIZED", (status, body)
+    # No Authorization header at all.
+    status, body = world.send_txn([signed], auth=None)
+    assert status == 401 and body["errcode"] == "M_UNAUTHORIZED", (status, body)
+    # Garbled headers.
+    for garbled in ("X-Matrix", "X-Matrix origin", 'X-Matrix origin="x",,key=', "Bearer abc",
+                    f'X-Matrix origin="{world.e.server_name}",key="ed25519:nope",sig="AAAA"'):
+        status, body = world.send_txn([signed], auth=garbled)
+        assert status == 401 and body["errcode"] == "M_UNAUTHORIZED", (garbled, status, body)
+    # Claiming to be A itself, or a server whose keys cannot be fetched.
+    txn_path = f"{FED}/v1/send/claim{time.time_ns()}"
+    txn = {"origin": world.a.server_name, "origin_server_ts": 1, "pdus": [signed], "edus": []}
+    for claimed in (world.a.server_name, "127.0.0.9:1"):
+        header = sign_request(claimed, world.a.server_name, "PUT", txn_path, dict(txn, origin=claimed),
+                              world.e.key)
+        status, body = world.e.request(world.a, "PUT", txn_path, dict(txn, origin=claimed), auth=header)
+        assert status == 401 and body["errcode"] == "M_UNAUTHORIZED", (claimed, status, body)
+    # A valid header, but over another body.
+    status, body = world.send_txn([signed], signed_content={"origin": world.e.server_name, "pdus": [],
+                                                            "edus": []})
+    assert status == 401 and body["errcode"] == "M_UNAUTHORIZED", (status, body)
+    assert eid not in world.message_ids()
+    assert world.room_state() == before
+    world.assert_serving()
+
+
+def test_transaction_of_the_wrong_shape(world: World) -> None:
+    before = world.room_state()
+    path = f"{FED}/v1/send/shape{time.time_ns()}"
+    shapes: list[Any] = [[], "txn", 5, {"origin": world.e.server_name, "pdus": {}, "edus": []},
+                         {"origin": world.e.server_name, "pdus": [], "edus": "x"}]
+    for body_sent in shapes:
+        status, body = world.e.request(world.a, "PUT", path, body_sent)
+        assert status == 400 and body["errcode"] == "M_BAD_JSON", (body_sent, status, body)
+    assert world.room_state() == before
+    world.assert_serving()
+
+
+def test_replayed_transaction(world: World) -> None:
+    r = world.room
+    before = world.room_state()
+    pdu = r.build("m.room.message", {"msgtype": "m.text", "body": "say it twice"}, world.mallory)
+    eid, signed = r.sign(pdu)
+    txn_id = f"replay-{time.time_ns()}"
+    status1, body1 = world.send_txn([signed], txn_id=txn_id)
+    assert status1 == 200 and body1["pdus"] == {eid: {}}, (status1, body1)
+    r.accepted(eid, pdu)
+    status2, body2 = world.send_txn([signed], txn_id=txn_id)
+    assert (status2, body2) == (status1, body1)
+    assert world.message_ids().count(eid) == 1
+    assert world.room_state() == before
+    world.assert_serving()
+
+
+def test_body_origin_differs_from_authenticated_origin(world: World) -> None:
+    r = world.room
+    before = world.room_state()
+    pdu = r.build("m.room.message", {"msgtype": "m.text", "body": "whose transaction?"}, world.mallory)
+    eid, signed = r.sign(pdu)
+    status, body = world.send_txn([signed], origin="127.0.0.9:1234")
+    assert status == 403 and body["errcode"] == "M_FORBIDDEN", (status, body)
+    assert eid not in world.message_ids()
+    assert world.room_state() == before
+    world.assert_serving()
+
+
+def test_event_for_unknown_room(world: World) -> None:
+    r = world.room
+    before = world.room_state()
+    pdu = r.build("m.room.message", {"msgtype": "m.text", "body": "elsewhere"}, world.mallory,
+                  room_id="!nosuchroom:" + world.e.server_name)
+    _, signed = r.sign(pdu)
+    status, body = world.send_txn([signed])
+    assert status == 200, (status, body)
+    assert len(body["pdus"]) == 1, body
+    (result,) = body["pdus"].values()
+    assert "error" in result, body
+    assert world.room_state() == before
+    world.assert_serving()
+
+
+def test_non_json_body(world: World) -> None:
+    before = world.room_state()
+    status, body = world.e.request(world.a, "PUT", f"{FED}/v1/send/notjson{time.time_ns()}",
+                                   raw=b"this is {not json", auth=None)
+    assert status == 400 and body["errcode"] == "M_NOT_JSON", (status, body)
+    status, body = world.e.request(world.a, "PUT", f"{FED}/v1/send/notjson{time.time_ns()}",
+                                   raw=b"\xff\xfe\x00garbage", auth=None)
+    assert status == 400 and body["errcode"] == "M_NOT_JSON", (status, body)
+    assert world.room_state() == before
+    world.assert_serving()
+
+
+def test_malformed_pdus_and_edus_get_per_pdu_errors(world: World) -> None:
+    r = world.room
+    before = world.room_state()
+    good = r.build("m.room.message", {"msgtype": "m.text", "body": "between the junk"}, world.mallory)
+    good_id, good_signed = r.sign(good)
+    no_sender = r.build("m.room.message", {"msgtype": "m.text", "body": "anon"}, world.mallory)
+    no_sender_id, no_sender = r.sign(no_sender)
+    del no_sender["sender"]
+    floaty = r.build("m.room.message", {"msgtype": "m.text", "body": "f", "n": 1.5}, world.mallory)
+    floaty_signed = dict(floaty, hashes={"sha256": "x"}, signatures={})
+    huge = r.build("m.room.message", {"msgtype": "m.text", "body": "x" * 70000}, world.mallory)
+    huge_id, huge_signed = r.sign(huge)
+    long_type = r.build("x" * 300, {"body": "long type"}, world.mallory)
+    long_type_id, long_type_signed = r.sign(long_type)
+    junk: list[Any] = [1, "pdu", None, [], {"room_id": r.room_id}, no_sender, floaty_signed, huge_signed,
+                       long_type_signed]
+    edus: list[Any] = [1, None, {"edu_type": 5}, {"edu_type": "m.typing", "content": "x"},
+                       {"edu_type": "m.receipt", "content": {r.room_id: {"m.read": {world.alice: {}}}}},
+                       {"edu_type": "m.typing", "content": {"room_id": r.room_id, "user_id": world.alice,
+                                                           "typing": True}}]
+    status, body = world.send_txn(junk + [good_signed], edus)
+    assert status == 200, (status, body)
+    assert body["pdus"][good_id] == {}, body
+    for eid in (huge_id, long_type_id):
+        assert "error" in body["pdus"][eid], (eid, body)
+    assert all("error" in v for k, v in body["pdus"].items() if k != good_id), body
+    r.accepted(good_id, good)
+    ids = world.message_ids()
+    assert good_id in ids
+    assert not {no_sender_id, huge_id, long_type_id} & set(ids)
+    assert world.room_state() == before
+    world.assert_serving()
+
+
+def test_rejected_events_are_not_served_to_clients(world: World) -> None:
+    r = world.room
+    pl = r.build("m.room.power_levels", {"users": {world.mallory: 100}}, world.mallory, state_key="")
+    eid, signed = r.sign(pl)
+    status, body = world.send_txn([signed])
+    assert status == 200 and "error" in body["pdus"][eid], (status, body)
+    status, ev = world.client("GET", f"/rooms/{q(r.room_id)}/event/{q(eid)}")
+    assert status == 404 and ev["errcode"] == "M_NOT_FOUND", (status, ev)
+    # Building on the rejected event (citing it as an auth event) gets
+    # nowhere either: a topic change that would pass with it is refused.
+    before = world.room_state()
+    topic = r.build("m.room.topic", {"topic": "mallory rules"}, world.mallory, state_key="")
+    topic["auth_events"] = [eid if a == r.state[("m.room.power_levels", "")] else a
+                            for a in topic["auth_events"]]
+    assert eid in topic["auth_events"]
+    tid, tsigned = r.sign(topic)
+    status, body = world.send_txn([tsigned])
+    assert status == 200 and "error" in body["pdus"][tid], (status, body)
+    assert world.room_state() == before
+    world.assert_serving()
+
+
+def test_event_with_unknown_prev_events(world: World) -> None:
+    """A asks E for what is missing; E has nothing to give: rejected, no 500."""
+    r = world.room
+    before = world.room_state()
+    pdu = r.build("m.room.message", {"msgtype": "m.text", "body": "out of nowhere"}, world.mallory)
+    pdu["prev_events"] = ["$doesnotexistanywhere0000000000000000000000"]
+    eid, signed = r.sign(pdu)
+    seen = len(world.e.requests_seen)
+    status, body = world.send_txn([signed])
+    assert status == 200, (status, body)
+    assert set(body["pdus"]) == {eid} and "error" in body["pdus"][eid], body
+    asked = [p.split("?")[0] for _, p in world.e.requests_seen[seen:]]
+    assert any(p.startswith(FED + "/v1/get_missing_events/") for p in asked), asked
+    assert eid not in world.message_ids()
+    assert world.room_state() == before
+    world.assert_serving()
+
+
+def test_same_event_twice_in_one_transaction(world: World) -> None:
+    r = world.room
+    pdu = r.build("m.room.message", {"msgtype": "m.text", "body": "echo"}, world.mallory)
+    eid, signed = r.sign(pdu)
+    status, body = world.send_txn([signed, signed])
+    assert status == 200 and body["pdus"] == {eid: {}}, (status, body)
+    r.accepted(eid, pdu)
+    assert world.message_ids().count(eid) == 1
+    world.assert_serving()
+
+
+def test_valid_event_still_accepted_after_the_abuse(world: World) -> None:
+    """Nothing above left A unable to take E's honest events."""
+    r = world.room
+    pdu = r.build("m.room.message", {"msgtype": "m.text", "body": "still friends?"}, world.mallory)
+    eid, signed = r.sign(pdu)
+    status, body = world.send_txn([signed])
+    assert status == 200 and body["pdus"] == {eid: {}}, (status, body)
+    r.accepted(eid, pdu)
+    assert eid in world.message_ids()
+    world.assert_serving()
