@@ -8,7 +8,6 @@ self-signed federation listener and talk to it over HTTPS.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys

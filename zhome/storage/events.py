@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 from zhome.rooms.events import Event, StateMap
 from zhome.rooms.versions import get_room_version
