@@ -71,12 +71,19 @@ class FederationServlets:
     async def _auth(self, request: Request, body: Any = None) -> str:
         origin = await authenticate_request(
             request, body, self.hs.server_name, self._verify_key,
-            is_server_allowed=self.hs.residency_policy.server_allowed,
+            is_server_allowed=self._server_allowed,
         )
         sender = self.hs.federation_sender
         if sender is not None:
             await sender.on_destination_alive(origin)
         return origin
+
+    def _server_allowed(self, server: str) -> bool:
+        # Every request refused by the operator's policy is counted.
+        if self.hs.residency_policy.server_allowed(server):
+            return True
+        self.hs.residency_policy.count_refusal("request")
+        return False
 
     async def _verify_key(self, server: str, key_id: str, at_ts: int) -> Any:
         from zhome.federation.keyring import KeyLookupError

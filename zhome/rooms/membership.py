@@ -112,7 +112,7 @@ class MembershipService:
 
     async def _countersign_invite(self, ev: Event, state: dict[tuple[str, str], str]) -> Event:
         assert self.federation is not None
-        return await self.federation.send_invite(ev, await self.stripped_state(state))
+        return await self.federation.send_invite(ev, await self.room_state_pdus(state))
 
     async def stripped_state(self, state: dict[tuple[str, str], str]) -> list[dict[str, Any]]:
         """The state an invitee may see before joining (spec: stripped state)."""
@@ -120,6 +120,18 @@ class MembershipService:
         evs = await self.events.get_events(state[k] for k in keys if k in state)
         return [{"type": e.type, "state_key": e.state_key, "content": e.content, "sender": e.sender}
                 for e in evs.values()]
+
+    async def room_state_pdus(self, state: dict[tuple[str, str], str]) -> list[dict[str, Any]]:
+        """``invite_room_state``/``knock_room_state`` over federation.
+
+        Since spec v1.16 these are full PDUs in the room version's format
+        (the create event among them), not stripped events: the receiving
+        server checks their signatures (Synapse refuses stripped ones for
+        room version 12).
+        """
+        keys = [(t, "") for t in STRIPPED_STATE_TYPES]
+        evs = await self.events.get_events(state[k] for k in keys if k in state)
+        return [{k: v for k, v in e.pdu.items() if k != "unsigned"} for e in evs.values()]
 
     async def host_in_room(self, room_id: str) -> bool:
         """Whether this server holds the room's current state (a local member is in it)."""
