@@ -67,7 +67,8 @@ class HomeServer:
         db = self.db
         stream_ids = await IdGenerator.from_table(db, "events", "stream_ordering")
         group_ids = await IdGenerator.from_table(db, "state_groups", "id")
-        self.events = EventsStore(db, stream_ids, group_ids)
+        self.events = EventsStore(db, stream_ids, group_ids,
+                                  await IdGenerator.downward_from_table(db, "events", "stream_ordering"))
         self.accounts = AccountsStore(
             db,
             await IdGenerator.from_table(db, "access_tokens", "id"),

@@ -362,8 +362,6 @@ def test_reject_invites_and_leave_both_ways(z: Client, s: Client) -> None:
     z.wait_for(lambda: s.user_id not in z.joined_members(room3), "the Synapse user left")
 
 
-@pytest.mark.xfail(strict=True, reason="zhome does not backfill: /messages in a room joined over federation "
-                   "starts at the join, it never asks /backfill for the history before it")
 def test_zhome_user_sees_history_of_synapse_room(z: Client, s: Client, synapse: SynapsePeer) -> None:
     room_id = s.create_room(preset="public_chat")
     s.send(room_id, "history before zhome joined")

@@ -118,6 +118,10 @@ class RoomServlets:
         except FederationHttpError as e:
             if e.status == 404:
                 raise not_found("Room alias not found")
+            if e.status == 403:
+                # E.g. the alias's server does not federate with this one.
+                detail = e.body.get("error") if isinstance(e.body, dict) else None
+                raise forbidden(f"{server} refused the alias lookup: {str(detail or 'forbidden')[:200]}")
             raise MatrixError(502, "M_UNKNOWN", f"{server} answered {e.status}")
         except FederationError as e:
             raise MatrixError(502, "M_UNKNOWN", f"Could not reach {server}: {type(e).__name__}")
@@ -416,7 +420,7 @@ class RoomServlets:
                 break
             batch_size = max(limit * 2, 50)
             if backwards:
-                lower = to if to is not None else -1
+                lower = to if to is not None else -(2**62)
                 if cursor <= lower:
                     break
                 batch = await self.events.get_room_events_between(room_id, lower, cursor, batch_size, True)
@@ -458,13 +462,18 @@ class RoomServlets:
         if from_raw is not None:
             pos = _decode_pos(from_raw)
         else:
-            pos = base.events if direction == "b" else 0
+            pos = base.events if direction == "b" else -(2**62)
         to_raw = query_arg(request, "to")
         to = _decode_pos(to_raw) if to_raw is not None else None
         if membership in ("leave", "ban") and member_ev is not None and direction == "b":
             # Former members see history up to when they left.
             pos = min(pos, member_ev.internal.get("stream_ordering", pos))
         events = await self._page(room_id, req.user_id, pos, to, direction == "b", limit, flt)
+        if direction == "b" and len(events) < limit and self.hs.federation_handler is not None:
+            # We hold no more history: ask a server in the room for older events.
+            start = events[-1].internal["stream_ordering"] - 1 if events else pos
+            if await self.hs.federation_handler.backfill(room_id, max(limit - len(events), 10)):
+                events += await self._page(room_id, req.user_id, start, to, True, limit - len(events), flt)
         out: dict[str, Any] = {"start": _token_at(base, pos),
                                "chunk": await serialize_events(self.events, events)}
         if events:
@@ -509,6 +518,11 @@ class RoomServlets:
     async def on_get_alias(self, request: Request, alias: str) -> tuple[int, Any]:
         if not is_valid_room_alias(alias):
             raise invalid_param("Invalid room alias")
+        server = server_of(alias)
+        if server != self.hs.server_name:
+            # Spec: server-server-api "Query Types" (GET /query/directory).
+            room_id, servers = await self._remote_alias(alias, server)
+            return 200, {"room_id": room_id, "servers": list(dict.fromkeys(servers))}
         found = await self.hs.rooms.get_alias(alias)
         if found is None:
             raise not_found("Room alias not found")
@@ -582,7 +596,7 @@ class RoomServlets:
     async def _public_rooms(self, limit: Optional[int], since: Optional[str], term: Optional[str],
                             server: Optional[str]) -> dict[str, Any]:
         if server is not None and server != self.hs.server_name:
-            raise MatrixError(404, "M_NOT_FOUND", "Remote room directories are not available yet")
+            return await self._remote_public_rooms(server, limit, since, term)
         offset = 0
         if since:
             try:
@@ -608,6 +622,47 @@ class RoomServlets:
             out["next_batch"] = f"o{offset + len(page)}"
         if offset > 0:
             out["prev_batch"] = f"o{max(0, offset - (limit or 0))}"
+        return out
+
+    async def _remote_public_rooms(self, server: str, limit: Optional[int], since: Optional[str],
+                                   term: Optional[str]) -> dict[str, Any]:
+        """Spec: server-server-api "Public Room Directory" (GET/POST /publicRooms)."""
+        client = self.hs.federation_client
+        if client is None:
+            raise not_found("Remote room directories need federation")
+        from zhome.federation.transport import FederationDenied, FederationError, FederationHttpError
+
+        path = "/_matrix/federation/v1/publicRooms"
+        try:
+            if term is not None:
+                body: dict[str, Any] = {"filter": {"generic_search_term": term}}
+                if limit is not None:
+                    body["limit"] = limit
+                if since is not None:
+                    body["since"] = since
+                resp = await client.post_json(server, path, body)
+            else:
+                query: dict[str, Any] = {}
+                if limit is not None:
+                    query["limit"] = str(limit)
+                if since is not None:
+                    query["since"] = since
+                resp = await client.get_json(server, path, query=query)
+        except FederationHttpError as e:
+            raise MatrixError(502, "M_UNKNOWN", f"{server} answered {e.status} to the room directory request")
+        except FederationDenied:
+            raise forbidden(f"Federation with {server} is not allowed")
+        except FederationError as e:
+            raise MatrixError(502, "M_UNKNOWN", f"Could not reach {server}: {type(e).__name__}")
+        chunk = resp.get("chunk") if isinstance(resp, dict) else None
+        if not isinstance(chunk, list):
+            raise MatrixError(502, "M_UNKNOWN", f"{server} sent a bad room directory")
+        out: dict[str, Any] = {"chunk": [r for r in chunk if isinstance(r, dict) and isinstance(r.get("room_id"), str)]}
+        for k in ("next_batch", "prev_batch"):
+            if isinstance(resp.get(k), str):
+                out[k] = resp[k]
+        if isinstance(resp.get("total_room_count_estimate"), int):
+            out["total_room_count_estimate"] = resp["total_room_count_estimate"]
         return out
 
     async def room_summary(self, room_id: str) -> dict[str, Any]:
@@ -644,4 +699,4 @@ def _decode_pos(raw: str) -> int:
 
 
 def _token_at(base: StreamToken, events_pos: int) -> str:
-    return StreamToken(max(events_pos, 0), base.account_data, base.receipts, base.typing).encode()
+    return StreamToken(events_pos, base.account_data, base.receipts, base.typing).encode()

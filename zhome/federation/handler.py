@@ -447,6 +447,73 @@ class FederationHandler:
             logger.info("accepted %s (%s) in %s from %s", ev.event_id, ev.type, ev.room_id, origin)
         return ev.event_id
 
+    # -- history from before we joined ----------------------------------------------------
+    async def backfill(self, room_id: str, limit: int) -> int:
+        """Fetch up to ``limit`` older events from a server in the room.
+
+        Spec: server-server-api "Backfilling and retrieving missing events".
+        Each event is checked (signatures, hash, auth against its own auth
+        events) and stored below every position already handed out, so
+        /messages pages straight on into it. Returns how many were stored.
+        """
+        extremities = await self.events.get_backward_extremities(room_id)
+        if not extremities:
+            return 0
+        version = await self.rooms.get_room_version(room_id)
+        if version is None:
+            return 0
+        rv = get_room_version(version)
+        joined = await self.events.get_joined_users(room_id)
+        servers = _dedupe(server_of(u) for u in joined if server_of(u) != self.server_name)
+        group = await self.events.get_earliest_state_group(room_id)
+        for server in servers[:3]:
+            if not await self._room_allows(server, room_id):
+                continue
+            try:
+                resp = await self.client.get_json(
+                    server, f"/_matrix/federation/v1/backfill/{_q(room_id)}",
+                    query={"v": extremities, "limit": str(min(limit, 100))})
+            except Exception as e:
+                logger.info("backfill of %s from %s failed: %s", room_id, server, e)
+                continue
+            pdus = resp.get("pdus") if isinstance(resp, dict) else None
+            if not isinstance(pdus, list):
+                continue
+            return await self._store_backfill(server, rv, room_id, pdus[:limit], group)
+        return 0
+
+    async def _store_backfill(self, origin: str, rv: RoomVersion, room_id: str, pdus: list[Any],
+                              group: Optional[int]) -> int:
+        parsed: list[Event] = []
+        for p in pdus:
+            try:
+                ev = parse_pdu(rv, _strip_pdu(p))
+            except PduRejected:
+                continue
+            if ev.room_id == room_id:
+                parsed.append(ev)
+        known = await self.events.get_events([e.event_id for e in parsed])
+        todo = sorted((e for e in parsed if e.event_id not in known), key=lambda e: (-e.depth, e.event_id))
+        state: StateMap = dict(await self.events.get_state_group(group)) if group is not None else {}
+        stored = 0
+        async with self.hs.event_creator.room_locks.lock(room_id):
+            for ev in todo:
+                try:
+                    ev = await self.check_signatures_and_hash(rv, ev)
+                    if [a for a in ev.auth_event_ids if a not in await self.events.get_events([a])]:
+                        await self.fetch_auth_chain(origin, room_id, ev.event_id, rv)
+                except Exception as e:
+                    logger.info("backfilled event %s dropped: %s", ev.event_id, e)
+                    continue
+                reason = await self.check_auth_events(ev)
+                if reason is not None:
+                    ev = Event(ev.pdu, ev.event_id, rv, rejected_reason=reason)
+                # The state at old events is taken as the state before the
+                # oldest event we had; good enough to decide visibility.
+                await self.hs.persister.persist(PersistItem(ev, group, state, backfilled=True))
+                stored += 1
+        return stored
+
     # -- joining a remote room -----------------------------------------------------------
     async def remote_join(self, user_id: str, room_id: str, servers: list[str], membership: str = "join",
                           content_extra: Optional[dict[str, Any]] = None) -> Event:

@@ -102,7 +102,7 @@ class FederationSender:
     async def before_persist(self, item: PersistItem) -> None:
         """Pre-persist hook: work out who must receive a local event."""
         ev = item.event
-        if item.outlier or ev.rejected_reason or item.soft_failed:
+        if item.outlier or ev.rejected_reason or item.soft_failed or item.backfilled:
             return
         if server_of(ev.sender) != self.server_name:
             return
@@ -203,6 +203,11 @@ class FederationSender:
                 if not ok:
                     # Typing notices are stale by the time of a retry.
                     continue
+        except Exception:
+            if not self._stopped:
+                raise
+            # Shutdown closed the database under a running loop: what was
+            # queued stays queued for the next start.
         finally:
             self._running.discard(destination)
             self._wake.pop(destination, None)
@@ -234,6 +239,10 @@ class FederationSender:
         try:
             result = await self.put_json(destination, f"/_matrix/federation/v1/send/{txn_id}", body)
         except Exception as e:
+            if self._stopped:
+                # Cut off by our own shutdown: the rows stay queued for the
+                # next start, and the database may already be closed.
+                return False
             TXN_RESULTS.labels("failed").inc()
             await self._record_failure(destination)
             logger.info("transaction %s to %s failed (%d pdus, %d edus): %s", txn_id, destination, len(pdus),

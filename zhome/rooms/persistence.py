@@ -116,6 +116,9 @@ class Persister:
         self.events.on_event_persisted(item)
         for after in self.after_commit_hooks:
             after(item)
+        if item.backfilled:
+            # Old history: nothing for /sync to wake up for.
+            return
         extra = [ev.state_key] if ev.type == "m.room.member" and ev.state_key else []
         self.notifier.on_new_event(item.stream_ordering, ev.room_id, extra)
         origin = "local" if ev.sender.endswith(":" + self.server_name) else "remote"

@@ -44,6 +44,9 @@ class PersistItem:
     # The room's current state after this event when it is not simply the
     # old current state plus this event (forks, joins over federation).
     current_state: Optional[StateMap] = None
+    # History fetched from another server (/backfill): positioned before
+    # everything stored, never an extremity, never current state.
+    backfilled: bool = False
     # Servers that must receive the event (the outbound queue is written in
     # the same transaction).
     destinations: list[str] = field(default_factory=list)
@@ -53,9 +56,11 @@ class PersistItem:
 
 
 class EventsStore:
-    def __init__(self, db: Database, stream_ids: IdGenerator, state_group_ids: IdGenerator) -> None:
+    def __init__(self, db: Database, stream_ids: IdGenerator, state_group_ids: IdGenerator,
+                 backfill_ids: Optional[IdGenerator] = None) -> None:
         self.db = db
         self.stream_ids = stream_ids
+        self.backfill_ids = backfill_ids or IdGenerator(0, step=-1)
         self.state_group_ids = state_group_ids
         self._event_cache: LruCache[str, Event] = LruCache(50000)
         self._state_group_cache: LruCache[int, dict[tuple[str, str], str]] = LruCache(5000)
@@ -69,7 +74,7 @@ class EventsStore:
         persistence lock so positions commit in the order they were given.
         """
         ev = item.event
-        so = self.stream_ids.next()
+        so = self.backfill_ids.next() if item.backfilled else self.stream_ids.next()
         item.stream_ordering = so
         rejected = ev.rejected_reason
         if item.outlier:
@@ -90,8 +95,11 @@ class EventsStore:
                 "INSERT INTO event_edges (event_id, prev_event_id) VALUES (?, ?)",
                 [(ev.event_id, p) for p in prevs],
             )
-        if rejected or item.soft_failed:
-            # Neither rejected nor soft-failed events extend the room.
+        if rejected or item.soft_failed or item.backfilled:
+            # Neither rejected nor soft-failed events extend the room, and
+            # old history never changes its present.
+            if item.backfilled and not rejected and ev.redacts:
+                txn.execute("INSERT INTO redactions (event_id, redacts) VALUES (?, ?)", (ev.event_id, ev.redacts))
             return
         if prevs:
             txn.executemany(
@@ -338,7 +346,7 @@ class EventsStore:
         self.cache_event(ev)
         if ev.redacts:
             self.invalidate_event(ev.redacts)
-        if item.outlier or item.soft_failed or ev.rejected_reason:
+        if item.outlier or item.soft_failed or item.backfilled or ev.rejected_reason:
             return
         current = self._extremities_cache.get(ev.room_id)
         if current is None:
@@ -442,6 +450,30 @@ class EventsStore:
             )
             out.update(r[0] for r in rows)
         return out
+
+    async def get_backward_extremities(self, room_id: str, limit: int = 20) -> list[str]:
+        """Events referenced as prev_events in the room but not stored here."""
+        rows = await self.db.execute(
+            "backward_extremities",
+            "SELECT DISTINCT g.prev_event_id FROM event_edges g JOIN events e ON e.event_id = g.event_id"
+            " WHERE e.room_id = ? AND e.outlier = 0 AND NOT EXISTS"
+            " (SELECT 1 FROM events x WHERE x.event_id = g.prev_event_id AND x.outlier = 0) LIMIT ?",
+            room_id,
+            limit,
+        )
+        return [r[0] for r in rows]
+
+    async def get_earliest_state_group(self, room_id: str) -> Optional[int]:
+        """The state before the oldest event stored for the room."""
+        rows = await self.db.execute(
+            "earliest_state_group",
+            "SELECT prev_state_group, state_group FROM events WHERE room_id = ? AND outlier = 0"
+            " AND rejected_reason IS NULL ORDER BY stream_ordering ASC LIMIT 1",
+            room_id,
+        )
+        if not rows:
+            return None
+        return rows[0][0] if rows[0][0] is not None else rows[0][1]
 
     async def get_event_id_for_txn(self, user_id: str, device_id: str, txn_id: str) -> Optional[str]:
         rows = await self.db.execute(

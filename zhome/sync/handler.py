@@ -173,7 +173,7 @@ class SyncHandler:
         tl_filter: EventFilter = flt.timeline
         limit = min(tl_filter.limit or DEFAULT_TIMELINE_LIMIT, MAX_TIMELINE_LIMIT)
         upper = now.events if upto is None else min(upto, now.events)
-        lower = since.events if since is not None else 0
+        lower = since.events if since is not None else -(2**62)
         batch = await self.events.get_room_events_between(room_id, lower, upper, limit + 1, backwards=True)
         limited = len(batch) > limit
         batch = batch[:limit]
@@ -206,8 +206,7 @@ class SyncHandler:
             "timeline": {
                 "events": await serialize_events(self.events, timeline, with_room_id=False),
                 "limited": limited,
-                "prev_batch": StreamToken(max(first_pos - 1, 0), now.account_data, now.receipts,
-                                          now.typing).encode(),
+                "prev_batch": StreamToken(first_pos - 1, now.account_data, now.receipts, now.typing).encode(),
             },
             "state": {"events": await serialize_events(self.events, state_list, with_room_id=False)},
         }

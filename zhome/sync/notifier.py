@@ -36,7 +36,9 @@ class StreamToken:
             if not s.startswith("s"):
                 raise ValueError
             parts = [int(p) for p in s[1:].split("_")]
-            if len(parts) != 4 or any(p < 0 for p in parts):
+            # The events position may be negative: pagination tokens reach
+            # back into history backfilled from other servers.
+            if len(parts) != 4 or any(p < 0 for p in parts[1:]):
                 raise ValueError
         except ValueError:
             raise invalid_param(f"Invalid stream token {s!r}")
