@@ -608,3 +608,34 @@ def test_generate_config_federation_port_without_certificate(tmp_path: Path) -> 
     config = load_config(path)
     assert len(config.listeners) == 1 and config.federation.enabled is False
     assert config.tls_certificate_path is None
+
+
+def test_media_section(tmp_path: Path) -> None:
+    config = load_raw(tmp_path)
+    media = config.media
+    assert media.store_path == str(tmp_path / "media")
+    assert media.max_upload_size == config.limits.max_upload_size
+    assert media.per_user_quota_bytes is None
+    assert [(s.width, s.height, s.method) for s in media.thumbnail_sizes][:2] == [(32, 32, "crop"), (96, 96, "crop")]
+    assert media.encryption_key_file == str(tmp_path / "media_encryption.key")
+
+    config = load_raw(tmp_path, media={
+        "store_path": "/srv/media", "max_upload_size": 1000, "encryption_key_file": "keys/m.key",
+        "old_encryption_key_files": ["old.key"], "thumbnail_sizes": [{"width": 10, "height": 20, "method": "scale"}],
+    })
+    assert config.media.store_path == "/srv/media"
+    assert config.media.max_upload_size == 1000
+    assert config.media.encryption_key_file == str(tmp_path / "keys" / "m.key")
+    assert config.media.old_encryption_key_files == (str(tmp_path / "old.key"),)
+    assert "media.thumbnail_sizes[0].method" in error_for(
+        tmp_path, with_changes(media={"thumbnail_sizes": [{"width": 1, "height": 1, "method": "zoom"}]}))
+    assert "media.max_image_pixels" in error_for(tmp_path, with_changes(media={"max_image_pixels": 0}))
+
+
+def test_generate_config_writes_media_key(tmp_path: Path) -> None:
+    code, _ = generate(tmp_path)
+    assert code == 0
+    config = load_config(str(tmp_path / "conf" / "homeserver.yaml"))
+    key = config.media.encryption_key_file
+    assert key is not None and os.path.exists(key)
+    assert oct(os.stat(key).st_mode & 0o777) == "0o600"

@@ -51,7 +51,9 @@ def test_stream_token_round_trip_and_errors() -> None:
     assert StreamToken.decode(t.encode()) == t
     assert StreamToken(6, 3, 2, 1).is_after(t)
     assert not t.is_after(t)
-    for bad in ("", "x1_2_3_4", "s1_2_3", "s-1_2_3_4", "sa_b_c_d"):
+    # The events position may be negative (backfilled history), the others not.
+    assert StreamToken.decode("s-7_2_3_4").events == -7
+    for bad in ("", "x1_2_3_4", "s1_2_3", "s1_-2_3_4", "sa_b_c_d"):
         with pytest.raises(MatrixError) as e:
             StreamToken.decode(bad)
         assert e.value.errcode == "M_INVALID_PARAM"

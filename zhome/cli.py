@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("username", metavar="USERNAME", help="localpart of the new user")
     reg.add_argument("--admin", action="store_true", help="make the user a server admin")
     reg.add_argument("--password-file", help="read the password from the first line of this file")
+
+    rot = commands.add_parser("rotate-media-key", help="re-wrap every media file key under a new media key")
+    rot.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
+    rot.add_argument("--new-key-file", required=True, help="the new key (made if it does not exist)")
     return parser
 
 
@@ -80,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _generate_config(args)
     if args.command == "run":
         return _run(args)
+    if args.command == "rotate-media-key":
+        return _rotate_media_key(args)
     return _register_user(args)
 
 
@@ -125,6 +131,7 @@ def _render_config(
     federation_bind: str = "127.0.0.1",
     tls_files: tuple[str, str] | None = None,
     self_signed_tls: bool = False,
+    media_key_file: str = "media_encryption.key",
 ) -> str:
     if database_url:
         database = f"database_url: {_q(database_url)}\n"
@@ -233,6 +240,17 @@ limits:
 rooms:
   default_room_version: "12"
 
+media:
+  # Encrypted media files; relative to data_dir.
+  store_path: "media"
+  # Total bytes of uploads per user; null: no quota.
+  per_user_quota_bytes: null
+  max_image_pixels: 32000000
+  # AES-256 key (base64) that wraps every media file's own key. Without it
+  # no stored media can be read: back it up, apart from the media store.
+  encryption_key_file: {_q(media_key_file)}
+  old_encryption_key_files: []
+
 # Random per server; changing them invalidates issued tokens.
 secrets:
   form_secret: {_q(form_secret)}
@@ -269,6 +287,7 @@ def _generate_config(args: argparse.Namespace) -> int:
         federation_bind=_federation_bind_address(args.server_name),
         tls_files=tls_files,
         self_signed_tls=args.self_signed_tls,
+        media_key_file=key_file[: -len(".signing.key")] + ".media.key",
     )
     # Validate before touching the disk, so a bad --server-name or
     # --database-url leaves nothing half-written behind.
@@ -290,6 +309,15 @@ def _generate_config(args: argparse.Namespace) -> int:
             print(f"Wrote a new signing key to {key_path}")
         if args.self_signed_tls:
             _write_self_signed_tls(config)
+        media_key = config.media.encryption_key_file
+        assert media_key is not None
+        if os.path.exists(media_key):
+            print(f"Kept the existing media encryption key {media_key}")
+        else:
+            from zhome.media.crypto import write_key_file
+
+            write_key_file(media_key)
+            print(f"Wrote a new media encryption key to {media_key}")
         flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.force else os.O_EXCL)
         # 0600: the file holds secrets.
         fd = os.open(config_path, flags, 0o600)
@@ -349,6 +377,28 @@ def _run(args: argparse.Namespace) -> int:
 
     result = server.run(config)
     return result if isinstance(result, int) else 0
+
+
+# ---------------------------------------------------------------------------
+# rotate-media-key
+
+
+def _rotate_media_key(args: argparse.Namespace) -> int:
+    config = _load(args.config_path)
+    if config is None:
+        return 1
+    from zhome.media.rotate import rotate_media_key
+
+    new_key = os.path.abspath(args.new_key_file)
+    try:
+        count = rotate_media_key(config, new_key)
+    except ValueError as e:
+        return _error("rotate-media-key", str(e))
+    except OSError as e:
+        return _error("rotate-media-key", f"{e.filename or new_key}: {e.strerror or e}")
+    print(f"Re-wrapped {count} media file keys under {new_key}.")
+    print(f"Now set media.encryption_key_file to {new_key!r} in {config.config_path} and restart.")
+    return 0
 
 
 # ---------------------------------------------------------------------------

@@ -608,6 +608,52 @@ class FederationConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ThumbnailSize:
+    width: int = setting(integer(1, 10000))
+    height: int = setting(integer(1, 10000))
+    method: str = setting(one_of("crop", "scale"))
+
+
+# The sizes the spec's "Thumbnails" section asks servers to produce.
+DEFAULT_THUMBNAIL_SIZES = (
+    ThumbnailSize(width=32, height=32, method="crop"),
+    ThumbnailSize(width=96, height=96, method="crop"),
+    ThumbnailSize(width=320, height=240, method="scale"),
+    ThumbnailSize(width=640, height=480, method="scale"),
+    ThumbnailSize(width=800, height=600, method="scale"),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MediaConfig:
+    # Where encrypted media files live; relative to data_dir. "": data_dir/media.
+    store_path: str = setting(string, default="")
+    # None: limits.max_upload_size.
+    max_upload_size: int | None = setting(optional(integer(1)), default=None)
+    # Total bytes of media one local user may upload; None: no quota.
+    per_user_quota_bytes: int | None = setting(optional(integer(1)), default=None)
+    thumbnail_sizes: tuple[ThumbnailSize, ...] = setting(
+        list_of(section(ThumbnailSize), min_items=1), default=DEFAULT_THUMBNAIL_SIZES
+    )
+    # Images with more pixels than this are never decoded (decompression bombs).
+    max_image_pixels: int = setting(integer(1), default=32_000_000)
+    # Base64 of 32 random bytes; relative to the config file's directory.
+    # None: data_dir/media_encryption.key, made on first start of a new database.
+    encryption_key_file: str | None = setting(optional(non_empty_string), default=None)
+    # Keys from before a rotation that may still wrap some file keys.
+    old_encryption_key_files: tuple[str, ...] = setting(list_of(non_empty_string), default=())
+    # Asynchronous uploads (POST /media/v1/create) a user may have pending,
+    # and how long a created media ID waits for its content.
+    max_pending_uploads: int = setting(integer(1), default=10)
+    unused_expires_after_ms: int = setting(integer(1000), default=24 * 3600 * 1000)
+
+    @property
+    def effective_max_upload_size(self) -> int:
+        assert self.max_upload_size is not None
+        return self.max_upload_size
+
+
+@dataclass(frozen=True, kw_only=True)
 class HomeserverConfig:
     server_name: str = setting(server_name)
     # Always set after loading: derived from the first client listener when
@@ -633,6 +679,7 @@ class HomeserverConfig:
     rooms: RoomsConfig = setting(section(RoomsConfig), default=RoomsConfig())
     secrets: SecretsConfig = setting(section(SecretsConfig))
     federation: FederationConfig = setting(section(FederationConfig), default=FederationConfig())
+    media: MediaConfig = setting(section(MediaConfig), default=MediaConfig())
     # PEM certificate (chain) and private key for listeners with tls: true.
     tls_certificate_path: str | None = setting(optional(non_empty_string), default=None)
     tls_private_key_path: str | None = setting(optional(non_empty_string), default=None)
@@ -732,7 +779,22 @@ def _finish(config: HomeserverConfig, config_path: str) -> HomeserverConfig:
             trusted_ca_files=tuple(_resolve(p, config_dir) for p in config.federation.trusted_ca_files),
         ),
         database=database,
+        media=_finish_media(config, config_dir, data_dir),
         config_path=config_path,
+    )
+
+
+def _finish_media(config: HomeserverConfig, config_dir: str, data_dir: str) -> MediaConfig:
+    media = config.media
+    return dataclasses.replace(
+        media,
+        store_path=_resolve(media.store_path or "media", data_dir),
+        max_upload_size=media.max_upload_size or config.limits.max_upload_size,
+        encryption_key_file=(
+            _resolve(media.encryption_key_file, config_dir) if media.encryption_key_file
+            else os.path.join(data_dir, "media_encryption.key")
+        ),
+        old_encryption_key_files=tuple(_resolve(p, config_dir) for p in media.old_encryption_key_files),
     )
 
 

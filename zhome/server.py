@@ -55,6 +55,7 @@ class HomeServer:
         self.server_name = config.server_name
         self.registration_nonces: dict[str, float] = {}
         self.listening_ports: list[Any] = []
+        self.media_repository: Any = None
 
     async def setup(self) -> None:
         cfg = self.config
@@ -105,6 +106,9 @@ class HomeServer:
             servlets.register_routes(self.client_resource)
         self._setup_federation()
         await self._setup_federation_services()
+        from zhome.media.setup import setup_media
+
+        await setup_media(self)
 
     def _setup_federation(self) -> None:
         """The outbound client (when enabled) and the federation + key resource."""
@@ -273,7 +277,21 @@ class _RootResource(Resource):
         return self.json_resource.render(request)
 
 
+def _limit_malloc_arenas() -> None:
+    """One malloc arena per thread (glibc's default) makes the database and
+    I/O threads hold on to memory; two arenas keep the resident size small."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_arena_max = -8
+        libc.mallopt(m_arena_max, 2)
+    except (OSError, AttributeError):
+        pass
+
+
 def run(config: HomeserverConfig) -> int:
+    _limit_malloc_arenas()
     setup_logging(config.log_level, config.log_file, config.log_format)
     hs = HomeServer(config)
     exit_code = [0]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -47,3 +50,67 @@ def zhome_factory(db_config: tuple[str, dict[str, Any]], tmp_path: Path) -> Iter
     finally:
         for p in made:
             p.stop()
+
+
+# -- federating servers --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _engine_database(engine: str) -> Iterator[str | None]:
+    """A fresh, empty database on ``engine`` (None: the server's own SQLite file)."""
+    if engine == "sqlite3":
+        yield None
+        return
+    from tests.conftest import _pg_admin_connection, _pg_server_args
+
+    if os.environ.get("ZHOME_TEST_NO_POSTGRES") == "1":
+        pytest.skip("ZHOME_TEST_NO_POSTGRES=1")
+    name = f"zhome_test_{secrets.token_hex(8)}"
+    admin = _pg_admin_connection()
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f"CREATE DATABASE {name} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    finally:
+        admin.close()
+    try:
+        yield _database_url(("psycopg2", {**_pg_server_args(), "database": name}))
+    finally:
+        admin = _pg_admin_connection()
+        try:
+            with admin.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            admin.close()
+
+
+class ZhomeServers:
+    """Federating zhome processes on one engine, each on its own database."""
+
+    def __init__(self, engine: str, root: Path, stack: contextlib.ExitStack) -> None:
+        self.engine = engine
+        self.root = root
+        self._stack = stack
+        self.a: ZhomeProcess
+        self.b: ZhomeProcess
+
+    def spawn(self, federation_ip: str, name: str, overrides: dict[str, Any] | None = None,
+              start: bool = True) -> ZhomeProcess:
+        url = self._stack.enter_context(_engine_database(self.engine))
+        proc = ZhomeProcess(self.root / name, database_url=url, federation_ip=federation_ip, overrides=overrides)
+        # Stopped before its database is dropped (ExitStack unwinds in reverse).
+        self._stack.callback(proc.stop)
+        if start:
+            proc.start()
+        return proc
+
+
+@pytest.fixture(scope="module", params=["sqlite3", "postgres"])
+def zhome_pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZhomeServers]:
+    """Servers A (127.0.0.2) and B (127.0.0.3), federating, each on its own
+    fresh database of the same engine; ``spawn`` makes more (e.g. C)."""
+    root = tmp_path_factory.mktemp(f"fed_{request.param}")
+    with contextlib.ExitStack() as stack:
+        servers = ZhomeServers(request.param, root, stack)
+        servers.a = servers.spawn("127.0.0.2", "a")
+        servers.b = servers.spawn("127.0.0.3", "b")
+        yield servers

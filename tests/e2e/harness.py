@@ -8,7 +8,6 @@ dropped) when the test ends.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess

@@ -377,10 +377,32 @@ class AccountServlets:
     async def _profile_or_404(self, user_id: str) -> dict[str, Optional[str]]:
         if not is_valid_user_id(user_id):
             raise invalid_param("Invalid user ID")
+        server = user_id.split(":", 1)[1]
+        if server != self.hs.server_name and self.hs.federation_client is not None:
+            return await self._remote_profile(server, user_id)
         p = await self.accounts.get_profile(user_id)
         if p is None:
             raise not_found("Profile not found")
         return p
+
+    async def _remote_profile(self, server: str, user_id: str) -> dict[str, Optional[str]]:
+        """Spec: server-server-api "Query Types" (GET /query/profile)."""
+        from zhome.federation.transport import FederationDenied, FederationError, FederationHttpError
+
+        try:
+            resp = await self.hs.federation_client.get_json(
+                server, "/_matrix/federation/v1/query/profile", query={"user_id": user_id})
+        except FederationHttpError as e:
+            if e.status == 404:
+                raise not_found("Profile not found")
+            raise MatrixError(502, "M_UNKNOWN", f"{server} answered {e.status} to the profile query")
+        except FederationDenied:
+            raise forbidden(f"Federation with {server} is not allowed")
+        except FederationError as e:
+            raise MatrixError(502, "M_UNKNOWN", f"Could not reach {server}: {type(e).__name__}")
+        if not isinstance(resp, dict):
+            raise MatrixError(502, "M_UNKNOWN", f"{server} sent a bad profile")
+        return {k: (resp[k] if isinstance(resp.get(k), str) else None) for k in ("displayname", "avatar_url")}
 
     async def on_get_profile(self, request: Request, user_id: str) -> tuple[int, Any]:
         p = await self._profile_or_404(user_id)

@@ -295,6 +295,88 @@ class FederationClient:
         return await self.request_json("POST", destination, path, query=query, body=body, signed=signed,
                                        timeout=timeout)
 
+    async def get_bytes(
+        self, destination: str, path: str, query: dict[str, Any] | None = None, *,
+        signed: bool = True, timeout: float = 60, max_size: int | None = None,
+    ) -> tuple[str, bytes]:
+        """A signed GET whose 2xx body is not JSON (media): (Content-Type, body).
+
+        Non-2xx answers raise FederationHttpError as for JSON requests; a body
+        over ``max_size`` (default max_response_size) FederationInvalidResponse.
+        """
+        if not path.startswith("/"):
+            raise ValueError(f"path must start with '/': {path!r}")
+        if not self.destination_policy.is_allowed(destination):
+            raise FederationDenied(f"federation with {destination} is not allowed by this server's policy")
+        uri = path
+        if query:
+            uri += "?" + urlencode(query, doseq=True, quote_via=quote, safe="")
+        start = time.monotonic()
+        try:
+            resolved = await self.resolver.resolve(destination)
+        except ResolutionError as e:
+            self._log("GET", destination, path, "unresolvable", start)
+            raise FederationUnreachable(f"cannot resolve {destination}: {e}") from None
+        headers = Headers({
+            b"Host": [resolved.host_header.encode("idna")],
+            b"User-Agent": [self.user_agent],
+        })
+        if signed:
+            auth = sign_request(self.server_name, destination, "GET", uri, None, self.signing_key)
+            headers.addRawHeader(b"Authorization", auth.encode("utf-8"))
+        target = FEDERATION_SCHEME + b"://" + binascii.hexlify(destination.encode("utf-8")) + uri.encode("ascii")
+        return await self._get_raw(target, headers, destination, path, resolved.tls_server_name, start, timeout,
+                                   max_size)
+
+    async def get_url_bytes(self, url: str, *, timeout: float = 60, max_size: int | None = None) -> tuple[str, bytes]:
+        """An unsigned GET of an https:// URL (a media Location redirect), to
+        checked addresses only: (Content-Type, body)."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise FederationInvalidResponse("media redirect is not an https:// URL")
+        start = time.monotonic()
+        headers = Headers({b"User-Agent": [self.user_agent]})
+        return await self._get_raw(url.encode("ascii"), headers, parts.hostname, parts.path, parts.hostname,
+                                   start, timeout, max_size)
+
+    async def _get_raw(self, target: bytes, headers: Headers, destination: str, path: str, tls_name: str,
+                       start: float, timeout: float, max_size: int | None) -> tuple[str, bytes]:
+        limit = self.max_response_size if max_size is None else max_size
+        try:
+            d = self.agent.request(b"GET", target, headers, None)
+            d.addTimeout(timeout, self.reactor)
+            response = await d
+        except ResolutionError as e:
+            self._log("GET", destination, path, "unresolvable", start)
+            raise FederationUnreachable(f"cannot resolve {destination}: {e}") from None
+        except Exception as e:
+            self._log("GET", destination, path, "failed", start)
+            raise FederationUnreachable(f"GET {destination}{path}: {_failure_text(e, tls_name)}") from None
+        remaining = max(timeout - (time.monotonic() - start), 1.0)
+        ok = 200 <= response.code < 300
+        try:
+            raw = await read_body_limited(response, limit if ok else 64 * 1024, self.reactor, remaining)
+        except ResponseTooLarge as e:
+            self._log("GET", destination, path, response.code, start)
+            raise FederationInvalidResponse(f"{destination}: {e}") from None
+        except Exception as e:
+            self._log("GET", destination, path, "failed", start)
+            raise FederationUnreachable(f"GET {destination}{path}: {_failure_text(e, tls_name)}") from None
+        self._log("GET", destination, path, response.code, start)
+        if not ok:
+            try:
+                parsed: Any = json.loads(raw.decode("utf-8")) if raw.strip() else None
+            except (ValueError, UnicodeDecodeError):
+                parsed = None
+            errcode = parsed.get("errcode") if isinstance(parsed, dict) else None
+            raise FederationHttpError(
+                response.code, errcode if isinstance(errcode, str) else None, parsed, destination
+            )
+        content_type = response.headers.getRawHeaders(b"Content-Type") or [b"application/octet-stream"]
+        return content_type[0].decode("latin-1"), raw
+
     async def close(self) -> None:
         await self.pool.closeCachedConnections()
 

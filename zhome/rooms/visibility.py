@@ -44,7 +44,11 @@ class Visibility:
                     membership = evs[mid].membership
                 groups[g] = (hv, membership)
             hv, membership = groups[g]
-            if hv == "world_readable" or membership == "join":
+            # A user always sees their own membership events: the state
+            # group is the state after the event, so a leave, kick or ban
+            # would otherwise hide itself and the client never learns of it.
+            if hv == "world_readable" or membership == "join" or (
+                    ev.type == "m.room.member" and ev.state_key == user_id):
                 out.append(ev)
                 continue
             if hv == "invited" and membership == "invite":

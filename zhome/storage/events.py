@@ -62,8 +62,9 @@ class EventsStore:
         self.stream_ids = stream_ids
         self.backfill_ids = backfill_ids or IdGenerator(0, step=-1)
         self.state_group_ids = state_group_ids
-        self._event_cache: LruCache[str, Event] = LruCache(50000)
-        self._state_group_cache: LruCache[int, dict[tuple[str, str], str]] = LruCache(5000)
+        # Sized for memory: a big room's state map is tens of kilobytes.
+        self._event_cache: LruCache[str, Event] = LruCache(10000)
+        self._state_group_cache: LruCache[int, dict[tuple[str, str], str]] = LruCache(500)
         self._extremities_cache: LruCache[str, tuple[str, ...]] = LruCache(10000)
 
     # -- writing ----------------------------------------------------------
@@ -280,7 +281,9 @@ class EventsStore:
             txn.execute("SELECT type, state_key, event_id FROM state_group_entries WHERE state_group = ?", (cg,))
             for t, sk, eid in txn.fetchall():
                 base[(t, sk)] = eid
-            self._state_group_cache.set(cg, dict(base))
+        # Only the group asked for is kept: caching every link of the chain
+        # would fill the cache with copies nobody asks for again.
+        self._state_group_cache.set(group, base)
         return base
 
     async def get_state_group(self, group: int) -> dict[tuple[str, str], str]:
@@ -304,12 +307,16 @@ class EventsStore:
         if not event.is_state():
             # A message changes no state: before and after are the same.
             return await self.get_state_after_event(event.event_id)
-        rows = await self.db.execute(
-            "prev_state_group", "SELECT prev_state_group FROM events WHERE event_id = ?", event.event_id
-        )
-        if not rows or rows[0][0] is None:
+        if "prev_state_group" in event.internal:
+            prev_group = event.internal["prev_state_group"]
+        else:
+            rows = await self.db.execute(
+                "prev_state_group", "SELECT prev_state_group FROM events WHERE event_id = ?", event.event_id
+            )
+            prev_group = rows[0][0] if rows else None
+        if prev_group is None:
             return {}
-        return dict(await self.get_state_group(rows[0][0]))
+        return dict(await self.get_state_group(prev_group))
 
     async def get_current_state_ids(self, room_id: str) -> StateMap:
         rows = await self.db.execute(
@@ -358,10 +365,11 @@ class EventsStore:
 
     # -- reading: events ----------------------------------------------------
     def _row_to_event(self, row: tuple) -> Event:
-        event_id, room_version, js, rejected, so, state_group, outlier, soft_failed, redacted_by = row
+        event_id, room_version, js, rejected, so, state_group, outlier, soft_failed, prev_group, redacted_by = row
         ev = Event(json.loads(js), event_id, get_room_version(room_version), rejected)
         ev.internal["stream_ordering"] = so
         ev.internal["state_group"] = state_group
+        ev.internal["prev_state_group"] = prev_group
         if outlier:
             ev.internal["outlier"] = True
         if soft_failed:
@@ -372,7 +380,7 @@ class EventsStore:
 
     _EVENT_SELECT = (
         "SELECT e.event_id, r.room_version, e.json, e.rejected_reason, e.stream_ordering, e.state_group,"
-        " e.outlier, e.soft_failed,"
+        " e.outlier, e.soft_failed, e.prev_state_group,"
         " (SELECT MIN(rd.event_id) FROM redactions rd WHERE rd.redacts = e.event_id)"
         " FROM events e JOIN rooms r ON r.room_id = e.room_id"
     )
@@ -433,6 +441,67 @@ class EventsStore:
         ids = [r[0] for r in rows]
         evs = await self.get_events(ids)
         return [evs[i] for i in ids if i in evs]
+
+    async def get_recent_events_for_rooms(
+        self, room_ids: list[str], from_exclusive: int, to_inclusive: int, limit: int
+    ) -> dict[str, list[Event]]:
+        """The newest ``limit`` timeline events of each room in (from, to], newest first.
+
+        One query for all rooms: an initial /sync of a user in many rooms
+        would otherwise pay a round trip per room.
+        """
+        out: dict[str, list[Event]] = {r: [] for r in room_ids}
+        ids: list[tuple[str, str]] = []
+        for i in range(0, len(room_ids), 200):
+            chunk = room_ids[i: i + 200]
+            qs = ",".join("?" * len(chunk))
+            rows = await self.db.execute(
+                "recent_events_for_rooms",
+                "SELECT room_id, event_id FROM (SELECT room_id, event_id, stream_ordering, ROW_NUMBER() OVER"
+                " (PARTITION BY room_id ORDER BY stream_ordering DESC) AS rn FROM events WHERE room_id IN"
+                f" ({qs}) AND stream_ordering > ? AND stream_ordering <= ? AND outlier = 0 AND soft_failed = 0"
+                " AND rejected_reason IS NULL) ranked WHERE rn <= ? ORDER BY room_id, stream_ordering DESC",
+                *chunk, from_exclusive, to_inclusive, limit,
+            )
+            ids.extend((r, e) for r, e in rows)
+        evs = await self.get_events(e for _, e in ids)
+        for r, e in ids:
+            if e in evs:
+                out[r].append(evs[e])
+        return out
+
+    async def get_current_state_for_rooms(
+        self, room_ids: list[str]
+    ) -> dict[str, dict[tuple[str, str], tuple[str, Optional[str]]]]:
+        """room_id -> (type, state_key) -> (event_id, membership), in one query per 200 rooms."""
+        out: dict[str, dict[tuple[str, str], tuple[str, Optional[str]]]] = {r: {} for r in room_ids}
+        for i in range(0, len(room_ids), 200):
+            chunk = room_ids[i: i + 200]
+            qs = ",".join("?" * len(chunk))
+            rows = await self.db.execute(
+                "current_state_for_rooms",
+                "SELECT room_id, type, state_key, event_id, membership FROM current_state_events"
+                f" WHERE room_id IN ({qs})",
+                *chunk,
+            )
+            for r, t, sk, eid, m in rows:
+                out[r][(t, sk)] = (eid, m)
+        return out
+
+    async def get_unread_counts_for_rooms(self, user_id: str, room_ids: list[str]) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        for i in range(0, len(room_ids), 200):
+            chunk = room_ids[i: i + 200]
+            qs = ",".join("?" * len(chunk))
+            rows = await self.db.execute(
+                "unread_for_rooms",
+                "SELECT room_id, notification_count, highlight_count FROM room_unread WHERE user_id = ?"
+                f" AND room_id IN ({qs})",
+                user_id,
+                *chunk,
+            )
+            out.update({r: (n, h) for r, n, h in rows})
+        return out
 
     async def get_rooms_changed_since(self, room_ids: list[str], since: int) -> set[str]:
         if not room_ids:

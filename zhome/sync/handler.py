@@ -96,6 +96,24 @@ class SyncHandler:
             global_account_data.append(
                 {"type": "m.push_rules", "content": await load_ruleset(self.hs.user_data, user_id)})
 
+        # Rooms that get a full entry, fetched together: one query per kind
+        # of data for all of them rather than several per room.
+        full_rooms = [r for r in joined_rooms
+                      if since is None or full_state or r in changed_rooms or newly.get(r) == "join"]
+        tl_limit = min(flt.timeline.limit or DEFAULT_TIMELINE_LIMIT, MAX_TIMELINE_LIMIT)
+        pre = _Prefetch()
+        if full_rooms:
+            initial_rooms = [r for r in full_rooms if since is None or full_state or newly.get(r) == "join"]
+            later_rooms = [r for r in full_rooms if r not in set(initial_rooms)]
+            if initial_rooms:
+                pre.batches.update(await self.events.get_recent_events_for_rooms(
+                    initial_rooms, -(2**62), now.events, tl_limit + 1))
+            if later_rooms and since is not None:
+                pre.batches.update(await self.events.get_recent_events_for_rooms(
+                    later_rooms, since.events, now.events, tl_limit + 1))
+            pre.current = await self.events.get_current_state_for_rooms(full_rooms)
+        pre.unread = await self.events.get_unread_counts_for_rooms(user_id, joined_rooms) if joined_rooms else {}
+
         for room_id in joined_rooms:
             newly_joined = newly.get(room_id) == "join"
             if since is not None and not full_state and room_id not in changed_rooms and not newly_joined:
@@ -106,17 +124,17 @@ class SyncHandler:
                                                           "prev_batch": now.encode()},
                                              "state": {"events": []}, "ephemeral": {"events": eph},
                                              "account_data": {"events": ad or []}}
-                    entry["unread_notifications"] = await self._unread(user_id, room_id)
+                    entry["unread_notifications"] = _unread(pre, room_id)
                     entry["summary"] = {}
                     join[room_id] = entry
                 continue
             entry = await self._room_entry(user_id, room_id, since if not newly_joined else None, now, full_state,
-                                           flt, upto=None)
+                                           flt, upto=None, pre=pre, member_event_id=memberships[room_id][1])
             entry["ephemeral"] = {"events": self._ephemeral(user_id, room_id, receipts_by_room.get(room_id, []), since, now,
                                                             flt)}
             entry["account_data"] = {"events": room_account_data.get(room_id, [])}
-            entry["unread_notifications"] = await self._unread(user_id, room_id)
-            entry["summary"] = await self._summary(room_id, user_id)
+            entry["unread_notifications"] = _unread(pre, room_id)
+            entry["summary"] = _summary(pre.current.get(room_id, {}), user_id)
             join[room_id] = entry
 
         for room_id, (membership, member_eid) in memberships.items():
@@ -169,23 +187,29 @@ class SyncHandler:
         }
 
     async def _room_entry(self, user_id: str, room_id: str, since: Optional[StreamToken], now: StreamToken,
-                          full_state: bool, flt: SyncFilter, upto: Optional[int]) -> dict[str, Any]:
+                          full_state: bool, flt: SyncFilter, upto: Optional[int], pre: Optional["_Prefetch"] = None,
+                          member_event_id: Optional[str] = None) -> dict[str, Any]:
         tl_filter: EventFilter = flt.timeline
         limit = min(tl_filter.limit or DEFAULT_TIMELINE_LIMIT, MAX_TIMELINE_LIMIT)
         upper = now.events if upto is None else min(upto, now.events)
         lower = since.events if since is not None else -(2**62)
-        batch = await self.events.get_room_events_between(room_id, lower, upper, limit + 1, backwards=True)
+        if pre is not None and room_id in pre.batches:
+            batch = list(pre.batches[room_id])
+        else:
+            batch = await self.events.get_room_events_between(room_id, lower, upper, limit + 1, backwards=True)
         limited = len(batch) > limit
         batch = batch[:limit]
         batch.reverse()
         timeline = [e for e in batch if tl_filter.matches(e)]
-        timeline = await self._visible(user_id, room_id, timeline)
+        timeline = await self._visible(user_id, room_id, timeline, member_event_id)
         first_pos = batch[0].internal["stream_ordering"] if batch else upper + 1
         # State at the start of the timeline.
         if batch:
             state_start = await self.events.get_state_before_event(batch[0])
         elif upto is not None:
             state_start = await self._state_at_pos(room_id, upper)
+        elif pre is not None and room_id in pre.current:
+            state_start = {k: v[0] for k, v in pre.current[room_id].items()}
         else:
             state_start = await self.events.get_current_state_ids(room_id)
         if since is None or full_state:
@@ -219,10 +243,11 @@ class SyncHandler:
             return {}
         return await self.events.get_state_after_event(rows[0][0])
 
-    async def _visible(self, user_id: str, room_id: str, events: list[Event]) -> list[Event]:
+    async def _visible(self, user_id: str, room_id: str, events: list[Event],
+                       member_event_id: Optional[str] = None) -> list[Event]:
         if not events:
             return events
-        eid = await self.events.get_current_state_event_id(room_id, "m.room.member", user_id)
+        eid = member_event_id or await self.events.get_current_state_event_id(room_id, "m.room.member", user_id)
         me = await self.events.get_event(eid) if eid else None
         first = events[0].internal.get("stream_ordering", 0)
         if me is not None and me.membership == "join" and me.internal.get("stream_ordering", 1 << 62) <= first:
@@ -249,21 +274,6 @@ class SyncHandler:
                 content.setdefault(event_id, {}).setdefault(rtype, {})[ruser] = d
             if content:
                 out.append({"type": "m.receipt", "content": content})
-        return out
-
-    async def _unread(self, user_id: str, room_id: str) -> dict[str, int]:
-        n, h = await self.events.get_unread_counts(user_id, room_id)
-        return {"notification_count": n, "highlight_count": h}
-
-    async def _summary(self, room_id: str, user_id: str) -> dict[str, Any]:
-        state = await self.events.get_current_state_ids(room_id)
-        members = [(sk, eid) for (t, sk), eid in state.items() if t == "m.room.member"]
-        evs = await self.events.get_events(eid for _, eid in members)
-        joined = [sk for sk, eid in members if eid in evs and evs[eid].membership == "join"]
-        invited = [sk for sk, eid in members if eid in evs and evs[eid].membership == "invite"]
-        out: dict[str, Any] = {"m.joined_member_count": len(joined), "m.invited_member_count": len(invited)}
-        if ("m.room.name", "") not in state and ("m.room.canonical_alias", "") not in state:
-            out["m.heroes"] = sorted(u for u in joined + invited if u != user_id)[:5]
         return out
 
     async def _stripped_state(self, room_id: str, member_ev: Event) -> list[dict[str, Any]]:
@@ -294,6 +304,29 @@ class SyncHandler:
                     "sender": member_ev.sender, "event_id": member_ev.event_id,
                     "origin_server_ts": member_ev.origin_server_ts})
         return out
+
+
+class _Prefetch:
+    """Data for many rooms fetched in a few queries."""
+
+    def __init__(self) -> None:
+        self.batches: dict[str, list[Event]] = {}
+        self.current: dict[str, dict[tuple[str, str], tuple[str, Optional[str]]]] = {}
+        self.unread: dict[str, tuple[int, int]] = {}
+
+
+def _unread(pre: _Prefetch, room_id: str) -> dict[str, int]:
+    n, h = pre.unread.get(room_id, (0, 0))
+    return {"notification_count": n, "highlight_count": h}
+
+
+def _summary(current: dict[tuple[str, str], tuple[str, Optional[str]]], user_id: str) -> dict[str, Any]:
+    joined = sorted(sk for (t, sk), (_, m) in current.items() if t == "m.room.member" and m == "join")
+    invited = sorted(sk for (t, sk), (_, m) in current.items() if t == "m.room.member" and m == "invite")
+    out: dict[str, Any] = {"m.joined_member_count": len(joined), "m.invited_member_count": len(invited)}
+    if ("m.room.name", "") not in current and ("m.room.canonical_alias", "") not in current:
+        out["m.heroes"] = [u for u in joined + invited if u != user_id][:5]
+    return out
 
 
 def _has_content(result: dict[str, Any]) -> bool:

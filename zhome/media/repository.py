@@ -1,0 +1,514 @@
+"""The media repository service: store, fetch, thumbnail and delete media.
+
+Spec: client-server-api "Content repository" (upload, create + PUT upload,
+download, thumbnails, limits) and server-server-api "Content Repository"
+(fetching remote media over federation). Every file goes to the storage
+backend encrypted (see ``crypto``); metadata goes to SQL (see ``store``).
+File I/O, encryption and thumbnailing run off the reactor thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Callable, Optional
+from urllib.parse import quote
+
+from twisted.internet import defer, threads
+
+from zhome.config import MediaConfig, ThumbnailSize
+from zhome.http.errors import MatrixError, forbidden, not_found, too_large
+from zhome.media import crypto, multipart
+from zhome.media.backend import StorageBackend
+from zhome.media.headers import normalise_content_type, sanitise_filename
+from zhome.media.store import MediaInfo, MediaStore, ThumbnailInfo
+from zhome.media.thumbnailer import THUMBNAILABLE, ImageTooLarge, ThumbnailError, make_thumbnail, \
+    sniff_content_type
+
+logger = logging.getLogger(__name__)
+
+KEY_CHECK = "media_key_check"
+SNIFF_BYTES = 512
+MAX_TIMEOUT_MS = 60_000
+DEFAULT_TIMEOUT_MS = 20_000
+
+
+def new_media_id() -> str:
+    # 24 characters of [A-Za-z0-9_-], as the spec's media-id whitelist allows.
+    return secrets.token_urlsafe(18)
+
+
+def new_storage_name(kind: str) -> str:
+    h = secrets.token_hex(16)
+    return f"{kind}/{h[:2]}/{h[2:4]}/{h[4:]}"
+
+
+def not_yet_uploaded() -> MatrixError:
+    return MatrixError(504, "M_NOT_YET_UPLOADED", "Content has not yet been uploaded")
+
+
+@dataclass(frozen=True)
+class Servable:
+    """A stored file ready to serve: what it is and how to decrypt it."""
+
+    content_type: str
+    upload_name: Optional[str]
+    size: int
+    storage_name: str
+    key_id: str
+    wrapped_key: str
+
+
+async def check_server_key(store: MediaStore, keys: crypto.KeyRing) -> None:
+    """Refuse to start with a key that is not the one the database knows."""
+    stored = await store.get_meta(KEY_CHECK)
+    current = keys.current.check_value()
+    if stored is None:
+        await store.set_meta(KEY_CHECK, current)
+    elif stored != current:
+        raise crypto.MediaKeyError(
+            "media encryption key does not match the one this database was set up with "
+            "(wrong media.encryption_key_file? after a rotation, keep the old key in old_encryption_key_files)"
+        )
+
+
+async def load_keys(config: MediaConfig, store: MediaStore, data_dir: str) -> crypto.KeyRing:
+    """The server media keys; MediaKeyError with one line when missing or wrong."""
+    path = config.encryption_key_file
+    assert path is not None
+    default_path = os.path.join(data_dir, "media_encryption.key")
+    if not os.path.exists(path) and path == default_path and await store.get_meta(KEY_CHECK) is None:
+        # A new database with no key configured: make one, once.
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        crypto.write_key_file(path)
+        logger.warning("Generated a new media encryption key at %s: back it up", path)
+    current = crypto.read_key_file(path)
+    old = tuple(crypto.read_key_file(p) for p in config.old_encryption_key_files)
+    keys = crypto.KeyRing(current, old)
+    await check_server_key(store, keys)
+    return keys
+
+
+class MediaRepository:
+    def __init__(self, server_name: str, config: MediaConfig, store: MediaStore, backend: StorageBackend,
+                 keys: crypto.KeyRing, federation_client: Any = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.server_name = server_name
+        self.config = config
+        self.store = store
+        self.backend = backend
+        self.keys = keys
+        self.federation_client = federation_client
+        self.clock = clock
+        self.max_upload_size = config.effective_max_upload_size
+        self._remote_inflight: dict[tuple[str, str], _Shared] = {}
+        self._thumb_inflight: dict[tuple[Any, ...], _Shared] = {}
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # ------------------------------------------------------------------
+    # Writing files
+
+    def _seal_stream_blocking(self, kind: str, src: BinaryIO) -> tuple[str, str, int, bytes]:
+        """Encrypt ``src`` into a new stored file: (name, wrapped key, size, first bytes)."""
+        file_key = crypto.new_file_key()
+        name = new_storage_name(kind)
+        head = src.read(SNIFF_BYTES)
+        size = [0]
+
+        def produce(f: BinaryIO) -> None:
+            size[0] = crypto.encrypt_stream(file_key, src, f, first=head)
+
+        self.backend.write(name, produce)
+        return name, self.keys.current.wrap(file_key), size[0], head
+
+    async def _seal_bytes(self, kind: str, data: bytes) -> tuple[str, str]:
+        import io
+
+        name, wrapped, _, _ = await threads.deferToThread(self._seal_stream_blocking, kind, io.BytesIO(data))
+        return name, wrapped
+
+    async def _delete_files(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                await threads.deferToThread(self.backend.delete, name)
+            except OSError:
+                logger.warning("could not delete media file %s", name)
+
+    # ------------------------------------------------------------------
+    # Uploads
+
+    def check_size(self, length: Optional[int]) -> None:
+        if length is not None and length > self.max_upload_size:
+            raise too_large(f"Cannot upload files larger than {self.max_upload_size} bytes")
+
+    async def _check_quota(self, user_id: str, size: int) -> None:
+        quota = self.config.per_user_quota_bytes
+        if quota is None:
+            return
+        used = await self.store.user_usage(user_id)
+        if used + size > quota:
+            raise forbidden("Media quota exceeded: delete some media first")
+
+    async def _store_upload(self, user_id: str, content: BinaryIO, size: int
+                            ) -> tuple[str, str, int, Optional[str]]:
+        self.check_size(size)
+        await self._check_quota(user_id, size)
+        content.seek(0)
+        name, wrapped, stored, head = await threads.deferToThread(self._seal_stream_blocking, "local", content)
+        if stored != size:
+            await self._delete_files([name])
+            raise MatrixError(400, "M_UNKNOWN", "Upload changed while being stored")
+        return name, wrapped, stored, sniff_content_type(head)
+
+    @staticmethod
+    def _content_type(declared: Optional[str], sniffed: Optional[str]) -> str:
+        declared = normalise_content_type(declared)
+        if declared is None or declared == "application/octet-stream":
+            return sniffed or "application/octet-stream"
+        return declared
+
+    async def upload(self, user_id: str, content: BinaryIO, size: int, content_type: Optional[str],
+                     filename: Optional[str]) -> str:
+        name, wrapped, stored, sniffed = await self._store_upload(user_id, content, size)
+        media_id = new_media_id()
+        now = self.now_ms()
+        try:
+            await self.store.insert_media(MediaInfo(
+                self.server_name, media_id, user_id, self._content_type(content_type, sniffed), sniffed,
+                sanitise_filename(filename), stored, now, now, None, name, self.keys.current.key_id, wrapped))
+        except BaseException:
+            await self._delete_files([name])
+            raise
+        return f"mxc://{self.server_name}/{media_id}"
+
+    async def create(self, user_id: str) -> tuple[str, int]:
+        now = self.now_ms()
+        if await self.store.count_pending(user_id, now) >= self.config.max_pending_uploads:
+            raise MatrixError(429, "M_LIMIT_EXCEEDED", "Too many pending uploads", retry_after_ms=60_000)
+        media_id = new_media_id()
+        expires = now + self.config.unused_expires_after_ms
+        await self.store.insert_media(MediaInfo(
+            self.server_name, media_id, user_id, None, None, None, None, now, None, expires, None, None, None))
+        return f"mxc://{self.server_name}/{media_id}", expires
+
+    async def upload_to(self, user_id: str, server_name: str, media_id: str, content: BinaryIO, size: int,
+                        content_type: Optional[str], filename: Optional[str]) -> None:
+        if server_name != self.server_name:
+            raise not_found("Unknown media ID")
+        info = await self.store.get_media(server_name, media_id)
+        if info is None:
+            raise not_found("Unknown media ID")
+        if info.user_id != user_id:
+            raise forbidden("This media ID was created by another user")
+        if info.uploaded_ts is not None:
+            raise MatrixError(409, "M_CANNOT_OVERWRITE_MEDIA", "Media already uploaded")
+        if info.unused_expires_at is not None and info.unused_expires_at < self.now_ms():
+            raise not_found("This media ID has expired")
+        name, wrapped, stored, sniffed = await self._store_upload(user_id, content, size)
+        ok = await self.store.complete_upload(
+            server_name, media_id, self._content_type(content_type, sniffed), sniffed, sanitise_filename(filename),
+            stored, self.now_ms(), name, self.keys.current.key_id, wrapped)
+        if not ok:
+            await self._delete_files([name])
+            raise MatrixError(409, "M_CANNOT_OVERWRITE_MEDIA", "Media already uploaded")
+
+    # ------------------------------------------------------------------
+    # Finding media
+
+    async def get_local(self, media_id: str, timeout_ms: int = DEFAULT_TIMEOUT_MS) -> MediaInfo:
+        deadline = time.monotonic() + min(max(timeout_ms, 0), MAX_TIMEOUT_MS) / 1000
+        while True:
+            info = await self.store.get_media(self.server_name, media_id)
+            if info is None:
+                raise not_found("Media not found")
+            if info.uploaded:
+                return info
+            if info.unused_expires_at is not None and info.unused_expires_at < self.now_ms():
+                raise not_found("Media not found")
+            if time.monotonic() >= deadline:
+                raise not_yet_uploaded()
+            await _sleep(0.25)
+
+    async def get_media(self, server_name: str, media_id: str, timeout_ms: int = DEFAULT_TIMEOUT_MS,
+                        allow_remote: bool = True) -> MediaInfo:
+        if server_name == self.server_name:
+            return await self.get_local(media_id, timeout_ms)
+        cached = await self.store.get_media(server_name, media_id)
+        if cached is not None and cached.uploaded:
+            return cached
+        if not allow_remote or self.federation_client is None:
+            raise not_found("Media not found")
+        key = (server_name, media_id)
+        inflight = self._remote_inflight.get(key)
+        if inflight is None:
+            inflight = _Shared(self._fetch_remote(server_name, media_id, timeout_ms),
+                               lambda: _drop(self._remote_inflight, key))
+            if inflight._outcome is None:
+                self._remote_inflight[key] = inflight
+        info: MediaInfo = await inflight.wait()
+        return info
+
+    async def _federation_get(self, server_name: str, path: str, query: dict[str, Any],
+                              timeout_ms: int) -> multipart.MediaPart:
+        from zhome.federation.transport import FederationError, FederationHttpError
+
+        client = self.federation_client
+        timeout = min(max(timeout_ms, 0), MAX_TIMEOUT_MS) / 1000 + 10
+        try:
+            content_type, body = await client.get_bytes(
+                server_name, path, query=query, timeout=timeout, max_size=self.max_upload_size + 64 * 1024)
+            part = multipart.parse(content_type, body)
+            if part.location:
+                _, body = await client.get_url_bytes(part.location, timeout=timeout, max_size=self.max_upload_size)
+                part = multipart.MediaPart(part.metadata, {**part.headers, "content-length": str(len(body))}, body)
+            return part
+        except FederationHttpError as e:
+            if e.status == 404:
+                raise not_found("Media not found on the remote server") from None
+            if e.status == 504 and e.errcode == "M_NOT_YET_UPLOADED":
+                raise not_yet_uploaded() from None
+            if e.errcode == "M_TOO_LARGE":
+                raise MatrixError(502, "M_TOO_LARGE", "Remote media is too large") from None
+            if e.status == 400 and e.errcode:
+                # e.g. the remote cannot thumbnail the content.
+                raise MatrixError(400, e.errcode, "The remote server refused the request") from None
+            raise MatrixError(502, "M_UNKNOWN", f"Remote server answered {e.status}") from None
+        except multipart.MultipartError as e:
+            raise MatrixError(502, "M_UNKNOWN", f"Malformed response from the remote server: {e}") from None
+        except FederationError as e:
+            if "too large" in str(e) or "larger than" in str(e):
+                raise MatrixError(502, "M_TOO_LARGE", "Remote media is too large") from None
+            logger.info("remote media fetch from %s failed: %s", server_name, e)
+            raise MatrixError(502, "M_UNKNOWN", "Could not fetch the remote media") from None
+
+    async def _fetch_remote(self, server_name: str, media_id: str, timeout_ms: int) -> MediaInfo:
+        part = await self._federation_get(
+            server_name, f"/_matrix/federation/v1/media/download/{quote(media_id, safe='')}",
+            {"timeout_ms": str(timeout_ms)}, timeout_ms)
+        if len(part.body) > self.max_upload_size:
+            raise MatrixError(502, "M_TOO_LARGE", "Remote media is too large")
+        name, wrapped = await self._seal_bytes("remote", part.body)
+        sniffed = sniff_content_type(part.body[:SNIFF_BYTES])
+        info = MediaInfo(
+            server_name, media_id, None, self._content_type(part.headers.get("content-type"), sniffed), sniffed,
+            _filename_from_disposition(part.headers.get("content-disposition")), len(part.body), self.now_ms(),
+            self.now_ms(), None, name, self.keys.current.key_id, wrapped)
+        old = await self.store.get_media(server_name, media_id)
+        await self.store.replace_remote_media(info)
+        if old is not None and old.storage_name:
+            await self._delete_files([old.storage_name])
+        return info
+
+    @staticmethod
+    def servable(info: MediaInfo | ThumbnailInfo) -> Servable:
+        if isinstance(info, ThumbnailInfo):
+            return Servable(info.content_type, None, info.size, info.storage_name, info.key_id, info.wrapped_key)
+        assert info.storage_name and info.key_id and info.wrapped_key and info.size is not None
+        return Servable(info.content_type or "application/octet-stream", info.upload_name, info.size,
+                        info.storage_name, info.key_id, info.wrapped_key)
+
+    # ------------------------------------------------------------------
+    # Reading (blocking helpers, for threads)
+
+    def open_plaintext(self, item: Servable, start: int = 0, end: Optional[int] = None
+                       ) -> tuple[BinaryIO, Iterator[bytes]]:
+        file_key = self.keys.unwrap(item.key_id, item.wrapped_key)
+        f = self.backend.open(item.storage_name)
+        return f, crypto.decrypt_range(file_key, f, item.size, start, end)
+
+    def read_all_blocking(self, item: Servable) -> bytes:
+        f, chunks = self.open_plaintext(item)
+        try:
+            return b"".join(chunks)
+        finally:
+            f.close()
+
+    async def read_all(self, item: Servable) -> bytes:
+        return await threads.deferToThread(self.read_all_blocking, item)
+
+    # ------------------------------------------------------------------
+    # Thumbnails
+
+    def choose_size(self, width: int, height: int, method: str) -> ThumbnailSize:
+        sizes = [s for s in self.config.thumbnail_sizes if s.method == method] or list(self.config.thumbnail_sizes)
+        big_enough = [s for s in sizes if s.width >= width and s.height >= height]
+        if big_enough:
+            return min(big_enough, key=lambda s: (s.width * s.height, s.width))
+        return max(sizes, key=lambda s: (s.width * s.height, s.width))
+
+    async def get_thumbnail(self, server_name: str, media_id: str, width: int, height: int, method: str,
+                            animated: bool, timeout_ms: int = DEFAULT_TIMEOUT_MS,
+                            allow_remote: bool = True) -> Servable:
+        if width < 1 or height < 1:
+            raise MatrixError(400, "M_INVALID_PARAM", "width and height must be positive")
+        if method not in ("crop", "scale"):
+            raise MatrixError(400, "M_INVALID_PARAM", "method must be crop or scale")
+        size = self.choose_size(width, height, method)
+        if server_name != self.server_name:
+            cached = await self.store.get_media(server_name, media_id)
+            if cached is None or not cached.uploaded:
+                return await self._remote_thumbnail(server_name, media_id, size, animated, timeout_ms,
+                                                    allow_remote)
+            info = cached
+        else:
+            info = await self.get_local(media_id, timeout_ms)
+        return await self._local_thumbnail(info, size, width, height, animated)
+
+    async def _local_thumbnail(self, info: MediaInfo, size: ThumbnailSize, want_w: int, want_h: int,
+                               animated: bool) -> Servable:
+        if info.sniffed_type not in THUMBNAILABLE:
+            raise MatrixError(400, "M_UNKNOWN", "Cannot generate thumbnails for this content")
+        animated_key = animated and info.sniffed_type in ("image/gif", "image/webp", "image/png")
+        existing = await self.store.get_thumbnail(info.origin, info.media_id, size.width, size.height,
+                                                  size.method, animated_key)
+        if existing is not None:
+            return self.servable(existing)
+        key = (info.origin, info.media_id, size.width, size.height, size.method, animated_key)
+        inflight = self._thumb_inflight.get(key)
+        if inflight is None:
+            inflight = _Shared(self._generate(info, size, animated_key),
+                               lambda: _drop(self._thumb_inflight, key))
+            if inflight._outcome is None:
+                self._thumb_inflight[key] = inflight
+        result: Servable = await inflight.wait()
+        return result
+
+    async def _generate(self, info: MediaInfo, size: ThumbnailSize, animated: bool) -> Servable:
+        if info.size is not None and info.size > self.max_upload_size:
+            raise too_large("Content is too large to thumbnail")
+        original = self.servable(info)
+        data = await self.read_all(original)
+        max_pixels = self.config.max_image_pixels
+        try:
+            thumb = await threads.deferToThread(
+                make_thumbnail, data, size.width, size.height, size.method, animated, max_pixels)
+        except ImageTooLarge:
+            raise too_large("Image is too large to thumbnail") from None
+        except ThumbnailError:
+            raise MatrixError(400, "M_UNKNOWN", "Cannot generate thumbnails for this content") from None
+        del data
+        name, wrapped = await self._seal_bytes("thumb", thumb.data)
+        row = ThumbnailInfo(info.origin, info.media_id, size.width, size.height, size.method, animated,
+                            thumb.content_type, len(thumb.data), name, self.keys.current.key_id, wrapped,
+                            self.now_ms())
+        if not await self.store.insert_thumbnail(row):
+            await self._delete_files([name])
+            existing = await self.store.get_thumbnail(info.origin, info.media_id, size.width, size.height,
+                                                      size.method, animated)
+            if existing is not None:
+                return self.servable(existing)
+        return self.servable(row)
+
+    async def _remote_thumbnail(self, server_name: str, media_id: str, size: ThumbnailSize, animated: bool,
+                                timeout_ms: int, allow_remote: bool) -> Servable:
+        existing = await self.store.get_thumbnail(server_name, media_id, size.width, size.height, size.method,
+                                                  animated)
+        if existing is not None:
+            return self.servable(existing)
+        if not allow_remote or self.federation_client is None:
+            raise not_found("Media not found")
+        query = {"width": str(size.width), "height": str(size.height), "method": size.method,
+                 "timeout_ms": str(timeout_ms)}
+        if animated:
+            query["animated"] = "true"
+        part = await self._federation_get(
+            server_name, f"/_matrix/federation/v1/media/thumbnail/{quote(media_id, safe='')}", query, timeout_ms)
+        content_type = normalise_content_type(part.headers.get("content-type"))
+        sniffed = sniff_content_type(part.body[:SNIFF_BYTES])
+        if sniffed not in THUMBNAILABLE:
+            raise MatrixError(502, "M_UNKNOWN", "The remote server sent a thumbnail that is not an image")
+        name, wrapped = await self._seal_bytes("thumb", part.body)
+        row = ThumbnailInfo(server_name, media_id, size.width, size.height, size.method, animated,
+                            sniffed or content_type or "application/octet-stream", len(part.body), name,
+                            self.keys.current.key_id, wrapped, self.now_ms())
+        if not await self.store.insert_thumbnail(row):
+            await self._delete_files([name])
+        return self.servable(row)
+
+    # ------------------------------------------------------------------
+    # Deletion
+
+    async def delete_media(self, origin: str, media_id: str) -> bool:
+        """Remove the metadata, the file and every thumbnail; False if unknown."""
+        info = await self.store.get_media(origin, media_id)
+        if info is None:
+            return False
+        names = await self.store.delete_media(origin, media_id)
+        await self._delete_files(names)
+        return True
+
+
+def _filename_from_disposition(value: Optional[str]) -> Optional[str]:
+    if not value:
+        return None
+    from urllib.parse import unquote
+
+    for param in value.split(";")[1:]:
+        name, _, v = param.strip().partition("=")
+        if name.strip().lower() == "filename*" and v.lower().startswith("utf-8''"):
+            return sanitise_filename(unquote(v[7:]))
+    for param in value.split(";")[1:]:
+        name, _, v = param.strip().partition("=")
+        if name.strip().lower() == "filename":
+            return sanitise_filename(v.strip().strip('"'))
+    return None
+
+
+def _drop(table: dict[Any, Any], key: Any) -> None:
+    table.pop(key, None)
+
+
+class _Shared:
+    """One running computation that several callers await (e.g. one remote fetch)."""
+
+    def __init__(self, coro: Any, on_done: Callable[[], None]) -> None:
+        self._waiters: list[defer.Deferred[Any]] = []
+        self._outcome: Optional[tuple[bool, Any]] = None
+        self._on_done = on_done
+        defer.ensureDeferred(coro).addCallbacks(self._finish_ok, self._finish_err)
+
+    def _finish_ok(self, result: Any) -> None:
+        self._settle((True, result))
+
+    def _finish_err(self, failure: Any) -> None:
+        self._settle((False, failure))
+
+    def _settle(self, outcome: tuple[bool, Any]) -> None:
+        self._outcome = outcome
+        self._on_done()
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            self._fire(w)
+
+    def _fire(self, w: "defer.Deferred[Any]") -> None:
+        assert self._outcome is not None
+        ok, value = self._outcome
+        if ok:
+            w.callback(value)
+        else:
+            w.errback(value)
+
+    async def wait(self) -> Any:
+        w: defer.Deferred[Any] = defer.Deferred()
+        if self._outcome is not None:
+            self._fire(w)
+        else:
+            self._waiters.append(w)
+        return await w
+
+
+async def _sleep(seconds: float) -> None:
+    from twisted.internet import reactor
+
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined,arg-type]
+    await d
+
+
+__all__ = ["MediaRepository", "Servable", "load_keys", "check_server_key", "new_media_id"]

@@ -1,0 +1,31 @@
+"""Builds the media repository for a HomeServer and registers its routes.
+
+Spec: client-server-api "Content repository"; server-server-api "Content
+Repository". Start-up fails with one line (MediaKeyError) when the media
+encryption key is missing or is not the key the database was set up with.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from zhome.media.backend import FileSystemBackend
+from zhome.media.repository import MediaRepository, load_keys
+from zhome.media.servlets import MediaServlets
+from zhome.media.store import MediaStore
+
+if TYPE_CHECKING:
+    from zhome.server import HomeServer
+
+
+async def setup_media(hs: "HomeServer") -> None:
+    cfg = hs.config
+    store = MediaStore(hs.db)
+    keys = await load_keys(cfg.media, store, cfg.data_dir)
+    backend = FileSystemBackend(cfg.media.store_path)
+    hs.media_repository = MediaRepository(hs.server_name, cfg.media, store, backend, keys,
+                                          federation_client=hs.federation_client)
+    servlets = MediaServlets(hs)
+    servlets.register_routes(hs.client_resource)
+    if hs.federation_resource is not None:
+        servlets.register_federation_routes(hs.federation_resource)

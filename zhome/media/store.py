@@ -1,0 +1,205 @@
+"""SQL for the media repository: media metadata and cached thumbnails.
+
+Spec: client-server-api "Content repository". Tables from
+``storage/schema/0006_media.sql``; the server_meta row ``media_key_check``
+holds the check value of the current server media key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from zhome.storage.database import Database, Txn
+
+_MEDIA_COLUMNS = ("origin, media_id, user_id, content_type, sniffed_type, upload_name, size, created_ts, "
+                  "uploaded_ts, unused_expires_at, storage_name, key_id, wrapped_key")
+_THUMB_COLUMNS = ("origin, media_id, width, height, method, animated, content_type, size, storage_name, "
+                  "key_id, wrapped_key, created_ts")
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    origin: str
+    media_id: str
+    user_id: Optional[str]
+    content_type: Optional[str]
+    sniffed_type: Optional[str]
+    upload_name: Optional[str]
+    size: Optional[int]
+    created_ts: int
+    uploaded_ts: Optional[int]
+    unused_expires_at: Optional[int]
+    storage_name: Optional[str]
+    key_id: Optional[str]
+    wrapped_key: Optional[str]
+
+    @property
+    def uploaded(self) -> bool:
+        return self.uploaded_ts is not None and self.storage_name is not None
+
+
+@dataclass(frozen=True)
+class ThumbnailInfo:
+    origin: str
+    media_id: str
+    width: int
+    height: int
+    method: str
+    animated: bool
+    content_type: str
+    size: int
+    storage_name: str
+    key_id: str
+    wrapped_key: str
+    created_ts: int
+
+
+def _media(row: tuple[Any, ...]) -> MediaInfo:
+    return MediaInfo(*row)
+
+
+def _thumb(row: tuple[Any, ...]) -> ThumbnailInfo:
+    r = list(row)
+    r[5] = bool(r[5])
+    return ThumbnailInfo(*r)
+
+
+class MediaStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- server key check -------------------------------------------------
+    async def get_meta(self, key: str) -> Optional[str]:
+        rows = await self.db.execute("media_get_meta", "SELECT value FROM server_meta WHERE key = ?", key)
+        return rows[0][0] if rows else None
+
+    async def set_meta(self, key: str, value: str) -> None:
+        def txn(t: Txn) -> None:
+            t.execute("DELETE FROM server_meta WHERE key = ?", (key,))
+            t.execute("INSERT INTO server_meta (key, value) VALUES (?, ?)", (key, value))
+
+        await self.db.run_interaction("media_set_meta", txn)
+
+    # -- media ------------------------------------------------------------
+    async def get_media(self, origin: str, media_id: str) -> Optional[MediaInfo]:
+        rows = await self.db.execute(
+            "media_get", f"SELECT {_MEDIA_COLUMNS} FROM media WHERE origin = ? AND media_id = ?", origin, media_id)
+        return _media(rows[0]) if rows else None
+
+    async def insert_media(self, info: MediaInfo) -> None:
+        await self.db.execute(
+            "media_insert",
+            f"INSERT INTO media ({_MEDIA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            info.origin, info.media_id, info.user_id, info.content_type, info.sniffed_type, info.upload_name,
+            info.size, info.created_ts, info.uploaded_ts, info.unused_expires_at, info.storage_name,
+            info.key_id, info.wrapped_key)
+
+    async def replace_remote_media(self, info: MediaInfo) -> None:
+        def txn(t: Txn) -> None:
+            t.execute("DELETE FROM media WHERE origin = ? AND media_id = ?", (info.origin, info.media_id))
+            t.execute(
+                f"INSERT INTO media ({_MEDIA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (info.origin, info.media_id, info.user_id, info.content_type, info.sniffed_type, info.upload_name,
+                 info.size, info.created_ts, info.uploaded_ts, info.unused_expires_at, info.storage_name,
+                 info.key_id, info.wrapped_key))
+
+        await self.db.run_interaction("media_replace_remote", txn)
+
+    async def complete_upload(self, origin: str, media_id: str, content_type: Optional[str],
+                              sniffed_type: Optional[str], upload_name: Optional[str], size: int, uploaded_ts: int,
+                              storage_name: str, key_id: str, wrapped_key: str) -> bool:
+        """Fill in a pending (created) upload; False when it was already filled."""
+
+        def txn(t: Txn) -> bool:
+            t.execute(
+                "UPDATE media SET content_type = ?, sniffed_type = ?, upload_name = ?, size = ?, uploaded_ts = ?, "
+                "storage_name = ?, key_id = ?, wrapped_key = ?, unused_expires_at = NULL "
+                "WHERE origin = ? AND media_id = ? AND uploaded_ts IS NULL",
+                (content_type, sniffed_type, upload_name, size, uploaded_ts, storage_name, key_id, wrapped_key,
+                 origin, media_id))
+            return t.rowcount == 1
+
+        return await self.db.run_interaction("media_complete_upload", txn)
+
+    async def count_pending(self, user_id: str, now_ms: int) -> int:
+        rows = await self.db.execute(
+            "media_count_pending",
+            "SELECT COUNT(*) FROM media WHERE user_id = ? AND uploaded_ts IS NULL AND unused_expires_at > ?",
+            user_id, now_ms)
+        return int(rows[0][0])
+
+    async def user_usage(self, user_id: str) -> int:
+        rows = await self.db.execute(
+            "media_user_usage", "SELECT COALESCE(SUM(size), 0) FROM media WHERE user_id = ?", user_id)
+        return int(rows[0][0])
+
+    async def delete_media(self, origin: str, media_id: str) -> list[str]:
+        """Delete the metadata of media and its thumbnails; returns their storage names."""
+
+        def txn(t: Txn) -> list[str]:
+            t.execute("SELECT storage_name FROM media WHERE origin = ? AND media_id = ?", (origin, media_id))
+            names = [r[0] for r in t.fetchall() if r[0]]
+            t.execute("SELECT storage_name FROM media_thumbnails WHERE origin = ? AND media_id = ?",
+                      (origin, media_id))
+            names += [r[0] for r in t.fetchall()]
+            t.execute("DELETE FROM media_thumbnails WHERE origin = ? AND media_id = ?", (origin, media_id))
+            t.execute("DELETE FROM media WHERE origin = ? AND media_id = ?", (origin, media_id))
+            return names
+
+        return await self.db.run_interaction("media_delete", txn)
+
+    # -- thumbnails -------------------------------------------------------
+    async def get_thumbnail(self, origin: str, media_id: str, width: int, height: int, method: str,
+                            animated: bool) -> Optional[ThumbnailInfo]:
+        rows = await self.db.execute(
+            "media_get_thumbnail",
+            f"SELECT {_THUMB_COLUMNS} FROM media_thumbnails WHERE origin = ? AND media_id = ? AND width = ? "
+            "AND height = ? AND method = ? AND animated = ?",
+            origin, media_id, width, height, method, 1 if animated else 0)
+        return _thumb(rows[0]) if rows else None
+
+    async def insert_thumbnail(self, info: ThumbnailInfo) -> bool:
+        """False when an equal thumbnail was stored meanwhile (the caller's file is then unused)."""
+
+        def txn(t: Txn) -> bool:
+            t.execute(
+                "SELECT 1 FROM media_thumbnails WHERE origin = ? AND media_id = ? AND width = ? AND height = ? "
+                "AND method = ? AND animated = ?",
+                (info.origin, info.media_id, info.width, info.height, info.method, 1 if info.animated else 0))
+            if t.fetchone() is not None:
+                return False
+            t.execute(
+                f"INSERT INTO media_thumbnails ({_THUMB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (info.origin, info.media_id, info.width, info.height, info.method, 1 if info.animated else 0,
+                 info.content_type, info.size, info.storage_name, info.key_id, info.wrapped_key, info.created_ts))
+            return True
+
+        return await self.db.run_interaction("media_insert_thumbnail", txn)
+
+    # -- key rotation -----------------------------------------------------
+    async def all_wrapped_keys(self) -> list[tuple[str, str, str, str, str]]:
+        """(table, origin, media_id or storage name, key_id, wrapped_key) of every stored file."""
+        media = await self.db.execute(
+            "media_all_keys", "SELECT origin, media_id, key_id, wrapped_key FROM media WHERE wrapped_key IS NOT NULL")
+        thumbs = await self.db.execute(
+            "media_all_thumb_keys", "SELECT origin, storage_name, key_id, wrapped_key FROM media_thumbnails")
+        return ([("media", r[0], r[1], r[2], r[3]) for r in media]
+                + [("thumb", r[0], r[1], r[2], r[3]) for r in thumbs])
+
+    async def rewrap_all(self, updates: list[tuple[str, str, str, str, str]], check_key: str,
+                         check_value: str) -> None:
+        """Store re-wrapped keys and the new key check value in one transaction."""
+
+        def txn(t: Txn) -> None:
+            for table, origin, ident, key_id, wrapped in updates:
+                if table == "media":
+                    t.execute("UPDATE media SET key_id = ?, wrapped_key = ? WHERE origin = ? AND media_id = ?",
+                              (key_id, wrapped, origin, ident))
+                else:
+                    t.execute("UPDATE media_thumbnails SET key_id = ?, wrapped_key = ? WHERE storage_name = ?",
+                              (key_id, wrapped, ident))
+            t.execute("DELETE FROM server_meta WHERE key = ?", (check_key,))
+            t.execute("INSERT INTO server_meta (key, value) VALUES (?, ?)", (check_key, check_value))
+
+        await self.db.run_interaction("media_rewrap_all", txn)

@@ -1,0 +1,173 @@
+"""Thumbnails with Pillow; content sniffing of image formats.
+
+Spec: client-server-api "Thumbnails": "crop" returns the requested aspect
+ratio at or above the requested size, "scale" keeps the aspect ratio with
+at least one side at or above it; never upscale. Images whose declared
+dimensions exceed ``max_pixels`` are refused from the header alone, before
+any pixel is decoded (decompression bombs). Blocking: run off the reactor.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageSequence
+
+# Formats we decode: the sniffed content type, never the client's claim.
+THUMBNAILABLE = {"image/png": "PNG", "image/jpeg": "JPEG", "image/gif": "GIF", "image/webp": "WEBP"}
+MAX_ANIMATED_FRAMES = 300
+
+
+class ThumbnailError(Exception):
+    """The content cannot be thumbnailed (not an image we decode, or corrupt)."""
+
+
+class ImageTooLarge(ThumbnailError):
+    """The image's dimensions exceed the configured pixel limit."""
+
+
+@dataclass(frozen=True)
+class Thumbnail:
+    data: bytes
+    content_type: str
+    width: int
+    height: int
+
+
+def sniff_content_type(head: bytes) -> str | None:
+    """The content type the first bytes show, for the formats we know."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "audio/wav"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in (b"avif", b"avis"):
+            return "image/avif"
+        if brand == b"qt  ":
+            return "video/quicktime"
+        if brand.startswith(b"M4A"):
+            return "audio/mp4"
+        return "video/mp4"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "video/webm"
+    if head.startswith(b"OggS"):
+        return "audio/ogg"
+    if head.startswith(b"fLaC"):
+        return "audio/flac"
+    if head.startswith(b"ID3") or head[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"):
+        return "audio/mpeg"
+    if head.startswith(b"%PDF-"):
+        return "application/pdf"
+    if head.startswith(b"PK\x03\x04"):
+        return "application/zip"
+    lowered = head[:512].lstrip().lower()
+    if lowered.startswith((b"<!doctype html", b"<html", b"<script", b"<head", b"<body")):
+        return "text/html"
+    if lowered.startswith(b"<?xml") or lowered.startswith(b"<svg"):
+        return "image/svg+xml" if b"<svg" in lowered else "application/xml"
+    return None
+
+
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    try:
+        # Image.open reads only the header; dimensions are known before decoding.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLarge("image dimensions are too large") from None
+    except Exception as e:
+        raise ThumbnailError(f"cannot read image: {type(e).__name__}") from None
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ThumbnailError("image has no pixels")
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"image of {width}x{height} pixels is larger than the limit")
+    if img.format not in THUMBNAILABLE.values():
+        raise ThumbnailError(f"unsupported image format {img.format}")
+    return img
+
+
+def image_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """Width and height from the header; ImageTooLarge past the limit."""
+    return _open_checked(data, max_pixels).size
+
+
+def target_size(src_w: int, src_h: int, want_w: int, want_h: int, method: str) -> tuple[int, int, tuple[int, int, int, int] | None]:
+    """(width, height, crop box or None) of the thumbnail; never larger than the source."""
+    if method == "crop":
+        # Cut the source to the requested aspect ratio, then scale down to
+        # the requested size if it is larger.
+        want_ratio = want_w / want_h
+        if src_w / src_h > want_ratio:
+            crop_w, crop_h = max(1, round(src_h * want_ratio)), src_h
+        else:
+            crop_w, crop_h = src_w, max(1, round(src_w / want_ratio))
+        left, top = (src_w - crop_w) // 2, (src_h - crop_h) // 2
+        box = (left, top, left + crop_w, top + crop_h)
+        if crop_w > want_w:
+            return want_w, want_h, box
+        return crop_w, crop_h, box
+    # scale: the smallest size with the source's aspect ratio covering the
+    # request in at least one dimension ("either ... is smaller" -> fit inside).
+    ratio = min(want_w / src_w, want_h / src_h)
+    if ratio >= 1:
+        return src_w, src_h, None
+    return max(1, round(src_w * ratio)), max(1, round(src_h * ratio)), None
+
+
+def _output_format(src_format: str, animated_out: bool) -> tuple[str, str]:
+    if animated_out:
+        return "WEBP", "image/webp"
+    if src_format == "JPEG":
+        return "JPEG", "image/jpeg"
+    return "PNG", "image/png"
+
+
+def make_thumbnail(data: bytes, want_w: int, want_h: int, method: str, animated: bool,
+                   max_pixels: int) -> Thumbnail:
+    img = _open_checked(data, max_pixels)
+    src_w, src_h = img.size
+    w, h, box = target_size(src_w, src_h, want_w, want_h, method)
+    n_frames = getattr(img, "n_frames", 1)
+    animated_out = (animated and getattr(img, "is_animated", False) and n_frames > 1
+                    and n_frames <= MAX_ANIMATED_FRAMES and n_frames * src_w * src_h <= max_pixels * 4)
+    fmt, content_type = _output_format(img.format or "", animated_out)
+    out = io.BytesIO()
+    try:
+        if animated_out:
+            frames: list[Image.Image] = []
+            durations: list[int] = []
+            for frame in ImageSequence.Iterator(img):
+                durations.append(int(frame.info.get("duration", 100)) or 100)
+                frames.append(_resize(frame.convert("RGBA"), w, h, box))
+            frames[0].save(out, format=fmt, save_all=True, append_images=frames[1:], duration=durations,
+                           loop=int(img.info.get("loop", 0)))
+        else:
+            img.seek(0)
+            frame = img.convert("RGB" if fmt == "JPEG" else "RGBA")
+            thumb = _resize(frame, w, h, box)
+            if fmt == "JPEG":
+                thumb.save(out, format="JPEG", quality=85)
+            else:
+                thumb.save(out, format="PNG", optimize=False)
+    except ImageTooLarge:
+        raise
+    except Exception as e:
+        raise ThumbnailError(f"cannot thumbnail image: {type(e).__name__}") from None
+    return Thumbnail(out.getvalue(), content_type, w, h)
+
+
+def _resize(frame: Image.Image, w: int, h: int, box: tuple[int, int, int, int] | None) -> Image.Image:
+    if frame.size == (w, h) and box is None:
+        return frame.copy()
+    return frame.resize((w, h), Image.Resampling.LANCZOS, box=box)
