@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     rot = commands.add_parser("rotate-media-key", help="re-wrap every media file key under a new media key")
     rot.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
     rot.add_argument("--new-key-file", required=True, help="the new key (made if it does not exist)")
+    sk = commands.add_parser("rotate-signing-key",
+                             help="replace the server's signing key, keeping the old one's verify key")
+    sk.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
     return parser
 
 
@@ -86,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
     if args.command == "rotate-media-key":
         return _rotate_media_key(args)
+    if args.command == "rotate-signing-key":
+        return _rotate_signing_key(args)
     return _register_user(args)
 
 
@@ -398,6 +403,27 @@ def _rotate_media_key(args: argparse.Namespace) -> int:
         return _error("rotate-media-key", f"{e.filename or new_key}: {e.strerror or e}")
     print(f"Re-wrapped {count} media file keys under {new_key}.")
     print(f"Now set media.encryption_key_file to {new_key!r} in {config.config_path} and restart.")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# rotate-signing-key
+
+
+def _rotate_signing_key(args: argparse.Namespace) -> int:
+    config = _load(args.config_path)
+    if config is None:
+        return 1
+    import time
+
+    from zhome.crypto.keys import old_keys_path, rotate_signing_key
+
+    try:
+        old_id, new_id = rotate_signing_key(config.signing_key_path, int(time.time() * 1000))
+    except (OSError, ValueError) as e:
+        return _error("rotate-signing-key", str(e))
+    print(f"New signing key {new_id} in {config.signing_key_path}; {old_id} is kept as an old verify key in "
+          f"{old_keys_path(config.signing_key_path)}. Restart the server to use it.")
     return 0
 
 

@@ -162,7 +162,10 @@ class HomeServer:
             async def fetch(destination: str, path: str) -> Any:
                 return await client.get_json(destination, path, signed=False, timeout=30)
 
-        self.keyring = Keyring(self.server_name, self.signing_keys, {}, self.db, fetch)
+        from zhome.crypto.keys import old_keys_path, read_old_verify_keys
+
+        old_keys = read_old_verify_keys(old_keys_path(self.config.signing_key_path))
+        self.keyring = Keyring(self.server_name, self.signing_keys, old_keys, self.db, fetch)
         self.residency_policy = ResidencyPolicy(self.server_name, self.destination_policy)
         if self.federation_resource is not None:
             KeyServlets(self.keyring).register_routes(self.federation_resource)

@@ -69,3 +69,45 @@ def read_signing_key_file(path: str) -> list[SigningKey]:
     if not keys:
         raise ValueError(f"{path}: no signing key")
     return keys
+
+
+def old_keys_path(signing_key_path: str) -> str:
+    """Where the verify keys of retired signing keys are kept."""
+    return signing_key_path + ".old"
+
+
+def read_old_verify_keys(path: str) -> dict[str, tuple[str, int]]:
+    """key_id -> (unpadded base64 verify key, expired_ts ms) from ``path``.
+
+    Each line: ``ed25519 <version> <base64 verify key> <expired_ts>``. A
+    missing file means no old keys. Raises ValueError naming a bad line.
+    """
+    out: dict[str, tuple[str, int]] = {}
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) != 4 or parts[0] != "ed25519" or not parts[3].isdigit():
+                raise ValueError(f"{path}:{n}: expected 'ed25519 <version> <base64 verify key> <expired_ts>'")
+            out[f"ed25519:{parts[1]}"] = (parts[2], int(parts[3]))
+    return out
+
+
+def rotate_signing_key(signing_key_path: str, now_ms: int) -> tuple[str, str]:
+    """Replace the signing key with a new one; the old one's verify key is
+    kept (with its expiry time) so other servers can still check what it
+    signed. Returns (old key ID, new key ID)."""
+    old = read_signing_key_file(signing_key_path)[0]
+    new = new_signing_key()
+    while new.version == old.version:
+        new = new_signing_key()
+    with open(old_keys_path(signing_key_path), "a") as f:
+        f.write(f"ed25519 {old.version} {verify_key_base64(old)} {now_ms}\n")
+    tmp = signing_key_path + ".new"
+    write_signing_key_file(tmp, new)
+    os.replace(tmp, signing_key_path)
+    return key_id(old), key_id(new)
