@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable, Coroutine, cast
+
 from twisted.internet import defer
 
 from zhome.config import HomeserverConfig
@@ -44,18 +46,18 @@ def register_user(config: HomeserverConfig, username: str, password: str, admin:
     return user_id
 
 
-def _run(main) -> None:  # type: ignore[no-untyped-def]
+def _run(main: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
     """Run ``main(reactor)`` to completion on a reactor that is then stopped."""
-    from twisted.internet import reactor
+    from zhome.util.reactor import reactor
 
     failure: list[BaseException] = []
 
     def go() -> None:
         d = defer.ensureDeferred(main(reactor))
-        d.addErrback(lambda f: failure.append(f.value))
-        d.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
+        d.addErrback(lambda f: failure.append(cast(BaseException, f.value)))
+        d.addBoth(lambda _: reactor.stop())
 
-    reactor.callWhenRunning(go)  # type: ignore[attr-defined]
-    reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
+    reactor.callWhenRunning(go)
+    reactor.run(installSignalHandlers=False)
     if failure:
         raise failure[0]

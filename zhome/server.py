@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import REGISTRY, Histogram
 from prometheus_client.twisted import MetricsResource
-from twisted.internet import defer, reactor
-from twisted.web.resource import Resource
+from twisted.internet import defer
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
 from zhome.client.account import AccountServlets
@@ -42,6 +42,7 @@ from zhome.storage.user_data import UserDataStore
 from zhome.sync.handler import SyncHandler
 from zhome.sync.notifier import Notifier
 from zhome.sync.typing import TypingService
+from zhome.util.reactor import reactor
 
 logger = logging.getLogger("zhome.server")
 
@@ -216,7 +217,9 @@ class HomeServer:
         for listener in self.config.listeners:
             if listener.type == "metrics":
                 root: Resource = Resource()
-                root.putChild(b"metrics", MetricsResource(REGISTRY))
+                # A WSGIResource: provides IResource, which mypy cannot see
+                # through zope's @implementer.
+                root.putChild(b"metrics", cast(IResource, MetricsResource(REGISTRY)))
                 site = Site(root)
             else:
                 site = Site(self._listener_root(listener))
@@ -224,11 +227,11 @@ class HomeServer:
             site.noisy = False
             for addr in listener.bind_addresses:
                 if listener.tls:
-                    port = reactor.listenSSL(  # type: ignore[attr-defined]
+                    port = reactor.listenSSL(
                         listener.port, site, tls_factory, interface=addr
                     )
                 else:
-                    port = reactor.listenTCP(listener.port, site, interface=addr)  # type: ignore[attr-defined]
+                    port = reactor.listenTCP(listener.port, site, interface=addr)
                 self.listening_ports.append(port)
                 logger.info(
                     "Listening on %s:%d (%s%s: %s)", addr, listener.port, listener.type,
@@ -307,7 +310,7 @@ def run(config: HomeserverConfig) -> int:
         except Exception as e:
             logger.error("Start-up failed: %s", e, exc_info=not isinstance(e, (ValueError, OSError)))
             exit_code[0] = 1
-            reactor.stop()  # type: ignore[attr-defined]
+            reactor.stop()
 
     async def shutdown() -> None:
         if getattr(hs, "federation_sender", None) is not None:
@@ -317,10 +320,10 @@ def run(config: HomeserverConfig) -> int:
         except Exception:
             pass
 
-    reactor.callWhenRunning(lambda: defer.ensureDeferred(start()))  # type: ignore[attr-defined]
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(shutdown()))  # type: ignore
-    reactor.suggestThreadPoolSize(10)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(start()))
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(shutdown()))
+    reactor.suggestThreadPoolSize(10)
+    reactor.run()
     return exit_code[0]
 
 

@@ -259,6 +259,7 @@ class AccountServlets:
         flows = self._registration_flows()
         stage = flows[0]["stages"][0]
         auth = body.get("auth")
+        session: object  # client-supplied once auth is given: any JSON value
         if not isinstance(auth, dict):
             session = random_string(24)
             await self.accounts.create_uia_session(session, {})
@@ -282,6 +283,7 @@ class AccountServlets:
         """User-interactive auth with m.login.password for sensitive actions."""
         flows = [{"stages": ["m.login.password"]}]
         auth = body.get("auth")
+        session: object  # client-supplied once auth is given: any JSON value
         if not isinstance(auth, dict):
             session = random_string(24)
             await self.accounts.create_uia_session(session, {"user_id": user_id})

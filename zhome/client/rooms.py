@@ -7,7 +7,7 @@ Spec: client-server-api "Rooms", "Room membership", "Sending events",
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Optional
 
 from twisted.web.server import Request
 
@@ -168,7 +168,9 @@ class RoomServlets:
                                         via=via)
         return 200, {"room_id": room_id}
 
-    def _membership_handler(self, action: str):  # type: ignore[no-untyped-def]
+    def _membership_handler(
+        self, action: str
+    ) -> Callable[[Request, str], Coroutine[Any, Any, tuple[int, Any]]]:
         async def handler(request: Request, room_id: str) -> tuple[int, Any]:
             req = await self.hs.auth.get_user_by_req(request)
             body = read_json_body(request, allow_empty=True)

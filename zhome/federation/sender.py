@@ -18,7 +18,7 @@ import time
 from typing import Any, Awaitable, Callable, Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 
 from zhome.federation.policy import ResidencyPolicy
 from zhome.rooms.events import Event
@@ -26,6 +26,7 @@ from zhome.storage.database import Database, Txn
 from zhome.storage.events import PersistItem
 from zhome.storage.ids import IdGenerator
 from zhome.util.ids import server_of
+from zhome.util.reactor import reactor
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +313,12 @@ class FederationSender:
     async def _sleep(self, destination: str, seconds: float) -> None:
         d: defer.Deferred[None] = defer.Deferred()
         self._wake[destination] = d
-        call = reactor.callLater(seconds, lambda: d.called or d.callback(None))  # type: ignore[attr-defined]
+
+        def fire() -> None:
+            if not d.called:
+                d.callback(None)
+
+        call = reactor.callLater(seconds, fire)
         try:
             await d
         finally:

@@ -232,8 +232,10 @@ class FederationServlets:
                         ev = await self.events.get_event(ids[0])
                         if ev is None or ev.room_id != room_id:
                             continue
-                        rdata = data.get("data") if isinstance(data.get("data"), dict) else {}
-                        thread_id = rdata.get("thread_id") if isinstance(rdata.get("thread_id"), str) else ""
+                        raw_data = data.get("data")
+                        rdata = raw_data if isinstance(raw_data, dict) else {}
+                        raw_thread_id = rdata.get("thread_id")
+                        thread_id = raw_thread_id if isinstance(raw_thread_id, str) else ""
                         pos = await self.hs.user_data.set_receipt(
                             room_id, "m.read", user_id, ids[0], {k: v for k, v in rdata.items() if k == "ts"},
                             thread_id)

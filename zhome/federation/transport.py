@@ -108,7 +108,7 @@ class _LimitedBodyReader(Protocol):
         if self.size > self.max_size:
             self.done.errback(ResponseTooLarge(f"response larger than {self.max_size} bytes"))
             assert self.transport is not None
-            self.transport.stopProducing()  # type: ignore[attr-defined]
+            self.transport.stopProducing()
             return
         if not self.discard:
             self.buffer.write(data)
@@ -126,7 +126,7 @@ async def read_body_limited(
     response: Any, max_size: int, reactor: Any, timeout: float, discard: bool = False
 ) -> bytes:
     """The response body, failing with ResponseTooLarge past ``max_size``."""
-    if response.length is not UNKNOWN_LENGTH and response.length > max_size:  # type: ignore[operator]
+    if response.length is not UNKNOWN_LENGTH and response.length > max_size:
         response.deliverBody(_LimitedBodyReader(defer.Deferred(), 0, True))
         raise ResponseTooLarge(f"response of {response.length} bytes is larger than {max_size}")
     d: defer.Deferred[bytes] = defer.Deferred()

@@ -75,7 +75,7 @@ class JsonResource(Resource):
         pat = re.compile("^" + path_regex + "$")
         self.routes.append(Route(method, pat, handler, name or path_regex))
 
-    def render(self, request: Request) -> Any:  # type: ignore[override]
+    def render(self, request: Request) -> Any:
         defer.ensureDeferred(self._handle(request))
         return NOT_DONE_YET
 
@@ -85,6 +85,7 @@ class JsonResource(Resource):
         raw_path = request.path.decode("utf-8", "replace")
         endpoint = "unknown"
         code = 500
+        body: Any
         try:
             if method == "OPTIONS":
                 code, body = 200, {}
@@ -141,7 +142,7 @@ def _redacted_path(path: str) -> str:
 
 
 def respond_json(request: Request, code: int, body: Any) -> None:
-    if request.finished or request._disconnected:  # type: ignore[attr-defined]
+    if request.finished or request._disconnected:
         return
     data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     request.setResponseCode(code)

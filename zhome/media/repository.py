@@ -504,10 +504,10 @@ class _Shared:
 
 
 async def _sleep(seconds: float) -> None:
-    from twisted.internet import reactor
+    from zhome.util.reactor import reactor
 
     d: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined,arg-type]
+    reactor.callLater(seconds, d.callback, None)
     await d
 
 

@@ -149,7 +149,7 @@ async def stream_plaintext(repo: MediaRepository, request: Request, item: Servab
                 data = await threads.deferToThread(next_batch)
                 if not data:
                     break
-                if request._disconnected:  # type: ignore[attr-defined]
+                if request._disconnected:
                     throttle.stopped = True
                     break
                 request.write(data)
@@ -158,14 +158,14 @@ async def stream_plaintext(repo: MediaRepository, request: Request, item: Servab
     except Exception:
         logger.exception("failed while sending media %s", item.storage_name)
         request.unregisterProducer()
-        if request.channel is not None:  # type: ignore[attr-defined]
-            request.channel.loseConnection()  # type: ignore[attr-defined]
+        if request.channel is not None:
+            request.channel.loseConnection()
         return
     finally:
         if f is not None:
             await threads.deferToThread(f.close)
     request.unregisterProducer()
-    if not request.finished and not request._disconnected:  # type: ignore[attr-defined]
+    if not request.finished and not request._disconnected:
         request.finish()
 
 

@@ -15,7 +15,7 @@ from prometheus_client import Counter
 from twisted.internet import defer
 
 from zhome.rooms.events import Event
-from zhome.storage.database import Database
+from zhome.storage.database import Database, Txn
 from zhome.storage.events import EventsStore, PersistItem
 from zhome.sync.notifier import Notifier
 
@@ -56,7 +56,7 @@ class Persister:
         for pre in self.pre_hooks:
             await pre(item)
 
-        def txn_fn(txn):  # type: ignore[no-untyped-def]
+        def txn_fn(txn: Txn) -> None:
             if before_txn is not None:
                 before_txn(txn)
             self.events.persist_txn(txn, item)
@@ -75,7 +75,7 @@ class Persister:
         """Write several outliers (state and auth chains) in one transaction."""
         assert all(i.outlier for i in items)
 
-        def txn_fn(txn):  # type: ignore[no-untyped-def]
+        def txn_fn(txn: Txn) -> None:
             for item in items:
                 self.events.persist_txn(txn, item)
 
@@ -95,7 +95,7 @@ class Persister:
         """An invite or knock for a room this server is not in."""
         item = PersistItem(ev, None, {}, outlier=True)
 
-        def txn_fn(txn):  # type: ignore[no-untyped-def]
+        def txn_fn(txn: Txn) -> None:
             self.events.persist_txn(txn, item)
             self.events.set_invite_membership_txn(txn, ev, item.stream_ordering)
 

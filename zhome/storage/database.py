@@ -272,7 +272,7 @@ class Database:
                 # The data is committed; a failing notifier must not turn
                 # a durable write into an error for the caller.
                 logger.exception("after-commit callback of %s failed", desc)
-        return attempt.result  # type: ignore[no-any-return]
+        return attempt.result
 
     async def execute(self, desc: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         """Run one query in its own transaction and return all its rows."""

@@ -402,7 +402,7 @@ class EventsStore:
         return out
 
     def _get_events_txn(self, txn: Txn, event_ids: list[str]) -> list[Event]:
-        res = []
+        res: list[Event] = []
         for i in range(0, len(event_ids), 200):
             chunk = event_ids[i : i + 200]
             qs = ",".join("?" * len(chunk))

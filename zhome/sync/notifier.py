@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from prometheus_client import Gauge
-from twisted.internet import defer, reactor
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet import defer
 
 from zhome.http.errors import invalid_param
+from zhome.util.reactor import DelayedCall, reactor
 
 SYNC_WAITERS = Gauge("zhome_sync_waiters", "Requests waiting in /sync")
 
@@ -60,7 +60,7 @@ class _Waiter:
         self.deferred: defer.Deferred[bool] = defer.Deferred()
         self.rooms = rooms
         self.user_id = user_id
-        self.timer: Optional[IDelayedCall] = None
+        self.timer: Optional[DelayedCall] = None
 
 
 class Notifier:
@@ -117,7 +117,7 @@ class Notifier:
         for r in rooms:
             self._by_room.setdefault(r, set()).add(w)
         self._by_user.setdefault(user_id, set()).add(w)
-        w.timer = reactor.callLater(timeout_ms / 1000.0, self._finish, w, False)  # type: ignore[attr-defined]
+        w.timer = reactor.callLater(timeout_ms / 1000.0, self._finish, w, False)
         SYNC_WAITERS.inc()
         try:
             return await w.deferred

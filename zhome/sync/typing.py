@@ -21,9 +21,9 @@ class TypingService:
         self.notifier = notifier
         self.clock = clock
         if call_later is None:
-            from twisted.internet import reactor
+            from zhome.util.reactor import reactor
 
-            call_later = reactor.callLater  # type: ignore[attr-defined]
+            call_later = reactor.callLater
         self._call_later = call_later
         self.on_local_typing: Optional[Callable[[str, str, bool, int], None]] = None
         # room_id -> user_id -> expiry (monotonic seconds)

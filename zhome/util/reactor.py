@@ -1,0 +1,21 @@
+"""The global Twisted reactor, typed for mypy.
+
+``twisted.internet.reactor`` is seen by mypy as a plain module, and Twisted's
+reactor interfaces (``IReactorTime``, ``IReactorTCP``, ``IDelayedCall``...) are
+zope interfaces whose methods are declared without ``self``, so mypy misreads
+every call made through them. Code that uses the global reactor imports it
+from here (inside a function where the import was lazy before: importing this
+module installs the default reactor), and types what ``callLater`` returns as
+``DelayedCall``.
+"""
+
+from typing import Any, TypeAlias
+
+from twisted.internet import reactor as _reactor
+
+reactor: Any = _reactor
+
+# What reactor.callLater returns: an IDelayedCall provider.
+DelayedCall: TypeAlias = Any
+
+__all__ = ["DelayedCall", "reactor"]
