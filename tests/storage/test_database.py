@@ -579,3 +579,17 @@ def test_schema_file_names_checked(tmp_path: Path) -> None:
     _write(tmp_path, "notes.sql", "")
     with pytest.raises(SchemaError, match="NNNN"):
         find_schema_files(tmp_path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_select_in_spans_chunks(database: Database) -> None:
+    """select_in runs one statement per chunk and returns every row."""
+    await database.run_interaction(
+        "fill",
+        lambda txn: txn.executemany("INSERT INTO server_meta (key, value) VALUES (?, ?)",
+                                    [(f"k{i:04d}", str(i)) for i in range(450)]),
+    )
+    keys = [f"k{i:04d}" for i in range(0, 450, 1)] + ["missing"]
+    rows = await database.select_in("t", "SELECT key FROM server_meta WHERE value <> ? AND key IN ({in})",
+                                    keys, before=("7",))
+    assert sorted(r[0] for r in rows) == sorted(k for k in keys[:450] if k != "k0007")

@@ -22,7 +22,7 @@ from twisted.internet import defer
 
 from zhome.federation.policy import ResidencyPolicy
 from zhome.rooms.events import Event
-from zhome.storage.database import Database, Txn
+from zhome.storage.database import Database, Txn, in_chunks
 from zhome.storage.events import PersistItem
 from zhome.storage.ids import IdGenerator
 from zhome.util.ids import server_of
@@ -259,9 +259,7 @@ class FederationSender:
                     (time.monotonic() - start) * 1000)
 
         def done(txn: Txn) -> None:
-            for i in range(0, len(sent_ids), 200):
-                chunk = sent_ids[i: i + 200]
-                qs = ",".join("?" * len(chunk))
+            for chunk, qs in in_chunks(sent_ids):
                 txn.execute(f"DELETE FROM federation_outbound WHERE id IN ({qs})", chunk)
             txn.execute("DELETE FROM federation_destinations WHERE destination = ?", (destination,))
 

@@ -304,6 +304,19 @@ class FederationClient:
         Non-2xx answers raise FederationHttpError as for JSON requests; a body
         over ``max_size`` (default max_response_size) FederationInvalidResponse.
         """
+        uri, resolved, headers, start = await self._prepare("GET", destination, path, query)
+        if signed:
+            auth = sign_request(self.server_name, destination, "GET", uri, None, self.signing_key)
+            headers.addRawHeader(b"Authorization", auth.encode("utf-8"))
+        target = FEDERATION_SCHEME + b"://" + binascii.hexlify(destination.encode("utf-8")) + uri.encode("ascii")
+        return await self._get_raw(target, headers, destination, path, resolved.tls_server_name, start, timeout,
+                                   max_size)
+
+    async def _prepare(
+        self, method: str, destination: str, path: str, query: dict[str, Any] | None
+    ) -> tuple[str, Any, Headers, float]:
+        """Policy check, URI and resolution shared by every request:
+        (uri, resolved server, base headers, start time)."""
         if not path.startswith("/"):
             raise ValueError(f"path must start with '/': {path!r}")
         if not self.destination_policy.is_allowed(destination):
@@ -315,18 +328,13 @@ class FederationClient:
         try:
             resolved = await self.resolver.resolve(destination)
         except ResolutionError as e:
-            self._log("GET", destination, path, "unresolvable", start)
+            self._log(method, destination, path, "unresolvable", start)
             raise FederationUnreachable(f"cannot resolve {destination}: {e}") from None
         headers = Headers({
             b"Host": [resolved.host_header.encode("idna")],
             b"User-Agent": [self.user_agent],
         })
-        if signed:
-            auth = sign_request(self.server_name, destination, "GET", uri, None, self.signing_key)
-            headers.addRawHeader(b"Authorization", auth.encode("utf-8"))
-        target = FEDERATION_SCHEME + b"://" + binascii.hexlify(destination.encode("utf-8")) + uri.encode("ascii")
-        return await self._get_raw(target, headers, destination, path, resolved.tls_server_name, start, timeout,
-                                   max_size)
+        return uri, resolved, headers, start
 
     async def get_url_bytes(self, url: str, *, timeout: float = 60, max_size: int | None = None) -> tuple[str, bytes]:
         """An unsigned GET of an https:// URL (a media Location redirect), to
@@ -398,24 +406,7 @@ class FederationClient:
         FederationHttpError, FederationUnreachable (FederationDenied) or
         FederationInvalidResponse.
         """
-        if not path.startswith("/"):
-            raise ValueError(f"path must start with '/': {path!r}")
-        if not self.destination_policy.is_allowed(destination):
-            raise FederationDenied(f"federation with {destination} is not allowed by this server's policy")
-        uri = path
-        if query:
-            uri += "?" + urlencode(query, doseq=True, quote_via=quote, safe="")
-        start = time.monotonic()
-        try:
-            resolved = await self.resolver.resolve(destination)
-        except ResolutionError as e:
-            self._log(method, destination, path, "unresolvable", start)
-            raise FederationUnreachable(f"cannot resolve {destination}: {e}") from None
-
-        headers = Headers({
-            b"Host": [resolved.host_header.encode("idna")],
-            b"User-Agent": [self.user_agent],
-        })
+        uri, resolved, headers, start = await self._prepare(method, destination, path, query)
         producer = None
         if body is not None or method in ("PUT", "POST"):
             content = {} if body is None else body

@@ -28,7 +28,7 @@ import re
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import psycopg2
 import psycopg2.errors
@@ -90,6 +90,18 @@ def _bytea_as_bytes(value: str | None, cursor: Any) -> bytes | None:
 _BYTEA_TYPE = psycopg2.extensions.new_type(
     psycopg2.BINARY.values, "ZHOME_BYTEA", _bytea_as_bytes
 )
+
+
+IN_CHUNK = 200
+
+
+def in_chunks(values: Iterable[Any]) -> Iterator[tuple[list[Any], str]]:
+    """``values`` in chunks small enough for one ``IN (...)``, each with its
+    placeholder list."""
+    vals = list(values)
+    for i in range(0, len(vals), IN_CHUNK):
+        chunk = vals[i: i + IN_CHUNK]
+        yield chunk, ",".join("?" * len(chunk))
 
 
 class Txn:
@@ -280,6 +292,24 @@ class Database:
         def query(txn: Txn) -> list[tuple[Any, ...]]:
             txn.execute(sql, params)
             return txn.fetchall()
+
+        return await self.run_interaction(desc, query)
+
+    async def select_in(self, desc: str, sql: str, values: Iterable[Any], before: Sequence[Any] = (),
+                        after: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run ``sql`` once per chunk of ``values`` and return all the rows.
+
+        ``sql`` holds ``{in}`` where the ``?,?,...`` list of a chunk goes;
+        ``before`` and ``after`` are the parameters around it. Chunks keep
+        each statement within the engines' parameter limits.
+        """
+
+        def query(txn: Txn) -> list[tuple[Any, ...]]:
+            rows: list[tuple[Any, ...]] = []
+            for chunk, qs in in_chunks(values):
+                txn.execute(sql.format(**{"in": qs}), (*before, *chunk, *after))
+                rows.extend(txn.fetchall())
+            return rows
 
         return await self.run_interaction(desc, query)
 

@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 
 from zhome.rooms.events import Event, StateMap
 from zhome.rooms.versions import get_room_version
-from zhome.storage.database import Database, Txn
+from zhome.storage.database import Database, Txn, in_chunks
 from zhome.storage.ids import IdGenerator
 from zhome.storage.lru import LruCache
 
@@ -192,9 +192,7 @@ class EventsStore:
             return
         memberships: dict[str, Optional[str]] = {}
         member_ids = [eid for (t, _), eid in changed.items() if t == "m.room.member"]
-        for i in range(0, len(member_ids), 200):
-            chunk = member_ids[i: i + 200]
-            qs = ",".join("?" * len(chunk))
+        for chunk, qs in in_chunks(member_ids):
             txn.execute(f"SELECT event_id, json FROM events WHERE event_id IN ({qs})", chunk)
             for eid, js in txn.fetchall():
                 memberships[eid] = (json.loads(js).get("content") or {}).get("membership")
@@ -403,9 +401,7 @@ class EventsStore:
 
     def _get_events_txn(self, txn: Txn, event_ids: list[str]) -> list[Event]:
         res: list[Event] = []
-        for i in range(0, len(event_ids), 200):
-            chunk = event_ids[i : i + 200]
-            qs = ",".join("?" * len(chunk))
+        for chunk, qs in in_chunks(event_ids):
             txn.execute(self._EVENT_SELECT + f" WHERE e.event_id IN ({qs})", chunk)
             res.extend(self._row_to_event(r) for r in txn.fetchall())
         return res
@@ -451,19 +447,14 @@ class EventsStore:
         would otherwise pay a round trip per room.
         """
         out: dict[str, list[Event]] = {r: [] for r in room_ids}
-        ids: list[tuple[str, str]] = []
-        for i in range(0, len(room_ids), 200):
-            chunk = room_ids[i: i + 200]
-            qs = ",".join("?" * len(chunk))
-            rows = await self.db.execute(
-                "recent_events_for_rooms",
-                "SELECT room_id, event_id FROM (SELECT room_id, event_id, stream_ordering, ROW_NUMBER() OVER"
-                " (PARTITION BY room_id ORDER BY stream_ordering DESC) AS rn FROM events WHERE room_id IN"
-                f" ({qs}) AND stream_ordering > ? AND stream_ordering <= ? AND outlier = 0 AND soft_failed = 0"
-                " AND rejected_reason IS NULL) ranked WHERE rn <= ? ORDER BY room_id, stream_ordering DESC",
-                *chunk, from_exclusive, to_inclusive, limit,
-            )
-            ids.extend((r, e) for r, e in rows)
+        ids = await self.db.select_in(
+            "recent_events_for_rooms",
+            "SELECT room_id, event_id FROM (SELECT room_id, event_id, stream_ordering, ROW_NUMBER() OVER"
+            " (PARTITION BY room_id ORDER BY stream_ordering DESC) AS rn FROM events WHERE room_id IN"
+            " ({in}) AND stream_ordering > ? AND stream_ordering <= ? AND outlier = 0 AND soft_failed = 0"
+            " AND rejected_reason IS NULL) ranked WHERE rn <= ? ORDER BY room_id, stream_ordering DESC",
+            room_ids, after=(from_exclusive, to_inclusive, limit),
+        )
         evs = await self.get_events(e for _, e in ids)
         for r, e in ids:
             if e in evs:
@@ -475,50 +466,34 @@ class EventsStore:
     ) -> dict[str, dict[tuple[str, str], tuple[str, Optional[str]]]]:
         """room_id -> (type, state_key) -> (event_id, membership), in one query per 200 rooms."""
         out: dict[str, dict[tuple[str, str], tuple[str, Optional[str]]]] = {r: {} for r in room_ids}
-        for i in range(0, len(room_ids), 200):
-            chunk = room_ids[i: i + 200]
-            qs = ",".join("?" * len(chunk))
-            rows = await self.db.execute(
-                "current_state_for_rooms",
-                "SELECT room_id, type, state_key, event_id, membership FROM current_state_events"
-                f" WHERE room_id IN ({qs})",
-                *chunk,
-            )
-            for r, t, sk, eid, m in rows:
-                out[r][(t, sk)] = (eid, m)
+        rows = await self.db.select_in(
+            "current_state_for_rooms",
+            "SELECT room_id, type, state_key, event_id, membership FROM current_state_events WHERE room_id IN ({in})",
+            room_ids,
+        )
+        for r, t, sk, eid, m in rows:
+            out[r][(t, sk)] = (eid, m)
         return out
 
     async def get_unread_counts_for_rooms(self, user_id: str, room_ids: list[str]) -> dict[str, tuple[int, int]]:
-        out: dict[str, tuple[int, int]] = {}
-        for i in range(0, len(room_ids), 200):
-            chunk = room_ids[i: i + 200]
-            qs = ",".join("?" * len(chunk))
-            rows = await self.db.execute(
-                "unread_for_rooms",
-                "SELECT room_id, notification_count, highlight_count FROM room_unread WHERE user_id = ?"
-                f" AND room_id IN ({qs})",
-                user_id,
-                *chunk,
-            )
-            out.update({r: (n, h) for r, n, h in rows})
-        return out
+        rows = await self.db.select_in(
+            "unread_for_rooms",
+            "SELECT room_id, notification_count, highlight_count FROM room_unread WHERE user_id = ?"
+            " AND room_id IN ({in})",
+            room_ids, before=(user_id,),
+        )
+        return {r: (n, h) for r, n, h in rows}
 
     async def get_rooms_changed_since(self, room_ids: list[str], since: int) -> set[str]:
         if not room_ids:
             return set()
-        out: set[str] = set()
-        for i in range(0, len(room_ids), 200):
-            chunk = room_ids[i : i + 200]
-            qs = ",".join("?" * len(chunk))
-            rows = await self.db.execute(
-                "rooms_changed",
-                "SELECT DISTINCT room_id FROM events WHERE stream_ordering > ? AND outlier = 0 AND soft_failed = 0"
-                f" AND room_id IN ({qs})",
-                since,
-                *chunk,
-            )
-            out.update(r[0] for r in rows)
-        return out
+        rows = await self.db.select_in(
+            "rooms_changed",
+            "SELECT DISTINCT room_id FROM events WHERE stream_ordering > ? AND outlier = 0 AND soft_failed = 0"
+            " AND room_id IN ({in})",
+            room_ids, before=(since,),
+        )
+        return {r[0] for r in rows}
 
     async def get_backward_extremities(self, room_id: str, limit: int = 20) -> list[str]:
         """Events referenced as prev_events in the room but not stored here."""

@@ -77,19 +77,13 @@ class UserDataStore:
 
     async def get_receipts_for_rooms(self, room_ids: list[str], since: int) -> list[tuple]:
         """(room_id, receipt_type, user_id, thread_id, event_id, data) after ``since``."""
-        out: list[tuple] = []
-        for i in range(0, len(room_ids), 200):
-            chunk = room_ids[i : i + 200]
-            qs = ",".join("?" * len(chunk))
-            rows = await self.db.execute(
-                "receipts_for_rooms",
-                "SELECT room_id, receipt_type, user_id, thread_id, event_id, data FROM receipts"
-                f" WHERE stream_id > ? AND room_id IN ({qs})",
-                since,
-                *chunk,
-            )
-            out.extend((r, t, u, th, e, json.loads(d)) for r, t, u, th, e, d in rows)
-        return out
+        rows = await self.db.select_in(
+            "receipts_for_rooms",
+            "SELECT room_id, receipt_type, user_id, thread_id, event_id, data FROM receipts"
+            " WHERE stream_id > ? AND room_id IN ({in})",
+            room_ids, before=(since,),
+        )
+        return [(r, t, u, th, e, json.loads(d)) for r, t, u, th, e, d in rows]
 
     # -- filters ------------------------------------------------------------------
     async def add_filter(self, user_id: str, filter_json: dict[str, Any]) -> int:
