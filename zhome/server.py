@@ -24,6 +24,7 @@ from zhome.config import HomeserverConfig
 from zhome.crypto.keys import read_signing_key_file
 from zhome.http.auth import Auth
 from zhome.http.ratelimit import RateLimiter
+from zhome.http.request import make_request_factory
 from zhome.http.server import JsonResource
 from zhome.logging_setup import setup_logging
 from zhome.push.cache import RulesetCache
@@ -45,6 +46,8 @@ from zhome.sync.typing import TypingService
 from zhome.util.reactor import reactor
 
 logger = logging.getLogger("zhome.server")
+
+FEDERATION_MAX_BODY = 10 * 1024 * 1024
 
 DB_SECONDS = Histogram("zhome_db_interaction_seconds", "Database interactions by description", ["desc"],
                        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
@@ -192,6 +195,16 @@ class HomeServer:
             FederationServlets(self).register_routes(self.federation_resource)
         await self.federation_sender.start()
 
+    def _body_limit_for(self, path: bytes) -> int:
+        """The largest request body accepted on ``path`` (checked as it arrives)."""
+        if path.startswith((b"/_matrix/media/", b"/_matrix/client/v1/media/")):
+            repo = self.media_repository
+            return int(repo.max_upload_size) + 64 * 1024 if repo is not None else self.config.limits.max_upload_size
+        if path.startswith(b"/_matrix/federation/"):
+            # A full transaction (50 PDUs, 100 EDUs) may exceed the client limit.
+            return max(self.config.limits.max_request_body_size, FEDERATION_MAX_BODY)
+        return self.config.limits.max_request_body_size
+
     async def _federation_version(self, request: Any) -> tuple[int, Any]:
         return 200, {"server": {"name": "zhome", "version": _version()}}
 
@@ -223,6 +236,7 @@ class HomeServer:
                 site = Site(root)
             else:
                 site = Site(self._listener_root(listener))
+                site.requestFactory = make_request_factory(self._body_limit_for)
                 site.displayTracebacks = False
             site.noisy = False
             for addr in listener.bind_addresses:
