@@ -99,3 +99,23 @@ def test_typing_expires_and_notifies() -> None:
     assert notifier.typing_pos == 2  # the expiry woke /sync
     typing.set_typing("!r:hs", "@a:hs", True, 10**9)  # capped
     assert scheduled[-1][0] <= 121
+
+
+def test_lru_cache_weight_bound() -> None:
+    from zhome.storage.lru import LruCache
+
+    c: LruCache[int, list[int]] = LruCache(100, max_weight=10, weigh=len)
+    c.set(1, [0] * 4)
+    c.set(2, [0] * 4)
+    assert c.get(1) is not None  # 1 is now the most recent
+    c.set(3, [0] * 4)  # weight 12 > 10: the least recent (2) goes
+    assert c.get(2) is None and c.get(1) is not None and c.get(3) is not None
+    c.set(4, [0] * 50)  # heavier than the bound alone: kept, everything else evicted
+    assert c.get(4) is not None and c.get(1) is None and c.get(3) is None
+    c.pop(4)
+    c.set(5, [0])
+    assert c.get(5) == [0]
+    counted: LruCache[int, int] = LruCache(2)
+    for i in range(5):
+        counted.set(i, i)
+    assert counted.get(2) is None and counted.get(3) == 3 and counted.get(4) == 4

@@ -65,6 +65,9 @@ class HomeServer:
         cfg = self.config
         self.signing_keys = read_signing_key_file(cfg.signing_key_path)
         self.signing_key = self.signing_keys[0]
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        if cfg.database.engine == "sqlite3" and cfg.database.args.get("database", ":memory:") != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.database.args["database"])), exist_ok=True)
         self.db = Database(cfg.database.engine, dict(cfg.database.args))
         self.db.on_interaction = lambda desc, secs: DB_SECONDS.labels(desc).observe(secs)
         await prepare_database(self.db)
@@ -298,14 +301,19 @@ class _RootResource(Resource):
 
 
 def _limit_malloc_arenas() -> None:
-    """One malloc arena per thread (glibc's default) makes the database and
-    I/O threads hold on to memory; two arenas keep the resident size small."""
+    """Keep the resident size small: one malloc arena per thread (glibc's
+    default) makes the database and I/O threads hold on to memory."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
         m_arena_max = -8
         libc.mallopt(m_arena_max, 2)
+        # Large blocks (a password hash's working memory, big JSON bodies)
+        # always come from mmap and go back to the system when freed; glibc's
+        # adaptive threshold would otherwise keep them in the heap for good.
+        m_mmap_threshold = -3
+        libc.mallopt(m_mmap_threshold, 256 * 1024)
     except (OSError, AttributeError):
         pass
 

@@ -14,14 +14,13 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-from twisted.internet import threads
 from twisted.web.server import Request
 
 from zhome.http.errors import MatrixError, bad_json, forbidden, invalid_param, missing_param, not_found
 from zhome.http.server import JsonResource, client_ip, query_arg, read_json_body
 from zhome.rooms.versions import KNOWN_ROOM_VERSIONS
 from zhome.util.ids import is_valid_user_id, is_valid_user_localpart, random_string
-from zhome.util.passwords import check_password, hash_password
+from zhome.util.passwords import check_password_async, hash_password_async
 
 if TYPE_CHECKING:
     from zhome.server import HomeServer
@@ -108,8 +107,8 @@ class AccountServlets:
             raise bad_json("'password' must be a string")
         self.hs.ratelimit_login.check("user:" + user_id)
         user = await self.accounts.get_user(user_id)
-        ok = user is not None and not user["deactivated"] and await threads.deferToThread(
-            check_password, password, user["password_hash"]
+        ok = user is not None and not user["deactivated"] and await check_password_async(
+            password, user["password_hash"]
         )
         if not ok:
             raise forbidden("Invalid username or password")
@@ -242,7 +241,7 @@ class AccountServlets:
                     break
             else:
                 raise MatrixError(500, "M_UNKNOWN", "Could not allocate a user ID")
-        pw_hash = await threads.deferToThread(hash_password, password) if password else None
+        pw_hash = await hash_password_async(password) if password else None
         if not await self.accounts.create_user(user_id, pw_hash, displayname=user_id[1:].split(":")[0]):
             raise MatrixError(400, "M_USER_IN_USE", "User ID already taken.")
         if used_token is not None:
@@ -300,7 +299,7 @@ class AccountServlets:
             claimed == user_id
             and user is not None
             and isinstance(pw, str)
-            and await threads.deferToThread(check_password, pw, user["password_hash"])
+            and await check_password_async(pw, user["password_hash"])
         )
         if not ok:
             raise MatrixError(401, "M_FORBIDDEN", "Invalid password", flows=flows, params={}, session=session,
@@ -315,7 +314,7 @@ class AccountServlets:
         new = body.get("new_password")
         if not isinstance(new, str) or not new or len(new) > 512:
             raise bad_json("'new_password' must be a non-empty string")
-        await self.accounts.set_password_hash(req.user_id, await threads.deferToThread(hash_password, new))
+        await self.accounts.set_password_hash(req.user_id, await hash_password_async(new))
         if body.get("logout_devices", True):
             await self.accounts.delete_other_tokens(req.user_id, req.device_id)
         return 200, {}
@@ -484,7 +483,7 @@ class AccountServlets:
         if not hmac.compare_digest(want, mac):
             raise forbidden("HMAC incorrect")
         user_id = self._check_username(username)
-        pw_hash = await threads.deferToThread(hash_password, password)
+        pw_hash = await hash_password_async(password)
         if not await self.accounts.create_user(user_id, pw_hash, admin=bool(admin), displayname=username.lower()):
             raise MatrixError(400, "M_USER_IN_USE", "User ID already taken.")
         return 200, await self._issue_login(user_id, body, request)

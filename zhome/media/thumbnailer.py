@@ -9,11 +9,17 @@ any pixel is decoded (decompression bombs). Blocking: run off the reactor.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    # Pillow is loaded on first use: a server that never thumbnails does
+    # not carry it in memory.
+    from PIL import Image
+
 import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageSequence
 
 # Formats we decode: the sniffed content type, never the client's claim.
 THUMBNAILABLE = {"image/png": "PNG", "image/jpeg": "JPEG", "image/gif": "GIF", "image/webp": "WEBP"}
@@ -78,6 +84,8 @@ def sniff_content_type(head: bytes) -> str | None:
 
 
 def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    from PIL import Image
+
     try:
         # Image.open reads only the header; dimensions are known before decoding.
         with warnings.catch_warnings():
@@ -147,6 +155,8 @@ def make_thumbnail(data: bytes, want_w: int, want_h: int, method: str, animated:
         if animated_out:
             frames: list[Image.Image] = []
             durations: list[int] = []
+            from PIL import ImageSequence
+
             for frame in ImageSequence.Iterator(img):
                 durations.append(int(frame.info.get("duration", 100)) or 100)
                 frames.append(_resize(frame.convert("RGBA"), w, h, box))
@@ -168,6 +178,8 @@ def make_thumbnail(data: bytes, want_w: int, want_h: int, method: str, animated:
 
 
 def _resize(frame: Image.Image, w: int, h: int, box: tuple[int, int, int, int] | None) -> Image.Image:
+    from PIL import Image
+
     if frame.size == (w, h) and box is None:
         return frame.copy()
     return frame.resize((w, h), Image.Resampling.LANCZOS, box=box)

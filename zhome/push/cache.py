@@ -20,7 +20,7 @@ Ruleset = dict[str, dict[str, list[dict[str, Any]]]]
 
 
 class RulesetCache:
-    def __init__(self, user_data: Any, max_size: int = 20000) -> None:
+    def __init__(self, user_data: Any, max_size: int = 5000) -> None:
         self.user_data = user_data
         self._cache: LruCache[str, Ruleset] = LruCache(max_size)
         # Bumped by invalidate: a load that started before a change must not

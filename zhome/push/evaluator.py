@@ -111,8 +111,27 @@ def _glob_re(pattern: str, words: bool) -> re.Pattern[str]:
 def glob_matches(pattern: str, value: str, words: bool = False) -> bool:
     """Spec glob match, case-insensitive: the whole value, or (``words``) any
     substring delimited by word boundaries, as for ``content.body``."""
+    if words and "*" not in pattern and "?" not in pattern and not _may_contain(value, pattern):
+        # A literal word that is not even a substring cannot match; this
+        # skips compiling a per-user pattern for most messages.
+        return False
     r = _glob_re(pattern, words)
     return (r.search(value) if words else r.fullmatch(value)) is not None
+
+
+@lru_cache(maxsize=256)
+def _folded(text: str) -> str:
+    return text.casefold()
+
+
+def _may_contain(haystack: str, needle: str) -> bool:
+    """False when ``needle`` cannot occur in ``haystack`` ignoring case.
+
+    Case-insensitive regex matching equates characters with the same simple
+    case folding, which full case folding also equates, so a regex match
+    implies this substring test holds.
+    """
+    return _folded(needle) in _folded(haystack)
 
 
 @lru_cache(maxsize=4096)
@@ -203,7 +222,7 @@ def _event_property_contains(cond: dict[str, Any], ctx: _Context) -> bool:
 def _contains_display_name(cond: dict[str, Any], ctx: _Context) -> bool:
     name = ctx.display_name
     body = _body(ctx.event)
-    if not name or body is None:
+    if not name or body is None or not _may_contain(body, name):
         return False
     return _literal_words_re(name).search(body) is not None
 
