@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import string
-from typing import Any
+from typing import Any, Iterator
 
 from signedjson.key import (
     decode_signing_key_base64,
@@ -48,24 +48,28 @@ def write_signing_key_file(path: str, key: SigningKey) -> None:
         f.write(encode_signing_key_line(key))
 
 
+def _key_lines(path: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each non-blank, non-comment line of a key file."""
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                yield n, line.split()
+
+
 def read_signing_key_file(path: str) -> list[SigningKey]:
     """All keys in ``path``; the first is the one used for signing.
 
     Raises ValueError naming the line when the file is malformed.
     """
     keys = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split()
-            if len(parts) != 3 or parts[0] != "ed25519":
-                raise ValueError(f"{path}:{n}: expected 'ed25519 <version> <base64 seed>'")
-            try:
-                keys.append(decode_signing_key_base64(parts[0], parts[1], parts[2]))
-            except Exception as e:  # nacl / base64 errors
-                raise ValueError(f"{path}:{n}: bad key: {e}") from None
+    for n, parts in _key_lines(path):
+        if len(parts) != 3 or parts[0] != "ed25519":
+            raise ValueError(f"{path}:{n}: expected 'ed25519 <version> <base64 seed>'")
+        try:
+            keys.append(decode_signing_key_base64(parts[0], parts[1], parts[2]))
+        except Exception as e:  # nacl / base64 errors
+            raise ValueError(f"{path}:{n}: bad key: {e}") from None
     if not keys:
         raise ValueError(f"{path}: no signing key")
     return keys
@@ -85,15 +89,10 @@ def read_old_verify_keys(path: str) -> dict[str, tuple[str, int]]:
     out: dict[str, tuple[str, int]] = {}
     if not os.path.exists(path):
         return out
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split()
-            if len(parts) != 4 or parts[0] != "ed25519" or not parts[3].isdigit():
-                raise ValueError(f"{path}:{n}: expected 'ed25519 <version> <base64 verify key> <expired_ts>'")
-            out[f"ed25519:{parts[1]}"] = (parts[2], int(parts[3]))
+    for n, parts in _key_lines(path):
+        if len(parts) != 4 or parts[0] != "ed25519" or not parts[3].isdigit():
+            raise ValueError(f"{path}:{n}: expected 'ed25519 <version> <base64 verify key> <expired_ts>'")
+        out[f"ed25519:{parts[1]}"] = (parts[2], int(parts[3]))
     return out
 
 
