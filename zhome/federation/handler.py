@@ -181,22 +181,7 @@ class FederationHandler:
 
     async def check_auth_events(self, ev: Event) -> Optional[str]:
         """Auth against the event's own auth_events (which must be stored)."""
-        ids = ev.auth_event_ids
-        evs = await self.events.get_events(ids)
-        if len(evs) != len(set(ids)):
-            return "auth events missing"
-        state: StateMap = {}
-        for e in evs.values():
-            if e.rejected_reason:
-                return f"auth event {e.event_id} was rejected"
-            if e.is_state():
-                state[e.state_tuple()] = e.event_id
-        if ev.room_version.hydra and ev.type != "m.room.create":
-            # v12: the create event is implied by the room ID.
-            create_id = "$" + ev.room_id[1:]
-            if create_id in (await self.events.get_events([create_id])):
-                state[("m.room.create", "")] = create_id
-        return await self.check_auth_against(ev, state)
+        return await self._check_auth_with(ev, {})
 
     # -- fetching what is missing -----------------------------------------------------
     async def fetch_auth_chain(self, origin: str, room_id: str, event_id: str, rv: RoomVersion) -> None:
