@@ -11,8 +11,7 @@ import logging
 import os
 from typing import Any, cast
 
-from prometheus_client import REGISTRY, Histogram
-from prometheus_client.twisted import MetricsResource
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Histogram, generate_latest
 from twisted.internet import defer
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
@@ -235,7 +234,7 @@ class HomeServer:
                 root: Resource = Resource()
                 # A WSGIResource: provides IResource, which mypy cannot see
                 # through zope's @implementer.
-                root.putChild(b"metrics", cast(IResource, MetricsResource(REGISTRY)))
+                root.putChild(b"metrics", cast(IResource, _MetricsResource()))
                 site = Site(root)
             else:
                 site = Site(self._listener_root(listener))
@@ -286,6 +285,16 @@ class _ListenerRoot(Resource):
         return self._pick(request).render(request)
 
 
+class _MetricsResource(Resource):
+    """The Prometheus text exposition of every metric (GET /metrics)."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:  # noqa: N802 - Twisted's name
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(REGISTRY)
+
+
 class _RootResource(Resource):
     """Every path goes to the JSON resource, which answers unknown ones."""
 
@@ -309,11 +318,6 @@ def _limit_malloc_arenas() -> None:
         libc = ctypes.CDLL("libc.so.6")
         m_arena_max = -8
         libc.mallopt(m_arena_max, 2)
-        # Large blocks (a password hash's working memory, big JSON bodies)
-        # always come from mmap and go back to the system when freed; glibc's
-        # adaptive threshold would otherwise keep them in the heap for good.
-        m_mmap_threshold = -3
-        libc.mallopt(m_mmap_threshold, 256 * 1024)
     except (OSError, AttributeError):
         pass
 
@@ -344,7 +348,9 @@ def run(config: HomeserverConfig) -> int:
 
     reactor.callWhenRunning(lambda: defer.ensureDeferred(start()))
     reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(shutdown()))
-    reactor.suggestThreadPoolSize(10)
+    # Threads do file I/O, thumbnails, DNS and password hashes (one at a
+    # time); the database has its own pool.
+    reactor.suggestThreadPoolSize(4)
     reactor.run()
     return exit_code[0]
 

@@ -586,6 +586,63 @@ def test_power_levels_and_server_acl_across(z: Client, s: Client, synapse: Synap
     assert status == 200 and topic == {"topic": "set from zhome"}, (status, topic)
 
 
+def _upload(client: Client, data: bytes, content_type: str) -> str:
+    req = urllib.request.Request(client.base_url + "/_matrix/media/v3/upload?filename=f.bin", data=data,
+                                 method="POST")
+    req.add_header("Authorization", f"Bearer {client.token}")
+    req.add_header("Content-Type", content_type)
+    with urllib.request.urlopen(req, timeout=60) as r:
+        uri = json.loads(r.read())["content_uri"]
+    assert uri.startswith("mxc://"), uri
+    return str(uri)
+
+
+def _download(client: Client, mxc: str, thumbnail: bool = False) -> tuple[int, bytes, str]:
+    server, media_id = mxc[len("mxc://"):].split("/", 1)
+    kind = "thumbnail" if thumbnail else "download"
+    url = f"{client.base_url}/_matrix/client/v1/media/{kind}/{_q(server)}/{_q(media_id)}"
+    if thumbnail:
+        url += "?width=32&height=32&method=scale"
+    req = urllib.request.Request(url)
+    req.add_header("Authorization", f"Bearer {client.token}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read(), r.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), e.headers.get("Content-Type", "")
+
+
+def _png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 60)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_media_across(z: Client, s: Client) -> None:
+    """Each side's users download media that lives on the other server, through
+    their own server (federation media endpoints), and get the same bytes."""
+    on_synapse = b"bytes stored on synapse " + uuid.uuid4().hex.encode()
+    mxc = _upload(s, on_synapse, "application/octet-stream")
+    status, body, _ = _download(z, mxc)
+    assert status == 200 and body == on_synapse
+    on_zhome = b"bytes stored on zhome " + uuid.uuid4().hex.encode()
+    mxc = _upload(z, on_zhome, "application/octet-stream")
+    status, body, _ = _download(s, mxc)
+    assert status == 200 and body == on_zhome
+    # A thumbnail of an image on the other server.
+    mxc = _upload(s, _png(400, 300), "image/png")
+    status, body, ctype = _download(z, mxc, thumbnail=True)
+    assert status == 200 and ctype.startswith("image/") and len(body) > 0
+    # Unknown remote media is a 404 for the client.
+    server = mxc[len("mxc://"):].split("/", 1)[0]
+    status, body, _ = _download(z, f"mxc://{server}/doesnotexist{uuid.uuid4().hex[:8]}")
+    assert status == 404 and json.loads(body)["errcode"] == "M_NOT_FOUND"
+
+
 def test_stop_and_catch_up(z: Client, s: Client, synapse: SynapsePeer) -> None:
     # Last: it restarts the module's Synapse.
     room_id = _zhome_room_with(z, s)

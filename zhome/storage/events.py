@@ -63,7 +63,7 @@ class EventsStore:
         self.backfill_ids = backfill_ids or IdGenerator(0, step=-1)
         self.state_group_ids = state_group_ids
         # Sized for memory: a big room's state map is tens of kilobytes.
-        self._event_cache: LruCache[str, Event] = LruCache(2000)
+        self._event_cache: LruCache[str, Event] = LruCache(1500)
         self._state_group_cache: LruCache[int, dict[tuple[str, str], str]] = LruCache(
             1000, max_weight=20000, weigh=len)
         self._extremities_cache: LruCache[str, tuple[str, ...]] = LruCache(10000)
