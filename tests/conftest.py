@@ -11,6 +11,7 @@ postgres tests fail, since the suite promises both engines; set
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from pathlib import Path
@@ -52,6 +53,14 @@ def db_config(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DbConf
         yield "sqlite3", {"database": str(tmp_path / "zhome.db")}
         return
 
+    with fresh_pg_database() as name:
+        yield "psycopg2", {**_pg_server_args(), "database": name}
+
+
+@contextlib.contextmanager
+def fresh_pg_database() -> Iterator[str]:
+    """Create an empty PostgreSQL database for one test (or one group of
+    servers) and drop it afterwards; yields its name."""
     if os.environ.get("ZHOME_TEST_NO_POSTGRES") == "1":
         pytest.skip("ZHOME_TEST_NO_POSTGRES=1")
     try:
@@ -74,7 +83,7 @@ def db_config(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DbConf
     finally:
         admin.close()
     try:
-        yield "psycopg2", {**_pg_server_args(), "database": name}
+        yield name
     finally:
         admin = _pg_admin_connection()
         try:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -61,26 +59,10 @@ def _engine_database(engine: str) -> Iterator[str | None]:
     if engine == "sqlite3":
         yield None
         return
-    from tests.conftest import _pg_admin_connection, _pg_server_args
+    from tests.conftest import _pg_server_args, fresh_pg_database
 
-    if os.environ.get("ZHOME_TEST_NO_POSTGRES") == "1":
-        pytest.skip("ZHOME_TEST_NO_POSTGRES=1")
-    name = f"zhome_test_{secrets.token_hex(8)}"
-    admin = _pg_admin_connection()
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f"CREATE DATABASE {name} ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
-    finally:
-        admin.close()
-    try:
+    with fresh_pg_database() as name:
         yield _database_url(("psycopg2", {**_pg_server_args(), "database": name}))
-    finally:
-        admin = _pg_admin_connection()
-        try:
-            with admin.cursor() as cur:
-                cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        finally:
-            admin.close()
 
 
 class ZhomeServers:
