@@ -192,11 +192,26 @@ class FederationHandler:
             raise PduRejected("bad event_auth response")
         await self.store_outliers(rv, chain[:MAX_AUTH_FETCH])
 
-    async def store_outliers(self, rv: RoomVersion, pdus: list[Any]) -> dict[str, Event]:
+    async def store_state(self, rv: RoomVersion, chain: list[Any], state_pdus: list[Any]) -> StateMap:
+        """Store an auth chain and a room state received over federation
+        (send_join, /state); the state map of the accepted state events."""
+        ids: list[Optional[str]] = []
+        stored = await self.store_outliers(rv, chain + state_pdus, ids)
+        state: StateMap = {}
+        for eid in ids[len(chain):]:
+            s = stored.get(eid) if eid is not None else None
+            if s is not None and s.is_state() and not s.rejected_reason:
+                state[s.state_tuple()] = s.event_id
+        return state
+
+    async def store_outliers(self, rv: RoomVersion, pdus: list[Any],
+                             ids_out: Optional[list[Optional[str]]] = None) -> dict[str, Event]:
         """Check and store events known only as state or auth chain.
 
         Events are checked in depth order, each against its own auth events;
         one that fails is stored as rejected so nothing builds on it.
+        ``ids_out`` receives each PDU's event ID in input order (None for a
+        malformed one), so callers need not hash the events again.
         """
         parsed: dict[str, Event] = {}
         for p in pdus:
@@ -204,8 +219,12 @@ class FederationHandler:
                 ev = parse_pdu(rv, _strip_pdu(p))
             except PduRejected as e:
                 logger.info("dropping malformed state/auth event: %s", e)
+                if ids_out is not None:
+                    ids_out.append(None)
                 continue
             parsed[ev.event_id] = ev
+            if ids_out is not None:
+                ids_out.append(ev.event_id)
         known = await self.events.get_events(parsed)
         todo = [e for eid, e in parsed.items() if eid not in known]
         todo.sort(key=lambda e: (e.depth, e.event_id))
@@ -296,17 +315,7 @@ class FederationHandler:
         chain = resp.get("auth_chain") or []
         if not isinstance(pdus, list) or not isinstance(chain, list):
             raise PduRejected("bad /state response")
-        stored = await self.store_outliers(ev.room_version, chain + pdus)
-        state: StateMap = {}
-        prev_ev = None
-        for p in pdus:
-            try:
-                e = parse_pdu(ev.room_version, _strip_pdu(p))
-            except PduRejected:
-                continue
-            s = stored.get(e.event_id)
-            if s is not None and s.is_state() and not s.rejected_reason:
-                state[s.state_tuple()] = s.event_id
+        state = await self.store_state(ev.room_version, chain, pdus)
         # /state gives the state *at* the prev event (before it); add the
         # prev event itself if it is a state event we now know.
         prev = ev.prev_event_ids[0]
@@ -574,16 +583,7 @@ class FederationHandler:
         if not isinstance(state_pdus, list) or not isinstance(chain, list):
             raise PduRejected("bad send_join response")
         await self._ensure_room(room_id, version)
-        stored = await self.store_outliers(rv, chain + state_pdus)
-        state: StateMap = {}
-        for p in state_pdus:
-            try:
-                eid = parse_pdu(rv, _strip_pdu(p)).event_id
-            except PduRejected:
-                continue
-            s = stored.get(eid)
-            if s is not None and s.is_state() and not s.rejected_reason:
-                state[s.state_tuple()] = s.event_id
+        state = await self.store_state(rv, chain, state_pdus)
         if ("m.room.create", "") not in state:
             raise PduRejected("the room state has no create event")
         reason = await self.check_auth_against(ev, state)
