@@ -23,7 +23,7 @@ from zhome.federation.request_auth import authenticate_request
 from zhome.http.errors import MatrixError, bad_json, forbidden, not_found, too_large
 from zhome.http.server import JsonResource, query_arg, query_args, query_int
 from zhome.rooms.events import Event, StateMap
-from zhome.rooms.versions import KNOWN_ROOM_VERSIONS, get_room_version
+from zhome.rooms.versions import KNOWN_ROOM_VERSIONS, RoomVersion, get_room_version
 from zhome.util.ids import server_of
 
 if TYPE_CHECKING:
@@ -287,13 +287,7 @@ class FederationServlets:
                                   membership: str) -> tuple[str, Event, StateMap]:
         origin, body = await self._authed_body(request)
         version = await self._room_version(room_id)
-        rv = get_room_version(version)
-        try:
-            ev = parse_pdu(rv, _strip_pdu(body if isinstance(body, dict) else {}))
-        except PduRejected as e:
-            raise bad_json(str(e))
-        if ev.event_id != event_id or ev.room_id != room_id:
-            raise bad_json("Event ID or room ID does not match the path")
+        ev = _event_for_path(get_room_version(version), body, room_id, event_id)
         if ev.type != "m.room.member" or ev.state_key != ev.sender or ev.membership != membership:
             raise bad_json(f"Not a {membership} event")
         if server_of(ev.sender) != origin:
@@ -349,12 +343,7 @@ class FederationServlets:
         if version not in KNOWN_ROOM_VERSIONS:
             raise MatrixError(400, "M_INCOMPATIBLE_ROOM_VERSION", "Unsupported room version", room_version=version)
         rv = get_room_version(version)
-        try:
-            ev = parse_pdu(rv, _strip_pdu(pdu if isinstance(pdu, dict) else {}))
-        except PduRejected as e:
-            raise bad_json(str(e))
-        if ev.event_id != event_id or ev.room_id != room_id:
-            raise bad_json("Event ID or room ID does not match the path")
+        ev = _event_for_path(rv, pdu, room_id, event_id)
         target = ev.state_key or ""
         if ev.type != "m.room.member" or ev.membership != "invite" or server_of(target) != self.hs.server_name:
             raise bad_json("Not an invite for a user of this server")
@@ -527,6 +516,17 @@ def _stripped(events: list[Any]) -> list[dict[str, Any]]:
         if isinstance(e, dict) and isinstance(e.get("type"), str) and isinstance(e.get("content"), dict):
             out.append({k: e[k] for k in ("type", "state_key", "content", "sender") if k in e})
     return out
+
+
+def _event_for_path(rv: RoomVersion, pdu: Any, room_id: str, event_id: str) -> Event:
+    """The event a membership endpoint received, which must be the one its path names."""
+    try:
+        ev = parse_pdu(rv, _strip_pdu(pdu if isinstance(pdu, dict) else {}))
+    except PduRejected as e:
+        raise bad_json(str(e))
+    if ev.event_id != event_id or ev.room_id != room_id:
+        raise bad_json("Event ID or room ID does not match the path")
+    return ev
 
 
 def _event_id_guess(pdu: Any, version: str | None) -> str:
