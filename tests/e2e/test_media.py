@@ -225,6 +225,33 @@ def test_range_requests(zhome: ZhomeProcess) -> None:
     assert status == 416 and headers["content-range"] == f"bytes */{len(data)}"
 
 
+def test_client_leaving_mid_download(zhome: ZhomeProcess) -> None:
+    """A client that closes its connection part-way through a download is
+    not an error: the server stops sending and keeps serving others."""
+    import socket
+    import time
+
+    alice = zhome.register("alice")["access_token"]
+    data = os.urandom(8 * 1024 * 1024)
+    server, media_id = upload(zhome, alice, data)
+    host, port = zhome.base_url.split("//", 1)[1].rsplit(":", 1)
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(f"GET {AUTHED}/download/{server}/{media_id} HTTP/1.1\r\nHost: x\r\n"
+                      f"Authorization: Bearer {alice}\r\n\r\n".encode())
+            first = s.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200"), first[:100]
+    deadline = time.monotonic() + 15
+    while zhome.log().count("media_download ") < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = zhome.log()
+    assert log.count("media_download ") >= 3, log
+    assert "Unhandled error" not in log and "Traceback" not in log, log
+    assert " 500 " not in log, log
+    status, _, body = download(zhome, alice, server, media_id)
+    assert status == 200 and body == data
+
+
 def test_async_create_and_put_upload(zhome: ZhomeProcess) -> None:
     alice = zhome.register("alice")["access_token"]
     bob = zhome.register("bob")["access_token"]

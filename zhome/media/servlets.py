@@ -157,16 +157,22 @@ async def stream_plaintext(repo: MediaRepository, request: Request, item: Servab
             request.write(suffix)
     except Exception:
         logger.exception("failed while sending media %s", item.storage_name)
-        request.unregisterProducer()
+        _unregister(request)
         if request.channel is not None:
             request.channel.loseConnection()
         return
     finally:
         if f is not None:
             await threads.deferToThread(f.close)
-    request.unregisterProducer()
+    _unregister(request)
     if not request.finished and not request._disconnected:
         request.finish()
+
+
+def _unregister(request: Request) -> None:
+    # A client that went away has taken the channel (and its producer) with it.
+    if request.channel is not None and not request._disconnected:
+        request.unregisterProducer()
 
 
 def _common_headers(request: Request) -> None:
