@@ -635,6 +635,9 @@ class MediaConfig:
     thumbnail_sizes: tuple[ThumbnailSize, ...] = setting(
         list_of(section(ThumbnailSize), min_items=1), default=DEFAULT_THUMBNAIL_SIZES
     )
+    # Make the configured thumbnails of an uploaded image right after the
+    # upload, in the background, so a first request reads a ready file.
+    thumbnails_on_upload: bool = setting(boolean, default=True)
     # Images with more pixels than this are never decoded (decompression bombs).
     max_image_pixels: int = setting(integer(1), default=32_000_000)
     # Base64 of 32 random bytes; relative to the config file's directory.

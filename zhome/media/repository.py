@@ -26,8 +26,8 @@ from zhome.media import crypto, multipart
 from zhome.media.backend import StorageBackend
 from zhome.media.headers import normalise_content_type, sanitise_filename
 from zhome.media.store import MediaInfo, MediaStore, ThumbnailInfo
-from zhome.media.thumbnailer import THUMBNAILABLE, ImageTooLarge, ThumbnailError, make_thumbnail, \
-    sniff_content_type
+from zhome.media.thumbnailer import THUMBNAILABLE, ImageTooLarge, Thumbnail, ThumbnailError, make_thumbnail, \
+    make_thumbnails, sniff_content_type
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,11 @@ class MediaRepository:
         self.max_upload_size = config.effective_max_upload_size
         self._remote_inflight: dict[tuple[str, str], _Shared] = {}
         self._thumb_inflight: dict[tuple[Any, ...], _Shared] = {}
+        # Thumbnails made after uploads: one image at a time, so a burst of
+        # uploads does not take every thread; the batch being made now.
+        self._batch_slot = defer.DeferredSemaphore(1)
+        self._batch_running: dict[tuple[str, str], _Shared] = {}
+        self.background: set["defer.Deferred[None]"] = set()
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -185,6 +190,7 @@ class MediaRepository:
         except BaseException:
             await self._delete_files([name])
             raise
+        self._thumbnails_after_upload(self.server_name, media_id, sniffed)
         return f"mxc://{self.server_name}/{media_id}"
 
     async def create(self, user_id: str) -> tuple[str, int]:
@@ -217,6 +223,7 @@ class MediaRepository:
         if not ok:
             await self._delete_files([name])
             raise MatrixError(409, "M_CANNOT_OVERWRITE_MEDIA", "Media already uploaded")
+        self._thumbnails_after_upload(server_name, media_id, sniffed)
 
     # ------------------------------------------------------------------
     # Finding media
@@ -369,6 +376,16 @@ class MediaRepository:
                                                   size.method, animated_key)
         if existing is not None:
             return self.servable(existing)
+        batch = self._batch_running.get((info.origin, info.media_id))
+        if batch is not None and not animated_key:
+            try:
+                await batch.wait()
+            except Exception:
+                pass  # made below on its own, with this request's error if it fails
+            existing = await self.store.get_thumbnail(info.origin, info.media_id, size.width, size.height,
+                                                      size.method, False)
+            if existing is not None:
+                return self.servable(existing)
         key = (info.origin, info.media_id, size.width, size.height, size.method, animated_key)
         inflight = self._thumb_inflight.get(key)
         if inflight is None:
@@ -393,17 +410,63 @@ class MediaRepository:
         except ThumbnailError:
             raise MatrixError(400, "M_UNKNOWN", "Cannot generate thumbnails for this content") from None
         del data
+        return await self._store_thumbnail(info, size, animated, thumb)
+
+    async def _store_thumbnail(self, info: MediaInfo, size: ThumbnailSize, animated: bool,
+                               thumb: Thumbnail) -> Servable:
         name, wrapped = await self._seal_bytes("thumb", thumb.data)
         row = ThumbnailInfo(info.origin, info.media_id, size.width, size.height, size.method, animated,
                             thumb.content_type, len(thumb.data), name, self.keys.current.key_id, wrapped,
                             self.now_ms())
-        if not await self.store.insert_thumbnail(row):
+        if not await self.store.insert_thumbnail(row, of_stored_media=True):
+            # Made meanwhile by another request, or the media was deleted.
             await self._delete_files([name])
             existing = await self.store.get_thumbnail(info.origin, info.media_id, size.width, size.height,
                                                       size.method, animated)
-            if existing is not None:
-                return self.servable(existing)
+            if existing is None:
+                raise not_found("Media not found")
+            return self.servable(existing)
         return self.servable(row)
+
+    def _thumbnails_after_upload(self, origin: str, media_id: str, sniffed: Optional[str]) -> None:
+        if not self.config.thumbnails_on_upload or sniffed not in THUMBNAILABLE:
+            return
+        d = defer.ensureDeferred(self._thumbnail_batch(origin, media_id))
+        self.background.add(d)
+        d.addBoth(lambda _: self.background.discard(d))
+
+    async def _thumbnail_batch(self, origin: str, media_id: str) -> None:
+        """Make every configured (still) thumbnail of a new upload, decoding it once."""
+        await self._batch_slot.acquire()
+        try:
+            info = await self.store.get_media(origin, media_id)
+            if info is None or not info.uploaded:
+                return
+            key = (origin, media_id)
+            batch = _Shared(self._make_batch(info), lambda: _drop(self._batch_running, key))
+            if batch._outcome is None:
+                self._batch_running[key] = batch
+            await batch.wait()
+        except Exception as e:
+            logger.info("thumbnails of new upload %s/%s not made: %s", origin, media_id, e)
+        finally:
+            self._batch_slot.release()
+
+    async def _make_batch(self, info: MediaInfo) -> None:
+        sizes = []
+        for size in self.config.thumbnail_sizes:
+            if await self.store.get_thumbnail(info.origin, info.media_id, size.width, size.height, size.method,
+                                              False) is None:
+                sizes.append(size)
+        if not sizes or (info.size is not None and info.size > self.max_upload_size):
+            return
+        data = await self.read_all(self.servable(info))
+        thumbs = await threads.deferToThread(
+            make_thumbnails, data, [(s.width, s.height, s.method) for s in sizes], False,
+            self.config.max_image_pixels)
+        del data
+        for size, thumb in zip(sizes, thumbs):
+            await self._store_thumbnail(info, size, False, thumb)
 
     async def _remote_thumbnail(self, server_name: str, media_id: str, size: ThumbnailSize, animated: bool,
                                 timeout_ms: int, allow_remote: bool) -> Servable:

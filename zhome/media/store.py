@@ -159,10 +159,15 @@ class MediaStore:
             origin, media_id, width, height, method, 1 if animated else 0)
         return _thumb(rows[0]) if rows else None
 
-    async def insert_thumbnail(self, info: ThumbnailInfo) -> bool:
-        """False when an equal thumbnail was stored meanwhile (the caller's file is then unused)."""
+    async def insert_thumbnail(self, info: ThumbnailInfo, of_stored_media: bool = False) -> bool:
+        """False when an equal thumbnail was stored meanwhile, or (``of_stored_media``:
+        made from a stored original) that media is gone; the caller's file is then unused."""
 
         def txn(t: Txn) -> bool:
+            if of_stored_media:
+                t.execute("SELECT 1 FROM media WHERE origin = ? AND media_id = ?", (info.origin, info.media_id))
+                if t.fetchone() is None:
+                    return False
             t.execute(
                 "SELECT 1 FROM media_thumbnails WHERE origin = ? AND media_id = ? AND width = ? AND height = ? "
                 "AND method = ? AND animated = ?",

@@ -143,43 +143,70 @@ def _output_format(src_format: str, animated_out: bool) -> tuple[str, str]:
 
 def make_thumbnail(data: bytes, want_w: int, want_h: int, method: str, animated: bool,
                    max_pixels: int) -> Thumbnail:
+    return make_thumbnails(data, [(want_w, want_h, method)], animated, max_pixels)[0]
+
+
+def make_thumbnails(data: bytes, wanted: list[tuple[int, int, str]], animated: bool,
+                    max_pixels: int) -> list[Thumbnail]:
+    """One thumbnail per (width, height, method) in ``wanted``, decoding the
+    image once. A still JPEG is decoded at a reduced scale (libjpeg's DCT
+    scaling, Pillow's ``draft``) when every thumbnail asked for is small
+    enough for it, which is most of the work saved on photos."""
     img = _open_checked(data, max_pixels)
     src_w, src_h = img.size
-    w, h, box = target_size(src_w, src_h, want_w, want_h, method)
+    plans = [target_size(src_w, src_h, w, h, m) for w, h, m in wanted]
     n_frames = getattr(img, "n_frames", 1)
     animated_out = (animated and getattr(img, "is_animated", False) and n_frames > 1
                     and n_frames <= MAX_ANIMATED_FRAMES and n_frames * src_w * src_h <= max_pixels * 4)
     fmt, content_type = _output_format(img.format or "", animated_out)
-    out = io.BytesIO()
+    out: list[Thumbnail] = []
     try:
         if animated_out:
-            frames: list[Image.Image] = []
-            durations: list[int] = []
             from PIL import ImageSequence
 
-            for frame in ImageSequence.Iterator(img):
-                durations.append(int(frame.info.get("duration", 100)) or 100)
-                frames.append(_resize(frame.convert("RGBA"), w, h, box))
-            frames[0].save(out, format=fmt, save_all=True, append_images=frames[1:], duration=durations,
-                           loop=int(img.info.get("loop", 0)))
-        else:
-            img.seek(0)
-            frame = img.convert("RGB" if fmt == "JPEG" else "RGBA")
-            thumb = _resize(frame, w, h, box)
+            for w, h, box in plans:
+                frames: list[Image.Image] = []
+                durations: list[int] = []
+                for frame in ImageSequence.Iterator(img):
+                    durations.append(int(frame.info.get("duration", 100)) or 100)
+                    frames.append(_resize(frame.convert("RGBA"), w, h, box))
+                buf = io.BytesIO()
+                frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:], duration=durations,
+                               loop=int(img.info.get("loop", 0)))
+                out.append(Thumbnail(buf.getvalue(), content_type, w, h))
+            return out
+        mode = "RGB" if fmt == "JPEG" else "RGBA"
+        if img.format == "JPEG":
+            # The smallest decode that still covers every thumbnail's region.
+            need = max(max(w / ((box[2] - box[0]) if box else src_w), h / ((box[3] - box[1]) if box else src_h))
+                       for w, h, box in plans)
+            if need < 0.5:
+                img.draft(mode, (max(1, int(src_w * need + 1)), max(1, int(src_h * need + 1))))
+        img.seek(0)
+        frame = img.convert(mode)
+        fx, fy = frame.size[0] / src_w, frame.size[1] / src_h
+        for w, h, box in plans:
+            region: tuple[float, float, float, float] | None = box
+            if (fx, fy) != (1.0, 1.0):
+                r = box or (0, 0, src_w, src_h)
+                region = (r[0] * fx, r[1] * fy, r[2] * fx, r[3] * fy)
+            thumb = _resize(frame, w, h, region)
+            buf = io.BytesIO()
             if fmt == "JPEG":
-                thumb.save(out, format="JPEG", quality=85)
+                thumb.save(buf, format="JPEG", quality=85)
             else:
-                thumb.save(out, format="PNG", optimize=False)
+                thumb.save(buf, format="PNG", optimize=False)
+            out.append(Thumbnail(buf.getvalue(), content_type, w, h))
     except ImageTooLarge:
         raise
     except Exception as e:
         raise ThumbnailError(f"cannot thumbnail image: {type(e).__name__}") from None
-    return Thumbnail(out.getvalue(), content_type, w, h)
+    return out
 
 
-def _resize(frame: Image.Image, w: int, h: int, box: tuple[int, int, int, int] | None) -> Image.Image:
+def _resize(frame: Image.Image, w: int, h: int, box: tuple[float, float, float, float] | None) -> Image.Image:
     from PIL import Image
 
-    if frame.size == (w, h) and box is None:
+    if frame.size == (w, h) and (box is None or tuple(box) == (0, 0, w, h)):
         return frame.copy()
     return frame.resize((w, h), Image.Resampling.LANCZOS, box=box)
