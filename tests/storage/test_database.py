@@ -593,3 +593,35 @@ async def test_select_in_spans_chunks(database: Database) -> None:
     rows = await database.select_in("t", "SELECT key FROM server_meta WHERE value <> ? AND key IN ({in})",
                                     keys, before=("7",))
     assert sorted(r[0] for r in rows) == sorted(k for k in keys[:450] if k != "k0007")
+
+
+def test_sqlite_server_does_not_load_the_postgres_driver(tmp_path: Path) -> None:
+    """psycopg2 brings libpq and its own OpenSSL (several MB resident): a
+    server on SQLite must not import it, not even through an integrity error."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from twisted.internet import defer, task
+import zhome.cli, zhome.server
+from zhome.storage.database import Database, IntegrityError
+
+async def main(reactor):
+    db = Database("sqlite3", {{"database": {str(tmp_path / "x.db")!r}}})
+    await db.run_interaction("ddl", lambda t: t.execute("CREATE TABLE u (a TEXT PRIMARY KEY)"))
+    await db.execute("add", "INSERT INTO u (a) VALUES (?)", "x")
+    try:
+        await db.execute("again", "INSERT INTO u (a) VALUES (?)", "x")
+    except IntegrityError:
+        pass
+    else:
+        raise SystemExit("no IntegrityError")
+    await db.close()
+    print("loaded" if "psycopg2" in sys.modules else "not loaded")
+
+task.react(lambda r: defer.ensureDeferred(main(r)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "not loaded"

@@ -30,9 +30,6 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
-import psycopg2
-import psycopg2.errors
-import psycopg2.extensions
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
@@ -41,18 +38,28 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Catch this to handle a unique or foreign key violation on either engine.
-IntegrityError: tuple[type[Exception], ...] = (
-    sqlite3.IntegrityError,
-    psycopg2.IntegrityError,
-)
 
-#: Errors after which PostgreSQL guarantees the transaction had no effect and
-#: asks the client to simply try again.
-_RETRYABLE_PG_ERRORS: tuple[type[Exception], ...] = (
-    psycopg2.errors.SerializationFailure,
-    psycopg2.errors.DeadlockDetected,
-)
+class IntegrityError(Exception):
+    """A unique or foreign key violation, on either engine; raised by
+    ``run_interaction`` (after the rollback) with the driver's error as its
+    ``__cause__``. Catch this, never a driver's own class."""
+
+
+def _pg() -> Any:
+    """psycopg2, imported on first use: a server on SQLite never loads it
+    (nor the libpq and OpenSSL copies it brings, several MB resident)."""
+    import psycopg2
+    import psycopg2.errors
+    import psycopg2.extensions
+
+    return psycopg2
+
+
+def _pg_retryable() -> tuple[type[Exception], ...]:
+    # Errors after which PostgreSQL guarantees the transaction had no effect
+    # and asks the client to simply try again.
+    errors = _pg().errors
+    return (errors.SerializationFailure, errors.DeadlockDetected)
 
 #: How many times one interaction is attempted before a retryable error is
 #: given to the caller. Serialization failures under load usually clear on the
@@ -84,12 +91,17 @@ def _bytea_as_bytes(value: str | None, cursor: Any) -> bytes | None:
     # Returning bytes on both keeps callers engine-agnostic.
     if value is None:
         return None
-    return bytes(psycopg2.BINARY(value, cursor))
+    return bytes(_pg().BINARY(value, cursor))
 
 
-_BYTEA_TYPE = psycopg2.extensions.new_type(
-    psycopg2.BINARY.values, "ZHOME_BYTEA", _bytea_as_bytes
-)
+_bytea_type: list[Any] = []
+
+
+def _bytea() -> Any:
+    if not _bytea_type:
+        pg = _pg()
+        _bytea_type.append(pg.extensions.new_type(pg.BINARY.values, "ZHOME_BYTEA", _bytea_as_bytes))
+    return _bytea_type[0]
 
 
 IN_CHUNK = 200
@@ -357,6 +369,8 @@ class Database:
                     self._reactor, self._pool, worker, func, args, kwargs
                 )
                 return result
+            except sqlite3.IntegrityError as e:
+                raise IntegrityError(str(e)) from e
             except _RetryableError as e:
                 if attempt == MAX_ATTEMPTS:
                     raise e.cause
@@ -417,6 +431,7 @@ class Database:
     # PostgreSQL -------------------------------------------------------------
 
     def _pg_connect(self) -> Any:
+        psycopg2 = _pg()
         conn = psycopg2.connect(**self._args)
         # READ COMMITTED and explicit commit/rollback: psycopg2 opens the
         # transaction implicitly with the first statement.
@@ -425,7 +440,7 @@ class Database:
             autocommit=False,
         )
         conn.set_client_encoding("UTF8")
-        psycopg2.extensions.register_type(_BYTEA_TYPE, conn)
+        psycopg2.extensions.register_type(_bytea(), conn)
         with self._pg_lock:
             self._pg_all.add(conn)
         return conn
@@ -470,8 +485,11 @@ class Database:
                 self._pg_idle.put(conn)
             else:
                 self._pg_discard(conn)
-            if isinstance(e, _RETRYABLE_PG_ERRORS):
+            psycopg2 = _pg()
+            if isinstance(e, _pg_retryable()):
                 raise _RetryableError(e) from e
+            if isinstance(e, psycopg2.IntegrityError):
+                raise IntegrityError(str(e)) from e
             if (
                 not healthy
                 and not committing
@@ -494,7 +512,7 @@ class Database:
             return False
         try:
             conn.rollback()
-        except (psycopg2.OperationalError, psycopg2.InterfaceError):
+        except (_pg().OperationalError, _pg().InterfaceError):
             return False
         return not conn.closed
 
