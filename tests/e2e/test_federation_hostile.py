@@ -31,7 +31,7 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
@@ -80,6 +80,8 @@ class FakeServer:
         self.server_name = f"{E_IP}:{self.port}"
         self.key: SigningKey = new_signing_key()
         self.requests_seen: list[tuple[str, str]] = []
+        # Extra GET answers by path (no query): a test's own scenario.
+        self.routes: dict[str, Callable[[BaseHTTPRequestHandler], None]] = {}
         cert_pem, key_pem = generate_self_signed_certificate(self.server_name)
         workdir.mkdir(parents=True, exist_ok=True)
         cert_path, key_path = workdir / "e.crt", workdir / "e.key"
@@ -109,7 +111,10 @@ class FakeServer:
                     self.rfile.read(length)
                 fake.requests_seen.append((self.command, self.path))
                 path = self.path.split("?", 1)[0]
-                if self.command == "GET" and path.startswith("/_matrix/key/v2/server"):
+                route = fake.routes.get(path) if self.command == "GET" else None
+                if route is not None:
+                    route(self)
+                elif self.command == "GET" and path.startswith("/_matrix/key/v2/server"):
                     self._reply(200, fake.key_response())
                 elif self.command == "PUT" and path.startswith(FED + "/v1/send/"):
                     # A's outbound queue: accept and ignore.

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Callable
 
 from tests.e2e.conftest import ZhomeServers
+from tests.e2e.harness import ZhomeProcess
 from tests.e2e.test_media import _store_files, download, err, images, thumbnail, upload
 
 
@@ -75,3 +79,74 @@ def test_remote_media_through_own_server_then_from_cache(zhome_pair: ZhomeServer
         assert status in (502, 504), (status, body)
     finally:
         a.start()
+
+
+# -- an origin without the federation media endpoints, and limits -------------------
+
+
+def _answer(code: int, headers: dict[str, str], body: bytes) -> Callable[[BaseHTTPRequestHandler], None]:
+    def reply(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(code)
+        for k, v in headers.items():
+            handler.send_header(k, v)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        for i in range(0, len(body), 10_007):
+            handler.wfile.write(body[i:i + 10_007])
+
+    return reply
+
+
+def _two_parts(media: bytes, content_type: str) -> Callable[[BaseHTTPRequestHandler], None]:
+    from zhome.media import multipart
+
+    head, tail = multipart.framing("e0e0e0", content_type, None)
+    return _answer(200, {"Content-Type": "multipart/mixed; boundary=e0e0e0"}, head + media + tail)
+
+
+def test_legacy_fallback_and_size_limit_against_a_fake_origin(tmp_path: Path) -> None:
+    """E knows the federation media endpoint for some media only: for the
+    rest it answers 404 M_UNRECOGNIZED (no such endpoint, so A asks the
+    deprecated /_matrix/media/v3/download) or 404 M_NOT_FOUND (no such
+    media, final). A refuses media over its max_upload_size."""
+    from tests.e2e.test_federation_hostile import FakeServer
+
+    a = ZhomeProcess(tmp_path / "a", federation_ip="127.0.0.2", overrides={"media": {"max_upload_size": 300_000}})
+    e = FakeServer(tmp_path / "e")
+    try:
+        a.start()
+        token = a.register("alice")["access_token"]
+        fed = "/_matrix/federation/v1/media/download/"
+        legacy = f"/_matrix/media/v3/download/{e.server_name}/"
+        new_style = os.urandom(120_000)
+        old_style = b"%PDF-1.5 " + os.urandom(120_000)
+        e.routes[fed + "newstyle"] = _two_parts(new_style, "application/octet-stream")
+        e.routes[fed + "oldstyle"] = _answer(404, {"Content-Type": "application/json"},
+                                             b'{"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"}')
+        e.routes[legacy + "oldstyle"] = _answer(200, {"Content-Type": "application/pdf"}, old_style)
+        e.routes[legacy + "gone"] = _answer(200, {"Content-Type": "text/plain"}, b"must not be asked")
+        e.routes[fed + "huge"] = _two_parts(os.urandom(300_001), "application/octet-stream")
+
+        status, _, body = download(a, token, e.server_name, "newstyle")
+        assert status == 200 and body == new_style
+        status, headers, body = download(a, token, e.server_name, "oldstyle")
+        assert status == 200 and body == old_style, (status, body[:200])
+        assert headers["content-type"] == "application/pdf"
+        asked = [p for _, p in e.requests_seen]
+        assert [p.split("?")[0] for p in asked if "oldstyle" in p] == [fed + "oldstyle", legacy + "oldstyle"]
+        query = [p.split("?", 1)[1] for p in asked if p.startswith(legacy + "oldstyle")][0]
+        assert set(query.split("&")) >= {"allow_remote=false", "allow_redirect=true"}, query
+
+        # E's default answer for an unknown path is 404 M_NOT_FOUND: final.
+        status, _, body = download(a, token, e.server_name, "gone")
+        assert status == 404 and err(body) == "M_NOT_FOUND"
+        assert not any(p.startswith(legacy + "gone") for _, p in e.requests_seen)
+
+        files_before = _store_files(a)
+        status, _, body = download(a, token, e.server_name, "huge")
+        assert status == 502 and err(body) == "M_TOO_LARGE", (status, body)
+        assert _store_files(a) == files_before
+        assert a.request("GET", "/_matrix/client/versions")[0] == 200
+    finally:
+        a.stop()
+        e.stop()

@@ -74,6 +74,90 @@ def test_multipart_round_trip_and_location() -> None:
         multipart.parse("multipart/mixed; boundary=xyz", b"--xyz\r\nContent-Type: application/json\r\n\r\n{}")
 
 
+def _feed(content_type: str, body: bytes, step: int, max_head: int = multipart.MAX_HEAD_BYTES
+          ) -> tuple[multipart.StreamParser, bytes]:
+    parser = multipart.StreamParser(content_type, max_head)
+    media = b"".join(parser.feed(body[i:i + step]) for i in range(0, len(body), step))
+    parser.finish()
+    return parser, media
+
+
+STEPS = [1, 2, 3, 5, 7, 13, 64, 1000, 65536]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_stream_parser_in_any_pieces(step: int) -> None:
+    # Content that looks like a delimiter but is not one: no CRLF before it,
+    # something else after it, or a close delimiter without its CRLF.
+    media = (b"\x89PNG--b0und\r\n\r\n--b0un\r\n--b0undX\r\n--b0und \tx\r\n--b0un" + bytes(range(256)) * 20
+             + b"\r\n--b0und-x\r\n")
+    head, tail = multipart.framing("b0und", "image/png", b'inline; filename="x.png"')
+    for body in (head + media + tail,
+                 b"preamble to ignore\r\n" + head + media + b"\r\n--b0und--   \r\nepilogue\r\n--b0und\r\n",
+                 head + media + b"\r\n--b0und--"):
+        parser, got = _feed('multipart/mixed; boundary="b0und"', body, step)
+        assert got == media
+        assert parser.metadata == b"{}" and parser.done
+        assert parser.headers == {"content-type": "image/png", "content-disposition": 'inline; filename="x.png"'}
+        assert parser.location is None
+    # Transport padding after a boundary, an empty media part, no part headers.
+    body = (b"--b0und  \r\nContent-Type: application/json; charset=utf-8\r\n\r\n{\"a\": 1}\r\n--b0und\t\r\n"
+            b"\r\n\r\n--b0und--\r\n")
+    parser, got = _feed("multipart/mixed; boundary=b0und", body, step)
+    assert (got, parser.metadata, parser.headers) == (b"", b'{"a": 1}', {})
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_stream_parser_location_forms(step: int) -> None:
+    start = b"--xyz\r\nContent-Type: application/json\r\n\r\n{}\r\n--xyz\r\nLocation: https://cdn.example/m\r\n"
+    for end in (b"\r\n\r\n--xyz--\r\n",  # blank line, empty body, CRLF delimiter
+                b"\r\n--xyz--\r\n",  # blank line, the delimiter right after it (the spec's example)
+                b"--xyz--\r\n",  # no blank line: the part is its headers only
+                b"\r\nignored body\r\n--xyz--"):
+        parser, got = _feed("multipart/mixed; boundary=xyz", start + end, step)
+        assert parser.location == "https://cdn.example/m", end
+        assert got in (b"", b"ignored body")
+
+
+@pytest.mark.parametrize("step", [1, 4, 1000])
+@pytest.mark.parametrize("content_type,body,message", [
+    ("application/json", b"{}", "expected multipart/mixed"),
+    ("multipart/mixed", b"--x\r\n", "without a boundary"),
+    ("multipart/mixed; boundary=xyz", b"", "boundary not found"),
+    ("multipart/mixed; boundary=xyz", b"no delimiter here\r\n--xyzzy\r\n", "boundary not found"),
+    ("multipart/mixed; boundary=xyz", b"--xyz--\r\n", "expected 2 parts, got 0"),
+    ("multipart/mixed; boundary=xyz", b"--xyz\r\nContent-Type: application/json\r\n\r\n{}", "part 1 of 2"),
+    ("multipart/mixed; boundary=xyz", b"--xyz\r\nContent-Type: application/json\r\n\r\n{}\r\n--xyz--",
+     "expected 2 parts, got 1"),
+    ("multipart/mixed; boundary=xyz", b"--xyz\r\nContent-Type: text/plain\r\n\r\n{}\r\n--xyz\r\n\r\nm",
+     "not application/json"),
+    ("multipart/mixed; boundary=xyz", b"--xyz\r\n\r\n{}\r\n--xyz\r\n\r\nm\r\n--xyz--", "not application/json"),
+    ("multipart/mixed; boundary=xyz", b"--xyz\r\nContent-Type application/json\r\n\r\n{}", "malformed part header"),
+    ("multipart/mixed; boundary=xyz", b"--xyz\r\nContent-Type: application/json\r\n\r\n{}\r\n--xyz\r\n"
+     b"Content-Type: image/png\r\n\r\nmedia\r\n--xyz\r\n\r\nthird\r\n--xyz--", "got more"),
+    ("multipart/mixed; boundary=xyz", b"--xyz\r\nContent-Type: application/json\r\n\r\n{}\r\n--xyz\r\n"
+     b"Content-Type: image/png\r\n\r\nmedia, then the end of the body\r\n--xyz", "no closing delimiter"),
+])
+def test_stream_parser_bad_framing(step: int, content_type: str, body: bytes, message: str) -> None:
+    with pytest.raises(multipart.MultipartError, match=message):
+        _feed(content_type, body, step)
+
+
+@pytest.mark.parametrize("step", [1, 100, 10_000])
+def test_stream_parser_bounds_what_precedes_the_media(step: int) -> None:
+    json_head = b"--xyz\r\nContent-Type: application/json\r\n\r\n"
+    for body in (b"x" * 5000,  # no boundary at all
+                 json_head + b"[" * 5000,  # endless metadata
+                 json_head + b"{}\r\n--xyz\r\nX-Pad: " + b"p" * 5000 + b"\r\n\r\nmedia\r\n--xyz--"):
+        with pytest.raises(multipart.MultipartError, match="no media part in the first 1000 bytes"):
+            _feed("multipart/mixed; boundary=xyz", body, step, max_head=1000)
+    # The media itself may be any size.
+    media = b"m" * 50_000
+    parser, got = _feed("multipart/mixed; boundary=xyz", json_head + b"{}\r\n--xyz\r\n\r\n" + media
+                        + b"\r\n--xyz--", step, max_head=1000)
+    assert got == media
+
+
 def test_sniffing() -> None:
     assert sniff_content_type(images.png(4, 4)) == "image/png"
     assert sniff_content_type(images.jpeg(4, 4)) == "image/jpeg"

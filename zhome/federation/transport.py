@@ -10,7 +10,9 @@ Connections are pooled per destination (the pool key is the server name, so
 a delegated and a direct name never share a connection by accident). Every
 connection goes only to addresses the resolver checked, so
 ``allow_private_addresses`` also holds for connections re-made by the pool.
-Responses larger than ``max_response_size`` are cut off. The log gets the
+Responses larger than ``max_response_size`` are cut off; a media body
+(``open_get``, ``open_url``) goes to the caller piece by piece as it arrives,
+the connection paused while the caller catches up. The log gets the
 destination, method, path (never the query or a body), status and duration.
 """
 
@@ -22,7 +24,7 @@ import ipaddress
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import quote, urlencode
 
 from twisted.internet import defer
@@ -85,8 +87,25 @@ class FederationHttpError(FederationError):
         super().__init__(text)
 
 
+class FederationResponseTooLarge(FederationInvalidResponse):
+    """A response body over the size the caller accepts."""
+
+
 class ResponseTooLarge(Exception):
     pass
+
+
+class _WriterFailed(Exception):
+    """What a body writer raised (see RemoteResponse.read_into), carried out unchanged."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+# Called with each piece of a body; a Deferred it returns pauses the
+# connection until it fires; what it raises ends the read.
+BodyWriter = Callable[[bytes], "defer.Deferred[Any] | None"]
 
 
 # ---------------------------------------------------------------------------
@@ -133,6 +152,133 @@ async def read_body_limited(
     response.deliverBody(_LimitedBodyReader(d, max_size, discard))
     d.addTimeout(timeout, reactor)
     return await d
+
+
+class _StreamingBodyReader(Protocol):
+    def __init__(self, done: defer.Deferred[int], write: BodyWriter, max_size: int) -> None:
+        self.done = done
+        self.write = write
+        self.max_size = max_size
+        self.size = 0
+        self.paused = 0
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.done.called:
+            return
+        self.size += len(data)
+        if self.size > self.max_size:
+            self.fail(Failure(ResponseTooLarge(f"response larger than {self.max_size} bytes")))
+            return
+        try:
+            waiting = self.write(data)
+        except Exception as e:
+            self.fail(Failure(_WriterFailed(e)))
+            return
+        if waiting is not None:
+            self.paused += 1
+            if self.paused == 1 and self.transport is not None:
+                self.transport.pauseProducing()
+            waiting.addCallbacks(self._resume, self._writer_failed)
+
+    def _resume(self, _: object) -> None:
+        self.paused -= 1
+        if self.paused == 0 and not self.done.called and self.transport is not None:
+            self.transport.resumeProducing()
+
+    def _writer_failed(self, failure: Failure) -> None:
+        error = failure.value
+        self.fail(Failure(_WriterFailed(error if error is not None else Exception("body writer failed"))))
+
+    def fail(self, failure: Failure) -> None:
+        if not self.done.called:
+            self.done.errback(failure)
+        self.stop()
+
+    def stop(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:  # noqa: N802, B008
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(self.size)
+        else:
+            self.done.errback(reason)
+
+
+class _Discard(Protocol):
+    def connectionMade(self) -> None:  # noqa: N802
+        assert self.transport is not None
+        self.transport.stopProducing()
+
+
+class RemoteResponse:
+    """A 2xx answer whose body is still to come: ``read_into`` it (or ``read_all``),
+    or ``abort`` it; one of them exactly once."""
+
+    def __init__(self, client: "FederationClient", response: Any, destination: str, path: str, tls_name: str,
+                 start: float, timeout: float) -> None:
+        self._client = client
+        self._response = response
+        self._destination = destination
+        self._path = path
+        self._tls_name = tls_name
+        self._start = start
+        self._timeout = timeout
+        self.code: int = response.code
+
+    def header(self, name: str) -> str | None:
+        values = self._response.headers.getRawHeaders(name.encode("ascii"))
+        return values[0].decode("latin-1") if values else None
+
+    @property
+    def content_type(self) -> str:
+        return self.header("Content-Type") or "application/octet-stream"
+
+    def abort(self) -> None:
+        """Drop the body unread (the connection is closed)."""
+        self._response.deliverBody(_Discard())
+
+    async def read_into(self, write: BodyWriter, max_size: int) -> int:
+        """Hand the body to ``write`` as it arrives; its size. Raises what
+        ``write`` raised, FederationResponseTooLarge past ``max_size``, or
+        FederationUnreachable. The time left of the request's timeout is the
+        time the body has to arrive."""
+        response = self._response
+        where = f"{self._destination}{self._path}"
+        if response.length is not UNKNOWN_LENGTH and response.length > max_size:
+            self.abort()
+            raise FederationResponseTooLarge(
+                f"{self._destination}: response of {response.length} bytes is larger than {max_size}")
+        reader: _StreamingBodyReader | None = None
+
+        def cancel(_: object) -> None:
+            if reader is not None:
+                reader.stop()
+
+        d: defer.Deferred[int] = defer.Deferred(cancel)
+        reader = _StreamingBodyReader(d, write, max_size)
+        response.deliverBody(reader)
+        d.addTimeout(max(self._timeout - (time.monotonic() - self._start), 1.0), self._client.reactor)
+        try:
+            return await d
+        except _WriterFailed as e:
+            raise e.error from None
+        except ResponseTooLarge as e:
+            raise FederationResponseTooLarge(f"{self._destination}: {e}") from None
+        except Exception as e:
+            self._client._log("GET", self._destination, self._path, "failed", self._start)
+            raise FederationUnreachable(f"GET {where}: {_failure_text(e, self._tls_name)}") from None
+
+    async def read_all(self, max_size: int) -> bytes:
+        buffer = io.BytesIO()
+
+        def write(data: bytes) -> None:
+            buffer.write(data)
+
+        await self.read_into(write, max_size)
+        return buffer.getvalue()
 
 
 # ---------------------------------------------------------------------------
@@ -302,15 +448,29 @@ class FederationClient:
         """A signed GET whose 2xx body is not JSON (media): (Content-Type, body).
 
         Non-2xx answers raise FederationHttpError as for JSON requests; a body
-        over ``max_size`` (default max_response_size) FederationInvalidResponse.
+        over ``max_size`` (default max_response_size) FederationResponseTooLarge.
         """
+        response = await self.open_get(destination, path, query, signed=signed, timeout=timeout)
+        body = await response.read_all(self.max_response_size if max_size is None else max_size)
+        return response.content_type, body
+
+    async def open_get(
+        self, destination: str, path: str, query: dict[str, Any] | None = None, *,
+        signed: bool = True, timeout: float = 60, follow_redirects: int = 0,
+    ) -> RemoteResponse:
+        """A GET to a server (signed unless ``signed`` is false) whose 2xx body
+        is read by the caller, as it arrives, from the RemoteResponse. Non-2xx
+        answers raise FederationHttpError; up to ``follow_redirects`` 3xx
+        redirects are followed with unsigned GETs (see ``open_url``)."""
         uri, resolved, headers, start = await self._prepare("GET", destination, path, query)
         if signed:
             auth = sign_request(self.server_name, destination, "GET", uri, None, self.signing_key)
             headers.addRawHeader(b"Authorization", auth.encode("utf-8"))
         target = FEDERATION_SCHEME + b"://" + binascii.hexlify(destination.encode("utf-8")) + uri.encode("ascii")
-        return await self._get_raw(target, headers, destination, path, resolved.tls_server_name, start, timeout,
-                                   max_size)
+        # What a relative redirect is relative to.
+        base = f"https://{resolved.host_header}{uri}"
+        return await self._open(target, headers, destination, path, resolved.tls_server_name, start, timeout,
+                                follow_redirects, base)
 
     async def _prepare(
         self, method: str, destination: str, path: str, query: dict[str, Any] | None
@@ -339,19 +499,31 @@ class FederationClient:
     async def get_url_bytes(self, url: str, *, timeout: float = 60, max_size: int | None = None) -> tuple[str, bytes]:
         """An unsigned GET of an https:// URL (a media Location redirect), to
         checked addresses only: (Content-Type, body)."""
+        response = await self.open_url(url, timeout=timeout)
+        body = await response.read_all(self.max_response_size if max_size is None else max_size)
+        return response.content_type, body
+
+    async def open_url(self, url: str, *, timeout: float = 60, follow_redirects: int = 0) -> RemoteResponse:
+        """An unsigned GET of an https:// URL (a media Location redirect), to
+        checked addresses only, its body read by the caller (see ``open_get``)."""
         from urllib.parse import urlsplit
 
-        parts = urlsplit(url)
-        if parts.scheme != "https" or not parts.hostname:
-            raise FederationInvalidResponse("media redirect is not an https:// URL")
+        try:
+            parts = urlsplit(url)
+            target = url.encode("ascii")
+            host = parts.hostname
+        except (ValueError, UnicodeError):
+            raise FederationInvalidResponse("redirect to a malformed URL") from None
+        if parts.scheme != "https" or not host:
+            raise FederationInvalidResponse("redirect to a URL that is not https://")
         start = time.monotonic()
         headers = Headers({b"User-Agent": [self.user_agent]})
-        return await self._get_raw(url.encode("ascii"), headers, parts.hostname, parts.path, parts.hostname,
-                                   start, timeout, max_size)
+        return await self._open(target, headers, host, parts.path, host, start, timeout, follow_redirects, url)
 
-    async def _get_raw(self, target: bytes, headers: Headers, destination: str, path: str, tls_name: str,
-                       start: float, timeout: float, max_size: int | None) -> tuple[str, bytes]:
-        limit = self.max_response_size if max_size is None else max_size
+    async def _open(self, target: bytes, headers: Headers, destination: str, path: str, tls_name: str,
+                    start: float, timeout: float, follow_redirects: int, url: str) -> RemoteResponse:
+        from urllib.parse import urljoin
+
         try:
             d = self.agent.request(b"GET", target, headers, None)
             d.addTimeout(timeout, self.reactor)
@@ -362,28 +534,31 @@ class FederationClient:
         except Exception as e:
             self._log("GET", destination, path, "failed", start)
             raise FederationUnreachable(f"GET {destination}{path}: {_failure_text(e, tls_name)}") from None
+        self._log("GET", destination, path, response.code, start)
         remaining = max(timeout - (time.monotonic() - start), 1.0)
-        ok = 200 <= response.code < 300
+        location = response.headers.getRawHeaders(b"Location")
+        if response.code in (301, 302, 303, 307, 308) and follow_redirects > 0 and location:
+            try:
+                await read_body_limited(response, 64 * 1024, self.reactor, remaining, discard=True)
+            except Exception:
+                pass  # only the Location matters
+            next_url = urljoin(url, location[0].decode("latin-1").strip())
+            return await self.open_url(next_url, timeout=remaining, follow_redirects=follow_redirects - 1)
+        if 200 <= response.code < 300:
+            return RemoteResponse(self, response, destination, path, tls_name, start, timeout)
         try:
-            raw = await read_body_limited(response, limit if ok else 64 * 1024, self.reactor, remaining)
+            raw = await read_body_limited(response, 64 * 1024, self.reactor, remaining)
         except ResponseTooLarge as e:
-            self._log("GET", destination, path, response.code, start)
             raise FederationInvalidResponse(f"{destination}: {e}") from None
         except Exception as e:
             self._log("GET", destination, path, "failed", start)
             raise FederationUnreachable(f"GET {destination}{path}: {_failure_text(e, tls_name)}") from None
-        self._log("GET", destination, path, response.code, start)
-        if not ok:
-            try:
-                parsed: Any = json.loads(raw.decode("utf-8")) if raw.strip() else None
-            except (ValueError, UnicodeDecodeError):
-                parsed = None
-            errcode = parsed.get("errcode") if isinstance(parsed, dict) else None
-            raise FederationHttpError(
-                response.code, errcode if isinstance(errcode, str) else None, parsed, destination
-            )
-        content_type = response.headers.getRawHeaders(b"Content-Type") or [b"application/octet-stream"]
-        return content_type[0].decode("latin-1"), raw
+        try:
+            parsed: Any = json.loads(raw.decode("utf-8")) if raw.strip() else None
+        except (ValueError, UnicodeDecodeError):
+            parsed = None
+        errcode = parsed.get("errcode") if isinstance(parsed, dict) else None
+        raise FederationHttpError(response.code, errcode if isinstance(errcode, str) else None, parsed, destination)
 
     async def close(self) -> None:
         await self.pool.closeCachedConnections()

@@ -4,7 +4,7 @@ Not a Matrix spec section. The repository only ever hands a backend
 ciphertext, under a relative name it made itself (hex digits and "/"), so a
 backend never sees plaintext or a client-chosen path. The filesystem
 backend is the default; an S3-compatible backend implements the same four
-methods. All methods block: callers run them with ``deferToThread``.
+abstract methods. All methods block: callers run them with ``deferToThread``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ class StorageBackend(abc.ABC):
 
     @abc.abstractmethod
     def exists(self, name: str) -> bool: ...
+
+    def staging_file(self) -> BinaryIO:
+        """An anonymous read-write file for (encrypted) bytes on their way to
+        ``write``: it has no name and is gone when closed or on a crash."""
+        return tempfile.TemporaryFile()
 
 
 def check_name(name: str) -> str:
@@ -70,6 +75,10 @@ class FileSystemBackend(StorageBackend):
 
     def open(self, name: str) -> BinaryIO:
         return open(self._path(name), "rb")
+
+    def staging_file(self) -> BinaryIO:
+        # On the store's own filesystem: /tmp may be small or in memory.
+        return tempfile.TemporaryFile(dir=self.root, prefix=".tmp_")
 
     def delete(self, name: str) -> None:
         try:

@@ -142,37 +142,70 @@ def encrypted_size(plain_size: int, segment_size: int = DEFAULT_SEGMENT_SIZE) ->
     return HEADER_SIZE + plain_size + segments * TAG_SIZE
 
 
+class StreamEncryptor:
+    """Seals plaintext into the file format as it arrives: ``write`` pieces of
+    any size, then ``close``. A segment is sealed once more bytes follow it,
+    so the last one (which carries the last-segment flag) is sealed by
+    ``close``; the output is the same as ``encrypt_stream`` makes. Blocking
+    (writes to ``dst``): run off the reactor."""
+
+    def __init__(self, file_key: bytes, dst: BinaryIO, segment_size: int = DEFAULT_SEGMENT_SIZE) -> None:
+        if len(file_key) != KEY_SIZE:
+            raise ValueError("file key must be 32 bytes")
+        if segment_size < 1 or segment_size > 1 << 24:
+            raise ValueError("bad segment size")
+        self._aes = AESGCM(file_key)
+        self._file_nonce = os.urandom(8)
+        self._header = MAGIC + self._file_nonce + struct.pack(">I", segment_size)
+        self._segment_size = segment_size
+        self._dst = dst
+        self._pending = b""
+        self._index = 0
+        self._closed = False
+        self.size = 0
+
+    def _seal(self, segment: bytes, last: bool) -> None:
+        if self._index >= 1 << 32:
+            raise ValueError("file too large")
+        if self._index == 0:
+            self._dst.write(self._header)
+        self._dst.write(self._aes.encrypt(_nonce(self._file_nonce, self._index), segment,
+                                          _aad(self._header, self._index, last)))
+        self.size += len(segment)
+        self._index += 1
+
+    def write(self, data: bytes) -> None:
+        if self._closed:
+            raise ValueError("write after close")
+        buf = self._pending + data if self._pending else data
+        pos = 0
+        seg = self._segment_size
+        while len(buf) - pos > seg:
+            self._seal(buf[pos:pos + seg], last=False)
+            pos += seg
+        self._pending = buf[pos:]
+
+    def close(self) -> int:
+        """Seal the last segment; the plaintext size."""
+        if not self._closed:
+            self._closed = True
+            self._seal(self._pending, last=True)
+            self._pending = b""
+        return self.size
+
+
 def encrypt_stream(file_key: bytes, src: BinaryIO, dst: BinaryIO, segment_size: int = DEFAULT_SEGMENT_SIZE,
                    first: bytes = b"") -> int:
     """Encrypt all of ``src`` (after ``first``, bytes already read from it)
     into ``dst``; returns the plaintext size. Blocking: run off the reactor."""
-    if len(file_key) != KEY_SIZE:
-        raise ValueError("file key must be 32 bytes")
-    if segment_size < 1 or segment_size > 1 << 24:
-        raise ValueError("bad segment size")
-    aes = AESGCM(file_key)
-    file_nonce = os.urandom(8)
-    header = MAGIC + file_nonce + struct.pack(">I", segment_size)
-    dst.write(header)
-    pending = first
-    index = 0
-    total = 0
-    eof = False
+    encryptor = StreamEncryptor(file_key, dst, segment_size)
+    if first:
+        encryptor.write(first)
     while True:
-        while len(pending) <= segment_size and not eof:
-            chunk = src.read(segment_size)
-            if not chunk:
-                eof = True
-            pending += chunk
-        segment, pending = pending[:segment_size], pending[segment_size:]
-        last = eof and not pending
-        dst.write(aes.encrypt(_nonce(file_nonce, index), segment, _aad(header, index, last)))
-        total += len(segment)
-        index += 1
-        if last:
-            return total
-        if index >= 1 << 32:
-            raise ValueError("file too large")
+        chunk = src.read(segment_size)
+        if not chunk:
+            return encryptor.close()
+        encryptor.write(chunk)
 
 
 def encrypt_bytes(file_key: bytes, data: bytes, segment_size: int = DEFAULT_SEGMENT_SIZE) -> bytes:

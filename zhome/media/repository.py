@@ -16,13 +16,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Optional
-from urllib.parse import quote
 
 from twisted.internet import defer, threads
 
 from zhome.config import MediaConfig, ThumbnailSize
 from zhome.http.errors import MatrixError, forbidden, not_found, too_large
-from zhome.media import crypto, multipart
+from zhome.media import crypto, remote
 from zhome.media.backend import StorageBackend
 from zhome.media.headers import normalise_content_type, sanitise_filename
 from zhome.media.store import MediaInfo, MediaStore, ThumbnailInfo
@@ -261,53 +260,30 @@ class MediaRepository:
         info: MediaInfo = await inflight.wait()
         return info
 
-    async def _federation_get(self, server_name: str, path: str, query: dict[str, Any],
-                              timeout_ms: int) -> multipart.MediaPart:
-        from zhome.federation.transport import FederationError, FederationHttpError
-
-        client = self.federation_client
-        timeout = min(max(timeout_ms, 0), MAX_TIMEOUT_MS) / 1000 + 10
-        try:
-            content_type, body = await client.get_bytes(
-                server_name, path, query=query, timeout=timeout, max_size=self.max_upload_size + 64 * 1024)
-            part = multipart.parse(content_type, body)
-            if part.location:
-                _, body = await client.get_url_bytes(part.location, timeout=timeout, max_size=self.max_upload_size)
-                part = multipart.MediaPart(part.metadata, {**part.headers, "content-length": str(len(body))}, body)
-            return part
-        except FederationHttpError as e:
-            if e.status == 404:
-                raise not_found("Media not found on the remote server") from None
-            if e.status == 504 and e.errcode == "M_NOT_YET_UPLOADED":
-                raise not_yet_uploaded() from None
-            if e.errcode == "M_TOO_LARGE":
-                raise MatrixError(502, "M_TOO_LARGE", "Remote media is too large") from None
-            if e.status == 400 and e.errcode:
-                # e.g. the remote cannot thumbnail the content.
-                raise MatrixError(400, e.errcode, "The remote server refused the request") from None
-            raise MatrixError(502, "M_UNKNOWN", f"Remote server answered {e.status}") from None
-        except multipart.MultipartError as e:
-            raise MatrixError(502, "M_UNKNOWN", f"Malformed response from the remote server: {e}") from None
-        except FederationError as e:
-            if "too large" in str(e) or "larger than" in str(e):
-                raise MatrixError(502, "M_TOO_LARGE", "Remote media is too large") from None
-            logger.info("remote media fetch from %s failed: %s", server_name, e)
-            raise MatrixError(502, "M_UNKNOWN", "Could not fetch the remote media") from None
+    @staticmethod
+    def _remote_timeout(timeout_ms: int) -> float:
+        return min(max(timeout_ms, 0), MAX_TIMEOUT_MS) / 1000 + 10
 
     async def _fetch_remote(self, server_name: str, media_id: str, timeout_ms: int) -> MediaInfo:
-        part = await self._federation_get(
-            server_name, f"/_matrix/federation/v1/media/download/{quote(media_id, safe='')}",
-            {"timeout_ms": str(timeout_ms)}, timeout_ms)
-        if len(part.body) > self.max_upload_size:
-            raise MatrixError(502, "M_TOO_LARGE", "Remote media is too large")
-        name, wrapped = await self._seal_bytes("remote", part.body)
-        sniffed = sniff_content_type(part.body[:SNIFF_BYTES])
+        received = await remote.fetch(
+            self.federation_client, self.backend, server_name, "download", media_id,
+            {"timeout_ms": str(timeout_ms)}, self._remote_timeout(timeout_ms), self.max_upload_size)
+        name = new_storage_name("remote")
+        try:
+            await received.store(name)
+        finally:
+            await received.discard()
+        sniffed = sniff_content_type(received.head)
         info = MediaInfo(
-            server_name, media_id, None, self._content_type(part.headers.get("content-type"), sniffed), sniffed,
-            _filename_from_disposition(part.headers.get("content-disposition")), len(part.body), self.now_ms(),
-            self.now_ms(), None, name, self.keys.current.key_id, wrapped)
-        old = await self.store.get_media(server_name, media_id)
-        await self.store.replace_remote_media(info)
+            server_name, media_id, None, self._content_type(received.content_type, sniffed), sniffed,
+            _filename_from_disposition(received.disposition), received.size, self.now_ms(),
+            self.now_ms(), None, name, self.keys.current.key_id, self.keys.current.wrap(received.file_key))
+        try:
+            old = await self.store.get_media(server_name, media_id)
+            await self.store.replace_remote_media(info)
+        except BaseException:
+            await self._delete_files([name])
+            raise
         if old is not None and old.storage_name:
             await self._delete_files([old.storage_name])
         return info
@@ -480,18 +456,28 @@ class MediaRepository:
                  "timeout_ms": str(timeout_ms)}
         if animated:
             query["animated"] = "true"
-        part = await self._federation_get(
-            server_name, f"/_matrix/federation/v1/media/thumbnail/{quote(media_id, safe='')}", query, timeout_ms)
-        content_type = normalise_content_type(part.headers.get("content-type"))
-        sniffed = sniff_content_type(part.body[:SNIFF_BYTES])
-        if sniffed not in THUMBNAILABLE:
-            raise MatrixError(502, "M_UNKNOWN", "The remote server sent a thumbnail that is not an image")
-        name, wrapped = await self._seal_bytes("thumb", part.body)
-        row = ThumbnailInfo(server_name, media_id, size.width, size.height, size.method, animated,
-                            sniffed or content_type or "application/octet-stream", len(part.body), name,
-                            self.keys.current.key_id, wrapped, self.now_ms())
+        received = await remote.fetch(self.federation_client, self.backend, server_name, "thumbnail", media_id,
+                                      query, self._remote_timeout(timeout_ms), self.max_upload_size)
+        try:
+            sniffed = sniff_content_type(received.head)
+            if sniffed not in THUMBNAILABLE:
+                raise MatrixError(502, "M_UNKNOWN", "The remote server sent a thumbnail that is not an image")
+            name = new_storage_name("thumb")
+            await received.store(name)
+        finally:
+            await received.discard()
+        content_type = sniffed or normalise_content_type(received.content_type) or "application/octet-stream"
+        row = ThumbnailInfo(server_name, media_id, size.width, size.height, size.method, animated, content_type,
+                            received.size, name, self.keys.current.key_id,
+                            self.keys.current.wrap(received.file_key), self.now_ms())
         if not await self.store.insert_thumbnail(row):
+            # Stored meanwhile by another request: serve that one.
             await self._delete_files([name])
+            existing = await self.store.get_thumbnail(server_name, media_id, size.width, size.height, size.method,
+                                                      animated)
+            if existing is None:
+                raise not_found("Media not found")
+            return self.servable(existing)
         return self.servable(row)
 
     # ------------------------------------------------------------------
