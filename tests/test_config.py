@@ -632,6 +632,23 @@ def test_media_section(tmp_path: Path) -> None:
     assert "media.max_image_pixels" in error_for(tmp_path, with_changes(media={"max_image_pixels": 0}))
 
 
+def test_media_cleanup_settings(tmp_path: Path) -> None:
+    media = load_raw(tmp_path).media
+    assert media.remote_cache_max_age_ms == 90 * 24 * 3600 * 1000
+    assert media.cleanup_interval_ms == 3600 * 1000
+    media = load_raw(tmp_path, media={"remote_cache_max_age_ms": None, "cleanup_interval_ms": 1000}).media
+    assert (media.remote_cache_max_age_ms, media.cleanup_interval_ms) == (None, 1000)
+    assert load_raw(tmp_path, media={"remote_cache_max_age_ms": 60_000}).media.remote_cache_max_age_ms == 60_000
+    text = error_for(tmp_path, with_changes(media={"remote_cache_max_age_ms": 59_999}))
+    assert "media.remote_cache_max_age_ms" in text and "at least 60000" in text
+    assert "media.cleanup_interval_ms" in error_for(tmp_path, with_changes(media={"cleanup_interval_ms": 999}))
+    assert "media.cleanup_interval_ms" in error_for(tmp_path, with_changes(media={"cleanup_interval_ms": None}))
+    # The sample documents them with their defaults.
+    sample = load_config(str(SAMPLE)).media
+    assert (sample.remote_cache_max_age_ms, sample.cleanup_interval_ms) == (
+        media.__class__().remote_cache_max_age_ms, media.__class__().cleanup_interval_ms)
+
+
 def test_generate_config_writes_media_key(tmp_path: Path) -> None:
     code, _ = generate(tmp_path)
     assert code == 0

@@ -649,6 +649,11 @@ class MediaConfig:
     # and how long a created media ID waits for its content.
     max_pending_uploads: int = setting(integer(1), default=10)
     unused_expires_after_ms: int = setting(integer(1000), default=24 * 3600 * 1000)
+    # Cached remote media (and thumbnails) not fetched or served for this
+    # long is removed; the origin still has it. None: keep it forever.
+    remote_cache_max_age_ms: int | None = setting(optional(integer(60_000)), default=90 * 24 * 3600 * 1000)
+    # How often expired pending uploads and stale remote media are removed.
+    cleanup_interval_ms: int = setting(integer(1000), default=3600 * 1000)
 
     @property
     def effective_max_upload_size(self) -> int:

@@ -59,6 +59,7 @@ class HomeServer:
         self.registration_nonces: dict[str, float] = {}
         self.listening_ports: list[Any] = []
         self.media_repository: Any = None
+        self.media_cleaner: Any = None
 
     async def setup(self) -> None:
         cfg = self.config
@@ -257,6 +258,8 @@ class HomeServer:
     async def stop(self) -> None:
         if self.federation_sender is not None:
             self.federation_sender.stop()
+        if self.media_cleaner is not None:
+            await self.media_cleaner.stop()
         for p in self.listening_ports:
             await p.stopListening()
         await self.db.close()
@@ -341,6 +344,11 @@ def run(config: HomeserverConfig) -> int:
     async def shutdown() -> None:
         if getattr(hs, "federation_sender", None) is not None:
             hs.federation_sender.stop()
+        try:
+            if hs.media_cleaner is not None:
+                await hs.media_cleaner.stop()
+        except Exception:
+            logger.exception("stopping media cleanup failed")
         try:
             await hs.db.close()
         except Exception:

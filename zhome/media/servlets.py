@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IPushProducer
 from zhome.http.errors import MatrixError, invalid_param, missing_param, not_found
 from zhome.http.server import CORS_HEADERS, JsonResource, already_written, query_arg
 from zhome.media import multipart
+from zhome.media.cleanup import RemoteAccessRecorder
 from zhome.media.headers import CSP, RangeNotSatisfiable, content_disposition, parse_range
 from zhome.media.repository import DEFAULT_TIMEOUT_MS, MediaRepository, Servable
 
@@ -188,6 +189,8 @@ class MediaServlets:
     def __init__(self, hs: "HomeServer") -> None:
         self.hs = hs
         self.repo: MediaRepository = hs.media_repository
+        # Keeps cached remote media in use from expiring (cleanup.py).
+        self.remote_access = RemoteAccessRecorder(self.repo)
 
     def register_routes(self, r: JsonResource) -> None:
         legacy = r"/_matrix/media/(?:v3|r0)"
@@ -250,6 +253,7 @@ class MediaServlets:
         info = await self.repo.get_media(server_name, media_id, _int_arg(request, "timeout_ms", DEFAULT_TIMEOUT_MS),
                                          _bool_arg(request, "allow_remote", True))
         item = self.repo.servable(info)
+        await self.remote_access.record(server_name, media_id)
         await self._send(request, item, file_name or item.upload_name)
         return 200, already_written()
 
@@ -260,6 +264,7 @@ class MediaServlets:
             server_name, media_id, _int_arg(request, "width"), _int_arg(request, "height"),
             query_arg(request, "method", "scale") or "scale", _bool_arg(request, "animated", False),
             _int_arg(request, "timeout_ms", DEFAULT_TIMEOUT_MS), _bool_arg(request, "allow_remote", True))
+        await self.remote_access.record(server_name, media_id)
         await self._send(request, item, _thumbnail_name(item))
         return 200, already_written()
 

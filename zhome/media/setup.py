@@ -3,6 +3,7 @@
 Spec: client-server-api "Content repository"; server-server-api "Content
 Repository". Start-up fails with one line (MediaKeyError) when the media
 encryption key is missing or is not the key the database was set up with.
+Starts the housekeeping loop (``cleanup``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from zhome.media.backend import FileSystemBackend
+from zhome.media.cleanup import MediaCleaner
 from zhome.media.repository import MediaRepository, load_keys
 from zhome.media.servlets import MediaServlets
 from zhome.media.store import MediaStore
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
 
 async def setup_media(hs: "HomeServer") -> None:
     cfg = hs.config
-    store = MediaStore(hs.db)
+    store = MediaStore(hs.db, local_origin=hs.server_name)
     keys = await load_keys(cfg.media, store, cfg.data_dir)
     backend = FileSystemBackend(cfg.media.store_path)
     hs.media_repository = MediaRepository(hs.server_name, cfg.media, store, backend, keys,
@@ -29,3 +31,6 @@ async def setup_media(hs: "HomeServer") -> None:
     servlets.register_routes(hs.client_resource)
     if hs.federation_resource is not None:
         servlets.register_federation_routes(hs.federation_resource)
+    # Stopped by HomeServer.stop() and the reactor's shutdown trigger.
+    hs.media_cleaner = MediaCleaner(hs.media_repository)
+    hs.media_cleaner.start()

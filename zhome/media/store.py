@@ -1,7 +1,8 @@
 """SQL for the media repository: media metadata and cached thumbnails.
 
 Spec: client-server-api "Content repository". Tables from
-``storage/schema/0006_media.sql``; the server_meta row ``media_key_check``
+``storage/schema/0006_media.sql`` and ``0007_media_access.sql`` (when
+cached remote media was last used); the server_meta row ``media_key_check``
 holds the check value of the current server media key.
 """
 
@@ -65,9 +66,26 @@ def _thumb(row: tuple[Any, ...]) -> ThumbnailInfo:
     return ThumbnailInfo(*r)
 
 
+def _note_remote_use(t: Txn, origin: str, media_id: str, ts: int, unless_since: Optional[int] = None) -> None:
+    """Record that cached remote media was fetched or served at ``ts``; an
+    already recorded use at or after ``unless_since`` (default ``ts``) stays."""
+    t.execute(
+        "INSERT INTO remote_media_cache (origin, media_id, last_access_ts) VALUES (?, ?, ?) "
+        "ON CONFLICT (origin, media_id) DO UPDATE SET last_access_ts = excluded.last_access_ts "
+        "WHERE remote_media_cache.last_access_ts < ?",
+        (origin, media_id, ts, ts if unless_since is None else unless_since))
+
+
 class MediaStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, local_origin: Optional[str] = None) -> None:
         self.db = db
+        # This server's name: rows of any other origin are a cache of remote
+        # media and are tracked for expiry (see cleanup.py). None: not known,
+        # nothing is tracked on insert.
+        self.local_origin = local_origin
+
+    def _is_remote(self, origin: str) -> bool:
+        return self.local_origin is not None and origin != self.local_origin
 
     # -- server key check -------------------------------------------------
     async def get_meta(self, key: str) -> Optional[str]:
@@ -88,12 +106,16 @@ class MediaStore:
         return _media(rows[0]) if rows else None
 
     async def insert_media(self, info: MediaInfo) -> None:
-        await self.db.execute(
-            "media_insert",
-            f"INSERT INTO media ({_MEDIA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            info.origin, info.media_id, info.user_id, info.content_type, info.sniffed_type, info.upload_name,
-            info.size, info.created_ts, info.uploaded_ts, info.unused_expires_at, info.storage_name,
-            info.key_id, info.wrapped_key)
+        def txn(t: Txn) -> None:
+            t.execute(
+                f"INSERT INTO media ({_MEDIA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (info.origin, info.media_id, info.user_id, info.content_type, info.sniffed_type,
+                 info.upload_name, info.size, info.created_ts, info.uploaded_ts, info.unused_expires_at,
+                 info.storage_name, info.key_id, info.wrapped_key))
+            if self._is_remote(info.origin):
+                _note_remote_use(t, info.origin, info.media_id, info.created_ts)
+
+        await self.db.run_interaction("media_insert", txn)
 
     async def replace_remote_media(self, info: MediaInfo) -> None:
         def txn(t: Txn) -> None:
@@ -103,6 +125,8 @@ class MediaStore:
                 (info.origin, info.media_id, info.user_id, info.content_type, info.sniffed_type, info.upload_name,
                  info.size, info.created_ts, info.uploaded_ts, info.unused_expires_at, info.storage_name,
                  info.key_id, info.wrapped_key))
+            # Remote by contract, whether or not local_origin is known.
+            _note_remote_use(t, info.origin, info.media_id, info.created_ts)
 
         await self.db.run_interaction("media_replace_remote", txn)
 
@@ -145,9 +169,97 @@ class MediaStore:
             names += [r[0] for r in t.fetchall()]
             t.execute("DELETE FROM media_thumbnails WHERE origin = ? AND media_id = ?", (origin, media_id))
             t.execute("DELETE FROM media WHERE origin = ? AND media_id = ?", (origin, media_id))
+            t.execute("DELETE FROM remote_media_cache WHERE origin = ? AND media_id = ?", (origin, media_id))
             return names
 
         return await self.db.run_interaction("media_delete", txn)
+
+    # -- housekeeping (cleanup.py) ----------------------------------------
+    async def note_remote_access(self, origin: str, media_id: str, now_ms: int, unless_since: int) -> None:
+        """Cached remote media was served at ``now_ms``; written only when the
+        last recorded use is older than ``unless_since``."""
+
+        def txn(t: Txn) -> None:
+            _note_remote_use(t, origin, media_id, now_ms, unless_since)
+
+        await self.db.run_interaction("media_note_remote_access", txn)
+
+    async def expired_pending_uploads(self, local_origin: str, now_ms: int, limit: int) -> list[str]:
+        """Media IDs created for an asynchronous upload whose content never came in time."""
+        rows = await self.db.execute(
+            "media_expired_pending",
+            "SELECT media_id FROM media WHERE unused_expires_at < ? AND origin = ? AND uploaded_ts IS NULL "
+            "AND storage_name IS NULL ORDER BY unused_expires_at LIMIT ?",
+            now_ms, local_origin, limit)
+        return [r[0] for r in rows]
+
+    async def delete_expired_pending_uploads(self, local_origin: str, media_ids: list[str],
+                                             now_ms: int) -> tuple[int, list[str]]:
+        """Delete those of ``media_ids`` still pending and expired at ``now_ms``
+        (an upload may have completed meanwhile): (rows deleted, storage names
+        of their thumbnails, normally none)."""
+
+        def txn(t: Txn) -> tuple[int, list[str]]:
+            deleted = 0
+            names: list[str] = []
+            for media_id in media_ids:
+                t.execute(
+                    "DELETE FROM media WHERE origin = ? AND media_id = ? AND unused_expires_at < ? "
+                    "AND uploaded_ts IS NULL AND storage_name IS NULL",
+                    (local_origin, media_id, now_ms))
+                if t.rowcount != 1:
+                    continue
+                deleted += 1
+                t.execute("SELECT storage_name FROM media_thumbnails WHERE origin = ? AND media_id = ?",
+                          (local_origin, media_id))
+                names += [r[0] for r in t.fetchall()]
+                t.execute("DELETE FROM media_thumbnails WHERE origin = ? AND media_id = ?", (local_origin, media_id))
+            return deleted, names
+
+        return await self.db.run_interaction("media_delete_expired_pending", txn)
+
+    async def stale_remote_media(self, local_origin: str, unused_since: int, limit: int) -> list[tuple[str, str]]:
+        """(origin, media_id) of cached remote media not used since ``unused_since``, least recent first."""
+        rows = await self.db.execute(
+            "media_stale_remote",
+            "SELECT origin, media_id FROM remote_media_cache WHERE last_access_ts < ? AND origin <> ? "
+            "ORDER BY last_access_ts LIMIT ?",
+            unused_since, local_origin, limit)
+        return [(r[0], r[1]) for r in rows]
+
+    async def delete_stale_remote_media(self, local_origin: str, items: list[tuple[str, str]],
+                                        unused_since: int) -> tuple[int, int, list[str]]:
+        """Delete the cached original and thumbnails of those of ``items`` still
+        unused since ``unused_since`` (one may have been served meanwhile):
+        (originals deleted, thumbnails deleted, their storage names)."""
+
+        def txn(t: Txn) -> tuple[int, int, list[str]]:
+            originals = thumbnails = 0
+            names: list[str] = []
+            for origin, media_id in items:
+                if origin == local_origin:
+                    continue  # never local media, whatever the table says
+                t.execute(
+                    "DELETE FROM remote_media_cache WHERE origin = ? AND media_id = ? AND last_access_ts < ?",
+                    (origin, media_id, unused_since))
+                if t.rowcount != 1:
+                    continue
+                t.execute("SELECT storage_name FROM media WHERE origin = ? AND media_id = ?", (origin, media_id))
+                found = [r[0] for r in t.fetchall()]
+                names += [n for n in found if n]
+                t.execute("SELECT storage_name FROM media_thumbnails WHERE origin = ? AND media_id = ?",
+                          (origin, media_id))
+                thumbs = [r[0] for r in t.fetchall()]
+                names += thumbs
+                if thumbs:
+                    t.execute("DELETE FROM media_thumbnails WHERE origin = ? AND media_id = ?", (origin, media_id))
+                if found:
+                    t.execute("DELETE FROM media WHERE origin = ? AND media_id = ?", (origin, media_id))
+                originals += len(found)
+                thumbnails += len(thumbs)
+            return originals, thumbnails, names
+
+        return await self.db.run_interaction("media_delete_stale_remote", txn)
 
     # -- thumbnails -------------------------------------------------------
     async def get_thumbnail(self, origin: str, media_id: str, width: int, height: int, method: str,
@@ -178,6 +290,8 @@ class MediaStore:
                 f"INSERT INTO media_thumbnails ({_THUMB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (info.origin, info.media_id, info.width, info.height, info.method, 1 if info.animated else 0,
                  info.content_type, info.size, info.storage_name, info.key_id, info.wrapped_key, info.created_ts))
+            if self._is_remote(info.origin):
+                _note_remote_use(t, info.origin, info.media_id, info.created_ts)
             return True
 
         return await self.db.run_interaction("media_insert_thumbnail", txn)
