@@ -72,3 +72,22 @@ def test_load_overtaken_by_a_change_is_not_kept() -> None:
     gate.callback(None)
     assert not master_enabled(result(stale))
     assert master_enabled(result(defer.ensureDeferred(cache.get(ALICE))))
+
+
+def test_rulesets_share_defaults_without_one_users_change_reaching_another() -> None:
+    from zhome.push.rules import build_ruleset, find_rule
+
+    plain = build_ruleset("@b:hs", [], [])
+    changed = build_ruleset("@a:hs", [], [("underride", ".m.rule.message", False, [{"set_tweak": "x"}]),
+                                          ("override", ".m.rule.suppress_notices", False, None)])
+    assert find_rule(changed, "underride", ".m.rule.message")["enabled"] is False
+    assert find_rule(changed, "underride", ".m.rule.message")["actions"] == [{"set_tweak": "x"}]
+    assert find_rule(changed, "override", ".m.rule.suppress_notices")["enabled"] is False
+    for ruleset in (plain, build_ruleset("@c:hs", [], [])):
+        assert find_rule(ruleset, "underride", ".m.rule.message")["enabled"] is True
+        assert find_rule(ruleset, "underride", ".m.rule.message")["actions"] == ["notify"]
+        assert find_rule(ruleset, "override", ".m.rule.suppress_notices")["enabled"] is True
+    # Rules naming the user are each user's own.
+    assert find_rule(plain, "override", ".m.rule.invite_for_me")["conditions"][2]["pattern"] == "@b:hs"
+    assert find_rule(changed, "override", ".m.rule.invite_for_me")["conditions"][2]["pattern"] == "@a:hs"
+    assert find_rule(plain, "content", ".m.rule.contains_user_name")["pattern"] == "b"

@@ -146,6 +146,37 @@ def default_rules(user_id: str) -> dict[str, list[dict[str, Any]]]:
     }
 
 
+def _has_placeholder(value: Any) -> bool:
+    if isinstance(value, str):
+        return value in (_USER_ID, _LOCALPART)
+    if isinstance(value, list):
+        return any(_has_placeholder(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_placeholder(v) for v in value.values())
+    return False
+
+
+# Per kind: each default rule with whether it names the user. Rules that do
+# not are the same for everyone, so every user's merged ruleset shares them
+# (a ruleset is read-only once built; a few hundred cached rulesets would
+# otherwise hold a few MB of identical dicts).
+_TEMPLATES: dict[str, list[tuple[dict[str, Any], bool]]] = {
+    "override": [(r, _has_placeholder(r)) for r in [_MASTER, *_DEFAULT_OVERRIDE]],
+    "content": [(r, _has_placeholder(r)) for r in _DEFAULT_CONTENT],
+    "room": [],
+    "sender": [],
+    "underride": [(r, _has_placeholder(r)) for r in _DEFAULT_UNDERRIDE],
+}
+
+
+def _shared_default_rules(user_id: str) -> dict[str, list[dict[str, Any]]]:
+    """Like ``default_rules`` but user-independent rules are the shared
+    templates themselves: never mutate what this returns."""
+    lp = _localpart(user_id)
+    return {kind: [_substitute(r, user_id, lp) if named else r for r, named in rules]
+            for kind, rules in _TEMPLATES.items()}
+
+
 def default_rule(user_id: str, kind: str, rule_id: str) -> Optional[dict[str, Any]]:
     for r in default_rules(user_id).get(kind, []):
         if r["rule_id"] == rule_id:
@@ -198,7 +229,7 @@ def build_ruleset(
             # The input position breaks ties so equal priorities stay stable.
             by_kind[kind].append((priority, i, render_user_rule(kind, rule_id, rule)))
 
-    defaults = default_rules(user_id)
+    defaults = _shared_default_rules(user_id)
     out: dict[str, list[dict[str, Any]]] = {}
     for kind in KINDS:
         users = [r for _, _, r in sorted(by_kind[kind], key=lambda t: (t[0], t[1]))]
@@ -207,9 +238,11 @@ def build_ruleset(
             rules = dflt[:1] + users + dflt[1:]
         else:
             rules = users + dflt
-        for r in rules:
+        for i, r in enumerate(rules):
             ov = overrides.get((kind, r["rule_id"]))
             if ov is not None:
+                # A copy: ``r`` may be a template shared by every user.
+                r = rules[i] = dict(r)
                 r["enabled"] = ov[0]
                 if ov[1] is not None:
                     r["actions"] = copy.deepcopy(ov[1])
