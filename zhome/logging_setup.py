@@ -44,7 +44,22 @@ def setup_logging(level: str, log_file: Optional[str], fmt: str) -> None:
     root.setLevel(level)
     # Twisted's own log goes through Python logging, warnings and up only:
     # its access log would print full URIs.
-    from twisted.python import log as twisted_log
-
-    twisted_log.PythonLoggingObserver(loggerName="twisted").start()
     logging.getLogger("twisted").setLevel(logging.WARNING)
+    _begin_twisted_logging()
+
+
+_twisted_logging_begun = False
+
+
+def _begin_twisted_logging() -> None:
+    """Send Twisted's log events to Python logging, and end Twisted's start-up
+    buffering: until a program "begins logging", Twisted keeps every event in
+    memory (up to 65536 of them, many MB on a busy server) to replay later."""
+    global _twisted_logging_begun
+    if _twisted_logging_begun:
+        return
+    from twisted.logger import STDLibLogObserver, globalLogBeginner
+
+    globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], discardBuffer=True,
+                                     redirectStandardIO=False)
+    _twisted_logging_begun = True
