@@ -313,14 +313,25 @@ class _RootResource(Resource):
 
 
 def _limit_malloc_arenas() -> None:
-    """Keep the resident size small: one malloc arena per thread (glibc's
-    default) makes the database and I/O threads hold on to memory."""
+    """Keep the resident size small (glibc malloc):
+
+    - one arena per thread (glibc's default) makes the database and I/O
+      threads hold on to memory: two arenas;
+    - blocks of 1 MiB and more (a password hash's 7 MiB, big responses) are
+      mapped and unmapped on their own: glibc's default threshold grows
+      after the first such block is freed, and every later one then stays
+      in the heap for good;
+    - free memory at the top of the heap goes back to the system above
+      2 MiB rather than a threshold that grows the same way.
+    """
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        m_arena_max = -8
+        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
         libc.mallopt(m_arena_max, 2)
+        libc.mallopt(m_mmap_threshold, 1 << 20)
+        libc.mallopt(m_trim_threshold, 2 << 20)
     except (OSError, AttributeError):
         pass
 
