@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Optional
+from typing import Optional, cast
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -58,8 +58,9 @@ def _begin_twisted_logging() -> None:
     global _twisted_logging_begun
     if _twisted_logging_begun:
         return
-    from twisted.logger import STDLibLogObserver, globalLogBeginner
+    from twisted.logger import ILogObserver, STDLibLogObserver, globalLogBeginner
 
-    globalLogBeginner.beginLoggingTo([STDLibLogObserver(name="twisted")], discardBuffer=True,
+    observer = cast(ILogObserver, STDLibLogObserver(name="twisted"))
+    globalLogBeginner.beginLoggingTo([observer], discardBuffer=True,
                                      redirectStandardIO=False)
     _twisted_logging_begun = True

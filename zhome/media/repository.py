@@ -9,6 +9,7 @@ File I/O, encryption and thumbnailing run off the reactor thread.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Optional
 
 from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 
 from zhome.config import MediaConfig, ThumbnailSize
 from zhome.http.errors import MatrixError, forbidden, not_found, too_large
@@ -26,7 +28,7 @@ from zhome.media.backend import StorageBackend
 from zhome.media.headers import normalise_content_type, sanitise_filename
 from zhome.media.store import MediaInfo, MediaStore, ThumbnailInfo
 from zhome.media.thumbnailer import THUMBNAILABLE, ImageTooLarge, Thumbnail, ThumbnailError, make_thumbnail, \
-    make_thumbnails, sniff_content_type
+    decode_still, render, sniff_content_type
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +107,10 @@ class MediaRepository:
         self.clock = clock
         self.max_upload_size = config.effective_max_upload_size
         self._remote_inflight: dict[tuple[str, str], _Shared] = {}
-        self._thumb_inflight: dict[tuple[Any, ...], _Shared] = {}
+        self._thumb_inflight: dict[tuple[Any, ...], _Promise] = {}
         # Thumbnails made after uploads: one image at a time, so a burst of
-        # uploads does not take every thread; the batch being made now.
+        # uploads does not take every thread.
         self._batch_slot = defer.DeferredSemaphore(1)
-        self._batch_running: dict[tuple[str, str], _Shared] = {}
         self.background: set["defer.Deferred[None]"] = set()
 
     def now_ms(self) -> int:
@@ -352,18 +353,15 @@ class MediaRepository:
                                                   size.method, animated_key)
         if existing is not None:
             return self.servable(existing)
-        batch = self._batch_running.get((info.origin, info.media_id))
-        if batch is not None and not animated_key:
-            try:
-                await batch.wait()
-            except Exception:
-                pass  # made below on its own, with this request's error if it fails
-            existing = await self.store.get_thumbnail(info.origin, info.media_id, size.width, size.height,
-                                                      size.method, False)
-            if existing is not None:
-                return self.servable(existing)
         key = (info.origin, info.media_id, size.width, size.height, size.method, animated_key)
         inflight = self._thumb_inflight.get(key)
+        if isinstance(inflight, _Promise) and not isinstance(inflight, _Shared):
+            # Promised by the batch made after the upload.
+            try:
+                made: Servable = await inflight.wait()
+                return made
+            except Exception:
+                inflight = self._thumb_inflight.get(key)  # made below on its own, with its own error
         if inflight is None:
             inflight = _Shared(self._generate(info, size, animated_key),
                                lambda: _drop(self._thumb_inflight, key))
@@ -412,37 +410,39 @@ class MediaRepository:
         d.addBoth(lambda _: self.background.discard(d))
 
     async def _thumbnail_batch(self, origin: str, media_id: str) -> None:
-        """Make every configured (still) thumbnail of a new upload, decoding it once."""
+        """Make every configured (still) thumbnail of a new upload, decoding it
+        once; smallest first. A request for one of them waits for it alone."""
         await self._batch_slot.acquire()
+        promised: list[tuple[ThumbnailSize, _Promise]] = []
         try:
             info = await self.store.get_media(origin, media_id)
-            if info is None or not info.uploaded:
+            if info is None or not info.uploaded or (info.size is not None and info.size > self.max_upload_size):
                 return
-            key = (origin, media_id)
-            batch = _Shared(self._make_batch(info), lambda: _drop(self._batch_running, key))
-            if batch._outcome is None:
-                self._batch_running[key] = batch
-            await batch.wait()
+            for size in sorted(self.config.thumbnail_sizes, key=lambda z: (z.width * z.height, z.method)):
+                key = (origin, media_id, size.width, size.height, size.method, False)
+                if key in self._thumb_inflight or await self.store.get_thumbnail(
+                        origin, media_id, size.width, size.height, size.method, False) is not None:
+                    continue
+                promise = _Promise(functools.partial(_drop, self._thumb_inflight, key))
+                self._thumb_inflight[key] = promise
+                promised.append((size, promise))
+            if not promised:
+                return
+            data = await self.read_all(self.servable(info))
+            decoded = await threads.deferToThread(
+                decode_still, data, [(z.width, z.height, z.method) for z, _ in promised],
+                self.config.max_image_pixels)
+            del data
+            for size, promise in promised:
+                thumb = await threads.deferToThread(render, decoded, size.width, size.height, size.method)
+                promise.settle(True, await self._store_thumbnail(info, size, False, thumb))
         except Exception as e:
             logger.info("thumbnails of new upload %s/%s not made: %s", origin, media_id, e)
         finally:
+            for _, promise in promised:
+                if promise._outcome is None:
+                    promise.settle(False, Failure(RuntimeError("thumbnail not made")))
             self._batch_slot.release()
-
-    async def _make_batch(self, info: MediaInfo) -> None:
-        sizes = []
-        for size in self.config.thumbnail_sizes:
-            if await self.store.get_thumbnail(info.origin, info.media_id, size.width, size.height, size.method,
-                                              False) is None:
-                sizes.append(size)
-        if not sizes or (info.size is not None and info.size > self.max_upload_size):
-            return
-        data = await self.read_all(self.servable(info))
-        thumbs = await threads.deferToThread(
-            make_thumbnails, data, [(s.width, s.height, s.method) for s in sizes], False,
-            self.config.max_image_pixels)
-        del data
-        for size, thumb in zip(sizes, thumbs):
-            await self._store_thumbnail(info, size, False, thumb)
 
     async def _remote_thumbnail(self, server_name: str, media_id: str, size: ThumbnailSize, animated: bool,
                                 timeout_ms: int, allow_remote: bool) -> Servable:
@@ -513,20 +513,16 @@ def _drop(table: dict[Any, Any], key: Any) -> None:
     table.pop(key, None)
 
 
-class _Shared:
-    """One running computation that several callers await (e.g. one remote fetch)."""
+class _Promise:
+    """A result several callers await, settled once by its maker."""
 
-    def __init__(self, coro: Any, on_done: Callable[[], None]) -> None:
+    def __init__(self, on_done: Callable[[], None]) -> None:
         self._waiters: list[defer.Deferred[Any]] = []
         self._outcome: Optional[tuple[bool, Any]] = None
         self._on_done = on_done
-        defer.ensureDeferred(coro).addCallbacks(self._finish_ok, self._finish_err)
 
-    def _finish_ok(self, result: Any) -> None:
-        self._settle((True, result))
-
-    def _finish_err(self, failure: Any) -> None:
-        self._settle((False, failure))
+    def settle(self, ok: bool, value: Any) -> None:
+        self._settle((ok, value))
 
     def _settle(self, outcome: tuple[bool, Any]) -> None:
         self._outcome = outcome
@@ -550,6 +546,20 @@ class _Shared:
         else:
             self._waiters.append(w)
         return await w
+
+
+class _Shared(_Promise):
+    """One running computation that several callers await (e.g. one remote fetch)."""
+
+    def __init__(self, coro: Any, on_done: Callable[[], None]) -> None:
+        super().__init__(on_done)
+        defer.ensureDeferred(coro).addCallbacks(self._finish_ok, self._finish_err)
+
+    def _finish_ok(self, result: Any) -> None:
+        self._settle((True, result))
+
+    def _finish_err(self, failure: Any) -> None:
+        self._settle((False, failure))
 
 
 async def _sleep(seconds: float) -> None:

@@ -149,34 +149,37 @@ def make_thumbnail(data: bytes, want_w: int, want_h: int, method: str, animated:
 def make_thumbnails(data: bytes, wanted: list[tuple[int, int, str]], animated: bool,
                     max_pixels: int) -> list[Thumbnail]:
     """One thumbnail per (width, height, method) in ``wanted``, decoding the
-    image once. A still JPEG is decoded at a reduced scale (libjpeg's DCT
-    scaling, Pillow's ``draft``) when every thumbnail asked for is small
-    enough for it, which is most of the work saved on photos."""
+    image once."""
+    if animated:
+        img = _open_checked(data, max_pixels)
+        if _animated_out(img, max_pixels):
+            return [_animated_thumbnail(img, w, h, m) for w, h, m in wanted]
+    decoded = decode_still(data, wanted, max_pixels)
+    return [render(decoded, w, h, m) for w, h, m in wanted]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """An image's first frame, decoded (perhaps at a reduced scale) for thumbnailing."""
+    frame: Image.Image
+    src_w: int
+    src_h: int
+    fmt: str
+    content_type: str
+
+
+def decode_still(data: bytes, wanted: list[tuple[int, int, str]], max_pixels: int) -> Decoded:
+    """Decode the first frame once for the thumbnails ``wanted``. A JPEG is
+    decoded at a reduced scale (libjpeg's DCT scaling, Pillow's ``draft``)
+    when every thumbnail asked for is small enough for it: most of the work
+    saved on photos."""
     img = _open_checked(data, max_pixels)
     src_w, src_h = img.size
-    plans = [target_size(src_w, src_h, w, h, m) for w, h, m in wanted]
-    n_frames = getattr(img, "n_frames", 1)
-    animated_out = (animated and getattr(img, "is_animated", False) and n_frames > 1
-                    and n_frames <= MAX_ANIMATED_FRAMES and n_frames * src_w * src_h <= max_pixels * 4)
-    fmt, content_type = _output_format(img.format or "", animated_out)
-    out: list[Thumbnail] = []
+    fmt, content_type = _output_format(img.format or "", False)
+    mode = "RGB" if fmt == "JPEG" else "RGBA"
     try:
-        if animated_out:
-            from PIL import ImageSequence
-
-            for w, h, box in plans:
-                frames: list[Image.Image] = []
-                durations: list[int] = []
-                for frame in ImageSequence.Iterator(img):
-                    durations.append(int(frame.info.get("duration", 100)) or 100)
-                    frames.append(_resize(frame.convert("RGBA"), w, h, box))
-                buf = io.BytesIO()
-                frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:], duration=durations,
-                               loop=int(img.info.get("loop", 0)))
-                out.append(Thumbnail(buf.getvalue(), content_type, w, h))
-            return out
-        mode = "RGB" if fmt == "JPEG" else "RGBA"
-        if img.format == "JPEG":
+        if img.format == "JPEG" and wanted:
+            plans = [target_size(src_w, src_h, w, h, m) for w, h, m in wanted]
             # The smallest decode that still covers every thumbnail's region.
             need = max(max(w / ((box[2] - box[0]) if box else src_w), h / ((box[3] - box[1]) if box else src_h))
                        for w, h, box in plans)
@@ -184,24 +187,56 @@ def make_thumbnails(data: bytes, wanted: list[tuple[int, int, str]], animated: b
                 img.draft(mode, (max(1, int(src_w * need + 1)), max(1, int(src_h * need + 1))))
         img.seek(0)
         frame = img.convert(mode)
-        fx, fy = frame.size[0] / src_w, frame.size[1] / src_h
-        for w, h, box in plans:
-            region: tuple[float, float, float, float] | None = box
-            if (fx, fy) != (1.0, 1.0):
-                r = box or (0, 0, src_w, src_h)
-                region = (r[0] * fx, r[1] * fy, r[2] * fx, r[3] * fy)
-            thumb = _resize(frame, w, h, region)
-            buf = io.BytesIO()
-            if fmt == "JPEG":
-                thumb.save(buf, format="JPEG", quality=85)
-            else:
-                thumb.save(buf, format="PNG", optimize=False)
-            out.append(Thumbnail(buf.getvalue(), content_type, w, h))
-    except ImageTooLarge:
-        raise
+    except Exception as e:
+        raise ThumbnailError(f"cannot decode image: {type(e).__name__}") from None
+    return Decoded(frame, src_w, src_h, fmt, content_type)
+
+
+def render(decoded: Decoded, want_w: int, want_h: int, method: str) -> Thumbnail:
+    """One still thumbnail from a decoded frame, encoded."""
+    w, h, box = target_size(decoded.src_w, decoded.src_h, want_w, want_h, method)
+    frame = decoded.frame
+    fx, fy = frame.size[0] / decoded.src_w, frame.size[1] / decoded.src_h
+    region: tuple[float, float, float, float] | None = box
+    if (fx, fy) != (1.0, 1.0):
+        r = box or (0, 0, decoded.src_w, decoded.src_h)
+        region = (r[0] * fx, r[1] * fy, r[2] * fx, r[3] * fy)
+    try:
+        thumb = _resize(frame, w, h, region)
+        buf = io.BytesIO()
+        if decoded.fmt == "JPEG":
+            thumb.save(buf, format="JPEG", quality=85)
+        else:
+            thumb.save(buf, format="PNG", optimize=False)
     except Exception as e:
         raise ThumbnailError(f"cannot thumbnail image: {type(e).__name__}") from None
-    return out
+    return Thumbnail(buf.getvalue(), decoded.content_type, w, h)
+
+
+def _animated_out(img: Image.Image, max_pixels: int) -> bool:
+    src_w, src_h = img.size
+    n_frames = getattr(img, "n_frames", 1)
+    return bool(getattr(img, "is_animated", False) and n_frames > 1 and n_frames <= MAX_ANIMATED_FRAMES
+                and n_frames * src_w * src_h <= max_pixels * 4)
+
+
+def _animated_thumbnail(img: Image.Image, want_w: int, want_h: int, method: str) -> Thumbnail:
+    from PIL import ImageSequence
+
+    w, h, box = target_size(img.size[0], img.size[1], want_w, want_h, method)
+    fmt, content_type = _output_format(img.format or "", True)
+    try:
+        frames: list[Image.Image] = []
+        durations: list[int] = []
+        for frame in ImageSequence.Iterator(img):
+            durations.append(int(frame.info.get("duration", 100)) or 100)
+            frames.append(_resize(frame.convert("RGBA"), w, h, box))
+        buf = io.BytesIO()
+        frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:], duration=durations,
+                       loop=int(img.info.get("loop", 0)))
+    except Exception as e:
+        raise ThumbnailError(f"cannot thumbnail image: {type(e).__name__}") from None
+    return Thumbnail(buf.getvalue(), content_type, w, h)
 
 
 def _resize(frame: Image.Image, w: int, h: int, box: tuple[float, float, float, float] | None) -> Image.Image:
@@ -209,4 +244,7 @@ def _resize(frame: Image.Image, w: int, h: int, box: tuple[float, float, float, 
 
     if frame.size == (w, h) and (box is None or tuple(box) == (0, 0, w, h)):
         return frame.copy()
-    return frame.resize((w, h), Image.Resampling.LANCZOS, box=box)
+    # Bicubic with a first integer reduction when shrinking by 2x or more, as
+    # Pillow's own Image.thumbnail does: about 30% faster than Lanczos, alike
+    # to the eye at thumbnail sizes.
+    return frame.resize((w, h), Image.Resampling.BICUBIC, box=box, reducing_gap=2.0)
