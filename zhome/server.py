@@ -208,6 +208,15 @@ class HomeServer:
             return max(self.config.limits.max_request_body_size, FEDERATION_MAX_BODY)
         return self.config.limits.max_request_body_size
 
+    def _body_sink_for(self, method: bytes, path: bytes) -> Any:
+        """Upload bodies go straight into encryption (see media.upload_sink)."""
+        repo = getattr(self, "media_repository", None)
+        if repo is None:
+            return None
+        from zhome.media.upload_sink import is_upload
+
+        return repo.new_upload_body() if is_upload(method, path) else None
+
     async def _federation_version(self, request: Any) -> tuple[int, Any]:
         return 200, {"server": {"name": "zhome", "version": _version()}}
 
@@ -239,7 +248,7 @@ class HomeServer:
                 site = Site(root)
             else:
                 site = Site(self._listener_root(listener))
-                site.requestFactory = make_request_factory(self._body_limit_for)
+                site.requestFactory = make_request_factory(self._body_limit_for, self._body_sink_for)
                 site.displayTracebacks = False
             site.noisy = False
             for addr in listener.bind_addresses:

@@ -225,6 +225,17 @@ def test_range_requests(zhome: ZhomeProcess) -> None:
     assert status == 416 and headers["content-range"] == f"bytes */{len(data)}"
 
 
+def test_form_content_types_are_stored_as_sent(zhome: ZhomeProcess) -> None:
+    """An upload declared as an HTML form is media like any other: its bytes
+    are stored as sent, never parsed as form fields."""
+    token = zhome.register("alice")["access_token"]
+    for ctype, body in (("application/x-www-form-urlencoded", b"a=b&c=d"),
+                        ("multipart/form-data; boundary=xyz", b"--xyz\r\nnot really a form\r\n--xyz--\r\n")):
+        server, media_id = upload(zhome, token, body, ctype)
+        status, _, got = download(zhome, token, server, media_id)
+        assert status == 200 and got == body
+
+
 def test_client_leaving_mid_download(zhome: ZhomeProcess) -> None:
     """A client that closes its connection part-way through a download is
     not an error: the server stops sending and keeps serving others."""

@@ -18,6 +18,9 @@ from typing import Any, Callable, Optional
 from twisted.web.server import Request
 
 LimitFor = Callable[[bytes], int]
+# (method, path) -> a file-like object to receive the body instead of
+# Twisted's own buffer, or None for the default.
+BodySinkFor = Callable[[bytes, bytes], Optional[Any]]
 # What a refused request may still send before the connection is closed.
 DISCARD_LIMIT = 64 * 1024 * 1024
 LINGER_SECONDS = 10.0
@@ -25,12 +28,16 @@ LINGER_SECONDS = 10.0
 
 class LimitedRequest(Request):
     limit_for: Optional[LimitFor] = None
+    body_sink_for: Optional[BodySinkFor] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._limit = 0
         self._received = 0
         self._refused = False
+        # Matrix bodies are JSON or raw media, never HTML forms: Twisted must
+        # not read a body back to parse form fields.
+        self._parsePOSTFormSubmission = False
 
     def _path_so_far(self) -> bytes:
         # The request line is parsed by the channel before the body arrives.
@@ -43,6 +50,13 @@ class LimitedRequest(Request):
         if self._limit and length is not None and length > self._limit:
             self._refuse()
             return
+        sink_for = type(self).body_sink_for
+        if sink_for is not None:
+            method = getattr(self.channel, "_command", b"") or b""
+            sink = sink_for(method.upper(), self._path_so_far())
+            if sink is not None:
+                self.content = sink
+                return
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
@@ -105,5 +119,8 @@ class LimitedRequest(Request):
         super().process()
 
 
-def make_request_factory(limit_for: LimitFor) -> type[LimitedRequest]:
-    return type("ZhomeRequest", (LimitedRequest,), {"limit_for": staticmethod(limit_for)})
+def make_request_factory(limit_for: LimitFor, body_sink_for: Optional[BodySinkFor] = None) -> type[LimitedRequest]:
+    return type("ZhomeRequest", (LimitedRequest,), {
+        "limit_for": staticmethod(limit_for),
+        "body_sink_for": staticmethod(body_sink_for) if body_sink_for is not None else None,
+    })

@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import os
 import re
+import shutil
 import tempfile
 from typing import BinaryIO, Callable
 
@@ -39,6 +40,35 @@ class StorageBackend(abc.ABC):
         """An anonymous read-write file for (encrypted) bytes on their way to
         ``write``: it has no name and is gone when closed or on a crash."""
         return tempfile.TemporaryFile()
+
+    def store_staged(self, staging: BinaryIO, name: str) -> None:
+        """Store the whole of a ``staging_file`` as ``name``, like ``write``.
+        The staging file stays open (the caller closes it)."""
+
+        def produce(f: BinaryIO) -> None:
+            staging.seek(0)
+            shutil.copyfileobj(staging, f, 1024 * 1024)
+
+        staging.flush()
+        self.write(name, produce)
+
+
+def _link_unnamed(fd: int, path: str) -> bool:
+    """Give the unnamed file ``fd`` (O_TMPFILE) the name ``path``; False if
+    this system does not allow it (then the caller copies)."""
+    try:
+        os.link(f"/proc/self/fd/{fd}", path, follow_symlinks=True)
+        return True
+    except OSError:
+        pass
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_fdcwd, at_empty_path = -100, 0x1000
+        return bool(libc.linkat(fd, b"", at_fdcwd, os.fsencode(path), at_empty_path) == 0)
+    except (OSError, AttributeError):
+        return False
 
 
 def check_name(name: str) -> str:
@@ -76,8 +106,39 @@ class FileSystemBackend(StorageBackend):
     def open(self, name: str) -> BinaryIO:
         return open(self._path(name), "rb")
 
+    def store_staged(self, staging: BinaryIO, name: str) -> None:
+        # The staging file is an unnamed file (O_TMPFILE) in the store: give
+        # it a name instead of copying it, when the system allows that.
+        path = self._path(name)
+        directory = os.path.dirname(path)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        staging.flush()
+        os.fsync(staging.fileno())
+        tmp = os.path.join(directory, f".tmp_{os.urandom(8).hex()}")
+        if not _link_unnamed(staging.fileno(), tmp):
+            super().store_staged(staging, name)
+            return
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
     def staging_file(self) -> BinaryIO:
-        # On the store's own filesystem: /tmp may be small or in memory.
+        # On the store's own filesystem (/tmp may be small or in memory), and
+        # linkable: an unnamed O_TMPFILE without O_EXCL can be given a name
+        # by store_staged instead of being copied.
+        tmpfile_flag = getattr(os, "O_TMPFILE", 0)
+        if tmpfile_flag:
+            try:
+                fd = os.open(self.root, tmpfile_flag | os.O_RDWR, 0o600)
+            except OSError:
+                pass
+            else:
+                return os.fdopen(fd, "w+b")
         return tempfile.TemporaryFile(dir=self.root, prefix=".tmp_")
 
     def delete(self, name: str) -> None:

@@ -172,11 +172,7 @@ class ReceivedMedia:
         staging = self._staging
         assert staging is not None and self._encryptor is not None
 
-        def produce(f: BinaryIO) -> None:
-            staging.seek(0)
-            shutil.copyfileobj(staging, f, COPY_CHUNK)
-
-        self.backend.write(name, produce)
+        self.backend.store_staged(staging, name)
 
 
 def endpoint_unknown(status: int, errcode: Optional[str]) -> bool:

@@ -27,6 +27,7 @@ from zhome.media import crypto, remote
 from zhome.media.backend import StorageBackend
 from zhome.media.headers import normalise_content_type, sanitise_filename
 from zhome.media.store import MediaInfo, MediaStore, ThumbnailInfo
+from zhome.media.upload_sink import EncryptingUpload
 from zhome.media.thumbnailer import THUMBNAILABLE, ImageTooLarge, Thumbnail, ThumbnailError, make_thumbnail, \
     decode_still, render, sniff_content_type
 
@@ -160,10 +161,23 @@ class MediaRepository:
         if used + size > quota:
             raise forbidden("Media quota exceeded: delete some media first")
 
-    async def _store_upload(self, user_id: str, content: BinaryIO, size: int
+    def new_upload_body(self) -> EncryptingUpload:
+        """The body file for an upload request, encrypting as it arrives."""
+        return EncryptingUpload(self.backend)
+
+    async def _store_upload(self, user_id: str, content: BinaryIO | EncryptingUpload, size: int
                             ) -> tuple[str, str, int, Optional[str]]:
         self.check_size(size)
         await self._check_quota(user_id, size)
+        if isinstance(content, EncryptingUpload):
+            name = new_storage_name("local")
+            try:
+                stored = await content.store(name)
+            except OSError as e:
+                logger.warning("could not store an upload: %s", e)
+                await self._delete_files([name])
+                raise MatrixError(500, "M_UNKNOWN", "Could not store the upload") from None
+            return name, self.keys.current.wrap(content.file_key), stored, sniff_content_type(content.head)
         content.seek(0)
         name, wrapped, stored, head = await threads.deferToThread(self._seal_stream_blocking, "local", content)
         if stored != size:
@@ -178,7 +192,7 @@ class MediaRepository:
             return sniffed or "application/octet-stream"
         return declared
 
-    async def upload(self, user_id: str, content: BinaryIO, size: int, content_type: Optional[str],
+    async def upload(self, user_id: str, content: BinaryIO | EncryptingUpload, size: int, content_type: Optional[str],
                      filename: Optional[str]) -> str:
         name, wrapped, stored, sniffed = await self._store_upload(user_id, content, size)
         media_id = new_media_id()
@@ -203,7 +217,8 @@ class MediaRepository:
             self.server_name, media_id, user_id, None, None, None, None, now, None, expires, None, None, None))
         return f"mxc://{self.server_name}/{media_id}", expires
 
-    async def upload_to(self, user_id: str, server_name: str, media_id: str, content: BinaryIO, size: int,
+    async def upload_to(self, user_id: str, server_name: str, media_id: str, content: BinaryIO | EncryptingUpload,
+                        size: int,
                         content_type: Optional[str], filename: Optional[str]) -> None:
         if server_name != self.server_name:
             raise not_found("Unknown media ID")

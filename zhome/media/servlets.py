@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, Optional
 
 from twisted.internet import defer, threads
@@ -123,37 +124,64 @@ class _Throttle:
             await self._resume
 
 
+class _PlaintextReader:
+    """Reads a stored file's plaintext in batches, in a worker thread: the
+    first call opens the file, the call that reaches the end closes it, so a
+    small file costs one thread hop."""
+
+    def __init__(self, repo: MediaRepository, item: Servable, start: int, end: int) -> None:
+        self.repo, self.item, self.start, self.end = repo, item, start, end
+        self._f: Optional[BinaryIO] = None
+        self._chunks: Optional[Iterator[bytes]] = None
+        self._sent = 0
+
+    def next_batch(self) -> tuple[bytes, bool]:
+        """(bytes, whether that was the last of them)."""
+        if self._chunks is None:
+            self._f, self._chunks = self.repo.open_plaintext(self.item, self.start, self.end)
+        out: list[bytes] = []
+        n = 0
+        for chunk in self._chunks:
+            out.append(chunk)
+            n += len(chunk)
+            if n >= SEND_BATCH:
+                break
+        self._sent += n
+        done = n == 0 or self._sent >= self.end - self.start
+        if done:
+            self.close()
+        return b"".join(out), done
+
+    def close(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            f.close()
+
+    @property
+    def open(self) -> bool:
+        return self._f is not None
+
+
 async def stream_plaintext(repo: MediaRepository, request: Request, item: Servable, start: int, end: int,
                            prefix: bytes = b"", suffix: bytes = b"") -> None:
     """Write ``prefix``, plaintext bytes [start, end) of ``item``, ``suffix``, then finish."""
     throttle = _Throttle()
     request.registerProducer(throttle, True)
-    f: Optional[BinaryIO] = None
+    reader = _PlaintextReader(repo, item, start, end)
     try:
         if prefix:
             request.write(prefix)
         if end > start or item.size == 0:
-            f, chunks = await threads.deferToThread(repo.open_plaintext, item, start, end)
-
-            def next_batch() -> bytes:
-                out: list[bytes] = []
-                n = 0
-                for chunk in chunks:
-                    out.append(chunk)
-                    n += len(chunk)
-                    if n >= SEND_BATCH:
-                        break
-                return b"".join(out)
-
             while not throttle.stopped:
                 await throttle.wait()
-                data = await threads.deferToThread(next_batch)
-                if not data:
-                    break
+                data, done = await threads.deferToThread(reader.next_batch)
                 if request._disconnected:
                     throttle.stopped = True
                     break
-                request.write(data)
+                if data:
+                    request.write(data)
+                if done:
+                    break
         if suffix and not throttle.stopped:
             request.write(suffix)
     except Exception:
@@ -163,8 +191,8 @@ async def stream_plaintext(repo: MediaRepository, request: Request, item: Servab
             request.channel.loseConnection()
         return
     finally:
-        if f is not None:
-            await threads.deferToThread(f.close)
+        if reader.open:
+            await threads.deferToThread(reader.close)
     _unregister(request)
     if not request.finished and not request._disconnected:
         request.finish()
