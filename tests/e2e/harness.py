@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Optional
@@ -21,11 +22,17 @@ from typing import Any, Optional
 import yaml
 
 STARTUP_TIMEOUT_S = 30
+CS = "/_matrix/client/v3"
 
 
-def free_port() -> int:
+def q(s: str) -> str:
+    """Quote ``s`` as one path segment (room IDs, user IDs, aliases)."""
+    return urllib.parse.quote(s, safe="")
+
+
+def free_port(ip: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((ip, 0))
         return int(s.getsockname()[1])
 
 
@@ -139,3 +146,22 @@ class ZhomeProcess:
             "username": username, "password": password, "auth": {"type": "m.login.dummy"}})
         assert status == 200, (status, body)
         return body
+
+
+class ClientUser:
+    """A user registered on ``hs``, with small helpers around ``hs.request``
+    on the client-server API (paths are relative to ``CS``)."""
+
+    def __init__(self, hs: ZhomeProcess, name: str) -> None:
+        self.hs = hs
+        reg = hs.register(name)
+        self.user_id: str = reg["user_id"]
+        self.token: str = reg["access_token"]
+
+    def req(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        return self.hs.request(method, CS + path, body, token=self.token)
+
+    def ok(self, method: str, path: str, body: Any = None) -> Any:
+        status, out = self.req(method, path, body)
+        assert status == 200, (method, path, status, out)
+        return out

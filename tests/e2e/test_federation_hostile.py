@@ -22,44 +22,28 @@ from __future__ import annotations
 import http.client
 import itertools
 import json
-import os
-import secrets
-import socket
 import ssl
 import threading
 import time
-import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
-from tests.conftest import _pg_admin_connection, _pg_server_args
-from tests.e2e.conftest import _database_url
-from tests.e2e.harness import ZhomeProcess
+from tests.e2e.conftest import _engine_database
+from tests.e2e.harness import CS, ZhomeProcess, free_port, q
+from tests.rooms.builders import auth_event_ids, build_pdu
 from zhome.crypto.event_hashing import compute_event_id, hash_and_sign_event
 from zhome.crypto.keys import SigningKey, key_id, new_signing_key, verify_key_base64
 from zhome.crypto.signing import sign_json
 from zhome.federation.request_auth import sign_request
 from zhome.federation.tls import generate_self_signed_certificate
-from zhome.rooms.auth import auth_types_for_event
 from zhome.rooms.versions import KNOWN_ROOM_VERSIONS, RoomVersion, get_room_version
 
-CS = "/_matrix/client/v3"
 FED = "/_matrix/federation"
 E_IP = "127.0.0.6"
 _TXN = itertools.count()
-
-
-def q(s: str) -> str:
-    return urllib.parse.quote(s, safe="")
-
-
-def _free_port(ip: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((ip, 0))
-        return int(s.getsockname()[1])
 
 
 def _unverified_client_context() -> ssl.SSLContext:
@@ -76,7 +60,7 @@ class FakeServer:
     """Server "E": a key, an HTTPS listener that serves it, and a client to A."""
 
     def __init__(self, workdir: Path) -> None:
-        self.port = _free_port(E_IP)
+        self.port = free_port(E_IP)
         self.server_name = f"{E_IP}:{self.port}"
         self.key: SigningKey = new_signing_key()
         self.requests_seen: list[tuple[str, str]] = []
@@ -192,20 +176,10 @@ class RemoteRoom:
 
     def build(self, etype: str, content: dict[str, Any], sender: str, state_key: Optional[str] = None,
               room_id: Optional[str] = None) -> dict[str, Any]:
-        keys = auth_types_for_event(self.rv, etype, state_key, sender, content)
-        pdu: dict[str, Any] = {
-            "room_id": room_id or self.room_id,
-            "sender": sender,
-            "type": etype,
-            "content": content,
-            "depth": self.depth + 1,
-            "origin_server_ts": int(time.time() * 1000),
-            "prev_events": [self.latest],
-            "auth_events": [self.state[k] for k in keys if k in self.state],
-        }
-        if state_key is not None:
-            pdu["state_key"] = state_key
-        return pdu
+        return build_pdu(etype, sender, content, state_key=state_key, room_id=room_id or self.room_id,
+                         prev_events=[self.latest],
+                         auth_events=auth_event_ids(self.rv, etype, state_key, sender, content, self.state),
+                         depth=self.depth + 1, origin_server_ts=int(time.time() * 1000))
 
     def sign(self, pdu: dict[str, Any], key: Optional[SigningKey] = None) -> tuple[str, dict[str, Any]]:
         return hash_and_sign_event(self.rv, pdu, self.e.server_name, key or self.e.key)
@@ -292,46 +266,27 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     for every case would cost more than the cases themselves.
     """
     workdir = tmp_path_factory.mktemp(f"hostile-{request.param}")
-    db_url = None
-    pg_name = None
-    if request.param == "postgres":
-        if os.environ.get("ZHOME_TEST_NO_POSTGRES") == "1":
-            pytest.skip("ZHOME_TEST_NO_POSTGRES=1")
-        pg_name = f"zhome_test_{secrets.token_hex(8)}"
-        admin = _pg_admin_connection()
+    # A fresh database of the engine, dropped once A has stopped.
+    with _engine_database(request.param) as db_url:
+        a = ZhomeProcess(workdir / "a", database_url=db_url, federation_ip="127.0.0.2")
+        e = FakeServer(workdir / "e")
         try:
-            with admin.cursor() as cur:
-                cur.execute(f"CREATE DATABASE {pg_name} ENCODING 'UTF8' LC_COLLATE 'C' "
-                            "LC_CTYPE 'C' TEMPLATE template0")
+            a.start()
+            reg = a.register("alice")
+            token, alice = reg["access_token"], reg["user_id"]
+            status, created = a.request("POST", CS + "/createRoom", {"preset": "public_chat", "name": "Open"},
+                                        token=token)
+            assert status == 200, (status, created)
+            mallory = f"@mallory:{e.server_name}"
+            room = _join(a, e, created["room_id"], mallory)
+            w = World(a, e, token, alice, mallory, room)
+            members = {ev["state_key"]: ev["content"].get("membership") for ev in w.room_state()
+                       if ev["type"] == "m.room.member"}
+            assert members == {alice: "join", mallory: "join"}, members
+            yield w
         finally:
-            admin.close()
-        db_url = _database_url(("psycopg2", {**_pg_server_args(), "database": pg_name}))
-    a = ZhomeProcess(workdir / "a", database_url=db_url, federation_ip="127.0.0.2")
-    e = FakeServer(workdir / "e")
-    try:
-        a.start()
-        reg = a.register("alice")
-        token, alice = reg["access_token"], reg["user_id"]
-        status, created = a.request("POST", CS + "/createRoom", {"preset": "public_chat", "name": "Open"},
-                                    token=token)
-        assert status == 200, (status, created)
-        mallory = f"@mallory:{e.server_name}"
-        room = _join(a, e, created["room_id"], mallory)
-        w = World(a, e, token, alice, mallory, room)
-        members = {ev["state_key"]: ev["content"].get("membership") for ev in w.room_state()
-                   if ev["type"] == "m.room.member"}
-        assert members == {alice: "join", mallory: "join"}, members
-        yield w
-    finally:
-        a.stop()
-        e.stop()
-        if pg_name is not None:
-            admin = _pg_admin_connection()
-            try:
-                with admin.cursor() as cur:
-                    cur.execute(f"DROP DATABASE IF EXISTS {pg_name} WITH (FORCE)")
-            finally:
-                admin.close()
+            a.stop()
+            e.stop()
 
 
 # -- the cases ------------------------------------------------------------------------

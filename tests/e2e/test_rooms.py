@@ -15,28 +15,13 @@ import json
 import urllib.parse
 from typing import Any, Optional
 
-from tests.e2e.harness import ZhomeProcess
+from tests.e2e.harness import CS, ClientUser, ZhomeProcess, q
 
-CS = "/_matrix/client/v3"
 _TXN = itertools.count()
 
 
-class U:
+class U(ClientUser):
     """A registered user with small helpers around ``zhome.request``."""
-
-    def __init__(self, hs: ZhomeProcess, name: str) -> None:
-        self.hs = hs
-        reg = hs.register(name)
-        self.user_id: str = reg["user_id"]
-        self.token: str = reg["access_token"]
-
-    def req(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        return self.hs.request(method, CS + path, body, token=self.token)
-
-    def ok(self, method: str, path: str, body: Any = None) -> Any:
-        status, out = self.req(method, path, body)
-        assert status == 200, (method, path, status, out)
-        return out
 
     def create(self, **body: Any) -> str:
         return str(self.ok("POST", "/createRoom", body)["room_id"])
@@ -62,10 +47,6 @@ class U:
 
     def messages(self, room_id: str, limit: int = 50) -> list[dict[str, Any]]:
         return list(self.ok("GET", f"/rooms/{q(room_id)}/messages?dir=b&limit={limit}")["chunk"])
-
-
-def q(s: str) -> str:
-    return urllib.parse.quote(s, safe="")
 
 
 def _by_type(state: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:

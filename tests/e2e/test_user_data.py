@@ -13,31 +13,15 @@ import json
 import urllib.parse
 from typing import Any, Optional
 
-from tests.e2e.harness import ZhomeProcess
+from tests.e2e.harness import ClientUser, ZhomeProcess, q
 
-CS = "/_matrix/client/v3"
 _TXN = itertools.count()
 
 
-def q(s: str) -> str:
-    return urllib.parse.quote(s, safe="")
-
-
-class U:
+class U(ClientUser):
     def __init__(self, hs: ZhomeProcess, name: str) -> None:
-        self.hs = hs
-        reg = hs.register(name)
-        self.user_id: str = reg["user_id"]
-        self.token: str = reg["access_token"]
+        super().__init__(hs, name)
         self.next_batch: Optional[str] = None
-
-    def req(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        return self.hs.request(method, CS + path, body, token=self.token)
-
-    def ok(self, method: str, path: str, body: Any = None) -> Any:
-        status, out = self.req(method, path, body)
-        assert status == 200, (method, path, status, out)
-        return out
 
     def send(self, room_id: str, content: dict[str, Any]) -> str:
         return str(self.ok("PUT", f"/rooms/{q(room_id)}/send/m.room.message/t{next(_TXN)}", content)["event_id"])

@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zhome.rooms.auth import AuthError, auth_types_for_event, check_auth_rules, creators_of
+from tests.rooms.builders import auth_event_ids, build_pdu
+from zhome.rooms.auth import AuthError, check_auth_rules, creators_of
 from zhome.rooms.events import Event, StateMap
 from zhome.rooms.state_res import StateResolutionError, is_power_event, resolve_state
 from zhome.rooms.versions import EventIdFormat, get_room_version
@@ -106,25 +107,19 @@ class Room:
             # v12: creators may not be listed; they have infinite power.
             content = dict(content)
             content["users"] = {u: v for u, v in content["users"].items() if u not in self.creators}
-        auth_ids = [
-            before[k]
-            for k in auth_types_for_event(self.rv, type, state_key, sender, content)
-            if k in before
-        ]
+        auth_ids = auth_event_ids(self.rv, type, state_key, sender, content, before)
         self.ts += 1
-        pdu: dict[str, Any] = {
-            "type": type,
-            "sender": sender,
-            "content": content,
-            "prev_events": self._refs(prev),
-            "auth_events": self._refs(auth_ids),
-            "depth": max((self.events[p].depth for p in prev), default=0) + 1,
-            "origin_server_ts": self.ts,
-        }
-        if state_key is not None:
-            pdu["state_key"] = state_key
-        if not (self.rv.hydra and type == CREATE):
-            pdu["room_id"] = self.room_id
+        pdu = build_pdu(
+            type,
+            sender,
+            content,
+            prev_events=self._refs(prev),
+            auth_events=self._refs(auth_ids),
+            depth=max((self.events[p].depth for p in prev), default=0) + 1,
+            origin_server_ts=self.ts,
+            state_key=state_key,
+            room_id=None if self.rv.hydra and type == CREATE else self.room_id,
+        )
         ev = Event(pdu, event_id, self.rv)
         auth_map = {self.events[a].state_tuple(): self.events[a] for a in auth_ids}
         if self.rv.hydra and type != CREATE:
