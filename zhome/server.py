@@ -27,6 +27,7 @@ from zhome.http.request import make_request_factory
 from zhome.http.server import JsonResource
 from zhome.logging_setup import setup_logging
 from zhome.push.cache import RulesetCache
+from zhome.push.notifications import NotificationLog
 from zhome.rooms.event_creation import EventCreator
 from zhome.rooms.membership import MembershipService
 from zhome.rooms.persistence import Persister
@@ -37,6 +38,7 @@ from zhome.storage.database import Database
 from zhome.storage.events import EventsStore
 from zhome.storage.ids import IdGenerator
 from zhome.storage.migrations import prepare_database
+from zhome.storage.notifications import NotificationsStore
 from zhome.storage.rooms import RoomsStore
 from zhome.storage.user_data import UserDataStore
 from zhome.sync.handler import SyncHandler
@@ -91,6 +93,10 @@ class HomeServer:
         self.typing = TypingService(self.notifier)
         self.persister = Persister(db, self.events, self.notifier, self.server_name)
         self.push_rules_cache = RulesetCache(self.user_data)
+        self.notification_log = NotificationLog(NotificationsStore(db), self.events)
+        self.persister.txn_hooks.append(self.notification_log.persist_txn_hook)
+        self.persister.after_commit_hooks.append(self.notification_log.after_persist)
+        self.notification_log.start()
         self.event_creator = EventCreator(self.server_name, self.signing_key, self.events, self.rooms,
                                           self.persister, push_rules_cache=self.push_rules_cache)
         self.membership = MembershipService(self.server_name, self.event_creator, self.events, self.accounts)
@@ -269,6 +275,8 @@ class HomeServer:
             self.federation_sender.stop()
         if self.media_cleaner is not None:
             await self.media_cleaner.stop()
+        if getattr(self, "notification_log", None) is not None:
+            await self.notification_log.stop()
         for p in self.listening_ports:
             await p.stopListening()
         await self.db.close()
@@ -369,6 +377,11 @@ def run(config: HomeserverConfig) -> int:
                 await hs.media_cleaner.stop()
         except Exception:
             logger.exception("stopping media cleanup failed")
+        try:
+            if getattr(hs, "notification_log", None) is not None:
+                await hs.notification_log.stop()
+        except Exception:
+            logger.exception("stopping notification expiry failed")
         try:
             await hs.db.close()
         except Exception:

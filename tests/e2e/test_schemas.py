@@ -197,6 +197,13 @@ def test_responses_match_spec(spec: Spec, zhome: ZhomeProcess) -> None:
     assert room2 in inc["rooms"]["invite"]
     assert any(e["type"] == "m.room.name" for e in inc["rooms"]["invite"][room2]["invite_state"]["events"])
     assert [e["content"].get("body") for e in inc["rooms"]["join"][room]["timeline"]["events"]] == ["late"]
+    # Bob was notified of the message sent while he was in the room.
+    notes = c.call("/notifications", "get", "/notifications", token=bob)
+    assert [n["event"]["content"].get("body") for n in notes["notifications"]] == ["late"]
+    assert notes["notifications"][0]["room_id"] == room and notes["notifications"][0]["read"] is False
+    notes = c.call("/notifications", "get", "/notifications?limit=5&only=highlight", token=bob)
+    assert notes == {"notifications": []}
+    c.error(zhome.request("GET", CS + "/notifications?from=nope", token=bob), 400, "M_INVALID_PARAM")
     code, _ = zhome.request("POST", f"{CS}/rooms/{q(room)}/leave", {}, token=bob)
     assert code == 200
     left = c.call("/sync", "get", f"/sync?timeout=0&since={q(inc['next_batch'])}", token=bob)

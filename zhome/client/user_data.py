@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any, Optional
 from twisted.web.server import Request
 
 from zhome.client.account import CS
+from zhome.client.serialize import serialize_events
 from zhome.http.errors import MatrixError, bad_json, forbidden, invalid_param, not_found
-from zhome.http.server import JsonResource, query_arg, read_json_body
+from zhome.http.server import JsonResource, query_arg, query_int, read_json_body
 from zhome.push.rules import (
     HISTORICAL_ACTIONS,
     KINDS,
@@ -38,6 +39,9 @@ READ_RECEIPT_TYPES = ("m.read", "m.read.private")
 SERVER_CONTROLLED_ACCOUNT_DATA = ("m.fully_read", "m.push_rules")
 
 DEFAULT_TYPING_TIMEOUT_MS = 30_000
+# GET /notifications page sizes; the spec names no default.
+DEFAULT_NOTIFICATIONS_LIMIT = 20
+MAX_NOTIFICATIONS_LIMIT = 100
 # Unread counts after a receipt look at no more than this many later events.
 _MAX_UNREAD_RECOUNT = 1000
 
@@ -466,6 +470,42 @@ class UserDataServlets:
 
     # -- notifications -----------------------------------------------------------
     async def on_notifications(self, request: Request) -> tuple[int, Any]:
-        await self.hs.auth.get_user_by_req(request)
-        # No notification log is kept yet; an empty list is a valid answer.
-        return 200, {"notifications": []}
+        req = await self.hs.auth.get_user_by_req(request)
+        before = _parse_notifications_from(query_arg(request, "from"))
+        limit = query_int(request, "limit", DEFAULT_NOTIFICATIONS_LIMIT)
+        if limit is None or limit < 0:
+            raise invalid_param("'limit' must be a non-negative integer")
+        limit = min(max(limit, 1), MAX_NOTIFICATIONS_LIMIT)
+        # The spec defines only "highlight"; other values filter nothing.
+        only_highlight = query_arg(request, "only") == "highlight"
+        entries, next_token = await self.hs.notification_log.get_page(req.user_id, before, limit, only_highlight)
+        # Rows are only written for members joined at the event, but history
+        # visibility is applied as everywhere else events are served.
+        visible = {e.event_id for e in await self.hs.visibility.filter_events(req.user_id,
+                                                                               [n.event for n in entries])}
+        entries = [n for n in entries if n.event.event_id in visible]
+        # Redacted events are served redacted, like everywhere else.
+        events = await serialize_events(self.hs.events, [n.event for n in entries], with_room_id=False)
+        out: dict[str, Any] = {"notifications": [
+            {
+                "actions": n.notification.actions,
+                "event": ev,
+                "read": n.read,
+                "room_id": n.notification.room_id,
+                "ts": n.notification.ts,
+            }
+            for n, ev in zip(entries, events)
+        ]}
+        if next_token is not None:
+            out["next_token"] = next_token
+        return 200, out
+
+
+def _parse_notifications_from(token: Optional[str]) -> Optional[int]:
+    """A ``from`` token of /notifications: the stream position to page below."""
+    if token is None:
+        return None
+    # Positions are non-negative BIGINTs; anything else was not handed out.
+    if not (token.isascii() and token.isdigit()) or len(token) > 19 or int(token) >= 2**63:
+        raise invalid_param("'from' is not a valid pagination token")
+    return int(token)

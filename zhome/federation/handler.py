@@ -24,6 +24,7 @@ from zhome.crypto.signing import SignatureError
 from zhome.federation.keyring import KeyLookupError
 from zhome.http.errors import MatrixError, forbidden, not_found
 from zhome.rooms import auth
+from zhome.rooms.event_creation import unread_from_actions
 from zhome.rooms.events import Event, StateMap
 from zhome.rooms.redaction import prune_event_dict
 from zhome.rooms.state_res import StateResolutionError, resolve_state
@@ -430,11 +431,11 @@ class FederationHandler:
         else:
             PDUS.labels("soft_failed").inc()
             logger.info("soft-failing %s from %s", ev.event_id, origin)
-        unread = {}
+        actions: dict[str, list[Any]] = {}
         if not soft_failed:
-            unread = await self.hs.event_creator.unread_for(ev, state_before)
+            actions = await self.hs.event_creator.push_actions_for(ev, state_before)
         item = PersistItem(ev, group, state_before, snapshot_before=snapshot, soft_failed=soft_failed,
-                           current_state=new_current, unread=unread)
+                           current_state=new_current, unread=unread_from_actions(actions), push_actions=actions)
         await self.hs.persister.persist(item)
         if not soft_failed:
             PDUS.labels("accepted").inc()

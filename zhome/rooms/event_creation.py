@@ -213,8 +213,9 @@ class EventCreator:
             if transform is not None:
                 # E.g. an invite countersigned by the invitee's server.
                 event = await transform(event, state)
-            unread = await self.unread_for(event, state)
-            item = PersistItem(event, group, state, txn_id=txn_id, device_id=device_id, unread=unread,
+            actions = await self.push_actions_for(event, state)
+            item = PersistItem(event, group, state, txn_id=txn_id, device_id=device_id,
+                               unread=unread_from_actions(actions), push_actions=actions,
                                snapshot_before=group is None and bool(state))
             await self.persister.persist(item)
             return event
@@ -225,8 +226,15 @@ class EventCreator:
 
         ``for_user`` limits the answer to that one member.
         """
+        return unread_from_actions(await self.push_actions_for(event, state, for_user))
+
+    async def push_actions_for(self, event: Event, state: StateMap,
+                               for_user: Optional[str] = None) -> dict[str, list[Any]]:
+        """The push rule actions for each local member of ``state`` (never
+        the sender) that ``event`` notifies; members it does not notify are
+        left out. ``for_user`` limits the answer to that one member."""
         if self.push_rules_cache is not None:
-            return await self._unread_by_push_rules(event, state, for_user)
+            return await self._actions_by_push_rules(event, state, for_user)
         if event.type not in _NOTIFYING_TYPES or event.is_state():
             return {}
         suffix = ":" + self.server_name
@@ -241,7 +249,7 @@ class EventCreator:
         mentions = event.content.get("m.mentions")
         mentioned = set(mentions.get("user_ids", [])) if isinstance(mentions, dict) and isinstance(
             mentions.get("user_ids"), list) else set()
-        out = {}
+        out: dict[str, list[Any]] = {}
         for m in members:
             mev = member_evs.get(state[("m.room.member", m)])
             if mev is None or mev.membership != "join":
@@ -250,13 +258,13 @@ class EventCreator:
             if not highlight and isinstance(body, str):
                 name = mev.content.get("displayname")
                 highlight = m in body or (isinstance(name, str) and len(name) > 1 and name in body)
-            out[m] = (True, highlight)
+            out[m] = ["notify", {"set_tweak": "highlight"}] if highlight else ["notify"]
         return out
 
-    async def _unread_by_push_rules(self, event: Event, state: StateMap,
-                                    for_user: Optional[str]) -> dict[str, tuple[bool, bool]]:
-        """Spec "Receiving notifications": counts follow each member's push
-        rules. Rules come from the per-user cache and state events from the
+    async def _actions_by_push_rules(self, event: Event, state: StateMap,
+                                     for_user: Optional[str]) -> dict[str, list[Any]]:
+        """Spec "Receiving notifications": notifications (and so unread
+        counts) follow each member's push rules. Rules come from the per-user cache and state events from the
         event cache, so a message costs no query once both are warm."""
         member_keys = [k for k in state if k[0] == "m.room.member"]
         wanted = [state[k] for k in member_keys]
@@ -283,18 +291,23 @@ class EventCreator:
         level = auth.get_user_power_level(event.sender, auth_events)
         # v12 creators have infinite power; any finite threshold is below it.
         sender_level = int(level) if level != float("inf") else 2**63
-        out: dict[str, tuple[bool, bool]] = {}
+        out: dict[str, list[Any]] = {}
         for user_id, mev in targets:
             ruleset = await self.push_rules_cache.get(user_id)
             name = mev.content.get("displayname")
             actions = evaluate(ruleset, event, user_id, name if isinstance(name, str) else None,
                                len(joined), power_levels, sender_level)
-            if actions_notify(actions):
-                out[user_id] = (True, actions_highlight(actions))
+            if actions is not None and actions_notify(actions):
+                out[user_id] = actions
         return out
 
     async def create_room_event(self, rv: RoomVersion, pdu: dict[str, Any]) -> Event:
         return self.finish_event(rv, pdu)
+
+
+def unread_from_actions(actions: dict[str, list[Any]]) -> dict[str, tuple[bool, bool]]:
+    """Unread count increments, (notify, highlight), from ``push_actions_for``."""
+    return {user_id: (True, actions_highlight(a)) for user_id, a in actions.items()}
 
 
 def _ref_hash(ev: Optional[Event]) -> dict[str, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from zhome.rooms.events import Event, StateMap
 from zhome.rooms.versions import get_room_version
@@ -33,6 +33,9 @@ class PersistItem:
     device_id: Optional[str] = None
     # user_id -> (notify, highlight) for local users whose unread counts grow.
     unread: dict[str, tuple[bool, bool]] = field(default_factory=dict)
+    # user_id -> the push rule actions for local users the event notifies
+    # (one row each in the notification log, zhome/push/notifications.py).
+    push_actions: dict[str, list[Any]] = field(default_factory=dict)
     # An outlier is stored without state, extremities or timeline position
     # (auth chains and state fetched over federation).
     outlier: bool = False

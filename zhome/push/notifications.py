@@ -1,0 +1,211 @@
+"""The notification log: recording, listing and retention.
+
+Spec: client-server-api "Push Notifications" → "Listing Notifications"
+(``GET /notifications``: the events a user has been, or would have been,
+notified about, newest first, with the actions and whether they are read).
+
+Recording: push rules already run for every new event to count unread
+notifications (``EventCreator.push_actions_for``); every local member whose
+rules gave ``notify`` gets a row, written by a persistence transaction hook
+together with the event, so a row and its event commit or roll back as one.
+
+Read: computed when listed, never stored. A notification is read when one
+of the user's read receipts (``m.read`` or ``m.read.private``) in its room
+points at an event at or after it in stream order. An unthreaded receipt
+covers the whole room; a threaded one only its thread, where events outside
+any thread belong to ``main`` ("Threaded read receipts").
+
+Retention: a user keeps at most ``MAX_PER_USER`` (1000) notifications and
+none older than ``MAX_AGE_MS`` (30 days).
+
+- The count: after every ``TRIM_EVERY`` (100) new notifications of a user
+  their oldest beyond the cap are deleted, after the event's commit and not
+  awaited by the send. The counter lives in memory: a restart only delays a
+  trim by at most ``TRIM_EVERY`` rows.
+- The age: a pass a minute after start-up, then hourly, deletes the rows
+  past the age over the ``ts`` index; each pass only meets the rows that
+  aged out since the one before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from twisted.internet import defer, task
+
+from zhome.push.evaluator import actions_highlight
+from zhome.rooms.events import Event
+from zhome.storage.database import DatabaseClosedError, Txn
+from zhome.storage.events import EventsStore, PersistItem
+from zhome.storage.notifications import NotificationInsert, NotificationsStore, StoredNotification
+
+logger = logging.getLogger(__name__)
+
+MAX_PER_USER = 1000
+MAX_AGE_MS = 30 * 24 * 3600 * 1000
+TRIM_EVERY = 100
+EXPIRY_INTERVAL_S = 3600.0
+FIRST_EXPIRY_DELAY_S = 60.0
+
+
+@dataclass(frozen=True)
+class NotificationEntry:
+    notification: StoredNotification
+    event: Event
+    read: bool
+
+
+def thread_of(event: Event) -> str:
+    """The thread an event belongs to for receipts: its root, or ``main``."""
+    rel = event.content.get("m.relates_to")
+    if isinstance(rel, dict) and rel.get("rel_type") == "m.thread":
+        root = rel.get("event_id")
+        if isinstance(root, str):
+            return root
+    return "main"
+
+
+def is_read(stream_ordering: int, room_id: str, thread_id: str, read_up_to: dict[tuple[str, str], int]) -> bool:
+    for key in ((room_id, ""), (room_id, thread_id)):
+        mark = read_up_to.get(key)
+        if mark is not None and mark >= stream_ordering:
+            return True
+    return False
+
+
+def _records(item: PersistItem) -> bool:
+    """Whether ``item`` gets notification rows: only events that reach the
+    timeline now (not outliers, rejected, soft-failed or backfilled ones)."""
+    return bool(item.push_actions) and not (
+        item.outlier or item.soft_failed or item.backfilled or item.event.rejected_reason)
+
+
+class NotificationLog:
+    def __init__(self, store: NotificationsStore, events: EventsStore, max_per_user: int = MAX_PER_USER,
+                 trim_every: int = TRIM_EVERY, max_age_ms: int = MAX_AGE_MS, clock: Any = None) -> None:
+        self.store = store
+        self.events = events
+        self.max_per_user = max(1, max_per_user)
+        self.trim_every = max(1, trim_every)
+        self.max_age_ms = max_age_ms
+        # An IReactorTime for the expiry passes; None: the reactor.
+        self.clock = clock
+        # New notifications per user since their last trim.
+        self._since_trim: dict[str, int] = {}
+        self._trimming: dict[str, defer.Deferred[None]] = {}
+        self._first: Any = None
+        self._loop: Optional[task.LoopingCall] = None
+        self._loop_done: Optional[defer.Deferred[task.LoopingCall]] = None
+
+    # -- recording (persistence hooks) ------------------------------------------
+    def persist_txn_hook(self, txn: Txn, item: PersistItem) -> None:
+        """Runs in the event's persistence transaction."""
+        if not _records(item):
+            return
+        ev = item.event
+        now = int(time.time() * 1000)
+        rows: list[NotificationInsert] = [
+            (user_id, ev.room_id, ev.event_id, item.stream_ordering, now,
+             json.dumps(actions, separators=(",", ":")), int(actions_highlight(actions)))
+            for user_id, actions in item.push_actions.items()
+        ]
+        self.store.insert_txn(txn, rows)
+
+    def after_persist(self, item: PersistItem) -> None:
+        """After commit: count each user's new rows and start a trim when due."""
+        if not _records(item):
+            return
+        for user_id in item.push_actions:
+            n = self._since_trim.get(user_id, 0) + 1
+            if n >= self.trim_every and user_id not in self._trimming:
+                self._since_trim[user_id] = 0
+                d = defer.ensureDeferred(self._trim(user_id))
+                if not d.called:
+                    # Still running: _trim removes it when done.
+                    self._trimming[user_id] = d
+            else:
+                self._since_trim[user_id] = n
+
+    async def _trim(self, user_id: str) -> None:
+        try:
+            await self.store.trim_user(user_id, self.max_per_user)
+        except DatabaseClosedError:
+            pass
+        except Exception:
+            # Retried at the user's next TRIM_EVERY notifications.
+            logger.exception("trimming notifications failed")
+        finally:
+            self._trimming.pop(user_id, None)
+
+    # -- listing ------------------------------------------------------------------
+    async def get_page(self, user_id: str, before: Optional[int], limit: int,
+                       only_highlight: bool) -> tuple[list[NotificationEntry], Optional[str]]:
+        """Up to ``limit`` notifications below position ``before``, newest
+        first, and the ``next_token`` when older ones exist."""
+        page = await self.store.get_page(user_id, before, limit, only_highlight)
+        evs = await self.events.get_events([r.event_id for r in page.rows])
+        out: list[NotificationEntry] = []
+        for r in page.rows:
+            ev = evs.get(r.event_id)
+            if ev is None or ev.rejected_reason:
+                # Purged since (room deletion, erasure): nothing to show.
+                continue
+            out.append(NotificationEntry(r, ev, is_read(r.stream_ordering, r.room_id, thread_of(ev),
+                                                        page.read_up_to)))
+        next_token = str(page.rows[-1].stream_ordering) if page.more and page.rows else None
+        return out, next_token
+
+    # -- retention by age -----------------------------------------------------------
+    def start(self) -> None:
+        if self._first is not None or self._loop is not None:
+            return
+        clock = self.clock
+        if clock is None:
+            from zhome.util.reactor import reactor
+
+            clock = reactor
+        self._first = clock.callLater(FIRST_EXPIRY_DELAY_S, self._begin)
+
+    def _begin(self) -> None:
+        self._first = None
+        self._loop = task.LoopingCall(self._tick)
+        if self.clock is not None:
+            self._loop.clock = self.clock
+        self._loop_done = self._loop.start(EXPIRY_INTERVAL_S, now=True)
+        self._loop_done.addErrback(lambda f: logger.error("notification expiry stopped: %s", f.getTraceback()))
+
+    def _tick(self) -> defer.Deferred[int]:
+        return defer.ensureDeferred(self.expire_once())
+
+    async def expire_once(self) -> int:
+        """Delete notifications older than the age limit; never raises."""
+        try:
+            return await self.store.delete_older_than(int(time.time() * 1000) - self.max_age_ms)
+        except DatabaseClosedError:
+            return 0
+        except Exception:
+            logger.exception("expiring notifications failed")
+            return 0
+
+    async def stop(self) -> None:
+        """Stop the expiry passes and wait for a running pass and trims."""
+        if self._first is not None:
+            if self._first.active():
+                self._first.cancel()
+            self._first = None
+        loop, done = self._loop, self._loop_done
+        self._loop = self._loop_done = None
+        if loop is not None and done is not None:
+            if loop.running:
+                loop.stop()
+            await done
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Wait for the trims started so far."""
+        for d in list(self._trimming.values()):
+            await d

@@ -1,0 +1,140 @@
+"""The notification log: the events each local user was notified about.
+
+Spec: client-server-api "Push Notifications" → "Listing Notifications".
+Rows are written inside the transaction that persists the event
+(``insert_txn``), read a page at a time from the newest down, and removed
+by the retention passes of ``zhome.push.notifications``. Whether a row is
+read is never stored: ``get_page`` returns the user's read receipt
+positions with the rows so the caller can tell.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from zhome.storage.database import Database, Txn, in_chunks
+
+# Receipt types that mark events as read ("Receipts": m.read and its
+# private twin move the same read-up-to mark).
+_READ_RECEIPT_TYPES = ("m.read", "m.read.private")
+
+# (user_id, room_id, event_id, stream_ordering, ts, actions JSON, highlight 0/1)
+NotificationInsert = tuple[str, str, str, int, int, str, int]
+
+
+@dataclass(frozen=True)
+class StoredNotification:
+    room_id: str
+    event_id: str
+    stream_ordering: int
+    ts: int
+    actions: list[Any]
+    highlight: bool
+
+
+@dataclass(frozen=True)
+class NotificationPage:
+    rows: list[StoredNotification]
+    # Whether rows older than the last one exist (for ``next_token``).
+    more: bool
+    # (room_id, thread_id) -> the stream position of the newest event the
+    # user's read receipts point at; thread_id "" is an unthreaded receipt.
+    read_up_to: dict[tuple[str, str], int]
+
+
+class NotificationsStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @staticmethod
+    def insert_txn(txn: Txn, rows: Sequence[NotificationInsert]) -> None:
+        if rows:
+            txn.executemany(
+                "INSERT INTO user_notifications (user_id, room_id, event_id, stream_ordering, ts, actions, highlight)"
+                " VALUES (?,?,?,?,?,?,?)",
+                rows,
+            )
+
+    async def get_page(self, user_id: str, before: Optional[int], limit: int,
+                       only_highlight: bool) -> NotificationPage:
+        """Up to ``limit`` of the user's notifications below stream position
+        ``before`` (all when None), newest first."""
+
+        def txn_fn(txn: Txn) -> NotificationPage:
+            sql = ("SELECT room_id, event_id, stream_ordering, ts, actions, highlight FROM user_notifications"
+                   " WHERE user_id = ?")
+            params: list[Any] = [user_id]
+            if before is not None:
+                sql += " AND stream_ordering < ?"
+                params.append(before)
+            if only_highlight:
+                sql += " AND highlight = 1"
+            # One extra row tells whether another page follows.
+            sql += " ORDER BY stream_ordering DESC LIMIT ?"
+            params.append(limit + 1)
+            txn.execute(sql, params)
+            fetched = txn.fetchall()
+            rows = [
+                StoredNotification(room_id, event_id, int(so), int(ts), _actions(actions), bool(highlight))
+                for room_id, event_id, so, ts, actions, highlight in fetched[:limit]
+            ]
+            read_up_to: dict[tuple[str, str], int] = {}
+            rooms = sorted({r.room_id for r in rows})
+            for chunk, qs in in_chunks(rooms):
+                txn.execute(
+                    "SELECT r.room_id, r.thread_id, MAX(e.stream_ordering) FROM receipts r"
+                    " JOIN events e ON e.event_id = r.event_id"
+                    f" WHERE r.room_id IN ({qs}) AND r.user_id = ? AND r.receipt_type IN (?, ?)"
+                    " GROUP BY r.room_id, r.thread_id",
+                    (*chunk, user_id, *_READ_RECEIPT_TYPES),
+                )
+                for room_id, thread_id, so in txn.fetchall():
+                    if so is not None:
+                        read_up_to[(room_id, thread_id)] = int(so)
+            return NotificationPage(rows, len(fetched) > limit, read_up_to)
+
+        return await self.db.run_interaction("get_notifications", txn_fn)
+
+    async def trim_user(self, user_id: str, keep: int) -> int:
+        """Delete all but the user's ``keep`` (at least 1) newest
+        notifications; returns how many went."""
+
+        def txn_fn(txn: Txn) -> int:
+            # The oldest position to keep, found on the (user, position) index.
+            txn.execute(
+                "SELECT stream_ordering FROM user_notifications WHERE user_id = ?"
+                " ORDER BY stream_ordering DESC LIMIT 1 OFFSET ?",
+                (user_id, max(keep, 1) - 1),
+            )
+            row = txn.fetchone()
+            if row is None:
+                return 0
+            txn.execute("DELETE FROM user_notifications WHERE user_id = ? AND stream_ordering < ?",
+                        (user_id, int(row[0])))
+            return txn.rowcount
+
+        return await self.db.run_interaction("trim_notifications", txn_fn)
+
+    async def delete_older_than(self, ts: int) -> int:
+        """Delete every notification recorded before ``ts`` (ms); returns how many went."""
+
+        def txn_fn(txn: Txn) -> int:
+            txn.execute("DELETE FROM user_notifications WHERE ts < ?", (ts,))
+            return txn.rowcount
+
+        return await self.db.run_interaction("expire_notifications", txn_fn)
+
+    async def count_for_user(self, user_id: str) -> int:
+        rows = await self.db.execute("count_notifications",
+                                     "SELECT COUNT(*) FROM user_notifications WHERE user_id = ?", user_id)
+        return int(rows[0][0]) if rows else 0
+
+
+def _actions(text: str) -> list[Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
