@@ -18,10 +18,12 @@ any thread belong to ``main`` ("Threaded read receipts").
 Retention: a user keeps at most ``MAX_PER_USER`` (1000) notifications and
 none older than ``MAX_AGE_MS`` (30 days).
 
-- The count: after every ``TRIM_EVERY`` (100) new notifications of a user
+- The count: after every ``TRIM_EVERY`` (500) new notifications of a user
   their oldest beyond the cap are deleted, after the event's commit and not
-  awaited by the send. The counter lives in memory: a restart only delays a
-  trim by at most ``TRIM_EVERY`` rows.
+  awaited by the send; the users due are trimmed together, one transaction
+  per batch of them (a message into a big room notifies hundreds at once).
+  So a user holds at most ``MAX_PER_USER + TRIM_EVERY`` rows. The counter
+  lives in memory: a restart only delays a trim.
 - The age: a pass a minute after start-up, then hourly, deletes the rows
   past the age over the ``ts`` index; each pass only meets the rows that
   aged out since the one before.
@@ -47,7 +49,8 @@ logger = logging.getLogger(__name__)
 
 MAX_PER_USER = 1000
 MAX_AGE_MS = 30 * 24 * 3600 * 1000
-TRIM_EVERY = 100
+TRIM_EVERY = 500
+TRIM_BATCH = 200
 EXPIRY_INTERVAL_S = 3600.0
 FIRST_EXPIRY_DELAY_S = 60.0
 
@@ -96,7 +99,9 @@ class NotificationLog:
         self.clock = clock
         # New notifications per user since their last trim.
         self._since_trim: dict[str, int] = {}
-        self._trimming: dict[str, defer.Deferred[None]] = {}
+        # Users whose trim is due, and the run trimming them.
+        self._due: set[str] = set()
+        self._trim_run: Optional[defer.Deferred[None]] = None
         self._first: Any = None
         self._loop: Optional[task.LoopingCall] = None
         self._loop_done: Optional[defer.Deferred[task.LoopingCall]] = None
@@ -108,11 +113,16 @@ class NotificationLog:
             return
         ev = item.event
         now = int(time.time() * 1000)
-        rows: list[NotificationInsert] = [
-            (user_id, ev.room_id, ev.event_id, item.stream_ordering, now,
-             json.dumps(actions, separators=(",", ":")), int(actions_highlight(actions)))
-            for user_id, actions in item.push_actions.items()
-        ]
+        # Members without rules of their own share their actions' list:
+        # encode each distinct list once.
+        encoded: dict[int, tuple[str, int]] = {}
+        rows: list[NotificationInsert] = []
+        for user_id, actions in item.push_actions.items():
+            enc = encoded.get(id(actions))
+            if enc is None:
+                enc = encoded[id(actions)] = (json.dumps(actions, separators=(",", ":")),
+                                              int(actions_highlight(actions)))
+            rows.append((user_id, ev.room_id, ev.event_id, item.stream_ordering, now, enc[0], enc[1]))
         self.store.insert_txn(txn, rows)
 
     def after_persist(self, item: PersistItem) -> None:
@@ -121,25 +131,30 @@ class NotificationLog:
             return
         for user_id in item.push_actions:
             n = self._since_trim.get(user_id, 0) + 1
-            if n >= self.trim_every and user_id not in self._trimming:
+            if n >= self.trim_every:
                 self._since_trim[user_id] = 0
-                d = defer.ensureDeferred(self._trim(user_id))
-                if not d.called:
-                    # Still running: _trim removes it when done.
-                    self._trimming[user_id] = d
+                self._due.add(user_id)
             else:
                 self._since_trim[user_id] = n
+        if self._due and self._trim_run is None:
+            run = defer.ensureDeferred(self._trim_due())
+            if not run.called:
+                self._trim_run = run
 
-    async def _trim(self, user_id: str) -> None:
+    async def _trim_due(self) -> None:
         try:
-            await self.store.trim_user(user_id, self.max_per_user)
-        except DatabaseClosedError:
-            pass
-        except Exception:
-            # Retried at the user's next TRIM_EVERY notifications.
-            logger.exception("trimming notifications failed")
+            while self._due:
+                users = sorted(self._due)[:TRIM_BATCH]
+                self._due.difference_update(users)
+                try:
+                    await self.store.trim_users(users, self.max_per_user)
+                except DatabaseClosedError:
+                    return
+                except Exception:
+                    # Retried at these users' next TRIM_EVERY notifications.
+                    logger.exception("trimming notifications failed")
         finally:
-            self._trimming.pop(user_id, None)
+            self._trim_run = None
 
     # -- listing ------------------------------------------------------------------
     async def get_page(self, user_id: str, before: Optional[int], limit: int,
@@ -207,5 +222,8 @@ class NotificationLog:
 
     async def flush(self) -> None:
         """Wait for the trims started so far."""
-        for d in list(self._trimming.values()):
-            await d
+        for _ in range(1000):
+            run = self._trim_run
+            if run is None:
+                return
+            await run

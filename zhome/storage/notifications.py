@@ -100,20 +100,27 @@ class NotificationsStore:
     async def trim_user(self, user_id: str, keep: int) -> int:
         """Delete all but the user's ``keep`` (at least 1) newest
         notifications; returns how many went."""
+        return await self.trim_users([user_id], keep)
+
+    async def trim_users(self, user_ids: Sequence[str], keep: int) -> int:
+        """``trim_user`` for each of ``user_ids``, in one transaction."""
 
         def txn_fn(txn: Txn) -> int:
-            # The oldest position to keep, found on the (user, position) index.
-            txn.execute(
-                "SELECT stream_ordering FROM user_notifications WHERE user_id = ?"
-                " ORDER BY stream_ordering DESC LIMIT 1 OFFSET ?",
-                (user_id, max(keep, 1) - 1),
-            )
-            row = txn.fetchone()
-            if row is None:
-                return 0
-            txn.execute("DELETE FROM user_notifications WHERE user_id = ? AND stream_ordering < ?",
-                        (user_id, int(row[0])))
-            return txn.rowcount
+            removed = 0
+            for user_id in user_ids:
+                # The oldest position to keep, found on the (user, position) index.
+                txn.execute(
+                    "SELECT stream_ordering FROM user_notifications WHERE user_id = ?"
+                    " ORDER BY stream_ordering DESC LIMIT 1 OFFSET ?",
+                    (user_id, max(keep, 1) - 1),
+                )
+                row = txn.fetchone()
+                if row is None:
+                    continue
+                txn.execute("DELETE FROM user_notifications WHERE user_id = ? AND stream_ordering < ?",
+                            (user_id, int(row[0])))
+                removed += txn.rowcount
+            return removed
 
         return await self.db.run_interaction("trim_notifications", txn_fn)
 
