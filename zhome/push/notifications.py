@@ -18,12 +18,14 @@ any thread belong to ``main`` ("Threaded read receipts").
 Retention: a user keeps at most ``MAX_PER_USER`` (1000) notifications and
 none older than ``MAX_AGE_MS`` (30 days).
 
-- The count: after every ``TRIM_EVERY`` (500) new notifications of a user
+- The count: after every ``TRIM_EVERY`` (100) new notifications of a user
   their oldest beyond the cap are deleted, after the event's commit and not
-  awaited by the send; the users due are trimmed together, one transaction
-  per batch of them (a message into a big room notifies hundreds at once).
-  So a user holds at most ``MAX_PER_USER + TRIM_EVERY`` rows. The counter
-  lives in memory: a restart only delays a trim.
+  awaited by the send. A message into a big room makes hundreds of users due
+  at once: they are trimmed one after another, one short transaction each
+  and never two at a time, so other work on the database interleaves with
+  them instead of queueing behind them all. A user holds at most about
+  ``MAX_PER_USER + TRIM_EVERY`` rows. The counter lives in memory: a
+  restart only delays a trim.
 - The age: a pass a minute after start-up, then hourly, deletes the rows
   past the age over the ``ts`` index; each pass only meets the rows that
   aged out since the one before.
@@ -49,8 +51,7 @@ logger = logging.getLogger(__name__)
 
 MAX_PER_USER = 1000
 MAX_AGE_MS = 30 * 24 * 3600 * 1000
-TRIM_EVERY = 500
-TRIM_BATCH = 200
+TRIM_EVERY = 100
 EXPIRY_INTERVAL_S = 3600.0
 FIRST_EXPIRY_DELAY_S = 60.0
 
@@ -144,10 +145,10 @@ class NotificationLog:
     async def _trim_due(self) -> None:
         try:
             while self._due:
-                users = sorted(self._due)[:TRIM_BATCH]
-                self._due.difference_update(users)
+                user_id = min(self._due)
+                self._due.discard(user_id)
                 try:
-                    await self.store.trim_users(users, self.max_per_user)
+                    await self.store.trim_user(user_id, self.max_per_user)
                 except DatabaseClosedError:
                     return
                 except Exception:
