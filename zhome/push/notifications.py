@@ -21,9 +21,10 @@ none older than ``MAX_AGE_MS`` (30 days).
 - The count: after every ``TRIM_EVERY`` (100) new notifications of a user
   their oldest beyond the cap are deleted, after the event's commit and not
   awaited by the send. A message into a big room makes hundreds of users due
-  at once: they are trimmed one after another, one short transaction each
-  and never two at a time, so other work on the database interleaves with
-  them instead of queueing behind them all. A user holds at most about
+  at once: they are trimmed ``TRIM_DELAY_S`` after the first of them fell
+  due (so a burst of messages is not slowed by its own clean-up), one after
+  another, one short transaction each and never two at a time, so other
+  work on the database interleaves with them. A user holds at most about
   ``MAX_PER_USER + TRIM_EVERY`` rows. The counter lives in memory: a
   restart only delays a trim.
 - The age: a pass a minute after start-up, then hourly, deletes the rows
@@ -52,6 +53,7 @@ logger = logging.getLogger(__name__)
 MAX_PER_USER = 1000
 MAX_AGE_MS = 30 * 24 * 3600 * 1000
 TRIM_EVERY = 100
+TRIM_DELAY_S = 30.0
 EXPIRY_INTERVAL_S = 3600.0
 FIRST_EXPIRY_DELAY_S = 60.0
 
@@ -102,6 +104,7 @@ class NotificationLog:
         self._since_trim: dict[str, int] = {}
         # Users whose trim is due, and the run trimming them.
         self._due: set[str] = set()
+        self._trim_timer: Any = None
         self._trim_run: Optional[defer.Deferred[None]] = None
         self._first: Any = None
         self._loop: Optional[task.LoopingCall] = None
@@ -137,6 +140,18 @@ class NotificationLog:
                 self._due.add(user_id)
             else:
                 self._since_trim[user_id] = n
+        if self._due and self._trim_run is None and self._trim_timer is None:
+            self._trim_timer = self._clock().callLater(TRIM_DELAY_S, self._start_trims)
+
+    def _clock(self) -> Any:
+        if self.clock is not None:
+            return self.clock
+        from zhome.util.reactor import reactor
+
+        return reactor
+
+    def _start_trims(self) -> None:
+        self._trim_timer = None
         if self._due and self._trim_run is None:
             run = defer.ensureDeferred(self._trim_due())
             if not run.called:
@@ -219,10 +234,22 @@ class NotificationLog:
             if loop.running:
                 loop.stop()
             await done
-        await self.flush()
+        # Trims not started yet are left for the next start (the counts are
+        # the cap's business, not shutdown's); a running one is waited for.
+        timer, self._trim_timer = self._trim_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._due.clear()
+        run = self._trim_run
+        if run is not None:
+            await run
 
     async def flush(self) -> None:
-        """Wait for the trims started so far."""
+        """Run the trims due now, and wait for them."""
+        timer, self._trim_timer = self._trim_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._start_trims()
         for _ in range(1000):
             run = self._trim_run
             if run is None:
