@@ -18,18 +18,17 @@ any thread belong to ``main`` ("Threaded read receipts").
 Retention: a user keeps at most ``MAX_PER_USER`` (1000) notifications and
 none older than ``MAX_AGE_MS`` (30 days).
 
-- The count: after every ``TRIM_EVERY`` (100) new notifications of a user
-  their oldest beyond the cap are deleted, after the event's commit and not
-  awaited by the send. A message into a big room makes hundreds of users due
-  at once: they are trimmed ``TRIM_DELAY_S`` after the first of them fell
-  due (so a burst of messages is not slowed by its own clean-up), one after
-  another, one short transaction each and never two at a time, so other
-  work on the database interleaves with them. A user holds at most about
-  ``MAX_PER_USER + TRIM_EVERY`` rows. The counter lives in memory: a
-  restart only delays a trim.
-- The age: a pass a minute after start-up, then hourly, deletes the rows
-  past the age over the ``ts`` index; each pass only meets the rows that
-  aged out since the one before.
+- The count: a user who got ``TRIM_EVERY`` (100) new notifications since
+  their last trim is due; the periodic pass below trims the due users, one
+  short transaction each with a pause between them, so the database keeps
+  serving everything else meanwhile (a message into a big room makes
+  hundreds of users due at once; trimming them right away slowed sends and
+  federation several times over). A user so holds at most
+  ``MAX_PER_USER`` plus what arrived since the last pass. The counter lives
+  in memory: after a restart a user is due again after ``TRIM_EVERY`` more.
+- The age: the same pass, a minute after start-up and then every
+  ``EXPIRY_INTERVAL_S``, deletes the rows past the age over the ``ts``
+  index; each pass only meets the rows that aged out since the one before.
 """
 
 from __future__ import annotations
@@ -53,8 +52,8 @@ logger = logging.getLogger(__name__)
 MAX_PER_USER = 1000
 MAX_AGE_MS = 30 * 24 * 3600 * 1000
 TRIM_EVERY = 100
-TRIM_DELAY_S = 30.0
-EXPIRY_INTERVAL_S = 3600.0
+TRIM_PAUSE_S = 0.01
+EXPIRY_INTERVAL_S = 900.0
 FIRST_EXPIRY_DELAY_S = 60.0
 
 
@@ -104,7 +103,6 @@ class NotificationLog:
         self._since_trim: dict[str, int] = {}
         # Users whose trim is due, and the run trimming them.
         self._due: set[str] = set()
-        self._trim_timer: Any = None
         self._trim_run: Optional[defer.Deferred[None]] = None
         self._first: Any = None
         self._loop: Optional[task.LoopingCall] = None
@@ -140,8 +138,6 @@ class NotificationLog:
                 self._due.add(user_id)
             else:
                 self._since_trim[user_id] = n
-        if self._due and self._trim_run is None and self._trim_timer is None:
-            self._trim_timer = self._clock().callLater(TRIM_DELAY_S, self._start_trims)
 
     def _clock(self) -> Any:
         if self.clock is not None:
@@ -150,16 +146,20 @@ class NotificationLog:
 
         return reactor
 
-    def _start_trims(self) -> None:
-        self._trim_timer = None
+    def _start_trims(self, pause: float = TRIM_PAUSE_S) -> Optional[defer.Deferred[None]]:
         if self._due and self._trim_run is None:
-            run = defer.ensureDeferred(self._trim_due())
+            run = defer.ensureDeferred(self._trim_due(pause))
             if not run.called:
                 self._trim_run = run
+        return self._trim_run
 
-    async def _trim_due(self) -> None:
+    async def _trim_due(self, pause: float) -> None:
         try:
+            first = True
             while self._due:
+                if not first and pause > 0:
+                    await task.deferLater(self._clock(), pause, lambda: None)
+                first = False
                 user_id = min(self._due)
                 self._due.discard(user_id)
                 try:
@@ -213,17 +213,26 @@ class NotificationLog:
         return defer.ensureDeferred(self.expire_once())
 
     async def expire_once(self) -> int:
-        """Delete notifications older than the age limit; never raises."""
+        """Delete notifications older than the age limit, then trim the
+        users due; never raises. Returns how many expired."""
         try:
-            return await self.store.delete_older_than(int(time.time() * 1000) - self.max_age_ms)
+            expired = await self.store.delete_older_than(int(time.time() * 1000) - self.max_age_ms)
         except DatabaseClosedError:
             return 0
         except Exception:
             logger.exception("expiring notifications failed")
-            return 0
+            expired = 0
+        run = self._start_trims()
+        if run is not None:
+            await run
+        return expired
 
     async def stop(self) -> None:
-        """Stop the expiry passes and wait for a running pass and trims."""
+        """Stop the expiry passes and wait for a running pass and trim."""
+        # Trims not started yet are left for the next start (the counts are
+        # the cap's business, not shutdown's): a running pass ends after the
+        # user it is trimming.
+        self._due.clear()
         if self._first is not None:
             if self._first.active():
                 self._first.cancel()
@@ -234,22 +243,13 @@ class NotificationLog:
             if loop.running:
                 loop.stop()
             await done
-        # Trims not started yet are left for the next start (the counts are
-        # the cap's business, not shutdown's); a running one is waited for.
-        timer, self._trim_timer = self._trim_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-        self._due.clear()
         run = self._trim_run
         if run is not None:
             await run
 
     async def flush(self) -> None:
-        """Run the trims due now, and wait for them."""
-        timer, self._trim_timer = self._trim_timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-        self._start_trims()
+        """Run the trims due now (without pauses), and wait for them."""
+        self._start_trims(pause=0)
         for _ in range(1000):
             run = self._trim_run
             if run is None:
