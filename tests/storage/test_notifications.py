@@ -112,6 +112,12 @@ async def test_count_retention(tmp_path: Path, db_config: tuple[str, dict[str, A
     sent.append(await _say(hs, room_id, "third"))
     await log.flush()
     assert [r[0] for r in await _rows(hs, BOB)] == sent[-5:]
+    # Sends alone never trim: the periodic pass does.
+    for i in range(3):
+        sent.append(await _say(hs, room_id, f"late{i}"))
+    assert len(await _rows(hs, BOB)) == 8
+    await log.expire_once()
+    assert [r[0] for r in await _rows(hs, BOB)] == sent[-5:]
     # Trimming one user leaves the others alone.
     await _say(hs, room_id, "from bob", sender=BOB)
     assert await hs.notification_log.store.trim_user(BOB, 2) == 3
