@@ -142,8 +142,17 @@ class Txn:
         self._cursor.execute(self._convert(sql), tuple(params))
 
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> None:
-        """Run one statement once per parameter sequence."""
-        self._cursor.executemany(self._convert(sql), [tuple(p) for p in seq])
+        """Run one statement once per parameter sequence (``rowcount`` is
+        then undefined)."""
+        rows = [tuple(p) for p in seq]
+        if self.engine == ENGINE_POSTGRES and len(rows) > 1:
+            # psycopg2's executemany makes one round trip per row; this
+            # sends them in pages of statements.
+            import psycopg2.extras
+
+            psycopg2.extras.execute_batch(self._cursor, self._convert(sql), rows, page_size=200)
+            return
+        self._cursor.executemany(self._convert(sql), rows)
 
     def _execute_raw(self, sql: str) -> None:
         # For schema files: no parameters, so no placeholder conversion and
