@@ -53,6 +53,13 @@ class StorageBackend(abc.ABC):
         self.write(name, produce)
 
 
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _link_unnamed(fd: int, path: str) -> bool:
     """Give the unnamed file ``fd`` (O_TMPFILE) the name ``path``; False if
     this system does not allow it (then the caller copies)."""
@@ -85,23 +92,33 @@ class FileSystemBackend(StorageBackend):
     def _path(self, name: str) -> str:
         return os.path.join(self.root, *check_name(name).split("/"))
 
-    def write(self, name: str, produce: Callable[[BinaryIO], None]) -> None:
+    def _directory_of(self, name: str) -> tuple[str, str]:
         path = self._path(name)
         directory = os.path.dirname(path)
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        return path, directory
+
+    @staticmethod
+    def _publish(tmp: str, path: str) -> None:
+        """Rename the complete file ``tmp`` to ``path``; ``tmp`` goes on failure."""
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+
+    def write(self, name: str, produce: Callable[[BinaryIO], None]) -> None:
+        path, directory = self._directory_of(name)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_")
         try:
             with os.fdopen(fd, "wb") as f:
                 produce(f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            _remove_quietly(tmp)
             raise
+        self._publish(tmp, path)
 
     def open(self, name: str) -> BinaryIO:
         return open(self._path(name), "rb")
@@ -109,23 +126,14 @@ class FileSystemBackend(StorageBackend):
     def store_staged(self, staging: BinaryIO, name: str) -> None:
         # The staging file is an unnamed file (O_TMPFILE) in the store: give
         # it a name instead of copying it, when the system allows that.
-        path = self._path(name)
-        directory = os.path.dirname(path)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        path, directory = self._directory_of(name)
         staging.flush()
         os.fsync(staging.fileno())
         tmp = os.path.join(directory, f".tmp_{os.urandom(8).hex()}")
         if not _link_unnamed(staging.fileno(), tmp):
             super().store_staged(staging, name)
             return
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        self._publish(tmp, path)
 
     def staging_file(self) -> BinaryIO:
         # On the store's own filesystem (/tmp may be small or in memory), and
