@@ -248,7 +248,7 @@ class HomeServer:
         for listener in self.config.listeners:
             if listener.type == "metrics":
                 root: Resource = Resource()
-                # A WSGIResource: provides IResource, which mypy cannot see
+                # A Resource provides IResource, which mypy cannot see
                 # through zope's @implementer.
                 root.putChild(b"metrics", cast(IResource, _MetricsResource()))
                 site = Site(root)
@@ -270,13 +270,22 @@ class HomeServer:
                     ", TLS" if listener.tls else "", ", ".join(listener.resources),
                 )
 
-    async def stop(self) -> None:
-        if self.federation_sender is not None:
+    async def stop_background(self) -> None:
+        """Stop the background work: outbound federation, media clean-up and
+        notification expiry. Never raises."""
+        if getattr(self, "federation_sender", None) is not None:
             self.federation_sender.stop()
-        if self.media_cleaner is not None:
-            await self.media_cleaner.stop()
-        if getattr(self, "notification_log", None) is not None:
-            await self.notification_log.stop()
+        for what, part in (("media cleanup", self.media_cleaner),
+                           ("notification expiry", getattr(self, "notification_log", None))):
+            if part is None:
+                continue
+            try:
+                await part.stop()
+            except Exception:
+                logger.exception("stopping %s failed", what)
+
+    async def stop(self) -> None:
+        await self.stop_background()
         for p in self.listening_ports:
             await p.stopListening()
         await self.db.close()
@@ -370,18 +379,7 @@ def run(config: HomeserverConfig) -> int:
             reactor.stop()
 
     async def shutdown() -> None:
-        if getattr(hs, "federation_sender", None) is not None:
-            hs.federation_sender.stop()
-        try:
-            if hs.media_cleaner is not None:
-                await hs.media_cleaner.stop()
-        except Exception:
-            logger.exception("stopping media cleanup failed")
-        try:
-            if getattr(hs, "notification_log", None) is not None:
-                await hs.notification_log.stop()
-        except Exception:
-            logger.exception("stopping notification expiry failed")
+        await hs.stop_background()
         try:
             await hs.db.close()
         except Exception:
