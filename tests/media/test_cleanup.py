@@ -54,12 +54,6 @@ class FakeFederation:
 
     async def open_get(self, server_name: str, path: str, query: Any = None, **kw: Any) -> Any:
         from tests.media.remote_fakes import BytesResponse
-
-        content_type, body = await self.get_bytes(server_name, path, query)
-        return BytesResponse(content_type, body)
-
-    async def get_bytes(self, server_name: str, path: str, query: Any = None, timeout: float = 0,
-                        max_size: int = 0) -> tuple[str, bytes]:
         from zhome.federation.transport import FederationHttpError
 
         self.requests.append(path)
@@ -69,7 +63,7 @@ class FakeFederation:
             raise FederationHttpError(404, "M_NOT_FOUND", {"errcode": "M_NOT_FOUND"})
         content_type = "image/png" if data.startswith(b"\x89PNG") else "application/octet-stream"
         head, tail = multipart.framing("b0undary", content_type, None)
-        return "multipart/mixed; boundary=b0undary", head + data + tail
+        return BytesResponse("multipart/mixed; boundary=b0undary", head + data + tail)
 
 
 def _repo(database: Database, tmp_path: Path, clock: Clock, federation: FakeFederation | None = None,

@@ -214,8 +214,8 @@ class _Discard(Protocol):
 
 
 class RemoteResponse:
-    """A 2xx answer whose body is still to come: ``read_into`` it (or ``read_all``),
-    or ``abort`` it; one of them exactly once."""
+    """A 2xx answer whose body is still to come: ``read_into`` it or ``abort``
+    it, one of them exactly once."""
 
     def __init__(self, client: "FederationClient", response: Any, destination: str, path: str, tls_name: str,
                  start: float, timeout: float) -> None:
@@ -270,15 +270,6 @@ class RemoteResponse:
         except Exception as e:
             self._client._log("GET", self._destination, self._path, "failed", self._start)
             raise FederationUnreachable(f"GET {where}: {_failure_text(e, self._tls_name)}") from None
-
-    async def read_all(self, max_size: int) -> bytes:
-        buffer = io.BytesIO()
-
-        def write(data: bytes) -> None:
-            buffer.write(data)
-
-        await self.read_into(write, max_size)
-        return buffer.getvalue()
 
 
 # ---------------------------------------------------------------------------
@@ -441,19 +432,6 @@ class FederationClient:
         return await self.request_json("POST", destination, path, query=query, body=body, signed=signed,
                                        timeout=timeout)
 
-    async def get_bytes(
-        self, destination: str, path: str, query: dict[str, Any] | None = None, *,
-        signed: bool = True, timeout: float = 60, max_size: int | None = None,
-    ) -> tuple[str, bytes]:
-        """A signed GET whose 2xx body is not JSON (media): (Content-Type, body).
-
-        Non-2xx answers raise FederationHttpError as for JSON requests; a body
-        over ``max_size`` (default max_response_size) FederationResponseTooLarge.
-        """
-        response = await self.open_get(destination, path, query, signed=signed, timeout=timeout)
-        body = await response.read_all(self.max_response_size if max_size is None else max_size)
-        return response.content_type, body
-
     async def open_get(
         self, destination: str, path: str, query: dict[str, Any] | None = None, *,
         signed: bool = True, timeout: float = 60, follow_redirects: int = 0,
@@ -495,13 +473,6 @@ class FederationClient:
             b"User-Agent": [self.user_agent],
         })
         return uri, resolved, headers, start
-
-    async def get_url_bytes(self, url: str, *, timeout: float = 60, max_size: int | None = None) -> tuple[str, bytes]:
-        """An unsigned GET of an https:// URL (a media Location redirect), to
-        checked addresses only: (Content-Type, body)."""
-        response = await self.open_url(url, timeout=timeout)
-        body = await response.read_all(self.max_response_size if max_size is None else max_size)
-        return response.content_type, body
 
     async def open_url(self, url: str, *, timeout: float = 60, follow_redirects: int = 0) -> RemoteResponse:
         """An unsigned GET of an https:// URL (a media Location redirect), to
