@@ -56,5 +56,9 @@ def too_large(msg: str) -> MatrixError:
     return MatrixError(413, "M_TOO_LARGE", msg)
 
 
+def not_yet_uploaded() -> MatrixError:
+    return MatrixError(504, "M_NOT_YET_UPLOADED", "Content has not yet been uploaded")
+
+
 def limit_exceeded(retry_after_ms: int) -> MatrixError:
     return MatrixError(429, "M_LIMIT_EXCEEDED", "Too many requests", retry_after_ms=retry_after_ms)

@@ -18,29 +18,27 @@ size limit ends the transfer with ``M_TOO_LARGE`` and nothing is kept.
 from __future__ import annotations
 
 import logging
-import shutil
 from typing import TYPE_CHECKING, BinaryIO, Optional
 from urllib.parse import quote
 
 from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
-from zhome.http.errors import MatrixError, not_found
+from zhome.http.errors import MatrixError, not_found, not_yet_uploaded
 from zhome.media import crypto, multipart
 from zhome.media.backend import StorageBackend
+from zhome.media.thumbnailer import SNIFF_BYTES
 
 if TYPE_CHECKING:
     from zhome.federation.transport import FederationClient, RemoteResponse
 
 logger = logging.getLogger(__name__)
 
-SNIFF_BYTES = 512
 # Encrypt and write arriving bytes in batches of about this size, and pause
 # the sender while this much more waits for the disk.
 BATCH_BYTES = 256 * 1024
 HIGH_WATER_BYTES = 1024 * 1024
 MAX_REDIRECTS = 5
-COPY_CHUNK = 1024 * 1024
 
 
 class MediaTooLarge(Exception):
@@ -171,7 +169,6 @@ class ReceivedMedia:
     def _store_blocking(self, name: str) -> None:
         staging = self._staging
         assert staging is not None and self._encryptor is not None
-
         self.backend.store_staged(staging, name)
 
 
@@ -264,7 +261,7 @@ def _as_matrix_error(e: Exception, server_name: str) -> Exception:
         if e.status == 404:
             return not_found("Media not found on the remote server")
         if e.status == 504 and e.errcode == "M_NOT_YET_UPLOADED":
-            return MatrixError(504, "M_NOT_YET_UPLOADED", "Content has not yet been uploaded")
+            return not_yet_uploaded()
         if e.errcode == "M_TOO_LARGE":
             return too_large_remote()
         if e.status == 400 and e.errcode:

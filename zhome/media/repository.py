@@ -22,19 +22,18 @@ from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 
 from zhome.config import MediaConfig, ThumbnailSize
-from zhome.http.errors import MatrixError, forbidden, not_found, too_large
+from zhome.http.errors import MatrixError, forbidden, not_found, not_yet_uploaded, too_large
 from zhome.media import crypto, remote
 from zhome.media.backend import StorageBackend
 from zhome.media.headers import normalise_content_type, sanitise_filename
 from zhome.media.store import MediaInfo, MediaStore, ThumbnailInfo
 from zhome.media.upload_sink import EncryptingUpload
-from zhome.media.thumbnailer import THUMBNAILABLE, ImageTooLarge, Thumbnail, ThumbnailError, make_thumbnail, \
-    decode_still, render, sniff_content_type
+from zhome.media.thumbnailer import SNIFF_BYTES, THUMBNAILABLE, ImageTooLarge, Thumbnail, ThumbnailError, \
+    decode_still, make_thumbnail, render, sniff_content_type
 
 logger = logging.getLogger(__name__)
 
 KEY_CHECK = "media_key_check"
-SNIFF_BYTES = 512
 MAX_TIMEOUT_MS = 60_000
 DEFAULT_TIMEOUT_MS = 20_000
 
@@ -47,10 +46,6 @@ def new_media_id() -> str:
 def new_storage_name(kind: str) -> str:
     h = secrets.token_hex(16)
     return f"{kind}/{h[:2]}/{h[2:4]}/{h[4:]}"
-
-
-def not_yet_uploaded() -> MatrixError:
-    return MatrixError(504, "M_NOT_YET_UPLOADED", "Content has not yet been uploaded")
 
 
 @dataclass(frozen=True)
@@ -407,15 +402,20 @@ class MediaRepository:
         row = ThumbnailInfo(info.origin, info.media_id, size.width, size.height, size.method, animated,
                             thumb.content_type, len(thumb.data), name, self.keys.current.key_id, wrapped,
                             self.now_ms())
-        if not await self.store.insert_thumbnail(row, of_stored_media=True):
-            # Made meanwhile by another request, or the media was deleted.
-            await self._delete_files([name])
-            existing = await self.store.get_thumbnail(info.origin, info.media_id, size.width, size.height,
-                                                      size.method, animated)
-            if existing is None:
-                raise not_found("Media not found")
-            return self.servable(existing)
-        return self.servable(row)
+        return await self._insert_thumbnail(row, of_stored_media=True)
+
+    async def _insert_thumbnail(self, row: ThumbnailInfo, of_stored_media: bool) -> Servable:
+        """Record a stored thumbnail file. When an equal one was recorded
+        meanwhile by another request, that one is served and this file goes;
+        so does it when the media was deleted meanwhile (M_NOT_FOUND)."""
+        if await self.store.insert_thumbnail(row, of_stored_media=of_stored_media):
+            return self.servable(row)
+        await self._delete_files([row.storage_name])
+        existing = await self.store.get_thumbnail(row.origin, row.media_id, row.width, row.height, row.method,
+                                                  row.animated)
+        if existing is None:
+            raise not_found("Media not found")
+        return self.servable(existing)
 
     def _thumbnails_after_upload(self, origin: str, media_id: str, sniffed: Optional[str]) -> None:
         if not self.config.thumbnails_on_upload or sniffed not in THUMBNAILABLE:
@@ -485,15 +485,7 @@ class MediaRepository:
         row = ThumbnailInfo(server_name, media_id, size.width, size.height, size.method, animated, content_type,
                             received.size, name, self.keys.current.key_id,
                             self.keys.current.wrap(received.file_key), self.now_ms())
-        if not await self.store.insert_thumbnail(row):
-            # Stored meanwhile by another request: serve that one.
-            await self._delete_files([name])
-            existing = await self.store.get_thumbnail(server_name, media_id, size.width, size.height, size.method,
-                                                      animated)
-            if existing is None:
-                raise not_found("Media not found")
-            return self.servable(existing)
-        return self.servable(row)
+        return await self._insert_thumbnail(row, of_stored_media=False)
 
     # ------------------------------------------------------------------
     # Deletion
@@ -537,10 +529,8 @@ class _Promise:
         self._on_done = on_done
 
     def settle(self, ok: bool, value: Any) -> None:
-        self._settle((ok, value))
-
-    def _settle(self, outcome: tuple[bool, Any]) -> None:
-        self._outcome = outcome
+        """``value`` is the result, or (not ``ok``) a Failure or exception."""
+        self._outcome = (ok, value)
         self._on_done()
         waiters, self._waiters = self._waiters, []
         for w in waiters:
@@ -568,13 +558,8 @@ class _Shared(_Promise):
 
     def __init__(self, coro: Any, on_done: Callable[[], None]) -> None:
         super().__init__(on_done)
-        defer.ensureDeferred(coro).addCallbacks(self._finish_ok, self._finish_err)
-
-    def _finish_ok(self, result: Any) -> None:
-        self._settle((True, result))
-
-    def _finish_err(self, failure: Any) -> None:
-        self._settle((False, failure))
+        defer.ensureDeferred(coro).addCallbacks(lambda result: self.settle(True, result),
+                                                lambda failure: self.settle(False, failure))
 
 
 async def _sleep(seconds: float) -> None:

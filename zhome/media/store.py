@@ -76,6 +76,15 @@ def _note_remote_use(t: Txn, origin: str, media_id: str, ts: int, unless_since: 
         (origin, media_id, ts, ts if unless_since is None else unless_since))
 
 
+def _delete_thumbnails(t: Txn, origin: str, media_id: str) -> list[str]:
+    """Delete the thumbnail rows of one media; their storage names."""
+    t.execute("SELECT storage_name FROM media_thumbnails WHERE origin = ? AND media_id = ?", (origin, media_id))
+    names = [r[0] for r in t.fetchall()]
+    if names:
+        t.execute("DELETE FROM media_thumbnails WHERE origin = ? AND media_id = ?", (origin, media_id))
+    return names
+
+
 class MediaStore:
     def __init__(self, db: Database, local_origin: Optional[str] = None) -> None:
         self.db = db
@@ -164,10 +173,7 @@ class MediaStore:
         def txn(t: Txn) -> list[str]:
             t.execute("SELECT storage_name FROM media WHERE origin = ? AND media_id = ?", (origin, media_id))
             names = [r[0] for r in t.fetchall() if r[0]]
-            t.execute("SELECT storage_name FROM media_thumbnails WHERE origin = ? AND media_id = ?",
-                      (origin, media_id))
-            names += [r[0] for r in t.fetchall()]
-            t.execute("DELETE FROM media_thumbnails WHERE origin = ? AND media_id = ?", (origin, media_id))
+            names += _delete_thumbnails(t, origin, media_id)
             t.execute("DELETE FROM media WHERE origin = ? AND media_id = ?", (origin, media_id))
             t.execute("DELETE FROM remote_media_cache WHERE origin = ? AND media_id = ?", (origin, media_id))
             return names
@@ -210,10 +216,7 @@ class MediaStore:
                 if t.rowcount != 1:
                     continue
                 deleted += 1
-                t.execute("SELECT storage_name FROM media_thumbnails WHERE origin = ? AND media_id = ?",
-                          (local_origin, media_id))
-                names += [r[0] for r in t.fetchall()]
-                t.execute("DELETE FROM media_thumbnails WHERE origin = ? AND media_id = ?", (local_origin, media_id))
+                names += _delete_thumbnails(t, local_origin, media_id)
             return deleted, names
 
         return await self.db.run_interaction("media_delete_expired_pending", txn)
@@ -247,12 +250,8 @@ class MediaStore:
                 t.execute("SELECT storage_name FROM media WHERE origin = ? AND media_id = ?", (origin, media_id))
                 found = [r[0] for r in t.fetchall()]
                 names += [n for n in found if n]
-                t.execute("SELECT storage_name FROM media_thumbnails WHERE origin = ? AND media_id = ?",
-                          (origin, media_id))
-                thumbs = [r[0] for r in t.fetchall()]
+                thumbs = _delete_thumbnails(t, origin, media_id)
                 names += thumbs
-                if thumbs:
-                    t.execute("DELETE FROM media_thumbnails WHERE origin = ? AND media_id = ?", (origin, media_id))
                 if found:
                     t.execute("DELETE FROM media WHERE origin = ? AND media_id = ?", (origin, media_id))
                 originals += len(found)

@@ -21,6 +21,8 @@ import warnings
 from dataclasses import dataclass
 
 
+# How many first bytes of a file sniff_content_type looks at.
+SNIFF_BYTES = 512
 # Formats we decode: the sniffed content type, never the client's claim.
 THUMBNAILABLE = {"image/png": "PNG", "image/jpeg": "JPEG", "image/gif": "GIF", "image/webp": "WEBP"}
 MAX_ANIMATED_FRAMES = 300

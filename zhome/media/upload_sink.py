@@ -20,8 +20,8 @@ from twisted.internet import threads
 
 from zhome.media import crypto
 from zhome.media.backend import StorageBackend
+from zhome.media.thumbnailer import SNIFF_BYTES
 
-SNIFF_BYTES = 512
 _UPLOAD_PATH = re.compile(rb"^/_matrix/media/(?:v3|r0)/upload(?:/[^/]+/[^/]+)?/?$")
 
 
