@@ -128,7 +128,8 @@ class NotificationLog:
         self.store.insert_txn(txn, rows)
 
     def after_persist(self, item: PersistItem) -> None:
-        """After commit: count each user's new rows and start a trim when due."""
+        """After commit: count each user's new rows; mark them due for the
+        next pass's trim every ``trim_every``."""
         if not _records(item):
             return
         for user_id in item.push_actions:
@@ -167,7 +168,7 @@ class NotificationLog:
                 except DatabaseClosedError:
                     return
                 except Exception:
-                    # Retried at these users' next TRIM_EVERY notifications.
+                    # Due again after this user's next TRIM_EVERY notifications.
                     logger.exception("trimming notifications failed")
         finally:
             self._trim_run = None
@@ -190,16 +191,11 @@ class NotificationLog:
         next_token = str(page.rows[-1].stream_ordering) if page.more and page.rows else None
         return out, next_token
 
-    # -- retention by age -----------------------------------------------------------
+    # -- the periodic pass: age, then the count cap -------------------------------
     def start(self) -> None:
         if self._first is not None or self._loop is not None:
             return
-        clock = self.clock
-        if clock is None:
-            from zhome.util.reactor import reactor
-
-            clock = reactor
-        self._first = clock.callLater(FIRST_EXPIRY_DELAY_S, self._begin)
+        self._first = self._clock().callLater(FIRST_EXPIRY_DELAY_S, self._begin)
 
     def _begin(self) -> None:
         self._first = None
@@ -249,9 +245,6 @@ class NotificationLog:
 
     async def flush(self) -> None:
         """Run the trims due now (without pauses), and wait for them."""
-        self._start_trims(pause=0)
-        for _ in range(1000):
-            run = self._trim_run
-            if run is None:
-                return
+        run = self._start_trims(pause=0)
+        if run is not None:
             await run
