@@ -145,19 +145,12 @@ def _output_format(src_format: str, animated_out: bool) -> tuple[str, str]:
 
 def make_thumbnail(data: bytes, want_w: int, want_h: int, method: str, animated: bool,
                    max_pixels: int) -> Thumbnail:
-    return make_thumbnails(data, [(want_w, want_h, method)], animated, max_pixels)[0]
-
-
-def make_thumbnails(data: bytes, wanted: list[tuple[int, int, str]], animated: bool,
-                    max_pixels: int) -> list[Thumbnail]:
-    """One thumbnail per (width, height, method) in ``wanted``, decoding the
-    image once."""
+    """One thumbnail; animated (WebP) when asked for and the image is."""
     if animated:
         img = _open_checked(data, max_pixels)
         if _animated_out(img, max_pixels):
-            return [_animated_thumbnail(img, w, h, m) for w, h, m in wanted]
-    decoded = decode_still(data, wanted, max_pixels)
-    return [render(decoded, w, h, m) for w, h, m in wanted]
+            return _animated_thumbnail(img, want_w, want_h, method)
+    return render(decode_still(data, [(want_w, want_h, method)], max_pixels), want_w, want_h, method)
 
 
 @dataclass(frozen=True)
