@@ -26,6 +26,7 @@ from zhome.http.ratelimit import RateLimiter
 from zhome.http.request import make_request_factory
 from zhome.http.server import JsonResource
 from zhome.logging_setup import setup_logging
+from zhome.media.upload_sink import is_upload
 from zhome.push.cache import RulesetCache
 from zhome.push.notifications import NotificationLog
 from zhome.rooms.event_creation import EventCreator
@@ -216,12 +217,10 @@ class HomeServer:
 
     def _body_sink_for(self, method: bytes, path: bytes) -> Any:
         """Upload bodies go straight into encryption (see media.upload_sink)."""
-        repo = getattr(self, "media_repository", None)
-        if repo is None:
+        repo = self.media_repository
+        if repo is None or not is_upload(method, path):
             return None
-        from zhome.media.upload_sink import is_upload
-
-        return repo.new_upload_body() if is_upload(method, path) else None
+        return repo.new_upload_body()
 
     async def _federation_version(self, request: Any) -> tuple[int, Any]:
         return 200, {"server": {"name": "zhome", "version": _version()}}
