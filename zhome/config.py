@@ -564,6 +564,13 @@ class RoomsConfig:
     default_room_version: str = setting(_room_version, default=DEFAULT_ROOM_VERSION)
 
 
+@dataclass(frozen=True, kw_only=True)
+class UserDirectoryConfig:
+    # False: users who share a room with the searcher or are in a public
+    # room. True: every active local user as well.
+    search_all_users: bool = setting(boolean, default=False)
+
+
 def _secret(value: Any, path: str) -> str:
     text = non_empty_string(value, path)
     # These key HMACs over tokens; a short one can be guessed offline.
@@ -685,6 +692,7 @@ class HomeserverConfig:
     rate_limits: RateLimitsConfig = setting(section(RateLimitsConfig), default=RateLimitsConfig())
     limits: LimitsConfig = setting(section(LimitsConfig), default=LimitsConfig())
     rooms: RoomsConfig = setting(section(RoomsConfig), default=RoomsConfig())
+    user_directory: UserDirectoryConfig = setting(section(UserDirectoryConfig), default=UserDirectoryConfig())
     secrets: SecretsConfig = setting(section(SecretsConfig))
     federation: FederationConfig = setting(section(FederationConfig), default=FederationConfig())
     media: MediaConfig = setting(section(MediaConfig), default=MediaConfig())

@@ -42,6 +42,7 @@ from zhome.storage.migrations import prepare_database
 from zhome.storage.notifications import NotificationsStore
 from zhome.storage.rooms import RoomsStore
 from zhome.storage.user_data import UserDataStore
+from zhome.storage.user_directory import UserDirectoryStore
 from zhome.sync.handler import SyncHandler
 from zhome.sync.notifier import Notifier
 from zhome.sync.typing import TypingService
@@ -96,6 +97,8 @@ class HomeServer:
         self.push_rules_cache = RulesetCache(self.user_data)
         self.notification_log = NotificationLog(NotificationsStore(db), self.events)
         self.persister.txn_hooks.append(self.notification_log.persist_txn_hook)
+        self.user_directory = UserDirectoryStore(db, self.server_name, cfg.user_directory.search_all_users)
+        self.persister.txn_hooks.append(self.user_directory.persist_txn_hook)
         self.persister.after_commit_hooks.append(self.notification_log.after_persist)
         self.notification_log.start()
         self.event_creator = EventCreator(self.server_name, self.signing_key, self.events, self.rooms,

@@ -394,6 +394,13 @@ def test_profile_and_directory(zhome: ZhomeProcess) -> None:
     assert any(e["type"] == "m.room.member" and e["state_key"] == "@olga:localhost"
                and e["content"].get("displayname") == "Olga the Nurse" for e in state)
 
+    # paul shares no room with olga and her room is private: he does not find her...
+    status, body = zhome.request("POST", CS + "/user_directory/search", {"search_term": "the nurse"},
+                                 token=other["access_token"])
+    assert status == 200 and body["results"] == [], body
+    # ... until he joins it (tests/e2e/test_user_directory.py has the rest).
+    assert zhome.request("POST", CS + f"/rooms/{room_id}/invite", {"user_id": "@paul:localhost"}, token=tok)[0] == 200
+    assert zhome.request("POST", CS + f"/rooms/{room_id}/join", {}, token=other["access_token"])[0] == 200
     status, body = zhome.request("POST", CS + "/user_directory/search", {"search_term": "the nurse"},
                                  token=other["access_token"])
     assert status == 200, body

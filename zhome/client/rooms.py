@@ -287,9 +287,9 @@ class RoomServlets:
         if ev is None:
             raise not_found("Event not found.")
         if query_arg(request, "format") == "event":
-            return 200, (await serialize_events(self.events, [ev]))[0]
+            return 200, (await serialize_events(self.events, [ev], requester=req))[0]
         if ev.internal.get("redacted_by"):
-            return 200, (await serialize_events(self.events, [ev]))[0]["content"]
+            return 200, (await serialize_events(self.events, [ev], requester=req))[0]["content"]
         return 200, ev.content
 
     async def on_get_state(self, request: Request, room_id: str) -> tuple[int, Any]:
@@ -297,7 +297,7 @@ class RoomServlets:
         state = await self._state_for_reader(room_id, req.user_id)
         evs = await self.events.get_events(state.values())
         ordered = sorted(evs.values(), key=lambda e: e.internal.get("stream_ordering", 0))
-        return 200, await serialize_events(self.events, ordered)
+        return 200, await serialize_events(self.events, ordered, requester=req)
 
     async def on_members(self, request: Request, room_id: str) -> tuple[int, Any]:
         req = await self.hs.auth.get_user_by_req(request)
@@ -324,7 +324,7 @@ class RoomServlets:
             and (not_membership is None or e.membership != not_membership)
         ]
         chosen.sort(key=lambda e: e.state_key or "")
-        return 200, {"chunk": await serialize_events(self.events, chosen)}
+        return 200, {"chunk": await serialize_events(self.events, chosen, requester=req)}
 
     async def on_joined_members(self, request: Request, room_id: str) -> tuple[int, Any]:
         req = await self.hs.auth.get_user_by_req(request)
@@ -385,7 +385,7 @@ class RoomServlets:
     async def on_get_event(self, request: Request, room_id: str, event_id: str) -> tuple[int, Any]:
         req = await self.hs.auth.get_user_by_req(request)
         ev = await self._visible_event(room_id, event_id, req.user_id)
-        return 200, (await serialize_events(self.events, [ev]))[0]
+        return 200, (await serialize_events(self.events, [ev], requester=req))[0]
 
     async def on_context(self, request: Request, room_id: str, event_id: str) -> tuple[int, Any]:
         req = await self.hs.auth.get_user_by_req(request)
@@ -403,9 +403,9 @@ class RoomServlets:
         end_pos = after[-1].internal["stream_ordering"] if after else so
         base = self.hs.notifier.current_token()
         return 200, {
-            "event": (await serialize_events(self.events, [ev]))[0],
-            "events_before": await serialize_events(self.events, before),
-            "events_after": await serialize_events(self.events, after),
+            "event": (await serialize_events(self.events, [ev], requester=req))[0],
+            "events_before": await serialize_events(self.events, before, requester=req),
+            "events_after": await serialize_events(self.events, after, requester=req),
             "state": await serialize_events(self.events, list(state_evs.values())),
             "start": _token_at(base, start_pos),
             "end": _token_at(base, end_pos),
@@ -477,7 +477,7 @@ class RoomServlets:
             if await self.hs.federation_handler.backfill(room_id, max(limit - len(events), 10)):
                 events += await self._page(room_id, req.user_id, start, to, True, limit - len(events), flt)
         out: dict[str, Any] = {"start": _token_at(base, pos),
-                               "chunk": await serialize_events(self.events, events)}
+                               "chunk": await serialize_events(self.events, events, requester=req)}
         if events:
             last = events[-1].internal["stream_ordering"]
             out["end"] = _token_at(base, last - 1 if direction == "b" else last)

@@ -9,14 +9,18 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
+from zhome.http.auth import Requester
 from zhome.rooms.events import Event
 from zhome.rooms.redaction import prune_event_dict
 from zhome.storage.events import EventsStore
 
 
 async def serialize_events(
-    store: EventsStore, events: list[Event], with_room_id: bool = True, txn_ids: Optional[dict[str, str]] = None
+    store: EventsStore, events: list[Event], with_room_id: bool = True,
+    requester: Optional[Requester] = None,
 ) -> list[dict[str, Any]]:
+    """Client views of ``events``. ``requester`` is who they are served to: an event that device sent carries its
+    ``transaction_id``, for that device only."""
     redaction_ids = [e.internal["redacted_by"] for e in events if e.internal.get("redacted_by")]
     redactions = await store.get_events(redaction_ids) if redaction_ids else {}
     now = int(time.time() * 1000)
@@ -30,8 +34,9 @@ async def serialize_events(
             unsigned["redacted_because"] = redactions[red_id].client_dict({}, with_room_id)
             d = view.client_dict(unsigned, with_room_id)
         else:
-            if txn_ids and ev.event_id in txn_ids:
-                unsigned["transaction_id"] = txn_ids[ev.event_id]
+            txn = ev.internal.get("txn")
+            if txn is not None and requester is not None and ev.sender == requester.user_id and txn[0] == requester.device_id:
+                unsigned["transaction_id"] = txn[1]
             d = ev.client_dict(unsigned, with_room_id)
         out.append(d)
     return out

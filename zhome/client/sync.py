@@ -48,7 +48,7 @@ class SyncServlets:
             # A token from the future (e.g. before a database restore) would
             # make the client wait forever; start it afresh instead.
             since = None
-        return 200, await self.hs.sync_handler.sync(req.user_id, since, timeout, full_state, flt)
+        return 200, await self.hs.sync_handler.sync(req, since, timeout, full_state, flt)
 
     async def _load_filter(self, user_id: str, raw: str | None) -> SyncFilter:
         if raw is None:

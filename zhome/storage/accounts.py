@@ -107,19 +107,6 @@ class AccountsStore:
             lambda txn: txn.execute(f"UPDATE profiles SET {field} = ? WHERE user_id = ?", (value, user_id)),
         )
 
-    async def search_profiles(self, term: str, limit: int) -> list[tuple[str, Optional[str], Optional[str]]]:
-        like = "%" + term.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        rows = await self.db.execute(
-            "search_profiles",
-            "SELECT p.user_id, p.displayname, p.avatar_url FROM profiles p JOIN users u ON u.user_id = p.user_id"
-            " WHERE u.deactivated = 0 AND (LOWER(p.user_id) LIKE ? ESCAPE '\\' OR LOWER(COALESCE(p.displayname, ''))"
-            " LIKE ? ESCAPE '\\') ORDER BY p.user_id LIMIT ?",
-            like,
-            like,
-            limit,
-        )
-        return [(u, d, a) for u, d, a in rows]
-
     # -- devices and tokens ---------------------------------------------------
     async def create_device_and_token(
         self,
@@ -307,6 +294,14 @@ class AccountsStore:
         if not rows:
             return None
         return json.loads(rows[0][0]), json.loads(rows[0][1]), rows[0][2]
+
+    async def set_uia_params(self, session_id: str, params: dict[str, Any]) -> None:
+        await self.db.run_interaction(
+            "uia_params",
+            lambda txn: txn.execute(
+                "UPDATE ui_auth_sessions SET params = ? WHERE session_id = ?", (json.dumps(params), session_id)
+            ),
+        )
 
     async def set_uia_completed(self, session_id: str, completed: list[str]) -> None:
         await self.db.run_interaction(

@@ -352,6 +352,7 @@ class EventsStore:
         the cached extremities are exactly what the table now holds.
         """
         ev = item.event
+        ev.internal["txn"] = (item.device_id, item.txn_id) if item.txn_id and item.device_id else None
         self.cache_event(ev)
         if ev.redacts:
             self.invalidate_event(ev.redacts)
@@ -367,8 +368,10 @@ class EventsStore:
 
     # -- reading: events ----------------------------------------------------
     def _row_to_event(self, row: tuple) -> Event:
-        event_id, room_version, js, rejected, so, state_group, outlier, soft_failed, prev_group, redacted_by = row
+        (event_id, room_version, js, rejected, so, state_group, outlier, soft_failed, prev_group, redacted_by,
+         txn_device, txn_id) = row
         ev = Event(json.loads(js), event_id, get_room_version(room_version), rejected)
+        ev.internal["txn"] = (txn_device, txn_id) if txn_id is not None else None
         ev.internal["stream_ordering"] = so
         ev.internal["state_group"] = state_group
         ev.internal["prev_state_group"] = prev_group
@@ -383,8 +386,10 @@ class EventsStore:
     _EVENT_SELECT = (
         "SELECT e.event_id, r.room_version, e.json, e.rejected_reason, e.stream_ordering, e.state_group,"
         " e.outlier, e.soft_failed, e.prev_state_group,"
-        " (SELECT MIN(rd.event_id) FROM redactions rd WHERE rd.redacts = e.event_id)"
+        " (SELECT MIN(rd.event_id) FROM redactions rd WHERE rd.redacts = e.event_id),"
+        " t.device_id, t.txn_id"
         " FROM events e JOIN rooms r ON r.room_id = e.room_id"
+        " LEFT JOIN event_txn_ids t ON t.event_id = e.event_id"
     )
 
     async def get_events(self, event_ids: Iterable[str]) -> dict[str, Event]:

@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from zhome.client.serialize import serialize_events
+from zhome.http.auth import Requester
 from zhome.push.rules import load_ruleset
 from zhome.rooms.events import Event, StateMap
 from zhome.sync.filtering import EventFilter, SyncFilter
@@ -35,10 +36,11 @@ class SyncHandler:
         self.events = hs.events
         self.notifier = hs.notifier
 
-    async def sync(self, user_id: str, since: Optional[StreamToken], timeout_ms: int, full_state: bool,
+    async def sync(self, requester: Requester, since: Optional[StreamToken], timeout_ms: int, full_state: bool,
                    flt: SyncFilter) -> dict[str, Any]:
+        user_id = requester.user_id
         if since is None or full_state:
-            return await self._build(user_id, since, full_state, flt)
+            return await self._build(requester, since, full_state, flt)
         deadline = time.monotonic() + timeout_ms / 1000.0
         # Wait for a change that concerns this user; a wake-up for nothing
         # visible goes back to waiting until the deadline (bounded rounds).
@@ -47,15 +49,16 @@ class SyncHandler:
             interesting = {r for r, (m, _) in rooms.items() if m in ("join", "invite", "knock")}
             remaining = max(0, int((deadline - time.monotonic()) * 1000))
             await self.notifier.wait_for_change(user_id, interesting, since, remaining)
-            result = await self._build(user_id, since, False, flt)
+            result = await self._build(requester, since, False, flt)
             if _has_content(result) or time.monotonic() >= deadline:
                 return result
             since_now = StreamToken.decode(result["next_batch"])
             since = since_now
-        return await self._build(user_id, since, False, flt)
+        return await self._build(requester, since, False, flt)
 
-    async def _build(self, user_id: str, since: Optional[StreamToken], full_state: bool,
+    async def _build(self, requester: Requester, since: Optional[StreamToken], full_state: bool,
                      flt: SyncFilter) -> dict[str, Any]:
+        user_id = requester.user_id
         now = self.notifier.current_token()
         memberships = await self.events.get_rooms_for_user(user_id)
         forgotten = await self.events.get_forgotten_rooms(user_id) if memberships else set()
@@ -128,7 +131,7 @@ class SyncHandler:
                     entry["summary"] = {}
                     join[room_id] = entry
                 continue
-            entry = await self._room_entry(user_id, room_id, since if not newly_joined else None, now, full_state,
+            entry = await self._room_entry(requester, room_id, since if not newly_joined else None, now, full_state,
                                            flt, upto=None, pre=pre, member_event_id=memberships[room_id][1])
             entry["ephemeral"] = {"events": self._ephemeral(user_id, room_id, receipts_by_room.get(room_id, []), since, now,
                                                             flt)}
@@ -162,7 +165,7 @@ class SyncHandler:
                 member_ev = await self.events.get_event(member_eid)
                 if member_ev is None:
                     continue
-                entry = await self._room_entry(user_id, room_id, since, now, full_state, flt,
+                entry = await self._room_entry(requester, room_id, since, now, full_state, flt,
                                                upto=member_ev.internal.get("stream_ordering"))
                 entry["account_data"] = {"events": room_account_data.get(room_id, [])}
                 leave[room_id] = entry
@@ -186,9 +189,10 @@ class SyncHandler:
             "device_one_time_keys_count": {},
         }
 
-    async def _room_entry(self, user_id: str, room_id: str, since: Optional[StreamToken], now: StreamToken,
+    async def _room_entry(self, requester: Requester, room_id: str, since: Optional[StreamToken], now: StreamToken,
                           full_state: bool, flt: SyncFilter, upto: Optional[int], pre: Optional["_Prefetch"] = None,
                           member_event_id: Optional[str] = None) -> dict[str, Any]:
+        user_id = requester.user_id
         tl_filter: EventFilter = flt.timeline
         limit = min(tl_filter.limit or DEFAULT_TIMELINE_LIMIT, MAX_TIMELINE_LIMIT)
         upper = now.events if upto is None else min(upto, now.events)
@@ -228,11 +232,12 @@ class SyncHandler:
                             key=lambda e: e.internal.get("stream_ordering", 0))
         return {
             "timeline": {
-                "events": await serialize_events(self.events, timeline, with_room_id=False),
+                "events": await serialize_events(self.events, timeline, with_room_id=False, requester=requester),
                 "limited": limited,
                 "prev_batch": StreamToken(first_pos - 1, now.account_data, now.receipts, now.typing).encode(),
             },
-            "state": {"events": await serialize_events(self.events, state_list, with_room_id=False)},
+            "state": {"events": await serialize_events(self.events, state_list, with_room_id=False,
+                                                     requester=requester)},
         }
 
     async def _state_at_pos(self, room_id: str, pos: int) -> StateMap:
