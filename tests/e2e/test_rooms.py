@@ -249,6 +249,62 @@ def test_send_transaction_idempotent(zhome: ZhomeProcess) -> None:
     assert len([e for e in alice.messages(room_id) if e["type"] == "m.room.message"]) == 2
 
 
+def test_transaction_id_only_to_the_sending_device(zhome: ZhomeProcess) -> None:
+    alice = U(zhome, "alice")
+    bob = U(zhome, "bob")
+    room_id = alice.create(preset="public_chat")
+    bob.ok("POST", f"/join/{q(room_id)}", {})
+    # A second device of alice's.
+    status, login = zhome.request("POST", CS + "/login", {
+        "type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"},
+        "password": "correct horse battery"})
+    assert status == 200
+    other_device = ClientUser.__new__(U)
+    other_device.hs, other_device.user_id, other_device.token = zhome, alice.user_id, login["access_token"]
+
+    event_id = alice.send(room_id, "echo me", txn="my-txn-7")
+
+    def unsigned_of(u: U, ev: dict[str, Any]) -> dict[str, Any]:
+        assert ev["event_id"] == event_id
+        return dict(ev.get("unsigned", {}))
+
+    def from_sync(u: U) -> dict[str, Any]:
+        tl = u.sync()["rooms"]["join"][room_id]["timeline"]["events"]
+        return unsigned_of(u, [e for e in tl if e["event_id"] == event_id][0])
+
+    def from_messages(u: U) -> dict[str, Any]:
+        return unsigned_of(u, [e for e in u.messages(room_id) if e["event_id"] == event_id][0])
+
+    def from_event(u: U) -> dict[str, Any]:
+        return unsigned_of(u, u.ok("GET", f"/rooms/{q(room_id)}/event/{q(event_id)}"))
+
+    for read in (from_sync, from_messages, from_event):
+        assert read(alice).get("transaction_id") == "my-txn-7", read.__name__
+        assert "transaction_id" not in read(other_device), read.__name__
+        assert "transaction_id" not in read(bob), read.__name__
+    # Still so once the event is read back from the database, not the cache.
+    zhome.restart()
+    assert from_messages(alice).get("transaction_id") == "my-txn-7"
+    assert "transaction_id" not in from_messages(other_device)
+
+
+def test_concurrent_create_room_gives_each_call_its_own_room(zhome: ZhomeProcess) -> None:
+    import concurrent.futures
+
+    alice = U(zhome, "alice")
+    # The same body in the same millisecond: in room version 12 the room ID
+    # is the create event's hash, so the creates must still differ.
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: alice.req("POST", "/createRoom", {"room_version": "12"}), range(8)))
+    assert [status for status, _ in answers] == [200] * 8, answers
+    rooms = {body["room_id"] for _, body in answers}
+    assert len(rooms) == 8
+    joined = alice.ok("GET", "/joined_rooms")["joined_rooms"]
+    assert rooms <= set(joined)
+    for room_id in rooms:
+        assert alice.state_event(room_id, "m.room.power_levels")[0] == 200
+
+
 def test_redaction(zhome: ZhomeProcess) -> None:
     alice, bob, carol = U(zhome, "alice"), U(zhome, "bob"), U(zhome, "carol")
     room_id = alice.create(preset="public_chat")

@@ -10,6 +10,7 @@ create event and gives creators infinite power.
 from __future__ import annotations
 
 import re
+import time
 from typing import Any, Optional
 
 from zhome.crypto.event_hashing import room_id_for_create_event
@@ -17,13 +18,16 @@ from zhome.http.errors import MatrixError, bad_json, invalid_param
 from zhome.rooms.event_creation import EventCreator
 from zhome.rooms.membership import MembershipService
 from zhome.rooms.validation import check_client_content
-from zhome.rooms.versions import KNOWN_ROOM_VERSIONS, get_room_version
+from zhome.rooms.versions import KNOWN_ROOM_VERSIONS, RoomVersion, get_room_version
+from zhome.storage.database import IntegrityError
 from zhome.storage.events import PersistItem
 from zhome.storage.rooms import RoomsStore
 from zhome.util.ids import is_valid_user_id, random_string
 
 PRESETS = ("private_chat", "public_chat", "trusted_private_chat")
 _ALIAS_LOCALPART = re.compile(r"^[^:\s]+$")
+# Tries at a fresh room ID before giving up (each moves the create event on by 1 ms).
+CREATE_ATTEMPTS = 50
 
 
 class RoomCreationService:
@@ -99,21 +103,7 @@ class RoomCreationService:
             if not isinstance(extra, list):
                 raise bad_json("'additional_creators' must be a list")
             cc["additional_creators"] = sorted(set(extra) | set(invites))
-        room_id: Optional[str] = None
-        if not rv.hydra:
-            room_id = f"!{random_string(18)}:{self.server_name}"
-        pdu = self.creator.build_pdu(rv, room_id, "m.room.create", user_id, cc, "", [], [], 1)
-        create_ev = self.creator.finish_event(rv, pdu)
-        if rv.hydra:
-            room_id = room_id_for_create_event(rv, create_ev.pdu)
-        assert room_id is not None
-        await self.creator.check_auth(create_ev, {})
-
-        async with self.creator.room_locks.lock(room_id):
-            await self.creator.persister.persist(
-                PersistItem(create_ev, None, {}),
-                before_txn=lambda txn: self.rooms.store_room_txn(txn, room_id, version_id, user_id),
-            )
+        room_id = await self._persist_create_event(rv, user_id, cc)
         send = self.creator.send
 
         # 2. The creator joins.
@@ -160,6 +150,42 @@ class RoomCreationService:
         if visibility == "public":
             await self.rooms.set_public(room_id, True)
         return room_id, alias
+
+
+    async def _persist_create_event(self, rv: RoomVersion, user_id: str, content: dict[str, Any]) -> str:
+        """Build, check and persist the create event; returns the room ID.
+
+        From room version 12 the room ID is the create event's hash, so two
+        rooms created by one user with the same content in the same
+        millisecond would be the same room: the later one moves its
+        ``origin_server_ts`` on until its ID is new. Earlier versions pick a
+        random ID, which a collision also just re-picks.
+        """
+        ts = int(time.time() * 1000)
+        for _ in range(CREATE_ATTEMPTS):
+            room_id: Optional[str] = None
+            if not rv.hydra:
+                room_id = f"!{random_string(18)}:{self.server_name}"
+            pdu = self.creator.build_pdu(rv, room_id, "m.room.create", user_id, content, "", [], [], 1)
+            pdu["origin_server_ts"] = ts
+            create_ev = self.creator.finish_event(rv, pdu)
+            if rv.hydra:
+                room_id = room_id_for_create_event(rv, create_ev.pdu)
+            assert room_id is not None
+            await self.creator.check_auth(create_ev, {})
+            async with self.creator.room_locks.lock(room_id):
+                if await self.rooms.get_room_version(room_id) is None:
+                    try:
+                        await self.creator.persister.persist(
+                            PersistItem(create_ev, None, {}),
+                            before_txn=lambda txn: self.rooms.store_room_txn(txn, room_id, rv.identifier, user_id),
+                        )
+                        return room_id
+                    except IntegrityError:
+                        # Created meanwhile by another process sharing the database.
+                        pass
+            ts += 1
+        raise MatrixError(503, "M_UNKNOWN", "Could not allocate a room ID; try again")
 
 
 def _is_direct(body: dict[str, Any], for_invite: Optional[bool]) -> Optional[dict[str, Any]]:
