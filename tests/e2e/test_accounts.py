@@ -77,6 +77,83 @@ def test_registration_uia_and_availability(zhome: ZhomeProcess) -> None:
     assert status == 400 and body["errcode"] == "M_USER_IN_USE"
 
 
+def test_registration_remembers_parameters_and_is_idempotent(zhome: ZhomeProcess) -> None:
+    # The first step's parameters hold for the step that completes it.
+    status, body = zhome.request("POST", CS + "/register", {
+        "username": "dora", "password": PASSWORD, "device_id": "DORADEV",
+        "initial_device_display_name": "Dora's phone"})
+    assert status == 401, body
+    session = body["session"]
+    status, body = zhome.request("POST", CS + "/register", {"auth": {"type": "m.login.dummy", "session": session}})
+    assert status == 200, body
+    assert body["user_id"] == "@dora:localhost" and body["device_id"] == "DORADEV"
+    status, dev = zhome.request("GET", CS + "/devices/DORADEV", token=body["access_token"])
+    assert status == 200 and dev["display_name"] == "Dora's phone"
+    status, _ = _login(zhome, "dora")
+    assert status == 200
+    # Completing the same session again answers for the same account, not a new one.
+    status, again = zhome.request("POST", CS + "/register", {"auth": {"type": "m.login.dummy", "session": session}})
+    assert status == 200 and again["user_id"] == "@dora:localhost", again
+
+    # Without a username: the repeat gives the same generated user.
+    status, body = zhome.request("POST", CS + "/register", {"password": PASSWORD})
+    session = body["session"]
+    done = [zhome.request("POST", CS + "/register", {
+        "password": PASSWORD, "auth": {"type": "m.login.dummy", "session": session}}) for _ in range(2)]
+    assert [s for s, _ in done] == [200, 200]
+    assert done[0][1]["user_id"] == done[1][1]["user_id"]
+
+
+def test_registration_with_inhibit_login(zhome: ZhomeProcess) -> None:
+    status, body = zhome.request("POST", CS + "/register", {
+        "username": "ivan", "password": PASSWORD, "inhibit_login": True})
+    assert status == 401
+    status, body = zhome.request("POST", CS + "/register", {
+        "auth": {"type": "m.login.dummy", "session": body["session"]}})
+    assert status == 200, body
+    assert body["user_id"] == "@ivan:localhost"
+    assert "access_token" not in body and "device_id" not in body
+    # The account exists with the password given in the first step.
+    status, body = _login(zhome, "ivan")
+    assert status == 200, body
+    status, devices = zhome.request("GET", CS + "/devices", token=body["access_token"])
+    assert [d["device_id"] for d in devices["devices"]] == [body["device_id"]]
+
+
+def test_registration_rate_limit_counts_completed_registrations(zhome_factory: Any) -> None:
+    hs = zhome_factory(rate_limits=True, overrides={
+        "rate_limits": {"registration": {"per_second": 0.001, "burst_count": 3}}}).start()
+
+    def two_step(name: str) -> tuple[int, Any]:
+        status, body = hs.request("POST", CS + "/register", {"username": name, "password": PASSWORD})
+        if status != 401:
+            return status, body
+        return hs.request("POST", CS + "/register", {
+            "username": name, "password": PASSWORD, "auth": {"type": "m.login.dummy", "session": body["session"]}})
+
+    # Each account takes two calls and an availability check; three accounts get through.
+    for name in ("reg1", "reg2", "reg3"):
+        assert hs.request("GET", CS + f"/register/available?username={name}")[0] == 200
+        status, body = two_step(name)
+        assert status == 200, (name, body)
+    status, body = two_step("reg4")
+    assert status == 429 and body["errcode"] == "M_LIMIT_EXCEEDED", body
+    assert body["retry_after_ms"] > 0
+
+
+def test_failed_registrations_are_limited_apart(zhome_factory: Any) -> None:
+    hs = zhome_factory(rate_limits=True, overrides={
+        "rate_limits": {"registration": {"per_second": 0.001, "burst_count": 3}}}).start()
+    hs.register("taken")
+    for _ in range(3):
+        status, body = hs.request("POST", CS + "/register", {
+            "username": "taken", "password": PASSWORD, "auth": {"type": "m.login.dummy"}})
+        assert status == 400 and body["errcode"] == "M_USER_IN_USE"
+    status, body = hs.request("POST", CS + "/register", {
+        "username": "taken", "password": PASSWORD, "auth": {"type": "m.login.dummy"}})
+    assert status == 429 and body["errcode"] == "M_LIMIT_EXCEEDED", body
+
+
 def test_registration_disabled(zhome_factory: Any) -> None:
     hs = zhome_factory(overrides={"registration": {"enable_registration": False}}).start()
     status, body = hs.request("POST", CS + "/register", {

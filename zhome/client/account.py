@@ -189,7 +189,8 @@ class AccountServlets:
         return [{"stages": ["m.login.dummy"]}]
 
     async def on_register_available(self, request: Request) -> tuple[int, Any]:
-        self.hs.ratelimit_registration.check("ip:" + client_ip(request))
+        # Counted apart from registrations, with the same numbers.
+        self.hs.ratelimit_registration.check("available-ip:" + client_ip(request))
         username = query_arg(request, "username")
         if not username:
             raise missing_param("Missing username")
@@ -216,6 +217,16 @@ class AccountServlets:
         return user_id
 
     async def on_register(self, request: Request) -> tuple[int, Any]:
+        """Spec: "Account registration": user-interactive auth in steps.
+
+        The first call's parameters (username, password, device, login
+        wishes) are remembered in the UIA session, so later steps may send
+        only ``auth``; the session also remembers the account it created,
+        so completing it again answers for that account instead of making
+        another. Only completed registrations count against the
+        registration rate limit; refused attempts count in a bucket of
+        their own.
+        """
         body = read_json_body(request, allow_empty=True)
         kind = query_arg(request, "kind", "user")
         if kind == "guest":
@@ -224,15 +235,34 @@ class AccountServlets:
             raise invalid_param("Unknown kind")
         if not self.config.registration.enable_registration:
             raise forbidden("Registration has been disabled")
-        self.hs.ratelimit_registration.check("ip:" + client_ip(request))
-        username = body.get("username")
-        user_id = self._check_username(username) if username is not None else None
-        if user_id is not None and await self.accounts.user_exists_ci(user_id):
-            raise MatrixError(400, "M_USER_IN_USE", "User ID already taken.")
-        password = body.get("password")
-        if password is not None and (not isinstance(password, str) or len(password) > 512):
-            raise bad_json("'password' must be a string of at most 512 characters")
-        used_token = await self._registration_uia(body)
+        ip = client_ip(request)
+        limiter = self.hs.ratelimit_registration
+        limiter.peek("ip:" + ip)
+        limiter.peek("failed-ip:" + ip)
+        try:
+            return await self._register(request, body)
+        except MatrixError as e:
+            if isinstance(body.get("auth"), dict) or e.code != 401:
+                # Anything but the first step's offer of flows is a failure.
+                limiter.record("failed-ip:" + ip)
+            raise
+
+    async def _register(self, request: Request, body: dict[str, Any]) -> tuple[int, Any]:
+        auth = body.get("auth")
+        session_id = auth.get("session") if isinstance(auth, dict) else None
+        session = await self.accounts.get_uia_session(session_id) if isinstance(session_id, str) else None
+        remembered: dict[str, Any] = session[1] if session is not None else {}
+        if remembered.get("registered_user_id"):
+            # This session already created its account: the same answer again.
+            return 200, await self._registered(request, remembered["registered_user_id"], {**remembered, **body})
+        params = await self._registration_params(body, remembered)
+        if not isinstance(auth, dict):
+            session_id = random_string(24)
+            await self.accounts.create_uia_session(session_id, params)
+            raise MatrixError(401, "M_FORBIDDEN", "Authentication required", flows=self._registration_flows(),
+                              params={}, session=session_id, completed=[])
+        used_token = await self._registration_uia(auth)
+        user_id = params.get("user_id")
         if user_id is None:
             for _ in range(10):
                 candidate = f"@{random_string(12).lower()}:{self.hs.server_name}"
@@ -241,32 +271,49 @@ class AccountServlets:
                     break
             else:
                 raise MatrixError(500, "M_UNKNOWN", "Could not allocate a user ID")
-        pw_hash = await hash_password_async(password) if password else None
-        if not await self.accounts.create_user(user_id, pw_hash, displayname=user_id[1:].split(":")[0]):
+        if not await self.accounts.create_user(user_id, params.get("password_hash"),
+                                               displayname=user_id[1:].split(":")[0]):
             raise MatrixError(400, "M_USER_IN_USE", "User ID already taken.")
+        self.hs.ratelimit_registration.record("ip:" + client_ip(request))
         if used_token is not None:
             await self.accounts.use_registration_token(used_token)
-        session = (body.get("auth") or {}).get("session")
-        if isinstance(session, str):
-            await self.accounts.delete_uia_session(session)
-        if body.get("inhibit_login") is True:
-            return 200, {"user_id": user_id, "home_server": self.hs.server_name}
-        return 200, await self._issue_login(user_id, body, request)
+        if isinstance(session_id, str):
+            if session is not None:
+                await self.accounts.set_uia_params(session_id, {**params, "registered_user_id": user_id})
+            else:
+                await self.accounts.create_uia_session(session_id, {**params, "registered_user_id": user_id})
+        return 200, await self._registered(request, user_id, params)
 
-    async def _registration_uia(self, body: dict[str, Any]) -> Optional[str]:
-        """Run the registration UIA; returns the registration token used, if any."""
+    async def _registration_params(self, body: dict[str, Any], remembered: dict[str, Any]) -> dict[str, Any]:
+        """What this registration asks for: the body's values, else those
+        the session remembers from an earlier step."""
+        params = dict(remembered)
+        username = body.get("username")
+        if username is not None:
+            params["user_id"] = self._check_username(username)
+        if params.get("user_id") is not None and await self.accounts.user_exists_ci(params["user_id"]):
+            raise MatrixError(400, "M_USER_IN_USE", "User ID already taken.")
+        password = body.get("password")
+        if password is not None:
+            if not isinstance(password, str) or len(password) > 512:
+                raise bad_json("'password' must be a string of at most 512 characters")
+            params["password_hash"] = await hash_password_async(password) if password else None
+        for key in ("device_id", "initial_device_display_name", "inhibit_login", "refresh_token"):
+            if key in body:
+                params[key] = body[key]
+        return params
+
+    async def _registered(self, request: Request, user_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        if params.get("inhibit_login") is True:
+            return {"user_id": user_id, "home_server": self.hs.server_name}
+        return await self._issue_login(user_id, params, request)
+
+    async def _registration_uia(self, auth: dict[str, Any]) -> Optional[str]:
+        """Check the registration UIA stage; returns the registration token used, if any."""
         flows = self._registration_flows()
         stage = flows[0]["stages"][0]
-        auth = body.get("auth")
-        session: object  # client-supplied once auth is given: any JSON value
-        if not isinstance(auth, dict):
-            session = random_string(24)
-            await self.accounts.create_uia_session(session, {})
-            raise MatrixError(401, "M_FORBIDDEN", "Authentication required", flows=flows, params={}, session=session,
-                              completed=[])
         session = auth.get("session")
-        atype = auth.get("type")
-        if atype != stage:
+        if auth.get("type") != stage:
             raise MatrixError(401, "M_FORBIDDEN", "This authentication type is not allowed here", flows=flows,
                               params={}, session=session, completed=[])
         if stage == "m.login.registration_token":
@@ -438,7 +485,7 @@ class AccountServlets:
         return 200, {}
 
     async def on_user_directory(self, request: Request) -> tuple[int, Any]:
-        await self.hs.auth.get_user_by_req(request)
+        req = await self.hs.auth.get_user_by_req(request)
         body = read_json_body(request)
         term = body.get("search_term")
         if not isinstance(term, str):
@@ -447,7 +494,7 @@ class AccountServlets:
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
             raise bad_json("'limit' must be a non-negative integer")
         limit = min(limit, 100)
-        rows = await self.accounts.search_profiles(term, limit + 1)
+        rows = await self.hs.user_directory.search(req.user_id, term, limit + 1)
         results = []
         for user_id, name, avatar in rows[:limit]:
             r: dict[str, Any] = {"user_id": user_id}

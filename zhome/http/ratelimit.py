@@ -26,6 +26,23 @@ class RateLimiter:
 
     def check(self, key: str) -> None:
         """Take one action for ``key`` or raise M_LIMIT_EXCEEDED."""
+        self._take(key, 1.0)
+
+    def peek(self, key: str) -> None:
+        """Raise M_LIMIT_EXCEEDED if ``key`` could not take an action now,
+        without taking one (for actions counted only once they succeed)."""
+        self._take(key, 0.0)
+
+    def record(self, key: str) -> None:
+        """Count an action that already happened (after a ``peek``); never raises."""
+        if not self.enabled:
+            return
+        now = self.clock()
+        tokens, last = self._buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.per_second)
+        self._buckets[key] = (max(0.0, tokens - 1.0), now)
+
+    def _take(self, key: str, cost: float) -> None:
         if not self.enabled:
             return
         now = self.clock()
@@ -35,7 +52,7 @@ class RateLimiter:
             wait = (1.0 - tokens) / self.per_second if self.per_second > 0 else 3600.0
             self._buckets[key] = (tokens, now)
             raise limit_exceeded(int(math.ceil(wait * 1000)))
-        self._buckets[key] = (tokens - 1.0, now)
+        self._buckets[key] = (tokens - cost, now)
         if len(self._buckets) > 100000:
             # Bound memory: forget full buckets (they carry no information).
             self._buckets = {k: v for k, v in self._buckets.items() if v[0] < self.burst}
