@@ -41,3 +41,19 @@ def test_json_logs_and_metrics(zhome_factory: Any) -> None:
     assert sends and sends[0]["status"] == 200 and sends[0]["method"] == "PUT"
     assert token not in log
     assert "secret-body-marker" not in log
+
+
+def test_access_log_names_the_path_of_unknown_requests(zhome_factory: Any) -> None:
+    hs = zhome_factory().start()
+    token = hs.register("alice")["access_token"]
+    status, body = hs.request("GET", "/_matrix/client/v3/no/such/endpoint?access_token=" + token)
+    assert status == 404 and body["errcode"] == "M_UNRECOGNIZED"
+    status, _ = hs.request("GET", "/_matrix/client/v3/account/whoami", token=token)
+    assert status == 200
+    hs.stop()
+    log = hs.log_path.read_text()
+    lines = [line for line in log.splitlines() if "zhome.access" in line]
+    assert any("GET /_matrix/client/v3/no/such/endpoint 404" in line for line in lines), lines[-5:]
+    # Known routes keep their endpoint name; no query string (and so no token) is logged.
+    assert any("GET whoami 200" in line for line in lines), lines[-5:]
+    assert token not in log

@@ -28,6 +28,11 @@ access_logger = logging.getLogger("zhome.access")
 
 Handler = Callable[..., Awaitable[tuple[int, Any]]]
 
+# The metrics label of requests that matched no route (their paths would
+# make the label set unbounded).
+UNKNOWN_ENDPOINT = "unknown"
+MAX_LOGGED_PATH = 300
+
 REQUESTS = Counter("zhome_http_requests_total", "HTTP requests", ["method", "endpoint", "code"])
 LATENCY = Histogram(
     "zhome_http_request_seconds",
@@ -83,7 +88,7 @@ class JsonResource(Resource):
         start = time.monotonic()
         method = request.method.decode("ascii", "replace")
         raw_path = request.path.decode("utf-8", "replace")
-        endpoint = "unknown"
+        endpoint = UNKNOWN_ENDPOINT
         code = 500
         body: Any
         try:
@@ -101,11 +106,15 @@ class JsonResource(Resource):
         REQUESTS.labels(method, endpoint, str(code)).inc()
         LATENCY.labels(method, endpoint).observe(elapsed)
         if access_logger.isEnabledFor(logging.INFO):
-            access_logger.info(
-                "%s %s %d %.1fms", method, endpoint, code, elapsed * 1000,
-                extra={"method": method, "endpoint": endpoint, "status": code,
-                       "duration_ms": round(elapsed * 1000, 2)},
-            )
+            # A request that matched no route is logged by its path (never
+            # the query string, which may carry an access token), so an
+            # operator sees what clients ask for that zhome lacks.
+            shown = endpoint if endpoint != UNKNOWN_ENDPOINT else _redacted_path(raw_path)[:MAX_LOGGED_PATH]
+            extra = {"method": method, "endpoint": endpoint, "status": code,
+                     "duration_ms": round(elapsed * 1000, 2)}
+            if endpoint == UNKNOWN_ENDPOINT:
+                extra["path"] = shown
+            access_logger.info("%s %s %d %.1fms", method, shown, code, elapsed * 1000, extra=extra)
         if body is _ALREADY_WRITTEN:
             return
         respond_json(request, code, body)
