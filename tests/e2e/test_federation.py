@@ -381,6 +381,36 @@ def test_edus_profile_directory(zhome_pair: ZhomeServers, users: dict[str, User]
     assert [r["room_id"] for r in pub["chunk"]] == [room], pub
 
 
+def test_user_directory_across_servers(zhome_pair: ZhomeServers) -> None:
+    """B's directory lists A's users it shares a public room with, until B
+    is no longer in the room; a private room's members are found only by
+    who shares it."""
+    a = zhome_pair.a.server_name
+    host = User(zhome_pair.a, "dirhost")
+    host.req("PUT", f"{CS}/profile/{q(host.user_id)}/displayname", {"displayname": "Directory Hostess"})
+    seeker, other = User(zhome_pair.b, "dirseeker"), User(zhome_pair.b, "dirother")
+
+    def found(u: User, term: str) -> list[str]:
+        body = u.req("POST", f"{CS}/user_directory/search", {"search_term": term})
+        return [r["user_id"] for r in body["results"]]
+
+    room = _public_room(host, name="Directory lobby")
+    seeker.join(room, f"?via={q(a)}")
+    wait_until(lambda: host.membership_of(room, seeker.user_id) == "join", "A sees B's user joined")
+    assert found(seeker, "hostess") == [host.user_id]
+    # Another user of B finds A's user too: the room is public and B is in it.
+    assert found(other, "hostess") == [host.user_id]
+    seeker.req("POST", f"{CS}/rooms/{q(room)}/leave", {})
+    assert found(seeker, "hostess") == []
+    assert found(other, "hostess") == []
+
+    private = host.create_room(preset="private_chat", invite=[seeker.user_id])
+    seeker.sync_until(lambda: private in seeker.invites, "the invite at B")
+    seeker.join(private, f"?via={q(a)}")
+    assert found(seeker, "hostess") == [host.user_id]
+    assert found(other, "hostess") == []
+
+
 # -- 7. room versions ----------------------------------------------------------------------------
 @pytest.mark.parametrize("version", ["1", "5", "9", "10", "11", "12"])
 def test_room_versions(zhome_pair: ZhomeServers, users: dict[str, User], version: str) -> None:

@@ -36,6 +36,8 @@ def test_private_room_members_are_found_only_by_who_shares_a_room(zhome: ZhomePr
     assert _found(stranger, "patient") == []
     assert _found(nurse, "zorro") == [patient.user_id]
     assert _found(patient, "ratched") == [nurse.user_id]
+    # Nor does a private room make its members find themselves.
+    assert _found(patient, "zorro") == []
 
     # Leaving the room ends it.
     patient.ok("POST", f"/rooms/{q(room)}/leave", {})
@@ -64,6 +66,7 @@ def test_public_rooms_follow_join_rules_and_history_visibility(zhome: ZhomeProce
     lobby = creator.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"]
     member.ok("POST", f"/join/{q(lobby)}", {})
     assert _found(searcher, "quixote") == [member.user_id]
+    assert _found(member, "quixote") == [member.user_id]
     member.ok("POST", f"/rooms/{q(lobby)}/leave", {})
     assert _found(searcher, "quixote") == []
 

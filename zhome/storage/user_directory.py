@@ -97,13 +97,14 @@ class UserDirectoryStore:
         searcher may find whose ID or display name contains ``term``."""
         like = _like_pattern(term)
         local_suffix = "%:" + self.server_name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        # A room counts when the searcher is joined to it, or when it is
-        # public and this server is still in it (some local user joined).
+        # A room counts when the searcher shares it with the user (the
+        # searcher does not find themself through a private room), or when
+        # it is public and this server is still in it (some local user joined).
         shares_room = (
             "EXISTS (SELECT 1 FROM current_state_events m WHERE m.type = 'm.room.member'"
             " AND m.state_key = d.user_id AND m.membership = 'join' AND ("
-            "  m.room_id IN (SELECT s.room_id FROM current_state_events s WHERE s.type = 'm.room.member'"
-            "   AND s.state_key = ? AND s.membership = 'join')"
+            "  (d.user_id <> ? AND m.room_id IN (SELECT s.room_id FROM current_state_events s"
+            "   WHERE s.type = 'm.room.member' AND s.state_key = ? AND s.membership = 'join'))"
             "  OR m.room_id IN (SELECT p.room_id FROM user_directory_public_rooms p WHERE EXISTS ("
             "   SELECT 1 FROM current_state_events l WHERE l.room_id = p.room_id AND l.type = 'm.room.member'"
             "   AND l.membership = 'join' AND l.state_key LIKE ? ESCAPE '\\'))))"
@@ -121,6 +122,7 @@ class UserDirectoryStore:
             " ORDER BY CASE WHEN LOWER(COALESCE(d.display_name, '')) LIKE ? ESCAPE '\\' THEN 0 ELSE 1 END,"
             " d.user_id LIMIT ?"
         )
-        rows = await self.db.execute("user_directory_search", sql, like, like, searcher, local_suffix, like, limit)
+        rows = await self.db.execute("user_directory_search", sql, like, like, searcher, searcher, local_suffix, like,
+                                     limit)
         return [(u, n, a) for u, n, a in rows]
 
