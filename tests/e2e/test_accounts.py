@@ -375,6 +375,34 @@ def test_devices(zhome: ZhomeProcess) -> None:
     assert [d["device_id"] for d in body["devices"]] == [me["device_id"]]
 
 
+def test_uia_is_bound_to_its_user_and_operation(zhome: ZhomeProcess) -> None:
+    me = zhome.register("lena")
+    zhome.register("eve")
+    tok = me["access_token"]
+    for device in ("FIRST", "SECOND"):
+        assert _login(zhome, "lena", device_id=device)[0] == 200
+    # Another user's valid credentials never authorise lena's actions.
+    status, body = zhome.request("DELETE", CS + "/devices/FIRST", {"auth": _pw_auth("@eve:localhost")}, token=tok)
+    assert status == 403 and body["errcode"] == "M_FORBIDDEN", body
+    # A session started to delete FIRST cannot delete SECOND.
+    status, body = zhome.request("DELETE", CS + "/devices/FIRST", {}, token=tok)
+    assert status == 401
+    status, body = zhome.request("DELETE", CS + "/devices/SECOND",
+                                 {"auth": _pw_auth(me["user_id"], session=body["session"])}, token=tok)
+    assert status == 403 and body["errcode"] == "M_FORBIDDEN", body
+    status, devices = zhome.request("GET", CS + "/devices", token=tok)
+    assert {"FIRST", "SECOND"} <= {d["device_id"] for d in devices["devices"]}
+
+
+def test_usernames_with_a_trailing_newline_are_refused(zhome: ZhomeProcess) -> None:
+    for name in ("trailing\n", "new\nline"):
+        status, body = zhome.request("POST", CS + "/register", {
+            "username": name, "password": PASSWORD, "auth": {"type": "m.login.dummy"}})
+        assert status == 400 and body["errcode"] == "M_INVALID_USERNAME", (name, body)
+        status, body = zhome.request("GET", CS + "/register/available?username=" + name.replace("\n", "%0A"))
+        assert status == 400 and body["errcode"] == "M_INVALID_USERNAME", (name, body)
+
+
 def test_refresh_tokens(zhome_factory: Any) -> None:
     hs = zhome_factory(overrides={"access_tokens": {"lifetime_ms": 2000, "refresh_tokens": True}}).start()
     hs.register("lena")

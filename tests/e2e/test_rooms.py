@@ -396,6 +396,30 @@ def test_members_and_joined_members(zhome: ZhomeProcess) -> None:
     assert status == 403
 
 
+def test_small_contract_points(zhome: ZhomeProcess) -> None:
+    alice, bob = U(zhome, "alice"), U(zhome, "bob")
+    # A room version must be a string.
+    status, body = alice.req("POST", "/createRoom", {"room_version": 10})
+    assert status == 400 and body["errcode"] == "M_BAD_JSON", body
+    # Extra keys of a join body are the join event's content.
+    room_id = alice.create(preset="public_chat")
+    bob.ok("POST", f"/join/{q(room_id)}", {"foo": "bar", "reason": "hello"})
+    status, member = bob.state_event(room_id, "m.room.member", bob.user_id)
+    assert status == 200 and member["foo"] == "bar" and member["membership"] == "join" and member["reason"] == "hello"
+    status, body = bob.req("POST", f"/join/{q(room_id)}", {"bad": 1.5})
+    assert status == 400 and body["errcode"] == "M_BAD_JSON", body
+    # Redacting an event of another room through this one.
+    other = alice.create(preset="public_chat")
+    event_id = alice.send(other, "elsewhere")
+    status, body = alice.req("PUT", f"/rooms/{q(room_id)}/redact/{q(event_id)}/r1", {})
+    assert status == 400, body
+    # /context of an event in a room the reader may not see.
+    private = alice.create(preset="private_chat")
+    hidden = alice.send(private, "not for bob")
+    status, body = bob.req("GET", f"/rooms/{q(private)}/context/{q(hidden)}")
+    assert status == 403 and body["errcode"] == "M_FORBIDDEN", body
+
+
 def test_state_after_leaving(zhome: ZhomeProcess) -> None:
     alice, bob = U(zhome, "alice"), U(zhome, "bob")
     room_id = alice.create(preset="public_chat", topic="before")
@@ -450,6 +474,9 @@ def test_aliases(zhome: ZhomeProcess) -> None:
     status, body = alice.req("GET", "/directory/room/" + q(alias))
     assert status == 404 and body["errcode"] == "M_NOT_FOUND"
     assert alias not in alice.ok("GET", f"/rooms/{q(room_id)}/aliases")["aliases"]
+    # The deleted alias left the room's canonical alias event.
+    status, body = alice.state_event(room_id, "m.room.canonical_alias")
+    assert status == 200 and "alias" not in body, body
 
 
 def test_directory_and_public_rooms(zhome: ZhomeProcess) -> None:

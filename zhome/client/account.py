@@ -9,6 +9,7 @@ management", "Capabilities negotiation", "Device management", "Profiles",
 from __future__ import annotations
 
 import hashlib
+import json
 import hmac
 import secrets
 import time
@@ -325,29 +326,37 @@ class AccountServlets:
         return None
 
     # -- UIA for existing users ------------------------------------------------
-    async def require_password_uia(self, body: dict[str, Any], user_id: str) -> None:
-        """User-interactive auth with m.login.password for sensitive actions."""
+    async def require_password_uia(self, body: dict[str, Any], user_id: str, operation: str) -> None:
+        """User-interactive auth with m.login.password for sensitive actions.
+
+        ``operation`` names what is being authorised (method, path and the
+        parameters that matter): a session started for one operation cannot
+        complete another (spec "User-interactive authentication API": the
+        server must bind the session to the request it started with).
+        """
         flows = [{"stages": ["m.login.password"]}]
         auth = body.get("auth")
         session: object  # client-supplied once auth is given: any JSON value
         if not isinstance(auth, dict):
             session = random_string(24)
-            await self.accounts.create_uia_session(session, {"user_id": user_id})
+            await self.accounts.create_uia_session(session, {"user_id": user_id, "operation": operation})
             raise MatrixError(401, "M_FORBIDDEN", "Authentication required", flows=flows, params={}, session=session,
                               completed=[])
         session = auth.get("session")
+        if isinstance(session, str):
+            stored = await self.accounts.get_uia_session(session)
+            if stored is not None and stored[1].get("operation") not in (None, operation):
+                raise forbidden("This authentication session was started for another operation")
         if auth.get("type") != "m.login.password":
             raise MatrixError(401, "M_FORBIDDEN", "Unsupported authentication type", flows=flows, params={},
                               session=session, completed=[])
         claimed = self._user_id_from_identifier(auth)
+        if claimed != user_id:
+            # Someone else's credentials never authorise this account's actions.
+            raise forbidden("The authenticated user does not match the requester")
         user = await self.accounts.get_user(user_id)
         pw = auth.get("password")
-        ok = (
-            claimed == user_id
-            and user is not None
-            and isinstance(pw, str)
-            and await check_password_async(pw, user["password_hash"])
-        )
+        ok = user is not None and isinstance(pw, str) and await check_password_async(pw, user["password_hash"])
         if not ok:
             raise MatrixError(401, "M_FORBIDDEN", "Invalid password", flows=flows, params={}, session=session,
                               completed=[])
@@ -357,7 +366,7 @@ class AccountServlets:
     async def on_password(self, request: Request) -> tuple[int, Any]:
         req = await self.hs.auth.get_user_by_req(request)
         body = read_json_body(request)
-        await self.require_password_uia(body, req.user_id)
+        await self.require_password_uia(body, req.user_id, "POST /account/password")
         new = body.get("new_password")
         if not isinstance(new, str) or not new or len(new) > 512:
             raise bad_json("'new_password' must be a non-empty string")
@@ -369,7 +378,7 @@ class AccountServlets:
     async def on_deactivate(self, request: Request) -> tuple[int, Any]:
         req = await self.hs.auth.get_user_by_req(request)
         body = read_json_body(request)
-        await self.require_password_uia(body, req.user_id)
+        await self.require_password_uia(body, req.user_id, "POST /account/deactivate")
         rooms = await self.hs.events.get_rooms_for_user(req.user_id)
         for room_id, (membership, _) in rooms.items():
             if membership in ("join", "invite", "knock"):
@@ -407,7 +416,7 @@ class AccountServlets:
         body = read_json_body(request, allow_empty=True)
         if not any(d["device_id"] == device_id for d in await self.accounts.get_devices(req.user_id)):
             raise not_found("Device not found")
-        await self.require_password_uia(body, req.user_id)
+        await self.require_password_uia(body, req.user_id, "DELETE /devices/" + device_id)
         await self.accounts.delete_devices(req.user_id, [device_id])
         return 200, {}
 
@@ -417,7 +426,7 @@ class AccountServlets:
         devices = body.get("devices")
         if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
             raise bad_json("'devices' must be a list of device IDs")
-        await self.require_password_uia(body, req.user_id)
+        await self.require_password_uia(body, req.user_id, "POST /delete_devices " + json.dumps(sorted(devices)))
         await self.accounts.delete_devices(req.user_id, devices)
         return 200, {}
 

@@ -148,8 +148,16 @@ class RoomServlets:
         self.hs.ratelimit_joins.check(req.user_id)
         if "reason" in body and not isinstance(body["reason"], str):
             raise bad_json("'reason' must be a string")
+        # Other keys of the body go into the join event's content, as for
+        # PUT /state/m.room.member (third_party_signed is a parameter, not content).
+        extra = {k: v for k, v in body.items() if k not in ("reason", "third_party_signed", "membership")}
+        if extra:
+            rv = await self.hs.event_creator.room_version_of(room_id) if await self.hs.rooms.get_room_version(
+                room_id) else None
+            if rv is not None:
+                check_client_content(rv, extra)
         await self.hs.membership.update(req.user_id, req.user_id, room_id, "join", reason=body.get("reason"),
-                                        via=via)
+                                        via=via, extra=extra or None)
         return 200, {"room_id": room_id}
 
     async def on_join_target(self, request: Request, target: str) -> tuple[int, Any]:
@@ -358,8 +366,10 @@ class RoomServlets:
         if reason is not None and not isinstance(reason, str):
             raise bad_json("'reason' must be a string")
         target = await self.events.get_event(event_id)
-        if target is None or target.room_id != room_id:
+        if target is None:
             raise not_found("Event not found")
+        if target.room_id != room_id:
+            raise invalid_param("The event is not in this room")
         content = {"reason": reason} if reason is not None else {}
 
         async def may_redact(event: Event, state: dict[tuple[str, str], str]) -> None:
@@ -373,12 +383,18 @@ class RoomServlets:
                                               device_id=req.device_id, redacts=event_id, extra_check=may_redact)
         return 200, {"event_id": ev.event_id}
 
-    async def _visible_event(self, room_id: str, event_id: str, user_id: str) -> Event:
+    async def _visible_event(self, room_id: str, event_id: str, user_id: str,
+                             hidden_is_forbidden: bool = False) -> Event:
+        """The event, if the user may see it. A hidden event is 404 as for
+        GET /event (the spec's definition), or 403 where the endpoint
+        answers a reader who may not see the room that way (/context)."""
         await self._require_known_room(room_id)
         ev = await self.events.get_event(event_id)
         if ev is None or ev.room_id != room_id or ev.rejected_reason:
             raise not_found("Event not found.")
         if not await self.hs.visibility.filter_events(user_id, [ev]):
+            if hidden_is_forbidden:
+                raise forbidden("You may not see this event")
             raise not_found("Event not found.")
         return ev
 
@@ -391,7 +407,7 @@ class RoomServlets:
         req = await self.hs.auth.get_user_by_req(request)
         limit = min(max(query_int(request, "limit", 10) or 0, 0), 100)
         flt = EventFilter(parse_filter_param(query_arg(request, "filter")))
-        ev = await self._visible_event(room_id, event_id, req.user_id)
+        ev = await self._visible_event(room_id, event_id, req.user_id, hidden_is_forbidden=True)
         so = ev.internal["stream_ordering"]
         before_n = limit // 2
         after_n = limit - before_n
@@ -546,7 +562,34 @@ class RoomServlets:
             if level < auth_rules.get_required_level("m.room.canonical_alias", True, ae):
                 raise forbidden("You may not delete this alias")
         await self.hs.rooms.delete_alias(alias)
+        await self._drop_from_canonical_alias(room_id, alias, req.user_id)
         return 200, {}
+
+    async def _drop_from_canonical_alias(self, room_id: str, alias: str, user_id: str) -> None:
+        """A deleted alias leaves the room's m.room.canonical_alias (as its
+        alias or one of its alt_aliases), so clients stop showing it."""
+        eid = await self.events.get_current_state_event_id(room_id, "m.room.canonical_alias", "")
+        ev = await self.events.get_event(eid) if eid else None
+        if ev is None:
+            return
+        content = dict(ev.content)
+        alt = content.get("alt_aliases")
+        changed = False
+        if content.get("alias") == alias:
+            del content["alias"]
+            changed = True
+        if isinstance(alt, list) and alias in alt:
+            content["alt_aliases"] = [a for a in alt if a != alias]
+            changed = True
+        if not changed:
+            return
+        try:
+            await self.hs.event_creator.send(room_id, "m.room.canonical_alias", user_id, content, state_key="")
+        except MatrixError:
+            # The alias is gone either way; the deleter may lack the power to
+            # change the state event, which then names an alias that no
+            # longer resolves (clients check).
+            pass
 
     async def on_get_visibility(self, request: Request, room_id: str) -> tuple[int, Any]:
         if await self.hs.rooms.get_room_version(room_id) is None:

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from typing import BinaryIO, Callable
 
-_NAME = re.compile(r"^[a-z0-9_]+(/[a-z0-9_]+)*$")
+_NAME = re.compile(r"^[a-z0-9_]+(/[a-z0-9_]+)*\Z")
 
 
 class StorageBackend(abc.ABC):

@@ -23,7 +23,7 @@ INLINE_TYPES = frozenset({
 })
 
 MAX_FILENAME_CHARS = 255
-_CONTENT_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}$")
+_CONTENT_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}\Z")
 
 
 def sanitise_filename(name: str | None) -> str | None:

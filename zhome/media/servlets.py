@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_MEDIA_ID = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
+_MEDIA_ID = re.compile(r"^[A-Za-z0-9_-]{1,255}\Z")
 SERVER = r"(?P<server_name>[^/]+)"
 MEDIA = r"(?P<media_id>[^/]+)"
 # Decrypt and send this much at a time.

@@ -25,7 +25,7 @@ from zhome.storage.rooms import RoomsStore
 from zhome.util.ids import is_valid_user_id, random_string
 
 PRESETS = ("private_chat", "public_chat", "trusted_private_chat")
-_ALIAS_LOCALPART = re.compile(r"^[^:\s]+$")
+_ALIAS_LOCALPART = re.compile(r"^[^:\s]+\Z")
 # Tries at a fresh room ID before giving up (each moves the create event on by 1 ms).
 CREATE_ATTEMPTS = 50
 
@@ -48,7 +48,9 @@ class RoomCreationService:
     async def create_room(self, user_id: str, body: dict[str, Any]) -> tuple[str, Optional[str]]:
         """Create a room as ``body`` asks; returns (room_id, alias)."""
         version_id = body.get("room_version", self.default_room_version)
-        if not isinstance(version_id, str) or version_id not in KNOWN_ROOM_VERSIONS:
+        if not isinstance(version_id, str):
+            raise bad_json("'room_version' must be a string")
+        if version_id not in KNOWN_ROOM_VERSIONS:
             raise MatrixError(400, "M_UNSUPPORTED_ROOM_VERSION", f"Room version {version_id!r} is not supported")
         rv = get_room_version(version_id)
         visibility = body.get("visibility", "private")

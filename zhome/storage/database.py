@@ -66,7 +66,7 @@ def _pg_retryable() -> tuple[type[Exception], ...]:
 #: second try; five bounds the worst case.
 MAX_ATTEMPTS = 5
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 ENGINE_SQLITE = "sqlite3"
 ENGINE_POSTGRES = "postgres"

@@ -9,11 +9,11 @@ import re
 import secrets
 import string
 
-_USER_LOCALPART = re.compile(r"^[a-z0-9._=/+-]+$")
+_USER_LOCALPART = re.compile(r"^[a-z0-9._=/+-]+\Z")
 # Historical user IDs (from other servers) may use any printable ASCII.
-_HISTORICAL_LOCALPART = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")
+_HISTORICAL_LOCALPART = re.compile(r"^[\x21-\x39\x3b-\x7e]+\Z")
 _SERVER_NAME = re.compile(
-    r"^(?:\[[0-9A-Fa-f:.]{2,45}\]|[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[A-Za-z0-9.-]{1,255})(?::[0-9]{1,5})?$"
+    r"^(?:\[[0-9A-Fa-f:.]{2,45}\]|[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[A-Za-z0-9.-]{1,255})(?::[0-9]{1,5})?\Z"
 )
 _ALPHABET = string.ascii_letters
 
