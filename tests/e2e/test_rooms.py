@@ -184,6 +184,9 @@ def test_invite_kick_ban_unban(zhome: ZhomeProcess) -> None:
     assert member["membership"] == "ban" and member["reason"] == "spam"
     status, body = bob.req("POST", f"/rooms/{q(room_id)}/join", {})
     assert status == 403
+    # A banned user no longer reads the room's state (a kicked one reads it as it was when they left).
+    status, body = bob.state_event(room_id, "m.room.member", bob.user_id)
+    assert status == 403 and body["errcode"] == "M_FORBIDDEN", body
     # Even an invite cannot bring a banned user back.
     status, _ = alice.req("POST", f"/rooms/{q(room_id)}/invite", {"user_id": bob.user_id})
     assert status == 403

@@ -78,12 +78,13 @@ class RoomServlets:
             raise forbidden("You are not in this room")
 
     async def _state_for_reader(self, room_id: str, user_id: str) -> dict[tuple[str, str], str]:
-        """Current state for members; the state when they left for former members."""
+        """Current state for members; the state when they left for former
+        members (not for banned ones: a ban ends what the room shows them)."""
         await self._require_known_room(room_id)
         membership, ev = await self._membership(room_id, user_id)
         if membership == "join":
             return await self.events.get_current_state_ids(room_id)
-        if membership in ("leave", "ban") and ev is not None:
+        if membership == "leave" and ev is not None:
             return await self.events.get_state_after_event(ev.event_id)
         raise forbidden("You are not in this room")
 
