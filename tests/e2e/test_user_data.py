@@ -181,6 +181,14 @@ def test_filters_and_limited_timeline(zhome: ZhomeProcess) -> None:
     assert back["room"]["timeline"]["limit"] == 1
     status, body = alice.req("GET", f"/user/{q(alice.user_id)}/filter/99999")
     assert status == 404
+    # Room and sender lists hold IDs.
+    for bad in ({"room": {"timeline": {"rooms": ["not_a_room_id"]}}},
+                {"room": {"timeline": {"senders": ["not_a_sender_id"]}}},
+                {"room": {"not_rooms": ["#alias:localhost"]}}):
+        status, body = alice.req("POST", f"/user/{q(alice.user_id)}/filter", bad)
+        assert status == 400 and body["errcode"] == "M_BAD_JSON", (bad, body)
+    ok = {"room": {"rooms": [room_id, "!old:localhost"], "timeline": {"senders": [alice.user_id]}}}
+    assert alice.ok("POST", f"/user/{q(alice.user_id)}/filter", ok)["filter_id"]
 
     alice.sync(flt=filter_id)
     sent = [alice.say(room_id, f"m{i}") for i in range(3)]

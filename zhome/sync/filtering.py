@@ -13,8 +13,22 @@ from typing import Any, Optional
 
 from zhome.http.errors import bad_json
 from zhome.rooms.events import Event
+from zhome.util.ids import is_valid_room_id, is_valid_user_id
 
 _STR_LISTS = ("types", "not_types", "senders", "not_senders", "rooms", "not_rooms")
+
+
+def _check_ids(f: dict[str, Any], where: str) -> None:
+    """Room and sender lists hold IDs; a filter naming something else would
+    silently match nothing."""
+    for key in ("rooms", "not_rooms"):
+        for room_id in f.get(key, ()):
+            if not is_valid_room_id(room_id):
+                raise bad_json(f"{where}.{key}: {room_id[:100]!r} is not a room ID")
+    for key in ("senders", "not_senders"):
+        for user_id in f.get(key, ()):
+            if not is_valid_user_id(user_id):
+                raise bad_json(f"{where}.{key}: {user_id[:100]!r} is not a user ID")
 
 
 def _check_event_filter(f: Any, where: str) -> dict[str, Any]:
@@ -25,6 +39,7 @@ def _check_event_filter(f: Any, where: str) -> dict[str, Any]:
     for key in _STR_LISTS:
         if key in f and (not isinstance(f[key], list) or not all(isinstance(x, str) for x in f[key])):
             raise bad_json(f"{where}.{key} must be a list of strings")
+    _check_ids(f, where)
     if "limit" in f:
         lim = f["limit"]
         if not isinstance(lim, int) or isinstance(lim, bool) or lim < 1:
@@ -53,6 +68,7 @@ def validate_filter(body: Any) -> dict[str, Any]:
         for key in ("rooms", "not_rooms"):
             if key in room and (not isinstance(room[key], list) or not all(isinstance(x, str) for x in room[key])):
                 raise bad_json(f"room.{key} must be a list of strings")
+        _check_ids({k: room[k] for k in ("rooms", "not_rooms") if k in room}, "room")
         if "include_leave" in room and not isinstance(room["include_leave"], bool):
             raise bad_json("room.include_leave must be a boolean")
         for key in ("timeline", "state", "ephemeral", "account_data"):

@@ -60,5 +60,19 @@ def is_valid_room_alias(s: str) -> bool:
     return bool(local)
 
 
+def is_valid_room_id(s: str) -> bool:
+    """``!opaque:server`` (room versions 1 to 11) or ``!`` and the create
+    event's hash (version 12, no server part)."""
+    if not s.startswith("!") or len(s) < 2 or len(s.encode("utf-8")) > 255 or any(c.isspace() for c in s):
+        return False
+    if ":" not in s:
+        return True
+    try:
+        local, _ = split_id(s, "!")
+    except ValueError:
+        return False
+    return bool(local)
+
+
 def server_of(s: str) -> str:
     return s.split(":", 1)[1] if ":" in s else ""
