@@ -625,3 +625,48 @@ task.react(lambda r: defer.ensureDeferred(main(r)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "not loaded"
+
+
+@pytest_twisted.ensureDeferred
+async def test_user_directory_migration_backfills_existing_rooms(db_config: DbConfig, tmp_path: Path) -> None:
+    """0009 fills the user directory's tables from the rooms already stored."""
+    import json
+    import shutil
+
+    schema = tmp_path / "schema"
+    schema.mkdir()
+    for f in find_schema_files(SCHEMA_DIR):
+        if f.version < 9:
+            shutil.copy(f.path, schema / f.path.name)
+    db = Database(*db_config)
+    try:
+        assert await prepare_database(db, schema) == 8
+
+        def fill(txn: Txn) -> None:
+            txn.execute("INSERT INTO users (user_id, created_ts) VALUES ('@local:hs', 0)")
+            rows = [
+                (1, "$jr1", "!public:hs", "m.room.join_rules", "", {"join_rule": "public"}, None),
+                (2, "$jr2", "!private:hs", "m.room.join_rules", "", {"join_rule": "invite"}, None),
+                (3, "$hv3", "!readable:hs", "m.room.history_visibility", "", {"history_visibility": "world_readable"},
+                 None),
+                (4, "$m4", "!public:hs", "m.room.member", "@remote:other", {"membership": "join",
+                                                                             "displayname": "Remote Rita"}, "join"),
+                (5, "$m5", "!public:hs", "m.room.member", "@local:hs", {"membership": "join"}, "join"),
+            ]
+            for so, eid, room, etype, sk, content, membership in rows:
+                pdu = {"type": etype, "state_key": sk, "content": content, "room_id": room, "sender": "@local:hs"}
+                txn.execute(
+                    "INSERT INTO events (stream_ordering, event_id, room_id, type, state_key, sender, depth,"
+                    " origin_server_ts, received_ts, json) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (so, eid, room, etype, sk, "@local:hs", so, 0, 0, json.dumps(pdu)))
+                txn.execute("INSERT INTO current_state_events (room_id, type, state_key, event_id, membership)"
+                            " VALUES (?,?,?,?,?)", (room, etype, sk, eid, membership))
+
+        await db.run_interaction("fill", fill)
+        assert await prepare_database(db) == find_schema_files(SCHEMA_DIR)[-1].version
+        rooms = await db.execute("q", "SELECT room_id FROM user_directory_public_rooms ORDER BY room_id")
+        assert rooms == [("!public:hs",), ("!readable:hs",)]
+        profiles = await db.execute("q", "SELECT user_id, display_name, avatar_url FROM user_directory_remote_profiles")
+        assert profiles == [("@remote:other", "Remote Rita", None)]
+    finally:
+        await db.close()
