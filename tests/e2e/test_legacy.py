@@ -295,8 +295,9 @@ def test_room_initial_sync(zhome: ZhomeProcess) -> None:
 def test_post_send_and_redact(zhome: ZhomeProcess) -> None:
     alice, bob = U(zhome, "alice"), U(zhome, "bob")
     room = _room(alice)
-    eid = alice.ok("POST", f"/rooms/{q(room)}/send/m.room.message", {"msgtype": "m.text", "body": "posted"})["event_id"]
-    eid2 = alice.ok("POST", f"/rooms/{q(room)}/send/m.room.message", {"msgtype": "m.text", "body": "posted"})["event_id"]
+    post = f"/rooms/{q(room)}/send/m.room.message"
+    eid = alice.ok("POST", post, {"msgtype": "m.text", "body": "posted"})["event_id"]
+    eid2 = alice.ok("POST", post, {"msgtype": "m.text", "body": "posted"})["event_id"]
     assert eid != eid2, "without a transaction ID every POST is a new event"
     got = alice.ok("GET", f"/rooms/{q(room)}/event/{q(eid)}")
     assert got["content"]["body"] == "posted" and "transaction_id" not in got.get("unsigned", {})
