@@ -117,6 +117,15 @@ def test_event_stream(zhome: ZhomeProcess) -> None:
     out = alice.events_ok(**{"from": token})
     assert [(e["type"], e["content"].get("membership")) for e in out["chunk"]] == [("m.room.member", "leave")]
 
+    # An invite reaches the invited user's stream while they wait, and nothing else of that room does.
+    token = out["end"]
+    other = _room(bob)
+    bob.say(other, "before the invite")
+    threading.Timer(0.5, lambda: bob.ok("POST", f"/rooms/{q(other)}/invite", {"user_id": alice.user_id})).start()
+    out = alice.events_ok(**{"from": token, "timeout": 10000})
+    assert [(e["type"], e["room_id"], e["content"].get("membership")) for e in out["chunk"]] == [
+        ("m.room.member", other, "invite")]
+
     # The token is /sync's: it works as a since token and the other way round.
     status, synced = alice.req("GET", "/sync?" + urllib.parse.urlencode({"since": out["end"], "timeout": "0"}))
     assert status == 200, synced
