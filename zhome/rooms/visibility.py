@@ -14,6 +14,10 @@ from zhome.rooms.events import Event
 from zhome.storage.events import EventsStore
 
 
+# History visibility values from the most closed to the most open.
+_OPENNESS = {"joined": 0, "invited": 1, "shared": 2, "world_readable": 3}
+
+
 class Visibility:
     def __init__(self, events: EventsStore) -> None:
         self.events = events
@@ -44,6 +48,12 @@ class Visibility:
                     membership = evs[mid].membership
                 groups[g] = (hv, membership)
             hv, membership = groups[g]
+            if ev.type == "m.room.history_visibility" and ev.state_key == "":
+                # A change of history visibility is seen by whoever could see
+                # the room on either side of it, so members see the boundary.
+                before = await self._history_visibility(await self.events.get_state_before_event(ev))
+                if _OPENNESS[before] > _OPENNESS[hv]:
+                    hv = before
             # A user always sees their own membership events: the state
             # group is the state after the event, so a leave, kick or ban
             # would otherwise hide itself and the client never learns of it.
@@ -61,6 +71,19 @@ class Visibility:
                 if latest_join[room] > ev.internal.get("stream_ordering", 0):
                     out.append(ev)
         return out
+
+    async def _history_visibility(self, state: dict[tuple[str, str], str]) -> str:
+        hv_id = state.get(("m.room.history_visibility", ""))
+        ev = await self.events.get_event(hv_id) if hv_id else None
+        v = ev.content.get("history_visibility") if ev is not None else None
+        return v if isinstance(v, str) and v in _OPENNESS else "shared"
+
+    async def is_world_readable(self, room_id: str) -> bool:
+        """Whether the room's current history visibility is world_readable: anyone may read it without
+        joining (spec: "Room History Visibility", world_readable)."""
+        eid = await self.events.get_current_state_event_id(room_id, "m.room.history_visibility", "")
+        ev = await self.events.get_event(eid) if eid else None
+        return ev is not None and ev.content.get("history_visibility") == "world_readable"
 
     async def _latest_join(self, user_id: str, room_id: str) -> int:
         rows = await self.events.db.execute(
