@@ -82,14 +82,24 @@ class RoomServlets:
             raise forbidden("You are not in this room")
 
     async def _state_for_reader(self, room_id: str, user_id: str) -> dict[tuple[str, str], str]:
-        """Current state for members; the state when they left for former members."""
+        """Current state for members; the state when they left for former
+        members; current state for anyone when the room is world_readable."""
         await self._require_known_room(room_id)
         membership, ev = await self._membership(room_id, user_id)
         if membership == "join":
             return await self.events.get_current_state_ids(room_id)
         if membership in ("leave", "ban") and ev is not None:
             return await self.events.get_state_after_event(ev.event_id)
+        if await self._world_readable(room_id):
+            return await self.events.get_current_state_ids(room_id)
         raise forbidden("You are not in this room")
+
+    async def _world_readable(self, room_id: str) -> bool:
+        """Spec "History visibility": world_readable rooms may be read by
+        anyone, members or not, guests included."""
+        eid = await self.events.get_current_state_event_id(room_id, "m.room.history_visibility", "")
+        ev = await self.events.get_event(eid) if eid else None
+        return ev is not None and ev.content.get("history_visibility") == "world_readable"
 
     async def _resolve_room(self, target: str, request: Optional[Request] = None) -> tuple[str, list[str]]:
         """(room ID, servers to join through) for a room ID or alias."""
@@ -461,7 +471,7 @@ class RoomServlets:
             limit = min(limit, flt.limit)
         await self._require_known_room(room_id)
         membership, member_ev = await self._membership(room_id, req.user_id)
-        if membership is None:
+        if membership is None and not await self._world_readable(room_id):
             raise forbidden("You are not in this room")
         base = self.hs.notifier.current_token()
         from_raw = query_arg(request, "from")
