@@ -3,12 +3,14 @@
 Spec: client-server-api "History visibility" (the algorithm in "Room
 History Visibility"): world_readable; the user's membership at the event
 was join; shared and the user joined at some point after the event;
-invited and the user's membership at the event was invite.
+invited and the user's membership at the event was invite. A
+history_visibility event is also visible when the visibility before it
+allows it, and users always see their own membership events.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 from zhome.rooms.events import Event
 from zhome.storage.events import EventsStore
@@ -29,38 +31,49 @@ class Visibility:
             if g is None:
                 continue
             if g not in groups:
-                state = await self.events.get_state_group(g)
-                hv = "shared"
-                hv_id = state.get(("m.room.history_visibility", ""))
-                membership = None
-                ids = [i for i in (hv_id, state.get(("m.room.member", user_id))) if i]
-                evs = await self.events.get_events(ids)
-                if hv_id and hv_id in evs:
-                    v = evs[hv_id].content.get("history_visibility")
-                    if v in ("world_readable", "shared", "invited", "joined"):
-                        hv = v
-                mid = state.get(("m.room.member", user_id))
-                if mid and mid in evs:
-                    membership = evs[mid].membership
-                groups[g] = (hv, membership)
+                groups[g] = await self._visibility_and_membership(user_id, await self.events.get_state_group(g))
             hv, membership = groups[g]
             # A user always sees their own membership events: the state
             # group is the state after the event, so a leave, kick or ban
             # would otherwise hide itself and the client never learns of it.
-            if hv == "world_readable" or membership == "join" or (
-                    ev.type == "m.room.member" and ev.state_key == user_id):
+            if (ev.type == "m.room.member" and ev.state_key == user_id) or await self._allowed(
+                    user_id, ev, hv, membership, latest_join):
                 out.append(ev)
                 continue
-            if hv == "invited" and membership == "invite":
-                out.append(ev)
-                continue
-            if hv == "shared":
-                room = ev.room_id
-                if room not in latest_join:
-                    latest_join[room] = await self._latest_join(user_id, room)
-                if latest_join[room] > ev.internal.get("stream_ordering", 0):
+            if ev.type == "m.room.history_visibility" and ev.state_key == "":
+                # Spec: a history_visibility event is visible if the
+                # visibility before *or* after it allows it.
+                hv_before, membership_before = await self._visibility_and_membership(
+                    user_id, await self.events.get_state_before_event(ev))
+                if await self._allowed(user_id, ev, hv_before, membership_before, latest_join):
                     out.append(ev)
         return out
+
+    async def _visibility_and_membership(self, user_id: str,
+                                         state: Mapping[tuple[str, str], str]) -> tuple[str, Optional[str]]:
+        hv = "shared"
+        hv_id = state.get(("m.room.history_visibility", ""))
+        mid = state.get(("m.room.member", user_id))
+        evs = await self.events.get_events([i for i in (hv_id, mid) if i])
+        if hv_id and hv_id in evs:
+            v = evs[hv_id].content.get("history_visibility")
+            if v in ("world_readable", "shared", "invited", "joined"):
+                hv = v
+        membership = evs[mid].membership if mid and mid in evs else None
+        return hv, membership
+
+    async def _allowed(self, user_id: str, ev: Event, hv: str, membership: Optional[str],
+                       latest_join: dict[str, int]) -> bool:
+        if hv == "world_readable" or membership == "join":
+            return True
+        if hv == "invited" and membership == "invite":
+            return True
+        if hv == "shared":
+            room = ev.room_id
+            if room not in latest_join:
+                latest_join[room] = await self._latest_join(user_id, room)
+            return latest_join[room] > ev.internal.get("stream_ordering", 0)
+        return False
 
     async def _latest_join(self, user_id: str, room_id: str) -> int:
         rows = await self.events.db.execute(
