@@ -242,8 +242,13 @@ class HomeServer:
     def client_servlets(self) -> list[Any]:
         from zhome.client.user_data import UserDataServlets
 
+        from zhome.client.legacy import LegacyServlets
+
         self.room_servlets = RoomServlets(self)
-        return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self)]
+        # presence: none yet; a presence store plugs in here (see legacy.PresenceSource).
+        legacy = LegacyServlets(self.auth, self.events, self.user_data, self.rooms, self.notifier, self.typing,
+                                self.visibility, self.room_servlets, presence=None)
+        return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy]
 
     def start_listening(self) -> None:
         tls_factory = None

@@ -89,17 +89,13 @@ class RoomServlets:
         if membership == "join":
             return await self.events.get_current_state_ids(room_id)
         if membership in ("leave", "ban") and ev is not None:
+            if await self.hs.visibility.is_world_readable(room_id):
+                return await self.events.get_current_state_ids(room_id)
             return await self.events.get_state_after_event(ev.event_id)
-        if await self._world_readable(room_id):
+        if await self.hs.visibility.is_world_readable(room_id):
+            # Anyone may read a world_readable room without joining it.
             return await self.events.get_current_state_ids(room_id)
         raise forbidden("You are not in this room")
-
-    async def _world_readable(self, room_id: str) -> bool:
-        """Spec "History visibility": world_readable rooms may be read by
-        anyone, members or not, guests included."""
-        eid = await self.events.get_current_state_event_id(room_id, "m.room.history_visibility", "")
-        ev = await self.events.get_event(eid) if eid else None
-        return ev is not None and ev.content.get("history_visibility") == "world_readable"
 
     async def _resolve_room(self, target: str, request: Optional[Request] = None) -> tuple[str, list[str]]:
         """(room ID, servers to join through) for a room ID or alias."""
@@ -227,7 +223,8 @@ class RoomServlets:
         return handler
 
     # -- sending -------------------------------------------------------------------
-    async def on_send(self, request: Request, room_id: str, etype: str, txn_id: str) -> tuple[int, Any]:
+    async def on_send(self, request: Request, room_id: str, etype: str,
+                      txn_id: Optional[str] = None) -> tuple[int, Any]:
         req = await self.hs.auth.get_user_by_req(request)
         content = read_json_body(request, allow_empty=True)
         self.hs.ratelimit_message.check(req.user_id)
@@ -364,7 +361,8 @@ class RoomServlets:
         return 200, {"joined_rooms": sorted(r for r, (m, _) in rooms.items() if m == "join")}
 
     # -- redaction and reading -------------------------------------------------------
-    async def on_redact(self, request: Request, room_id: str, event_id: str, txn_id: str) -> tuple[int, Any]:
+    async def on_redact(self, request: Request, room_id: str, event_id: str,
+                        txn_id: Optional[str] = None) -> tuple[int, Any]:
         req = await self.hs.auth.get_user_by_req(request)
         body = read_json_body(request, allow_empty=True)
         self.hs.ratelimit_message.check(req.user_id)
@@ -471,7 +469,10 @@ class RoomServlets:
             limit = min(limit, flt.limit)
         await self._require_known_room(room_id)
         membership, member_ev = await self._membership(room_id, req.user_id)
-        if membership is None and not await self._world_readable(room_id):
+        world_readable = False
+        if membership is None or membership in ("leave", "ban"):
+            world_readable = await self.hs.visibility.is_world_readable(room_id)
+        if membership is None and not world_readable:
             raise forbidden("You are not in this room")
         base = self.hs.notifier.current_token()
         from_raw = query_arg(request, "from")
@@ -481,7 +482,7 @@ class RoomServlets:
             pos = base.events if direction == "b" else -(2**62)
         to_raw = query_arg(request, "to")
         to = _decode_pos(to_raw) if to_raw is not None else None
-        if membership in ("leave", "ban") and member_ev is not None and direction == "b":
+        if membership in ("leave", "ban") and member_ev is not None and direction == "b" and not world_readable:
             # Former members see history up to when they left.
             pos = min(pos, member_ev.internal.get("stream_ordering", pos))
         events = await self._page(room_id, req.user_id, pos, to, direction == "b", limit, flt)

@@ -75,6 +75,13 @@ class Visibility:
             return latest_join[room] > ev.internal.get("stream_ordering", 0)
         return False
 
+    async def is_world_readable(self, room_id: str) -> bool:
+        """Whether the room's current history visibility is world_readable: anyone may read it without
+        joining (spec: "Room History Visibility", world_readable)."""
+        eid = await self.events.get_current_state_event_id(room_id, "m.room.history_visibility", "")
+        ev = await self.events.get_event(eid) if eid else None
+        return ev is not None and ev.content.get("history_visibility") == "world_readable"
+
     async def _latest_join(self, user_id: str, room_id: str) -> int:
         rows = await self.events.db.execute(
             "latest_join",

@@ -470,6 +470,27 @@ class EventsStore:
                 out[r].append(evs[e])
         return out
 
+    async def get_stream_events_for_rooms(
+        self, room_ids: list[str], from_exclusive: int, to_inclusive: int, limit: int
+    ) -> list[Event]:
+        """The oldest ``limit`` timeline events of all the rooms together in (from, to], by stream order.
+
+        The legacy event stream reads all of a user's rooms as one stream; one
+        query per chunk of rooms, each chunk's first ``limit`` merged.
+        """
+        if not room_ids or limit <= 0 or to_inclusive <= from_exclusive:
+            return []
+        rows = await self.db.select_in(
+            "stream_events_for_rooms",
+            "SELECT stream_ordering, event_id FROM events WHERE room_id IN ({in}) AND stream_ordering > ?"
+            " AND stream_ordering <= ? AND outlier = 0 AND soft_failed = 0 AND rejected_reason IS NULL"
+            " ORDER BY stream_ordering ASC LIMIT ?",
+            room_ids, after=(from_exclusive, to_inclusive, limit),
+        )
+        ids = [e for _, e in sorted(rows)[:limit]]
+        evs = await self.get_events(ids)
+        return [evs[i] for i in ids if i in evs]
+
     async def get_current_state_for_rooms(
         self, room_ids: list[str]
     ) -> dict[str, dict[tuple[str, str], tuple[str, Optional[str]]]]:

@@ -28,6 +28,9 @@ class TypingService:
         self.on_local_typing: Optional[Callable[[str, str, bool, int], None]] = None
         # room_id -> user_id -> expiry (monotonic seconds)
         self._typing: dict[str, dict[str, float]] = {}
+        # room_id -> the typing stream position of its latest change, so the
+        # legacy event stream tells a client only of rooms that changed.
+        self._changed_at: dict[str, int] = {}
 
     def set_typing(self, room_id: str, user_id: str, typing: bool, timeout_ms: int = 30000,
                    local: bool = True) -> None:
@@ -49,7 +52,17 @@ class TypingService:
         if not users:
             self._typing.pop(room_id, None)
         if changed:
-            self.notifier.on_typing(room_id)
+            self._changed(room_id)
+
+    def _changed(self, room_id: str) -> None:
+        # Recorded before the notifier wakes waiters (which resume at once);
+        # on_typing moves the typing position on by one.
+        self._changed_at[room_id] = self.notifier.typing_pos + 1
+        self.notifier.on_typing(room_id)
+
+    def changed_after(self, room_id: str, pos: int) -> bool:
+        """Whether the room's typing list changed after typing stream position ``pos``."""
+        return self._changed_at.get(room_id, 0) > pos
 
     def _expire(self, room_id: str, user_id: str) -> None:
         users = self._typing.get(room_id)
@@ -58,7 +71,7 @@ class TypingService:
         del users[user_id]
         if not users:
             self._typing.pop(room_id, None)
-        self.notifier.on_typing(room_id)
+        self._changed(room_id)
 
     def get_typing(self, room_id: str) -> list[str]:
         users = self._typing.get(room_id)
