@@ -148,6 +148,7 @@ def test_guest_endpoints_allowed_and_refused(guests_hs: ZhomeProcess) -> None:
     guest.ok("PUT", f"/devices/{q(device)}", {"display_name": "Lobby screen"})
     status, body = guests_hs.request("GET", "/_matrix/client/versions", token=guest.token)
     assert status == 200, body
+    guest.ok("GET", "/initialSync?limit=1")
 
     # Refused: everything else, with the guest-specific error.
     refused: list[tuple[str, str, Any]] = [
@@ -167,6 +168,10 @@ def test_guest_endpoints_allowed_and_refused(guests_hs: ZhomeProcess) -> None:
         ("POST", "/delete_devices", {"devices": [device]}),
         ("POST", "/logout/all", {}),
         ("GET", "/notifications", None),
+        # Legacy: /events only as used for room previews (with a room_id).
+        ("GET", "/events?timeout=0", None),
+        ("GET", "/events/$nothing", None),
+        ("POST", "/rooms/!nowhere:localhost/redact/$nothing", {}),
     ]
     for method, path, body in refused:
         status, resp = guest.req(method, path, body)
@@ -256,6 +261,9 @@ def test_world_readable_rooms_readable_without_joining(guests_hs: ZhomeProcess) 
         assert member["membership"] == "join"
         members = reader.ok("GET", f"/rooms/{q(room)}/members")["chunk"]
         assert [m["state_key"] for m in members] == [owner.user_id]
+        initial = reader.ok("GET", f"/rooms/{q(room)}/initialSync")
+        assert "after" in [e["content"].get("body") for e in initial["messages"]["chunk"]]
+        reader.ok("GET", f"/events?room_id={q(room)}&timeout=0")
     # Reading is not joining: the guest still may not send.
     status, body = guest.send(room, "hi")
     assert status == 403, (status, body)
