@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Optional
 from urllib.parse import quote
 
 import pytest
+import yaml
 
 from tests.e2e.harness import ZhomeProcess
 
@@ -100,9 +101,17 @@ def _assert_guest_forbidden(status: int, body: Any, what: str) -> None:
 
 
 def test_guest_registration_is_off_by_default(zhome: ZhomeProcess) -> None:
-    status, body = zhome.request("POST", CS + "/register?kind=guest", {})
-    assert status == 403, (status, body)
-    assert body["errcode"] == "M_GUEST_ACCESS_FORBIDDEN"
+    # The generated config names the option, off; without it, it is off too.
+    cfg = yaml.safe_load(zhome.config_path.read_text())
+    assert cfg["registration"]["allow_guest_access"] is False
+    for restart in (False, True):
+        if restart:
+            del cfg["registration"]["allow_guest_access"]
+            zhome.config_path.write_text(yaml.safe_dump(cfg))
+            zhome.restart()
+        status, body = zhome.request("POST", CS + "/register?kind=guest", {})
+        assert status == 403, (status, body)
+        assert body["errcode"] == "M_GUEST_ACCESS_FORBIDDEN"
     # Ordinary registration is untouched.
     user = Client.user(zhome, "alice")
     assert user.ok("GET", "/account/whoami")["is_guest"] is False
