@@ -357,8 +357,9 @@ class AccountServlets:
         if not isinstance(guest_token, str) or not guest_token:
             raise bad_json("'guest_access_token' must be a string")
         info = await self.accounts.get_token(guest_token)
-        if info is None or info.deactivated:
-            raise forbidden("Unknown guest_access_token")
+        if info is None or info.deactivated or (
+                info.valid_until_ms is not None and info.valid_until_ms < int(time.time() * 1000)):
+            raise forbidden("Unknown or expired guest_access_token")
         if not info.is_guest:
             raise forbidden("guest_access_token is not a guest's token")
         return info.user_id
