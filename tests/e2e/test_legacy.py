@@ -117,6 +117,15 @@ def test_event_stream(zhome: ZhomeProcess) -> None:
     out = alice.events_ok(**{"from": token})
     assert [(e["type"], e["content"].get("membership")) for e in out["chunk"]] == [("m.room.member", "leave")]
 
+    # An invite reaches the invited user's stream while they wait, and nothing else of that room does.
+    token = out["end"]
+    other = _room(bob)
+    bob.say(other, "before the invite")
+    threading.Timer(0.5, lambda: bob.ok("POST", f"/rooms/{q(other)}/invite", {"user_id": alice.user_id})).start()
+    out = alice.events_ok(**{"from": token, "timeout": 10000})
+    assert [(e["type"], e["room_id"], e["content"].get("membership")) for e in out["chunk"]] == [
+        ("m.room.member", other, "invite")]
+
     # The token is /sync's: it works as a since token and the other way round.
     status, synced = alice.req("GET", "/sync?" + urllib.parse.urlencode({"since": out["end"], "timeout": "0"}))
     assert status == 200, synced
@@ -295,8 +304,9 @@ def test_room_initial_sync(zhome: ZhomeProcess) -> None:
 def test_post_send_and_redact(zhome: ZhomeProcess) -> None:
     alice, bob = U(zhome, "alice"), U(zhome, "bob")
     room = _room(alice)
-    eid = alice.ok("POST", f"/rooms/{q(room)}/send/m.room.message", {"msgtype": "m.text", "body": "posted"})["event_id"]
-    eid2 = alice.ok("POST", f"/rooms/{q(room)}/send/m.room.message", {"msgtype": "m.text", "body": "posted"})["event_id"]
+    post = f"/rooms/{q(room)}/send/m.room.message"
+    eid = alice.ok("POST", post, {"msgtype": "m.text", "body": "posted"})["event_id"]
+    eid2 = alice.ok("POST", post, {"msgtype": "m.text", "body": "posted"})["event_id"]
     assert eid != eid2, "without a transaction ID every POST is a new event"
     got = alice.ok("GET", f"/rooms/{q(room)}/event/{q(eid)}")
     assert got["content"]["body"] == "posted" and "transaction_id" not in got.get("unsigned", {})
@@ -315,6 +325,7 @@ def test_post_send_and_redact(zhome: ZhomeProcess) -> None:
     red = alice.ok("POST", f"/rooms/{q(room)}/redact/{q(eid)}", {"reason": "oops"})["event_id"]
     got = alice.ok("GET", f"/rooms/{q(room)}/event/{q(eid)}")
     assert got["content"] == {} and got["unsigned"]["redacted_because"]["event_id"] == red
+    assert got["unsigned"]["redacted_by"] == red
     status, body = alice.req("POST", f"/rooms/{q(room)}/redact/{q('$nosuchevent')}", {})
     assert status == 404 and body["errcode"] == "M_NOT_FOUND"
     status, body = bob.req("POST", f"/rooms/{q(room)}/redact/{q(eid2)}", {})
@@ -343,3 +354,22 @@ def test_world_readable_rooms_without_joining(zhome: ZhomeProcess) -> None:
     # Sending still needs membership.
     status, body = bob.req("PUT", f"/rooms/{q(room)}/send/m.room.message/x1", {"msgtype": "m.text", "body": "hi"})
     assert status == 403
+
+
+def test_history_visibility_boundaries(zhome: ZhomeProcess) -> None:
+    """A member joining later sees each change of history visibility that either side of it lets them see."""
+    alice, bob = U(zhome, "alice"), U(zhome, "bob")
+    room = _room(alice, preset="public_chat")
+    ids = {}
+    for hv in ("joined", "invited", "shared"):
+        ids[hv] = alice.ok("PUT", f"/rooms/{q(room)}/state/m.room.history_visibility/",
+                           {"history_visibility": hv})["event_id"]
+        alice.say(room, f"under {hv}")
+    bob.ok("POST", f"/rooms/{q(room)}/join", {})
+    chunk = list(reversed(bob.ok("GET", f"/rooms/{q(room)}/messages?dir=b&limit=50")["chunk"]))
+    seen = [e.get("content", {}).get("history_visibility") or e["content"].get("body") or e["type"]
+            for e in chunk if e["type"] in ("m.room.history_visibility", "m.room.message")]
+    # "joined" is seen (the room was shared before it), "invited" is not (joined before, invited after),
+    # "shared" is; of the messages only the one under "shared".
+    assert seen[-3:] == ["joined", "shared", "under shared"], seen
+    assert ids["invited"] not in {e["event_id"] for e in chunk}

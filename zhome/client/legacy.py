@@ -127,7 +127,11 @@ class LegacyServlets:
         for _ in range(MAX_WAIT_ROUNDS):
             scope = await self._scope(req.user_id, peek_room, since)
             remaining = max(0, int((deadline - time.monotonic()) * 1000))
-            await self.notifier.wait_for_change(req.user_id, set(scope.rooms), since, remaining)
+            # Rooms the user has left need no waking: nothing more of them reaches this user.
+            live = {r for r, bound in scope.rooms.items() if bound is None}
+            if await self.notifier.wait_for_change(req.user_id, live, since, remaining):
+                # What woke us may be a join, invite or leave: it changes what to read.
+                scope = await self._scope(req.user_id, peek_room, since)
             chunk, since = await self._stream(req, scope, since, limit)
             if chunk or time.monotonic() >= deadline:
                 break
