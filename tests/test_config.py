@@ -166,6 +166,8 @@ def test_sample_config_loads() -> None:
     assert config.server_name == "example.org"
     assert config.database.engine == "sqlite3"
     assert config.rooms.default_room_version == "12"
+    # Documented with its default: off.
+    assert config.registration.allow_guest_access is False
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -177,6 +179,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.listeners[0].x_forwarded is False
     assert config.registration.registration_shared_secret is None
     assert config.registration.registration_requires_token is False
+    assert config.registration.allow_guest_access is False
     assert config.password_hashing.scheme == "argon2"
     assert config.access_tokens.lifetime_ms is None
     assert config.access_tokens.refresh_tokens is True

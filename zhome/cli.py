@@ -222,6 +222,8 @@ listeners:
 registration:
   enable_registration: {"true" if enable_registration else "false"}
   registration_requires_token: false
+  # Guest accounts (POST /register?kind=guest); see the sample config.
+  allow_guest_access: false
 
 password_hashing:
   scheme: argon2

@@ -506,6 +506,8 @@ class RegistrationConfig:
     # Lets admin tools register users through the shared-secret admin API.
     registration_shared_secret: str | None = setting(optional(non_empty_string), default=None, secret=True)
     registration_requires_token: bool = setting(boolean, default=False)
+    # Spec: client-server-api "Guest Access": POST /register?kind=guest.
+    allow_guest_access: bool = setting(boolean, default=False)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -30,6 +30,7 @@ from zhome.media.upload_sink import is_upload
 from zhome.push.cache import RulesetCache
 from zhome.push.notifications import NotificationLog
 from zhome.rooms.event_creation import EventCreator
+from zhome.rooms.guest_access import GuestAccessEnforcer
 from zhome.rooms.membership import MembershipService
 from zhome.rooms.persistence import Persister
 from zhome.rooms.room_creation import RoomCreationService
@@ -104,6 +105,8 @@ class HomeServer:
         self.event_creator = EventCreator(self.server_name, self.signing_key, self.events, self.rooms,
                                           self.persister, push_rules_cache=self.push_rules_cache)
         self.membership = MembershipService(self.server_name, self.event_creator, self.events, self.accounts)
+        self.guest_access = GuestAccessEnforcer(self.events, self.accounts, self.membership)
+        self.persister.hooks.append(self.guest_access.after_persist)
         self.room_creation = RoomCreationService(self.server_name, self.event_creator, self.membership, self.rooms,
                                                  cfg.rooms.default_room_version)
         self.visibility = Visibility(self.events)
@@ -126,6 +129,8 @@ class HomeServer:
         from zhome.media.setup import setup_media
 
         await setup_media(self)
+        # Guests left in rooms that closed to them while the last run stopped.
+        self.guest_access.start_sweep()
 
     def _setup_federation(self) -> None:
         """The outbound client (when enabled) and the federation + key resource."""
@@ -280,6 +285,8 @@ class HomeServer:
     async def stop_background(self) -> None:
         """Stop the background work: outbound federation, media clean-up and
         notification expiry. Never raises."""
+        if getattr(self, "guest_access", None) is not None:
+            await self.guest_access.stop()
         if getattr(self, "federation_sender", None) is not None:
             self.federation_sender.stop()
         for what, part in (("media cleanup", self.media_cleaner),

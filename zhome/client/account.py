@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.web.server import Request
 
-from zhome.http.errors import MatrixError, bad_json, forbidden, invalid_param, missing_param, not_found
+from zhome.http.errors import (
+    MatrixError,
+    bad_json,
+    forbidden,
+    guest_access_forbidden,
+    invalid_param,
+    missing_param,
+    not_found,
+)
 from zhome.http.server import JsonResource, client_ip, query_arg, read_json_body
 from zhome.rooms.versions import KNOWN_ROOM_VERSIONS
 from zhome.util.ids import is_valid_user_id, is_valid_user_localpart, random_string
@@ -43,30 +51,30 @@ class AccountServlets:
         self.config = hs.config
 
     def register_routes(self, r: JsonResource) -> None:
-        r.register("GET", r"/_matrix/client/versions", self.on_versions, "versions")
+        r.register("GET", r"/_matrix/client/versions", self.on_versions, "versions", guests=True)
         r.register("GET", CS + r"/capabilities", self.on_capabilities, "capabilities")
         r.register("GET", CS + r"/login", self.on_login_flows, "login_flows")
         r.register("POST", CS + r"/login", self.on_login, "login")
-        r.register("POST", CS + r"/register", self.on_register, "register")
+        r.register("POST", CS + r"/register", self.on_register, "register", guests=True)
         r.register("GET", CS + r"/register/available", self.on_register_available, "register_available")
         r.register("GET", CS + r"/register/m\.login\.registration_token/validity", self.on_regtoken_validity,
                    "regtoken_validity")
         r.register("POST", CS + r"/refresh", self.on_refresh, "refresh")
-        r.register("POST", CS + r"/logout", self.on_logout, "logout")
+        r.register("POST", CS + r"/logout", self.on_logout, "logout", guests=True)
         r.register("POST", CS + r"/logout/all", self.on_logout_all, "logout_all")
-        r.register("GET", CS + r"/account/whoami", self.on_whoami, "whoami")
+        r.register("GET", CS + r"/account/whoami", self.on_whoami, "whoami", guests=True)
         r.register("POST", CS + r"/account/password", self.on_password, "password")
         r.register("POST", CS + r"/account/deactivate", self.on_deactivate, "deactivate")
-        r.register("GET", CS + r"/devices", self.on_devices, "devices")
-        r.register("GET", CS + r"/devices/(?P<device_id>[^/]+)", self.on_get_device, "device")
-        r.register("PUT", CS + r"/devices/(?P<device_id>[^/]+)", self.on_put_device, "device")
+        r.register("GET", CS + r"/devices", self.on_devices, "devices", guests=True)
+        r.register("GET", CS + r"/devices/(?P<device_id>[^/]+)", self.on_get_device, "device", guests=True)
+        r.register("PUT", CS + r"/devices/(?P<device_id>[^/]+)", self.on_put_device, "device", guests=True)
         r.register("DELETE", CS + r"/devices/(?P<device_id>[^/]+)", self.on_delete_device, "device")
         r.register("POST", CS + r"/delete_devices", self.on_delete_devices, "delete_devices")
-        r.register("GET", CS + r"/profile/(?P<user_id>[^/]+)", self.on_get_profile, "profile")
+        r.register("GET", CS + r"/profile/(?P<user_id>[^/]+)", self.on_get_profile, "profile", guests=True)
         r.register("GET", CS + r"/profile/(?P<user_id>[^/]+)/(?P<field>displayname|avatar_url)",
-                   self.on_get_profile_field, "profile_field")
+                   self.on_get_profile_field, "profile_field", guests=True)
         r.register("PUT", CS + r"/profile/(?P<user_id>[^/]+)/(?P<field>displayname|avatar_url)",
-                   self.on_put_profile_field, "profile_field")
+                   self.on_put_profile_field, "profile_field", guests=True)
         r.register("POST", CS + r"/user_directory/search", self.on_user_directory, "user_directory")
         r.register("GET", r"/_zhome/admin/v1/register", self.on_admin_register_nonce, "admin_register")
         r.register("POST", r"/_zhome/admin/v1/register", self.on_admin_register, "admin_register")
@@ -181,7 +189,7 @@ class AccountServlets:
 
     async def on_whoami(self, request: Request) -> tuple[int, Any]:
         req = await self.hs.auth.get_user_by_req(request)
-        return 200, {"user_id": req.user_id, "device_id": req.device_id, "is_guest": False}
+        return 200, {"user_id": req.user_id, "device_id": req.device_id, "is_guest": req.is_guest}
 
     # -- registration -------------------------------------------------------
     def _registration_flows(self) -> list[dict[str, Any]]:
@@ -231,7 +239,7 @@ class AccountServlets:
         body = read_json_body(request, allow_empty=True)
         kind = query_arg(request, "kind", "user")
         if kind == "guest":
-            raise MatrixError(403, "M_GUEST_ACCESS_FORBIDDEN", "Guest access is disabled")
+            return await self._register_guest(request, body)
         if kind != "user":
             raise invalid_param("Unknown kind")
         if not self.config.registration.enable_registration:
@@ -247,6 +255,32 @@ class AccountServlets:
                 # Anything but the first step's offer of flows is a failure.
                 limiter.record("failed-ip:" + ip)
             raise
+
+    async def _register_guest(self, request: Request, body: dict[str, Any]) -> tuple[int, Any]:
+        """Spec: "Guest Access": a guest account, without user-interactive auth.
+
+        Every body parameter but ``initial_device_display_name`` is ignored
+        and the server picks the device ID, as the spec says for guests. The
+        localpart is numeric, so a guest never takes a name someone may want.
+        """
+        if not self.config.registration.allow_guest_access:
+            raise guest_access_forbidden("Guest access is disabled")
+        ip = client_ip(request)
+        self.hs.ratelimit_registration.check("guest-ip:" + ip)
+        display = body.get("initial_device_display_name")
+        if display is not None and not isinstance(display, str):
+            raise bad_json("'initial_device_display_name' must be a string")
+        for _ in range(10):
+            user_id = f"@{secrets.randbelow(10**12):012d}:{self.hs.server_name}"
+            # A display name like any new account's, so profile look-ups find one.
+            if await self.accounts.create_user(user_id, None, guest=True, displayname=user_id[1:].split(":")[0]):
+                break
+        else:
+            raise MatrixError(503, "M_UNKNOWN", "Could not allocate a guest user ID; try again")
+        params: dict[str, Any] = {}
+        if display is not None:
+            params["initial_device_display_name"] = display
+        return 200, await self._issue_login(user_id, params, request)
 
     async def _register(self, request: Request, body: dict[str, Any]) -> tuple[int, Any]:
         auth = body.get("auth")
@@ -272,8 +306,13 @@ class AccountServlets:
                     break
             else:
                 raise MatrixError(500, "M_UNKNOWN", "Could not allocate a user ID")
-        if not await self.accounts.create_user(user_id, params.get("password_hash"),
-                                               displayname=user_id[1:].split(":")[0]):
+        if params.get("guest_user_id") is not None:
+            # Spec: "Guest Access": the guest's account becomes a full one,
+            # keeping its user ID (and so its rooms, devices and data).
+            if not await self.accounts.upgrade_guest(user_id, params.get("password_hash")):
+                raise MatrixError(400, "M_USER_IN_USE", "User ID already taken.")
+        elif not await self.accounts.create_user(user_id, params.get("password_hash"),
+                                                 displayname=user_id[1:].split(":")[0]):
             raise MatrixError(400, "M_USER_IN_USE", "User ID already taken.")
         self.hs.ratelimit_registration.record("ip:" + client_ip(request))
         if used_token is not None:
@@ -292,7 +331,17 @@ class AccountServlets:
         username = body.get("username")
         if username is not None:
             params["user_id"] = self._check_username(username)
-        if params.get("user_id") is not None and await self.accounts.user_exists_ci(params["user_id"]):
+        guest_token = body.get("guest_access_token")
+        if guest_token is not None:
+            params["guest_user_id"] = await self._guest_to_upgrade(guest_token)
+        guest_user_id = params.get("guest_user_id")
+        if guest_user_id is not None:
+            # An upgrade keeps the guest's user ID: a username, if given,
+            # must name that account and no other.
+            if params.get("user_id", guest_user_id) != guest_user_id:
+                raise forbidden("guest_access_token belongs to another user")
+            params["user_id"] = guest_user_id
+        elif params.get("user_id") is not None and await self.accounts.user_exists_ci(params["user_id"]):
             raise MatrixError(400, "M_USER_IN_USE", "User ID already taken.")
         password = body.get("password")
         if password is not None:
@@ -303,6 +352,18 @@ class AccountServlets:
             if key in body:
                 params[key] = body[key]
         return params
+
+    async def _guest_to_upgrade(self, guest_token: Any) -> str:
+        """The guest account a ``guest_access_token`` names."""
+        if not isinstance(guest_token, str) or not guest_token:
+            raise bad_json("'guest_access_token' must be a string")
+        info = await self.accounts.get_token(guest_token)
+        if info is None or info.deactivated or (
+                info.valid_until_ms is not None and info.valid_until_ms < int(time.time() * 1000)):
+            raise forbidden("Unknown or expired guest_access_token")
+        if not info.is_guest:
+            raise forbidden("guest_access_token is not a guest's token")
+        return info.user_id
 
     async def _registered(self, request: Request, user_id: str, params: dict[str, Any]) -> dict[str, Any]:
         if params.get("inhibit_login") is True:

@@ -23,7 +23,7 @@ from twisted.web.server import Request
 from zhome.client.account import CS
 from zhome.client.serialize import serialize_events
 from zhome.http.auth import Auth, Requester
-from zhome.http.errors import forbidden, invalid_param, not_found
+from zhome.http.errors import forbidden, guest_access_forbidden, invalid_param, not_found
 from zhome.http.server import JsonResource, query_arg, query_int
 from zhome.rooms.events import Event
 from zhome.rooms.visibility import Visibility
@@ -88,13 +88,17 @@ class LegacyServlets:
         self.presence = presence
 
     def register_routes(self, r: JsonResource) -> None:
-        r.register("GET", CS + r"/events", self.on_events, "events")
+        # Guests (spec "Guest Access"): GET /events for room previews (a
+        # room_id is required of them, see on_events), the initialSyncs, and
+        # sending like the PUT form.
+        r.register("GET", CS + r"/events", self.on_events, "events", guests=True)
         r.register("GET", CS + r"/events/(?P<event_id>[^/]+)", self.on_get_event, "legacy_event")
-        r.register("GET", CS + r"/initialSync", self.on_initial_sync, "initialSync")
-        r.register("GET", CS + "/rooms/" + ROOM + r"/initialSync", self.on_room_initial_sync, "room_initialSync")
+        r.register("GET", CS + r"/initialSync", self.on_initial_sync, "initialSync", guests=True)
+        r.register("GET", CS + "/rooms/" + ROOM + r"/initialSync", self.on_room_initial_sync, "room_initialSync",
+                   guests=True)
         # The same checks and persistence path as the PUT forms, without a transaction ID to deduplicate by.
         r.register("POST", CS + "/rooms/" + ROOM + r"/send/(?P<etype>[^/]+)", self.room_servlets.on_send,
-                   "send_post")
+                   "send_post", guests=True)
         r.register("POST", CS + "/rooms/" + ROOM + r"/redact/(?P<event_id>[^/]+)", self.room_servlets.on_redact,
                    "redact_post")
 
@@ -111,6 +115,10 @@ class LegacyServlets:
         raw = query_arg(request, "from")
         since = _clamp(StreamToken.decode(raw), now) if raw else now
         peek_room = query_arg(request, "room_id")
+        if req.is_guest and peek_room is None:
+            # The Guest Access module opens /events to guests "as used for
+            # room previews" only: one room at a time.
+            raise guest_access_forbidden("Guests must give a room_id to GET /events")
         if peek_room is not None:
             await self._check_peek(req.user_id, peek_room)
         start = since

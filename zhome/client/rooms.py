@@ -37,25 +37,29 @@ class RoomServlets:
 
     def register_routes(self, r: JsonResource) -> None:
         r.register("POST", CS + r"/createRoom", self.on_create_room, "createRoom")
-        r.register("POST", CS + r"/join/(?P<target>[^/]+)", self.on_join_target, "join")
+        r.register("POST", CS + r"/join/(?P<target>[^/]+)", self.on_join_target, "join", guests=True)
         r.register("POST", CS + r"/knock/(?P<target>[^/]+)", self.on_knock, "knock")
-        r.register("POST", CS + "/rooms/" + ROOM + r"/join", self.on_join_room, "room_join")
+        r.register("POST", CS + "/rooms/" + ROOM + r"/join", self.on_join_room, "room_join", guests=True)
         for action in ("invite", "leave", "kick", "ban", "unban", "forget"):
-            r.register("POST", CS + "/rooms/" + ROOM + "/" + action, self._membership_handler(action), action)
-        r.register("PUT", CS + "/rooms/" + ROOM + r"/send/(?P<etype>[^/]+)/(?P<txn_id>[^/]+)", self.on_send, "send")
+            r.register("POST", CS + "/rooms/" + ROOM + "/" + action, self._membership_handler(action), action,
+                       guests=action == "leave")
+        r.register("PUT", CS + "/rooms/" + ROOM + r"/send/(?P<etype>[^/]+)/(?P<txn_id>[^/]+)",
+                   self.on_send, "send", guests=True)
         r.register("PUT", CS + "/rooms/" + ROOM + r"/state/(?P<etype>[^/]+)(?:/(?P<state_key>[^/]*))?",
-                   self.on_put_state, "put_state")
+                   self.on_put_state, "put_state", guests=True)
         r.register("GET", CS + "/rooms/" + ROOM + r"/state/(?P<etype>[^/]+)(?:/(?P<state_key>[^/]*))?",
-                   self.on_get_state_event, "get_state_event")
-        r.register("GET", CS + "/rooms/" + ROOM + r"/state", self.on_get_state, "get_state")
-        r.register("GET", CS + "/rooms/" + ROOM + r"/members", self.on_members, "members")
+                   self.on_get_state_event, "get_state_event", guests=True)
+        r.register("GET", CS + "/rooms/" + ROOM + r"/state", self.on_get_state, "get_state", guests=True)
+        r.register("GET", CS + "/rooms/" + ROOM + r"/members", self.on_members, "members", guests=True)
         r.register("GET", CS + "/rooms/" + ROOM + r"/joined_members", self.on_joined_members, "joined_members")
         r.register("GET", CS + r"/joined_rooms", self.on_joined_rooms, "joined_rooms")
         r.register("PUT", CS + "/rooms/" + ROOM + r"/redact/(?P<event_id>[^/]+)/(?P<txn_id>[^/]+)", self.on_redact,
                    "redact")
-        r.register("GET", CS + "/rooms/" + ROOM + r"/event/(?P<event_id>[^/]+)", self.on_get_event, "get_event")
-        r.register("GET", CS + "/rooms/" + ROOM + r"/context/(?P<event_id>[^/]+)", self.on_context, "context")
-        r.register("GET", CS + "/rooms/" + ROOM + r"/messages", self.on_messages, "messages")
+        r.register("GET", CS + "/rooms/" + ROOM + r"/event/(?P<event_id>[^/]+)",
+                   self.on_get_event, "get_event", guests=True)
+        r.register("GET", CS + "/rooms/" + ROOM + r"/context/(?P<event_id>[^/]+)",
+                   self.on_context, "context", guests=True)
+        r.register("GET", CS + "/rooms/" + ROOM + r"/messages", self.on_messages, "messages", guests=True)
         r.register("GET", CS + "/rooms/" + ROOM + r"/aliases", self.on_room_aliases, "room_aliases")
         r.register("PUT", CS + r"/directory/room/(?P<alias>[^/]+)", self.on_put_alias, "alias")
         r.register("GET", CS + r"/directory/room/(?P<alias>[^/]+)", self.on_get_alias, "alias")
@@ -79,7 +83,8 @@ class RoomServlets:
 
     async def _state_for_reader(self, room_id: str, user_id: str) -> dict[tuple[str, str], str]:
         """Current state for members; the state when they left for former
-        members (not for banned ones: a ban ends what the room shows them)."""
+        members (not for banned ones: a ban ends what the room shows them);
+        current state for anyone when the room is world_readable."""
         await self._require_known_room(room_id)
         membership, ev = await self._membership(room_id, user_id)
         if membership == "join":

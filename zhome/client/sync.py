@@ -28,10 +28,10 @@ class SyncServlets:
         self.hs = hs
 
     def register_routes(self, r: JsonResource) -> None:
-        r.register("GET", CS + r"/sync", self.on_sync, "sync")
-        r.register("POST", CS + r"/user/(?P<user_id>[^/]+)/filter", self.on_post_filter, "filter")
+        r.register("GET", CS + r"/sync", self.on_sync, "sync", guests=True)
+        r.register("POST", CS + r"/user/(?P<user_id>[^/]+)/filter", self.on_post_filter, "filter", guests=True)
         r.register("GET", CS + r"/user/(?P<user_id>[^/]+)/filter/(?P<filter_id>[^/]+)", self.on_get_filter,
-                   "filter")
+                   "filter", guests=True)
 
     async def on_sync(self, request: Request) -> tuple[int, Any]:
         req = await self.hs.auth.get_user_by_req(request)

@@ -68,23 +68,23 @@ class UserDataServlets:
         self.hs = hs
 
     def register_routes(self, r: JsonResource) -> None:
-        r.register("PUT", CS + _ROOM + r"/typing/(?P<user_id>[^/]+)", self.on_typing, "typing")
+        r.register("PUT", CS + _ROOM + r"/typing/(?P<user_id>[^/]+)", self.on_typing, "typing", guests=True)
         r.register("POST", CS + _ROOM + r"/receipt/(?P<receipt_type>[^/]+)/(?P<event_id>[^/]+)", self.on_receipt,
-                   "receipt")
-        r.register("POST", CS + _ROOM + r"/read_markers", self.on_read_markers, "read_markers")
+                   "receipt", guests=True)
+        r.register("POST", CS + _ROOM + r"/read_markers", self.on_read_markers, "read_markers", guests=True)
 
         r.register("GET", CS + _USER + r"/account_data/(?P<data_type>[^/]+)", self.on_get_account_data,
-                   "account_data")
+                   "account_data", guests=True)
         r.register("PUT", CS + _USER + r"/account_data/(?P<data_type>[^/]+)", self.on_put_account_data,
-                   "account_data")
+                   "account_data", guests=True)
         r.register("GET", CS + _USER + _ROOM + r"/account_data/(?P<data_type>[^/]+)",
-                   self.on_get_room_account_data, "room_account_data")
+                   self.on_get_room_account_data, "room_account_data", guests=True)
         r.register("PUT", CS + _USER + _ROOM + r"/account_data/(?P<data_type>[^/]+)",
-                   self.on_put_room_account_data, "room_account_data")
+                   self.on_put_room_account_data, "room_account_data", guests=True)
 
-        r.register("GET", CS + _USER + _ROOM + r"/tags", self.on_get_tags, "tags")
-        r.register("PUT", CS + _USER + _ROOM + r"/tags/(?P<tag>[^/]+)", self.on_put_tag, "tag")
-        r.register("DELETE", CS + _USER + _ROOM + r"/tags/(?P<tag>[^/]+)", self.on_delete_tag, "tag")
+        r.register("GET", CS + _USER + _ROOM + r"/tags", self.on_get_tags, "tags", guests=True)
+        r.register("PUT", CS + _USER + _ROOM + r"/tags/(?P<tag>[^/]+)", self.on_put_tag, "tag", guests=True)
+        r.register("DELETE", CS + _USER + _ROOM + r"/tags/(?P<tag>[^/]+)", self.on_delete_tag, "tag", guests=True)
 
         # The spec's paths end in a slash; accept them without one too, as
         # clients are not consistent about it.

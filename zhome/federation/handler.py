@@ -511,15 +511,20 @@ class FederationHandler:
 
     # -- joining a remote room -----------------------------------------------------------
     async def remote_join(self, user_id: str, room_id: str, servers: list[str], membership: str = "join",
-                          content_extra: Optional[dict[str, Any]] = None) -> Event:
-        """Join (or knock on) a room this server is not in, through ``servers``."""
+                          content_extra: Optional[dict[str, Any]] = None, guest: bool = False) -> Event:
+        """Join (or knock on) a room this server is not in, through ``servers``.
+
+        ``guest``: the joiner is a guest account of this server, who may
+        join only if the room's state (as the resident server sends it) is
+        ``m.room.guest_access`` ``can_join`` (spec: "Guest Access").
+        """
         last_error: Optional[Exception] = None
         for server in _dedupe(s for s in servers if s != self.server_name):
             if not self.policy.server_allowed(server):
                 self.policy.count_refusal("join")
                 continue
             try:
-                return await self._join_via(server, user_id, room_id, membership, content_extra or {})
+                return await self._join_via(server, user_id, room_id, membership, content_extra or {}, guest)
             except MatrixError:
                 raise
             except Exception as e:
@@ -530,7 +535,7 @@ class FederationHandler:
         raise MatrixError(502, "M_UNKNOWN", f"Could not join through any server: {_describe(last_error)}")
 
     async def _join_via(self, server: str, user_id: str, room_id: str, membership: str,
-                        content_extra: dict[str, Any]) -> Event:
+                        content_extra: dict[str, Any], guest: bool = False) -> Event:
         from zhome.federation.transport import FederationHttpError
 
         make = "make_join" if membership == "join" else "make_knock"
@@ -590,11 +595,31 @@ class FederationHandler:
         reason = await self.check_auth_against(ev, state)
         if reason:
             raise MatrixError(403, "M_FORBIDDEN", f"Join not allowed: {reason}")
+        if guest:
+            await self._refuse_guest_join_unless_allowed(server, ev, state)
         after = dict(state)
         after[ev.state_tuple()] = ev.event_id
         async with self.hs.event_creator.room_locks.lock(room_id):
             await self.hs.persister.persist(PersistItem(ev, None, state, snapshot_before=True, current_state=after))
         return ev
+
+    async def _refuse_guest_join_unless_allowed(self, server: str, join: Event, state: StateMap) -> None:
+        """A guest's join the room's state does not allow is taken back.
+
+        Which accounts are guests is not told over federation, so the
+        resident server accepted the join; the state it sent with the
+        answer is the first this server sees of the room. The join is not
+        stored here, and the guest leaves again through that server.
+        """
+        try:
+            await self.hs.membership.check_guests_may_join(state)
+        except MatrixError:
+            user_id = join.state_key or ""
+            try:
+                await self.remote_leave(user_id, join.room_id, [server])
+            except MatrixError as e:
+                logger.warning("guest %s could not leave %s again: %s", user_id, join.room_id, e.msg)
+            raise
 
     async def _ensure_room(self, room_id: str, version: str) -> None:
         if await self.rooms.get_room_version(room_id) is None:

@@ -5,6 +5,10 @@ Spec: client-server-api "Using access tokens": the token comes from the
 parameter); a missing token is ``M_MISSING_TOKEN``, an unknown one
 ``M_UNKNOWN_TOKEN``, an expired one ``M_UNKNOWN_TOKEN`` with
 ``soft_logout: true``.
+
+Spec: client-server-api "Guest Access": a guest's token is accepted only on
+the routes registered as open to guests (``JsonResource.register(...,
+guests=True)``); anywhere else it is 403 ``M_GUEST_ACCESS_FORBIDDEN``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from typing import Optional
 
 from twisted.web.server import Request
 
-from zhome.http.errors import MatrixError
+from zhome.http.errors import MatrixError, guest_access_forbidden
+from zhome.http.server import guests_allowed
 from zhome.storage.accounts import AccountsStore
 
 
@@ -25,6 +30,7 @@ class Requester:
     device_id: str
     token_id: int
     is_admin: bool
+    is_guest: bool = False
 
 
 def token_from_request(request: Request) -> Optional[str]:
@@ -54,4 +60,6 @@ class Auth:
             raise MatrixError(401, "M_UNKNOWN_TOKEN", "Unknown access token", soft_logout=False)
         if info.valid_until_ms is not None and info.valid_until_ms < int(time.time() * 1000):
             raise MatrixError(401, "M_UNKNOWN_TOKEN", "Access token has expired", soft_logout=True)
-        return Requester(info.user_id, info.device_id, info.token_id, info.is_admin)
+        if info.is_guest and not guests_allowed(request):
+            raise guest_access_forbidden()
+        return Requester(info.user_id, info.device_id, info.token_id, info.is_admin, info.is_guest)

@@ -28,6 +28,10 @@ def forbidden(msg: str = "Forbidden") -> MatrixError:
     return MatrixError(403, "M_FORBIDDEN", msg)
 
 
+def guest_access_forbidden(msg: str = "Guest access is not allowed on this endpoint") -> MatrixError:
+    return MatrixError(403, "M_GUEST_ACCESS_FORBIDDEN", msg)
+
+
 def not_found(msg: str = "Not found") -> MatrixError:
     return MatrixError(404, "M_NOT_FOUND", msg)
 

@@ -5,6 +5,13 @@ A single leaf resource dispatches on method and a path regex to an async
 handler. Handlers return ``(status, json_body)``; any ``MatrixError`` they
 raise becomes its JSON error, and anything else becomes a logged
 ``M_UNKNOWN`` 500 without a traceback in the response.
+
+Guest access (client-server-api "Guest Access") is decided here, once, per
+route: a route registered with ``guests=True`` is one the spec lets guest
+accounts call; the dispatcher marks the request with its route's flag and
+``Auth.get_user_by_req`` refuses a guest's token on any other route with
+403 ``M_GUEST_ACCESS_FORBIDDEN``. A route that forgets the flag is closed to
+guests, never open.
 """
 
 from __future__ import annotations
@@ -49,14 +56,25 @@ CORS_HEADERS = {
 }
 
 
-class Route:
-    __slots__ = ("method", "pattern", "handler", "name")
+# The request attribute that carries the matched route's guest flag to Auth.
+GUESTS_ALLOWED_ATTR = "zhome_guests_allowed"
 
-    def __init__(self, method: str, pattern: re.Pattern[str], handler: Handler, name: str) -> None:
+
+def guests_allowed(request: Request) -> bool:
+    """Whether the route serving ``request`` is open to guest accounts."""
+    return bool(getattr(request, GUESTS_ALLOWED_ATTR, False))
+
+
+class Route:
+    __slots__ = ("method", "pattern", "handler", "name", "guests")
+
+    def __init__(self, method: str, pattern: re.Pattern[str], handler: Handler, name: str,
+                 guests: bool = False) -> None:
         self.method = method
         self.pattern = pattern
         self.handler = handler
         self.name = name
+        self.guests = guests
 
 
 class JsonResource(Resource):
@@ -71,14 +89,16 @@ class JsonResource(Resource):
         # Whole-prefix handlers that want the raw request (media, for one).
         self.raw_prefixes: list[tuple[str, Callable[[Request], Awaitable[None]]]] = []
 
-    def register(self, method: str, path_regex: str, handler: Handler, name: Optional[str] = None) -> None:
+    def register(self, method: str, path_regex: str, handler: Handler, name: Optional[str] = None,
+                 guests: bool = False) -> None:
         """Register ``handler`` for ``method`` on paths matching ``path_regex``.
 
         Named groups in the regex are passed to the handler as keyword
-        arguments, percent-decoded.
+        arguments, percent-decoded. ``guests``: guest accounts may call it
+        (only the endpoints the spec's Guest Access module lists).
         """
         pat = re.compile("^" + path_regex + "$")
-        self.routes.append(Route(method, pat, handler, name or path_regex))
+        self.routes.append(Route(method, pat, handler, name or path_regex, guests))
 
     def render(self, request: Request) -> Any:
         defer.ensureDeferred(self._handle(request))
@@ -129,6 +149,7 @@ class JsonResource(Resource):
             if route.method != method and not (route.method == "GET" and method == "HEAD"):
                 continue
             kwargs = {k: unquote(v) for k, v in m.groupdict().items() if v is not None}
+            setattr(request, GUESTS_ALLOWED_ATTR, route.guests)
             code, body = await route.handler(request, **kwargs)
             return code, body, route.name
         if path_matched:

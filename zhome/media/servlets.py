@@ -229,8 +229,9 @@ class MediaServlets:
         r.register("GET", authed + r"/config", self.on_config, "media_config")
         r.register("GET", legacy + r"/config", self.on_config, "media_config_legacy")
         r.register("GET", authed + r"/download/" + SERVER + "/" + MEDIA + r"(?:/(?P<file_name>[^/]+))?",
-                   self.on_download, "media_download")
-        r.register("GET", authed + r"/thumbnail/" + SERVER + "/" + MEDIA, self.on_thumbnail, "media_thumbnail")
+                   self.on_download, "media_download", guests=True)
+        r.register("GET", authed + r"/thumbnail/" + SERVER + "/" + MEDIA,
+                   self.on_thumbnail, "media_thumbnail", guests=True)
         r.register("GET", legacy + r"/download/" + SERVER + "/" + MEDIA + r"(?:/(?P<file_name>[^/]+))?",
                    self.on_frozen, "media_download_legacy")
         r.register("GET", legacy + r"/thumbnail/" + SERVER + "/" + MEDIA, self.on_frozen, "media_thumbnail_legacy")

@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 from zhome.http.errors import MatrixError, forbidden, not_found
 from zhome.rooms.event_creation import EventCreator
-from zhome.rooms.events import Event
+from zhome.rooms.events import Event, StateMap
+from zhome.rooms.guest_access import GUEST_ACCESS, guests_can_join
 from zhome.storage.accounts import AccountsStore
 from zhome.storage.events import EventsStore
 from zhome.util.ids import server_of
@@ -75,6 +76,9 @@ class MembershipService:
             if not isinstance(reason, str):
                 raise MatrixError(400, "M_BAD_JSON", "'reason' must be a string")
             content["reason"] = reason
+        # Spec "Guest Access": a guest joins only rooms that are can_join.
+        guest_join = (membership == "join" and sender == target and self.is_mine(target)
+                      and await self.accounts.is_guest(target))
         if sender == target and membership in ("join", "knock", "leave") and not await self.host_in_room(room_id):
             # This server has no usable copy of the room: go through a
             # server that is in it.
@@ -84,7 +88,8 @@ class MembershipService:
             if membership == "leave":
                 return await self.federation.remote_leave(target, room_id, servers)
             extra_content = {k: v for k, v in content.items() if k not in ("membership",)}
-            return await self.federation.remote_join(target, room_id, servers, membership, extra_content)
+            return await self.federation.remote_join(target, room_id, servers, membership, extra_content,
+                                                     guest=guest_join)
         if membership == "join":
             current = await self.current_membership(room_id, target)
             if current == "join":
@@ -107,8 +112,20 @@ class MembershipService:
             countersign = self._countersign_invite
         return await self.creator.send(
             room_id, "m.room.member", sender, content, state_key=target, txn_id=txn_id, device_id=device_id,
-            transform=countersign,
+            transform=countersign, extra_check=self._check_guest_may_join if guest_join else None,
         )
+
+    async def _check_guest_may_join(self, event: Event, state: StateMap) -> None:
+        # Checked against the state the join is built on, under the room
+        # lock: a withdrawal cannot slip in between check and join.
+        await self.check_guests_may_join(state)
+
+    async def check_guests_may_join(self, state: StateMap) -> None:
+        """403 unless ``state`` lets guests join."""
+        eid = state.get((GUEST_ACCESS, ""))
+        ev = await self.events.get_event(eid) if eid else None
+        if not guests_can_join(ev.content if ev is not None else None):
+            raise forbidden("Guest access is not allowed in this room")
 
     async def _countersign_invite(self, ev: Event, state: dict[tuple[str, str], str]) -> Event:
         assert self.federation is not None

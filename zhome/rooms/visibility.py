@@ -3,19 +3,17 @@
 Spec: client-server-api "History visibility" (the algorithm in "Room
 History Visibility"): world_readable; the user's membership at the event
 was join; shared and the user joined at some point after the event;
-invited and the user's membership at the event was invite.
+invited and the user's membership at the event was invite. A
+history_visibility event is also visible when the visibility before it
+allows it, and users always see their own membership events.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 from zhome.rooms.events import Event
 from zhome.storage.events import EventsStore
-
-
-# History visibility values from the most closed to the most open.
-_OPENNESS = {"joined": 0, "invited": 1, "shared": 2, "world_readable": 3}
 
 
 class Visibility:
@@ -33,50 +31,49 @@ class Visibility:
             if g is None:
                 continue
             if g not in groups:
-                state = await self.events.get_state_group(g)
-                hv = "shared"
-                hv_id = state.get(("m.room.history_visibility", ""))
-                membership = None
-                ids = [i for i in (hv_id, state.get(("m.room.member", user_id))) if i]
-                evs = await self.events.get_events(ids)
-                if hv_id and hv_id in evs:
-                    v = evs[hv_id].content.get("history_visibility")
-                    if v in ("world_readable", "shared", "invited", "joined"):
-                        hv = v
-                mid = state.get(("m.room.member", user_id))
-                if mid and mid in evs:
-                    membership = evs[mid].membership
-                groups[g] = (hv, membership)
+                groups[g] = await self._visibility_and_membership(user_id, await self.events.get_state_group(g))
             hv, membership = groups[g]
-            if ev.type == "m.room.history_visibility" and ev.state_key == "":
-                # A change of history visibility is seen by whoever could see
-                # the room on either side of it, so members see the boundary.
-                before = await self._history_visibility(await self.events.get_state_before_event(ev))
-                if _OPENNESS[before] > _OPENNESS[hv]:
-                    hv = before
             # A user always sees their own membership events: the state
             # group is the state after the event, so a leave, kick or ban
             # would otherwise hide itself and the client never learns of it.
-            if hv == "world_readable" or membership == "join" or (
-                    ev.type == "m.room.member" and ev.state_key == user_id):
+            if (ev.type == "m.room.member" and ev.state_key == user_id) or await self._allowed(
+                    user_id, ev, hv, membership, latest_join):
                 out.append(ev)
                 continue
-            if hv == "invited" and membership == "invite":
-                out.append(ev)
-                continue
-            if hv == "shared":
-                room = ev.room_id
-                if room not in latest_join:
-                    latest_join[room] = await self._latest_join(user_id, room)
-                if latest_join[room] > ev.internal.get("stream_ordering", 0):
+            if ev.type == "m.room.history_visibility" and ev.state_key == "":
+                # Spec: a history_visibility event is visible if the
+                # visibility before *or* after it allows it.
+                hv_before, membership_before = await self._visibility_and_membership(
+                    user_id, await self.events.get_state_before_event(ev))
+                if await self._allowed(user_id, ev, hv_before, membership_before, latest_join):
                     out.append(ev)
         return out
 
-    async def _history_visibility(self, state: dict[tuple[str, str], str]) -> str:
+    async def _visibility_and_membership(self, user_id: str,
+                                         state: Mapping[tuple[str, str], str]) -> tuple[str, Optional[str]]:
+        hv = "shared"
         hv_id = state.get(("m.room.history_visibility", ""))
-        ev = await self.events.get_event(hv_id) if hv_id else None
-        v = ev.content.get("history_visibility") if ev is not None else None
-        return v if isinstance(v, str) and v in _OPENNESS else "shared"
+        mid = state.get(("m.room.member", user_id))
+        evs = await self.events.get_events([i for i in (hv_id, mid) if i])
+        if hv_id and hv_id in evs:
+            v = evs[hv_id].content.get("history_visibility")
+            if v in ("world_readable", "shared", "invited", "joined"):
+                hv = v
+        membership = evs[mid].membership if mid and mid in evs else None
+        return hv, membership
+
+    async def _allowed(self, user_id: str, ev: Event, hv: str, membership: Optional[str],
+                       latest_join: dict[str, int]) -> bool:
+        if hv == "world_readable" or membership == "join":
+            return True
+        if hv == "invited" and membership == "invite":
+            return True
+        if hv == "shared":
+            room = ev.room_id
+            if room not in latest_join:
+                latest_join[room] = await self._latest_join(user_id, room)
+            return latest_join[room] > ev.internal.get("stream_ordering", 0)
+        return False
 
     async def is_world_readable(self, room_id: str) -> bool:
         """Whether the room's current history visibility is world_readable: anyone may read it without

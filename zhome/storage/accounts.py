@@ -28,6 +28,7 @@ class TokenInfo:
     valid_until_ms: Optional[int]
     is_admin: bool
     deactivated: bool
+    is_guest: bool = False
 
 
 class AccountsStore:
@@ -43,13 +44,13 @@ class AccountsStore:
 
     # -- users ------------------------------------------------------------
     async def create_user(self, user_id: str, password_hash: Optional[str], admin: bool = False,
-                          displayname: Optional[str] = None) -> bool:
-        """Create the account; False if the user ID is taken."""
+                          displayname: Optional[str] = None, guest: bool = False) -> bool:
+        """Create the account (a guest account when ``guest``); False if the user ID is taken."""
 
         def txn_fn(txn: Txn) -> None:
             txn.execute(
-                "INSERT INTO users (user_id, password_hash, is_admin, created_ts) VALUES (?,?,?,?)",
-                (user_id, password_hash, int(admin), int(time.time() * 1000)),
+                "INSERT INTO users (user_id, password_hash, is_admin, created_ts, is_guest) VALUES (?,?,?,?,?)",
+                (user_id, password_hash, int(admin), int(time.time() * 1000), int(guest)),
             )
             txn.execute("INSERT INTO profiles (user_id, displayname) VALUES (?, ?)", (user_id, displayname))
 
@@ -61,13 +62,56 @@ class AccountsStore:
 
     async def get_user(self, user_id: str) -> Optional[dict[str, Any]]:
         rows = await self.db.execute(
-            "get_user", "SELECT user_id, password_hash, is_admin, deactivated, created_ts FROM users WHERE user_id = ?",
+            "get_user",
+            "SELECT user_id, password_hash, is_admin, deactivated, created_ts, is_guest FROM users WHERE user_id = ?",
             user_id,
         )
         if not rows:
             return None
-        u, ph, adm, deac, ts = rows[0]
-        return {"user_id": u, "password_hash": ph, "is_admin": bool(adm), "deactivated": bool(deac), "created_ts": ts}
+        u, ph, adm, deac, ts, guest = rows[0]
+        return {"user_id": u, "password_hash": ph, "is_admin": bool(adm), "deactivated": bool(deac), "created_ts": ts,
+                "is_guest": bool(guest)}
+
+    async def is_guest(self, user_id: str) -> bool:
+        rows = await self.db.execute("is_guest", "SELECT is_guest FROM users WHERE user_id = ?", user_id)
+        return bool(rows and rows[0][0])
+
+    async def get_guests(self, user_ids: list[str]) -> list[str]:
+        """Those of ``user_ids`` that are guest accounts."""
+        out: list[str] = []
+        # Bounded chunks: a room may have many local members.
+        for i in range(0, len(user_ids), 200):
+            chunk = user_ids[i:i + 200]
+            rows = await self.db.execute(
+                "get_guests",
+                "SELECT user_id FROM users WHERE is_guest = 1 AND user_id IN (" + ",".join("?" * len(chunk)) + ")",
+                *chunk,
+            )
+            out.extend(r[0] for r in rows)
+        return out
+
+    async def list_guests(self, after: str, limit: int) -> list[str]:
+        """Active guest accounts with user IDs after ``after``, in order, at most ``limit``."""
+        rows = await self.db.execute(
+            "list_guests",
+            "SELECT user_id FROM users WHERE is_guest = 1 AND deactivated = 0 AND user_id > ?"
+            " ORDER BY user_id LIMIT ?",
+            after, limit,
+        )
+        return [r[0] for r in rows]
+
+    async def upgrade_guest(self, user_id: str, password_hash: Optional[str]) -> bool:
+        """Make the guest account ``user_id`` a full account; False if it is not a guest (any more)."""
+
+        def txn_fn(txn: Txn) -> bool:
+            txn.execute("UPDATE users SET is_guest = 0, password_hash = ? WHERE user_id = ? AND is_guest = 1"
+                        " AND deactivated = 0", (password_hash, user_id))
+            return txn.rowcount > 0
+
+        done = await self.db.run_interaction("upgrade_guest", txn_fn)
+        # Cached tokens still say "guest".
+        self._forget_tokens()
+        return done
 
     async def user_exists_ci(self, user_id: str) -> bool:
         rows = await self.db.execute("user_exists", "SELECT 1 FROM users WHERE LOWER(user_id) = LOWER(?)", user_id)
@@ -198,14 +242,14 @@ class AccountsStore:
         generation = self._token_generation
         rows = await self.db.execute(
             "get_token",
-            "SELECT t.id, t.user_id, t.device_id, t.valid_until_ms, u.is_admin, u.deactivated FROM access_tokens t"
-            " JOIN users u ON u.user_id = t.user_id WHERE t.token_hash = ?",
+            "SELECT t.id, t.user_id, t.device_id, t.valid_until_ms, u.is_admin, u.deactivated, u.is_guest"
+            " FROM access_tokens t JOIN users u ON u.user_id = t.user_id WHERE t.token_hash = ?",
             token_hash(access_token),
         )
         if not rows:
             return None
-        tid, user_id, device_id, vu, adm, deac = rows[0]
-        info = TokenInfo(tid, user_id, device_id, vu, bool(adm), bool(deac))
+        tid, user_id, device_id, vu, adm, deac, guest = rows[0]
+        info = TokenInfo(tid, user_id, device_id, vu, bool(adm), bool(deac), bool(guest))
         if generation == self._token_generation:
             if len(self._token_cache) > 50000:
                 self._token_cache.clear()
