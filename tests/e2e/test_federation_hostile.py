@@ -25,6 +25,7 @@ import json
 import ssl
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -66,6 +67,9 @@ class FakeServer:
         self.requests_seen: list[tuple[str, str]] = []
         # Extra GET answers by path (no query): a test's own scenario.
         self.routes: dict[str, Callable[[BaseHTTPRequestHandler], None]] = {}
+        # Answers by method and (unquoted) path prefix, given the request
+        # body: (status, body). Checked before everything else.
+        self.handlers: list[tuple[str, str, Callable[[str, Any], tuple[int, Any]]]] = []
         cert_pem, key_pem = generate_self_signed_certificate(self.server_name)
         workdir.mkdir(parents=True, exist_ok=True)
         cert_path, key_path = workdir / "e.crt", workdir / "e.key"
@@ -91,10 +95,14 @@ class FakeServer:
 
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(length)
+                raw = self.rfile.read(length) if length else b""
                 fake.requests_seen.append((self.command, self.path))
                 path = self.path.split("?", 1)[0]
+                plain = urllib.parse.unquote(path)
+                for method, prefix, answer in list(fake.handlers):
+                    if method == self.command and plain.startswith(prefix):
+                        self._reply(*answer(self.path, json.loads(raw) if raw else None))
+                        return
                 route = fake.routes.get(path) if self.command == "GET" else None
                 if route is not None:
                     route(self)
@@ -363,8 +371,10 @@ def test_event_failing_auth_is_rejected(world: World) -> None:
     pdu = r.build("m.room.power_levels", content, world.mallory, state_key="")
     eid, signed = r.sign(pdu)
     status, body = world.send_txn([signed])
+    # Processed and stored as rejected: no error for the transaction
+    # (server-server-api "Transactions"), but nothing changes.
     assert status == 200, (status, body)
-    assert set(body["pdus"]) == {eid} and "error" in body["pdus"][eid], body
+    assert body["pdus"] == {eid: {}}, body
     assert world.room_state() == before
     assert eid not in world.message_ids()
     world.assert_serving()
@@ -543,7 +553,7 @@ def test_rejected_events_are_not_served_to_clients(world: World) -> None:
     pl = r.build("m.room.power_levels", {"users": {world.mallory: 100}}, world.mallory, state_key="")
     eid, signed = r.sign(pl)
     status, body = world.send_txn([signed])
-    assert status == 200 and "error" in body["pdus"][eid], (status, body)
+    assert status == 200 and body["pdus"] == {eid: {}}, (status, body)
     status, ev = world.client("GET", f"/rooms/{q(r.room_id)}/event/{q(eid)}")
     assert status == 404 and ev["errcode"] == "M_NOT_FOUND", (status, ev)
     # Building on the rejected event (citing it as an auth event) gets
@@ -555,8 +565,9 @@ def test_rejected_events_are_not_served_to_clients(world: World) -> None:
     assert eid in topic["auth_events"]
     tid, tsigned = r.sign(topic)
     status, body = world.send_txn([tsigned])
-    assert status == 200 and "error" in body["pdus"][tid], (status, body)
+    assert status == 200 and body["pdus"] == {tid: {}}, (status, body)
     assert world.room_state() == before
+    assert tid not in world.message_ids()
     world.assert_serving()
 
 
@@ -586,6 +597,229 @@ def test_same_event_twice_in_one_transaction(world: World) -> None:
     assert status == 200 and body["pdus"] == {eid: {}}, (status, body)
     r.accepted(eid, pdu)
     assert world.message_ids().count(eid) == 1
+    world.assert_serving()
+
+
+def _state_ids(world: World, event_id: str, endpoint: str = "state_ids") -> tuple[int, Any]:
+    return world.e.request(world.a, "GET", f"{FED}/v1/{endpoint}/{q(world.room.room_id)}?event_id={q(event_id)}")
+
+
+def test_state_needs_event_id(world: World) -> None:
+    for endpoint in ("state", "state_ids"):
+        for room in (world.room.room_id, "notaroom"):
+            status, body = world.e.request(world.a, "GET", f"{FED}/v1/{endpoint}/{q(room)}")
+            assert status == 400 and body["errcode"] == "M_MISSING_PARAM", (endpoint, room, status, body)
+    world.assert_serving()
+
+
+def test_missing_auth_events_then_rejected(world: World) -> None:
+    """An event citing an auth event A lacks and E cannot supply: the
+    transaction takes it (no error), A stores it as rejected, serves
+    neither it nor the state at it, and the room is unchanged."""
+    r = world.room
+    before = world.room_state()
+    eve = f"@eve:{world.e.server_name}"
+    join = r.build("m.room.member", {"membership": "join"}, eve, state_key=eve)
+    join_id, _ = r.sign(join)  # never sent, never served
+    msg = r.build("m.room.message", {"msgtype": "m.text", "body": "who let me in?"}, eve)
+    msg["auth_events"] = msg["auth_events"] + [join_id]
+    eid, signed = r.sign(msg)
+    seen = len(world.e.requests_seen)
+    status, body = world.send_txn([signed])
+    assert status == 200 and body["pdus"] == {eid: {}}, (status, body)
+    asked = [p.split("?")[0] for _, p in world.e.requests_seen[seen:]]
+    assert any(p.startswith(FED + "/v1/event_auth/") or p.startswith(FED + "/v1/event/") for p in asked), asked
+    assert eid not in world.message_ids()
+    assert world.room_state() == before
+    for endpoint in ("state", "state_ids"):
+        status, got = _state_ids(world, eid, endpoint)
+        assert status == 404 and got["errcode"] == "M_NOT_FOUND", (endpoint, status, got)
+    status, got = world.e.request(world.a, "GET", f"{FED}/v1/event/{q(eid)}")
+    assert status == 404, (status, got)
+    # The state at an accepted event is served.
+    status, got = _state_ids(world, r.latest)
+    assert status == 200 and got["pdu_ids"], (status, got)
+    world.assert_serving()
+
+
+def test_auth_event_fetched_but_sender_not_in_the_room(world: World) -> None:
+    """E serves the missing auth event: A stores it as an outlier, checks
+    the event against the state before it, and rejects it there."""
+    r = world.room
+    before = world.room_state()
+    eve = f"@eve2:{world.e.server_name}"
+    join = r.build("m.room.member", {"membership": "join"}, eve, state_key=eve)
+    join_id, join_signed = r.sign(join)
+    msg = r.build("m.room.message", {"msgtype": "m.text", "body": "outlier says I'm in"}, eve)
+    msg["auth_events"] = msg["auth_events"] + [join_id]
+    eid, signed = r.sign(msg)
+    world.e.handlers.append(("GET", f"{FED}/v1/event/{join_id}", lambda path, body: (
+        200, {"origin": world.e.server_name, "origin_server_ts": 0, "pdus": [join_signed]})))
+    try:
+        status, body = world.send_txn([signed])
+    finally:
+        world.e.handlers.clear()
+    assert status == 200 and body["pdus"] == {eid: {}}, (status, body)
+    assert eid not in world.message_ids() and join_id not in world.message_ids()
+    assert world.room_state() == before
+    for event_id in (eid, join_id):  # rejected; an outlier
+        status, got = _state_ids(world, event_id)
+        assert status == 404 and got["errcode"] == "M_NOT_FOUND", (event_id, status, got)
+    world.assert_serving()
+
+
+def test_gap_filled_with_get_missing_events_and_state_ids(world: World) -> None:
+    """S's prev event R is missing, and R's prev event Q too: A asks for the
+    missing events (gets R), then the state at Q (/state_ids, then Q
+    itself), and accepts R and S; Q stays an outlier."""
+    r = world.room
+    rv = r.rv
+    state_at_q = dict(r.state)
+    q_pdu = r.build("m.room.member", {"membership": "join", "displayname": "Mallory Q"}, world.mallory,
+                    state_key=world.mallory)
+    q_id, q_signed = r.sign(q_pdu)
+    after_q = dict(state_at_q)
+    after_q[("m.room.member", world.mallory)] = q_id
+    r_pdu = build_pdu("m.room.message", world.mallory, {"msgtype": "m.text", "body": "R"}, room_id=r.room_id,
+                      prev_events=[q_id], depth=q_pdu["depth"] + 1, origin_server_ts=int(time.time() * 1000),
+                      auth_events=auth_event_ids(rv, "m.room.message", None, world.mallory, {}, after_q))
+    r_id, r_signed = r.sign(r_pdu)
+    s_pdu = build_pdu("m.room.message", world.mallory, {"msgtype": "m.text", "body": "S"}, room_id=r.room_id,
+                      prev_events=[r_id], depth=r_pdu["depth"] + 1, origin_server_ts=int(time.time() * 1000),
+                      auth_events=auth_event_ids(rv, "m.room.message", None, world.mallory, {}, after_q))
+    s_id, s_signed = r.sign(s_pdu)
+    asked: list[Any] = []
+
+    def missing(path: str, body: Any) -> tuple[int, Any]:
+        asked.append(("get_missing_events", body))
+        return 200, {"events": [r_signed]}
+
+    def state_ids(path: str, body: Any) -> tuple[int, Any]:
+        asked.append(("state_ids", path))
+        return 200, {"pdu_ids": list(state_at_q.values()), "auth_chain_ids": []}
+
+    def event(path: str, body: Any) -> tuple[int, Any]:
+        asked.append(("event", path))
+        return 200, {"origin": world.e.server_name, "origin_server_ts": 0, "pdus": [q_signed]}
+
+    world.e.handlers.extend([("POST", f"{FED}/v1/get_missing_events/", missing),
+                             ("GET", f"{FED}/v1/state_ids/", state_ids),
+                             ("GET", f"{FED}/v1/event/{q_id}", event)])
+    try:
+        status, body = world.send_txn([s_signed])
+    finally:
+        world.e.handlers.clear()
+    assert status == 200 and body["pdus"] == {s_id: {}}, (status, body, asked)
+    kinds = [k for k, _ in asked]
+    assert kinds[:2] == ["get_missing_events", "state_ids"], asked
+    assert asked[0][1]["latest_events"] == [s_id]
+    assert q_id in urllib.parse.unquote(asked[1][1])
+    ids = world.message_ids()
+    assert r_id in ids and s_id in ids and q_id not in ids
+    for endpoint in ("state", "state_ids"):
+        status, got = _state_ids(world, q_id, endpoint)
+        assert status == 404 and got["errcode"] == "M_NOT_FOUND", (endpoint, status, got)
+    status, got = _state_ids(world, s_id)
+    assert status == 200 and q_id in got["pdu_ids"], (status, got)
+    r.accepted(s_id, s_pdu)
+    r.state[("m.room.member", world.mallory)] = q_id
+    world.assert_serving()
+
+
+def test_soft_failed_event_is_stored_but_not_served(world: World) -> None:
+    """Allowed by the state before it, refused by current state: soft-failed
+    (server-server-api "Soft failure"), so stored but neither shown nor
+    built on."""
+    r = world.room
+    fork_point, fork_depth, fork_state = r.latest, r.depth, dict(r.state)
+    status, pl = world.client("GET", f"/rooms/{q(r.room_id)}/state/m.room.power_levels/")
+    assert status == 200, (status, pl)
+    pl["events"] = dict(pl.get("events") or {}, **{"m.room.message": 50})
+    status, sent = world.client("PUT", f"/rooms/{q(r.room_id)}/state/m.room.power_levels/", pl)
+    assert status == 200, (status, sent)
+    before = world.room_state()
+    msg = r.build("m.room.message", {"msgtype": "m.text", "body": "sent before I knew"}, world.mallory)
+    msg["prev_events"], msg["depth"] = [fork_point], fork_depth + 1
+    eid, signed = r.sign(msg)
+    status, body = world.send_txn([signed])
+    assert status == 200 and body["pdus"] == {eid: {}}, (status, body)
+    assert eid not in world.message_ids()
+    assert world.room_state() == before
+    # It is stored: the state at it (the fork's) is known.
+    status, got = _state_ids(world, eid)
+    assert status == 200 and fork_state[("m.room.power_levels", "")] in got["pdu_ids"], (status, got)
+    # Put the old levels back so later cases can talk.
+    pl["events"]["m.room.message"] = 0
+    status, sent = world.client("PUT", f"/rooms/{q(r.room_id)}/state/m.room.power_levels/", pl)
+    assert status == 200, (status, sent)
+    r.latest = sent["event_id"]
+    r.depth += 3
+    r.state[("m.room.power_levels", "")] = sent["event_id"]
+    world.assert_serving()
+
+
+def test_redaction_of_an_event_in_another_room_is_ignored(world: World) -> None:
+    r = world.room
+    status, created = world.client("POST", "/createRoom", {"preset": "public_chat", "name": "Second"})
+    assert status == 200, (status, created)
+    other = _join(world.a, world.e, created["room_id"], world.mallory)
+    status, sent = world.client("PUT", f"/rooms/{q(r.room_id)}/send/m.room.message/redme{time.time_ns()}",
+                                {"msgtype": "m.text", "body": "keep me"})
+    assert status == 200, (status, sent)
+    target = sent["event_id"]
+    red = other.build("m.room.redaction", {"redacts": target} if other.rv.redacts_in_content else {}, world.mallory)
+    red["redacts"] = target
+    rid, rsigned = other.sign(red)
+    status, body = world.e.request(world.a, "PUT", f"{FED}/v1/send/xroom{time.time_ns()}", {
+        "origin": world.e.server_name, "origin_server_ts": int(time.time() * 1000), "pdus": [rsigned], "edus": []})
+    assert status == 200 and body["pdus"] == {rid: {}}, (status, body)
+    status, ev = world.client("GET", f"/rooms/{q(r.room_id)}/event/{q(target)}")
+    assert status == 200 and ev["content"]["body"] == "keep me", (status, ev)
+    status, msgs = world.client("GET", f"/rooms/{q(other.room_id)}/messages?dir=b&limit=50")
+    assert status == 200 and rid not in [e["event_id"] for e in msgs["chunk"]], msgs
+    r.latest, r.depth = target, r.depth + 1
+    world.assert_serving()
+
+
+def test_redaction_without_power_takes_no_effect(world: World) -> None:
+    """rooms/v3+ "Handling redactions": E may not redact alice's event."""
+    r = world.room
+    status, sent = world.client("PUT", f"/rooms/{q(r.room_id)}/send/m.room.message/redme2{time.time_ns()}",
+                                {"msgtype": "m.text", "body": "still here"})
+    assert status == 200, (status, sent)
+    target = sent["event_id"]
+    r.latest, r.depth = target, r.depth + 1
+    red = r.build("m.room.redaction", {}, world.mallory)
+    if r.rv.redacts_in_content:
+        red["content"] = {"redacts": target}
+    red["redacts"] = target
+    rid, rsigned = r.sign(red)
+    status, body = world.send_txn([rsigned])
+    assert status == 200 and body["pdus"] == {rid: {}}, (status, body)
+    r.accepted(rid, red)
+    status, ev = world.client("GET", f"/rooms/{q(r.room_id)}/event/{q(target)}")
+    assert status == 200 and ev["content"]["body"] == "still here", (status, ev)
+    assert "redacted_because" not in ev.get("unsigned", {}), ev
+    world.assert_serving()
+
+
+def test_float_in_the_invite_response_is_bad_json(world: World) -> None:
+    """The invitee's server answers with a float in the event: the inviting
+    client gets 400 M_BAD_JSON, not a 500, and no invite is stored."""
+    victim = f"@victim:{world.e.server_name}"
+
+    def invite(path: str, body: Any) -> tuple[int, Any]:
+        event = dict(body["event"], bad_val=1.1)
+        return 200, {"event": event}
+
+    world.e.handlers.append(("PUT", f"{FED}/v2/invite/", invite))
+    try:
+        status, body = world.client("POST", f"/rooms/{q(world.room.room_id)}/invite", {"user_id": victim})
+    finally:
+        world.e.handlers.clear()
+    assert status == 400 and body["errcode"] == "M_BAD_JSON", (status, body)
+    members = {ev["state_key"] for ev in world.room_state() if ev["type"] == "m.room.member"}
+    assert victim not in members
     world.assert_serving()
 
 

@@ -32,6 +32,8 @@ async def serialize_events(
             pruned = prune_event_dict(ev.room_version, ev.pdu)
             view = Event(pruned, ev.event_id, ev.room_version)
             unsigned["redacted_because"] = redactions[red_id].client_dict({}, with_room_id)
+            # Not in the spec's ClientEvent, but clients and Synapse use it.
+            unsigned["redacted_by"] = red_id
             d = view.client_dict(unsigned, with_room_id)
         else:
             txn = ev.internal.get("txn")
