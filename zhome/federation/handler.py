@@ -664,14 +664,22 @@ class FederationHandler:
                 server, f"/_matrix/federation/v1/{make}/{_q(room_id)}/{_q(user_id)}",
                 query={"ver": list(KNOWN_ROOM_VERSIONS)})
         except FederationHttpError as e:
-            if e.status in (403, 404, 400):
-                raise MatrixError(e.status if e.status != 400 else 403, e.errcode or "M_FORBIDDEN",
-                                  f"{server} refused the {membership}: {_err_text(e)}")
+            if 400 <= e.status < 500 and e.status != 429:
+                # The resident server's refusal is the client's answer, with
+                # its errcode (and the room_version of an incompatible room).
+                extra = {}
+                if isinstance(e.body, dict) and isinstance(e.body.get("room_version"), str):
+                    extra["room_version"] = e.body["room_version"][:100]
+                raise MatrixError(e.status, e.errcode or "M_FORBIDDEN",
+                                  f"{server} refused the {membership}: {_err_text(e)}", **extra)
             raise
         version = resp.get("room_version", "1") if isinstance(resp, dict) else None
         template = resp.get("event") if isinstance(resp, dict) else None
-        if version not in KNOWN_ROOM_VERSIONS or not isinstance(template, dict):
-            raise MatrixError(400, "M_INCOMPATIBLE_ROOM_VERSION", "Unsupported room version or bad template")
+        if not isinstance(version, str) or version not in KNOWN_ROOM_VERSIONS:
+            raise MatrixError(400, "M_INCOMPATIBLE_ROOM_VERSION", "This server does not support the room's version",
+                              room_version=str(version)[:100])
+        if not isinstance(template, dict):
+            raise MatrixError(502, "M_UNKNOWN", f"{server} sent a bad {make} response")
         rv = get_room_version(version)
         pdu = {k: v for k, v in template.items() if k not in ("signatures", "hashes", "unsigned", "event_id")}
         if pdu.get("sender") != user_id or pdu.get("state_key") != user_id or pdu.get("type") != "m.room.member":
@@ -684,11 +692,22 @@ class FederationHandler:
         pdu["origin_server_ts"] = int(time.time() * 1000)
         if rv.event_id_format is EventIdFormat.SERVER_CHOSEN:
             pdu["origin"] = self.server_name
+        _check_canonical(rv, pdu, f"The {membership} event")
         event_id, signed = hash_and_sign_event(rv, pdu, self.server_name, self.hs.signing_key)
-        send = "send_join" if membership == "join" else "send_knock"
-        path = f"/_matrix/federation/v2/{send}/{_q(room_id)}/{_q(event_id)}" if membership == "join" else \
-            f"/_matrix/federation/v1/{send}/{_q(room_id)}/{_q(event_id)}"
-        result = await self.client.put_json(server, path, signed, timeout=300)
+        if membership == "join":
+            try:
+                result = await self.client.put_json(
+                    server, f"/_matrix/federation/v2/send_join/{_q(room_id)}/{_q(event_id)}", signed, timeout=300)
+            except FederationHttpError as e:
+                if not _unrecognised(e):
+                    raise
+                # A server without v2: v1 wraps the answer as [200, {...}].
+                result = await self.client.put_json(
+                    server, f"/_matrix/federation/v1/send_join/{_q(room_id)}/{_q(event_id)}", signed, timeout=300)
+                result = _unwrap_v1(result)
+        else:
+            result = await self.client.put_json(
+                server, f"/_matrix/federation/v1/send_knock/{_q(room_id)}/{_q(event_id)}", signed, timeout=300)
         if not isinstance(result, dict):
             raise PduRejected("bad send_join response")
         ev = Event(signed, event_id, rv)
@@ -702,8 +721,14 @@ class FederationHandler:
             await self.store_membership_outlier(ev, version)
             return ev
         if isinstance(result.get("event"), dict):
-            # A restricted join comes back countersigned by the resident server.
-            ev = Event(result["event"], event_id, rv)
+            # A restricted join comes back countersigned by the resident
+            # server: the same event (ID and content hash), more signatures.
+            try:
+                countersigned = parse_pdu(rv, _strip_pdu(result["event"]))
+            except PduRejected as e:
+                raise MatrixError(502, "M_UNKNOWN", f"{server} sent a bad join event back: {e}")
+            if countersigned.event_id == event_id and verify_content_hash(countersigned.pdu):
+                ev = countersigned
         state_pdus = result.get("state") or []
         chain = result.get("auth_chain") or []
         if not isinstance(state_pdus, list) or not isinstance(chain, list):
@@ -746,6 +771,7 @@ class FederationHandler:
                 pdu["content"] = {"membership": "leave"}
                 if rv.event_id_format is EventIdFormat.SERVER_CHOSEN:
                     pdu["origin"] = self.server_name
+                _check_canonical(rv, pdu, "The leave event")
                 event_id, signed = hash_and_sign_event(rv, pdu, self.server_name, self.hs.signing_key)
                 await self.client.put_json(
                     server, f"/_matrix/federation/v2/send_leave/{_q(room_id)}/{_q(event_id)}", signed)
@@ -755,7 +781,35 @@ class FederationHandler:
             except Exception as e:
                 last_error = e
                 logger.info("remote leave of %s via %s failed: %s", room_id, server, e)
+        local = await self._local_invite_rejection(user_id, room_id)
+        if local is not None:
+            return local
         raise MatrixError(502, "M_UNKNOWN", f"Could not leave through any server: {_describe(last_error)}")
+
+    async def _local_invite_rejection(self, user_id: str, room_id: str) -> Optional[Event]:
+        """No server in the room would take the rejection of an invite (or
+        the retraction of a knock): the user still gets out of it here,
+        with a leave that follows only the invite and is kept to ourselves
+        (the room's servers never see it; the inviter's may retry)."""
+        eid = await self.events.get_current_state_event_id(room_id, "m.room.member", user_id)
+        invite = await self.events.get_event(eid) if eid else None
+        if invite is None or invite.membership not in ("invite", "knock") or not invite.internal.get("outlier"):
+            return None
+        version = await self.rooms.get_room_version(room_id) or invite.room_version.identifier
+        rv = get_room_version(version)
+        pdu: dict[str, Any] = {
+            "type": "m.room.member", "room_id": room_id, "sender": user_id, "state_key": user_id,
+            "content": {"membership": "leave"}, "depth": invite.depth + 1,
+            "origin_server_ts": int(time.time() * 1000),
+            "prev_events": [_event_ref(rv, invite)], "auth_events": [_event_ref(rv, invite)],
+        }
+        if rv.event_id_format is EventIdFormat.SERVER_CHOSEN:
+            pdu["origin"] = self.server_name
+        event_id, signed = hash_and_sign_event(rv, pdu, self.server_name, self.hs.signing_key)
+        ev = Event(signed, event_id, rv)
+        await self.store_membership_outlier(ev, version)
+        logger.info("rejected the invite of %s to %s locally: no server took the leave", user_id, room_id)
+        return ev
 
     # -- inviting a remote user -------------------------------------------------------------
     async def send_invite(self, ev: Event, invite_room_state: list[dict[str, Any]]) -> Event:
@@ -769,17 +823,33 @@ class FederationHandler:
                 "invite_room_state": invite_room_state}
         from zhome.federation.transport import FederationHttpError
 
+        path = f"/{_q(ev.room_id)}/{_q(ev.event_id)}"
         try:
-            resp = await self.client.put_json(
-                server, f"/_matrix/federation/v2/invite/{_q(ev.room_id)}/{_q(ev.event_id)}", body)
+            try:
+                resp = await self.client.put_json(server, "/_matrix/federation/v2/invite" + path, body)
+            except FederationHttpError as e:
+                if not _unrecognised(e):
+                    raise
+                # The v1 API carries only room versions 1 and 2.
+                if ev.room_version.identifier not in ("1", "2"):
+                    raise MatrixError(400, "M_UNSUPPORTED_ROOM_VERSION",
+                                      f"{server} does not support this room's version")
+                v1_body = dict(ev.pdu)
+                v1_body["unsigned"] = dict(v1_body.get("unsigned") or {}, invite_room_state=invite_room_state)
+                resp = _unwrap_v1(await self.client.put_json(server, "/_matrix/federation/v1/invite" + path, v1_body))
         except FederationHttpError as e:
-            raise MatrixError(403 if e.status in (400, 403) else 502, e.errcode or "M_FORBIDDEN",
-                              f"{server} refused the invite: {_err_text(e)}")
+            raise MatrixError(e.status if 400 <= e.status < 500 and e.status != 429 else 502,
+                              e.errcode or "M_FORBIDDEN", f"{server} refused the invite: {_err_text(e)}")
         signed = resp.get("event") if isinstance(resp, dict) else None
         if not isinstance(signed, dict):
             raise MatrixError(502, "M_UNKNOWN", "Bad invite response")
         signed = _strip_pdu(signed)
-        new = parse_pdu(ev.room_version, signed)
+        try:
+            new = parse_pdu(ev.room_version, signed)
+        except PduRejected as e:
+            # A float, or an integer out of range, in a room version with
+            # strict canonical JSON: the invite cannot be used.
+            raise MatrixError(400, "M_BAD_JSON", f"{server} answered the invite with a bad event: {e}")
         if new.event_id != ev.event_id:
             raise MatrixError(502, "M_UNKNOWN", "The invited server changed the invite event")
         try:
@@ -788,6 +858,34 @@ class FederationHandler:
         except (SignatureError, KeyLookupError) as e:
             raise MatrixError(502, "M_UNKNOWN", f"Bad signature on the invite: {e}")
         return Event(signed, ev.event_id, ev.room_version)
+
+
+def _check_canonical(rv: RoomVersion, pdu: dict[str, Any], what: str) -> None:
+    """An event we are about to sign must be canonical JSON (no floats or
+    NaN, integers in range from v6); 400 M_BAD_JSON otherwise."""
+    try:
+        check_canonical_json_value(pdu, strict=rv.strict_canonical_json)
+    except ValueError as e:
+        raise MatrixError(400, "M_BAD_JSON", f"{what} is not valid JSON for the room version: {e}")
+
+
+def _event_ref(rv: RoomVersion, ev: Event) -> Any:
+    """How an event is cited in prev_events/auth_events in its room version."""
+    if rv.event_id_format is EventIdFormat.SERVER_CHOSEN:
+        return [ev.event_id, {"sha256": (ev.pdu.get("hashes") or {}).get("sha256", "")}]
+    return ev.event_id
+
+
+def _unrecognised(e: Any) -> bool:
+    """A remote answer meaning "no such endpoint" (so try the older one)."""
+    return e.status == 404 or (e.status in (400, 405) and e.errcode == "M_UNRECOGNIZED")
+
+
+def _unwrap_v1(resp: Any) -> Any:
+    """The body of a v1 answer, which wraps it as ``[200, {...}]``."""
+    if isinstance(resp, list) and len(resp) == 2 and isinstance(resp[1], dict):
+        return resp[1]
+    return resp
 
 
 def _dedupe(xs: Iterable[str]) -> list[str]:
