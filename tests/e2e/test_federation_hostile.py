@@ -823,6 +823,38 @@ def test_float_in_the_invite_response_is_bad_json(world: World) -> None:
     world.assert_serving()
 
 
+def test_floats_and_big_integers_from_clients_are_bad_json(world: World) -> None:
+    """Every client path that makes an event refuses what canonical JSON
+    cannot hold (a float, an integer beyond 2**53 in v6+): 400 M_BAD_JSON
+    (M_NOT_JSON for NaN), never a 500, and nothing is stored."""
+    r = world.room
+    before = world.room_state()
+    nan = float("nan")
+    big = 2 ** 60
+    rid = q(r.room_id)
+    cases: list[tuple[str, str, Any]] = [
+        ("POST", "/createRoom", {"creation_content": {"x": 1.5}}),
+        ("POST", "/createRoom", {"initial_state": [{"type": "m.room.topic", "state_key": "",
+                                                    "content": {"topic": "t", "n": nan}}]}),
+        ("POST", "/createRoom", {"power_level_content_override": {"ban": 1.5}}),
+        ("POST", "/createRoom", {"creation_content": {"x": big}}),
+        ("PUT", f"/rooms/{rid}/state/m.room.member/{q(world.alice)}",
+         {"membership": "join", "displayname": "Alice", "weight": 1.5}),
+        ("PUT", f"/rooms/{rid}/state/m.room.topic/", {"topic": "x", "n": big}),
+        ("PUT", f"/rooms/{rid}/send/m.room.message/f{time.time_ns()}", {"body": "x", "n": nan}),
+        ("PUT", f"/rooms/{rid}/send/m.room.message/i{time.time_ns()}", {"body": "x", "n": big}),
+        ("POST", f"/rooms/{rid}/invite", {"user_id": f"@someone:{world.e.server_name}", "reason": 1.5}),
+        ("POST", f"/rooms/{rid}/join", {"reason": nan}),
+    ]
+    for method, path, body in cases:
+        status, got = world.client(method, path, body)
+        # NaN is not JSON at all (RFC 8259 has no such literal).
+        expected = "M_NOT_JSON" if "NaN" in json.dumps(body) else "M_BAD_JSON"
+        assert status == 400 and got["errcode"] == expected, (method, path, status, got)
+    assert world.room_state() == before
+    world.assert_serving()
+
+
 def test_valid_event_still_accepted_after_the_abuse(world: World) -> None:
     """Nothing above left A unable to take E's honest events."""
     r = world.room
