@@ -855,6 +855,37 @@ def test_floats_and_big_integers_from_clients_are_bad_json(world: World) -> None
     world.assert_serving()
 
 
+def test_invite_to_an_unknown_room_then_rejected_when_no_server_answers(world: World) -> None:
+    """A v2 invite into a room A knows nothing of is countersigned and shown
+    to the invitee; rejecting it when E will not take the leave (no
+    make_leave) still works: a local leave, in /sync's leave section."""
+    reg = world.a.register(f"bob{time.time_ns() % 100000}")
+    bob, bob_token = reg["user_id"], reg["access_token"]
+    rv = world.room.rv
+    room_id = f"!elsewhere{time.time_ns()}:{world.e.server_name}"
+    invite = build_pdu("m.room.member", world.mallory, {"membership": "invite"}, state_key=bob, room_id=room_id,
+                       prev_events=["$" + "p" * 43], auth_events=["$" + "a" * 43], depth=5,
+                       origin_server_ts=int(time.time() * 1000))
+    eid, signed = hash_and_sign_event(rv, invite, world.e.server_name, world.e.key)
+    status, body = world.e.request(world.a, "PUT", f"{FED}/v2/invite/{q(room_id)}/{q(eid)}", {
+        "event": signed, "room_version": rv.identifier,
+        "invite_room_state": [{"type": "m.room.name", "state_key": "", "sender": world.mallory,
+                               "content": {"name": "Elsewhere"}}]})
+    assert status == 200 and world.a.server_name in body["event"]["signatures"], (status, body)
+    status, synced = world.a.request("GET", CS + "/sync", token=bob_token)
+    assert status == 200 and room_id in synced["rooms"]["invite"], (status, synced)
+    since = synced["next_batch"]
+    status, left = world.a.request("POST", CS + f"/rooms/{q(room_id)}/leave", {}, token=bob_token)
+    assert status == 200, (status, left)
+    status, synced = world.a.request("GET", CS + f"/sync?since={q(since)}", token=bob_token)
+    assert status == 200, (status, synced)
+    entry = synced["rooms"]["leave"][room_id]
+    (leave,) = entry["timeline"]["events"]
+    assert (leave["type"], leave["state_key"], leave["sender"]) == ("m.room.member", bob, bob), leave
+    assert leave["content"]["membership"] == "leave"
+    world.assert_serving()
+
+
 def test_valid_event_still_accepted_after_the_abuse(world: World) -> None:
     """Nothing above left A unable to take E's honest events."""
     r = world.room
