@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from prometheus_client import Counter
+from twisted.internet import defer
 
 from zhome.crypto.canonical import check_canonical_json_value
 from zhome.crypto.event_hashing import compute_event_id, hash_and_sign_event, verify_content_hash
@@ -59,6 +60,8 @@ MAX_MISSING_EVENTS = 20
 MAX_AUTH_FETCH = 500
 # Events fetched one by one (GET /event) before asking for the whole /state.
 MAX_EVENT_FETCH = 50
+EVENT_FETCH_PARALLEL = 10
+EVENT_FETCH_TIMEOUT = 20.0
 MAX_STATE_IDS = 20000
 
 
@@ -316,17 +319,26 @@ class FederationHandler:
                 logger.info("missing event %s refused: %s", m.event_id, e)
 
     async def _fetch_events(self, origin: str, rv: RoomVersion, room_id: str, ids: list[str]) -> list[Any]:
-        """Fetch events one by one (GET /event); the PDUs that came back."""
-        out: list[Any] = []
-        for eid in ids[:MAX_EVENT_FETCH]:
+        """Fetch events one by one (GET /event), a few at a time and each
+        with a short timeout (the room is locked meanwhile); the PDUs that
+        came back."""
+
+        async def one(eid: str) -> Any:
             try:
-                resp = await self.client.get_json(origin, f"/_matrix/federation/v1/event/{_q(eid)}")
+                resp = await self.client.get_json(origin, f"/_matrix/federation/v1/event/{_q(eid)}",
+                                                  timeout=EVENT_FETCH_TIMEOUT)
             except Exception as e:
                 logger.info("fetching %s from %s failed: %s", eid, origin, e)
-                continue
+                return None
             pdus = resp.get("pdus") if isinstance(resp, dict) else None
-            if isinstance(pdus, list) and pdus and isinstance(pdus[0], dict):
-                out.append(pdus[0])
+            return pdus[0] if isinstance(pdus, list) and pdus and isinstance(pdus[0], dict) else None
+
+        wanted = ids[:MAX_EVENT_FETCH]
+        out: list[Any] = []
+        for i in range(0, len(wanted), EVENT_FETCH_PARALLEL):
+            got = await defer.gatherResults(
+                [defer.ensureDeferred(one(eid)) for eid in wanted[i:i + EVENT_FETCH_PARALLEL]], consumeErrors=True)
+            out.extend(p for p in got if p is not None)
         return out
 
     async def _state_after_remote_event(self, origin: str, rv: RoomVersion, room_id: str,
