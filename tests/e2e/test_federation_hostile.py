@@ -886,6 +886,29 @@ def test_invite_to_an_unknown_room_then_rejected_when_no_server_answers(world: W
     world.assert_serving()
 
 
+def test_server_acl_covers_invite(world: World) -> None:
+    """A server the room's m.room.server_acl denies may not /invite into it."""
+    r = world.room
+    reg = world.a.register(f"carol{time.time_ns() % 100000}")
+    carol = reg["user_id"]
+    path = f"/rooms/{q(r.room_id)}/state/m.room.server_acl/"
+    status, sent = world.client("PUT", path, {"allow": ["*"], "deny": [world.e.server_name.split(":")[0]],
+                                              "allow_ip_literals": True})
+    assert status == 200, (status, sent)
+    try:
+        invite = r.build("m.room.member", {"membership": "invite"}, world.mallory, state_key=carol)
+        eid, signed = r.sign(invite)
+        status, body = world.e.request(world.a, "PUT", f"{FED}/v2/invite/{q(r.room_id)}/{q(eid)}", {
+            "event": signed, "room_version": r.rv.identifier, "invite_room_state": []})
+        assert status == 403 and body["errcode"] == "M_FORBIDDEN", (status, body)
+    finally:
+        status, sent = world.client("PUT", path, {"allow": ["*"], "allow_ip_literals": True})
+        assert status == 200, (status, sent)
+    r.latest, r.depth = sent["event_id"], r.depth + 3
+    r.state[("m.room.server_acl", "")] = sent["event_id"]
+    world.assert_serving()
+
+
 def test_valid_event_still_accepted_after_the_abuse(world: World) -> None:
     """Nothing above left A unable to take E's honest events."""
     r = world.room

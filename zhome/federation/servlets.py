@@ -361,6 +361,11 @@ class FederationServlets:
         if not self.hs.residency_policy.server_allowed(origin):
             self.hs.residency_policy.count_refusal("invite")
             raise forbidden("This server's policy does not allow invites from your server")
+        if await self.hs.rooms.get_room_version(room_id) is not None and not await self.handler._room_allows(
+                origin, room_id):
+            # server-server-api "Server Access Control Lists" cover /invite.
+            self.hs.residency_policy.count_refusal("invite")
+            raise forbidden("The room's server ACL does not allow your server")
         user = await self.hs.accounts.get_user(target)
         if user is None or user["deactivated"]:
             raise not_found("Unknown user")
