@@ -909,6 +909,38 @@ def test_server_acl_covers_invite(world: World) -> None:
     world.assert_serving()
 
 
+def test_nan_is_not_json_in_requests_or_responses(world: World) -> None:
+    """NaN and Infinity are not JSON: a transaction carrying them is 400
+    M_NOT_JSON, and an invite answer carrying them fails the client's invite
+    with a Matrix error (502), never a 500; nothing is stored."""
+    r = world.room
+    before = world.room_state()
+    pdu = r.build("m.room.message", {"msgtype": "m.text", "body": "x"}, world.mallory)
+    _, signed = r.sign(pdu)
+    txn = {"origin": world.e.server_name, "origin_server_ts": 1, "pdus": [signed],
+           "edus": [{"edu_type": "m.receipt", "content": {r.room_id: {"m.read": {world.mallory: {
+               "event_ids": [r.latest], "data": {"ts": float("nan")}}}}}}]}
+    raw = json.dumps(txn).encode()
+    assert b"NaN" in raw
+    # (The body is read before the signature is checked, and NaN cannot be
+    # signed: canonical JSON has no such value.)
+    status, body = world.e.request(world.a, "PUT", f"{FED}/v1/send/nan{time.time_ns()}", raw=raw, auth=None)
+    assert status == 400 and body["errcode"] == "M_NOT_JSON", (status, body)
+    victim = f"@nan:{world.e.server_name}"
+    world.e.handlers.append(("PUT", f"{FED}/v2/invite/", lambda path, b: (
+        200, {"event": dict(b["event"], weight=float("inf"))})))
+    try:
+        status, body = world.client("POST", f"/rooms/{q(r.room_id)}/invite", {"user_id": victim})
+    finally:
+        world.e.handlers.clear()
+    assert status == 502 and body["errcode"] == "M_UNKNOWN", (status, body)
+    # And an invitee server that cannot be reached at all.
+    status, body = world.client("POST", f"/rooms/{q(r.room_id)}/invite", {"user_id": "@x:127.0.0.9:1"})
+    assert status == 502 and body["errcode"] == "M_UNKNOWN", (status, body)
+    assert world.room_state() == before
+    world.assert_serving()
+
+
 def test_valid_event_still_accepted_after_the_abuse(world: World) -> None:
     """Nothing above left A unable to take E's honest events."""
     r = world.room

@@ -833,7 +833,7 @@ class FederationHandler:
             raise forbidden(f"Federation with {server} is not allowed by this server's policy")
         body = {"event": ev.pdu, "room_version": ev.room_version.identifier,
                 "invite_room_state": invite_room_state}
-        from zhome.federation.transport import FederationHttpError
+        from zhome.federation.transport import FederationError, FederationHttpError
 
         path = f"/{_q(ev.room_id)}/{_q(ev.event_id)}"
         try:
@@ -852,6 +852,9 @@ class FederationHandler:
         except FederationHttpError as e:
             raise MatrixError(e.status if 400 <= e.status < 500 and e.status != 429 else 502,
                               e.errcode or "M_FORBIDDEN", f"{server} refused the invite: {_err_text(e)}")
+        except FederationError as e:
+            # Unreachable, or an answer that is not JSON (NaN included).
+            raise MatrixError(502, "M_UNKNOWN", f"Could not invite through {server}: {_describe(e)}")
         signed = resp.get("event") if isinstance(resp, dict) else None
         if not isinstance(signed, dict):
             raise MatrixError(502, "M_UNKNOWN", "Bad invite response")

@@ -19,7 +19,7 @@ from twisted.web.server import Request
 
 from zhome.crypto.event_hashing import hash_and_sign_event
 from zhome.federation.handler import EventRejected, PduRejected, _strip_pdu, parse_pdu
-from zhome.federation.request_auth import authenticate_request
+from zhome.federation.request_auth import authenticate_request, reject_json_constant
 from zhome.http.errors import MatrixError, bad_json, forbidden, not_found, too_large
 from zhome.http.server import JsonResource, query_arg, query_args, query_int
 from zhome.rooms.events import Event, StateMap
@@ -100,7 +100,7 @@ class FederationServlets:
         if not raw:
             return None
         try:
-            return json.loads(raw.decode("utf-8"))
+            return json.loads(raw.decode("utf-8"), parse_constant=reject_json_constant)
         except (ValueError, UnicodeDecodeError):
             raise MatrixError(400, "M_NOT_JSON", "Content not JSON")
 
@@ -522,6 +522,7 @@ class FederationServlets:
             term = flt.get("generic_search_term") if isinstance(flt, dict) else None
             return 200, await rooms._public_rooms(body.get("limit"), body.get("since"), term, None)
         return 200, await rooms._public_rooms(query_int(request, "limit"), query_arg(request, "since"), None, None)
+
 
 
 def _stripped(events: list[Any]) -> list[dict[str, Any]]:
