@@ -941,6 +941,63 @@ def test_nan_is_not_json_in_requests_or_responses(world: World) -> None:
     world.assert_serving()
 
 
+def test_soft_failed_events_are_not_left_as_extremities(world: World) -> None:
+    """M1 (allowed) forks off before alice's PL1 forbids test.sf; SF1 and
+    SF2 build on M1 and soft-fail; M2 builds on PL1 and SF2. Nothing is left
+    dangling behind the soft-failed events: alice's next event follows M2
+    alone (server-server-api "Soft failure")."""
+    r = world.room
+    fork, fork_depth, fork_state = r.latest, r.depth, dict(r.state)
+    status, pl = world.client("GET", f"/rooms/{q(r.room_id)}/state/m.room.power_levels/")
+    assert status == 200, (status, pl)
+    pl["events"] = dict(pl.get("events") or {}, **{"test.sf": 50})
+    status, sent = world.client("PUT", f"/rooms/{q(r.room_id)}/state/m.room.power_levels/", pl)
+    assert status == 200, (status, sent)
+    pl1 = sent["event_id"]
+
+    def on_fork(etype: str, body: str, prev: str, depth: int) -> tuple[str, dict[str, Any]]:
+        pdu = build_pdu(etype, world.mallory, {"body": body}, room_id=r.room_id, prev_events=[prev], depth=depth,
+                        origin_server_ts=int(time.time() * 1000),
+                        auth_events=auth_event_ids(r.rv, etype, None, world.mallory, {}, fork_state))
+        eid, signed = r.sign(pdu)
+        status, got = world.send_txn([signed])
+        assert status == 200 and got["pdus"] == {eid: {}}, (etype, status, got)
+        return eid, pdu
+
+    m1, _ = on_fork("m.room.message", "M1", fork, fork_depth + 1)
+    sf1, _ = on_fork("test.sf", "SF1", m1, fork_depth + 2)
+    sf2, _ = on_fork("test.sf", "SF2", sf1, fork_depth + 3)
+    ids = world.message_ids()
+    assert m1 in ids and sf1 not in ids and sf2 not in ids
+    r.state[("m.room.power_levels", "")] = pl1
+    m2 = r.build("m.room.message", {"body": "M2"}, world.mallory)
+    m2["prev_events"], m2["depth"] = [pl1, sf2], fork_depth + 10
+    m2_id, m2_signed = r.sign(m2)
+    status, got = world.send_txn([m2_signed])
+    assert status == 200 and got["pdus"] == {m2_id: {}}, (status, got)
+    r.accepted(m2_id, m2)
+    seen: list[dict[str, Any]] = []
+
+    def capture(path: str, body: Any) -> tuple[int, Any]:
+        seen.extend(p for p in (body or {}).get("pdus", []) if isinstance(p, dict))
+        return 200, {"pdus": {}}
+
+    world.e.handlers.append(("PUT", f"{FED}/v1/send/", capture))
+    try:
+        status, sent = world.client("PUT", f"/rooms/{q(r.room_id)}/send/m.room.message/m3{time.time_ns()}",
+                                    {"msgtype": "m.text", "body": "m3"})
+        assert status == 200, (status, sent)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(p.get("content", {}).get("body") == "m3" for p in seen):
+            time.sleep(0.1)
+    finally:
+        world.e.handlers.clear()
+    (m3,) = [p for p in seen if p.get("content", {}).get("body") == "m3"]
+    assert m3["prev_events"] == [m2_id], (m3["prev_events"], m1, pl1, m2_id)
+    r.latest, r.depth = sent["event_id"], m3["depth"]
+    world.assert_serving()
+
+
 def test_valid_event_still_accepted_after_the_abuse(world: World) -> None:
     """Nothing above left A unable to take E's honest events."""
     r = world.room
