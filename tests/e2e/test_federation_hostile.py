@@ -998,6 +998,67 @@ def test_soft_failed_events_are_not_left_as_extremities(world: World) -> None:
     world.assert_serving()
 
 
+def test_joining_a_room_on_e_refusals_and_v1_fallback(world: World) -> None:
+    """Joining a room that lives on E: E's make_join refusal reaches the
+    client with E's status and errcode (and room_version); a server without
+    /v2/send_join is asked on /v1/send_join; a send_join answer without the
+    room's create event fails the join with a Matrix error."""
+    room_id = f"!onE{time.time_ns()}:{world.e.server_name}"
+    join_path = f"/join/{q(room_id)}?server_name={q(world.e.server_name)}"
+    make = f"{FED}/v1/make_join/{room_id}/"
+    answers: list[tuple[int, Any]] = [
+        (400, {"errcode": "M_TEST_ERROR_CODE", "error": "denied!"}),
+        (400, {"errcode": "M_INCOMPATIBLE_ROOM_VERSION", "error": "upgrade", "room_version": "x-custom"}),
+    ]
+    world.e.handlers.append(("GET", make, lambda path, body: answers.pop(0)))
+    try:
+        status, body = world.client("POST", join_path, {})
+        assert status == 400 and body["errcode"] == "M_TEST_ERROR_CODE", (status, body)
+        status, body = world.client("POST", join_path, {})
+        assert (status, body["errcode"], body.get("room_version")) == (400, "M_INCOMPATIBLE_ROOM_VERSION",
+                                                                        "x-custom"), body
+    finally:
+        world.e.handlers.clear()
+    rv = world.room.rv
+    creator = f"@founder:{world.e.server_name}"
+    create = build_pdu("m.room.create", creator, {"room_version": rv.identifier}, state_key="", room_id=room_id,
+                       prev_events=[], auth_events=[], depth=1, origin_server_ts=int(time.time() * 1000))
+    create_id, create_signed = hash_and_sign_event(rv, create, world.e.server_name, world.e.key)
+    founder = build_pdu("m.room.member", creator, {"membership": "join"}, state_key=creator, room_id=room_id,
+                        prev_events=[create_id], auth_events=[create_id], depth=2,
+                        origin_server_ts=int(time.time() * 1000))
+    founder_id, founder_signed = hash_and_sign_event(rv, founder, world.e.server_name, world.e.key)
+    calls: list[str] = []
+
+    def make_join(path: str, body: Any) -> tuple[int, Any]:
+        user = urllib.parse.unquote(path.split("?")[0].rsplit("/", 1)[1])
+        return 200, {"room_version": rv.identifier, "event": build_pdu(
+            "m.room.member", user, {"membership": "join"}, state_key=user, room_id=room_id,
+            prev_events=[founder_id], auth_events=[create_id, founder_id], depth=3,
+            origin_server_ts=int(time.time() * 1000))}
+
+    def v2(path: str, body: Any) -> tuple[int, Any]:
+        calls.append("v2")
+        return 404, {"errcode": "M_UNRECOGNIZED", "error": "no v2 here"}
+
+    def v1(path: str, body: Any) -> tuple[int, Any]:
+        calls.append("v1")
+        # The room's state without its create event.
+        return 200, [200, {"state": [founder_signed], "auth_chain": [founder_signed]}]
+
+    world.e.handlers.extend([("GET", make, make_join), ("PUT", f"{FED}/v2/send_join/", v2),
+                             ("PUT", f"{FED}/v1/send_join/", v1)])
+    try:
+        status, body = world.client("POST", join_path, {})
+    finally:
+        world.e.handlers.clear()
+    assert calls == ["v2", "v1"], calls
+    assert 400 <= status < 600 and status != 500 and "errcode" in body, (status, body)
+    status, rooms = world.client("GET", "/joined_rooms")
+    assert status == 200 and room_id not in rooms["joined_rooms"], rooms
+    world.assert_serving()
+
+
 def test_valid_event_still_accepted_after_the_abuse(world: World) -> None:
     """Nothing above left A unable to take E's honest events."""
     r = world.room
