@@ -25,6 +25,7 @@ import json
 import ssl
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -66,6 +67,9 @@ class FakeServer:
         self.requests_seen: list[tuple[str, str]] = []
         # Extra GET answers by path (no query): a test's own scenario.
         self.routes: dict[str, Callable[[BaseHTTPRequestHandler], None]] = {}
+        # Answers by method and (unquoted) path prefix, given the request
+        # body: (status, body). Checked before everything else.
+        self.handlers: list[tuple[str, str, Callable[[str, Any], tuple[int, Any]]]] = []
         cert_pem, key_pem = generate_self_signed_certificate(self.server_name)
         workdir.mkdir(parents=True, exist_ok=True)
         cert_path, key_path = workdir / "e.crt", workdir / "e.key"
@@ -91,10 +95,14 @@ class FakeServer:
 
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(length)
+                raw = self.rfile.read(length) if length else b""
                 fake.requests_seen.append((self.command, self.path))
                 path = self.path.split("?", 1)[0]
+                plain = urllib.parse.unquote(path)
+                for method, prefix, answer in list(fake.handlers):
+                    if method == self.command and plain.startswith(prefix):
+                        self._reply(*answer(self.path, json.loads(raw) if raw else None))
+                        return
                 route = fake.routes.get(path) if self.command == "GET" else None
                 if route is not None:
                     route(self)
@@ -363,8 +371,10 @@ def test_event_failing_auth_is_rejected(world: World) -> None:
     pdu = r.build("m.room.power_levels", content, world.mallory, state_key="")
     eid, signed = r.sign(pdu)
     status, body = world.send_txn([signed])
+    # Processed and stored as rejected: no error for the transaction
+    # (server-server-api "Transactions"), but nothing changes.
     assert status == 200, (status, body)
-    assert set(body["pdus"]) == {eid} and "error" in body["pdus"][eid], body
+    assert body["pdus"] == {eid: {}}, body
     assert world.room_state() == before
     assert eid not in world.message_ids()
     world.assert_serving()
@@ -543,7 +553,7 @@ def test_rejected_events_are_not_served_to_clients(world: World) -> None:
     pl = r.build("m.room.power_levels", {"users": {world.mallory: 100}}, world.mallory, state_key="")
     eid, signed = r.sign(pl)
     status, body = world.send_txn([signed])
-    assert status == 200 and "error" in body["pdus"][eid], (status, body)
+    assert status == 200 and body["pdus"] == {eid: {}}, (status, body)
     status, ev = world.client("GET", f"/rooms/{q(r.room_id)}/event/{q(eid)}")
     assert status == 404 and ev["errcode"] == "M_NOT_FOUND", (status, ev)
     # Building on the rejected event (citing it as an auth event) gets
@@ -555,8 +565,9 @@ def test_rejected_events_are_not_served_to_clients(world: World) -> None:
     assert eid in topic["auth_events"]
     tid, tsigned = r.sign(topic)
     status, body = world.send_txn([tsigned])
-    assert status == 200 and "error" in body["pdus"][tid], (status, body)
+    assert status == 200 and body["pdus"] == {tid: {}}, (status, body)
     assert world.room_state() == before
+    assert tid not in world.message_ids()
     world.assert_serving()
 
 
@@ -586,6 +597,465 @@ def test_same_event_twice_in_one_transaction(world: World) -> None:
     assert status == 200 and body["pdus"] == {eid: {}}, (status, body)
     r.accepted(eid, pdu)
     assert world.message_ids().count(eid) == 1
+    world.assert_serving()
+
+
+def _state_ids(world: World, event_id: str, endpoint: str = "state_ids") -> tuple[int, Any]:
+    return world.e.request(world.a, "GET", f"{FED}/v1/{endpoint}/{q(world.room.room_id)}?event_id={q(event_id)}")
+
+
+def test_state_needs_event_id(world: World) -> None:
+    for endpoint in ("state", "state_ids"):
+        for room in (world.room.room_id, "notaroom"):
+            status, body = world.e.request(world.a, "GET", f"{FED}/v1/{endpoint}/{q(room)}")
+            assert status == 400 and body["errcode"] == "M_MISSING_PARAM", (endpoint, room, status, body)
+    world.assert_serving()
+
+
+def test_missing_auth_events_then_rejected(world: World) -> None:
+    """An event citing an auth event A lacks and E cannot supply: the
+    transaction takes it (no error), A stores it as rejected, serves
+    neither it nor the state at it, and the room is unchanged."""
+    r = world.room
+    before = world.room_state()
+    eve = f"@eve:{world.e.server_name}"
+    join = r.build("m.room.member", {"membership": "join"}, eve, state_key=eve)
+    join_id, _ = r.sign(join)  # never sent, never served
+    msg = r.build("m.room.message", {"msgtype": "m.text", "body": "who let me in?"}, eve)
+    msg["auth_events"] = msg["auth_events"] + [join_id]
+    eid, signed = r.sign(msg)
+    seen = len(world.e.requests_seen)
+    status, body = world.send_txn([signed])
+    assert status == 200 and body["pdus"] == {eid: {}}, (status, body)
+    asked = [p.split("?")[0] for _, p in world.e.requests_seen[seen:]]
+    assert any(p.startswith(FED + "/v1/event_auth/") or p.startswith(FED + "/v1/event/") for p in asked), asked
+    assert eid not in world.message_ids()
+    assert world.room_state() == before
+    for endpoint in ("state", "state_ids"):
+        status, got = _state_ids(world, eid, endpoint)
+        assert status == 404 and got["errcode"] == "M_NOT_FOUND", (endpoint, status, got)
+    status, got = world.e.request(world.a, "GET", f"{FED}/v1/event/{q(eid)}")
+    assert status == 404, (status, got)
+    # The state at an accepted event is served.
+    status, got = _state_ids(world, r.latest)
+    assert status == 200 and got["pdu_ids"], (status, got)
+    world.assert_serving()
+
+
+def test_auth_event_fetched_but_sender_not_in_the_room(world: World) -> None:
+    """E serves the missing auth event: A stores it as an outlier, checks
+    the event against the state before it, and rejects it there."""
+    r = world.room
+    before = world.room_state()
+    eve = f"@eve2:{world.e.server_name}"
+    join = r.build("m.room.member", {"membership": "join"}, eve, state_key=eve)
+    join_id, join_signed = r.sign(join)
+    msg = r.build("m.room.message", {"msgtype": "m.text", "body": "outlier says I'm in"}, eve)
+    msg["auth_events"] = msg["auth_events"] + [join_id]
+    eid, signed = r.sign(msg)
+    world.e.handlers.append(("GET", f"{FED}/v1/event/{join_id}", lambda path, body: (
+        200, {"origin": world.e.server_name, "origin_server_ts": 0, "pdus": [join_signed]})))
+    try:
+        status, body = world.send_txn([signed])
+    finally:
+        world.e.handlers.clear()
+    assert status == 200 and body["pdus"] == {eid: {}}, (status, body)
+    assert eid not in world.message_ids() and join_id not in world.message_ids()
+    assert world.room_state() == before
+    for event_id in (eid, join_id):  # rejected; an outlier
+        status, got = _state_ids(world, event_id)
+        assert status == 404 and got["errcode"] == "M_NOT_FOUND", (event_id, status, got)
+    world.assert_serving()
+
+
+def test_gap_filled_with_get_missing_events_and_state_ids(world: World) -> None:
+    """S's prev event R is missing, and R's prev event Q too: A asks for the
+    missing events (gets R), then the state at Q (/state_ids, then Q
+    itself), and accepts R and S; Q stays an outlier."""
+    r = world.room
+    rv = r.rv
+    state_at_q = dict(r.state)
+    q_pdu = r.build("m.room.member", {"membership": "join", "displayname": "Mallory Q"}, world.mallory,
+                    state_key=world.mallory)
+    q_id, q_signed = r.sign(q_pdu)
+    after_q = dict(state_at_q)
+    after_q[("m.room.member", world.mallory)] = q_id
+    r_pdu = build_pdu("m.room.message", world.mallory, {"msgtype": "m.text", "body": "R"}, room_id=r.room_id,
+                      prev_events=[q_id], depth=q_pdu["depth"] + 1, origin_server_ts=int(time.time() * 1000),
+                      auth_events=auth_event_ids(rv, "m.room.message", None, world.mallory, {}, after_q))
+    r_id, r_signed = r.sign(r_pdu)
+    s_pdu = build_pdu("m.room.message", world.mallory, {"msgtype": "m.text", "body": "S"}, room_id=r.room_id,
+                      prev_events=[r_id], depth=r_pdu["depth"] + 1, origin_server_ts=int(time.time() * 1000),
+                      auth_events=auth_event_ids(rv, "m.room.message", None, world.mallory, {}, after_q))
+    s_id, s_signed = r.sign(s_pdu)
+    asked: list[Any] = []
+
+    def missing(path: str, body: Any) -> tuple[int, Any]:
+        asked.append(("get_missing_events", body))
+        return 200, {"events": [r_signed]}
+
+    def state_ids(path: str, body: Any) -> tuple[int, Any]:
+        asked.append(("state_ids", path))
+        return 200, {"pdu_ids": list(state_at_q.values()), "auth_chain_ids": []}
+
+    def event(path: str, body: Any) -> tuple[int, Any]:
+        asked.append(("event", path))
+        return 200, {"origin": world.e.server_name, "origin_server_ts": 0, "pdus": [q_signed]}
+
+    world.e.handlers.extend([("POST", f"{FED}/v1/get_missing_events/", missing),
+                             ("GET", f"{FED}/v1/state_ids/", state_ids),
+                             ("GET", f"{FED}/v1/event/{q_id}", event)])
+    try:
+        status, body = world.send_txn([s_signed])
+    finally:
+        world.e.handlers.clear()
+    assert status == 200 and body["pdus"] == {s_id: {}}, (status, body, asked)
+    kinds = [k for k, _ in asked]
+    assert kinds[:2] == ["get_missing_events", "state_ids"], asked
+    assert asked[0][1]["latest_events"] == [s_id]
+    assert q_id in urllib.parse.unquote(asked[1][1])
+    ids = world.message_ids()
+    assert r_id in ids and s_id in ids and q_id not in ids
+    for endpoint in ("state", "state_ids"):
+        status, got = _state_ids(world, q_id, endpoint)
+        assert status == 404 and got["errcode"] == "M_NOT_FOUND", (endpoint, status, got)
+    status, got = _state_ids(world, s_id)
+    assert status == 200 and q_id in got["pdu_ids"], (status, got)
+    r.accepted(s_id, s_pdu)
+    r.state[("m.room.member", world.mallory)] = q_id
+    world.assert_serving()
+
+
+def test_soft_failed_event_is_stored_but_not_served(world: World) -> None:
+    """Allowed by the state before it, refused by current state: soft-failed
+    (server-server-api "Soft failure"), so stored but neither shown nor
+    built on."""
+    r = world.room
+    fork_point, fork_depth, fork_state = r.latest, r.depth, dict(r.state)
+    status, pl = world.client("GET", f"/rooms/{q(r.room_id)}/state/m.room.power_levels/")
+    assert status == 200, (status, pl)
+    pl["events"] = dict(pl.get("events") or {}, **{"m.room.message": 50})
+    status, sent = world.client("PUT", f"/rooms/{q(r.room_id)}/state/m.room.power_levels/", pl)
+    assert status == 200, (status, sent)
+    before = world.room_state()
+    msg = r.build("m.room.message", {"msgtype": "m.text", "body": "sent before I knew"}, world.mallory)
+    msg["prev_events"], msg["depth"] = [fork_point], fork_depth + 1
+    eid, signed = r.sign(msg)
+    status, body = world.send_txn([signed])
+    assert status == 200 and body["pdus"] == {eid: {}}, (status, body)
+    assert eid not in world.message_ids()
+    assert world.room_state() == before
+    # It is stored: the state at it (the fork's) is known.
+    status, got = _state_ids(world, eid)
+    assert status == 200 and fork_state[("m.room.power_levels", "")] in got["pdu_ids"], (status, got)
+    # Put the old levels back so later cases can talk.
+    pl["events"]["m.room.message"] = 0
+    status, sent = world.client("PUT", f"/rooms/{q(r.room_id)}/state/m.room.power_levels/", pl)
+    assert status == 200, (status, sent)
+    r.latest = sent["event_id"]
+    r.depth += 3
+    r.state[("m.room.power_levels", "")] = sent["event_id"]
+    world.assert_serving()
+
+
+def test_redaction_of_an_event_in_another_room_is_ignored(world: World) -> None:
+    r = world.room
+    status, created = world.client("POST", "/createRoom", {"preset": "public_chat", "name": "Second"})
+    assert status == 200, (status, created)
+    other = _join(world.a, world.e, created["room_id"], world.mallory)
+    status, sent = world.client("PUT", f"/rooms/{q(r.room_id)}/send/m.room.message/redme{time.time_ns()}",
+                                {"msgtype": "m.text", "body": "keep me"})
+    assert status == 200, (status, sent)
+    target = sent["event_id"]
+    red = other.build("m.room.redaction", {"redacts": target} if other.rv.redacts_in_content else {}, world.mallory)
+    red["redacts"] = target
+    rid, rsigned = other.sign(red)
+    status, body = world.e.request(world.a, "PUT", f"{FED}/v1/send/xroom{time.time_ns()}", {
+        "origin": world.e.server_name, "origin_server_ts": int(time.time() * 1000), "pdus": [rsigned], "edus": []})
+    assert status == 200 and body["pdus"] == {rid: {}}, (status, body)
+    status, ev = world.client("GET", f"/rooms/{q(r.room_id)}/event/{q(target)}")
+    assert status == 200 and ev["content"]["body"] == "keep me", (status, ev)
+    status, msgs = world.client("GET", f"/rooms/{q(other.room_id)}/messages?dir=b&limit=50")
+    assert status == 200 and rid not in [e["event_id"] for e in msgs["chunk"]], msgs
+    r.latest, r.depth = target, r.depth + 1
+    world.assert_serving()
+
+
+def test_redaction_without_power_takes_no_effect(world: World) -> None:
+    """rooms/v3+ "Handling redactions": E may not redact alice's event."""
+    r = world.room
+    status, sent = world.client("PUT", f"/rooms/{q(r.room_id)}/send/m.room.message/redme2{time.time_ns()}",
+                                {"msgtype": "m.text", "body": "still here"})
+    assert status == 200, (status, sent)
+    target = sent["event_id"]
+    r.latest, r.depth = target, r.depth + 1
+    red = r.build("m.room.redaction", {}, world.mallory)
+    if r.rv.redacts_in_content:
+        red["content"] = {"redacts": target}
+    red["redacts"] = target
+    rid, rsigned = r.sign(red)
+    status, body = world.send_txn([rsigned])
+    assert status == 200 and body["pdus"] == {rid: {}}, (status, body)
+    r.accepted(rid, red)
+    status, ev = world.client("GET", f"/rooms/{q(r.room_id)}/event/{q(target)}")
+    assert status == 200 and ev["content"]["body"] == "still here", (status, ev)
+    assert "redacted_because" not in ev.get("unsigned", {}), ev
+    world.assert_serving()
+
+
+def test_float_in_the_invite_response_is_bad_json(world: World) -> None:
+    """The invitee's server answers with a float in the event: the inviting
+    client gets 400 M_BAD_JSON, not a 500, and no invite is stored."""
+    victim = f"@victim:{world.e.server_name}"
+
+    def invite(path: str, body: Any) -> tuple[int, Any]:
+        event = dict(body["event"], bad_val=1.1)
+        return 200, {"event": event}
+
+    world.e.handlers.append(("PUT", f"{FED}/v2/invite/", invite))
+    try:
+        status, body = world.client("POST", f"/rooms/{q(world.room.room_id)}/invite", {"user_id": victim})
+    finally:
+        world.e.handlers.clear()
+    assert status == 400 and body["errcode"] == "M_BAD_JSON", (status, body)
+    members = {ev["state_key"] for ev in world.room_state() if ev["type"] == "m.room.member"}
+    assert victim not in members
+    world.assert_serving()
+
+
+def test_floats_and_big_integers_from_clients_are_bad_json(world: World) -> None:
+    """Every client path that makes an event refuses what canonical JSON
+    cannot hold (a float, an integer beyond 2**53 in v6+): 400 M_BAD_JSON
+    (M_NOT_JSON for NaN), never a 500, and nothing is stored."""
+    r = world.room
+    before = world.room_state()
+    nan = float("nan")
+    big = 2 ** 60
+    rid = q(r.room_id)
+    cases: list[tuple[str, str, Any]] = [
+        ("POST", "/createRoom", {"creation_content": {"x": 1.5}}),
+        ("POST", "/createRoom", {"initial_state": [{"type": "m.room.topic", "state_key": "",
+                                                    "content": {"topic": "t", "n": nan}}]}),
+        ("POST", "/createRoom", {"power_level_content_override": {"ban": 1.5}}),
+        ("POST", "/createRoom", {"creation_content": {"x": big}}),
+        ("PUT", f"/rooms/{rid}/state/m.room.member/{q(world.alice)}",
+         {"membership": "join", "displayname": "Alice", "weight": 1.5}),
+        ("PUT", f"/rooms/{rid}/state/m.room.topic/", {"topic": "x", "n": big}),
+        ("PUT", f"/rooms/{rid}/send/m.room.message/f{time.time_ns()}", {"body": "x", "n": nan}),
+        ("PUT", f"/rooms/{rid}/send/m.room.message/i{time.time_ns()}", {"body": "x", "n": big}),
+        ("POST", f"/rooms/{rid}/invite", {"user_id": f"@someone:{world.e.server_name}", "reason": 1.5}),
+        ("POST", f"/rooms/{rid}/join", {"reason": nan}),
+    ]
+    for method, path, body in cases:
+        status, got = world.client(method, path, body)
+        # NaN is not JSON at all (RFC 8259 has no such literal).
+        expected = "M_NOT_JSON" if "NaN" in json.dumps(body) else "M_BAD_JSON"
+        assert status == 400 and got["errcode"] == expected, (method, path, status, got)
+    assert world.room_state() == before
+    world.assert_serving()
+
+
+def test_invite_to_an_unknown_room_then_rejected_when_no_server_answers(world: World) -> None:
+    """A v2 invite into a room A knows nothing of is countersigned and shown
+    to the invitee; rejecting it when E will not take the leave (no
+    make_leave) still works: a local leave, in /sync's leave section."""
+    reg = world.a.register(f"bob{time.time_ns() % 100000}")
+    bob, bob_token = reg["user_id"], reg["access_token"]
+    rv = world.room.rv
+    room_id = f"!elsewhere{time.time_ns()}:{world.e.server_name}"
+    invite = build_pdu("m.room.member", world.mallory, {"membership": "invite"}, state_key=bob, room_id=room_id,
+                       prev_events=["$" + "p" * 43], auth_events=["$" + "a" * 43], depth=5,
+                       origin_server_ts=int(time.time() * 1000))
+    eid, signed = hash_and_sign_event(rv, invite, world.e.server_name, world.e.key)
+    status, body = world.e.request(world.a, "PUT", f"{FED}/v2/invite/{q(room_id)}/{q(eid)}", {
+        "event": signed, "room_version": rv.identifier,
+        "invite_room_state": [{"type": "m.room.name", "state_key": "", "sender": world.mallory,
+                               "content": {"name": "Elsewhere"}}]})
+    assert status == 200 and world.a.server_name in body["event"]["signatures"], (status, body)
+    status, synced = world.a.request("GET", CS + "/sync", token=bob_token)
+    assert status == 200 and room_id in synced["rooms"]["invite"], (status, synced)
+    since = synced["next_batch"]
+    status, left = world.a.request("POST", CS + f"/rooms/{q(room_id)}/leave", {}, token=bob_token)
+    assert status == 200, (status, left)
+    status, synced = world.a.request("GET", CS + f"/sync?since={q(since)}", token=bob_token)
+    assert status == 200, (status, synced)
+    entry = synced["rooms"]["leave"][room_id]
+    (leave,) = entry["timeline"]["events"]
+    assert (leave["type"], leave["state_key"], leave["sender"]) == ("m.room.member", bob, bob), leave
+    assert leave["content"]["membership"] == "leave"
+    world.assert_serving()
+
+
+def test_server_acl_covers_invite(world: World) -> None:
+    """A server the room's m.room.server_acl denies may not /invite into it."""
+    r = world.room
+    reg = world.a.register(f"carol{time.time_ns() % 100000}")
+    carol = reg["user_id"]
+    path = f"/rooms/{q(r.room_id)}/state/m.room.server_acl/"
+    status, sent = world.client("PUT", path, {"allow": ["*"], "deny": [world.e.server_name.split(":")[0]],
+                                              "allow_ip_literals": True})
+    assert status == 200, (status, sent)
+    try:
+        invite = r.build("m.room.member", {"membership": "invite"}, world.mallory, state_key=carol)
+        eid, signed = r.sign(invite)
+        status, body = world.e.request(world.a, "PUT", f"{FED}/v2/invite/{q(r.room_id)}/{q(eid)}", {
+            "event": signed, "room_version": r.rv.identifier, "invite_room_state": []})
+        assert status == 403 and body["errcode"] == "M_FORBIDDEN", (status, body)
+    finally:
+        status, sent = world.client("PUT", path, {"allow": ["*"], "allow_ip_literals": True})
+        assert status == 200, (status, sent)
+    r.latest, r.depth = sent["event_id"], r.depth + 3
+    r.state[("m.room.server_acl", "")] = sent["event_id"]
+    world.assert_serving()
+
+
+def test_nan_is_not_json_in_requests_or_responses(world: World) -> None:
+    """NaN and Infinity are not JSON: a transaction carrying them is 400
+    M_NOT_JSON, and an invite answer carrying them fails the client's invite
+    with a Matrix error (502), never a 500; nothing is stored."""
+    r = world.room
+    before = world.room_state()
+    pdu = r.build("m.room.message", {"msgtype": "m.text", "body": "x"}, world.mallory)
+    _, signed = r.sign(pdu)
+    txn = {"origin": world.e.server_name, "origin_server_ts": 1, "pdus": [signed],
+           "edus": [{"edu_type": "m.receipt", "content": {r.room_id: {"m.read": {world.mallory: {
+               "event_ids": [r.latest], "data": {"ts": float("nan")}}}}}}]}
+    raw = json.dumps(txn).encode()
+    assert b"NaN" in raw
+    # (The body is read before the signature is checked, and NaN cannot be
+    # signed: canonical JSON has no such value.)
+    status, body = world.e.request(world.a, "PUT", f"{FED}/v1/send/nan{time.time_ns()}", raw=raw, auth=None)
+    assert status == 400 and body["errcode"] == "M_NOT_JSON", (status, body)
+    victim = f"@nan:{world.e.server_name}"
+    world.e.handlers.append(("PUT", f"{FED}/v2/invite/", lambda path, b: (
+        200, {"event": dict(b["event"], weight=float("inf"))})))
+    try:
+        status, body = world.client("POST", f"/rooms/{q(r.room_id)}/invite", {"user_id": victim})
+    finally:
+        world.e.handlers.clear()
+    assert status == 502 and body["errcode"] == "M_UNKNOWN", (status, body)
+    # And an invitee server that cannot be reached at all.
+    status, body = world.client("POST", f"/rooms/{q(r.room_id)}/invite", {"user_id": "@x:127.0.0.9:1"})
+    assert status == 502 and body["errcode"] == "M_UNKNOWN", (status, body)
+    assert world.room_state() == before
+    world.assert_serving()
+
+
+def test_soft_failed_events_are_not_left_as_extremities(world: World) -> None:
+    """M1 (allowed) forks off before alice's PL1 forbids test.sf; SF1 and
+    SF2 build on M1 and soft-fail; M2 builds on PL1 and SF2. Nothing is left
+    dangling behind the soft-failed events: alice's next event follows M2
+    alone (server-server-api "Soft failure")."""
+    r = world.room
+    fork, fork_depth, fork_state = r.latest, r.depth, dict(r.state)
+    status, pl = world.client("GET", f"/rooms/{q(r.room_id)}/state/m.room.power_levels/")
+    assert status == 200, (status, pl)
+    pl["events"] = dict(pl.get("events") or {}, **{"test.sf": 50})
+    status, sent = world.client("PUT", f"/rooms/{q(r.room_id)}/state/m.room.power_levels/", pl)
+    assert status == 200, (status, sent)
+    pl1 = sent["event_id"]
+
+    def on_fork(etype: str, body: str, prev: str, depth: int) -> tuple[str, dict[str, Any]]:
+        pdu = build_pdu(etype, world.mallory, {"body": body}, room_id=r.room_id, prev_events=[prev], depth=depth,
+                        origin_server_ts=int(time.time() * 1000),
+                        auth_events=auth_event_ids(r.rv, etype, None, world.mallory, {}, fork_state))
+        eid, signed = r.sign(pdu)
+        status, got = world.send_txn([signed])
+        assert status == 200 and got["pdus"] == {eid: {}}, (etype, status, got)
+        return eid, pdu
+
+    m1, _ = on_fork("m.room.message", "M1", fork, fork_depth + 1)
+    sf1, _ = on_fork("test.sf", "SF1", m1, fork_depth + 2)
+    sf2, _ = on_fork("test.sf", "SF2", sf1, fork_depth + 3)
+    ids = world.message_ids()
+    assert m1 in ids and sf1 not in ids and sf2 not in ids
+    r.state[("m.room.power_levels", "")] = pl1
+    m2 = r.build("m.room.message", {"body": "M2"}, world.mallory)
+    m2["prev_events"], m2["depth"] = [pl1, sf2], fork_depth + 10
+    m2_id, m2_signed = r.sign(m2)
+    status, got = world.send_txn([m2_signed])
+    assert status == 200 and got["pdus"] == {m2_id: {}}, (status, got)
+    r.accepted(m2_id, m2)
+    seen: list[dict[str, Any]] = []
+
+    def capture(path: str, body: Any) -> tuple[int, Any]:
+        seen.extend(p for p in (body or {}).get("pdus", []) if isinstance(p, dict))
+        return 200, {"pdus": {}}
+
+    world.e.handlers.append(("PUT", f"{FED}/v1/send/", capture))
+    try:
+        status, sent = world.client("PUT", f"/rooms/{q(r.room_id)}/send/m.room.message/m3{time.time_ns()}",
+                                    {"msgtype": "m.text", "body": "m3"})
+        assert status == 200, (status, sent)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(p.get("content", {}).get("body") == "m3" for p in seen):
+            time.sleep(0.1)
+    finally:
+        world.e.handlers.clear()
+    (m3,) = [p for p in seen if p.get("content", {}).get("body") == "m3"]
+    assert m3["prev_events"] == [m2_id], (m3["prev_events"], m1, pl1, m2_id)
+    r.latest, r.depth = sent["event_id"], m3["depth"]
+    world.assert_serving()
+
+
+def test_joining_a_room_on_e_refusals_and_v1_fallback(world: World) -> None:
+    """Joining a room that lives on E: E's make_join refusal reaches the
+    client with E's status and errcode (and room_version); a server without
+    /v2/send_join is asked on /v1/send_join; a send_join answer without the
+    room's create event fails the join with a Matrix error."""
+    room_id = f"!onE{time.time_ns()}:{world.e.server_name}"
+    join_path = f"/join/{q(room_id)}?server_name={q(world.e.server_name)}"
+    make = f"{FED}/v1/make_join/{room_id}/"
+    answers: list[tuple[int, Any]] = [
+        (400, {"errcode": "M_TEST_ERROR_CODE", "error": "denied!"}),
+        (400, {"errcode": "M_INCOMPATIBLE_ROOM_VERSION", "error": "upgrade", "room_version": "x-custom"}),
+    ]
+    world.e.handlers.append(("GET", make, lambda path, body: answers.pop(0)))
+    try:
+        status, body = world.client("POST", join_path, {})
+        assert status == 400 and body["errcode"] == "M_TEST_ERROR_CODE", (status, body)
+        status, body = world.client("POST", join_path, {})
+        assert (status, body["errcode"], body.get("room_version")) == (400, "M_INCOMPATIBLE_ROOM_VERSION",
+                                                                        "x-custom"), body
+    finally:
+        world.e.handlers.clear()
+    rv = world.room.rv
+    creator = f"@founder:{world.e.server_name}"
+    create = build_pdu("m.room.create", creator, {"room_version": rv.identifier}, state_key="", room_id=room_id,
+                       prev_events=[], auth_events=[], depth=1, origin_server_ts=int(time.time() * 1000))
+    create_id, create_signed = hash_and_sign_event(rv, create, world.e.server_name, world.e.key)
+    founder = build_pdu("m.room.member", creator, {"membership": "join"}, state_key=creator, room_id=room_id,
+                        prev_events=[create_id], auth_events=[create_id], depth=2,
+                        origin_server_ts=int(time.time() * 1000))
+    founder_id, founder_signed = hash_and_sign_event(rv, founder, world.e.server_name, world.e.key)
+    calls: list[str] = []
+
+    def make_join(path: str, body: Any) -> tuple[int, Any]:
+        user = urllib.parse.unquote(path.split("?")[0].rsplit("/", 1)[1])
+        return 200, {"room_version": rv.identifier, "event": build_pdu(
+            "m.room.member", user, {"membership": "join"}, state_key=user, room_id=room_id,
+            prev_events=[founder_id], auth_events=[create_id, founder_id], depth=3,
+            origin_server_ts=int(time.time() * 1000))}
+
+    def v2(path: str, body: Any) -> tuple[int, Any]:
+        calls.append("v2")
+        return 404, {"errcode": "M_UNRECOGNIZED", "error": "no v2 here"}
+
+    def v1(path: str, body: Any) -> tuple[int, Any]:
+        calls.append("v1")
+        # The room's state without its create event.
+        return 200, [200, {"state": [founder_signed], "auth_chain": [founder_signed]}]
+
+    world.e.handlers.extend([("GET", make, make_join), ("PUT", f"{FED}/v2/send_join/", v2),
+                             ("PUT", f"{FED}/v1/send_join/", v1)])
+    try:
+        status, body = world.client("POST", join_path, {})
+    finally:
+        world.e.handlers.clear()
+    assert calls == ["v2", "v1"], calls
+    assert 400 <= status < 600 and status != 500 and "errcode" in body, (status, body)
+    status, rooms = world.client("GET", "/joined_rooms")
+    assert status == 200 and room_id not in rooms["joined_rooms"], rooms
     world.assert_serving()
 
 

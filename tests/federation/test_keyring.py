@@ -461,3 +461,57 @@ async def test_key_servlets(database: Database) -> None:
     with pytest.raises(MatrixError) as e:
         await _call(r, "POST", "/_matrix/key/v2/query", FakeRequest({"server_keys": ["x"]}))
     assert e.value.code == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_notary_serves_expired_keys_and_refetches_when_asked(database: Database) -> None:
+    """server-server-api "Querying Keys Through Another Server": a notary
+    returns what it has, even expired, when the origin has nothing better;
+    a query it cannot meet makes it ask the origin again at once, and a
+    key the origin stops publishing is not forgotten."""
+    clock = FakeClock()
+    k0, k1 = new_signing_key("key_0"), new_signing_key("key_1")
+    expired = T0_MS - 24 * HOUR_MS
+    answers: list[Any] = []
+    calls: list[str] = []
+
+    def response(key: Any, valid_until: int) -> dict[str, Any]:
+        body = {"server_name": "origin.test", "valid_until_ts": valid_until, "old_verify_keys": {},
+                "verify_keys": {key_id(key): {"key": verify_key_base64(key)}}}
+        return sign_json(body, "origin.test", key)
+
+    async def fetch_json(destination: str, path: str) -> dict[str, Any]:
+        calls.append(destination)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    local = Keyring("local.test", [new_signing_key()], {}, database, fetch_json, clock=clock)
+
+    async def query(kid: str, minimum: int) -> list[dict[str, Any]]:
+        r = _routes(KeyServlets(local))
+        code, body = await _call(r, "POST", "/_matrix/key/v2/query", FakeRequest(
+            {"server_keys": {"origin.test": {kid: {"minimum_valid_until_ts": minimum}}}}))
+        assert code == 200
+        return body["server_keys"]
+
+    answers.append(response(k0, expired))
+    got = await query(key_id(k0), 0)
+    assert [r["valid_until_ts"] for r in got] == [expired]
+    # Asking for more than we hold: fetched again straight away.
+    answers.append(response(k0, expired))
+    got = await query(key_id(k0), expired + 1000)
+    assert len(calls) == 2 and [r["valid_until_ts"] for r in got] == [expired]
+    # The origin fails: what we hold is still served.
+    answers.append(ConnectionRefusedError("origin down"))
+    got = await query(key_id(k0), expired + 1000)
+    assert len(calls) == 3 and key_id(k0) in got[0]["verify_keys"]
+    # A new key (right after that failure) is fetched, and a key the origin
+    # no longer lists stays known.
+    answers.append(response(k1, expired))
+    assert key_id(k1) in (await query(key_id(k1), 0))[0]["verify_keys"]
+    answers.append(response(new_signing_key("key_2"), expired + 1000))
+    await query(key_id(k1), T0_MS)
+    got = await query(key_id(k1), expired)
+    assert len(got) == 1 and key_id(k1) in got[0]["verify_keys"]

@@ -676,9 +676,15 @@ def test_no_power_levels_event_defaults(version: str) -> None:
     auth = dict(room.state)
     assert get_user_power_level(ALICE, auth) == (math.inf if version == "12" else 100)
     assert get_user_power_level(BOB, auth) == 0
-    assert get_required_level("m.room.name", True, auth) == 0  # state_default 0 without the event
+    # m.room.power_levels: "If there is no state_default in the
+    # m.room.power_levels event, or there is no m.room.power_levels event,
+    # the state_default is 50."
+    assert get_required_level("m.room.name", True, auth) == 50
     assert get_named_level("ban", auth) == 50
-    room.send("m.room.name", BOB, {"name": "anyone may"}, "")
+    room.refused("m.room.name", BOB, {"name": "not just anyone"}, "")
+    room.send("m.room.name", ALICE, {"name": "the creator may"}, "")
+    # Nor may a non-creator be the one to set the first power levels.
+    room.refused("m.room.power_levels", BOB, {"users": {BOB: 100}}, "")
     room.member_refused(BOB, ALICE, "ban")
 
 

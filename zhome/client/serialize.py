@@ -32,7 +32,7 @@ async def serialize_events(
             pruned = prune_event_dict(ev.room_version, ev.pdu)
             view = Event(pruned, ev.event_id, ev.room_version)
             unsigned["redacted_because"] = redactions[red_id].client_dict({}, with_room_id)
-            # Not in the spec, but served by other homeservers and read by clients: the redaction's ID.
+            # Not in the spec's ClientEvent, but served by other homeservers and read by clients.
             unsigned["redacted_by"] = red_id
             d = view.client_dict(unsigned, with_room_id)
         else:

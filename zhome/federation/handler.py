@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from prometheus_client import Counter
+from twisted.internet import defer
 
 from zhome.crypto.canonical import check_canonical_json_value
 from zhome.crypto.event_hashing import compute_event_id, hash_and_sign_event, verify_content_hash
@@ -57,10 +58,21 @@ def rejection_category(reason: str) -> str:
 # Bounds on what one inbound event may make us fetch.
 MAX_MISSING_EVENTS = 20
 MAX_AUTH_FETCH = 500
+# Events fetched one by one (GET /event) before asking for the whole /state.
+MAX_EVENT_FETCH = 50
+EVENT_FETCH_PARALLEL = 10
+EVENT_FETCH_TIMEOUT = 20.0
+MAX_STATE_IDS = 20000
 
 
 class PduRejected(Exception):
     """The PDU failed a check and was not stored (or stored as rejected)."""
+
+
+class EventRejected(PduRejected):
+    """The PDU was processed and stored as rejected (it failed the auth
+    rules): it is remembered so nothing builds on it, and a transaction
+    reports it like any other processed PDU."""
 
 
 def _strip_pdu(pdu: dict[str, Any]) -> dict[str, Any]:
@@ -275,10 +287,10 @@ class FederationHandler:
             return e.msg
         return None
 
-    async def _fetch_missing_prevs(self, origin: str, ev: Event) -> None:
-        missing = [p for p in ev.prev_event_ids if p not in await self.events.get_events([p])]
-        if not missing:
-            return
+    async def _fetch_missing_prevs(self, origin: str, ev: Event, missing: list[str]) -> None:
+        """One round of /get_missing_events for a pushed event's unknown
+        prev events; what comes back is processed oldest first, each asking
+        for the state at its own unknown prev events."""
         extremities = await self.events.get_forward_extremities(ev.room_id)
         try:
             resp = await self.client.post_json(
@@ -294,36 +306,105 @@ class FederationHandler:
         parsed = []
         for p in got[:MAX_MISSING_EVENTS]:
             try:
-                parsed.append(parse_pdu(ev.room_version, _strip_pdu(p)))
+                m = parse_pdu(ev.room_version, _strip_pdu(p))
             except PduRejected:
                 continue
-        parsed.sort(key=lambda e: e.depth)
+            if m.room_id == ev.room_id and m.event_id != ev.event_id:
+                parsed.append(m)
+        parsed.sort(key=lambda e: (e.depth, e.event_id))
         for m in parsed:
-            if m.event_id == ev.event_id:
-                continue
             try:
                 await self._process_pdu(origin, m, fetch_missing=False)
             except PduRejected as e:
-                logger.info("missing event %s rejected: %s", m.event_id, e)
+                logger.info("missing event %s refused: %s", m.event_id, e)
 
-    async def _state_at_unknown_prevs(self, origin: str, ev: Event) -> StateMap:
-        """Ask ``origin`` for the state before ``ev`` when its prev events are unknown."""
-        resp = await self.client.get_json(origin, f"/_matrix/federation/v1/state/{_q(ev.room_id)}",
-                                          query={"event_id": ev.prev_event_ids[0]})
-        if not isinstance(resp, dict):
-            raise PduRejected("bad /state response")
-        pdus = resp.get("pdus") or []
-        chain = resp.get("auth_chain") or []
-        if not isinstance(pdus, list) or not isinstance(chain, list):
-            raise PduRejected("bad /state response")
-        state = await self.store_state(ev.room_version, chain, pdus)
-        # /state gives the state *at* the prev event (before it); add the
-        # prev event itself if it is a state event we now know.
-        prev = ev.prev_event_ids[0]
-        prev_ev = (await self.events.get_events([prev])).get(prev)
-        if prev_ev is not None and prev_ev.is_state() and not prev_ev.rejected_reason:
-            state[prev_ev.state_tuple()] = prev_ev.event_id
+    async def _fetch_events(self, origin: str, rv: RoomVersion, room_id: str, ids: list[str]) -> list[Any]:
+        """Fetch events one by one (GET /event), a few at a time and each
+        with a short timeout (the room is locked meanwhile); the PDUs that
+        came back."""
+
+        async def one(eid: str) -> Any:
+            try:
+                resp = await self.client.get_json(origin, f"/_matrix/federation/v1/event/{_q(eid)}",
+                                                  timeout=EVENT_FETCH_TIMEOUT)
+            except Exception as e:
+                logger.info("fetching %s from %s failed: %s", eid, origin, e)
+                return None
+            pdus = resp.get("pdus") if isinstance(resp, dict) else None
+            return pdus[0] if isinstance(pdus, list) and pdus and isinstance(pdus[0], dict) else None
+
+        wanted = ids[:MAX_EVENT_FETCH]
+        out: list[Any] = []
+        for i in range(0, len(wanted), EVENT_FETCH_PARALLEL):
+            got = await defer.gatherResults(
+                [defer.ensureDeferred(one(eid)) for eid in wanted[i:i + EVENT_FETCH_PARALLEL]], consumeErrors=True)
+            out.extend(p for p in got if p is not None)
+        return out
+
+    async def _state_after_remote_event(self, origin: str, rv: RoomVersion, room_id: str,
+                                        event_id: str) -> StateMap:
+        """The state after an event we do not have in the timeline, from
+        ``origin``: /state_ids at it, the events we lack fetched (one by one,
+        or with /state when there are many) and checked as outliers, plus
+        the event itself when it is an accepted state event."""
+        resp = await self.client.get_json(origin, f"/_matrix/federation/v1/state_ids/{_q(room_id)}",
+                                          query={"event_id": event_id})
+        pdu_ids = resp.get("pdu_ids") if isinstance(resp, dict) else None
+        chain_ids = resp.get("auth_chain_ids", []) if isinstance(resp, dict) else None
+        if not isinstance(pdu_ids, list) or not isinstance(chain_ids, list):
+            raise PduRejected("bad /state_ids response")
+        pdu_ids = [i for i in pdu_ids[:MAX_STATE_IDS] if isinstance(i, str)]
+        chain_ids = [i for i in chain_ids[:MAX_STATE_IDS] if isinstance(i, str)]
+        wanted = _dedupe(chain_ids + pdu_ids + [event_id])
+        have = await self.events.get_events(wanted)
+        missing = [i for i in wanted if i not in have]
+        if len(missing) > MAX_EVENT_FETCH:
+            state_resp = await self.client.get_json(origin, f"/_matrix/federation/v1/state/{_q(room_id)}",
+                                                    query={"event_id": event_id})
+            pdus = state_resp.get("pdus") if isinstance(state_resp, dict) else None
+            chain = state_resp.get("auth_chain", []) if isinstance(state_resp, dict) else None
+            if not isinstance(pdus, list) or not isinstance(chain, list):
+                raise PduRejected("bad /state response")
+            fetched = chain[:MAX_AUTH_FETCH] + pdus[:MAX_STATE_IDS]
+            if event_id not in have:
+                fetched += await self._fetch_events(origin, rv, room_id, [event_id])
+        else:
+            fetched = await self._fetch_events(origin, rv, room_id, missing)
+        if fetched:
+            await self.store_outliers(rv, fetched)
+        evs = await self.events.get_events(pdu_ids + [event_id])
+        state: StateMap = {}
+        for eid in pdu_ids:
+            e = evs.get(eid)
+            if e is None or e.rejected_reason or not e.is_state() or e.room_id != room_id:
+                continue
+            state.setdefault(e.state_tuple(), eid)
+        prev = evs.get(event_id)
+        if prev is None or prev.room_id != room_id:
+            raise PduRejected(f"could not fetch the prev event {event_id}")
+        if prev.is_state() and not prev.rejected_reason:
+            state[prev.state_tuple()] = prev.event_id
         return state
+
+    async def _fetch_missing_auth(self, origin: str, ev: Event) -> None:
+        """Fetch auth events we lack: the auth chain (/event_auth), else each
+        missing auth event (/event). Whatever cannot be had leaves the event
+        to be rejected by its auth check."""
+        rv = ev.room_version
+        have = await self.events.get_events(ev.auth_event_ids)
+        missing = [a for a in ev.auth_event_ids if a not in have]
+        if not missing:
+            return
+        try:
+            await self.fetch_auth_chain(origin, ev.room_id, ev.event_id, rv)
+        except Exception as e:
+            logger.info("event_auth for %s from %s failed: %s", ev.event_id, origin, e)
+        have = await self.events.get_events(missing)
+        missing = [a for a in missing if a not in have]
+        if missing:
+            fetched = await self._fetch_events(origin, rv, ev.room_id, missing)
+            if fetched:
+                await self.store_outliers(rv, fetched)
 
     # -- the receive path ---------------------------------------------------------------
     async def on_receive_pdu(self, origin: str, pdu: Any) -> str:
@@ -361,61 +442,79 @@ class FederationHandler:
         return self.policy.room_allows(server, {k: evs[state[k]].content for k in keys if state[k] in evs})
 
     async def _process_pdu(self, origin: str, ev: Event, fetch_missing: bool) -> str:
+        """Check and persist one event. ``fetch_missing``: the event was
+        pushed to us (in a transaction or a membership handshake), so its
+        unknown prev events are asked for with /get_missing_events and it is
+        refused when they cannot be had; an event pulled that way
+        (``fetch_missing`` False) gets the state at its unknown prev events
+        from /state_ids instead."""
         rv = ev.room_version
         if await self.events.get_event(ev.event_id) is not None:
             # Already stored (possibly as an outlier fetched for another
-            # event's auth chain): nothing more to do.
+            # event's auth chain or state): nothing more to do.
             return ev.event_id
         ev = await self.check_signatures_and_hash(rv, ev)
-        # Auth events first: they decide whether the event is valid at all.
-        missing_auth = [a for a in ev.auth_event_ids if a not in await self.events.get_events([a])]
-        if missing_auth:
-            try:
-                await self.fetch_auth_chain(origin, ev.room_id, ev.event_id, rv)
-            except Exception as e:
-                raise PduRejected(f"could not fetch auth events: {e}")
-        if fetch_missing:
-            await self._fetch_missing_prevs(origin, ev)
+
+        def unknown(prevs: dict[str, Event]) -> list[str]:
+            return [p for p in ev.prev_event_ids if p not in prevs or prevs[p].internal.get("outlier")]
+
         prevs = await self.events.get_events(ev.prev_event_ids)
-        known_prevs = [p for p in ev.prev_event_ids if p in prevs and not prevs[p].internal.get("outlier")]
+        missing_prevs = unknown(prevs)
+        if missing_prevs and fetch_missing:
+            await self._fetch_missing_prevs(origin, ev, missing_prevs)
+            prevs = await self.events.get_events(ev.prev_event_ids)
+            missing_prevs = unknown(prevs)
+            if missing_prevs:
+                # A pushed event could become our only extremity; its state
+                # is never taken on trust (server-server-api "Checks
+                # performed on receipt of a PDU").
+                raise PduRejected(f"could not fetch the prev events {', '.join(missing_prevs[:3])}")
+        known_prevs = [p for p in ev.prev_event_ids if p not in missing_prevs]
         snapshot = False
         group: Optional[int] = None
-        if known_prevs and len(known_prevs) == len(ev.prev_event_ids):
-            sets = []
-            for p in known_prevs:
-                g = await self.events.get_state_group_for_event(p)
-                sets.append(dict(await self.events.get_state_group(g)) if g is not None else {})
-            if len(sets) == 1:
-                state_before = sets[0]
-                group = await self.events.get_state_group_for_event(known_prevs[0])
-            else:
-                state_before = await self.resolve(rv, sets)
-                snapshot = True
-        else:
+        sets: list[StateMap] = []
+        groups: list[Optional[int]] = []
+        for p in known_prevs:
+            g = await self.events.get_state_group_for_event(p)
+            groups.append(g)
+            sets.append(dict(await self.events.get_state_group(g)) if g is not None else {})
+        for p in missing_prevs:
             try:
-                state_before = await self._state_at_unknown_prevs(origin, ev)
+                sets.append(await self._state_after_remote_event(origin, rv, ev.room_id, p))
             except PduRejected:
                 raise
             except Exception as e:
                 raise PduRejected(f"could not fetch the state before the event: {e}")
+        if len(sets) == 1 and not missing_prevs:
+            state_before = sets[0]
+            group = groups[0]
+        else:
+            state_before = await self.resolve(rv, sets) if sets else {}
             snapshot = True
 
+        await self._fetch_missing_auth(origin, ev)
         reason = await self.check_auth_events(ev)
         if reason is None:
             reason = await self.check_auth_against(ev, state_before)
+        apply_redaction = True
+        if reason is None and ev.type == "m.room.redaction" and ev.redacts:
+            reason, apply_redaction = await self._check_redaction(ev, state_before)
         if reason is not None:
             PDUS.labels("rejected").inc()
             logger.info("rejecting %s from %s: %s", ev.event_id, origin, reason)
             ev = Event(ev.pdu, ev.event_id, rv, rejected_reason=reason)
             await self.hs.persister.persist(PersistItem(ev, group, state_before, snapshot_before=snapshot))
-            raise PduRejected(reason)
+            raise EventRejected(reason)
 
         current = await self.events.get_current_state_ids(ev.room_id)
         soft_failed = (await self.check_auth_against(ev, current)) is not None
         new_current: Optional[StateMap] = None
+        also_replaces: list[str] = []
         if not soft_failed:
+            also_replaces = await self._behind_unaccepted(prevs)
             old_ext = await self.events.get_forward_extremities(ev.room_id)
-            new_ext = [e for e in old_ext if e not in set(ev.prev_event_ids)]
+            replaced = set(ev.prev_event_ids) | set(also_replaces)
+            new_ext = [e for e in old_ext if e not in replaced]
             state_after = dict(state_before)
             if ev.is_state():
                 state_after[ev.state_tuple()] = ev.event_id
@@ -435,12 +534,50 @@ class FederationHandler:
         if not soft_failed:
             actions = await self.hs.event_creator.push_actions_for(ev, state_before)
         item = PersistItem(ev, group, state_before, snapshot_before=snapshot, soft_failed=soft_failed,
-                           current_state=new_current, unread=unread_from_actions(actions), push_actions=actions)
+                           current_state=new_current, unread=unread_from_actions(actions), push_actions=actions,
+                           apply_redaction=apply_redaction, also_replaces=also_replaces)
         await self.hs.persister.persist(item)
         if not soft_failed:
             PDUS.labels("accepted").inc()
             logger.info("accepted %s (%s) in %s from %s", ev.event_id, ev.type, ev.room_id, origin)
         return ev.event_id
+
+    async def _behind_unaccepted(self, prevs: dict[str, Event]) -> list[str]:
+        """The events that soft-failed or rejected prev events (and their
+        soft-failed or rejected ancestors) built on: an accepted event
+        descends from them too, so they are no longer extremities."""
+        frontier = [e for e in prevs.values() if e.rejected_reason or e.internal.get("soft_failed")]
+        if not frontier:
+            return []
+        found: list[str] = []
+        seen = set(prevs)
+        for _ in range(MAX_MISSING_EVENTS):
+            ids = [p for e in frontier for p in e.prev_event_ids if p not in seen]
+            if not ids:
+                break
+            seen.update(ids)
+            evs = await self.events.get_events(ids)
+            found.extend(i for i in ids if i in evs)
+            frontier = [e for e in evs.values() if e.rejected_reason or e.internal.get("soft_failed")]
+        return found
+
+    async def _check_redaction(self, ev: Event, state_before: StateMap) -> tuple[Optional[str], bool]:
+        """(rejection reason, whether it takes effect) for a received
+        redaction. One aimed at an event of another room is rejected; in
+        room versions 3 and later (rooms/v3 "Handling redactions") it takes
+        effect only when its sender's server is the original's, or its
+        sender has the redact level."""
+        target = await self.events.get_event(ev.redacts or "")
+        if target is None:
+            return None, True
+        if target.room_id != ev.room_id:
+            return "the redacted event is in another room", False
+        if ev.room_version.event_id_format is EventIdFormat.SERVER_CHOSEN:
+            return None, True  # v1/v2: the auth rules decided already
+        keys = [k for k in (("m.room.create", ""), ("m.room.power_levels", "")) if k in state_before]
+        evs = await self.events.get_events(state_before[k] for k in keys)
+        auth_map = {k: evs[state_before[k]] for k in keys if state_before[k] in evs}
+        return None, auth.can_redact(ev.room_version, ev.sender, target.sender, auth_map, same_server_ok=True)
 
     # -- history from before we joined ----------------------------------------------------
     async def backfill(self, room_id: str, limit: int) -> int:
@@ -544,14 +681,22 @@ class FederationHandler:
                 server, f"/_matrix/federation/v1/{make}/{_q(room_id)}/{_q(user_id)}",
                 query={"ver": list(KNOWN_ROOM_VERSIONS)})
         except FederationHttpError as e:
-            if e.status in (403, 404, 400):
-                raise MatrixError(e.status if e.status != 400 else 403, e.errcode or "M_FORBIDDEN",
-                                  f"{server} refused the {membership}: {_err_text(e)}")
+            if 400 <= e.status < 500 and e.status != 429:
+                # The resident server's refusal is the client's answer, with
+                # its errcode (and the room_version of an incompatible room).
+                extra = {}
+                if isinstance(e.body, dict) and isinstance(e.body.get("room_version"), str):
+                    extra["room_version"] = e.body["room_version"][:100]
+                raise MatrixError(e.status, e.errcode or "M_FORBIDDEN",
+                                  f"{server} refused the {membership}: {_err_text(e)}", **extra)
             raise
         version = resp.get("room_version", "1") if isinstance(resp, dict) else None
         template = resp.get("event") if isinstance(resp, dict) else None
-        if version not in KNOWN_ROOM_VERSIONS or not isinstance(template, dict):
-            raise MatrixError(400, "M_INCOMPATIBLE_ROOM_VERSION", "Unsupported room version or bad template")
+        if not isinstance(version, str) or version not in KNOWN_ROOM_VERSIONS:
+            raise MatrixError(400, "M_INCOMPATIBLE_ROOM_VERSION", "This server does not support the room's version",
+                              room_version=str(version)[:100])
+        if not isinstance(template, dict):
+            raise MatrixError(502, "M_UNKNOWN", f"{server} sent a bad {make} response")
         rv = get_room_version(version)
         pdu = {k: v for k, v in template.items() if k not in ("signatures", "hashes", "unsigned", "event_id")}
         if pdu.get("sender") != user_id or pdu.get("state_key") != user_id or pdu.get("type") != "m.room.member":
@@ -564,11 +709,22 @@ class FederationHandler:
         pdu["origin_server_ts"] = int(time.time() * 1000)
         if rv.event_id_format is EventIdFormat.SERVER_CHOSEN:
             pdu["origin"] = self.server_name
+        _check_canonical(rv, pdu, f"The {membership} event")
         event_id, signed = hash_and_sign_event(rv, pdu, self.server_name, self.hs.signing_key)
-        send = "send_join" if membership == "join" else "send_knock"
-        path = f"/_matrix/federation/v2/{send}/{_q(room_id)}/{_q(event_id)}" if membership == "join" else \
-            f"/_matrix/federation/v1/{send}/{_q(room_id)}/{_q(event_id)}"
-        result = await self.client.put_json(server, path, signed, timeout=300)
+        if membership == "join":
+            try:
+                result = await self.client.put_json(
+                    server, f"/_matrix/federation/v2/send_join/{_q(room_id)}/{_q(event_id)}", signed, timeout=300)
+            except FederationHttpError as e:
+                if not _unrecognised(e):
+                    raise
+                # A server without v2: v1 wraps the answer as [200, {...}].
+                result = await self.client.put_json(
+                    server, f"/_matrix/federation/v1/send_join/{_q(room_id)}/{_q(event_id)}", signed, timeout=300)
+                result = _unwrap_v1(result)
+        else:
+            result = await self.client.put_json(
+                server, f"/_matrix/federation/v1/send_knock/{_q(room_id)}/{_q(event_id)}", signed, timeout=300)
         if not isinstance(result, dict):
             raise PduRejected("bad send_join response")
         ev = Event(signed, event_id, rv)
@@ -582,8 +738,14 @@ class FederationHandler:
             await self.store_membership_outlier(ev, version)
             return ev
         if isinstance(result.get("event"), dict):
-            # A restricted join comes back countersigned by the resident server.
-            ev = Event(result["event"], event_id, rv)
+            # A restricted join comes back countersigned by the resident
+            # server: the same event (ID and content hash), more signatures.
+            try:
+                countersigned = parse_pdu(rv, _strip_pdu(result["event"]))
+            except PduRejected as e:
+                raise MatrixError(502, "M_UNKNOWN", f"{server} sent a bad join event back: {e}")
+            if countersigned.event_id == event_id and verify_content_hash(countersigned.pdu):
+                ev = countersigned
         state_pdus = result.get("state") or []
         chain = result.get("auth_chain") or []
         if not isinstance(state_pdus, list) or not isinstance(chain, list):
@@ -646,6 +808,7 @@ class FederationHandler:
                 pdu["content"] = {"membership": "leave"}
                 if rv.event_id_format is EventIdFormat.SERVER_CHOSEN:
                     pdu["origin"] = self.server_name
+                _check_canonical(rv, pdu, "The leave event")
                 event_id, signed = hash_and_sign_event(rv, pdu, self.server_name, self.hs.signing_key)
                 await self.client.put_json(
                     server, f"/_matrix/federation/v2/send_leave/{_q(room_id)}/{_q(event_id)}", signed)
@@ -655,7 +818,35 @@ class FederationHandler:
             except Exception as e:
                 last_error = e
                 logger.info("remote leave of %s via %s failed: %s", room_id, server, e)
+        local = await self._local_invite_rejection(user_id, room_id)
+        if local is not None:
+            return local
         raise MatrixError(502, "M_UNKNOWN", f"Could not leave through any server: {_describe(last_error)}")
+
+    async def _local_invite_rejection(self, user_id: str, room_id: str) -> Optional[Event]:
+        """No server in the room would take the rejection of an invite (or
+        the retraction of a knock): the user still gets out of it here,
+        with a leave that follows only the invite and is kept to ourselves
+        (the room's servers never see it; the inviter's may retry)."""
+        eid = await self.events.get_current_state_event_id(room_id, "m.room.member", user_id)
+        invite = await self.events.get_event(eid) if eid else None
+        if invite is None or invite.membership not in ("invite", "knock") or not invite.internal.get("outlier"):
+            return None
+        version = await self.rooms.get_room_version(room_id) or invite.room_version.identifier
+        rv = get_room_version(version)
+        pdu: dict[str, Any] = {
+            "type": "m.room.member", "room_id": room_id, "sender": user_id, "state_key": user_id,
+            "content": {"membership": "leave"}, "depth": invite.depth + 1,
+            "origin_server_ts": int(time.time() * 1000),
+            "prev_events": [_event_ref(rv, invite)], "auth_events": [_event_ref(rv, invite)],
+        }
+        if rv.event_id_format is EventIdFormat.SERVER_CHOSEN:
+            pdu["origin"] = self.server_name
+        event_id, signed = hash_and_sign_event(rv, pdu, self.server_name, self.hs.signing_key)
+        ev = Event(signed, event_id, rv)
+        await self.store_membership_outlier(ev, version)
+        logger.info("rejected the invite of %s to %s locally: no server took the leave", user_id, room_id)
+        return ev
 
     # -- inviting a remote user -------------------------------------------------------------
     async def send_invite(self, ev: Event, invite_room_state: list[dict[str, Any]]) -> Event:
@@ -667,19 +858,38 @@ class FederationHandler:
             raise forbidden(f"Federation with {server} is not allowed by this server's policy")
         body = {"event": ev.pdu, "room_version": ev.room_version.identifier,
                 "invite_room_state": invite_room_state}
-        from zhome.federation.transport import FederationHttpError
+        from zhome.federation.transport import FederationError, FederationHttpError
 
+        path = f"/{_q(ev.room_id)}/{_q(ev.event_id)}"
         try:
-            resp = await self.client.put_json(
-                server, f"/_matrix/federation/v2/invite/{_q(ev.room_id)}/{_q(ev.event_id)}", body)
+            try:
+                resp = await self.client.put_json(server, "/_matrix/federation/v2/invite" + path, body)
+            except FederationHttpError as e:
+                if not _unrecognised(e):
+                    raise
+                # The v1 API carries only room versions 1 and 2.
+                if ev.room_version.identifier not in ("1", "2"):
+                    raise MatrixError(400, "M_UNSUPPORTED_ROOM_VERSION",
+                                      f"{server} does not support this room's version")
+                v1_body = dict(ev.pdu)
+                v1_body["unsigned"] = dict(v1_body.get("unsigned") or {}, invite_room_state=invite_room_state)
+                resp = _unwrap_v1(await self.client.put_json(server, "/_matrix/federation/v1/invite" + path, v1_body))
         except FederationHttpError as e:
-            raise MatrixError(403 if e.status in (400, 403) else 502, e.errcode or "M_FORBIDDEN",
-                              f"{server} refused the invite: {_err_text(e)}")
+            raise MatrixError(e.status if 400 <= e.status < 500 and e.status != 429 else 502,
+                              e.errcode or "M_FORBIDDEN", f"{server} refused the invite: {_err_text(e)}")
+        except FederationError as e:
+            # Unreachable, or an answer that is not JSON (NaN included).
+            raise MatrixError(502, "M_UNKNOWN", f"Could not invite through {server}: {_describe(e)}")
         signed = resp.get("event") if isinstance(resp, dict) else None
         if not isinstance(signed, dict):
             raise MatrixError(502, "M_UNKNOWN", "Bad invite response")
         signed = _strip_pdu(signed)
-        new = parse_pdu(ev.room_version, signed)
+        try:
+            new = parse_pdu(ev.room_version, signed)
+        except PduRejected as e:
+            # A float, or an integer out of range, in a room version with
+            # strict canonical JSON: the invite cannot be used.
+            raise MatrixError(400, "M_BAD_JSON", f"{server} answered the invite with a bad event: {e}")
         if new.event_id != ev.event_id:
             raise MatrixError(502, "M_UNKNOWN", "The invited server changed the invite event")
         try:
@@ -688,6 +898,34 @@ class FederationHandler:
         except (SignatureError, KeyLookupError) as e:
             raise MatrixError(502, "M_UNKNOWN", f"Bad signature on the invite: {e}")
         return Event(signed, ev.event_id, ev.room_version)
+
+
+def _check_canonical(rv: RoomVersion, pdu: dict[str, Any], what: str) -> None:
+    """An event we are about to sign must be canonical JSON (no floats or
+    NaN, integers in range from v6); 400 M_BAD_JSON otherwise."""
+    try:
+        check_canonical_json_value(pdu, strict=rv.strict_canonical_json)
+    except ValueError as e:
+        raise MatrixError(400, "M_BAD_JSON", f"{what} is not valid JSON for the room version: {e}")
+
+
+def _event_ref(rv: RoomVersion, ev: Event) -> Any:
+    """How an event is cited in prev_events/auth_events in its room version."""
+    if rv.event_id_format is EventIdFormat.SERVER_CHOSEN:
+        return [ev.event_id, {"sha256": (ev.pdu.get("hashes") or {}).get("sha256", "")}]
+    return ev.event_id
+
+
+def _unrecognised(e: Any) -> bool:
+    """A remote answer meaning "no such endpoint" (so try the older one)."""
+    return e.status == 404 or (e.status in (400, 405) and e.errcode == "M_UNRECOGNIZED")
+
+
+def _unwrap_v1(resp: Any) -> Any:
+    """The body of a v1 answer, which wraps it as ``[200, {...}]``."""
+    if isinstance(resp, list) and len(resp) == 2 and isinstance(resp[1], dict):
+        return resp[1]
+    return resp
 
 
 def _dedupe(xs: Iterable[str]) -> list[str]:

@@ -356,8 +356,9 @@ class Keyring:
                 logger.warning("ignoring undecodable stored key %s of %s", row[0], server_name)
         return rows
 
-    async def _fetch(self, server_name: str) -> _FetchOutcome:
-        """Fetch ``server_name``'s keys into the cache, at most once a minute.
+    async def _fetch(self, server_name: str, min_interval_ms: int = MIN_FETCH_INTERVAL_MS) -> _FetchOutcome:
+        """Fetch ``server_name``'s keys into the cache, at most once per
+        ``min_interval_ms`` (a minute unless the caller knows better).
 
         Lookups arriving while a fetch runs wait for it instead of starting
         their own.
@@ -372,7 +373,7 @@ class Keyring:
             return _FetchOutcome(False, "no federation client to fetch keys with")
         now = self.now_ms()
         last = self._last_fetch.get(server_name)
-        if last is not None and now - last[0] < MIN_FETCH_INTERVAL_MS:
+        if last is not None and now - last[0] < min_interval_ms:
             if last[1] is not None:
                 return _FetchOutcome(False, f"recent fetch failed ({last[1]}); not retrying yet")
             # What the server publishes is already in the cache.
@@ -432,7 +433,10 @@ class Keyring:
         have = {r[0] for r in rows}
         newest = max((int(r[2]) for r in rows if r[2] is not None), default=None)
         if not rows or (wanted - have) or newest is None or newest < minimum:
-            await self._fetch(server_name)
+            # Only when what we hold does not meet the query: then a fresh
+            # fetch (shared with any already running) is what the querying
+            # server asked for, even right after another one.
+            await self._fetch(server_name, min_interval_ms=0)
             rows = await self._load_from_db(server_name)
 
         responses: list[dict[str, Any]] = []

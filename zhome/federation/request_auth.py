@@ -126,13 +126,20 @@ def _uri(request: Any) -> str:
     return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
 
 
+def reject_json_constant(name: str) -> Any:
+    """``parse_constant`` for json.loads: NaN and Infinity are not JSON,
+    though Python's parser takes them; a body or response holding them is
+    refused rather than stored or passed on to clients."""
+    raise ValueError(f"{name} is not JSON")
+
+
 def _content(body: bytes | Any | None) -> Any | None:
     if body is None or isinstance(body, (bytes, bytearray)):
         raw = bytes(body) if body is not None else b""
         if not raw.strip():
             return None
         try:
-            return json.loads(raw.decode("utf-8"))
+            return json.loads(raw.decode("utf-8"), parse_constant=reject_json_constant)
         except (ValueError, UnicodeDecodeError):
             raise MatrixError(400, "M_NOT_JSON", "Content not JSON.") from None
     return body

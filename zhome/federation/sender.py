@@ -119,9 +119,11 @@ class FederationSender:
             for e in evs.values():
                 if e.membership == "join" and e.state_key:
                     servers.add(server_of(e.state_key))
-        if ev.type == "m.room.member" and ev.state_key and server_of(ev.state_key) != self.server_name:
+        if (ev.type == "m.room.member" and ev.state_key and server_of(ev.state_key) != self.server_name
+                and ev.membership != "invite"):
             # The target of a kick, ban or leave hears about it even though
-            # it is no longer joined.
+            # it is no longer joined. (An invite reached the invitee's server
+            # through /invite; a /send for a room it is not in is no use.)
             servers.add(server_of(ev.state_key))
         if not servers:
             return []

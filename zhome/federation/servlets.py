@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from twisted.web.server import Request
 
 from zhome.crypto.event_hashing import hash_and_sign_event
-from zhome.federation.handler import PduRejected, _strip_pdu, parse_pdu
-from zhome.federation.request_auth import authenticate_request
+from zhome.federation.handler import EventRejected, PduRejected, _strip_pdu, parse_pdu
+from zhome.federation.request_auth import authenticate_request, reject_json_constant
 from zhome.http.errors import MatrixError, bad_json, forbidden, not_found, too_large
 from zhome.http.server import JsonResource, query_arg, query_args, query_int
 from zhome.rooms.events import Event, StateMap
@@ -100,7 +100,7 @@ class FederationServlets:
         if not raw:
             return None
         try:
-            return json.loads(raw.decode("utf-8"))
+            return json.loads(raw.decode("utf-8"), parse_constant=reject_json_constant)
         except (ValueError, UnicodeDecodeError):
             raise MatrixError(400, "M_NOT_JSON", "Content not JSON")
 
@@ -173,6 +173,10 @@ class FederationServlets:
             event_id = _event_id_guess(pdu, known_version)
             try:
                 event_id = await self.handler.on_receive_pdu(origin, pdu)
+                results[event_id] = {}
+            except EventRejected:
+                # Processed: stored as rejected, which is no error of the
+                # transaction (server-server-api "Transactions").
                 results[event_id] = {}
             except PduRejected as e:
                 results[event_id] = {"error": str(e)[:500]}
@@ -248,6 +252,9 @@ class FederationServlets:
         if server_of(user_id) != origin:
             raise forbidden("The user is not on the requesting server")
         version = await self._room_version(room_id)
+        if not any(server_of(u) == self.hs.server_name for u in await self.events.get_joined_users(room_id)):
+            # Every local user left: this server cannot vouch for the room.
+            raise not_found("This server is no longer in the room")
         if versions_checked:
             supported = query_args(request, "ver") or ["1"]
             if version not in supported:
@@ -287,6 +294,8 @@ class FederationServlets:
                                   membership: str) -> tuple[str, Event, StateMap]:
         origin, body = await self._authed_body(request)
         version = await self._room_version(room_id)
+        if isinstance(body, dict) and (not body.get("signatures") or not body.get("hashes")):
+            raise forbidden(f"The {membership} event is not signed")
         ev = _event_for_path(get_room_version(version), body, room_id, event_id)
         if ev.type != "m.room.member" or ev.state_key != ev.sender or ev.membership != membership:
             raise bad_json(f"Not a {membership} event")
@@ -352,6 +361,11 @@ class FederationServlets:
         if not self.hs.residency_policy.server_allowed(origin):
             self.hs.residency_policy.count_refusal("invite")
             raise forbidden("This server's policy does not allow invites from your server")
+        if await self.hs.rooms.get_room_version(room_id) is not None and not await self.handler._room_allows(
+                origin, room_id):
+            # server-server-api "Server Access Control Lists" cover /invite.
+            self.hs.residency_policy.count_refusal("invite")
+            raise forbidden("The room's server ACL does not allow your server")
         user = await self.hs.accounts.get_user(target)
         if user is None or user["deactivated"]:
             raise not_found("Unknown user")
@@ -417,19 +431,21 @@ class FederationServlets:
                 if e.event_id in seen or e.depth < min_depth or e.room_id != room_id:
                     continue
                 seen.add(e.event_id)
-                found.append(e)
+                if not e.rejected_reason:
+                    found.append(e)
                 frontier.extend(p for p in e.prev_event_ids if p not in seen)
         found.sort(key=lambda e: e.depth)
         return 200, {"events": [e.pdu for e in found[-limit:]] if limit else []}
 
     async def _state_at(self, request: Request, room_id: str) -> tuple[StateMap, list[Event]]:
         origin = await self._auth(request)
-        await self._origin_in_room(origin, room_id)
         event_id = query_arg(request, "event_id")
         if event_id is None:
             raise MatrixError(400, "M_MISSING_PARAM", "event_id is required")
+        await self._origin_in_room(origin, room_id)
         ev = await self.events.get_event(event_id)
-        if ev is None or ev.room_id != room_id or ev.internal.get("outlier"):
+        # Outliers have no known state; rejected events are never served.
+        if ev is None or ev.room_id != room_id or ev.internal.get("outlier") or ev.rejected_reason:
             raise not_found("Event not found")
         state = await self.events.get_state_before_event(ev)
         chain = await self._auth_chain(list(state.values()))
@@ -447,7 +463,7 @@ class FederationServlets:
     async def on_event(self, request: Request, ver: str, event_id: str) -> tuple[int, Any]:
         origin = await self._auth(request)
         ev = await self.events.get_event(event_id)
-        if ev is None:
+        if ev is None or ev.rejected_reason:
             raise not_found("Event not found")
         await self._origin_in_room(origin, ev.room_id)
         return 200, {"origin": self.hs.server_name, "origin_server_ts": int(time.time() * 1000), "pdus": [ev.pdu]}
@@ -506,6 +522,7 @@ class FederationServlets:
             term = flt.get("generic_search_term") if isinstance(flt, dict) else None
             return 200, await rooms._public_rooms(body.get("limit"), body.get("since"), term, None)
         return 200, await rooms._public_rooms(query_int(request, "limit"), query_arg(request, "since"), None, None)
+
 
 
 def _stripped(events: list[Any]) -> list[dict[str, Any]]:

@@ -44,7 +44,7 @@ from zhome.crypto.canonical import encode_canonical_json
 from zhome.crypto.keys import SigningKey
 from zhome.federation.destinations import DestinationPolicy
 from zhome.federation.discovery import ResolutionError, ServerResolver
-from zhome.federation.request_auth import sign_request
+from zhome.federation.request_auth import reject_json_constant, sign_request
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +336,7 @@ class CheckedEndpointFactory:
         raise SchemeNotSupported(f"unsupported scheme {uri.scheme!r}")
 
 
+
 def _failure_text(error: BaseException, tls_name: str) -> str:
     """One line saying why a request got no response."""
     reasons: list[Any] = [error]
@@ -592,7 +593,8 @@ class FederationClient:
         self._log(method, destination, path, response.code, start)
 
         try:
-            parsed: Any = json.loads(raw.decode("utf-8")) if raw.strip() else None
+            text = raw.decode("utf-8")
+            parsed: Any = json.loads(text, parse_constant=reject_json_constant) if text.strip() else None
         except (ValueError, UnicodeDecodeError):
             parsed = None
             if 200 <= response.code < 300:

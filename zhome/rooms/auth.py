@@ -39,7 +39,7 @@ ALIASES = "m.room.aliases"
 REDACTION = "m.room.redaction"
 
 # client-server-api m.room.power_levels: levels used when the power levels
-# event omits them. state_default is 0 when there is no event at all.
+# event omits them, or when there is no power levels event at all.
 NAMED_LEVEL_DEFAULTS: dict[str, int] = {
     "ban": 50,
     "kick": 50,
@@ -156,8 +156,6 @@ def get_named_level(name: str, auth_events: AuthEvents, default: Optional[int] =
     (the spec's default when not given)."""
     if default is None:
         default = NAMED_LEVEL_DEFAULTS.get(name, 0)
-        if name == "state_default" and _pl_event(auth_events) is None:
-            default = 0
     pl = _pl_event(auth_events)
     if pl is None:
         return default

@@ -16,9 +16,10 @@ from twisted.internet import defer
 
 from unpaddedbase64 import encode_base64
 
+from zhome.crypto.canonical import check_canonical_json_value
 from zhome.crypto.event_hashing import compute_reference_hash, hash_and_sign_event
 from zhome.rooms.state_res import resolve_state
-from zhome.http.errors import MatrixError, forbidden, not_found
+from zhome.http.errors import MatrixError, bad_json, forbidden, not_found
 from zhome.push.evaluator import actions_highlight, actions_notify, evaluate
 from zhome.rooms import auth
 from zhome.rooms.events import Event, StateMap
@@ -143,6 +144,14 @@ class EventCreator:
         return pdu
 
     def finish_event(self, rv: RoomVersion, pdu: dict[str, Any]) -> Event:
+        # Whatever the content came from (a request body, a profile, a
+        # template), an event must be canonical JSON: no floats, no NaN, no
+        # integers out of range in v6+. Checked before hashing, which would
+        # otherwise fail with a 500.
+        try:
+            check_canonical_json_value(pdu, strict=rv.strict_canonical_json)
+        except ValueError as e:
+            raise bad_json(f"Bad event content: {e}")
         event_id, signed = hash_and_sign_event(rv, pdu, self.server_name, self.signing_key)
         check_pdu_size(signed)
         return Event(signed, event_id, rv)

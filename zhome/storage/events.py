@@ -53,9 +53,19 @@ class PersistItem:
     # Servers that must receive the event (the outbound queue is written in
     # the same transaction).
     destinations: list[str] = field(default_factory=list)
+    # Events an accepted event replaces as forward extremities besides its
+    # prev events: those its soft-failed or rejected prev events built on.
+    also_replaces: list[str] = field(default_factory=list)
+    # False for a received redaction that must not take effect (rooms/v3+
+    # "Handling redactions": not from the original's server, no redact level).
+    apply_redaction: bool = True
     # Filled by persistence:
     stream_ordering: int = 0
     state_group_after: Optional[int] = None
+
+
+def _replaced_extremities(item: PersistItem) -> list[str]:
+    return list(dict.fromkeys(item.event.prev_event_ids + item.also_replaces))
 
 
 class EventsStore:
@@ -94,7 +104,8 @@ class EventsStore:
             )
         item.state_group_after = group_after
         self._insert_event_txn(txn, item, so, group_after)
-        prevs = ev.prev_event_ids
+        # A remote event may list a prev event twice.
+        prevs = list(dict.fromkeys(ev.prev_event_ids))
         if prevs:
             txn.executemany(
                 "INSERT INTO event_edges (event_id, prev_event_id) VALUES (?, ?)",
@@ -106,10 +117,11 @@ class EventsStore:
             if item.backfilled and not rejected and ev.redacts:
                 txn.execute("INSERT INTO redactions (event_id, redacts) VALUES (?, ?)", (ev.event_id, ev.redacts))
             return
-        if prevs:
+        replaced = _replaced_extremities(item)
+        if replaced:
             txn.executemany(
                 "DELETE FROM room_forward_extremities WHERE room_id = ? AND event_id = ?",
-                [(ev.room_id, p) for p in prevs],
+                [(ev.room_id, p) for p in replaced],
             )
         txn.execute(
             "INSERT INTO room_forward_extremities (room_id, event_id) VALUES (?, ?)", (ev.room_id, ev.event_id)
@@ -137,7 +149,7 @@ class EventsStore:
                     "DELETE FROM room_forgotten WHERE user_id = ? AND room_id = ?", (ev.state_key, ev.room_id)
                 )
         redacts = ev.redacts
-        if redacts:
+        if redacts and item.apply_redaction:
             txn.execute("INSERT INTO redactions (event_id, redacts) VALUES (?, ?)", (ev.event_id, redacts))
             self._event_cache.pop(redacts)
         if item.txn_id and item.device_id:
@@ -353,6 +365,8 @@ class EventsStore:
         """
         ev = item.event
         ev.internal["txn"] = (item.device_id, item.txn_id) if item.txn_id and item.device_id else None
+        if item.soft_failed:
+            ev.internal["soft_failed"] = True
         self.cache_event(ev)
         if ev.redacts:
             self.invalidate_event(ev.redacts)
@@ -363,8 +377,8 @@ class EventsStore:
             if not ev.prev_event_ids:
                 self._extremities_cache.set(ev.room_id, (ev.event_id,))
             return
-        prevs = set(ev.prev_event_ids)
-        self._extremities_cache.set(ev.room_id, tuple([e for e in current if e not in prevs] + [ev.event_id]))
+        replaced = set(_replaced_extremities(item))
+        self._extremities_cache.set(ev.room_id, tuple([e for e in current if e not in replaced] + [ev.event_id]))
 
     # -- reading: events ----------------------------------------------------
     def _row_to_event(self, row: tuple) -> Event:

@@ -167,6 +167,13 @@ class SyncHandler:
                     continue
                 entry = await self._room_entry(requester, room_id, since, now, full_state, flt,
                                                upto=member_ev.internal.get("stream_ordering"))
+                if member_ev.internal.get("outlier"):
+                    # A rejected invite or retracted knock in a room this
+                    # server is not in: the leave is all the timeline there is.
+                    events = entry.setdefault("timeline", {}).setdefault("events", [])
+                    if not any(e.get("event_id") == member_ev.event_id for e in events):
+                        events.extend(await serialize_events(self.events, [member_ev], with_room_id=False,
+                                                             requester=requester))
                 entry["account_data"] = {"events": room_account_data.get(room_id, [])}
                 leave[room_id] = entry
 
