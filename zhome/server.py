@@ -40,11 +40,13 @@ from zhome.storage.events import EventsStore
 from zhome.storage.ids import IdGenerator
 from zhome.storage.migrations import prepare_database
 from zhome.storage.notifications import NotificationsStore
+from zhome.storage.presence import PresenceStore
 from zhome.storage.rooms import RoomsStore
 from zhome.storage.user_data import UserDataStore
 from zhome.storage.user_directory import UserDirectoryStore
 from zhome.sync.handler import SyncHandler
 from zhome.sync.notifier import Notifier
+from zhome.sync.presence import PresenceService
 from zhome.sync.typing import TypingService
 from zhome.util.reactor import reactor
 
@@ -91,8 +93,12 @@ class HomeServer:
         receipt_ids = await IdGenerator.from_table(db, "receipts", "stream_id")
         self.user_data = UserDataStore(db, account_data_ids, receipt_ids)
 
-        self.notifier = Notifier(stream_ids.current(), account_data_ids.current(), receipt_ids.current())
+        presence_store = PresenceStore(db, await IdGenerator.from_table(db, "presence", "stream_id"))
+        self.notifier = Notifier(stream_ids.current(), account_data_ids.current(), receipt_ids.current(),
+                                 presence_store.current_position())
         self.typing = TypingService(self.notifier)
+        self.presence = PresenceService(presence_store, self.events, self.notifier, self.server_name,
+                                        cfg.presence.enabled)
         self.persister = Persister(db, self.events, self.notifier, self.server_name)
         self.push_rules_cache = RulesetCache(self.user_data)
         self.notification_log = NotificationLog(NotificationsStore(db), self.events)
@@ -101,6 +107,7 @@ class HomeServer:
         self.persister.txn_hooks.append(self.user_directory.persist_txn_hook)
         self.persister.after_commit_hooks.append(self.notification_log.after_persist)
         self.notification_log.start()
+        await self.presence.start()
         self.event_creator = EventCreator(self.server_name, self.signing_key, self.events, self.rooms,
                                           self.persister, push_rules_cache=self.push_rules_cache)
         self.membership = MembershipService(self.server_name, self.event_creator, self.events, self.accounts)
@@ -204,6 +211,8 @@ class HomeServer:
         self.persister.after_commit_hooks.append(self.federation_sender.after_persist)
         self.edu_sender = EduSender(self)
         self.typing.on_local_typing = self.edu_sender.on_local_typing
+        self.presence.send_to_servers = self.edu_sender.presence
+        self.persister.after_commit_hooks.append(self.edu_sender.after_persist_presence)
         if self.federation_resource is not None:
             FederationServlets(self).register_routes(self.federation_resource)
         await self.federation_sender.start()
@@ -235,10 +244,12 @@ class HomeServer:
         return _ListenerRoot(self.client_resource, federation)
 
     def client_servlets(self) -> list[Any]:
+        from zhome.client.presence import PresenceServlets
         from zhome.client.user_data import UserDataServlets
 
         self.room_servlets = RoomServlets(self)
-        return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self)]
+        return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self),
+                PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name)]
 
     def start_listening(self) -> None:
         tls_factory = None
@@ -277,6 +288,8 @@ class HomeServer:
         notification expiry. Never raises."""
         if getattr(self, "federation_sender", None) is not None:
             self.federation_sender.stop()
+        if getattr(self, "presence", None) is not None:
+            self.presence.stop()
         for what, part in (("media cleanup", self.media_cleaner),
                            ("notification expiry", getattr(self, "notification_log", None))):
             if part is None:

@@ -553,6 +553,22 @@ class EventsStore:
         )
         return {r: (m, e) for r, m, e in rows}
 
+    async def get_users_sharing_rooms(self, user_id: str, among: Optional[Iterable[str]] = None) -> set[str]:
+        """Users joined to a room ``user_id`` is joined to (themself included
+        when joined anywhere); with ``among``, only those of these users."""
+        sql = ("SELECT DISTINCT c2.state_key FROM current_state_events c1 JOIN current_state_events c2"
+               " ON c2.room_id = c1.room_id AND c2.type = 'm.room.member' AND c2.membership = 'join'"
+               " WHERE c1.type = 'm.room.member' AND c1.state_key = ? AND c1.membership = 'join'")
+        if among is None:
+            rows = await self.db.execute("users_sharing_rooms", sql, user_id)
+        else:
+            wanted = list(set(among))
+            if not wanted:
+                return set()
+            rows = await self.db.select_in("users_sharing_rooms_among", sql + " AND c2.state_key IN ({in})",
+                                           wanted, before=(user_id,))
+        return {r[0] for r in rows}
+
     async def get_joined_users(self, room_id: str) -> list[str]:
         rows = await self.db.execute(
             "joined_users",

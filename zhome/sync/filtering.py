@@ -105,6 +105,11 @@ class EventFilter:
             return False
         return True
 
+    def matches_sender(self, sender: str) -> bool:
+        if sender in self.not_senders:
+            return False
+        return self.senders is None or sender in self.senders
+
     def matches_room(self, room_id: str) -> bool:
         if room_id in self.not_rooms:
             return False

@@ -183,11 +183,53 @@ class SyncHandler:
             "next_batch": now.encode(),
             "rooms": rooms,
             "account_data": {"events": global_account_data},
-            "presence": {"events": []},
+            "presence": {"events": await self._presence(user_id, since, now, full_state, flt, pre, newly)},
             "to_device": {"events": []},
             "device_lists": {"changed": [], "left": []},
             "device_one_time_keys_count": {},
         }
+
+    async def _presence(self, user_id: str, since: Optional[StreamToken], now: StreamToken, full_state: bool,
+                        flt: SyncFilter, pre: "_Prefetch", newly: dict[str, str]) -> list[dict[str, Any]]:
+        """``m.presence`` of the user and of those sharing a room with them:
+        everyone not offline on an initial sync; what changed, plus the
+        members of newly joined rooms and new members of rooms, later."""
+        presence = self.hs.presence
+        if not presence.enabled or not flt.presence.matches_type("m.presence") or now.presence == 0:
+            return []
+        initial = since is None or full_state
+        if initial:
+            users = {sk for cur in pre.current.values() for (t, sk), (_, m) in cur.items()
+                     if t == "m.room.member" and m == "join"} | {user_id}
+            found = await presence.get_presence([u for u in users if flt.presence.matches_sender(u)])
+            states = [st for st in found.values() if st.stream_id and (st.state != "offline" or st.user_id == user_id)]
+        else:
+            assert since is not None
+            by_user = {}
+            if now.presence > since.presence:
+                by_user = {st.user_id: st for st in await presence.changes_for_user(user_id, since.presence,
+                                                                                     now.presence)}
+            # Who now shares a room with the user without their presence
+            # having changed: members of rooms the user joined, and members
+            # who joined (seen in this sync's timelines; no extra query).
+            extra: set[str] = set()
+            for room_id, membership in newly.items():
+                if membership == "join":
+                    extra.update(sk for (t, sk), (_, m) in pre.current.get(room_id, {}).items()
+                                 if t == "m.room.member" and m == "join")
+            for batch in pre.batches.values():
+                for ev in batch:
+                    if ev.type == "m.room.member" and ev.membership == "join" and ev.state_key:
+                        extra.add(ev.state_key)
+            extra -= set(by_user) | {user_id}
+            if extra:
+                for st in (await presence.get_presence(extra)).values():
+                    if st.stream_id and st.stream_id <= now.presence:
+                        by_user[st.user_id] = st
+            states = [st for st in by_user.values() if flt.presence.matches_sender(st.user_id)]
+        states.sort(key=lambda st: st.user_id)
+        limit = flt.presence.limit
+        return [presence.event(st) for st in (states[:limit] if limit else states)]
 
     async def _room_entry(self, requester: Requester, room_id: str, since: Optional[StreamToken], now: StreamToken,
                           full_state: bool, flt: SyncFilter, upto: Optional[int], pre: Optional["_Prefetch"] = None,
@@ -234,7 +276,8 @@ class SyncHandler:
             "timeline": {
                 "events": await serialize_events(self.events, timeline, with_room_id=False, requester=requester),
                 "limited": limited,
-                "prev_batch": StreamToken(first_pos - 1, now.account_data, now.receipts, now.typing).encode(),
+                "prev_batch": StreamToken(first_pos - 1, now.account_data, now.receipts, now.typing,
+                                          now.presence).encode(),
             },
             "state": {"events": await serialize_events(self.events, state_list, with_room_id=False,
                                                      requester=requester)},
@@ -335,4 +378,4 @@ def _summary(current: dict[tuple[str, str], tuple[str, Optional[str]]], user_id:
 
 
 def _has_content(result: dict[str, Any]) -> bool:
-    return bool(result["rooms"] or result["account_data"]["events"])
+    return bool(result["rooms"] or result["account_data"]["events"] or result["presence"]["events"])
