@@ -226,8 +226,13 @@ class PresenceService:
                                          now if active else old.last_active_ts, now, active)])
 
     async def on_remote_presence(self, origin: str, pushes: list[Any]) -> None:
-        """An ``m.presence`` EDU: keep what it says of users on ``origin``
-        who share a room with this server."""
+        """An ``m.presence`` EDU: keep what it says of users on ``origin``.
+
+        Not only of users already in a room here: a server pushes its users'
+        presence to a server that joins one of its rooms while that join is
+        still being completed here. /sync shows it only to users who share
+        a room with them.
+        """
         if not self.enabled:
             return
         now = self._now_ms()
@@ -237,9 +242,6 @@ class PresenceService:
                 continue
             user_id, state = p.get("user_id"), p.get("presence")
             if not isinstance(user_id, str) or server_of(user_id) != origin or state not in STATES:
-                continue
-            rooms = await self.events.get_rooms_for_user(user_id)
-            if not any(m == "join" for m, _ in rooms.values()):
                 continue
             ago = p.get("last_active_ago")
             ago = ago if isinstance(ago, int) and not isinstance(ago, bool) and 0 <= ago < 2**40 else 0
