@@ -588,6 +588,20 @@ class EventsStore:
         )
         return [(r, m, s) for r, m, s in rows]
 
+    async def get_memberships_at(self, user_id: str, room_ids: list[str], pos: int) -> dict[str, str]:
+        """room_id -> the user's membership as of stream position ``pos``
+        (rooms where they had none are left out)."""
+        if not room_ids:
+            return {}
+        rows = await self.db.select_in(
+            "memberships_at",
+            "SELECT m.room_id, m.membership FROM room_memberships m WHERE m.user_id = ? AND m.room_id IN ({in})"
+            " AND m.stream_ordering = (SELECT MAX(m2.stream_ordering) FROM room_memberships m2"
+            " WHERE m2.user_id = m.user_id AND m2.room_id = m.room_id AND m2.stream_ordering <= ?)",
+            room_ids, before=(user_id,), after=(pos,),
+        )
+        return {r: m for r, m in rows}
+
     async def is_forgotten(self, user_id: str, room_id: str) -> bool:
         rows = await self.db.execute(
             "is_forgotten", "SELECT 1 FROM room_forgotten WHERE user_id = ? AND room_id = ?", user_id, room_id
