@@ -137,8 +137,16 @@ class PresenceService:
             return cached
         return (await self.get_presence([user_id]))[user_id]
 
-    async def _write(self, states: list[PresenceState], bump: bool = True) -> list[PresenceState]:
+    async def _write(self, states: list[PresenceState], bump: bool = True,
+                     unless_changed: Optional[dict[str, PresenceState]] = None) -> list[PresenceState]:
         async with self._lock:
+            if unless_changed is not None:
+                # A timeout decided on a state that a request has replaced
+                # meanwhile does not apply.
+                states = [s for s in states if s.user_id not in unless_changed
+                          or self._local.get(s.user_id) is unless_changed[s.user_id]]
+            if not states:
+                return []
             written = await self.store.put(states, bump=bump)
             for s in written:
                 if self._is_local(s.user_id):
@@ -264,11 +272,12 @@ class PresenceService:
     async def check_timeouts(self) -> None:
         now = self._now_ms()
         changes = []
+        decided_on: dict[str, PresenceState] = {}
         for user_id, s in list(self._local.items()):
-            if user_id in self._syncing:
-                continue
+            decided_on[user_id] = s
             seen = max(s.last_sync_ts, s.last_active_ts)
-            if now - seen >= SYNC_OFFLINE_AFTER_MS:
+            # A sync in flight keeps its user from going offline.
+            if user_id not in self._syncing and now - seen >= SYNC_OFFLINE_AFTER_MS:
                 changes.append(replace(s, state="offline", currently_active=False, explicit=False))
             elif s.state == "online" and now - s.last_active_ts >= IDLE_AFTER_MS:
                 changes.append(replace(s, state="unavailable", currently_active=False, explicit=False))
@@ -277,7 +286,7 @@ class PresenceService:
             for s in (await self.store.get(stale)).values():
                 changes.append(replace(s, state="offline", currently_active=False))
         if changes:
-            await self._write(changes)
+            await self._write(changes, unless_changed=decided_on)
 
     async def on_joined(self, user_id: str, room_id: str) -> None:
         """Someone joined a room: members they now share it with see their
