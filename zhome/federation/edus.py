@@ -80,6 +80,8 @@ class EduSender:
             if only is not None:
                 servers &= set(only)
             push = dict(self.hs.presence.content(st), user_id=st.user_id)
+            # Required in the EDU; a user never active has no better value.
+            push.setdefault("last_active_ago", 0)
             for s in servers:
                 by_server.setdefault(s, []).append(push)
         for s, pushes in sorted(by_server.items()):

@@ -295,12 +295,13 @@ class PresenceService:
             return
         if self.send_to_servers is None:
             return
+        joined = await self.events.get_joined_users(room_id)
         if self._is_local(user_id):
             s = await self._current(user_id)
-            if s.state != "offline":
-                await self._push([s], None)
+            servers = sorted({server_of(u) for u in joined} - {self.server_name})
+            if s.state != "offline" and servers:
+                await self._push([s], servers)
             return
-        joined = await self.events.get_joined_users(room_id)
         local = [u for u in joined if self._is_local(u)]
         states = [s for s in (await self.store.get(local)).values() if s.state != "offline"]
         if states:
