@@ -168,6 +168,7 @@ def test_sample_config_loads() -> None:
     assert config.rooms.default_room_version == "12"
     # Documented with its default: off.
     assert config.registration.allow_guest_access is False
+    assert config.presence.enabled is True
 
 
 def test_defaults(tmp_path: Path) -> None:
@@ -193,6 +194,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.limits.max_event_size == 65536
     assert config.rooms.default_room_version == "12"
     assert config.federation.enabled is False
+    assert config.presence.enabled is True
 
 
 def test_partial_rate_limit_keeps_other_default(tmp_path: Path) -> None:

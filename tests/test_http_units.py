@@ -76,7 +76,8 @@ def test_event_filter_types_senders_wildcards() -> None:
 
 def test_filter_validation() -> None:
     validate_filter({"room": {"timeline": {"limit": 5, "types": ["m.room.message"]}}})
-    for bad in ({"room": {"timeline": {"limit": 0}}}, {"room": {"state": {"types": "m.room.name"}}},
+    validate_filter({"room": {"timeline": {"limit": 0}}})
+    for bad in ({"room": {"timeline": {"limit": -1}}}, {"room": {"timeline": {"limit": 1.5}}}, {"room": {"state": {"types": "m.room.name"}}},
                 {"event_format": "xml"}, {"room": []}):
         with pytest.raises(MatrixError) as e:
             validate_filter(bad)

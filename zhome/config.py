@@ -573,6 +573,13 @@ class UserDirectoryConfig:
     search_all_users: bool = setting(boolean, default=False)
 
 
+@dataclass(frozen=True, kw_only=True)
+class PresenceConfig:
+    # False: presence is neither tracked, served nor sent over federation;
+    # every user reads as offline.
+    enabled: bool = setting(boolean, default=True)
+
+
 def _secret(value: Any, path: str) -> str:
     text = non_empty_string(value, path)
     # These key HMACs over tokens; a short one can be guessed offline.
@@ -695,6 +702,7 @@ class HomeserverConfig:
     limits: LimitsConfig = setting(section(LimitsConfig), default=LimitsConfig())
     rooms: RoomsConfig = setting(section(RoomsConfig), default=RoomsConfig())
     user_directory: UserDirectoryConfig = setting(section(UserDirectoryConfig), default=UserDirectoryConfig())
+    presence: PresenceConfig = setting(section(PresenceConfig), default=PresenceConfig())
     secrets: SecretsConfig = setting(section(SecretsConfig))
     federation: FederationConfig = setting(section(FederationConfig), default=FederationConfig())
     media: MediaConfig = setting(section(MediaConfig), default=MediaConfig())

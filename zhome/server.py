@@ -41,11 +41,13 @@ from zhome.storage.events import EventsStore
 from zhome.storage.ids import IdGenerator
 from zhome.storage.migrations import prepare_database
 from zhome.storage.notifications import NotificationsStore
+from zhome.storage.presence import PresenceStore
 from zhome.storage.rooms import RoomsStore
 from zhome.storage.user_data import UserDataStore
 from zhome.storage.user_directory import UserDirectoryStore
 from zhome.sync.handler import SyncHandler
 from zhome.sync.notifier import Notifier
+from zhome.sync.presence import PresenceService
 from zhome.sync.typing import TypingService
 from zhome.util.reactor import reactor
 
@@ -92,8 +94,12 @@ class HomeServer:
         receipt_ids = await IdGenerator.from_table(db, "receipts", "stream_id")
         self.user_data = UserDataStore(db, account_data_ids, receipt_ids)
 
-        self.notifier = Notifier(stream_ids.current(), account_data_ids.current(), receipt_ids.current())
+        presence_store = PresenceStore(db, await IdGenerator.from_table(db, "presence", "stream_id"))
+        self.notifier = Notifier(stream_ids.current(), account_data_ids.current(), receipt_ids.current(),
+                                 presence_store.current_position())
         self.typing = TypingService(self.notifier)
+        self.presence = PresenceService(presence_store, self.events, self.notifier, self.server_name,
+                                        cfg.presence.enabled)
         self.persister = Persister(db, self.events, self.notifier, self.server_name)
         self.push_rules_cache = RulesetCache(self.user_data)
         self.notification_log = NotificationLog(NotificationsStore(db), self.events)
@@ -102,6 +108,7 @@ class HomeServer:
         self.persister.txn_hooks.append(self.user_directory.persist_txn_hook)
         self.persister.after_commit_hooks.append(self.notification_log.after_persist)
         self.notification_log.start()
+        await self.presence.start()
         self.event_creator = EventCreator(self.server_name, self.signing_key, self.events, self.rooms,
                                           self.persister, push_rules_cache=self.push_rules_cache)
         self.membership = MembershipService(self.server_name, self.event_creator, self.events, self.accounts)
@@ -209,6 +216,8 @@ class HomeServer:
         self.persister.after_commit_hooks.append(self.federation_sender.after_persist)
         self.edu_sender = EduSender(self)
         self.typing.on_local_typing = self.edu_sender.on_local_typing
+        self.presence.send_to_servers = self.edu_sender.presence
+        self.persister.after_commit_hooks.append(self.edu_sender.after_persist_presence)
         if self.federation_resource is not None:
             FederationServlets(self).register_routes(self.federation_resource)
         await self.federation_sender.start()
@@ -240,15 +249,16 @@ class HomeServer:
         return _ListenerRoot(self.client_resource, federation)
 
     def client_servlets(self) -> list[Any]:
+        from zhome.client.presence import PresenceServlets
         from zhome.client.user_data import UserDataServlets
 
         from zhome.client.legacy import LegacyServlets
 
         self.room_servlets = RoomServlets(self)
-        # presence: none yet; a presence store plugs in here (see legacy.PresenceSource).
         legacy = LegacyServlets(self.auth, self.events, self.user_data, self.rooms, self.notifier, self.typing,
-                                self.visibility, self.room_servlets, presence=None)
-        return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy]
+                                self.visibility, self.room_servlets, presence=self.presence)
+        return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
+                PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name)]
 
     def start_listening(self) -> None:
         tls_factory = None
@@ -289,6 +299,8 @@ class HomeServer:
             await self.guest_access.stop()
         if getattr(self, "federation_sender", None) is not None:
             self.federation_sender.stop()
+        if getattr(self, "presence", None) is not None:
+            self.presence.stop()
         for what, part in (("media cleanup", self.media_cleaner),
                            ("notification expiry", getattr(self, "notification_log", None))):
             if part is None:

@@ -46,6 +46,8 @@ class User:
         self.left: dict[str, list[dict[str, Any]]] = {}
         self.ephemeral: dict[str, list[dict[str, Any]]] = {}
         self.joined: set[str] = set()
+        # user_id -> the latest m.presence content /sync delivered.
+        self.presence: dict[str, dict[str, Any]] = {}
 
     def req(self, method: str, path: str, body: Any = None, expect: Optional[int] = 200) -> Any:
         status, resp = self.hs.request(method, path, body, self.token)
@@ -60,6 +62,9 @@ class User:
             path += f"&since={q(self.since)}"
         resp = self.req("GET", path)
         self.since = resp["next_batch"]
+        for e in resp.get("presence", {}).get("events", []):
+            if e.get("type") == "m.presence":
+                self.presence[e["sender"]] = e["content"]
         rooms = resp.get("rooms", {})
         for rid, r in rooms.get("join", {}).items():
             self.joined.add(rid)
@@ -412,6 +417,31 @@ def test_user_directory_across_servers(zhome_pair: ZhomeServers) -> None:
 
 
 # -- 7. room versions ----------------------------------------------------------------------------
+def test_presence_over_federation(zhome_pair: ZhomeServers) -> None:
+    """m.presence EDUs: each server learns the presence of the other's users
+    who share a room with its own, on joining and on every change."""
+    pa, pb = User(zhome_pair.a, "pres_a"), User(zhome_pair.b, "pres_b")
+    a = zhome_pair.a.server_name
+    pa.sync_once(timeout_ms=0)
+    pb.sync_once(timeout_ms=0)
+    assert pa.presence[pa.user_id]["presence"] == "online"
+    room = _public_room(pa, name="presence")
+    pb.join(room, f"?via={q(a)}")
+    pb.sync_until(lambda: pb.presence.get(pa.user_id, {}).get("presence") == "online",
+                  "A's user online, seen at B after joining")
+    pa.sync_until(lambda: pa.presence.get(pb.user_id, {}).get("presence") == "online",
+                  "B's user online, seen at A after their join")
+    pa.req("PUT", f"{CS}/presence/{q(pa.user_id)}/status", {"presence": "unavailable", "status_msg": "away"})
+    pb.sync_until(lambda: pb.presence.get(pa.user_id, {}).get("presence") == "unavailable",
+                  "A's user unavailable, seen at B")
+    assert pb.presence[pa.user_id].get("status_msg") == "away", pb.presence[pa.user_id]
+    got = pb.req("GET", f"{CS}/presence/{q(pa.user_id)}/status")
+    assert got["presence"] == "unavailable" and got["status_msg"] == "away", got
+    pb.req("PUT", f"{CS}/presence/{q(pb.user_id)}/status", {"presence": "online", "status_msg": "here"})
+    pa.sync_until(lambda: pa.presence.get(pb.user_id, {}).get("status_msg") == "here",
+                  "B's user's status message, seen at A")
+
+
 @pytest.mark.parametrize("version", ["1", "5", "9", "10", "11", "12"])
 def test_room_versions(zhome_pair: ZhomeServers, users: dict[str, User], version: str) -> None:
     alice, bob = users["alice"], users["bob"]

@@ -20,7 +20,7 @@ from zhome.server import HomeServer
 
 # (method, route name) of every client route a guest may call: what the
 # Guest Access module lists, plus logout, filters, account data, tags,
-# typing, receipts and read markers. Opening another route to guests is a
+# typing, receipts and read markers (presence is in the module's list). Opening another route to guests is a
 # decision to make here, on purpose.
 GUEST_ROUTES = {
     ("GET", "versions"), ("POST", "register"), ("POST", "logout"), ("GET", "whoami"),
@@ -36,6 +36,7 @@ GUEST_ROUTES = {
     ("GET", "account_data"), ("PUT", "account_data"), ("GET", "room_account_data"), ("PUT", "room_account_data"),
     ("GET", "tags"), ("PUT", "tag"), ("DELETE", "tag"),
     ("GET", "media_download"), ("GET", "media_thumbnail"),
+    ("GET", "presence"), ("PUT", "presence"),
 }
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Collection, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Optional, Protocol
 
 from twisted.web.server import Request
 
@@ -58,7 +58,7 @@ class PresenceSource(Protocol):
     ``LegacyServlets`` takes one as ``presence``; with none, presence lists are empty. The event stream
     will carry presence changes once ``StreamToken`` has a presence position."""
 
-    async def presence_events(self, user_ids: Collection[str]) -> list[dict[str, Any]]:
+    async def get_presence_events(self, user_ids: Iterable[str]) -> list[dict[str, Any]]:
         """The current ``m.presence`` event of each of these users that has one."""
         ...
 
@@ -289,7 +289,7 @@ class LegacyServlets:
             for room_id in joined:
                 users.update(sk for (t, sk), (_, m) in current.get(room_id, {}).items()
                              if t == "m.room.member" and m == "join")
-            presence = await self.presence.presence_events(sorted(users))
+            presence = await self.presence.get_presence_events(sorted(users))
         return 200, {"end": now.encode(), "rooms": out_rooms, "presence": presence, "account_data": global_ad,
                      "receipts": receipts}
 
@@ -331,7 +331,7 @@ class LegacyServlets:
             if self.presence is not None:
                 members = [e.state_key for e in state if e.type == "m.room.member" and e.membership == "join"
                            and e.state_key]
-                presence = await self.presence.presence_events(members)
+                presence = await self.presence.get_presence_events(members)
         return 200, {
             "room_id": room_id,
             # Someone reading a world_readable room without ever joining it has, in effect, left it.

@@ -427,6 +427,10 @@ class RoomServlets:
         before = await self._page(room_id, req.user_id, so - 1, None, True, before_n, flt)
         after = await self._page(room_id, req.user_id, so, None, False, after_n, flt)
         state = await self.events.get_state_after_event(ev.event_id)
+        if flt.lazy_load_members:
+            # Lazy-loading members: only those who sent one of the events.
+            senders = {e.sender for e in [*before, ev, *after]}
+            state = {k: v for k, v in state.items() if k[0] != "m.room.member" or k[1] in senders}
         state_evs = await self.events.get_events(state.values())
         start_pos = (before[-1].internal["stream_ordering"] - 1) if before else so - 1
         end_pos = after[-1].internal["stream_ordering"] if after else so
@@ -760,4 +764,4 @@ def _decode_pos(raw: str) -> int:
 
 
 def _token_at(base: StreamToken, events_pos: int) -> str:
-    return StreamToken(events_pos, base.account_data, base.receipts, base.typing).encode()
+    return StreamToken(events_pos, base.account_data, base.receipts, base.typing, base.presence).encode()

@@ -48,7 +48,13 @@ class SyncServlets:
             # A token from the future (e.g. before a database restore) would
             # make the client wait forever; start it afresh instead.
             since = None
-        return 200, await self.hs.sync_handler.sync(req, since, timeout, full_state, flt)
+        presence_service = self.hs.presence
+        await presence_service.user_synced(req.user_id, presence)
+        presence_service.sync_started(req.user_id)
+        try:
+            return 200, await self.hs.sync_handler.sync(req, since, timeout, full_state, flt)
+        finally:
+            presence_service.sync_ended(req.user_id)
 
     async def _load_filter(self, user_id: str, raw: str | None) -> SyncFilter:
         if raw is None:

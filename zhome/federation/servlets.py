@@ -220,6 +220,10 @@ class FederationServlets:
             timeout = content.get("timeout", 30000)
             self.hs.typing.set_typing(room_id, user_id, bool(typing), timeout if isinstance(timeout, int) else 30000,
                                       local=False)
+        elif etype == "m.presence":
+            pushes = content.get("push")
+            if isinstance(pushes, list):
+                await self.hs.presence.on_remote_presence(origin, pushes)
         elif etype == "m.receipt":
             for room_id, by_type in content.items():
                 if not isinstance(by_type, dict):

@@ -588,6 +588,22 @@ class EventsStore:
         )
         return {r: (m, e) for r, m, e in rows}
 
+    async def get_users_sharing_rooms(self, user_id: str, among: Optional[Iterable[str]] = None) -> set[str]:
+        """Users joined to a room ``user_id`` is joined to (themself included
+        when joined anywhere); with ``among``, only those of these users."""
+        sql = ("SELECT DISTINCT c2.state_key FROM current_state_events c1 JOIN current_state_events c2"
+               " ON c2.room_id = c1.room_id AND c2.type = 'm.room.member' AND c2.membership = 'join'"
+               " WHERE c1.type = 'm.room.member' AND c1.state_key = ? AND c1.membership = 'join'")
+        if among is None:
+            rows = await self.db.execute("users_sharing_rooms", sql, user_id)
+        else:
+            wanted = list(set(among))
+            if not wanted:
+                return set()
+            rows = await self.db.select_in("users_sharing_rooms_among", sql + " AND c2.state_key IN ({in})",
+                                           wanted, before=(user_id,))
+        return {r[0] for r in rows}
+
     async def get_joined_users(self, room_id: str) -> list[str]:
         rows = await self.db.execute(
             "joined_users",
@@ -606,6 +622,20 @@ class EventsStore:
             since,
         )
         return [(r, m, s) for r, m, s in rows]
+
+    async def get_memberships_at(self, user_id: str, room_ids: list[str], pos: int) -> dict[str, str]:
+        """room_id -> the user's membership as of stream position ``pos``
+        (rooms where they had none are left out)."""
+        if not room_ids:
+            return {}
+        rows = await self.db.select_in(
+            "memberships_at",
+            "SELECT m.room_id, m.membership FROM room_memberships m WHERE m.user_id = ? AND m.room_id IN ({in})"
+            " AND m.stream_ordering = (SELECT MAX(m2.stream_ordering) FROM room_memberships m2"
+            " WHERE m2.user_id = m.user_id AND m2.room_id = m.room_id AND m2.stream_ordering <= ?)",
+            room_ids, before=(user_id,), after=(pos,),
+        )
+        return {r: m for r, m in rows}
 
     async def is_forgotten(self, user_id: str, room_id: str) -> bool:
         rows = await self.db.execute(

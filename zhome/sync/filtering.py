@@ -42,8 +42,10 @@ def _check_event_filter(f: Any, where: str) -> dict[str, Any]:
     _check_ids(f, where)
     if "limit" in f:
         lim = f["limit"]
-        if not isinstance(lim, int) or isinstance(lim, bool) or lim < 1:
-            raise bad_json(f"{where}.limit must be a positive integer")
+        # The spec asks for more than 0; clients send 0 to get no events
+        # (state only), which is what it then gives.
+        if not isinstance(lim, int) or isinstance(lim, bool) or lim < 0:
+            raise bad_json(f"{where}.limit must be a non-negative integer")
     for key in ("lazy_load_members", "include_redundant_members", "contains_url", "unread_thread_notifications"):
         if key in f and not isinstance(f[key], bool):
             raise bad_json(f"{where}.{key} must be a boolean")
@@ -121,6 +123,15 @@ class EventFilter:
             return False
         return True
 
+    def matches_nothing(self) -> bool:
+        """True for ``types: []``: no event can pass."""
+        return self.types is not None and not self.types
+
+    def matches_sender(self, sender: str) -> bool:
+        if sender in self.not_senders:
+            return False
+        return self.senders is None or sender in self.senders
+
     def matches_room(self, room_id: str) -> bool:
         if room_id in self.not_rooms:
             return False
@@ -155,6 +166,7 @@ class SyncFilter:
         self.room_account_data = EventFilter(room.get("account_data"))
         self.account_data = EventFilter(f.get("account_data"))
         self.presence = EventFilter(f.get("presence"))
+        self.event_format = f.get("event_format", "client")
 
     def room_included(self, room_id: str) -> bool:
         if room_id in self.not_rooms:

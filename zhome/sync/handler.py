@@ -16,6 +16,7 @@ from zhome.client.serialize import serialize_events
 from zhome.http.auth import Requester
 from zhome.push.rules import load_ruleset
 from zhome.rooms.events import Event, StateMap
+from zhome.storage.lru import LruCache
 from zhome.sync.filtering import EventFilter, SyncFilter
 from zhome.sync.notifier import StreamToken
 
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
 
 DEFAULT_TIMELINE_LIMIT = 10
 MAX_TIMELINE_LIMIT = 500
+# A filtered timeline short of its limit reads further back this many
+# events at a time, at most this many times.
+FILL_CHUNK = 50
+MAX_FILL_ROUNDS = 4
 STRIPPED_STATE_TYPES = (
     "m.room.create", "m.room.join_rules", "m.room.canonical_alias", "m.room.avatar", "m.room.name",
     "m.room.encryption", "m.room.topic",
@@ -35,6 +40,9 @@ class SyncHandler:
         self.hs = hs
         self.events = hs.events
         self.notifier = hs.notifier
+        # (user, device, room) -> user_id -> the member event last sent to
+        # that device under lazy loading.
+        self._ll_sent: LruCache[tuple[str, str, str], dict[str, str]] = LruCache(20000)
 
     async def sync(self, requester: Requester, since: Optional[StreamToken], timeout_ms: int, full_state: bool,
                    flt: SyncFilter) -> dict[str, Any]:
@@ -69,11 +77,22 @@ class SyncHandler:
 
         changed_rooms: set[str] = set()
         newly: dict[str, str] = {}
+        # Rooms the user was not joined to at ``since`` but joined since
+        # (and may have left again): their entry starts from nothing, with
+        # the room's full state, as on an initial sync.
+        fresh: set[str] = set()
         if since is not None:
             changed_rooms = await self.events.get_rooms_changed_since(list(memberships), since.events)
+            joined_in_range: set[str] = set()
             for room_id, membership, so in await self.events.get_membership_changes_since(user_id, since.events):
                 if so <= now.events:
                     newly[room_id] = membership
+                    if membership == "join":
+                        joined_in_range.add(room_id)
+            if joined_in_range and not full_state:
+                before = await self.events.get_memberships_at(user_id, sorted(joined_in_range), since.events)
+                fresh = {r for r in joined_in_range if before.get(r) != "join"
+                         and newly.get(r) in ("join", "leave", "ban")}
 
         joined_rooms = [r for r, (m, _) in memberships.items() if m == "join" and flt.room_included(r)]
         receipts_by_room: dict[str, list[tuple]] = {}
@@ -102,11 +121,11 @@ class SyncHandler:
         # Rooms that get a full entry, fetched together: one query per kind
         # of data for all of them rather than several per room.
         full_rooms = [r for r in joined_rooms
-                      if since is None or full_state or r in changed_rooms or newly.get(r) == "join"]
-        tl_limit = min(flt.timeline.limit or DEFAULT_TIMELINE_LIMIT, MAX_TIMELINE_LIMIT)
+                      if since is None or full_state or r in changed_rooms or r in fresh]
+        tl_limit = _timeline_limit(flt)
         pre = _Prefetch()
         if full_rooms:
-            initial_rooms = [r for r in full_rooms if since is None or full_state or newly.get(r) == "join"]
+            initial_rooms = [r for r in full_rooms if since is None or full_state or r in fresh]
             later_rooms = [r for r in full_rooms if r not in set(initial_rooms)]
             if initial_rooms:
                 pre.batches.update(await self.events.get_recent_events_for_rooms(
@@ -118,7 +137,7 @@ class SyncHandler:
         pre.unread = await self.events.get_unread_counts_for_rooms(user_id, joined_rooms) if joined_rooms else {}
 
         for room_id in joined_rooms:
-            newly_joined = newly.get(room_id) == "join"
+            newly_joined = room_id in fresh
             if since is not None and not full_state and room_id not in changed_rooms and not newly_joined:
                 eph = self._ephemeral(user_id, room_id, receipts_by_room.get(room_id, []), since, now, flt)
                 ad = room_account_data.get(room_id)
@@ -132,10 +151,16 @@ class SyncHandler:
                     join[room_id] = entry
                 continue
             entry = await self._room_entry(requester, room_id, since if not newly_joined else None, now, full_state,
-                                           flt, upto=None, pre=pre, member_event_id=memberships[room_id][1])
+                                           flt, upto=None, pre=pre, member_event_id=memberships[room_id][1],
+                                           fresh=newly_joined)
             entry["ephemeral"] = {"events": self._ephemeral(user_id, room_id, receipts_by_room.get(room_id, []), since, now,
                                                             flt)}
             entry["account_data"] = {"events": room_account_data.get(room_id, [])}
+            if (since is not None and not full_state and not newly_joined and not entry["timeline"]["events"]
+                    and not entry["state"]["events"] and not entry["ephemeral"]["events"]
+                    and not entry["account_data"]["events"]):
+                # Everything that changed was filtered out.
+                continue
             entry["unread_notifications"] = _unread(pre, room_id)
             entry["summary"] = _summary(pre.current.get(room_id, {}), user_id)
             join[room_id] = entry
@@ -165,8 +190,9 @@ class SyncHandler:
                 member_ev = await self.events.get_event(member_eid)
                 if member_ev is None:
                     continue
-                entry = await self._room_entry(requester, room_id, since, now, full_state, flt,
-                                               upto=member_ev.internal.get("stream_ordering"))
+                entry = await self._room_entry(requester, room_id, None if room_id in fresh else since, now,
+                                               full_state, flt, upto=member_ev.internal.get("stream_ordering"),
+                                               member_event_id=member_eid, fresh=room_id in fresh)
                 if member_ev.internal.get("outlier"):
                     # A rejected invite or retracted knock in a room this
                     # server is not in: the leave is all the timeline there is.
@@ -190,62 +216,201 @@ class SyncHandler:
             "next_batch": now.encode(),
             "rooms": rooms,
             "account_data": {"events": global_account_data},
-            "presence": {"events": []},
+            "presence": {"events": await self._presence(user_id, since, now, full_state, flt, pre, fresh)},
             "to_device": {"events": []},
             "device_lists": {"changed": [], "left": []},
             "device_one_time_keys_count": {},
         }
 
+    async def _presence(self, user_id: str, since: Optional[StreamToken], now: StreamToken, full_state: bool,
+                        flt: SyncFilter, pre: "_Prefetch", fresh: set[str]) -> list[dict[str, Any]]:
+        """``m.presence`` of the user and of those sharing a room with them:
+        everyone not offline on an initial sync; what changed, plus the
+        members of newly joined rooms and new members of rooms, later."""
+        presence = self.hs.presence
+        if not presence.enabled or not flt.presence.matches_type("m.presence") or now.presence == 0:
+            return []
+        initial = since is None or full_state
+        if initial:
+            users = {sk for cur in pre.current.values() for (t, sk), (_, m) in cur.items()
+                     if t == "m.room.member" and m == "join"} | {user_id}
+            found = await presence.get_presence([u for u in users if flt.presence.matches_sender(u)])
+            states = [st for st in found.values() if st.stream_id and (st.state != "offline" or st.user_id == user_id)]
+        else:
+            assert since is not None
+            by_user = {}
+            if now.presence > since.presence:
+                by_user = {st.user_id: st for st in await presence.changes_for_user(user_id, since.presence,
+                                                                                     now.presence)}
+            # Who now shares a room with the user without their presence
+            # having changed: members of rooms the user joined, and members
+            # who joined (seen in this sync's timelines; no extra query).
+            extra: set[str] = set()
+            for room_id in fresh:
+                if room_id in pre.current:
+                    extra.update(sk for (t, sk), (_, m) in pre.current.get(room_id, {}).items()
+                                 if t == "m.room.member" and m == "join")
+            for batch in pre.batches.values():
+                for ev in batch:
+                    if ev.type == "m.room.member" and ev.membership == "join" and ev.state_key:
+                        extra.add(ev.state_key)
+            extra -= set(by_user) | {user_id}
+            if extra:
+                # Offline (even never seen) counts: the client learns it.
+                for st in (await presence.get_presence(extra)).values():
+                    if st.stream_id <= now.presence:
+                        by_user[st.user_id] = st
+            states = [st for st in by_user.values() if flt.presence.matches_sender(st.user_id)]
+        states.sort(key=lambda st: st.user_id)
+        limit = flt.presence.limit
+        return [presence.event(st) for st in (states[:limit] if limit else states)]
+
     async def _room_entry(self, requester: Requester, room_id: str, since: Optional[StreamToken], now: StreamToken,
                           full_state: bool, flt: SyncFilter, upto: Optional[int], pre: Optional["_Prefetch"] = None,
-                          member_event_id: Optional[str] = None) -> dict[str, Any]:
+                          member_event_id: Optional[str] = None, fresh: bool = False) -> dict[str, Any]:
+        """One room's timeline and state.
+
+        ``state`` brings the client from the state it had at ``since``
+        (nothing, when ``since`` is None) to the state at the start of the
+        timeline; state changes the timeline filter left out come as their
+        latest value, so that state plus timeline is the room's state at the
+        end. With lazy-loaded members only the members who sent a timeline
+        event (and the user) are included, plus, incrementally, every
+        membership change of the gap.
+        """
         user_id = requester.user_id
         tl_filter: EventFilter = flt.timeline
-        limit = min(tl_filter.limit or DEFAULT_TIMELINE_LIMIT, MAX_TIMELINE_LIMIT)
+        limit = _timeline_limit(flt)
         upper = now.events if upto is None else min(upto, now.events)
         lower = since.events if since is not None else -(2**62)
+        full = since is None or full_state
         if pre is not None and room_id in pre.batches:
-            batch = list(pre.batches[room_id])
+            raw = list(pre.batches[room_id])
         else:
-            batch = await self.events.get_room_events_between(room_id, lower, upper, limit + 1, backwards=True)
-        limited = len(batch) > limit
-        batch = batch[:limit]
-        batch.reverse()
-        timeline = [e for e in batch if tl_filter.matches(e)]
-        timeline = await self._visible(user_id, room_id, timeline, member_event_id)
-        first_pos = batch[0].internal["stream_ordering"] if batch else upper + 1
-        # State at the start of the timeline.
-        if batch:
-            state_start = await self.events.get_state_before_event(batch[0])
-        elif upto is not None:
-            state_start = await self._state_at_pos(room_id, upper)
+            raw = await self.events.get_room_events_between(room_id, lower, upper, limit + 1, backwards=True)
+        if upto is not None:
+            # A room left: its state as the user left it.
+            end_state = (await self.events.get_state_after_event(member_event_id) if member_event_id
+                         else await self._state_at_pos(room_id, upper))
         elif pre is not None and room_id in pre.current:
-            state_start = {k: v[0] for k, v in pre.current[room_id].items()}
+            end_state = {k: v[0] for k, v in pre.current[room_id].items()}
         else:
-            state_start = await self.events.get_current_state_ids(room_id)
-        if since is None or full_state:
-            state_ids = state_start
-        elif limited:
-            state_since = await self._state_at_pos(room_id, since.events)
-            state_ids = {k: v for k, v in state_start.items() if state_since.get(k) != v}
+            end_state = await self.events.get_current_state_ids(room_id)
+        # Current state is always visible in the timeline (a member who
+        # joined while the user was away must still show as joined).
+        always = frozenset(end_state.values()) if upto is None else frozenset()
+        timeline, limited, complete = await self._timeline(user_id, room_id, raw, lower, limit, tl_filter,
+                                                           member_event_id, always)
+        if fresh and not complete:
+            # A room joined since the last sync has history before this
+            # timeline that the client has never had.
+            limited = True
+        tl_ids = {e.event_id for e in timeline}
+        start_state: Optional[StateMap] = None
+        if not full and complete:
+            # The timeline holds every event since ``since``: no state to add.
+            state_ids: StateMap = {}
         else:
+            start_state = await self.events.get_state_before_event(timeline[0]) if timeline else end_state
+            assert since is not None or full
+            base = {} if full or since is None else await self._state_at_pos(room_id, since.events)
             state_ids = {}
-        if tl_filter.lazy_load_members or flt.state.lazy_load_members:
-            wanted = {e.sender for e in timeline} | {user_id}
-            state_ids = {k: v for k, v in state_ids.items() if k[0] != "m.room.member" or k[1] in wanted}
-        timeline_ids = {e.event_id for e in timeline}
-        state_evs = await self.events.get_events(v for v in state_ids.values() if v not in timeline_ids)
-        state_list = sorted((e for e in state_evs.values() if flt.state.matches_type(e.type)),
+            for k in set(end_state) | set(start_state):
+                e_end = end_state.get(k)
+                val = start_state.get(k) if e_end in tl_ids else e_end
+                if val is not None and val != base.get(k) and val not in tl_ids:
+                    state_ids[k] = val
+        lazy = tl_filter.lazy_load_members or flt.state.lazy_load_members
+        if lazy:
+            state_ids = self._lazy_members(requester, room_id, full, state_ids, start_state or end_state, timeline,
+                                           tl_ids, flt)
+        state_evs = await self.events.get_events(state_ids.values())
+        state_list = sorted((e for e in state_evs.values() if flt.state.matches_type(e.type)
+                             and flt.state.matches_sender(e.sender)),
                             key=lambda e: e.internal.get("stream_ordering", 0))
+        first_pos = timeline[0].internal["stream_ordering"] if timeline else upper + 1
         return {
             "timeline": {
-                "events": await serialize_events(self.events, timeline, with_room_id=False, requester=requester),
+                "events": await self._serialize(timeline, requester, flt),
                 "limited": limited,
-                "prev_batch": StreamToken(first_pos - 1, now.account_data, now.receipts, now.typing).encode(),
+                "prev_batch": StreamToken(first_pos - 1, now.account_data, now.receipts, now.typing,
+                                          now.presence).encode(),
             },
-            "state": {"events": await serialize_events(self.events, state_list, with_room_id=False,
-                                                     requester=requester)},
+            "state": {"events": await self._serialize(state_list, requester, flt)},
         }
+
+    def _lazy_members(self, requester: Requester, room_id: str, full: bool, state_ids: StateMap,
+                      start_state: StateMap, timeline: list[Event], tl_ids: set[str], flt: SyncFilter) -> StateMap:
+        user_id = requester.user_id
+        senders = {e.sender for e in timeline}
+        key = (user_id, requester.device_id, room_id)
+        if full:
+            wanted = senders | {user_id}
+            out = {k: v for k, v in state_ids.items() if k[0] != "m.room.member" or k[1] in wanted}
+            sent: dict[str, str] = {}
+        else:
+            # Membership changes of the gap stay; senders' members are added
+            # unless this device already has them (a cache: forgetting it
+            # only means sending a member twice).
+            out = dict(state_ids)
+            sent = dict(self._ll_sent.get(key) or {})
+            redundant = flt.state.include_redundant_members or flt.timeline.include_redundant_members
+            for u in sorted(senders):
+                k = ("m.room.member", u)
+                eid = start_state.get(k)
+                if k in out or eid is None or eid in tl_ids:
+                    continue
+                if not redundant and sent.get(u) == eid:
+                    continue
+                out[k] = eid
+        for (t, sk), eid in out.items():
+            if t == "m.room.member":
+                sent[sk] = eid
+        for e in timeline:
+            if e.type == "m.room.member" and e.state_key is not None:
+                sent[e.state_key] = e.event_id
+        self._ll_sent.set(key, sent)
+        return out
+
+    async def _timeline(self, user_id: str, room_id: str, raw: list[Event], lower: int, limit: int,
+                        tl_filter: EventFilter, member_event_id: Optional[str],
+                        always: frozenset[str]) -> tuple[list[Event], bool, bool]:
+        """The newest ``limit`` events of ``raw`` (newest first, ``limit`` + 1
+        of them fetched) that pass the filter and visibility, reading further
+        back when those leave too few.
+
+        Returns (events oldest first, limited, complete): complete when the
+        events are every event after ``lower``.
+        """
+        if tl_filter.matches_nothing():
+            return [], False, not raw
+        fetch = limit + 1
+        complete = len(raw) <= limit
+        exhausted = len(raw) < fetch
+        picked: list[Event] = []
+        chunk = raw
+        for _ in range(MAX_FILL_ROUNDS):
+            wanted = [e for e in reversed(chunk) if tl_filter.matches(e)]
+            visible = await self._visible(user_id, room_id, wanted, member_event_id, always)
+            if len(visible) != len(chunk):
+                complete = False
+            picked.extend(reversed(visible))
+            if len(picked) > limit or exhausted or not chunk:
+                break
+            oldest = chunk[-1].internal["stream_ordering"]
+            chunk = await self.events.get_room_events_between(room_id, lower, oldest - 1, FILL_CHUNK, backwards=True)
+            exhausted = len(chunk) < FILL_CHUNK
+        limited = len(picked) > limit or not exhausted
+        return list(reversed(picked[:limit])), limited, complete
+
+    async def _serialize(self, events: list[Event], requester: Requester, flt: SyncFilter) -> list[dict[str, Any]]:
+        if flt.event_format != "federation":
+            return await serialize_events(self.events, events, with_room_id=False, requester=requester)
+        # The federation format: the PDU as servers exchange it, with the
+        # client view's fields (a redacted event keeps only its pruned
+        # content) and its event ID.
+        views = await serialize_events(self.events, events, with_room_id=True, requester=requester)
+        return [{**ev.pdu, **view} for ev, view in zip(events, views)]
 
     async def _state_at_pos(self, room_id: str, pos: int) -> StateMap:
         rows = await self.events.db.execute(
@@ -256,7 +421,7 @@ class SyncHandler:
         return await self.events.get_state_after_event(rows[0][0])
 
     async def _visible(self, user_id: str, room_id: str, events: list[Event],
-                       member_event_id: Optional[str] = None) -> list[Event]:
+                       member_event_id: Optional[str] = None, always: frozenset[str] = frozenset()) -> list[Event]:
         if not events:
             return events
         eid = member_event_id or await self.events.get_current_state_event_id(room_id, "m.room.member", user_id)
@@ -265,7 +430,11 @@ class SyncHandler:
         if me is not None and me.membership == "join" and me.internal.get("stream_ordering", 1 << 62) <= first:
             # Joined throughout the timeline: every event is visible.
             return events
-        return await self.hs.visibility.filter_events(user_id, events)
+        allowed = await self.hs.visibility.filter_events(user_id, events)
+        if always and len(allowed) != len(events):
+            ok = {e.event_id for e in allowed} | always
+            return [e for e in events if e.event_id in ok]
+        return allowed
 
     def _ephemeral(self, user_id: str, room_id: str, receipts: list[tuple], since: Optional[StreamToken],
                    now: StreamToken, flt: SyncFilter) -> list[dict[str, Any]]:
@@ -318,6 +487,11 @@ class SyncHandler:
         return out
 
 
+def _timeline_limit(flt: SyncFilter) -> int:
+    lim = flt.timeline.limit
+    return DEFAULT_TIMELINE_LIMIT if lim is None else min(lim, MAX_TIMELINE_LIMIT)
+
+
 class _Prefetch:
     """Data for many rooms fetched in a few queries."""
 
@@ -342,4 +516,4 @@ def _summary(current: dict[tuple[str, str], tuple[str, Optional[str]]], user_id:
 
 
 def _has_content(result: dict[str, Any]) -> bool:
-    return bool(result["rooms"] or result["account_data"]["events"])
+    return bool(result["rooms"] or result["account_data"]["events"] or result["presence"]["events"])

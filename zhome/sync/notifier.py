@@ -1,8 +1,8 @@
 """Stream positions and the notifier that wakes waiting /sync requests.
 
 Spec: client-server-api "Syncing" (long-polling with ``timeout``). Each
-stream (events, account data, receipts, typing) has an integer position;
-a sync token is their composition. Waiters register for the rooms they are
+stream (events, account data, receipts, typing, presence) has an integer
+position; a sync token is their composition. Waiters register for the rooms they are
 in and their own user ID; a change to a room or user wakes exactly those.
 """
 
@@ -26,9 +26,12 @@ class StreamToken:
     account_data: int
     receipts: int
     typing: int
+    # Tokens issued before presence existed have four parts and mean
+    # "presence stream from the start".
+    presence: int = 0
 
     def encode(self) -> str:
-        return f"s{self.events}_{self.account_data}_{self.receipts}_{self.typing}"
+        return f"s{self.events}_{self.account_data}_{self.receipts}_{self.typing}_{self.presence}"
 
     @classmethod
     def decode(cls, s: str) -> "StreamToken":
@@ -38,7 +41,7 @@ class StreamToken:
             parts = [int(p) for p in s[1:].split("_")]
             # The events position may be negative: pagination tokens reach
             # back into history backfilled from other servers.
-            if len(parts) != 4 or any(p < 0 for p in parts[1:]):
+            if len(parts) not in (4, 5) or any(p < 0 for p in parts[1:]):
                 raise ValueError
         except ValueError:
             raise invalid_param(f"Invalid stream token {s!r}")
@@ -50,6 +53,7 @@ class StreamToken:
             or self.account_data > other.account_data
             or self.receipts > other.receipts
             or self.typing > other.typing
+            or self.presence > other.presence
         )
 
 
@@ -64,8 +68,9 @@ class _Waiter:
 
 
 class Notifier:
-    def __init__(self, events_pos: int, account_data_pos: int, receipts_pos: int) -> None:
+    def __init__(self, events_pos: int, account_data_pos: int, receipts_pos: int, presence_pos: int = 0) -> None:
         self.events_pos = events_pos
+        self.presence_pos = presence_pos
         self.account_data_pos = account_data_pos
         self.receipts_pos = receipts_pos
         self.typing_pos = 0
@@ -73,7 +78,8 @@ class Notifier:
         self._by_user: dict[str, set[_Waiter]] = {}
 
     def current_token(self) -> StreamToken:
-        return StreamToken(self.events_pos, self.account_data_pos, self.receipts_pos, self.typing_pos)
+        return StreamToken(self.events_pos, self.account_data_pos, self.receipts_pos, self.typing_pos,
+                           self.presence_pos)
 
     # -- producers ----------------------------------------------------------
     def on_new_event(self, stream_ordering: int, room_id: str, extra_users: Iterable[str] = ()) -> None:
@@ -92,6 +98,10 @@ class Notifier:
     def on_typing(self, room_id: str) -> None:
         self.typing_pos += 1
         self._wake(room_ids=[room_id])
+
+    def on_presence(self, pos: int, room_ids: Iterable[str], user_ids: Iterable[str]) -> None:
+        self.presence_pos = max(self.presence_pos, pos)
+        self._wake(room_ids=room_ids, user_ids=user_ids)
 
     def _wake(self, room_ids: Iterable[str] = (), user_ids: Iterable[str] = ()) -> None:
         hit: set[_Waiter] = set()
