@@ -19,9 +19,9 @@ from zhome.http.errors import MatrixError
 from zhome.server import HomeServer
 
 # (method, route name) of every client route a guest may call: what the
-# Guest Access module lists, plus logout, filters, account data, tags,
-# typing, receipts and read markers (presence is in the module's list). Opening another route to guests is a
-# decision to make here, on purpose.
+# Guest Access module lists (presence among them), plus logout, filters,
+# account data, tags, typing, receipts and read markers. Opening another
+# route to guests is a decision to make here, on purpose.
 GUEST_ROUTES = {
     ("GET", "versions"), ("POST", "register"), ("POST", "logout"), ("GET", "whoami"),
     ("GET", "devices"), ("GET", "device"), ("PUT", "device"),

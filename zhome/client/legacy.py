@@ -15,8 +15,8 @@ move between /initialSync, /events, /sync and /messages with one token.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Collection, Iterable, Optional, Protocol
+from dataclasses import astuple, dataclass, replace
+from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.web.server import Request
 
@@ -35,6 +35,7 @@ from zhome.sync.typing import TypingService
 
 if TYPE_CHECKING:
     from zhome.client.rooms import RoomServlets
+    from zhome.sync.presence import PresenceService
 
 ROOM = r"(?P<room_id>(?:!|%21)[^/]+)"
 DEFAULT_EVENTS_TIMEOUT_MS = 30_000
@@ -52,17 +53,6 @@ PAGE_BATCH = 100
 EARLIEST = -(2**62)
 
 
-class PresenceSource(Protocol):
-    """Where presence comes from once the server keeps it (another branch adds a presence store).
-
-    ``LegacyServlets`` takes one as ``presence``; with none, presence lists are empty. The event stream
-    will carry presence changes once ``StreamToken`` has a presence position."""
-
-    async def get_presence_events(self, user_ids: Iterable[str]) -> list[dict[str, Any]]:
-        """The current ``m.presence`` event of each of these users that has one."""
-        ...
-
-
 @dataclass
 class _Scope:
     """What one /events request streams: room -> the highest stream position to read from it (None: all)."""
@@ -76,7 +66,7 @@ class _Scope:
 class LegacyServlets:
     def __init__(self, auth: Auth, events: EventsStore, user_data: UserDataStore, rooms: RoomsStore,
                  notifier: Notifier, typing: TypingService, visibility: Visibility,
-                 room_servlets: "RoomServlets", presence: Optional[PresenceSource] = None) -> None:
+                 room_servlets: "RoomServlets", presence: Optional["PresenceService"] = None) -> None:
         self.auth = auth
         self.events = events
         self.user_data = user_data
@@ -192,9 +182,11 @@ class LegacyServlets:
                 if room_id:
                     ev["room_id"] = room_id
                 chunk.append(ev)
-        # Presence joins the stream with the presence store (see PresenceSource).
-        end = StreamToken(end_pos, max(now.account_data, since.account_data), max(now.receipts, since.receipts),
-                          max(now.typing, since.typing))
+        if self.presence is not None and not scope.peek and now.presence > since.presence:
+            changes = await self.presence.changes_for_user(user_id, since.presence, now.presence)
+            chunk.extend(self.presence.event(state) for state in changes)
+        # Every stream but the events one is read to its end here.
+        end = replace(_latest(now, since), events=end_pos)
         return chunk, end
 
     async def _visible(self, user_id: str, events: list[Event], joined_at: dict[str, int]) -> list[Event]:
@@ -386,12 +378,15 @@ def _initial_sync_limit(request: Request) -> int:
 
 def _clamp(token: StreamToken, now: StreamToken) -> StreamToken:
     """A token from the future (a restart lost the typing position, a restored database) reads from now."""
-    return StreamToken(min(token.events, now.events), min(token.account_data, now.account_data),
-                       min(token.receipts, now.receipts), min(token.typing, now.typing))
+    return StreamToken(*(min(a, b) for a, b in zip(astuple(token), astuple(now))))
+
+
+def _latest(a: StreamToken, b: StreamToken) -> StreamToken:
+    return StreamToken(*(max(x, y) for x, y in zip(astuple(a), astuple(b))))
 
 
 def _token_at(now: StreamToken, events_pos: int) -> str:
-    return StreamToken(events_pos, now.account_data, now.receipts, now.typing).encode()
+    return replace(now, events=events_pos).encode()
 
 
 def _ordered_account_data(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
