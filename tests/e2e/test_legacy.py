@@ -201,7 +201,10 @@ def test_initial_sync(zhome: ZhomeProcess) -> None:
 
     out = alice.ok("GET", "/initialSync?limit=3")
     assert set(out) >= {"end", "rooms", "presence", "account_data", "receipts"}
-    assert out["presence"] == []
+    # Presence of the user and of those sharing a room, the user also in the content, as these endpoints served it.
+    presence = {p["content"]["user_id"]: p for p in out["presence"]}
+    assert set(presence) == {alice.user_id, bob.user_id}
+    assert all(p["type"] == "m.presence" and p["sender"] == u for u, p in presence.items())
     rooms = {r["room_id"]: r for r in out["rooms"]}
     assert set(rooms) == {room, invite_room}
     joined = rooms[room]
@@ -258,7 +261,8 @@ def test_room_initial_sync(zhome: ZhomeProcess) -> None:
 
     out = alice.ok("GET", f"/rooms/{q(room)}/initialSync")
     assert set(out) >= {"room_id", "membership", "messages", "state", "presence", "receipts", "account_data"}
-    assert (out["room_id"], out["membership"], out["presence"]) == (room, "join", [])
+    assert (out["room_id"], out["membership"]) == (room, "join")
+    assert {p["content"]["user_id"] for p in out["presence"]} == {alice.user_id, bob.user_id}
     assert set(out["messages"]) >= {"chunk", "start", "end"}
     assert _bodies(out["messages"]["chunk"]) == ["private"]
     assert {e["type"] for e in out["state"]} >= {"m.room.create", "m.room.join_rules", "m.room.member"}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import astuple, dataclass, replace
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from twisted.web.server import Request
 
@@ -165,7 +165,7 @@ class LegacyServlets:
         end_pos = batch[-1].internal["stream_ordering"] if len(batch) >= limit else max(now.events, since.events)
         in_bounds = [e for e in batch if _within(e, scope.rooms.get(e.room_id))]
         visible = await self._visible(user_id, in_bounds, scope.joined_at)
-        chunk = await serialize_events(self.events, visible, requester=req)
+        chunk = _v1_format(await serialize_events(self.events, visible, requester=req))
 
         live_rooms = [r for r, bound in scope.rooms.items() if bound is None]
         if now.typing > since.typing:
@@ -184,7 +184,7 @@ class LegacyServlets:
                 chunk.append(ev)
         if self.presence is not None and not scope.peek and now.presence > since.presence:
             changes = await self.presence.changes_for_user(user_id, since.presence, now.presence)
-            chunk.extend(self.presence.event(state) for state in changes)
+            chunk.extend(_v1_presence(self.presence.event(state)) for state in changes)
         # Every stream but the events one is read to its end here.
         end = replace(_latest(now, since), events=end_pos)
         return chunk, end
@@ -215,7 +215,7 @@ class LegacyServlets:
         if not await self.visibility.filter_events(req.user_id, [ev]):
             # Spec: 404 also when the user may not see the event, so its existence is not revealed.
             raise not_found("Event not found")
-        return 200, (await serialize_events(self.events, [ev], requester=req))[0]
+        return 200, _v1_format(await serialize_events(self.events, [ev], requester=req))[0]
 
     # -- GET /initialSync ------------------------------------------------------------------
     async def on_initial_sync(self, request: Request) -> tuple[int, Any]:
@@ -256,7 +256,7 @@ class LegacyServlets:
             entry: dict[str, Any] = {"room_id": room_id, "membership": membership,
                                      "visibility": "public" if room_id in public else "private"}
             if membership == "invite":
-                entry["invite"] = (await serialize_events(self.events, [me], requester=req))[0]
+                entry["invite"] = _v1_format(await serialize_events(self.events, [me], requester=req))[0]
                 out_rooms.append(entry)
                 continue
             if membership == "join":
@@ -281,7 +281,7 @@ class LegacyServlets:
             for room_id in joined:
                 users.update(sk for (t, sk), (_, m) in current.get(room_id, {}).items()
                              if t == "m.room.member" and m == "join")
-            presence = await self.presence.get_presence_events(sorted(users))
+            presence = await self._presence_of(users)
         return 200, {"end": now.encode(), "rooms": out_rooms, "presence": presence, "account_data": global_ad,
                      "receipts": receipts}
 
@@ -323,7 +323,7 @@ class LegacyServlets:
             if self.presence is not None:
                 members = [e.state_key for e in state if e.type == "m.room.member" and e.membership == "join"
                            and e.state_key]
-                presence = await self.presence.get_presence_events(members)
+                presence = await self._presence_of(members)
         return 200, {
             "room_id": room_id,
             # Someone reading a world_readable room without ever joining it has, in effect, left it.
@@ -357,12 +357,41 @@ class LegacyServlets:
         """A pagination chunk: ``start`` leads to /messages before the events, ``end`` to what follows them
         (for a joined room, the present: a token for /events)."""
         first = events[0].internal["stream_ordering"] - 1 if events else upper
-        return {"chunk": await serialize_events(self.events, events, requester=req),
+        return {"chunk": _v1_format(await serialize_events(self.events, events, requester=req)),
                 "start": _token_at(now, first), "end": _token_at(now, upper)}
 
     async def _state_list(self, state: list[Event]) -> list[dict[str, Any]]:
         ordered = sorted(state, key=lambda e: e.internal.get("stream_ordering", 0))
-        return await serialize_events(self.events, ordered)
+        return _v1_format(await serialize_events(self.events, ordered))
+
+    async def _presence_of(self, user_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """Every one of these users' presence, offline for those never seen."""
+        assert self.presence is not None
+        states = await self.presence.get_presence(sorted(set(user_ids)))
+        return [_v1_presence(self.presence.event(s)) for s in states.values()]
+
+
+# The event format of these endpoints' own era (r0 and before), which their
+# callers still read: ``user_id`` beside ``sender``, and what later versions
+# moved into ``unsigned`` also at the top level.
+_V1_UNSIGNED_KEYS = ("age", "prev_content", "redacted_because", "replaces_state")
+
+
+def _v1_format(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for d in events:
+        if "sender" in d:
+            d["user_id"] = d["sender"]
+        unsigned = d.get("unsigned")
+        if isinstance(unsigned, dict):
+            for key in _V1_UNSIGNED_KEYS:
+                if key in unsigned:
+                    d[key] = unsigned[key]
+    return events
+
+
+def _v1_presence(ev: dict[str, Any]) -> dict[str, Any]:
+    """``m.presence`` as these endpoints served it: the user also in the content."""
+    return {**ev, "content": {**ev["content"], "user_id": ev["sender"]}}
 
 
 def _within(ev: Event, bound: Optional[int]) -> bool:
