@@ -268,8 +268,12 @@ def test_membership_power_levels_and_redaction(zhome_pair: ZhomeServers, users: 
     bob.join(room, f"?via={q(a)}")
     wait_until(lambda: alice.membership_of(room, bob.user_id) == "join", "A sees B's user rejoin")
     alice.req("POST", f"{CS}/rooms/{q(room)}/ban", {"user_id": bob.user_id, "reason": "test"})
-    wait_until(lambda: bob.req("GET", f"{CS}/rooms/{q(room)}/state/m.room.member/{q(bob.user_id)}",
-                               expect=None)[1].get("membership") == "ban", "B sees the ban")
+    bob.sync_until(lambda: any(e.get("type") == "m.room.member" and e.get("state_key") == bob.user_id
+                               and e["content"].get("membership") == "ban" for e in bob.left.get(room, [])),
+                   "the ban in the leave section of B's /sync")
+    # A banned user no longer reads the room's state.
+    status, body = bob.req("GET", f"{CS}/rooms/{q(room)}/state/m.room.member/{q(bob.user_id)}", expect=None)
+    assert status == 403 and body["errcode"] == "M_FORBIDDEN", (status, body)
     status, body = bob.req("POST", f"{CS}/join/{q(room)}?via={q(a)}", {}, expect=None)
     assert status == 403, (status, body)
     assert body["errcode"] == "M_FORBIDDEN"
