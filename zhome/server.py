@@ -91,7 +91,15 @@ class HomeServer:
         receipt_ids = await IdGenerator.from_table(db, "receipts", "stream_id")
         self.user_data = UserDataStore(db, account_data_ids, receipt_ids)
 
-        self.notifier = Notifier(stream_ids.current(), account_data_ids.current(), receipt_ids.current())
+        from zhome.storage.device_lists import DeviceListStore
+        from zhome.storage.e2e_keys import E2eKeysStore
+        from zhome.storage.to_device import ToDeviceStore
+
+        device_list_ids = await IdGenerator.from_table(db, "device_list_changes", "stream_id")
+        to_device_ids = IdGenerator(await ToDeviceStore.current_position(db))
+        self.notifier = Notifier(stream_ids.current(), account_data_ids.current(), receipt_ids.current(),
+                                 device_list_ids.current(), to_device_ids.current())
+        self._setup_e2ee(E2eKeysStore(db), DeviceListStore(db, device_list_ids), ToDeviceStore(db, to_device_ids))
         self.typing = TypingService(self.notifier)
         self.persister = Persister(db, self.events, self.notifier, self.server_name)
         self.push_rules_cache = RulesetCache(self.user_data)
@@ -126,6 +134,17 @@ class HomeServer:
         from zhome.media.setup import setup_media
 
         await setup_media(self)
+
+    def _setup_e2ee(self, keys_store: Any, device_list_store: Any, to_device_store: Any) -> None:
+        """Device keys, device lists and to-device messages (zhome/e2ee)."""
+        from zhome.e2ee.device_lists import DeviceListService
+        from zhome.e2ee.keys import E2eKeysService
+        from zhome.e2ee.to_device import ToDeviceService
+
+        self.device_lists = DeviceListService(self.server_name, device_list_store, self.accounts, keys_store,
+                                              self.events, self.notifier)
+        self.e2e_keys = E2eKeysService(self.server_name, keys_store, self.accounts, self.device_lists)
+        self.to_device = ToDeviceService(self.server_name, to_device_store, self.accounts, self.notifier)
 
     def _setup_federation(self) -> None:
         """The outbound client (when enabled) and the federation + key resource."""
@@ -203,6 +222,11 @@ class HomeServer:
         self.persister.txn_hooks.append(self.federation_sender.persist_txn_hook)
         self.persister.after_commit_hooks.append(self.federation_sender.after_persist)
         self.edu_sender = EduSender(self)
+        sender, client = self.federation_sender, self.federation_client
+        self.device_lists.queue_edu = sender.queue_edu
+        self.to_device.queue_edu = sender.queue_edu
+        self.device_lists.fetch = client.get_json
+        self.e2e_keys.post = client.post_json
         self.typing.on_local_typing = self.edu_sender.on_local_typing
         if self.federation_resource is not None:
             FederationServlets(self).register_routes(self.federation_resource)
@@ -237,8 +261,11 @@ class HomeServer:
     def client_servlets(self) -> list[Any]:
         from zhome.client.user_data import UserDataServlets
 
+        from zhome.e2ee.servlets import E2eeServlets
+
         self.room_servlets = RoomServlets(self)
-        return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self)]
+        e2ee = E2eeServlets(self.auth, self.e2e_keys, self.to_device, self.device_lists, self.events, self.notifier)
+        return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self), e2ee]
 
     def start_listening(self) -> None:
         tls_factory = None

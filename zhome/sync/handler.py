@@ -4,12 +4,15 @@ Spec: client-server-api "Syncing" and GET /sync: initial and incremental
 sync, long-polling, ``full_state``, filters (timeline limit, types,
 lazy-loading members), joined/invited/knocked/left rooms with state,
 timeline (``limited``, ``prev_batch``), ephemeral events (typing,
-receipts), account data and unread notification counts.
+receipts), account data and unread notification counts; and for
+end-to-end encryption ``to_device``, ``device_lists``,
+``device_one_time_keys_count`` and ``device_unused_fallback_key_types``.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Optional
 
 from zhome.client.serialize import serialize_events
@@ -179,14 +182,23 @@ class SyncHandler:
             rooms["knock"] = knock
         if leave:
             rooms["leave"] = leave
+        to_device, to_device_pos = await self.hs.to_device.for_sync(
+            user_id, requester.device_id, since.to_device if since is not None else None, now.to_device)
+        changed: list[str] = []
+        left: list[str] = []
+        if since is not None:
+            changed, left = await self.hs.device_lists.changes_for(
+                user_id, since.device_lists, now.device_lists, sorted(changed_rooms), newly, since.events, now.events)
+        otk_counts, fallback_types = await self.hs.e2e_keys.sync_summary(user_id, requester.device_id)
         return {
-            "next_batch": now.encode(),
+            "next_batch": replace(now, to_device=to_device_pos).encode(),
             "rooms": rooms,
             "account_data": {"events": global_account_data},
             "presence": {"events": []},
-            "to_device": {"events": []},
-            "device_lists": {"changed": [], "left": []},
-            "device_one_time_keys_count": {},
+            "to_device": {"events": to_device},
+            "device_lists": {"changed": changed, "left": left},
+            "device_one_time_keys_count": otk_counts,
+            "device_unused_fallback_key_types": fallback_types,
         }
 
     async def _room_entry(self, requester: Requester, room_id: str, since: Optional[StreamToken], now: StreamToken,
@@ -234,7 +246,7 @@ class SyncHandler:
             "timeline": {
                 "events": await serialize_events(self.events, timeline, with_room_id=False, requester=requester),
                 "limited": limited,
-                "prev_batch": StreamToken(first_pos - 1, now.account_data, now.receipts, now.typing).encode(),
+                "prev_batch": now.with_events(first_pos - 1).encode(),
             },
             "state": {"events": await serialize_events(self.events, state_list, with_room_id=False,
                                                      requester=requester)},
@@ -335,4 +347,5 @@ def _summary(current: dict[tuple[str, str], tuple[str, Optional[str]]], user_id:
 
 
 def _has_content(result: dict[str, Any]) -> bool:
-    return bool(result["rooms"] or result["account_data"]["events"])
+    return bool(result["rooms"] or result["account_data"]["events"] or result["to_device"]["events"]
+                or result["device_lists"]["changed"] or result["device_lists"]["left"])

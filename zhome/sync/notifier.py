@@ -1,14 +1,16 @@
 """Stream positions and the notifier that wakes waiting /sync requests.
 
 Spec: client-server-api "Syncing" (long-polling with ``timeout``). Each
-stream (events, account data, receipts, typing) has an integer position;
-a sync token is their composition. Waiters register for the rooms they are
+stream (events, account data, receipts, typing, device lists, to-device
+messages) has an integer position; a sync token is their composition.
+Tokens issued before the device-list and to-device streams existed (four
+positions) still decode, at position 0 of both. Waiters register for the rooms they are
 in and their own user ID; a change to a room or user wakes exactly those.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Optional
 
 from prometheus_client import Gauge
@@ -26,9 +28,15 @@ class StreamToken:
     account_data: int
     receipts: int
     typing: int
+    device_lists: int = 0
+    to_device: int = 0
 
     def encode(self) -> str:
-        return f"s{self.events}_{self.account_data}_{self.receipts}_{self.typing}"
+        return (f"s{self.events}_{self.account_data}_{self.receipts}_{self.typing}"
+                f"_{self.device_lists}_{self.to_device}")
+
+    def with_events(self, events: int) -> "StreamToken":
+        return replace(self, events=events)
 
     @classmethod
     def decode(cls, s: str) -> "StreamToken":
@@ -38,7 +46,7 @@ class StreamToken:
             parts = [int(p) for p in s[1:].split("_")]
             # The events position may be negative: pagination tokens reach
             # back into history backfilled from other servers.
-            if len(parts) != 4 or any(p < 0 for p in parts[1:]):
+            if len(parts) not in (4, 6) or any(p < 0 for p in parts[1:]):
                 raise ValueError
         except ValueError:
             raise invalid_param(f"Invalid stream token {s!r}")
@@ -50,6 +58,8 @@ class StreamToken:
             or self.account_data > other.account_data
             or self.receipts > other.receipts
             or self.typing > other.typing
+            or self.device_lists > other.device_lists
+            or self.to_device > other.to_device
         )
 
 
@@ -64,16 +74,20 @@ class _Waiter:
 
 
 class Notifier:
-    def __init__(self, events_pos: int, account_data_pos: int, receipts_pos: int) -> None:
+    def __init__(self, events_pos: int, account_data_pos: int, receipts_pos: int, device_lists_pos: int = 0,
+                 to_device_pos: int = 0) -> None:
         self.events_pos = events_pos
         self.account_data_pos = account_data_pos
         self.receipts_pos = receipts_pos
         self.typing_pos = 0
+        self.device_lists_pos = device_lists_pos
+        self.to_device_pos = to_device_pos
         self._by_room: dict[str, set[_Waiter]] = {}
         self._by_user: dict[str, set[_Waiter]] = {}
 
     def current_token(self) -> StreamToken:
-        return StreamToken(self.events_pos, self.account_data_pos, self.receipts_pos, self.typing_pos)
+        return StreamToken(self.events_pos, self.account_data_pos, self.receipts_pos, self.typing_pos,
+                           self.device_lists_pos, self.to_device_pos)
 
     # -- producers ----------------------------------------------------------
     def on_new_event(self, stream_ordering: int, room_id: str, extra_users: Iterable[str] = ()) -> None:
@@ -92,6 +106,15 @@ class Notifier:
     def on_typing(self, room_id: str) -> None:
         self.typing_pos += 1
         self._wake(room_ids=[room_id])
+
+    def on_device_list_change(self, pos: int, room_ids: Iterable[str], user_ids: Iterable[str]) -> None:
+        """A user's devices changed: wake whoever shares a room with them."""
+        self.device_lists_pos = max(self.device_lists_pos, pos)
+        self._wake(room_ids=room_ids, user_ids=user_ids)
+
+    def on_to_device(self, pos: int, user_ids: Iterable[str]) -> None:
+        self.to_device_pos = max(self.to_device_pos, pos)
+        self._wake(user_ids=user_ids)
 
     def _wake(self, room_ids: Iterable[str] = (), user_ids: Iterable[str] = ()) -> None:
         hit: set[_Waiter] = set()
