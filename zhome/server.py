@@ -108,6 +108,7 @@ class HomeServer:
         self.user_directory = UserDirectoryStore(db, self.server_name, cfg.user_directory.search_all_users)
         self.persister.txn_hooks.append(self.user_directory.persist_txn_hook)
         self.persister.after_commit_hooks.append(self.notification_log.after_persist)
+        self.persister.after_commit_hooks.append(self._after_persist_e2ee)
         self.notification_log.start()
         self.event_creator = EventCreator(self.server_name, self.signing_key, self.events, self.rooms,
                                           self.persister, push_rules_cache=self.push_rules_cache)
@@ -145,6 +146,14 @@ class HomeServer:
                                               self.events, self.notifier)
         self.e2e_keys = E2eKeysService(self.server_name, keys_store, self.accounts, self.device_lists)
         self.to_device = ToDeviceService(self.server_name, to_device_store, self.accounts, self.notifier)
+
+    def _after_persist_e2ee(self, item: Any) -> None:
+        # A leave may end the last room shared with remote users, whose
+        # cached device lists then go stale.
+        ev = item.event
+        if ev.type == "m.room.member" and ev.membership in ("leave", "ban") and ev.state_key \
+                and not (item.outlier or item.backfilled or item.soft_failed or ev.rejected_reason):
+            defer.ensureDeferred(self.device_lists.on_membership_left(ev.room_id, ev.state_key))
 
     def _setup_federation(self) -> None:
         """The outbound client (when enabled) and the federation + key resource."""

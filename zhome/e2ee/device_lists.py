@@ -131,13 +131,15 @@ class DeviceListService:
                     user_id, device_id, stream_id, content.get("deleted") is True,
                     name if isinstance(name, str) else None, keys if isinstance(keys, dict) else None)
             else:
-                pos = await self._resync(user_id)
+                got = await self._resync(user_id)
+                pos = got if got is not None else (await self.store.record_change(user_id, [device_id]))[-1][0]
             await self._wake_for(user_id, pos)
         finally:
             lock.release()
 
-    async def _resync(self, user_id: str) -> int:
-        """Fetch a remote user's whole device list; forget it when that fails."""
+    async def _resync(self, user_id: str) -> Optional[int]:
+        """Fetch a remote user's whole device list and cache it; forget it
+        when that fails. Returns the position of the recorded change."""
         if self.fetch is not None:
             try:
                 resp = await self.fetch(server_of(user_id),
@@ -149,6 +151,50 @@ class DeviceListService:
             except Exception as e:
                 logger.info("device list resync of %s failed: %s", user_id, type(e).__name__)
         return await self.store.forget_remote_user(user_id)
+
+    async def ensure_cached(self, user_ids: Iterable[str]) -> None:
+        """Resync the remote users not cached yet who share a room with a
+        local user (in parallel, each bounded by the resync timeout)."""
+        users = [u for u in user_ids if server_of(u) != self.server_name]
+        if not users or self.fetch is None:
+            return
+        cached = await self.store.get_remote_stream_ids(users)
+
+        async def one(user_id: str) -> None:
+            lock = self._lock(user_id)
+            await lock.acquire()
+            try:
+                if (await self.store.get_remote_stream_ids([user_id])) or \
+                        not await self._shares_room_with_local_user(user_id):
+                    return
+                pos = await self._resync(user_id)
+                if pos is not None:
+                    await self._wake_for(user_id, pos)
+            finally:
+                lock.release()
+
+        missing = [u for u in users if u not in cached]
+        await defer.gatherResults([defer.ensureDeferred(one(u)) for u in missing[:100]], consumeErrors=True)
+
+    async def on_membership_left(self, room_id: str, user_id: str) -> None:
+        """After a leave: remote users who no longer share a room with any
+        local user are dropped from the cache (nothing tells us about their
+        devices any more)."""
+        try:
+            if server_of(user_id) == self.server_name:
+                candidates = [u for u, in await self.events.db.execute(
+                    "room_remote_members", "SELECT state_key FROM current_state_events WHERE room_id = ?"
+                    " AND type = 'm.room.member' AND membership = 'join'", room_id)]
+            else:
+                candidates = [user_id]
+            remote = [u for u in candidates if server_of(u) != self.server_name]
+            for u in (await self.store.get_remote_stream_ids(remote)):
+                if not await self._shares_room_with_local_user(u):
+                    pos = await self.store.forget_remote_user(u)
+                    if pos is not None:
+                        self.notifier.on_device_list_change(pos, [], [])
+        except Exception:
+            logger.exception("dropping cached device lists after a leave in %s", room_id)
 
     async def cached_remote_keys(self, user_ids: Iterable[str]) -> dict[str, dict[str, dict[str, Any]]]:
         """Device keys of remote users whose lists are cached (users not
@@ -218,7 +264,8 @@ def _parse_user_devices(user_id: str, resp: Any) -> Optional[tuple[int, dict[str
             continue
         keys = d.get("keys")
         name = d.get("device_display_name")
-        if isinstance(keys, dict) and (keys.get("user_id") != user_id or keys.get("device_id") != d["device_id"]):
+        if isinstance(keys, dict) and (keys.get("user_id", user_id) != user_id
+                                       or keys.get("device_id", d["device_id"]) != d["device_id"]):
             keys = None
         out[d["device_id"]] = (name if isinstance(name, str) else None, keys if isinstance(keys, dict) else None)
     return stream_id, out

@@ -113,6 +113,7 @@ class E2eKeysService:
         result: dict[str, Any] = {"device_keys": await self.query_local(wanted), "failures": {}}
         remote = {u: d for u, d in wanted.items() if server_of(u) != self.server_name}
         if remote:
+            await self.device_lists.ensure_cached(remote)
             cached = await self.device_lists.cached_remote_keys(remote)
             for u, devices in cached.items():
                 ask = remote[u]

@@ -122,13 +122,16 @@ class DeviceListStore:
 
         return await self.db.run_interaction("remote_device_resync", txn_fn)
 
-    async def forget_remote_user(self, user_id: str) -> int:
+    async def forget_remote_user(self, user_id: str) -> Optional[int]:
         """Drop a remote user's cached list (a resync failed, or no room is
-        shared any more); their next query goes to their server."""
+        shared any more); their next query goes to their server. Returns
+        the position of the recorded change, None if nothing was cached."""
 
-        def txn_fn(txn: Txn) -> int:
+        def txn_fn(txn: Txn) -> Optional[int]:
             txn.execute("DELETE FROM remote_devices WHERE user_id = ?", (user_id,))
             txn.execute("DELETE FROM remote_device_list_streams WHERE user_id = ?", (user_id,))
+            if txn.rowcount == 0:
+                return None
             return self.record_change_txn(txn, user_id, ["*"])[-1][0]
 
         return await self.db.run_interaction("remote_device_forget", txn_fn)
