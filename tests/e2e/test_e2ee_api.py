@@ -147,6 +147,8 @@ def test_device_lists_in_sync_and_keys_changes(zhome: ZhomeProcess) -> None:
     t2 = _sync(alice, t1["next_batch"])
     assert t2["device_lists"]["changed"] == [bob.user_id]
     assert bob.user_id in _sync(bob, bt)["device_lists"]["changed"]
+    # An initial sync names the users sharing a room whose devices changed.
+    assert bob.user_id in _sync(alice)["device_lists"]["changed"]
     # Carol shares no room: her changes are not alice's business.
     Device(carol)
     carol.ok("POST", "/keys/upload", {"device_keys": Device(carol).device_keys()})

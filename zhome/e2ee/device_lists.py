@@ -215,6 +215,9 @@ class DeviceListService:
         return out
 
     # -- what changed for a reader ----------------------------------------------------------
+    async def changed_since_start(self, user_id: str, dl_to: int) -> list[str]:
+        return sorted(await self.store.changed_users(user_id, 0, dl_to))
+
     async def changes_for(self, user_id: str, dl_from: int, dl_to: int, rooms: list[str],
                           newly: dict[str, str], ev_from: int, ev_to: int) -> tuple[list[str], list[str]]:
         """device_lists.changed and .left for ``user_id`` between two tokens:

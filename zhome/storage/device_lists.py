@@ -61,6 +61,15 @@ class DeviceListStore:
     async def changed_users(self, user_id: str, from_pos: int, to_pos: int) -> set[str]:
         """Users sharing a room with ``user_id`` (and the user) whose devices
         changed in (from_pos, to_pos]."""
+        if from_pos <= 0:
+            # From the start: per shared user through the (user_id,
+            # stream_id) index rather than a scan of the whole stream.
+            rows = await self.db.execute(
+                "device_list_changed_users_all",
+                "SELECT u.state_key FROM (" + SHARED_USERS_SQL + " UNION SELECT ?) u WHERE EXISTS ("
+                "SELECT 1 FROM device_list_changes d WHERE d.user_id = u.state_key AND d.stream_id <= ?)",
+                user_id, user_id, to_pos)
+            return {r[0] for r in rows}
         rows = await self.db.execute(
             "device_list_changed_users",
             "SELECT DISTINCT d.user_id FROM device_list_changes d WHERE d.stream_id > ? AND d.stream_id <= ?"

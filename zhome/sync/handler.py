@@ -186,7 +186,12 @@ class SyncHandler:
             user_id, requester.device_id, since.to_device if since is not None else None, now.to_device)
         changed: list[str] = []
         left: list[str] = []
-        if since is not None:
+        if since is None:
+            # No token: every user sharing a room whose devices ever changed
+            # (and the user), so a client starting afresh re-queries them.
+            if now.device_lists > 0:
+                changed = await self.hs.device_lists.changed_since_start(user_id, now.device_lists)
+        else:
             changed, left = await self.hs.device_lists.changes_for(
                 user_id, since.device_lists, now.device_lists, sorted(changed_rooms), newly, since.events, now.events)
         otk_counts, fallback_types = await self.hs.e2e_keys.sync_summary(user_id, requester.device_id)
