@@ -219,16 +219,25 @@ class DeviceListService:
         return sorted(await self.store.changed_users(user_id, 0, dl_to))
 
     async def changes_for(self, user_id: str, dl_from: int, dl_to: int, rooms: list[str],
-                          newly: dict[str, str], ev_from: int, ev_to: int) -> tuple[list[str], list[str]]:
+                          newly: dict[str, str], ev_from: int, ev_to: int,
+                          known: Optional[dict[str, list[tuple[str, str]]]] = None) -> tuple[list[str], list[str]]:
         """device_lists.changed and .left for ``user_id`` between two tokens:
         ``rooms`` had events in between, ``newly`` maps rooms to the user's
-        own new membership there."""
+        own new membership there. ``known`` gives, for rooms whose every
+        event in between the caller already read (/sync's timeline), their
+        (member, membership) changes, so only the other rooms are queried."""
         changed: set[str] = set()
         if dl_to > dl_from:
             changed |= await self.store.changed_users(user_id, dl_from, dl_to)
         joined_cands: set[str] = set()
         left_cands: set[str] = set()
-        check = sorted(set(rooms) | set(newly))
+        known = known or {}
+        for room_id, members in known.items():
+            for member, membership in members:
+                if member != user_id:
+                    (joined_cands if membership == "join" else left_cands).add(member)
+        check = sorted((set(rooms) | set(newly)) - set(known))
+        mine = [r for r in newly if newly[r] in ("join", "leave", "ban")]
         if check:
             for member, membership in await self.events.db.select_in(
                     "device_lists_memberships",
@@ -237,14 +246,13 @@ class DeviceListService:
                 if member == user_id:
                     continue
                 (joined_cands if membership == "join" else left_cands).add(member)
-            mine = [r for r in newly if newly[r] in ("join", "leave", "ban")]
-            if mine:
-                for room_id, member in await self.events.db.select_in(
-                        "device_lists_room_members",
-                        "SELECT room_id, state_key FROM current_state_events WHERE type = 'm.room.member'"
-                        " AND membership = 'join' AND room_id IN ({in})", mine):
-                    if member != user_id:
-                        (joined_cands if newly[room_id] == "join" else left_cands).add(member)
+        if mine:
+            for room_id, member in await self.events.db.select_in(
+                    "device_lists_room_members",
+                    "SELECT room_id, state_key FROM current_state_events WHERE type = 'm.room.member'"
+                    " AND membership = 'join' AND room_id IN ({in})", mine):
+                if member != user_id:
+                    (joined_cands if newly[room_id] == "join" else left_cands).add(member)
         if joined_cands or left_cands:
             shared = await self.store.users_sharing_room(user_id)
             changed |= joined_cands & shared

@@ -192,8 +192,15 @@ class SyncHandler:
             if now.device_lists > 0:
                 changed = await self.hs.device_lists.changed_since_start(user_id, now.device_lists)
         else:
+            # Rooms whose whole timeline since the token was fetched: their
+            # membership changes are read from it, not queried again.
+            known = {r: [(e.state_key, e.membership or "") for e in pre.batches[r]
+                         if e.type == "m.room.member" and e.state_key]
+                     for r in changed_rooms if not full_state and r in pre.batches and r not in newly
+                     and len(pre.batches[r]) <= tl_limit}
             changed, left = await self.hs.device_lists.changes_for(
-                user_id, since.device_lists, now.device_lists, sorted(changed_rooms), newly, since.events, now.events)
+                user_id, since.device_lists, now.device_lists, sorted(changed_rooms), newly, since.events, now.events,
+                known)
         otk_counts, fallback_types = await self.hs.e2e_keys.sync_summary(user_id, requester.device_id)
         return {
             "next_batch": replace(now, to_device=to_device_pos).encode(),
