@@ -146,3 +146,20 @@ def test_two_users_one_server_exchange_encrypted_messages(zhome: ZhomeProcess, t
 
 def test_encrypted_messages_across_federation(zhome_pair: ZhomeServers, tmp_path: Path) -> None:
     asyncio.run(_scenario(zhome_pair.a, zhome_pair.b, tmp_path, "fed"))
+
+
+def test_key_query_and_claim_report_unreachable_servers(zhome_pair: ZhomeServers) -> None:
+    from tests.e2e.harness import ClientUser, free_port
+
+    alice = ClientUser(zhome_pair.a, "alice_unreachable")
+    bob_id = zhome_pair.b.register("bob_unreachable", PASSWORD)["user_id"]
+    gone = f"127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    out = alice.ok("POST", "/keys/query", {"timeout": 2000,
+                                           "device_keys": {f"@x:{gone}": [], bob_id: []}})
+    assert time.monotonic() - started < 15
+    assert gone in out["failures"] and zhome_pair.b.server_name not in out["failures"]
+    assert bob_id in out["device_keys"]
+    out = alice.ok("POST", "/keys/claim", {"timeout": 2000,
+                                           "one_time_keys": {f"@x:{gone}": {"D": "signed_curve25519"}}})
+    assert gone in out["failures"] and out["one_time_keys"] == {}

@@ -137,14 +137,14 @@ class DeviceListService:
         finally:
             lock.release()
 
-    async def _resync(self, user_id: str) -> Optional[int]:
+    async def _resync(self, user_id: str, timeout_s: float = RESYNC_TIMEOUT_S) -> Optional[int]:
         """Fetch a remote user's whole device list and cache it; forget it
         when that fails. Returns the position of the recorded change."""
         if self.fetch is not None:
             try:
                 resp = await self.fetch(server_of(user_id),
                                         "/_matrix/federation/v1/user/devices/" + quote(user_id, safe=""),
-                                        timeout=RESYNC_TIMEOUT_S)
+                                        timeout=timeout_s)
                 parsed = _parse_user_devices(user_id, resp)
                 if parsed is not None:
                     return await self.store.replace_remote_devices(user_id, parsed[0], parsed[1])
@@ -152,12 +152,14 @@ class DeviceListService:
                 logger.info("device list resync of %s failed: %s", user_id, type(e).__name__)
         return await self.store.forget_remote_user(user_id)
 
-    async def ensure_cached(self, user_ids: Iterable[str]) -> None:
+    async def ensure_cached(self, user_ids: Iterable[str], timeout_s: float = RESYNC_TIMEOUT_S) -> set[str]:
         """Resync the remote users not cached yet who share a room with a
-        local user (in parallel, each bounded by the resync timeout)."""
+        local user (in parallel, each bounded by ``timeout_s``). Returns the
+        servers whose resync failed."""
         users = [u for u in user_ids if server_of(u) != self.server_name]
+        failed: set[str] = set()
         if not users or self.fetch is None:
-            return
+            return failed
         cached = await self.store.get_remote_stream_ids(users)
 
         async def one(user_id: str) -> None:
@@ -167,14 +169,17 @@ class DeviceListService:
                 if (await self.store.get_remote_stream_ids([user_id])) or \
                         not await self._shares_room_with_local_user(user_id):
                     return
-                pos = await self._resync(user_id)
+                pos = await self._resync(user_id, timeout_s)
                 if pos is not None:
                     await self._wake_for(user_id, pos)
+                if not await self.store.get_remote_stream_ids([user_id]):
+                    failed.add(server_of(user_id))
             finally:
                 lock.release()
 
         missing = [u for u in users if u not in cached]
         await defer.gatherResults([defer.ensureDeferred(one(u)) for u in missing[:100]], consumeErrors=True)
+        return failed
 
     async def on_membership_left(self, room_id: str, user_id: str) -> None:
         """After a leave: remote users who no longer share a room with any

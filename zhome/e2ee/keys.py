@@ -113,15 +113,22 @@ class E2eKeysService:
         result: dict[str, Any] = {"device_keys": await self.query_local(wanted), "failures": {}}
         remote = {u: d for u, d in wanted.items() if server_of(u) != self.server_name}
         if remote:
-            await self.device_lists.ensure_cached(remote)
+            timeout_s = max(0.5, min(timeout_ms, 60000) / 1000.0)
+            unreachable = await self.device_lists.ensure_cached(remote, timeout_s)
             cached = await self.device_lists.cached_remote_keys(remote)
             for u, devices in cached.items():
                 ask = remote[u]
                 result["device_keys"][u] = {d: k for d, k in devices.items() if not ask or d in ask}
             by_server: dict[str, dict[str, list[str]]] = {}
             for u, d in remote.items():
-                if u not in cached:
-                    by_server.setdefault(server_of(u), {})[u] = d
+                if u in cached:
+                    continue
+                if server_of(u) in unreachable:
+                    # Its device list did not come: asking again would only
+                    # wait as long a second time.
+                    result["failures"][server_of(u)] = {"status": 503, "message": f"{server_of(u)} did not answer"}
+                    continue
+                by_server.setdefault(server_of(u), {})[u] = d
             await self._fan_out(by_server, "/_matrix/federation/v1/user/keys/query", "device_keys", timeout_ms,
                                 result, _merge_query)
         return result

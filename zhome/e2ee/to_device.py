@@ -10,6 +10,7 @@ them with a later since token.
 from __future__ import annotations
 
 import secrets
+import time
 from typing import Any, Awaitable, Callable, Optional
 
 from twisted.internet import defer
@@ -22,6 +23,8 @@ from zhome.util.ids import is_valid_user_id, server_of
 
 MAX_RECIPIENTS = 10000
 MAX_CHECKED = 200000
+TXN_ID_LIFETIME_MS = 24 * 3600 * 1000
+EXPIRE_EVERY_S = 3600.0
 
 
 class ToDeviceService:
@@ -43,6 +46,7 @@ class ToDeviceService:
         # started. Losing them costs one query, never a message.
         self._delivered: set[tuple[str, str]] = set()
         self._checked: set[tuple[str, str]] = set()
+        self._last_expiry = time.monotonic()
 
     async def _add(self, rows: list[tuple[str, str, dict[str, Any]]],
                    txn_key: Optional[tuple[str, str, str]]) -> bool:
@@ -51,6 +55,9 @@ class ToDeviceService:
             is_new, last = await self.store.add_messages(rows, txn_key)
             if last is not None:
                 self.notifier.on_to_device(last, sorted({u for u, _, _ in rows}))
+            if time.monotonic() - self._last_expiry > EXPIRE_EVERY_S:
+                self._last_expiry = time.monotonic()
+                await self.store.expire_txns(TXN_ID_LIFETIME_MS)
         finally:
             self._write_lock.release()
         return is_new

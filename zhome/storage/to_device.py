@@ -80,6 +80,13 @@ class ToDeviceStore:
 
         return await self.db.run_interaction("to_device_take", txn_fn)
 
+    async def expire_txns(self, older_than_ms: int) -> None:
+        """Forget transaction and message IDs older than ``older_than_ms``
+        (a client or server retries within minutes, not days)."""
+        cutoff = int(time.time() * 1000) - older_than_ms
+        await self.db.run_interaction(
+            "to_device_expire_txns", lambda txn: txn.execute("DELETE FROM to_device_txns WHERE ts < ?", (cutoff,)))
+
     @staticmethod
     def delete_for_devices_txn(txn: Txn, user_id: str, device_ids: list[str]) -> None:
         from zhome.storage.database import in_chunks
