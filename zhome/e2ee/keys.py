@@ -103,8 +103,8 @@ class E2eKeysService:
                 if d not in names:
                     continue
                 k = dict(keys)
-                if names.get(d) is not None:
-                    k["unsigned"] = {"device_display_name": names[d]}
+                name = names.get(d)
+                k["unsigned"] = {"device_display_name": name} if name is not None else {}
                 out[u][d] = k
         return out
 
