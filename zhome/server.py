@@ -95,8 +95,16 @@ class HomeServer:
         self.user_data = UserDataStore(db, account_data_ids, receipt_ids)
 
         presence_store = PresenceStore(db, await IdGenerator.from_table(db, "presence", "stream_id"))
+        from zhome.storage.device_lists import DeviceListStore
+        from zhome.storage.e2e_keys import E2eKeysStore
+        from zhome.storage.to_device import ToDeviceStore
+
+        device_list_ids = await IdGenerator.from_table(db, "device_list_changes", "stream_id")
+        to_device_ids = IdGenerator(await ToDeviceStore.current_position(db))
         self.notifier = Notifier(stream_ids.current(), account_data_ids.current(), receipt_ids.current(),
-                                 presence_store.current_position())
+                                 presence_pos=presence_store.current_position(),
+                                 device_lists_pos=device_list_ids.current(), to_device_pos=to_device_ids.current())
+        self._setup_e2ee(E2eKeysStore(db), DeviceListStore(db, device_list_ids), ToDeviceStore(db, to_device_ids))
         self.typing = TypingService(self.notifier)
         self.presence = PresenceService(presence_store, self.events, self.notifier, self.server_name,
                                         cfg.presence.enabled)
@@ -107,6 +115,7 @@ class HomeServer:
         self.user_directory = UserDirectoryStore(db, self.server_name, cfg.user_directory.search_all_users)
         self.persister.txn_hooks.append(self.user_directory.persist_txn_hook)
         self.persister.after_commit_hooks.append(self.notification_log.after_persist)
+        self.persister.after_commit_hooks.append(self._after_persist_e2ee)
         self.notification_log.start()
         await self.presence.start()
         self.event_creator = EventCreator(self.server_name, self.signing_key, self.events, self.rooms,
@@ -138,6 +147,25 @@ class HomeServer:
         await setup_media(self)
         # Guests left in rooms that closed to them while the last run stopped.
         self.guest_access.start_sweep()
+
+    def _setup_e2ee(self, keys_store: Any, device_list_store: Any, to_device_store: Any) -> None:
+        """Device keys, device lists and to-device messages (zhome/e2ee)."""
+        from zhome.e2ee.device_lists import DeviceListService
+        from zhome.e2ee.keys import E2eKeysService
+        from zhome.e2ee.to_device import ToDeviceService
+
+        self.device_lists = DeviceListService(self.server_name, device_list_store, self.accounts, keys_store,
+                                              self.events, self.notifier)
+        self.e2e_keys = E2eKeysService(self.server_name, keys_store, self.accounts, self.device_lists)
+        self.to_device = ToDeviceService(self.server_name, to_device_store, self.accounts, self.notifier)
+
+    def _after_persist_e2ee(self, item: Any) -> None:
+        # A leave may end the last room shared with remote users, whose
+        # cached device lists then go stale.
+        ev = item.event
+        if ev.type == "m.room.member" and ev.membership in ("leave", "ban") and ev.state_key \
+                and not (item.outlier or item.backfilled or item.soft_failed or ev.rejected_reason):
+            defer.ensureDeferred(self.device_lists.on_membership_left(ev.room_id, ev.state_key))
 
     def _setup_federation(self) -> None:
         """The outbound client (when enabled) and the federation + key resource."""
@@ -215,6 +243,11 @@ class HomeServer:
         self.persister.txn_hooks.append(self.federation_sender.persist_txn_hook)
         self.persister.after_commit_hooks.append(self.federation_sender.after_persist)
         self.edu_sender = EduSender(self)
+        sender, client = self.federation_sender, self.federation_client
+        self.device_lists.queue_edu = sender.queue_edu
+        self.to_device.queue_edu = sender.queue_edu
+        self.device_lists.fetch = client.get_json
+        self.e2e_keys.post = client.post_json
         self.typing.on_local_typing = self.edu_sender.on_local_typing
         self.presence.send_to_servers = self.edu_sender.presence
         self.persister.after_commit_hooks.append(self.edu_sender.after_persist_presence)
@@ -253,12 +286,14 @@ class HomeServer:
         from zhome.client.user_data import UserDataServlets
 
         from zhome.client.legacy import LegacyServlets
+        from zhome.e2ee.servlets import E2eeServlets
 
         self.room_servlets = RoomServlets(self)
         legacy = LegacyServlets(self.auth, self.events, self.user_data, self.rooms, self.notifier, self.typing,
                                 self.visibility, self.room_servlets, presence=self.presence)
+        e2ee = E2eeServlets(self.auth, self.e2e_keys, self.to_device, self.device_lists, self.events, self.notifier)
         return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
-                PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name)]
+                PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee]
 
     def start_listening(self) -> None:
         tls_factory = None

@@ -19,9 +19,10 @@ from zhome.http.errors import MatrixError
 from zhome.server import HomeServer
 
 # (method, route name) of every client route a guest may call: what the
-# Guest Access module lists (presence among them), plus logout, filters,
-# account data, tags, typing, receipts and read markers. Opening another
-# route to guests is a decision to make here, on purpose.
+# Guest Access module lists, plus logout, filters, account data, tags,
+# typing, receipts, read markers and presence (which a guest's client shows
+# and sets like any other). Opening another route to guests is a decision
+# to make here, on purpose.
 GUEST_ROUTES = {
     ("GET", "versions"), ("POST", "register"), ("POST", "logout"), ("GET", "whoami"),
     ("GET", "devices"), ("GET", "device"), ("PUT", "device"),
@@ -37,6 +38,7 @@ GUEST_ROUTES = {
     ("GET", "tags"), ("PUT", "tag"), ("DELETE", "tag"),
     ("GET", "media_download"), ("GET", "media_thumbnail"),
     ("GET", "presence"), ("PUT", "presence"),
+    ("POST", "keys_upload"), ("POST", "keys_query"), ("POST", "keys_claim"), ("PUT", "send_to_device"),
 }
 
 

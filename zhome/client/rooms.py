@@ -764,4 +764,4 @@ def _decode_pos(raw: str) -> int:
 
 
 def _token_at(base: StreamToken, events_pos: int) -> str:
-    return StreamToken(events_pos, base.account_data, base.receipts, base.typing, base.presence).encode()
+    return base.with_events(events_pos).encode()

@@ -4,7 +4,8 @@ Spec: server-server-api: /send/{txnId} (PDUs and EDUs, idempotent per
 origin and txnId), make_join/send_join (v2), make_leave/send_leave (v2),
 make_knock/send_knock, invite (v2), backfill, get_missing_events, state,
 state_ids, event, event_auth, query/directory, query/profile,
-user/devices, publicRooms. Every request is authenticated with X-Matrix;
+user/devices, user/keys/query, user/keys/claim (server-server-api
+"End-to-End Encryption", "Device Management"), publicRooms. Every request is authenticated with X-Matrix;
 every PDU is checked by the federation handler before it is stored.
 """
 
@@ -64,6 +65,8 @@ class FederationServlets:
         r.register("GET", FED + r"/query/directory", self.on_query_directory, "query_directory")
         r.register("GET", FED + r"/query/profile", self.on_query_profile, "query_profile")
         r.register("GET", FED + r"/user/devices/(?P<user_id>[^/]+)", self.on_user_devices, "user_devices")
+        r.register("POST", FED + r"/user/keys/query", self.on_user_keys_query, "user_keys_query")
+        r.register("POST", FED + r"/user/keys/claim", self.on_user_keys_claim, "user_keys_claim")
         r.register("GET", FED + r"/publicRooms", self.on_public_rooms, "fed_public_rooms")
         r.register("POST", FED + r"/publicRooms", self.on_public_rooms, "fed_public_rooms")
 
@@ -224,6 +227,10 @@ class FederationServlets:
             pushes = content.get("push")
             if isinstance(pushes, list):
                 await self.hs.presence.on_remote_presence(origin, pushes)
+        elif etype == "m.device_list_update":
+            await self.hs.device_lists.on_remote_update(origin, content)
+        elif etype == "m.direct_to_device":
+            await self.hs.to_device.on_remote_edu(origin, content)
         elif etype == "m.receipt":
             for room_id, by_type in content.items():
                 if not isinstance(by_type, dict):
@@ -514,8 +521,36 @@ class FederationServlets:
         await self._auth(request)
         if server_of(user_id) != self.hs.server_name:
             raise MatrixError(400, "M_INVALID_PARAM", "Not a user of this server")
-        # End-to-end encryption keys are not served yet: no device has keys.
-        return 200, {"user_id": user_id, "stream_id": 0, "devices": []}
+        devices = await self.hs.accounts.get_devices(user_id)
+        keys = (await self.hs.e2e_keys.store.get_device_keys([user_id])).get(user_id, {})
+        out = []
+        for d in devices:
+            entry: dict[str, Any] = {"device_id": d["device_id"]}
+            if d.get("display_name") is not None:
+                entry["device_display_name"] = d["display_name"]
+            if d["device_id"] in keys:
+                entry["keys"] = keys[d["device_id"]]
+            out.append(entry)
+        stream_id = await self.hs.device_lists.store.latest_stream_id(user_id)
+        return 200, {"user_id": user_id, "stream_id": stream_id, "devices": out}
+
+    async def on_user_keys_query(self, request: Request, ver: str) -> tuple[int, Any]:
+        origin, body = await self._authed_body(request)
+        if not isinstance(body, dict):
+            raise bad_json("Body must be an object")
+        from zhome.e2ee.keys import parse_device_keys_request
+
+        wanted = parse_device_keys_request(body.get("device_keys"))
+        return 200, {"device_keys": await self.hs.e2e_keys.query_local(wanted)}
+
+    async def on_user_keys_claim(self, request: Request, ver: str) -> tuple[int, Any]:
+        origin, body = await self._authed_body(request)
+        if not isinstance(body, dict):
+            raise bad_json("Body must be an object")
+        from zhome.e2ee.keys import parse_claim_request
+
+        wanted = parse_claim_request(body.get("one_time_keys"))
+        return 200, {"one_time_keys": await self.hs.e2e_keys.claim_local(wanted)}
 
     async def on_public_rooms(self, request: Request, ver: str) -> tuple[int, Any]:
         body = self._body(request) if request.method == b"POST" else None

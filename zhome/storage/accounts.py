@@ -10,7 +10,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from zhome.storage.database import Database, IntegrityError, Txn
 from zhome.storage.ids import IdGenerator
@@ -41,6 +41,22 @@ class AccountsStore:
         # one that was revoked.
         self._token_cache: dict[str, TokenInfo] = {}
         self._token_generation = 0
+        #: Called inside the transaction that adds, renames or deletes
+        #: devices: (txn, user_id, device_ids, deleted). End-to-end
+        #: encryption records the device-list change there and, for deleted
+        #: devices, drops their keys and pending to-device messages.
+        self.device_change_hooks: list[Callable[[Txn, str, list[str], bool], None]] = []
+
+    def _devices_changed_txn(self, txn: Txn, user_id: str, device_ids: list[str], deleted: bool) -> None:
+        if not device_ids:
+            return
+        for hook in self.device_change_hooks:
+            hook(txn, user_id, device_ids, deleted)
+
+    @staticmethod
+    def _device_ids_txn(txn: Txn, user_id: str) -> list[str]:
+        txn.execute("SELECT device_id FROM devices WHERE user_id = ? ORDER BY device_id", (user_id,))
+        return [r[0] for r in txn.fetchall()]
 
     # -- users ------------------------------------------------------------
     async def create_user(self, user_id: str, password_hash: Optional[str], admin: bool = False,
@@ -125,6 +141,7 @@ class AccountsStore:
 
     async def set_deactivated(self, user_id: str) -> None:
         def txn_fn(txn: Txn) -> None:
+            self._devices_changed_txn(txn, user_id, self._device_ids_txn(txn, user_id), True)
             txn.execute("UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = ?", (user_id,))
             txn.execute("DELETE FROM access_tokens WHERE user_id = ?", (user_id,))
             txn.execute("DELETE FROM refresh_tokens WHERE user_id = ?", (user_id,))
@@ -177,6 +194,7 @@ class AccountsStore:
                     " VALUES (?,?,?,?,?)",
                     (user_id, device_id, display_name, now, ip),
                 )
+                self._devices_changed_txn(txn, user_id, [device_id], False)
             else:
                 txn.execute("DELETE FROM access_tokens WHERE user_id = ? AND device_id = ?", (user_id, device_id))
                 txn.execute("DELETE FROM refresh_tokens WHERE user_id = ? AND device_id = ?", (user_id, device_id))
@@ -267,10 +285,13 @@ class AccountsStore:
 
         def txn_fn(txn: Txn) -> None:
             if device_ids is None:
+                self._devices_changed_txn(txn, user_id, self._device_ids_txn(txn, user_id), True)
                 txn.execute("DELETE FROM access_tokens WHERE user_id = ?", (user_id,))
                 txn.execute("DELETE FROM refresh_tokens WHERE user_id = ?", (user_id,))
                 txn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
                 return
+            existing = set(self._device_ids_txn(txn, user_id))
+            self._devices_changed_txn(txn, user_id, [d for d in dict.fromkeys(device_ids) if d in existing], True)
             for d in device_ids:
                 txn.execute("DELETE FROM access_tokens WHERE user_id = ? AND device_id = ?", (user_id, d))
                 txn.execute("DELETE FROM refresh_tokens WHERE user_id = ? AND device_id = ?", (user_id, d))
@@ -283,10 +304,9 @@ class AccountsStore:
         """Log out every device but ``keep_device`` (after a password change)."""
 
         def txn_fn(txn: Txn) -> None:
-            txn.execute("SELECT device_id FROM devices WHERE user_id = ?", (user_id,))
-            for (d,) in txn.fetchall():
-                if d == keep_device:
-                    continue
+            others = [d for d in self._device_ids_txn(txn, user_id) if d != keep_device]
+            self._devices_changed_txn(txn, user_id, others, True)
+            for d in others:
                 txn.execute("DELETE FROM access_tokens WHERE user_id = ? AND device_id = ?", (user_id, d))
                 txn.execute("DELETE FROM refresh_tokens WHERE user_id = ? AND device_id = ?", (user_id, d))
                 txn.execute("DELETE FROM devices WHERE user_id = ? AND device_id = ?", (user_id, d))
@@ -317,7 +337,10 @@ class AccountsStore:
         def txn_fn(txn: Txn) -> bool:
             txn.execute("UPDATE devices SET display_name = ? WHERE user_id = ? AND device_id = ?",
                         (name, user_id, device_id))
-            return txn.rowcount > 0
+            if txn.rowcount == 0:
+                return False
+            self._devices_changed_txn(txn, user_id, [device_id], False)
+            return True
 
         return await self.db.run_interaction("set_device_name", txn_fn)
 

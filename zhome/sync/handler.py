@@ -4,12 +4,15 @@ Spec: client-server-api "Syncing" and GET /sync: initial and incremental
 sync, long-polling, ``full_state``, filters (timeline limit, types,
 lazy-loading members), joined/invited/knocked/left rooms with state,
 timeline (``limited``, ``prev_batch``), ephemeral events (typing,
-receipts), account data and unread notification counts.
+receipts), account data and unread notification counts; and for
+end-to-end encryption ``to_device``, ``device_lists``,
+``device_one_time_keys_count`` and ``device_unused_fallback_key_types``.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Optional
 
 from zhome.client.serialize import serialize_events
@@ -212,14 +215,35 @@ class SyncHandler:
             rooms["knock"] = knock
         if leave:
             rooms["leave"] = leave
+        to_device, to_device_pos = await self.hs.to_device.for_sync(
+            user_id, requester.device_id, since.to_device if since is not None else None, now.to_device)
+        changed: list[str] = []
+        left: list[str] = []
+        if since is None:
+            # No token: every user sharing a room whose devices ever changed
+            # (and the user), so a client starting afresh re-queries them.
+            if now.device_lists > 0:
+                changed = await self.hs.device_lists.changed_since_start(user_id, now.device_lists)
+        else:
+            # Rooms whose whole timeline since the token was fetched: their
+            # membership changes are read from it, not queried again.
+            known = {r: [(e.state_key, e.membership or "") for e in pre.batches[r]
+                         if e.type == "m.room.member" and e.state_key]
+                     for r in changed_rooms if not full_state and r in pre.batches and r not in newly
+                     and len(pre.batches[r]) <= tl_limit}
+            changed, left = await self.hs.device_lists.changes_for(
+                user_id, since.device_lists, now.device_lists, sorted(changed_rooms), newly, since.events, now.events,
+                known)
+        otk_counts, fallback_types = await self.hs.e2e_keys.sync_summary(user_id, requester.device_id)
         return {
-            "next_batch": now.encode(),
+            "next_batch": replace(now, to_device=to_device_pos).encode(),
             "rooms": rooms,
             "account_data": {"events": global_account_data},
             "presence": {"events": await self._presence(user_id, since, now, full_state, flt, pre, fresh)},
-            "to_device": {"events": []},
-            "device_lists": {"changed": [], "left": []},
-            "device_one_time_keys_count": {},
+            "to_device": {"events": to_device},
+            "device_lists": {"changed": changed, "left": left},
+            "device_one_time_keys_count": otk_counts,
+            "device_unused_fallback_key_types": fallback_types,
         }
 
     async def _presence(self, user_id: str, since: Optional[StreamToken], now: StreamToken, full_state: bool,
@@ -333,8 +357,7 @@ class SyncHandler:
             "timeline": {
                 "events": await self._serialize(timeline, requester, flt),
                 "limited": limited,
-                "prev_batch": StreamToken(first_pos - 1, now.account_data, now.receipts, now.typing,
-                                          now.presence).encode(),
+                "prev_batch": now.with_events(first_pos - 1).encode(),
             },
             "state": {"events": await self._serialize(state_list, requester, flt)},
         }
@@ -516,4 +539,6 @@ def _summary(current: dict[tuple[str, str], tuple[str, Optional[str]]], user_id:
 
 
 def _has_content(result: dict[str, Any]) -> bool:
-    return bool(result["rooms"] or result["account_data"]["events"] or result["presence"]["events"])
+    return bool(result["rooms"] or result["account_data"]["events"] or result["presence"]["events"]
+                or result["to_device"]["events"] or result["device_lists"]["changed"]
+                or result["device_lists"]["left"])

@@ -1,14 +1,17 @@
 """Stream positions and the notifier that wakes waiting /sync requests.
 
 Spec: client-server-api "Syncing" (long-polling with ``timeout``). Each
-stream (events, account data, receipts, typing, presence) has an integer
-position; a sync token is their composition. Waiters register for the rooms they are
+stream (events, account data, receipts, typing, presence, device lists,
+to-device messages) has an integer position; a sync token is their
+composition. Tokens issued before presence, device lists and to-device
+messages existed (four positions) still decode, at position 0 of those
+streams. Waiters register for the rooms they are
 in and their own user ID; a change to a room or user wakes exactly those.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Optional
 
 from prometheus_client import Gauge
@@ -26,12 +29,18 @@ class StreamToken:
     account_data: int
     receipts: int
     typing: int
-    # Tokens issued before presence existed have four parts and mean
-    # "presence stream from the start".
+    # Tokens issued before these streams existed have four parts and mean
+    # "these streams from the start".
     presence: int = 0
+    device_lists: int = 0
+    to_device: int = 0
 
     def encode(self) -> str:
-        return f"s{self.events}_{self.account_data}_{self.receipts}_{self.typing}_{self.presence}"
+        return (f"s{self.events}_{self.account_data}_{self.receipts}_{self.typing}"
+                f"_{self.presence}_{self.device_lists}_{self.to_device}")
+
+    def with_events(self, events: int) -> "StreamToken":
+        return replace(self, events=events)
 
     @classmethod
     def decode(cls, s: str) -> "StreamToken":
@@ -41,7 +50,7 @@ class StreamToken:
             parts = [int(p) for p in s[1:].split("_")]
             # The events position may be negative: pagination tokens reach
             # back into history backfilled from other servers.
-            if len(parts) not in (4, 5) or any(p < 0 for p in parts[1:]):
+            if len(parts) not in (4, 7) or any(p < 0 for p in parts[1:]):
                 raise ValueError
         except ValueError:
             raise invalid_param(f"Invalid stream token {s!r}")
@@ -54,6 +63,8 @@ class StreamToken:
             or self.receipts > other.receipts
             or self.typing > other.typing
             or self.presence > other.presence
+            or self.device_lists > other.device_lists
+            or self.to_device > other.to_device
         )
 
 
@@ -68,18 +79,21 @@ class _Waiter:
 
 
 class Notifier:
-    def __init__(self, events_pos: int, account_data_pos: int, receipts_pos: int, presence_pos: int = 0) -> None:
+    def __init__(self, events_pos: int, account_data_pos: int, receipts_pos: int, presence_pos: int = 0,
+                 device_lists_pos: int = 0, to_device_pos: int = 0) -> None:
         self.events_pos = events_pos
         self.presence_pos = presence_pos
         self.account_data_pos = account_data_pos
         self.receipts_pos = receipts_pos
         self.typing_pos = 0
+        self.device_lists_pos = device_lists_pos
+        self.to_device_pos = to_device_pos
         self._by_room: dict[str, set[_Waiter]] = {}
         self._by_user: dict[str, set[_Waiter]] = {}
 
     def current_token(self) -> StreamToken:
         return StreamToken(self.events_pos, self.account_data_pos, self.receipts_pos, self.typing_pos,
-                           self.presence_pos)
+                           self.presence_pos, self.device_lists_pos, self.to_device_pos)
 
     # -- producers ----------------------------------------------------------
     def on_new_event(self, stream_ordering: int, room_id: str, extra_users: Iterable[str] = ()) -> None:
@@ -102,6 +116,15 @@ class Notifier:
     def on_presence(self, pos: int, room_ids: Iterable[str], user_ids: Iterable[str]) -> None:
         self.presence_pos = max(self.presence_pos, pos)
         self._wake(room_ids=room_ids, user_ids=user_ids)
+
+    def on_device_list_change(self, pos: int, room_ids: Iterable[str], user_ids: Iterable[str]) -> None:
+        """A user's devices changed: wake whoever shares a room with them."""
+        self.device_lists_pos = max(self.device_lists_pos, pos)
+        self._wake(room_ids=room_ids, user_ids=user_ids)
+
+    def on_to_device(self, pos: int, user_ids: Iterable[str]) -> None:
+        self.to_device_pos = max(self.to_device_pos, pos)
+        self._wake(user_ids=user_ids)
 
     def _wake(self, room_ids: Iterable[str] = (), user_ids: Iterable[str] = ()) -> None:
         hit: set[_Waiter] = set()

@@ -1,0 +1,96 @@
+"""Send-to-device messages waiting for local devices.
+
+Spec: client-server-api "Send-to-Device messaging": messages are kept per
+device until the device's next /sync acknowledges them (a since token at
+or after their position), and PUT /sendToDevice is idempotent per device
+and transaction ID.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Optional
+
+from zhome.storage.database import Database, Txn
+from zhome.storage.ids import IdGenerator
+
+#: Messages given to one device in one /sync response.
+MAX_PER_SYNC = 100
+
+
+class ToDeviceStore:
+    def __init__(self, db: Database, ids: IdGenerator) -> None:
+        self.db = db
+        self.ids = ids
+
+    @classmethod
+    async def current_position(cls, db: Database) -> int:
+        rows = await db.execute(
+            "to_device_position", "SELECT MAX(stream_id) FROM device_inbox UNION ALL"
+            " SELECT MAX(pos) FROM stream_positions WHERE stream = 'to_device'")
+        return max([int(r[0]) for r in rows if r[0] is not None] or [0])
+
+    async def add_messages(self, messages: list[tuple[str, str, dict[str, Any]]],
+                           txn_key: Optional[tuple[str, str, str]] = None) -> tuple[bool, Optional[int]]:
+        """Queue (user, device, message) rows in one transaction. With
+        ``txn_key`` (sender, sender device, txn ID) a repeat of the same
+        transaction stores nothing. Returns whether this was new and the
+        last position written (None when no row was)."""
+
+        def txn_fn(txn: Txn) -> tuple[bool, Optional[int]]:
+            if txn_key is not None:
+                txn.execute("SELECT 1 FROM to_device_txns WHERE user_id = ? AND device_id = ? AND txn_id = ?",
+                            txn_key)
+                if txn.fetchone() is not None:
+                    return False, None
+                txn.execute("INSERT INTO to_device_txns (user_id, device_id, txn_id, ts) VALUES (?,?,?,?)",
+                            (*txn_key, int(time.time() * 1000)))
+            last = None
+            rows = []
+            for user_id, device_id, msg in messages:
+                last = self.ids.next()
+                rows.append((last, user_id, device_id, json.dumps(msg)))
+            txn.executemany("INSERT INTO device_inbox (stream_id, user_id, device_id, message_json) VALUES (?,?,?,?)",
+                            rows)
+            if last is not None:
+                txn.execute("UPDATE stream_positions SET pos = ? WHERE stream = 'to_device' AND pos < ?", (last, last))
+            return True, last
+
+        return await self.db.run_interaction("to_device_add", txn_fn)
+
+    async def take_for_sync(self, user_id: str, device_id: str, acked: int, upto: int
+                            ) -> tuple[list[dict[str, Any]], int]:
+        """Delete the messages the device acknowledged (position <= ``acked``)
+        and return the next ones up to ``upto`` (at most MAX_PER_SYNC) with
+        the position the next token should carry."""
+
+        def txn_fn(txn: Txn) -> tuple[list[dict[str, Any]], int]:
+            if acked > 0:
+                txn.execute("DELETE FROM device_inbox WHERE user_id = ? AND device_id = ? AND stream_id <= ?",
+                            (user_id, device_id, acked))
+            txn.execute("SELECT stream_id, message_json FROM device_inbox WHERE user_id = ? AND device_id = ?"
+                        " AND stream_id > ? AND stream_id <= ? ORDER BY stream_id LIMIT ?",
+                        (user_id, device_id, acked, upto, MAX_PER_SYNC))
+            rows = txn.fetchall()
+            if len(rows) == MAX_PER_SYNC:
+                # More are waiting: the next sync continues after these.
+                return [json.loads(r[1]) for r in rows], int(rows[-1][0])
+            return [json.loads(r[1]) for r in rows], upto
+
+        return await self.db.run_interaction("to_device_take", txn_fn)
+
+    async def expire_txns(self, older_than_ms: int) -> None:
+        """Forget transaction and message IDs older than ``older_than_ms``
+        (a client or server retries within minutes, not days)."""
+        cutoff = int(time.time() * 1000) - older_than_ms
+        await self.db.run_interaction(
+            "to_device_expire_txns", lambda txn: txn.execute("DELETE FROM to_device_txns WHERE ts < ?", (cutoff,)))
+
+    @staticmethod
+    def delete_for_devices_txn(txn: Txn, user_id: str, device_ids: list[str]) -> None:
+        from zhome.storage.database import in_chunks
+
+        for chunk, qs in in_chunks(device_ids):
+            txn.execute(f"DELETE FROM device_inbox WHERE user_id = ? AND device_id IN ({qs})", (user_id, *chunk))
+            txn.execute(f"DELETE FROM to_device_txns WHERE user_id = ? AND device_id IN ({qs})", (user_id, *chunk))
