@@ -40,6 +40,7 @@ from zhome.storage.events import EventsStore
 from zhome.storage.ids import IdGenerator
 from zhome.storage.migrations import prepare_database
 from zhome.storage.notifications import NotificationsStore
+from zhome.storage.pushers import PushersStore
 from zhome.storage.rooms import RoomsStore
 from zhome.storage.user_data import UserDataStore
 from zhome.storage.user_directory import UserDirectoryStore
@@ -95,7 +96,8 @@ class HomeServer:
         self.typing = TypingService(self.notifier)
         self.persister = Persister(db, self.events, self.notifier, self.server_name)
         self.push_rules_cache = RulesetCache(self.user_data)
-        self.notification_log = NotificationLog(NotificationsStore(db), self.events)
+        notifications_store = NotificationsStore(db)
+        self.notification_log = NotificationLog(notifications_store, self.events)
         self.persister.txn_hooks.append(self.notification_log.persist_txn_hook)
         self.user_directory = UserDirectoryStore(db, self.server_name, cfg.user_directory.search_all_users)
         self.persister.txn_hooks.append(self.user_directory.persist_txn_hook)
@@ -119,13 +121,32 @@ class HomeServer:
         self.federation_handler: Any = None
         self.federation_sender: Any = None
         self.edu_sender: Any = None
+        self._setup_federation()
+        self._setup_push(notifications_store, await PushersStore.create(db))
         for servlets in self.client_servlets():
             servlets.register_routes(self.client_resource)
-        self._setup_federation()
         await self._setup_federation_services()
         from zhome.media.setup import setup_media
 
         await setup_media(self)
+        await self.push_delivery.start()
+
+    def _setup_push(self, notifications_store: NotificationsStore, pushers: PushersStore) -> None:
+        """Pushers and the delivery of notifications to push gateways."""
+        from zhome.federation.tls import FederationTLSPolicy
+        from zhome.push.delivery import PushDelivery, make_post_json
+
+        self.pushers = pushers
+        # Outbound TLS trusts what federation trusts: the system CAs plus
+        # federation.trusted_ca_files.
+        tls_policy = getattr(self, "federation_tls_policy", None) or FederationTLSPolicy(
+            self.config.federation.verify_certificates, self.config.federation.trusted_ca_files)
+        notifier = self.notifier
+        self.push_delivery = PushDelivery(pushers, notifications_store, self.events, make_post_json(tls_policy),
+                                          lambda: notifier.events_pos)
+        self.accounts.device_deletion_txn_hooks.append(PushersStore.delete_for_devices_txn)
+        self.accounts.after_device_deletion.append(self.push_delivery.reload_user_soon)
+        self.persister.after_commit_hooks.append(self.push_delivery.after_persist)
 
     def _setup_federation(self) -> None:
         """The outbound client (when enabled) and the federation + key resource."""
@@ -235,10 +256,12 @@ class HomeServer:
         return _ListenerRoot(self.client_resource, federation)
 
     def client_servlets(self) -> list[Any]:
+        from zhome.client.pushers import PusherServlets
         from zhome.client.user_data import UserDataServlets
 
         self.room_servlets = RoomServlets(self)
-        return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self)]
+        return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self),
+                PusherServlets(self)]
 
     def start_listening(self) -> None:
         tls_factory = None
@@ -277,6 +300,11 @@ class HomeServer:
         notification expiry. Never raises."""
         if getattr(self, "federation_sender", None) is not None:
             self.federation_sender.stop()
+        if getattr(self, "push_delivery", None) is not None:
+            try:
+                await self.push_delivery.stop()
+            except Exception:
+                logger.exception("stopping push delivery failed")
         for what, part in (("media cleanup", self.media_cleaner),
                            ("notification expiry", getattr(self, "notification_log", None))):
             if part is None:

@@ -193,6 +193,8 @@ class UserDataServlets:
                                                   thread_id=thread_id or "")
         await self._recount_unread(user_id, room_id, event_id)
         self.hs.notifier.on_receipt(pos, room_id)
+        # The app's badge follows the new count.
+        self.hs.push_delivery.on_unread_changed(user_id)
         if receipt_type == "m.read" and self.hs.edu_sender is not None:
             # Public receipts go to the other servers in the room; private
             # ones never leave this server.

@@ -435,7 +435,7 @@ class FederationHandler:
         if not soft_failed:
             actions = await self.hs.event_creator.push_actions_for(ev, state_before)
         item = PersistItem(ev, group, state_before, snapshot_before=snapshot, soft_failed=soft_failed,
-                           current_state=new_current, unread=unread_from_actions(actions), push_actions=actions)
+                           current_state=new_current, unread=unread_from_actions(actions, ev), push_actions=actions)
         await self.hs.persister.persist(item)
         if not soft_failed:
             PDUS.labels("accepted").inc()

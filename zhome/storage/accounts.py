@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from zhome.storage.database import Database, IntegrityError, Txn
 from zhome.storage.ids import IdGenerator
+
+logger = logging.getLogger(__name__)
 
 
 def token_hash(token: str) -> str:
@@ -40,6 +43,11 @@ class AccountsStore:
         # one that was revoked.
         self._token_cache: dict[str, TokenInfo] = {}
         self._token_generation = 0
+        # What else belongs to a device (pushers): removed in the same
+        # transaction as the device, ``(txn, user_id, device_ids or None
+        # for all)``; then ``after_device_deletion(user_id)`` once committed.
+        self.device_deletion_txn_hooks: list[Callable[[Txn, str, Optional[list[str]]], None]] = []
+        self.after_device_deletion: list[Callable[[str], None]] = []
 
     # -- users ------------------------------------------------------------
     async def create_user(self, user_id: str, password_hash: Optional[str], admin: bool = False,
@@ -81,6 +89,7 @@ class AccountsStore:
 
     async def set_deactivated(self, user_id: str) -> None:
         def txn_fn(txn: Txn) -> None:
+            self._devices_deleted_txn(txn, user_id, None)
             txn.execute("UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = ?", (user_id,))
             txn.execute("DELETE FROM access_tokens WHERE user_id = ?", (user_id,))
             txn.execute("DELETE FROM refresh_tokens WHERE user_id = ?", (user_id,))
@@ -90,6 +99,7 @@ class AccountsStore:
         self._forget_tokens()
         await self.db.run_interaction("deactivate", txn_fn)
         self._forget_tokens()
+        self._devices_deleted(user_id)
 
     # -- profiles -----------------------------------------------------------
     async def get_profile(self, user_id: str) -> Optional[dict[str, Optional[str]]]:
@@ -222,6 +232,7 @@ class AccountsStore:
         """Delete the given devices (all when None) and their tokens."""
 
         def txn_fn(txn: Txn) -> None:
+            self._devices_deleted_txn(txn, user_id, device_ids)
             if device_ids is None:
                 txn.execute("DELETE FROM access_tokens WHERE user_id = ?", (user_id,))
                 txn.execute("DELETE FROM refresh_tokens WHERE user_id = ?", (user_id,))
@@ -234,21 +245,34 @@ class AccountsStore:
 
         await self.db.run_interaction("delete_devices", txn_fn)
         self._forget_tokens()
+        self._devices_deleted(user_id)
 
     async def delete_other_tokens(self, user_id: str, keep_device: Optional[str]) -> None:
         """Log out every device but ``keep_device`` (after a password change)."""
 
         def txn_fn(txn: Txn) -> None:
             txn.execute("SELECT device_id FROM devices WHERE user_id = ?", (user_id,))
-            for (d,) in txn.fetchall():
-                if d == keep_device:
-                    continue
+            others = [d for (d,) in txn.fetchall() if d != keep_device]
+            self._devices_deleted_txn(txn, user_id, others)
+            for d in others:
                 txn.execute("DELETE FROM access_tokens WHERE user_id = ? AND device_id = ?", (user_id, d))
                 txn.execute("DELETE FROM refresh_tokens WHERE user_id = ? AND device_id = ?", (user_id, d))
                 txn.execute("DELETE FROM devices WHERE user_id = ? AND device_id = ?", (user_id, d))
 
         await self.db.run_interaction("delete_other_tokens", txn_fn)
         self._forget_tokens()
+        self._devices_deleted(user_id)
+
+    def _devices_deleted_txn(self, txn: Txn, user_id: str, device_ids: Optional[list[str]]) -> None:
+        for hook in self.device_deletion_txn_hooks:
+            hook(txn, user_id, device_ids)
+
+    def _devices_deleted(self, user_id: str) -> None:
+        for after in self.after_device_deletion:
+            try:
+                after(user_id)
+            except Exception:
+                logger.exception("after-device-deletion hook failed")
 
     async def get_devices(self, user_id: str) -> list[dict[str, Any]]:
         rows = await self.db.execute(
