@@ -102,6 +102,8 @@ class HomeServer:
         self.user_directory = UserDirectoryStore(db, self.server_name, cfg.user_directory.search_all_users)
         self.persister.txn_hooks.append(self.user_directory.persist_txn_hook)
         self.persister.after_commit_hooks.append(self.notification_log.after_persist)
+        self.persister.outlier_txn_hooks.append(self.notification_log.persist_txn_hook)
+        self.persister.outlier_after_commit_hooks.append(self.notification_log.after_persist)
         self.notification_log.start()
         self.event_creator = EventCreator(self.server_name, self.signing_key, self.events, self.rooms,
                                           self.persister, push_rules_cache=self.push_rules_cache)
@@ -147,6 +149,7 @@ class HomeServer:
         self.accounts.device_deletion_txn_hooks.append(PushersStore.delete_for_devices_txn)
         self.accounts.after_device_deletion.append(self.push_delivery.reload_user_soon)
         self.persister.after_commit_hooks.append(self.push_delivery.after_persist)
+        self.persister.outlier_after_commit_hooks.append(self.push_delivery.after_persist)
 
     def _setup_federation(self) -> None:
         """The outbound client (when enabled) and the federation + key resource."""

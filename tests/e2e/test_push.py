@@ -239,9 +239,13 @@ def test_rule_changes_reach_sync_as_account_data(zhome: ZhomeProcess) -> None:
     alice = U(zhome, "alice")
     since = alice.ok("GET", "/sync?timeout=0")["next_batch"]
     alice.ok("PUT", "/pushrules/global/content/shift", {"pattern": "handover", "actions": ["notify"]})
+    alice.ok("PUT", "/pushrules/global/underride/.m.rule.message/actions", {"actions": ["dont_notify"]})
     events = alice.ok("GET", f"/sync?timeout=0&since={since}").get("account_data", {}).get("events", [])
     [rules] = [e for e in events if e["type"] == "m.push_rules"]
     assert "shift" in [r["rule_id"] for r in rules["content"]["global"]["content"]]
+    [message] = [r for r in rules["content"]["global"]["underride"] if r["rule_id"] == ".m.rule.message"]
+    # A historical action is kept as set (and means nothing when evaluating).
+    assert message["actions"] == ["dont_notify"]
 
 
 # -- pushers -------------------------------------------------------------------------
@@ -440,3 +444,15 @@ def test_pending_deliveries_survive_a_restart(zhome: ZhomeProcess) -> None:
         assert body["notification"]["content"]["body"] == "during"
     finally:
         gateway.stop()
+
+
+def test_invite_over_federation_is_pushed(zhome_pair: Any, gateway: Gateway) -> None:
+    carol, dave = U(zhome_pair.a, "carol_push"), U(zhome_pair.b, "dave_push")
+    dave.set_pusher("key-d", gateway.url)
+    room_id = str(carol.ok("POST", "/createRoom", {"preset": "private_chat", "name": "Referrals"})["room_id"])
+    carol.ok("POST", f"/rooms/{q(room_id)}/invite", {"user_id": dave.user_id})
+    n = gateway.wait_for(lambda b: b["notification"].get("type") == "m.room.member", timeout=30)["notification"]
+    assert n["room_id"] == room_id and n["sender"] == carol.user_id and n["user_is_target"] is True
+    # The room is unknown to dave's server but for the invite's stripped state.
+    assert n["room_name"] == "Referrals"
+    assert n["devices"][0]["tweaks"] == {"sound": "default"}

@@ -604,7 +604,10 @@ class FederationHandler:
     async def store_membership_outlier(self, ev: Event, version: str) -> None:
         """An invite or knock for a room we are not in: visible to the user only."""
         await self._ensure_room(ev.room_id, version)
-        await self.hs.persister.persist_membership_outlier(ev)
+        # An invite notifies the invitee by their rules; the room's state is
+        # unknown here, so the rules see none of it.
+        actions = await self.hs.event_creator.push_actions_for(ev, {}) if ev.membership == "invite" else {}
+        await self.hs.persister.persist_membership_outlier(ev, actions)
 
     # -- leaving a room we are not joined to (rejecting an invite) ------------------------
     async def remote_leave(self, user_id: str, room_id: str, servers: list[str]) -> Event:

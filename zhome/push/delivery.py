@@ -38,6 +38,7 @@ from typing import Any, Awaitable, Callable, Optional, cast
 from twisted.internet import defer
 
 from zhome.push.evaluator import actions_highlight
+from zhome.push.notifications import is_invite_outlier
 from zhome.rooms.events import Event
 from zhome.storage.events import EventsStore, PersistItem
 from zhome.storage.notifications import NotificationsStore, StoredNotification
@@ -325,8 +326,8 @@ class PushDelivery:
         """After an event commits: wake the workers of the users it notified.
 
         Only dictionary look-ups here; this runs on the send path."""
-        if not item.push_actions or not self._workers or item.outlier or item.soft_failed or item.backfilled \
-                or item.event.rejected_reason:
+        if not item.push_actions or not self._workers or (item.outlier and not is_invite_outlier(item)) \
+                or item.soft_failed or item.backfilled or item.event.rejected_reason:
             return
         # Events persist one at a time, in stream order.
         self._committed = max(self._committed, item.stream_ordering)
