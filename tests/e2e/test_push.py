@@ -274,9 +274,9 @@ def test_pusher_crud_and_errors(zhome: ZhomeProcess) -> None:
     assert alice.pushers() == []
     assert alice.req("POST", "/pushers/set", {"kind": None, "app_id": "org.example.app", "pushkey": "key1"})[0] == 200
 
-    base = {"kind": "http", "app_id": "a", "pushkey": "k", "app_display_name": "A", "device_display_name": "D",
+    base: dict[str, Any] = {"kind": "http", "app_id": "a", "pushkey": "k", "app_display_name": "A", "device_display_name": "D",
             "lang": "en", "data": {"url": url}}
-    for change, errcode in [
+    changes: list[tuple[dict[str, Any], str]] = [
         ({"kind": "carrier-pigeon"}, "M_INVALID_PARAM"),
         ({"kind": 5}, "M_BAD_JSON"),
         ({"app_id": ""}, "M_INVALID_PARAM"),
@@ -289,7 +289,8 @@ def test_pusher_crud_and_errors(zhome: ZhomeProcess) -> None:
         ({"data": "url"}, "M_BAD_JSON"),
         ({"lang": None}, "M_MISSING_PARAM"),
         ({"append": "yes"}, "M_BAD_JSON"),
-    ]:
+    ]
+    for change, errcode in changes:
         status, body = alice.req("POST", "/pushers/set", {**base, **change})
         assert (status, body.get("errcode")) == (400, errcode), (change, status, body)
     for missing in ("kind", "app_id", "pushkey"):

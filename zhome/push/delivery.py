@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable, Optional, cast
+from typing import Any, Callable, Coroutine, Optional, cast
 
 from twisted.internet import defer
 
@@ -56,7 +56,7 @@ MAX_RESPONSE_BYTES = 64 * 1024
 
 # (url, JSON body) -> (HTTP status, parsed JSON body or None); raises on
 # network errors and timeouts.
-PostJson = Callable[[str, dict[str, Any]], Awaitable[tuple[int, Any]]]
+PostJson = Callable[[str, dict[str, Any]], Coroutine[Any, Any, tuple[int, Any]]]
 
 
 class DeliveryError(Exception):
@@ -101,6 +101,7 @@ class _Worker:
         self._stopped = False
         self._run_d: Optional[defer.Deferred[None]] = None
         self._sleep: Optional[defer.Deferred[None]] = None
+        self._inflight: Optional[defer.Deferred[tuple[int, Any]]] = None
 
     def wake(self) -> None:
         self._wanted = True
@@ -118,8 +119,9 @@ class _Worker:
 
     async def stop(self) -> None:
         self._stopped = True
-        if self._sleep is not None and not self._sleep.called:
-            self._sleep.cancel()
+        for pending in (self._sleep, self._inflight):
+            if pending is not None and not pending.called:
+                pending.cancel()
         d = self._run_d
         if d is not None:
             await d
@@ -174,7 +176,12 @@ class _Worker:
             if self._stopped:
                 return False
             try:
-                status, response = await self.pool.post_json(self.pusher.data["url"], body)
+                # Kept so that stop() need not wait out a slow gateway.
+                self._inflight = defer.ensureDeferred(self.pool.post_json(self.pusher.data["url"], body))
+                try:
+                    status, response = await self._inflight
+                finally:
+                    self._inflight = None
             except defer.CancelledError:
                 raise
             except Exception as e:
