@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from zhome.storage.database import Database, Txn, in_chunks
+from zhome.storage.database import Database, IntegrityError, Txn, in_chunks
 from zhome.storage.ids import IdGenerator
 
 _COLUMNS = ("id, user_id, device_id, access_token_id, kind, app_id, pushkey, pushkey_ts, app_display_name,"
@@ -118,7 +118,12 @@ class PushersStore:
                             p.app_display_name, p.device_display_name, p.profile_tag, p.lang, dict(p.data), pos)
             return pusher, removed
 
-        return await self.db.run_interaction("set_pusher", txn_fn)
+        try:
+            return await self.db.run_interaction("set_pusher", txn_fn)
+        except IntegrityError:
+            # A concurrent set of the same pusher inserted it first: this
+            # attempt now finds it and updates it.
+            return await self.db.run_interaction("set_pusher", txn_fn)
 
     async def delete_pusher(self, user_id: str, app_id: str, pushkey: str) -> Optional[Pusher]:
         """Delete the user's pusher for ``(app_id, pushkey)``; the deleted one, if any."""
