@@ -52,3 +52,18 @@ async def test_new_rules_first_and_positioning(database: Database) -> None:
     assert not await store.delete_push_rule(ALICE, "room", "#b:x")
     assert await _order(store, "room") == ["#d:x", "#c:x", "#a:x"]
     assert await _order(store, "sender") == ["@s:x"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_replacing_a_rule_keeps_its_place_and_takes_its_new_actions(database: Database) -> None:
+    store = await _store(database)
+    for rid in ("#a:x", "#b:x", "#c:x"):
+        assert await store.put_push_rule(ALICE, "room", rid, {"actions": ["notify"]}, None, None)
+    assert await _order(store, "room") == ["#c:x", "#b:x", "#a:x"]
+    await store.set_push_rule_attr(ALICE, "room", "#b:x", False, ["dont_notify"])
+    # Replaced without before/after: same place, new actions, still disabled.
+    assert await store.put_push_rule(ALICE, "room", "#b:x", {"actions": []}, None, None)
+    assert await _order(store, "room") == ["#c:x", "#b:x", "#a:x"]
+    rules, enables = await store.get_push_rule_changes(ALICE)
+    assert [r for k, rid, _, r in rules if rid == "#b:x"] == [{"actions": []}]
+    assert [(e, a) for k, rid, e, a in enables if rid == "#b:x"] == [(0, None)]

@@ -387,30 +387,14 @@ class UserDataServlets:
             if ref is not None and is_default_rule_id(ref):
                 raise MatrixError(400, "M_UNKNOWN", "Cannot position a rule relative to a server-default rule")
 
-        user_rules, _ = await self.hs.user_data.get_push_rule_changes(user_id)
-        same_kind = [r for k, r, _, _ in sorted(user_rules, key=lambda t: t[2]) if k == kind]
-        exists = rule_id in same_kind
         if before is not None and after is not None:
             # Spec: with both, the rule goes next to `before`.
             after = None
-        if before is None and after is None and exists:
-            # The store puts a rule without before/after first; an update
-            # must keep its place instead, so anchor it to a neighbour.
-            i = same_kind.index(rule_id)
-            if i > 0:
-                after = same_kind[i - 1]
-            elif len(same_kind) > 1:
-                before = same_kind[1]
         if rule_id in (before, after):
             raise MatrixError(400, "M_UNKNOWN", "A rule cannot be positioned relative to itself")
         ok = await self.hs.user_data.put_push_rule(user_id, kind, rule_id, rule, before, after)
         if not ok:
             raise MatrixError(400, "M_UNKNOWN", f"before/after rule not found: {before or after}")
-        if exists:
-            # Actions may have been overridden via /actions earlier; the new
-            # body's actions win. A new rule has no override row (delete
-            # clears it), so it starts enabled as the spec requires.
-            await self.hs.user_data.set_push_rule_attr(user_id, kind, rule_id, None, rule["actions"])
         await self._push_rules_changed(user_id)
         return 200, {}
 
