@@ -42,6 +42,7 @@ from zhome.storage.ids import IdGenerator
 from zhome.storage.migrations import prepare_database
 from zhome.storage.notifications import NotificationsStore
 from zhome.storage.presence import PresenceStore
+from zhome.storage.pushers import PushersStore
 from zhome.storage.rooms import RoomsStore
 from zhome.storage.user_data import UserDataStore
 from zhome.storage.user_directory import UserDirectoryStore
@@ -110,12 +111,15 @@ class HomeServer:
                                         cfg.presence.enabled)
         self.persister = Persister(db, self.events, self.notifier, self.server_name)
         self.push_rules_cache = RulesetCache(self.user_data)
-        self.notification_log = NotificationLog(NotificationsStore(db), self.events)
+        notifications_store = NotificationsStore(db)
+        self.notification_log = NotificationLog(notifications_store, self.events)
         self.persister.txn_hooks.append(self.notification_log.persist_txn_hook)
         self.user_directory = UserDirectoryStore(db, self.server_name, cfg.user_directory.search_all_users)
         self.persister.txn_hooks.append(self.user_directory.persist_txn_hook)
         self.persister.after_commit_hooks.append(self.notification_log.after_persist)
         self.persister.after_commit_hooks.append(self._after_persist_e2ee)
+        self.persister.outlier_txn_hooks.append(self.notification_log.persist_txn_hook)
+        self.persister.outlier_after_commit_hooks.append(self.notification_log.after_persist)
         self.notification_log.start()
         await self.presence.start()
         self.event_creator = EventCreator(self.server_name, self.signing_key, self.events, self.rooms,
@@ -138,15 +142,17 @@ class HomeServer:
         self.federation_handler: Any = None
         self.federation_sender: Any = None
         self.edu_sender: Any = None
+        self._setup_federation()
+        self._setup_push(notifications_store, await PushersStore.create(db))
         for servlets in self.client_servlets():
             servlets.register_routes(self.client_resource)
-        self._setup_federation()
         await self._setup_federation_services()
         from zhome.media.setup import setup_media
 
         await setup_media(self)
         # Guests left in rooms that closed to them while the last run stopped.
         self.guest_access.start_sweep()
+        await self.push_delivery.start()
 
     def _setup_e2ee(self, keys_store: Any, device_list_store: Any, to_device_store: Any) -> None:
         """Device keys, device lists and to-device messages (zhome/e2ee)."""
@@ -166,6 +172,24 @@ class HomeServer:
         if ev.type == "m.room.member" and ev.membership in ("leave", "ban") and ev.state_key \
                 and not (item.outlier or item.backfilled or item.soft_failed or ev.rejected_reason):
             defer.ensureDeferred(self.device_lists.on_membership_left(ev.room_id, ev.state_key))
+
+    def _setup_push(self, notifications_store: NotificationsStore, pushers: PushersStore) -> None:
+        """Pushers and the delivery of notifications to push gateways."""
+        from zhome.federation.tls import FederationTLSPolicy
+        from zhome.push.delivery import PushDelivery, make_post_json
+
+        self.pushers = pushers
+        # Outbound TLS trusts what federation trusts: the system CAs plus
+        # federation.trusted_ca_files.
+        tls_policy = getattr(self, "federation_tls_policy", None) or FederationTLSPolicy(
+            self.config.federation.verify_certificates, self.config.federation.trusted_ca_files)
+        notifier = self.notifier
+        self.push_delivery = PushDelivery(pushers, notifications_store, self.events, make_post_json(tls_policy),
+                                          lambda: notifier.events_pos)
+        self.accounts.device_change_hooks.append(_delete_pushers_of_deleted_devices)
+        self.accounts.after_device_deletion.append(self.push_delivery.reload_user_soon)
+        self.persister.after_commit_hooks.append(self.push_delivery.after_persist)
+        self.persister.outlier_after_commit_hooks.append(self.push_delivery.after_persist)
 
     def _setup_federation(self) -> None:
         """The outbound client (when enabled) and the federation + key resource."""
@@ -283,6 +307,7 @@ class HomeServer:
 
     def client_servlets(self) -> list[Any]:
         from zhome.client.presence import PresenceServlets
+        from zhome.client.pushers import PusherServlets
         from zhome.client.user_data import UserDataServlets
 
         from zhome.client.legacy import LegacyServlets
@@ -293,7 +318,8 @@ class HomeServer:
                                 self.visibility, self.room_servlets, presence=self.presence)
         e2ee = E2eeServlets(self.auth, self.e2e_keys, self.to_device, self.device_lists, self.events, self.notifier)
         return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
-                PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee]
+                PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee,
+                PusherServlets(self)]
 
     def start_listening(self) -> None:
         tls_factory = None
@@ -336,6 +362,11 @@ class HomeServer:
             self.federation_sender.stop()
         if getattr(self, "presence", None) is not None:
             self.presence.stop()
+        if getattr(self, "push_delivery", None) is not None:
+            try:
+                await self.push_delivery.stop()
+            except Exception:
+                logger.exception("stopping push delivery failed")
         for what, part in (("media cleanup", self.media_cleaner),
                            ("notification expiry", getattr(self, "notification_log", None))):
             if part is None:
@@ -461,3 +492,6 @@ def _version() -> str:
     return __version__
 
 
+def _delete_pushers_of_deleted_devices(txn: Any, user_id: str, device_ids: list[str], deleted: bool) -> None:
+    if deleted:
+        PushersStore.delete_for_devices_txn(txn, user_id, device_ids)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from zhome.client.user_data import UserDataServlets
+from zhome.client.user_data import UserDataServlets, parse_push_rule_path, split_rule_path
 from zhome.http.errors import MatrixError
 from zhome.push.rules import KINDS, build_ruleset, default_rule, find_rule
 
@@ -159,8 +159,9 @@ def test_enabling_master_and_overriding_actions() -> None:
 
 
 def test_rule_body_validation() -> None:
+    # Historical actions are kept as given (the evaluator ignores them).
     assert UserDataServlets._validate_rule("content", {"pattern": "x", "actions": ["dont_notify"]}) == {
-        "actions": [],
+        "actions": ["dont_notify"],
         "pattern": "x",
     }
     assert UserDataServlets._validate_rule("override", {"actions": ["notify"]}) == {
@@ -179,3 +180,29 @@ def test_rule_body_validation() -> None:
         with pytest.raises(MatrixError) as e:
             UserDataServlets._validate_rule(kind, body)
         assert e.value.code == 400 and e.value.errcode == "M_BAD_JSON"
+
+
+def test_push_rule_paths() -> None:
+    base = "/_matrix/client/v3/pushrules"
+    assert parse_push_rule_path(base) is None
+    assert parse_push_rule_path(base + "/") == [""]
+    assert parse_push_rule_path(base + "/global/") == ["global", ""]
+    # Split before decoding: an encoded slash stays inside the rule ID.
+    assert parse_push_rule_path(base + "/global/room/%21a%2Fb%3Ax?before=y") == ["global", "room", "!a/b:x"]
+    assert parse_push_rule_path("/_matrix/client/r0/pushrules/global/room/%23a%3Ax/enabled") == [
+        "global", "room", "#a:x", "enabled"]
+    assert split_rule_path(["global", "room", "!r:x"]) == ("global", "room", "!r:x", None)
+    assert split_rule_path(["global", "room", "!r:x", "actions"]) == ("global", "room", "!r:x", "actions")
+    for segs, errcode in [
+        ([""], "M_UNRECOGNIZED"),
+        (["device", "room", "x"], "M_INVALID_PARAM"),
+        (["global"], "M_UNRECOGNIZED"),
+        (["global", "room"], "M_UNRECOGNIZED"),
+        (["global", "room", ""], "M_UNRECOGNIZED"),
+        (["global", "template", "x"], "M_INVALID_PARAM"),
+        (["global", "override", ".m.rule.master", "not_an_attr"], "M_UNRECOGNIZED"),
+        (["global", "override", ".m.rule.master", "enabled", ""], "M_UNRECOGNIZED"),
+    ]:
+        with pytest.raises(MatrixError) as e:
+            split_rule_path(segs)
+        assert e.value.code == 400 and e.value.errcode == errcode, segs

@@ -197,9 +197,11 @@ def test_responses_match_spec(spec: Spec, zhome: ZhomeProcess) -> None:
     assert room2 in inc["rooms"]["invite"]
     assert any(e["type"] == "m.room.name" for e in inc["rooms"]["invite"][room2]["invite_state"]["events"])
     assert [e["content"].get("body") for e in inc["rooms"]["join"][room]["timeline"]["events"]] == ["late"]
-    # Bob was notified of the message sent while he was in the room.
+    # Bob was notified of the message sent while he was in the room, and of
+    # his invite to the other (".m.rule.invite_for_me").
     notes = c.call("/notifications", "get", "/notifications", token=bob)
-    assert [n["event"]["content"].get("body") for n in notes["notifications"]] == ["late"]
+    assert [(n["event"]["type"], n["event"]["content"].get("body") or n["event"]["content"].get("membership"))
+            for n in notes["notifications"]] == [("m.room.message", "late"), ("m.room.member", "invite")]
     assert notes["notifications"][0]["room_id"] == room and notes["notifications"][0]["read"] is False
     notes = c.call("/notifications", "get", "/notifications?limit=5&only=highlight", token=bob)
     assert notes == {"notifications": []}

@@ -8,14 +8,16 @@ Spec: client-server-api modules "Typing Notifications", "Receipts",
 
 from __future__ import annotations
 
+import re
 import time
+from urllib.parse import unquote
 from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.web.server import Request
 
 from zhome.client.account import CS
 from zhome.client.serialize import serialize_events
-from zhome.http.errors import MatrixError, bad_json, forbidden, invalid_param, not_found
+from zhome.http.errors import MatrixError, bad_json, forbidden, invalid_param, not_found, unrecognized
 from zhome.http.server import JsonResource, query_arg, query_int, read_json_body
 from zhome.push.rules import (
     HISTORICAL_ACTIONS,
@@ -47,7 +49,6 @@ _MAX_UNREAD_RECOUNT = 1000
 
 _USER = r"/user/(?P<user_id>[^/]+)"
 _ROOM = r"/rooms/(?P<room_id>[^/]+)"
-_RULE = r"/pushrules/global/(?P<kind>[^/]+)/(?P<rule_id>[^/]+)"
 
 
 def _now_ms() -> int:
@@ -86,17 +87,13 @@ class UserDataServlets:
         r.register("PUT", CS + _USER + _ROOM + r"/tags/(?P<tag>[^/]+)", self.on_put_tag, "tag", guests=True)
         r.register("DELETE", CS + _USER + _ROOM + r"/tags/(?P<tag>[^/]+)", self.on_delete_tag, "tag", guests=True)
 
-        # The spec's paths end in a slash; accept them without one too, as
-        # clients are not consistent about it.
-        r.register("GET", CS + r"/pushrules/?", self.on_get_push_rules, "pushrules")
-        r.register("GET", CS + r"/pushrules/global/?", self.on_get_push_rules_global, "pushrules_global")
-        r.register("GET", CS + _RULE, self.on_get_push_rule, "pushrule")
-        r.register("PUT", CS + _RULE, self.on_put_push_rule, "pushrule")
-        r.register("DELETE", CS + _RULE, self.on_delete_push_rule, "pushrule")
-        r.register("GET", CS + _RULE + r"/(?P<attr>enabled|actions)", self.on_get_push_rule_attr,
-                   "pushrule_attr")
-        r.register("PUT", CS + _RULE + r"/(?P<attr>enabled|actions)", self.on_put_push_rule_attr,
-                   "pushrule_attr")
+        # One route for the whole /pushrules tree: the spec's paths differ by
+        # a trailing slash (a listing) or its absence (a single item), and a
+        # malformed path must get a 400 that says what is wrong, not a
+        # generic 404.
+        r.register("GET", CS + r"/pushrules(?P<rest>/.*)?", self.on_push_rules_path, "pushrules")
+        r.register("PUT", CS + r"/pushrules(?P<rest>/.*)?", self.on_push_rules_path, "pushrules")
+        r.register("DELETE", CS + r"/pushrules(?P<rest>/.*)?", self.on_push_rules_path, "pushrules")
 
         r.register("GET", CS + r"/notifications", self.on_notifications, "notifications")
 
@@ -196,6 +193,8 @@ class UserDataServlets:
                                                   thread_id=thread_id or "")
         await self._recount_unread(user_id, room_id, event_id)
         self.hs.notifier.on_receipt(pos, room_id)
+        # The app's badge follows the new count.
+        self.hs.push_delivery.on_unread_changed(user_id)
         if receipt_type == "m.read" and self.hs.edu_sender is not None:
             # Public receipts go to the other servers in the room; private
             # ones never leave this server.
@@ -327,33 +326,59 @@ class UserDataServlets:
         if kind not in KINDS:
             raise invalid_param(f"Unknown push rule kind {kind!r}")
 
-    async def on_get_push_rules(self, request: Request) -> tuple[int, Any]:
-        req = await self.hs.auth.get_user_by_req(request)
-        return 200, await self._ruleset(req.user_id)
+    async def on_push_rules_path(self, request: Request, rest: Optional[str] = None) -> tuple[int, Any]:
+        """Every request under ``/pushrules``, by the shape of its path.
 
-    async def on_get_push_rules_global(self, request: Request) -> tuple[int, Any]:
+        ``/pushrules/`` is the whole ruleset, ``/pushrules/global/`` the
+        global scope, ``/pushrules/global/{kind}/`` one kind's rules,
+        ``/pushrules/global/{kind}/{ruleId}`` a rule and ``.../enabled`` or
+        ``.../actions`` one of its attributes. Only the listings end in a
+        slash; the same path without it names nothing.
+        """
         req = await self.hs.auth.get_user_by_req(request)
-        return 200, (await self._ruleset(req.user_id))["global"]
+        method = request.method.decode("ascii", "replace")
+        segs = parse_push_rule_path(request.path.decode("utf-8", "replace"))
+        if segs is None:
+            # "/pushrules" itself: the ruleset is "/pushrules/".
+            raise unrecognized(404, "Unrecognized request: the push rules are at /pushrules/")
+        if method == "GET":
+            return 200, await self._get_push_rules_path(req.user_id, segs)
+        # Writes address one rule (or one attribute of it).
+        scope, kind, rule_id, attr = split_rule_path(segs)
+        if method == "PUT":
+            if attr is None:
+                return await self.on_put_push_rule(request, req.user_id, kind, rule_id)
+            return await self.on_put_push_rule_attr(request, req.user_id, kind, rule_id, attr)
+        if attr is not None:
+            raise unrecognized(400, "Unrecognized request: attributes of a rule cannot be deleted")
+        return await self.on_delete_push_rule(req.user_id, kind, rule_id)
 
-    async def on_get_push_rule(self, request: Request, kind: str, rule_id: str) -> tuple[int, Any]:
-        req = await self.hs.auth.get_user_by_req(request)
-        self._check_kind(kind)
-        rule = find_rule(await self._ruleset(req.user_id), kind, rule_id)
+    async def _get_push_rules_path(self, user_id: str, segs: list[str]) -> Any:
+        if segs == [""]:
+            return await self._ruleset(user_id)
+        check_scope(segs[0])
+        if len(segs) == 1:
+            raise unrecognized(400, "Unrecognized request: the rules of a scope are at /pushrules/global/")
+        if segs[1:] == [""]:
+            return (await self._ruleset(user_id))["global"]
+        self._check_kind(segs[1])
+        if len(segs) == 2:
+            raise unrecognized(400, f"Unrecognized request: the rules of a kind are at /pushrules/global/{segs[1]}/")
+        if segs[2:] == [""]:
+            return (await self._ruleset(user_id))["global"][segs[1]]
+        _, kind, rule_id, attr = split_rule_path(segs)
+        rule = find_rule(await self._ruleset(user_id), kind, rule_id)
         if rule is None:
             raise not_found("The push rule was not found.")
-        return 200, rule
+        if attr is None:
+            return rule
+        return {attr: rule[attr]}
 
-    async def on_put_push_rule(self, request: Request, kind: str, rule_id: str) -> tuple[int, Any]:
-        req = await self.hs.auth.get_user_by_req(request)
-        self._check_kind(kind)
+    async def on_put_push_rule(self, request: Request, user_id: str, kind: str, rule_id: str) -> tuple[int, Any]:
         if is_default_rule_id(rule_id):
             raise invalid_param("Rule IDs starting with '.' are reserved for server-default rules")
         if "/" in rule_id or "\\" in rule_id:
             raise invalid_param("Rule IDs may not contain slashes or backslashes")
-        if kind == "room" and not rule_id.startswith("!"):
-            raise invalid_param("The rule_id of a room rule must be a room ID")
-        if kind == "sender" and not rule_id.startswith("@"):
-            raise invalid_param("The rule_id of a sender rule must be a user ID")
         body = read_json_body(request)
         rule = self._validate_rule(kind, body)
         before = query_arg(request, "before")
@@ -362,56 +387,29 @@ class UserDataServlets:
             if ref is not None and is_default_rule_id(ref):
                 raise MatrixError(400, "M_UNKNOWN", "Cannot position a rule relative to a server-default rule")
 
-        user_rules, _ = await self.hs.user_data.get_push_rule_changes(req.user_id)
-        same_kind = [r for k, r, _, _ in sorted(user_rules, key=lambda t: t[2]) if k == kind]
-        exists = rule_id in same_kind
         if before is not None and after is not None:
             # Spec: with both, the rule goes next to `before`.
             after = None
-        if before is None and after is None and exists:
-            # The store puts a rule without before/after first; an update
-            # must keep its place instead, so anchor it to a neighbour.
-            i = same_kind.index(rule_id)
-            if i > 0:
-                after = same_kind[i - 1]
-            elif len(same_kind) > 1:
-                before = same_kind[1]
         if rule_id in (before, after):
             raise MatrixError(400, "M_UNKNOWN", "A rule cannot be positioned relative to itself")
-        ok = await self.hs.user_data.put_push_rule(req.user_id, kind, rule_id, rule, before, after)
+        ok = await self.hs.user_data.put_push_rule(user_id, kind, rule_id, rule, before, after)
         if not ok:
             raise MatrixError(400, "M_UNKNOWN", f"before/after rule not found: {before or after}")
-        if exists:
-            # Actions may have been overridden via /actions earlier; the new
-            # body's actions win. A new rule has no override row (delete
-            # clears it), so it starts enabled as the spec requires.
-            await self.hs.user_data.set_push_rule_attr(req.user_id, kind, rule_id, None, rule["actions"])
-        await self._push_rules_changed(req.user_id)
+        await self._push_rules_changed(user_id)
         return 200, {}
 
-    async def on_delete_push_rule(self, request: Request, kind: str, rule_id: str) -> tuple[int, Any]:
-        req = await self.hs.auth.get_user_by_req(request)
-        self._check_kind(kind)
+    async def on_delete_push_rule(self, user_id: str, kind: str, rule_id: str) -> tuple[int, Any]:
         if is_default_rule_id(rule_id):
-            if default_rule(req.user_id, kind, rule_id) is not None:
+            if default_rule(user_id, kind, rule_id) is not None:
                 raise forbidden("Server-default rules cannot be deleted")
             raise not_found("The push rule was not found.")
-        if not await self.hs.user_data.delete_push_rule(req.user_id, kind, rule_id):
+        if not await self.hs.user_data.delete_push_rule(user_id, kind, rule_id):
             raise not_found("The push rule was not found.")
-        await self._push_rules_changed(req.user_id)
+        await self._push_rules_changed(user_id)
         return 200, {}
 
-    async def on_get_push_rule_attr(self, request: Request, kind: str, rule_id: str, attr: str) -> tuple[int, Any]:
-        req = await self.hs.auth.get_user_by_req(request)
-        self._check_kind(kind)
-        rule = find_rule(await self._ruleset(req.user_id), kind, rule_id)
-        if rule is None:
-            raise not_found("The push rule was not found.")
-        return 200, {attr: rule[attr]}
-
-    async def on_put_push_rule_attr(self, request: Request, kind: str, rule_id: str, attr: str) -> tuple[int, Any]:
-        req = await self.hs.auth.get_user_by_req(request)
-        self._check_kind(kind)
+    async def on_put_push_rule_attr(self, request: Request, user_id: str, kind: str, rule_id: str,
+                                    attr: str) -> tuple[int, Any]:
         body = read_json_body(request)
         enabled: Optional[bool] = None
         actions: Optional[list[Any]] = None
@@ -421,10 +419,10 @@ class UserDataServlets:
                 raise bad_json("'enabled' must be a boolean")
         else:
             actions = self._validate_actions(body.get("actions"))
-        if find_rule(await self._ruleset(req.user_id), kind, rule_id) is None:
+        if find_rule(await self._ruleset(user_id), kind, rule_id) is None:
             raise not_found("The push rule was not found.")
-        await self.hs.user_data.set_push_rule_attr(req.user_id, kind, rule_id, enabled, actions)
-        await self._push_rules_changed(req.user_id)
+        await self.hs.user_data.set_push_rule_attr(user_id, kind, rule_id, enabled, actions)
+        await self._push_rules_changed(user_id)
         return 200, {}
 
     @classmethod
@@ -454,10 +452,10 @@ class UserDataServlets:
         out: list[Any] = []
         for a in actions:
             if isinstance(a, str):
-                if a in HISTORICAL_ACTIONS:
-                    # Spec "Historical Actions": strip, equivalent to absent.
-                    continue
-                if a != "notify":
+                # Spec "Historical Actions": dont_notify and coalesce are
+                # no-ops, "ignored, not rejected": kept as given (clients
+                # read back what they set) and skipped by the evaluator.
+                if a != "notify" and a not in HISTORICAL_ACTIONS:
                     raise bad_json(f"Unrecognised action {a!r}")
                 out.append(a)
             elif isinstance(a, dict):
@@ -499,6 +497,46 @@ class UserDataServlets:
         if next_token is not None:
             out["next_token"] = next_token
         return 200, out
+
+
+PUSH_RULE_SCOPES = ("global",)
+PUSH_RULE_ATTRS = ("enabled", "actions")
+_PUSHRULES_PATH = re.compile("^" + CS + r"/pushrules(?P<rest>.*)$")
+
+
+def parse_push_rule_path(path: str) -> Optional[list[str]]:
+    """The percent-decoded segments after ``/pushrules/`` (``[""]`` for the
+    root); None for ``/pushrules`` without the slash. Segments are split
+    before decoding, so an encoded slash stays inside its rule ID."""
+    m = _PUSHRULES_PATH.match(path.split("?", 1)[0])
+    rest = m.group("rest") if m is not None else ""
+    if not rest.startswith("/"):
+        return None
+    return [unquote(seg) for seg in rest[1:].split("/")]
+
+
+def check_scope(scope: str) -> None:
+    if scope == "":
+        raise unrecognized(400, "Unrecognized request: a push rule path needs a scope")
+    if scope not in PUSH_RULE_SCOPES:
+        raise invalid_param(f"Unknown push rule scope {scope!r}: the only scope is 'global'")
+
+
+def split_rule_path(segs: list[str]) -> tuple[str, str, str, Optional[str]]:
+    """(scope, kind, rule_id, attribute or None) of a path naming one rule
+    or one of its attributes; a 400 for anything else."""
+    check_scope(segs[0])
+    if len(segs) < 2 or segs[1] == "":
+        raise unrecognized(400, "Unrecognized request: a push rule path needs a kind")
+    if segs[1] not in KINDS:
+        raise invalid_param(f"Unknown push rule kind {segs[1]!r}")
+    if len(segs) < 3 or segs[2] == "":
+        raise unrecognized(400, "Unrecognized request: a push rule path needs a rule ID")
+    if len(segs) == 3:
+        return segs[0], segs[1], segs[2], None
+    if len(segs) == 4 and segs[3] in PUSH_RULE_ATTRS:
+        return segs[0], segs[1], segs[2], segs[3]
+    raise unrecognized(400, f"Unrecognized request: push rules have no attribute {'/'.join(segs[3:])!r}")
 
 
 def _parse_notifications_from(token: Optional[str]) -> Optional[int]:

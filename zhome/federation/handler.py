@@ -534,7 +534,7 @@ class FederationHandler:
         if not soft_failed:
             actions = await self.hs.event_creator.push_actions_for(ev, state_before)
         item = PersistItem(ev, group, state_before, snapshot_before=snapshot, soft_failed=soft_failed,
-                           current_state=new_current, unread=unread_from_actions(actions), push_actions=actions,
+                           current_state=new_current, unread=unread_from_actions(actions, ev), push_actions=actions,
                            apply_redaction=apply_redaction, also_replaces=also_replaces)
         await self.hs.persister.persist(item)
         if not soft_failed:
@@ -791,7 +791,10 @@ class FederationHandler:
     async def store_membership_outlier(self, ev: Event, version: str) -> None:
         """An invite or knock for a room we are not in: visible to the user only."""
         await self._ensure_room(ev.room_id, version)
-        await self.hs.persister.persist_membership_outlier(ev)
+        # An invite notifies the invitee by their rules; the room's state is
+        # unknown here, so the rules see none of it.
+        actions = await self.hs.event_creator.push_actions_for(ev, {}) if ev.membership == "invite" else {}
+        await self.hs.persister.persist_membership_outlier(ev, actions)
 
     # -- leaving a room we are not joined to (rejecting an invite) ------------------------
     async def remote_leave(self, user_id: str, room_id: str, servers: list[str]) -> Event:

@@ -1,5 +1,7 @@
 """Push notifications.
 
-Spec: client-server-api "Push Notifications" (module ``push``): push rules,
-their predefined server-default set, and (later) pushers and the gateway.
+Spec: client-server-api "Push Notifications" (module ``push``): push rules
+and their predefined server-default set (``rules``, ``evaluator``,
+``cache``), the notification log (``notifications``), and delivery through
+HTTP pushers to push gateways (``delivery``; Push Gateway API).
 """

@@ -82,11 +82,19 @@ def is_read(stream_ordering: int, room_id: str, thread_id: str, read_up_to: dict
     return False
 
 
+def is_invite_outlier(item: PersistItem) -> bool:
+    """An invite to a room this server is not in: stored as an outlier, it
+    still notifies its invitee (".m.rule.invite_for_me")."""
+    return item.outlier and item.event.type == "m.room.member" and item.event.membership == "invite"
+
+
 def _records(item: PersistItem) -> bool:
     """Whether ``item`` gets notification rows: only events that reach the
-    timeline now (not outliers, rejected, soft-failed or backfilled ones)."""
+    timeline now (not outliers but invites, rejected, soft-failed or
+    backfilled ones)."""
     return bool(item.push_actions) and not (
-        item.outlier or item.soft_failed or item.backfilled or item.event.rejected_reason)
+        (item.outlier and not is_invite_outlier(item)) or item.soft_failed or item.backfilled
+        or item.event.rejected_reason)
 
 
 class NotificationLog:

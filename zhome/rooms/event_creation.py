@@ -224,7 +224,7 @@ class EventCreator:
                 event = await transform(event, state)
             actions = await self.push_actions_for(event, state)
             item = PersistItem(event, group, state, txn_id=txn_id, device_id=device_id,
-                               unread=unread_from_actions(actions), push_actions=actions,
+                               unread=unread_from_actions(actions, event), push_actions=actions,
                                snapshot_before=group is None and bool(state))
             await self.persister.persist(item)
             return event
@@ -235,7 +235,7 @@ class EventCreator:
 
         ``for_user`` limits the answer to that one member.
         """
-        return unread_from_actions(await self.push_actions_for(event, state, for_user))
+        return unread_from_actions(await self.push_actions_for(event, state, for_user), event)
 
     async def push_actions_for(self, event: Event, state: StateMap,
                                for_user: Optional[str] = None) -> dict[str, list[Any]]:
@@ -287,10 +287,15 @@ class EventCreator:
             mev = evs.get(state[k])
             if mev is not None and mev.membership == "join":
                 joined.append((k[1], mev))
-        targets = [
+        targets: list[tuple[str, Optional[Event]]] = [
             (u, mev) for u, mev in joined
             if u != event.sender and u.endswith(suffix) and (for_user is None or u == for_user)
         ]
+        invitee = invite_target(event, self.server_name)
+        if invitee is not None and (for_user is None or invitee == for_user) and all(u != invitee for u, _ in targets):
+            # Spec ".m.rule.invite_for_me": the invitee is not a member yet
+            # but is notified by their own rules.
+            targets.append((invitee, None))
         if not targets:
             return {}
         auth_events = {k: evs[state[k]] for k in ((auth.CREATE, ""), (auth.POWER_LEVELS, ""))
@@ -301,9 +306,9 @@ class EventCreator:
         # v12 creators have infinite power; any finite threshold is below it.
         sender_level = int(level) if level != float("inf") else 2**63
         out: dict[str, list[Any]] = {}
-        for user_id, mev in targets:
+        for user_id, target_mev in targets:
             ruleset = await self.push_rules_cache.get(user_id)
-            name = mev.content.get("displayname")
+            name = target_mev.content.get("displayname") if target_mev is not None else None
             actions = evaluate(ruleset, event, user_id, name if isinstance(name, str) else None,
                                len(joined), power_levels, sender_level)
             if actions is not None and actions_notify(actions):
@@ -314,9 +319,25 @@ class EventCreator:
         return self.finish_event(rv, pdu)
 
 
-def unread_from_actions(actions: dict[str, list[Any]]) -> dict[str, tuple[bool, bool]]:
-    """Unread count increments, (notify, highlight), from ``push_actions_for``."""
-    return {user_id: (True, actions_highlight(a)) for user_id, a in actions.items()}
+def invite_target(event: Event, server_name: str) -> Optional[str]:
+    """The local user an invite event invites (never its sender), if any."""
+    if event.type != "m.room.member" or event.membership != "invite":
+        return None
+    target = event.state_key
+    if not target or target == event.sender or not target.endswith(":" + server_name):
+        return None
+    return target
+
+
+def unread_from_actions(actions: dict[str, list[Any]], event: Optional[Event] = None) -> dict[str, tuple[bool, bool]]:
+    """Unread count increments, (notify, highlight), from ``push_actions_for``.
+
+    With ``event``, an invite does not count for its invitee: the room's
+    counts are those of a member, and the invitee is not one (they get the
+    notification, not an unread message)."""
+    skip = event.state_key if event is not None and event.type == "m.room.member" and \
+        event.membership == "invite" else None
+    return {user_id: (True, actions_highlight(a)) for user_id, a in actions.items() if user_id != skip}
 
 
 def _ref_hash(ev: Optional[Event]) -> dict[str, str]:

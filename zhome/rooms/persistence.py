@@ -9,7 +9,7 @@ only after commit are /sync waiters woken and other components told.
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Optional
 
 from prometheus_client import Counter
 from twisted.internet import defer
@@ -44,6 +44,9 @@ class Persister:
         self.pre_hooks: list[PrePersistHook] = []
         self.txn_hooks: list[TxnHook] = []
         self.after_commit_hooks: list[AfterCommitHook] = []
+        # The same for invites to rooms this server is not in (outliers).
+        self.outlier_txn_hooks: list[TxnHook] = []
+        self.outlier_after_commit_hooks: list[AfterCommitHook] = []
 
     async def persist(self, item: PersistItem, before_txn: Callable | None = None) -> int:
         """Write ``item``; returns its stream ordering.
@@ -91,13 +94,18 @@ class Persister:
         if items:
             self.notifier.on_new_event(max(i.stream_ordering for i in items), items[0].event.room_id)
 
-    async def persist_membership_outlier(self, ev: Event) -> None:
-        """An invite or knock for a room this server is not in."""
-        item = PersistItem(ev, None, {}, outlier=True)
+    async def persist_membership_outlier(self, ev: Event, push_actions: Optional[dict[str, list[Any]]] = None) -> None:
+        """An invite or knock for a room this server is not in.
+
+        ``push_actions`` are the invitee's, for the ``outlier_txn_hooks``
+        (the notification log) and ``outlier_after_commit_hooks``."""
+        item = PersistItem(ev, None, {}, outlier=True, push_actions=push_actions or {})
 
         def txn_fn(txn: Txn) -> None:
             self.events.persist_txn(txn, item)
             self.events.set_invite_membership_txn(txn, ev, item.stream_ordering)
+            for hook in self.outlier_txn_hooks:
+                hook(txn, item)
 
         await self._lock.acquire()
         try:
@@ -107,6 +115,8 @@ class Persister:
         ev.internal["outlier"] = True
         ev.internal["stream_ordering"] = item.stream_ordering
         self.events.cache_event(ev)
+        for after in self.outlier_after_commit_hooks:
+            after(item)
         self.notifier.on_new_event(item.stream_ordering, ev.room_id, [ev.state_key] if ev.state_key else [])
 
     async def _after_commit(self, item: PersistItem) -> None:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from zhome.storage.database import Database, IntegrityError, Txn
 from zhome.storage.ids import IdGenerator
+
+logger = logging.getLogger(__name__)
 
 
 def token_hash(token: str) -> str:
@@ -44,8 +47,11 @@ class AccountsStore:
         #: Called inside the transaction that adds, renames or deletes
         #: devices: (txn, user_id, device_ids, deleted). End-to-end
         #: encryption records the device-list change there and, for deleted
-        #: devices, drops their keys and pending to-device messages.
+        #: devices, drops their keys and pending to-device messages; pushers
+        #: of deleted devices go too.
         self.device_change_hooks: list[Callable[[Txn, str, list[str], bool], None]] = []
+        #: Called with the user ID once a deletion of devices has committed.
+        self.after_device_deletion: list[Callable[[str], None]] = []
 
     def _devices_changed_txn(self, txn: Txn, user_id: str, device_ids: list[str], deleted: bool) -> None:
         if not device_ids:
@@ -151,6 +157,7 @@ class AccountsStore:
         self._forget_tokens()
         await self.db.run_interaction("deactivate", txn_fn)
         self._forget_tokens()
+        self._devices_deleted(user_id)
 
     # -- profiles -----------------------------------------------------------
     async def get_profile(self, user_id: str) -> Optional[dict[str, Optional[str]]]:
@@ -299,6 +306,7 @@ class AccountsStore:
 
         await self.db.run_interaction("delete_devices", txn_fn)
         self._forget_tokens()
+        self._devices_deleted(user_id)
 
     async def delete_other_tokens(self, user_id: str, keep_device: Optional[str]) -> None:
         """Log out every device but ``keep_device`` (after a password change)."""
@@ -313,6 +321,14 @@ class AccountsStore:
 
         await self.db.run_interaction("delete_other_tokens", txn_fn)
         self._forget_tokens()
+        self._devices_deleted(user_id)
+
+    def _devices_deleted(self, user_id: str) -> None:
+        for after in self.after_device_deletion:
+            try:
+                after(user_id)
+            except Exception:
+                logger.exception("after-device-deletion hook failed")
 
     async def get_devices(self, user_id: str) -> list[dict[str, Any]]:
         rows = await self.db.execute(

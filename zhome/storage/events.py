@@ -675,6 +675,16 @@ class EventsStore:
         )
         return (rows[0][0], rows[0][1]) if rows else (0, 0)
 
+    async def get_total_unread(self, user_id: str) -> int:
+        """The user's unread notifications summed over the rooms they are
+        joined to (the badge count of push notifications)."""
+        rows = await self.db.execute(
+            "total_unread",
+            "SELECT SUM(u.notification_count) FROM room_unread u JOIN current_state_events c"
+            " ON c.room_id = u.room_id AND c.type = 'm.room.member' AND c.state_key = u.user_id"
+            " WHERE u.user_id = ? AND c.membership = 'join'", user_id)
+        return int(rows[0][0] or 0) if rows else 0
+
     async def reset_unread(self, user_id: str, room_id: str) -> None:
         await self.db.run_interaction(
             "reset_unread",

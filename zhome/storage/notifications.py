@@ -97,6 +97,18 @@ class NotificationsStore:
 
         return await self.db.run_interaction("get_notifications", txn_fn)
 
+    async def get_after(self, user_id: str, after: int, upto: int, limit: int) -> list[StoredNotification]:
+        """The user's notifications above position ``after`` and at most
+        ``upto``, oldest first (what a pusher has yet to deliver)."""
+        rows = await self.db.execute(
+            "notifications_after",
+            "SELECT room_id, event_id, stream_ordering, ts, actions, highlight FROM user_notifications"
+            " WHERE user_id = ? AND stream_ordering > ? AND stream_ordering <= ? ORDER BY stream_ordering LIMIT ?",
+            user_id, after, upto, limit,
+        )
+        return [StoredNotification(room_id, event_id, int(so), int(ts), _actions(actions), bool(highlight))
+                for room_id, event_id, so, ts, actions, highlight in rows]
+
     async def trim_user(self, user_id: str, keep: int) -> int:
         """Delete all but the user's ``keep`` (at least 1) newest
         notifications; returns how many went."""

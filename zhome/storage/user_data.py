@@ -121,13 +121,19 @@ class UserDataStore:
 
     async def put_push_rule(self, user_id: str, kind: str, rule_id: str, rule: dict[str, Any],
                             before: Optional[str], after: Optional[str]) -> bool:
-        """Insert or replace a user-defined rule; False if before/after is unknown."""
+        """Insert or replace a user-defined rule; False if before/after is unknown.
+
+        Spec "PUT /pushrules/...": ``before`` wins over ``after``; without
+        either a new rule becomes the most important of its kind and an
+        existing one keeps its place. Replacing a rule replaces its actions:
+        an earlier ``/actions`` override of it goes (its enabled flag stays).
+        """
 
         def txn_fn(txn: Txn) -> bool:
             txn.execute("SELECT rule_id, priority FROM push_rules WHERE user_id = ? AND kind = ? ORDER BY priority",
                         (user_id, kind))
-            existing = [(r, p) for r, p in txn.fetchall() if r != rule_id]
-            order = [r for r, _ in existing]
+            current = [r for r, _ in txn.fetchall()]
+            order = [r for r in current if r != rule_id]
             if before is not None:
                 if before not in order:
                     return False
@@ -136,9 +142,14 @@ class UserDataStore:
                 if after not in order:
                     return False
                 order.insert(order.index(after) + 1, rule_id)
+            elif rule_id in current:
+                order.insert(current.index(rule_id), rule_id)
             else:
                 # New rules go first (highest priority) within their kind.
                 order.insert(0, rule_id)
+            if rule_id in current:
+                txn.execute("UPDATE push_rules_enable SET actions = NULL WHERE user_id = ? AND kind = ? AND rule_id = ?",
+                            (user_id, kind, rule_id))
             txn.execute("DELETE FROM push_rules WHERE user_id = ? AND kind = ? AND rule_id = ?", (user_id, kind, rule_id))
             txn.execute(
                 "INSERT INTO push_rules (user_id, kind, rule_id, priority, rule) VALUES (?,?,?,?,?)",
