@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 from twisted.web.server import Request
 
 from zhome.client.account import CS
-from zhome.client.serialize import serialize_events
+from zhome.client.serialize import receipt_contents, serialize_events
 from zhome.http.auth import Auth, Requester
 from zhome.http.errors import forbidden, guest_access_forbidden, invalid_param, not_found
 from zhome.http.server import JsonResource, query_arg, query_int
@@ -424,14 +424,6 @@ def _ordered_account_data(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _receipt_events(rows: list[tuple], user_id: str) -> list[dict[str, Any]]:
-    """One m.receipt event per room from (room_id, type, user, thread_id, event_id, data) rows; private
-    receipts only for their owner."""
-    by_room: dict[str, dict[str, Any]] = {}
-    for room_id, rtype, ruser, thread_id, event_id, data in rows:
-        if rtype == "m.read.private" and ruser != user_id:
-            continue
-        d = dict(data)
-        if thread_id:
-            d["thread_id"] = thread_id
-        by_room.setdefault(room_id, {}).setdefault(event_id, {}).setdefault(rtype, {})[ruser] = d
-    return [{"type": "m.receipt", "room_id": r, "content": c} for r, c in sorted(by_room.items())]
+    """One m.receipt event per room."""
+    contents = receipt_contents(rows, user_id)
+    return [{"type": "m.receipt", "room_id": r, "content": c} for r, c in sorted(contents.items())]

@@ -42,3 +42,18 @@ async def serialize_events(
             d = ev.client_dict(unsigned, with_room_id)
         out.append(d)
     return out
+
+
+def receipt_contents(rows: list[tuple], user_id: str) -> dict[str, dict[str, Any]]:
+    """The ``m.receipt`` content of each room, from (room_id, receipt type,
+    user, thread_id, event_id, data) rows, as ``user_id`` may see them:
+    private read receipts are for their owner only."""
+    by_room: dict[str, dict[str, Any]] = {}
+    for room_id, rtype, ruser, thread_id, event_id, data in rows:
+        if rtype == "m.read.private" and ruser != user_id:
+            continue
+        d = dict(data)
+        if thread_id:
+            d["thread_id"] = thread_id
+        by_room.setdefault(room_id, {}).setdefault(event_id, {}).setdefault(rtype, {})[ruser] = d
+    return by_room

@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Optional
 
-from zhome.client.serialize import serialize_events
+from zhome.client.serialize import receipt_contents, serialize_events
 from zhome.http.auth import Requester
 from zhome.push.rules import load_ruleset
 from zhome.rooms.events import Event, StateMap
@@ -467,15 +467,7 @@ class SyncHandler:
             if typing or since is not None:
                 out.append({"type": "m.typing", "content": {"user_ids": typing}})
         if receipts and flt.ephemeral.matches_type("m.receipt"):
-            content: dict[str, Any] = {}
-            for _room, rtype, ruser, thread_id, event_id, data in receipts:
-                if rtype == "m.read.private" and ruser != user_id:
-                    # Private receipts are for their owner only.
-                    continue
-                d = dict(data)
-                if thread_id:
-                    d["thread_id"] = thread_id
-                content.setdefault(event_id, {}).setdefault(rtype, {})[ruser] = d
+            content = receipt_contents(receipts, user_id).get(room_id)
             if content:
                 out.append({"type": "m.receipt", "content": content})
         return out
