@@ -312,3 +312,40 @@ def test_unread_counts_follow_push_rules(zhome: ZhomeProcess) -> None:
     last = carol.say(room_id, "carol too")
     alice.ok("POST", f"/rooms/{q(room_id)}/receipt/m.read/{q(last)}", {})
     assert counts() == {"notification_count": 0, "highlight_count": 0}
+
+
+def test_ignoring_users(zhome: ZhomeProcess) -> None:
+    """Spec "Ignoring Users": no events of an ignored user but their state
+    events, no invites from them; un-ignoring resumes at once."""
+    alice, bob, carol = U(zhome, "alice"), U(zhome, "bob"), U(zhome, "carol")
+    room_id = _shared_room(alice, bob)
+    carol.ok("POST", f"/rooms/{q(room_id)}/join", {})
+    alice.sync()
+    alice.ok("PUT", f"/user/{q(alice.user_id)}/account_data/m.ignored_user_list",
+             {"ignored_users": {bob.user_id: {}}})
+
+    def timeline(s: Any) -> list[dict[str, Any]]:
+        return list(s["rooms"].get("join", {}).get(room_id, {}).get("timeline", {}).get("events", []))
+
+    bob.say(room_id, "from bob")
+    carol.say(room_id, "from carol")
+    bob.ok("PUT", f"/profile/{q(bob.user_id)}/displayname", {"displayname": "Bob renamed"})
+    for s in (alice.sync(), alice.sync(incremental=False)):
+        bodies = [e["content"].get("body") for e in timeline(s) if e["type"] == "m.room.message"]
+        assert "from carol" in bodies and "from bob" not in bodies, bodies
+        # State events of the ignored user still come.
+        assert any(e["type"] == "m.room.member" and e["sender"] == bob.user_id
+                   and e["content"].get("displayname") == "Bob renamed" for e in timeline(s))
+
+    # Invites from the ignored user do not reach the client; others' do.
+    by_bob = str(bob.ok("POST", "/createRoom", {"invite": [alice.user_id]})["room_id"])
+    by_carol = str(carol.ok("POST", "/createRoom", {"invite": [alice.user_id]})["room_id"])
+    for s in (alice.sync(), alice.sync(incremental=False)):
+        invites = s["rooms"].get("invite", {})
+        assert by_carol in invites and by_bob not in invites, list(invites)
+
+    # Un-ignoring takes effect on the next sync.
+    alice.ok("PUT", f"/user/{q(alice.user_id)}/account_data/m.ignored_user_list", {"ignored_users": {}})
+    alice.sync()
+    bob.say(room_id, "bob again")
+    assert "bob again" in [e["content"].get("body") for e in timeline(alice.sync())]

@@ -12,6 +12,9 @@ from typing import Any, Optional
 
 from zhome.storage.database import Database, Txn
 from zhome.storage.ids import IdGenerator
+from zhome.storage.lru import LruCache
+
+IGNORED_USER_LIST = "m.ignored_user_list"
 
 
 class UserDataStore:
@@ -20,6 +23,8 @@ class UserDataStore:
         self.db = db
         self.account_data_ids = account_data_ids
         self.receipt_ids = receipt_ids
+        self._ignored: LruCache[str, frozenset[str]] = LruCache(10000)
+        self._ignored_writes = 0
 
     # -- account data ---------------------------------------------------------
     async def set_account_data(self, user_id: str, room_id: str, data_type: str, content: dict[str, Any]) -> int:
@@ -34,7 +39,27 @@ class UserDataStore:
             )
             return sid
 
-        return await self.db.run_interaction("set_account_data", txn_fn)
+        try:
+            return await self.db.run_interaction("set_account_data", txn_fn)
+        finally:
+            if data_type == IGNORED_USER_LIST and not room_id:
+                self._ignored_writes += 1
+                self._ignored.pop(user_id)
+
+    async def get_ignored_users(self, user_id: str) -> frozenset[str]:
+        """The users in ``user_id``'s ``m.ignored_user_list`` (remembered per
+        user; this store writes account data, so it forgets on a change)."""
+        cached = self._ignored.get(user_id)
+        if cached is not None:
+            return cached
+        writes_before = self._ignored_writes
+        content = await self.get_account_data(user_id, "", IGNORED_USER_LIST)
+        ignored = content.get("ignored_users") if isinstance(content, dict) else None
+        found = frozenset(u for u in ignored if isinstance(u, str)) if isinstance(ignored, dict) else frozenset()
+        if self._ignored_writes == writes_before:
+            # Not remembered when a list changed while it was read.
+            self._ignored.set(user_id, found)
+        return found
 
     async def get_account_data(self, user_id: str, room_id: str, data_type: str) -> Optional[dict[str, Any]]:
         rows = await self.db.execute(

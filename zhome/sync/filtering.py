@@ -7,6 +7,7 @@ EventFilter). A filter is checked on upload so bad filters fail with
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import json
 from typing import Any, Optional
@@ -115,6 +116,7 @@ class EventFilter:
         self.lazy_load_members = bool(f.get("lazy_load_members", False))
         self.include_redundant_members = bool(f.get("include_redundant_members", False))
         self.contains_url = f.get("contains_url")
+        self.ignored: frozenset[str] = frozenset()
 
     def matches_type(self, etype: str) -> bool:
         if any(_match(p, etype) for p in self.not_types):
@@ -137,10 +139,19 @@ class EventFilter:
             return False
         return self.rooms is None or room_id in self.rooms
 
+    def ignoring(self, users: frozenset[str]) -> "EventFilter":
+        """This filter, also leaving out what ``users`` sent except state
+        events (client-server-api "Ignoring Users")."""
+        out = copy.copy(self)
+        out.ignored = self.ignored | users
+        return out
+
     def matches(self, ev: Event) -> bool:
         if not self.matches_type(ev.type):
             return False
         if ev.sender in self.not_senders:
+            return False
+        if self.ignored and ev.sender in self.ignored and not ev.is_state():
             return False
         if self.senders is not None and ev.sender not in self.senders:
             return False

@@ -98,6 +98,7 @@ class SyncHandler:
                          and newly.get(r) in ("join", "leave", "ban")}
 
         joined_rooms = [r for r, (m, _) in memberships.items() if m == "join" and flt.room_included(r)]
+        ignored = await self.hs.user_data.get_ignored_users(user_id)
         receipts_by_room: dict[str, list[tuple]] = {}
         if joined_rooms and (since is None or full_state or now.receipts > since.receipts):
             for row in await self.hs.user_data.get_receipts_for_rooms(
@@ -155,7 +156,7 @@ class SyncHandler:
                 continue
             entry = await self._room_entry(requester, room_id, since if not newly_joined else None, now, full_state,
                                            flt, upto=None, pre=pre, member_event_id=memberships[room_id][1],
-                                           fresh=newly_joined)
+                                           fresh=newly_joined, ignored=ignored)
             entry["ephemeral"] = {"events": self._ephemeral(user_id, room_id, receipts_by_room.get(room_id, []), since, now,
                                                             flt)}
             entry["account_data"] = {"events": room_account_data.get(room_id, [])}
@@ -177,6 +178,9 @@ class SyncHandler:
                 member_ev = await self.events.get_event(member_eid)
                 if member_ev is None:
                     continue
+                if member_ev.sender in ignored:
+                    # Spec "Ignoring Users": invites from ignored users never reach the client.
+                    continue
                 stripped = await self._stripped_state(room_id, member_ev)
                 if membership == "invite":
                     invite[room_id] = {"invite_state": {"events": stripped}}
@@ -195,7 +199,7 @@ class SyncHandler:
                     continue
                 entry = await self._room_entry(requester, room_id, None if room_id in fresh else since, now,
                                                full_state, flt, upto=member_ev.internal.get("stream_ordering"),
-                                               member_event_id=member_eid, fresh=room_id in fresh)
+                                               member_event_id=member_eid, fresh=room_id in fresh, ignored=ignored)
                 if member_ev.internal.get("outlier"):
                     # A rejected invite or retracted knock in a room this
                     # server is not in: the leave is all the timeline there is.
@@ -291,7 +295,8 @@ class SyncHandler:
 
     async def _room_entry(self, requester: Requester, room_id: str, since: Optional[StreamToken], now: StreamToken,
                           full_state: bool, flt: SyncFilter, upto: Optional[int], pre: Optional["_Prefetch"] = None,
-                          member_event_id: Optional[str] = None, fresh: bool = False) -> dict[str, Any]:
+                          member_event_id: Optional[str] = None, fresh: bool = False,
+                          ignored: frozenset[str] = frozenset()) -> dict[str, Any]:
         """One room's timeline and state.
 
         ``state`` brings the client from the state it had at ``since``
@@ -303,7 +308,8 @@ class SyncHandler:
         membership change of the gap.
         """
         user_id = requester.user_id
-        tl_filter: EventFilter = flt.timeline
+        # Events of ignored users stay out of the timeline, their state events excepted.
+        tl_filter: EventFilter = flt.timeline.ignoring(ignored) if ignored else flt.timeline
         limit = _timeline_limit(flt)
         upper = now.events if upto is None else min(upto, now.events)
         lower = since.events if since is not None else -(2**62)
