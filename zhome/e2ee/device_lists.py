@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 RESYNC_TIMEOUT_S = 10.0
 MAX_REMOTE_DEVICES = 1000
+MAX_SINCE_START_CACHE = 10000
 
 
 class DeviceListService:
@@ -39,6 +40,8 @@ class DeviceListService:
         self.keys = keys
         self.events = events
         self.notifier = notifier
+        # user -> ((device-list position, events position), answer) of changed_since_start.
+        self._since_start: dict[str, tuple[tuple[int, int], list[str]]] = {}
         #: queue_edu(destinations, edu_type, content) when federating.
         self.queue_edu: Optional[Callable[[list[str], str, dict[str, Any]], Awaitable[None]]] = None
         #: get_json(destination, path, timeout=...) when federating.
@@ -220,8 +223,19 @@ class DeviceListService:
         return out
 
     # -- what changed for a reader ----------------------------------------------------------
-    async def changed_since_start(self, user_id: str, dl_to: int) -> list[str]:
-        return sorted(await self.store.changed_users(user_id, 0, dl_to))
+    async def changed_since_start(self, user_id: str, dl_to: int, ev_pos: int) -> list[str]:
+        """Users sharing a room with ``user_id`` whose devices ever changed
+        (``dl_to`` and ``ev_pos`` the device-list and events positions: the
+        answer is remembered per user until either moves, as every device
+        change and every membership change moves one of them)."""
+        cached = self._since_start.get(user_id)
+        if cached is not None and cached[0] == (dl_to, ev_pos):
+            return list(cached[1])
+        found = sorted(await self.store.changed_users(user_id, 0, dl_to))
+        if len(self._since_start) >= MAX_SINCE_START_CACHE:
+            self._since_start.clear()
+        self._since_start[user_id] = ((dl_to, ev_pos), found)
+        return list(found)
 
     async def changes_for(self, user_id: str, dl_from: int, dl_to: int, rooms: list[str],
                           newly: dict[str, str], ev_from: int, ev_to: int,

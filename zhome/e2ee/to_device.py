@@ -45,7 +45,8 @@ class ToDeviceService:
         # acknowledging delete) and devices looked at since this process
         # started. Losing them costs one query, never a message.
         self._delivered: set[tuple[str, str]] = set()
-        self._checked: set[tuple[str, str]] = set()
+        # device -> the stream position up to which it was last looked at.
+        self._checked: dict[tuple[str, str], int] = {}
         self._last_expiry = time.monotonic()
 
     async def _add(self, rows: list[tuple[str, str, dict[str, Any]]],
@@ -109,13 +110,18 @@ class ToDeviceService:
         """The messages for this /sync response and the to-device position
         of its next_batch."""
         key = (user_id, device_id)
-        if since_pos is not None and since_pos >= now_pos and key in self._checked and key not in self._delivered:
+        checked = self._checked.get(key)
+        if checked is not None and key not in self._delivered and (
+                (since_pos is not None and since_pos >= now_pos) or checked >= now_pos):
+            # Nothing was waiting when last looked at, nothing is to be
+            # acknowledged, and no message was written since (every one
+            # moves the stream on): an initial sync too is spared the query.
             return [], now_pos
         events, pos = await self.store.take_for_sync(user_id, device_id, since_pos or 0, now_pos)
         if len(self._checked) >= MAX_CHECKED:
             self._checked.clear()
             self._delivered.clear()
-        self._checked.add(key)
+        self._checked[key] = pos
         if events:
             self._delivered.add(key)
         else:

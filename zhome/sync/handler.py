@@ -227,7 +227,7 @@ class SyncHandler:
             # No token: every user sharing a room whose devices ever changed
             # (and the user), so a client starting afresh re-queries them.
             if now.device_lists > 0:
-                changed = await self.hs.device_lists.changed_since_start(user_id, now.device_lists)
+                changed = await self.hs.device_lists.changed_since_start(user_id, now.device_lists, now.events)
         else:
             # Rooms whose whole timeline since the token was fetched: their
             # membership changes are read from it, not queried again.
@@ -262,8 +262,8 @@ class SyncHandler:
         if initial:
             users = {sk for cur in pre.current.values() for (t, sk), (_, m) in cur.items()
                      if t == "m.room.member" and m == "join"} | {user_id}
-            found = await presence.get_presence([u for u in users if flt.presence.matches_sender(u)])
-            states = [st for st in found.values() if st.stream_id and (st.state != "offline" or st.user_id == user_id)]
+            states = [st for st in await presence.get_present(users, user_id)
+                      if flt.presence.matches_sender(st.user_id)]
         else:
             assert since is not None
             by_user = {}

@@ -98,6 +98,22 @@ class PresenceService:
         found = await self.store.get(wanted) if wanted else {}
         return {u: found.get(u) or PresenceState(u, "offline", None, 0, 0, False) for u in wanted}
 
+    async def get_present(self, user_ids: Iterable[str], also: str) -> list[PresenceState]:
+        """The stored states of these users that are not offline, and that of
+        ``also`` whatever it is (an initial sync's presence). Local users
+        who are not offline are all in memory, so only remote users (and
+        ``also``, when offline) are read from the database."""
+        wanted = set(user_ids)
+        out = [s for u in wanted if (s := self._local.get(u)) is not None and s.stream_id]
+        ask = [u for u in wanted if not self._is_local(u)]
+        if also not in self._local:
+            ask.append(also)
+        if ask:
+            for s in (await self.store.get(ask)).values():
+                if s.stream_id and (s.state != "offline" or s.user_id == also):
+                    out.append(s)
+        return out
+
     def content(self, s: PresenceState) -> dict[str, Any]:
         """The ``m.presence`` content of a state (client and federation alike)."""
         now = self._now_ms()
