@@ -179,12 +179,22 @@ class HomeServer:
         from zhome.push.delivery import PushDelivery, make_post_json
 
         self.pushers = pushers
-        # Outbound TLS trusts what federation trusts: the system CAs plus
-        # federation.trusted_ca_files.
-        tls_policy = getattr(self, "federation_tls_policy", None) or FederationTLSPolicy(
-            self.config.federation.verify_certificates, self.config.federation.trusted_ca_files)
+        made: list[Any] = []
+
+        async def post_json(url: str, body: dict[str, Any]) -> tuple[int, Any]:
+            # The HTTP client (and the CA bundle behind its TLS policy) is
+            # made on the first push: a server nobody registered a pusher
+            # on never holds them in memory.
+            if not made:
+                # Outbound TLS trusts what federation trusts: the system CAs
+                # plus federation.trusted_ca_files.
+                tls_policy = getattr(self, "federation_tls_policy", None) or FederationTLSPolicy(
+                    self.config.federation.verify_certificates, self.config.federation.trusted_ca_files)
+                made.append(make_post_json(tls_policy))
+            return await made[0](url, body)
+
         notifier = self.notifier
-        self.push_delivery = PushDelivery(pushers, notifications_store, self.events, make_post_json(tls_policy),
+        self.push_delivery = PushDelivery(pushers, notifications_store, self.events, post_json,
                                           lambda: notifier.events_pos)
         self.accounts.device_change_hooks.append(_delete_pushers_of_deleted_devices)
         self.accounts.after_device_deletion.append(self.push_delivery.reload_user_soon)

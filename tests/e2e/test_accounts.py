@@ -104,6 +104,16 @@ def test_registration_remembers_parameters_and_is_idempotent(zhome: ZhomeProcess
     assert done[0][1]["user_id"] == done[1][1]["user_id"]
 
 
+def test_registration_password_of_the_last_step_counts(zhome: ZhomeProcess) -> None:
+    status, body = zhome.request("POST", CS + "/register", {"username": "paula", "password": "first password"})
+    assert status == 401
+    status, body = zhome.request("POST", CS + "/register", {
+        "username": "paula", "password": PASSWORD, "auth": {"type": "m.login.dummy", "session": body["session"]}})
+    assert status == 200, body
+    assert _login(zhome, "paula")[0] == 200
+    assert _login(zhome, "paula", password="first password")[0] == 403
+
+
 def test_registration_with_inhibit_login(zhome: ZhomeProcess) -> None:
     status, body = zhome.request("POST", CS + "/register", {
         "username": "ivan", "password": PASSWORD, "inhibit_login": True})

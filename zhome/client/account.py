@@ -318,10 +318,13 @@ class AccountServlets:
         if used_token is not None:
             await self.accounts.use_registration_token(used_token)
         if isinstance(session_id, str):
+            # What a repeat needs, without the password's hash and digest.
+            done = {k: v for k, v in params.items() if k not in ("password_hash", "password_digest")}
+            done["registered_user_id"] = user_id
             if session is not None:
-                await self.accounts.set_uia_params(session_id, {**params, "registered_user_id": user_id})
+                await self.accounts.set_uia_params(session_id, done)
             else:
-                await self.accounts.create_uia_session(session_id, {**params, "registered_user_id": user_id})
+                await self.accounts.create_uia_session(session_id, done)
         return 200, await self._registered(request, user_id, params)
 
     async def _registration_params(self, body: dict[str, Any], remembered: dict[str, Any]) -> dict[str, Any]:
@@ -347,11 +350,22 @@ class AccountServlets:
         if password is not None:
             if not isinstance(password, str) or len(password) > 512:
                 raise bad_json("'password' must be a string of at most 512 characters")
-            params["password_hash"] = await hash_password_async(password) if password else None
+            # The same password sent again in a later step (as clients do)
+            # is recognised by a keyed digest instead of being hashed again.
+            digest = self._password_digest(password)
+            if params.get("password_digest") != digest or "password_hash" not in params:
+                params["password_hash"] = await hash_password_async(password) if password else None
+                params["password_digest"] = digest
         for key in ("device_id", "initial_device_display_name", "inhibit_login", "refresh_token"):
             if key in body:
                 params[key] = body[key]
         return params
+
+    def _password_digest(self, password: str) -> str:
+        """HMAC-SHA256 of a password under the server's form secret: tells
+        two steps of one registration whether they sent the same password."""
+        key = self.config.secrets.form_secret.encode()
+        return hmac.new(key, b"registration-password\x00" + password.encode(), hashlib.sha256).hexdigest()
 
     async def _guest_to_upgrade(self, guest_token: Any) -> str:
         """The guest account a ``guest_access_token`` names."""
