@@ -47,6 +47,9 @@ class PersistItem:
     # The room's current state after this event when it is not simply the
     # old current state plus this event (forks, joins over federation).
     current_state: Optional[StateMap] = None
+    # Filled by persistence when current_state is given: what it changed
+    # (a removed key maps to None).
+    current_state_delta: dict[tuple[str, str], Optional[str]] = field(default_factory=dict)
     # History fetched from another server (/backfill): positioned before
     # everything stored, never an extremity, never current state.
     backfilled: bool = False
@@ -127,7 +130,7 @@ class EventsStore:
             "INSERT INTO room_forward_extremities (room_id, event_id) VALUES (?, ?)", (ev.room_id, ev.event_id)
         )
         if item.current_state is not None:
-            self._replace_current_state_txn(txn, ev.room_id, item.current_state)
+            item.current_state_delta = self._replace_current_state_txn(txn, ev.room_id, item.current_state)
         elif ev.is_state():
             txn.execute(
                 "DELETE FROM current_state_events WHERE room_id = ? AND type = ? AND state_key = ?",
@@ -195,7 +198,10 @@ class EventsStore:
             ),
         )
 
-    def _replace_current_state_txn(self, txn: Txn, room_id: str, state: StateMap) -> None:
+    def _replace_current_state_txn(self, txn: Txn, room_id: str,
+                                   state: StateMap) -> dict[tuple[str, str], Optional[str]]:
+        """Make ``state`` the room's current state; returns what changed
+        (a removed key maps to None)."""
         txn.execute("SELECT type, state_key, event_id FROM current_state_events WHERE room_id = ?", (room_id,))
         old = {(t, sk): eid for t, sk, eid in txn.fetchall()}
         changed = {k: v for k, v in state.items() if old.get(k) != v}
@@ -204,8 +210,9 @@ class EventsStore:
             txn.execute(
                 "DELETE FROM current_state_events WHERE room_id = ? AND type = ? AND state_key = ?", (room_id, t, sk)
             )
+        delta: dict[tuple[str, str], Optional[str]] = {**{k: None for k in removed}, **changed}
         if not changed:
-            return
+            return delta
         memberships: dict[str, Optional[str]] = {}
         member_ids = [eid for (t, _), eid in changed.items() if t == "m.room.member"]
         for chunk, qs in in_chunks(member_ids):
@@ -217,6 +224,7 @@ class EventsStore:
             [(room_id, t, sk, eid, memberships.get(eid) if t == "m.room.member" else None)
              for (t, sk), eid in changed.items()],
         )
+        return delta
 
     def set_invite_membership_txn(self, txn: Txn, ev: Event, stream_ordering: int) -> None:
         """Record a local user's invite to a room this server is not in.

@@ -48,10 +48,13 @@ class UserDirectoryStore:
         if item.outlier or item.soft_failed or item.backfilled or ev.rejected_reason:
             return
         if item.current_state is not None:
-            # Current state replaced wholesale (a join over federation, a
-            # merge): every member and the room's publicness may be new.
-            self._update_public_txn(txn, ev.room_id)
-            member_ids = [eid for (t, _), eid in item.current_state.items() if t == MEMBER]
+            # Current state replaced (events over federation, a join over
+            # federation, a merge): what changed may touch the room's
+            # publicness and its members.
+            delta = item.current_state_delta
+            if any(t in (JOIN_RULES, HISTORY_VISIBILITY) and sk == "" for t, sk in delta):
+                self._update_public_txn(txn, ev.room_id)
+            member_ids = [eid for (t, _), eid in delta.items() if t == MEMBER and eid is not None]
             for chunk, qs in in_chunks(member_ids):
                 txn.execute(f"SELECT json FROM events WHERE event_id IN ({qs})", chunk)
                 for (js,) in txn.fetchall():
