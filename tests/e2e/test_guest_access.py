@@ -16,7 +16,7 @@ from urllib.parse import quote
 import pytest
 import yaml
 
-from tests.e2e.harness import ZhomeProcess
+from tests.e2e.harness import ClientUser, ZhomeProcess
 
 CS = "/_matrix/client/v3"
 PASSWORD = "correct horse battery"
@@ -36,10 +36,12 @@ def wait_until(pred: Callable[[], bool], what: str, wait_s: float = WAIT_S) -> N
         time.sleep(0.2)
 
 
-class Client:
-    """An access token on one server, with small helpers."""
+class Client(ClientUser):
+    """An access token on one server (a guest's or a user's), with the
+    harness's request helpers."""
 
     def __init__(self, hs: ZhomeProcess, user_id: str, token: str) -> None:
+        # Not ClientUser's constructor: that one registers a user.
         self.hs = hs
         self.user_id = user_id
         self.token = token
@@ -54,14 +56,6 @@ class Client:
         status, reg = hs.request("POST", CS + "/register?kind=guest", body or {})
         assert status == 200, (status, reg)
         return cls(hs, reg["user_id"], reg["access_token"])
-
-    def req(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        return self.hs.request(method, CS + path, body, token=self.token)
-
-    def ok(self, method: str, path: str, body: Any = None) -> Any:
-        status, out = self.req(method, path, body)
-        assert status == 200, (method, path, status, out)
-        return out
 
     def create_room(self, **body: Any) -> str:
         return str(self.ok("POST", "/createRoom", body)["room_id"])
