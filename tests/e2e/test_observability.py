@@ -50,10 +50,14 @@ def test_access_log_names_the_path_of_unknown_requests(zhome_factory: Any) -> No
     assert status == 404 and body["errcode"] == "M_UNRECOGNIZED"
     status, _ = hs.request("GET", "/_matrix/client/v3/account/whoami", token=token)
     assert status == 200
+    status, _ = hs.request("GET", "/_matrix/client/v3/profile/@nobody:localhost", token=token)
+    assert status == 404
     hs.stop()
     log = hs.log_path.read_text()
     lines = [line for line in log.splitlines() if "zhome.access" in line]
     assert any("GET /_matrix/client/v3/no/such/endpoint 404" in line for line in lines), lines[-5:]
-    # Known routes keep their endpoint name; no query string (and so no token) is logged.
+    # Known routes keep their endpoint name, errors included; no query string (and so no token) is logged.
     assert any("GET whoami 200" in line for line in lines), lines[-5:]
+    assert any("GET profile 404" in line for line in lines), lines[-5:]
+    assert not any("@nobody" in line for line in lines)
     assert token not in log

@@ -119,6 +119,8 @@ class JsonResource(Resource):
                 code, body, endpoint = await self._dispatch(request, method, raw_path)
         except MatrixError as e:
             code, body = e.code, e.to_json()
+            # An error answered by a route still counts as that route's.
+            endpoint = getattr(request, "zhome_endpoint", endpoint)
         except Exception:
             logger.exception("Unhandled error handling %s %s", method, _redacted_path(raw_path))
             code, body = 500, {"errcode": "M_UNKNOWN", "error": "Internal server error"}
@@ -150,6 +152,7 @@ class JsonResource(Resource):
                 continue
             kwargs = {k: unquote(v) for k, v in m.groupdict().items() if v is not None}
             setattr(request, GUESTS_ALLOWED_ATTR, route.guests)
+            request.zhome_endpoint = route.name  # type: ignore[attr-defined]
             code, body = await route.handler(request, **kwargs)
             return code, body, route.name
         if path_matched:
