@@ -290,6 +290,27 @@ def test_device_lists_report_cross_signing_changes(zhome: ZhomeProcess) -> None:
     assert t2["device_lists"]["changed"] == [alice.user_id]
     # Nothing new: nothing reported.
     assert _sync(bob, t2["next_batch"])["device_lists"]["changed"] == []
+
+    # A new user-signing key concerns alice alone.
+    b0, a0 = _sync(bob)["next_batch"], _sync(alice.u)["next_batch"]
+    usk = Key()
+    alice.u.ok("POST", "/keys/device_signing/upload", {
+        "user_signing_key": usk.public(alice.user_id, "user_signing", alice.master),
+        "auth": {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": alice.user_id},
+                 "password": PASSWORD}})
+    a1 = _sync(alice.u, a0)
+    assert a1["device_lists"]["changed"] == [alice.user_id]
+    assert _sync(bob, b0)["device_lists"]["changed"] == []
+    # Her signature of bob's master key: alice is told bob changed, bob is not.
+    bob_master = Key()
+    bob.ok("POST", "/keys/device_signing/upload", {"master_key": bob_master.public(bob.user_id, "master")})
+    b1 = _sync(bob)["next_batch"]
+    a1 = _sync(alice.u)["next_batch"]
+    out = alice.u.ok("POST", "/keys/signatures/upload", {bob.user_id: {
+        bob_master.pub: sign_json(bob_master.public(bob.user_id, "master"), alice.user_id, usk.sk)}})
+    assert out["failures"] == {}
+    assert _sync(alice.u, a1)["device_lists"]["changed"] == [bob.user_id]
+    assert _sync(bob, b1)["device_lists"]["changed"] == []
     # The keys survive a restart (they are in the database).
     zhome.restart()
     assert alice.query(alice.user_id)["master_keys"][alice.user_id]["keys"] == {

@@ -25,7 +25,7 @@ from unpaddedbase64 import decode_base64
 
 from zhome.http.errors import MatrixError, bad_json, forbidden, missing_param
 from zhome.storage.accounts import AccountsStore
-from zhome.storage.cross_signing import CrossSigningStore, Signature, public_key_of
+from zhome.storage.cross_signing import CrossSigningStore, MasterKeyChanged, Signature, public_key_of
 from zhome.storage.e2e_keys import E2eKeysStore
 from zhome.util.ids import server_of
 
@@ -156,6 +156,17 @@ class CrossSigningService:
 
     # -- POST /keys/device_signing/upload --------------------------------------------------
     async def upload_keys(self, user_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self._upload_keys(user_id, body)
+        except MasterKeyChanged:
+            # A concurrent upload stored a master key after this one looked:
+            # judge again against it (it may now need authentication).
+            try:
+                return await self._upload_keys(user_id, body)
+            except MasterKeyChanged:
+                raise MatrixError(409, "M_UNKNOWN", "The cross-signing keys changed meanwhile; try again")
+
+    async def _upload_keys(self, user_id: str, body: dict[str, Any]) -> dict[str, Any]:
         given: dict[str, dict[str, Any]] = {}
         pubs: dict[str, str] = {}
         verify_keys: dict[str, Any] = {}
@@ -184,7 +195,7 @@ class CrossSigningService:
             raise forbidden("A cross-signing public key is the ID of one of your devices")
         if "master" in stored:
             await self.require_uia(body, user_id, "POST /keys/device_signing/upload")
-        pos, removed = await self.store.upload_keys(user_id, new)
+        pos, removed = await self.store.upload_keys(user_id, new, stored.get("master"))
         await self.device_lists.notify_change(user_id, pos)
         if {"master", "self_signing"} & (set(new) | set(removed)):
             await self._send_signing_key_update(user_id)
@@ -237,7 +248,8 @@ class CrossSigningService:
         failures: dict[str, dict[str, Any]] = {}
         accepted: list[Signature] = []
         signed_devices: list[tuple[str, str]] = []
-        changed_users: set[str] = set()
+        # (user, the one reader told or None for everyone).
+        changed_users: set[tuple[str, Optional[str]]] = set()
         own_devices: Optional[dict[str, dict[str, Any]]] = None
         for target, objs in sorted(body.items()):
             others_master: Optional[dict[str, Any]] = None
@@ -254,18 +266,19 @@ class CrossSigningService:
                         if device is not None:
                             signed_devices.append((user_id, device))
                         else:
-                            changed_users.add(user_id)
+                            changed_users.add((user_id, None))
                     else:
                         got = self._check_other(user_id, target, str(key_id), obj, own, others_master)
-                        # Only the signer sees it: their clients re-query.
-                        changed_users.add(user_id)
+                        # Only the signer sees it: their clients re-query the target.
+                        changed_users.add((target, user_id))
                     accepted.extend(got)
                 except MatrixError as e:
                     failures.setdefault(target, {})[key_id] = {"errcode": e.errcode, "error": e.msg}
         if accepted:
-            positions = await self.store.add_signatures(accepted, signed_devices, sorted(changed_users))
-            for u, pos in zip(sorted(changed_users), positions):
-                await self.device_lists.notify_change(u, pos)
+            changes = sorted(changed_users, key=lambda c: (c[0], c[1] or ""))
+            positions = await self.store.add_signatures(accepted, signed_devices, changes)
+            for (u, reader), pos in zip(changes, positions):
+                await self.device_lists.notify_change(reader or u, pos)
             own_master = public_key_of(own["master"]) if "master" in own else None
             if any(s.target_user_id == user_id and s.target_key_id == own_master for s in accepted):
                 # Other servers give out the master key with its signatures.

@@ -23,6 +23,7 @@ from zhome.storage.events import EventsStore
 from zhome.sync.notifier import Notifier, StreamToken
 
 CS = r"/_matrix/client/(?:r0|v3)"
+CS_OR_UNSTABLE = r"/_matrix/client/(?:r0|v3|unstable)"
 
 
 class E2eeServlets:
@@ -45,9 +46,11 @@ class E2eeServlets:
         r.register("POST", CS + r"/keys/claim", self.on_claim, "keys_claim", guests=True)
         r.register("GET", CS + r"/keys/changes", self.on_changes, "keys_changes")
         if self.cross_signing is not None:
-            r.register("POST", CS + r"/keys/device_signing/upload", self.on_device_signing_upload,
+            # Clients written before Matrix 1.1 (and sytest) use the unstable prefix.
+            r.register("POST", CS_OR_UNSTABLE + r"/keys/device_signing/upload", self.on_device_signing_upload,
                        "keys_device_signing_upload")
-            r.register("POST", CS + r"/keys/signatures/upload", self.on_signatures_upload, "keys_signatures_upload")
+            r.register("POST", CS_OR_UNSTABLE + r"/keys/signatures/upload", self.on_signatures_upload,
+                       "keys_signatures_upload")
         r.register("PUT", CS + r"/sendToDevice/(?P<event_type>[^/]+)/(?P<txn_id>[^/]+)", self.on_send_to_device,
                    "send_to_device", guests=True)
 

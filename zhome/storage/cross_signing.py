@@ -33,6 +33,10 @@ def public_key_of(key: dict[str, Any]) -> str:
     return str(key_id).partition(":")[2]
 
 
+class MasterKeyChanged(Exception):
+    """Another upload changed the master key meanwhile."""
+
+
 @dataclass(frozen=True)
 class Signature:
     """``user_id``'s key ``key_id`` (``ed25519:...``) signed the key
@@ -75,16 +79,21 @@ class CrossSigningStore:
         return [Signature(*r) for r in rows]
 
     # -- local users' keys -------------------------------------------------------
-    async def upload_keys(self, user_id: str, keys: dict[str, dict[str, Any]]) -> tuple[int, list[str]]:
+    async def upload_keys(self, user_id: str, keys: dict[str, dict[str, Any]],
+                          expected_master: Optional[dict[str, Any]] = None) -> tuple[int, list[str]]:
         """Store a local user's new keys (key type -> key) in one transaction.
         A new master key takes the self-signing and user-signing keys it did
         not sign with it (those not replaced in the same upload), and every
         replaced key takes the signatures made by or of it. Returns the
-        stream position of the change and the key types removed."""
+        stream position of the change and the key types removed. Raises
+        MasterKeyChanged (nothing stored) when the stored master key is not
+        ``expected_master`` any more (what the caller's checks relied on)."""
 
         def txn_fn(txn: Txn) -> tuple[int, list[str]]:
             txn.execute("SELECT key_type, key_json FROM e2e_cross_signing_keys WHERE user_id = ?", (user_id,))
             old = {t: json.loads(j) for t, j in txn.fetchall()}
+            if old.get("master") != expected_master:
+                raise MasterKeyChanged()
             removed: list[str] = []
             if "master" in keys and "master" in old:
                 for t in ("self_signing", "user_signing"):
@@ -103,7 +112,9 @@ class CrossSigningStore:
             for t in removed:
                 txn.execute("DELETE FROM e2e_cross_signing_keys WHERE user_id = ? AND key_type = ?", (user_id, t))
             self._put_keys_txn(txn, user_id, keys)
-            return self.record_change_txn(txn, user_id), removed
+            # The user-signing key is its owner's business alone.
+            private = set(keys) | set(removed) == {"user_signing"}
+            return self.record_change_txn(txn, user_id, user_id if private else None), removed
 
         return await self.db.run_interaction("xsign_upload_keys", txn_fn)
 
@@ -115,21 +126,23 @@ class CrossSigningStore:
             txn.execute("INSERT INTO e2e_cross_signing_keys (user_id, key_type, key_id, key_json, ts)"
                         " VALUES (?,?,?,?,?)", (user_id, key_type, f"ed25519:{public_key_of(key)}", _dump(key), now))
 
-    def record_change_txn(self, txn: Txn, user_id: str) -> int:
+    def record_change_txn(self, txn: Txn, user_id: str, visible_to: Optional[str] = None) -> int:
         """A change of ``user_id``'s cross-signing keys (or of what they
-        signed) joins the device-list stream."""
+        signed) joins the device-list stream; ``visible_to``: only that
+        reader is told."""
         sid = self.ids.next()
-        txn.execute("INSERT INTO device_list_changes (stream_id, user_id, device_id, prev_id, cross_signing)"
-                    " VALUES (?,?,?,NULL,1)", (sid, user_id, "*"))
+        txn.execute("INSERT INTO device_list_changes (stream_id, user_id, device_id, prev_id, cross_signing,"
+                    " visible_to) VALUES (?,?,?,NULL,1,?)", (sid, user_id, "*", visible_to))
         return sid
 
     # -- signatures -------------------------------------------------------------------
     async def add_signatures(self, signatures: list[Signature], signed_devices: list[tuple[str, str]],
-                             changed_users: list[str]) -> list[int]:
+                             changed_users: list[tuple[str, Optional[str]]]) -> list[int]:
         """Store checked signatures in one transaction; ``signed_devices``
         (user, device) are local devices whose keys now carry a new one,
-        ``changed_users`` users whose cross-signing keys do. Returns the
-        stream positions recorded for ``changed_users``."""
+        ``changed_users`` (user, reader or None for everyone) users whose
+        cross-signing keys do. Returns the stream positions recorded for
+        ``changed_users``."""
 
         def txn_fn(txn: Txn) -> list[int]:
             for s in signatures:
@@ -141,7 +154,7 @@ class CrossSigningStore:
             for user_id, device_id in signed_devices:
                 if self.on_device_signed_txn is not None:
                     self.on_device_signed_txn(txn, user_id, device_id)
-            return [self.record_change_txn(txn, u) for u in changed_users]
+            return [self.record_change_txn(txn, u, reader) for u, reader in changed_users]
 
         return await self.db.run_interaction("xsign_add_signatures", txn_fn)
 

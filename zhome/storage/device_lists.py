@@ -65,21 +65,23 @@ class DeviceListStore:
 
     async def changed_users(self, user_id: str, from_pos: int, to_pos: int) -> set[str]:
         """Users sharing a room with ``user_id`` (and the user) whose devices
-        changed in (from_pos, to_pos]."""
+        changed in (from_pos, to_pos] (changes visible to others only left out)."""
         if from_pos <= 0:
             # From the start: per shared user through the (user_id,
             # stream_id) index rather than a scan of the whole stream.
             rows = await self.db.execute(
                 "device_list_changed_users_all",
                 "SELECT u.state_key FROM (" + SHARED_USERS_SQL + " UNION SELECT ?) u WHERE EXISTS ("
-                "SELECT 1 FROM device_list_changes d WHERE d.user_id = u.state_key AND d.stream_id <= ?)",
-                user_id, user_id, to_pos)
+                "SELECT 1 FROM device_list_changes d WHERE d.user_id = u.state_key AND d.stream_id <= ?"
+                " AND (d.visible_to IS NULL OR d.visible_to = ?))",
+                user_id, user_id, to_pos, user_id)
             return {r[0] for r in rows}
         rows = await self.db.execute(
             "device_list_changed_users",
             "SELECT DISTINCT d.user_id FROM device_list_changes d WHERE d.stream_id > ? AND d.stream_id <= ?"
+            " AND (d.visible_to IS NULL OR d.visible_to = ?)"
             " AND (d.user_id = ? OR d.user_id IN (" + SHARED_USERS_SQL + "))",
-            from_pos, to_pos, user_id, user_id)
+            from_pos, to_pos, user_id, user_id, user_id)
         return {r[0] for r in rows}
 
     async def users_sharing_room(self, user_id: str) -> set[str]:

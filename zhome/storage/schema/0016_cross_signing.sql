@@ -31,8 +31,12 @@ CREATE INDEX e2e_cross_signing_signatures_signer ON e2e_cross_signing_signatures
 
 -- A change of cross-signing keys joins the device-list stream (so /sync and
 -- /keys/changes report it) but is not part of the prev_id chain of
--- m.device_list_update: it travels as m.signing_key_update.
+-- m.device_list_update: it travels as m.signing_key_update. Some changes
+-- concern one reader only (a user's own user-signing key, their signature of
+-- another user's master key): visible_to names them; NULL is everyone who
+-- shares a room with user_id.
 ALTER TABLE device_list_changes ADD COLUMN cross_signing INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE device_list_changes ADD COLUMN visible_to TEXT;
 
 -- Remote device lists cached before this version lack the users'
 -- cross-signing keys: the next query or update fetches them again.
