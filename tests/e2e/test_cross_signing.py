@@ -387,3 +387,26 @@ def test_cross_signing_over_federation(zhome_pair: ZhomeServers) -> None:
     _wait(lambda: bob.user_id in dave.u.ok("GET", f"/rooms/{q(room2)}/joined_members")["joined"], "bob's join")
     out = bob.query(dave.user_id)
     assert out["master_keys"][dave.user_id]["keys"] == {f"ed25519:{dave.master.pub}": dave.master.pub}
+
+
+# -- the answers' shapes ---------------------------------------------------------------------------
+def test_answers_match_the_spec_schemas(zhome: ZhomeProcess) -> None:
+    from tests.e2e.openapi import Spec
+    from tests.e2e.test_schemas import Checker
+
+    c = Checker(Spec(), zhome)
+    alice, bob = Person(zhome, "alice", upload=False), Person(zhome, "bob")
+    a, tok = alice.user_id, alice.u.token
+    assert c.call("/keys/device_signing/upload", "post", "/keys/device_signing/upload", alice.upload_body(),
+                  token=tok) == {}
+    bad = {"self_signing_key": Key().public(a, "self_signing", Key())}
+    code_body = zhome.request("POST", "/_matrix/client/v3/keys/device_signing/upload", bad, token=tok)
+    c.error(code_body, 400, "M_INVALID_SIGNATURE")
+    c.validate("/keys/device_signing/upload", "post", 400, code_body[1])
+    out = c.call("/keys/signatures/upload", "post", "/keys/signatures/upload", {
+        a: {alice.device.device_id: sign_json(alice.device.keys, a, alice.ssk.sk), "NOPE": {"user_id": a}},
+        bob.user_id: {bob.master.pub: sign_json(bob.master.public(bob.user_id, "master"), a, alice.usk.sk)}},
+        token=tok)
+    assert list(out["failures"]) == [a] and list(out["failures"][a]) == ["NOPE"]
+    got = c.call("/keys/query", "post", "/keys/query", {"device_keys": {a: [], bob.user_id: []}}, token=tok)
+    assert set(got["master_keys"]) == {a, bob.user_id} and set(got["user_signing_keys"]) == {a}
