@@ -23,6 +23,7 @@ from unpaddedbase64 import encode_base64
 
 from tests.e2e.conftest import ZhomeServers
 from tests.e2e.harness import ClientUser, ZhomeProcess, q
+from tests.e2e.test_federation_hostile import FED, World, world  # noqa: F401 - the fake remote server fixture
 
 PASSWORD = "correct horse battery"  # ClientUser's
 WAIT_S = 30.0
@@ -410,3 +411,69 @@ def test_answers_match_the_spec_schemas(zhome: ZhomeProcess) -> None:
     assert list(out["failures"]) == [a] and list(out["failures"][a]) == ["NOPE"]
     got = c.call("/keys/query", "post", "/keys/query", {"device_keys": {a: [], bob.user_id: []}}, token=tok)
     assert set(got["master_keys"]) == {a, bob.user_id} and set(got["user_signing_keys"]) == {a}
+
+
+# -- m.signing_key_update from a server that breaks the rules -----------------------------------
+def test_signing_key_updates_from_a_remote_server(world: World) -> None:
+    e, mallory = world.e, world.mallory
+    m1, s1 = Key(), Key()
+    devices = {"user_id": mallory, "stream_id": 1,
+               "devices": [{"device_id": "MD", "keys": {"user_id": mallory, "device_id": "MD",
+                                                        "algorithms": [], "keys": {"ed25519:MD": Key().pub}}}],
+               "master_key": m1.public(mallory, "master"),
+               "self_signing_key": s1.public(mallory, "self_signing", m1)}
+    e.handlers.append(("GET", f"{FED}/v1/user/devices/{mallory}", lambda path, body: (200, devices)))
+
+    def query() -> dict[str, Any]:
+        status, out = world.client("POST", "/keys/query", {"device_keys": {mallory: []}})
+        assert status == 200, (status, out)
+        return out
+
+    # A resync (GET /user/devices) brings the keys into A's cache.
+    out = query()
+    assert "MD" in out["device_keys"][mallory]
+    assert out["master_keys"][mallory]["keys"] == {f"ed25519:{m1.pub}": m1.pub}
+    assert out["self_signing_keys"][mallory]["keys"] == {f"ed25519:{s1.pub}": s1.pub}
+    status, synced = world.client("GET", "/sync?timeout=0")
+    since = synced["next_batch"]
+
+    # Junk and forgeries change nothing: another server's user, a key of
+    # another user, a self-signing key not signed by the master key.
+    m2, s2 = Key(), Key()
+    junk: list[dict[str, Any]] = [
+        {"edu_type": "m.signing_key_update", "content": {"user_id": world.alice,
+                                                         "master_key": m2.public(world.alice, "master")}},
+        {"edu_type": "m.signing_key_update", "content": {"user_id": mallory,
+                                                         "master_key": m2.public(world.alice, "master")}},
+        {"edu_type": "m.signing_key_update", "content": {"user_id": mallory,
+                                                         "self_signing_key": s2.public(mallory, "self_signing",
+                                                                                       Key())}},
+        {"edu_type": "m.signing_key_update", "content": {"user_id": mallory, "master_key": "x"}},
+        {"edu_type": "m.signing_key_update", "content": "x"},
+    ]
+    status, body = world.send_txn([], junk)
+    assert status == 200, (status, body)
+    out = query()
+    assert out["master_keys"][mallory]["keys"] == {f"ed25519:{m1.pub}": m1.pub}
+    assert out["self_signing_keys"][mallory]["keys"] == {f"ed25519:{s1.pub}": s1.pub}
+    assert world.alice not in out["master_keys"]
+
+    # A good one: the new keys, and mallory in alice's device_lists.changed.
+    status, body = world.send_txn([], [{"edu_type": "m.signing_key_update", "content": {
+        "user_id": mallory, "master_key": m2.public(mallory, "master"),
+        "self_signing_key": s2.public(mallory, "self_signing", m2)}}])
+    assert status == 200, (status, body)
+    out = query()
+    assert out["master_keys"][mallory]["keys"] == {f"ed25519:{m2.pub}": m2.pub}
+    assert out["self_signing_keys"][mallory]["keys"] == {f"ed25519:{s2.pub}": s2.pub}
+    status, synced = world.client("GET", f"/sync?timeout=0&since={q(since)}")
+    assert mallory in synced["device_lists"]["changed"], synced["device_lists"]
+    # A new master key alone: the cached self-signing key (signed by the
+    # old one) is dropped.
+    m3 = Key()
+    world.send_txn([], [{"edu_type": "m.signing_key_update",
+                         "content": {"user_id": mallory, "master_key": m3.public(mallory, "master")}}])
+    out = query()
+    assert out["master_keys"][mallory]["keys"] == {f"ed25519:{m3.pub}": m3.pub}
+    assert mallory not in out["self_signing_keys"]
+    world.assert_serving()

@@ -422,20 +422,32 @@ class CrossSigningService:
         user_id = content.get("user_id")
         if not isinstance(user_id, str) or server_of(user_id) != origin or origin == self.server_name:
             return
-        if not any(server_of(u) == self.server_name
-                   for u in await self.device_lists.store.users_sharing_room(user_id)):
-            return
-        cached = (await self.store.get_keys([user_id])).get(user_id, {})
-        keys = parse_remote_keys(user_id, content.get("master_key"), content.get("self_signing_key"),
-                                 cached.get("master"))
-        if not keys:
-            return
-        drop = []
-        if "master" in keys and "self_signing" not in keys and cached.get("master") is not None \
-                and public_key_of(keys["master"]) != public_key_of(cached["master"]):
-            # The cached self-signing key was signed by the old master key.
-            drop.append("self_signing")
-        pos = await self.store.apply_remote_update(user_id, keys, drop)
+        # Under the user's device-list lock: a resync running meanwhile
+        # must not write an older set over this one.
+        lock = self.device_lists.lock_for(user_id)
+        await lock.acquire()
+        try:
+            if not any(server_of(u) == self.server_name
+                       for u in await self.device_lists.store.users_sharing_room(user_id)):
+                return
+            if not await self.device_lists.store.get_remote_stream_ids([user_id]):
+                # Not cached: queries ask their server, which has the new
+                # keys; readers are only told to ask again.
+                pos = await self.store.record_change(user_id)
+            else:
+                cached = (await self.store.get_keys([user_id])).get(user_id, {})
+                keys = parse_remote_keys(user_id, content.get("master_key"), content.get("self_signing_key"),
+                                         cached.get("master"))
+                if not keys:
+                    return
+                drop = []
+                if "master" in keys and "self_signing" not in keys and cached.get("master") is not None \
+                        and public_key_of(keys["master"]) != public_key_of(cached["master"]):
+                    # The cached self-signing key was signed by the old master key.
+                    drop.append("self_signing")
+                pos = await self.store.apply_remote_update(user_id, keys, drop)
+        finally:
+            lock.release()
         await self.device_lists.notify_change(user_id, pos)
 
 

@@ -105,6 +105,10 @@ class DeviceListService:
         self.notifier.on_device_list_change(pos, joined, [user_id])
 
     # -- remote users --------------------------------------------------------------------
+    def lock_for(self, user_id: str) -> defer.DeferredLock:
+        """The lock held while a remote user's cached list is written."""
+        return self._lock(user_id)
+
     def _lock(self, user_id: str) -> defer.DeferredLock:
         lock = self._locks.get(user_id)
         if lock is None:

@@ -135,6 +135,9 @@ class CrossSigningStore:
                     " visible_to) VALUES (?,?,?,NULL,1,?)", (sid, user_id, "*", visible_to))
         return sid
 
+    async def record_change(self, user_id: str) -> int:
+        return await self.db.run_interaction("xsign_change", self.record_change_txn, user_id)
+
     # -- signatures -------------------------------------------------------------------
     async def add_signatures(self, signatures: list[Signature], signed_devices: list[tuple[str, str]],
                              changed_users: list[tuple[str, Optional[str]]]) -> list[int]:
