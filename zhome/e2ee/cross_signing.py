@@ -20,6 +20,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
 from signedjson.key import decode_verify_key_bytes
+from twisted.internet import defer
 from signedjson.sign import SignatureVerifyException, verify_signed_json
 from unpaddedbase64 import decode_base64
 
@@ -251,10 +252,13 @@ class CrossSigningService:
         # (user, the one reader told or None for everyone).
         changed_users: set[tuple[str, Optional[str]]] = set()
         own_devices: Optional[dict[str, dict[str, Any]]] = None
+        # Other users' master keys, fetched in parallel (remote ones not
+        # cached are asked of their servers, each bounded by a timeout).
+        others = sorted(t for t in body if t != user_id)
+        masters = dict(zip(others, await defer.gatherResults(
+            [defer.ensureDeferred(self._master_key_of(t)) for t in others], consumeErrors=True)))
         for target, objs in sorted(body.items()):
-            others_master: Optional[dict[str, Any]] = None
-            if target != user_id:
-                others_master = await self._master_key_of(target)
+            others_master = masters.get(target)
             for key_id, obj in objs.items():
                 try:
                     if not isinstance(obj, dict):
