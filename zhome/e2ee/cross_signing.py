@@ -170,11 +170,10 @@ class CrossSigningService:
     async def _upload_keys(self, user_id: str, body: dict[str, Any]) -> dict[str, Any]:
         given: dict[str, dict[str, Any]] = {}
         pubs: dict[str, str] = {}
-        verify_keys: dict[str, Any] = {}
         for field, key_type in UPLOAD_FIELDS.items():
             if body.get(field) is None:
                 continue
-            pubs[key_type], verify_keys[key_type] = check_cross_signing_key(body[field], user_id, key_type, field)
+            pubs[key_type], _ = check_cross_signing_key(body[field], user_id, key_type, field)
             given[key_type] = body[field]
         stored = (await self.store.get_keys([user_id])).get(user_id, {})
         master = given.get("master") or stored.get("master")
