@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, cast
+from typing import Any, Awaitable, Callable, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Histogram, generate_latest
 from twisted.internet import defer
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
+from zhome.admin.servlets import AdminServlets
 from zhome.client.account import AccountServlets
 from zhome.client.rooms import RoomServlets
 from zhome.client.sync import SyncServlets
@@ -36,6 +37,7 @@ from zhome.rooms.persistence import Persister
 from zhome.rooms.room_creation import RoomCreationService
 from zhome.rooms.visibility import Visibility
 from zhome.storage.accounts import AccountsStore
+from zhome.storage.admin import AdminStore
 from zhome.storage.database import Database
 from zhome.storage.events import EventsStore
 from zhome.storage.ids import IdGenerator
@@ -111,6 +113,11 @@ class HomeServer:
                                         cfg.presence.enabled)
         self.persister = Persister(db, self.events, self.notifier, self.server_name)
         self.push_rules_cache = RulesetCache(self.user_data)
+        self.user_data.after_user_data_deleted.append(self.push_rules_cache.invalidate)
+        self.admin_store = AdminStore(db, self.accounts)
+        #: async callables run with a user ID when the account is deactivated,
+        #: each removing what one feature keeps about that user.
+        self.account_purge_hooks: list[Callable[[str], Awaitable[None]]] = []
         notifications_store = NotificationsStore(db)
         self.notification_log = NotificationLog(notifications_store, self.events)
         self.persister.txn_hooks.append(self.notification_log.persist_txn_hook)
@@ -329,7 +336,7 @@ class HomeServer:
         e2ee = E2eeServlets(self.auth, self.e2e_keys, self.to_device, self.device_lists, self.events, self.notifier)
         return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
                 PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee,
-                PusherServlets(self)]
+                PusherServlets(self), AdminServlets(self)]
 
     def start_listening(self) -> None:
         tls_factory = None

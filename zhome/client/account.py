@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.web.server import Request
 
+from zhome.admin.accounts import deactivate_account, set_profile
 from zhome.http.errors import (
     MatrixError,
     bad_json,
@@ -454,14 +455,10 @@ class AccountServlets:
         req = await self.hs.auth.get_user_by_req(request)
         body = read_json_body(request)
         await self.require_password_uia(body, req.user_id, "POST /account/deactivate")
-        rooms = await self.hs.events.get_rooms_for_user(req.user_id)
-        for room_id, (membership, _) in rooms.items():
-            if membership in ("join", "invite", "knock"):
-                try:
-                    await self.hs.membership.update(req.user_id, req.user_id, room_id, "leave")
-                except MatrixError:
-                    pass
-        await self.accounts.set_deactivated(req.user_id)
+        erase = body.get("erase", False)
+        if not isinstance(erase, bool):
+            raise bad_json("'erase' must be a boolean")
+        await deactivate_account(self.hs, req.user_id, erase=erase)
         return 200, {"id_server_unbind_result": "no-support"}
 
     # -- devices ---------------------------------------------------------------
@@ -557,15 +554,8 @@ class AccountServlets:
         if isinstance(value, str) and len(value) > 256 and field == "displayname":
             raise bad_json("displayname is too long")
         await self._profile_or_404(user_id)
-        await self.accounts.set_profile_field(user_id, field, value)
-        # Carry the change into the user's membership in every joined room.
-        rooms = await self.hs.events.get_rooms_for_user(user_id)
-        for room_id, (membership, _) in rooms.items():
-            if membership == "join":
-                try:
-                    await self.hs.membership.update(user_id, user_id, room_id, "join")
-                except MatrixError:
-                    pass
+        # Carried into the user's membership in every joined room.
+        await set_profile(self.hs, user_id, field, value)
         return 200, {}
 
     async def on_user_directory(self, request: Request) -> tuple[int, Any]:

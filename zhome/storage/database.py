@@ -107,6 +107,11 @@ def _bytea() -> Any:
 IN_CHUNK = 200
 
 
+def escape_like(text: str) -> str:
+    """``text`` matched literally by ``LIKE ... ESCAPE '\\'``."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def in_chunks(values: Iterable[Any]) -> Iterator[tuple[list[Any], str]]:
     """``values`` in chunks small enough for one ``IN (...)``, each with its
     placeholder list."""
