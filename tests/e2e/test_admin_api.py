@@ -277,9 +277,13 @@ def test_suspended_account_reads_and_leaves_but_does_not_write(zhome: ZhomeProce
     alice.ok("PUT", f"/rooms/{q(room)}/send/m.room.message/t2", {"msgtype": "m.text", "body": "back"})
 
 
-def test_server_version(zhome: ZhomeProcess, tmp_path: Path) -> None:
+def test_server_version_and_moderation_capability(zhome: ZhomeProcess, tmp_path: Path) -> None:
     admin = Admin(zhome, "root", tmp_path)
     assert isinstance(admin.ok("GET", "/_synapse/admin/v1/server_version")["server_version"], str)
+    caps = admin.ok("GET", CS + "/capabilities")["capabilities"]
+    assert caps["m.account_moderation"] == {"lock": True, "suspend": True}
+    alice = ClientUser(zhome, "alice")
+    assert "m.account_moderation" not in alice.ok("GET", "/capabilities")["capabilities"]
 
 
 @pytest.mark.parametrize("version", ["v2", "v3"])

@@ -85,20 +85,22 @@ class AccountServlets:
         return 200, {"versions": SPEC_VERSIONS, "unstable_features": {}}
 
     async def on_capabilities(self, request: Request) -> tuple[int, Any]:
-        await self.hs.auth.get_user_by_req(request)
-        return 200, {
-            "capabilities": {
-                "m.change_password": {"enabled": True},
-                "m.room_versions": {
-                    "default": self.config.rooms.default_room_version,
-                    "available": {v: "stable" for v in KNOWN_ROOM_VERSIONS},
-                },
-                "m.set_displayname": {"enabled": True},
-                "m.set_avatar_url": {"enabled": True},
-                "m.3pid_changes": {"enabled": False},
-                "m.get_login_token": {"enabled": False},
-            }
+        req = await self.hs.auth.get_user_by_req(request)
+        caps: dict[str, Any] = {
+            "m.change_password": {"enabled": True},
+            "m.room_versions": {
+                "default": self.config.rooms.default_room_version,
+                "available": {v: "stable" for v in KNOWN_ROOM_VERSIONS},
+            },
+            "m.set_displayname": {"enabled": True},
+            "m.set_avatar_url": {"enabled": True},
+            "m.3pid_changes": {"enabled": False},
+            "m.get_login_token": {"enabled": False},
         }
+        if req.is_admin:
+            # Server administration: admins may lock and suspend accounts.
+            caps["m.account_moderation"] = {"lock": True, "suspend": True}
+        return 200, {"capabilities": caps}
 
     # -- login -------------------------------------------------------------
     async def on_login_flows(self, request: Request) -> tuple[int, Any]:
