@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
+from zhome.admin.reports import ReportServlets
 from zhome.admin.servlets import AdminServlets
 from zhome.client.account import AccountServlets
 from zhome.client.rooms import RoomServlets
@@ -114,7 +115,7 @@ class HomeServer:
         self.persister = Persister(db, self.events, self.notifier, self.server_name)
         self.push_rules_cache = RulesetCache(self.user_data)
         self.user_data.after_user_data_deleted.append(self.push_rules_cache.invalidate)
-        self.admin_store = AdminStore(db, self.accounts)
+        self.admin_store = AdminStore(db, self.accounts, await IdGenerator.from_table(db, "content_reports", "id"))
         #: async callables run with a user ID when the account is deactivated,
         #: each removing what one feature keeps about that user.
         self.account_purge_hooks: list[Callable[[str], Awaitable[None]]] = []
@@ -336,7 +337,7 @@ class HomeServer:
         e2ee = E2eeServlets(self.auth, self.e2e_keys, self.to_device, self.device_lists, self.events, self.notifier)
         return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
                 PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee,
-                PusherServlets(self), AdminServlets(self)]
+                PusherServlets(self), AdminServlets(self), ReportServlets(self)]
 
     def start_listening(self) -> None:
         tls_factory = None

@@ -71,6 +71,15 @@ ADMIN_ROUTES = [
     ("GET", "/_synapse/admin/v2/users/{u}/devices/D", None),
     ("PUT", "/_synapse/admin/v2/users/{u}/devices/D", {"display_name": "x"}),
     ("DELETE", "/_synapse/admin/v2/users/{u}/devices/D", None),
+    ("GET", "/_synapse/admin/v1/event_reports", None),
+    ("GET", "/_synapse/admin/v1/event_reports/1", None),
+    ("DELETE", "/_synapse/admin/v1/event_reports/1", None),
+    ("GET", "/_zhome/admin/v1/reports", None),
+    ("GET", "/_synapse/admin/v1/registration_tokens", None),
+    ("POST", "/_synapse/admin/v1/registration_tokens/new", {}),
+    ("GET", "/_synapse/admin/v1/registration_tokens/abc", None),
+    ("PUT", "/_synapse/admin/v1/registration_tokens/abc", {"uses_allowed": 1}),
+    ("DELETE", "/_synapse/admin/v1/registration_tokens/abc", None),
     ("GET", "/_matrix/client/v1/admin/lock/{u}", None),
     ("PUT", "/_matrix/client/v1/admin/lock/{u}", {"locked": True}),
     ("GET", "/_matrix/client/v1/admin/suspend/{u}", None),
@@ -96,6 +105,7 @@ def test_every_admin_endpoint_refuses_non_admins(zhome: ZhomeProcess, tmp_path: 
     assert (got["admin"], got["locked"], got["suspended"], got["deactivated"]) == (False, False, False, False)
     assert got["displayname"] == "victim"
     victim.ok("GET", "/account/whoami")
+    assert admin.ok("GET", "/_synapse/admin/v1/registration_tokens") == {"registration_tokens": []}
 
 
 def test_list_users_paging_search_order_and_filters(zhome: ZhomeProcess, tmp_path: Path) -> None:
@@ -295,3 +305,83 @@ def test_list_users_shape(zhome: ZhomeProcess, tmp_path: Path, version: str) -> 
     assert set(row) >= {"name", "is_guest", "admin", "user_type", "deactivated", "erased", "shadow_banned",
                         "displayname", "avatar_url", "creation_ts", "locked"}
     assert isinstance(row["creation_ts"], int) and row["displayname"] == "alice"
+
+
+def test_reports_are_stored_and_read_by_admins(zhome: ZhomeProcess, tmp_path: Path) -> None:
+    admin = Admin(zhome, "root", tmp_path)
+    alice = ClientUser(zhome, "alice")
+    bob = ClientUser(zhome, "bob")
+    outsider = ClientUser(zhome, "outsider")
+    room = alice.ok("POST", "/createRoom", {"preset": "private_chat", "name": "Ward 3",
+                                            "invite": [bob.user_id]})["room_id"]
+    bob.ok("POST", f"/join/{q(room)}", {})
+    event_id = alice.ok("PUT", f"/rooms/{q(room)}/send/m.room.message/t1",
+                        {"msgtype": "m.text", "body": "rude words"})["event_id"]
+
+    bob.ok("POST", f"/rooms/{q(room)}/report/{q(event_id)}", {"reason": "abusive", "score": -100})
+    # Someone who cannot see the event cannot report it, and learns nothing.
+    status, out = outsider.req("POST", f"/rooms/{q(room)}/report/{q(event_id)}", {"reason": "x"})
+    assert (status, out["errcode"]) == (404, "M_NOT_FOUND")
+    status, out = bob.req("POST", f"/rooms/{q(room)}/report/{q('$nope')}", {"reason": "x"})
+    assert (status, out["errcode"]) == (404, "M_NOT_FOUND")
+    for bad in ({"reason": 5}, {"score": 10}, {"score": "low"}):
+        assert bob.req("POST", f"/rooms/{q(room)}/report/{q(event_id)}", bad)[0] == 400, bad
+    # Rooms and users: 200 whether or not they exist; only real ones are stored.
+    outsider.ok("POST", f"/rooms/{q(room)}/report", {"reason": "spam room"})
+    outsider.ok("POST", f"/rooms/{q('!nope:localhost')}/report", {"reason": "spam room"})
+    outsider.ok("POST", f"/users/{q(alice.user_id)}/report", {"reason": "harasses me"})
+    outsider.ok("POST", f"/users/{q('@ghost:localhost')}/report", {"reason": "harasses me"})
+    assert outsider.req("POST", f"/users/{q(alice.user_id)}/report", {})[0] == 400
+
+    listed = admin.ok("GET", "/_synapse/admin/v1/event_reports")
+    assert listed["total"] == 1
+    rep = listed["event_reports"][0]
+    assert (rep["event_id"], rep["room_id"], rep["user_id"], rep["sender"], rep["reason"], rep["score"],
+            rep["name"]) == (event_id, room, bob.user_id, alice.user_id, "abusive", -100, "Ward 3")
+    one = admin.ok("GET", f"/_synapse/admin/v1/event_reports/{rep['id']}")
+    assert one["event_json"]["content"]["body"] == "rude words"
+    assert admin.ok("GET", "/_synapse/admin/v1/event_reports?user_id=outsider")["total"] == 0
+    rooms = admin.ok("GET", "/_zhome/admin/v1/reports?kind=room")["reports"]
+    assert [(r["room_id"], r["user_id"]) for r in rooms] == [(room, outsider.user_id)]
+    users = admin.ok("GET", "/_zhome/admin/v1/reports?kind=user")["reports"]
+    assert [r["target_user_id"] for r in users] == [alice.user_id]
+
+    status, out = zhome.request("GET", "/_synapse/admin/v1/event_reports", token=bob.token)
+    assert (status, out["errcode"]) == (403, "M_FORBIDDEN")
+    assert zhome.request("DELETE", f"/_synapse/admin/v1/event_reports/{rep['id']}", token=bob.token)[0] == 403
+    admin.ok("DELETE", f"/_synapse/admin/v1/event_reports/{rep['id']}")
+    assert admin.req("GET", f"/_synapse/admin/v1/event_reports/{rep['id']}")[0] == 404
+    assert admin.ok("GET", "/_synapse/admin/v1/event_reports")["total"] == 0
+
+
+def test_registration_tokens(zhome_factory: Any, tmp_path: Path) -> None:
+    hs = zhome_factory(overrides={"registration": {"enable_registration": True,
+                                                   "registration_requires_token": True}}).start()
+    admin = Admin(hs, "root", tmp_path)
+    base = "/_synapse/admin/v1/registration_tokens"
+    made = admin.ok("POST", base + "/new", {"token": "ward-3.invite", "uses_allowed": 1})
+    assert made == {"token": "ward-3.invite", "uses_allowed": 1, "pending": 0, "completed": 0, "expiry_time": None}
+    generated = admin.ok("POST", base + "/new", {"length": 10})
+    assert len(generated["token"]) == 10
+    for bad in ({"token": "has space"}, {"token": "ward-3.invite"}, {"uses_allowed": -1}, {"expiry_time": 1},
+                {"length": 0}):
+        assert admin.req("POST", base + "/new", bad)[0] == 400, bad
+
+    def register(name: str, token: str) -> int:
+        status, first = hs.request("POST", CS + "/register", {"username": name, "password": PASSWORD})
+        assert status == 401, first
+        status, _ = hs.request("POST", CS + "/register", {
+            "username": name, "password": PASSWORD,
+            "auth": {"type": "m.login.registration_token", "token": token, "session": first["session"]}})
+        return status
+
+    assert register("newcomer", "ward-3.invite") == 200
+    assert admin.ok("GET", base + "/ward-3.invite")["completed"] == 1
+    assert register("second", "ward-3.invite") == 401  # used up
+    assert [t["token"] for t in admin.ok("GET", base + "?valid=false")["registration_tokens"]] == ["ward-3.invite"]
+    admin.ok("PUT", base + "/ward-3.invite", {"uses_allowed": 2})
+    assert admin.ok("GET", base + "?valid=true")["registration_tokens"][0]["uses_allowed"] in (None, 2)
+    admin.ok("DELETE", base + "/ward-3.invite")
+    assert admin.req("GET", base + "/ward-3.invite")[0] == 404
+    assert admin.req("DELETE", base + "/ward-3.invite")[0] == 404
+    assert len(admin.ok("GET", base)["registration_tokens"]) == 1

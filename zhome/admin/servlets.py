@@ -13,6 +13,8 @@ learns nothing about which accounts exist) and answers a non-admin 403
 
 from __future__ import annotations
 
+import re
+import time
 from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.web.server import Request
@@ -23,7 +25,7 @@ from zhome.http.auth import Requester
 from zhome.http.errors import MatrixError, bad_json, forbidden, invalid_param, not_found
 from zhome.http.server import JsonResource, query_arg, read_json_body
 from zhome.storage.admin import USER_ORDER_COLUMNS, UserQuery
-from zhome.util.ids import is_valid_user_id, server_of
+from zhome.util.ids import is_valid_user_id, random_string, server_of
 from zhome.util.passwords import hash_password_async
 
 if TYPE_CHECKING:
@@ -59,6 +61,20 @@ def _int_arg(request: Request, name: str, default: int, maximum: Optional[int] =
     return min(v, maximum) if maximum is not None else v
 
 
+TOKEN_RE = re.compile(r"^[A-Za-z0-9._~-]{1,64}\Z")
+
+
+def _token_limits(body: dict[str, Any]) -> tuple[Optional[int], Optional[int]]:
+    uses = body.get("uses_allowed")
+    if uses is not None and (not isinstance(uses, int) or isinstance(uses, bool) or uses < 0):
+        raise invalid_param("uses_allowed must be a non-negative integer or null")
+    expiry = body.get("expiry_time")
+    if expiry is not None and (not isinstance(expiry, int) or isinstance(expiry, bool) or
+                               expiry < int(time.time() * 1000)):
+        raise invalid_param("expiry_time must be a time in the future, in milliseconds, or null")
+    return uses, expiry
+
+
 class AdminServlets:
     def __init__(self, hs: "HomeServer") -> None:
         self.hs = hs
@@ -85,6 +101,12 @@ class AdminServlets:
         r.register("GET", dev, self.on_get_device, "admin_device")
         r.register("PUT", dev, self.on_put_device, "admin_device")
         r.register("DELETE", dev, self.on_delete_device, "admin_device")
+        tokens = SYN1 + r"/registration_tokens"
+        r.register("GET", tokens, self.on_list_tokens, "admin_registration_tokens")
+        r.register("POST", tokens + r"/new", self.on_new_token, "admin_registration_tokens")
+        r.register("GET", tokens + r"/(?P<token>[^/]+)", self.on_get_token, "admin_registration_token")
+        r.register("PUT", tokens + r"/(?P<token>[^/]+)", self.on_put_token, "admin_registration_token")
+        r.register("DELETE", tokens + r"/(?P<token>[^/]+)", self.on_delete_token, "admin_registration_token")
         for flag in ("lock", "suspend"):
             path = rf"/_matrix/client/v1/admin/{flag}/" + USER
             r.register("GET", path, self._get_flag_handler(flag), f"admin_{flag}")
@@ -317,6 +339,54 @@ class AdminServlets:
         await self._existing(user_id)
         if devices:
             await self.accounts.delete_devices(user_id, devices)
+        return 200, {}
+
+    # -- registration tokens ---------------------------------------------------------
+    async def on_list_tokens(self, request: Request) -> tuple[int, Any]:
+        await self.require_admin(request)
+        return 200, {"registration_tokens": await self.store.list_registration_tokens(
+            _bool_arg(request, "valid", None))}
+
+    async def on_new_token(self, request: Request) -> tuple[int, Any]:
+        await self.require_admin(request)
+        body = read_json_body(request, allow_empty=True)
+        token = body.get("token")
+        if token is None:
+            length = body.get("length", 16)
+            if not isinstance(length, int) or isinstance(length, bool) or not 0 < length <= 64:
+                raise invalid_param("length must be an integer from 1 to 64")
+            token = random_string(length)
+        elif not isinstance(token, str) or not TOKEN_RE.match(token):
+            raise invalid_param("token must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_', '~' or '-'")
+        uses, expiry = _token_limits(body)
+        if not await self.store.create_registration_token(token, uses, expiry):
+            raise invalid_param(f"Token already exists: {token}")
+        return 200, await self.store.get_registration_token(token)
+
+    async def on_get_token(self, request: Request, token: str) -> tuple[int, Any]:
+        await self.require_admin(request)
+        got = await self.store.get_registration_token(token)
+        if got is None:
+            raise not_found("No such registration token")
+        return 200, got
+
+    async def on_put_token(self, request: Request, token: str) -> tuple[int, Any]:
+        await self.require_admin(request)
+        body = read_json_body(request, allow_empty=True)
+        uses, expiry = _token_limits(body)
+        fields = {}
+        if "uses_allowed" in body:
+            fields["uses_allowed"] = uses
+        if "expiry_time" in body:
+            fields["expiry_time"] = expiry
+        if not await self.store.update_registration_token(token, **fields):
+            raise not_found("No such registration token")
+        return 200, await self.store.get_registration_token(token)
+
+    async def on_delete_token(self, request: Request, token: str) -> tuple[int, Any]:
+        await self.require_admin(request)
+        if not await self.store.delete_registration_token(token):
+            raise not_found("No such registration token")
         return 200, {}
 
     # -- lock and suspend (spec) -----------------------------------------------------

@@ -43,6 +43,7 @@ SUSPENDED_ALLOWED = frozenset({
     "device", "delete_devices", "password", "deactivate",
     "keys_upload", "keys_query", "keys_claim", "send_to_device", "keys_device_signing_upload",
     "keys_signatures_upload", "room_keys", "room_keys_version", "user_directory", "publicRooms",
+    "report_event", "report_room", "report_user",
 })
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

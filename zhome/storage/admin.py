@@ -6,11 +6,13 @@ user type).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from zhome.storage.accounts import AccountsStore
 from zhome.storage.database import Database, Txn, escape_like
+from zhome.storage.ids import IdGenerator
 
 #: order_by values of the user list, and the SQL each sorts on.
 USER_ORDER_COLUMNS = {
@@ -60,10 +62,121 @@ def _user_row(row: tuple[Any, ...]) -> dict[str, Any]:
             "suspended": bool(suspended)}
 
 
+def _report_row(row: tuple[Any, ...]) -> dict[str, Any]:
+    rid, kind, ts, reporter, room_id, event_id, target, reason, score = row
+    return {"id": rid, "kind": kind, "received_ts": ts, "user_id": reporter, "room_id": room_id,
+            "event_id": event_id, "target_user_id": target, "reason": reason, "score": score}
+
+
+_REPORT_COLUMNS = ("SELECT id, kind, received_ts, reporter, room_id, event_id, target_user_id, reason, score"
+                   " FROM content_reports")
+
+
+def _token_row(row: tuple[Any, ...]) -> dict[str, Any]:
+    token, allowed, completed, expiry = row
+    return {"token": token, "uses_allowed": allowed, "pending": 0, "completed": completed, "expiry_time": expiry}
+
+
 class AdminStore:
-    def __init__(self, db: Database, accounts: AccountsStore) -> None:
+    def __init__(self, db: Database, accounts: AccountsStore, report_ids: IdGenerator) -> None:
         self.db = db
         self.accounts = accounts
+        self.report_ids = report_ids
+
+    # -- content reports ---------------------------------------------------------
+    async def add_report(self, kind: str, reporter: str, *, room_id: Optional[str] = None,
+                         event_id: Optional[str] = None, target_user_id: Optional[str] = None,
+                         reason: Optional[str] = None, score: Optional[int] = None) -> int:
+        rid = self.report_ids.next()
+        await self.db.run_interaction("add_report", lambda txn: txn.execute(
+            "INSERT INTO content_reports (id, kind, received_ts, reporter, room_id, event_id, target_user_id,"
+            " reason, score) VALUES (?,?,?,?,?,?,?,?,?)",
+            (rid, kind, int(time.time() * 1000), reporter, room_id, event_id, target_user_id, reason, score)))
+        return rid
+
+    async def list_reports(self, kind: str, *, offset: int, limit: int, backwards: bool,
+                           user_id: Optional[str] = None, room_id: Optional[str] = None
+                           ) -> tuple[list[dict[str, Any]], int]:
+        where, args = ["kind = ?"], [kind]
+        if user_id:
+            where.append("LOWER(reporter) LIKE ? ESCAPE '\\'")
+            args.append("%" + escape_like(user_id.lower()) + "%")
+        if room_id:
+            where.append("LOWER(room_id) LIKE ? ESCAPE '\\'")
+            args.append("%" + escape_like(room_id.lower()) + "%")
+        cond = " WHERE " + " AND ".join(where)
+        order = " ORDER BY received_ts DESC, id DESC" if backwards else " ORDER BY received_ts ASC, id ASC"
+
+        def txn_fn(txn: Txn) -> tuple[list[dict[str, Any]], int]:
+            txn.execute("SELECT COUNT(*) FROM content_reports" + cond, tuple(args))
+            row = txn.fetchone()
+            txn.execute(_REPORT_COLUMNS + cond + order + " LIMIT ? OFFSET ?", (*args, limit, offset))
+            return [_report_row(r) for r in txn.fetchall()], int(row[0]) if row else 0
+
+        return await self.db.run_interaction("list_reports", txn_fn)
+
+    async def get_report(self, report_id: int) -> Optional[dict[str, Any]]:
+        rows = await self.db.execute("get_report", _REPORT_COLUMNS + " WHERE id = ?", report_id)
+        return _report_row(rows[0]) if rows else None
+
+    async def delete_report(self, report_id: int) -> bool:
+        def txn_fn(txn: Txn) -> bool:
+            txn.execute("DELETE FROM content_reports WHERE id = ?", (report_id,))
+            return bool(txn.rowcount)
+
+        return await self.db.run_interaction("delete_report", txn_fn)
+
+    # -- registration tokens ---------------------------------------------------------
+    async def list_registration_tokens(self, valid: Optional[bool]) -> list[dict[str, Any]]:
+        rows = await self.db.execute(
+            "list_regtokens", "SELECT token, uses_allowed, completed, expiry_time FROM registration_tokens"
+            " ORDER BY token")
+        now = int(time.time() * 1000)
+        out = [_token_row(r) for r in rows]
+        if valid is None:
+            return out
+
+        def is_valid(t: dict[str, Any]) -> bool:
+            return (t["uses_allowed"] is None or t["completed"] < t["uses_allowed"]) and (
+                t["expiry_time"] is None or t["expiry_time"] > now)
+        return [t for t in out if is_valid(t) == valid]
+
+    async def get_registration_token(self, token: str) -> Optional[dict[str, Any]]:
+        rows = await self.db.execute(
+            "get_regtoken", "SELECT token, uses_allowed, completed, expiry_time FROM registration_tokens"
+            " WHERE token = ?", token)
+        return _token_row(rows[0]) if rows else None
+
+    async def create_registration_token(self, token: str, uses_allowed: Optional[int],
+                                        expiry_time: Optional[int]) -> bool:
+        def txn_fn(txn: Txn) -> bool:
+            txn.execute("SELECT 1 FROM registration_tokens WHERE token = ?", (token,))
+            if txn.fetchone():
+                return False
+            txn.execute("INSERT INTO registration_tokens (token, uses_allowed, completed, expiry_time)"
+                        " VALUES (?,?,0,?)", (token, uses_allowed, expiry_time))
+            return True
+
+        return await self.db.run_interaction("create_regtoken", txn_fn)
+
+    async def update_registration_token(self, token: str, **fields: Optional[int]) -> bool:
+        sets = [f"{k} = ?" for k in fields]
+
+        def txn_fn(txn: Txn) -> bool:
+            if sets:
+                txn.execute("UPDATE registration_tokens SET " + ", ".join(sets) + " WHERE token = ?",
+                            (*fields.values(), token))
+            txn.execute("SELECT 1 FROM registration_tokens WHERE token = ?", (token,))
+            return txn.fetchone() is not None
+
+        return await self.db.run_interaction("update_regtoken", txn_fn)
+
+    async def delete_registration_token(self, token: str) -> bool:
+        def txn_fn(txn: Txn) -> bool:
+            txn.execute("DELETE FROM registration_tokens WHERE token = ?", (token,))
+            return bool(txn.rowcount)
+
+        return await self.db.run_interaction("delete_regtoken", txn_fn)
 
     async def list_users(self, q: UserQuery) -> tuple[list[dict[str, Any]], int]:
         """One page of local accounts and the number matching the filters."""

@@ -8,3 +8,20 @@ ALTER TABLE users ADD COLUMN suspended INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE users ADD COLUMN user_type TEXT;
 ALTER TABLE users ADD COLUMN erased INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX users_created ON users (created_ts);
+
+-- Reports of events, rooms and users (client-server-api "Reporting
+-- content"), read by admins through the event_reports endpoints.
+-- kind: 'event' (room_id and event_id set), 'room' (room_id set) or 'user'
+-- (target_user_id set).
+CREATE TABLE content_reports (
+    id BIGINT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    received_ts BIGINT NOT NULL,
+    reporter TEXT NOT NULL,
+    room_id TEXT,
+    event_id TEXT,
+    target_user_id TEXT,
+    reason TEXT,
+    score BIGINT
+);
+CREATE INDEX content_reports_kind ON content_reports (kind, received_ts);
