@@ -17,6 +17,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
 from zhome.admin.reports import ReportServlets
+from zhome.admin.rooms import AdminRoomServlets
 from zhome.admin.servlets import AdminServlets
 from zhome.client.account import AccountServlets
 from zhome.client.rooms import RoomServlets
@@ -115,7 +116,8 @@ class HomeServer:
         self.persister = Persister(db, self.events, self.notifier, self.server_name)
         self.push_rules_cache = RulesetCache(self.user_data)
         self.user_data.after_user_data_deleted.append(self.push_rules_cache.invalidate)
-        self.admin_store = AdminStore(db, self.accounts, await IdGenerator.from_table(db, "content_reports", "id"))
+        self.admin_store = AdminStore(db, self.accounts, await IdGenerator.from_table(db, "content_reports", "id"),
+                                      self.server_name)
         #: async callables run with a user ID when the account is deactivated,
         #: each removing what one feature keeps about that user.
         self.account_purge_hooks: list[Callable[[str], Awaitable[None]]] = []
@@ -133,6 +135,7 @@ class HomeServer:
         self.event_creator = EventCreator(self.server_name, self.signing_key, self.events, self.rooms,
                                           self.persister, push_rules_cache=self.push_rules_cache)
         self.membership = MembershipService(self.server_name, self.event_creator, self.events, self.accounts)
+        self.membership.room_blocked = self.admin_store.is_room_blocked
         self.guest_access = GuestAccessEnforcer(self.events, self.accounts, self.membership)
         self.persister.hooks.append(self.guest_access.after_persist)
         self.room_creation = RoomCreationService(self.server_name, self.event_creator, self.membership, self.rooms,
@@ -337,7 +340,8 @@ class HomeServer:
         e2ee = E2eeServlets(self.auth, self.e2e_keys, self.to_device, self.device_lists, self.events, self.notifier)
         return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
                 PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee,
-                PusherServlets(self), AdminServlets(self), ReportServlets(self)]
+                PusherServlets(self), AdminServlets(self), ReportServlets(self),
+                AdminRoomServlets(self)]
 
     def start_listening(self) -> None:
         tls_factory = None

@@ -385,3 +385,69 @@ def test_registration_tokens(zhome_factory: Any, tmp_path: Path) -> None:
     assert admin.req("GET", base + "/ward-3.invite")[0] == 404
     assert admin.req("DELETE", base + "/ward-3.invite")[0] == 404
     assert len(admin.ok("GET", base)["registration_tokens"]) == 1
+
+
+def test_rooms_list_details_members_state_and_block(zhome: ZhomeProcess, tmp_path: Path) -> None:
+    admin = Admin(zhome, "root", tmp_path)
+    alice = ClientUser(zhome, "alice")
+    bob = ClientUser(zhome, "bob")
+    ward = alice.ok("POST", "/createRoom", {"preset": "public_chat", "name": "Ward 3", "room_alias_name": "ward3",
+                                            "topic": "night shift"})["room_id"]
+    bob.ok("POST", f"/join/{q(ward)}", {})
+    secret = alice.ok("POST", "/createRoom", {
+        "preset": "private_chat", "name": "Ärzte",
+        "initial_state": [{"type": "m.room.encryption", "state_key": "",
+                           "content": {"algorithm": "m.megolm.v1.aes-sha2"}}]})["room_id"]
+    unnamed = bob.ok("POST", "/createRoom", {})["room_id"]
+
+    listed = admin.ok("GET", "/_synapse/admin/v1/rooms")
+    assert listed["total_rooms"] == 3 and listed["offset"] == 0
+    assert [r["room_id"] for r in listed["rooms"]] == [ward, secret, unnamed]  # by name, unnamed last
+    w = next(r for r in listed["rooms"] if r["room_id"] == ward)
+    assert (w["name"], w["canonical_alias"], w["joined_members"], w["joined_local_members"], w["creator"],
+            w["join_rules"], w["public"], w["encryption"], w["federatable"]) == (
+        "Ward 3", "#ward3:localhost", 2, 2, alice.user_id, "public", False, None, True)
+    assert w["state_events"] >= 6
+    s = next(r for r in listed["rooms"] if r["room_id"] == secret)
+    assert s["encryption"] == "m.megolm.v1.aes-sha2" and s["join_rules"] == "invite"
+
+    by_size = admin.ok("GET", "/_synapse/admin/v1/rooms?order_by=joined_members&dir=b")["rooms"]
+    assert by_size[0]["room_id"] == ward
+    page = admin.ok("GET", "/_synapse/admin/v1/rooms?limit=2")
+    assert len(page["rooms"]) == 2 and page["next_batch"] == 2
+    rest = admin.ok("GET", "/_synapse/admin/v1/rooms?limit=2&from=2")
+    assert [r["room_id"] for r in rest["rooms"]] == [unnamed] and "next_batch" not in rest
+    assert rest["prev_batch"] == 0
+    assert [r["room_id"] for r in admin.ok("GET", "/_synapse/admin/v1/rooms?search_term=WARD")["rooms"]] == [ward]
+    assert admin.req("GET", "/_synapse/admin/v1/rooms?order_by=secret")[0] == 400
+
+    details = admin.ok("GET", f"/_synapse/admin/v1/rooms/{q(ward)}")
+    assert details["topic"] == "night shift" and details["joined_local_devices"] == 2
+    assert admin.ok("GET", f"/_synapse/admin/v1/rooms/{q(ward)}/members") == {
+        "members": sorted([alice.user_id, bob.user_id]), "total": 2}
+    state = admin.ok("GET", f"/_synapse/admin/v1/rooms/{q(ward)}/state")["state"]
+    assert {(e["type"], e["state_key"]) for e in state} >= {("m.room.create", ""), ("m.room.topic", ""),
+                                                             ("m.room.member", bob.user_id)}
+    assert admin.req("GET", f"/_synapse/admin/v1/rooms/{q('!nope:localhost')}")[0] == 404
+
+    # Blocking: nobody local joins any more; unblocking lets them again.
+    carol = ClientUser(zhome, "carol")
+    assert admin.ok("GET", f"/_synapse/admin/v1/rooms/{q(ward)}/block") == {"block": False}
+    assert admin.ok("PUT", f"/_synapse/admin/v1/rooms/{q(ward)}/block", {"block": True}) == {"block": True}
+    assert admin.ok("GET", f"/_synapse/admin/v1/rooms/{q(ward)}/block") == {"block": True,
+                                                                            "user_id": admin.user_id}
+    status, out = carol.req("POST", f"/join/{q(ward)}", {})
+    assert (status, out["errcode"]) == (403, "M_FORBIDDEN"), out
+    bob.ok("PUT", f"/rooms/{q(ward)}/send/m.room.message/t1", {"msgtype": "m.text", "body": "still here"})
+    assert admin.req("PUT", f"/_synapse/admin/v1/rooms/{q(ward)}/block", {"block": "yes"})[0] == 400
+    admin.ok("PUT", f"/_synapse/admin/v1/rooms/{q(ward)}/block", {"block": False})
+    carol.ok("POST", f"/join/{q(ward)}", {})
+    for path in ("/_synapse/admin/v1/rooms", f"/_synapse/admin/v1/rooms/{q(ward)}",
+                 f"/_synapse/admin/v1/rooms/{q(ward)}/members", f"/_synapse/admin/v1/rooms/{q(ward)}/state",
+                 f"/_synapse/admin/v1/rooms/{q(ward)}/block"):
+        status, out = zhome.request("GET", path, token=carol.token)
+        assert (status, out["errcode"]) == (403, "M_FORBIDDEN"), path
+    status, out = zhome.request("PUT", f"/_synapse/admin/v1/rooms/{q(ward)}/block", {"block": True},
+                                token=carol.token)
+    assert status == 403
+    assert admin.ok("GET", f"/_synapse/admin/v1/rooms/{q(ward)}/block") == {"block": False}

@@ -6,12 +6,13 @@ user type).
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from zhome.storage.accounts import AccountsStore
-from zhome.storage.database import Database, Txn, escape_like
+from zhome.storage.database import Database, Txn, escape_like, in_chunks
 from zhome.storage.ids import IdGenerator
 
 #: order_by values of the user list, and the SQL each sorts on.
@@ -78,10 +79,13 @@ def _token_row(row: tuple[Any, ...]) -> dict[str, Any]:
 
 
 class AdminStore:
-    def __init__(self, db: Database, accounts: AccountsStore, report_ids: IdGenerator) -> None:
+    def __init__(self, db: Database, accounts: AccountsStore, report_ids: IdGenerator, server_name: str) -> None:
         self.db = db
         self.accounts = accounts
         self.report_ids = report_ids
+        self.server_name = server_name
+        # Whether a room is blocked, asked on every local join.
+        self._blocked: dict[str, bool] = {}
 
     # -- content reports ---------------------------------------------------------
     async def add_report(self, kind: str, reporter: str, *, room_id: Optional[str] = None,
@@ -248,3 +252,102 @@ class AdminStore:
             "admin_sessions", "SELECT device_id, last_seen_ts, last_seen_ip FROM devices WHERE user_id = ?"
             " ORDER BY device_id", user_id)
         return [{"device_id": d, "last_seen": ts, "ip": ip} for d, ts, ip in rows]
+
+    # -- rooms -------------------------------------------------------------------------
+    async def room_summaries(self, room_ids: Optional[list[str]] = None) -> dict[str, dict[str, Any]]:
+        """What the admin room list shows of each room (every room when
+        ``room_ids`` is None), read from the rooms' current state."""
+        suffix = "%:" + escape_like(self.server_name)
+
+        def txn_fn(txn: Txn) -> dict[str, dict[str, Any]]:
+            out: dict[str, dict[str, Any]] = {}
+            chunks: list[tuple[Optional[list[Any]], str]] = (
+                [(None, "")] if room_ids is None else list(in_chunks(room_ids)))
+            for chunk, qs in chunks:
+                cond = "" if chunk is None else f" AND r.room_id IN ({qs})"
+                args: tuple[Any, ...] = () if chunk is None else tuple(chunk)
+                txn.execute("SELECT r.room_id, r.room_version, r.creator, r.is_public, b.room_id FROM rooms r"
+                            " LEFT JOIN blocked_rooms b ON b.room_id = r.room_id WHERE 1 = 1" + cond, args)
+                for rid, version, creator, public, blocked in txn.fetchall():
+                    out[rid] = {"room_id": rid, "name": None, "canonical_alias": None, "joined_members": 0,
+                                "joined_local_members": 0, "version": version, "creator": creator,
+                                "encryption": None, "federatable": True, "public": bool(public),
+                                "join_rules": None, "guest_access": None, "history_visibility": None,
+                                "state_events": 0, "room_type": None, "avatar": None, "topic": None,
+                                "blocked": blocked is not None}
+                c_cond = "" if chunk is None else f" AND c.room_id IN ({qs})"
+                txn.execute("SELECT c.room_id, c.type, e.json FROM current_state_events c JOIN events e"
+                            " ON e.event_id = c.event_id WHERE c.state_key = '' AND c.type IN"
+                            " ('m.room.create', 'm.room.name', 'm.room.canonical_alias', 'm.room.join_rules',"
+                            " 'm.room.guest_access', 'm.room.history_visibility', 'm.room.encryption',"
+                            " 'm.room.topic', 'm.room.avatar')" + c_cond, args)
+                for rid, etype, raw in txn.fetchall():
+                    if rid not in out:
+                        continue
+                    content = json.loads(raw).get("content") or {}
+                    _apply_state(out[rid], etype, content)
+                txn.execute("SELECT c.room_id, COUNT(*), SUM(CASE WHEN c.state_key LIKE ? ESCAPE '\\' THEN 1"
+                            " ELSE 0 END) FROM current_state_events c WHERE c.type = 'm.room.member'"
+                            " AND c.membership = 'join'" + c_cond + " GROUP BY c.room_id", (suffix, *args))
+                for rid, joined, local in txn.fetchall():
+                    if rid in out:
+                        out[rid]["joined_members"] = int(joined)
+                        out[rid]["joined_local_members"] = int(local or 0)
+                txn.execute("SELECT c.room_id, COUNT(*) FROM current_state_events c WHERE 1 = 1" + c_cond
+                            + " GROUP BY c.room_id", args)
+                for rid, n in txn.fetchall():
+                    if rid in out:
+                        out[rid]["state_events"] = int(n)
+            return out
+
+        return await self.db.run_interaction("admin_room_summaries", txn_fn)
+
+    async def set_room_blocked(self, room_id: str, by: str, blocked: bool) -> None:
+        def txn_fn(txn: Txn) -> None:
+            txn.execute("DELETE FROM blocked_rooms WHERE room_id = ?", (room_id,))
+            if blocked:
+                txn.execute("INSERT INTO blocked_rooms (room_id, user_id, blocked_ts) VALUES (?,?,?)",
+                            (room_id, by, int(time.time() * 1000)))
+
+        await self.db.run_interaction("set_room_blocked", txn_fn)
+        self._blocked.pop(room_id, None)
+
+    async def room_block(self, room_id: str) -> Optional[str]:
+        """Who blocked the room, or None when it is not blocked."""
+        rows = await self.db.execute("room_block", "SELECT user_id FROM blocked_rooms WHERE room_id = ?", room_id)
+        return rows[0][0] if rows else None
+
+    async def is_room_blocked(self, room_id: str) -> bool:
+        got = self._blocked.get(room_id)
+        if got is None:
+            got = await self.room_block(room_id) is not None
+            if len(self._blocked) > 10000:
+                self._blocked.clear()
+            self._blocked[room_id] = got
+        return got
+
+
+def _apply_state(summary: dict[str, Any], etype: str, content: dict[str, Any]) -> None:
+    def text(key: str) -> Optional[str]:
+        v = content.get(key)
+        return v if isinstance(v, str) else None
+
+    if etype == "m.room.create":
+        summary["federatable"] = content.get("m.federate", True) is not False
+        summary["room_type"] = text("type")
+    elif etype == "m.room.name":
+        summary["name"] = text("name")
+    elif etype == "m.room.canonical_alias":
+        summary["canonical_alias"] = text("alias")
+    elif etype == "m.room.join_rules":
+        summary["join_rules"] = text("join_rule")
+    elif etype == "m.room.guest_access":
+        summary["guest_access"] = text("guest_access")
+    elif etype == "m.room.history_visibility":
+        summary["history_visibility"] = text("history_visibility")
+    elif etype == "m.room.encryption":
+        summary["encryption"] = text("algorithm")
+    elif etype == "m.room.topic":
+        summary["topic"] = text("topic")
+    elif etype == "m.room.avatar":
+        summary["avatar"] = text("url")

@@ -25,3 +25,10 @@ CREATE TABLE content_reports (
     score BIGINT
 );
 CREATE INDEX content_reports_kind ON content_reports (kind, received_ts);
+
+-- Rooms an admin has blocked: no local user may join them.
+CREATE TABLE blocked_rooms (
+    room_id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    blocked_ts BIGINT NOT NULL
+);
