@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
+from zhome.admin.privacy import PrivacyServlets
 from zhome.admin.reports import ReportServlets
 from zhome.admin.rooms import AdminRoomServlets
 from zhome.admin.servlets import AdminServlets
@@ -40,6 +41,7 @@ from zhome.rooms.room_creation import RoomCreationService
 from zhome.rooms.visibility import Visibility
 from zhome.storage.accounts import AccountsStore
 from zhome.storage.admin import AdminStore
+from zhome.storage.privacy import PrivacyStore
 from zhome.storage.database import Database
 from zhome.storage.events import EventsStore
 from zhome.storage.ids import IdGenerator
@@ -136,6 +138,7 @@ class HomeServer:
                                           self.persister, push_rules_cache=self.push_rules_cache)
         self.membership = MembershipService(self.server_name, self.event_creator, self.events, self.accounts)
         self.membership.room_blocked = self.admin_store.is_room_blocked
+        self.privacy_store = PrivacyStore(db, self.events, await IdGenerator.from_table(db, "legal_holds", "id"))
         self.guest_access = GuestAccessEnforcer(self.events, self.accounts, self.membership)
         self.persister.hooks.append(self.guest_access.after_persist)
         self.room_creation = RoomCreationService(self.server_name, self.event_creator, self.membership, self.rooms,
@@ -341,7 +344,7 @@ class HomeServer:
         return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
                 PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee,
                 PusherServlets(self), AdminServlets(self), ReportServlets(self),
-                AdminRoomServlets(self)]
+                AdminRoomServlets(self), PrivacyServlets(self)]
 
     def start_listening(self) -> None:
         tls_factory = None

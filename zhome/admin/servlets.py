@@ -21,6 +21,7 @@ from twisted.web.server import Request
 
 import zhome
 from zhome.admin.accounts import deactivate_account, set_profile
+from zhome.admin.erasure import erase_user
 from zhome.http.auth import Requester
 from zhome.http.errors import MatrixError, bad_json, forbidden, invalid_param, not_found
 from zhome.http.server import JsonResource, query_arg, read_json_body
@@ -235,14 +236,17 @@ class AdminServlets:
         return (201 if created else 200), await self._user_view(user_id)
 
     async def on_deactivate(self, request: Request, user_id: str) -> tuple[int, Any]:
-        await self.require_admin(request)
+        req = await self.require_admin(request)
         body = read_json_body(request, allow_empty=True)
         erase = body.get("erase", False)
         if not isinstance(erase, bool):
             raise invalid_param("erase must be a boolean")
         user = await self._existing(user_id)
-        if not user["deactivated"] or erase:
-            await deactivate_account(self.hs, user_id, erase=erase)
+        if erase:
+            report = await erase_user(self.hs, user_id, req.user_id)
+            return 200, {"id_server_unbind_result": "success", "erasure_id": report["id"]}
+        if not user["deactivated"]:
+            await deactivate_account(self.hs, user_id, erase=False)
         return 200, {"id_server_unbind_result": "success"}
 
     async def on_reset_password(self, request: Request, user_id: str) -> tuple[int, Any]:

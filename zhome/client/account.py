@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from twisted.web.server import Request
 
 from zhome.admin.accounts import deactivate_account, set_profile
+from zhome.admin.erasure import erase_user
 from zhome.http.errors import (
     MatrixError,
     bad_json,
@@ -460,7 +461,11 @@ class AccountServlets:
         erase = body.get("erase", False)
         if not isinstance(erase, bool):
             raise bad_json("'erase' must be a boolean")
-        await deactivate_account(self.hs, req.user_id, erase=erase)
+        if erase:
+            # The user's own right to erasure: the same erasure an admin runs.
+            await erase_user(self.hs, req.user_id, req.user_id)
+        else:
+            await deactivate_account(self.hs, req.user_id, erase=False)
         return 200, {"id_server_unbind_result": "no-support"}
 
     # -- devices ---------------------------------------------------------------

@@ -32,3 +32,47 @@ CREATE TABLE blocked_rooms (
     user_id TEXT NOT NULL,
     blocked_ts BIGINT NOT NULL
 );
+
+-- Legal holds (an admin keeps a user's or a room's data from erasure, with
+-- a reason) and statutory retention floors (a room's events are kept for at
+-- least floor_ms from their origin_server_ts, e.g. 20 years for a medical
+-- file).
+CREATE TABLE legal_holds (
+    id BIGINT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_ts BIGINT NOT NULL
+);
+CREATE INDEX legal_holds_target ON legal_holds (kind, target);
+
+CREATE TABLE room_retention_floors (
+    room_id TEXT PRIMARY KEY,
+    floor_ms BIGINT NOT NULL,
+    reason TEXT NOT NULL,
+    set_by TEXT NOT NULL,
+    set_ts BIGINT NOT NULL
+);
+
+-- One row per erasure of a user (GDPR art. 17): what was erased and kept,
+-- and the redactions it sent, whose delivery the report reads back from the
+-- federation queue.
+CREATE TABLE erasures (
+    id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    requested_by TEXT NOT NULL,
+    started_ts BIGINT NOT NULL,
+    finished_ts BIGINT,
+    status TEXT NOT NULL,
+    report_json TEXT NOT NULL
+);
+CREATE INDEX erasures_user ON erasures (user_id);
+
+CREATE TABLE erasure_redactions (
+    erasure_id TEXT NOT NULL,
+    redaction_event_id TEXT NOT NULL,
+    room_id TEXT NOT NULL,
+    destinations TEXT NOT NULL,
+    PRIMARY KEY (erasure_id, redaction_event_id)
+);
