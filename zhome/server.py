@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, cast
+from typing import Any, Awaitable, Callable, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Histogram, generate_latest
 from twisted.internet import defer
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
+from zhome.admin.privacy import PrivacyServlets
+from zhome.admin.reports import ReportServlets
+from zhome.admin.rooms import AdminRoomServlets
+from zhome.admin.servlets import AdminServlets
 from zhome.client.account import AccountServlets
 from zhome.client.rooms import RoomServlets
 from zhome.client.sync import SyncServlets
@@ -36,6 +40,8 @@ from zhome.rooms.persistence import Persister
 from zhome.rooms.room_creation import RoomCreationService
 from zhome.rooms.visibility import Visibility
 from zhome.storage.accounts import AccountsStore
+from zhome.storage.admin import AdminStore
+from zhome.storage.privacy import PrivacyStore
 from zhome.storage.database import Database
 from zhome.storage.events import EventsStore
 from zhome.storage.ids import IdGenerator
@@ -113,6 +119,12 @@ class HomeServer:
                                         cfg.presence.enabled)
         self.persister = Persister(db, self.events, self.notifier, self.server_name)
         self.push_rules_cache = RulesetCache(self.user_data)
+        self.user_data.after_user_data_deleted.append(self.push_rules_cache.invalidate)
+        self.admin_store = AdminStore(db, self.accounts, await IdGenerator.from_table(db, "content_reports", "id"),
+                                      self.server_name)
+        #: async callables run with a user ID when the account is deactivated,
+        #: each removing what one feature keeps about that user.
+        self.account_purge_hooks: list[Callable[[str], Awaitable[None]]] = []
         notifications_store = NotificationsStore(db)
         self.notification_log = NotificationLog(notifications_store, self.events)
         self.persister.txn_hooks.append(self.notification_log.persist_txn_hook)
@@ -127,6 +139,8 @@ class HomeServer:
         self.event_creator = EventCreator(self.server_name, self.signing_key, self.events, self.rooms,
                                           self.persister, push_rules_cache=self.push_rules_cache)
         self.membership = MembershipService(self.server_name, self.event_creator, self.events, self.accounts)
+        self.membership.room_blocked = self.admin_store.is_room_blocked
+        self.privacy_store = PrivacyStore(db, self.events, await IdGenerator.from_table(db, "legal_holds", "id"))
         self.guest_access = GuestAccessEnforcer(self.events, self.accounts, self.membership)
         self.persister.hooks.append(self.guest_access.after_persist)
         self.room_creation = RoomCreationService(self.server_name, self.event_creator, self.membership, self.rooms,
@@ -343,7 +357,8 @@ class HomeServer:
         self.account_servlets = AccountServlets(self)
         return [self.account_servlets, self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
                 PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee,
-                PusherServlets(self)]
+                PusherServlets(self), AdminServlets(self), ReportServlets(self),
+                AdminRoomServlets(self), PrivacyServlets(self)]
 
     def start_listening(self) -> None:
         tls_factory = None

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.web.server import Request
 
+from zhome.admin.accounts import deactivate_account, set_profile
+from zhome.admin.erasure import erase_user
 from zhome.http.errors import (
     MatrixError,
     bad_json,
@@ -84,20 +86,22 @@ class AccountServlets:
         return 200, {"versions": SPEC_VERSIONS, "unstable_features": {}}
 
     async def on_capabilities(self, request: Request) -> tuple[int, Any]:
-        await self.hs.auth.get_user_by_req(request)
-        return 200, {
-            "capabilities": {
-                "m.change_password": {"enabled": True},
-                "m.room_versions": {
-                    "default": self.config.rooms.default_room_version,
-                    "available": {v: "stable" for v in KNOWN_ROOM_VERSIONS},
-                },
-                "m.set_displayname": {"enabled": True},
-                "m.set_avatar_url": {"enabled": True},
-                "m.3pid_changes": {"enabled": False},
-                "m.get_login_token": {"enabled": False},
-            }
+        req = await self.hs.auth.get_user_by_req(request)
+        caps: dict[str, Any] = {
+            "m.change_password": {"enabled": True},
+            "m.room_versions": {
+                "default": self.config.rooms.default_room_version,
+                "available": {v: "stable" for v in KNOWN_ROOM_VERSIONS},
+            },
+            "m.set_displayname": {"enabled": True},
+            "m.set_avatar_url": {"enabled": True},
+            "m.3pid_changes": {"enabled": False},
+            "m.get_login_token": {"enabled": False},
         }
+        if req.is_admin:
+            # Server administration: admins may lock and suspend accounts.
+            caps["m.account_moderation"] = {"lock": True, "suspend": True}
+        return 200, {"capabilities": caps}
 
     # -- login -------------------------------------------------------------
     async def on_login_flows(self, request: Request) -> tuple[int, Any]:
@@ -454,14 +458,14 @@ class AccountServlets:
         req = await self.hs.auth.get_user_by_req(request)
         body = read_json_body(request)
         await self.require_password_uia(body, req.user_id, "POST /account/deactivate")
-        rooms = await self.hs.events.get_rooms_for_user(req.user_id)
-        for room_id, (membership, _) in rooms.items():
-            if membership in ("join", "invite", "knock"):
-                try:
-                    await self.hs.membership.update(req.user_id, req.user_id, room_id, "leave")
-                except MatrixError:
-                    pass
-        await self.accounts.set_deactivated(req.user_id)
+        erase = body.get("erase", False)
+        if not isinstance(erase, bool):
+            raise bad_json("'erase' must be a boolean")
+        if erase:
+            # The user's own right to erasure: the same erasure an admin runs.
+            await erase_user(self.hs, req.user_id, req.user_id)
+        else:
+            await deactivate_account(self.hs, req.user_id, erase=False)
         return 200, {"id_server_unbind_result": "no-support"}
 
     # -- devices ---------------------------------------------------------------
@@ -557,15 +561,8 @@ class AccountServlets:
         if isinstance(value, str) and len(value) > 256 and field == "displayname":
             raise bad_json("displayname is too long")
         await self._profile_or_404(user_id)
-        await self.accounts.set_profile_field(user_id, field, value)
-        # Carry the change into the user's membership in every joined room.
-        rooms = await self.hs.events.get_rooms_for_user(user_id)
-        for room_id, (membership, _) in rooms.items():
-            if membership == "join":
-                try:
-                    await self.hs.membership.update(user_id, user_id, room_id, "join")
-                except MatrixError:
-                    pass
+        # Carried into the user's membership in every joined room.
+        await set_profile(self.hs, user_id, field, value)
         return 200, {}
 
     async def on_user_directory(self, request: Request) -> tuple[int, Any]:

@@ -9,6 +9,15 @@ parameter); a missing token is ``M_MISSING_TOKEN``, an unknown one
 Spec: client-server-api "Guest Access": a guest's token is accepted only on
 the routes registered as open to guests (``JsonResource.register(...,
 guests=True)``); anywhere else it is 403 ``M_GUEST_ACCESS_FORBIDDEN``.
+
+Spec: client-server-api "Account locking": a locked account's tokens stay
+valid but every authenticated request other than logging out answers 401
+``M_USER_LOCKED`` with ``soft_logout: true``. "Account suspension": a
+suspended account reads (every GET) and may do what keeps its data and
+sessions in order (leave and forget rooms, redact, receipts, account data,
+keys, devices, logging out); any other write is 403 ``M_USER_SUSPENDED``.
+The list below is of route names, so a new write route is closed to
+suspended accounts until it is added here.
 """
 
 from __future__ import annotations
@@ -22,6 +31,22 @@ from twisted.web.server import Request
 from zhome.http.errors import MatrixError, guest_access_forbidden
 from zhome.http.server import guests_allowed
 from zhome.storage.accounts import AccountsStore
+
+
+# Routes a locked account may still call.
+LOCKED_ALLOWED = frozenset({"logout", "logout_all"})
+
+# Write routes a suspended account may still call.
+SUSPENDED_ALLOWED = frozenset({
+    "logout", "logout_all", "refresh", "leave", "forget", "redact", "receipt", "read_markers",
+    "account_data", "room_account_data", "tag", "filter", "pushrules", "pushers_set",
+    "device", "delete_devices", "password", "deactivate",
+    "keys_upload", "keys_query", "keys_claim", "send_to_device", "keys_device_signing_upload",
+    "keys_signatures_upload", "room_keys", "room_keys_version", "user_directory", "publicRooms",
+    "report_event", "report_room", "report_user",
+})
+
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @dataclass(frozen=True)
@@ -62,4 +87,12 @@ class Auth:
             raise MatrixError(401, "M_UNKNOWN_TOKEN", "Access token has expired", soft_logout=True)
         if info.is_guest and not guests_allowed(request):
             raise guest_access_forbidden()
+        if info.locked or info.suspended:
+            route = getattr(request, "zhome_endpoint", "")
+            if info.locked and route not in LOCKED_ALLOWED:
+                raise MatrixError(401, "M_USER_LOCKED", "This account has been locked", soft_logout=True)
+            method = request.method.decode("ascii", "replace") if isinstance(request.method, bytes) else str(
+                request.method)
+            if info.suspended and method not in READ_METHODS and route not in SUSPENDED_ALLOWED:
+                raise MatrixError(403, "M_USER_SUSPENDED", "This account is suspended")
         return Requester(info.user_id, info.device_id, info.token_id, info.is_admin, info.is_guest)

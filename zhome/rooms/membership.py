@@ -30,6 +30,8 @@ class MembershipService:
         self.accounts = accounts
         # The federation handler, when federation is enabled.
         self.federation: Any = None
+        #: async room_id -> bool: whether an admin blocked the room (no local joins).
+        self.room_blocked: Any = None
 
     def is_mine(self, user_id: str) -> bool:
         return user_id.endswith(":" + self.server_name)
@@ -76,6 +78,10 @@ class MembershipService:
             if not isinstance(reason, str):
                 raise MatrixError(400, "M_BAD_JSON", "'reason' must be a string")
             content["reason"] = reason
+        if (membership in ("join", "knock") and sender == target and self.is_mine(target)
+                and self.room_blocked is not None and await self.room_blocked(room_id)
+                and await self.current_membership(room_id, target) != "join"):
+            raise forbidden("This room has been blocked on this server")
         # Spec "Guest Access": a guest joins only rooms that are can_join.
         guest_join = (membership == "join" and sender == target and self.is_mine(target)
                       and await self.accounts.is_guest(target))

@@ -32,6 +32,8 @@ class TokenInfo:
     is_admin: bool
     deactivated: bool
     is_guest: bool = False
+    locked: bool = False
+    suspended: bool = False
 
 
 class AccountsStore:
@@ -159,6 +161,12 @@ class AccountsStore:
         self._forget_tokens()
         self._devices_deleted(user_id)
 
+    async def reactivate(self, user_id: str) -> None:
+        """Mark a deactivated account active again (an admin sets its password)."""
+        await self.db.run_interaction(
+            "reactivate", lambda txn: txn.execute("UPDATE users SET deactivated = 0 WHERE user_id = ?", (user_id,)))
+        self._forget_tokens()
+
     # -- profiles -----------------------------------------------------------
     async def get_profile(self, user_id: str) -> Optional[dict[str, Optional[str]]]:
         rows = await self.db.execute(
@@ -254,6 +262,11 @@ class AccountsStore:
         self._forget_tokens()
         return result
 
+    def forget_cached_tokens(self) -> None:
+        """Drop cached token lookups after a change to what they carry
+        (an account's admin flag, lock or suspension)."""
+        self._forget_tokens()
+
     def _forget_tokens(self) -> None:
         self._token_cache.clear()
         # A lookup that started before a revocation must not cache its
@@ -267,14 +280,15 @@ class AccountsStore:
         generation = self._token_generation
         rows = await self.db.execute(
             "get_token",
-            "SELECT t.id, t.user_id, t.device_id, t.valid_until_ms, u.is_admin, u.deactivated, u.is_guest"
-            " FROM access_tokens t JOIN users u ON u.user_id = t.user_id WHERE t.token_hash = ?",
+            "SELECT t.id, t.user_id, t.device_id, t.valid_until_ms, u.is_admin, u.deactivated, u.is_guest,"
+            " u.locked, u.suspended FROM access_tokens t JOIN users u ON u.user_id = t.user_id WHERE t.token_hash = ?",
             token_hash(access_token),
         )
         if not rows:
             return None
-        tid, user_id, device_id, vu, adm, deac, guest = rows[0]
-        info = TokenInfo(tid, user_id, device_id, vu, bool(adm), bool(deac), bool(guest))
+        tid, user_id, device_id, vu, adm, deac, guest, locked, suspended = rows[0]
+        info = TokenInfo(tid, user_id, device_id, vu, bool(adm), bool(deac), bool(guest), bool(locked),
+                         bool(suspended))
         if generation == self._token_generation:
             if len(self._token_cache) > 50000:
                 self._token_cache.clear()

@@ -107,6 +107,11 @@ def _bytea() -> Any:
 IN_CHUNK = 200
 
 
+def escape_like(text: str) -> str:
+    """``text`` matched literally by ``LIKE ... ESCAPE '\\'``."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def in_chunks(values: Iterable[Any]) -> Iterator[tuple[list[Any], str]]:
     """``values`` in chunks small enough for one ``IN (...)``, each with its
     placeholder list."""
@@ -334,6 +339,37 @@ class Database:
 
         return await self.run_interaction(desc, query)
 
+    async def scrub(self, tables: Sequence[str]) -> None:
+        """Make sure rows just deleted or overwritten in ``tables`` are gone
+        from the database files, not only from its answers: on SQLite
+        (which overwrites freed space, see ``secure_delete``) the WAL is
+        checkpointed into the database file and truncated; on PostgreSQL
+        the tables are vacuumed, which removes their dead row versions."""
+        if self._closed:
+            raise DatabaseClosedError("database closed; cannot scrub")
+        for t in tables:
+            if not t.replace("_", "").isalnum():
+                raise ValueError(f"not a table name: {t!r}")
+
+        def work() -> None:
+            if self.engine == ENGINE_SQLITE:
+                self._sqlite_connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                return
+            conn = self._pg_take()
+            try:
+                conn.rollback()
+                conn.autocommit = True
+                with conn.cursor() as cur:
+                    for t in tables:
+                        cur.execute(f"VACUUM {t}")
+            except BaseException:
+                self._pg_discard(conn)
+                raise
+            conn.autocommit = False
+            self._pg_idle.put(conn)
+
+        await deferToThreadPool(self._reactor, self._pool, work)
+
     async def close(self) -> None:
         """Let running interactions finish, close every connection and stop
         the worker threads. Further interactions raise."""
@@ -414,6 +450,9 @@ class Database:
             # only the last transactions may roll back on power loss.
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
+            # Deleted and overwritten rows are zeroed on their pages, so
+            # erased data does not linger in the file's free space.
+            conn.execute("PRAGMA secure_delete=ON")
             self._sqlite_conn = conn
         return self._sqlite_conn
 

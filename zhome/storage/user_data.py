@@ -25,6 +25,8 @@ class UserDataStore:
         self.receipt_ids = receipt_ids
         self._ignored: LruCache[str, frozenset[str]] = LruCache(10000)
         self._ignored_writes = 0
+        #: Called with a user ID after ``delete_for_user`` (caches to drop).
+        self.after_user_data_deleted: list[Any] = []
 
     # -- account data ---------------------------------------------------------
     async def set_account_data(self, user_id: str, room_id: str, data_type: str, content: dict[str, Any]) -> int:
@@ -45,6 +47,21 @@ class UserDataStore:
             if data_type == IGNORED_USER_LIST and not room_id:
                 self._ignored_writes += 1
                 self._ignored.pop(user_id)
+
+    async def delete_for_user(self, user_id: str) -> None:
+        """Every piece of account data, push rule and filter of ``user_id``
+        (a deactivated account keeps none)."""
+        def txn_fn(txn: Txn) -> None:
+            for table in ("account_data", "push_rules", "push_rules_enable", "user_filters"):
+                txn.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))
+
+        try:
+            await self.db.run_interaction("delete_user_data", txn_fn)
+        finally:
+            self._ignored_writes += 1
+            self._ignored.pop(user_id)
+            for hook in self.after_user_data_deleted:
+                hook(user_id)
 
     async def get_ignored_users(self, user_id: str) -> frozenset[str]:
         """The users in ``user_id``'s ``m.ignored_user_list`` (remembered per

@@ -17,17 +17,12 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from zhome.storage.database import Database, Txn, in_chunks
+from zhome.storage.database import Database, Txn, escape_like, in_chunks
 from zhome.storage.events import PersistItem
 
 JOIN_RULES = "m.room.join_rules"
 HISTORY_VISIBILITY = "m.room.history_visibility"
 MEMBER = "m.room.member"
-
-
-def _escape_like(text: str) -> str:
-    """``text`` matched literally by LIKE ... ESCAPE '\\'."""
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def is_public_for_directory(join_rules: Optional[dict[str, Any]], history: Optional[dict[str, Any]]) -> bool:
@@ -99,8 +94,8 @@ class UserDirectoryStore:
     async def search(self, searcher: str, term: str, limit: int) -> list[tuple[str, Optional[str], Optional[str]]]:
         """(user ID, display name, avatar URL) of up to ``limit`` users the
         searcher may find whose ID or display name contains ``term``."""
-        like = "%" + _escape_like(term.lower()) + "%"
-        local_suffix = "%:" + _escape_like(self.server_name)
+        like = "%" + escape_like(term.lower()) + "%"
+        local_suffix = "%:" + escape_like(self.server_name)
         # A room counts when the searcher shares it with the user (the
         # searcher does not find themself through a private room), or when
         # it is public and this server is still in it (some local user joined).

@@ -1,0 +1,245 @@
+"""Erasure (GDPR art. 17) that erases, on both engines: real redactions
+that reach the other servers in the room, the content gone from zhome's
+own database files, media store and logs, legal holds and retention
+floors keeping what they cover, and the stored erasure report.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.conftest import ZhomeServers
+from tests.e2e.harness import CS, ClientUser, ZhomeProcess, q
+from tests.e2e.test_admin_api import Admin
+
+WAIT_S = 30.0
+
+
+def _marker() -> str:
+    return "MRK" + secrets.token_hex(16)
+
+
+def _upload(user: ClientUser, data: bytes, name: str) -> str:
+    status, out = user.hs.request("POST", f"/_matrix/media/v3/upload?filename={urllib.parse.quote(name)}",
+                                  raw=data, token=user.token, headers={"Content-Type": "application/octet-stream"})
+    assert status == 200, out
+    return str(out["content_uri"])
+
+
+def _send(user: ClientUser, room: str, content: dict[str, Any], etype: str = "m.room.message") -> str:
+    return str(user.ok("PUT", f"/rooms/{q(room)}/send/{etype}/{secrets.token_hex(8)}", content)["event_id"])
+
+
+def _timeline(user: ClientUser, room: str) -> list[dict[str, Any]]:
+    return list(user.ok("GET", f"/rooms/{q(room)}/messages?dir=b&limit=100")["chunk"])
+
+
+def _bytes_on_disk(hs: ZhomeProcess) -> bytes:
+    """Every file under the server's working directory: the SQLite file,
+    its WAL and journal, the media store, the log."""
+    out = []
+    for root, _dirs, files in os.walk(hs.workdir):
+        for f in files:
+            try:
+                out.append(Path(root, f).read_bytes())
+            except OSError:
+                pass
+    return b"\n".join(out)
+
+
+def _pg_dump(hs: ZhomeProcess) -> bytes:
+    url = urllib.parse.urlparse(_database_url(hs))
+    got = subprocess.run(["pg_dump", "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 5432),
+                          "-U", url.username or "postgres", url.path.lstrip("/")],
+                         capture_output=True, check=True, timeout=120)
+    return got.stdout
+
+
+def _database_url(hs: ZhomeProcess) -> str:
+    import yaml
+
+    cfg = yaml.safe_load(hs.config_path.read_text())
+    return str(cfg.get("database_url") or "")
+
+
+def _stored(hs: ZhomeProcess) -> bytes:
+    data = _bytes_on_disk(hs)
+    if _database_url(hs):
+        data += _pg_dump(hs)
+    return data
+
+
+def test_erasure_redacts_purges_and_reports(zhome: ZhomeProcess, tmp_path: Path) -> None:
+    admin = Admin(zhome, "root", tmp_path)
+    alice = ClientUser(zhome, "alice")
+    bob = ClientUser(zhome, "bob")
+    m_msg, m_name, m_file, m_topic, m_bob = (_marker() for _ in range(5))
+    room = alice.ok("POST", "/createRoom", {"preset": "public_chat", "name": "Ward"})["room_id"]
+    bob.ok("POST", f"/join/{q(room)}", {})
+    alice.ok("PUT", f"/profile/{q(alice.user_id)}/displayname", {"displayname": f"Alice {m_name}"})
+    mxc = _upload(alice, f"scan {m_file}".encode(), f"{m_file}.txt")
+    sent = [_send(alice, room, {"msgtype": "m.text", "body": f"note {i} {m_msg}"}) for i in range(5)]
+    sent.append(_send(alice, room, {"msgtype": "m.file", "body": "scan.txt", "url": mxc}))
+    alice.ok("PUT", f"/rooms/{q(room)}/state/m.room.topic", {"topic": f"topic {m_topic}"})
+    bob_event = _send(bob, room, {"msgtype": "m.text", "body": f"reply {m_bob}"})
+    alice.ok("PUT", f"/user/{q(alice.user_id)}/account_data/org.example.notes", {"secret": m_msg})
+    stored_before = _stored(zhome)
+    assert m_msg.encode() in stored_before or b"ciphertext" in stored_before  # the marker was stored somewhere
+
+    out = admin.ok("POST", f"/_synapse/admin/v1/deactivate/{q(alice.user_id)}", {"erase": True})
+    report = admin.ok("GET", f"/_zhome/admin/v1/erasures/{out['erasure_id']}")
+    assert report["user_id"] == alice.user_id and report["requested_by"] == admin.user_id
+    assert report["status"] == "complete" and report["kept"] == [] and report["not_redacted_remotely"] == []
+    assert report["erased"]["media"] == 1 and report["erased"]["account"] is True
+    assert report["erased"]["rooms"][room] == report["erased"]["events"] >= len(sent) + 2
+    assert report["redactions_sent"] >= len(sent) + 1
+    assert report["federation"] == {}  # no other server in the room
+    listed = admin.ok("GET", f"/_zhome/admin/v1/erasures?user_id={q(alice.user_id)}")["erasures"]
+    assert [e["id"] for e in listed] == [report["id"]]
+
+    # Bob sees real redactions: alice's events are empty, his own intact.
+    timeline = {e["event_id"]: e for e in _timeline(bob, room)}
+    for eid in sent:
+        assert timeline[eid]["content"] == {}, timeline[eid]
+        assert "redacted_because" in timeline[eid]["unsigned"]
+    redactions = [e for e in timeline.values() if e["type"] == "m.room.redaction"]
+    assert {e.get("redacts") or e["content"].get("redacts") for e in redactions} >= set(sent)
+    assert timeline[bob_event]["content"]["body"] == f"reply {m_bob}"
+    topic = bob.ok("GET", f"/rooms/{q(room)}/state")
+    assert not any(m_topic in str(e["content"]) or m_name in str(e["content"]) for e in topic)
+    server, media_id = mxc[len("mxc://"):].split("/", 1)
+    status, _ = zhome.request("GET", f"/_matrix/client/v1/media/download/{server}/{media_id}", token=bob.token)
+    assert status == 404
+    got = admin.ok("GET", f"/_synapse/admin/v2/users/{q(alice.user_id)}")
+    assert got["deactivated"] and got["erased"] and got["displayname"] is None
+
+    # No byte of the database files, the media store or the log holds a marker.
+    zhome.stop()
+    stored = _stored(zhome)
+    for m in (m_msg, m_name, m_file, m_topic):
+        assert m.encode() not in stored, m
+    assert m_bob.encode() in stored or b"ciphertext" in stored  # bob's message is still there
+
+
+def test_user_erases_themself(zhome: ZhomeProcess, tmp_path: Path) -> None:
+    admin = Admin(zhome, "root", tmp_path)
+    alice = ClientUser(zhome, "alice")
+    room = alice.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"]
+    eid = _send(alice, room, {"msgtype": "m.text", "body": "please forget me"})
+    status, first = alice.req("POST", "/account/deactivate", {"erase": True})
+    assert status == 401
+    alice.ok("POST", "/account/deactivate", {"erase": True, "auth": {
+        "type": "m.login.password", "identifier": {"type": "m.id.user", "user": alice.user_id},
+        "password": "correct horse battery", "session": first["session"]}})
+    erasures = admin.ok("GET", f"/_zhome/admin/v1/erasures?user_id={q(alice.user_id)}")["erasures"]
+    assert len(erasures) == 1 and erasures[0]["requested_by"] == alice.user_id
+    report = admin.ok("GET", f"/_zhome/admin/v1/erasures/{erasures[0]['id']}")
+    assert report["erased"]["rooms"][room] >= 1
+    assert admin.ok("GET", f"/_synapse/admin/v1/rooms/{q(room)}")["joined_members"] == 0
+    state = admin.ok("GET", f"/_synapse/admin/v1/rooms/{q(room)}/state")["state"]
+    assert all("please forget me" not in str(e) for e in state)
+    assert eid
+
+
+def test_holds_and_floors_keep_what_they_cover(zhome: ZhomeProcess, tmp_path: Path) -> None:
+    admin = Admin(zhome, "root", tmp_path)
+    alice = ClientUser(zhome, "alice")
+    bob = ClientUser(zhome, "bob")
+    rooms = {}
+    for name in ("held", "medical", "chat"):
+        rooms[name] = alice.ok("POST", "/createRoom", {"preset": "public_chat", "name": name})["room_id"]
+        bob.ok("POST", f"/join/{q(rooms[name])}", {})
+    markers = {name: _marker() for name in rooms}
+    events = {name: _send(alice, r, {"msgtype": "m.text", "body": markers[name]}) for name, r in rooms.items()}
+
+    hold = admin.ok("POST", "/_zhome/admin/v1/legal_holds",
+                    {"kind": "room", "target": rooms["held"], "reason": "complaint 2026-17 under investigation"})
+    floor = admin.ok("PUT", f"/_zhome/admin/v1/rooms/{q(rooms['medical'])}/retention_floor",
+                     {"days": 20 * 365, "reason": "WGBO: medical file kept 20 years"})
+    assert floor["floor_ms"] == 20 * 365 * 24 * 3600 * 1000
+    for bad in ({"kind": "device", "target": "x", "reason": "r"}, {"kind": "room", "target": "nope", "reason": "r"},
+                {"kind": "user", "target": alice.user_id, "reason": ""}):
+        assert admin.req("POST", "/_zhome/admin/v1/legal_holds", bad)[0] == 400, bad
+    assert admin.req("PUT", f"/_zhome/admin/v1/rooms/{q(rooms['chat'])}/retention_floor",
+                     {"days": 0, "reason": "r"})[0] == 400
+    status, out = zhome.request("POST", "/_zhome/admin/v1/legal_holds",
+                                {"kind": "user", "target": alice.user_id, "reason": "r"}, token=bob.token)
+    assert (status, out["errcode"]) == (403, "M_FORBIDDEN")
+
+    out = admin.ok("POST", f"/_zhome/admin/v1/users/{q(alice.user_id)}/erase")
+    assert out["status"] == "partial"
+    kept = {k["room_id"]: k for k in out["kept"] if k["what"] == "events"}
+    assert kept[rooms["held"]]["why"] == "legal_hold" and kept[rooms["held"]]["hold_id"] == hold["id"]
+    assert kept[rooms["held"]]["reason"] == "complaint 2026-17 under investigation"
+    assert kept[rooms["medical"]]["why"] == "retention_floor"
+    assert kept[rooms["medical"]]["reason"] == "WGBO: medical file kept 20 years"
+    assert rooms["chat"] in out["erased"]["rooms"] and rooms["held"] not in out["erased"]["rooms"]
+
+    for name in ("held", "medical"):
+        ev = bob.ok("GET", f"/rooms/{q(rooms[name])}/event/{q(events[name])}")
+        assert ev["content"]["body"] == markers[name]
+    assert bob.ok("GET", f"/rooms/{q(rooms['chat'])}/event/{q(events['chat'])}")["content"] == {}
+    zhome.stop()
+    stored = _stored(zhome)
+    assert markers["chat"].encode() not in stored
+    zhome.start()
+
+    # A hold on the user keeps all of their content.
+    carol = ClientUser(zhome, "carol")
+    room = carol.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"]
+    keep = _marker()
+    eid = _send(carol, room, {"msgtype": "m.text", "body": keep})
+    admin.ok("POST", "/_zhome/admin/v1/legal_holds", {"kind": "user", "target": carol.user_id,
+                                                      "reason": "court order 12/2026"})
+    out = admin.ok("POST", f"/_zhome/admin/v1/users/{q(carol.user_id)}/erase")
+    assert out["erased"]["events"] == 0 and out["status"] == "partial"
+    assert {k["why"] for k in out["kept"]} == {"legal_hold"}
+    assert admin.ok("GET", f"/_synapse/admin/v1/rooms/{q(room)}/state")
+    assert any(h["target"] == carol.user_id for h in admin.ok("GET", "/_zhome/admin/v1/legal_holds")["legal_holds"])
+    assert eid
+    admin.ok("DELETE", f"/_zhome/admin/v1/legal_holds/{hold['id']}")
+    assert admin.req("DELETE", f"/_zhome/admin/v1/legal_holds/{hold['id']}")[0] == 404
+    admin.ok("DELETE", f"/_zhome/admin/v1/rooms/{q(rooms['medical'])}/retention_floor")
+    assert admin.req("GET", f"/_zhome/admin/v1/rooms/{q(rooms['medical'])}/retention_floor")[0] == 404
+
+
+def test_erasure_reaches_the_other_server(zhome_pair: ZhomeServers, tmp_path: Path) -> None:
+    a, b = zhome_pair.a, zhome_pair.b
+    admin = Admin(a, "root_fed", tmp_path)
+    alice = ClientUser(a, "alice_fed")
+    bob = ClientUser(b, "bob_fed")
+    room = alice.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"]
+    bob.ok("POST", f"/join/{q(room)}?server_name={urllib.parse.quote(a.server_name)}", {})
+    marker = _marker()
+    eid = _send(alice, room, {"msgtype": "m.text", "body": marker})
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        status, ev = bob.req("GET", f"/rooms/{q(room)}/event/{q(eid)}")
+        if status == 200 and ev["content"].get("body") == marker:
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError("alice's message did not reach the other server")
+
+    out = admin.ok("POST", f"/_zhome/admin/v1/users/{q(alice.user_id)}/erase")
+    while time.monotonic() < deadline + WAIT_S:
+        status, ev = bob.req("GET", f"/rooms/{q(room)}/event/{q(eid)}")
+        if status == 200 and ev["content"] == {}:
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError("the other server did not apply the redaction")
+    for _ in range(100):
+        report = admin.ok("GET", f"/_zhome/admin/v1/erasures/{out['id']}")
+        delivery = report["federation"].get(b.server_name)
+        if delivery and delivery["pending"] == 0:
+            break
+        time.sleep(0.3)
+    assert delivery == {"sent": report["redactions_sent"], "acknowledged": report["redactions_sent"], "pending": 0}
+    assert delivery["sent"] >= 1

@@ -1,0 +1,194 @@
+"""What erasure reads and writes: legal holds, rooms' retention floors, the
+events a user sent, purging their stored content, and erasure reports.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Optional
+
+from zhome.rooms.redaction import prune_event_dict
+from zhome.rooms.versions import get_room_version
+from zhome.storage.database import Database, Txn, in_chunks
+from zhome.storage.events import EventsStore
+from zhome.storage.ids import IdGenerator
+
+
+def _hold_row(row: tuple[Any, ...]) -> dict[str, Any]:
+    hid, kind, target, reason, by, ts = row
+    return {"id": hid, "kind": kind, "target": target, "reason": reason, "created_by": by, "created_ts": ts}
+
+
+class PrivacyStore:
+    def __init__(self, db: Database, events: EventsStore, hold_ids: IdGenerator) -> None:
+        self.db = db
+        self.events = events
+        self.hold_ids = hold_ids
+
+    # -- legal holds ---------------------------------------------------------------------
+    async def add_hold(self, kind: str, target: str, reason: str, by: str) -> dict[str, Any]:
+        hid = self.hold_ids.next()
+        row = (hid, kind, target, reason, by, int(time.time() * 1000))
+        await self.db.run_interaction("add_hold", lambda txn: txn.execute(
+            "INSERT INTO legal_holds (id, kind, target, reason, created_by, created_ts) VALUES (?,?,?,?,?,?)", row))
+        return _hold_row(row)
+
+    async def list_holds(self, kind: Optional[str] = None, target: Optional[str] = None) -> list[dict[str, Any]]:
+        sql = "SELECT id, kind, target, reason, created_by, created_ts FROM legal_holds WHERE 1 = 1"
+        args: list[Any] = []
+        if kind:
+            sql += " AND kind = ?"
+            args.append(kind)
+        if target:
+            sql += " AND target = ?"
+            args.append(target)
+        return [_hold_row(r) for r in await self.db.execute("list_holds", sql + " ORDER BY id", *args)]
+
+    async def delete_hold(self, hold_id: int) -> bool:
+        def txn_fn(txn: Txn) -> bool:
+            txn.execute("DELETE FROM legal_holds WHERE id = ?", (hold_id,))
+            return bool(txn.rowcount)
+
+        return await self.db.run_interaction("delete_hold", txn_fn)
+
+    # -- retention floors ------------------------------------------------------------------
+    async def set_floor(self, room_id: str, floor_ms: int, reason: str, by: str) -> None:
+        def txn_fn(txn: Txn) -> None:
+            txn.execute("DELETE FROM room_retention_floors WHERE room_id = ?", (room_id,))
+            txn.execute("INSERT INTO room_retention_floors (room_id, floor_ms, reason, set_by, set_ts)"
+                        " VALUES (?,?,?,?,?)", (room_id, floor_ms, reason, by, int(time.time() * 1000)))
+
+        await self.db.run_interaction("set_floor", txn_fn)
+
+    async def get_floor(self, room_id: str) -> Optional[dict[str, Any]]:
+        rows = await self.db.execute(
+            "get_floor", "SELECT floor_ms, reason, set_by, set_ts FROM room_retention_floors WHERE room_id = ?",
+            room_id)
+        if not rows:
+            return None
+        ms, reason, by, ts = rows[0]
+        return {"room_id": room_id, "floor_ms": ms, "reason": reason, "set_by": by, "set_ts": ts}
+
+    async def floors(self) -> dict[str, dict[str, Any]]:
+        rows = await self.db.execute("floors", "SELECT room_id, floor_ms, reason FROM room_retention_floors")
+        return {r: {"floor_ms": ms, "reason": reason} for r, ms, reason in rows}
+
+    async def delete_floor(self, room_id: str) -> bool:
+        def txn_fn(txn: Txn) -> bool:
+            txn.execute("DELETE FROM room_retention_floors WHERE room_id = ?", (room_id,))
+            return bool(txn.rowcount)
+
+        return await self.db.run_interaction("delete_floor", txn_fn)
+
+    # -- a user's events -----------------------------------------------------------------------
+    async def events_sent_by(self, user_id: str) -> list[tuple[str, str, str, Optional[str], int]]:
+        """(event_id, room_id, type, state_key, origin_server_ts) of every
+        event ``user_id`` sent that this server holds, in stream order."""
+        rows = await self.db.execute(
+            "events_sent_by", "SELECT event_id, room_id, type, state_key, origin_server_ts FROM events"
+            " WHERE sender = ? ORDER BY stream_ordering", user_id)
+        return [(e, r, t, s, int(ts)) for e, r, t, s, ts in rows]
+
+    async def purge_content(self, event_ids: list[str]) -> int:
+        """Replace the stored JSON of each event by its redacted form (the
+        room version's redaction algorithm): the content is gone from the
+        database, what the graph and the auth rules need stays, and the
+        hashes and signatures still verify as those of a redacted event.
+        Returns how many rows changed."""
+        def txn_fn(txn: Txn) -> int:
+            changed = 0
+            for chunk, qs in in_chunks(event_ids):
+                txn.execute("SELECT e.event_id, r.room_version, e.json FROM events e JOIN rooms r"
+                            f" ON r.room_id = e.room_id WHERE e.event_id IN ({qs})", tuple(chunk))
+                for eid, version, raw in txn.fetchall():
+                    pdu = json.loads(raw)
+                    pruned = prune_event_dict(get_room_version(version), pdu)
+                    if pruned != pdu:
+                        txn.execute("UPDATE events SET json = ? WHERE event_id = ?",
+                                    (json.dumps(pruned, separators=(",", ":"), ensure_ascii=False), eid))
+                        changed += 1
+                # Notifications and transaction IDs of these events go too.
+                txn.execute(f"DELETE FROM user_notifications WHERE event_id IN ({qs})", tuple(chunk))
+                txn.execute(f"DELETE FROM event_txn_ids WHERE event_id IN ({qs})", tuple(chunk))
+            return changed
+
+        try:
+            return await self.db.run_interaction("purge_content", txn_fn)
+        finally:
+            for eid in event_ids:
+                self.events.invalidate_event(eid)
+
+    async def media_of(self, user_id: str) -> list[tuple[str, str]]:
+        """(origin, media_id) of every file ``user_id`` uploaded."""
+        rows = await self.db.execute("media_of", "SELECT origin, media_id FROM media WHERE user_id = ?"
+                                     " ORDER BY created_ts", user_id)
+        return [(o, m) for o, m in rows]
+
+    async def delete_user_traces(self, user_id: str) -> None:
+        """What the user left behind that deactivation keeps: read receipts,
+        read markers, presence, notifications, forgotten rooms, transaction IDs."""
+        def txn_fn(txn: Txn) -> None:
+            for table in ("receipts", "room_unread", "room_forgotten", "presence", "user_notifications",
+                          "event_txn_ids"):
+                txn.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))
+
+        await self.db.run_interaction("delete_user_traces", txn_fn)
+
+    # -- erasure reports -------------------------------------------------------------------------
+    async def save_erasure(self, report: dict[str, Any]) -> None:
+        def txn_fn(txn: Txn) -> None:
+            txn.execute("DELETE FROM erasures WHERE id = ?", (report["id"],))
+            txn.execute("INSERT INTO erasures (id, user_id, requested_by, started_ts, finished_ts, status,"
+                        " report_json) VALUES (?,?,?,?,?,?,?)",
+                        (report["id"], report["user_id"], report["requested_by"], report["started_ts"],
+                         report.get("finished_ts"), report["status"], json.dumps(report)))
+
+        await self.db.run_interaction("save_erasure", txn_fn)
+
+    async def record_redaction(self, erasure_id: str, redaction_id: str, room_id: str,
+                               destinations: list[str]) -> None:
+        await self.db.run_interaction("record_redaction", lambda txn: txn.execute(
+            "INSERT INTO erasure_redactions (erasure_id, redaction_event_id, room_id, destinations)"
+            " VALUES (?,?,?,?)", (erasure_id, redaction_id, room_id, json.dumps(destinations))))
+
+    async def get_erasure(self, erasure_id: str) -> Optional[dict[str, Any]]:
+        rows = await self.db.execute("get_erasure", "SELECT report_json FROM erasures WHERE id = ?", erasure_id)
+        if not rows:
+            return None
+        report: dict[str, Any] = json.loads(rows[0][0])
+        report["federation"] = await self._delivery(erasure_id)
+        return report
+
+    async def list_erasures(self, user_id: Optional[str]) -> list[dict[str, Any]]:
+        sql = "SELECT id, user_id, requested_by, started_ts, finished_ts, status FROM erasures"
+        args: list[Any] = []
+        if user_id:
+            sql += " WHERE user_id = ?"
+            args.append(user_id)
+        rows = await self.db.execute("list_erasures", sql + " ORDER BY started_ts", *args)
+        return [{"id": i, "user_id": u, "requested_by": by, "started_ts": s, "finished_ts": f, "status": st}
+                for i, u, by, s, f, st in rows]
+
+    async def _delivery(self, erasure_id: str) -> dict[str, dict[str, int]]:
+        """Per remote server: redactions sent, and of those how many it
+        acknowledged (its transaction succeeded, so the queue no longer holds them)."""
+        def txn_fn(txn: Txn) -> dict[str, dict[str, int]]:
+            txn.execute("SELECT redaction_event_id, destinations FROM erasure_redactions WHERE erasure_id = ?",
+                        (erasure_id,))
+            sent: dict[str, list[str]] = {}
+            for eid, dests in txn.fetchall():
+                for d in json.loads(dests):
+                    sent.setdefault(d, []).append(eid)
+            out: dict[str, dict[str, int]] = {}
+            for dest, eids in sorted(sent.items()):
+                pending = 0
+                for chunk, qs in in_chunks(eids):
+                    txn.execute(f"SELECT COUNT(*) FROM federation_outbound WHERE destination = ? AND event_id IN ({qs})",
+                                (dest, *chunk))
+                    row = txn.fetchone()
+                    pending += int(row[0]) if row else 0
+                out[dest] = {"sent": len(eids), "acknowledged": len(eids) - pending, "pending": pending}
+            return out
+
+        return await self.db.run_interaction("erasure_delivery", txn_fn)

@@ -1,0 +1,78 @@
+-- Account states an administrator sets (client-server-api "Account
+-- locking" and "Account suspension", and the Synapse-compatible admin API):
+-- a locked account's tokens answer M_USER_LOCKED; a suspended account reads
+-- but does not write; user_type is Synapse's (null, "bot", "support");
+-- erased is set by a deactivation with erase.
+ALTER TABLE users ADD COLUMN locked INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN suspended INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE users ADD COLUMN user_type TEXT;
+ALTER TABLE users ADD COLUMN erased INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX users_created ON users (created_ts);
+
+-- Reports of events, rooms and users (client-server-api "Reporting
+-- content"), read by admins through the event_reports endpoints.
+-- kind: 'event' (room_id and event_id set), 'room' (room_id set) or 'user'
+-- (target_user_id set).
+CREATE TABLE content_reports (
+    id BIGINT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    received_ts BIGINT NOT NULL,
+    reporter TEXT NOT NULL,
+    room_id TEXT,
+    event_id TEXT,
+    target_user_id TEXT,
+    reason TEXT,
+    score BIGINT
+);
+CREATE INDEX content_reports_kind ON content_reports (kind, received_ts);
+
+-- Rooms an admin has blocked: no local user may join them.
+CREATE TABLE blocked_rooms (
+    room_id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    blocked_ts BIGINT NOT NULL
+);
+
+-- Legal holds (an admin keeps a user's or a room's data from erasure, with
+-- a reason) and statutory retention floors (a room's events are kept for at
+-- least floor_ms from their origin_server_ts, e.g. 20 years for a medical
+-- file).
+CREATE TABLE legal_holds (
+    id BIGINT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_ts BIGINT NOT NULL
+);
+CREATE INDEX legal_holds_target ON legal_holds (kind, target);
+
+CREATE TABLE room_retention_floors (
+    room_id TEXT PRIMARY KEY,
+    floor_ms BIGINT NOT NULL,
+    reason TEXT NOT NULL,
+    set_by TEXT NOT NULL,
+    set_ts BIGINT NOT NULL
+);
+
+-- One row per erasure of a user (GDPR art. 17): what was erased and kept,
+-- and the redactions it sent, whose delivery the report reads back from the
+-- federation queue.
+CREATE TABLE erasures (
+    id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    requested_by TEXT NOT NULL,
+    started_ts BIGINT NOT NULL,
+    finished_ts BIGINT,
+    status TEXT NOT NULL,
+    report_json TEXT NOT NULL
+);
+CREATE INDEX erasures_user ON erasures (user_id);
+
+CREATE TABLE erasure_redactions (
+    erasure_id TEXT NOT NULL,
+    redaction_event_id TEXT NOT NULL,
+    room_id TEXT NOT NULL,
+    destinations TEXT NOT NULL,
+    PRIMARY KEY (erasure_id, redaction_event_id)
+);
