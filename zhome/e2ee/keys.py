@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable, Optional
 
 from twisted.internet import defer
 
-from zhome.e2ee.device_lists import DeviceListService
+from zhome.e2ee.device_lists import DeviceListService, verified_device_keys
 from zhome.e2ee.validation import check_device_keys, check_keys, ed25519_verify_key
 from zhome.http.errors import MatrixError, bad_json
 from zhome.storage.accounts import AccountsStore
@@ -187,15 +187,23 @@ def _merge_query(result: dict[str, Any], resp: dict[str, Any], asked: dict[str, 
     if isinstance(got, dict):
         for u, devices in got.items():
             if u in asked and isinstance(devices, dict):
-                result["device_keys"][u] = {d: k for d, k in devices.items()
-                                            if isinstance(k, dict) and k.get("user_id") == u
-                                            and k.get("device_id") == d}
+                checked = {d: (verified_device_keys(u, d, k), k) for d, k in devices.items() if isinstance(d, str)}
+                result["device_keys"][u] = {d: _with_unsigned(v, k) for d, (v, k) in checked.items()
+                                            if v is not None}
     for extra in ("master_keys", "self_signing_keys"):
         got = resp.get(extra)
         if isinstance(got, dict):
             for u, k in got.items():
                 if u in asked and isinstance(k, dict):
                     result.setdefault(extra, {})[u] = k
+
+
+def _with_unsigned(verified: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
+    # ``unsigned`` is outside the signature; the device's display name in it
+    # is still worth passing on, nothing else there is.
+    unsigned = raw.get("unsigned")
+    name = unsigned.get("device_display_name") if isinstance(unsigned, dict) else None
+    return {**verified, "unsigned": {"device_display_name": name}} if isinstance(name, str) else verified
 
 
 def _merge_claim(result: dict[str, Any], resp: dict[str, Any], asked: dict[str, dict[str, str]]) -> None:
