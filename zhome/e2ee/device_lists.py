@@ -68,6 +68,9 @@ class DeviceListService:
         if deleted:
             for hook in self.on_devices_deleted:
                 hook(user_id, [d for _, d, _ in rows])
+        # The stream moves on now, before the rooms to wake are looked up:
+        # a /sync right after the request that made the change includes it.
+        self.notifier.on_device_list_change(max(sid for sid, _, _ in rows), [], [user_id])
         defer.ensureDeferred(self._announce(user_id, rows))
 
     async def _announce(self, user_id: str, rows: list[tuple[int, str, Optional[int]]]) -> None:
