@@ -32,12 +32,17 @@ _STREAM = itertools.count(100)
 
 def _keys(user_id: str, device_id: str) -> dict[str, Any]:
     """Device keys as a real client makes them: signed by the device."""
+    return _device(user_id, device_id)[0]
+
+
+def _device(user_id: str, device_id: str) -> tuple[dict[str, Any], Any]:
+    """A device's signed keys and its signing key."""
     key = generate_signing_key(device_id)
     body = {"user_id": user_id, "device_id": device_id,
             "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
             "keys": {f"ed25519:{device_id}": encode_verify_key_base64(get_verify_key(key)),
                      f"curve25519:{device_id}": encode_base64(os.urandom(32))}}
-    return sign_json(body, user_id, key)
+    return sign_json(body, user_id, key), key
 
 
 def _tampered(keys: dict[str, Any]) -> dict[str, Any]:
@@ -134,6 +139,33 @@ def test_remote_device_keys_are_checked_before_caching(world: World) -> None:
     status, resp = world.send_txn([], [_edu(mallory, "GOOD", sid, [prev], _tampered(good))])
     assert status == 200, (status, resp)
     _wait_query(world, mallory, {"LATE"})
+    prev = sid
+
+    # One-time keys claimed from E for devices whose keys A knows must be
+    # signed by those devices; keys of devices A does not know are passed on
+    # (the client checks them against the keys it queries).
+    devs = {d: _device(mallory, d) for d in ("OTKA", "OTKB")}
+    for d, (keys, _) in devs.items():
+        sid = next(_STREAM)
+        status, resp = world.send_txn([], [_edu(mallory, d, sid, [prev], keys)])
+        assert status == 200, (status, resp)
+        prev = sid
+    _wait_query(world, mallory, {"LATE", "OTKA", "OTKB"})
+    stranger = generate_signing_key("OTKB")
+    claimed = {mallory: {
+        "OTKA": {"signed_curve25519:AAAA": sign_json({"key": encode_base64(os.urandom(32))}, mallory, devs["OTKA"][1])},
+        "OTKB": {"signed_curve25519:BBBB": sign_json({"key": encode_base64(os.urandom(32))}, mallory, stranger)},
+        "LATE": {"signed_curve25519:CCCC": {"key": encode_base64(os.urandom(32))}},
+        "UNKNOWN": {"signed_curve25519:DDDD": {"key": "x", "signatures": {}}}}}
+    world.e.handlers.append(("POST", f"{FED}/v1/user/keys/claim", lambda path, body: (200, {"one_time_keys": claimed})))
+    try:
+        status, resp = world.client("POST", "/keys/claim", {"timeout": 5000, "one_time_keys": {
+            mallory: {d: "signed_curve25519" for d in ("OTKA", "OTKB", "LATE", "UNKNOWN")}}})
+    finally:
+        world.e.handlers.clear()
+    assert status == 200 and resp["failures"] == {}, (status, resp)
+    assert resp["one_time_keys"] == {mallory: {"OTKA": claimed[mallory]["OTKA"],
+                                               "UNKNOWN": claimed[mallory]["UNKNOWN"]}}, resp
     world.assert_serving()
 
 

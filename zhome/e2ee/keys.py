@@ -153,7 +153,34 @@ class E2eKeysService:
                 by_server.setdefault(server_of(u), {})[u] = devices
         await self._fan_out(by_server, "/_matrix/federation/v1/user/keys/claim", "one_time_keys", timeout_ms,
                             result, _merge_claim)
+        await self._drop_unsigned_remote_keys(result["one_time_keys"])
         return result
+
+    async def _drop_unsigned_remote_keys(self, claimed: dict[str, dict[str, dict[str, Any]]]) -> None:
+        """Remote one-time keys whose device's identity key is known must
+        carry its signature, like local uploads; the others are passed on
+        for the client to check."""
+        remote = [u for u in claimed if server_of(u) != self.server_name]
+        if not remote:
+            return
+        known = await self.device_lists.cached_remote_keys(remote)
+        for u in remote:
+            for d, keys in list(claimed[u].items()):
+                device_keys = known.get(u, {}).get(d)
+                if device_keys is None:
+                    continue
+                kept = {}
+                for key_id, key in keys.items():
+                    try:
+                        check_keys({key_id: key}, "one_time_keys", u, d, ed25519_verify_key(device_keys, d))
+                    except Exception as e:  # a MatrixError, or what a hostile shape makes the checks raise
+                        logger.info("dropping a one-time key of %s's device %s: %s", u, d, type(e).__name__)
+                        continue
+                    kept[key_id] = key
+                if kept:
+                    claimed[u][d] = kept
+                else:
+                    del claimed[u][d]
 
     async def _fan_out(self, by_server: dict[str, Any], path: str, field: str, timeout_ms: int,
                        result: dict[str, Any], merge: Callable[[dict[str, Any], Any, Any], None]) -> None:
