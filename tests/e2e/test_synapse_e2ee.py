@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
+import signedjson.key
+from signedjson.sign import sign_json
+from unpaddedbase64 import encode_base64
 
 from tests.e2e.conftest import ZhomeServers
 from tests.e2e.harness import ZhomeProcess
@@ -294,3 +298,53 @@ def test_to_device_messages_between_the_servers(zhome_e2ee: ZhomeProcess, synaps
     s2, _ = _login(synapse.base_url, s_id)
     _to_device_one_way(z1, s_id, s1, sd1, s2)
     _to_device_one_way(s1, z_id, z1, zd1, z2)
+
+
+# ---------------------------------------------------------------------------
+# Leaving: device_lists.left, and key queries still answered afterwards
+
+
+def _upload_device_keys(c: Client) -> str:
+    device_id = str(c.ok("GET", "/_matrix/client/v3/account/whoami")["device_id"])
+    sk = signedjson.key.generate_signing_key(device_id)
+    keys = sign_json({"user_id": c.user_id, "device_id": device_id,
+                      "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+                      "keys": {f"ed25519:{device_id}": encode_base64(signedjson.key.get_verify_key(sk).encode()),
+                               f"curve25519:{device_id}": encode_base64(os.urandom(32))}}, c.user_id, sk)
+    c.ok("POST", "/_matrix/client/v3/keys/upload", {"device_keys": keys})
+    return device_id
+
+
+def _lists(c: Client, field: str, user_id: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda r: user_id in r.get("device_lists", {}).get(field, [])
+
+
+def test_leaving_the_room_shows_in_device_lists_left(zhome_e2ee: ZhomeProcess, synapse: SynapsePeer  # noqa: F811
+                                                     ) -> None:
+    z_id, s_id = _account(zhome_e2ee.base_url, "lz"), _account(synapse.base_url, "ls")
+    (z, _), (s, _) = _login(zhome_e2ee.base_url, z_id), _login(synapse.base_url, s_id)
+    zd, sd = _upload_device_keys(z), _upload_device_keys(s)
+    room_id = z.create_room(preset="private_chat", invite=[s_id])
+    s.sync_until(lambda r: room_id in r.get("rooms", {}).get("invite", {}), "the invite")
+    s.ok("POST", f"/_matrix/client/v3/rooms/{_q(room_id)}/join", {})
+    z.sync_until(_lists(z, "changed", s_id), "the Synapse user in device_lists.changed after the join")
+    s.sync_until(_lists(s, "changed", z_id), "the zhome user in device_lists.changed after the join")
+    assert set(_device_keys(z, s_id)) == {sd} and set(_device_keys(s, z_id)) == {zd}
+
+    # The Synapse user leaves zhome's room: zhome says so in
+    # device_lists.left, and its key queries for them still work (now asked
+    # of Synapse each time).
+    s.ok("POST", f"/_matrix/client/v3/rooms/{_q(room_id)}/leave", {})
+    z.sync_until(_lists(z, "left", s_id), "the Synapse user in device_lists.left")
+    assert set(_device_keys(z, s_id)) == {sd}
+
+    # The zhome user leaves a Synapse room: both sides say so.
+    room2 = s.create_room(preset="private_chat", invite=[z_id])
+    z.sync_until(lambda r: room2 in r.get("rooms", {}).get("invite", {}), "the invite from Synapse")
+    z.ok("POST", f"/_matrix/client/v3/rooms/{_q(room2)}/join", {})
+    z.sync_until(_lists(z, "changed", s_id), "the Synapse user in device_lists.changed after joining on Synapse")
+    s.sync_until(_lists(s, "changed", z_id), "the zhome user in device_lists.changed after joining on Synapse")
+    z.ok("POST", f"/_matrix/client/v3/rooms/{_q(room2)}/leave", {})
+    z.sync_until(_lists(z, "left", s_id), "the Synapse user in device_lists.left after leaving on Synapse")
+    s.sync_until(_lists(s, "left", z_id), "the zhome user in Synapse's device_lists.left")
+    assert set(_device_keys(z, s_id)) == {sd} and set(_device_keys(s, z_id)) == {zd}
