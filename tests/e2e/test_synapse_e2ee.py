@@ -109,7 +109,7 @@ def _knows(p: Person, user_id: str, device_id: str) -> bool:
 
 
 def _shared_with(p: Person, room_id: str) -> set[tuple[str, str]]:
-    return set(p.client.olm.outbound_group_sessions[room_id].users_shared_with)  # type: ignore[union-attr]
+    return set(p.client.olm.outbound_group_sessions[room_id].users_shared_with)
 
 
 async def _exchange(a: Person, b: Person, room_id: str, tag: str) -> None:
@@ -217,7 +217,7 @@ async def _devices_come_and_go(zh: ZhomeProcess, syn: SynapsePeer, root: Path) -
                         "device_lists.changed for the Synapse user")
         _wait_devices(zraw, s_id, {s.client.device_id}, "Synapse's tablet gone on zhome")
         await z.sync_until(lambda: not _knows(z, s_id, s2_dev), "the Synapse tablet gone from zhome's client")
-        z.client.olm.outbound_group_sessions.pop(room_id, None)  # type: ignore[union-attr]  # rotate
+        z.client.olm.outbound_group_sessions.pop(room_id, None)  # rotate
         await z.send(room_id, "tablet gone")
         await s.sync_until(lambda: "tablet gone" in s.plaintexts.get(room_id, []), "the message after the logout")
         shared = _shared_with(z, room_id)
@@ -230,7 +230,7 @@ async def _devices_come_and_go(zh: ZhomeProcess, syn: SynapsePeer, root: Path) -
                         "device_lists.changed for the zhome user")
         _wait_devices(sraw, z_id, {z.client.device_id}, "zhome's tablet gone on Synapse")
         await s.sync_until(lambda: not _knows(s, z_id, z2_dev), "the zhome tablet gone from Synapse's client")
-        s.client.olm.outbound_group_sessions.pop(room_id, None)  # type: ignore[union-attr]
+        s.client.olm.outbound_group_sessions.pop(room_id, None)
         await s.send(room_id, "zhome tablet gone")
         await z.sync_until(lambda: "zhome tablet gone" in z.plaintexts.get(room_id, []),
                            "the message after zhome's logout")
