@@ -8,6 +8,7 @@ dropped) when the test ends.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -22,6 +23,15 @@ from typing import Any, Optional
 import yaml
 
 STARTUP_TIMEOUT_S = 30
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _server_env() -> dict[str, str]:
+    """The environment of a zhome process: it imports the checkout these
+    tests belong to, whatever the venv's editable install points at."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return env
 CS = "/_matrix/client/v3"
 
 
@@ -63,7 +73,7 @@ class ZhomeProcess:
             args += ["--federation-port", str(fed_port), "--self-signed-tls"]
         if database_url:
             args += ["--database-url", database_url]
-        subprocess.run(args, check=True, capture_output=True)
+        subprocess.run(args, check=True, capture_output=True, env=_server_env())
         cfg = yaml.safe_load(self.config_path.read_text())
         cfg["rate_limits"]["enabled"] = rate_limits
         cfg["log_level"] = "INFO"
@@ -80,7 +90,7 @@ class ZhomeProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "zhome", "run", "--config-path", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=str(self.workdir),
+            stdout=log, stderr=subprocess.STDOUT, cwd=str(self.workdir), env=_server_env(),
         )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import nio
 
@@ -28,10 +28,16 @@ WAIT_S = 30.0
 assert nio.crypto.ENCRYPTION_ENABLED, "matrix-nio was installed without its e2e extra (see requirements-test.txt)"
 
 
+class Homeserver(Protocol):
+    """Any server a client can reach: a zhome or a Synapse peer."""
+
+    base_url: str
+
+
 class Person:
     """One device of a user: a nio client with its own crypto store."""
 
-    def __init__(self, hs: ZhomeProcess, user_id: str, store: Path) -> None:
+    def __init__(self, hs: Homeserver, user_id: str, store: Path) -> None:
         store.mkdir(parents=True, exist_ok=True)
         cfg = nio.AsyncClientConfig(encryption_enabled=True, store_sync_tokens=False)
         self.client = nio.AsyncClient(hs.base_url, user_id, store_path=str(store), config=cfg)

@@ -16,6 +16,8 @@ from urllib.parse import quote
 from twisted.internet import defer
 
 from zhome.e2ee.cross_signing import parse_remote_keys
+from zhome.e2ee.validation import check_device_keys
+from zhome.http.errors import MatrixError
 from zhome.storage.accounts import AccountsStore
 from zhome.storage.database import Txn
 from zhome.storage.device_lists import DeviceListStore
@@ -67,6 +69,9 @@ class DeviceListService:
         if deleted:
             for hook in self.on_devices_deleted:
                 hook(user_id, [d for _, d, _ in rows])
+        # The stream moves on now, before the rooms to wake are looked up:
+        # a /sync right after the request that made the change includes it.
+        self.notifier.on_device_list_change(max(sid for sid, _, _ in rows), [], [user_id])
         defer.ensureDeferred(self._announce(user_id, rows))
 
     async def _announce(self, user_id: str, rows: list[tuple[int, str, Optional[int]]]) -> None:
@@ -138,11 +143,11 @@ class DeviceListService:
             if known is not None and stream_id <= known:
                 return
             if known is not None and known in prev_ids:
-                keys = content.get("keys")
                 name = content.get("device_display_name")
                 pos = await self.store.apply_remote_update(
                     user_id, device_id, stream_id, content.get("deleted") is True,
-                    name if isinstance(name, str) else None, keys if isinstance(keys, dict) else None)
+                    name if isinstance(name, str) else None,
+                    verified_device_keys(user_id, device_id, content.get("keys")))
             else:
                 got = await self._resync(user_id)
                 pos = got if got is not None else (await self.store.record_change(user_id, [device_id]))[-1][0]
@@ -303,10 +308,23 @@ def _parse_user_devices(user_id: str, resp: Any) -> Optional[tuple[int, dict[str
     for d in devices[:MAX_REMOTE_DEVICES]:
         if not isinstance(d, dict) or not isinstance(d.get("device_id"), str):
             continue
-        keys = d.get("keys")
         name = d.get("device_display_name")
-        if isinstance(keys, dict) and (keys.get("user_id", user_id) != user_id
-                                       or keys.get("device_id", d["device_id"]) != d["device_id"]):
-            keys = None
-        out[d["device_id"]] = (name if isinstance(name, str) else None, keys if isinstance(keys, dict) else None)
+        out[d["device_id"]] = (name if isinstance(name, str) else None,
+                               verified_device_keys(user_id, d["device_id"], d.get("keys")))
     return stream_id, out
+
+
+def verified_device_keys(user_id: str, device_id: str, keys: Any) -> Optional[dict[str, Any]]:
+    """A remote device's keys as they may be cached and served: about that
+    user and device, well formed and signed by the device's own ed25519 key;
+    otherwise None (the device is known, its keys are not). A server could
+    else make other servers' clients encrypt to a key its user never had."""
+    if not isinstance(keys, dict):
+        return None
+    try:
+        return check_device_keys(keys, user_id, device_id)
+    except MatrixError as e:
+        logger.info("not caching keys of %s's device %s: %s", user_id, device_id, e)
+    except Exception as e:  # whatever else a hostile shape makes the checks raise
+        logger.info("not caching keys of %s's device %s: %s", user_id, device_id, type(e).__name__)
+    return None

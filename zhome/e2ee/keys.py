@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable, Optional
 
 from twisted.internet import defer
 
-from zhome.e2ee.device_lists import DeviceListService
+from zhome.e2ee.device_lists import DeviceListService, verified_device_keys
 from zhome.e2ee.validation import check_device_keys, check_keys, ed25519_verify_key
 from zhome.http.errors import MatrixError, bad_json
 from zhome.storage.accounts import AccountsStore
@@ -153,7 +153,34 @@ class E2eKeysService:
                 by_server.setdefault(server_of(u), {})[u] = devices
         await self._fan_out(by_server, "/_matrix/federation/v1/user/keys/claim", "one_time_keys", timeout_ms,
                             result, _merge_claim)
+        await self._drop_unsigned_remote_keys(result["one_time_keys"])
         return result
+
+    async def _drop_unsigned_remote_keys(self, claimed: dict[str, dict[str, dict[str, Any]]]) -> None:
+        """Remote one-time keys whose device's identity key is known must
+        carry its signature, like local uploads; the others are passed on
+        for the client to check."""
+        remote = [u for u in claimed if server_of(u) != self.server_name]
+        if not remote:
+            return
+        known = await self.device_lists.cached_remote_keys(remote)
+        for u in remote:
+            for d, keys in list(claimed[u].items()):
+                device_keys = known.get(u, {}).get(d)
+                if device_keys is None:
+                    continue
+                kept = {}
+                for key_id, key in keys.items():
+                    try:
+                        check_keys({key_id: key}, "one_time_keys", u, d, ed25519_verify_key(device_keys, d))
+                    except Exception as e:  # a MatrixError, or what a hostile shape makes the checks raise
+                        logger.info("dropping a one-time key of %s's device %s: %s", u, d, type(e).__name__)
+                        continue
+                    kept[key_id] = key
+                if kept:
+                    claimed[u][d] = kept
+                else:
+                    del claimed[u][d]
 
     async def _fan_out(self, by_server: dict[str, Any], path: str, field: str, timeout_ms: int,
                        result: dict[str, Any], merge: Callable[[dict[str, Any], Any, Any], None]) -> None:
@@ -187,15 +214,23 @@ def _merge_query(result: dict[str, Any], resp: dict[str, Any], asked: dict[str, 
     if isinstance(got, dict):
         for u, devices in got.items():
             if u in asked and isinstance(devices, dict):
-                result["device_keys"][u] = {d: k for d, k in devices.items()
-                                            if isinstance(k, dict) and k.get("user_id") == u
-                                            and k.get("device_id") == d}
+                checked = {d: (verified_device_keys(u, d, k), k) for d, k in devices.items() if isinstance(d, str)}
+                result["device_keys"][u] = {d: _with_unsigned(v, k) for d, (v, k) in checked.items()
+                                            if v is not None}
     for extra in ("master_keys", "self_signing_keys"):
         got = resp.get(extra)
         if isinstance(got, dict):
             for u, k in got.items():
                 if u in asked and isinstance(k, dict):
                     result.setdefault(extra, {})[u] = k
+
+
+def _with_unsigned(verified: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
+    # ``unsigned`` is outside the signature; the device's display name in it
+    # is still worth passing on, nothing else there is.
+    unsigned = raw.get("unsigned")
+    name = unsigned.get("device_display_name") if isinstance(unsigned, dict) else None
+    return {**verified, "unsigned": {"device_display_name": name}} if isinstance(name, str) else verified
 
 
 def _merge_claim(result: dict[str, Any], resp: dict[str, Any], asked: dict[str, dict[str, str]]) -> None:
