@@ -74,6 +74,9 @@ class HomeServer:
         self.listening_ports: list[Any] = []
         self.media_repository: Any = None
         self.media_cleaner: Any = None
+        #: async callables run with a user ID when the account is deactivated,
+        #: each removing what one feature keeps about that user.
+        self.account_purge_hooks: list[Callable[[str], Awaitable[None]]] = []
 
     async def setup(self) -> None:
         cfg = self.config
@@ -122,9 +125,6 @@ class HomeServer:
         self.user_data.after_user_data_deleted.append(self.push_rules_cache.invalidate)
         self.admin_store = AdminStore(db, self.accounts, await IdGenerator.from_table(db, "content_reports", "id"),
                                       self.server_name)
-        #: async callables run with a user ID when the account is deactivated,
-        #: each removing what one feature keeps about that user.
-        self.account_purge_hooks: list[Callable[[str], Awaitable[None]]] = []
         notifications_store = NotificationsStore(db)
         self.notification_log = NotificationLog(notifications_store, self.events)
         self.persister.txn_hooks.append(self.notification_log.persist_txn_hook)
@@ -186,6 +186,7 @@ class HomeServer:
         # servlets' user-interactive auth), bound late: those are built later.
         self.cross_signing = CrossSigningService(self.server_name, cross_signing_store, keys_store, self.accounts,
                                                  self.device_lists, self._require_password_uia)
+        self.account_purge_hooks.append(cross_signing_store.delete_for_user)
 
     async def _require_password_uia(self, body: dict[str, Any], user_id: str, operation: str) -> None:
         await self.account_servlets.require_password_uia(body, user_id, operation)

@@ -32,6 +32,8 @@ def _server_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     return env
+
+
 CS = "/_matrix/client/v3"
 
 

@@ -477,3 +477,17 @@ def test_signing_key_updates_from_a_remote_server(world: World) -> None:
     assert out["master_keys"][mallory]["keys"] == {f"ed25519:{m3.pub}": m3.pub}
     assert mallory not in out["self_signing_keys"]
     world.assert_serving()
+
+
+def test_deactivation_removes_cross_signing_keys(zhome: ZhomeProcess) -> None:
+    alice = Person(zhome, "alice")
+    bob = Person(zhome, "bob")
+    assert alice.user_id in bob.query(alice.user_id)["master_keys"]
+    status, first = alice.u.req("POST", "/account/deactivate", {})
+    assert status == 401
+    alice.u.ok("POST", "/account/deactivate", {"auth": {
+        "type": "m.login.password", "identifier": {"type": "m.id.user", "user": alice.user_id},
+        "password": "correct horse battery", "session": first["session"]}})
+    out = bob.query(alice.user_id)
+    assert alice.user_id not in out.get("master_keys", {}) and alice.user_id not in out.get("self_signing_keys", {})
+    assert not out["device_keys"].get(alice.user_id)

@@ -138,6 +138,16 @@ class CrossSigningStore:
     async def record_change(self, user_id: str) -> int:
         return await self.db.run_interaction("xsign_change", self.record_change_txn, user_id)
 
+    async def delete_for_user(self, user_id: str) -> None:
+        """A deactivated account's cross-signing keys, the signatures it made
+        and those made of its keys."""
+        def txn_fn(txn: Txn) -> None:
+            txn.execute("DELETE FROM e2e_cross_signing_keys WHERE user_id = ?", (user_id,))
+            txn.execute("DELETE FROM e2e_cross_signing_signatures WHERE user_id = ? OR target_user_id = ?",
+                        (user_id, user_id))
+
+        await self.db.run_interaction("xsign_delete_user", txn_fn)
+
     # -- signatures -------------------------------------------------------------------
     async def add_signatures(self, signatures: list[Signature], signed_devices: list[tuple[str, str]],
                              changed_users: list[tuple[str, Optional[str]]]) -> list[int]:
