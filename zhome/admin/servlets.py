@@ -108,6 +108,7 @@ class AdminServlets:
         r.register("GET", tokens + r"/(?P<token>[^/]+)", self.on_get_token, "admin_registration_token")
         r.register("PUT", tokens + r"/(?P<token>[^/]+)", self.on_put_token, "admin_registration_token")
         r.register("DELETE", tokens + r"/(?P<token>[^/]+)", self.on_delete_token, "admin_registration_token")
+        r.register("PUT", SYN1 + r"/suspend/" + USER, self.on_synapse_suspend, "admin_suspend")
         for flag in ("lock", "suspend"):
             path = rf"/_matrix/client/v1/admin/{flag}/" + USER
             r.register("GET", path, self._get_flag_handler(flag), f"admin_{flag}")
@@ -401,6 +402,18 @@ class AdminServlets:
         if user is None or user["deactivated"]:
             raise not_found("User not found")
         return req, user
+
+    async def on_synapse_suspend(self, request: Request, user_id: str) -> tuple[int, Any]:
+        """Synapse's own suspension path (what admin tools call)."""
+        req, user = await self._flag_target(request, user_id)
+        body = read_json_body(request)
+        value = body.get("suspend")
+        if not isinstance(value, bool):
+            raise bad_json("suspend must be a boolean")
+        if user["admin"] and user_id != req.user_id:
+            raise forbidden("Cannot change this for another server admin")
+        await self.store.set_flags(user_id, suspended=value)
+        return 200, {f"user_{user_id}_suspended": value}
 
     def _get_flag_handler(self, flag: str) -> Any:
         key = "locked" if flag == "lock" else "suspended"
