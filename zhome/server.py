@@ -106,6 +106,7 @@ class HomeServer:
                                  presence_pos=presence_store.current_position(),
                                  device_lists_pos=device_list_ids.current(), to_device_pos=to_device_ids.current())
         self._setup_e2ee(E2eKeysStore(db), DeviceListStore(db, device_list_ids), ToDeviceStore(db, to_device_ids))
+        self._setup_key_backup()
         self.typing = TypingService(self.notifier)
         self.presence = PresenceService(presence_store, self.events, self.notifier, self.server_name,
                                         cfg.presence.enabled)
@@ -164,6 +165,13 @@ class HomeServer:
                                               self.events, self.notifier)
         self.e2e_keys = E2eKeysService(self.server_name, keys_store, self.accounts, self.device_lists)
         self.to_device = ToDeviceService(self.server_name, to_device_store, self.accounts, self.notifier)
+
+    def _setup_key_backup(self) -> None:
+        """Server-side key backups (zhome/e2ee/key_backup.py)."""
+        from zhome.e2ee.key_backup import KeyBackupService
+        from zhome.storage.key_backup import KeyBackupStore
+
+        self.key_backup = KeyBackupService(KeyBackupStore(self.db))
 
     def _after_persist_e2ee(self, item: Any) -> None:
         # A leave may end the last room shared with remote users, whose
@@ -329,7 +337,12 @@ class HomeServer:
         e2ee = E2eeServlets(self.auth, self.e2e_keys, self.to_device, self.device_lists, self.events, self.notifier)
         return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
                 PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee,
-                PusherServlets(self)]
+                PusherServlets(self), self._key_backup_servlets()]
+
+    def _key_backup_servlets(self) -> Any:
+        from zhome.e2ee.key_backup_servlets import KeyBackupServlets
+
+        return KeyBackupServlets(self.auth, self.key_backup)
 
     def start_listening(self) -> None:
         tls_factory = None
