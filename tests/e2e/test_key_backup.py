@@ -338,3 +338,55 @@ def test_malformed_keys_are_refused_and_store_nothing(zhome: ZhomeProcess) -> No
     big = {**good, "first_message_index": 2 ** 53 - 1, "forwarded_count": 2 ** 53 - 1}
     assert alice.ok("PUT", _session_path(v), big)["count"] == 1
     assert alice.ok("GET", _session_path(v)) == big
+
+
+def test_responses_match_the_openapi_schemas(zhome: ZhomeProcess) -> None:
+    import jsonschema
+
+    from tests.e2e.openapi import Spec
+
+    spec = Spec()
+    alice = ClientUser(zhome, "alice")
+    checked: set[tuple[str, str, int]] = set()
+
+    def call(template: str, method: str, path: str, body: Any = None, status: int = 200) -> Any:
+        code, answer = alice.req(method.upper(), path, body)
+        assert code == status, (method, path, code, answer)
+        schema = spec.response_schema(template, method, status)
+        errors = list(jsonschema.Draft202012Validator(schema).iter_errors(answer))
+        assert not errors, (method, template, status, [e.message for e in errors[:5]])
+        checked.add((template, method, status))
+        return answer
+
+    ver, ver_n = "/room_keys/version", "/room_keys/version/{version}"
+    keys, room, session = "/room_keys/keys", "/room_keys/keys/{roomId}", "/room_keys/keys/{roomId}/{sessionId}"
+    call(ver, "get", "/room_keys/version", status=404)
+    v = call(ver, "post", "/room_keys/version", {"algorithm": ALG, "auth_data": _auth_data()})["version"]
+    call(ver, "get", "/room_keys/version")
+    call(ver_n, "get", f"/room_keys/version/{v}")
+    call(ver_n, "get", "/room_keys/version/77", status=404)
+    call(ver_n, "put", f"/room_keys/version/{v}", {"algorithm": ALG, "auth_data": _auth_data()})
+    call(ver_n, "put", f"/room_keys/version/{v}", {"algorithm": ALG, "auth_data": _auth_data(), "version": "9"},
+         status=400)
+    call(ver_n, "put", "/room_keys/version/77", {"algorithm": ALG, "auth_data": _auth_data()}, status=404)
+    call(session, "put", _session_path(v), _key())
+    call(room, "put", f"/room_keys/keys/{q(ROOM)}?version={v}", {"sessions": {"s2": _key()}})
+    call(keys, "put", f"/room_keys/keys?version={v}", {"rooms": {OTHER_ROOM: {"sessions": {"s3": _key()}}}})
+    call(session, "get", _session_path(v))
+    call(session, "get", _session_path(v, session_id="missing"), status=404)
+    call(room, "get", f"/room_keys/keys/{q(ROOM)}?version={v}")
+    call(keys, "get", f"/room_keys/keys?version={v}")
+    for template, path in ((keys, "/room_keys/keys?version=77"), (room, f"/room_keys/keys/{q(ROOM)}?version=77")):
+        call(template, "get", path, status=404)
+        call(template, "delete", path, status=404)
+    call(session, "delete", _session_path("77"), status=404)
+    newer = call(ver, "post", "/room_keys/version", {"algorithm": ALG, "auth_data": _auth_data()})["version"]
+    call(session, "put", _session_path(v), _key(), status=403)
+    call(room, "put", f"/room_keys/keys/{q(ROOM)}?version={v}", {"sessions": {"s": _key()}}, status=403)
+    call(keys, "put", f"/room_keys/keys?version={v}", {"rooms": {}}, status=403)
+    call(session, "delete", _session_path(v))
+    call(room, "delete", f"/room_keys/keys/{q(ROOM)}?version={v}")
+    call(keys, "delete", f"/room_keys/keys?version={v}")
+    call(ver_n, "delete", f"/room_keys/version/{newer}")
+    call(ver_n, "delete", "/room_keys/version/77", status=404)
+    assert len(checked) == 28
