@@ -237,12 +237,9 @@ class KeyBackupService:
 
     # keys
     async def put_keys(self, user_id: str, raw_version: str, keys: list[RoomKey]) -> dict[str, Any]:
-        version = parse_version(raw_version)
-        current = await self.store.get_version(user_id)
-        if current is None:
-            raise no_backup()
-        if version is None:
-            raise wrong_version(current.version)
+        # A version string this server never gave out is 0, which is never
+        # current: the store answers with the current version, or none.
+        version = parse_version(raw_version) or 0
         try:
             etag, count = await self.store.put_keys(user_id, version, keys, should_replace)
         except NoSuchVersion:

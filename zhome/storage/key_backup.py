@@ -133,9 +133,13 @@ class KeyBackupStore:
         user never had that version."""
 
         def txn_fn(txn: Txn) -> bool:
-            txn.execute("DELETE FROM e2e_room_keys WHERE user_id = ? AND version = ?", (user_id, version))
-            txn.execute("DELETE FROM e2e_room_keys_versions WHERE user_id = ? AND version = ?", (user_id, version))
-            if txn.rowcount > 0:
+            # The version row's lock first: an upload into this version that
+            # is under way commits before its keys are deleted here, so none
+            # of them stays behind.
+            if _lock_version_txn(txn, user_id, version) is not None:
+                txn.execute("DELETE FROM e2e_room_keys WHERE user_id = ? AND version = ?", (user_id, version))
+                txn.execute("DELETE FROM e2e_room_keys_versions WHERE user_id = ? AND version = ?",
+                            (user_id, version))
                 return True
             txn.execute("SELECT last_version FROM e2e_room_keys_version_seq WHERE user_id = ?", (user_id,))
             row = txn.fetchone()
