@@ -61,7 +61,8 @@ def parse_version(raw: str) -> Optional[int]:
     if not raw.isascii() or not raw.isdigit() or len(raw) > MAX_VERSION_DIGITS:
         return None
     v = int(raw)
-    return v if v >= 1 else None
+    # Exactly the string handed out: "01" names no version.
+    return v if v >= 1 and str(v) == raw else None
 
 
 def check_algorithm(body: dict[str, Any]) -> str:
