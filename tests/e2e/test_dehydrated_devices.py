@@ -193,3 +193,18 @@ def test_bad_dehydrated_devices_change_nothing(zhome: ZhomeProcess) -> None:
     assert (status, resp["errcode"]) == (400, "M_NOT_JSON")
     status, resp = alice.hs.request("GET", UNSTABLE + "/dehydrated_device")
     assert (status, resp["errcode"]) == (401, "M_MISSING_TOKEN")
+
+
+def test_concurrent_replacements_leave_one_device(zhome: ZhomeProcess) -> None:
+    import concurrent.futures
+
+    alice, bob = ClientUser(zhome, "alice"), ClientUser(zhome, "bob")
+    alice_device = alice.ok("GET", "/account/whoami")["device_id"]
+    candidates = [DehydratedDevice(alice.user_id) for _ in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda d: _req(alice, "PUT", "/dehydrated_device", d.body()), candidates))
+    assert all(status == 200 for status, _ in results), results
+    marked = _ok(alice, "GET", "/dehydrated_device")["device_id"]
+    assert marked in {d.device_id for d in candidates}
+    assert {d["device_id"] for d in alice.ok("GET", "/devices")["devices"]} == {alice_device, marked}
+    assert set(_query(bob, alice.user_id)) == {marked}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import defer
 from twisted.web.server import Request
 
 from zhome.e2ee.keys import E2eKeysService
@@ -57,6 +58,10 @@ class DehydratedDeviceService:
         self.keys = keys
         self.to_device = to_device
         self.notifier = notifier
+        # Replacing is several writes (old device out, new device in, its
+        # keys, the mark); two at once for one user could leave a device
+        # behind. They are rare, so one lock serves every user.
+        self._lock = defer.DeferredLock()
 
     async def put(self, user_id: str, body: dict[str, Any]) -> dict[str, Any]:
         device_id = body.get("device_id")
@@ -78,6 +83,14 @@ class DehydratedDeviceService:
         check_keys(body.get("one_time_keys"), "one_time_keys", user_id, device_id, verify_key)
         check_keys(body.get("fallback_keys"), "fallback_keys", user_id, device_id, verify_key)
 
+        await self._lock.acquire()
+        try:
+            return await self._replace(user_id, device_id, name, device_data, body)
+        finally:
+            self._lock.release()
+
+    async def _replace(self, user_id: str, device_id: str, name: str, device_data: dict[str, Any],
+                       body: dict[str, Any]) -> dict[str, Any]:
         old = await self.store.get(user_id)
         existing = {d["device_id"] for d in await self.accounts.get_devices(user_id)}
         if device_id in existing and (old is None or old.device_id != device_id):
@@ -105,11 +118,15 @@ class DehydratedDeviceService:
         return {"device_id": found.device_id, "device_data": found.device_data}
 
     async def delete(self, user_id: str) -> dict[str, Any]:
-        found = await self.store.get(user_id)
-        if found is None:
-            raise not_found("No dehydrated device")
-        await self.accounts.delete_devices(user_id, [found.device_id])
-        return {"device_id": found.device_id}
+        await self._lock.acquire()
+        try:
+            found = await self.store.get(user_id)
+            if found is None:
+                raise not_found("No dehydrated device")
+            await self.accounts.delete_devices(user_id, [found.device_id])
+            return {"device_id": found.device_id}
+        finally:
+            self._lock.release()
 
     async def events(self, user_id: str, device_id: str, body: dict[str, Any]) -> dict[str, Any]:
         found = await self.store.get(user_id)
