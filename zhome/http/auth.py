@@ -42,7 +42,8 @@ SUSPENDED_ALLOWED = frozenset({
     "account_data", "room_account_data", "tag", "filter", "pushrules", "pushers_set",
     "device", "delete_devices", "password", "deactivate",
     "keys_upload", "keys_query", "keys_claim", "send_to_device", "keys_device_signing_upload",
-    "keys_signatures_upload", "room_keys", "room_keys_version", "user_directory", "publicRooms",
+    "keys_signatures_upload", "room_keys_version", "room_keys_version_n", "room_keys_keys", "room_keys_room",
+    "room_keys_session", "dehydrated_device", "dehydrated_device_events", "user_directory", "publicRooms",
     "report_event", "report_room", "report_user",
 })
 
