@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Coroutine, cast
+import json
+from typing import IO, Any, Callable, Coroutine, Optional, cast
 
 from twisted.internet import defer
 
@@ -61,3 +62,52 @@ def _run(main: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
     reactor.run(installSignalHandlers=False)
     if failure:
         raise failure[0]
+
+
+def verify_audit(config: HomeserverConfig) -> tuple[int, Optional[tuple[int, str]]]:
+    """(number of entries, None when the audit log's hash chain holds, else
+    the first bad entry's seq and what is wrong with it)."""
+    from zhome.storage.audit import COLUMNS, verify
+
+    result: dict[str, Any] = {}
+
+    async def main(reactor: object) -> None:
+        db = Database(config.database.engine, dict(config.database.args))
+        try:
+            await prepare_database(db)
+            rows = await db.execute("audit_verify", f"SELECT {COLUMNS} FROM audit_log ORDER BY seq")
+            result["count"] = len(rows)
+            result["bad"] = verify(rows)
+        finally:
+            await db.close()
+
+    _run(main)
+    return int(result["count"]), result["bad"]
+
+
+def export_audit(config: HomeserverConfig, out: IO[str]) -> int:
+    """Write the audit log to ``out`` as JSON lines, oldest first; returns
+    the number of entries."""
+    from zhome.storage.audit import AuditLog
+
+    result: dict[str, int] = {"n": 0}
+
+    async def main(reactor: object) -> None:
+        db = Database(config.database.engine, dict(config.database.args))
+        try:
+            await prepare_database(db)
+            log = AuditLog(db)
+            after = 0
+            for _ in range(10 ** 7):  # bounded: pages of 1000 entries
+                page = await log.entries(after, 1000)
+                if not page:
+                    break
+                for entry in page:
+                    out.write(json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n")
+                result["n"] += len(page)
+                after = page[-1]["seq"]
+        finally:
+            await db.close()
+
+    _run(main)
+    return result["n"]

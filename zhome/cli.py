@@ -6,6 +6,8 @@ Subcommands:
   signing key and fresh secrets.
 * ``run``: load the configuration and start the homeserver.
 * ``register-user``: create a local account from the command line.
+* ``admin verify-audit`` and ``admin export-audit``: check the audit log's hash
+  chain (failing, naming the first bad entry), and write it as JSON lines.
 
 Every failure the operator can fix is reported as one line on stderr with a
 non-zero exit code, never as a traceback.
@@ -73,6 +75,14 @@ def _parser() -> argparse.ArgumentParser:
     sk = commands.add_parser("rotate-signing-key",
                              help="replace the server's signing key, keeping the old one's verify key")
     sk.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
+
+    adm = commands.add_parser("admin", help="operator tasks on the server's data")
+    tasks = adm.add_subparsers(dest="task", required=True)
+    va = tasks.add_parser("verify-audit", help="check the audit log's hash chain; fails naming the first bad entry")
+    va.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
+    ea = tasks.add_parser("export-audit", help="write the audit log as JSON lines")
+    ea.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
+    ea.add_argument("--out", help="file to write (default: standard output)")
     return parser
 
 
@@ -91,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _rotate_media_key(args)
     if args.command == "rotate-signing-key":
         return _rotate_signing_key(args)
+    if args.command == "admin":
+        return _admin(args)
     return _register_user(args)
 
 
@@ -469,6 +481,27 @@ def _register_user(args: argparse.Namespace) -> int:
         # as ValueError.
         return _error("register-user", str(e))
     print(user_id)
+    return 0
+
+
+def _admin(args: argparse.Namespace) -> int:
+    config = _load(args.config_path)
+    if config is None:
+        return 1
+    from zhome import admin_tasks
+
+    if args.task == "verify-audit":
+        count, bad = admin_tasks.verify_audit(config)
+        if bad is not None:
+            return _error("admin verify-audit", f"entry {bad[0]}: {bad[1]}")
+        print(f"audit log valid: {count} entries")
+        return 0
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            n = admin_tasks.export_audit(config, f)
+    else:
+        n = admin_tasks.export_audit(config, sys.stdout)
+    print(f"{n} entries", file=sys.stderr)
     return 0
 
 

@@ -41,6 +41,7 @@ from zhome.rooms.room_creation import RoomCreationService
 from zhome.rooms.visibility import Visibility
 from zhome.storage.accounts import AccountsStore
 from zhome.storage.admin import AdminStore
+from zhome.storage.audit import AuditLog
 from zhome.storage.privacy import PrivacyStore
 from zhome.storage.database import Database
 from zhome.storage.events import EventsStore
@@ -142,6 +143,7 @@ class HomeServer:
                                           self.persister, push_rules_cache=self.push_rules_cache)
         self.membership = MembershipService(self.server_name, self.event_creator, self.events, self.accounts)
         self.membership.room_blocked = self.admin_store.is_room_blocked
+        self.audit = AuditLog(db)
         self.privacy_store = PrivacyStore(db, self.events, await IdGenerator.from_table(db, "legal_holds", "id"))
         self.guest_access = GuestAccessEnforcer(self.events, self.accounts, self.membership)
         self.persister.hooks.append(self.guest_access.after_persist)
@@ -157,6 +159,7 @@ class HomeServer:
         self.sync_handler = SyncHandler(self)
 
         self.client_resource = JsonResource(max_body_size=cfg.limits.max_request_body_size)
+        self.client_resource.after_request.append(self._audit_request)
         self.federation_handler: Any = None
         self.federation_sender: Any = None
         self.edu_sender: Any = None
@@ -388,6 +391,24 @@ class HomeServer:
 
         return [KeyBackupServlets(self.auth, self.key_backup),
                 DehydratedDeviceServlets(self.auth, self.dehydrated_devices)]
+
+    def _audit_request(self, request: Any, method: str, endpoint: str, code: int, errcode: Any) -> None:
+        """Every admin request (allowed or refused) and every data-subject
+        request (deactivation and erasure) goes into the audit log."""
+        if not (endpoint.startswith(("admin_", "zadmin_")) or (endpoint == "deactivate" and method == "POST")):
+            return
+        actor = getattr(request, "zhome_user", None) or (
+            "shared-secret" if endpoint == "admin_register" else "unauthenticated")
+        target = dict(getattr(request, "zhome_path_args", None) or {})
+        outcome = f"{code} {errcode}" if errcode else str(code)
+
+        async def write() -> None:
+            try:
+                await self.audit.append(actor, f"{method} {endpoint}", target, outcome)
+            except Exception:
+                logger.exception("could not write the audit log entry for %s %s", method, endpoint)
+
+        defer.ensureDeferred(write())
 
     def start_listening(self) -> None:
         tls_factory = None

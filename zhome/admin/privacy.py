@@ -8,6 +8,8 @@ reports), legal holds and rooms' statutory retention floors.
     GET    /_zhome/admin/v1/legal_holds[?kind=&target=]
     DELETE /_zhome/admin/v1/legal_holds/{id}
     GET|PUT|DELETE /_zhome/admin/v1/rooms/{roomId}/retention_floor   PUT {days, reason}
+    GET    /_zhome/admin/v1/audit[?from=&limit=&user_id=]    audit log entries, oldest first
+    GET    /_zhome/admin/v1/audit/verify                     whether the hash chain holds
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class PrivacyServlets:
         r.register("POST", Z1 + r"/legal_holds", self.on_add_hold, "zadmin_holds")
         r.register("GET", Z1 + r"/legal_holds", self.on_list_holds, "zadmin_holds")
         r.register("DELETE", Z1 + r"/legal_holds/(?P<hold_id>[^/]+)", self.on_delete_hold, "zadmin_hold")
+        r.register("GET", Z1 + r"/audit", self.on_audit, "zadmin_audit")
+        r.register("GET", Z1 + r"/audit/verify", self.on_audit_verify, "zadmin_audit_verify")
         floor = Z1 + r"/rooms/(?P<room_id>[^/]+)/retention_floor"
         r.register("GET", floor, self.on_get_floor, "zadmin_floor")
         r.register("PUT", floor, self.on_put_floor, "zadmin_floor")
@@ -103,6 +107,24 @@ class PrivacyServlets:
         if not hold_id.isdigit() or not await self.store.delete_hold(int(hold_id)):
             raise not_found("No such legal hold")
         return 200, {}
+
+    async def on_audit(self, request: Request) -> tuple[int, Any]:
+        await self._require_admin(request)
+        after = query_arg(request, "from") or "0"
+        limit = query_arg(request, "limit") or "1000"
+        if not after.isdigit() or not limit.isdigit():
+            raise invalid_param("from and limit must be non-negative integers")
+        entries = await self.hs.audit.entries(int(after), min(int(limit), 10000),
+                                              about=query_arg(request, "user_id") or None)
+        body: dict[str, Any] = {"entries": entries}
+        if entries:
+            body["next_token"] = str(entries[-1]["seq"])
+        return 200, body
+
+    async def on_audit_verify(self, request: Request) -> tuple[int, Any]:
+        await self._require_admin(request)
+        bad = await self.hs.audit.verify()
+        return 200, {"valid": True} if bad is None else {"valid": False, "first_bad_seq": bad[0], "problem": bad[1]}
 
     def _room(self, room_id: str) -> None:
         if not is_valid_room_id(room_id):

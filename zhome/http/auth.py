@@ -86,6 +86,8 @@ class Auth:
             raise MatrixError(401, "M_UNKNOWN_TOKEN", "Unknown access token", soft_logout=False)
         if info.valid_until_ms is not None and info.valid_until_ms < int(time.time() * 1000):
             raise MatrixError(401, "M_UNKNOWN_TOKEN", "Access token has expired", soft_logout=True)
+        # Who made the request, for the audit log.
+        request.zhome_user = info.user_id  # type: ignore[attr-defined]
         if info.is_guest and not guests_allowed(request):
             raise guest_access_forbidden()
         if info.locked or info.suspended:

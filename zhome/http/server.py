@@ -88,6 +88,9 @@ class JsonResource(Resource):
         self.max_body_size = max_body_size
         # Whole-prefix handlers that want the raw request (media, for one).
         self.raw_prefixes: list[tuple[str, Callable[[Request], Awaitable[None]]]] = []
+        #: Called after each answered request with (request, method, route
+        #: name, status, errcode or None); the audit log listens here.
+        self.after_request: list[Callable[[Request, str, str, int, Optional[str]], None]] = []
 
     def register(self, method: str, path_regex: str, handler: Handler, name: Optional[str] = None,
                  guests: bool = False) -> None:
@@ -137,6 +140,11 @@ class JsonResource(Resource):
             if endpoint == UNKNOWN_ENDPOINT:
                 extra["path"] = shown
             access_logger.info("%s %s %d %.1fms", method, shown, code, elapsed * 1000, extra=extra)
+        for hook in self.after_request:
+            try:
+                hook(request, method, endpoint, code, body.get("errcode") if isinstance(body, dict) else None)
+            except Exception:
+                logger.exception("after-request hook failed")
         if body is _ALREADY_WRITTEN:
             return
         respond_json(request, code, body)
@@ -153,6 +161,7 @@ class JsonResource(Resource):
             kwargs = {k: unquote(v) for k, v in m.groupdict().items() if v is not None}
             setattr(request, GUESTS_ALLOWED_ATTR, route.guests)
             request.zhome_endpoint = route.name  # type: ignore[attr-defined]
+            request.zhome_path_args = kwargs  # type: ignore[attr-defined]
             code, body = await route.handler(request, **kwargs)
             return code, body, route.name
         if path_matched:

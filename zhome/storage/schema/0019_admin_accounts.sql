@@ -76,3 +76,17 @@ CREATE TABLE erasure_redactions (
     destinations TEXT NOT NULL,
     PRIMARY KEY (erasure_id, redaction_event_id)
 );
+
+-- The audit log: every admin action and data-subject request, append-only
+-- and hash-chained (hash = SHA-256 of the previous hash and this entry), so
+-- that any later edit of a stored entry breaks the chain from there on.
+CREATE TABLE audit_log (
+    seq BIGINT PRIMARY KEY,
+    ts BIGINT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
