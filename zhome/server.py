@@ -319,6 +319,7 @@ class HomeServer:
         from zhome.client.presence import PresenceServlets
         from zhome.client.pushers import PusherServlets
         from zhome.client.user_data import UserDataServlets
+        from zhome.client.room_summary import RoomSummaryServlets
         from zhome.client.voip import VoipServlets
 
         from zhome.client.legacy import LegacyServlets
@@ -330,7 +331,9 @@ class HomeServer:
         e2ee = E2eeServlets(self.auth, self.e2e_keys, self.to_device, self.device_lists, self.events, self.notifier)
         return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
                 PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee,
-                PusherServlets(self), VoipServlets(self.auth, self.config.voip)]
+                PusherServlets(self), VoipServlets(self.auth, self.config.voip),
+                RoomSummaryServlets(self.auth, self.events, self.room_servlets.resolve_room,
+                                    self.room_servlets.room_summary)]
 
     def start_listening(self) -> None:
         tls_factory = None
