@@ -143,6 +143,9 @@ def test_cinny_encrypted_room_two_browsers(zhome: ZhomeProcess, cinny_web: str, 
         f"screenshots and browser console in {out}\nzhome log: {zhome.log_path}\n{result['_stderr']}")
 
     room_id = result["room_id"]
+    # The dialog's defaults, untouched, asked for an encrypted room.
+    assert {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}} in (
+        result["create_request"].get("initial_state") or []), result["create_request"]
     # The dialog's defaults made an encrypted room: zhome holds the state.
     enc = a.ok("GET", f"/rooms/{q(room_id)}/state/m.room.encryption/")
     assert enc["algorithm"] == "m.megolm.v1.aes-sha2", enc
