@@ -12,4 +12,15 @@ scripts/install.sh
 # tests fail (they never skip).
 .venv/bin/python -m tests.e2e.synapse_peer install ||
   echo "warning: could not install Synapse; tests/e2e/test_synapse_federation.py will fail" >&2
+# The browser test (tests/e2e/test_cinny.py) drives a web client in Debian's
+# chromium with playwright-core from npm (pinned in tests/browser). If either
+# cannot be installed the rest of the suite still runs and that test fails
+# (it never skips).
+if [ ! -x /usr/bin/chromium ]; then
+  { apt-get update -qq &&
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||
+    echo "warning: could not install chromium; tests/e2e/test_cinny.py will fail" >&2
+fi
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error >/dev/null) ||
+  echo "warning: npm ci failed in tests/browser; tests/e2e/test_cinny.py will fail" >&2
 exec .venv/bin/python -m pytest -q "$@"

@@ -661,3 +661,26 @@ def test_generate_config_writes_media_key(tmp_path: Path) -> None:
     key = config.media.encryption_key_file
     assert key is not None and os.path.exists(key)
     assert oct(os.stat(key).st_mode & 0o777) == "0o600"
+
+
+def test_voip_section(tmp_path: Path) -> None:
+    assert load_raw(tmp_path).voip.turn_uris == ()
+    config = load_raw(tmp_path, voip={
+        "turn_uris": ["turn:turn.example.org:3478?transport=udp", "turns:turn.example.org:5349"],
+        "turn_shared_secret": "s3cret-shared-with-coturn", "turn_user_lifetime_ms": 600_000})
+    assert config.voip.turn_uris == ("turn:turn.example.org:3478?transport=udp", "turns:turn.example.org:5349")
+    assert config.voip.turn_user_lifetime_ms == 600_000
+    assert "s3cret" not in repr(config.voip)
+    fixed = load_raw(tmp_path, voip={"turn_uris": ["turn:10.0.0.1"], "turn_username": "u", "turn_password": "p"})
+    assert (fixed.voip.turn_username, fixed.voip.turn_password) == ("u", "p")
+
+    def err(voip: dict) -> str:
+        return error_for(tmp_path, {**MINIMAL, "voip": voip})
+
+    assert "voip.turn_uris[0]" in err({"turn_uris": ["https://turn.example.org"], "turn_shared_secret": "x"})
+    assert "expected a TURN URI" in err({"turn_uris": ["turn:"], "turn_shared_secret": "x"})
+    assert "voip.turn_uris: needs turn_shared_secret" in err({"turn_uris": ["turn:t.example.org"]})
+    both = err({"turn_uris": ["turn:t"], "turn_shared_secret": "x", "turn_username": "u", "turn_password": "p"})
+    assert "voip.turn_shared_secret: give either" in both and "'x'" not in both
+    assert "turn_username and turn_password go together" in err({"turn_uris": ["turn:t"], "turn_username": "u"})
+    assert "voip.turn_user_lifetime_ms" in err({"turn_user_lifetime_ms": 5})

@@ -580,6 +580,42 @@ class PresenceConfig:
     enabled: bool = setting(boolean, default=True)
 
 
+def turn_uri(value: Any, path: str) -> str:
+    """A TURN server URI (RFC 7065): "turn:" or "turns:", then host[:port][?transport=...]."""
+    text = non_empty_string(value, path)
+    if not re.fullmatch(r"turns?:[^\s/?#]+(\?transport=(udp|tcp))?", text):
+        raise _Invalid(path, 'expected a TURN URI such as "turn:turn.example.org:3478?transport=udp"')
+    return text
+
+
+@dataclass(frozen=True, kw_only=True)
+class VoipConfig:
+    # The TURN servers clients are told of (GET /voip/turnServer). None
+    # listed: the endpoint answers 404 M_NOT_FOUND, and calls go without
+    # relaying.
+    turn_uris: tuple[str, ...] = setting(list_of(turn_uri, unique=True), default=())
+    # The secret shared with the TURN server (coturn's static-auth-secret):
+    # each user gets a username "EXPIRY:USER_ID" and its HMAC-SHA1 as the
+    # password, good for turn_user_lifetime_ms. Or a fixed username and
+    # password given to every user, when the TURN server has only those.
+    turn_shared_secret: str | None = setting(optional(non_empty_string), default=None, secret=True)
+    turn_username: str | None = setting(optional(non_empty_string), default=None)
+    turn_password: str | None = setting(optional(non_empty_string), default=None, secret=True)
+    turn_user_lifetime_ms: int = setting(integer(60_000), default=3600 * 1000)
+    # false: guest accounts get no TURN credentials.
+    turn_allow_guests: bool = setting(boolean, default=True)
+
+    def _check(self, path: str) -> None:
+        if self.turn_shared_secret is not None and (self.turn_username or self.turn_password):
+            raise _Invalid(_join(path, "turn_shared_secret"), "give either it or turn_username and turn_password")
+        if (self.turn_username is None) != (self.turn_password is None):
+            raise _Invalid(_join(path, "turn_password" if self.turn_username else "turn_username"),
+                           "turn_username and turn_password go together")
+        if self.turn_uris and self.turn_shared_secret is None and self.turn_username is None:
+            raise _Invalid(_join(path, "turn_uris"),
+                           "needs turn_shared_secret, or turn_username and turn_password")
+
+
 def _secret(value: Any, path: str) -> str:
     text = non_empty_string(value, path)
     # These key HMACs over tokens; a short one can be guessed offline.
@@ -703,6 +739,7 @@ class HomeserverConfig:
     rooms: RoomsConfig = setting(section(RoomsConfig), default=RoomsConfig())
     user_directory: UserDirectoryConfig = setting(section(UserDirectoryConfig), default=UserDirectoryConfig())
     presence: PresenceConfig = setting(section(PresenceConfig), default=PresenceConfig())
+    voip: VoipConfig = setting(section(VoipConfig), default=VoipConfig())
     secrets: SecretsConfig = setting(section(SecretsConfig))
     federation: FederationConfig = setting(section(FederationConfig), default=FederationConfig())
     media: MediaConfig = setting(section(MediaConfig), default=MediaConfig())

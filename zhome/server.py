@@ -370,6 +370,8 @@ class HomeServer:
         from zhome.client.presence import PresenceServlets
         from zhome.client.pushers import PusherServlets
         from zhome.client.user_data import UserDataServlets
+        from zhome.client.room_summary import RoomSummaryServlets
+        from zhome.client.voip import VoipServlets
 
         from zhome.client.legacy import LegacyServlets
         from zhome.e2ee.servlets import E2eeServlets
@@ -382,8 +384,11 @@ class HomeServer:
         self.account_servlets = AccountServlets(self)
         return [self.account_servlets, self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
                 PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee,
-                PusherServlets(self), AdminServlets(self), ReportServlets(self),
-                AdminRoomServlets(self), PrivacyServlets(self), *self._backup_and_dehydration_servlets()]
+                PusherServlets(self), VoipServlets(self.auth, self.config.voip),
+                RoomSummaryServlets(self.auth, self.events, self.room_servlets.resolve_room,
+                                    self.room_servlets.room_summary),
+                AdminServlets(self), ReportServlets(self), AdminRoomServlets(self), PrivacyServlets(self),
+                *self._backup_and_dehydration_servlets()]
 
     def _backup_and_dehydration_servlets(self) -> list[Any]:
         from zhome.e2ee.dehydrated_devices import DehydratedDeviceServlets

@@ -232,3 +232,53 @@ def test_sync_filters(zhome: ZhomeProcess) -> None:
     for raw in ("{not json", json.dumps({"room": {"timeline": {"limit": -1}}}), json.dumps({"room": []})):
         code, body = alice.req("GET", "/sync?timeout=0&filter=" + q(raw))
         assert code == 400 and body["errcode"] in ("M_BAD_JSON", "M_INVALID_PARAM", "M_NOT_JSON"), (raw, body)
+
+
+def test_state_never_runs_ahead_of_the_timeline(zhome: ZhomeProcess) -> None:
+    """Events persisted while a sync response is being assembled belong to
+    the next one: no response may carry in ``state`` an event that a later
+    response then brings in its timeline (the client would apply it as
+    state from before events that precede it). createRoom writes its
+    events one by one, so syncs racing it see the room mid-creation."""
+    import threading
+
+    u = U(zhome, "racer")
+    token = u.sync()["next_batch"]
+    creating = threading.Event()
+    errors: list[BaseException] = []
+
+    def create_rooms() -> None:
+        try:
+            for i in range(8):
+                u.create(name=f"room {i}", topic="t", preset="private_chat", initial_state=[
+                    {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}},
+                    {"type": "x.extra", "state_key": "a", "content": {}},
+                    {"type": "x.extra", "state_key": "b", "content": {}},
+                ])
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+        finally:
+            creating.set()
+
+    t = threading.Thread(target=create_rooms)
+    t.start()
+    responses: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 60
+    while not creating.is_set() and time.monotonic() < deadline:
+        body = u.sync(token)
+        responses.append(body)
+        token = body["next_batch"]
+    t.join(timeout=60)
+    assert not errors, errors
+    responses.append(u.sync(token))
+    assert len(responses) > 2
+
+    seen_in_state: dict[str, int] = {}
+    for i, body in enumerate(responses):
+        for room_id, room in body.get("rooms", {}).get("join", {}).items():
+            for e in room.get("timeline", {}).get("events", []):
+                assert e["event_id"] not in seen_in_state, (
+                    f"{e['type']} {e['event_id']} came as state in sync {seen_in_state.get(e['event_id'])}"
+                    f" and again in the timeline of sync {i}")
+            for e in state_of(room):
+                seen_in_state[e["event_id"]] = i

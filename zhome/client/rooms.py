@@ -98,6 +98,10 @@ class RoomServlets:
             return await self.events.get_current_state_ids(room_id)
         raise forbidden("You are not in this room")
 
+    async def resolve_room(self, target: str) -> tuple[str, list[str]]:
+        """(room ID, servers known to be in it) for a room ID or alias."""
+        return await self._resolve_room(target)
+
     async def _resolve_room(self, target: str, request: Optional[Request] = None) -> tuple[str, list[str]]:
         """(room ID, servers to join through) for a room ID or alias."""
         via: list[str] = []

@@ -138,6 +138,12 @@ class SyncHandler:
                 pre.batches.update(await self.events.get_recent_events_for_rooms(
                     later_rooms, since.events, now.events, tl_limit + 1))
             pre.current = await self.events.get_current_state_for_rooms(full_rooms)
+            # Events persisted while this response is assembled lie past
+            # ``now`` and belong to the next sync. A room that got one has a
+            # current state ahead of its timeline: its state is read as it
+            # was at ``now`` instead (asked after reading current state, so
+            # no such room is missed).
+            pre.ahead = await self.events.get_rooms_changed_since(full_rooms, now.events)
         pre.unread = await self.events.get_unread_counts_for_rooms(user_id, joined_rooms) if joined_rooms else {}
 
         for room_id in joined_rooms:
@@ -322,6 +328,8 @@ class SyncHandler:
             # A room left: its state as the user left it.
             end_state = (await self.events.get_state_after_event(member_event_id) if member_event_id
                          else await self._state_at_pos(room_id, upper))
+        elif pre is not None and room_id in pre.ahead:
+            end_state = await self._state_at_pos(room_id, upper)
         elif pre is not None and room_id in pre.current:
             end_state = {k: v[0] for k, v in pre.current[room_id].items()}
         else:
@@ -520,6 +528,8 @@ class _Prefetch:
         self.batches: dict[str, list[Event]] = {}
         self.current: dict[str, dict[tuple[str, str], tuple[str, Optional[str]]]] = {}
         self.unread: dict[str, tuple[int, int]] = {}
+        # Rooms with events past the response's token.
+        self.ahead: set[str] = set()
 
 
 def _unread(pre: _Prefetch, room_id: str) -> dict[str, int]:
