@@ -8,6 +8,8 @@ Subcommands:
 * ``register-user``: create a local account from the command line.
 * ``admin verify-audit`` and ``admin export-audit``: check the audit log's hash
   chain (failing, naming the first bad entry), and write it as JSON lines.
+* ``admin erase-user``, ``admin deactivate-user`` and ``admin call``: the admin
+  API of the running server through its operator socket, without a token.
 
 Every failure the operator can fix is reported as one line on stderr with a
 non-zero exit code, never as a traceback.
@@ -83,6 +85,18 @@ def _parser() -> argparse.ArgumentParser:
     ea = tasks.add_parser("export-audit", help="write the audit log as JSON lines")
     ea.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
     ea.add_argument("--out", help="file to write (default: standard output)")
+    eu = tasks.add_parser("erase-user", help="erase a user (GDPR art. 17) through the running server; "
+                                             "prints the erasure report")
+    eu.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
+    eu.add_argument("user_id", metavar="USER_ID")
+    du = tasks.add_parser("deactivate-user", help="deactivate a user through the running server")
+    du.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
+    du.add_argument("user_id", metavar="USER_ID")
+    call = tasks.add_parser("call", help="call any admin endpoint of the running server as the operator")
+    call.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
+    call.add_argument("method", metavar="METHOD", help="GET, PUT, POST or DELETE")
+    call.add_argument("path", metavar="PATH", help="e.g. /_synapse/admin/v2/users")
+    call.add_argument("--body", help="the JSON request body")
     return parser
 
 
@@ -484,12 +498,57 @@ def _register_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_call(config: HomeserverConfig, args: argparse.Namespace) -> int:
+    """One request to the running server's operator admin socket."""
+    import http.client
+    import socket
+    from urllib.parse import quote
+
+    command = f"admin {args.task}"
+    if args.task == "erase-user":
+        method, path, body = "POST", f"/_zhome/admin/v1/users/{quote(args.user_id, safe='')}/erase", "{}"
+    elif args.task == "deactivate-user":
+        method, path, body = "POST", f"/_synapse/admin/v1/deactivate/{quote(args.user_id, safe='')}", "{}"
+    else:
+        method, path, body = args.method.upper(), args.path, args.body
+        if body is not None:
+            try:
+                json.loads(body)
+            except ValueError as e:
+                return _error(command, f"--body is not JSON: {e}")
+    sock_path = config.admin_socket_path
+    if not sock_path:
+        return _error(command, "the admin socket is turned off (admin_socket_path is empty)")
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.timeout)
+            s.connect(sock_path)
+            self.sock = s
+
+    conn = UnixConnection("localhost", timeout=3600)
+    try:
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body.encode() if body is not None else None, headers=headers)
+        resp = conn.getresponse()
+        payload = resp.read().decode("utf-8", "replace")
+    except OSError as e:
+        return _error(command, f"cannot reach the server at {sock_path} (is it running?): {e}")
+    finally:
+        conn.close()
+    print(payload)
+    return 0 if 200 <= resp.status < 300 else _error(command, f"the server answered {resp.status}")
+
+
 def _admin(args: argparse.Namespace) -> int:
     config = _load(args.config_path)
     if config is None:
         return 1
     from zhome import admin_tasks
 
+    if args.task in ("erase-user", "deactivate-user", "call"):
+        return _admin_call(config, args)
     if args.task == "verify-audit":
         count, bad = admin_tasks.verify_audit(config)
         if bad is not None:

@@ -721,6 +721,10 @@ class HomeserverConfig:
     public_baseurl: str = setting(base_url, default="")
     signing_key_path: str = setting(non_empty_string)
     data_dir: str = setting(non_empty_string, default=".")
+    # The operator's admin socket (mode 0600; ``zhome admin`` connects to it
+    # and acts as a server admin without a token); relative to data_dir;
+    # "" turns it off. A UNIX socket path must stay under 100 bytes.
+    admin_socket_path: str = setting(string, default="admin.sock")
     log_level: str = setting(one_of("DEBUG", "INFO", "WARNING", "ERROR", ignore_case=True), default="INFO")
     log_file: str | None = setting(optional(non_empty_string), default=None)
     log_format: str = setting(one_of("text", "json"), default="text")
@@ -830,6 +834,7 @@ def _finish(config: HomeserverConfig, config_path: str) -> HomeserverConfig:
         public_baseurl=public_baseurl,
         signing_key_path=_resolve(config.signing_key_path, config_dir),
         data_dir=data_dir,
+        admin_socket_path=_resolve(config.admin_socket_path, data_dir) if config.admin_socket_path else "",
         log_file=_resolve(config.log_file, config_dir) if config.log_file else None,
         tls_certificate_path=(
             _resolve(config.tls_certificate_path, config_dir) if config.tls_certificate_path else None

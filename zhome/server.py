@@ -25,7 +25,7 @@ from zhome.client.rooms import RoomServlets
 from zhome.client.sync import SyncServlets
 from zhome.config import HomeserverConfig
 from zhome.crypto.keys import read_signing_key_file
-from zhome.http.auth import Auth
+from zhome.http.auth import OPERATOR_ATTR, Auth
 from zhome.http.ratelimit import RateLimiter
 from zhome.http.request import make_request_factory
 from zhome.http.server import JsonResource
@@ -151,6 +151,7 @@ class HomeServer:
                                                  cfg.rooms.default_room_version)
         self.visibility = Visibility(self.events)
         self.auth = Auth(self.accounts)
+        self.auth.operator_user_id = f"@zhome-operator:{self.server_name}"
         rl = cfg.rate_limits
         self.ratelimit_message = RateLimiter(rl.message.per_second, rl.message.burst_count, rl.enabled)
         self.ratelimit_registration = RateLimiter(rl.registration.per_second, rl.registration.burst_count, rl.enabled)
@@ -415,7 +416,26 @@ class HomeServer:
 
         defer.ensureDeferred(write())
 
+    def _listen_admin_socket(self) -> None:
+        """The operator's admin socket: admin endpoints only, every request
+        acting as a server admin (``zhome admin`` uses it)."""
+        path = self.config.admin_socket_path
+        if not path:
+            return
+        if len(path.encode()) > 100:
+            logger.warning("admin socket path %s is too long for a UNIX socket; not listening on it", path)
+            return
+        if os.path.exists(path):
+            os.unlink(path)  # left by a server that did not stop cleanly
+        site = Site(cast(IResource, _OperatorRoot(self.client_resource)))
+        site.requestFactory = make_request_factory(self._body_limit_for, self._body_sink_for)
+        site.displayTracebacks = False
+        site.noisy = False
+        self.listening_ports.append(reactor.listenUNIX(path, site, mode=0o600))
+        logger.info("Listening on %s (operator admin socket)", path)
+
     def start_listening(self) -> None:
+        self._listen_admin_socket()
         tls_factory = None
         if any(lst.tls for lst in self.config.listeners):
             from zhome.federation.tls import server_context_factory
@@ -498,6 +518,27 @@ class _ListenerRoot(Resource):
 
     def render(self, request: Any) -> Any:
         return self._pick(request).render(request)
+
+
+class _OperatorRoot(Resource):
+    """The operator's admin socket: marks each request as the operator's and
+    serves only the admin API."""
+
+    isLeaf = True
+    _ADMIN_PREFIXES = (b"/_synapse/admin/", b"/_zhome/admin/", b"/_matrix/client/v1/admin/",
+                       b"/_matrix/client/v3/admin/", b"/_matrix/client/r0/admin/")
+
+    def __init__(self, inner: JsonResource) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def render(self, request: Any) -> Any:
+        if not request.path.startswith(self._ADMIN_PREFIXES) or request.path.startswith(b"/_zhome/admin/v1/register"):
+            request.setResponseCode(404)
+            request.setHeader(b"Content-Type", b"application/json")
+            return b'{"errcode":"M_UNRECOGNIZED","error":"Only the admin API is served on this socket"}'
+        setattr(request, OPERATOR_ATTR, True)
+        return self.inner.render(request)
 
 
 class _MetricsResource(Resource):

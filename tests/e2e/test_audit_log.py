@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -79,3 +80,41 @@ def test_admin_actions_are_audited_and_tampering_is_found(zhome: ZhomeProcess, t
     bad = _cli(zhome, "verify-audit")
     assert bad.returncode != 0 and "entry 3" in bad.stderr, (bad.stdout, bad.stderr)
     assert admin.ok("GET", "/_zhome/admin/v1/audit/verify")["first_bad_seq"] == 3
+
+
+def test_operator_cli_reaches_the_admin_api_without_a_token(zhome_factory: Any, tmp_path: Path) -> None:
+    import os
+    import secrets
+    import stat
+
+    sock = f"/tmp/zhome-test-{secrets.token_hex(6)}.sock"
+    hs = zhome_factory(overrides={"admin_socket_path": sock}).start()
+    try:
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        alice = ClientUser(hs, "alice")
+        room = alice.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"]
+        alice.ok("PUT", f"/rooms/{q(room)}/send/m.room.message/t1", {"msgtype": "m.text", "body": "erase me"})
+
+        got = _cli_args(hs, "call", "GET", "/_synapse/admin/v2/users")
+        assert got.returncode == 0, got.stderr
+        assert [u["name"] for u in json.loads(got.stdout)["users"]] == [alice.user_id]
+        got = _cli_args(hs, "erase-user", alice.user_id)
+        assert got.returncode == 0, got.stderr
+        report = json.loads(got.stdout)
+        assert report["requested_by"] == f"@zhome-operator:{hs.server_name}" and report["erased"]["events"] >= 1
+        assert alice.req("GET", "/account/whoami")[0] == 401
+        # Only the admin API is served on the socket.
+        got = _cli_args(hs, "call", "POST", "/_matrix/client/v3/createRoom", "--body", "{}")
+        assert got.returncode != 0 and "M_UNRECOGNIZED" in got.stdout
+        got = _cli_args(hs, "call", "GET", "/_zhome/admin/v1/audit")
+        actions = [(e["actor"], e["action"]) for e in json.loads(got.stdout)["entries"]]
+        assert (f"@zhome-operator:{hs.server_name}", "POST zadmin_erase") in actions
+    finally:
+        hs.stop()
+    down = _cli_args(hs, "call", "GET", "/_synapse/admin/v2/users")
+    assert down.returncode != 0 and "is it running" in down.stderr
+
+
+def _cli_args(hs: ZhomeProcess, task: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "zhome", "admin", task, "--config-path", str(hs.config_path),
+                           *args], capture_output=True, text=True, timeout=120)
