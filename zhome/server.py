@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
+from zhome.admin.media import AdminMediaServlets
 from zhome.admin.privacy import PrivacyServlets
 from zhome.admin.reports import ReportServlets
 from zhome.admin.rooms import AdminRoomServlets
@@ -144,6 +145,10 @@ class HomeServer:
         self.membership = MembershipService(self.server_name, self.event_creator, self.events, self.accounts)
         self.membership.room_blocked = self.admin_store.is_room_blocked
         self.audit = AuditLog(db)
+        from zhome.admin.media import MediaAdminStore
+
+        self.media_admin = MediaAdminStore(db)
+        await self.media_admin.load()
         self.privacy_store = PrivacyStore(db, self.events, await IdGenerator.from_table(db, "legal_holds", "id"))
         self.guest_access = GuestAccessEnforcer(self.events, self.accounts, self.membership)
         self.persister.hooks.append(self.guest_access.after_persist)
@@ -172,6 +177,7 @@ class HomeServer:
         from zhome.media.setup import setup_media
 
         await setup_media(self)
+        self.media_repository.is_quarantined = self.media_admin.is_quarantined
         # Guests left in rooms that closed to them while the last run stopped.
         self.guest_access.start_sweep()
         await self.push_delivery.start()
@@ -389,6 +395,7 @@ class HomeServer:
                 RoomSummaryServlets(self.auth, self.events, self.room_servlets.resolve_room,
                                     self.room_servlets.room_summary),
                 AdminServlets(self), ReportServlets(self), AdminRoomServlets(self), PrivacyServlets(self),
+                AdminMediaServlets(self),
                 *self._backup_and_dehydration_servlets()]
 
     def _backup_and_dehydration_servlets(self) -> list[Any]:

@@ -80,6 +80,14 @@ ADMIN_ROUTES = [
     ("GET", "/_synapse/admin/v1/registration_tokens/abc", None),
     ("PUT", "/_synapse/admin/v1/registration_tokens/abc", {"uses_allowed": 1}),
     ("DELETE", "/_synapse/admin/v1/registration_tokens/abc", None),
+    ("GET", "/_synapse/admin/v1/media/localhost/abc", None),
+    ("DELETE", "/_synapse/admin/v1/media/localhost/abc", None),
+    ("POST", "/_synapse/admin/v1/media/quarantine/localhost/abc", {}),
+    ("POST", "/_synapse/admin/v1/media/protect/abc", {}),
+    ("POST", "/_synapse/admin/v1/media/delete?before_ts=1", {}),
+    ("POST", "/_synapse/admin/v1/purge_media_cache?before_ts=1", {}),
+    ("GET", "/_synapse/admin/v1/users/{u}/media", None),
+    ("DELETE", "/_synapse/admin/v1/users/{u}/media", None),
     ("GET", "/_matrix/client/v1/admin/lock/{u}", None),
     ("PUT", "/_matrix/client/v1/admin/lock/{u}", {"locked": True}),
     ("GET", "/_matrix/client/v1/admin/suspend/{u}", None),
@@ -451,3 +459,52 @@ def test_rooms_list_details_members_state_and_block(zhome: ZhomeProcess, tmp_pat
                                 token=carol.token)
     assert status == 403
     assert admin.ok("GET", f"/_synapse/admin/v1/rooms/{q(ward)}/block") == {"block": False}
+
+
+def test_media_details_quarantine_protect_and_delete(zhome: ZhomeProcess, tmp_path: Path) -> None:
+    import time as _time
+
+    admin = Admin(zhome, "root", tmp_path)
+    alice = ClientUser(zhome, "alice")
+
+    def upload(data: bytes) -> str:
+        status, out = zhome.request("POST", "/_matrix/media/v3/upload?filename=scan.txt", raw=data,
+                                    token=alice.token, headers={"Content-Type": "text/plain"})
+        assert status == 200, out
+        return str(out["content_uri"]).split("/")[-1]
+
+    def download(media_id: str) -> int:
+        return zhome.request("GET", f"/_matrix/client/v1/media/download/localhost/{media_id}",
+                             token=alice.token)[0]
+
+    first, second, third = upload(b"first file"), upload(b"second file, longer"), upload(b"third")
+    info = admin.ok("GET", f"/_synapse/admin/v1/media/localhost/{first}")["media_info"]
+    assert (info["user_id"], info["media_length"], info["upload_name"], info["quarantined_by"]) == (
+        alice.user_id, 10, "scan.txt", None)
+    listed = admin.ok("GET", f"/_synapse/admin/v1/users/{q(alice.user_id)}/media?order_by=media_length&dir=b")
+    assert listed["total"] == 3 and listed["media"][0]["media_id"] == second
+
+    admin.ok("POST", f"/_synapse/admin/v1/media/quarantine/localhost/{first}")
+    assert download(first) == 404
+    assert admin.ok("GET", f"/_synapse/admin/v1/media/localhost/{first}")["media_info"]["quarantined_by"] == \
+        admin.user_id
+    admin.ok("POST", f"/_synapse/admin/v1/media/unquarantine/localhost/{first}")
+    assert download(first) == 200
+    admin.ok("POST", f"/_synapse/admin/v1/media/protect/{first}")
+    assert admin.req("POST", f"/_synapse/admin/v1/media/quarantine/localhost/{first}")[0] == 400
+    assert download(first) == 200
+
+    assert admin.ok("DELETE", f"/_synapse/admin/v1/media/localhost/{third}") == {"deleted_media": [third],
+                                                                                 "total": 1}
+    assert download(third) == 404
+    assert admin.req("DELETE", f"/_synapse/admin/v1/media/localhost/{third}")[0] == 404
+    assert admin.req("POST", "/_synapse/admin/v1/media/delete")[0] == 400  # before_ts is required
+    now = int(_time.time() * 1000) + 1
+    # The protected file stays; the other one goes.
+    assert admin.ok("POST", f"/_synapse/admin/v1/media/delete?before_ts={now}")["deleted_media"] == [second]
+    assert download(first) == 200 and download(second) == 404
+    assert admin.ok("DELETE", f"/_synapse/admin/v1/users/{q(alice.user_id)}/media")["deleted_media"] == [first]
+    assert admin.ok("GET", f"/_synapse/admin/v1/users/{q(alice.user_id)}/media")["total"] == 0
+    assert admin.ok("POST", f"/_synapse/admin/v1/purge_media_cache?before_ts={now}") == {"deleted": 0}
+    status, out = zhome.request("GET", f"/_synapse/admin/v1/users/{q(alice.user_id)}/media", token=alice.token)
+    assert (status, out["errcode"]) == (403, "M_FORBIDDEN")

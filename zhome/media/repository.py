@@ -103,6 +103,8 @@ class MediaRepository:
         self.clock = clock
         self.max_upload_size = config.effective_max_upload_size
         self._remote_inflight: dict[tuple[str, str], _Shared] = {}
+        #: (origin, media_id) -> whether an admin quarantined it; set by the server.
+        self.is_quarantined: Callable[[str, str], bool] = lambda origin, media_id: False
         self._thumb_inflight: dict[tuple[Any, ...], _Promise] = {}
         # Thumbnails made after uploads: one image at a time, so a burst of
         # uploads does not take every thread.
@@ -238,7 +240,12 @@ class MediaRepository:
     # ------------------------------------------------------------------
     # Finding media
 
+    def _refuse_quarantined(self, origin: str, media_id: str) -> None:
+        if self.is_quarantined(origin, media_id):
+            raise not_found("Media not found")
+
     async def get_local(self, media_id: str, timeout_ms: int = DEFAULT_TIMEOUT_MS) -> MediaInfo:
+        self._refuse_quarantined(self.server_name, media_id)
         deadline = time.monotonic() + min(max(timeout_ms, 0), MAX_TIMEOUT_MS) / 1000
         while True:
             info = await self.store.get_media(self.server_name, media_id)
@@ -256,6 +263,7 @@ class MediaRepository:
                         allow_remote: bool = True) -> MediaInfo:
         if server_name == self.server_name:
             return await self.get_local(media_id, timeout_ms)
+        self._refuse_quarantined(server_name, media_id)
         cached = await self.store.get_media(server_name, media_id)
         if cached is not None and cached.uploaded:
             return cached
@@ -343,6 +351,7 @@ class MediaRepository:
             raise MatrixError(400, "M_INVALID_PARAM", "width and height must be positive")
         if method not in ("crop", "scale"):
             raise MatrixError(400, "M_INVALID_PARAM", "method must be crop or scale")
+        self._refuse_quarantined(server_name, media_id)
         size = self.choose_size(width, height, method)
         if server_name != self.server_name:
             cached = await self.store.get_media(server_name, media_id)

@@ -90,3 +90,13 @@ CREATE TABLE audit_log (
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL
 );
+
+-- Media an admin quarantined (never served, locally or over federation) or
+-- protected from quarantine.
+CREATE TABLE media_quarantine (
+    origin TEXT NOT NULL,
+    media_id TEXT NOT NULL,
+    quarantined_by TEXT,
+    protected INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (origin, media_id)
+);
