@@ -16,6 +16,7 @@ from twisted.internet import defer
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
+from zhome.admin.destinations import DestinationServlets
 from zhome.admin.media import AdminMediaServlets
 from zhome.admin.privacy import PrivacyServlets
 from zhome.admin.reports import ReportServlets
@@ -395,7 +396,7 @@ class HomeServer:
                 RoomSummaryServlets(self.auth, self.events, self.room_servlets.resolve_room,
                                     self.room_servlets.room_summary),
                 AdminServlets(self), ReportServlets(self), AdminRoomServlets(self), PrivacyServlets(self),
-                AdminMediaServlets(self),
+                AdminMediaServlets(self), DestinationServlets(self),
                 *self._backup_and_dehydration_servlets()]
 
     def _backup_and_dehydration_servlets(self) -> list[Any]:

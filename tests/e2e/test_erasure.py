@@ -243,3 +243,24 @@ def test_erasure_reaches_the_other_server(zhome_pair: ZhomeServers, tmp_path: Pa
         time.sleep(0.3)
     assert delivery == {"sent": report["redactions_sent"], "acknowledged": report["redactions_sent"], "pending": 0}
     assert delivery["sent"] >= 1
+
+
+def test_admin_federation_destinations(zhome_pair: ZhomeServers, tmp_path: Path) -> None:
+    """The admin API's view of the other servers (here, since this module already runs two servers)."""
+    a, b = zhome_pair.a, zhome_pair.b
+    admin = Admin(a, "root_dest", tmp_path)
+    alice = ClientUser(a, "alice_dest")
+    bob = ClientUser(b, "bob_dest")
+    room = alice.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"]
+    bob.ok("POST", f"/join/{q(room)}?server_name={urllib.parse.quote(a.server_name)}", {})
+    base = "/_synapse/admin/v1/federation/destinations"
+    listed = admin.ok("GET", base)
+    assert b.server_name in [d["destination"] for d in listed["destinations"]]
+    one = admin.ok("GET", f"{base}/{q(b.server_name)}")
+    assert one["destination"] == b.server_name and "retry_interval" in one
+    assert room in [r["room_id"] for r in admin.ok("GET", f"{base}/{q(b.server_name)}/rooms")["rooms"]]
+    assert admin.ok("POST", f"{base}/{q(b.server_name)}/reset_connection", {}) == {}
+    assert admin.req("GET", f"{base}/{q('nowhere.example')}")[0] == 404
+    assert admin.req("GET", f"{base}?order_by=secret")[0] == 400
+    status, out = a.request("GET", base, token=alice.token)
+    assert (status, out["errcode"]) == (403, "M_FORBIDDEN")
