@@ -18,6 +18,7 @@ from twisted.web.server import Site
 
 from zhome.admin.destinations import DestinationServlets
 from zhome.admin.media import AdminMediaServlets
+from zhome.admin.notices import ServerNoticeServlets
 from zhome.admin.privacy import PrivacyServlets
 from zhome.admin.reports import ReportServlets
 from zhome.admin.rooms import AdminRoomServlets
@@ -396,7 +397,7 @@ class HomeServer:
                 RoomSummaryServlets(self.auth, self.events, self.room_servlets.resolve_room,
                                     self.room_servlets.room_summary),
                 AdminServlets(self), ReportServlets(self), AdminRoomServlets(self), PrivacyServlets(self),
-                AdminMediaServlets(self), DestinationServlets(self),
+                AdminMediaServlets(self), DestinationServlets(self), ServerNoticeServlets(self),
                 *self._backup_and_dehydration_servlets()]
 
     def _backup_and_dehydration_servlets(self) -> list[Any]:

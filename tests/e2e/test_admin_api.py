@@ -508,3 +508,33 @@ def test_media_details_quarantine_protect_and_delete(zhome: ZhomeProcess, tmp_pa
     assert admin.ok("POST", f"/_synapse/admin/v1/purge_media_cache?before_ts={now}") == {"deleted": 0}
     status, out = zhome.request("GET", f"/_synapse/admin/v1/users/{q(alice.user_id)}/media", token=alice.token)
     assert (status, out["errcode"]) == (403, "M_FORBIDDEN")
+
+
+def test_server_notices(zhome: ZhomeProcess, tmp_path: Path) -> None:
+    admin = Admin(zhome, "root", tmp_path)
+    alice = ClientUser(zhome, "alice")
+    body = {"user_id": alice.user_id, "content": {"msgtype": "m.text", "body": "Maintenance tonight at 22:00"}}
+    first = admin.ok("POST", "/_synapse/admin/v1/send_server_notice", body)["event_id"]
+    invites = alice.ok("GET", "/sync")["rooms"]["invite"]
+    assert len(invites) == 1
+    room = next(iter(invites))
+    alice.ok("POST", f"/join/{q(room)}", {})
+    ev = alice.ok("GET", f"/rooms/{q(room)}/event/{q(first)}")
+    assert ev["sender"] == "@server-notices:localhost" and ev["content"]["body"] == "Maintenance tonight at 22:00"
+    tags = alice.ok("GET", f"/user/{q(alice.user_id)}/rooms/{q(room)}/tags")["tags"]
+    assert "m.server_notice" in tags
+    status, out = alice.req("PUT", f"/rooms/{q(room)}/send/m.room.message/t1", {"msgtype": "m.text", "body": "hi"})
+    assert (status, out["errcode"]) == (403, "M_FORBIDDEN")
+    second = admin.ok("POST", "/_synapse/admin/v1/send_server_notice", dict(body, content={
+        "msgtype": "m.text", "body": "Done"}))["event_id"]
+    assert alice.ok("GET", f"/rooms/{q(room)}/event/{q(second)}")["content"]["body"] == "Done"  # the same room
+    for bad in ({"user_id": "nobody", "content": {}}, {"user_id": alice.user_id, "content": "text"},
+                {"user_id": "@x:elsewhere.example", "content": {}}):
+        assert admin.req("POST", "/_synapse/admin/v1/send_server_notice", bad)[0] == 400, bad
+    assert admin.req("POST", "/_synapse/admin/v1/send_server_notice",
+                     {"user_id": "@ghost:localhost", "content": {}})[0] == 404
+    status, out = zhome.request("POST", "/_synapse/admin/v1/send_server_notice", body, token=alice.token)
+    assert (status, out["errcode"]) == (403, "M_FORBIDDEN")
+    status, out = zhome.request("POST", CS + "/register", {"username": "server-notices", "password": "pw-x-1",
+                                                           "auth": {"type": "m.login.dummy"}})
+    assert (status, out["errcode"]) == (400, "M_USER_IN_USE")

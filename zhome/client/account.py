@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from zhome.server import HomeServer
 
 CS = r"/_matrix/client/(?:r0|v3)"
+#: Localparts zhome keeps for its own accounts.
+RESERVED_LOCALPARTS = frozenset({"server-notices", "zhome-operator"})
 SPEC_VERSIONS = ["r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10",
                  "v1.11", "v1.12", "v1.13", "v1.14", "v1.15", "v1.16"]
 UIA_SESSION_LIFETIME_MS = 30 * 60 * 1000
@@ -229,6 +231,9 @@ class AccountServlets:
         user_id = f"@{local}:{self.hs.server_name}"
         if len(user_id.encode()) > 255:
             raise MatrixError(400, "M_INVALID_USERNAME", "User ID is too long")
+        if local in RESERVED_LOCALPARTS:
+            # The server's own accounts (server notices, the operator).
+            raise MatrixError(400, "M_USER_IN_USE", "User ID already taken.")
         return user_id
 
     async def on_register(self, request: Request) -> tuple[int, Any]:

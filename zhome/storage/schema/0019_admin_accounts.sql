@@ -100,3 +100,9 @@ CREATE TABLE media_quarantine (
     protected INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (origin, media_id)
 );
+
+-- Each user's server notices room (client-server-api "Server Notices").
+CREATE TABLE server_notice_rooms (
+    user_id TEXT PRIMARY KEY,
+    room_id TEXT NOT NULL
+);
