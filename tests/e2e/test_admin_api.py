@@ -538,3 +538,53 @@ def test_server_notices(zhome: ZhomeProcess, tmp_path: Path) -> None:
     status, out = zhome.request("POST", CS + "/register", {"username": "server-notices", "password": "pw-x-1",
                                                            "auth": {"type": "m.login.dummy"}})
     assert (status, out["errcode"]) == (400, "M_USER_IN_USE")
+
+
+def test_delete_rooms_v1_and_v2(zhome: ZhomeProcess, tmp_path: Path) -> None:
+    import secrets
+    import time as _time
+
+    admin = Admin(zhome, "root", tmp_path)
+    alice = ClientUser(zhome, "alice")
+    bob = ClientUser(zhome, "bob")
+    marker = "MRK" + secrets.token_hex(16)
+    room = alice.ok("POST", "/createRoom", {"preset": "public_chat", "room_alias_name": "spam"})["room_id"]
+    bob.ok("POST", f"/join/{q(room)}", {})
+    alice.ok("PUT", f"/rooms/{q(room)}/send/m.room.message/t1", {"msgtype": "m.text", "body": marker})
+
+    got = admin.ok("DELETE", f"/_synapse/admin/v1/rooms/{q(room)}", {"block": True, "new_room_user_id":
+                                                                     admin.user_id, "message": "moved"})
+    assert sorted(got["kicked_users"]) == sorted([alice.user_id, bob.user_id])
+    assert got["local_aliases"] == ["#spam:localhost"] and got["failed_to_kick_users"] == []
+    assert got["new_room_id"] in alice.ok("GET", "/joined_rooms")["joined_rooms"]
+    assert room not in alice.ok("GET", "/joined_rooms")["joined_rooms"]
+    assert admin.req("GET", f"/_synapse/admin/v1/rooms/{q(room)}")[0] == 404
+    assert room not in [r["room_id"] for r in admin.ok("GET", "/_synapse/admin/v1/rooms")["rooms"]]
+    assert admin.ok("GET", f"/_synapse/admin/v1/rooms/{q(room)}/block")["block"] is True
+    assert alice.req("POST", f"/join/{q(room)}", {})[0] in (403, 404)
+    assert zhome.request("GET", CS + "/directory/room/" + q("#spam:localhost"))[0] == 404
+
+    # v2 runs in the background; a legal hold stops a purge.
+    other = alice.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"]
+    hold = admin.ok("POST", "/_zhome/admin/v1/legal_holds", {"kind": "room", "target": other, "reason": "case 9"})
+    status, out = admin.req("DELETE", f"/_synapse/admin/v2/rooms/{q(other)}", {})
+    assert (status, out["errcode"]) == (403, "M_FORBIDDEN") and "legal hold" in out["error"]
+    admin.ok("DELETE", f"/_zhome/admin/v1/legal_holds/{hold['id']}")
+    delete_id = admin.ok("DELETE", f"/_synapse/admin/v2/rooms/{q(other)}", {})["delete_id"]
+    for _ in range(100):
+        st = admin.ok("GET", f"/_synapse/admin/v2/rooms/delete_status/{delete_id}")
+        if st["status"] in ("complete", "failed"):
+            break
+        _time.sleep(0.2)
+    assert st["status"] == "complete" and st["shutdown_room"]["kicked_users"] == [alice.user_id]
+    by_room = admin.ok("GET", f"/_synapse/admin/v2/rooms/{q(other)}/delete_status")["results"]
+    assert [r["delete_id"] for r in by_room] == [delete_id]
+    assert admin.req("DELETE", f"/_synapse/admin/v2/rooms/{q('!nope:localhost')}", {})[0] == 404
+    assert admin.req("DELETE", f"/_synapse/admin/v1/rooms/{q(other)}", {"purge": "yes"})[0] == 400
+    status, out = zhome.request("DELETE", f"/_synapse/admin/v1/rooms/{q(other)}", {}, token=alice.token)
+    assert (status, out["errcode"]) == (403, "M_FORBIDDEN")
+
+    zhome.stop()
+    from tests.e2e.test_erasure import _stored
+
+    assert marker.encode() not in _stored(zhome)

@@ -5,17 +5,24 @@ state, and blocking a room (no local user may join it).
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from typing import TYPE_CHECKING, Any, Optional
 
+from twisted.internet import defer
 from twisted.web.server import Request
 
-from zhome.http.errors import bad_json, forbidden, invalid_param, not_found
+from zhome.http.errors import MatrixError, bad_json, forbidden, invalid_param, not_found
 from zhome.http.server import JsonResource, query_arg, read_json_body
 from zhome.client.serialize import serialize_events
-from zhome.util.ids import is_valid_room_id
+from zhome.storage.database import Txn
+from zhome.util.ids import is_valid_room_id, random_string
 
 if TYPE_CHECKING:
     from zhome.server import HomeServer
+
+logger = logging.getLogger(__name__)
 
 SYN1 = r"/_synapse/admin/v1"
 ROOM = r"(?P<room_id>[^/]+)"
@@ -53,6 +60,12 @@ class AdminRoomServlets:
         r.register("GET", SYN1 + r"/rooms/" + ROOM, self.on_room, "admin_room")
         r.register("GET", SYN1 + r"/rooms/" + ROOM + r"/members", self.on_members, "admin_room_members")
         r.register("GET", SYN1 + r"/rooms/" + ROOM + r"/state", self.on_state, "admin_room_state")
+        r.register("DELETE", SYN1 + r"/rooms/" + ROOM, self.on_delete_v1, "admin_room_delete")
+        r.register("DELETE", r"/_synapse/admin/v2/rooms/" + ROOM, self.on_delete_v2, "admin_room_delete")
+        r.register("GET", r"/_synapse/admin/v2/rooms/" + ROOM + r"/delete_status", self.on_status_by_room,
+                   "admin_room_delete_status")
+        r.register("GET", r"/_synapse/admin/v2/rooms/delete_status/(?P<delete_id>[^/]+)", self.on_status_by_id,
+                   "admin_room_delete_status")
         r.register("GET", SYN1 + r"/rooms/" + ROOM + r"/block", self.on_get_block, "admin_room_block")
         r.register("PUT", SYN1 + r"/rooms/" + ROOM + r"/block", self.on_put_block, "admin_room_block")
 
@@ -143,6 +156,146 @@ class AdminRoomServlets:
         evs = await self.hs.events.get_events(list(state.values()))
         ordered = sorted(evs.values(), key=lambda e: (e.type, e.state_key or ""))
         return 200, {"state": await serialize_events(self.hs.events, ordered)}
+
+    # -- deleting a room ------------------------------------------------------------
+    async def _check_delete(self, room_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        if not is_valid_room_id(room_id):
+            raise invalid_param("Invalid room ID")
+        opts = {"block": body.get("block", False), "purge": body.get("purge", True),
+                "force_purge": body.get("force_purge", False), "new_room_user_id": body.get("new_room_user_id"),
+                "room_name": body.get("room_name", "Content Violation Notification"),
+                "message": body.get("message", "Sharing illegal content on this server is not permitted and "
+                                               "rooms in violation will be blocked.")}
+        for key in ("block", "purge", "force_purge"):
+            if not isinstance(opts[key], bool):
+                raise bad_json(f"{key} must be a boolean")
+        for key in ("room_name", "message"):
+            if not isinstance(opts[key], str):
+                raise bad_json(f"{key} must be a string")
+        new_owner = opts["new_room_user_id"]
+        if new_owner is not None:
+            if not isinstance(new_owner, str) or not new_owner.endswith(":" + self.hs.server_name) or \
+                    await self.hs.accounts.get_user(new_owner) is None:
+                raise invalid_param("new_room_user_id must be an existing local user")
+        known = await self.hs.rooms.get_room_version(room_id) is not None
+        if not known and not opts["block"]:
+            raise not_found("Room not found")
+        if known and opts["purge"]:
+            # What a legal hold or a retention floor covers is never deleted.
+            holds = await self.hs.privacy_store.list_holds("room", room_id)
+            if holds:
+                raise MatrixError(403, "M_FORBIDDEN", f"The room is under legal hold {holds[0]['id']}: "
+                                  f"{holds[0]['reason']}; delete it with purge false, or lift the hold")
+            floor = await self.hs.privacy_store.get_floor(room_id)
+            if floor is not None:
+                raise MatrixError(403, "M_FORBIDDEN", f"The room has a retention floor ({floor['reason']}); "
+                                  "its events cannot be purged")
+        opts["known"] = known
+        return opts
+
+    async def _shutdown(self, admin: str, room_id: str, opts: dict[str, Any]) -> dict[str, Any]:
+        """Block (when asked), move local members out (and into a new room when
+        asked), remove local aliases, then purge (when asked)."""
+        result: dict[str, Any] = {"kicked_users": [], "failed_to_kick_users": [], "local_aliases": [],
+                                  "new_room_id": None}
+        if opts["block"]:
+            await self.store.set_room_blocked(room_id, admin, True)
+        if not opts["known"]:
+            return result
+        members = await self._joined(room_id)
+        local = [m for m in members if m.endswith(":" + self.hs.server_name)]
+        new_owner = opts["new_room_user_id"]
+        if new_owner and local:
+            new_room, _ = await self.hs.room_creation.create_room(new_owner, {
+                "preset": "public_chat", "name": opts["room_name"],
+                "power_level_content_override": {"events_default": 100}})
+            result["new_room_id"] = new_room
+            await self.hs.event_creator.send(new_room, "m.room.message", new_owner,
+                                             {"msgtype": "m.text", "body": opts["message"]})
+        for user in local:
+            try:
+                await self.hs.membership.update(user, user, room_id, "leave")
+                if result["new_room_id"] and user != new_owner:
+                    await self.hs.membership.update(user, user, result["new_room_id"], "join")
+                result["kicked_users"].append(user)
+            except MatrixError as e:
+                logger.info("room deletion %s: %s could not leave: %s", room_id, user, e.msg)
+                result["failed_to_kick_users"].append(user)
+        for alias in await self.hs.rooms.get_aliases_for_room(room_id):
+            await self.hs.rooms.delete_alias(alias)
+            result["local_aliases"].append(alias)
+        await self.hs.rooms.set_public(room_id, False)
+        if opts["purge"] and (not result["failed_to_kick_users"] or opts["force_purge"]):
+            await self.hs.privacy_store.purge_room(room_id)
+            self.hs.rooms.drop_room_caches(room_id)
+        return result
+
+    async def on_delete_v1(self, request: Request, room_id: str) -> tuple[int, Any]:
+        admin = await self._require_admin(request)
+        opts = await self._check_delete(room_id, read_json_body(request, allow_empty=True))
+        return 200, await self._shutdown(admin, room_id, opts)
+
+    async def on_delete_v2(self, request: Request, room_id: str) -> tuple[int, Any]:
+        admin = await self._require_admin(request)
+        opts = await self._check_delete(room_id, read_json_body(request, allow_empty=True))
+        if await self._deletions(room_id, active_only=True):
+            raise MatrixError(400, "M_UNKNOWN", "The room is already being deleted")
+        delete_id = random_string(16)
+        await self._save_deletion(delete_id, room_id, "scheduled", None, {})
+
+        async def run() -> None:
+            try:
+                await self._save_deletion(delete_id, room_id, "active", None, {})
+                result = await self._shutdown(admin, room_id, opts)
+                await self._save_deletion(delete_id, room_id, "complete", None, result)
+            except Exception as e:
+                logger.exception("room deletion %s of %s failed", delete_id, room_id)
+                await self._save_deletion(delete_id, room_id, "failed", str(e)[:500], {})
+
+        defer.ensureDeferred(run())
+        return 200, {"delete_id": delete_id}
+
+    async def _save_deletion(self, delete_id: str, room_id: str, status: str, error: Optional[str],
+                             result: dict[str, Any]) -> None:
+        def txn_fn(txn: Txn) -> None:
+            txn.execute("DELETE FROM room_deletions WHERE delete_id = ?", (delete_id,))
+            txn.execute("INSERT INTO room_deletions (delete_id, room_id, status, error, result_json, started_ts)"
+                        " VALUES (?,?,?,?,?,?)", (delete_id, room_id, status, error, json.dumps(result),
+                                                  int(time.time() * 1000)))
+
+        await self.hs.db.run_interaction("save_room_deletion", txn_fn)
+
+    async def _deletions(self, room_id: Optional[str] = None, delete_id: Optional[str] = None,
+                         active_only: bool = False) -> list[dict[str, Any]]:
+        sql = "SELECT delete_id, room_id, status, error, result_json FROM room_deletions WHERE "
+        sql += "room_id = ?" if room_id is not None else "delete_id = ?"
+        rows = await self.hs.db.execute("room_deletions", sql + " ORDER BY started_ts", room_id or delete_id)
+        out = []
+        for did, rid, status, error, result in rows:
+            if active_only and status not in ("scheduled", "active"):
+                continue
+            item: dict[str, Any] = {"delete_id": did, "room_id": rid, "status": status,
+                                    "shutdown_room": json.loads(result) or {
+                                        "kicked_users": [], "failed_to_kick_users": [], "local_aliases": [],
+                                        "new_room_id": None}}
+            if error:
+                item["error"] = error
+            out.append(item)
+        return out
+
+    async def on_status_by_room(self, request: Request, room_id: str) -> tuple[int, Any]:
+        await self._require_admin(request)
+        results = await self._deletions(room_id=room_id)
+        if not results:
+            raise not_found("No deletion of this room")
+        return 200, {"results": [{k: v for k, v in r.items() if k != "room_id"} for r in results]}
+
+    async def on_status_by_id(self, request: Request, delete_id: str) -> tuple[int, Any]:
+        await self._require_admin(request)
+        results = await self._deletions(delete_id=delete_id)
+        if not results:
+            raise not_found("No such deletion")
+        return 200, {k: v for k, v in results[0].items() if k != "delete_id"}
 
     async def on_get_block(self, request: Request, room_id: str) -> tuple[int, Any]:
         await self._require_admin(request)

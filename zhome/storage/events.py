@@ -446,6 +446,12 @@ class EventsStore:
     def invalidate_event(self, event_id: str) -> None:
         self._event_cache.pop(event_id)
 
+    def drop_room_caches(self, room_id: str) -> None:
+        """After a room was purged from the database: nothing of it stays cached."""
+        self._event_cache.clear()
+        self._state_group_cache.clear()
+        self._extremities_cache.pop(room_id)
+
     async def get_state_events(self, state: StateMap) -> dict[tuple[str, str], Event]:
         evs = await self.get_events(state.values())
         return {k: evs[v] for k, v in state.items() if v in evs}

@@ -135,6 +135,35 @@ class PrivacyStore:
 
         await self.db.run_interaction("delete_user_traces", txn_fn)
 
+    # -- purging a room ---------------------------------------------------------------------
+    async def purge_room(self, room_id: str) -> int:
+        """Delete everything this server holds of a room: its events, state,
+        graph, aliases, receipts, read markers, notifications, per-room
+        account data and queued federation traffic. Returns the number of
+        events deleted."""
+        def txn_fn(txn: Txn) -> int:
+            txn.execute("SELECT event_id FROM events WHERE room_id = ?", (room_id,))
+            event_ids = [r[0] for r in txn.fetchall()]
+            for chunk, qs in in_chunks(event_ids):
+                args = tuple(chunk)
+                txn.execute(f"DELETE FROM event_edges WHERE event_id IN ({qs})", args)
+                txn.execute(f"DELETE FROM redactions WHERE event_id IN ({qs}) OR redacts IN ({qs})", args + args)
+                txn.execute(f"DELETE FROM event_txn_ids WHERE event_id IN ({qs})", args)
+                txn.execute(f"DELETE FROM federation_outbound WHERE event_id IN ({qs})", args)
+            txn.execute("DELETE FROM state_group_entries WHERE state_group IN"
+                        " (SELECT id FROM state_groups WHERE room_id = ?)", (room_id,))
+            for table in ("state_groups", "current_state_events", "room_memberships", "room_forgotten",
+                          "room_aliases", "account_data", "receipts", "room_unread", "user_notifications",
+                          "user_directory_public_rooms",
+                          "room_forward_extremities", "server_notice_rooms", "events", "rooms"):
+                txn.execute(f"DELETE FROM {table} WHERE room_id = ?", (room_id,))
+            return len(event_ids)
+
+        try:
+            return await self.db.run_interaction("purge_room", txn_fn)
+        finally:
+            self.events.drop_room_caches(room_id)
+
     # -- erasure reports -------------------------------------------------------------------------
     async def save_erasure(self, report: dict[str, Any]) -> None:
         def txn_fn(txn: Txn) -> None:

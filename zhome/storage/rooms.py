@@ -22,6 +22,9 @@ class RoomsStore:
             (room_id, room_version, creator, int(time.time() * 1000)),
         )
 
+    def drop_room_caches(self, room_id: str) -> None:
+        self._versions.pop(room_id, None)
+
     async def get_room_version(self, room_id: str) -> Optional[str]:
         v = self._versions.get(room_id)
         if v is not None:

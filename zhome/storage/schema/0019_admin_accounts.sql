@@ -106,3 +106,16 @@ CREATE TABLE server_notice_rooms (
     user_id TEXT PRIMARY KEY,
     room_id TEXT NOT NULL
 );
+
+-- Room deletions by the admin API (v2 runs in the background): status is
+-- scheduled, active, complete or failed; result_json holds the shutdown
+-- result (kicked users, aliases removed, new room).
+CREATE TABLE room_deletions (
+    delete_id TEXT PRIMARY KEY,
+    room_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT,
+    result_json TEXT NOT NULL,
+    started_ts BIGINT NOT NULL
+);
+CREATE INDEX room_deletions_room ON room_deletions (room_id);
