@@ -580,6 +580,21 @@ class PresenceConfig:
     enabled: bool = setting(boolean, default=True)
 
 
+@dataclass(frozen=True, kw_only=True)
+class RetentionConfig:
+    # Message retention: message events older than a room's m.room.retention
+    # max_lifetime (else default_max_lifetime_ms) lose their content, never
+    # below the room's retention floor or under a legal hold.
+    enabled: bool = setting(boolean, default=True)
+    # None: rooms without an m.room.retention event keep their messages.
+    default_max_lifetime_ms: int | None = setting(optional(integer(60_000)), default=None)
+    # The shortest max_lifetime a room may ask for.
+    min_allowed_lifetime_ms: int = setting(integer(60_000), default=24 * 3600 * 1000)
+    purge_interval_ms: int = setting(integer(1000), default=3600 * 1000)
+    # Events purged per transaction.
+    batch_size: int = setting(integer(1), default=500)
+
+
 def turn_uri(value: Any, path: str) -> str:
     """A TURN server URI (RFC 7065): "turn:" or "turns:", then host[:port][?transport=...]."""
     text = non_empty_string(value, path)
@@ -743,6 +758,7 @@ class HomeserverConfig:
     rooms: RoomsConfig = setting(section(RoomsConfig), default=RoomsConfig())
     user_directory: UserDirectoryConfig = setting(section(UserDirectoryConfig), default=UserDirectoryConfig())
     presence: PresenceConfig = setting(section(PresenceConfig), default=PresenceConfig())
+    retention: RetentionConfig = setting(section(RetentionConfig), default=RetentionConfig())
     voip: VoipConfig = setting(section(VoipConfig), default=VoipConfig())
     secrets: SecretsConfig = setting(section(SecretsConfig))
     federation: FederationConfig = setting(section(FederationConfig), default=FederationConfig())

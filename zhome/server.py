@@ -182,6 +182,10 @@ class HomeServer:
         self.media_repository.is_quarantined = self.media_admin.is_quarantined
         # Guests left in rooms that closed to them while the last run stopped.
         self.guest_access.start_sweep()
+        from zhome.admin.retention import RetentionJob
+
+        self.retention = RetentionJob(self)
+        self.retention.start()
         await self.push_delivery.start()
 
     def _setup_e2ee(self, keys_store: Any, device_list_store: Any, to_device_store: Any,
@@ -485,6 +489,8 @@ class HomeServer:
             self.federation_sender.stop()
         if getattr(self, "presence", None) is not None:
             self.presence.stop()
+        if getattr(self, "retention", None) is not None:
+            self.retention.stop()
         if getattr(self, "push_delivery", None) is not None:
             try:
                 await self.push_delivery.stop()

@@ -264,3 +264,40 @@ def test_admin_federation_destinations(zhome_pair: ZhomeServers, tmp_path: Path)
     assert admin.req("GET", f"{base}?order_by=secret")[0] == 400
     status, out = a.request("GET", base, token=alice.token)
     assert (status, out["errcode"]) == (403, "M_FORBIDDEN")
+
+
+def test_retention_purges_expired_messages_on_a_fake_clock(zhome: ZhomeProcess, tmp_path: Path) -> None:
+    admin = Admin(zhome, "root", tmp_path)
+    alice = ClientUser(zhome, "alice")
+    day = 24 * 3600 * 1000
+    policy = [{"type": "m.room.retention", "state_key": "", "content": {"max_lifetime": 7 * day}}]
+    rooms = {name: alice.ok("POST", "/createRoom", {"preset": "private_chat", "name": name,
+                                                    "initial_state": policy})["room_id"]
+             for name in ("chat", "medical", "held")}
+    forever = alice.ok("POST", "/createRoom", {"preset": "private_chat", "name": "no policy"})["room_id"]
+    admin.ok("PUT", f"/_zhome/admin/v1/rooms/{q(rooms['medical'])}/retention_floor",
+             {"days": 20 * 365, "reason": "WGBO"})
+    admin.ok("POST", "/_zhome/admin/v1/legal_holds", {"kind": "room", "target": rooms["held"], "reason": "case"})
+    markers = {name: _marker() for name in (*rooms, "forever")}
+    sent = {name: _send(alice, r, {"msgtype": "m.text", "body": markers[name]}) for name, r in rooms.items()}
+    sent["forever"] = _send(alice, forever, {"msgtype": "m.text", "body": markers["forever"]})
+    now = int(time.time() * 1000)
+
+    # Six days on nothing has expired yet.
+    assert admin.ok("POST", "/_zhome/admin/v1/retention/run", {"now": now + 6 * day})["purged"] == {}
+    out = admin.ok("POST", "/_zhome/admin/v1/retention/run", {"now": now + 8 * day})
+    assert out["purged"] == {rooms["chat"]: 1} and out["skipped"] == {rooms["held"]: "legal_hold"}
+    assert alice.ok("GET", f"/rooms/{q(rooms['chat'])}/event/{q(sent['chat'])}")["content"] == {}
+    for name in ("medical", "held"):
+        assert alice.ok("GET", f"/rooms/{q(rooms[name])}/event/{q(sent[name])}")["content"]["body"] == markers[name]
+    assert alice.ok("GET", f"/rooms/{q(forever)}/event/{q(sent['forever'])}")["content"]["body"] == \
+        markers["forever"]
+    # The room's name (state) stays; a second run finds nothing more.
+    assert alice.ok("GET", f"/rooms/{q(rooms['chat'])}/state/m.room.name")["name"] == "chat"
+    assert admin.ok("POST", "/_zhome/admin/v1/retention/run", {"now": now + 9 * day})["purged"] == {}
+    # Even a clock 30 years on cannot take what the floor keeps.
+    far = admin.ok("POST", "/_zhome/admin/v1/retention/run", {"now": now + 30 * 365 * day})
+    assert rooms["medical"] not in far["purged"]
+    zhome.stop()
+    stored = _stored(zhome)
+    assert markers["chat"].encode() not in stored and markers["medical"].encode() in stored

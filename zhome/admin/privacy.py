@@ -8,12 +8,14 @@ reports), legal holds and rooms' statutory retention floors.
     GET    /_zhome/admin/v1/legal_holds[?kind=&target=]
     DELETE /_zhome/admin/v1/legal_holds/{id}
     GET|PUT|DELETE /_zhome/admin/v1/rooms/{roomId}/retention_floor   PUT {days, reason}
+    POST   /_zhome/admin/v1/retention/run                    {now?}: run the retention purge
     GET    /_zhome/admin/v1/audit[?from=&limit=&user_id=]    audit log entries, oldest first
     GET    /_zhome/admin/v1/audit/verify                     whether the hash chain holds
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from twisted.web.server import Request
@@ -51,6 +53,7 @@ class PrivacyServlets:
         r.register("POST", Z1 + r"/legal_holds", self.on_add_hold, "zadmin_holds")
         r.register("GET", Z1 + r"/legal_holds", self.on_list_holds, "zadmin_holds")
         r.register("DELETE", Z1 + r"/legal_holds/(?P<hold_id>[^/]+)", self.on_delete_hold, "zadmin_hold")
+        r.register("POST", Z1 + r"/retention/run", self.on_retention_run, "zadmin_retention_run")
         r.register("GET", Z1 + r"/audit", self.on_audit, "zadmin_audit")
         r.register("GET", Z1 + r"/audit/verify", self.on_audit_verify, "zadmin_audit_verify")
         floor = Z1 + r"/rooms/(?P<room_id>[^/]+)/retention_floor"
@@ -107,6 +110,16 @@ class PrivacyServlets:
         if not hold_id.isdigit() or not await self.store.delete_hold(int(hold_id)):
             raise not_found("No such legal hold")
         return 200, {}
+
+    async def on_retention_run(self, request: Request) -> tuple[int, Any]:
+        """Run the retention purge now; ``now`` (ms) overrides the clock,
+        so an admin can see what a date would purge (tests use it too)."""
+        await self._require_admin(request)
+        body = read_json_body(request, allow_empty=True)
+        now = body.get("now", int(time.time() * 1000))
+        if not isinstance(now, int) or isinstance(now, bool) or now < 0:
+            raise bad_json("now must be a time in milliseconds")
+        return 200, await self.hs.retention.run_once(now)
 
     async def on_audit(self, request: Request) -> tuple[int, Any]:
         await self._require_admin(request)

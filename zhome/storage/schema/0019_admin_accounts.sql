@@ -119,3 +119,9 @@ CREATE TABLE room_deletions (
     started_ts BIGINT NOT NULL
 );
 CREATE INDEX room_deletions_room ON room_deletions (room_id);
+
+-- How far the retention purge got in each room (stream ordering).
+CREATE TABLE retention_positions (
+    room_id TEXT PRIMARY KEY,
+    stream_ordering BIGINT NOT NULL
+);
