@@ -17,6 +17,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Site
 
 from zhome.admin.destinations import DestinationServlets
+from zhome.admin.export import ExportServlets
 from zhome.admin.media import AdminMediaServlets
 from zhome.admin.notices import ServerNoticeServlets
 from zhome.admin.privacy import PrivacyServlets
@@ -401,7 +402,7 @@ class HomeServer:
                 RoomSummaryServlets(self.auth, self.events, self.room_servlets.resolve_room,
                                     self.room_servlets.room_summary),
                 AdminServlets(self), ReportServlets(self), AdminRoomServlets(self), PrivacyServlets(self),
-                AdminMediaServlets(self), DestinationServlets(self), ServerNoticeServlets(self),
+                AdminMediaServlets(self), DestinationServlets(self), ServerNoticeServlets(self), ExportServlets(self),
                 *self._backup_and_dehydration_servlets()]
 
     def _backup_and_dehydration_servlets(self) -> list[Any]:
@@ -413,8 +414,9 @@ class HomeServer:
 
     def _audit_request(self, request: Any, method: str, endpoint: str, code: int, errcode: Any) -> None:
         """Every admin request (allowed or refused) and every data-subject
-        request (deactivation and erasure) goes into the audit log."""
-        if not (endpoint.startswith(("admin_", "zadmin_")) or (endpoint == "deactivate" and method == "POST")):
+        request (export, deactivation and erasure) goes into the audit log."""
+        if not (endpoint.startswith(("admin_", "zadmin_")) or endpoint == "export"
+                or (endpoint == "deactivate" and method == "POST")):
             return
         actor = getattr(request, "zhome_user", None) or (
             "shared-secret" if endpoint == "admin_register" else "unauthenticated")
