@@ -645,6 +645,15 @@ class SecretsConfig:
     macaroon_secret_key: str = setting(_secret, secret=True)
 
 
+def region_map(value: Any, path: str) -> dict[str, str]:
+    """Server-name globs to region names (for the residency reports)."""
+    raw = mapping(value, path)
+    out: dict[str, str] = {}
+    for k, v in raw.items():
+        out[server_glob(k, _join(path, str(k)))] = non_empty_string(v, _join(path, str(k)))
+    return out
+
+
 def server_glob(value: Any, path: str) -> str:
     """A glob over server names ("*.example.org", "matrix.example.com:8448")."""
     text = non_empty_string(value, path)
@@ -665,6 +674,9 @@ class FederationConfig:
     # Server names we talk to (both directions): allowed unless blocked.
     allowed_servers: tuple[str, ...] = setting(list_of(server_glob), default=("*",))
     blocked_servers: tuple[str, ...] = setting(list_of(server_glob), default=())
+    # Server-name globs to regions ("*.nl": "EU/NL"), first match wins; the
+    # residency reports name each server's region with it.
+    regions: dict[str, str] = setting(region_map, factory=dict)
     # Let outbound requests reach loopback, private and other non-global
     # addresses. Off in production: a remote server name must not be a way
     # to reach the internal network (SSRF).

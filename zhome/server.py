@@ -18,6 +18,7 @@ from twisted.web.server import Site
 
 from zhome.admin.destinations import DestinationServlets
 from zhome.admin.export import ExportServlets
+from zhome.admin.transfer import TransferServlets
 from zhome.admin.media import AdminMediaServlets
 from zhome.admin.notices import ServerNoticeServlets
 from zhome.admin.privacy import PrivacyServlets
@@ -147,6 +148,16 @@ class HomeServer:
                                           self.persister, push_rules_cache=self.push_rules_cache)
         self.membership = MembershipService(self.server_name, self.event_creator, self.events, self.accounts)
         self.membership.room_blocked = self.admin_store.is_room_blocked
+        from zhome.admin.transfer import TransferStore, check_transfer
+
+        self.transfer_store = TransferStore(db)
+        await self.transfer_store.load()
+        self.membership.may_transfer = self.transfer_store.may_receive
+
+        async def transfer_check(event: Any, state: Any) -> None:
+            await check_transfer(self, event, state)
+
+        self.event_creator.pre_send_checks.append(transfer_check)
         self.audit = AuditLog(db)
         from zhome.admin.media import MediaAdminStore
 
@@ -337,6 +348,7 @@ class HomeServer:
         self.federation_sender = FederationSender(
             self.server_name, self.db, queue_ids, self.federation_client.put_json, self.events.get_events,
             self.residency_policy, max_retry_interval_ms=self.config.federation.max_retry_interval_ms)
+        self.federation_sender.may_transfer = self.transfer_store.may_receive
         self.persister.pre_hooks.append(self.federation_sender.before_persist)
         self.persister.txn_hooks.append(self.federation_sender.persist_txn_hook)
         self.persister.after_commit_hooks.append(self.federation_sender.after_persist)
@@ -403,6 +415,7 @@ class HomeServer:
                                     self.room_servlets.room_summary),
                 AdminServlets(self), ReportServlets(self), AdminRoomServlets(self), PrivacyServlets(self),
                 AdminMediaServlets(self), DestinationServlets(self), ServerNoticeServlets(self), ExportServlets(self),
+                TransferServlets(self),
                 *self._backup_and_dehydration_servlets()]
 
     def _backup_and_dehydration_servlets(self) -> list[Any]:

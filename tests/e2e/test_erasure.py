@@ -301,3 +301,57 @@ def test_retention_purges_expired_messages_on_a_fake_clock(zhome: ZhomeProcess, 
     zhome.stop()
     stored = _stored(zhome)
     assert markers["chat"].encode() not in stored and markers["medical"].encode() in stored
+
+
+def test_do_not_transfer_and_residency_reports(zhome_pair: ZhomeServers, tmp_path: Path) -> None:
+    a, b = zhome_pair.a, zhome_pair.b
+    admin = Admin(a, "root_dnt", tmp_path)
+    alice = ClientUser(a, "alice_dnt")
+    carol = ClientUser(a, "carol_dnt")
+    bob = ClientUser(b, "bob_dnt")
+    shared = carol.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"]
+    alice.ok("POST", f"/join/{q(shared)}", {})
+    bob.ok("POST", f"/join/{q(shared)}?server_name={urllib.parse.quote(a.server_name)}", {})
+    eid = _send(alice, shared, {"msgtype": "m.text", "body": "before the setting"})
+    _send(carol, shared, {"msgtype": "m.text", "body": "carol's"})
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline and bob.req("GET", f"/rooms/{q(shared)}/event/{q(eid)}")[0] != 200:
+        time.sleep(0.3)
+
+    settings = alice.hs.request("PUT", "/_zhome/client/v1/privacy", {"do_not_transfer": True},
+                                token=alice.token)
+    assert settings == (200, {"do_not_transfer": True, "allowed_servers": [], "set_by": alice.user_id,
+                              "set_ts": settings[1]["set_ts"]})
+    status, out = alice.req("PUT", f"/rooms/{q(shared)}/send/m.room.message/x1", {"msgtype": "m.text",
+                                                                                   "body": "secret"})
+    assert (status, out["errcode"]) == (403, "M_FORBIDDEN") and b.server_name in out["error"]
+    assert out["servers"] == [b.server_name]
+    remote_room = bob.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"]
+    status, out = alice.req("POST", f"/join/{q(remote_room)}?server_name={urllib.parse.quote(b.server_name)}", {})
+    assert (status, out["errcode"]) == (403, "M_FORBIDDEN") and b.server_name in out["error"]
+    _send(carol, shared, {"msgtype": "m.text", "body": "carol is not affected"})
+    local_only = alice.ok("POST", "/createRoom", {"preset": "private_chat"})["room_id"]
+    _send(alice, local_only, {"msgtype": "m.text", "body": "no other server here"})
+    assert a.request("PUT", "/_zhome/client/v1/privacy", {"do_not_transfer": "yes"}, token=alice.token)[0] == 400
+
+    # An admin allows the other server for her; then she may send there.
+    got = admin.ok("PUT", f"/_zhome/admin/v1/users/{q(alice.user_id)}/privacy",
+                   {"do_not_transfer": True, "allowed_servers": [b.server_name]})
+    assert got["allowed_servers"] == [b.server_name] and got["set_by"] == admin.user_id
+    _send(alice, shared, {"msgtype": "m.text", "body": "allowed now"})
+
+    report = {}
+    for _ in range(100):
+        report = admin.ok("GET", f"/_zhome/admin/v1/users/{q(alice.user_id)}/residency")
+        if report["servers"] and report["servers"][0]["events"] >= 2:
+            break
+        time.sleep(0.3)
+    server = report["servers"][0]
+    assert server["server"] == b.server_name and server["rooms"][shared] >= 2  # the two messages B was sent
+    assert server["first_ts"] <= server["last_ts"] and report["transfer"]["do_not_transfer"] is True
+    room_report = admin.ok("GET", f"/_zhome/admin/v1/rooms/{q(shared)}/residency")
+    assert [s["server"] for s in room_report["servers"]] == [b.server_name]
+    assert set(room_report["servers"][0]["senders"]) >= {alice.user_id, carol.user_id}
+    assert admin.ok("GET", f"/_zhome/admin/v1/rooms/{q(local_only)}/residency")["servers"] == []
+    status, out = a.request("GET", f"/_zhome/admin/v1/users/{q(alice.user_id)}/residency", token=carol.token)
+    assert (status, out["errcode"]) == (403, "M_FORBIDDEN")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable, Optional
 
 from prometheus_client import Counter, Gauge, Histogram
 from twisted.internet import defer
@@ -58,6 +58,8 @@ class FederationSender:
         self.put_json = put_json
         self.get_events = get_events
         self.policy = policy
+        #: (sender, server) -> bool: a do-not-transfer sender's events go only to servers it allows.
+        self.may_transfer: Optional[Callable[[str, str], bool]] = None
         self.max_retry_interval_ms = max_retry_interval_ms
         self.clock = clock
         self._running: set[str] = set()
@@ -130,6 +132,12 @@ class FederationSender:
         room_state = await self._policy_state(state)
         allowed = []
         for s in sorted(servers):
+            if (self.may_transfer is not None and not self.may_transfer(ev.sender, s)
+                    and ev.type != "m.room.redaction" and ev.membership != "leave"):
+                # Leaving and redacting reach every server: they take data back.
+                self.policy.count_refusal("send")
+                logger.info("do-not-transfer: not sending %s to %s", ev.event_id, s)
+                continue
             if self.policy.room_allows(s, room_state):
                 allowed.append(s)
             else:
@@ -260,10 +268,24 @@ class FederationSender:
         logger.info("transaction %s to %s: %d pdus, %d edus, %.0f ms", txn_id, destination, len(pdus), len(edus),
                     (time.monotonic() - start) * 1000)
 
+        # The transfer log: what this destination now holds, per room and sender.
+        sent_by: dict[tuple[str, str], int] = {}
+        for r in pdu_rows:
+            if r[1] in evs:
+                key = (evs[r[1]].room_id, evs[r[1]].sender)
+                sent_by[key] = sent_by.get(key, 0) + 1
+        now_ms = int(self.clock() * 1000)
+
         def done(txn: Txn) -> None:
             for chunk, qs in in_chunks(sent_ids):
                 txn.execute(f"DELETE FROM federation_outbound WHERE id IN ({qs})", chunk)
             txn.execute("DELETE FROM federation_destinations WHERE destination = ?", (destination,))
+            for (room_id, sender), n in sent_by.items():
+                txn.execute("UPDATE transfer_log SET events = events + ?, last_ts = ? WHERE destination = ?"
+                            " AND room_id = ? AND sender = ?", (n, now_ms, destination, room_id, sender))
+                if txn.rowcount == 0:
+                    txn.execute("INSERT INTO transfer_log (destination, room_id, sender, events, first_ts, last_ts)"
+                                " VALUES (?,?,?,?,?,?)", (destination, room_id, sender, n, now_ms, now_ms))
 
         await self.db.run_interaction("outbound_done", done)
         return True

@@ -44,7 +44,7 @@ SUSPENDED_ALLOWED = frozenset({
     "keys_upload", "keys_query", "keys_claim", "send_to_device", "keys_device_signing_upload",
     "keys_signatures_upload", "room_keys_version", "room_keys_version_n", "room_keys_keys", "room_keys_room",
     "room_keys_session", "dehydrated_device", "dehydrated_device_events", "user_directory", "publicRooms",
-    "report_event", "report_room", "report_user",
+    "report_event", "report_room", "report_user", "privacy_settings",
 })
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

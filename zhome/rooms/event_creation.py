@@ -76,6 +76,9 @@ class EventCreator:
         # zhome.push.cache.RulesetCache; None counts messages without push rules.
         self.push_rules_cache = push_rules_cache
         self.room_locks = RoomLocks()
+        #: async (event, state) checks run on every local event before it is
+        #: persisted (a check refuses by raising a MatrixError).
+        self.pre_send_checks: list[Any] = []
 
     async def room_version_of(self, room_id: str) -> RoomVersion:
         v = await self.rooms.get_room_version(room_id)
@@ -217,6 +220,8 @@ class EventCreator:
                     if ev is not None:
                         return ev
             event, group, state = await self.create_event(room_id, etype, sender, content, state_key, redacts)
+            for check in self.pre_send_checks:
+                await check(event, state)
             if extra_check is not None:
                 await extra_check(event, state)
             if transform is not None:

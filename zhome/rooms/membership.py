@@ -32,6 +32,8 @@ class MembershipService:
         self.federation: Any = None
         #: async room_id -> bool: whether an admin blocked the room (no local joins).
         self.room_blocked: Any = None
+        #: (user_id, server) -> bool: whether that user's data may go to that server.
+        self.may_transfer: Any = None
 
     def is_mine(self, user_id: str) -> bool:
         return user_id.endswith(":" + self.server_name)
@@ -91,6 +93,11 @@ class MembershipService:
             if self.federation is None:
                 raise not_found("Room not found on this server")
             servers = list(via or []) + await self._servers_to_try(room_id, target)
+            if membership != "leave" and self.may_transfer is not None:
+                refused = sorted({s for s in servers if not self.may_transfer(target, s)})
+                if refused:
+                    raise MatrixError(403, "M_FORBIDDEN", "Your data may not be transferred to "
+                                      + ", ".join(refused) + " (your do-not-transfer setting)", servers=refused)
             if membership == "leave":
                 return await self.federation.remote_leave(target, room_id, servers)
             extra_content = {k: v for k, v in content.items() if k not in ("membership",)}

@@ -125,3 +125,28 @@ CREATE TABLE retention_positions (
     room_id TEXT PRIMARY KEY,
     stream_ordering BIGINT NOT NULL
 );
+
+-- A user's transfer settings (GDPR: the right to block transfer to third
+-- parties): with do_not_transfer, their data goes to no server outside
+-- allowed_servers (a JSON list of server-name globs; empty: none).
+CREATE TABLE user_privacy (
+    user_id TEXT PRIMARY KEY,
+    do_not_transfer INTEGER NOT NULL DEFAULT 0,
+    allowed_servers TEXT NOT NULL DEFAULT '[]',
+    set_by TEXT NOT NULL,
+    set_ts BIGINT NOT NULL
+);
+
+-- The transfer log: what went to which server, per room and sender: the
+-- number of events and the first and last time.
+CREATE TABLE transfer_log (
+    destination TEXT NOT NULL,
+    room_id TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    events BIGINT NOT NULL,
+    first_ts BIGINT NOT NULL,
+    last_ts BIGINT NOT NULL,
+    PRIMARY KEY (destination, room_id, sender)
+);
+CREATE INDEX transfer_log_sender ON transfer_log (sender);
+CREATE INDEX transfer_log_room ON transfer_log (room_id);
