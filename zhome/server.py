@@ -563,7 +563,7 @@ class _OperatorRoot(Resource):
         self.inner = inner
 
     def render(self, request: Any) -> Any:
-        if not request.path.startswith(self._ADMIN_PREFIXES) or request.path.startswith(b"/_zhome/admin/v1/register"):
+        if not request.path.startswith(self._ADMIN_PREFIXES) or request.path.endswith(b"/admin/v1/register"):
             request.setResponseCode(404)
             request.setHeader(b"Content-Type", b"application/json")
             return b'{"errcode":"M_UNRECOGNIZED","error":"Only the admin API is served on this socket"}'

@@ -80,8 +80,10 @@ class AccountServlets:
         r.register("PUT", CS + r"/profile/(?P<user_id>[^/]+)/(?P<field>displayname|avatar_url)",
                    self.on_put_profile_field, "profile_field", guests=True)
         r.register("POST", CS + r"/user_directory/search", self.on_user_directory, "user_directory")
-        r.register("GET", r"/_zhome/admin/v1/register", self.on_admin_register_nonce, "admin_register")
-        r.register("POST", r"/_zhome/admin/v1/register", self.on_admin_register, "admin_register")
+        # Shared-secret registration, also under Synapse's path (admin tools use it).
+        for prefix in (r"/_zhome/admin/v1", r"/_synapse/admin/v1"):
+            r.register("GET", prefix + r"/register", self.on_admin_register_nonce, "admin_register")
+            r.register("POST", prefix + r"/register", self.on_admin_register, "admin_register")
 
     # -- discovery ---------------------------------------------------------
     async def on_versions(self, request: Request) -> tuple[int, Any]:
