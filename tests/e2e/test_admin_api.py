@@ -588,3 +588,28 @@ def test_delete_rooms_v1_and_v2(zhome: ZhomeProcess, tmp_path: Path) -> None:
     from tests.e2e.test_erasure import _stored
 
     assert marker.encode() not in _stored(zhome)
+
+
+def test_purge_history(zhome: ZhomeProcess, tmp_path: Path) -> None:
+    import time as _time
+
+    admin = Admin(zhome, "root", tmp_path)
+    alice = ClientUser(zhome, "alice")
+    room = alice.ok("POST", "/createRoom", {"preset": "private_chat", "name": "Ward"})["room_id"]
+    ids = [alice.ok("PUT", f"/rooms/{q(room)}/send/m.room.message/t{i}", {"msgtype": "m.text", "body": f"m{i}"})
+           ["event_id"] for i in range(5)]
+    path = f"/_synapse/admin/v1/purge_history/{q(room)}/{q(ids[-1])}"
+    status, out = zhome.request("POST", path, {}, token=alice.token)
+    assert (status, out["errcode"]) == (403, "M_FORBIDDEN")
+    purge_id = admin.ok("POST", path, {})["purge_id"]
+    for _ in range(100):
+        st = admin.ok("GET", f"/_synapse/admin/v1/purge_history_status/{purge_id}")["status"]
+        if st != "active":
+            break
+        _time.sleep(0.1)
+    assert st == "complete"
+    chunk = alice.ok("GET", f"/rooms/{q(room)}/messages?dir=b&limit=50")["chunk"]
+    assert [e["event_id"] for e in chunk if e["type"] == "m.room.message"] == [ids[-1]]
+    assert {"m.room.create", "m.room.name", "m.room.member"} <= {e["type"] for e in chunk}
+    assert admin.req("POST", f"/_synapse/admin/v1/purge_history/{q(room)}", {})[0] == 400
+    assert admin.req("GET", "/_synapse/admin/v1/purge_history_status/nope")[0] == 404

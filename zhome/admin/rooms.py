@@ -66,6 +66,10 @@ class AdminRoomServlets:
                    "admin_room_delete_status")
         r.register("GET", r"/_synapse/admin/v2/rooms/delete_status/(?P<delete_id>[^/]+)", self.on_status_by_id,
                    "admin_room_delete_status")
+        r.register("POST", SYN1 + r"/purge_history/" + ROOM + r"(?:/(?P<event_id>[^/]+))?", self.on_purge_history,
+                   "admin_purge_history")
+        r.register("GET", SYN1 + r"/purge_history_status/(?P<purge_id>[^/]+)", self.on_purge_status,
+                   "admin_purge_history_status")
         r.register("GET", SYN1 + r"/rooms/" + ROOM + r"/block", self.on_get_block, "admin_room_block")
         r.register("PUT", SYN1 + r"/rooms/" + ROOM + r"/block", self.on_put_block, "admin_room_block")
 
@@ -223,6 +227,9 @@ class AdminRoomServlets:
                 result["failed_to_kick_users"].append(user)
         for alias in await self.hs.rooms.get_aliases_for_room(room_id):
             await self.hs.rooms.delete_alias(alias)
+            if result["new_room_id"]:
+                # The alias now leads to the room the members were moved to.
+                await self.hs.rooms.create_alias(alias, result["new_room_id"], new_owner)
             result["local_aliases"].append(alias)
         await self.hs.rooms.set_public(room_id, False)
         if opts["purge"] and (not result["failed_to_kick_users"] or opts["force_purge"]):
@@ -296,6 +303,65 @@ class AdminRoomServlets:
         if not results:
             raise not_found("No such deletion")
         return 200, {k: v for k, v in results[0].items() if k != "delete_id"}
+
+    # -- purging history -------------------------------------------------------------
+    async def on_purge_history(self, request: Request, room_id: str, event_id: Optional[str] = None
+                               ) -> tuple[int, Any]:
+        await self._require_admin(request)
+        if not is_valid_room_id(room_id) or await self.hs.rooms.get_room_version(room_id) is None:
+            raise not_found("Room not found")
+        body = read_json_body(request, allow_empty=True)
+        delete_local = body.get("delete_local_events", False)
+        if not isinstance(delete_local, bool):
+            raise bad_json("delete_local_events must be a boolean")
+        event_id = event_id or body.get("purge_up_to_event_id")
+        if event_id is not None:
+            ev = await self.hs.events.get_event(event_id) if isinstance(event_id, str) else None
+            if ev is None or ev.room_id != room_id:
+                raise not_found("Event not found in this room")
+            before = int(ev.internal["stream_ordering"])
+        else:
+            ts = body.get("purge_up_to_ts")
+            if not isinstance(ts, int) or isinstance(ts, bool):
+                raise bad_json("give an event ID, purge_up_to_event_id or purge_up_to_ts")
+            rows = await self.hs.db.execute(
+                "purge_point", "SELECT MIN(stream_ordering) FROM events WHERE room_id = ? AND origin_server_ts >= ?"
+                " AND outlier = 0", room_id, ts)
+            before = int(rows[0][0]) if rows and rows[0][0] is not None else self.hs.notifier.current_token().events + 1
+        # What a legal hold or a retention floor covers is never purged.
+        if await self.hs.privacy_store.list_holds("room", room_id) or \
+                await self.hs.privacy_store.get_floor(room_id) is not None:
+            raise MatrixError(403, "M_FORBIDDEN", "The room is under a legal hold or has a retention floor")
+        purge_id = random_string(16)
+        await self._save_purge(purge_id, room_id, "active", None)
+
+        async def run() -> None:
+            try:
+                await self.hs.privacy_store.purge_history(room_id, before, delete_local, ":" + self.hs.server_name)
+                await self._save_purge(purge_id, room_id, "complete", None)
+            except Exception as e:
+                logger.exception("history purge %s of %s failed", purge_id, room_id)
+                await self._save_purge(purge_id, room_id, "failed", str(e)[:500])
+
+        defer.ensureDeferred(run())
+        return 200, {"purge_id": purge_id}
+
+    async def _save_purge(self, purge_id: str, room_id: str, status: str, error: Optional[str]) -> None:
+        def txn_fn(txn: Txn) -> None:
+            txn.execute("DELETE FROM history_purges WHERE purge_id = ?", (purge_id,))
+            txn.execute("INSERT INTO history_purges (purge_id, room_id, status, error, started_ts) VALUES (?,?,?,?,?)",
+                        (purge_id, room_id, status, error, int(time.time() * 1000)))
+
+        await self.hs.db.run_interaction("save_purge", txn_fn)
+
+    async def on_purge_status(self, request: Request, purge_id: str) -> tuple[int, Any]:
+        await self._require_admin(request)
+        rows = await self.hs.db.execute("purge_status", "SELECT status, error FROM history_purges WHERE purge_id = ?",
+                                        purge_id)
+        if not rows:
+            raise not_found("No such purge")
+        status, error = rows[0]
+        return 200, ({"status": status, "error": error} if error else {"status": status})
 
     async def on_get_block(self, request: Request, room_id: str) -> tuple[int, Any]:
         await self._require_admin(request)

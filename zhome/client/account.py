@@ -616,8 +616,9 @@ class AccountServlets:
                                           body.get("mac"))
         if not isinstance(username, str) or not isinstance(password, str) or not isinstance(mac, str):
             raise bad_json("username, password and mac are required strings")
-        want = registration_mac(secret, nonce, username, password, bool(admin))
-        if not hmac.compare_digest(want, mac):
+        # HMAC-SHA256, or HMAC-SHA1 as Synapse's admin tools compute it.
+        if not any(hmac.compare_digest(registration_mac(secret, nonce, username, password, bool(admin), algo), mac)
+                   for algo in ("sha256", "sha1")):
             raise forbidden("HMAC incorrect")
         user_id = self._check_username(username)
         pw_hash = await hash_password_async(password)
@@ -626,7 +627,8 @@ class AccountServlets:
         return 200, await self._issue_login(user_id, body, request)
 
 
-def registration_mac(secret: str, nonce: str, username: str, password: str, admin: bool) -> str:
-    """HMAC-SHA256 over nonce, username, password and the admin flag, NUL-separated."""
+def registration_mac(secret: str, nonce: str, username: str, password: str, admin: bool,
+                     algorithm: str = "sha256") -> str:
+    """HMAC (SHA-256 by default) over nonce, username, password and the admin flag, NUL-separated."""
     msg = b"\x00".join([nonce.encode(), username.encode(), password.encode(), b"admin" if admin else b"notadmin"])
-    return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()
+    return hmac.new(secret.encode(), msg, getattr(hashlib, algorithm)).hexdigest()

@@ -364,6 +364,9 @@ class FederationServlets:
             pdu, version, invite_state = body, "1", (body.get("unsigned") or {}).get("invite_room_state", [])
         if version not in KNOWN_ROOM_VERSIONS:
             raise MatrixError(400, "M_INCOMPATIBLE_ROOM_VERSION", "Unsupported room version", room_version=version)
+        blocked = getattr(self.hs.membership, "room_blocked", None)
+        if blocked is not None and await blocked(room_id):
+            raise forbidden("This room has been blocked on this server")
         rv = get_room_version(version)
         ev = _event_for_path(rv, pdu, room_id, event_id)
         target = ev.state_key or ""

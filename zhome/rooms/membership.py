@@ -80,6 +80,9 @@ class MembershipService:
             if not isinstance(reason, str):
                 raise MatrixError(400, "M_BAD_JSON", "'reason' must be a string")
             content["reason"] = reason
+        if (membership == "invite" and self.is_mine(target) and self.room_blocked is not None
+                and await self.room_blocked(room_id)):
+            raise forbidden("This room has been blocked on this server")
         if (membership in ("join", "knock") and sender == target and self.is_mine(target)
                 and self.room_blocked is not None and await self.room_blocked(room_id)
                 and await self.current_membership(room_id, target) != "join"):

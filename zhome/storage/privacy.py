@@ -164,6 +164,33 @@ class PrivacyStore:
         finally:
             self.events.drop_room_caches(room_id)
 
+    async def purge_history(self, room_id: str, before_stream: int, delete_local: bool, local_suffix: str) -> int:
+        """Take a room's message events (not state) before ``before_stream``
+        out of its history: remote ones are deleted; local ones too with
+        ``delete_local``, else they are kept but leave the timeline (they
+        become outliers), as they may be stored nowhere else. Returns how
+        many events left the timeline."""
+        def txn_fn(txn: Txn) -> int:
+            txn.execute("SELECT event_id, sender FROM events WHERE room_id = ? AND stream_ordering < ?"
+                        " AND state_key IS NULL AND outlier = 0", (room_id, before_stream))
+            rows = txn.fetchall()
+            delete = [e for e, sender in rows if delete_local or not sender.endswith(local_suffix)]
+            hide = [e for e, sender in rows if not delete_local and sender.endswith(local_suffix)]
+            for chunk, qs in in_chunks(delete):
+                args = tuple(chunk)
+                txn.execute(f"DELETE FROM redactions WHERE event_id IN ({qs}) OR redacts IN ({qs})", args + args)
+                txn.execute(f"DELETE FROM event_txn_ids WHERE event_id IN ({qs})", args)
+                txn.execute(f"DELETE FROM user_notifications WHERE event_id IN ({qs})", args)
+                txn.execute(f"DELETE FROM events WHERE event_id IN ({qs})", args)
+            for chunk, qs in in_chunks(hide):
+                txn.execute(f"UPDATE events SET outlier = 1 WHERE event_id IN ({qs})", tuple(chunk))
+            return len(rows)
+
+        try:
+            return await self.db.run_interaction("purge_history", txn_fn)
+        finally:
+            self.events.drop_room_caches(room_id)
+
     # -- erasure reports -------------------------------------------------------------------------
     async def save_erasure(self, report: dict[str, Any]) -> None:
         def txn_fn(txn: Txn) -> None:

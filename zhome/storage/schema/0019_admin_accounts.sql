@@ -150,3 +150,12 @@ CREATE TABLE transfer_log (
 );
 CREATE INDEX transfer_log_sender ON transfer_log (sender);
 CREATE INDEX transfer_log_room ON transfer_log (room_id);
+
+-- History purges by the admin API (status: active, complete or failed).
+CREATE TABLE history_purges (
+    purge_id TEXT PRIMARY KEY,
+    room_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT,
+    started_ts BIGINT NOT NULL
+);
