@@ -165,22 +165,34 @@ class PrivacyStore:
             self.events.drop_room_caches(room_id)
 
     async def purge_history(self, room_id: str, before_stream: int, delete_local: bool, local_suffix: str) -> int:
-        """Take a room's message events (not state) before ``before_stream``
-        out of its history: remote ones are deleted; local ones too with
-        ``delete_local``, else they are kept but leave the timeline (they
-        become outliers), as they may be stored nowhere else. Returns how
-        many events left the timeline."""
+        """Take a room's history before ``before_stream`` out of its timeline:
+        remote message events are deleted, local ones too with
+        ``delete_local`` (else they are kept, as they may be stored nowhere
+        else, but leave the timeline: they become outliers, as do the state
+        events, which the room's state still needs). Their notifications go,
+        and the unread counts drop by as much. Returns how many events left
+        the timeline."""
         def txn_fn(txn: Txn) -> int:
-            txn.execute("SELECT event_id, sender FROM events WHERE room_id = ? AND stream_ordering < ?"
-                        " AND state_key IS NULL AND outlier = 0", (room_id, before_stream))
+            txn.execute("SELECT event_id, sender, state_key FROM events WHERE room_id = ? AND stream_ordering < ?"
+                        " AND outlier = 0", (room_id, before_stream))
             rows = txn.fetchall()
-            delete = [e for e, sender in rows if delete_local or not sender.endswith(local_suffix)]
-            hide = [e for e, sender in rows if not delete_local and sender.endswith(local_suffix)]
+            delete = [e for e, sender, sk in rows if sk is None and (delete_local or not sender.endswith(local_suffix))]
+            hide = [e for e, sender, sk in rows if sk is not None or (not delete_local and sender.endswith(local_suffix))]
+            for chunk, qs in in_chunks([e for e, _, _ in rows]):
+                args = tuple(chunk)
+                txn.execute("SELECT user_id, COUNT(*), SUM(highlight) FROM user_notifications"
+                            f" WHERE event_id IN ({qs}) GROUP BY user_id", args)
+                for user_id, n, hl in txn.fetchall():
+                    n, hl = int(n), int(hl or 0)
+                    txn.execute("UPDATE room_unread SET notification_count = CASE WHEN notification_count > ?"
+                                " THEN notification_count - ? ELSE 0 END, highlight_count = CASE WHEN"
+                                " highlight_count > ? THEN highlight_count - ? ELSE 0 END"
+                                " WHERE user_id = ? AND room_id = ?", (n, n, hl, hl, user_id, room_id))
+                txn.execute(f"DELETE FROM user_notifications WHERE event_id IN ({qs})", args)
             for chunk, qs in in_chunks(delete):
                 args = tuple(chunk)
                 txn.execute(f"DELETE FROM redactions WHERE event_id IN ({qs}) OR redacts IN ({qs})", args + args)
                 txn.execute(f"DELETE FROM event_txn_ids WHERE event_id IN ({qs})", args)
-                txn.execute(f"DELETE FROM user_notifications WHERE event_id IN ({qs})", args)
                 txn.execute(f"DELETE FROM events WHERE event_id IN ({qs})", args)
             for chunk, qs in in_chunks(hide):
                 txn.execute(f"UPDATE events SET outlier = 1 WHERE event_id IN ({qs})", tuple(chunk))
