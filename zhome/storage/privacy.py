@@ -193,6 +193,7 @@ class PrivacyStore:
                 args = tuple(chunk)
                 txn.execute(f"DELETE FROM redactions WHERE event_id IN ({qs}) OR redacts IN ({qs})", args + args)
                 txn.execute(f"DELETE FROM event_txn_ids WHERE event_id IN ({qs})", args)
+                txn.execute(f"DELETE FROM event_edges WHERE event_id IN ({qs})", args)
                 txn.execute(f"DELETE FROM events WHERE event_id IN ({qs})", args)
             for chunk, qs in in_chunks(hide):
                 txn.execute(f"UPDATE events SET outlier = 1 WHERE event_id IN ({qs})", tuple(chunk))
