@@ -417,9 +417,13 @@ def test_answers_match_the_spec_schemas(zhome: ZhomeProcess) -> None:
 def test_signing_key_updates_from_a_remote_server(world: World) -> None:
     e, mallory = world.e, world.mallory
     m1, s1 = Key(), Key()
+    # The device's keys are properly self-signed: zhome caches no others.
+    md = signedjson.key.generate_signing_key("MD")
+    md_keys = sign_json({"user_id": mallory, "device_id": "MD", "algorithms": [],
+                         "keys": {"ed25519:MD": encode_base64(signedjson.key.get_verify_key(md).encode())}},
+                        mallory, md)
     devices = {"user_id": mallory, "stream_id": 1,
-               "devices": [{"device_id": "MD", "keys": {"user_id": mallory, "device_id": "MD",
-                                                        "algorithms": [], "keys": {"ed25519:MD": Key().pub}}}],
+               "devices": [{"device_id": "MD", "keys": md_keys}],
                "master_key": m1.public(mallory, "master"),
                "self_signing_key": s1.public(mallory, "self_signing", m1)}
     e.handlers.append(("GET", f"{FED}/v1/user/devices/{mallory}", lambda path, body: (200, devices)))
