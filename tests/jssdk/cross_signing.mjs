@@ -1,0 +1,96 @@
+// Scenario (c): alice bootstraps cross-signing (the upload of her keys is
+// authorised with her password through user-interactive auth); bob, who
+// shares a room with her, sees her cross-signing identity and her device
+// signed by it.
+import { PASSWORD, check, encryptedRoom, http, register, runScenario, say, startClient, stopAll, waitFor } from "./lib.mjs";
+
+/** The UIA callback: try without auth, and answer the password stage of
+ * the session the server opened. */
+function passwordAuth(account, record) {
+    return async (makeRequest) => {
+        try {
+            await makeRequest(null);
+            record.push("accepted without auth");
+            return;
+        } catch (e) {
+            if (e.httpStatus !== 401 || !e.data || !e.data.session) throw e;
+            const flows = (e.data.flows || []).map((f) => f.stages.join(","));
+            check(flows.some((f) => f === "m.login.password"),
+                `device signing upload offered no m.login.password flow: ${JSON.stringify(e.data)}`);
+            record.push("asked for UIA, answered with the password");
+            await makeRequest({
+                type: "m.login.password",
+                identifier: { type: "m.id.user", user: account.username },
+                password: PASSWORD,
+                session: e.data.session,
+            });
+        }
+    };
+}
+
+await runScenario("cross-signing bootstrapped and visible to the other user", async (baseUrl) => {
+    const aliceAccount = await register(baseUrl, "alice");
+    const alice = await startClient(aliceAccount);
+    const bob = await startClient(await register(baseUrl, "bob"));
+    const aliceId = alice.getUserId();
+    const aliceDevice = alice.getDeviceId();
+    await encryptedRoom(alice, [bob]);
+    // Bob tracks alice's devices from here on, before she has any
+    // cross-signing keys: he must hear of the change through sync.
+    const beforeDevices = await bob.getCrypto().getUserDeviceInfo([aliceId], true);
+    check(beforeDevices.get(aliceId)?.has(aliceDevice), `bob does not see alice's device ${aliceDevice}`);
+    check(!(await bob.getCrypto().userHasCrossSigningKeys(aliceId, true)), "bob sees cross-signing keys for alice before she made any");
+
+    // The first upload may go without UIA (the spec allows it when the user
+    // has no master key yet); replacing the keys must ask for it, and the
+    // password answers.
+    const uia = [];
+    await alice.getCrypto().bootstrapCrossSigning({ authUploadDeviceSigningKeys: passwordAuth(aliceAccount, uia) });
+    say(`alice bootstrapped cross-signing (${uia.join("; ")})`);
+    check(await alice.getCrypto().isCrossSigningReady(), "alice's cross-signing is not ready after bootstrap");
+    const firstMasterId = await alice.getCrypto().getCrossSigningKeyId("master");
+    const reset = [];
+    await alice.getCrypto().bootstrapCrossSigning({
+        setupNewCrossSigning: true, authUploadDeviceSigningKeys: passwordAuth(aliceAccount, reset),
+    });
+    check(reset.length === 1 && reset[0].startsWith("asked for UIA"),
+        `replacing alice's cross-signing keys did not ask for user-interactive auth (${reset.join("; ")})`);
+    say(`alice replaced her cross-signing keys (${reset.join("; ")})`);
+    const masterId = await alice.getCrypto().getCrossSigningKeyId("master");
+    check(masterId !== firstMasterId, "alice's master key did not change when she replaced it");
+    const selfSigningId = await alice.getCrypto().getCrossSigningKeyId("self_signing");
+    check(masterId && selfSigningId, `alice has no master (${masterId}) or self-signing (${selfSigningId}) key`);
+    const own = await alice.getCrypto().getDeviceVerificationStatus(aliceId, aliceDevice);
+    check(own && own.crossSigningVerified, `alice's own device is not cross-signing verified: ${JSON.stringify(own)}`);
+
+    // What the server hands anyone who asks.
+    const q = await http(baseUrl, "POST", "/_matrix/client/v3/keys/query", {
+        token: bob.creds.accessToken, body: { device_keys: { [aliceId]: [] } },
+    });
+    check(q.status === 200, `bob's /keys/query: HTTP ${q.status} ${JSON.stringify(q.body)}`);
+    const master = q.body.master_keys?.[aliceId];
+    check(master && Object.values(master.keys).includes(masterId),
+        `bob's /keys/query has no master key ${masterId} for alice: ${JSON.stringify(q.body.master_keys)}`);
+    const selfSigning = q.body.self_signing_keys?.[aliceId];
+    check(selfSigning && Object.values(selfSigning.keys).includes(selfSigningId),
+        `bob's /keys/query has no self-signing key ${selfSigningId} for alice: ${JSON.stringify(q.body.self_signing_keys)}`);
+    check(q.body.user_signing_keys?.[aliceId] === undefined,
+        "bob's /keys/query shows alice's user-signing key, which only she may see");
+    const deviceSigs = q.body.device_keys?.[aliceId]?.[aliceDevice]?.signatures?.[aliceId] || {};
+    check(Object.keys(deviceSigs).includes(`ed25519:${selfSigningId}`),
+        `alice's device keys carry no signature by her self-signing key: ${JSON.stringify(deviceSigs)}`);
+    say("bob's /keys/query shows alice's master and self-signing keys and her device signed");
+
+    // And bob's client, told by sync that alice's keys changed, verifies it all.
+    await waitFor("bob's client to learn alice's cross-signing identity", () =>
+        bob.getCrypto().userHasCrossSigningKeys(aliceId));
+    const status = await waitFor("bob's client to see alice's device signed by her identity", async () => {
+        const s = await bob.getCrypto().getDeviceVerificationStatus(aliceId, aliceDevice);
+        return s && s.signedByOwner ? s : null;
+    }, { describe: async () => JSON.stringify(await bob.getCrypto().getDeviceVerificationStatus(aliceId, aliceDevice)) });
+    const userStatus = await bob.getCrypto().getUserVerificationStatus(aliceId);
+    check(!userStatus.isCrossSigningVerified(), "bob trusts alice's identity without having verified it");
+    check(!status.crossSigningVerified, "bob trusts alice's device without having verified her");
+    say("bob's client sees alice's identity and her device signed by it (not yet verified by bob)");
+    stopAll(alice, bob);
+});
