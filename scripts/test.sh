@@ -12,4 +12,9 @@ scripts/install.sh
 # tests fail (they never skip).
 .venv/bin/python -m tests.e2e.synapse_peer install ||
   echo "warning: could not install Synapse; tests/e2e/test_synapse_federation.py will fail" >&2
+# matrix-js-sdk with its Rust crypto, for the end-to-end encryption scenarios
+# in tests/jssdk (pinned by its package-lock.json). If npm cannot install it
+# the rest of the suite still runs and tests/e2e/test_jssdk_e2ee.py fails.
+(cd tests/jssdk && npm ci --no-audit --no-fund --loglevel=error) ||
+  echo "warning: npm ci in tests/jssdk failed; tests/e2e/test_jssdk_e2ee.py will fail" >&2
 exec .venv/bin/python -m pytest -q "$@"
