@@ -34,6 +34,7 @@ SCENARIOS = [
     "second_device",  # a device that logs in later decrypts new messages
     "cross_signing",  # cross-signing bootstrapped (and replaced under UIA), seen by another user
     "key_backup",  # a key backup restored by a fresh login decrypts old messages
+    "recovery",  # a recovery key gives a fresh login the cross-signing keys and the backup
 ]
 
 

@@ -2,31 +2,7 @@
 // authorised with her password through user-interactive auth); bob, who
 // shares a room with her, sees her cross-signing identity and her device
 // signed by it.
-import { PASSWORD, check, encryptedRoom, http, register, runScenario, say, startClient, stopAll, waitFor } from "./lib.mjs";
-
-/** The UIA callback: try without auth, and answer the password stage of
- * the session the server opened. */
-function passwordAuth(account, record) {
-    return async (makeRequest) => {
-        try {
-            await makeRequest(null);
-            record.push("accepted without auth");
-            return;
-        } catch (e) {
-            if (e.httpStatus !== 401 || !e.data || !e.data.session) throw e;
-            const flows = (e.data.flows || []).map((f) => f.stages.join(","));
-            check(flows.some((f) => f === "m.login.password"),
-                `device signing upload offered no m.login.password flow: ${JSON.stringify(e.data)}`);
-            record.push("asked for UIA, answered with the password");
-            await makeRequest({
-                type: "m.login.password",
-                identifier: { type: "m.id.user", user: account.username },
-                password: PASSWORD,
-                session: e.data.session,
-            });
-        }
-    };
-}
+import { check, encryptedRoom, http, passwordAuth, register, runScenario, say, startClient, stopAll, waitFor } from "./lib.mjs";
 
 await runScenario("cross-signing bootstrapped and visible to the other user", async (baseUrl) => {
     const aliceAccount = await register(baseUrl, "alice");

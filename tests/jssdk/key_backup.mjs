@@ -4,16 +4,9 @@
 // messages until it restores the backup with the recovery key (the backup's
 // decryption key as a user writes it down); then it decrypts them.
 import { decodeRecoveryKey, encodeRecoveryKey } from "matrix-js-sdk/lib/crypto-api/index.js";
-import { check, encryptedRoom, expectDecrypted, http, login, register, runScenario, say, sendText, startClient, stopAll, waitFor } from "./lib.mjs";
+import { backedUpSessions, check, encryptedRoom, expectDecrypted, expectUndecryptable, http, login, register, runScenario, say, sendText, startClient, stopAll, waitFor } from "./lib.mjs";
 
 const BACKUP_ALGORITHM = "m.megolm_backup.v1.curve25519-aes-sha2";
-
-async function backedUpSessions(client, version, roomId) {
-    const res = await http(client.creds.baseUrl, "GET",
-        `/_matrix/client/v3/room_keys/keys?version=${encodeURIComponent(version)}`, { token: client.creds.accessToken });
-    check(res.status === 200, `GET /room_keys/keys: HTTP ${res.status} ${JSON.stringify(res.body)}`);
-    return res.body.rooms?.[roomId]?.sessions || {};
-}
 
 await runScenario("key backup restored by a fresh login decrypts old messages", async (baseUrl) => {
     const aliceAccount = await register(baseUrl, "alice");
@@ -57,14 +50,7 @@ await runScenario("key backup restored by a fresh login decrypts old messages", 
     check(logout.status === 200, `logout: HTTP ${logout.status} ${JSON.stringify(logout.body)}`);
 
     const fresh = await startClient(await login(aliceAccount, "alice fresh login"));
-    for (const id of [e1, e2]) {
-        await waitFor(`the fresh login to have ${id} and fail to decrypt it`, async () => {
-            const ev = fresh.getRoom(roomId)?.findEventById(id);
-            if (!ev) return false;
-            if (ev.isBeingDecrypted()) await ev.getDecryptionPromise();
-            return ev.isDecryptionFailure();
-        });
-    }
+    await expectUndecryptable(fresh, roomId, [e1, e2]);
     say("the fresh login sees the old messages and cannot decrypt them");
 
     const backupOnServer = await fresh.getCrypto().getKeyBackupInfo();

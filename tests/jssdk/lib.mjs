@@ -246,3 +246,49 @@ export async function expectCiphertextOnServer(client, roomId, eventId, plaintex
     check(res.body.content.algorithm === "m.megolm.v1.aes-sha2", `${eventId} algorithm ${res.body.content.algorithm}`);
     check(!JSON.stringify(res.body).includes(plaintext), `the server's copy of ${eventId} contains the plaintext`);
 }
+
+/** The UIA callback: try without auth, and answer the password stage of
+ * the session the server opened. */
+export function passwordAuth(account, record) {
+    return async (makeRequest) => {
+        try {
+            await makeRequest(null);
+            record.push("accepted without auth");
+            return;
+        } catch (e) {
+            if (e.httpStatus !== 401 || !e.data || !e.data.session) throw e;
+            const flows = (e.data.flows || []).map((f) => f.stages.join(","));
+            check(flows.some((f) => f === "m.login.password"),
+                `device signing upload offered no m.login.password flow: ${JSON.stringify(e.data)}`);
+            record.push("asked for UIA, answered with the password");
+            await makeRequest({
+                type: "m.login.password",
+                identifier: { type: "m.id.user", user: account.username },
+                password: PASSWORD,
+                session: e.data.session,
+            });
+        }
+    };
+}
+
+/** The sessions of ``roomId`` in backup ``version`` as the server holds them. */
+export async function backedUpSessions(client, version, roomId) {
+    const res = await http(client.creds.baseUrl, "GET",
+        `/_matrix/client/v3/room_keys/keys?version=${encodeURIComponent(version)}`, { token: client.creds.accessToken });
+    check(res.status === 200, `GET /room_keys/keys: HTTP ${res.status} ${JSON.stringify(res.body)}`);
+    return res.body.rooms?.[roomId]?.sessions || {};
+}
+
+/** Wait until ``client`` has each of ``eventIds`` and has failed to decrypt
+ * it (it holds no key for it). */
+export async function expectUndecryptable(client, roomId, eventIds) {
+    for (const id of eventIds) {
+        await waitFor(`${client.getUserId()} (${client.getDeviceId()}) to have ${id} and fail to decrypt it`,
+            async () => {
+                const ev = client.getRoom(roomId)?.findEventById(id);
+                if (!ev) return false;
+                if (ev.isBeingDecrypted()) await ev.getDecryptionPromise();
+                return ev.isDecryptionFailure();
+            }, { describe: () => describeEvent(client, roomId, id) });
+    }
+}
