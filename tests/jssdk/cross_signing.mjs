@@ -4,10 +4,10 @@
 // signed by it.
 import { check, encryptedRoom, http, passwordAuth, register, runScenario, say, startClient, stopAll, waitFor } from "./lib.mjs";
 
-await runScenario("cross-signing bootstrapped and visible to the other user", async (baseUrl) => {
+await runScenario("cross-signing bootstrapped and visible to the other user", async (baseUrl, bobUrl) => {
     const aliceAccount = await register(baseUrl, "alice");
     const alice = await startClient(aliceAccount);
-    const bob = await startClient(await register(baseUrl, "bob"));
+    const bob = await startClient(await register(bobUrl, "bob"));
     const aliceId = alice.getUserId();
     const aliceDevice = alice.getDeviceId();
     await encryptedRoom(alice, [bob]);
@@ -51,22 +51,35 @@ await runScenario("cross-signing bootstrapped and visible to the other user", as
         return own && own.crossSigningVerified;
     }, { describe: async () => JSON.stringify(await alice.getCrypto().getDeviceVerificationStatus(aliceId, aliceDevice)) });
 
-    // What the server hands anyone who asks.
-    const q = await http(baseUrl, "POST", "/_matrix/client/v3/keys/query", {
-        token: bob.creds.accessToken, body: { device_keys: { [aliceId]: [] } },
-    });
-    check(q.status === 200, `bob's /keys/query: HTTP ${q.status} ${JSON.stringify(q.body)}`);
-    const master = q.body.master_keys?.[aliceId];
-    check(master && Object.values(master.keys).includes(masterId),
-        `bob's /keys/query has no master key ${masterId} for alice: ${JSON.stringify(q.body.master_keys)}`);
-    const selfSigning = q.body.self_signing_keys?.[aliceId];
-    check(selfSigning && Object.values(selfSigning.keys).includes(selfSigningId),
-        `bob's /keys/query has no self-signing key ${selfSigningId} for alice: ${JSON.stringify(q.body.self_signing_keys)}`);
-    check(q.body.user_signing_keys?.[aliceId] === undefined,
-        "bob's /keys/query shows alice's user-signing key, which only she may see");
-    const deviceSigs = q.body.device_keys?.[aliceId]?.[aliceDevice]?.signatures?.[aliceId] || {};
-    check(Object.keys(deviceSigs).includes(`ed25519:${selfSigningId}`),
-        `alice's device keys carry no signature by her self-signing key: ${JSON.stringify(deviceSigs)}`);
+    // What bob's server hands him: over federation (alice on another
+    // server) the replaced keys and the new device signature arrive a
+    // little later, so ask until they are there.
+    const problems = (body) => {
+        const out = [];
+        if (!Object.values(body.master_keys?.[aliceId]?.keys || {}).includes(masterId)) {
+            out.push(`no master key ${masterId} for alice: ${JSON.stringify(body.master_keys)}`);
+        }
+        if (!Object.values(body.self_signing_keys?.[aliceId]?.keys || {}).includes(selfSigningId)) {
+            out.push(`no self-signing key ${selfSigningId} for alice: ${JSON.stringify(body.self_signing_keys)}`);
+        }
+        if (body.user_signing_keys?.[aliceId] !== undefined) {
+            out.push("alice's user-signing key is shown, which only she may see");
+        }
+        const deviceSigs = body.device_keys?.[aliceId]?.[aliceDevice]?.signatures?.[aliceId] || {};
+        if (!Object.keys(deviceSigs).includes(`ed25519:${selfSigningId}`)) {
+            out.push(`alice's device keys carry no signature by her self-signing key: ${JSON.stringify(deviceSigs)}`);
+        }
+        return out;
+    };
+    let lastQuery;
+    await waitFor("bob's /keys/query to show alice's new cross-signing keys and her device signed", async () => {
+        const q = await http(bobUrl, "POST", "/_matrix/client/v3/keys/query", {
+            token: bob.creds.accessToken, body: { device_keys: { [aliceId]: [] } },
+        });
+        check(q.status === 200, `bob's /keys/query: HTTP ${q.status} ${JSON.stringify(q.body)}`);
+        lastQuery = problems(q.body);
+        return lastQuery.length === 0;
+    }, { describe: () => lastQuery.join("; ") });
     say("bob's /keys/query shows alice's master and self-signing keys and her device signed");
 
     // And bob's client, told by sync that alice's keys changed, verifies it all.

@@ -8,10 +8,10 @@ import { backedUpSessions, check, encryptedRoom, expectDecrypted, expectUndecryp
 
 const BACKUP_ALGORITHM = "m.megolm_backup.v1.curve25519-aes-sha2";
 
-await runScenario("key backup restored by a fresh login decrypts old messages", async (baseUrl) => {
+await runScenario("key backup restored by a fresh login decrypts old messages", async (baseUrl, bobUrl) => {
     const aliceAccount = await register(baseUrl, "alice");
     const alice = await startClient(aliceAccount);
-    const bob = await startClient(await register(baseUrl, "bob"));
+    const bob = await startClient(await register(bobUrl, "bob"));
     const roomId = await encryptedRoom(alice, [bob]);
 
     await alice.getCrypto().resetKeyBackup();

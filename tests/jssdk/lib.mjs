@@ -41,20 +41,24 @@ export function check(cond, msg) {
     if (!cond) throw new ScenarioError(msg);
 }
 
-/** Run ``body(baseUrl)`` as the whole script: exit 0 on success, 1 with a
- * clear message on failure or when ``limitMs`` passes. */
+/** Run ``body(aliceUrl, bobUrl)`` as the whole script: exit 0 on success,
+ * 1 with a clear message on failure or when ``limitMs`` passes. The command
+ * line names alice's homeserver and, for users on a second server that
+ * federates with it, bob's (by default the same one). */
 export async function runScenario(name, body, limitMs = 50000) {
-    const baseUrl = process.argv[2];
-    if (!baseUrl || !/^https?:\/\//.test(baseUrl)) {
-        process.stderr.write(`usage: node ${process.argv[1]} HOMESERVER_BASE_URL\n`);
+    const urls = process.argv.slice(2);
+    if (urls.length < 1 || urls.length > 2 || !urls.every((u) => /^https?:\/\//.test(u))) {
+        process.stderr.write(`usage: node ${process.argv[1]} HOMESERVER_BASE_URL [BOB_HOMESERVER_BASE_URL]\n`);
         process.exit(2);
     }
+    const [aliceUrl, bobUrl] = [urls[0], urls[1] ?? urls[0]].map((u) => u.replace(/\/+$/, ""));
     const timer = setTimeout(() => {
+        if (sdkLog.length) process.stderr.write(`last SDK warnings and errors:\n${sdkLog.join("\n")}\n`);
         process.stderr.write(`FAIL ${name}: scenario did not finish within ${limitMs} ms\n`);
         process.exit(1);
     }, limitMs);
     try {
-        await body(baseUrl.replace(/\/+$/, ""));
+        await body(aliceUrl, bobUrl);
     } catch (e) {
         const detail = e instanceof ScenarioError ? e.message : (e && e.stack) || String(e);
         const http = e && e.httpStatus ? ` (HTTP ${e.httpStatus} ${JSON.stringify(e.data)})` : "";

@@ -28,11 +28,11 @@ async function accountData(client, type) {
         { token: accessToken });
 }
 
-await runScenario("recovery key restores cross-signing and key backup on a fresh login", async (baseUrl) => {
+await runScenario("recovery key restores cross-signing and key backup on a fresh login", async (baseUrl, bobUrl) => {
     const aliceAccount = await register(baseUrl, "alice");
     const aliceKey = {};
     const alice = await startClient(aliceAccount, { cryptoCallbacks: secretStorageKeyFrom(aliceKey) });
-    const bob = await startClient(await register(baseUrl, "bob"));
+    const bob = await startClient(await register(bobUrl, "bob"));
     const aliceId = alice.getUserId();
     const roomId = await encryptedRoom(alice, [bob]);
 

@@ -3,9 +3,9 @@
 // devices and each decrypts it.
 import { encryptedRoom, expectDecrypted, login, register, runScenario, say, sendText, startClient, stopAll, waitFor } from "./lib.mjs";
 
-await runScenario("a second device logs in later and decrypts new messages", async (baseUrl) => {
+await runScenario("a second device logs in later and decrypts new messages", async (baseUrl, bobUrl) => {
     const alice = await startClient(await register(baseUrl, "alice"));
-    const bobAccount = await register(baseUrl, "bob");
+    const bobAccount = await register(bobUrl, "bob");
     const bob = await startClient(bobAccount);
     const roomId = await encryptedRoom(alice, [bob]);
     const before = "before bob's second device";

@@ -2,9 +2,9 @@
 // other's message.
 import { encryptedRoom, expectCiphertextOnServer, expectDecrypted, register, runScenario, say, sendText, startClient, stopAll } from "./lib.mjs";
 
-await runScenario("two users exchange encrypted messages", async (baseUrl) => {
+await runScenario("two users exchange encrypted messages", async (baseUrl, bobUrl) => {
     const alice = await startClient(await register(baseUrl, "alice"));
-    const bob = await startClient(await register(baseUrl, "bob"));
+    const bob = await startClient(await register(bobUrl, "bob"));
     const roomId = await encryptedRoom(alice, [bob]);
     say(`room ${roomId}: encrypted, alice and bob joined`);
 
