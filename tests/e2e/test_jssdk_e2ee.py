@@ -8,8 +8,11 @@ one-time keys, to-device, device lists, cross-signing, server-side key
 backups). ``scripts/test.sh`` installs the scripts' packages with
 ``npm ci``; when that did not happen these tests fail, they never skip.
 
-The same scripts run against the pinned Synapse too (``synapse`` ids):
-that they pass there shows a zhome failure is zhome's, not the script's.
+The same scripts run against the pinned Synapse too: that they pass there
+shows a zhome failure is zhome's, not the script's. And across federation
+(a zhome on SQLite and that Synapse), with alice on either server and bob
+on the other: then device lists, one-time key claims, to-device messages
+and cross-signing updates cross between the servers.
 """
 
 from __future__ import annotations
@@ -52,10 +55,11 @@ def _installed() -> None:
         pytest.fail(f"{JSSDK} has matrix-js-sdk {got}, package.json pins {want}: run `npm ci` there", pytrace=False)
 
 
-def run_scenario(name: str, base_url: str, server_log: Callable[[], str]) -> None:
+def run_scenario(name: str, base_urls: list[str], server_log: Callable[[], str]) -> None:
+    """Run ``tests/jssdk/{name}.mjs`` with alice's (and bob's) server."""
     _installed()
     try:
-        r = subprocess.run(["node", str(JSSDK / f"{name}.mjs"), base_url], cwd=str(JSSDK), capture_output=True,
+        r = subprocess.run(["node", str(JSSDK / f"{name}.mjs"), *base_urls], cwd=str(JSSDK), capture_output=True,
                            text=True, timeout=SCENARIO_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{name}.mjs did not finish in {SCENARIO_TIMEOUT_S}s\n--- stdout\n{e.stdout!r}\n--- stderr\n"
@@ -69,7 +73,7 @@ def run_scenario(name: str, base_url: str, server_log: Callable[[], str]) -> Non
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_jssdk_scenario_against_zhome(zhome: ZhomeProcess, scenario: str) -> None:
-    run_scenario(scenario, zhome.base_url, zhome.log)
+    run_scenario(scenario, [zhome.base_url], zhome.log)
 
 
 @pytest.fixture(scope="module")
@@ -85,4 +89,24 @@ def synapse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SynapsePeer]:
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_jssdk_scenario_against_synapse(synapse: SynapsePeer, scenario: str) -> None:
-    run_scenario(scenario, synapse.base_url, synapse.log)
+    run_scenario(scenario, [synapse.base_url], synapse.log)
+
+
+@pytest.fixture(scope="module")
+def zhome_fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZhomeProcess]:
+    proc = ZhomeProcess(tmp_path_factory.mktemp("zhome_jssdk"), federation_ip="127.0.0.7")
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("alice_on", ["zhome", "synapse"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_jssdk_scenario_across_federation(zhome_fed: ZhomeProcess, synapse: SynapsePeer, scenario: str,
+                                          alice_on: str) -> None:
+    urls = [zhome_fed.base_url, synapse.base_url]
+    if alice_on == "synapse":
+        urls.reverse()
+    run_scenario(scenario, urls, lambda: f"zhome:\n{zhome_fed.log()}\nSynapse:\n{synapse.log(3000)}")
