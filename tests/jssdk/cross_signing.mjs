@@ -2,7 +2,7 @@
 // authorised with her password through user-interactive auth); bob, who
 // shares a room with her, sees her cross-signing identity and her device
 // signed by it.
-import { check, encryptedRoom, http, passwordAuth, register, runScenario, say, startClient, stopAll, waitFor } from "./lib.mjs";
+import { check, encryptedRoom, http, masterKeySeenBy, passwordAuth, register, runScenario, say, startClient, stopAll, waitFor } from "./lib.mjs";
 
 await runScenario("cross-signing bootstrapped and visible to the other user", async (baseUrl, bobUrl) => {
     const aliceAccount = await register(baseUrl, "alice");
@@ -82,9 +82,13 @@ await runScenario("cross-signing bootstrapped and visible to the other user", as
     }, { describe: () => lastQuery.join("; ") });
     say("bob's /keys/query shows alice's master and self-signing keys and her device signed");
 
-    // And bob's client, told by sync that alice's keys changed, verifies it all.
+    // And bob's client, told by sync that alice's keys changed, verifies it
+    // all, with her new identity (her old one also signed her device).
     await waitFor("bob's client to learn alice's cross-signing identity", () =>
         bob.getCrypto().userHasCrossSigningKeys(aliceId));
+    await waitFor(`bob's client to hold alice's new master key ${masterId}`, async () =>
+        (await masterKeySeenBy(bob, aliceId)) === masterId,
+    { describe: async () => `master key ${await masterKeySeenBy(bob, aliceId)}` });
     const status = await waitFor("bob's client to see alice's device signed by her identity", async () => {
         const s = await bob.getCrypto().getDeviceVerificationStatus(aliceId, aliceDevice);
         return s && s.signedByOwner ? s : null;
@@ -92,6 +96,6 @@ await runScenario("cross-signing bootstrapped and visible to the other user", as
     const userStatus = await bob.getCrypto().getUserVerificationStatus(aliceId);
     check(!userStatus.isCrossSigningVerified(), "bob trusts alice's identity without having verified it");
     check(!status.crossSigningVerified, "bob trusts alice's device without having verified her");
-    say("bob's client sees alice's identity and her device signed by it (not yet verified by bob)");
+    say("bob's client holds alice's new identity and sees her device signed by it (not yet verified by bob)");
     stopAll(alice, bob);
 });

@@ -26,6 +26,7 @@ if (!VERBOSE) {
 }
 
 const sdk = await import("matrix-js-sdk");
+const { UserId } = await import("@matrix-org/matrix-sdk-crypto-wasm");
 export { sdk };
 
 export const PASSWORD = "correct horse battery staple";
@@ -295,4 +296,15 @@ export async function expectUndecryptable(client, roomId, eventIds) {
                 return ev.isDecryptionFailure();
             }, { describe: () => describeEvent(client, roomId, id) });
     }
+}
+
+/** The master public key ``client``'s crypto holds for ``userId`` (null if
+ * none). The CryptoApi tells only whether some identity is known, not which,
+ * so this asks the Rust OlmMachine behind it (not a public API of the SDK). */
+export async function masterKeySeenBy(client, userId) {
+    const machine = client.getCrypto().olmMachine;
+    check(machine, "the client's crypto has no OlmMachine (not the Rust crypto?)");
+    const identity = await machine.getIdentity(new UserId(userId));
+    if (!identity || !identity.masterKey) return null;
+    return Object.values(JSON.parse(identity.masterKey).keys)[0];
 }
