@@ -96,6 +96,7 @@ class HomeServer:
         self.user_data = UserDataStore(db, account_data_ids, receipt_ids)
 
         presence_store = PresenceStore(db, await IdGenerator.from_table(db, "presence", "stream_id"))
+        from zhome.storage.cross_signing import CrossSigningStore
         from zhome.storage.device_lists import DeviceListStore
         from zhome.storage.e2e_keys import E2eKeysStore
         from zhome.storage.to_device import ToDeviceStore
@@ -105,7 +106,8 @@ class HomeServer:
         self.notifier = Notifier(stream_ids.current(), account_data_ids.current(), receipt_ids.current(),
                                  presence_pos=presence_store.current_position(),
                                  device_lists_pos=device_list_ids.current(), to_device_pos=to_device_ids.current())
-        self._setup_e2ee(E2eKeysStore(db), DeviceListStore(db, device_list_ids), ToDeviceStore(db, to_device_ids))
+        self._setup_e2ee(E2eKeysStore(db), DeviceListStore(db, device_list_ids), ToDeviceStore(db, to_device_ids),
+                         CrossSigningStore(db, device_list_ids))
         self.typing = TypingService(self.notifier)
         self.presence = PresenceService(presence_store, self.events, self.notifier, self.server_name,
                                         cfg.presence.enabled)
@@ -154,8 +156,10 @@ class HomeServer:
         self.guest_access.start_sweep()
         await self.push_delivery.start()
 
-    def _setup_e2ee(self, keys_store: Any, device_list_store: Any, to_device_store: Any) -> None:
-        """Device keys, device lists and to-device messages (zhome/e2ee)."""
+    def _setup_e2ee(self, keys_store: Any, device_list_store: Any, to_device_store: Any,
+                    cross_signing_store: Any) -> None:
+        """Device keys, cross-signing, device lists and to-device messages (zhome/e2ee)."""
+        from zhome.e2ee.cross_signing import CrossSigningService
         from zhome.e2ee.device_lists import DeviceListService
         from zhome.e2ee.keys import E2eKeysService
         from zhome.e2ee.to_device import ToDeviceService
@@ -164,6 +168,13 @@ class HomeServer:
                                               self.events, self.notifier)
         self.e2e_keys = E2eKeysService(self.server_name, keys_store, self.accounts, self.device_lists)
         self.to_device = ToDeviceService(self.server_name, to_device_store, self.accounts, self.notifier)
+        # Replacing cross-signing keys needs the password (the account
+        # servlets' user-interactive auth), bound late: those are built later.
+        self.cross_signing = CrossSigningService(self.server_name, cross_signing_store, keys_store, self.accounts,
+                                                 self.device_lists, self._require_password_uia)
+
+    async def _require_password_uia(self, body: dict[str, Any], user_id: str, operation: str) -> None:
+        await self.account_servlets.require_password_uia(body, user_id, operation)
 
     def _after_persist_e2ee(self, item: Any) -> None:
         # A leave may end the last room shared with remote users, whose
@@ -282,6 +293,7 @@ class HomeServer:
         self.to_device.queue_edu = sender.queue_edu
         self.device_lists.fetch = client.get_json
         self.e2e_keys.post = client.post_json
+        self.cross_signing.post = client.post_json
         self.typing.on_local_typing = self.edu_sender.on_local_typing
         self.presence.send_to_servers = self.edu_sender.presence
         self.persister.after_commit_hooks.append(self.edu_sender.after_persist_presence)
@@ -326,8 +338,10 @@ class HomeServer:
         self.room_servlets = RoomServlets(self)
         legacy = LegacyServlets(self.auth, self.events, self.user_data, self.rooms, self.notifier, self.typing,
                                 self.visibility, self.room_servlets, presence=self.presence)
-        e2ee = E2eeServlets(self.auth, self.e2e_keys, self.to_device, self.device_lists, self.events, self.notifier)
-        return [AccountServlets(self), self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
+        e2ee = E2eeServlets(self.auth, self.e2e_keys, self.to_device, self.device_lists, self.events, self.notifier,
+                            self.cross_signing)
+        self.account_servlets = AccountServlets(self)
+        return [self.account_servlets, self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
                 PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee,
                 PusherServlets(self)]
 

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from twisted.internet import defer
 
+from zhome.e2ee.cross_signing import parse_remote_keys
 from zhome.storage.accounts import AccountsStore
 from zhome.storage.database import Txn
 from zhome.storage.device_lists import DeviceListStore
@@ -93,12 +94,21 @@ class DeviceListService:
         except Exception:
             logger.exception("announcing device list change of %s", user_id)
 
+    async def notify_change(self, user_id: str, pos: int) -> None:
+        """Wake /sync for a change at ``pos`` of the stream (a change of
+        ``user_id``'s cross-signing keys, recorded by its store)."""
+        await self._wake_for(user_id, pos)
+
     async def _wake_for(self, user_id: str, pos: int) -> None:
         rooms = await self.events.get_rooms_for_user(user_id)
         joined = [r for r, (m, _) in rooms.items() if m == "join"]
         self.notifier.on_device_list_change(pos, joined, [user_id])
 
     # -- remote users --------------------------------------------------------------------
+    def lock_for(self, user_id: str) -> defer.DeferredLock:
+        """The lock held while a remote user's cached list is written."""
+        return self._lock(user_id)
+
     def _lock(self, user_id: str) -> defer.DeferredLock:
         lock = self._locks.get(user_id)
         if lock is None:
@@ -150,7 +160,8 @@ class DeviceListService:
                                         timeout=timeout_s)
                 parsed = _parse_user_devices(user_id, resp)
                 if parsed is not None:
-                    return await self.store.replace_remote_devices(user_id, parsed[0], parsed[1])
+                    cross_signing = parse_remote_keys(user_id, resp.get("master_key"), resp.get("self_signing_key"))
+                    return await self.store.replace_remote_devices(user_id, parsed[0], parsed[1], cross_signing)
             except Exception as e:
                 logger.info("device list resync of %s failed: %s", user_id, type(e).__name__)
         return await self.store.forget_remote_user(user_id)

@@ -8,12 +8,13 @@ only; the services hold the protocol.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from twisted.web.server import Request
 
+from zhome.e2ee.cross_signing import CrossSigningService
 from zhome.e2ee.device_lists import DeviceListService
-from zhome.e2ee.keys import DEFAULT_TIMEOUT_MS, E2eKeysService
+from zhome.e2ee.keys import DEFAULT_TIMEOUT_MS, E2eKeysService, parse_device_keys_request
 from zhome.e2ee.to_device import ToDeviceService
 from zhome.http.auth import Auth
 from zhome.http.errors import bad_json, missing_param
@@ -22,12 +23,15 @@ from zhome.storage.events import EventsStore
 from zhome.sync.notifier import Notifier, StreamToken
 
 CS = r"/_matrix/client/(?:r0|v3)"
+CS_OR_UNSTABLE = r"/_matrix/client/(?:r0|v3|unstable)"
 
 
 class E2eeServlets:
     def __init__(self, auth: Auth, keys: E2eKeysService, to_device: ToDeviceService,
-                 device_lists: DeviceListService, events: EventsStore, notifier: Notifier) -> None:
+                 device_lists: DeviceListService, events: EventsStore, notifier: Notifier,
+                 cross_signing: Optional[CrossSigningService] = None) -> None:
         self.auth = auth
+        self.cross_signing = cross_signing
         self.keys = keys
         self.to_device = to_device
         self.device_lists = device_lists
@@ -41,6 +45,12 @@ class E2eeServlets:
         r.register("POST", CS + r"/keys/query", self.on_query, "keys_query", guests=True)
         r.register("POST", CS + r"/keys/claim", self.on_claim, "keys_claim", guests=True)
         r.register("GET", CS + r"/keys/changes", self.on_changes, "keys_changes")
+        if self.cross_signing is not None:
+            # Clients written before Matrix 1.1 (and sytest) use the unstable prefix.
+            r.register("POST", CS_OR_UNSTABLE + r"/keys/device_signing/upload", self.on_device_signing_upload,
+                       "keys_device_signing_upload")
+            r.register("POST", CS_OR_UNSTABLE + r"/keys/signatures/upload", self.on_signatures_upload,
+                       "keys_signatures_upload")
         r.register("PUT", CS + r"/sendToDevice/(?P<event_type>[^/]+)/(?P<txn_id>[^/]+)", self.on_send_to_device,
                    "send_to_device", guests=True)
 
@@ -50,9 +60,25 @@ class E2eeServlets:
         return 200, await self.keys.upload(req.user_id, req.device_id, body)
 
     async def on_query(self, request: Request) -> tuple[int, Any]:
-        await self.auth.get_user_by_req(request)
+        req = await self.auth.get_user_by_req(request)
         body = read_json_body(request)
-        return 200, await self.keys.query(body.get("device_keys"), _timeout(body))
+        result = await self.keys.query(body.get("device_keys"), _timeout(body))
+        if self.cross_signing is not None:
+            await self.cross_signing.add_to_query(req.user_id, list(parse_device_keys_request(body.get("device_keys"))),
+                                                  result)
+        return 200, result
+
+    async def on_device_signing_upload(self, request: Request) -> tuple[int, Any]:
+        assert self.cross_signing is not None
+        req = await self.auth.get_user_by_req(request)
+        body = read_json_body(request)
+        return 200, await self.cross_signing.upload_keys(req.user_id, body)
+
+    async def on_signatures_upload(self, request: Request) -> tuple[int, Any]:
+        assert self.cross_signing is not None
+        req = await self.auth.get_user_by_req(request)
+        body = read_json_body(request)
+        return 200, await self.cross_signing.upload_signatures(req.user_id, body)
 
     async def on_claim(self, request: Request) -> tuple[int, Any]:
         await self.auth.get_user_by_req(request)

@@ -229,6 +229,8 @@ class FederationServlets:
                 await self.hs.presence.on_remote_presence(origin, pushes)
         elif etype == "m.device_list_update":
             await self.hs.device_lists.on_remote_update(origin, content)
+        elif etype == "m.signing_key_update":
+            await self.hs.cross_signing.on_remote_update(origin, content)
         elif etype == "m.direct_to_device":
             await self.hs.to_device.on_remote_edu(origin, content)
         elif etype == "m.receipt":
@@ -532,7 +534,8 @@ class FederationServlets:
                 entry["keys"] = keys[d["device_id"]]
             out.append(entry)
         stream_id = await self.hs.device_lists.store.latest_stream_id(user_id)
-        return 200, {"user_id": user_id, "stream_id": stream_id, "devices": out}
+        return 200, {"user_id": user_id, "stream_id": stream_id, "devices": out,
+                     **await self.hs.cross_signing.keys_for_user_devices(user_id)}
 
     async def on_user_keys_query(self, request: Request, ver: str) -> tuple[int, Any]:
         origin, body = await self._authed_body(request)
@@ -541,7 +544,8 @@ class FederationServlets:
         from zhome.e2ee.keys import parse_device_keys_request
 
         wanted = parse_device_keys_request(body.get("device_keys"))
-        return 200, {"device_keys": await self.hs.e2e_keys.query_local(wanted)}
+        return 200, {"device_keys": await self.hs.e2e_keys.query_local(wanted),
+                     **await self.hs.cross_signing.query_for_federation(list(wanted))}
 
     async def on_user_keys_claim(self, request: Request, ver: str) -> tuple[int, Any]:
         origin, body = await self._authed_body(request)

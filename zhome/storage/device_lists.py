@@ -16,6 +16,7 @@ import json
 import time
 from typing import Any, Iterable, Optional
 
+from zhome.storage.cross_signing import CrossSigningStore
 from zhome.storage.database import Database, Txn
 from zhome.storage.ids import IdGenerator
 
@@ -37,7 +38,8 @@ class DeviceListStore:
         """Add stream rows for changed devices of ``user_id`` and return
         (stream_id, device_id, prev_id) for each; prev_id chains the user's
         rows for m.device_list_update."""
-        txn.execute("SELECT MAX(stream_id) FROM device_list_changes WHERE user_id = ?", (user_id,))
+        txn.execute("SELECT MAX(stream_id) FROM device_list_changes WHERE user_id = ? AND cross_signing = 0",
+                    (user_id,))
         row = txn.fetchone()
         prev: Optional[int] = int(row[0]) if row and row[0] is not None else None
         out = []
@@ -54,27 +56,32 @@ class DeviceListStore:
         return await self.db.run_interaction("device_list_change", self.record_change_txn, user_id, ids)
 
     async def latest_stream_id(self, user_id: str) -> int:
+        """The user's latest m.device_list_update stream_id (cross-signing
+        changes travel as m.signing_key_update, outside that chain)."""
         rows = await self.db.execute("device_list_latest",
-                                     "SELECT MAX(stream_id) FROM device_list_changes WHERE user_id = ?", user_id)
+                                     "SELECT MAX(stream_id) FROM device_list_changes WHERE user_id = ?"
+                                     " AND cross_signing = 0", user_id)
         return int(rows[0][0] or 0) if rows else 0
 
     async def changed_users(self, user_id: str, from_pos: int, to_pos: int) -> set[str]:
         """Users sharing a room with ``user_id`` (and the user) whose devices
-        changed in (from_pos, to_pos]."""
+        changed in (from_pos, to_pos] (changes visible to others only left out)."""
         if from_pos <= 0:
             # From the start: per shared user through the (user_id,
             # stream_id) index rather than a scan of the whole stream.
             rows = await self.db.execute(
                 "device_list_changed_users_all",
                 "SELECT u.state_key FROM (" + SHARED_USERS_SQL + " UNION SELECT ?) u WHERE EXISTS ("
-                "SELECT 1 FROM device_list_changes d WHERE d.user_id = u.state_key AND d.stream_id <= ?)",
-                user_id, user_id, to_pos)
+                "SELECT 1 FROM device_list_changes d WHERE d.user_id = u.state_key AND d.stream_id <= ?"
+                " AND (d.visible_to IS NULL OR d.visible_to = ?))",
+                user_id, user_id, to_pos, user_id)
             return {r[0] for r in rows}
         rows = await self.db.execute(
             "device_list_changed_users",
             "SELECT DISTINCT d.user_id FROM device_list_changes d WHERE d.stream_id > ? AND d.stream_id <= ?"
+            " AND (d.visible_to IS NULL OR d.visible_to = ?)"
             " AND (d.user_id = ? OR d.user_id IN (" + SHARED_USERS_SQL + "))",
-            from_pos, to_pos, user_id, user_id)
+            from_pos, to_pos, user_id, user_id, user_id)
         return {r[0] for r in rows}
 
     async def users_sharing_room(self, user_id: str) -> set[str]:
@@ -116,8 +123,10 @@ class DeviceListStore:
         return await self.db.run_interaction("remote_device_update", txn_fn)
 
     async def replace_remote_devices(self, user_id: str, stream_id: int,
-                                     devices: dict[str, tuple[Optional[str], Optional[dict[str, Any]]]]) -> int:
-        """Replace the cached list with a full one (a resync)."""
+                                     devices: dict[str, tuple[Optional[str], Optional[dict[str, Any]]]],
+                                     cross_signing: Optional[dict[str, dict[str, Any]]] = None) -> int:
+        """Replace the cached list with a full one (a resync), and the
+        user's cross-signing keys (key type -> checked key) with it."""
 
         def txn_fn(txn: Txn) -> int:
             txn.execute("DELETE FROM remote_devices WHERE user_id = ?", (user_id,))
@@ -127,6 +136,7 @@ class DeviceListStore:
             txn.execute("DELETE FROM remote_device_list_streams WHERE user_id = ?", (user_id,))
             txn.execute("INSERT INTO remote_device_list_streams (user_id, stream_id, updated_ts) VALUES (?,?,?)",
                         (user_id, stream_id, int(time.time() * 1000)))
+            CrossSigningStore.replace_remote_keys_txn(txn, user_id, cross_signing or {})
             return self.record_change_txn(txn, user_id, ["*"])[-1][0]
 
         return await self.db.run_interaction("remote_device_resync", txn_fn)
@@ -138,6 +148,7 @@ class DeviceListStore:
 
         def txn_fn(txn: Txn) -> Optional[int]:
             txn.execute("DELETE FROM remote_devices WHERE user_id = ?", (user_id,))
+            CrossSigningStore.forget_remote_user_txn(txn, user_id)
             txn.execute("DELETE FROM remote_device_list_streams WHERE user_id = ?", (user_id,))
             if txn.rowcount == 0:
                 return None

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
+from zhome.storage.cross_signing import CrossSigningStore
 from zhome.storage.database import Database, Txn, in_chunks
 
 #: Attempts at taking a one-time key another claim may take first.
@@ -65,6 +66,9 @@ class E2eKeysStore:
                     else:
                         txn.execute("UPDATE e2e_device_keys SET key_json = ?, ts = ? WHERE user_id = ? AND device_id = ?",
                                     (new, now, user_id, device_id))
+                        if _signed_part(json.loads(row[0])) != _signed_part(upload.device_keys):
+                            # Cross-signatures covered the old keys only.
+                            CrossSigningStore.delete_device_signatures_txn(txn, user_id, [device_id])
                     if self.on_device_keys_changed_txn is not None:
                         self.on_device_keys_changed_txn(txn, user_id, device_id)
             if upload.one_time_keys:
@@ -118,6 +122,18 @@ class E2eKeysStore:
         out: dict[str, dict[str, dict[str, Any]]] = {}
         for user_id, device_id, key_json in rows:
             out.setdefault(user_id, {})[device_id] = json.loads(key_json)
+        if out:
+            # Signatures of the devices by their user's self-signing key
+            # (POST /keys/signatures/upload) are part of the keys given out.
+            for target_user, target_key, signer, key_id, sig in await self.db.select_in(
+                    "e2e_get_device_signatures",
+                    "SELECT target_user_id, target_key_id, user_id, key_id, signature"
+                    " FROM e2e_cross_signing_signatures WHERE target_user_id IN ({in})", sorted(out)):
+                keys = out[target_user].get(target_key)
+                if keys is not None:
+                    sigs = keys.setdefault("signatures", {})
+                    if isinstance(sigs, dict):
+                        sigs.setdefault(signer, {})[key_id] = sig
         return out
 
     # -- claiming ----------------------------------------------------------------------
@@ -151,6 +167,12 @@ class E2eKeysStore:
         for chunk, qs in in_chunks(device_ids):
             for table in ("e2e_device_keys", "e2e_one_time_keys", "e2e_fallback_keys"):
                 txn.execute(f"DELETE FROM {table} WHERE user_id = ? AND device_id IN ({qs})", (user_id, *chunk))
+        CrossSigningStore.delete_device_signatures_txn(txn, user_id, device_ids)
+
+
+def _signed_part(keys: dict[str, Any]) -> dict[str, Any]:
+    """What a signature of device keys covers."""
+    return {k: v for k, v in keys.items() if k not in ("signatures", "unsigned")}
 
 
 def _counts_txn(txn: Txn, user_id: str, device_id: str) -> dict[str, int]:
