@@ -108,6 +108,8 @@ class HomeServer:
                                  device_lists_pos=device_list_ids.current(), to_device_pos=to_device_ids.current())
         self._setup_e2ee(E2eKeysStore(db), DeviceListStore(db, device_list_ids), ToDeviceStore(db, to_device_ids),
                          CrossSigningStore(db, device_list_ids))
+        self._setup_key_backup()
+        self._setup_dehydrated_devices()
         self.typing = TypingService(self.notifier)
         self.presence = PresenceService(presence_store, self.events, self.notifier, self.server_name,
                                         cfg.presence.enabled)
@@ -175,6 +177,23 @@ class HomeServer:
 
     async def _require_password_uia(self, body: dict[str, Any], user_id: str, operation: str) -> None:
         await self.account_servlets.require_password_uia(body, user_id, operation)
+
+    def _setup_key_backup(self) -> None:
+        """Server-side key backups (zhome/e2ee/key_backup.py)."""
+        from zhome.e2ee.key_backup import KeyBackupService
+        from zhome.storage.key_backup import KeyBackupStore
+
+        self.key_backup = KeyBackupService(KeyBackupStore(self.db))
+
+    def _setup_dehydrated_devices(self) -> None:
+        """Dehydrated devices, MSC3814 (zhome/e2ee/dehydrated_devices.py)."""
+        from zhome.e2ee.dehydrated_devices import DehydratedDeviceService
+        from zhome.storage.dehydrated_devices import DehydratedDevicesStore
+
+        store = DehydratedDevicesStore(self.db)
+        self.accounts.device_change_hooks.append(store.on_devices_changed_txn)
+        self.dehydrated_devices = DehydratedDeviceService(store, self.accounts, self.e2e_keys, self.to_device,
+                                                          self.notifier)
 
     def _after_persist_e2ee(self, item: Any) -> None:
         # A leave may end the last room shared with remote users, whose
@@ -343,7 +362,14 @@ class HomeServer:
         self.account_servlets = AccountServlets(self)
         return [self.account_servlets, self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
                 PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee,
-                PusherServlets(self)]
+                PusherServlets(self), *self._backup_and_dehydration_servlets()]
+
+    def _backup_and_dehydration_servlets(self) -> list[Any]:
+        from zhome.e2ee.dehydrated_devices import DehydratedDeviceServlets
+        from zhome.e2ee.key_backup_servlets import KeyBackupServlets
+
+        return [KeyBackupServlets(self.auth, self.key_backup),
+                DehydratedDeviceServlets(self.auth, self.dehydrated_devices)]
 
     def start_listening(self) -> None:
         tls_factory = None

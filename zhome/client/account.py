@@ -81,7 +81,9 @@ class AccountServlets:
 
     # -- discovery ---------------------------------------------------------
     async def on_versions(self, request: Request) -> tuple[int, Any]:
-        return 200, {"versions": SPEC_VERSIONS, "unstable_features": {}}
+        from zhome.e2ee.dehydrated_devices import UNSTABLE_FEATURE as DEHYDRATED_DEVICES
+
+        return 200, {"versions": SPEC_VERSIONS, "unstable_features": {DEHYDRATED_DEVICES: True}}
 
     async def on_capabilities(self, request: Request) -> tuple[int, Any]:
         await self.hs.auth.get_user_by_req(request)

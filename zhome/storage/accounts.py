@@ -211,6 +211,21 @@ class AccountsStore:
         # Re-using a device ID replaced that device's old tokens.
         self._forget_tokens()
 
+    async def create_device(self, user_id: str, device_id: str, display_name: Optional[str]) -> bool:
+        """Create a device that has no access token (a dehydrated device);
+        False, and nothing written, when the user already has that device."""
+
+        def txn_fn(txn: Txn) -> bool:
+            txn.execute("SELECT 1 FROM devices WHERE user_id = ? AND device_id = ?", (user_id, device_id))
+            if txn.fetchone() is not None:
+                return False
+            txn.execute("INSERT INTO devices (user_id, device_id, display_name, last_seen_ts, last_seen_ip)"
+                        " VALUES (?,?,?,?,?)", (user_id, device_id, display_name, int(time.time() * 1000), None))
+            self._devices_changed_txn(txn, user_id, [device_id], False)
+            return True
+
+        return await self.db.run_interaction("create_device", txn_fn)
+
     def _issue_tokens_txn(
         self,
         txn: Txn,

@@ -80,6 +80,16 @@ class ToDeviceStore:
 
         return await self.db.run_interaction("to_device_take", txn_fn)
 
+    async def peek(self, user_id: str, device_id: str, after: int, upto: int, limit: int
+                   ) -> tuple[list[dict[str, Any]], Optional[int]]:
+        """The messages waiting for a device after position ``after`` and up
+        to ``upto``, at most ``limit``, without deleting any; and the
+        position of the last one returned (None when there was none)."""
+        rows = await self.db.execute(
+            "to_device_peek", "SELECT stream_id, message_json FROM device_inbox WHERE user_id = ? AND device_id = ?"
+            " AND stream_id > ? AND stream_id <= ? ORDER BY stream_id LIMIT ?", user_id, device_id, after, upto, limit)
+        return [json.loads(r[1]) for r in rows], (int(rows[-1][0]) if rows else None)
+
     async def expire_txns(self, older_than_ms: int) -> None:
         """Forget transaction and message IDs older than ``older_than_ms``
         (a client or server retries within minutes, not days)."""
