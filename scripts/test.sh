@@ -23,4 +23,9 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error >/dev/null) ||
   echo "warning: npm ci failed in tests/browser; tests/e2e/test_cinny.py will fail" >&2
+# matrix-js-sdk with its Rust crypto, for the end-to-end encryption scenarios
+# in tests/jssdk (pinned by its package-lock.json). If npm cannot install it
+# the rest of the suite still runs and tests/e2e/test_jssdk_e2ee.py fails.
+(cd tests/jssdk && npm ci --no-audit --no-fund --loglevel=error) ||
+  echo "warning: npm ci in tests/jssdk failed; tests/e2e/test_jssdk_e2ee.py will fail" >&2
 exec .venv/bin/python -m pytest -q "$@"
