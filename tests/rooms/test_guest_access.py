@@ -21,8 +21,9 @@ from zhome.server import HomeServer
 # (method, route name) of every client route a guest may call: what the
 # Guest Access module lists, plus logout, filters, account data, tags,
 # typing, receipts, read markers and presence (which a guest's client shows
-# and sets like any other). Opening another route to guests is a decision
-# to make here, on purpose.
+# and sets like any other), and TURN credentials for a guest's calls
+# (voip.turn_allow_guests turns that off). Opening another route to guests
+# is a decision to make here, on purpose.
 GUEST_ROUTES = {
     ("GET", "versions"), ("POST", "register"), ("POST", "logout"), ("GET", "whoami"),
     ("GET", "devices"), ("GET", "device"), ("PUT", "device"),
@@ -39,6 +40,7 @@ GUEST_ROUTES = {
     ("GET", "media_download"), ("GET", "media_thumbnail"),
     ("GET", "presence"), ("PUT", "presence"),
     ("POST", "keys_upload"), ("POST", "keys_query"), ("POST", "keys_claim"), ("PUT", "send_to_device"),
+    ("GET", "turn_server"),
 }
 
 
