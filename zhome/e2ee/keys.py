@@ -89,12 +89,11 @@ class E2eKeysService:
         if not users:
             return {}
         stored = await self.store.get_device_keys(users)
+        all_names = await self.accounts.get_device_names([u for u in users if stored.get(u)])
         out: dict[str, dict[str, Any]] = {}
         for u in users:
             devices = stored.get(u, {})
-            names: dict[str, Optional[str]] = {}
-            if devices:
-                names = {d["device_id"]: d.get("display_name") for d in await self.accounts.get_devices(u)}
+            names: dict[str, Optional[str]] = all_names.get(u, {})
             ask = wanted[u]
             out[u] = {}
             for d, keys in devices.items():

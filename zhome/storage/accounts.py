@@ -359,6 +359,16 @@ class AccountsStore:
             except Exception:
                 logger.exception("after-device-deletion hook failed")
 
+    async def get_device_names(self, user_ids: list[str]) -> dict[str, dict[str, Optional[str]]]:
+        """user -> device -> display name, for many users in one query (key queries)."""
+        rows = await self.db.select_in(
+            "get_device_names", "SELECT user_id, device_id, display_name FROM devices WHERE user_id IN ({in})",
+            user_ids)
+        out: dict[str, dict[str, Optional[str]]] = {}
+        for u, d, name in rows:
+            out.setdefault(u, {})[d] = name
+        return out
+
     async def get_devices(self, user_id: str) -> list[dict[str, Any]]:
         rows = await self.db.execute(
             "get_devices",
