@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from zhome.storage.cross_signing import CrossSigningStore
-from zhome.storage.database import Database, Txn, in_chunks
+from zhome.storage.database import ENGINE_POSTGRES, Database, Txn, in_chunks
 
 #: Attempts at taking a one-time key another claim may take first.
 CLAIM_ATTEMPTS = 10
@@ -186,8 +186,11 @@ def _counts_txn(txn: Txn, user_id: str, device_id: str) -> dict[str, int]:
 
 def _take_one_time_key_txn(txn: Txn, user_id: str, device_id: str, algorithm: str) -> Optional[tuple[str, str]]:
     for _ in range(CLAIM_ATTEMPTS):
+        # On PostgreSQL concurrent claims skip the rows others hold, so each
+        # takes a different key instead of all racing for the first one.
+        lock = " FOR UPDATE SKIP LOCKED" if txn.engine == ENGINE_POSTGRES else ""
         txn.execute("SELECT key_id, key_json FROM e2e_one_time_keys WHERE user_id = ? AND device_id = ?"
-                    " AND algorithm = ? ORDER BY key_id LIMIT 1", (user_id, device_id, algorithm))
+                    " AND algorithm = ? ORDER BY key_id LIMIT 1" + lock, (user_id, device_id, algorithm))
         row = txn.fetchone()
         if row is None:
             return None
