@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.web.server import Request
 
-from zhome.http.errors import forbidden, invalid_param, not_found
+from zhome.admin.common import backwards_arg, int_arg, require_admin
+from zhome.http.errors import invalid_param, not_found
 from zhome.http.server import JsonResource, query_arg
 from zhome.storage.database import Txn, escape_like
 from zhome.util.ids import is_valid_server_name
@@ -36,9 +37,7 @@ class DestinationServlets:
         r.register("POST", SYN1 + "/" + DEST + r"/reset_connection", self.on_reset, "admin_destination_reset")
 
     async def _admin(self, request: Request) -> None:
-        req = await self.hs.auth.get_user_by_req(request)
-        if not req.is_admin:
-            raise forbidden("You are not a server admin")
+        await require_admin(self.hs, request)
 
     async def _all(self) -> dict[str, dict[str, Any]]:
         """Every destination: the servers of remote room members, and those with a retry state."""
@@ -63,26 +62,16 @@ class DestinationServlets:
     async def on_list(self, request: Request) -> tuple[int, Any]:
         await self._admin(request)
 
-        def num(name: str, default: int) -> int:
-            raw = query_arg(request, name)
-            if raw is None:
-                return default
-            if not raw.isdigit():
-                raise invalid_param(f"{name} must be a non-negative integer")
-            return int(raw)
-
-        offset, limit = num("from", 0), min(num("limit", 100), MAX_PAGE)
+        offset, limit = int_arg(request, "from", 0), min(int_arg(request, "limit", 100), MAX_PAGE)
         order = query_arg(request, "order_by") or "destination"
         if order not in ORDER:
             raise invalid_param(f"Unknown value for order_by: {order}")
-        direction = query_arg(request, "dir") or "f"
-        if direction not in ("f", "b"):
-            raise invalid_param("dir must be f or b")
+        backwards = backwards_arg(request, "f")
         term = (query_arg(request, "destination") or "").lower()
         rows = [d for d in (await self._all()).values() if term in d["destination"].lower()]
         key = ORDER[order]
         rows.sort(key=lambda d: (d[key] is None, d[key] if d[key] is not None else 0, d["destination"]),
-                  reverse=direction == "b")
+                  reverse=backwards)
         page = rows[offset: offset + limit]
         body: dict[str, Any] = {"destinations": page, "total": len(rows)}
         if offset + len(page) < len(rows):

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.web.server import Request
 
-from zhome.http.errors import forbidden, invalid_param, not_found
+from zhome.admin.common import backwards_arg, int_arg, require_admin
+from zhome.http.errors import invalid_param, not_found
 from zhome.http.server import JsonResource, query_arg
 from zhome.storage.database import Database, Txn
 from zhome.util.ids import is_valid_user_id
@@ -142,10 +143,7 @@ class AdminMediaServlets:
                    "admin_user_media")
 
     async def _admin(self, request: Request) -> str:
-        req = await self.hs.auth.get_user_by_req(request)
-        if not req.is_admin:
-            raise forbidden("You are not a server admin")
-        return req.user_id
+        return (await require_admin(self.hs, request)).user_id
 
     def _repo(self) -> Any:
         if self.hs.media_repository is None:
@@ -230,20 +228,11 @@ class AdminMediaServlets:
         return 200, {"deleted": deleted}
 
     def _page(self, request: Request) -> tuple[int, int, str, bool]:
-        def num(name: str, default: int) -> int:
-            raw = query_arg(request, name)
-            if raw is None:
-                return default
-            if not raw.isdigit():
-                raise invalid_param(f"{name} must be a non-negative integer")
-            return int(raw)
         order = query_arg(request, "order_by") or "created_ts"
         if order not in USER_MEDIA_ORDER:
             raise invalid_param(f"Unknown value for order_by: {order}")
-        direction = query_arg(request, "dir") or "f"
-        if direction not in ("f", "b"):
-            raise invalid_param("dir must be f or b")
-        return num("from", 0), min(num("limit", 100), MAX_PAGE), order, direction == "b"
+        backwards = backwards_arg(request, "f")
+        return int_arg(request, "from", 0), min(int_arg(request, "limit", 100), MAX_PAGE), order, backwards
 
     def _local_user(self, user_id: str) -> None:
         if not is_valid_user_id(user_id) or not user_id.endswith(":" + self.hs.server_name):

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 from twisted.web.server import Request
 
 from zhome.admin.erasure import erase_user
-from zhome.http.errors import bad_json, forbidden, invalid_param, not_found
+from zhome.admin.common import require_admin
+from zhome.http.errors import bad_json, invalid_param, not_found
 from zhome.http.server import JsonResource, query_arg, read_json_body
 from zhome.util.ids import is_valid_room_id, is_valid_user_id, server_of
 
@@ -62,10 +63,7 @@ class PrivacyServlets:
         r.register("DELETE", floor, self.on_delete_floor, "zadmin_floor")
 
     async def _require_admin(self, request: Request) -> str:
-        req = await self.hs.auth.get_user_by_req(request)
-        if not req.is_admin:
-            raise forbidden("You are not a server admin")
-        return req.user_id
+        return (await require_admin(self.hs, request)).user_id
 
     async def on_erase(self, request: Request, user_id: str) -> tuple[int, Any]:
         admin = await self._require_admin(request)

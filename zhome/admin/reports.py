@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.web.server import Request
 
-from zhome.http.errors import MatrixError, bad_json, forbidden, invalid_param, not_found
+from zhome.admin.common import backwards_arg, int_arg, require_admin
+from zhome.http.errors import MatrixError, bad_json, invalid_param, not_found
 from zhome.http.server import JsonResource, query_arg, read_json_body
 from zhome.util.ids import is_valid_room_id, is_valid_user_id
 
@@ -102,9 +103,7 @@ class ReportServlets:
 
     # -- admin -------------------------------------------------------------------------
     async def _require_admin(self, request: Request) -> None:
-        req = await self.hs.auth.get_user_by_req(request)
-        if not req.is_admin:
-            raise forbidden("You are not a server admin")
+        await require_admin(self.hs, request)
 
     async def _describe(self, report: dict[str, Any], with_event: bool) -> dict[str, Any]:
         out = {k: report[k] for k in ("id", "received_ts", "room_id", "event_id", "user_id", "reason", "score")}
@@ -125,17 +124,8 @@ class ReportServlets:
         return out
 
     def _page_args(self, request: Request) -> tuple[int, int, bool]:
-        def num(name: str, default: int) -> int:
-            raw = query_arg(request, name)
-            if raw is None:
-                return default
-            if not raw.isdigit():
-                raise invalid_param(f"{name} must be a non-negative integer")
-            return int(raw)
-        direction = query_arg(request, "dir") or "b"
-        if direction not in ("f", "b"):
-            raise invalid_param("dir must be f or b")
-        return num("from", 0), min(num("limit", 100), MAX_PAGE), direction == "b"
+        backwards = backwards_arg(request, "b")
+        return int_arg(request, "from", 0), min(int_arg(request, "limit", 100), MAX_PAGE), backwards
 
     async def on_list_event_reports(self, request: Request) -> tuple[int, Any]:
         await self._require_admin(request)

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Optional
 from twisted.internet import defer
 from twisted.web.server import Request
 
-from zhome.http.errors import MatrixError, bad_json, forbidden, invalid_param, not_found
+from zhome.admin.common import backwards_arg, int_arg, require_admin
+from zhome.http.errors import MatrixError, bad_json, invalid_param, not_found
 from zhome.http.server import JsonResource, query_arg, read_json_body
 from zhome.client.serialize import serialize_events
 from zhome.storage.database import Txn
@@ -74,10 +75,7 @@ class AdminRoomServlets:
         r.register("PUT", SYN1 + r"/rooms/" + ROOM + r"/block", self.on_put_block, "admin_room_block")
 
     async def _require_admin(self, request: Request) -> str:
-        req = await self.hs.auth.get_user_by_req(request)
-        if not req.is_admin:
-            raise forbidden("You are not a server admin")
-        return req.user_id
+        return (await require_admin(self.hs, request)).user_id
 
     async def _summary(self, room_id: str) -> dict[str, Any]:
         if not is_valid_room_id(room_id):
@@ -90,23 +88,13 @@ class AdminRoomServlets:
     async def on_list(self, request: Request) -> tuple[int, Any]:
         await self._require_admin(request)
 
-        def num(name: str, default: int) -> int:
-            raw = query_arg(request, name)
-            if raw is None:
-                return default
-            if not raw.isdigit():
-                raise invalid_param(f"{name} must be a non-negative integer")
-            return int(raw)
-
-        offset, limit = num("from", 0), min(num("limit", 100), MAX_PAGE)
+        offset, limit = int_arg(request, "from", 0), min(int_arg(request, "limit", 100), MAX_PAGE)
         order_by = query_arg(request, "order_by") or "name"
         # Synapse's older names for two orderings.
         order_by = {"size": "joined_members", "alphabetical": "name"}.get(order_by, order_by)
         if order_by not in ROOM_ORDER:
             raise invalid_param(f"Unknown value for order_by: {order_by}")
-        direction = query_arg(request, "dir") or "f"
-        if direction not in ("f", "b"):
-            raise invalid_param("dir must be f or b")
+        backwards = backwards_arg(request, "f")
         term = (query_arg(request, "search_term") or "").lower()
         public = query_arg(request, "public_rooms")
         empty = query_arg(request, "empty_rooms")
@@ -118,7 +106,7 @@ class AdminRoomServlets:
             rooms = [r for r in rooms if r["public"] == (public == "true")]
         if empty in ("true", "false"):
             rooms = [r for r in rooms if (r["joined_members"] == 0) == (empty == "true")]
-        rooms.sort(key=_sort_key(order_by), reverse=direction == "b")
+        rooms.sort(key=_sort_key(order_by), reverse=backwards)
         if order_by == "name":
             # Synapse orders unnamed rooms last whichever the direction.
             rooms.sort(key=lambda r: r.get("name") is None)

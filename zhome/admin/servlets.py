@@ -23,6 +23,7 @@ import zhome
 from zhome.admin.accounts import deactivate_account, set_profile
 from zhome.admin.erasure import erase_user
 from zhome.http.auth import Requester
+from zhome.admin.common import bool_arg, int_arg, require_admin
 from zhome.http.errors import MatrixError, bad_json, forbidden, invalid_param, not_found
 from zhome.http.server import JsonResource, query_arg, read_json_body
 from zhome.storage.admin import USER_ORDER_COLUMNS, UserQuery
@@ -36,30 +37,6 @@ SYN1 = r"/_synapse/admin/v1"
 SYN2 = r"/_synapse/admin/v2"
 USER = r"(?P<user_id>[^/]+)"
 MAX_PAGE = 1000
-
-
-def _bool_arg(request: Request, name: str, default: Optional[bool]) -> Optional[bool]:
-    raw = query_arg(request, name)
-    if raw is None:
-        return default
-    if raw.lower() in ("true", "1"):
-        return True
-    if raw.lower() in ("false", "0"):
-        return False
-    raise invalid_param(f"{name} must be true or false")
-
-
-def _int_arg(request: Request, name: str, default: int, maximum: Optional[int] = None) -> int:
-    raw = query_arg(request, name)
-    if raw is None:
-        return default
-    try:
-        v = int(raw)
-    except ValueError:
-        raise invalid_param(f"{name} must be a non-negative integer")
-    if v < 0:
-        raise invalid_param(f"{name} must be a non-negative integer")
-    return min(v, maximum) if maximum is not None else v
 
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9._~-]{1,64}\Z")
@@ -116,10 +93,7 @@ class AdminServlets:
 
     # -- helpers -------------------------------------------------------------------
     async def require_admin(self, request: Request) -> Requester:
-        req = await self.hs.auth.get_user_by_req(request)
-        if not req.is_admin:
-            raise forbidden("You are not a server admin")
-        return req
+        return await require_admin(self.hs, request)
 
     def _local(self, user_id: str) -> None:
         if not is_valid_user_id(user_id):
@@ -158,18 +132,18 @@ class AdminServlets:
             q = UserQuery(
                 name=query_arg(request, "name") or None,
                 user_id=query_arg(request, "user_id") or None,
-                guests=bool(_bool_arg(request, "guests", True)),
-                admins=_bool_arg(request, "admins", None),
-                locked=bool(_bool_arg(request, "locked", False)),
+                guests=bool(bool_arg(request, "guests", True)),
+                admins=bool_arg(request, "admins", None),
+                locked=bool(bool_arg(request, "locked", False)),
                 not_user_types=tuple(v.decode("utf-8", "replace") for v in request.args.get(b"not_user_type", [])),
                 order_by=order_by, backwards=direction == "b",
-                offset=_int_arg(request, "from", 0), limit=_int_arg(request, "limit", 100, MAX_PAGE))
+                offset=int_arg(request, "from", 0), limit=int_arg(request, "limit", 100, MAX_PAGE))
             if version == "v2":
                 # v2: deactivated=true adds deactivated accounts to the active ones.
-                q.deactivated = None if _bool_arg(request, "deactivated", False) else False
+                q.deactivated = None if bool_arg(request, "deactivated", False) else False
             else:
                 # v3: true only deactivated, false only active, absent both.
-                q.deactivated = _bool_arg(request, "deactivated", None)
+                q.deactivated = bool_arg(request, "deactivated", None)
             users, total = await self.store.list_users(q)
             body: dict[str, Any] = {"users": users, "total": total}
             if q.offset + len(users) < total and users:
@@ -350,7 +324,7 @@ class AdminServlets:
     async def on_list_tokens(self, request: Request) -> tuple[int, Any]:
         await self.require_admin(request)
         return 200, {"registration_tokens": await self.store.list_registration_tokens(
-            _bool_arg(request, "valid", None))}
+            bool_arg(request, "valid", None))}
 
     async def on_new_token(self, request: Request) -> tuple[int, Any]:
         await self.require_admin(request)

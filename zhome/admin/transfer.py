@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Optional
 from twisted.web.server import Request
 
 from zhome.federation.policy import host_of
-from zhome.http.errors import MatrixError, bad_json, forbidden, invalid_param, not_found
+from zhome.admin.common import require_admin
+from zhome.http.errors import MatrixError, bad_json, invalid_param, not_found
 from zhome.http.server import JsonResource, read_json_body
 from zhome.storage.database import Database, Txn
 from zhome.util.ids import is_valid_room_id, is_valid_user_id, server_of
@@ -130,10 +131,7 @@ class TransferServlets:
         return 200, await self.store.get(req.user_id)
 
     async def _admin(self, request: Request) -> str:
-        req = await self.hs.auth.get_user_by_req(request)
-        if not req.is_admin:
-            raise forbidden("You are not a server admin")
-        return req.user_id
+        return (await require_admin(self.hs, request)).user_id
 
     async def _local_user(self, user_id: str) -> None:
         if not is_valid_user_id(user_id) or server_of(user_id) != self.hs.server_name:

@@ -1,0 +1,52 @@
+"""What every admin endpoint shares: the admin check and the query
+parameters of paged lists (Synapse's admin API conventions)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from twisted.web.server import Request
+
+from zhome.http.auth import Requester
+from zhome.http.errors import forbidden, invalid_param
+from zhome.http.server import query_arg
+
+if TYPE_CHECKING:
+    from zhome.server import HomeServer
+
+
+async def require_admin(hs: "HomeServer", request: Request) -> Requester:
+    """The requester, a server admin; anyone else gets 403 before any lookup."""
+    req = await hs.auth.get_user_by_req(request)
+    if not req.is_admin:
+        raise forbidden("You are not a server admin")
+    return req
+
+
+def int_arg(request: Request, name: str, default: int, maximum: Optional[int] = None) -> int:
+    """A non-negative integer query parameter."""
+    raw = query_arg(request, name)
+    if raw is None:
+        return default
+    if not raw.isdigit():
+        raise invalid_param(f"{name} must be a non-negative integer")
+    return min(int(raw), maximum) if maximum is not None else int(raw)
+
+
+def bool_arg(request: Request, name: str, default: Optional[bool]) -> Optional[bool]:
+    raw = query_arg(request, name)
+    if raw is None:
+        return default
+    if raw.lower() in ("true", "1"):
+        return True
+    if raw.lower() in ("false", "0"):
+        return False
+    raise invalid_param(f"{name} must be true or false")
+
+
+def backwards_arg(request: Request, default: str = "f") -> bool:
+    """``dir``: f (forwards) or b (backwards); True for b."""
+    direction = query_arg(request, "dir") or default
+    if direction not in ("f", "b"):
+        raise invalid_param("dir must be f or b")
+    return direction == "b"
