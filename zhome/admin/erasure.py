@@ -65,12 +65,10 @@ def _mxc_in(content: Any, out: set[str]) -> None:
 async def _redactor(hs: "HomeServer", room_id: str, user_id: str, still_joined: bool) -> Optional[str]:
     if still_joined:
         return user_id
-    state = await hs.events.get_current_state_ids(room_id)
-    members = await hs.events.get_events([e for (t, k), e in state.items()
-                                          if t == "m.room.member" and k.endswith(":" + hs.server_name)])
-    joined = sorted(ev.state_key for ev in members.values() if ev.membership == "join" and ev.state_key)
+    joined = sorted(u for u in await hs.events.get_joined_users(room_id) if server_of(u) == hs.server_name)
     if not joined:
         return None
+    state = await hs.events.get_current_state_ids(room_id)
     keys = [("m.room.create", ""), ("m.room.power_levels", "")]
     evs = await hs.events.get_events([state[k] for k in keys if k in state])
     auth_events = {k: evs[state[k]] for k in keys if k in state and state[k] in evs}
@@ -82,10 +80,7 @@ async def _redactor(hs: "HomeServer", room_id: str, user_id: str, still_joined: 
 
 
 async def _remote_servers(hs: "HomeServer", room_id: str) -> list[str]:
-    state = await hs.events.get_current_state_ids(room_id)
-    members = await hs.events.get_events([e for (t, _), e in state.items() if t == "m.room.member"])
-    return sorted({server_of(ev.state_key) for ev in members.values()
-                   if ev.membership == "join" and ev.state_key} - {hs.server_name})
+    return sorted({server_of(u) for u in await hs.events.get_joined_users(room_id)} - {hs.server_name})
 
 
 async def erase_user(hs: "HomeServer", user_id: str, requested_by: str) -> dict[str, Any]:

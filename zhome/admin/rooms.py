@@ -124,16 +124,14 @@ class AdminRoomServlets:
         summary = await self._summary(room_id)
         members = await self._joined(room_id)
         local = [m for m in members if m.endswith(":" + self.hs.server_name)]
-        devices = sum([len(await self.hs.accounts.get_devices(u)) for u in local])
+        devices = sum(len(d) for d in (await self.hs.accounts.get_device_names(local)).values()) if local else 0
         out = {k: summary[k] for k in LIST_FIELDS}
         out.update(avatar=summary["avatar"], topic=summary["topic"], joined_local_devices=devices,
                    forgotten=False)
         return 200, out
 
     async def _joined(self, room_id: str) -> list[str]:
-        state = await self.hs.events.get_current_state_ids(room_id)
-        evs = await self.hs.events.get_events([e for (t, _), e in state.items() if t == "m.room.member"])
-        return sorted(ev.state_key for ev in evs.values() if ev.membership == "join" and ev.state_key)
+        return sorted(await self.hs.events.get_joined_users(room_id))
 
     async def on_members(self, request: Request, room_id: str) -> tuple[int, Any]:
         await self._require_admin(request)
