@@ -8,8 +8,9 @@ Subcommands:
 * ``register-user``: create a local account from the command line.
 * ``admin verify-audit`` and ``admin export-audit``: check the audit log's hash
   chain (failing, naming the first bad entry), and write it as JSON lines.
-* ``admin erase-user``, ``admin deactivate-user`` and ``admin call``: the admin
-  API of the running server through its operator socket, without a token.
+* ``admin erase-user``, ``admin deactivate-user``, ``admin rotate-encryption-key``,
+  ``admin encryption-status`` and ``admin call``: the admin API of the running
+  server through its operator socket, without a token.
 
 Every failure the operator can fix is reported as one line on stderr with a
 non-zero exit code, never as a traceback.
@@ -92,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     du = tasks.add_parser("deactivate-user", help="deactivate a user through the running server")
     du.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
     du.add_argument("user_id", metavar="USER_ID")
+    rk = tasks.add_parser("rotate-encryption-key",
+                          help="a new master key for data at rest, applied by the running server without downtime")
+    rk.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
+    es = tasks.add_parser("encryption-status", help="the running server's key store: master keys, data keys")
+    es.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
     call = tasks.add_parser("call", help="call any admin endpoint of the running server as the operator")
     call.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
     call.add_argument("method", metavar="METHOD", help="GET, PUT, POST or DELETE")
@@ -509,6 +515,10 @@ def _admin_call(config: HomeserverConfig, args: argparse.Namespace) -> int:
         method, path, body = "POST", f"/_zhome/admin/v1/users/{quote(args.user_id, safe='')}/erase", "{}"
     elif args.task == "deactivate-user":
         method, path, body = "POST", f"/_synapse/admin/v1/deactivate/{quote(args.user_id, safe='')}", "{}"
+    elif args.task == "rotate-encryption-key":
+        method, path, body = "POST", "/_zhome/admin/v1/encryption/rotate", "{}"
+    elif args.task == "encryption-status":
+        method, path, body = "GET", "/_zhome/admin/v1/encryption", None
     else:
         method, path, body = args.method.upper(), args.path, args.body
         if body is not None:
@@ -547,7 +557,7 @@ def _admin(args: argparse.Namespace) -> int:
         return 1
     from zhome import admin_tasks
 
-    if args.task in ("erase-user", "deactivate-user", "call"):
+    if args.task in ("erase-user", "deactivate-user", "call", "rotate-encryption-key", "encryption-status"):
         return _admin_call(config, args)
     if args.task == "verify-audit":
         count, bad = admin_tasks.verify_audit(config)

@@ -741,6 +741,23 @@ class MediaConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EncryptionConfig:
+    # Encryption at rest of event content and user information in the
+    # database (AES-256-GCM, zhome/storage/at_rest.py). Off only for
+    # comparisons; what was sealed stays readable with it off.
+    enabled: bool = setting(boolean, default=True)
+    # The master keys (base64, one per line, the first is current); made on
+    # first start. Relative to the config file's directory. None:
+    # data_dir/data_encryption.key.
+    key_file: str | None = setting(optional(non_empty_string), default=None)
+    # The key store: a SQLite file holding the data keys, wrapped by the
+    # master key. Erasure destroys keys here, so back it up apart from the
+    # database and keep those backups briefly. Relative to data_dir. None:
+    # data_dir/keystore.db.
+    keystore_path: str | None = setting(optional(non_empty_string), default=None)
+
+
+@dataclass(frozen=True, kw_only=True)
 class HomeserverConfig:
     server_name: str = setting(server_name)
     # Always set after loading: derived from the first client listener when
@@ -775,6 +792,7 @@ class HomeserverConfig:
     secrets: SecretsConfig = setting(section(SecretsConfig))
     federation: FederationConfig = setting(section(FederationConfig), default=FederationConfig())
     media: MediaConfig = setting(section(MediaConfig), default=MediaConfig())
+    encryption: EncryptionConfig = setting(section(EncryptionConfig), default=EncryptionConfig())
     # PEM certificate (chain) and private key for listeners with tls: true.
     tls_certificate_path: str | None = setting(optional(non_empty_string), default=None)
     tls_private_key_path: str | None = setting(optional(non_empty_string), default=None)
@@ -876,6 +894,12 @@ def _finish(config: HomeserverConfig, config_path: str) -> HomeserverConfig:
         ),
         database=database,
         media=_finish_media(config, config_dir, data_dir),
+        encryption=dataclasses.replace(
+            config.encryption,
+            key_file=(_resolve(config.encryption.key_file, config_dir) if config.encryption.key_file
+                      else os.path.join(data_dir, "data_encryption.key")),
+            keystore_path=_resolve(config.encryption.keystore_path or "keystore.db", data_dir),
+        ),
         config_path=config_path,
     )
 

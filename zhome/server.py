@@ -21,6 +21,7 @@ from zhome.admin.export import ExportServlets
 from zhome.admin.transfer import TransferServlets
 from zhome.admin.media import AdminMediaServlets
 from zhome.admin.notices import ServerNoticeServlets
+from zhome.admin.encryption import EncryptionServlets
 from zhome.admin.privacy import PrivacyServlets
 from zhome.admin.reports import ReportServlets
 from zhome.admin.rooms import AdminRoomServlets
@@ -98,17 +99,24 @@ class HomeServer:
         db = self.db
         stream_ids = await IdGenerator.from_table(db, "events", "stream_ordering")
         group_ids = await IdGenerator.from_table(db, "state_groups", "id")
+        from zhome.storage.at_rest import Sealer
+
+        enc = cfg.encryption
+        assert enc.key_file is not None and enc.keystore_path is not None
+        self.sealer = Sealer(enc.key_file, enc.keystore_path, enabled=enc.enabled)
         self.events = EventsStore(db, stream_ids, group_ids,
-                                  await IdGenerator.downward_from_table(db, "events", "stream_ordering"))
+                                  await IdGenerator.downward_from_table(db, "events", "stream_ordering"),
+                                  sealer=self.sealer)
         self.accounts = AccountsStore(
             db,
             await IdGenerator.from_table(db, "access_tokens", "id"),
             await IdGenerator.from_table(db, "refresh_tokens", "id"),
+            sealer=self.sealer,
         )
         self.rooms = RoomsStore(db)
         account_data_ids = await IdGenerator.from_table(db, "account_data", "stream_id")
         receipt_ids = await IdGenerator.from_table(db, "receipts", "stream_id")
-        self.user_data = UserDataStore(db, account_data_ids, receipt_ids)
+        self.user_data = UserDataStore(db, account_data_ids, receipt_ids, sealer=self.sealer)
 
         presence_store = PresenceStore(db, await IdGenerator.from_table(db, "presence", "stream_id"))
         from zhome.storage.cross_signing import CrossSigningStore
@@ -132,11 +140,13 @@ class HomeServer:
         self.push_rules_cache = RulesetCache(self.user_data)
         self.user_data.after_user_data_deleted.append(self.push_rules_cache.invalidate)
         self.admin_store = AdminStore(db, self.accounts, await IdGenerator.from_table(db, "content_reports", "id"),
-                                      self.server_name)
+                                      self.server_name, open_pdu=self.events.open_pdu)
         notifications_store = NotificationsStore(db)
         self.notification_log = NotificationLog(notifications_store, self.events)
         self.persister.txn_hooks.append(self.notification_log.persist_txn_hook)
-        self.user_directory = UserDirectoryStore(db, self.server_name, cfg.user_directory.search_all_users)
+        self.user_directory = UserDirectoryStore(db, self.server_name, cfg.user_directory.search_all_users,
+                                                 open_pdu=self.events.open_pdu, accounts=self.accounts,
+                                                 sealer=self.sealer)
         self.persister.txn_hooks.append(self.user_directory.persist_txn_hook)
         self.persister.after_commit_hooks.append(self.notification_log.after_persist)
         self.persister.after_commit_hooks.append(self._after_persist_e2ee)
@@ -199,6 +209,10 @@ class HomeServer:
         self.retention = RetentionJob(self)
         self.retention.start()
         await self.push_delivery.start()
+        from zhome.storage.at_rest_backlog import SealingBacklog
+
+        self.sealing_backlog = SealingBacklog(self)
+        self.sealing_backlog.start()
 
     def _setup_e2ee(self, keys_store: Any, device_list_store: Any, to_device_store: Any,
                     cross_signing_store: Any) -> None:
@@ -414,6 +428,7 @@ class HomeServer:
                 RoomSummaryServlets(self.auth, self.events, self.room_servlets.resolve_room,
                                     self.room_servlets.room_summary),
                 AdminServlets(self), ReportServlets(self), AdminRoomServlets(self), PrivacyServlets(self),
+                EncryptionServlets(self),
                 AdminMediaServlets(self), DestinationServlets(self), ServerNoticeServlets(self), ExportServlets(self),
                 TransferServlets(self),
                 *self._backup_and_dehydration_servlets()]
@@ -506,6 +521,8 @@ class HomeServer:
             self.presence.stop()
         if getattr(self, "retention", None) is not None:
             self.retention.stop()
+        if getattr(self, "sealing_backlog", None) is not None:
+            await self.sealing_backlog.stop()
         if getattr(self, "push_delivery", None) is not None:
             try:
                 await self.push_delivery.stop()
@@ -525,6 +542,8 @@ class HomeServer:
         for p in self.listening_ports:
             await p.stopListening()
         await self.db.close()
+        if getattr(self, "sealer", None) is not None:
+            self.sealer.close()
 
 
 class _ListenerRoot(Resource):

@@ -92,6 +92,8 @@ ADMIN_ROUTES = [
     ("PUT", "/_matrix/client/v1/admin/lock/{u}", {"locked": True}),
     ("GET", "/_matrix/client/v1/admin/suspend/{u}", None),
     ("PUT", "/_matrix/client/v1/admin/suspend/{u}", {"suspended": True}),
+    ("GET", "/_zhome/admin/v1/encryption", None),
+    ("POST", "/_zhome/admin/v1/encryption/rotate", {}),
 ]
 
 
@@ -499,7 +501,10 @@ def test_media_details_quarantine_protect_and_delete(zhome: ZhomeProcess, tmp_pa
     assert download(third) == 404
     assert admin.req("DELETE", f"/_synapse/admin/v1/media/localhost/{third}")[0] == 404
     assert admin.req("POST", "/_synapse/admin/v1/media/delete")[0] == 400  # before_ts is required
-    now = int(_time.time() * 1000) + 1
+    # A moment after the uploads, and not ahead of the server's clock (a
+    # before_ts in the future is refused).
+    _time.sleep(0.01)
+    now = int(_time.time() * 1000) - 1
     # The protected file stays; the other one goes.
     assert admin.ok("POST", f"/_synapse/admin/v1/media/delete?before_ts={now}")["deleted_media"] == [second]
     assert download(first) == 200 and download(second) == 404

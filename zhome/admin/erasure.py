@@ -183,6 +183,13 @@ async def erase_user(hs: "HomeServer", user_id: str, requested_by: str) -> dict[
 
     await deactivate_account(hs, user_id, erase=True)
     await store.delete_user_traces(user_id)
+    # Crypto-shredding: the data keys of what was erased (and of the user's
+    # own information) are destroyed, so copies of it elsewhere (database
+    # backups, dumps) cannot be read either; keys kept events need stay.
+    if user_holds:
+        report["erased"]["data_keys"] = 0
+    else:
+        report["erased"]["data_keys"] = await store.shred_user_keys(user_id)
     # What was overwritten or deleted leaves the database files too.
     await hs.db.scrub(SCRUBBED_TABLES)
     report["erased"]["account"] = True

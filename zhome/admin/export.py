@@ -152,7 +152,7 @@ class ExportServlets:
         account_data: dict[str, Any] = {"global": {}, "rooms": {}}
         for room_id, dtype, content in rows:
             target = account_data["global"] if not room_id else account_data["rooms"].setdefault(room_id, {})
-            target[dtype] = json.loads(content)
+            target[dtype] = json.loads(hs.user_data.open_content(user_id, room_id, dtype, content))
         await put("account_data.json", _dumps(account_data))
 
         memberships = await hs.events.get_rooms_for_user(user_id)

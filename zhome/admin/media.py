@@ -87,21 +87,39 @@ class MediaAdminStore:
             "DELETE FROM media_quarantine WHERE origin = ? AND media_id = ?", (origin, media_id)))
         self.quarantined.discard((origin, media_id))
 
-    async def user_media(self, user_id: str, offset: int, limit: int, order: str, backwards: bool
-                         ) -> tuple[list[dict[str, Any]], int]:
+    async def user_media(self, user_id: str, offset: int, limit: int, order: str, backwards: bool,
+                         open_name: Any = None) -> tuple[list[dict[str, Any]], int]:
+        """One page of a user's uploads. File names are sealed at rest
+        (``open_name(origin, media_id, stored)`` opens them), so an order by
+        name is applied here to all of the user's uploads."""
         col = USER_MEDIA_ORDER[order]
         direction = "DESC" if backwards else "ASC"
+        by_name = order == "upload_name"
+        if by_name:
+            col, page = "m.media_id", (-1, 0)
+        else:
+            page = (limit, offset)
+        opener = open_name or (lambda _o, _m, name: name)
 
         def txn_fn(txn: Txn) -> tuple[list[dict[str, Any]], int]:
             txn.execute("SELECT COUNT(*) FROM media WHERE user_id = ?", (user_id,))
             row = txn.fetchone()
-            txn.execute("SELECT m.media_id, m.content_type, m.size, m.upload_name, m.created_ts, q.quarantined_by,"
-                        " q.protected FROM media m LEFT JOIN media_quarantine q ON q.origin = m.origin AND"
-                        f" q.media_id = m.media_id WHERE m.user_id = ? ORDER BY {col} {direction}, m.media_id"
-                        " LIMIT ? OFFSET ?", (user_id, limit, offset))
-            media = [{"media_id": mid, "media_type": ctype, "media_length": size, "upload_name": name,
+            txn.execute("SELECT m.origin, m.media_id, m.content_type, m.size, m.upload_name, m.created_ts,"
+                        " q.quarantined_by, q.protected FROM media m LEFT JOIN media_quarantine q ON"
+                        f" q.origin = m.origin AND q.media_id = m.media_id WHERE m.user_id = ?"
+                        f" ORDER BY {col} {direction}, m.media_id"
+                        + (" LIMIT ? OFFSET ?" if not by_name else ""), (user_id, *page) if not by_name else (user_id,))
+            media = [{"media_id": mid, "media_type": ctype, "media_length": size,
+                      "upload_name": opener(origin, mid, name),
                       "created_ts": ts, "last_access_ts": ts, "quarantined_by": qb, "safe_from_quarantine": bool(p)}
-                     for mid, ctype, size, name, ts, qb, p in txn.fetchall()]
+                     for origin, mid, ctype, size, name, ts, qb, p in txn.fetchall()]
+            if by_name:
+                media.sort(key=lambda m: m["media_id"])
+                named = sorted((m for m in media if m["upload_name"] is not None),
+                               key=lambda m: m["upload_name"], reverse=backwards)
+                unnamed = [m for m in media if m["upload_name"] is None]
+                media = (named + unnamed) if backwards else (unnamed + named)
+                media = media[offset:offset + limit]
             return media, int(row[0]) if row else 0
 
         return await self.db.run_interaction("admin_user_media", txn_fn)
@@ -244,7 +262,9 @@ class AdminMediaServlets:
         if await self.hs.accounts.get_user(user_id) is None:
             raise not_found("User not found")
         offset, limit, order, backwards = self._page(request)
-        media, total = await self.store.user_media(user_id, offset, limit, order, backwards)
+        repo = self.hs.media_repository
+        media, total = await self.store.user_media(user_id, offset, limit, order, backwards,
+                                                   open_name=repo.store.open_name if repo is not None else None)
         body: dict[str, Any] = {"media": media, "total": total}
         if media and offset + len(media) < total:
             body["next_token"] = offset + len(media)

@@ -59,13 +59,12 @@ class RetentionJob:
     async def _policies(self) -> dict[str, int]:
         """room_id -> max_lifetime in ms, for every room that has one."""
         rows = await self.hs.db.execute(
-            "retention_policies", "SELECT c.room_id, e.json FROM current_state_events c JOIN events e"
+            "retention_policies", "SELECT c.room_id, e.event_id, e.json, e.sealed FROM current_state_events c"
+            " JOIN events e"
             " ON e.event_id = c.event_id WHERE c.type = 'm.room.retention' AND c.state_key = ''")
-        import json
-
         out: dict[str, int] = {}
-        for room_id, raw in rows:
-            lifetime = (json.loads(raw).get("content") or {}).get("max_lifetime")
+        for room_id, eid, raw, sealed in rows:
+            lifetime = (self.hs.events.open_pdu(eid, raw, sealed).get("content") or {}).get("max_lifetime")
             if isinstance(lifetime, int) and not isinstance(lifetime, bool) and lifetime > 0:
                 out[room_id] = max(lifetime, self.config.min_allowed_lifetime_ms)
         default = self.config.default_max_lifetime_ms

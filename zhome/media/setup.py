@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 async def setup_media(hs: "HomeServer") -> None:
     cfg = hs.config
-    store = MediaStore(hs.db, local_origin=hs.server_name)
+    store = MediaStore(hs.db, local_origin=hs.server_name, sealer=hs.sealer)
     keys = await load_keys(cfg.media, store, cfg.data_dir)
     backend = FileSystemBackend(cfg.media.store_path)
     hs.media_repository = MediaRepository(hs.server_name, cfg.media, store, backend, keys,

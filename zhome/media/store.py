@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from zhome.storage.at_rest import Sealer, open_text, seal_text
 from zhome.storage.database import Database, Txn
 
 _MEDIA_COLUMNS = ("origin, media_id, user_id, content_type, sniffed_type, upload_name, size, created_ts, "
@@ -56,10 +57,6 @@ class ThumbnailInfo:
     created_ts: int
 
 
-def _media(row: tuple[Any, ...]) -> MediaInfo:
-    return MediaInfo(*row)
-
-
 def _thumb(row: tuple[Any, ...]) -> ThumbnailInfo:
     r = list(row)
     r[5] = bool(r[5])
@@ -86,12 +83,26 @@ def _delete_thumbnails(t: Txn, origin: str, media_id: str) -> list[str]:
 
 
 class MediaStore:
-    def __init__(self, db: Database, local_origin: Optional[str] = None) -> None:
+    def __init__(self, db: Database, local_origin: Optional[str] = None, sealer: Optional[Sealer] = None) -> None:
         self.db = db
+        #: Encryption at rest of file names, under the uploader's key (a
+        #: remote file's: its server's).
+        self.sealer = sealer
         # This server's name: rows of any other origin are a cache of remote
         # media and are tracked for expiry (see cleanup.py). None: not known,
         # nothing is tracked on insert.
         self.local_origin = local_origin
+
+    def seal_name(self, origin: str, media_id: str, user_id: Optional[str], name: Optional[str]) -> Optional[str]:
+        return seal_text(self.sealer, user_id or f"server:{origin}", name, f"media.upload_name\x00{origin}\x00{media_id}")
+
+    def open_name(self, origin: str, media_id: str, name: Optional[str]) -> Optional[str]:
+        return open_text(self.sealer, name, f"media.upload_name\x00{origin}\x00{media_id}")
+
+    def _media(self, row: tuple[Any, ...]) -> MediaInfo:
+        r = list(row)
+        r[5] = self.open_name(r[0], r[1], r[5])
+        return MediaInfo(*r)
 
     def _is_remote(self, origin: str) -> bool:
         return self.local_origin is not None and origin != self.local_origin
@@ -112,14 +123,14 @@ class MediaStore:
     async def get_media(self, origin: str, media_id: str) -> Optional[MediaInfo]:
         rows = await self.db.execute(
             "media_get", f"SELECT {_MEDIA_COLUMNS} FROM media WHERE origin = ? AND media_id = ?", origin, media_id)
-        return _media(rows[0]) if rows else None
+        return self._media(rows[0]) if rows else None
 
     async def insert_media(self, info: MediaInfo) -> None:
         def txn(t: Txn) -> None:
             t.execute(
                 f"INSERT INTO media ({_MEDIA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (info.origin, info.media_id, info.user_id, info.content_type, info.sniffed_type,
-                 info.upload_name, info.size, info.created_ts, info.uploaded_ts, info.unused_expires_at,
+                 self.seal_name(info.origin, info.media_id, info.user_id, info.upload_name), info.size, info.created_ts, info.uploaded_ts, info.unused_expires_at,
                  info.storage_name, info.key_id, info.wrapped_key))
             if self._is_remote(info.origin):
                 _note_remote_use(t, info.origin, info.media_id, info.created_ts)
@@ -131,8 +142,8 @@ class MediaStore:
             t.execute("DELETE FROM media WHERE origin = ? AND media_id = ?", (info.origin, info.media_id))
             t.execute(
                 f"INSERT INTO media ({_MEDIA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (info.origin, info.media_id, info.user_id, info.content_type, info.sniffed_type, info.upload_name,
-                 info.size, info.created_ts, info.uploaded_ts, info.unused_expires_at, info.storage_name,
+                (info.origin, info.media_id, info.user_id, info.content_type, info.sniffed_type,
+                 self.seal_name(info.origin, info.media_id, info.user_id, info.upload_name), info.size, info.created_ts, info.uploaded_ts, info.unused_expires_at, info.storage_name,
                  info.key_id, info.wrapped_key))
             # Remote by contract, whether or not local_origin is known.
             _note_remote_use(t, info.origin, info.media_id, info.created_ts)
@@ -145,11 +156,14 @@ class MediaStore:
         """Fill in a pending (created) upload; False when it was already filled."""
 
         def txn(t: Txn) -> bool:
+            t.execute("SELECT user_id FROM media WHERE origin = ? AND media_id = ?", (origin, media_id))
+            row = t.fetchone()
+            sealed_name = self.seal_name(origin, media_id, row[0] if row else None, upload_name)
             t.execute(
                 "UPDATE media SET content_type = ?, sniffed_type = ?, upload_name = ?, size = ?, uploaded_ts = ?, "
                 "storage_name = ?, key_id = ?, wrapped_key = ?, unused_expires_at = NULL "
                 "WHERE origin = ? AND media_id = ? AND uploaded_ts IS NULL",
-                (content_type, sniffed_type, upload_name, size, uploaded_ts, storage_name, key_id, wrapped_key,
+                (content_type, sniffed_type, sealed_name, size, uploaded_ts, storage_name, key_id, wrapped_key,
                  origin, media_id))
             return t.rowcount == 1
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from zhome.storage.at_rest import Sealer, open_text, seal_text
 from zhome.storage.database import Database, IntegrityError, Txn
 from zhome.storage.ids import IdGenerator
 
@@ -37,8 +38,13 @@ class TokenInfo:
 
 
 class AccountsStore:
-    def __init__(self, db: Database, token_ids: IdGenerator, refresh_ids: IdGenerator) -> None:
+    def __init__(self, db: Database, token_ids: IdGenerator, refresh_ids: IdGenerator,
+                 sealer: Optional[Sealer] = None) -> None:
         self.db = db
+        #: Encryption at rest of profiles, device names and last-seen addresses.
+        self.sealer = sealer
+        self._names: Optional[dict[str, Optional[str]]] = None
+        self._name_writes = 0
         self.token_ids = token_ids
         self.refresh_ids = refresh_ids
         # Token lookups happen on every request. Entries are dropped whenever
@@ -76,12 +82,15 @@ class AccountsStore:
                 "INSERT INTO users (user_id, password_hash, is_admin, created_ts, is_guest) VALUES (?,?,?,?,?)",
                 (user_id, password_hash, int(admin), int(time.time() * 1000), int(guest)),
             )
-            txn.execute("INSERT INTO profiles (user_id, displayname) VALUES (?, ?)", (user_id, displayname))
+            txn.execute("INSERT INTO profiles (user_id, displayname) VALUES (?, ?)",
+                        (user_id, self.seal_profile(user_id, "displayname", displayname)))
 
+        self._name_writes += 1
         try:
             await self.db.run_interaction("create_user", txn_fn)
         except IntegrityError:
             return False
+        self._note_name(user_id, displayname)
         return True
 
     async def get_user(self, user_id: str) -> Optional[dict[str, Any]]:
@@ -157,7 +166,9 @@ class AccountsStore:
             txn.execute("UPDATE profiles SET displayname = NULL, avatar_url = NULL WHERE user_id = ?", (user_id,))
 
         self._forget_tokens()
+        self._name_writes += 1
         await self.db.run_interaction("deactivate", txn_fn)
+        self._note_name(user_id, None)
         self._forget_tokens()
         self._devices_deleted(user_id)
 
@@ -174,14 +185,47 @@ class AccountsStore:
         )
         if not rows:
             return None
-        return {"displayname": rows[0][0], "avatar_url": rows[0][1]}
+        return {"displayname": self.open_profile(user_id, "displayname", rows[0][0]),
+                "avatar_url": self.open_profile(user_id, "avatar_url", rows[0][1])}
 
     async def set_profile_field(self, user_id: str, field: str, value: Optional[str]) -> None:
         assert field in ("displayname", "avatar_url")
+        stored = self.seal_profile(user_id, field, value)
+        if field == "displayname":
+            self._name_writes += 1
         await self.db.run_interaction(
             "set_profile",
-            lambda txn: txn.execute(f"UPDATE profiles SET {field} = ? WHERE user_id = ?", (value, user_id)),
+            lambda txn: txn.execute(f"UPDATE profiles SET {field} = ? WHERE user_id = ?", (stored, user_id)),
         )
+        if field == "displayname":
+            self._note_name(user_id, value)
+
+    # -- encryption at rest: profiles, under the user's key ---------------------------------
+    def seal_profile(self, user_id: str, field: str, value: Optional[str]) -> Optional[str]:
+        return seal_text(self.sealer, user_id, value, f"profiles.{field}\x00{user_id}")
+
+    def open_profile(self, user_id: str, field: str, value: Optional[str]) -> Optional[str]:
+        return open_text(self.sealer, value, f"profiles.{field}\x00{user_id}")
+
+    async def display_names(self) -> dict[str, Optional[str]]:
+        """Every local user's display name. Sealed in the database, so what
+        searches and orderings by name need is this in-memory copy: a cache
+        of the profiles table, loaded on first use and kept by this store's
+        own writes (zhome is one process; the table stays the truth)."""
+        if self._names is not None:
+            return self._names
+        for _ in range(3):
+            writes = self._name_writes
+            rows = await self.db.execute("load_display_names", "SELECT user_id, displayname FROM profiles")
+            names = {u: self.open_profile(u, "displayname", n) for u, n in rows}
+            if writes == self._name_writes:
+                self._names = names
+                return names
+        return names  # names kept changing while read: used once, not kept
+
+    def _note_name(self, user_id: str, value: Optional[str]) -> None:
+        if self._names is not None:
+            self._names[user_id] = value
 
     # -- devices and tokens ---------------------------------------------------
     async def create_device_and_token(
@@ -207,7 +251,8 @@ class AccountsStore:
                 txn.execute(
                     "INSERT INTO devices (user_id, device_id, display_name, last_seen_ts, last_seen_ip)"
                     " VALUES (?,?,?,?,?)",
-                    (user_id, device_id, display_name, now, ip),
+                    (user_id, device_id, self._seal_name(user_id, device_id, display_name), now,
+                     self._seal_ip(user_id, device_id, ip)),
                 )
                 self._devices_changed_txn(txn, user_id, [device_id], False)
             else:
@@ -228,7 +273,8 @@ class AccountsStore:
             if txn.fetchone() is not None:
                 return False
             txn.execute("INSERT INTO devices (user_id, device_id, display_name, last_seen_ts, last_seen_ip)"
-                        " VALUES (?,?,?,?,?)", (user_id, device_id, display_name, int(time.time() * 1000), None))
+                        " VALUES (?,?,?,?,?)", (user_id, device_id, self._seal_name(user_id, device_id, display_name),
+                                                int(time.time() * 1000), None))
             self._devices_changed_txn(txn, user_id, [device_id], False)
             return True
 
@@ -352,6 +398,19 @@ class AccountsStore:
         self._forget_tokens()
         self._devices_deleted(user_id)
 
+    # -- encryption at rest: a device's name and last address, under the user's key
+    def _seal_name(self, user_id: str, device_id: str, name: Optional[str]) -> Optional[str]:
+        return seal_text(self.sealer, user_id, name, f"devices.display_name\x00{user_id}\x00{device_id}")
+
+    def open_name(self, user_id: str, device_id: str, name: Optional[str]) -> Optional[str]:
+        return open_text(self.sealer, name, f"devices.display_name\x00{user_id}\x00{device_id}")
+
+    def _seal_ip(self, user_id: str, device_id: str, ip: Optional[str]) -> Optional[str]:
+        return seal_text(self.sealer, user_id, ip, f"devices.last_seen_ip\x00{user_id}\x00{device_id}")
+
+    def open_ip(self, user_id: str, device_id: str, ip: Optional[str]) -> Optional[str]:
+        return open_text(self.sealer, ip, f"devices.last_seen_ip\x00{user_id}\x00{device_id}")
+
     def _devices_deleted(self, user_id: str) -> None:
         for after in self.after_device_deletion:
             try:
@@ -366,7 +425,7 @@ class AccountsStore:
             user_ids)
         out: dict[str, dict[str, Optional[str]]] = {}
         for u, d, name in rows:
-            out.setdefault(u, {})[d] = name
+            out.setdefault(u, {})[d] = self.open_name(u, d, name)
         return out
 
     async def get_devices(self, user_id: str) -> list[dict[str, Any]]:
@@ -378,6 +437,8 @@ class AccountsStore:
         )
         out = []
         for d, name, ts, ip in rows:
+            name = self.open_name(user_id, d, name)
+            ip = self.open_ip(user_id, d, ip)
             dev: dict[str, Any] = {"device_id": d}
             if name is not None:
                 dev["display_name"] = name
@@ -391,7 +452,7 @@ class AccountsStore:
     async def set_device_name(self, user_id: str, device_id: str, name: Optional[str]) -> bool:
         def txn_fn(txn: Txn) -> bool:
             txn.execute("UPDATE devices SET display_name = ? WHERE user_id = ? AND device_id = ?",
-                        (name, user_id, device_id))
+                        (self._seal_name(user_id, device_id, name), user_id, device_id))
             if txn.rowcount == 0:
                 return False
             self._devices_changed_txn(txn, user_id, [device_id], False)

@@ -63,6 +63,19 @@ def _user_row(row: tuple[Any, ...]) -> dict[str, Any]:
             "suspended": bool(suspended)}
 
 
+_USER_SORT_KEYS = {"name": "name", "is_guest": "is_guest", "admin": "admin", "user_type": "user_type",
+                   "deactivated": "deactivated", "shadow_banned": "shadow_banned", "displayname": "displayname",
+                   "avatar_url": "avatar_url", "creation_ts": "creation_ts", "last_seen_ts": "last_seen_ts",
+                   "locked": "locked", "suspended": "suspended"}
+
+
+def _sort_value(user: dict[str, Any], order_by: str) -> Any:
+    v = user.get(_USER_SORT_KEYS.get(order_by, "name"))
+    if isinstance(v, bool):
+        return int(v)
+    return v
+
+
 def _report_row(row: tuple[Any, ...]) -> dict[str, Any]:
     rid, kind, ts, reporter, room_id, event_id, target, reason, score = row
     return {"id": rid, "kind": kind, "received_ts": ts, "user_id": reporter, "room_id": room_id,
@@ -79,8 +92,11 @@ def _token_row(row: tuple[Any, ...]) -> dict[str, Any]:
 
 
 class AdminStore:
-    def __init__(self, db: Database, accounts: AccountsStore, report_ids: IdGenerator, server_name: str) -> None:
+    def __init__(self, db: Database, accounts: AccountsStore, report_ids: IdGenerator, server_name: str,
+                 open_pdu: Any = None) -> None:
         self.db = db
+        #: (event_id, json, sealed) -> the event dict (encryption at rest).
+        self.open_pdu = open_pdu or (lambda _eid, js, _sealed: json.loads(js))
         self.accounts = accounts
         self.report_ids = report_ids
         self.server_name = server_name
@@ -186,10 +202,11 @@ class AdminStore:
         """One page of local accounts and the number matching the filters."""
         where: list[str] = []
         args: list[Any] = []
+        by_name = bool(q.name) or q.order_by == "displayname"
         if q.name:
-            pat = "%" + escape_like(q.name.lower()) + "%"
-            where.append("(LOWER(u.user_id) LIKE ? ESCAPE '\\' OR LOWER(COALESCE(p.displayname, '')) LIKE ? ESCAPE '\\')")
-            args += [pat, pat]
+            # Display names are sealed at rest: matched against the opened
+            # copies below, with the ID match, after the SQL filters.
+            pass
         elif q.user_id:
             where.append("LOWER(u.user_id) LIKE ? ESCAPE '\\'")
             args.append("%" + escape_like(q.user_id.lower()) + "%")
@@ -210,6 +227,22 @@ class AdminStore:
                 where.append("(u.user_type IS NULL OR u.user_type <> ?)")
                 args.append(t)
         cond = (" WHERE " + " AND ".join(where)) if where else ""
+        if by_name:
+            # Filter and order in memory: every account matching the SQL
+            # filters is read (bounded by the number of local accounts).
+            rows = await self.db.execute("admin_list_users_all", _USER_COLUMNS + cond, *args)
+            users = [self._user_row(r) for r in rows]
+            if q.name:
+                needle = q.name.lower()
+                users = [u for u in users if needle in u["name"].lower()
+                         or needle in (u["displayname"] or "").lower()]
+            key = "displayname" if q.order_by == "displayname" else q.order_by
+            users.sort(key=lambda u: u["name"])
+            present = [u for u in users if _sort_value(u, key) is not None]
+            absent = [u for u in users if _sort_value(u, key) is None]
+            present.sort(key=lambda u: _sort_value(u, key), reverse=q.backwards)
+            ordered = (present + absent) if q.backwards else (absent + present)
+            return ordered[q.offset:q.offset + q.limit], len(users)
         col = USER_ORDER_COLUMNS[q.order_by]
         direction = "DESC" if q.backwards else "ASC"
         # NULLs sort as the smallest value on both engines.
@@ -222,13 +255,19 @@ class AdminStore:
             row = txn.fetchone()
             total = int(row[0]) if row else 0
             txn.execute(_USER_COLUMNS + cond + order + " LIMIT ? OFFSET ?", tuple(args) + (q.limit, q.offset))
-            return [_user_row(r) for r in txn.fetchall()], total
+            return [self._user_row(r) for r in txn.fetchall()], total
 
         return await self.db.run_interaction("admin_list_users", txn_fn)
 
+    def _user_row(self, row: tuple[Any, ...]) -> dict[str, Any]:
+        out = _user_row(row)
+        out["displayname"] = self.accounts.open_profile(out["name"], "displayname", out["displayname"])
+        out["avatar_url"] = self.accounts.open_profile(out["name"], "avatar_url", out["avatar_url"])
+        return out
+
     async def get_user(self, user_id: str) -> Optional[dict[str, Any]]:
         rows = await self.db.execute("admin_get_user", _USER_COLUMNS + " WHERE u.user_id = ?", user_id)
-        return _user_row(rows[0]) if rows else None
+        return self._user_row(rows[0]) if rows else None
 
     async def set_flags(self, user_id: str, **flags: Any) -> None:
         """Set ``admin``, ``locked``, ``suspended`` (bools) and ``user_type``
@@ -251,7 +290,7 @@ class AdminStore:
         rows = await self.db.execute(
             "admin_sessions", "SELECT device_id, last_seen_ts, last_seen_ip FROM devices WHERE user_id = ?"
             " ORDER BY device_id", user_id)
-        return [{"device_id": d, "last_seen": ts, "ip": ip} for d, ts, ip in rows]
+        return [{"device_id": d, "last_seen": ts, "ip": self.accounts.open_ip(user_id, d, ip)} for d, ts, ip in rows]
 
     # -- rooms -------------------------------------------------------------------------
     async def room_summaries(self, room_ids: Optional[list[str]] = None) -> dict[str, dict[str, Any]]:
@@ -276,15 +315,16 @@ class AdminStore:
                                 "state_events": 0, "room_type": None, "avatar": None, "topic": None,
                                 "blocked": blocked is not None}
                 c_cond = "" if chunk is None else f" AND c.room_id IN ({qs})"
-                txn.execute("SELECT c.room_id, c.type, e.json FROM current_state_events c JOIN events e"
+                txn.execute("SELECT c.room_id, c.type, e.event_id, e.json, e.sealed FROM current_state_events c"
+                            " JOIN events e"
                             " ON e.event_id = c.event_id WHERE c.state_key = '' AND c.type IN"
                             " ('m.room.create', 'm.room.name', 'm.room.canonical_alias', 'm.room.join_rules',"
                             " 'm.room.guest_access', 'm.room.history_visibility', 'm.room.encryption',"
                             " 'm.room.topic', 'm.room.avatar')" + c_cond, args)
-                for rid, etype, raw in txn.fetchall():
+                for rid, etype, eid, raw, sealed in txn.fetchall():
                     if rid not in out:
                         continue
-                    content = json.loads(raw).get("content") or {}
+                    content = self.open_pdu(eid, raw, sealed).get("content") or {}
                     _apply_state(out[rid], etype, content)
                 txn.execute("SELECT c.room_id, COUNT(*), SUM(CASE WHEN c.state_key LIKE ? ESCAPE '\\' THEN 1"
                             " ELSE 0 END) FROM current_state_events c WHERE c.type = 'm.room.member'"

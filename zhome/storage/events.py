@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 from zhome.rooms.events import Event, StateMap
-from zhome.rooms.versions import get_room_version
+from zhome.rooms.redaction import prune_event_dict
+from zhome.rooms.versions import RoomVersion, get_room_version
+from zhome.storage.at_rest import Sealer, event_period
 from zhome.storage.database import Database, Txn, in_chunks
 from zhome.storage.ids import IdGenerator
 from zhome.storage.lru import LruCache
@@ -73,8 +75,11 @@ def _replaced_extremities(item: PersistItem) -> list[str]:
 
 class EventsStore:
     def __init__(self, db: Database, stream_ids: IdGenerator, state_group_ids: IdGenerator,
-                 backfill_ids: Optional[IdGenerator] = None) -> None:
+                 backfill_ids: Optional[IdGenerator] = None, sealer: Optional[Sealer] = None) -> None:
         self.db = db
+        #: Encryption at rest of event content; None stores plain JSON
+        #: (tools and tests that open a database without the key store).
+        self.sealer = sealer
         self.stream_ids = stream_ids
         self.backfill_ids = backfill_ids or IdGenerator(0, step=-1)
         self.state_group_ids = state_group_ids
@@ -154,6 +159,7 @@ class EventsStore:
         redacts = ev.redacts
         if redacts and item.apply_redaction:
             txn.execute("INSERT INTO redactions (event_id, redacts) VALUES (?, ?)", (ev.event_id, redacts))
+            self._purge_redacted_txn(txn, redacts, ev.room_id)
             self._event_cache.pop(redacts)
         if item.txn_id and item.device_id:
             txn.execute(
@@ -175,10 +181,11 @@ class EventsStore:
 
     def _insert_event_txn(self, txn: Txn, item: PersistItem, so: int, group: Optional[int]) -> None:
         ev = item.event
+        stored, sealed, data_key = self.seal_pdu(ev.event_id, ev.room_version, ev.pdu)
         txn.execute(
             "INSERT INTO events (stream_ordering, event_id, room_id, type, state_key, sender, depth,"
             " origin_server_ts, received_ts, json, rejected_reason, outlier, state_group, soft_failed,"
-            " prev_state_group) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " prev_state_group, sealed, data_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 so,
                 ev.event_id,
@@ -189,14 +196,98 @@ class EventsStore:
                 ev.depth,
                 ev.origin_server_ts,
                 int(time.time() * 1000),
-                json.dumps(ev.pdu, separators=(",", ":"), ensure_ascii=False),
+                stored,
                 ev.rejected_reason,
                 int(item.outlier),
                 group,
                 int(item.soft_failed),
                 None if item.outlier else item.state_group_before,
+                sealed,
+                data_key,
             ),
         )
+
+    # -- encryption at rest -------------------------------------------------
+    def seal_pdu(self, event_id: str, room_version: RoomVersion,
+                 pdu: dict[str, Any]) -> tuple[str, Optional[str], Optional[int]]:
+        """(json column, sealed column, data_key column) for storing ``pdu``.
+
+        The json column gets the event's redacted form; everything the
+        redaction algorithm removes is sealed under the data key of the
+        event's sender, room and month (see ``zhome/storage/at_rest.py``).
+        """
+        if self.sealer is None or not self.sealer.enabled:
+            return _dumps(pdu), None, None
+        pruned = prune_event_dict(room_version, pdu)
+        rest = {k: v for k, v in pdu.items() if k not in pruned}
+        if pruned.get("content") != pdu.get("content"):
+            rest["content"] = pdu["content"]
+        if not rest:
+            return _dumps(pruned), None, 0
+        key_id, sealed = self.sealer.seal(
+            str(pdu.get("sender", "")), str(pdu.get("room_id", "")), event_period(pdu.get("origin_server_ts")),
+            _dumps(rest).encode("utf-8"), event_id.encode("utf-8"))
+        return _dumps(pruned), sealed, key_id
+
+    def _purge_redacted_txn(self, txn: Txn, event_id: str, room_id: str) -> None:
+        """A redacted event keeps only its redacted form in the database:
+        the spec says servers should remove the content of redacted events,
+        and nothing here needs it any more (clients, other servers and
+        exports all get the redacted form)."""
+        txn.execute("SELECT e.json, e.sealed, r.room_version FROM events e JOIN rooms r ON r.room_id = e.room_id"
+                    " WHERE e.event_id = ? AND e.room_id = ?", (event_id, room_id))
+        row = txn.fetchone()
+        if row is None:
+            return
+        stored, sealed, version = row
+        if sealed is not None:
+            txn.execute("UPDATE events SET sealed = NULL, data_key = 0 WHERE event_id = ?", (event_id,))
+            return
+        pdu = json.loads(stored)
+        pruned = prune_event_dict(get_room_version(version), pdu)
+        if pruned != pdu:
+            txn.execute("UPDATE events SET json = ? WHERE event_id = ?", (_dumps(pruned), event_id))
+
+    def seal_backlog_txn(self, txn: Txn, limit: int) -> int:
+        """Seal up to ``limit`` events stored before encryption at rest (or
+        while it was off), in stream order; returns how many rows were
+        looked at (0: none left). The update only lands on a row still as
+        it was read, so a purge meanwhile is never undone."""
+        txn.execute("SELECT position FROM at_rest_progress WHERE name = 'events'")
+        row = txn.fetchone()
+        if row is not None:
+            pos = int(row[0])
+        else:
+            txn.execute("SELECT MIN(stream_ordering) FROM events")
+            low = txn.fetchone()
+            pos = int(low[0]) - 1 if low and low[0] is not None else 0
+            txn.execute("INSERT INTO at_rest_progress (name, position) VALUES ('events', ?)", (pos,))
+        txn.execute(
+            "SELECT e.stream_ordering, e.event_id, r.room_version, e.json FROM events e"
+            " JOIN rooms r ON r.room_id = e.room_id WHERE e.stream_ordering > ? AND e.data_key IS NULL"
+            " AND e.sealed IS NULL ORDER BY e.stream_ordering LIMIT ?", (pos, limit))
+        rows = txn.fetchall()
+        for so, event_id, version, js in rows:
+            stored, sealed, data_key = self.seal_pdu(event_id, get_room_version(version), json.loads(js))
+            txn.execute("UPDATE events SET json = ?, sealed = ?, data_key = ? WHERE event_id = ?"
+                        " AND data_key IS NULL AND sealed IS NULL AND json = ?",
+                        (stored, sealed, data_key, event_id, js))
+            pos = max(pos, int(so))
+        txn.execute("UPDATE at_rest_progress SET position = ? WHERE name = 'events'", (pos,))
+        return len(rows)
+
+    def open_pdu(self, event_id: str, stored: str, sealed: Optional[str]) -> dict[str, Any]:
+        """The event as it was persisted, from its json and sealed columns.
+        When the data key was destroyed (erasure, retention) the redacted
+        form is all there is, and that is what comes back."""
+        pdu = json.loads(stored)
+        if sealed is not None:
+            if self.sealer is None:
+                raise RuntimeError("an event is sealed but no key store is open")
+            plain = self.sealer.open(sealed, event_id.encode("utf-8"))
+            if plain is not None:
+                pdu.update(json.loads(plain))
+        return pdu
 
     def _replace_current_state_txn(self, txn: Txn, room_id: str,
                                    state: StateMap) -> dict[tuple[str, str], Optional[str]]:
@@ -391,8 +482,8 @@ class EventsStore:
     # -- reading: events ----------------------------------------------------
     def _row_to_event(self, row: tuple) -> Event:
         (event_id, room_version, js, rejected, so, state_group, outlier, soft_failed, prev_group, redacted_by,
-         txn_device, txn_id) = row
-        ev = Event(json.loads(js), event_id, get_room_version(room_version), rejected)
+         txn_device, txn_id, sealed) = row
+        ev = Event(self.open_pdu(event_id, js, sealed), event_id, get_room_version(room_version), rejected)
         ev.internal["txn"] = (txn_device, txn_id) if txn_id is not None else None
         ev.internal["stream_ordering"] = so
         ev.internal["state_group"] = state_group
@@ -409,7 +500,7 @@ class EventsStore:
         "SELECT e.event_id, r.room_version, e.json, e.rejected_reason, e.stream_ordering, e.state_group,"
         " e.outlier, e.soft_failed, e.prev_state_group,"
         " (SELECT MIN(rd.event_id) FROM redactions rd WHERE rd.redacts = e.event_id),"
-        " t.device_id, t.txn_id"
+        " t.device_id, t.txn_id, e.sealed"
         " FROM events e JOIN rooms r ON r.room_id = e.room_id"
         " LEFT JOIN event_txn_ids t ON t.event_id = e.event_id"
     )
@@ -716,3 +807,7 @@ class EventsStore:
                 )
 
         await self.db.run_interaction("set_unread_counts", txn_fn)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
+
+from twisted.internet import threads
 
 from zhome.rooms.redaction import prune_event_dict
 from zhome.rooms.versions import get_room_version
+from zhome.storage.at_rest import event_period
 from zhome.storage.database import Database, Txn, in_chunks
 from zhome.storage.events import EventsStore
 from zhome.storage.ids import IdGenerator
@@ -96,28 +99,70 @@ class PrivacyStore:
         database, what the graph and the auth rules need stays, and the
         hashes and signatures still verify as those of a redacted event.
         Returns how many rows changed."""
+        touched_keys: set[int] = set()
+
         def txn_fn(txn: Txn) -> int:
             changed = 0
             for chunk, qs in in_chunks(event_ids):
-                txn.execute("SELECT e.event_id, r.room_version, e.json FROM events e JOIN rooms r"
-                            f" ON r.room_id = e.room_id WHERE e.event_id IN ({qs})", tuple(chunk))
-                for eid, version, raw in txn.fetchall():
+                txn.execute("SELECT e.event_id, r.room_version, e.json, e.sealed, e.data_key FROM events e"
+                            f" JOIN rooms r ON r.room_id = e.room_id WHERE e.event_id IN ({qs})", tuple(chunk))
+                for eid, version, raw, sealed, data_key in txn.fetchall():
                     pdu = json.loads(raw)
                     pruned = prune_event_dict(get_room_version(version), pdu)
-                    if pruned != pdu:
-                        txn.execute("UPDATE events SET json = ? WHERE event_id = ?",
+                    if pruned != pdu or sealed is not None:
+                        # With encryption at rest the json column already is
+                        # the redacted form and the sealed rest goes; its
+                        # data key is destroyed below once nothing else uses it.
+                        txn.execute("UPDATE events SET json = ?, sealed = NULL, data_key = 0"
+                                    " WHERE event_id = ?",
                                     (json.dumps(pruned, separators=(",", ":"), ensure_ascii=False), eid))
                         changed += 1
+                    if data_key:
+                        touched_keys.add(int(data_key))
                 # Notifications and transaction IDs of these events go too.
                 txn.execute(f"DELETE FROM user_notifications WHERE event_id IN ({qs})", tuple(chunk))
                 txn.execute(f"DELETE FROM event_txn_ids WHERE event_id IN ({qs})", tuple(chunk))
             return changed
 
         try:
-            return await self.db.run_interaction("purge_content", txn_fn)
+            changed = await self.db.run_interaction("purge_content", txn_fn)
         finally:
             for eid in event_ids:
                 self.events.invalidate_event(eid)
+        await self.shred_unused_keys(touched_keys)
+        return changed
+
+    async def shred_unused_keys(self, candidates: Iterable[int], *, include_current_period: bool = False) -> int:
+        """Destroy those of ``candidates`` (data key IDs) that no stored
+        event still needs: every copy of what they sealed, backups
+        included, becomes unreadable (crypto-shredding). The keys of the
+        current month are spared unless asked: a sender may be sealing a new
+        event with one at this moment."""
+        sealer = self.events.sealer
+        ids = sorted(set(candidates))
+        if sealer is None or not ids:
+            return 0
+        still: set[int] = set()
+        for chunk, qs in in_chunks(ids):
+            rows = await self.db.execute(
+                "keys_in_use", f"SELECT DISTINCT data_key FROM events WHERE data_key IN ({qs})", *chunk)
+            still.update(int(r[0]) for r in rows)
+        unused = [i for i in ids if i not in still]
+        if not include_current_period and unused:
+            current = event_period(int(time.time() * 1000))
+            unused = [i for i in unused if sealer.period_of(i) not in (current, None)]
+        return await threads.deferToThread(sealer.destroy, unused) if unused else 0
+
+    async def shred_user_keys(self, user_id: str) -> int:
+        """After an erasure: destroy every data key of ``user_id`` that no
+        kept event needs (held or under a floor), and the key of their
+        own information (profile, account data, device names)."""
+        sealer = self.events.sealer
+        if sealer is None:
+            return 0
+        ids = await threads.deferToThread(sealer.key_ids, owner=user_id)
+        n = await self.shred_unused_keys([i for i in ids], include_current_period=True)
+        return n
 
     async def media_of(self, user_id: str) -> list[tuple[str, str]]:
         """(origin, media_id) of every file ``user_id`` uploaded."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
+from zhome.storage.at_rest import Sealer, open_text, seal_text
 from zhome.storage.database import Database, Txn
 from zhome.storage.ids import IdGenerator
 from zhome.storage.lru import LruCache
@@ -19,8 +20,10 @@ IGNORED_USER_LIST = "m.ignored_user_list"
 
 class UserDataStore:
     def __init__(self, db: Database, account_data_ids: IdGenerator, receipt_ids: IdGenerator,
-                 filter_ids: dict[str, int] | None = None) -> None:
+                 filter_ids: dict[str, int] | None = None, sealer: Optional[Sealer] = None) -> None:
         self.db = db
+        #: Encryption at rest of account data content, under the user's key.
+        self.sealer = sealer
         self.account_data_ids = account_data_ids
         self.receipt_ids = receipt_ids
         self._ignored: LruCache[str, frozenset[str]] = LruCache(10000)
@@ -37,7 +40,7 @@ class UserDataStore:
             )
             txn.execute(
                 "INSERT INTO account_data (user_id, room_id, type, content, stream_id) VALUES (?,?,?,?,?)",
-                (user_id, room_id, data_type, json.dumps(content), sid),
+                (user_id, room_id, data_type, self.seal_content(user_id, room_id, data_type, json.dumps(content)), sid),
             )
             return sid
 
@@ -86,7 +89,16 @@ class UserDataStore:
             room_id,
             data_type,
         )
-        return json.loads(rows[0][0]) if rows else None
+        return json.loads(self.open_content(user_id, room_id, data_type, rows[0][0])) if rows else None
+
+    def seal_content(self, user_id: str, room_id: str, data_type: str, content: str) -> str:
+        sealed = seal_text(self.sealer, user_id, content, f"account_data\x00{user_id}\x00{room_id}\x00{data_type}")
+        assert sealed is not None
+        return sealed
+
+    def open_content(self, user_id: str, room_id: str, data_type: str, stored: str) -> str:
+        """The JSON text of stored account data ("null" when its key was destroyed)."""
+        return open_text(self.sealer, stored, f"account_data\x00{user_id}\x00{room_id}\x00{data_type}") or "null"
 
     async def get_account_data_since(self, user_id: str, since: int) -> list[tuple[str, str, dict[str, Any]]]:
         """(room_id or '', type, content) changed after ``since``."""
@@ -96,7 +108,7 @@ class UserDataStore:
             user_id,
             since,
         )
-        return [(r, t, json.loads(c)) for r, t, c in rows]
+        return [(r, t, json.loads(self.open_content(user_id, r, t, c))) for r, t, c in rows]
 
     # -- receipts ---------------------------------------------------------------
     async def set_receipt(

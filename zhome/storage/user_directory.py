@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
+from zhome.storage.at_rest import Sealer, open_text, seal_text
 from zhome.storage.database import Database, Txn, escape_like, in_chunks
 from zhome.storage.events import PersistItem
 
@@ -31,8 +32,17 @@ def is_public_for_directory(join_rules: Optional[dict[str, Any]], history: Optio
 
 
 class UserDirectoryStore:
-    def __init__(self, db: Database, server_name: str, search_all_users: bool) -> None:
+    def __init__(self, db: Database, server_name: str, search_all_users: bool,
+                 open_pdu: Any = None, accounts: Any = None, sealer: Optional[Sealer] = None) -> None:
         self.db = db
+        #: Local display names (sealed in the database) come from the accounts store.
+        self.accounts = accounts
+        self.sealer = sealer
+        # Remote users' display names, opened: a cache of
+        # user_directory_remote_profiles for name searches (see search()).
+        self._remote_names: Optional[dict[str, Optional[str]]] = None
+        #: (event_id, json, sealed) -> the event dict (encryption at rest).
+        self.open_pdu = open_pdu or (lambda _eid, js, _sealed: json.loads(js))
         self.server_name = server_name
         self.search_all_users = search_all_users
 
@@ -52,9 +62,9 @@ class UserDirectoryStore:
                 self._update_public_txn(txn, ev.room_id)
             member_ids = [eid for (t, _), eid in delta.items() if t == MEMBER and eid is not None]
             for chunk, qs in in_chunks(member_ids):
-                txn.execute(f"SELECT json FROM events WHERE event_id IN ({qs})", chunk)
-                for (js,) in txn.fetchall():
-                    pdu = json.loads(js)
+                txn.execute(f"SELECT event_id, json, sealed FROM events WHERE event_id IN ({qs})", chunk)
+                for eid, js, sealed in txn.fetchall():
+                    pdu = self.open_pdu(eid, js, sealed)
                     content = pdu.get("content")
                     if isinstance(content, dict) and content.get("membership") == "join":
                         self._remember_remote_txn(txn, pdu.get("state_key"), content)
@@ -71,6 +81,7 @@ class UserDirectoryStore:
             (room_id, JOIN_RULES, HISTORY_VISIBILITY),
         )
         contents: dict[str, Any] = {}
+        # The redacted form keeps join_rule and history_visibility: no need to open.
         for etype, js in txn.fetchall():
             content = json.loads(js).get("content")
             contents[etype] = content if isinstance(content, dict) else {}
@@ -84,11 +95,16 @@ class UserDirectoryStore:
             return
         name = content.get("displayname")
         avatar = content.get("avatar_url")
+        name = name if isinstance(name, str) else None
+        avatar = avatar if isinstance(avatar, str) else None
         txn.execute("DELETE FROM user_directory_remote_profiles WHERE user_id = ?", (user_id,))
         txn.execute(
             "INSERT INTO user_directory_remote_profiles (user_id, display_name, avatar_url) VALUES (?,?,?)",
-            (user_id, name if isinstance(name, str) else None, avatar if isinstance(avatar, str) else None),
+            (user_id, seal_text(self.sealer, user_id, name, f"remote_profiles.display_name\x00{user_id}"),
+             seal_text(self.sealer, user_id, avatar, f"remote_profiles.avatar_url\x00{user_id}")),
         )
+        if self._remote_names is not None:
+            self._remote_names[user_id] = name
 
     # -- searching ----------------------------------------------------------------
     async def search(self, searcher: str, term: str, limit: int) -> list[tuple[str, Optional[str], Optional[str]]]:
@@ -109,19 +125,51 @@ class UserDirectoryStore:
             "   AND l.membership = 'join' AND l.state_key LIKE ? ESCAPE '\\'))))"
         )
         visible = f"(d.is_local = 1 OR {shares_room})" if self.search_all_users else shares_room
-        sql = (
-            "SELECT d.user_id, d.display_name, d.avatar_url FROM ("
+        base = (
+            "SELECT d.user_id, d.display_name, d.avatar_url, d.is_local FROM ("
             " SELECT p.user_id AS user_id, p.displayname AS display_name, p.avatar_url AS avatar_url,"
             " 1 AS is_local FROM profiles p JOIN users u ON u.user_id = p.user_id WHERE u.deactivated = 0"
             " UNION ALL"
             " SELECT r.user_id, r.display_name, r.avatar_url, 0 FROM user_directory_remote_profiles r"
-            ") d WHERE (LOWER(d.user_id) LIKE ? ESCAPE '\\' OR LOWER(COALESCE(d.display_name, '')) LIKE ? ESCAPE '\\')"
-            f" AND {visible}"
-            # Display-name matches first, then by ID, so a full name finds its person.
-            " ORDER BY CASE WHEN LOWER(COALESCE(d.display_name, '')) LIKE ? ESCAPE '\\' THEN 0 ELSE 1 END,"
-            " d.user_id LIMIT ?"
+            ") d WHERE "
         )
-        rows = await self.db.execute("user_directory_search", sql, like, like, searcher, searcher, local_suffix, like,
-                                     limit)
-        return [(u, n, a) for u, n, a in rows]
+        visible_args = (searcher, searcher, local_suffix)
+        # Display names are sealed at rest, so they are matched here against
+        # the opened copies; the database then says which of them the
+        # searcher may see. Display-name matches first, then matches by ID,
+        # each by user ID, so a full name finds its person.
+        needle = term.lower()
+        names = dict(await self._remote_name_map())
+        if self.accounts is not None:
+            names.update(await self.accounts.display_names())
+        by_name = sorted(u for u, n in names.items() if n and needle in n.lower())
+        found: list[tuple[Any, ...]] = []
+        for chunk, qs in in_chunks(by_name):
+            if len(found) >= limit:
+                break
+            found += await self.db.execute(
+                "user_directory_search_names", base + f"d.user_id IN ({qs}) AND {visible}"
+                " ORDER BY d.user_id LIMIT ?", *chunk, *visible_args, limit - len(found))
+        if len(found) < limit:
+            seen = [r[0] for r in found]
+            not_seen = f" AND d.user_id NOT IN ({','.join('?' * len(seen))})" if seen else ""
+            found += await self.db.execute(
+                "user_directory_search_ids", base + "LOWER(d.user_id) LIKE ? ESCAPE '\\'" + not_seen
+                + f" AND {visible} ORDER BY d.user_id LIMIT ?", like, *seen, *visible_args, limit - len(found))
+        return [(u, *self._open_profile(u, n, a, bool(local))) for u, n, a, local in found]
 
+    def _open_profile(self, user_id: str, name: Optional[str], avatar: Optional[str],
+                      local: bool) -> tuple[Optional[str], Optional[str]]:
+        if local and self.accounts is not None:
+            return (self.accounts.open_profile(user_id, "displayname", name),
+                    self.accounts.open_profile(user_id, "avatar_url", avatar))
+        return (open_text(self.sealer, name, f"remote_profiles.display_name\x00{user_id}"),
+                open_text(self.sealer, avatar, f"remote_profiles.avatar_url\x00{user_id}"))
+
+    async def _remote_name_map(self) -> dict[str, Optional[str]]:
+        if self._remote_names is None:
+            rows = await self.db.execute("load_remote_names",
+                                         "SELECT user_id, display_name FROM user_directory_remote_profiles")
+            self._remote_names = {u: open_text(self.sealer, n, f"remote_profiles.display_name\x00{u}")
+                                  for u, n in rows}
+        return self._remote_names
