@@ -29,6 +29,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
+from twisted.internet import task
+
 from zhome.admin.accounts import deactivate_account
 from zhome.http.errors import MatrixError
 from zhome.rooms import auth as auth_rules
@@ -41,6 +43,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: The tables erasure overwrites or deletes from.
+#: Redactions are sent chained, this many per transaction, with a pause
+#: between batches so that other users' requests keep their pace.
+REDACTION_BATCH = 100
+REDACTION_PAUSE_S = 0.02
+
 SCRUBBED_TABLES = ("events", "profiles", "account_data", "receipts", "presence", "user_notifications",
                    "event_txn_ids", "media", "media_thumbnails", "devices", "e2e_device_keys", "e2e_one_time_keys",
                    "e2e_fallback_keys", "device_inbox", "pushers", "push_rules", "user_filters",
@@ -141,15 +148,20 @@ async def erase_user(hs: "HomeServer", user_id: str, requested_by: str) -> dict[
             continue
         destinations = await _remote_servers(hs, room_id)
         failed = 0
-        for eid in targets:
+        for i in range(0, len(targets), REDACTION_BATCH):
+            batch = targets[i:i + REDACTION_BATCH]
             try:
-                red = await hs.event_creator.send(room_id, "m.room.redaction", redactor, {}, redacts=eid)
+                reds = await hs.event_creator.send_redactions(room_id, redactor, batch)
             except MatrixError as e:
-                failed += 1
-                logger.info("erasure %s: redaction of %s in %s refused: %s", report["id"], eid, room_id, e.msg)
+                failed += len(batch)
+                logger.info("erasure %s: %d redactions in %s refused: %s", report["id"], len(batch), room_id, e.msg)
                 continue
-            redaction_ids.append(red.event_id)
-            await store.record_redaction(report["id"], red.event_id, room_id, destinations)
+            redaction_ids += [r.event_id for r in reds]
+            await store.record_redactions(report["id"], [r.event_id for r in reds], room_id, destinations)
+            # Others' requests get their turn between batches.
+            from zhome.util.reactor import reactor
+
+            await task.deferLater(reactor, REDACTION_PAUSE_S, lambda: None)
         if failed:
             report["not_redacted_remotely"].append({
                 "room_id": room_id, "count": failed,

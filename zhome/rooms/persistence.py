@@ -74,6 +74,29 @@ class Persister:
         await self._after_commit(item)
         return item.stream_ordering
 
+    async def persist_chain(self, items: list[PersistItem]) -> None:
+        """Write local events that follow one another (each the only prev
+        event of the next, none changing state) in one transaction: what a
+        batch of redactions needs, at a fraction of one transaction each."""
+        assert all(not i.outlier and not i.event.is_state() for i in items)
+        for item in items:
+            for pre in self.pre_hooks:
+                await pre(item)
+
+        def txn_fn(txn: Txn) -> None:
+            for item in items:
+                self.events.persist_txn(txn, item)
+                for hook in self.txn_hooks:
+                    hook(txn, item)
+
+        await self._lock.acquire()
+        try:
+            await self.db.run_interaction("persist_chain", txn_fn)
+        finally:
+            self._lock.release()
+        for item in items:
+            await self._after_commit(item)
+
     async def persist_many(self, items: list[PersistItem]) -> None:
         """Write several outliers (state and auth chains) in one transaction."""
         assert all(i.outlier for i in items)

@@ -109,6 +109,14 @@ class PrivacyStore:
                 for eid, version, raw, sealed, data_key in txn.fetchall():
                     pdu = json.loads(raw)
                     pruned = prune_event_dict(get_room_version(version), pdu)
+                    if pdu.get("type") == "m.room.redaction" and "redacts" in pdu:
+                        # Before v11 "redacts" is not protected; it names an
+                        # event, not a person, and says what was redacted.
+                        pruned["redacts"] = pdu["redacts"]
+                    if sealed is not None:
+                        pdu = self.events.open_pdu(eid, raw, sealed)
+                        if pdu.get("type") == "m.room.redaction" and "redacts" in pdu:
+                            pruned["redacts"] = pdu["redacts"]
                     if pruned != pdu or sealed is not None:
                         # With encryption at rest the json column already is
                         # the redacted form and the sealed rest goes; its
@@ -260,11 +268,12 @@ class PrivacyStore:
 
         await self.db.run_interaction("save_erasure", txn_fn)
 
-    async def record_redaction(self, erasure_id: str, redaction_id: str, room_id: str,
-                               destinations: list[str]) -> None:
-        await self.db.run_interaction("record_redaction", lambda txn: txn.execute(
+    async def record_redactions(self, erasure_id: str, redaction_ids: list[str], room_id: str,
+                                destinations: list[str]) -> None:
+        dests = json.dumps(destinations)
+        await self.db.run_interaction("record_redactions", lambda txn: txn.executemany(
             "INSERT INTO erasure_redactions (erasure_id, redaction_event_id, room_id, destinations)"
-            " VALUES (?,?,?,?)", (erasure_id, redaction_id, room_id, json.dumps(destinations))))
+            " VALUES (?,?,?,?)", [(erasure_id, r, room_id, dests) for r in redaction_ids]))
 
     async def get_erasure(self, erasure_id: str) -> Optional[dict[str, Any]]:
         rows = await self.db.execute("get_erasure", "SELECT report_json FROM erasures WHERE id = ?", erasure_id)
