@@ -18,6 +18,7 @@ from twisted.web.server import Site
 
 from zhome.admin.destinations import DestinationServlets
 from zhome.admin.export import ExportServlets
+from zhome.admin.invite_permissions import InvitePermissionServlets
 from zhome.admin.transfer import TransferServlets
 from zhome.admin.media import AdminMediaServlets
 from zhome.admin.notices import ServerNoticeServlets
@@ -168,6 +169,15 @@ class HomeServer:
             await check_transfer(self, event, state)
 
         self.event_creator.pre_send_checks.append(transfer_check)
+        from zhome.admin.invite_permissions import InvitePolicy
+        from zhome.admin.notices import SYSTEM_LOCALPART
+        from zhome.storage.invite_permissions import InvitePermissionsStore
+
+        invite_permissions = InvitePermissionsStore(db)
+        self.invite_policy = InvitePolicy(invite_permissions, self.server_name)
+        self.invite_policy.exempt.add(f"@{SYSTEM_LOCALPART}:{self.server_name}")
+        self.membership.may_invite = self.invite_policy.check
+        self.account_purge_hooks.append(invite_permissions.delete_for_user)
         self.audit = AuditLog(db)
         from zhome.admin.media import MediaAdminStore
 
@@ -430,7 +440,7 @@ class HomeServer:
                 AdminServlets(self), ReportServlets(self), AdminRoomServlets(self), PrivacyServlets(self),
                 EncryptionServlets(self),
                 AdminMediaServlets(self), DestinationServlets(self), ServerNoticeServlets(self), ExportServlets(self),
-                TransferServlets(self),
+                TransferServlets(self), InvitePermissionServlets(self),
                 *self._backup_and_dehydration_servlets()]
 
     def _backup_and_dehydration_servlets(self) -> list[Any]:
@@ -442,9 +452,11 @@ class HomeServer:
 
     def _audit_request(self, request: Any, method: str, endpoint: str, code: int, errcode: Any) -> None:
         """Every admin request (allowed or refused) and every data-subject
-        request (export, deactivation and erasure) goes into the audit log."""
+        request (export, deactivation and erasure, the user's own transfer
+        and invite settings) goes into the audit log."""
         if not (endpoint.startswith(("admin_", "zadmin_")) or endpoint == "export"
-                or (endpoint == "deactivate" and method == "POST")):
+                or (endpoint == "deactivate" and method == "POST")
+                or (endpoint in ("privacy_settings", "invite_permissions") and method == "PUT")):
             return
         actor = getattr(request, "zhome_user", None) or (
             "shared-secret" if endpoint == "admin_register" else "unauthenticated")

@@ -45,6 +45,11 @@ def test_export_contents(zhome: ZhomeProcess, tmp_path: Path) -> None:
                                token=alice.token, headers={"Content-Type": "application/pdf"})
     assert status == 200
     admin.ok("GET", f"/_synapse/admin/v2/users/{q(alice.user_id)}")  # an audit entry about alice
+    # Her privacy settings: transfer only to a partner, invites only from her clinic.
+    assert zhome.request("PUT", "/_zhome/client/v1/privacy", {"do_not_transfer": True,
+                         "allowed_servers": ["partner.example"]}, token=alice.token)[0] == 200
+    invites = {"default": "block", "allowed_servers": ["localhost"], "blocked_users": ["@bob:localhost"]}
+    assert zhome.request("PUT", "/_zhome/client/v1/invite_permissions", invites, token=alice.token)[0] == 200
 
     for z in (_zip(zhome, f"/_zhome/admin/v1/users/{q(alice.user_id)}/export", admin.token),
               _zip(zhome, "/_zhome/client/v1/export", alice.token)):
@@ -67,7 +72,14 @@ def test_export_contents(zhome: ZhomeProcess, tmp_path: Path) -> None:
             (up["content_uri"], "application/pdf", "scan.pdf")]
         assert z.read(media[0]["file"]) == b"%PDF scan bytes"
         privacy = _json(z, "privacy.json")
-        assert privacy == {"legal_holds": [], "erasures": []}
+        assert privacy["legal_holds"] == [] and privacy["erasures"] == []
+        transfer = privacy["transfer"]
+        assert (transfer["do_not_transfer"], transfer["allowed_servers"], transfer["set_by"]) == (
+            True, ["partner.example"], alice.user_id)
+        assert privacy["invite_permissions"] == {
+            "default": "block", "allowed_users": [], "blocked_users": ["@bob:localhost"],
+            "allowed_servers": ["localhost"], "blocked_servers": [], "set_by": alice.user_id,
+            "set_ts": privacy["invite_permissions"]["set_ts"]}
         audit = [json.loads(line) for line in z.read("audit.jsonl").splitlines()]
         assert any(e["action"] == "GET admin_user" and e["target"] == {"user_id": alice.user_id} for e in audit)
 

@@ -8,10 +8,11 @@ The archive holds ``profile.json``, ``devices.json`` (no keys or tokens),
 ``threepids.json``, ``account_data.json``, ``rooms.json`` and one
 ``rooms/NNNN.jsonl`` per room with the events the user could see there
 (client format, one per line), ``media.json`` and ``media/<id>`` (the
-files they uploaded, decrypted), ``privacy.json`` (legal holds, erasures)
-and ``audit.jsonl`` (the audit entries about them). It is written in
-batches as the client reads it: memory stays bounded whatever the size of
-the account, and nothing is written to disk.
+files they uploaded, decrypted), ``privacy.json`` (the transfer and
+invite settings, legal holds, erasures) and ``audit.jsonl`` (the audit
+entries about them). It is written in batches as the client reads it:
+memory stays bounded whatever the size of the account, and nothing is
+written to disk.
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ class ExportServlets:
             "profile.json, devices.json, threepids.json, account_data.json: the account.\n"
             "rooms.json and rooms/*.jsonl: the rooms and the events you could see in each, one per line.\n"
             "media.json and media/: the files you uploaded.\n"
-            "privacy.json: legal holds on your data and erasures; audit.jsonl: the audit log entries about you.\n"
+            "privacy.json: your transfer and invite settings, legal holds on your data and erasures;"
+            " audit.jsonl: the audit log entries about you.\n"
         ).encode())
         await put("profile.json", _dumps({k: user.get(k) for k in (
             "name", "displayname", "avatar_url", "creation_ts", "admin", "deactivated", "erased", "locked",
@@ -177,6 +179,8 @@ class ExportServlets:
         await put("media.json", _dumps(media))
 
         await put("privacy.json", _dumps({
+            "transfer": await hs.transfer_store.get(user_id),
+            "invite_permissions": await hs.invite_policy.get(user_id),
             "legal_holds": await hs.privacy_store.list_holds("user", user_id),
             "erasures": await hs.privacy_store.list_erasures(user_id)}))
         lines = [json.dumps(e, ensure_ascii=False, sort_keys=True) for e in

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 MAX_GLOBS = 100
 
 
-def _matches(globs: list[str], server: str) -> bool:
+def matches_server(globs: list[str], server: str) -> bool:
     names = (server.lower(), host_of(server).lower())
     return any(fnmatch.fnmatchcase(n, g.lower()) for g in globs for n in names)
 
@@ -83,7 +83,7 @@ class TransferStore:
     def may_receive(self, sender: str, server: str) -> bool:
         """Whether ``server`` may receive an event ``sender`` sent."""
         allowed = self.blocked.get(sender)
-        return allowed is None or _matches(allowed, server)
+        return allowed is None or matches_server(allowed, server)
 
     async def log_rows(self, column: str, value: str) -> list[tuple[str, str, str, int, int, int]]:
         assert column in ("sender", "room_id")
@@ -154,7 +154,7 @@ class TransferServlets:
     # -- residency reports ----------------------------------------------------------------
     def region_of(self, server: str) -> Optional[str]:
         for glob, region in self.hs.config.federation.regions.items():
-            if _matches([glob], server):
+            if matches_server([glob], server):
                 return region
         return None
 
@@ -205,7 +205,7 @@ async def check_transfer(hs: "HomeServer", event: "Event", state: dict[tuple[str
     member_ids = [eid for (t, sk), eid in state.items() if t == "m.room.member" and server_of(sk) != hs.server_name]
     evs = await hs.events.get_events(member_ids) if member_ids else {}
     servers = sorted({server_of(e.state_key) for e in evs.values() if e.membership == "join" and e.state_key})
-    refused = [s for s in servers if not _matches(allowed, s)]
+    refused = [s for s in servers if not matches_server(allowed, s)]
     if refused:
         raise MatrixError(403, "M_FORBIDDEN", "Your data may not be transferred to " + ", ".join(refused)
                           + ", which take part in this room (your do-not-transfer setting)",

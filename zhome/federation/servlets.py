@@ -385,6 +385,7 @@ class FederationServlets:
         user = await self.hs.accounts.get_user(target)
         if user is None or user["deactivated"]:
             raise not_found("Unknown user")
+        await self.hs.invite_policy.check(ev.sender, target)
         try:
             await self.hs.keyring.verify_event(rv, ev.pdu)
         except Exception as e:

@@ -34,9 +34,16 @@ class MembershipService:
         self.room_blocked: Any = None
         #: (user_id, server) -> bool: whether that user's data may go to that server.
         self.may_transfer: Any = None
+        #: async (inviter, invitee): raises unless the (local) invitee accepts invites from the inviter.
+        self.may_invite: Any = None
 
     def is_mine(self, user_id: str) -> bool:
         return user_id.endswith(":" + self.server_name)
+
+    async def check_invite(self, sender: str, target: str) -> None:
+        """403 unless local ``target`` accepts invites from ``sender`` (their invite permissions)."""
+        if self.may_invite is not None and self.is_mine(target):
+            await self.may_invite(sender, target)
 
     async def current_membership(self, room_id: str, user_id: str) -> Optional[str]:
         eid = await self.events.get_current_state_event_id(room_id, "m.room.member", user_id)
@@ -83,6 +90,8 @@ class MembershipService:
         if (membership == "invite" and self.is_mine(target) and self.room_blocked is not None
                 and await self.room_blocked(room_id)):
             raise forbidden("This room has been blocked on this server")
+        if membership == "invite":
+            await self.check_invite(sender, target)
         if (membership in ("join", "knock") and sender == target and self.is_mine(target)
                 and self.room_blocked is not None and await self.room_blocked(room_id)
                 and await self.current_membership(room_id, target) != "join"):

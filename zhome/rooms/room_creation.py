@@ -67,6 +67,10 @@ class RoomCreationService:
             raise bad_json("'invite' must be a list of user IDs")
         if not all(is_valid_user_id(i) for i in invites):
             raise invalid_param("'invite' must be a list of user IDs")
+        # An invitee who does not accept invites from the creator stops the
+        # creation before anything is stored.
+        for invitee in invites:
+            await self.membership.check_invite(user_id, invitee)
         creation_content = body.get("creation_content", {})
         check_client_content(rv, creation_content)
         initial_state = body.get("initial_state", [])
