@@ -8,9 +8,9 @@ Subcommands:
 * ``register-user``: create a local account from the command line.
 * ``admin verify-audit`` and ``admin export-audit``: check the audit log's hash
   chain (failing, naming the first bad entry), and write it as JSON lines.
-* ``admin erase-user``, ``admin deactivate-user``, ``admin rotate-encryption-key``,
-  ``admin encryption-status`` and ``admin call``: the admin API of the running
-  server through its operator socket, without a token.
+* ``admin erase-user``, ``admin export-user``, ``admin deactivate-user``,
+  ``admin rotate-encryption-key``, ``admin encryption-status`` and ``admin call``:
+  the admin API of the running server through its operator socket, without a token.
 
 Every failure the operator can fix is reported as one line on stderr with a
 non-zero exit code, never as a traceback.
@@ -26,8 +26,12 @@ import re
 import secrets
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from zhome.config import ConfigError, HomeserverConfig, load_config, parse_config
+
+if TYPE_CHECKING:
+    import http.client
 
 
 def _port(text: str) -> int:
@@ -90,6 +94,11 @@ def _parser() -> argparse.ArgumentParser:
                                              "prints the erasure report")
     eu.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
     eu.add_argument("user_id", metavar="USER_ID")
+    xu = tasks.add_parser("export-user", help="write everything the server holds about a user (GDPR art. 15 "
+                                              "and 20) to a ZIP file, through the running server")
+    xu.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
+    xu.add_argument("user_id", metavar="USER_ID")
+    xu.add_argument("--out", required=True, help="the ZIP file to write (replaced only when the export is complete)")
     du = tasks.add_parser("deactivate-user", help="deactivate a user through the running server")
     du.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
     du.add_argument("user_id", metavar="USER_ID")
@@ -504,10 +513,83 @@ def _register_user(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_call(config: HomeserverConfig, args: argparse.Namespace) -> int:
-    """One request to the running server's operator admin socket."""
+def _operator_connection(sock_path: str) -> "http.client.HTTPConnection":
+    """An HTTP connection to the running server's operator admin socket."""
     import http.client
     import socket
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.timeout)
+            s.connect(sock_path)
+            self.sock = s
+
+    return UnixConnection("localhost", timeout=3600)
+
+
+EXPORT_CHUNK = 256 * 1024
+MAX_ERROR_BODY = 64 * 1024
+
+
+def _export_user(config: HomeserverConfig, args: argparse.Namespace) -> int:
+    """Stream the user's export ZIP from the operator socket into ``--out``:
+    chunk by chunk (memory stays bounded), into a temporary file beside it
+    that replaces ``--out`` only once the whole archive arrived."""
+    import http.client
+    import zipfile
+    from urllib.parse import quote
+
+    command = "admin export-user"
+    sock_path = config.admin_socket_path
+    if not sock_path:
+        return _error(command, "the admin socket is turned off (admin_socket_path is empty)")
+    out = os.path.abspath(args.out)
+    if os.path.isdir(out):
+        return _error(command, f"{args.out} is a directory")
+    part = f"{out}.part-{os.getpid()}"
+    conn = _operator_connection(sock_path)
+    size = 0
+    try:
+        try:
+            conn.request("GET", f"/_zhome/admin/v1/users/{quote(args.user_id, safe='')}/export")
+            resp = conn.getresponse()
+        except OSError as e:
+            return _error(command, f"cannot reach the server at {sock_path} (is it running?): {e}")
+        if resp.status != 200 or resp.getheader("Content-Type") != "application/zip":
+            print(resp.read(MAX_ERROR_BODY).decode("utf-8", "replace"))
+            return _error(command, f"the server answered {resp.status}")
+        try:
+            f = open(part, "wb")
+        except OSError as e:
+            return _error(command, f"cannot write {args.out}: {e.strerror or e}")
+        try:
+            with f:
+                for _ in range(10 ** 9):
+                    chunk = resp.read(EXPORT_CHUNK)
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    size += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            if not zipfile.is_zipfile(part):
+                return _error(command, "the export did not complete: what arrived is not a whole ZIP archive")
+            os.replace(part, out)
+        except (OSError, http.client.HTTPException) as e:
+            # A cut-off stream (the server stopped, or the export failed
+            # there) leaves no file that looks like an export.
+            return _error(command, f"the export did not complete: {e}")
+    finally:
+        conn.close()
+        if os.path.exists(part):
+            os.unlink(part)
+    print(f"{args.user_id}: {size} bytes written to {args.out}")
+    return 0
+
+
+def _admin_call(config: HomeserverConfig, args: argparse.Namespace) -> int:
+    """One request to the running server's operator admin socket."""
     from urllib.parse import quote
 
     command = f"admin {args.task}"
@@ -529,15 +611,7 @@ def _admin_call(config: HomeserverConfig, args: argparse.Namespace) -> int:
     sock_path = config.admin_socket_path
     if not sock_path:
         return _error(command, "the admin socket is turned off (admin_socket_path is empty)")
-
-    class UnixConnection(http.client.HTTPConnection):
-        def connect(self) -> None:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(self.timeout)
-            s.connect(sock_path)
-            self.sock = s
-
-    conn = UnixConnection("localhost", timeout=3600)
+    conn = _operator_connection(sock_path)
     try:
         headers = {"Content-Type": "application/json"} if body is not None else {}
         conn.request(method, path, body=body.encode() if body is not None else None, headers=headers)
@@ -557,6 +631,8 @@ def _admin(args: argparse.Namespace) -> int:
         return 1
     from zhome import admin_tasks
 
+    if args.task == "export-user":
+        return _export_user(config, args)
     if args.task in ("erase-user", "deactivate-user", "call", "rotate-encryption-key", "encryption-status"):
         return _admin_call(config, args)
     if args.task == "verify-audit":
