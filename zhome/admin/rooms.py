@@ -1,6 +1,6 @@
 """The admin API's rooms, in the shape of Synapse's room admin API: the
-room list (search, ordering, paging), one room's details, members and
-state, and blocking a room (no local user may join it).
+room list (search, ordering, paging), one room's details, members, state
+and forward extremities, and blocking a room (no local user may join it).
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ class AdminRoomServlets:
         r.register("GET", SYN1 + r"/rooms/" + ROOM, self.on_room, "admin_room")
         r.register("GET", SYN1 + r"/rooms/" + ROOM + r"/members", self.on_members, "admin_room_members")
         r.register("GET", SYN1 + r"/rooms/" + ROOM + r"/state", self.on_state, "admin_room_state")
+        r.register("GET", SYN1 + r"/rooms/" + ROOM + r"/forward_extremities", self.on_forward_extremities,
+                   "admin_room_forward_extremities")
         r.register("DELETE", SYN1 + r"/rooms/" + ROOM, self.on_delete_v1, "admin_room_delete")
         r.register("DELETE", r"/_synapse/admin/v2/rooms/" + ROOM, self.on_delete_v2, "admin_room_delete")
         r.register("GET", r"/_synapse/admin/v2/rooms/" + ROOM + r"/delete_status", self.on_status_by_room,
@@ -146,6 +148,14 @@ class AdminRoomServlets:
         evs = await self.hs.events.get_events(list(state.values()))
         ordered = sorted(evs.values(), key=lambda e: (e.type, e.state_key or ""))
         return 200, {"state": await serialize_events(self.hs.events, ordered)}
+
+    async def on_forward_extremities(self, request: Request, room_id: str) -> tuple[int, Any]:
+        """The events new events in the room will follow (the synapse-admin
+        UI shows them on a room's page)."""
+        await self._require_admin(request)
+        await self._summary(room_id)
+        results = await self.store.forward_extremities(room_id)
+        return 200, {"count": len(results), "results": results}
 
     # -- deleting a room ------------------------------------------------------------
     async def _check_delete(self, room_id: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -70,6 +70,7 @@ class AdminServlets:
         r.register("GET", SYN1 + r"/whois/" + USER, self.on_whois, "admin_whois")
         r.register("GET", r"/_matrix/client/(?:r0|v3)/admin/whois/" + USER, self.on_whois, "admin_whois")
         r.register("GET", SYN1 + r"/users/" + USER + r"/joined_rooms", self.on_joined_rooms, "admin_joined_rooms")
+        r.register("GET", SYN1 + r"/users/" + USER + r"/pushers", self.on_pushers, "admin_pushers")
         r.register("GET", SYN1 + r"/users/" + USER + r"/admin", self.on_get_admin, "admin_user_admin")
         r.register("PUT", SYN1 + r"/users/" + USER + r"/admin", self.on_put_admin, "admin_user_admin")
         r.register("GET", SYN2 + r"/users/" + USER + r"/devices", self.on_devices, "admin_devices")
@@ -258,6 +259,14 @@ class AdminServlets:
         self._local(user_id)
         rooms = sorted(r for r, (m, _) in (await self.hs.events.get_rooms_for_user(user_id)).items() if m == "join")
         return 200, {"joined_rooms": rooms, "total": len(rooms)}
+
+    async def on_pushers(self, request: Request, user_id: str) -> tuple[int, Any]:
+        await self.require_admin(request)
+        await self._existing(user_id)
+        from zhome.client.pushers import render_pusher
+
+        pushers = [dict(render_pusher(p), user_name=user_id) for p in await self.hs.pushers.get_for_user(user_id)]
+        return 200, {"pushers": pushers, "total": len(pushers)}
 
     async def on_get_admin(self, request: Request, user_id: str) -> tuple[int, Any]:
         await self.require_admin(request)

@@ -245,9 +245,14 @@ class AdminStore:
             return ordered[q.offset:q.offset + q.limit], len(users)
         col = USER_ORDER_COLUMNS[q.order_by]
         direction = "DESC" if q.backwards else "ASC"
-        # NULLs sort as the smallest value on both engines.
-        nulls = "0" if col in ("0",) else f"CASE WHEN {col} IS NULL THEN 0 ELSE 1 END"
-        order = f" ORDER BY {nulls} {direction}, {col} {direction}, u.user_id ASC"
+        if col == "0":
+            # A column every user has the same value in (shadow_banned):
+            # only the tie-break orders. (A bare 0 would be a column number.)
+            order = " ORDER BY u.user_id ASC"
+        else:
+            # NULLs sort as the smallest value on both engines.
+            nulls = f"CASE WHEN {col} IS NULL THEN 0 ELSE 1 END"
+            order = f" ORDER BY {nulls} {direction}, {col} {direction}, u.user_id ASC"
 
         def txn_fn(txn: Txn) -> tuple[list[dict[str, Any]], int]:
             txn.execute("SELECT COUNT(*) FROM users u LEFT JOIN profiles p ON p.user_id = u.user_id" + cond,
@@ -341,6 +346,15 @@ class AdminStore:
             return out
 
         return await self.db.run_interaction("admin_room_summaries", txn_fn)
+
+    async def forward_extremities(self, room_id: str) -> list[dict[str, Any]]:
+        """The room's forward extremities, with what the admin API shows of each."""
+        rows = await self.db.execute(
+            "admin_forward_extremities", "SELECT e.event_id, e.state_group, e.depth, e.received_ts"
+            " FROM room_forward_extremities f JOIN events e ON e.event_id = f.event_id"
+            " WHERE f.room_id = ? ORDER BY e.depth, e.event_id", room_id)
+        return [{"event_id": eid, "state_group": group, "depth": int(depth), "received_ts": int(ts or 0)}
+                for eid, group, depth, ts in rows]
 
     async def set_room_blocked(self, room_id: str, by: str, blocked: bool) -> None:
         def txn_fn(txn: Txn) -> None:
