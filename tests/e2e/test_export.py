@@ -23,6 +23,7 @@ def _zip(hs: ZhomeProcess, path: str, token: str) -> zipfile.ZipFile:
     with urllib.request.urlopen(req, timeout=60) as r:
         assert r.status == 200 and r.headers["Content-Type"] == "application/zip"
         assert "attachment" in r.headers["Content-Disposition"]
+        assert r.headers["Access-Control-Allow-Origin"] == "*"
         return zipfile.ZipFile(io.BytesIO(r.read()))
 
 

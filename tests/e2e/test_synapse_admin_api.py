@@ -8,6 +8,7 @@ pins down each request shape it depends on, so a regression is named.
 
 from __future__ import annotations
 
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -53,6 +54,15 @@ def test_synapse_admin_ui_requests(zhome: ZhomeProcess, tmp_path: Path) -> None:
         assert method in headers.get("access-control-allow-methods", ""), (path, headers)
         allowed = headers.get("access-control-allow-headers", "").lower()
         assert "authorization" in allowed and "content-type" in allowed, (path, headers)
+
+    # Errors reach the UI too (a browser hides an answer without CORS headers from it).
+    req = urllib.request.Request(zhome.base_url + "/_synapse/admin/v2/users", headers={
+        "Origin": ORIGIN, "Authorization": f"Bearer {alice.token}"})
+    try:
+        urllib.request.urlopen(req, timeout=30)
+        raise AssertionError("a non-admin listed the users")
+    except urllib.error.HTTPError as e:
+        assert e.code == 403 and e.headers["Access-Control-Allow-Origin"] in ("*", ORIGIN)
 
     # The login page: versions, the login flows, then a password login
     # through the r0 path with device_id null (none stored yet).

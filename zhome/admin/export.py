@@ -27,7 +27,7 @@ from twisted.web.server import Request
 
 from zhome.client.serialize import serialize_events
 from zhome.http.errors import forbidden, invalid_param, not_found
-from zhome.http.server import JsonResource, already_written
+from zhome.http.server import CORS_HEADERS, JsonResource, already_written
 from zhome.media.servlets import _Throttle
 from zhome.util.ids import is_valid_user_id
 
@@ -96,6 +96,9 @@ class ExportServlets:
         local = user_id[1:].split(":", 1)[0]
         request.setHeader(b"Content-Disposition", f'attachment; filename="zhome-export-{local}.zip"'.encode())
         request.setHeader(b"Cache-Control", b"no-store")
+        # A web client on another origin may download it, as it reads any other answer.
+        for k, v in CORS_HEADERS.items():
+            request.setHeader(k, v)
         throttle = _Throttle()
         request.registerProducer(throttle, True)
         sink = _Sink()
