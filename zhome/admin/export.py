@@ -22,7 +22,7 @@ import logging
 import zipfile
 from typing import TYPE_CHECKING, Any, Optional, cast
 
-from twisted.internet import threads
+from twisted.internet import task, threads
 from twisted.web.server import Request
 
 from zhome.client.serialize import serialize_events
@@ -36,7 +36,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-EVENT_BATCH = 500
+EVENT_BATCH = 200
+#: A pause after each batch of events, so that other users' requests keep
+#: their pace while a big account is exported.
+BATCH_PAUSE_S = 0.02
 FLUSH_BYTES = 256 * 1024
 MAX_BATCHES = 10 ** 6
 
@@ -210,6 +213,9 @@ class ExportServlets:
                     return
                 if len(batch) < EVENT_BATCH:
                     break
+                from zhome.util.reactor import reactor
+
+                await task.deferLater(reactor, BATCH_PAUSE_S, lambda: None)
         finally:
             await threads.deferToThread(out.close)
 
