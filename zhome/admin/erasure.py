@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 #: Redactions are sent chained, this many per transaction, with a pause
 #: between batches so that other users' requests keep their pace.
 REDACTION_BATCH = 50
-REDACTION_PAUSE_S = 0.05
+REDACTION_PAUSE_S = 0.08
 
 SCRUBBED_TABLES = ("events", "profiles", "account_data", "receipts", "presence", "user_notifications",
                    "event_txn_ids", "media", "media_thumbnails", "devices", "e2e_device_keys", "e2e_one_time_keys",
