@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Optional
 from twisted.web.server import Request
 
 from zhome.http.auth import Requester
-from zhome.http.errors import forbidden, invalid_param
+from zhome.http.errors import forbidden, invalid_param, not_found
 from zhome.http.server import query_arg
+from zhome.util.ids import is_valid_user_id, server_of
 
 if TYPE_CHECKING:
     from zhome.server import HomeServer
@@ -21,6 +22,14 @@ async def require_admin(hs: "HomeServer", request: Request) -> Requester:
     if not req.is_admin:
         raise forbidden("You are not a server admin")
     return req
+
+
+async def require_local_user(hs: "HomeServer", user_id: str) -> None:
+    """400 unless ``user_id`` is a valid user ID of this server; 404 unless the account exists."""
+    if not is_valid_user_id(user_id) or server_of(user_id) != hs.server_name:
+        raise invalid_param("Can only look up local users")
+    if await hs.accounts.get_user(user_id) is None:
+        raise not_found("User not found")
 
 
 def int_arg(request: Request, name: str, default: int, maximum: Optional[int] = None) -> int:

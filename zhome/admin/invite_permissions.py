@@ -43,12 +43,12 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.web.server import Request
 
-from zhome.admin.common import require_admin
+from zhome.admin.common import require_admin, require_local_user
 from zhome.admin.transfer import matches_server
-from zhome.http.errors import MatrixError, bad_json, invalid_param, not_found
+from zhome.http.errors import MatrixError, bad_json, invalid_param
 from zhome.http.server import JsonResource, read_json_body
 from zhome.storage.invite_permissions import InvitePermissionsStore
-from zhome.util.ids import is_valid_user_id, server_of
+from zhome.util.ids import server_of
 
 if TYPE_CHECKING:
     from zhome.server import HomeServer
@@ -168,20 +168,14 @@ class InvitePermissionServlets:
         await self.policy.store.set(req.user_id, settings, req.user_id)
         return 200, await self.policy.get(req.user_id)
 
-    async def _local_user(self, user_id: str) -> None:
-        if not is_valid_user_id(user_id) or server_of(user_id) != self.hs.server_name:
-            raise invalid_param("Can only look up local users")
-        if await self.hs.accounts.get_user(user_id) is None:
-            raise not_found("User not found")
-
     async def on_get_user(self, request: Request, user_id: str) -> tuple[int, Any]:
         await require_admin(self.hs, request)
-        await self._local_user(user_id)
+        await require_local_user(self.hs, user_id)
         return 200, await self.policy.get(user_id)
 
     async def on_put_user(self, request: Request, user_id: str) -> tuple[int, Any]:
         admin = (await require_admin(self.hs, request)).user_id
-        await self._local_user(user_id)
+        await require_local_user(self.hs, user_id)
         settings = parse_settings(read_json_body(request))
         await self.policy.store.set(user_id, settings, admin)
         return 200, await self.policy.get(user_id)

@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.web.server import Request
 
-from zhome.admin.common import backwards_arg, int_arg, require_admin
+from zhome.admin.common import backwards_arg, int_arg, require_admin, require_local_user
 from zhome.http.errors import invalid_param, not_found
 from zhome.http.server import JsonResource, query_arg
 from zhome.storage.database import Database, Txn
-from zhome.util.ids import is_valid_user_id
 
 if TYPE_CHECKING:
     from zhome.server import HomeServer
@@ -252,15 +251,9 @@ class AdminMediaServlets:
         backwards = backwards_arg(request, "f")
         return int_arg(request, "from", 0), min(int_arg(request, "limit", 100), MAX_PAGE), order, backwards
 
-    def _local_user(self, user_id: str) -> None:
-        if not is_valid_user_id(user_id) or not user_id.endswith(":" + self.hs.server_name):
-            raise invalid_param("Can only look up local users")
-
     async def on_user_media(self, request: Request, user_id: str) -> tuple[int, Any]:
         await self._admin(request)
-        self._local_user(user_id)
-        if await self.hs.accounts.get_user(user_id) is None:
-            raise not_found("User not found")
+        await require_local_user(self.hs, user_id)
         offset, limit, order, backwards = self._page(request)
         repo = self.hs.media_repository
         media, total = await self.store.user_media(user_id, offset, limit, order, backwards,
@@ -272,9 +265,7 @@ class AdminMediaServlets:
 
     async def on_delete_user_media(self, request: Request, user_id: str) -> tuple[int, Any]:
         await self._admin(request)
-        self._local_user(user_id)
-        if await self.hs.accounts.get_user(user_id) is None:
-            raise not_found("User not found")
+        await require_local_user(self.hs, user_id)
         ids = [m for o, m in await self.hs.privacy_store.media_of(user_id) if o == self.hs.server_name]
         deleted = await self._delete(self.hs.server_name, ids)
         return 200, {"deleted_media": deleted, "total": len(deleted)}

@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any, Optional
 from twisted.web.server import Request
 
 from zhome.federation.policy import host_of
-from zhome.admin.common import require_admin
+from zhome.admin.common import require_admin, require_local_user
 from zhome.http.errors import MatrixError, bad_json, invalid_param, not_found
 from zhome.http.server import JsonResource, read_json_body
 from zhome.storage.database import Database, Txn
-from zhome.util.ids import is_valid_room_id, is_valid_user_id, server_of
+from zhome.util.ids import is_valid_room_id, server_of
 
 if TYPE_CHECKING:
     from zhome.rooms.events import Event
@@ -133,20 +133,14 @@ class TransferServlets:
     async def _admin(self, request: Request) -> str:
         return (await require_admin(self.hs, request)).user_id
 
-    async def _local_user(self, user_id: str) -> None:
-        if not is_valid_user_id(user_id) or server_of(user_id) != self.hs.server_name:
-            raise invalid_param("Can only look up local users")
-        if await self.hs.accounts.get_user(user_id) is None:
-            raise not_found("User not found")
-
     async def on_get_user(self, request: Request, user_id: str) -> tuple[int, Any]:
         await self._admin(request)
-        await self._local_user(user_id)
+        await require_local_user(self.hs, user_id)
         return 200, await self.store.get(user_id)
 
     async def on_put_user(self, request: Request, user_id: str) -> tuple[int, Any]:
         admin = await self._admin(request)
-        await self._local_user(user_id)
+        await require_local_user(self.hs, user_id)
         dnt, allowed = _settings_body(read_json_body(request))
         await self.store.set(user_id, dnt, allowed, admin)
         return 200, await self.store.get(user_id)
@@ -173,7 +167,7 @@ class TransferServlets:
 
     async def on_user_residency(self, request: Request, user_id: str) -> tuple[int, Any]:
         await self._admin(request)
-        await self._local_user(user_id)
+        await require_local_user(self.hs, user_id)
         rows = await self.store.log_rows("sender", user_id)
         return 200, {"user_id": user_id, "home_server": self.hs.server_name,
                      "home_region": self.region_of(self.hs.server_name),

@@ -66,11 +66,7 @@ class Persister:
             for hook in self.txn_hooks:
                 hook(txn, item)
 
-        await self._lock.acquire()
-        try:
-            await self.db.run_interaction("persist_event", txn_fn)
-        finally:
-            self._lock.release()
+        await self._lock.run(self.db.run_interaction, "persist_event", txn_fn)
         await self._after_commit(item)
         return item.stream_ordering
 
@@ -89,11 +85,7 @@ class Persister:
                 for hook in self.txn_hooks:
                     hook(txn, item)
 
-        await self._lock.acquire()
-        try:
-            await self.db.run_interaction("persist_chain", txn_fn)
-        finally:
-            self._lock.release()
+        await self._lock.run(self.db.run_interaction, "persist_chain", txn_fn)
         for item in items:
             await self._after_commit(item)
 
@@ -105,11 +97,7 @@ class Persister:
             for item in items:
                 self.events.persist_txn(txn, item)
 
-        await self._lock.acquire()
-        try:
-            await self.db.run_interaction("persist_outliers", txn_fn)
-        finally:
-            self._lock.release()
+        await self._lock.run(self.db.run_interaction, "persist_outliers", txn_fn)
         for item in items:
             item.event.internal["outlier"] = True
             item.event.internal["stream_ordering"] = item.stream_ordering
@@ -130,11 +118,7 @@ class Persister:
             for hook in self.outlier_txn_hooks:
                 hook(txn, item)
 
-        await self._lock.acquire()
-        try:
-            await self.db.run_interaction("persist_membership_outlier", txn_fn)
-        finally:
-            self._lock.release()
+        await self._lock.run(self.db.run_interaction, "persist_membership_outlier", txn_fn)
         ev.internal["outlier"] = True
         ev.internal["stream_ordering"] = item.stream_ordering
         self.events.cache_event(ev)

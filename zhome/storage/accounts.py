@@ -251,8 +251,8 @@ class AccountsStore:
                 txn.execute(
                     "INSERT INTO devices (user_id, device_id, display_name, last_seen_ts, last_seen_ip)"
                     " VALUES (?,?,?,?,?)",
-                    (user_id, device_id, self._seal_name(user_id, device_id, display_name), now,
-                     self._seal_ip(user_id, device_id, ip)),
+                    (user_id, device_id, self.seal_name(user_id, device_id, display_name), now,
+                     self.seal_ip(user_id, device_id, ip)),
                 )
                 self._devices_changed_txn(txn, user_id, [device_id], False)
             else:
@@ -273,7 +273,7 @@ class AccountsStore:
             if txn.fetchone() is not None:
                 return False
             txn.execute("INSERT INTO devices (user_id, device_id, display_name, last_seen_ts, last_seen_ip)"
-                        " VALUES (?,?,?,?,?)", (user_id, device_id, self._seal_name(user_id, device_id, display_name),
+                        " VALUES (?,?,?,?,?)", (user_id, device_id, self.seal_name(user_id, device_id, display_name),
                                                 int(time.time() * 1000), None))
             self._devices_changed_txn(txn, user_id, [device_id], False)
             return True
@@ -399,13 +399,13 @@ class AccountsStore:
         self._devices_deleted(user_id)
 
     # -- encryption at rest: a device's name and last address, under the user's key
-    def _seal_name(self, user_id: str, device_id: str, name: Optional[str]) -> Optional[str]:
+    def seal_name(self, user_id: str, device_id: str, name: Optional[str]) -> Optional[str]:
         return seal_text(self.sealer, user_id, name, f"devices.display_name\x00{user_id}\x00{device_id}")
 
     def open_name(self, user_id: str, device_id: str, name: Optional[str]) -> Optional[str]:
         return open_text(self.sealer, name, f"devices.display_name\x00{user_id}\x00{device_id}")
 
-    def _seal_ip(self, user_id: str, device_id: str, ip: Optional[str]) -> Optional[str]:
+    def seal_ip(self, user_id: str, device_id: str, ip: Optional[str]) -> Optional[str]:
         return seal_text(self.sealer, user_id, ip, f"devices.last_seen_ip\x00{user_id}\x00{device_id}")
 
     def open_ip(self, user_id: str, device_id: str, ip: Optional[str]) -> Optional[str]:
@@ -452,7 +452,7 @@ class AccountsStore:
     async def set_device_name(self, user_id: str, device_id: str, name: Optional[str]) -> bool:
         def txn_fn(txn: Txn) -> bool:
             txn.execute("UPDATE devices SET display_name = ? WHERE user_id = ? AND device_id = ?",
-                        (self._seal_name(user_id, device_id, name), user_id, device_id))
+                        (self.seal_name(user_id, device_id, name), user_id, device_id))
             if txn.rowcount == 0:
                 return False
             self._devices_changed_txn(txn, user_id, [device_id], False)

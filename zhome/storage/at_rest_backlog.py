@@ -10,11 +10,11 @@ what was read, so a concurrent write or purge is never undone.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet import defer, task
 
-from zhome.storage.at_rest import PREFIX
+from zhome.storage.at_rest import PREFIX, seal_text
 from zhome.storage.database import Txn
 
 if TYPE_CHECKING:
@@ -26,78 +26,54 @@ BATCH = 500
 PAUSE_S = 0.05
 
 
-def _seal_account_data_txn(hs: "HomeServer", txn: Txn, limit: int) -> int:
-    txn.execute("SELECT user_id, room_id, type, content FROM account_data WHERE content NOT LIKE ?"
-                " LIMIT ?", (PREFIX + "%", limit))
+def _seal_columns_txn(txn: Txn, limit: int, table: str, keys: tuple[str, ...], columns: tuple[str, ...],
+                      seal: Callable[[tuple[Any, ...], str, str], Optional[str]]) -> int:
+    """Seal up to ``limit`` rows of ``table`` with a clear value in one of
+    ``columns``: ``seal(key values, column, value)`` gives the sealed text.
+    A row is only updated if it still holds what was read."""
+    pending = " OR ".join(f"({c} IS NOT NULL AND {c} NOT LIKE ?)" for c in columns)
+    txn.execute(f"SELECT {', '.join(keys + columns)} FROM {table} WHERE {pending} LIMIT ?",
+                (*[PREFIX + "%"] * len(columns), limit))
     rows = txn.fetchall()
-    for user_id, room_id, dtype, content in rows:
-        txn.execute("UPDATE account_data SET content = ? WHERE user_id = ? AND room_id = ? AND type = ?"
-                    " AND content = ?",
-                    (hs.user_data.seal_content(user_id, room_id, dtype, content), user_id, room_id, dtype, content))
+    sets = ", ".join(f"{c} = ?" for c in columns)
+    where = " AND ".join([f"{k} = ?" for k in keys] + [f"{c} IS NOT DISTINCT FROM ?" for c in columns])
+    for row in rows:
+        key, values = tuple(row[:len(keys)]), tuple(row[len(keys):])
+        sealed = [v if v is None or v.startswith(PREFIX) else seal(key, c, v) for c, v in zip(columns, values)]
+        txn.execute(f"UPDATE {table} SET {sets} WHERE {where}", (*sealed, *key, *values))
     return len(rows)
 
 
-def _seal_devices_txn(hs: "HomeServer", txn: Txn, limit: int) -> int:
-    txn.execute("SELECT user_id, device_id, display_name, last_seen_ip FROM devices"
-                " WHERE (display_name IS NOT NULL AND display_name NOT LIKE ?)"
-                " OR (last_seen_ip IS NOT NULL AND last_seen_ip NOT LIKE ?) LIMIT ?",
-                (PREFIX + "%", PREFIX + "%", limit))
-    rows = txn.fetchall()
-    acc = hs.accounts
-    for user_id, device_id, name, ip in rows:
-        new_name = name if name is None or name.startswith(PREFIX) else acc._seal_name(user_id, device_id, name)
-        new_ip = ip if ip is None or ip.startswith(PREFIX) else acc._seal_ip(user_id, device_id, ip)
-        txn.execute("UPDATE devices SET display_name = ?, last_seen_ip = ? WHERE user_id = ? AND device_id = ?"
-                    " AND display_name IS NOT DISTINCT FROM ? AND last_seen_ip IS NOT DISTINCT FROM ?",
-                    (new_name, new_ip, user_id, device_id, name, ip))
-    return len(rows)
-
-
-def _seal_profiles_txn(hs: "HomeServer", txn: Txn, limit: int) -> int:
-    txn.execute("SELECT user_id, displayname, avatar_url FROM profiles"
-                " WHERE (displayname IS NOT NULL AND displayname NOT LIKE ?)"
-                " OR (avatar_url IS NOT NULL AND avatar_url NOT LIKE ?) LIMIT ?", (PREFIX + "%", PREFIX + "%", limit))
-    rows = txn.fetchall()
-    acc = hs.accounts
-    for user_id, name, avatar in rows:
-        new_name = name if name is None or name.startswith(PREFIX) else acc.seal_profile(user_id, "displayname", name)
-        new_av = avatar if avatar is None or avatar.startswith(PREFIX) else acc.seal_profile(
-            user_id, "avatar_url", avatar)
-        txn.execute("UPDATE profiles SET displayname = ?, avatar_url = ? WHERE user_id = ?"
-                    " AND displayname IS NOT DISTINCT FROM ? AND avatar_url IS NOT DISTINCT FROM ?",
-                    (new_name, new_av, user_id, name, avatar))
-    return len(rows)
-
-
-def _seal_remote_profiles_txn(hs: "HomeServer", txn: Txn, limit: int) -> int:
-    from zhome.storage.at_rest import seal_text
-
-    txn.execute("SELECT user_id, display_name, avatar_url FROM user_directory_remote_profiles"
-                " WHERE (display_name IS NOT NULL AND display_name NOT LIKE ?)"
-                " OR (avatar_url IS NOT NULL AND avatar_url NOT LIKE ?) LIMIT ?", (PREFIX + "%", PREFIX + "%", limit))
-    rows = txn.fetchall()
-    for user_id, name, avatar in rows:
-        new_name = name if name is None or name.startswith(PREFIX) else seal_text(
-            hs.sealer, user_id, name, f"remote_profiles.display_name\x00{user_id}")
-        new_av = avatar if avatar is None or avatar.startswith(PREFIX) else seal_text(
-            hs.sealer, user_id, avatar, f"remote_profiles.avatar_url\x00{user_id}")
-        txn.execute("UPDATE user_directory_remote_profiles SET display_name = ?, avatar_url = ? WHERE user_id = ?"
-                    " AND display_name IS NOT DISTINCT FROM ? AND avatar_url IS NOT DISTINCT FROM ?",
-                    (new_name, new_av, user_id, name, avatar))
-    return len(rows)
-
-
-def _seal_media_names_txn(hs: "HomeServer", txn: Txn, limit: int) -> int:
+def _steps(hs: "HomeServer") -> list[tuple[str, Callable[[Txn, int], int]]]:
+    """(what, seal up to N rows of it) for everything the job seals."""
+    acc, user_data, sealer = hs.accounts, hs.user_data, hs.sealer
     repo = hs.media_repository
-    if repo is None:
-        return 0
-    txn.execute("SELECT origin, media_id, user_id, upload_name FROM media WHERE upload_name IS NOT NULL"
-                " AND upload_name NOT LIKE ? LIMIT ?", (PREFIX + "%", limit))
-    rows = txn.fetchall()
-    for origin, media_id, user_id, name in rows:
-        txn.execute("UPDATE media SET upload_name = ? WHERE origin = ? AND media_id = ? AND upload_name = ?",
-                    (repo.store.seal_name(origin, media_id, user_id, name), origin, media_id, name))
-    return len(rows)
+
+    def device(k: tuple[Any, ...], column: str, v: str) -> Optional[str]:
+        return acc.seal_name(k[0], k[1], v) if column == "display_name" else acc.seal_ip(k[0], k[1], v)
+
+    def remote_profile(k: tuple[Any, ...], column: str, v: str) -> Optional[str]:
+        return seal_text(sealer, k[0], v, f"remote_profiles.{column}\x00{k[0]}")
+
+    steps: list[tuple[str, Callable[[Txn, int], int]]] = [
+        ("events", hs.events.seal_backlog_txn),
+        ("account data", lambda txn, n: _seal_columns_txn(
+            txn, n, "account_data", ("user_id", "room_id", "type"), ("content",),
+            lambda k, _c, v: user_data.seal_content(k[0], k[1], k[2], v))),
+        ("devices", lambda txn, n: _seal_columns_txn(
+            txn, n, "devices", ("user_id", "device_id"), ("display_name", "last_seen_ip"), device)),
+        ("profiles", lambda txn, n: _seal_columns_txn(
+            txn, n, "profiles", ("user_id",), ("displayname", "avatar_url"),
+            lambda k, c, v: acc.seal_profile(k[0], c, v))),
+        ("remote profiles", lambda txn, n: _seal_columns_txn(
+            txn, n, "user_directory_remote_profiles", ("user_id",), ("display_name", "avatar_url"),
+            remote_profile)),
+    ]
+    if repo is not None:
+        steps.append(("media names", lambda txn, n: _seal_columns_txn(
+            txn, n, "media", ("origin", "media_id", "user_id"), ("upload_name",),
+            lambda k, _c, v: repo.store.seal_name(k[0], k[1], k[2], v))))
+    return steps
 
 
 #: Tables the job rewrites: their old row versions are scrubbed afterwards.
@@ -120,12 +96,7 @@ class SealingBacklog:
         from zhome.util.reactor import reactor
 
         hs = self.hs
-        steps = (("events", hs.events.seal_backlog_txn),
-                 ("account data", lambda txn, n: _seal_account_data_txn(hs, txn, n)),
-                 ("devices", lambda txn, n: _seal_devices_txn(hs, txn, n)),
-                 ("profiles", lambda txn, n: _seal_profiles_txn(hs, txn, n)),
-                 ("remote profiles", lambda txn, n: _seal_remote_profiles_txn(hs, txn, n)),
-                 ("media names", lambda txn, n: _seal_media_names_txn(hs, txn, n)))
+        steps = _steps(hs)
         for name, step in steps:
             # Bounded: every batch seals or moves past up to BATCH rows, and
             # rows written from now on are sealed already.

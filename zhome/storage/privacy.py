@@ -169,8 +169,7 @@ class PrivacyStore:
         if sealer is None:
             return 0
         ids = await threads.deferToThread(sealer.key_ids, owner=user_id)
-        n = await self.shred_unused_keys([i for i in ids], include_current_period=True)
-        return n
+        return await self.shred_unused_keys(ids, include_current_period=True)
 
     async def media_of(self, user_id: str) -> list[tuple[str, str]]:
         """(origin, media_id) of every file ``user_id`` uploaded."""
