@@ -796,6 +796,10 @@ class HomeserverConfig:
     # PEM certificate (chain) and private key for listeners with tls: true.
     tls_certificate_path: str | None = setting(optional(non_empty_string), default=None)
     tls_private_key_path: str | None = setting(optional(non_empty_string), default=None)
+    # Application service registration files (Synapse's YAML format, see
+    # zhome/appservice/registration.py); relative to the config file's
+    # directory. A broken file stops start-up.
+    app_service_config_files: tuple[str, ...] = setting(list_of(non_empty_string), default=())
     # Not a YAML key: the absolute path of the file this came from.
     config_path: str = ""
 
@@ -893,6 +897,7 @@ def _finish(config: HomeserverConfig, config_path: str) -> HomeserverConfig:
             trusted_ca_files=tuple(_resolve(p, config_dir) for p in config.federation.trusted_ca_files),
         ),
         database=database,
+        app_service_config_files=tuple(_resolve(p, config_dir) for p in config.app_service_config_files),
         media=_finish_media(config, config_dir, data_dir),
         encryption=dataclasses.replace(
             config.encryption,

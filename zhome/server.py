@@ -88,6 +88,10 @@ class HomeServer:
 
     async def setup(self) -> None:
         cfg = self.config
+        from zhome.appservice.registration import load_registrations
+
+        # Before anything else: a broken registration stops start-up at once.
+        app_services = load_registrations(cfg.app_service_config_files, cfg.server_name)
         self.signing_keys = read_signing_key_file(cfg.signing_key_path)
         self.signing_key = self.signing_keys[0]
         os.makedirs(cfg.data_dir, exist_ok=True)
@@ -191,6 +195,7 @@ class HomeServer:
         self.visibility = Visibility(self.events)
         self.auth = Auth(self.accounts)
         self.auth.operator_user_id = f"@zhome-operator:{self.server_name}"
+        await self._setup_appservices(app_services)
         rl = cfg.rate_limits
         self.ratelimit_message = RateLimiter(rl.message.per_second, rl.message.burst_count, rl.enabled)
         self.ratelimit_registration = RateLimiter(rl.registration.per_second, rl.registration.burst_count, rl.enabled)
@@ -223,6 +228,57 @@ class HomeServer:
 
         self.sealing_backlog = SealingBacklog(self)
         self.sealing_backlog.start()
+
+    async def _setup_appservices(self, services: list[Any]) -> None:
+        """Application services (zhome/appservice): none configured, nothing
+        hooked anywhere (the send path does not change)."""
+        from zhome.appservice.http import make_request_fn
+        from zhome.appservice.service import AppServices
+
+        made: list[Any] = []
+
+        async def request(method: str, url: str, token: str, body: Any, timeout: float) -> tuple[int, Any, str]:
+            # Made on first use, like the push client.
+            if not made:
+                from zhome.federation.tls import FederationTLSPolicy
+
+                made.append(make_request_fn(FederationTLSPolicy(
+                    self.config.federation.verify_certificates, self.config.federation.trusted_ca_files)))
+            return cast(tuple[int, Any, str], await made[0](method, url, token, body, timeout))
+
+        self.appservices = AppServices(services, request)
+        self.appservice_txns: Any = None
+        if not services:
+            return
+        from zhome.appservice.transactions import AppServiceTransactions
+        from zhome.client.serialize import serialize_events
+
+        self.auth.appservices = self.appservices
+        for s in services:
+            if await self.accounts.get_user(s.sender) is None:
+                await self.accounts.create_user(s.sender, None, displayname=s.sender_localpart)
+        events = self.events
+
+        async def serialize(evs: list[Any]) -> list[dict[str, Any]]:
+            return await serialize_events(events, evs)
+
+        txns = AppServiceTransactions(services, self.db, await IdGenerator.from_table(self.db, "appservice_queue", "id"),
+                                      self.events.get_events, serialize, self.rooms.get_aliases_for_room, request)
+        self.appservice_txns = txns
+        self.persister.pre_hooks.append(txns.before_persist)
+        self.persister.txn_hooks.append(txns.persist_txn_hook)
+        self.persister.after_commit_hooks.append(txns.after_persist)
+        self.persister.outlier_txn_hooks.append(txns.outlier_txn_hook)
+        self.persister.outlier_after_commit_hooks.append(txns.after_persist)
+        from zhome.appservice.ephemeral import EphemeralForwarder
+
+        self.appservice_ephemeral = EphemeralForwarder(txns, self.events, self.typing, self.presence.event)
+        self.typing.change_hooks.append(self.appservice_ephemeral.on_typing)
+        self.user_data.receipt_hooks.append(self.appservice_ephemeral.on_receipt)
+        self.presence.change_hooks.append(self.appservice_ephemeral.on_presence)
+        for limiter in (self.ratelimit_message, self.ratelimit_joins):
+            limiter.exempt = self.appservices.is_unlimited
+        await txns.start()
 
     def _setup_e2ee(self, keys_store: Any, device_list_store: Any, to_device_store: Any,
                     cross_signing_store: Any) -> None:
@@ -441,7 +497,18 @@ class HomeServer:
                 EncryptionServlets(self),
                 AdminMediaServlets(self), DestinationServlets(self), ServerNoticeServlets(self), ExportServlets(self),
                 TransferServlets(self), InvitePermissionServlets(self),
-                *self._backup_and_dehydration_servlets()]
+                *self._backup_and_dehydration_servlets(), self._appservice_servlets()]
+
+    def _appservice_servlets(self) -> Any:
+        from zhome.appservice.servlets import AppServiceRoomList, AppServiceServlets
+
+        self.appservice_room_list = AppServiceRoomList(self.db)
+        rooms = self.rooms
+
+        async def room_exists(room_id: str) -> bool:
+            return await rooms.get_room_version(room_id) is not None
+
+        return AppServiceServlets(self.auth, self.appservices, self.appservice_room_list, room_exists)
 
     def _backup_and_dehydration_servlets(self) -> list[Any]:
         from zhome.e2ee.dehydrated_devices import DehydratedDeviceServlets
@@ -529,6 +596,8 @@ class HomeServer:
             await self.guest_access.stop()
         if getattr(self, "federation_sender", None) is not None:
             self.federation_sender.stop()
+        if getattr(self, "appservice_txns", None) is not None:
+            self.appservice_txns.stop()
         if getattr(self, "presence", None) is not None:
             self.presence.stop()
         if getattr(self, "retention", None) is not None:

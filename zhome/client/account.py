@@ -111,13 +111,18 @@ class AccountServlets:
 
     # -- login -------------------------------------------------------------
     async def on_login_flows(self, request: Request) -> tuple[int, Any]:
-        return 200, {"flows": [{"type": "m.login.password"}]}
+        flows: list[dict[str, Any]] = [{"type": "m.login.password"}]
+        if self.hs.appservices:
+            flows.append({"type": "m.login.application_service"})
+        return 200, {"flows": flows}
 
     async def on_login(self, request: Request) -> tuple[int, Any]:
         body = read_json_body(request)
         self.hs.ratelimit_login.check("ip:" + client_ip(request))
         if not isinstance(body.get("type"), str):
             raise bad_json("'type' must be a string")
+        if body.get("type") == "m.login.application_service" and self.hs.appservices:
+            return 200, await self._login_application_service(request, body)
         if body.get("type") != "m.login.password":
             raise MatrixError(400, "M_UNKNOWN", "Unknown login type")
         user_id = self._user_id_from_identifier(body)
@@ -132,6 +137,23 @@ class AccountServlets:
         if not ok:
             raise forbidden("Invalid username or password")
         return 200, await self._issue_login(user_id, body, request)
+
+    async def _login_application_service(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        """Spec: "Appservice Login": a device and token for a user in the
+        service's users namespace, authorised by its as_token."""
+        req = await self.hs.auth.app_service_of(request)
+        if req is None or req.app_service is None:
+            raise MatrixError(401, "M_UNKNOWN_TOKEN", "m.login.application_service needs an application service's"
+                              " as_token", soft_logout=False)
+        service = self.hs.appservices.by_id(req.app_service)
+        assert service is not None
+        user_id = self._user_id_from_identifier(body)
+        if not service.is_interested_in_user(user_id):
+            raise MatrixError(403, "M_FORBIDDEN", "This user is not in the application service's namespace")
+        user = await self.accounts.get_user(user_id)
+        if user is None or user["deactivated"]:
+            raise forbidden("Invalid username")
+        return await self._issue_login(user_id, body, request)
 
     def _user_id_from_identifier(self, body: dict[str, Any]) -> str:
         ident = body.get("identifier")
@@ -216,7 +238,14 @@ class AccountServlets:
         user_id = self._check_username(username)
         if await self.accounts.user_exists_ci(user_id):
             raise MatrixError(400, "M_USER_IN_USE", "User ID already taken.")
+        self._refuse_exclusive(user_id)
         return 200, {"available": True}
+
+    def _refuse_exclusive(self, user_id: str) -> None:
+        """Spec: application-service-api "Registration": a user ID in a
+        service's exclusive namespace is only for that service."""
+        if self.hs.appservices and self.hs.appservices.exclusive_user_owner(user_id) is not None:
+            raise MatrixError(400, "M_EXCLUSIVE", "This user ID is reserved by an application service")
 
     async def on_regtoken_validity(self, request: Request) -> tuple[int, Any]:
         token = query_arg(request, "token")
@@ -251,6 +280,13 @@ class AccountServlets:
         """
         body = read_json_body(request, allow_empty=True)
         kind = query_arg(request, "kind", "user")
+        if self.hs.appservices:
+            as_req = await self.hs.auth.app_service_of(request)
+            if as_req is not None:
+                return await self._register_application_service(request, body, as_req.app_service or "")
+            if body.get("type") == "m.login.application_service":
+                raise MatrixError(401, "M_MISSING_TOKEN", "m.login.application_service needs an application"
+                                  " service's as_token")
         if kind == "guest":
             return await self._register_guest(request, body)
         if kind != "user":
@@ -268,6 +304,31 @@ class AccountServlets:
                 # Anything but the first step's offer of flows is a failure.
                 limiter.record("failed-ip:" + ip)
             raise
+
+    async def _register_application_service(self, request: Request, body: dict[str, Any],
+                                            as_id: str) -> tuple[int, Any]:
+        """Spec: client-server-api "Account registration" with ``type:
+        m.login.application_service``: no user-interactive auth; the
+        username must be in the service's users namespace."""
+        service = self.hs.appservices.by_id(as_id)
+        assert service is not None
+        if body.get("type") != "m.login.application_service":
+            raise MatrixError(400, "M_APPSERVICE_LOGIN_UNSUPPORTED",
+                              "An application service registers with type m.login.application_service")
+        username = body.get("username")
+        if username is None:
+            raise missing_param("Missing username")
+        user_id = self._check_username(username)
+        if not service.is_interested_in_user(user_id):
+            raise MatrixError(400, "M_EXCLUSIVE", "This user ID is not in the application service's namespace")
+        owner = self.hs.appservices.exclusive_user_owner(user_id)
+        if owner is not None and owner.id != service.id:
+            raise MatrixError(400, "M_EXCLUSIVE", "This user ID is reserved by another application service")
+        if not await self.accounts.create_user(user_id, None, displayname=user_id[1:].split(":")[0]):
+            raise MatrixError(400, "M_USER_IN_USE", "User ID already taken.")
+        keys = ("device_id", "initial_device_display_name", "inhibit_login", "refresh_token")
+        params: dict[str, Any] = {k: body[k] for k in keys if k in body}
+        return 200, await self._registered(request, user_id, params)
 
     async def _register_guest(self, request: Request, body: dict[str, Any]) -> tuple[int, Any]:
         """Spec: "Guest Access": a guest account, without user-interactive auth.
@@ -347,6 +408,7 @@ class AccountServlets:
         username = body.get("username")
         if username is not None:
             params["user_id"] = self._check_username(username)
+            self._refuse_exclusive(params["user_id"])
         guest_token = body.get("guest_access_token")
         if guest_token is not None:
             params["guest_user_id"] = await self._guest_to_upgrade(guest_token)
@@ -526,6 +588,9 @@ class AccountServlets:
         if server != self.hs.server_name and self.hs.federation_client is not None:
             return await self._remote_profile(server, user_id)
         p = await self.accounts.get_profile(user_id)
+        if p is None and self.hs.appservices and await self.hs.appservices.query_user(user_id):
+            # Spec: application-service-api "Querying": the service made it.
+            p = await self.accounts.get_profile(user_id)
         if p is None:
             raise not_found("Profile not found")
         return p

@@ -114,12 +114,37 @@ class RoomServlets:
                 raise invalid_param("Invalid room alias")
             server = server_of(target)
             if server == self.hs.server_name:
-                found = await self.hs.rooms.get_alias(target)
+                found = await self.local_alias(target)
                 if found is None:
                     raise not_found("Room alias not found")
                 return found[0], via
             return await self._remote_alias(target, server)
         raise invalid_param("Expected a room ID or alias")
+
+    async def local_alias(self, alias: str) -> Optional[tuple[str, str]]:
+        """(room ID, creator) of a local alias; an unknown alias in an
+        application service's namespace is asked of the service first
+        (spec: application-service-api "Querying", ``GET /rooms/{roomAlias}``)."""
+        found = await self.hs.rooms.get_alias(alias)
+        if found is None and self.hs.appservices and await self.hs.appservices.query_alias(alias):
+            found = await self.hs.rooms.get_alias(alias)
+        return found
+
+    async def query_unknown_users(self, user_ids: list[str]) -> None:
+        """Spec: application-service-api "Querying" ``GET /users/{userId}``:
+        local users that do not exist yet, in a service's namespace, are
+        asked of the service (which may create them)."""
+        if not self.hs.appservices:
+            return
+        for user_id in user_ids[:100]:
+            if (isinstance(user_id, str) and server_of(user_id) == self.hs.server_name
+                    and await self.hs.accounts.get_user(user_id) is None):
+                await self.hs.appservices.query_user(user_id)
+
+    def _alias_changed(self, room_id: str) -> None:
+        txns = getattr(self.hs, "appservice_txns", None)
+        if txns is not None:
+            txns.alias_changed(room_id)
 
     async def _remote_alias(self, alias: str, server: str) -> tuple[str, list[str]]:
         client = self.hs.federation_client
@@ -151,6 +176,12 @@ class RoomServlets:
         req = await self.hs.auth.get_user_by_req(request)
         body = read_json_body(request, allow_empty=True)
         self.hs.ratelimit_joins.check(req.user_id)
+        invites = body.get("invite")
+        if isinstance(invites, list):
+            await self.query_unknown_users(invites)
+        room_alias_name = body.get("room_alias_name")
+        if isinstance(room_alias_name, str):
+            self._refuse_exclusive_alias(f"#{room_alias_name}:{self.hs.server_name}", req.app_service)
         room_id, alias = await self.hs.room_creation.create_room(req.user_id, body)
         out: dict[str, Any] = {"room_id": room_id}
         if alias:
@@ -230,6 +261,8 @@ class RoomServlets:
                 if current != "ban":
                     raise forbidden(f"{target} is not banned")
             await self._require_known_room(room_id)
+            if action == "invite":
+                await self.query_unknown_users([target])
             await self.hs.membership.update(req.user_id, target, room_id, membership_value, reason=reason)
             return 200, {}
 
@@ -543,20 +576,31 @@ class RoomServlets:
         if server_of(alias) != self.hs.server_name:
             raise invalid_param("Room alias must be on this server")
 
+    def _refuse_exclusive_alias(self, alias: str, app_service: Optional[str]) -> None:
+        """Spec: application-service-api "Registration": an alias in a
+        service's exclusive namespace is only for that service."""
+        owner = self.hs.appservices.exclusive_alias_owner(alias) if self.hs.appservices else None
+        if owner is not None and owner.id != app_service:
+            raise MatrixError(400, "M_EXCLUSIVE", "This room alias is reserved by an application service")
+
     async def on_put_alias(self, request: Request, alias: str) -> tuple[int, Any]:
         req = await self.hs.auth.get_user_by_req(request)
         body = read_json_body(request)
         self._check_local_alias(alias)
+        self._refuse_exclusive_alias(alias, req.app_service)
         room_id = body.get("room_id")
         if not isinstance(room_id, str) or not room_id.startswith("!"):
             raise bad_json("'room_id' must be a room ID")
         if await self.hs.rooms.get_room_version(room_id) is None:
             raise not_found("Room not found")
         membership, _ = await self._membership(room_id, req.user_id)
-        if membership != "join":
+        if membership != "join" and req.app_service is None:
+            # A service manages aliases in its namespace for rooms it bridges,
+            # joined or not.
             raise forbidden("You are not in this room")
         if not await self.hs.rooms.create_alias(alias, room_id, req.user_id):
             raise MatrixError(409, "M_UNKNOWN", "Room alias already exists")
+        self._alias_changed(room_id)
         return 200, {}
 
     async def on_get_alias(self, request: Request, alias: str) -> tuple[int, Any]:
@@ -567,7 +611,7 @@ class RoomServlets:
             # Spec: server-server-api "Query Types" (GET /query/directory).
             room_id, servers = await self._remote_alias(alias, server)
             return 200, {"room_id": room_id, "servers": list(dict.fromkeys(servers))}
-        found = await self.hs.rooms.get_alias(alias)
+        found = await self.local_alias(alias)
         if found is None:
             raise not_found("Room alias not found")
         return 200, {"room_id": found[0], "servers": [self.hs.server_name]}
@@ -579,7 +623,9 @@ class RoomServlets:
         if found is None:
             raise not_found("Room alias not found")
         room_id, creator = found
-        if creator != req.user_id and not req.is_admin:
+        service = self.hs.appservices.by_id(req.app_service) if req.app_service else None
+        own_namespace = service is not None and service.is_interested_in_alias(alias)
+        if creator != req.user_id and not req.is_admin and not own_namespace:
             state = await self.events.get_current_state_ids(room_id)
             keys = [("m.room.create", ""), ("m.room.power_levels", "")]
             evs = await self.events.get_events(state[k] for k in keys if k in state)
@@ -588,6 +634,7 @@ class RoomServlets:
             if level < auth_rules.get_required_level("m.room.canonical_alias", True, ae):
                 raise forbidden("You may not delete this alias")
         await self.hs.rooms.delete_alias(alias)
+        self._alias_changed(room_id)
         await self._drop_from_canonical_alias(room_id, alias, req.user_id)
         return 200, {}
 
@@ -662,10 +709,25 @@ class RoomServlets:
         term = flt.get("generic_search_term")
         if term is not None and not isinstance(term, str):
             raise bad_json("'generic_search_term' must be a string")
-        return 200, await self._public_rooms(limit, since, term, query_arg(request, "server"))
+        # Spec: "Application service room directories": the main list by
+        # default, one network's with third_party_instance_id, all with
+        # include_all_networks.
+        instance = body.get("third_party_instance_id")
+        if instance is not None and not isinstance(instance, str):
+            raise bad_json("'third_party_instance_id' must be a string")
+        all_networks = body.get("include_all_networks", False)
+        if not isinstance(all_networks, bool):
+            raise bad_json("'include_all_networks' must be a boolean")
+        room_ids: Optional[list[str]] = None
+        room_list = getattr(self.hs, "appservice_room_list", None)
+        if instance is not None:
+            room_ids = await room_list.room_ids(instance) if room_list is not None else []
+        elif all_networks and room_list is not None:
+            room_ids = sorted(set(await self.hs.rooms.get_public_room_ids()) | set(await room_list.room_ids(None)))
+        return 200, await self._public_rooms(limit, since, term, query_arg(request, "server"), room_ids)
 
     async def _public_rooms(self, limit: Optional[int], since: Optional[str], term: Optional[str],
-                            server: Optional[str]) -> dict[str, Any]:
+                            server: Optional[str], room_ids: Optional[list[str]] = None) -> dict[str, Any]:
         if server is not None and server != self.hs.server_name:
             return await self._remote_public_rooms(server, limit, since, term)
         offset = 0
@@ -675,7 +737,9 @@ class RoomServlets:
             except ValueError:
                 raise invalid_param("Invalid 'since' token")
         rooms = []
-        for room_id in await self.hs.rooms.get_public_room_ids():
+        if room_ids is None:
+            room_ids = await self.hs.rooms.get_public_room_ids()
+        for room_id in room_ids:
             entry = await self.room_summary(room_id)
             if term:
                 hay = " ".join(str(entry.get(k, "")) for k in ("name", "topic", "canonical_alias")).lower()

@@ -18,19 +18,29 @@ sessions in order (leave and forget rooms, redact, receipts, account data,
 keys, devices, logging out); any other write is 403 ``M_USER_SUSPENDED``.
 The list below is of route names, so a new write route is closed to
 suspended accounts until it is added here.
+
+Spec: application-service-api "Identity assertion": a request with a
+service's ``as_token`` acts as the service's sender, or with ``?user_id=``
+as any user in its users namespace (403 ``M_FORBIDDEN`` for anyone else,
+and for a user that does not exist); ``?device_id=`` (MSC3202, also
+``org.matrix.msc3202.device_id``) picks one of that user's existing
+devices.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from twisted.web.server import Request
 
 from zhome.http.errors import MatrixError, guest_access_forbidden
 from zhome.http.server import guests_allowed
 from zhome.storage.accounts import AccountsStore
+
+if TYPE_CHECKING:
+    from zhome.appservice.service import AppServices
 
 
 # Routes a locked account may still call.
@@ -57,6 +67,8 @@ class Requester:
     token_id: int
     is_admin: bool
     is_guest: bool = False
+    #: The ID of the application service whose as_token made the request.
+    app_service: Optional[str] = None
 
 
 def token_from_request(request: Request) -> Optional[str]:
@@ -83,6 +95,42 @@ class Auth:
         #: Who requests on the operator's admin socket act as (a server admin
         #: with no account and no token); set by the server.
         self.operator_user_id = "@zhome-operator:localhost"
+        #: The configured application services (None: none configured).
+        self.appservices: Optional["AppServices"] = None
+
+    async def _app_service_requester(self, request: Request, token: str,
+                                     allow_missing_user: bool) -> Optional[Requester]:
+        services = self.appservices
+        service = services.by_token(token) if services else None
+        if service is None:
+            return None
+        user_id = service.sender
+        asked = request.args.get(b"user_id")
+        if asked:
+            user_id = asked[0].decode("utf-8", "replace")
+            if not service.is_interested_in_user(user_id):
+                raise MatrixError(403, "M_FORBIDDEN", "Application service cannot masquerade as this user")
+        user = await self.accounts.get_user(user_id)
+        if user is None and not allow_missing_user:
+            raise MatrixError(403, "M_FORBIDDEN", "Application service has not registered this user")
+        if user is not None and user["deactivated"]:
+            raise MatrixError(403, "M_FORBIDDEN", "This user is deactivated")
+        device_id = ""
+        raw_device = request.args.get(b"device_id") or request.args.get(b"org.matrix.msc3202.device_id")
+        if raw_device:
+            device_id = raw_device[0].decode("utf-8", "replace")
+            if not any(d["device_id"] == device_id for d in await self.accounts.get_devices(user_id)):
+                raise MatrixError(400, "M_UNKNOWN_DEVICE", "This user has no device with this ID")
+        request.zhome_user = user_id  # type: ignore[attr-defined]
+        return Requester(user_id, device_id, 0, bool(user and user["is_admin"]), False, app_service=service.id)
+
+    async def app_service_of(self, request: Request) -> Optional[Requester]:
+        """The requester when the request carries an application service's
+        as_token (its user need not exist yet: registration), else None."""
+        token = token_from_request(request)
+        if token is None:
+            return None
+        return await self._app_service_requester(request, token, allow_missing_user=True)
 
     async def get_user_by_req(self, request: Request) -> Requester:
         if getattr(request, OPERATOR_ATTR, False):
@@ -91,6 +139,10 @@ class Auth:
         token = token_from_request(request)
         if token is None:
             raise MatrixError(401, "M_MISSING_TOKEN", "Missing access token")
+        if self.appservices:
+            as_requester = await self._app_service_requester(request, token, allow_missing_user=False)
+            if as_requester is not None:
+                return as_requester
         info = await self.accounts.get_token(token)
         if info is None or info.deactivated:
             raise MatrixError(401, "M_UNKNOWN_TOKEN", "Unknown access token", soft_logout=False)

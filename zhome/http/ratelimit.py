@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 from zhome.http.errors import limit_exceeded
 
@@ -23,6 +23,9 @@ class RateLimiter:
         self.clock = clock
         # key -> (tokens, last refill time)
         self._buckets: dict[str, tuple[float, float]] = {}
+        #: Keys never limited (application services registered with
+        #: ``rate_limited: false`` and their users).
+        self.exempt: Optional[Callable[[str], bool]] = None
 
     def check(self, key: str) -> None:
         """Take one action for ``key`` or raise M_LIMIT_EXCEEDED."""
@@ -43,7 +46,7 @@ class RateLimiter:
         self._buckets[key] = (max(0.0, tokens - 1.0), now)
 
     def _take(self, key: str, cost: float) -> None:
-        if not self.enabled:
+        if not self.enabled or (self.exempt is not None and self.exempt(key)):
             return
         now = self.clock()
         tokens, last = self._buckets.get(key, (float(self.burst), now))

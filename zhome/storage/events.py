@@ -58,6 +58,9 @@ class PersistItem:
     # Servers that must receive the event (the outbound queue is written in
     # the same transaction).
     destinations: list[str] = field(default_factory=list)
+    # Application services that must receive the event (their queue rows
+    # are written in the same transaction; zhome/appservice/transactions.py).
+    appservices: list[str] = field(default_factory=list)
     # Events an accepted event replaces as forward extremities besides its
     # prev events: those its soft-failed or rejected prev events built on.
     also_replaces: list[str] = field(default_factory=list)

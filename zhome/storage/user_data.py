@@ -8,7 +8,7 @@ Spec: client-server-api "Client Config", "Receipts", "Filtering",
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from zhome.storage.at_rest import Sealer, open_text, seal_text
 from zhome.storage.database import Database, Txn
@@ -27,6 +27,8 @@ class UserDataStore:
         self.account_data_ids = account_data_ids
         self.receipt_ids = receipt_ids
         self._ignored: LruCache[str, frozenset[str]] = LruCache(10000)
+        #: Called after a receipt is stored: (room_id, receipt_type, user_id, event_id, data, thread_id).
+        self.receipt_hooks: list[Callable[[str, str, str, str, dict[str, Any], str], None]] = []
         self._ignored_writes = 0
         #: Called with a user ID after ``delete_for_user`` (caches to drop).
         self.after_user_data_deleted: list[Any] = []
@@ -127,7 +129,10 @@ class UserDataStore:
             )
             return sid
 
-        return await self.db.run_interaction("set_receipt", txn_fn)
+        sid = await self.db.run_interaction("set_receipt", txn_fn)
+        for hook in self.receipt_hooks:
+            hook(room_id, receipt_type, user_id, event_id, data, thread_id)
+        return sid
 
     async def get_receipts_for_rooms(self, room_ids: list[str], since: int) -> list[tuple]:
         """(room_id, receipt_type, user_id, thread_id, event_id, data) after ``since``."""

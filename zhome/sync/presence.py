@@ -64,6 +64,8 @@ class PresenceService:
         # Set by the federation wiring: called with local changes to push.
         # (states, only these servers or None for all sharing a room).
         self.send_to_servers: Optional[Callable[[list[PresenceState], Optional[list[str]]], Awaitable[None]]] = None
+        #: Called with the states just written (application services' ephemeral events).
+        self.change_hooks: list[Callable[[list[PresenceState]], None]] = []
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -196,6 +198,8 @@ class PresenceService:
                 if membership == "join":
                     rooms.add(room_id)
         self.notifier.on_presence(max(s.stream_id for s in written), rooms, [s.user_id for s in written])
+        for hook in self.change_hooks:
+            hook(written)
 
     async def set_status(self, user_id: str, state: str, status_msg: Any = _UNSET) -> None:
         """PUT /presence/{userId}/status: the user chose ``state``."""

@@ -26,6 +26,8 @@ class TypingService:
             call_later = reactor.callLater
         self._call_later = call_later
         self.on_local_typing: Optional[Callable[[str, str, bool, int], None]] = None
+        #: Called with the room ID whenever a room's typing list changes.
+        self.change_hooks: list[Callable[[str], None]] = []
         # room_id -> user_id -> expiry (monotonic seconds)
         self._typing: dict[str, dict[str, float]] = {}
         # room_id -> the typing stream position of its latest change, so the
@@ -59,6 +61,8 @@ class TypingService:
         # on_typing moves the typing position on by one.
         self._changed_at[room_id] = self.notifier.typing_pos + 1
         self.notifier.on_typing(room_id)
+        for hook in self.change_hooks:
+            hook(room_id)
 
     def changed_after(self, room_id: str, pos: int) -> bool:
         """Whether the room's typing list changed after typing stream position ``pos``."""
