@@ -195,12 +195,12 @@ class HomeServer:
         self.visibility = Visibility(self.events)
         self.auth = Auth(self.accounts)
         self.auth.operator_user_id = f"@zhome-operator:{self.server_name}"
-        await self._setup_appservices(app_services)
         rl = cfg.rate_limits
         self.ratelimit_message = RateLimiter(rl.message.per_second, rl.message.burst_count, rl.enabled)
         self.ratelimit_registration = RateLimiter(rl.registration.per_second, rl.registration.burst_count, rl.enabled)
         self.ratelimit_login = RateLimiter(rl.login.per_second, rl.login.burst_count, rl.enabled)
         self.ratelimit_joins = RateLimiter(rl.joins.per_second, rl.joins.burst_count, rl.enabled)
+        await self._setup_appservices(app_services)
         self.sync_handler = SyncHandler(self)
 
         self.client_resource = JsonResource(max_body_size=cfg.limits.max_request_body_size)
