@@ -31,6 +31,9 @@ class AppServices:
         self.request = request
         self._by_token = {s.as_token: s for s in services}
         self._by_id = {s.id: s for s in services}
+        # (service ID, protocol) -> its last good metadata answer: a service
+        # that cannot answer now is represented by what it said before.
+        self._protocol_cache: dict[tuple[str, str], dict[str, Any]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.services)
@@ -133,10 +136,16 @@ class AppServices:
         merged: Optional[dict[str, Any]] = None
         for s in self.protocol_services(protocol):
             info = await self._thirdparty_get(s, f"/thirdparty/protocol/{segment(protocol)}", None)
-            if not isinstance(info, dict):
-                continue
-            instances = [dict(i, instance_id=f"{s.id}|{i.get('network_id', '')}")
-                         for i in info.get("instances") or [] if isinstance(i, dict)]
+            if isinstance(info, dict):
+                self._protocol_cache[(s.id, protocol)] = info
+            else:
+                info = self._protocol_cache.get((s.id, protocol))
+                if info is None:
+                    continue
+            # An instance with a network_id can be addressed (its room
+            # directory: publicRooms' third_party_instance_id).
+            instances = [dict(i, instance_id=f"{s.id}|{i['network_id']}") if isinstance(i.get("network_id"), str)
+                         else dict(i) for i in info.get("instances") or [] if isinstance(i, dict)]
             if merged is None:
                 merged = dict(info, instances=instances)
             else:

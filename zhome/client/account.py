@@ -516,7 +516,8 @@ class AccountServlets:
     async def on_password(self, request: Request) -> tuple[int, Any]:
         req = await self.hs.auth.get_user_by_req(request)
         body = read_json_body(request)
-        await self.require_password_uia(body, req.user_id, "POST /account/password")
+        if req.app_service is None:  # an application service's users have no password (spec: UIA)
+            await self.require_password_uia(body, req.user_id, "POST /account/password")
         new = body.get("new_password")
         if not isinstance(new, str) or not new or len(new) > 512:
             raise bad_json("'new_password' must be a non-empty string")
@@ -528,7 +529,8 @@ class AccountServlets:
     async def on_deactivate(self, request: Request) -> tuple[int, Any]:
         req = await self.hs.auth.get_user_by_req(request)
         body = read_json_body(request)
-        await self.require_password_uia(body, req.user_id, "POST /account/deactivate")
+        if req.app_service is None:  # an application service's users have no password (spec: UIA)
+            await self.require_password_uia(body, req.user_id, "POST /account/deactivate")
         erase = body.get("erase", False)
         if not isinstance(erase, bool):
             raise bad_json("'erase' must be a boolean")
@@ -566,7 +568,8 @@ class AccountServlets:
         body = read_json_body(request, allow_empty=True)
         if not any(d["device_id"] == device_id for d in await self.accounts.get_devices(req.user_id)):
             raise not_found("Device not found")
-        await self.require_password_uia(body, req.user_id, "DELETE /devices/" + device_id)
+        if req.app_service is None:  # an application service's users have no password (spec: UIA)
+            await self.require_password_uia(body, req.user_id, "DELETE /devices/" + device_id)
         await self.accounts.delete_devices(req.user_id, [device_id])
         return 200, {}
 
@@ -576,7 +579,8 @@ class AccountServlets:
         devices = body.get("devices")
         if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
             raise bad_json("'devices' must be a list of device IDs")
-        await self.require_password_uia(body, req.user_id, "POST /delete_devices " + json.dumps(sorted(devices)))
+        if req.app_service is None:  # an application service's users have no password (spec: UIA)
+            await self.require_password_uia(body, req.user_id, "POST /delete_devices " + json.dumps(sorted(devices)))
         await self.accounts.delete_devices(req.user_id, devices)
         return 200, {}
 
