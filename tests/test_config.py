@@ -684,3 +684,15 @@ def test_voip_section(tmp_path: Path) -> None:
     assert "voip.turn_shared_secret: give either" in both and "'x'" not in both
     assert "turn_username and turn_password go together" in err({"turn_uris": ["turn:t"], "turn_username": "u"})
     assert "voip.turn_user_lifetime_ms" in err({"turn_user_lifetime_ms": 5})
+
+
+def test_app_service_config_files(tmp_path: Path) -> None:
+    assert load_raw(tmp_path).app_service_config_files == ()
+    config = load_raw(tmp_path, app_service_config_files=["bridges/irc.yaml", "/etc/zhome/mail.yaml"])
+    assert config.app_service_config_files == (str(tmp_path / "bridges" / "irc.yaml"), "/etc/zhome/mail.yaml")
+    assert "app_service_config_files" in error_for(tmp_path, with_changes(app_service_config_files="irc.yaml"))
+    assert "app_service_config_files[0]" in error_for(tmp_path, with_changes(app_service_config_files=[""]))
+    text = error_for(tmp_path, with_changes(app_service_config_file=["irc.yaml"]))
+    assert "app_service_config_file: unknown key" in text and "app_service_config_files" in text
+    # Documented in the sample (the sytest driver looks for it there).
+    assert "app_service_config_files:" in SAMPLE.read_text()

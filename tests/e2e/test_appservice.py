@@ -142,7 +142,7 @@ def test_mautrix_bridge_round_trip(bridge: Bridge) -> None:
     assert (status, body["errcode"]) == (403, "M_FORBIDDEN")
 
 
-def test_durability_across_outage_and_restart(bridge: Bridge) -> None:
+def test_durability_across_outage_and_restart(bridge: Bridge, db_config: Any) -> None:
     hs, svc = bridge.hs, bridge.service
     assert svc is not None
     alice = ClientUser(hs, "alice")
@@ -163,6 +163,17 @@ def test_durability_across_outage_and_restart(bridge: Bridge) -> None:
     retries = [w for w in svc.wire if w[2] == 500 and w[0] == first_refused[0]]
     assert len(retries) >= 2, "a refused transaction is retried with the same ID"
     assert all(_stable(r[1]["events"]) == _stable(first_refused[1]["events"]) for r in retries), "same events"
+
+    # The queue holds event IDs, never content (content is sealed at rest).
+    db_file = hs.workdir / "data" / "homeserver.db"
+    assert db_file.exists() == (db_config[0] == "sqlite3")
+    if db_file.exists():
+        import sqlite3
+
+        with sqlite3.connect(db_file) as conn:
+            rows = conn.execute("SELECT * FROM appservice_queue").fetchall()
+        assert rows and all(len(r) == 3 and str(r[2]).startswith("$") for r in rows)
+        assert b"m1" not in b"".join(str(r).encode() for r in rows)
 
     # The service goes away; more messages; zhome restarts; the service comes back.
     bridge.stop_service()
@@ -241,3 +252,49 @@ def test_namespaces_and_masquerading(bridge: Bridge) -> None:
     assert status == 200
     status, body = alice.req("GET", f"/profile/{q('@nobody_here:localhost')}")
     assert status == 404 and "@nobody_here:localhost" not in svc.user_queries
+
+
+@pytest.mark.parametrize("problem", ["bad_regex", "duplicate_token"])
+def test_broken_registration_stops_startup(zhome_factory: Any, tmp_path: Path, problem: str) -> None:
+    good = _registration(tmp_path, free_port())
+    if problem == "bad_regex":
+        bad = tmp_path / "broken.yaml"
+        bad.write_text(yaml.safe_dump({**yaml.safe_load(good.read_text()), "id": "other", "as_token": "x",
+                                       "sender_localpart": "otherbot",
+                                       "namespaces": {"users": [{"exclusive": True, "regex": "@(unclosed"}]}}))
+        files, key = [str(good), str(bad)], "namespaces.users[0].regex"
+    else:
+        bad = tmp_path / "copy.yaml"
+        bad.write_text(yaml.safe_dump({**yaml.safe_load(good.read_text()), "id": "other",
+                                       "sender_localpart": "otherbot"}))
+        files, key = [str(good), str(bad)], "as_token"
+    hs = zhome_factory(overrides={"app_service_config_files": files})
+    with pytest.raises(RuntimeError):
+        hs.start()
+    lines = [line for line in hs.log().splitlines() if "Start-up failed" in line]
+    assert len(lines) == 1, hs.log()
+    assert f"{bad}: {key}: " in lines[0]
+    assert "Traceback" not in hs.log()
+
+
+def test_rate_limited_false_exempts_the_service_and_its_ghosts(zhome_factory: Any, tmp_path: Path) -> None:
+    hs = zhome_factory(overrides={"app_service_config_files": [str(_registration(tmp_path, free_port(), url=None))]},
+                       rate_limits=True)
+    hs.start()
+    alice = ClientUser(hs, "alice")
+    room_id = alice.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"]
+    bridge = Bridge(hs, 0)
+    status, body = bridge.as_req("POST", "/register", {"type": "m.login.application_service",
+                                                       "username": "bridge_fast", "inhibit_login": True})
+    assert status == 200, body
+    assert bridge.as_req("POST", f"/join/{q(room_id)}", {}, user_id="@bridge_fast:localhost")[0] == 200
+    statuses = [bridge.as_req("PUT", f"/rooms/{q(room_id)}/send/m.room.message/g{i}",
+                              {"msgtype": "m.text", "body": str(i)}, user_id="@bridge_fast:localhost")[0]
+                for i in range(40)]
+    assert statuses == [200] * 40
+    alice_statuses = [alice.req("PUT", f"/rooms/{q(room_id)}/send/m.room.message/a{i}",
+                                {"msgtype": "m.text", "body": str(i)})[0] for i in range(40)]
+    assert 429 in alice_statuses, "an ordinary user is still rate limited"
+    # No URL: ping says so.
+    status, body = hs.request("POST", "/_matrix/client/v1/appservice/testbridge/ping", {}, token=AS_TOKEN)
+    assert (status, body["errcode"]) == (400, "M_URL_NOT_SET")

@@ -30,6 +30,7 @@ from zhome.rooms.events import Event
 from zhome.storage.database import Database, Txn, in_chunks
 from zhome.storage.events import PersistItem
 from zhome.storage.ids import IdGenerator
+from zhome.storage.lru import LruCache
 from zhome.util.reactor import reactor
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class AppServiceTransactions:
         self.clock = clock
         self.max_retry_ms = max_retry_ms
         self._alias_cache: dict[str, tuple[float, list[str]]] = {}
+        # (service ID, state group) -> whether one of its users is joined.
+        self._joined_cache: LruCache[tuple[str, int], bool] = LruCache(20000)
         self._running: set[str] = set()
         self._wake: dict[str, defer.Deferred[None]] = {}
         self._ephemeral: dict[str, list[dict[str, Any]]] = {}
@@ -84,9 +87,13 @@ class AppServiceTransactions:
         self._alias_cache.pop(room_id, None)
 
     async def interested_services(self, room_id: str, state: dict[tuple[str, str], str],
-                                  event: Optional[Event] = None) -> list[ApplicationService]:
+                                  event: Optional[Event] = None,
+                                  state_group: Optional[int] = None) -> list[ApplicationService]:
         """The services interested in ``event`` (or, without one, in the room:
-        for ephemeral events), given the room's state ``state``."""
+        for ephemeral events), given the room's state ``state`` (the state
+        group ``state_group`` when known: whether a service's user is joined
+        is then remembered, so a busy room costs a lookup per state change,
+        not per message)."""
         out: list[ApplicationService] = []
         aliases: Optional[list[str]] = None
         member_keys = [sk for (t, sk) in state if t == "m.room.member"]
@@ -105,11 +112,18 @@ class AppServiceTransactions:
                 if any(s.is_interested_in_alias(a) for a in aliases):
                     out.append(s)
                     continue
-            candidates = [state[("m.room.member", sk)] for sk in member_keys if s.is_interested_in_user(sk)]
-            if candidates:
-                evs = await self.get_events(candidates[:1000])
-                if any(e.membership == "join" for e in evs.values()):
-                    out.append(s)
+            key = (s.id, state_group) if state_group is not None else None
+            joined = self._joined_cache.get(key) if key is not None else None
+            if joined is None:
+                candidates = [state[("m.room.member", sk)] for sk in member_keys if s.is_interested_in_user(sk)]
+                joined = False
+                if candidates:
+                    evs = await self.get_events(candidates[:1000])
+                    joined = any(e.membership == "join" for e in evs.values())
+                if key is not None:
+                    self._joined_cache.set(key, joined)
+            if joined:
+                out.append(s)
         return out
 
     async def before_persist(self, item: PersistItem) -> None:
@@ -118,7 +132,8 @@ class AppServiceTransactions:
         ev = item.event
         if item.outlier or item.backfilled or item.soft_failed or ev.rejected_reason:
             return
-        item.appservices = [s.id for s in await self.interested_services(ev.room_id, item.state_before, ev)]
+        group = item.state_group_before if not item.snapshot_before else None
+        item.appservices = [s.id for s in await self.interested_services(ev.room_id, item.state_before, ev, group)]
 
     def persist_txn_hook(self, txn: Txn, item: PersistItem) -> None:
         if item.appservices:
@@ -156,7 +171,8 @@ class AppServiceTransactions:
 
     def stop(self) -> None:
         self._stopped = True
-        for w in self._wake.values():
+        # Firing a wake-up ends its loop, which removes it from the dict.
+        for w in list(self._wake.values()):
             if not w.called:
                 w.callback(None)
 

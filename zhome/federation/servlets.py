@@ -499,7 +499,8 @@ class FederationServlets:
         alias = query_arg(request, "room_alias")
         if not alias:
             raise MatrixError(400, "M_MISSING_PARAM", "room_alias is required")
-        found = await self.hs.rooms.get_alias(alias)
+        # An application service's alias may be made on demand.
+        found = await self.hs.room_servlets.local_alias(alias)
         if found is None:
             raise not_found("Room alias not found")
         servers = {self.hs.server_name} | {server_of(u) for u in await self.events.get_joined_users(found[0])}
@@ -514,6 +515,9 @@ class FederationServlets:
         if server_of(user_id) != self.hs.server_name:
             raise MatrixError(400, "M_INVALID_PARAM", "Not a user of this server")
         profile = await self.hs.accounts.get_profile(user_id)
+        if profile is None and self.hs.appservices and await self.hs.appservices.query_user(user_id):
+            # Spec: application-service-api "Querying": the service made it.
+            profile = await self.hs.accounts.get_profile(user_id)
         if profile is None:
             raise not_found("Profile not found")
         out = {k: v for k, v in profile.items() if v is not None}
