@@ -110,11 +110,16 @@ class Auth:
             user_id = asked[0].decode("utf-8", "replace")
             if not service.is_interested_in_user(user_id):
                 raise MatrixError(403, "M_FORBIDDEN", "Application service cannot masquerade as this user")
-        user = await self.accounts.get_user(user_id)
-        if user is None and not allow_missing_user:
+        status = await self.accounts.get_user_status(user_id)
+        if status is None and not allow_missing_user:
             raise MatrixError(403, "M_FORBIDDEN", "Application service has not registered this user")
-        if user is not None and user["deactivated"]:
-            raise MatrixError(403, "M_FORBIDDEN", "This user is deactivated")
+        is_admin = False
+        if status is not None:
+            is_admin, deactivated, locked, suspended = status
+            if deactivated:
+                raise MatrixError(403, "M_FORBIDDEN", "This user is deactivated")
+            request.zhome_user = user_id  # type: ignore[attr-defined]
+            self._check_locked_or_suspended(request, locked, suspended)
         device_id = ""
         raw_device = request.args.get(b"device_id") or request.args.get(b"org.matrix.msc3202.device_id")
         if raw_device:
@@ -122,7 +127,18 @@ class Auth:
             if not any(d["device_id"] == device_id for d in await self.accounts.get_devices(user_id)):
                 raise MatrixError(400, "M_UNKNOWN_DEVICE", "This user has no device with this ID")
         request.zhome_user = user_id  # type: ignore[attr-defined]
-        return Requester(user_id, device_id, 0, bool(user and user["is_admin"]), False, app_service=service.id)
+        return Requester(user_id, device_id, 0, is_admin, False, app_service=service.id)
+
+    @staticmethod
+    def _check_locked_or_suspended(request: Request, locked: bool, suspended: bool) -> None:
+        if locked or suspended:
+            route = getattr(request, "zhome_endpoint", "")
+            if locked and route not in LOCKED_ALLOWED:
+                raise MatrixError(401, "M_USER_LOCKED", "This account has been locked", soft_logout=True)
+            method = request.method.decode("ascii", "replace") if isinstance(request.method, bytes) else str(
+                request.method)
+            if suspended and method not in READ_METHODS and route not in SUSPENDED_ALLOWED:
+                raise MatrixError(403, "M_USER_SUSPENDED", "This account is suspended")
 
     async def app_service_of(self, request: Request) -> Optional[Requester]:
         """The requester when the request carries an application service's
@@ -152,12 +168,5 @@ class Auth:
         request.zhome_user = info.user_id  # type: ignore[attr-defined]
         if info.is_guest and not guests_allowed(request):
             raise guest_access_forbidden()
-        if info.locked or info.suspended:
-            route = getattr(request, "zhome_endpoint", "")
-            if info.locked and route not in LOCKED_ALLOWED:
-                raise MatrixError(401, "M_USER_LOCKED", "This account has been locked", soft_logout=True)
-            method = request.method.decode("ascii", "replace") if isinstance(request.method, bytes) else str(
-                request.method)
-            if info.suspended and method not in READ_METHODS and route not in SUSPENDED_ALLOWED:
-                raise MatrixError(403, "M_USER_SUSPENDED", "This account is suspended")
+        self._check_locked_or_suspended(request, info.locked, info.suspended)
         return Requester(info.user_id, info.device_id, info.token_id, info.is_admin, info.is_guest)

@@ -105,6 +105,16 @@ class AccountsStore:
         return {"user_id": u, "password_hash": ph, "is_admin": bool(adm), "deactivated": bool(deac), "created_ts": ts,
                 "is_guest": bool(guest)}
 
+    async def get_user_status(self, user_id: str) -> Optional[tuple[bool, bool, bool, bool]]:
+        """(is_admin, deactivated, locked, suspended) of an account, or None
+        (for requests an application service makes as one of its users)."""
+        rows = await self.db.execute(
+            "get_user_status", "SELECT is_admin, deactivated, locked, suspended FROM users WHERE user_id = ?", user_id)
+        if not rows:
+            return None
+        adm, deac, locked, suspended = rows[0]
+        return bool(adm), bool(deac), bool(locked), bool(suspended)
+
     async def is_guest(self, user_id: str) -> bool:
         rows = await self.db.execute("is_guest", "SELECT is_guest FROM users WHERE user_id = ?", user_id)
         return bool(rows and rows[0][0])
