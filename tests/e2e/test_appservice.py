@@ -298,3 +298,29 @@ def test_rate_limited_false_exempts_the_service_and_its_ghosts(zhome_factory: An
     # No URL: ping says so.
     status, body = hs.request("POST", "/_matrix/client/v1/appservice/testbridge/ping", {}, token=AS_TOKEN)
     assert (status, body["errcode"]) == (400, "M_URL_NOT_SET")
+
+
+def test_network_room_directory(zhome_factory: Any, tmp_path: Path) -> None:
+    hs = zhome_factory(overrides={"app_service_config_files": [str(_registration(tmp_path, free_port(), url=None))]})
+    hs.start()
+    alice = ClientUser(hs, "alice")
+    bridged = alice.ok("POST", "/createRoom", {})["room_id"]
+    public = alice.ok("POST", "/createRoom", {"preset": "public_chat", "visibility": "public"})["room_id"]
+    bridge = Bridge(hs, 0)
+    path = f"/directory/list/appservice/net1/{q(bridged)}"
+    assert alice.req("PUT", path, {"visibility": "public"})[0] == 403
+    status, body = bridge.as_req("PUT", path, {"visibility": "public"})
+    assert status == 200, body
+
+    def listed(**body: Any) -> list[str]:
+        return [r["room_id"] for r in alice.ok("POST", "/publicRooms", body)["chunk"]]
+
+    assert listed() == [public]
+    assert listed(third_party_instance_id="testbridge|net1") == [bridged]
+    assert listed(third_party_instance_id="testbridge|other") == []
+    assert set(listed(include_all_networks=True)) == {public, bridged}
+    assert bridge.as_req("DELETE", path)[0] == 200
+    assert listed(third_party_instance_id="testbridge|net1") == []
+    status, body = bridge.as_req("PUT", f"/directory/list/appservice/net1/{q('!nope:localhost')}",
+                                 {"visibility": "public"})
+    assert status == 404, body

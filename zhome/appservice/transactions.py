@@ -66,6 +66,7 @@ class AppServiceTransactions:
         # (service ID, state group) -> whether one of its users is joined.
         self._joined_cache: LruCache[tuple[str, int], bool] = LruCache(20000)
         self._running: set[str] = set()
+        self._again: set[str] = set()
         self._wake: dict[str, defer.Deferred[None]] = {}
         self._ephemeral: dict[str, list[dict[str, Any]]] = {}
         self._inflight_ephemeral: dict[str, list[dict[str, Any]]] = {}
@@ -183,6 +184,8 @@ class AppServiceTransactions:
         if service is None or service.url is None:
             return
         if as_id in self._running:
+            # The loop may have just found the queue empty: it looks again.
+            self._again.add(as_id)
             return
         self._running.add(as_id)
         defer.ensureDeferred(self._run(service))
@@ -199,7 +202,8 @@ class AppServiceTransactions:
                     await self._sleep(service.id, delay)
                     if self._stopped:
                         return
-                if not await self._send_one(service):
+                self._again.discard(service.id)
+                if not await self._send_one(service) and service.id not in self._again:
                     return
         except Exception:
             if not self._stopped:
