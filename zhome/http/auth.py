@@ -143,7 +143,10 @@ class Auth:
     async def app_service_of(self, request: Request) -> Optional[Requester]:
         """The requester when the request carries an application service's
         as_token (its user need not exist yet: registration), else None."""
-        token = token_from_request(request)
+        try:
+            token = token_from_request(request)
+        except MatrixError:
+            return None  # a malformed header is no service's; the endpoint decides what it needs
         if token is None:
             return None
         return await self._app_service_requester(request, token, allow_missing_user=True)
