@@ -240,7 +240,7 @@ class HomeServer:
         # servlets' user-interactive auth), bound late: those are built later.
         self.cross_signing = CrossSigningService(self.server_name, cross_signing_store, keys_store, self.accounts,
                                                  self.device_lists, self._require_password_uia)
-        self.account_purge_hooks.append(cross_signing_store.delete_for_user)
+        self.account_purge_hooks.append(self.cross_signing.delete_for_user)
 
     async def _require_password_uia(self, body: dict[str, Any], user_id: str, operation: str) -> None:
         await self.account_servlets.require_password_uia(body, user_id, operation)
