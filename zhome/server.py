@@ -184,6 +184,9 @@ class HomeServer:
         self.media_admin = MediaAdminStore(db)
         await self.media_admin.load()
         self.privacy_store = PrivacyStore(db, self.events, await IdGenerator.from_table(db, "legal_holds", "id"))
+        from zhome.storage.event_media import EventMediaStore
+
+        self.event_media = EventMediaStore(db, self.events)
         self.guest_access = GuestAccessEnforcer(self.events, self.accounts, self.membership)
         self.persister.hooks.append(self.guest_access.after_persist)
         self.room_creation = RoomCreationService(self.server_name, self.event_creator, self.membership, self.rooms,
@@ -223,6 +226,7 @@ class HomeServer:
 
         self.sealing_backlog = SealingBacklog(self)
         self.sealing_backlog.start()
+        self.event_media.start()
 
     def _setup_e2ee(self, keys_store: Any, device_list_store: Any, to_device_store: Any,
                     cross_signing_store: Any) -> None:
@@ -535,6 +539,8 @@ class HomeServer:
             self.retention.stop()
         if getattr(self, "sealing_backlog", None) is not None:
             await self.sealing_backlog.stop()
+        if getattr(self, "event_media", None) is not None:
+            await self.event_media.stop()
         if getattr(self, "push_delivery", None) is not None:
             try:
                 await self.push_delivery.stop()
