@@ -130,7 +130,7 @@ class HomeServer:
         self.notifier = Notifier(stream_ids.current(), account_data_ids.current(), receipt_ids.current(),
                                  presence_pos=presence_store.current_position(),
                                  device_lists_pos=device_list_ids.current(), to_device_pos=to_device_ids.current())
-        self._setup_e2ee(E2eKeysStore(db), DeviceListStore(db, device_list_ids), ToDeviceStore(db, to_device_ids),
+        self._setup_e2ee(E2eKeysStore(db), DeviceListStore(db, device_list_ids), ToDeviceStore(db, to_device_ids, self.sealer),
                          CrossSigningStore(db, device_list_ids))
         self._setup_key_backup()
         self._setup_dehydrated_devices()
@@ -141,7 +141,7 @@ class HomeServer:
         self.push_rules_cache = RulesetCache(self.user_data)
         self.user_data.after_user_data_deleted.append(self.push_rules_cache.invalidate)
         self.admin_store = AdminStore(db, self.accounts, await IdGenerator.from_table(db, "content_reports", "id"),
-                                      self.server_name, open_pdu=self.events.open_pdu)
+                                      self.server_name, open_pdu=self.events.open_pdu, sealer=self.sealer)
         notifications_store = NotificationsStore(db)
         self.notification_log = NotificationLog(notifications_store, self.events)
         self.persister.txn_hooks.append(self.notification_log.persist_txn_hook)
@@ -239,6 +239,7 @@ class HomeServer:
         self.device_lists = DeviceListService(self.server_name, device_list_store, self.accounts, keys_store,
                                               self.events, self.notifier)
         self.e2e_keys = E2eKeysService(self.server_name, keys_store, self.accounts, self.device_lists)
+        self.to_device_store = to_device_store
         self.to_device = ToDeviceService(self.server_name, to_device_store, self.accounts, self.notifier)
         # Replacing cross-signing keys needs the password (the account
         # servlets' user-interactive auth), bound late: those are built later.
