@@ -205,6 +205,7 @@ class HomeServer:
         self.edu_sender: Any = None
         self._setup_federation()
         self._setup_push(notifications_store, await PushersStore.create(db))
+        await self._setup_threepids()
         for servlets in self.client_servlets():
             servlets.register_routes(self.client_resource)
         await self._setup_federation_services()
@@ -244,6 +245,39 @@ class HomeServer:
 
     async def _require_password_uia(self, body: dict[str, Any], user_id: str, operation: str) -> None:
         await self.account_servlets.require_password_uia(body, user_id, operation)
+
+    async def _setup_threepids(self) -> None:
+        """3PIDs, OpenID, outbound mail (zhome/mail) and the identity service (zhome/identity)."""
+        from zhome.client.threepids import ThreepidServlets
+        from zhome.storage.threepids import ThreepidStore
+
+        self.threepids = ThreepidStore(self.db, self.sealer)
+        self.account_purge_hooks.append(self.threepids.delete_for_user)
+        self.account_purge_hooks.append(self.threepids.delete_openid_for_user)
+        self.mail_outbox: Any = None
+        self.mailer: Any = None
+        email = self.config.email
+        if email is not None:
+            from zhome.mail.mailer import Mailer
+            from zhome.mail.outbox import MailOutbox
+            from zhome.mail.smtp import SmtpRelay
+
+            self.mail_outbox = MailOutbox(
+                self.db, await IdGenerator.from_table(self.db, "mail_outbox", "id"), self.sealer,
+                SmtpRelay.from_config(email), min_backoff_s=email.outbox_min_backoff_ms / 1000,
+                max_backoff_s=email.outbox_max_backoff_ms / 1000)
+            self.mailer = Mailer(self.mail_outbox, email.notif_from, email.app_name)
+        self.threepid_servlets = ThreepidServlets(
+            self.auth, self.threepids, self.accounts, email, self.mailer, self.server_name,
+            self.config.public_baseurl, self._require_password_uia)
+        self.threepid_servlets.register_federation_routes(
+            self.federation_resource if self.federation_resource is not None else self.client_resource)
+        if self.federation_resource is not None:
+            # Reachable on the client listener too (an identity service
+            # asks there when the server has no federation listener).
+            self.threepid_servlets.register_federation_routes(self.client_resource)
+        if self.mail_outbox is not None:
+            self.mail_outbox.start()
 
     def _setup_key_backup(self) -> None:
         """Server-side key backups (zhome/e2ee/key_backup.py)."""
@@ -432,7 +466,7 @@ class HomeServer:
         e2ee = E2eeServlets(self.auth, self.e2e_keys, self.to_device, self.device_lists, self.events, self.notifier,
                             self.cross_signing)
         self.account_servlets = AccountServlets(self)
-        return [self.account_servlets, self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
+        return [self.account_servlets, self.threepid_servlets, self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
                 PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee,
                 PusherServlets(self), VoipServlets(self.auth, self.config.voip),
                 RoomSummaryServlets(self.auth, self.events, self.room_servlets.resolve_room,
@@ -535,6 +569,8 @@ class HomeServer:
             self.retention.stop()
         if getattr(self, "sealing_backlog", None) is not None:
             await self.sealing_backlog.stop()
+        if getattr(self, "mail_outbox", None) is not None:
+            await self.mail_outbox.stop()
         if getattr(self, "push_delivery", None) is not None:
             try:
                 await self.push_delivery.stop()
