@@ -276,8 +276,70 @@ class HomeServer:
             # Reachable on the client listener too (an identity service
             # asks there when the server has no federation listener).
             self.threepid_servlets.register_federation_routes(self.client_resource)
+        self._setup_identity()
         if self.mail_outbox is not None:
             self.mail_outbox.start()
+
+    def json_http(self) -> Any:
+        """The JSON-over-HTTP client for identity servers, made on first use;
+        outbound TLS trusts what federation trusts."""
+        if getattr(self, "_json_http", None) is None:
+            from zhome.federation.tls import FederationTLSPolicy
+            from zhome.identity.http import make_json_client
+
+            tls_policy = getattr(self, "federation_tls_policy", None) or FederationTLSPolicy(
+                self.config.federation.verify_certificates, self.config.federation.trusted_ca_files)
+            self._json_http = make_json_client(tls_policy)
+        return self._json_http
+
+    def _setup_identity(self) -> None:
+        """The Identity Service API served by zhome (zhome/identity) and the
+        homeserver's side of third-party invites."""
+        from zhome.identity.client import IdentityClient
+
+        from zhome.rooms.third_party_invites import ThirdPartyInvites
+
+        self.identity_client = IdentityClient(self.json_http, self.config.public_baseurl)
+        self.threepid_servlets.identity_client = self.identity_client
+        self.third_party_invites = ThirdPartyInvites(self.server_name, self.identity_client, self.membership,
+                                                     self.event_creator, self.events, self.accounts)
+        for resource in {id(r): r for r in (self.federation_resource, self.client_resource)
+                         if r is not None}.values():
+            resource.register("PUT", r"/_matrix/federation/v1/3pid/onbind", self._on_3pid_onbind, "3pid_onbind")
+        self.identity_service: Any = None
+        if not self.config.identity_service.enabled:
+            return
+        from zhome.identity.service import IdentityService
+        from zhome.identity.servlets import IdentityServlets
+        from zhome.identity.store import IdentityStore
+
+        store = IdentityStore(self.db, self.sealer, self.threepids)
+        email = self.config.email
+        self.identity_service = IdentityService(
+            store, self.threepids, self.config.identity_service, self.mailer, self.signing_key, self.server_name,
+            self.config.public_baseurl, email.validation_token_lifetime_ms if email else 3600 * 1000,
+            self.threepids.openid_user, self.json_http,
+            federation_get=self.federation_client.get_json if self.federation_client is not None else None)
+        self.account_purge_hooks.append(store.delete_for_user)
+        self.threepid_servlets.local_identity = self.identity_service
+        IdentityServlets(self.identity_service).register_routes(self.client_resource)
+        self.client_resource.register("GET", r"/\.well-known/matrix/client", self._well_known_client,
+                                      "well_known_client")
+
+    async def _on_3pid_onbind(self, request: Any) -> tuple[int, Any]:
+        """server-server-api "Third-party invites": PUT /3pid/onbind."""
+        from zhome.http.server import read_json_body
+
+        await self.third_party_invites.on_bind(read_json_body(request))
+        return 200, {}
+
+    async def _well_known_client(self, request: Any) -> tuple[int, Any]:
+        """Spec: client-server-api "Well-known URIs"; m.identity_server when zhome serves one."""
+        base = self.config.public_baseurl.rstrip("/")
+        out: dict[str, Any] = {"m.homeserver": {"base_url": base}}
+        if self.identity_service is not None:
+            out["m.identity_server"] = {"base_url": base}
+        return 200, out
 
     def _setup_key_backup(self) -> None:
         """Server-side key backups (zhome/e2ee/key_backup.py)."""

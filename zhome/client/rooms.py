@@ -205,6 +205,11 @@ class RoomServlets:
                     raise not_found("You have never been in this room")
                 await self.events.forget_room(req.user_id, room_id)
                 return 200, {}
+            if action == "invite" and "user_id" not in body and ("id_server" in body or "medium" in body):
+                # Spec: "Third-party invites": inviting by email address.
+                await self._require_known_room(room_id)
+                await self.hs.third_party_invites.invite(req.user_id, room_id, body)
+                return 200, {}
             if action == "leave":
                 target = req.user_id
             else:

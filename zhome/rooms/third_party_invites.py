@@ -1,0 +1,122 @@
+"""Third-party invites: inviting by email address.
+
+Spec: client-server-api "Third-party invites" (``POST /rooms/{roomId}/invite``
+with ``id_server``, ``id_access_token``, ``medium``, ``address``): the
+homeserver looks the address up on the identity server; a bound address is
+an ordinary invite of that user, otherwise the identity server stores the
+invitation and the homeserver sends ``m.room.third_party_invite`` (state
+key: the invitation's token). server-server-api "Third-party invites"
+(``PUT 3pid/onbind``): when the address is bound later, the identity server
+hands the signed invitations to the user's homeserver, which sends the
+``m.room.member`` invite carrying ``third_party_invite.signed``, which the
+auth rules check against the public keys of the room's
+``m.room.third_party_invite`` event.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from zhome.http.errors import MatrixError, bad_json, forbidden, missing_param
+from zhome.identity.client import IdentityClient
+from zhome.storage.threepids import normalise_email
+from zhome.util.ids import is_valid_user_id, server_of
+
+logger = logging.getLogger(__name__)
+
+#: Invitations one onbind call may carry.
+MAX_ONBIND_INVITES = 100
+
+
+class ThirdPartyInvites:
+    def __init__(self, server_name: str, identity: IdentityClient, membership: Any, event_creator: Any,
+                 events: Any, accounts: Any) -> None:
+        self.server_name = server_name
+        self.identity = identity
+        self.membership = membership
+        self.event_creator = event_creator
+        self.events = events
+        self.accounts = accounts
+
+    async def _state_content(self, room_id: str, etype: str, state_key: str = "") -> dict[str, Any]:
+        eid = await self.events.get_current_state_event_id(room_id, etype, state_key)
+        ev = await self.events.get_event(eid) if eid else None
+        return dict(ev.content) if ev is not None and isinstance(ev.content, dict) else {}
+
+    async def invite(self, sender: str, room_id: str, body: dict[str, Any]) -> None:
+        id_server, token = body.get("id_server"), body.get("id_access_token")
+        medium, address = body.get("medium"), body.get("address")
+        if not isinstance(id_server, str) or not id_server:
+            raise missing_param("Missing id_server")
+        if len(id_server) > 255 or "/" in id_server or "@" in id_server or any(c.isspace() for c in id_server):
+            raise MatrixError(400, "M_INVALID_PARAM", "id_server must be a server name")
+        if not isinstance(token, str) or not token:
+            raise missing_param("Missing id_access_token")
+        if not isinstance(medium, str) or not isinstance(address, str):
+            raise bad_json("'medium' and 'address' must be strings")
+        if medium != "email":
+            raise MatrixError(400, "M_THREEPID_MEDIUM_NOT_SUPPORTED", "Only email invitations are supported")
+        addr = normalise_email(address)
+        if addr is None:
+            raise MatrixError(400, "M_INVALID_PARAM", "Not a valid email address")
+        if await self.membership.current_membership(room_id, sender) != "join":
+            raise forbidden("You are not in this room")
+        mxid = await self.identity.lookup(id_server, token, medium, addr)
+        if mxid is not None:
+            await self.membership.update(sender, mxid, room_id, "invite")
+            return
+        name = (await self._state_content(room_id, "m.room.name")).get("name")
+        join_rule = (await self._state_content(room_id, "m.room.join_rules")).get("join_rule")
+        alias = (await self._state_content(room_id, "m.room.canonical_alias")).get("alias")
+        profile = await self.accounts.get_profile(sender) or {}
+        request: dict[str, Any] = {"medium": medium, "address": addr, "room_id": room_id, "sender": sender}
+        for key, value in (("room_name", name), ("room_join_rules", join_rule), ("room_alias", alias),
+                           ("sender_display_name", profile.get("displayname")),
+                           ("sender_avatar_url", profile.get("avatar_url"))):
+            if isinstance(value, str):
+                request[key] = value
+        stored = await self.identity.store_invite(id_server, token, request)
+        keys = stored["public_keys"]
+        display = stored.get("display_name") if isinstance(stored.get("display_name"), str) else "an email address"
+        content = {"display_name": display, "public_keys": keys, "public_key": keys[0]["public_key"],
+                   "key_validity_url": keys[0].get("key_validity_url", "")}
+        await self.event_creator.send(room_id, "m.room.third_party_invite", sender, content,
+                                      state_key=stored["token"])
+
+    async def on_bind(self, body: dict[str, Any]) -> None:
+        """Turn the invitations of a newly bound address into invites."""
+        invites = body.get("invites")
+        mxid = body.get("mxid")
+        if not isinstance(mxid, str) or not is_valid_user_id(mxid):
+            raise bad_json("'mxid' must be a user ID")
+        if server_of(mxid) != self.server_name:
+            raise forbidden("The user is not on this server")
+        if not isinstance(invites, list) or len(invites) > MAX_ONBIND_INVITES:
+            raise bad_json("'invites' must be a list")
+        for invite in invites:
+            if not isinstance(invite, dict):
+                continue
+            try:
+                await self._invite_from_bind(mxid, invite)
+            except MatrixError as e:
+                logger.info("3pid/onbind: an invitation was not turned into an invite: %s %s", e.errcode, e.msg)
+
+    async def _invite_from_bind(self, mxid: str, invite: dict[str, Any]) -> None:
+        room_id, sender, signed = invite.get("room_id"), invite.get("sender"), invite.get("signed")
+        if not isinstance(room_id, str) or not isinstance(sender, str) or not isinstance(signed, dict):
+            raise bad_json("invite lacks room_id, sender or signed")
+        if signed.get("mxid") != mxid or invite.get("mxid", mxid) != mxid:
+            raise forbidden("the invitation is for another user")
+        token = signed.get("token")
+        if not isinstance(token, str):
+            raise bad_json("signed lacks token")
+        if server_of(sender) != self.server_name:
+            # The room's server makes the invite (exchange_third_party_invite).
+            raise MatrixError(501, "M_UNRECOGNIZED", "Invitations from other servers are not exchanged yet")
+        tpi = await self._state_content(room_id, "m.room.third_party_invite", token)
+        if not tpi:
+            raise forbidden("the room has no such third-party invitation")
+        display: Optional[str] = tpi.get("display_name") if isinstance(tpi.get("display_name"), str) else None
+        third_party: dict[str, Any] = {"signed": signed, "display_name": display or "an email address"}
+        await self.membership.update(sender, mxid, room_id, "invite", extra={"third_party_invite": third_party})
