@@ -269,7 +269,10 @@ class HomeServer:
             self.mailer = Mailer(self.mail_outbox, email.notif_from, email.app_name)
         self.threepid_servlets = ThreepidServlets(
             self.auth, self.threepids, self.accounts, email, self.mailer, self.server_name,
-            self.config.public_baseurl, self._require_password_uia)
+            self.config.public_baseurl, self._require_password_uia,
+            mail_ratelimit=RateLimiter(self.config.rate_limits.registration.per_second,
+                                       self.config.rate_limits.registration.burst_count,
+                                       self.config.rate_limits.enabled))
         self.threepid_servlets.register_federation_routes(
             self.federation_resource if self.federation_resource is not None else self.client_resource)
         if self.federation_resource is not None:
@@ -322,7 +325,8 @@ class HomeServer:
             federation_get=self.federation_client.get_json if self.federation_client is not None else None)
         self.account_purge_hooks.append(store.delete_for_user)
         self.threepid_servlets.local_identity = self.identity_service
-        IdentityServlets(self.identity_service).register_routes(self.client_resource)
+        IdentityServlets(self.identity_service, self.threepid_servlets.mail_ratelimit).register_routes(
+            self.client_resource)
         self.client_resource.register("GET", r"/\.well-known/matrix/client", self._well_known_client,
                                       "well_known_client")
 

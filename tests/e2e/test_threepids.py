@@ -335,3 +335,13 @@ def test_without_email_config_the_medium_is_not_supported(zhome: ZhomeProcess) -
     # A password change without a token still needs one.
     status, out = zhome.request("POST", CS + "/account/password", {"new_password": "x"})
     assert status == 401 and out["errcode"] == "M_MISSING_TOKEN"
+
+
+def test_validation_mails_are_rate_limited(zhome_factory: Any, sink: MailSink) -> None:
+    hs: ZhomeProcess = zhome_factory(overrides=email_overrides(sink.port), rate_limits=True)
+    hs.start()
+    address = new_address()
+    answers = [request_token(hs, "/register/email/requestToken", address, f"secret{i}")[0] for i in range(6)]
+    assert answers[0] == 200 and 429 in answers, answers
+    time.sleep(1.0)
+    assert len(sink.to(address)) < 6

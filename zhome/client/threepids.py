@@ -29,7 +29,7 @@ from twisted.web.server import Request
 from zhome.config import EmailConfig
 from zhome.http.auth import Auth, token_from_request
 from zhome.http.errors import MatrixError, bad_json, forbidden, invalid_param, missing_param
-from zhome.http.server import JsonResource, already_written, query_arg, read_json_body
+from zhome.http.server import JsonResource, already_written, client_ip, query_arg, read_json_body
 from zhome.mail.mailer import Mailer
 from zhome.storage.threepids import CLIENT_SECRET_RE, ThreepidStore, normalise_email
 from zhome.util.ids import is_valid_user_id
@@ -113,7 +113,7 @@ class ThreepidServlets:
     def __init__(self, auth: Auth, store: ThreepidStore, accounts: Any, email: Optional[EmailConfig],
                  mailer: Optional[Mailer], server_name: str, public_baseurl: str,
                  require_password_uia: PasswordUia, identity_client: Any = None,
-                 local_identity: Any = None) -> None:
+                 local_identity: Any = None, mail_ratelimit: Any = None) -> None:
         self.auth = auth
         self.store = store
         self.accounts = accounts
@@ -126,6 +126,9 @@ class ThreepidServlets:
         self.identity_client = identity_client
         #: The identity service zhome serves itself, if on (unbind in-process).
         self.local_identity = local_identity
+        #: Limits validation mails per client address and per mail address
+        #: (nobody gets to mail-bomb an inbox through the server).
+        self.mail_ratelimit = mail_ratelimit
 
     @property
     def email_enabled(self) -> bool:
@@ -275,7 +278,7 @@ class ThreepidServlets:
         return 200, {"id_server_unbind_result": result}
 
     # -- validation by email -------------------------------------------------------------------
-    async def _send_token(self, body: dict[str, Any], medium: str, purpose: str,
+    async def _send_token(self, request: Request, body: dict[str, Any], medium: str, purpose: str,
                           check: Callable[[str], Awaitable[bool]]) -> tuple[int, Any]:
         """A validation session and its mail. ``check(address)`` False: answer
         as if sent, but send nothing (an address that must not be told apart)."""
@@ -285,6 +288,9 @@ class ThreepidServlets:
             raise medium_not_supported("email")
         assert self.email is not None and self.mailer is not None
         secret, address, attempt, next_link = request_token_params(body)
+        if self.mail_ratelimit is not None:
+            self.mail_ratelimit.check("ip:" + client_ip(request))
+            self.mail_ratelimit.check("address:" + self.store.index("email", address))
         send = await check(address)
         sid, token = await self.store.request_session("hs", "email", address, secret, attempt,
                                                       self.email.validation_token_lifetime_ms, next_link)
@@ -302,7 +308,7 @@ class ThreepidServlets:
                 raise MatrixError(400, "M_THREEPID_IN_USE", "This address is already in use")
             return True
 
-        return await self._send_token(body, medium, "add", check)
+        return await self._send_token(request, body, medium, "add", check)
 
     async def on_register_request_token(self, request: Request, medium: str) -> tuple[int, Any]:
         body = read_json_body(request)
@@ -312,7 +318,7 @@ class ThreepidServlets:
                 raise MatrixError(400, "M_THREEPID_IN_USE", "This address is already registered")
             return True
 
-        return await self._send_token(body, medium, "register", check)
+        return await self._send_token(request, body, medium, "register", check)
 
     async def on_password_request_token(self, request: Request, medium: str) -> tuple[int, Any]:
         body = read_json_body(request)
@@ -325,7 +331,7 @@ class ThreepidServlets:
                 return False
             raise MatrixError(400, "M_THREEPID_NOT_FOUND", "No account has this address")
 
-        return await self._send_token(body, medium, "password", check)
+        return await self._send_token(request, body, medium, "password", check)
 
     async def _submit(self, sid: Any, secret: Any, token: Any) -> dict[str, Any]:
         sid = check_sid(sid)

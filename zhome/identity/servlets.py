@@ -20,7 +20,7 @@ from zhome.client.threepids import check_client_secret, check_email, check_sid, 
     write_html
 from zhome.http.auth import token_from_request
 from zhome.http.errors import MatrixError, bad_json, missing_param, not_found
-from zhome.http.server import JsonResource, query_arg, read_json_body
+from zhome.http.server import JsonResource, client_ip, query_arg, read_json_body
 from zhome.identity.service import PREFIX, IdentityService
 from zhome.util.ids import is_valid_user_id
 
@@ -33,9 +33,11 @@ def medium_not_supported(medium: Any) -> MatrixError:
 
 
 class IdentityServlets:
-    def __init__(self, service: IdentityService) -> None:
+    def __init__(self, service: IdentityService, mail_ratelimit: Any = None) -> None:
         self.service = service
         self.store = service.store
+        #: Limits validation mails per client and per mail address.
+        self.mail_ratelimit = mail_ratelimit
 
     def register_routes(self, r: JsonResource) -> None:
         r.register("GET", P, self.on_status, "is_status")
@@ -128,6 +130,9 @@ class IdentityServlets:
             if e.errcode == "M_INVALID_PARAM" and "email" in e.msg.lower():
                 raise MatrixError(400, "M_INVALID_EMAIL", e.msg) from None
             raise
+        if self.mail_ratelimit is not None:
+            self.mail_ratelimit.check("ip:" + client_ip(request))
+            self.mail_ratelimit.check("address:" + self.service.threepids.index("email", address))
         return 200, {"sid": await self.service.request_email_token(address, secret, attempt, next_link)}
 
     async def _submit(self, sid: Any, secret: Any, token: Any) -> dict[str, Any]:
