@@ -305,7 +305,9 @@ class HomeServer:
         self.identity_client = IdentityClient(self.json_http, self.config.public_baseurl)
         self.threepid_servlets.identity_client = self.identity_client
         self.third_party_invites = ThirdPartyInvites(self.server_name, self.identity_client, self.membership,
-                                                     self.event_creator, self.events, self.accounts)
+                                                     self.event_creator, self.events, self.accounts,
+                                                     federation_put=self.federation_client.put_json
+                                                     if self.federation_client is not None else None)
         for resource in {id(r): r for r in (self.federation_resource, self.client_resource)
                          if r is not None}.values():
             resource.register("PUT", r"/_matrix/federation/v1/3pid/onbind", self._on_3pid_onbind, "3pid_onbind")

@@ -31,8 +31,10 @@ MAX_ONBIND_INVITES = 100
 
 class ThirdPartyInvites:
     def __init__(self, server_name: str, identity: IdentityClient, membership: Any, event_creator: Any,
-                 events: Any, accounts: Any) -> None:
+                 events: Any, accounts: Any, federation_put: Any = None) -> None:
         self.server_name = server_name
+        #: PUT over federation (exchange_third_party_invite); None without federation.
+        self.federation_put = federation_put
         self.identity = identity
         self.membership = membership
         self.event_creator = event_creator
@@ -112,11 +114,56 @@ class ThirdPartyInvites:
         if not isinstance(token, str):
             raise bad_json("signed lacks token")
         if server_of(sender) != self.server_name:
-            # The room's server makes the invite (exchange_third_party_invite).
-            raise MatrixError(501, "M_UNRECOGNIZED", "Invitations from other servers are not exchanged yet")
+            await self._exchange(mxid, room_id, sender, signed, invite)
+            return
         tpi = await self._state_content(room_id, "m.room.third_party_invite", token)
         if not tpi:
             raise forbidden("the room has no such third-party invitation")
         display: Optional[str] = tpi.get("display_name") if isinstance(tpi.get("display_name"), str) else None
         third_party: dict[str, Any] = {"signed": signed, "display_name": display or "an email address"}
         await self.membership.update(sender, mxid, room_id, "invite", extra={"third_party_invite": third_party})
+
+    async def _exchange(self, mxid: str, room_id: str, sender: str, signed: dict[str, Any],
+                        invite: dict[str, Any]) -> None:
+        """server-server-api "Third-party invites": the inviter's server makes
+        the invite (PUT exchange_third_party_invite/{roomId})."""
+        from urllib.parse import quote
+
+        if self.federation_put is None:
+            raise MatrixError(403, "M_FORBIDDEN", "Federation is off: the invitation's room is elsewhere")
+        display = invite.get("display_name") if isinstance(invite.get("display_name"), str) else None
+        body = {"type": "m.room.member", "room_id": room_id, "sender": sender, "state_key": mxid,
+                "content": {"membership": "invite",
+                            "third_party_invite": {"display_name": display or "an email address",
+                                                   "signed": signed}}}
+        from zhome.federation.transport import FederationError
+
+        try:
+            await self.federation_put(server_of(sender), "/_matrix/federation/v1/exchange_third_party_invite/"
+                                      + quote(room_id, safe=""), body)
+        except FederationError as e:
+            raise MatrixError(502, "M_UNKNOWN", f"exchange_third_party_invite failed: {type(e).__name__}") from None
+
+    async def on_exchange(self, origin: str, room_id: str, body: dict[str, Any]) -> None:
+        """The inbound side: make the invite the invitee's server asks for."""
+        content = body.get("content")
+        sender, state_key = body.get("sender"), body.get("state_key")
+        if body.get("type") != "m.room.member" or body.get("room_id") != room_id or not isinstance(content, dict):
+            raise bad_json("expected an m.room.member event for this room")
+        if content.get("membership") != "invite":
+            raise bad_json("membership must be invite")
+        if not isinstance(sender, str) or not is_valid_user_id(sender) or server_of(sender) != self.server_name:
+            raise forbidden("the sender is not a user of this server")
+        if not isinstance(state_key, str) or not is_valid_user_id(state_key) or server_of(state_key) != origin:
+            raise forbidden("only the invitee's server may exchange the invitation")
+        tpi_in = content.get("third_party_invite")
+        signed = tpi_in.get("signed") if isinstance(tpi_in, dict) else None
+        if not isinstance(signed, dict) or not isinstance(signed.get("token"), str):
+            raise bad_json("third_party_invite.signed is required")
+        tpi = await self._state_content(room_id, "m.room.third_party_invite", signed["token"])
+        if not tpi:
+            raise forbidden("the room has no such third-party invitation")
+        display = tpi.get("display_name") if isinstance(tpi.get("display_name"), str) else None
+        await self.membership.update(sender, state_key, room_id, "invite",
+                                     extra={"third_party_invite": {"signed": signed,
+                                                                   "display_name": display or "an email address"}})
