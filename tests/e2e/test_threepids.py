@@ -256,6 +256,11 @@ def test_admin_api_threepids(hs: ZhomeProcess, tmp_path: Path) -> None:
                 [{"medium": "email", "address": "not an address"}]):
         status, err = admin.req("PUT", f"/_synapse/admin/v2/users/{q('@dora:localhost')}", {"threepids": bad})
         assert status == 400 and err["errcode"].startswith("M_"), (bad, status, err)
+    # Deactivation removes the account's 3PIDs (and frees the address).
+    admin.ok("POST", f"/_synapse/admin/v1/deactivate/{q('@dora:localhost')}", {})
+    assert admin.ok("GET", f"/_synapse/admin/v2/users/{q('@dora:localhost')}")["threepids"] == []
+    admin.ok("PUT", f"/_synapse/admin/v2/users/{q('@eve:localhost')}", {
+        "password": PASSWORD, "threepids": [{"medium": "email", "address": b}]}, status=201)
 
 
 def test_openid_token_and_userinfo(hs: ZhomeProcess) -> None:
