@@ -252,6 +252,8 @@ class HomeServer:
         from zhome.storage.threepids import ThreepidStore
 
         self.threepids = ThreepidStore(self.db, self.sealer)
+        # Unbound at identity servers first, while it is known where.
+        self.account_purge_hooks.append(self._unbind_threepids)
         self.account_purge_hooks.append(self.threepids.delete_for_user)
         self.account_purge_hooks.append(self.threepids.delete_openid_for_user)
         self.mail_outbox: Any = None
@@ -283,6 +285,12 @@ class HomeServer:
         if self.mail_outbox is not None:
             self.mail_outbox.start()
 
+    async def _unbind_threepids(self, user_id: str) -> None:
+        try:
+            await self.threepid_servlets.unbind_everywhere(user_id)
+        except Exception:
+            logger.exception("unbinding the 3PIDs of a deactivated account failed")
+
     def json_http(self) -> Any:
         """The JSON-over-HTTP client for identity servers, made on first use;
         outbound TLS trusts what federation trusts."""
@@ -302,7 +310,8 @@ class HomeServer:
 
         from zhome.rooms.third_party_invites import ThirdPartyInvites
 
-        self.identity_client = IdentityClient(self.json_http, self.config.public_baseurl)
+        self.identity_client = IdentityClient(self.json_http, self.config.public_baseurl, self.server_name,
+                                              self.signing_key)
         self.threepid_servlets.identity_client = self.identity_client
         self.third_party_invites = ThirdPartyInvites(self.server_name, self.identity_client, self.membership,
                                                      self.event_creator, self.events, self.accounts,

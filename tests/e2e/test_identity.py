@@ -108,6 +108,12 @@ def test_register_validate_bind_lookup(hs: ZhomeProcess, sink: MailSink) -> None
     hs.start()
     assert hs.request("POST", IS + "/lookup", {"addresses": [lookup_hash(address, pepper)], "algorithm": "sha256",
                                               "pepper": pepper}, token=token)[1]["mappings"]
+    # Deleting the 3PID on the homeserver unbinds it at the identity server it was bound to.
+    out = alice.ok("POST", "/account/3pid/unbind", {"medium": "email", "address": address,
+                                                    "id_server": id_server(hs)})
+    assert out == {"id_server_unbind_result": "success"}
+    assert hs.request("POST", IS + "/lookup", {"addresses": [lookup_hash(address, pepper)], "algorithm": "sha256",
+                                              "pepper": pepper}, token=token)[1]["mappings"] == {}
     # Logged out: the account token is gone.
     assert hs.request("POST", IS + "/account/logout", {}, token=token)[0] == 200
     status, err = hs.request("GET", IS + "/account", token=token)

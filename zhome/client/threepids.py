@@ -37,6 +37,8 @@ from zhome.util.ids import is_valid_user_id
 logger = logging.getLogger(__name__)
 
 CS = r"/_matrix/client/(?:r0|v3)"
+#: The 3PID endpoints, also under the unstable prefix (older clients and sytest use it for bind).
+CS3 = r"/_matrix/client/(?:r0|v3|unstable)"
 SUBMIT_PATH = "/_zhome/client/v1/validate/email/submitToken"
 OPENID_LIFETIME_MS = 3600 * 1000
 EMAIL_STAGE = "m.login.email.identity"
@@ -137,13 +139,13 @@ class ThreepidServlets:
     def register_routes(self, r: JsonResource) -> None:
         r.register("POST", CS + r"/user/(?P<user_id>[^/]+)/openid/request_token", self.on_openid_request_token,
                    "openid_request_token")
-        r.register("GET", CS + r"/account/3pid", self.on_get_3pids, "threepids")
-        r.register("POST", CS + r"/account/3pid", self.on_legacy_3pid, "threepids")
-        r.register("POST", CS + r"/account/3pid/add", self.on_add, "threepid_add")
-        r.register("POST", CS + r"/account/3pid/delete", self.on_delete, "threepid_delete")
-        r.register("POST", CS + r"/account/3pid/bind", self.on_bind, "threepid_bind")
-        r.register("POST", CS + r"/account/3pid/unbind", self.on_unbind, "threepid_unbind")
-        r.register("POST", CS + r"/account/3pid/(?P<medium>email|msisdn)/requestToken", self.on_add_request_token,
+        r.register("GET", CS3 + r"/account/3pid", self.on_get_3pids, "threepids")
+        r.register("POST", CS3 + r"/account/3pid", self.on_legacy_3pid, "threepids")
+        r.register("POST", CS3 + r"/account/3pid/add", self.on_add, "threepid_add")
+        r.register("POST", CS3 + r"/account/3pid/delete", self.on_delete, "threepid_delete")
+        r.register("POST", CS3 + r"/account/3pid/bind", self.on_bind, "threepid_bind")
+        r.register("POST", CS3 + r"/account/3pid/unbind", self.on_unbind, "threepid_unbind")
+        r.register("POST", CS3 + r"/account/3pid/(?P<medium>email|msisdn)/requestToken", self.on_add_request_token,
                    "threepid_request_token")
         r.register("POST", CS + r"/register/(?P<medium>email|msisdn)/requestToken",
                    self.on_register_request_token, "register_request_token")
@@ -227,13 +229,36 @@ class ThreepidServlets:
         medium, address = self._medium_address(body)
         if self.email is not None and not self.email.enable_3pid_changes:
             raise forbidden("3PID changes are disabled on this server")
-        self._check_id_server(body.get("id_server"), optional=True)
-        if not await self.store.delete(req.user_id, medium, address):
-            raise MatrixError(404, "M_NOT_FOUND", "This account has no such 3PID")
-        result = "no-support"
-        if self.local_identity is not None and await self.local_identity.unbind(req.user_id, medium, address):
-            result = "success"
-        return 200, {"id_server_unbind_result": result}
+        id_server = self._check_id_server(body.get("id_server"), optional=True)
+        # A 3PID the account does not have may still be bound (out of band):
+        # the unbind is tried all the same.
+        await self.store.delete(req.user_id, medium, address)
+        return 200, {"id_server_unbind_result": await self.unbind_at(req.user_id, medium, address, id_server)}
+
+    async def unbind_at(self, user_id: str, medium: str, address: str, id_server: Optional[str]) -> str:
+        """Unbind the 3PID at ``id_server``, or wherever the homeserver bound
+        it; "success" when every unbind succeeded, else "no-support"."""
+        targets = [id_server] if id_server is not None else [
+            s for _m, _a, s in await self.store.id_servers(user_id, medium, address)]
+        own = self.identity_client.own_name if self.identity_client is not None else None
+        ok = bool(targets)
+        if self.local_identity is not None and (id_server is None or id_server == own):
+            # zhome's own identity service: in-process.
+            if await self.local_identity.unbind(user_id, medium, address):
+                ok = True
+            targets = [t for t in targets if t != own]
+        for target in targets:
+            done = self.identity_client is not None and await self.identity_client.unbind(
+                target, user_id, medium, address)
+            if done:
+                await self.store.remove_id_server(user_id, medium, address, target)
+            ok = ok and bool(done)
+        return "success" if ok else "no-support"
+
+    async def unbind_everywhere(self, user_id: str) -> None:
+        """Unbind every 3PID the homeserver bound for the user (deactivation)."""
+        for medium, address, id_server in await self.store.id_servers(user_id):
+            await self.unbind_at(user_id, medium, address, id_server)
 
     def _medium_address(self, body: dict[str, Any]) -> tuple[str, str]:
         medium = body.get("medium")
@@ -264,18 +289,19 @@ class ThreepidServlets:
         secret = check_client_secret(body.get("client_secret"))
         if self.identity_client is None:
             raise MatrixError(400, "M_SERVER_NOT_TRUSTED", "This server does not talk to identity servers")
-        await self.identity_client.bind(id_server, token, sid, secret, req.user_id)
+        association = await self.identity_client.bind(id_server, token, sid, secret, req.user_id)
+        medium, address = association.get("medium"), association.get("address")
+        if isinstance(medium, str) and isinstance(address, str) and len(address) <= 512:
+            # Remembered, so deleting the 3PID or deactivating unbinds it there.
+            await self.store.add_id_server(req.user_id, medium, address, id_server)
         return 200, {}
 
     async def on_unbind(self, request: Request) -> tuple[int, Any]:
         req = await self.auth.get_user_by_req(request)
         body = read_json_body(request)
         medium, address = self._medium_address(body)
-        self._check_id_server(body.get("id_server"), optional=True)
-        result = "no-support"
-        if self.local_identity is not None and await self.local_identity.unbind(req.user_id, medium, address):
-            result = "success"
-        return 200, {"id_server_unbind_result": result}
+        id_server = self._check_id_server(body.get("id_server"), optional=True)
+        return 200, {"id_server_unbind_result": await self.unbind_at(req.user_id, medium, address, id_server)}
 
     # -- validation by email -------------------------------------------------------------------
     async def _send_token(self, request: Request, body: dict[str, Any], medium: str, purpose: str,

@@ -26,8 +26,11 @@ PREFIX = "/_matrix/identity/v2"
 
 
 class IdentityClient:
-    def __init__(self, http: Callable[[], JsonRequest], public_baseurl: str) -> None:
+    def __init__(self, http: Callable[[], JsonRequest], public_baseurl: str, server_name: str = "",
+                 signing_key: Any = None) -> None:
         self.http = http
+        self.server_name = server_name
+        self.signing_key = signing_key
         self.public_baseurl = public_baseurl.rstrip("/")
         self.own_name = urlsplit(public_baseurl).netloc
 
@@ -77,3 +80,20 @@ class IdentityClient:
                 isinstance(k, dict) and isinstance(k.get("public_key"), str) for k in keys):
             raise MatrixError(502, "M_UNKNOWN", "The identity server's store-invite answer is malformed")
         return out
+
+    async def unbind(self, id_server: str, mxid: str, medium: str, address: str) -> bool:
+        """identity-service-api "POST /3pid/unbind", signed by this homeserver
+        (X-Matrix, as a federation request to the identity server's name).
+        True when the identity server removed (or no longer had) the binding."""
+        from zhome.federation.request_auth import sign_request
+
+        body = {"mxid": mxid, "threepid": {"medium": medium, "address": address}}
+        path = PREFIX + "/3pid/unbind"
+        try:
+            auth = sign_request(self.server_name, id_server, "POST", path, body, self.signing_key)
+            status, _ = await self.http()("POST", self.base(id_server) + "/3pid/unbind", body,
+                                          authorization=auth)
+        except (HttpJsonError, ValueError) as e:
+            logger.info("unbind at identity server %s failed: %s", id_server, e)
+            return False
+        return status in (200, 404)

@@ -35,10 +35,12 @@ def make_json_client(tls_policy: Any = None, timeout_s: float = REQUEST_TIMEOUT_
     client = HTTPClient(cast(IAgent, agent))
 
     async def request(method: str, url: str, body: Optional[dict[str, Any]] = None,
-                      token: Optional[str] = None) -> tuple[int, Any]:
+                      token: Optional[str] = None, authorization: Optional[str] = None) -> tuple[int, Any]:
         headers = Headers({b"User-Agent": [b"zhome"]})
         if token is not None:
             headers.setRawHeaders(b"Authorization", [b"Bearer " + token.encode("utf-8")])
+        elif authorization is not None:
+            headers.setRawHeaders(b"Authorization", [authorization.encode("utf-8")])
         data = None
         if body is not None:
             headers.setRawHeaders(b"Content-Type", [b"application/json"])

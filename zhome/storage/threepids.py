@@ -121,8 +121,49 @@ class ThreepidStore:
         return await self.db.run_interaction("delete_threepid", txn_fn)
 
     async def delete_for_user(self, user_id: str) -> None:
-        await self.db.run_interaction("delete_threepids_for_user", lambda txn: txn.execute(
-            "DELETE FROM user_threepids WHERE user_id = ?", (user_id,)))
+        def txn_fn(txn: Txn) -> None:
+            txn.execute("DELETE FROM user_threepids WHERE user_id = ?", (user_id,))
+            txn.execute("DELETE FROM user_threepid_id_servers WHERE user_id = ?", (user_id,))
+
+        await self.db.run_interaction("delete_threepids_for_user", txn_fn)
+
+    # -- where the user's 3PIDs are bound -----------------------------------------------------
+    def _bound_aad(self, user_id: str, medium: str, idx: str, id_server: str) -> str:
+        return f"user_threepid_id_servers.address\x00{user_id}\x00{medium}\x00{idx}\x00{id_server}"
+
+    async def add_id_server(self, user_id: str, medium: str, address: str, id_server: str) -> None:
+        idx = self.index(medium, address)
+        sealed = seal_text(self.sealer, user_id, address, self._bound_aad(user_id, medium, idx, id_server))
+
+        def txn_fn(txn: Txn) -> None:
+            txn.execute("DELETE FROM user_threepid_id_servers WHERE user_id = ? AND medium = ? AND address_index = ?"
+                        " AND id_server = ?", (user_id, medium, idx, id_server))
+            txn.execute("INSERT INTO user_threepid_id_servers (user_id, medium, address_index, id_server, address)"
+                        " VALUES (?,?,?,?,?)", (user_id, medium, idx, id_server, sealed))
+
+        await self.db.run_interaction("add_threepid_id_server", txn_fn)
+
+    async def id_servers(self, user_id: str, medium: Optional[str] = None,
+                         address: Optional[str] = None) -> list[tuple[str, str, str]]:
+        """(medium, address, id_server) the user's 3PIDs are bound at (one 3PID's, when given)."""
+        sql = "SELECT medium, address_index, id_server, address FROM user_threepid_id_servers WHERE user_id = ?"
+        args: list[Any] = [user_id]
+        if medium is not None and address is not None:
+            sql += " AND medium = ? AND address_index = ?"
+            args += [medium, self.index(medium, address)]
+        rows = await self.db.execute("threepid_id_servers", sql + " ORDER BY id_server", *args)
+        out = []
+        for m, idx, id_server, sealed in rows:
+            addr = open_text(self.sealer, sealed, self._bound_aad(user_id, m, idx, id_server))
+            if addr is not None:
+                out.append((str(m), addr, str(id_server)))
+        return out
+
+    async def remove_id_server(self, user_id: str, medium: str, address: str, id_server: str) -> None:
+        idx = self.index(medium, address)
+        await self.db.run_interaction("remove_threepid_id_server", lambda txn: txn.execute(
+            "DELETE FROM user_threepid_id_servers WHERE user_id = ? AND medium = ? AND address_index = ?"
+            " AND id_server = ?", (user_id, medium, idx, id_server)))
 
     async def replace_for_user(self, user_id: str, threepids: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Make ``threepids`` (medium, normalised address) the user's set, as

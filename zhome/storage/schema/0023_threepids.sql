@@ -42,6 +42,19 @@ CREATE TABLE user_threepids (
 );
 CREATE INDEX user_threepids_user ON user_threepids (user_id);
 
+-- The identity servers each 3PID of a local user was bound to through
+-- the homeserver (/account/3pid/bind), so deleting the 3PID or
+-- deactivating the account unbinds it there. address is sealed under the
+-- user's key.
+CREATE TABLE user_threepid_id_servers (
+    user_id TEXT NOT NULL,
+    medium TEXT NOT NULL,
+    address_index TEXT NOT NULL,
+    id_server TEXT NOT NULL,
+    address TEXT NOT NULL,
+    PRIMARY KEY (user_id, medium, address_index, id_server)
+);
+
 -- Validation sessions of the homeserver ("hs") and of its identity
 -- service ("is"): sid, the client secret and the token as digests, the
 -- address sealed. send_attempt makes requestToken idempotent.
