@@ -319,7 +319,10 @@ class HomeServer:
                                                      if self.federation_client is not None else None)
         for resource in {id(r): r for r in (self.federation_resource, self.client_resource)
                          if r is not None}.values():
-            resource.register("PUT", r"/_matrix/federation/v1/3pid/onbind", self._on_3pid_onbind, "3pid_onbind")
+            # PUT in the spec; POST as identity servers (and sytest) send it.
+            for method in ("PUT", "POST"):
+                resource.register(method, r"/_matrix/federation/v1/3pid/onbind", self._on_3pid_onbind,
+                                  "3pid_onbind")
         self.identity_service: Any = None
         if not self.config.identity_service.enabled:
             return

@@ -46,7 +46,12 @@ class ThirdPartyInvites:
         ev = await self.events.get_event(eid) if eid else None
         return dict(ev.content) if ev is not None and isinstance(ev.content, dict) else {}
 
-    async def invite(self, sender: str, room_id: str, body: dict[str, Any]) -> None:
+    @staticmethod
+    def check_params(body: Any) -> tuple[str, str, str, str]:
+        """(id_server, id_access_token, medium, normalised address) of an
+        invite by 3PID, or the Matrix error for bad ones."""
+        if not isinstance(body, dict):
+            raise bad_json("a third-party invite must be an object")
         id_server, token = body.get("id_server"), body.get("id_access_token")
         medium, address = body.get("medium"), body.get("address")
         if not isinstance(id_server, str) or not id_server:
@@ -62,6 +67,10 @@ class ThirdPartyInvites:
         addr = normalise_email(address)
         if addr is None:
             raise MatrixError(400, "M_INVALID_PARAM", "Not a valid email address")
+        return id_server, token, medium, addr
+
+    async def invite(self, sender: str, room_id: str, body: dict[str, Any]) -> None:
+        id_server, token, medium, addr = self.check_params(body)
         if await self.membership.current_membership(room_id, sender) != "join":
             raise forbidden("You are not in this room")
         mxid = await self.identity.lookup(id_server, token, medium, addr)
@@ -96,6 +105,7 @@ class ThirdPartyInvites:
             raise forbidden("The user is not on this server")
         if not isinstance(invites, list) or len(invites) > MAX_ONBIND_INVITES:
             raise bad_json("'invites' must be a list")
+        failed: Optional[MatrixError] = None
         for invite in invites:
             if not isinstance(invite, dict):
                 continue
@@ -103,6 +113,56 @@ class ThirdPartyInvites:
                 await self._invite_from_bind(mxid, invite)
             except MatrixError as e:
                 logger.info("3pid/onbind: an invitation was not turned into an invite: %s %s", e.errcode, e.msg)
+                failed = failed or e
+        if failed is not None:
+            # The identity server learns that (at least one) invitation failed.
+            raise MatrixError(failed.code if 400 <= failed.code < 500 else 403, failed.errcode, failed.msg)
+
+    async def check_signed(self, tpi: dict[str, Any], signed: dict[str, Any]) -> None:
+        """The signature of ``signed`` must be by one of the invitation's
+        public keys, and that key still valid at its key_validity_url
+        (client-server-api "Third-party invites": the homeserver checks the
+        key is not revoked)."""
+        from canonicaljson import encode_canonical_json
+        from nacl.exceptions import BadSignatureError
+        from nacl.signing import VerifyKey
+        from unpaddedbase64 import decode_base64
+
+        from zhome.identity.http import HttpJsonError
+
+        entries: list[dict[str, Any]] = [e for e in tpi.get("public_keys") or [] if isinstance(e, dict)]
+        if isinstance(tpi.get("public_key"), str):
+            entries.append({"public_key": tpi["public_key"], "key_validity_url": tpi.get("key_validity_url")})
+        sigs = signed.get("signatures")
+        message = encode_canonical_json({k: v for k, v in signed.items() if k not in ("signatures", "unsigned")})
+        matched: Optional[dict[str, Any]] = None
+        for by_key in (sigs.values() if isinstance(sigs, dict) else []):
+            for sig in (by_key.values() if isinstance(by_key, dict) else []):
+                for entry in entries:
+                    try:
+                        VerifyKey(decode_base64(entry["public_key"])).verify(message, decode_base64(sig))
+                    except (BadSignatureError, ValueError, TypeError, KeyError):
+                        continue
+                    matched = entry
+                    break
+                if matched:
+                    break
+            if matched:
+                break
+        if matched is None:
+            raise forbidden("the invitation is not signed by any of its public keys")
+        url = matched.get("key_validity_url")
+        if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+            return  # no validity URL to ask: the signature is what there is
+        from urllib.parse import quote
+
+        sep = "&" if "?" in url else "?"
+        try:
+            status, body = await self.identity.http()("GET", url + sep + "public_key=" + quote(matched["public_key"]))
+        except HttpJsonError:
+            raise forbidden("the identity server that signed the invitation cannot be reached") from None
+        if status != 200 or not isinstance(body, dict) or body.get("valid") is not True:
+            raise forbidden("the invitation's key is no longer valid")
 
     async def _invite_from_bind(self, mxid: str, invite: dict[str, Any]) -> None:
         room_id, sender, signed = invite.get("room_id"), invite.get("sender"), invite.get("signed")
@@ -119,6 +179,7 @@ class ThirdPartyInvites:
         tpi = await self._state_content(room_id, "m.room.third_party_invite", token)
         if not tpi:
             raise forbidden("the room has no such third-party invitation")
+        await self.check_signed(tpi, signed)
         display: Optional[str] = tpi.get("display_name") if isinstance(tpi.get("display_name"), str) else None
         third_party: dict[str, Any] = {"signed": signed, "display_name": display or "an email address"}
         await self.membership.update(sender, mxid, room_id, "invite", extra={"third_party_invite": third_party})
@@ -163,6 +224,7 @@ class ThirdPartyInvites:
         tpi = await self._state_content(room_id, "m.room.third_party_invite", signed["token"])
         if not tpi:
             raise forbidden("the room has no such third-party invitation")
+        await self.check_signed(tpi, signed)
         display = tpi.get("display_name") if isinstance(tpi.get("display_name"), str) else None
         await self.membership.update(sender, state_key, room_id, "invite",
                                      extra={"third_party_invite": {"signed": signed,
