@@ -158,6 +158,17 @@ def test_invite_by_email_then_bind_then_join(hs: ZhomeProcess, sink: MailSink) -
     assert valid == (200, {"valid": True})
     mail = sink.wait_for(address)[0]
     assert "Alice Adams" in mail["Subject"] and "Ward 7" in mail["Subject"], mail["Subject"]
+    # A forged onbind (signed by a key the invitation does not list) invites nobody.
+    from signedjson.key import generate_signing_key
+    from signedjson.sign import sign_json
+
+    forged = sign_json({"mxid": bob.user_id, "token": tpi[0]["state_key"]}, id_server(hs), generate_signing_key("0"))
+    status, out = hs.request("PUT", "/_matrix/federation/v1/3pid/onbind", {
+        "address": address, "medium": "email", "mxid": bob.user_id,
+        "invites": [{"address": address, "medium": "email", "mxid": bob.user_id, "room_id": room,
+                     "sender": alice.user_id, "signed": forged}]})
+    assert status == 403 and out["errcode"] == "M_FORBIDDEN", out
+    assert alice.req("GET", f"/rooms/{q(room)}/state/m.room.member/{q(bob.user_id)}")[0] == 404
     # Bob binds the address: the invitation becomes his invite.
     bob_token = is_account(hs, bob)
     sid, secret = is_validate(hs, sink, bob_token, address)
