@@ -208,6 +208,7 @@ class HomeServer:
         self.edu_sender: Any = None
         self._setup_federation()
         self._setup_push(notifications_store, await PushersStore.create(db))
+        await self._setup_threepids()
         for servlets in self.client_servlets():
             servlets.register_routes(self.client_resource)
         await self._setup_federation_services()
@@ -249,6 +250,119 @@ class HomeServer:
 
     async def _require_password_uia(self, body: dict[str, Any], user_id: str, operation: str) -> None:
         await self.account_servlets.require_password_uia(body, user_id, operation)
+
+    async def _setup_threepids(self) -> None:
+        """3PIDs, OpenID, outbound mail (zhome/mail) and the identity service (zhome/identity)."""
+        from zhome.client.threepids import ThreepidServlets
+        from zhome.storage.threepids import ThreepidStore
+
+        self.threepids = ThreepidStore(self.db, self.sealer)
+        # Unbound at identity servers first, while it is known where.
+        self.account_purge_hooks.append(self._unbind_threepids)
+        self.account_purge_hooks.append(self.threepids.delete_for_user)
+        self.account_purge_hooks.append(self.threepids.delete_openid_for_user)
+        self.mail_outbox: Any = None
+        self.mailer: Any = None
+        email = self.config.email
+        if email is not None:
+            from zhome.mail.mailer import Mailer
+            from zhome.mail.outbox import MailOutbox
+            from zhome.mail.smtp import SmtpRelay
+
+            self.mail_outbox = MailOutbox(
+                self.db, await IdGenerator.from_table(self.db, "mail_outbox", "id"), self.sealer,
+                SmtpRelay.from_config(email), min_backoff_s=email.outbox_min_backoff_ms / 1000,
+                max_backoff_s=email.outbox_max_backoff_ms / 1000)
+            self.mailer = Mailer(self.mail_outbox, email.notif_from, email.app_name)
+        self.threepid_servlets = ThreepidServlets(
+            self.auth, self.threepids, self.accounts, email, self.mailer, self.server_name,
+            self.config.public_baseurl, self._require_password_uia,
+            mail_ratelimit=RateLimiter(self.config.rate_limits.registration.per_second,
+                                       self.config.rate_limits.registration.burst_count,
+                                       self.config.rate_limits.enabled))
+        self.threepid_servlets.register_federation_routes(
+            self.federation_resource if self.federation_resource is not None else self.client_resource)
+        if self.federation_resource is not None:
+            # Reachable on the client listener too (an identity service
+            # asks there when the server has no federation listener).
+            self.threepid_servlets.register_federation_routes(self.client_resource)
+        self._setup_identity()
+        if self.mail_outbox is not None:
+            self.mail_outbox.start()
+
+    async def _unbind_threepids(self, user_id: str) -> None:
+        try:
+            await self.threepid_servlets.unbind_everywhere(user_id)
+        except Exception:
+            logger.exception("unbinding the 3PIDs of a deactivated account failed")
+
+    def json_http(self) -> Any:
+        """The JSON-over-HTTP client for identity servers, made on first use;
+        outbound TLS trusts what federation trusts."""
+        if getattr(self, "_json_http", None) is None:
+            from zhome.federation.tls import FederationTLSPolicy
+            from zhome.identity.http import make_json_client
+
+            tls_policy = getattr(self, "federation_tls_policy", None) or FederationTLSPolicy(
+                self.config.federation.verify_certificates, self.config.federation.trusted_ca_files)
+            self._json_http = make_json_client(tls_policy)
+        return self._json_http
+
+    def _setup_identity(self) -> None:
+        """The Identity Service API served by zhome (zhome/identity) and the
+        homeserver's side of third-party invites."""
+        from zhome.identity.client import IdentityClient
+
+        from zhome.rooms.third_party_invites import ThirdPartyInvites
+
+        self.identity_client = IdentityClient(self.json_http, self.config.public_baseurl, self.server_name,
+                                              self.signing_key)
+        self.threepid_servlets.identity_client = self.identity_client
+        self.third_party_invites = ThirdPartyInvites(self.server_name, self.identity_client, self.membership,
+                                                     self.event_creator, self.events, self.accounts,
+                                                     federation_put=self.federation_client.put_json
+                                                     if self.federation_client is not None else None)
+        for resource in {id(r): r for r in (self.federation_resource, self.client_resource)
+                         if r is not None}.values():
+            # PUT in the spec; POST as identity servers (and sytest) send it.
+            for method in ("PUT", "POST"):
+                resource.register(method, r"/_matrix/federation/v1/3pid/onbind", self._on_3pid_onbind,
+                                  "3pid_onbind")
+        self.identity_service: Any = None
+        if not self.config.identity_service.enabled:
+            return
+        from zhome.identity.service import IdentityService
+        from zhome.identity.servlets import IdentityServlets
+        from zhome.identity.store import IdentityStore
+
+        store = IdentityStore(self.db, self.sealer, self.threepids)
+        email = self.config.email
+        self.identity_service = IdentityService(
+            store, self.threepids, self.config.identity_service, self.mailer, self.signing_key, self.server_name,
+            self.config.public_baseurl, email.validation_token_lifetime_ms if email else 3600 * 1000,
+            self.threepids.openid_user, self.json_http,
+            federation_get=self.federation_client.get_json if self.federation_client is not None else None)
+        self.account_purge_hooks.append(store.delete_for_user)
+        self.threepid_servlets.local_identity = self.identity_service
+        IdentityServlets(self.identity_service, self.threepid_servlets.mail_ratelimit).register_routes(
+            self.client_resource)
+        self.client_resource.register("GET", r"/\.well-known/matrix/client", self._well_known_client,
+                                      "well_known_client")
+
+    async def _on_3pid_onbind(self, request: Any) -> tuple[int, Any]:
+        """server-server-api "Third-party invites": PUT /3pid/onbind."""
+        from zhome.http.server import read_json_body
+
+        await self.third_party_invites.on_bind(read_json_body(request))
+        return 200, {}
+
+    async def _well_known_client(self, request: Any) -> tuple[int, Any]:
+        """Spec: client-server-api "Well-known URIs"; m.identity_server when zhome serves one."""
+        base = self.config.public_baseurl.rstrip("/")
+        out: dict[str, Any] = {"m.homeserver": {"base_url": base}}
+        if self.identity_service is not None:
+            out["m.identity_server"] = {"base_url": base}
+        return 200, out
 
     def _setup_key_backup(self) -> None:
         """Server-side key backups (zhome/e2ee/key_backup.py)."""
@@ -437,7 +551,7 @@ class HomeServer:
         e2ee = E2eeServlets(self.auth, self.e2e_keys, self.to_device, self.device_lists, self.events, self.notifier,
                             self.cross_signing)
         self.account_servlets = AccountServlets(self)
-        return [self.account_servlets, self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
+        return [self.account_servlets, self.threepid_servlets, self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
                 PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee,
                 PusherServlets(self), VoipServlets(self.auth, self.config.voip),
                 RoomSummaryServlets(self.auth, self.events, self.room_servlets.resolve_room,
@@ -542,6 +656,8 @@ class HomeServer:
             await self.sealing_backlog.stop()
         if getattr(self, "event_media", None) is not None:
             await self.event_media.stop()
+        if getattr(self, "mail_outbox", None) is not None:
+            await self.mail_outbox.stop()
         if getattr(self, "push_delivery", None) is not None:
             try:
                 await self.push_delivery.stop()
