@@ -696,3 +696,31 @@ def test_app_service_config_files(tmp_path: Path) -> None:
     assert "app_service_config_file: unknown key" in text and "app_service_config_files" in text
     # Documented in the sample (the sytest driver looks for it there).
     assert "app_service_config_files:" in SAMPLE.read_text()
+
+
+def test_email_and_identity_service_sections(tmp_path: Path) -> None:
+    plain = load_raw(tmp_path)
+    assert plain.email is None and plain.identity_service.enabled is False
+    config = load_raw(tmp_path, email={"smtp_host": "smtp.example.org", "smtp_port": 587, "smtp_user": "zhome",
+                                       "smtp_pass": "relay-s3cret", "require_transport_security": True,
+                                       "notif_from": "Example <noreply@example.org>"},
+                      identity_service={"enabled": True, "lookup_pepper": "pepper-s3cret"})
+    email = config.email
+    assert email is not None and (email.smtp_host, email.smtp_port, email.smtp_user) == ("smtp.example.org", 587,
+                                                                                          "zhome")
+    assert email.require_transport_security and not email.force_tls and email.verify_certificate
+    assert email.validation_token_lifetime_ms == 3600 * 1000 and email.enable_3pid_changes
+    assert "relay-s3cret" not in repr(config) and "pepper-s3cret" not in repr(config)
+    assert config.identity_service.enabled and config.identity_service.lookup_pepper == "pepper-s3cret"
+
+    def err(section: dict) -> str:
+        return error_for(tmp_path, {**MINIMAL, "email": section})
+
+    assert "email.smtp_host: required but missing" in err({"notif_from": "a@example.org"})
+    assert "email.notif_from: required but missing" in err({"smtp_host": "h"})
+    assert "email.notif_from: expected a mail address" in err({"smtp_host": "h", "notif_from": "nobody"})
+    assert "email.smtp_port" in err({"smtp_host": "h", "notif_from": "a@example.org", "smtp_port": 0})
+    assert "email.smtp_pass" in err({"smtp_host": "h", "notif_from": "a@example.org", "smtp_pass": 12345})
+    assert "12345" not in err({"smtp_host": "h", "notif_from": "a@example.org", "smtp_pass": 12345})
+    assert "did you mean 'smtp_host'" in err({"smtp_hots": "h", "notif_from": "a@example.org"})
+    assert "identity_service.enabled" in error_for(tmp_path, {**MINIMAL, "identity_service": {"enabled": "yes"}})

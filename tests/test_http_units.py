@@ -120,3 +120,18 @@ def test_lru_cache_weight_bound() -> None:
     for i in range(5):
         counted.set(i, i)
     assert counted.get(2) is None and counted.get(3) == 3 and counted.get(4) == 4
+
+
+def test_spliced_answers_encode_as_their_plain_form() -> None:
+    import json
+
+    from zhome.http.jsonsplice import RawJson, Spliced, dumps, encode, to_plain
+
+    part = {"DEV": {"keys": {"ed25519:DEV": "é"}, "unsigned": {}}}
+    body = Spliced(device_keys=Spliced({"@a:x": RawJson(dumps(part)), "@b:x": {"D2": {"k": [1, None]}}}),
+                   failures={}, master_keys={"@a:x": {"usage": ["master"]}})
+    text = encode(body)
+    assert json.loads(text) == to_plain(body) == {
+        "device_keys": {"@a:x": part, "@b:x": {"D2": {"k": [1, None]}}},
+        "failures": {}, "master_keys": {"@a:x": {"usage": ["master"]}}}
+    assert text == dumps(to_plain(body))

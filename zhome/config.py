@@ -757,6 +757,67 @@ class EncryptionConfig:
     keystore_path: str | None = setting(optional(non_empty_string), default=None)
 
 
+def _mail_address(value: Any, path: str) -> str:
+    """An RFC 5322 mailbox such as "zhome <noreply@example.org>"."""
+    import email.utils
+
+    text = non_empty_string(value, path)
+    addr = email.utils.parseaddr(text)[1]
+    if "@" not in addr or any(c in addr for c in " \r\n"):
+        raise _Invalid(path, f"expected a mail address such as 'zhome <noreply@example.org>', got {text!r}")
+    return text
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmailConfig:
+    """Outbound mail (zhome/mail) and the email 3PID features built on it."""
+
+    # The SMTP relay every mail goes through.
+    smtp_host: str = setting(non_empty_string)
+    smtp_port: int = setting(integer(1, 65535), default=25)
+    # AUTH credentials; none: no AUTH.
+    smtp_user: str | None = setting(optional(non_empty_string), default=None)
+    smtp_pass: str | None = setting(optional(string), default=None, secret=True)
+    # Refuse to send over a connection that is not TLS (STARTTLS or force_tls).
+    require_transport_security: bool = setting(boolean, default=False)
+    # Implicit TLS from the first byte (port 465) instead of STARTTLS.
+    force_tls: bool = setting(boolean, default=False)
+    # Check the relay's TLS certificate. false is for test set-ups only.
+    verify_certificate: bool = setting(boolean, default=True)
+    timeout_ms: int = setting(integer(1000, 600_000), default=60_000)
+    # The From of every mail zhome sends.
+    notif_from: str = setting(_mail_address)
+    # Named in the mails ("Your %(app_name)s validation code").
+    app_name: str = setting(non_empty_string, default="Matrix")
+    # How long a mailed validation token stays valid.
+    validation_token_lifetime_ms: int = setting(integer(60_000), default=3600 * 1000)
+    # Registration asks for a validated email address (m.login.email.identity).
+    registration_requires_email: bool = setting(boolean, default=False)
+    # Users may add and remove email addresses themselves.
+    enable_3pid_changes: bool = setting(boolean, default=True)
+    # /account/password/email/requestToken for an address no account has:
+    # false answers M_THREEPID_NOT_FOUND (the spec's answer), true answers
+    # as if a mail was sent, so the endpoint does not tell which addresses
+    # have accounts.
+    hide_unknown_password_reset_addresses: bool = setting(boolean, default=False)
+    # The outbox retries a failed mail after this delay, doubling each time
+    # up to outbox_max_backoff_ms.
+    outbox_min_backoff_ms: int = setting(integer(100), default=5000)
+    outbox_max_backoff_ms: int = setting(integer(1000), default=3600 * 1000)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IdentityServiceConfig:
+    """The Identity Service API zhome serves itself (zhome/identity)."""
+
+    enabled: bool = setting(boolean, default=False)
+    # The pepper of hashed lookups; none: one is made on first start and kept
+    # in the database.
+    lookup_pepper: str | None = setting(optional(non_empty_string), default=None, secret=True)
+    # Where invitation mails send the invitee to (a web client).
+    invite_client_location: str = setting(base_url, default="https://app.element.io/")
+
+
 @dataclass(frozen=True, kw_only=True)
 class HomeserverConfig:
     server_name: str = setting(server_name)
@@ -793,6 +854,10 @@ class HomeserverConfig:
     federation: FederationConfig = setting(section(FederationConfig), default=FederationConfig())
     media: MediaConfig = setting(section(MediaConfig), default=MediaConfig())
     encryption: EncryptionConfig = setting(section(EncryptionConfig), default=EncryptionConfig())
+    # Outbound mail; absent: no mail (and no email 3PIDs).
+    email: EmailConfig | None = setting(optional(section(EmailConfig)), default=None)
+    identity_service: IdentityServiceConfig = setting(section(IdentityServiceConfig),
+                                                      default=IdentityServiceConfig())
     # PEM certificate (chain) and private key for listeners with tls: true.
     tls_certificate_path: str | None = setting(optional(non_empty_string), default=None)
     tls_private_key_path: str | None = setting(optional(non_empty_string), default=None)

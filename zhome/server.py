@@ -134,7 +134,7 @@ class HomeServer:
         self.notifier = Notifier(stream_ids.current(), account_data_ids.current(), receipt_ids.current(),
                                  presence_pos=presence_store.current_position(),
                                  device_lists_pos=device_list_ids.current(), to_device_pos=to_device_ids.current())
-        self._setup_e2ee(E2eKeysStore(db), DeviceListStore(db, device_list_ids), ToDeviceStore(db, to_device_ids),
+        self._setup_e2ee(E2eKeysStore(db), DeviceListStore(db, device_list_ids), ToDeviceStore(db, to_device_ids, self.sealer),
                          CrossSigningStore(db, device_list_ids))
         self._setup_key_backup()
         self._setup_dehydrated_devices()
@@ -145,7 +145,7 @@ class HomeServer:
         self.push_rules_cache = RulesetCache(self.user_data)
         self.user_data.after_user_data_deleted.append(self.push_rules_cache.invalidate)
         self.admin_store = AdminStore(db, self.accounts, await IdGenerator.from_table(db, "content_reports", "id"),
-                                      self.server_name, open_pdu=self.events.open_pdu)
+                                      self.server_name, open_pdu=self.events.open_pdu, sealer=self.sealer)
         notifications_store = NotificationsStore(db)
         self.notification_log = NotificationLog(notifications_store, self.events)
         self.persister.txn_hooks.append(self.notification_log.persist_txn_hook)
@@ -188,6 +188,9 @@ class HomeServer:
         self.media_admin = MediaAdminStore(db)
         await self.media_admin.load()
         self.privacy_store = PrivacyStore(db, self.events, await IdGenerator.from_table(db, "legal_holds", "id"))
+        from zhome.storage.event_media import EventMediaStore
+
+        self.event_media = EventMediaStore(db, self.events)
         self.guest_access = GuestAccessEnforcer(self.events, self.accounts, self.membership)
         self.persister.hooks.append(self.guest_access.after_persist)
         self.room_creation = RoomCreationService(self.server_name, self.event_creator, self.membership, self.rooms,
@@ -210,6 +213,7 @@ class HomeServer:
         self.edu_sender: Any = None
         self._setup_federation()
         self._setup_push(notifications_store, await PushersStore.create(db))
+        await self._setup_threepids()
         for servlets in self.client_servlets():
             servlets.register_routes(self.client_resource)
         await self._setup_federation_services()
@@ -228,6 +232,7 @@ class HomeServer:
 
         self.sealing_backlog = SealingBacklog(self)
         self.sealing_backlog.start()
+        self.event_media.start()
 
     async def _setup_appservices(self, services: list[Any]) -> None:
         """Application services (zhome/appservice): none configured, nothing
@@ -291,15 +296,129 @@ class HomeServer:
         self.device_lists = DeviceListService(self.server_name, device_list_store, self.accounts, keys_store,
                                               self.events, self.notifier)
         self.e2e_keys = E2eKeysService(self.server_name, keys_store, self.accounts, self.device_lists)
+        self.to_device_store = to_device_store
         self.to_device = ToDeviceService(self.server_name, to_device_store, self.accounts, self.notifier)
         # Replacing cross-signing keys needs the password (the account
         # servlets' user-interactive auth), bound late: those are built later.
         self.cross_signing = CrossSigningService(self.server_name, cross_signing_store, keys_store, self.accounts,
                                                  self.device_lists, self._require_password_uia)
-        self.account_purge_hooks.append(cross_signing_store.delete_for_user)
+        self.account_purge_hooks.append(self.cross_signing.delete_for_user)
 
     async def _require_password_uia(self, body: dict[str, Any], user_id: str, operation: str) -> None:
         await self.account_servlets.require_password_uia(body, user_id, operation)
+
+    async def _setup_threepids(self) -> None:
+        """3PIDs, OpenID, outbound mail (zhome/mail) and the identity service (zhome/identity)."""
+        from zhome.client.threepids import ThreepidServlets
+        from zhome.storage.threepids import ThreepidStore
+
+        self.threepids = ThreepidStore(self.db, self.sealer)
+        # Unbound at identity servers first, while it is known where.
+        self.account_purge_hooks.append(self._unbind_threepids)
+        self.account_purge_hooks.append(self.threepids.delete_for_user)
+        self.account_purge_hooks.append(self.threepids.delete_openid_for_user)
+        self.mail_outbox: Any = None
+        self.mailer: Any = None
+        email = self.config.email
+        if email is not None:
+            from zhome.mail.mailer import Mailer
+            from zhome.mail.outbox import MailOutbox
+            from zhome.mail.smtp import SmtpRelay
+
+            self.mail_outbox = MailOutbox(
+                self.db, await IdGenerator.from_table(self.db, "mail_outbox", "id"), self.sealer,
+                SmtpRelay.from_config(email), min_backoff_s=email.outbox_min_backoff_ms / 1000,
+                max_backoff_s=email.outbox_max_backoff_ms / 1000)
+            self.mailer = Mailer(self.mail_outbox, email.notif_from, email.app_name)
+        self.threepid_servlets = ThreepidServlets(
+            self.auth, self.threepids, self.accounts, email, self.mailer, self.server_name,
+            self.config.public_baseurl, self._require_password_uia,
+            mail_ratelimit=RateLimiter(self.config.rate_limits.registration.per_second,
+                                       self.config.rate_limits.registration.burst_count,
+                                       self.config.rate_limits.enabled))
+        self.threepid_servlets.register_federation_routes(
+            self.federation_resource if self.federation_resource is not None else self.client_resource)
+        if self.federation_resource is not None:
+            # Reachable on the client listener too (an identity service
+            # asks there when the server has no federation listener).
+            self.threepid_servlets.register_federation_routes(self.client_resource)
+        self._setup_identity()
+        if self.mail_outbox is not None:
+            self.mail_outbox.start()
+
+    async def _unbind_threepids(self, user_id: str) -> None:
+        try:
+            await self.threepid_servlets.unbind_everywhere(user_id)
+        except Exception:
+            logger.exception("unbinding the 3PIDs of a deactivated account failed")
+
+    def json_http(self) -> Any:
+        """The JSON-over-HTTP client for identity servers, made on first use;
+        outbound TLS trusts what federation trusts."""
+        if getattr(self, "_json_http", None) is None:
+            from zhome.federation.tls import FederationTLSPolicy
+            from zhome.identity.http import make_json_client
+
+            tls_policy = getattr(self, "federation_tls_policy", None) or FederationTLSPolicy(
+                self.config.federation.verify_certificates, self.config.federation.trusted_ca_files)
+            self._json_http = make_json_client(tls_policy)
+        return self._json_http
+
+    def _setup_identity(self) -> None:
+        """The Identity Service API served by zhome (zhome/identity) and the
+        homeserver's side of third-party invites."""
+        from zhome.identity.client import IdentityClient
+
+        from zhome.rooms.third_party_invites import ThirdPartyInvites
+
+        self.identity_client = IdentityClient(self.json_http, self.config.public_baseurl, self.server_name,
+                                              self.signing_key)
+        self.threepid_servlets.identity_client = self.identity_client
+        self.third_party_invites = ThirdPartyInvites(self.server_name, self.identity_client, self.membership,
+                                                     self.event_creator, self.events, self.accounts,
+                                                     federation_put=self.federation_client.put_json
+                                                     if self.federation_client is not None else None)
+        for resource in {id(r): r for r in (self.federation_resource, self.client_resource)
+                         if r is not None}.values():
+            # PUT in the spec; POST as identity servers (and sytest) send it.
+            for method in ("PUT", "POST"):
+                resource.register(method, r"/_matrix/federation/v1/3pid/onbind", self._on_3pid_onbind,
+                                  "3pid_onbind")
+        self.identity_service: Any = None
+        if not self.config.identity_service.enabled:
+            return
+        from zhome.identity.service import IdentityService
+        from zhome.identity.servlets import IdentityServlets
+        from zhome.identity.store import IdentityStore
+
+        store = IdentityStore(self.db, self.sealer, self.threepids)
+        email = self.config.email
+        self.identity_service = IdentityService(
+            store, self.threepids, self.config.identity_service, self.mailer, self.signing_key, self.server_name,
+            self.config.public_baseurl, email.validation_token_lifetime_ms if email else 3600 * 1000,
+            self.threepids.openid_user, self.json_http,
+            federation_get=self.federation_client.get_json if self.federation_client is not None else None)
+        self.account_purge_hooks.append(store.delete_for_user)
+        self.threepid_servlets.local_identity = self.identity_service
+        IdentityServlets(self.identity_service, self.threepid_servlets.mail_ratelimit).register_routes(
+            self.client_resource)
+        self.client_resource.register("GET", r"/\.well-known/matrix/client", self._well_known_client,
+                                      "well_known_client")
+
+    async def _on_3pid_onbind(self, request: Any) -> tuple[int, Any]:
+        """server-server-api "Third-party invites": PUT /3pid/onbind."""
+        from zhome.http.server import read_json_body
+
+        await self.third_party_invites.on_bind(read_json_body(request))
+        return 200, {}
+
+    async def _well_known_client(self, request: Any) -> tuple[int, Any]:
+        """Spec: client-server-api "Well-known URIs"; m.identity_server when zhome serves one."""
+        base = self.config.public_baseurl.rstrip("/")
+        out: dict[str, Any] = {"m.homeserver": {"base_url": base}}
+        if self.identity_service is not None:
+            out["m.identity_server"] = {"base_url": base}
+        return 200, out
 
     def _setup_key_backup(self) -> None:
         """Server-side key backups (zhome/e2ee/key_backup.py)."""
@@ -488,7 +607,7 @@ class HomeServer:
         e2ee = E2eeServlets(self.auth, self.e2e_keys, self.to_device, self.device_lists, self.events, self.notifier,
                             self.cross_signing)
         self.account_servlets = AccountServlets(self)
-        return [self.account_servlets, self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
+        return [self.account_servlets, self.threepid_servlets, self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
                 PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee,
                 PusherServlets(self), VoipServlets(self.auth, self.config.voip),
                 RoomSummaryServlets(self.auth, self.events, self.room_servlets.resolve_room,
@@ -604,6 +723,10 @@ class HomeServer:
             self.retention.stop()
         if getattr(self, "sealing_backlog", None) is not None:
             await self.sealing_backlog.stop()
+        if getattr(self, "event_media", None) is not None:
+            await self.event_media.stop()
+        if getattr(self, "mail_outbox", None) is not None:
+            await self.mail_outbox.stop()
         if getattr(self, "push_delivery", None) is not None:
             try:
                 await self.push_delivery.stop()

@@ -97,6 +97,9 @@ ADMIN_ROUTES = [
     ("GET", "/_matrix/client/v1/admin/suspend/{u}", None),
     ("PUT", "/_matrix/client/v1/admin/suspend/{u}", {"suspended": True}),
     ("GET", "/_zhome/admin/v1/encryption", None),
+    ("GET", "/_synapse/admin/v1/room/!r:localhost/media", None),
+    ("POST", "/_synapse/admin/v1/room/!r:localhost/media/quarantine", {}),
+    ("POST", "/_synapse/admin/v1/quarantine_media/!r:localhost", {}),
     ("POST", "/_zhome/admin/v1/encryption/rotate", {}),
 ]
 

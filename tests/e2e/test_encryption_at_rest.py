@@ -37,11 +37,23 @@ def _wait(what: str, check: Callable[[], Any]) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _login_device(hs: ZhomeProcess, user: ClientUser, name: str) -> None:
+def _login_device(hs: ZhomeProcess, user: ClientUser, name: str) -> dict[str, Any]:
     status, out = hs.request("POST", CS + "/login", {
         "type": "m.login.password", "identifier": {"type": "m.id.user", "user": user.user_id},
         "password": "correct horse battery", "initial_device_display_name": name})
     assert status == 200, out
+    return dict(out)
+
+
+def _send_to_device(sender: ClientUser, user_id: str, device_id: str, marker: str) -> None:
+    sender.ok("PUT", f"/sendToDevice/org.example.note/{secrets.token_hex(8)}",
+              {"messages": {user_id: {device_id: {"note": marker}}}})
+
+
+def _to_device_notes(hs: ZhomeProcess, token: str) -> list[str]:
+    status, out = hs.request("GET", CS + "/sync?timeout=0", token=token)
+    assert status == 200, out
+    return [e["content"].get("note") for e in out.get("to_device", {}).get("events", [])]
 
 
 def test_a_database_from_before_is_sealed_in_the_background(zhome_factory: Any, tmp_path: Path) -> None:
@@ -50,16 +62,17 @@ def test_a_database_from_before_is_sealed_in_the_background(zhome_factory: Any, 
     hs.start()
     admin = Admin(hs, "root", tmp_path)
     alice = ClientUser(hs, "alice")
-    m_body, m_name, m_data, m_dev, m_file = (_marker() for _ in range(5))
+    m_body, m_name, m_data, m_dev, m_file, m_note = (_marker() for _ in range(6))
     room = alice.ok("POST", "/createRoom", {"name": "Ward"})["room_id"]
     alice.ok("PUT", f"/profile/{q(alice.user_id)}/displayname", {"displayname": f"Alice {m_name}"})
     events = [_send(alice, room, {"msgtype": "m.text", "body": f"old {i} {m_body}"}) for i in range(30)]
     alice.ok("PUT", f"/user/{q(alice.user_id)}/account_data/org.example.notes", {"note": m_data})
-    _login_device(hs, alice, f"phone {m_dev}")
+    phone = _login_device(hs, alice, f"phone {m_dev}")
+    _send_to_device(alice, alice.user_id, phone["device_id"], m_note)
     mxc = _upload(alice, b"file body", f"{m_file}.txt")
     hs.stop()
     # The control: with encryption off every marker is in the clear.
-    for m in (m_body, m_name, m_data, m_dev, m_file):
+    for m in (m_body, m_name, m_data, m_dev, m_file, m_note):
         assert _where_stored(hs, m), m
 
     _set_encryption(hs, True)
@@ -83,10 +96,32 @@ def test_a_database_from_before_is_sealed_in_the_background(zhome_factory: Any, 
     assert [u["name"] for u in listed["users"]] == [alice.user_id]
     assert mxc
     hs.stop()
-    for m in (m_body, m_name, m_data, m_dev, m_file):
+    for m in (m_body, m_name, m_data, m_dev, m_file, m_note):
         assert not _where_stored(hs, m), (m, _where_stored(hs, m))
     opened = _open_stored(hs, events[:1])
     assert m_body in opened[events[0]]["content"]["body"]
+    # The waiting to-device message, sealed meanwhile, still reaches the phone.
+    hs.start()
+    assert _to_device_notes(hs, phone["access_token"]) == [m_note]
+
+
+def test_to_device_messages_and_report_reasons_are_sealed(zhome: ZhomeProcess, tmp_path: Path) -> None:
+    admin = Admin(zhome, "root", tmp_path)
+    alice, bob = ClientUser(zhome, "alice"), ClientUser(zhome, "bob")
+    phone = _login_device(zhome, bob, "phone")
+    marker, why = _marker(), _marker()
+    _send_to_device(alice, bob.user_id, phone["device_id"], marker)
+    room = alice.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"]
+    bob.ok("POST", f"/join/{q(room)}", {})
+    eid = _send(alice, room, {"msgtype": "m.text", "body": "hello"})
+    bob.ok("POST", f"/rooms/{q(room)}/report/{q(eid)}", {"reason": f"because {why}"})
+    zhome.stop()
+    for m in (marker, why):
+        assert not _where_stored(zhome, m), _where_stored(zhome, m)
+    zhome.start()
+    assert _to_device_notes(zhome, phone["access_token"]) == [marker]
+    reports = admin.ok("GET", "/_synapse/admin/v1/event_reports")["event_reports"]
+    assert [r["reason"] for r in reports] == [f"because {why}"]
 
 
 def test_rotation_while_serving_then_only_the_new_key(zhome: ZhomeProcess, tmp_path: Path) -> None:

@@ -416,6 +416,94 @@ def test_retention_purges_expired_messages_on_a_fake_clock(zhome: ZhomeProcess, 
     assert opened[sent["chat"]]["content"] == {}
 
 
+def test_retention_deletes_the_files_only_expired_events_showed(zhome: ZhomeProcess, tmp_path: Path) -> None:
+    admin = Admin(zhome, "root", tmp_path)
+    alice = ClientUser(zhome, "alice")
+    day = 24 * 3600 * 1000
+    policy = [{"type": "m.room.retention", "state_key": "", "content": {"max_lifetime": 7 * day}}]
+    chat = alice.ok("POST", "/createRoom", {"preset": "private_chat", "initial_state": policy})["room_id"]
+    forever = alice.ok("POST", "/createRoom", {"preset": "private_chat"})["room_id"]
+    only, shared, protected, thumb = (_upload(alice, secrets.token_bytes(64), f"{n}.bin")
+                                      for n in ("only", "shared", "protected", "thumb"))
+    _send(alice, chat, {"msgtype": "m.file", "body": "only.bin", "url": only})
+    _send(alice, chat, {"msgtype": "m.image", "body": "shared.png", "url": shared,
+                        "info": {"thumbnail_url": thumb}})
+    _send(alice, forever, {"msgtype": "m.file", "body": "shared.bin", "url": shared})
+    _send(alice, chat, {"msgtype": "m.file", "body": "protected.bin", "url": protected})
+    admin.ok("POST", f"/_synapse/admin/v1/media/protect/{protected.rsplit('/', 1)[1]}", {})
+    listed = admin.ok("GET", f"/_synapse/admin/v1/room/{q(chat)}/media")
+    assert sorted(listed["local"]) == sorted([only, shared, protected, thumb]) and listed["remote"] == []
+    assert admin.req("GET", "/_synapse/admin/v1/room/!nowhere:localhost/media")[0] == 404
+
+    def served(mxc: str) -> bool:
+        status, _ = zhome.request("GET", "/_matrix/client/v1/media/download/" + mxc[len("mxc://"):],
+                                  token=alice.token)
+        return status == 200
+
+    now = int(time.time() * 1000)
+    out = admin.ok("POST", "/_zhome/admin/v1/retention/run", {"now": now + 8 * day})
+    assert out["purged"] == {chat: 3}
+    # Shown only by expired events: gone. Still shown elsewhere, or protected: kept.
+    assert sorted(out["media_deleted"]) == sorted([only, thumb])
+    assert not served(only) and not served(thumb)
+    assert served(shared) and served(protected)
+    assert admin.ok("GET", f"/_synapse/admin/v1/room/{q(chat)}/media") == {"local": [], "remote": []}
+    assert admin.ok("POST", f"/_synapse/admin/v1/room/{q(forever)}/media/quarantine", {}) == {"num_quarantined": 1}
+    assert not served(shared)
+
+
+def _run_sql(hs: ZhomeProcess, statements: list[str]) -> None:
+    url = _database_url(hs)
+    if url:
+        import psycopg2
+
+        conn = psycopg2.connect(url)
+        try:
+            with conn.cursor() as cur:
+                for sql in statements:
+                    cur.execute(sql)
+            conn.commit()
+        finally:
+            conn.close()
+    else:
+        import sqlite3
+
+        lite = sqlite3.connect(str(hs.workdir / "data" / "homeserver.db"))
+        try:
+            for sql in statements:
+                lite.execute(sql)
+            lite.commit()
+        finally:
+            lite.close()
+
+
+def test_events_from_before_the_file_index_are_indexed_and_nothing_goes_meanwhile(
+        zhome: ZhomeProcess, tmp_path: Path) -> None:
+    admin = Admin(zhome, "root", tmp_path)
+    alice = ClientUser(zhome, "alice")
+    day = 24 * 3600 * 1000
+    policy = [{"type": "m.room.retention", "state_key": "", "content": {"max_lifetime": 7 * day}}]
+    chat = alice.ok("POST", "/createRoom", {"preset": "private_chat", "initial_state": policy})["room_id"]
+    forever = alice.ok("POST", "/createRoom", {"preset": "private_chat"})["room_id"]
+    mxc = _upload(alice, secrets.token_bytes(64), "old.bin")
+    _send(alice, chat, {"msgtype": "m.file", "body": "old.bin", "url": mxc})
+    _send(alice, forever, {"msgtype": "m.file", "body": "old.bin", "url": mxc})
+    zhome.stop()
+    # As a database from before the index: no rows, the pass not begun.
+    _run_sql(zhome, ["DELETE FROM event_media", "DELETE FROM at_rest_progress WHERE name LIKE 'event_media%'"])
+    zhome.start()
+    deadline = time.monotonic() + WAIT_S
+    while admin.ok("GET", f"/_synapse/admin/v1/room/{q(forever)}/media")["local"] != [mxc]:
+        assert time.monotonic() < deadline, "the background pass did not index the old event"
+        time.sleep(0.2)
+    out = admin.ok("POST", "/_zhome/admin/v1/retention/run", {"now": int(time.time() * 1000) + 8 * day})
+    # The event in the other room still shows the file: it stays.
+    assert out["purged"] == {chat: 1} and "media_deleted" not in out
+    status, _ = zhome.request("GET", "/_matrix/client/v1/media/download/" + mxc[len("mxc://"):],
+                              token=alice.token)
+    assert status == 200
+
+
 def test_do_not_transfer_and_residency_reports(zhome_pair: ZhomeServers, tmp_path: Path) -> None:
     a, b = zhome_pair.a, zhome_pair.b
     admin = Admin(a, "root_dnt", tmp_path)

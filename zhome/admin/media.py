@@ -156,6 +156,11 @@ class AdminMediaServlets:
                    "admin_media_delete_old")
         r.register("POST", SYN1 + r"/purge_media_cache", self.on_purge_cache, "admin_purge_media_cache")
         r.register("GET", SYN1 + r"/users/(?P<user_id>[^/]+)/media", self.on_user_media, "admin_user_media")
+        r.register("GET", SYN1 + r"/room/(?P<room_id>[^/]+)/media", self.on_room_media, "admin_room_media")
+        r.register("POST", SYN1 + r"/room/(?P<room_id>[^/]+)/media/quarantine", self.on_quarantine_room,
+                   "admin_room_media_quarantine")
+        r.register("POST", SYN1 + r"/quarantine_media/(?P<room_id>[^/]+)", self.on_quarantine_room,
+                   "admin_room_media_quarantine")
         r.register("DELETE", SYN1 + r"/users/(?P<user_id>[^/]+)/media", self.on_delete_user_media,
                    "admin_user_media")
 
@@ -196,6 +201,27 @@ class AdminMediaServlets:
         if not deleted:
             raise not_found("Media not found")
         return 200, {"deleted_media": deleted, "total": len(deleted)}
+
+    async def _room_files(self, room_id: str) -> list[tuple[str, str]]:
+        if not room_id.startswith("!") or await self.hs.rooms.get_room_version(room_id) is None:
+            raise not_found("Room not found")
+        return await self.hs.event_media.files_of_room(room_id)
+
+    async def on_room_media(self, request: Request, room_id: str) -> tuple[int, Any]:
+        """The files the room's stored events show (their content not purged)."""
+        await self._admin(request)
+        files = await self._room_files(room_id)
+        local = self.hs.server_name
+        return 200, {"local": [f"mxc://{o}/{m}" for o, m in files if o == local],
+                     "remote": [f"mxc://{o}/{m}" for o, m in files if o != local]}
+
+    async def on_quarantine_room(self, request: Request, room_id: str) -> tuple[int, Any]:
+        admin = await self._admin(request)
+        n = 0
+        for origin, media_id in await self._room_files(room_id):
+            if await self.store.set_quarantine(origin, media_id, admin):
+                n += 1
+        return 200, {"num_quarantined": n}
 
     async def on_quarantine(self, request: Request, server_name: str, media_id: str) -> tuple[int, Any]:
         admin = await self._admin(request)

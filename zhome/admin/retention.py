@@ -5,7 +5,9 @@ A room's policy is its ``m.room.retention`` state event's ``max_lifetime``
 server's ``retention.default_max_lifetime_ms``; a room with neither keeps
 its messages. A message event whose ``origin_server_ts`` is older than
 ``now - max_lifetime`` loses its content (it is stored in its redacted
-form, as erasure does), and its notifications go. Never below the room's
+form, as erasure does), and its notifications go; a file it showed is
+deleted once no stored event shows it (``zhome/storage/event_media.py``).
+Never below the room's
 statutory retention floor, never in a room or of a sender under a legal
 hold. State events are kept: the room's current state needs them.
 
@@ -80,6 +82,7 @@ class RetentionJob:
         held_rooms = {h["target"] for h in await store.list_holds("room")}
         held_users = {h["target"] for h in await store.list_holds("user")}
         report: dict[str, Any] = {"purged": {}, "skipped": {}}
+        media: list[str] = []
         # A floor is measured against the real clock whatever ``now_ms`` says,
         # so no clock given to this job can purge what a floor keeps.
         real_now = int(self.clock() * 1000)
@@ -90,15 +93,40 @@ class RetentionJob:
             cutoff = now_ms - lifetime
             if room_id in floors:
                 cutoff = min(cutoff, real_now - int(floors[room_id]["floor_ms"]))
-            n = await self._purge_room(room_id, cutoff, held_users)
+            n = await self._purge_room(room_id, cutoff, held_users, media)
             if n:
                 report["purged"][room_id] = n
+        if media:
+            report["media_deleted"] = media
         if report["purged"]:
-            logger.info("retention purge: %d events in %d rooms", sum(report["purged"].values()),
-                        len(report["purged"]))
+            logger.info("retention purge: %d events in %d rooms, %d files", sum(report["purged"].values()),
+                        len(report["purged"]), len(media))
         return report
 
-    async def _purge_room(self, room_id: str, cutoff_ms: int, held_users: set[str]) -> int:
+    async def _delete_files(self, files: set[tuple[str, str]], held_users: set[str]) -> list[str]:
+        """Delete the files that expired events showed and no stored event
+        shows any more (uploads and cached remote files alike), unless
+        protected or uploaded by someone under a legal hold. Until every
+        stored event is indexed, no file is known to be unused: none goes."""
+        repo = self.hs.media_repository
+        if repo is None or not await self.hs.event_media.complete():
+            return []
+        deleted = []
+        for origin, media_id in sorted(files - await self.hs.event_media.shown(files)):
+            if (await self.hs.media_admin.status(origin, media_id))[1]:
+                continue
+            info = await repo.store.get_media(origin, media_id)
+            if info is None or (info.user_id is not None and info.user_id in held_users):
+                continue
+            if await repo.delete_media(origin, media_id):
+                await self.hs.media_admin.forget(origin, media_id)
+                deleted.append(f"mxc://{origin}/{media_id}")
+        return deleted
+
+    async def _purge_room(self, room_id: str, cutoff_ms: int, held_users: set[str],
+                          media: list[str]) -> int:
+        """Purge the room's expired events; the files deleted with them are
+        added to ``media``."""
         batch = self.config.batch_size
         total = 0
         for _ in range(MAX_BATCHES_PER_ROOM):
@@ -125,8 +153,11 @@ class RetentionJob:
 
             ids, last, more = await self.hs.db.run_interaction("retention_pick", pick)
             if ids:
+                files = await self.hs.event_media.files_of_events(ids)
                 await self.hs.privacy_store.purge_content(ids)
                 total += len(ids)
+                if files:
+                    media.extend(await self._delete_files(files, held_users))
             if last is not None:
                 def advance(txn: Txn, last: int = last) -> None:
                     txn.execute("DELETE FROM retention_positions WHERE room_id = ?", (room_id,))

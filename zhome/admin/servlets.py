@@ -111,8 +111,8 @@ class AdminServlets:
 
     async def _user_view(self, user_id: str) -> dict[str, Any]:
         user = await self._existing(user_id)
-        user.update(threepids=[], external_ids=[], appservice_id=None, consent_server_notice_sent=None,
-                    consent_version=None, consent_ts=None)
+        user.update(threepids=await self.hs.threepids.list_for_user(user_id), external_ids=[], appservice_id=None,
+                    consent_server_notice_sent=None, consent_version=None, consent_ts=None)
         return user
 
     # -- server ------------------------------------------------------------------------
@@ -174,8 +174,10 @@ class AdminServlets:
                 raise invalid_param(f"{key} must be a boolean")
         if "user_type" in body and body["user_type"] not in (None, "bot", "support"):
             raise invalid_param("user_type must be null, bot or support")
-        if body.get("threepids"):
-            raise MatrixError(400, "M_UNRECOGNIZED", "This server does not store third-party identifiers yet")
+        threepids = self._threepids_of(body)
+        for medium, address in threepids or ():
+            if await self.hs.threepids.user_for(medium, address) not in (None, user_id):
+                raise MatrixError(400, "M_THREEPID_IN_USE", "A 3PID in 'threepids' belongs to another account")
         if user_id == req.user_id and body.get("admin") is False:
             raise invalid_param("You may not demote yourself")
         existing = await self.store.get_user(user_id)
@@ -205,11 +207,38 @@ class AdminServlets:
                 await set_profile(self.hs, user_id, "displayname", body["displayname"] or None)
         if "avatar_url" in body and (not created or body["avatar_url"]):
             await set_profile(self.hs, user_id, "avatar_url", body["avatar_url"] or None)
+        if threepids is not None:
+            taken = await self.hs.threepids.replace_for_user(user_id, threepids)
+            if taken:
+                raise MatrixError(400, "M_THREEPID_IN_USE", "A 3PID in 'threepids' belongs to another account")
         flags = {k: body[k] for k in ("locked", "user_type") if k in body}
         if "admin" in body and not created:
             flags["admin"] = body["admin"]
         await self.store.set_flags(user_id, **flags)
         return (201 if created else 200), await self._user_view(user_id)
+
+    @staticmethod
+    def _threepids_of(body: dict[str, Any]) -> Optional[list[tuple[str, str]]]:
+        """The (medium, normalised address) pairs of a PUT's ``threepids``, or None when absent."""
+        from zhome.storage.threepids import normalise_email
+
+        raw = body.get("threepids")
+        if raw is None:
+            return None
+        if not isinstance(raw, list) or len(raw) > 100:
+            raise invalid_param("threepids must be a list of {medium, address}")
+        out: list[tuple[str, str]] = []
+        for item in raw:
+            if not isinstance(item, dict) or not isinstance(item.get("medium"), str) \
+                    or not isinstance(item.get("address"), str):
+                raise invalid_param("threepids must be a list of {medium, address}")
+            if item["medium"] != "email":
+                raise MatrixError(400, "M_THREEPID_MEDIUM_NOT_SUPPORTED", "Only the email medium is supported")
+            addr = normalise_email(item["address"])
+            if addr is None:
+                raise invalid_param("Not a valid email address in threepids")
+            out.append(("email", addr))
+        return out
 
     async def on_deactivate(self, request: Request, user_id: str) -> tuple[int, Any]:
         req = await self.require_admin(request)

@@ -101,7 +101,7 @@ class AccountServlets:
             },
             "m.set_displayname": {"enabled": True},
             "m.set_avatar_url": {"enabled": True},
-            "m.3pid_changes": {"enabled": False},
+            "m.3pid_changes": {"enabled": self.config.email is not None and self.config.email.enable_3pid_changes},
             "m.get_login_token": {"enabled": False},
         }
         if req.is_admin:
@@ -227,6 +227,8 @@ class AccountServlets:
     def _registration_flows(self) -> list[dict[str, Any]]:
         if self.config.registration.registration_requires_token:
             return [{"stages": ["m.login.registration_token"]}]
+        if self.config.email is not None and self.config.email.registration_requires_email:
+            return [{"stages": ["m.login.email.identity"]}]
         return [{"stages": ["m.login.dummy"]}]
 
     async def on_register_available(self, request: Request) -> tuple[int, Any]:
@@ -370,7 +372,7 @@ class AccountServlets:
             await self.accounts.create_uia_session(session_id, params)
             raise MatrixError(401, "M_FORBIDDEN", "Authentication required", flows=self._registration_flows(),
                               params={}, session=session_id, completed=[])
-        used_token = await self._registration_uia(auth)
+        used_token, email_session = await self._registration_uia(auth)
         user_id = params.get("user_id")
         if user_id is None:
             for _ in range(10):
@@ -391,6 +393,12 @@ class AccountServlets:
         self.hs.ratelimit_registration.record("ip:" + client_ip(request))
         if used_token is not None:
             await self.accounts.use_registration_token(used_token)
+        if email_session is not None:
+            # The address the m.login.email.identity stage validated
+            # becomes the new account's.
+            if await self.hs.threepids.add(user_id, email_session["medium"], email_session["address"],
+                                           int(email_session["validated_at"])):
+                await self.hs.threepids.delete_session(email_session["sid"])
         if isinstance(session_id, str):
             # What a repeat needs, without the password's hash and digest.
             done = {k: v for k, v in params.items() if k not in ("password_hash", "password_digest")}
@@ -459,21 +467,27 @@ class AccountServlets:
             return {"user_id": user_id, "home_server": self.hs.server_name}
         return await self._issue_login(user_id, params, request)
 
-    async def _registration_uia(self, auth: dict[str, Any]) -> Optional[str]:
-        """Check the registration UIA stage; returns the registration token used, if any."""
+    async def _registration_uia(self, auth: dict[str, Any]) -> tuple[Optional[str], Optional[dict[str, Any]]]:
+        """Check the registration UIA stage; returns the registration token
+        used and the validated email session, if any."""
         flows = self._registration_flows()
         stage = flows[0]["stages"][0]
         session = auth.get("session")
         if auth.get("type") != stage:
             raise MatrixError(401, "M_FORBIDDEN", "This authentication type is not allowed here", flows=flows,
                               params={}, session=session, completed=[])
+        if stage == "m.login.email.identity":
+            email = await self.hs.threepid_servlets.email_stage(auth, flows, session)
+            if await self.hs.threepids.user_for(email["medium"], email["address"]) is not None:
+                raise MatrixError(400, "M_THREEPID_IN_USE", "This address is already registered")
+            return None, email
         if stage == "m.login.registration_token":
             token = auth.get("token")
             if not isinstance(token, str) or not await self.accounts.registration_token_valid(token):
                 raise MatrixError(401, "M_FORBIDDEN", "Invalid registration token", flows=flows, params={},
                                   session=session, completed=[])
-            return token
-        return None
+            return token, None
+        return None, None
 
     # -- UIA for existing users ------------------------------------------------
     async def require_password_uia(self, body: dict[str, Any], user_id: str, operation: str) -> None:
@@ -514,6 +528,12 @@ class AccountServlets:
             await self.accounts.delete_uia_session(session)
 
     async def on_password(self, request: Request) -> tuple[int, Any]:
+        from zhome.client.threepids import has_token
+
+        if not has_token(request) and self.config.email is not None:
+            # Spec: "Password management": a forgotten password is reset
+            # with m.login.email.identity, without an access token.
+            return await self.hs.threepid_servlets.password_reset(request, read_json_body(request))
         req = await self.hs.auth.get_user_by_req(request)
         body = read_json_body(request)
         if req.app_service is None:  # an application service's users have no password (spec: UIA)

@@ -182,7 +182,15 @@ class RoomServlets:
         room_alias_name = body.get("room_alias_name")
         if isinstance(room_alias_name, str):
             self._refuse_exclusive_alias(f"#{room_alias_name}:{self.hs.server_name}", req.app_service)
+        invite_3pid = body.get("invite_3pid", [])
+        if not isinstance(invite_3pid, list) or len(invite_3pid) > 100:
+            raise bad_json("'invite_3pid' must be a list")
+        for entry in invite_3pid:
+            self.hs.third_party_invites.check_params(entry)
         room_id, alias = await self.hs.room_creation.create_room(req.user_id, body)
+        for entry in invite_3pid:
+            # Spec: "Third-party invites", as POST /rooms/{roomId}/invite would.
+            await self.hs.third_party_invites.invite(req.user_id, room_id, entry)
         out: dict[str, Any] = {"room_id": room_id}
         if alias:
             out["room_alias"] = alias
@@ -235,6 +243,11 @@ class RoomServlets:
                 if membership is None:
                     raise not_found("You have never been in this room")
                 await self.events.forget_room(req.user_id, room_id)
+                return 200, {}
+            if action == "invite" and "user_id" not in body and ("id_server" in body or "medium" in body):
+                # Spec: "Third-party invites": inviting by email address.
+                await self._require_known_room(room_id)
+                await self.hs.third_party_invites.invite(req.user_id, room_id, body)
                 return 200, {}
             if action == "leave":
                 target = req.user_id

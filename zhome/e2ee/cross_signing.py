@@ -28,6 +28,7 @@ from zhome.http.errors import MatrixError, bad_json, forbidden, missing_param
 from zhome.storage.accounts import AccountsStore
 from zhome.storage.cross_signing import CrossSigningStore, MasterKeyChanged, Signature, public_key_of
 from zhome.storage.e2e_keys import E2eKeysStore
+from zhome.storage.lru import LruCache
 from zhome.util.ids import server_of
 
 if TYPE_CHECKING:
@@ -141,6 +142,22 @@ def parse_remote_keys(user_id: str, master: Any, self_signing: Any,
     return out
 
 
+#: Local users whose cross-signing keys are kept for /keys/query.
+MAX_KEYS_CACHE = 20000
+
+
+class _LocalKeys:
+    """A local user's stored cross-signing keys (key type -> key) and the
+    signatures made of their master key (by their devices and by other
+    users' user-signing keys)."""
+
+    __slots__ = ("keys", "master_signatures")
+
+    def __init__(self, keys: dict[str, dict[str, Any]], master_signatures: list[Signature]) -> None:
+        self.keys = keys
+        self.master_signatures = master_signatures
+
+
 class CrossSigningService:
     def __init__(self, server_name: str, store: CrossSigningStore, keys: E2eKeysStore, accounts: AccountsStore,
                  device_lists: DeviceListService,
@@ -154,6 +171,59 @@ class CrossSigningService:
         #: post_json(destination, path, body, timeout=...) when federating.
         self.post: Optional[Callable[..., Awaitable[Any]]] = None
         store.on_device_signed_txn = lambda txn, u, d: device_lists.devices_changed_txn(txn, u, [d], False)
+        # Local users' keys as /keys/query reads them on every request.
+        # Each change of them is a device-list change of the user, which
+        # drops the entry once committed; a signature of another user's
+        # master key drops that user's entry (see upload_signatures). A
+        # read that overlaps a change does not fill the cache.
+        self._cache: LruCache[str, _LocalKeys] = LruCache(MAX_KEYS_CACHE)
+        self._epoch = 0
+        device_lists.on_local_change.append(self._forget)
+
+    def _forget(self, user_id: str) -> None:
+        self._epoch += 1
+        self._cache.pop(user_id)
+
+    async def delete_for_user(self, user_id: str) -> None:
+        """A deactivated account's keys and the signatures made by or of them."""
+        await self.store.delete_for_user(user_id)
+        # Its signatures of other users' master keys went too.
+        self._epoch += 1
+        self._cache.clear()
+
+    async def _local(self, user_ids: list[str]) -> dict[str, _LocalKeys]:
+        got: dict[str, _LocalKeys] = {}
+        missing = []
+        for u in user_ids:
+            e = self._cache.get(u)
+            if e is None:
+                missing.append(u)
+            else:
+                got[u] = e
+        if missing:
+            epoch = self._epoch
+            keys = await self.store.get_keys(missing)
+            sigs: dict[str, list[Signature]] = {}
+            if keys:
+                for sig in await self.store.get_signatures(keys):
+                    master = keys[sig.target_user_id].get("master")
+                    if master is not None and sig.target_key_id == public_key_of(master):
+                        sigs.setdefault(sig.target_user_id, []).append(sig)
+            fresh = epoch == self._epoch
+            for u in missing:
+                e = got[u] = _LocalKeys(keys.get(u, {}), sigs.get(u, []))
+                if fresh:
+                    self._cache.set(u, e)
+        return got
+
+    async def _stored_keys(self, user_ids: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+        """user -> key type -> stored key (local users' from the cache)."""
+        local = [u for u in user_ids if server_of(u) == self.server_name]
+        remote = [u for u in user_ids if server_of(u) != self.server_name]
+        out = {u: e.keys for u, e in (await self._local(local)).items() if e.keys}
+        if remote:
+            out.update(await self.store.get_keys(remote))
+        return out
 
     # -- POST /keys/device_signing/upload --------------------------------------------------
     async def upload_keys(self, user_id: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -204,11 +274,22 @@ class CrossSigningService:
     async def _public_keys(self, user_ids: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
         """Master and self-signing keys of users, the master keys with the
         signatures their own devices uploaded (which everyone may see)."""
-        keys = await self.store.get_keys(user_ids)
-        if not keys:
-            return {}
-        sigs = await self.store.get_signatures(keys)
         out: dict[str, dict[str, dict[str, Any]]] = {}
+        local = [u for u in user_ids if server_of(u) == self.server_name]
+        for u, e in (await self._local(local)).items():
+            if not e.keys:
+                continue
+            out[u] = {t: k for t, k in e.keys.items() if t in ("master", "self_signing")}
+            own = [s for s in e.master_signatures if s.user_id == u]
+            if own and "master" in out[u]:
+                out[u]["master"] = m = _copy_signatures(out[u]["master"])
+                for sig in own:
+                    _add_signature(m, sig)
+        remote = [u for u in user_ids if server_of(u) != self.server_name]
+        keys = await self.store.get_keys(remote) if remote else {}
+        if not keys:
+            return out
+        sigs = await self.store.get_signatures(keys)
         for u, by_type in keys.items():
             out[u] = {t: k for t, k in by_type.items() if t in ("master", "self_signing")}
         for s in sigs:
@@ -280,6 +361,11 @@ class CrossSigningService:
         if accepted:
             changes = sorted(changed_users, key=lambda c: (c[0], c[1] or ""))
             positions = await self.store.add_signatures(accepted, signed_devices, changes)
+            for target in {s.target_user_id for s in accepted}:
+                if server_of(target) == self.server_name:
+                    # Only the signer is told, but the target's cached
+                    # master key now has one more signature.
+                    self._forget(target)
             for (u, reader), pos in zip(changes, positions):
                 await self.device_lists.notify_change(reader or u, pos)
             own_master = public_key_of(own["master"]) if "master" in own else None
@@ -389,16 +475,21 @@ class CrossSigningService:
         # What the requester signed with their user-signing key.
         targets = [u for u in masters if u != requester]
         if targets:
-            for s in await self.store.get_signatures(targets):
+            local = [u for u in targets if server_of(u) == self.server_name]
+            remote = [u for u in targets if server_of(u) != self.server_name]
+            made = [s for e in (await self._local(local)).values() for s in e.master_signatures]
+            if remote:
+                made.extend(await self.store.get_signatures(remote))
+            for s in made:
                 m = masters.get(s.target_user_id)
                 if s.user_id == requester and m is not None and s.target_key_id == public_key_of(m):
-                    masters[s.target_user_id] = m = {**m, "signatures": {**(m.get("signatures") or {})}}
+                    masters[s.target_user_id] = m = _copy_signatures(m)
                     _add_signature(m, s)
         result["master_keys"] = masters
         result["self_signing_keys"] = ssks
         result["user_signing_keys"] = {}
         if requester in wanted:
-            usk = (await self.store.get_keys([requester])).get(requester, {}).get("user_signing")
+            usk = (await self._stored_keys([requester])).get(requester, {}).get("user_signing")
             if usk is not None:
                 result["user_signing_keys"][requester] = usk
 
@@ -452,6 +543,14 @@ class CrossSigningService:
         finally:
             lock.release()
         await self.device_lists.notify_change(user_id, pos)
+
+
+def _copy_signatures(key: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a key whose signatures can be added to (the key may be shared)."""
+    sigs = key.get("signatures")
+    if not isinstance(sigs, dict):
+        return dict(key)
+    return {**key, "signatures": {u: dict(v) if isinstance(v, dict) else v for u, v in sigs.items()}}
 
 
 def _add_signature(key: Optional[dict[str, Any]], s: Signature) -> None:

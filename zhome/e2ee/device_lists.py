@@ -51,6 +51,10 @@ class DeviceListService:
         self.fetch: Optional[Callable[..., Awaitable[Any]]] = None
         #: Called with (user_id, device_ids) after local devices are deleted.
         self.on_devices_deleted: list[Callable[[str, list[str]], None]] = []
+        #: Called with the user ID once a change of a local user's devices,
+        #: device keys or cross-signing keys (or their signatures) has
+        #: committed: caches of what /keys/query gives out drop the user.
+        self.on_local_change: list[Callable[[str], None]] = []
         self._locks: dict[str, defer.DeferredLock] = {}
         accounts.device_change_hooks.append(self.devices_changed_txn)
         keys.on_device_keys_changed_txn = lambda txn, u, d: self.devices_changed_txn(txn, u, [d], False)
@@ -66,6 +70,7 @@ class DeviceListService:
         txn.call_after_commit(lambda: self._after_local_change(user_id, rows, deleted))
 
     def _after_local_change(self, user_id: str, rows: list[tuple[int, str, Optional[int]]], deleted: bool) -> None:
+        self.local_user_changed(user_id)
         if deleted:
             for hook in self.on_devices_deleted:
                 hook(user_id, [d for _, d, _ in rows])
@@ -99,9 +104,15 @@ class DeviceListService:
         except Exception:
             logger.exception("announcing device list change of %s", user_id)
 
+    def local_user_changed(self, user_id: str) -> None:
+        for hook in self.on_local_change:
+            hook(user_id)
+
     async def notify_change(self, user_id: str, pos: int) -> None:
         """Wake /sync for a change at ``pos`` of the stream (a change of
         ``user_id``'s cross-signing keys, recorded by its store)."""
+        if server_of(user_id) == self.server_name:
+            self.local_user_changed(user_id)
         await self._wake_for(user_id, pos)
 
     async def _wake_for(self, user_id: str, pos: int) -> None:

@@ -17,8 +17,10 @@ from twisted.internet import defer
 from zhome.e2ee.device_lists import DeviceListService, verified_device_keys
 from zhome.e2ee.validation import check_device_keys, check_keys, ed25519_verify_key
 from zhome.http.errors import MatrixError, bad_json
+from zhome.http.jsonsplice import RawJson, Spliced, dumps
 from zhome.storage.accounts import AccountsStore
 from zhome.storage.e2e_keys import E2eKeysStore, KeyConflict, KeyUpload
+from zhome.storage.lru import LruCache
 from zhome.util.ids import server_of
 
 logger = logging.getLogger(__name__)
@@ -26,6 +28,20 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_MS = 10000
 MAX_USERS_PER_REQUEST = 1000
 MAX_SUMMARY_CACHE = 20000
+#: Local users whose device keys are kept parsed and encoded for /keys/query.
+MAX_KEYS_CACHE = 20000
+
+
+class _UserKeys:
+    """A local user's devices as /keys/query gives them out: device ID ->
+    keys (with their signatures and ``unsigned.device_display_name``), and
+    the same map encoded once."""
+
+    __slots__ = ("devices", "encoded")
+
+    def __init__(self, devices: dict[str, dict[str, Any]]) -> None:
+        self.devices = devices
+        self.encoded = RawJson(dumps(devices))
 
 
 class E2eKeysService:
@@ -42,10 +58,22 @@ class E2eKeysService:
         # drop the entry. A cache: the database stays the truth.
         self._summaries: dict[tuple[str, str], tuple[dict[str, int], list[str]]] = {}
         device_lists.on_devices_deleted.append(self._forget_devices)
+        # What /keys/query answers for local users. Every change of a
+        # user's devices, their keys or their signatures is a device-list
+        # change, which drops the user's entry once committed (the same
+        # event that tells clients to query again). A read that overlaps
+        # a change does not fill the cache: ``_epoch`` counts the drops.
+        self._keys_cache: LruCache[str, _UserKeys] = LruCache(MAX_KEYS_CACHE)
+        self._epoch = 0
+        device_lists.on_local_change.append(self.forget_user_keys)
 
     def _forget_devices(self, user_id: str, device_ids: list[str]) -> None:
         for d in device_ids:
             self._summaries.pop((user_id, d), None)
+
+    def forget_user_keys(self, user_id: str) -> None:
+        self._epoch += 1
+        self._keys_cache.pop(user_id)
 
     # -- upload ---------------------------------------------------------------------
     async def upload(self, user_id: str, device_id: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -82,34 +110,61 @@ class E2eKeysService:
         return dict(got[0]), list(got[1])
 
     # -- query -------------------------------------------------------------------------
-    async def query_local(self, wanted: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    async def _local_keys(self, users: list[str]) -> dict[str, _UserKeys]:
+        got: dict[str, _UserKeys] = {}
+        missing = []
+        for u in users:
+            e = self._keys_cache.get(u)
+            if e is None:
+                missing.append(u)
+            else:
+                got[u] = e
+        if not missing:
+            return got
+        epoch = self._epoch
+        stored = await self.store.get_device_keys(missing)
+        all_names = await self.accounts.get_device_names([u for u in missing if stored.get(u)])
+        fresh = epoch == self._epoch
+        for u in missing:
+            names: dict[str, Optional[str]] = all_names.get(u, {})
+            devices: dict[str, dict[str, Any]] = {}
+            for d, keys in stored.get(u, {}).items():
+                if d not in names:
+                    # Keys outlived their device (a deletion in flight).
+                    continue
+                name = names[d]
+                keys["unsigned"] = {"device_display_name": name} if name is not None else {}
+                devices[d] = keys
+            e = got[u] = _UserKeys(devices)
+            if fresh:
+                self._keys_cache.set(u, e)
+        return got
+
+    async def query_local(self, wanted: dict[str, list[str]], encoded: bool = False) -> dict[str, Any]:
         """device_keys for local users: user -> device -> keys (every device
-        when the list is empty)."""
+        when the list is empty). The values are shared with the cache: not
+        to be changed. ``encoded``: a user asked for all devices is given
+        as the cached encoded map (a :class:`RawJson`)."""
         users = [u for u in wanted if server_of(u) == self.server_name]
         if not users:
             return {}
-        stored = await self.store.get_device_keys(users)
-        all_names = await self.accounts.get_device_names([u for u in users if stored.get(u)])
-        out: dict[str, dict[str, Any]] = {}
+        entries = await self._local_keys(users)
+        out: dict[str, Any] = {}
         for u in users:
-            devices = stored.get(u, {})
-            names: dict[str, Optional[str]] = all_names.get(u, {})
             ask = wanted[u]
-            out[u] = {}
-            for d, keys in devices.items():
-                if ask and d not in ask:
-                    continue
-                if d not in names:
-                    continue
-                k = dict(keys)
-                name = names.get(d)
-                k["unsigned"] = {"device_display_name": name} if name is not None else {}
-                out[u][d] = k
+            e = entries[u]
+            if not ask:
+                out[u] = e.encoded if encoded else e.devices
+            else:
+                out[u] = {d: k for d, k in e.devices.items() if d in ask}
         return out
 
     async def query(self, raw: Any, timeout_ms: int) -> dict[str, Any]:
+        """The /keys/query answer; a :class:`Spliced` object whose local
+        users' device maps may be encoded parts (see query_local)."""
         wanted = parse_device_keys_request(raw)
-        result: dict[str, Any] = {"device_keys": await self.query_local(wanted), "failures": {}}
+        result: dict[str, Any] = Spliced(device_keys=Spliced(await self.query_local(wanted, encoded=True)),
+                                         failures={})
         remote = {u: d for u, d in wanted.items() if server_of(u) != self.server_name}
         if remote:
             timeout_s = max(0.5, min(timeout_ms, 60000) / 1000.0)

@@ -56,6 +56,8 @@ class FederationServlets:
         r.register("GET", FED + r"/make_knock/" + room + r"/(?P<user_id>[^/]+)", self.on_make_knock, "make_knock")
         r.register("PUT", FED + r"/send_knock/" + room + "/" + eid, self.on_send_knock, "send_knock")
         r.register("PUT", FED + r"/invite/" + room + "/" + eid, self.on_invite, "invite")
+        r.register("PUT", FED + r"/exchange_third_party_invite/" + room, self.on_exchange_third_party_invite,
+                   "exchange_third_party_invite")
         r.register("GET", FED + r"/backfill/" + room, self.on_backfill, "backfill")
         r.register("POST", FED + r"/get_missing_events/" + room, self.on_get_missing_events, "get_missing_events")
         r.register("GET", FED + r"/state/" + room, self.on_state, "state")
@@ -69,6 +71,17 @@ class FederationServlets:
         r.register("POST", FED + r"/user/keys/claim", self.on_user_keys_claim, "user_keys_claim")
         r.register("GET", FED + r"/publicRooms", self.on_public_rooms, "fed_public_rooms")
         r.register("POST", FED + r"/publicRooms", self.on_public_rooms, "fed_public_rooms")
+
+    async def on_exchange_third_party_invite(self, request: Request, room_id: str,
+                                             ver: str = "v1") -> tuple[int, Any]:
+        """Spec: server-server-api "Third-party invites" (zhome/rooms/third_party_invites.py)."""
+        if ver != "v1":
+            raise MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request")
+        origin, body = await self._authed_body(request)
+        if not isinstance(body, dict):
+            raise MatrixError(400, "M_BAD_JSON", "Expected a JSON object")
+        await self.hs.third_party_invites.on_exchange(origin, room_id, body)
+        return 200, {}
 
     # -- helpers -----------------------------------------------------------------
     async def _auth(self, request: Request, body: Any = None) -> str:

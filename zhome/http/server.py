@@ -28,6 +28,7 @@ from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from zhome.http import jsonsplice
 from zhome.http.errors import MatrixError, bad_json, not_json, too_large, unrecognized
 
 logger = logging.getLogger(__name__)
@@ -186,7 +187,8 @@ def _redacted_path(path: str) -> str:
 def respond_json(request: Request, code: int, body: Any) -> None:
     if request.finished or request._disconnected:
         return
-    data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    data = (jsonsplice.encode(body) if isinstance(body, jsonsplice.Spliced)
+            else jsonsplice.dumps(body)).encode("utf-8")
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Content-Length", str(len(data)).encode())

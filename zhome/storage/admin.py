@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from zhome.storage.accounts import AccountsStore
+from zhome.storage.at_rest import Sealer, open_text, seal_text
 from zhome.storage.database import Database, Txn, escape_like, in_chunks
 from zhome.storage.ids import IdGenerator
 
@@ -76,8 +77,14 @@ def _sort_value(user: dict[str, Any], order_by: str) -> Any:
     return v
 
 
-def _report_row(row: tuple[Any, ...]) -> dict[str, Any]:
+def _report_reason_aad(rid: int, reporter: str) -> str:
+    return f"content_reports.reason\x00{rid}\x00{reporter}"
+
+
+def _report_row(row: tuple[Any, ...], sealer: Optional[Sealer] = None) -> dict[str, Any]:
     rid, kind, ts, reporter, room_id, event_id, target, reason, score = row
+    # The reporter's words, sealed under the reporter's key.
+    reason = open_text(sealer, reason, _report_reason_aad(rid, reporter))
     return {"id": rid, "kind": kind, "received_ts": ts, "user_id": reporter, "room_id": room_id,
             "event_id": event_id, "target_user_id": target, "reason": reason, "score": score}
 
@@ -93,8 +100,9 @@ def _token_row(row: tuple[Any, ...]) -> dict[str, Any]:
 
 class AdminStore:
     def __init__(self, db: Database, accounts: AccountsStore, report_ids: IdGenerator, server_name: str,
-                 open_pdu: Any = None) -> None:
+                 open_pdu: Any = None, sealer: Optional[Sealer] = None) -> None:
         self.db = db
+        self.sealer = sealer
         #: (event_id, json, sealed) -> the event dict (encryption at rest).
         self.open_pdu = open_pdu or (lambda _eid, js, _sealed: json.loads(js))
         self.accounts = accounts
@@ -111,8 +119,12 @@ class AdminStore:
         await self.db.run_interaction("add_report", lambda txn: txn.execute(
             "INSERT INTO content_reports (id, kind, received_ts, reporter, room_id, event_id, target_user_id,"
             " reason, score) VALUES (?,?,?,?,?,?,?,?,?)",
-            (rid, kind, int(time.time() * 1000), reporter, room_id, event_id, target_user_id, reason, score)))
+            (rid, kind, int(time.time() * 1000), reporter, room_id, event_id, target_user_id,
+             self.seal_report_reason(rid, reporter, reason), score)))
         return rid
+
+    def seal_report_reason(self, rid: int, reporter: str, reason: Optional[str]) -> Optional[str]:
+        return seal_text(self.sealer, reporter, reason, _report_reason_aad(rid, reporter))
 
     async def list_reports(self, kind: str, *, offset: int, limit: int, backwards: bool,
                            user_id: Optional[str] = None, room_id: Optional[str] = None
@@ -131,13 +143,13 @@ class AdminStore:
             txn.execute("SELECT COUNT(*) FROM content_reports" + cond, tuple(args))
             row = txn.fetchone()
             txn.execute(_REPORT_COLUMNS + cond + order + " LIMIT ? OFFSET ?", (*args, limit, offset))
-            return [_report_row(r) for r in txn.fetchall()], int(row[0]) if row else 0
+            return [_report_row(r, self.sealer) for r in txn.fetchall()], int(row[0]) if row else 0
 
         return await self.db.run_interaction("list_reports", txn_fn)
 
     async def get_report(self, report_id: int) -> Optional[dict[str, Any]]:
         rows = await self.db.execute("get_report", _REPORT_COLUMNS + " WHERE id = ?", report_id)
-        return _report_row(rows[0]) if rows else None
+        return _report_row(rows[0], self.sealer) if rows else None
 
     async def delete_report(self, report_id: int) -> bool:
         def txn_fn(txn: Txn) -> bool:

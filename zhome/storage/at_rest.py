@@ -79,6 +79,10 @@ CREATE TABLE IF NOT EXISTS keystore_meta (name TEXT PRIMARY KEY, value TEXT NOT 
 """
 
 
+#: The owner of named keys in the key store (no user ID starts with "zhome:").
+NAMED_KEY_OWNER = "zhome:named"
+
+
 class KeyStoreError(Exception):
     """The key ring or key store is missing, malformed or does not match."""
 
@@ -269,6 +273,26 @@ class Sealer:
             aes = AESGCM(self._master(row[0]).unwrap(bytes(row[1]))) if row else None
             self._remember(key_id, aes)
             return aes
+
+    def named_key(self, name: str) -> bytes:
+        """A long-lived 32-byte secret named ``name`` (the key of a blind
+        index, say), made on first use and kept in the key store beside the
+        data keys: wrapped by the master key, re-wrapped on rotation, and
+        never among the keys erasure or retention destroy (its owner is no
+        user and its period is empty)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT master_id, wrapped FROM data_keys WHERE owner = ? AND room = ? AND period = ''"
+                " ORDER BY id LIMIT 1", (NAMED_KEY_OWNER, name)).fetchone()
+            if row is not None:
+                return self._master(row[0]).unwrap(bytes(row[1]))
+            raw = os.urandom(KEY_SIZE)
+            master = self._masters[0]
+            self._conn.execute(
+                "INSERT INTO data_keys (owner, room, period, generation, master_id, wrapped, created_ts)"
+                " VALUES (?,?,'',-1,?,?,?)",
+                (NAMED_KEY_OWNER, name, master.key_id, master.wrap(raw), int(time.time() * 1000)))
+            return raw
 
     # -- sealing -----------------------------------------------------------------------------
     def seal(self, owner: str, room: str, period: str, plaintext: bytes, aad: bytes) -> tuple[int, str]:

@@ -65,6 +65,12 @@ def _steps(hs: "HomeServer") -> list[tuple[str, Callable[[Txn, int], int]]]:
         ("profiles", lambda txn, n: _seal_columns_txn(
             txn, n, "profiles", ("user_id",), ("displayname", "avatar_url"),
             lambda k, c, v: acc.seal_profile(k[0], c, v))),
+        ("to-device messages", lambda txn, n: _seal_columns_txn(
+            txn, n, "device_inbox", ("stream_id", "user_id", "device_id"), ("message_json",),
+            lambda k, _c, v: hs.to_device_store.seal_message(int(k[0]), k[1], k[2], v))),
+        ("report reasons", lambda txn, n: _seal_columns_txn(
+            txn, n, "content_reports", ("id", "reporter"), ("reason",),
+            lambda k, _c, v: hs.admin_store.seal_report_reason(int(k[0]), k[1], v))),
         ("remote profiles", lambda txn, n: _seal_columns_txn(
             txn, n, "user_directory_remote_profiles", ("user_id",), ("display_name", "avatar_url"),
             remote_profile)),
@@ -77,7 +83,7 @@ def _steps(hs: "HomeServer") -> list[tuple[str, Callable[[Txn, int], int]]]:
 
 
 #: Tables the job rewrites: their old row versions are scrubbed afterwards.
-SEALED_TABLES = ("events", "account_data", "devices", "profiles", "user_directory_remote_profiles", "media")
+SEALED_TABLES = ("events", "account_data", "devices", "device_inbox", "content_reports", "profiles", "user_directory_remote_profiles", "media")
 
 
 class SealingBacklog:

@@ -18,6 +18,7 @@ from zhome.rooms.redaction import prune_event_dict
 from zhome.rooms.versions import RoomVersion, get_room_version
 from zhome.storage.at_rest import Sealer, event_period
 from zhome.storage.database import Database, Txn, in_chunks
+from zhome.storage.event_media import EventMediaStore
 from zhome.storage.ids import IdGenerator
 from zhome.storage.lru import LruCache
 
@@ -209,6 +210,8 @@ class EventsStore:
                 data_key,
             ),
         )
+        if not ev.rejected_reason:
+            EventMediaStore.index_txn(txn, ev.event_id, ev.room_id, ev.content)
 
     # -- encryption at rest -------------------------------------------------
     def seal_pdu(self, event_id: str, room_version: RoomVersion,
@@ -242,6 +245,7 @@ class EventsStore:
         row = txn.fetchone()
         if row is None:
             return
+        EventMediaStore.forget_txn(txn, [event_id])
         stored, sealed, version = row
         if sealed is not None:
             txn.execute("UPDATE events SET sealed = NULL, data_key = 0 WHERE event_id = ?", (event_id,))

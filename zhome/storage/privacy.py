@@ -14,6 +14,7 @@ from zhome.rooms.redaction import prune_event_dict
 from zhome.rooms.versions import get_room_version
 from zhome.storage.at_rest import event_period
 from zhome.storage.database import Database, Txn, in_chunks
+from zhome.storage.event_media import EventMediaStore
 from zhome.storage.events import EventsStore
 from zhome.storage.ids import IdGenerator
 
@@ -130,6 +131,7 @@ class PrivacyStore:
                 # Notifications and transaction IDs of these events go too.
                 txn.execute(f"DELETE FROM user_notifications WHERE event_id IN ({qs})", tuple(chunk))
                 txn.execute(f"DELETE FROM event_txn_ids WHERE event_id IN ({qs})", tuple(chunk))
+            EventMediaStore.forget_txn(txn, event_ids)
             return changed
 
         try:
@@ -247,6 +249,7 @@ class PrivacyStore:
                 txn.execute(f"DELETE FROM event_txn_ids WHERE event_id IN ({qs})", args)
                 txn.execute(f"DELETE FROM event_edges WHERE event_id IN ({qs})", args)
                 txn.execute(f"DELETE FROM events WHERE event_id IN ({qs})", args)
+            EventMediaStore.forget_txn(txn, delete)
             for chunk, qs in in_chunks(hide):
                 txn.execute(f"UPDATE events SET outlier = 1 WHERE event_id IN ({qs})", tuple(chunk))
             return len(rows)

@@ -3,7 +3,8 @@
 Spec: client-server-api "Send-to-Device messaging": messages are kept per
 device until the device's next /sync acknowledges them (a since token at
 or after their position), and PUT /sendToDevice is idempotent per device
-and transaction ID.
+and transaction ID. Each message is sealed at rest under its recipient's
+data key (``zhome/storage/at_rest.py``), bound to its row.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import time
 from typing import Any, Optional
 
+from zhome.storage.at_rest import Sealer, open_text, seal_text
 from zhome.storage.database import Database, Txn
 from zhome.storage.ids import IdGenerator
 
@@ -20,9 +22,25 @@ MAX_PER_SYNC = 100
 
 
 class ToDeviceStore:
-    def __init__(self, db: Database, ids: IdGenerator) -> None:
+    def __init__(self, db: Database, ids: IdGenerator, sealer: Optional[Sealer] = None) -> None:
         self.db = db
         self.ids = ids
+        self.sealer = sealer
+
+    @staticmethod
+    def _aad(stream_id: int, user_id: str, device_id: str) -> str:
+        return f"device_inbox\x00{stream_id}\x00{user_id}\x00{device_id}"
+
+    def seal_message(self, stream_id: int, user_id: str, device_id: str, message_json: str) -> Optional[str]:
+        return seal_text(self.sealer, user_id, message_json, self._aad(stream_id, user_id, device_id))
+
+    def _open(self, rows: list[tuple[Any, ...]], user_id: str, device_id: str) -> list[dict[str, Any]]:
+        out = []
+        for stream_id, stored in rows:
+            text = open_text(self.sealer, stored, self._aad(int(stream_id), user_id, device_id))
+            if text is not None:  # None: its key was destroyed (the recipient erased)
+                out.append(json.loads(text))
+        return out
 
     @classmethod
     async def current_position(cls, db: Database) -> int:
@@ -50,7 +68,7 @@ class ToDeviceStore:
             rows = []
             for user_id, device_id, msg in messages:
                 last = self.ids.next()
-                rows.append((last, user_id, device_id, json.dumps(msg)))
+                rows.append((last, user_id, device_id, self.seal_message(last, user_id, device_id, json.dumps(msg))))
             txn.executemany("INSERT INTO device_inbox (stream_id, user_id, device_id, message_json) VALUES (?,?,?,?)",
                             rows)
             if last is not None:
@@ -75,8 +93,8 @@ class ToDeviceStore:
             rows = txn.fetchall()
             if len(rows) == MAX_PER_SYNC:
                 # More are waiting: the next sync continues after these.
-                return [json.loads(r[1]) for r in rows], int(rows[-1][0])
-            return [json.loads(r[1]) for r in rows], upto
+                return self._open(rows, user_id, device_id), int(rows[-1][0])
+            return self._open(rows, user_id, device_id), upto
 
         return await self.db.run_interaction("to_device_take", txn_fn)
 
@@ -88,7 +106,7 @@ class ToDeviceStore:
         rows = await self.db.execute(
             "to_device_peek", "SELECT stream_id, message_json FROM device_inbox WHERE user_id = ? AND device_id = ?"
             " AND stream_id > ? AND stream_id <= ? ORDER BY stream_id LIMIT ?", user_id, device_id, after, upto, limit)
-        return [json.loads(r[1]) for r in rows], (int(rows[-1][0]) if rows else None)
+        return self._open(rows, user_id, device_id), (int(rows[-1][0]) if rows else None)
 
     async def expire_txns(self, older_than_ms: int) -> None:
         """Forget transaction and message IDs older than ``older_than_ms``

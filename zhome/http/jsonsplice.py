@@ -1,0 +1,51 @@
+"""JSON answers assembled from parts that were encoded once and kept.
+
+A /keys/query answer for a hundred users is mostly the same device keys
+every time; encoding them again on each request costs more than reading
+them. A handler may return a :class:`Spliced` object whose values (at any
+depth, through nested ``Spliced`` objects) include :class:`RawJson` parts:
+already-encoded JSON text written into the answer as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def dumps(value: Any) -> str:
+    """The encoding every JSON answer uses (compact, UTF-8 as is)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class RawJson:
+    """A JSON value already encoded with :func:`dumps`."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"RawJson({self.text[:40]!r}...)"
+
+
+class Spliced(dict):
+    """A JSON object whose values may be :class:`RawJson` or ``Spliced``."""
+
+
+def encode(value: Any) -> str:
+    if isinstance(value, RawJson):
+        return value.text
+    if isinstance(value, Spliced):
+        return "{" + ",".join(f"{dumps(str(k))}:{encode(v)}" for k, v in value.items()) + "}"
+    return dumps(value)
+
+
+def to_plain(value: Any) -> Any:
+    """The same value with every part decoded (for callers that read it)."""
+    if isinstance(value, RawJson):
+        return json.loads(value.text)
+    if isinstance(value, Spliced):
+        return {k: to_plain(v) for k, v in value.items()}
+    return value

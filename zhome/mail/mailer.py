@@ -1,0 +1,42 @@
+"""The mails the homeserver and its identity service send, queued in the outbox.
+
+Never logs an address or a token.
+"""
+
+from __future__ import annotations
+
+from zhome.mail.compose import compose, envelope_address
+from zhome.mail.outbox import MailOutbox
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """``text`` fit for a header or a line of a mail: no control characters, bounded."""
+    cleaned = "".join(c if c.isprintable() else " " for c in text)
+    return " ".join(cleaned.split())[:limit]
+
+
+class Mailer:
+    def __init__(self, outbox: MailOutbox, notif_from: str, app_name: str) -> None:
+        self.outbox = outbox
+        self.notif_from = notif_from
+        self.app_name = app_name
+
+    async def send(self, to: str, subject: str, text: str) -> int:
+        message = compose(self.notif_from, to, one_line(subject), text)
+        return await self.outbox.enqueue(envelope_address(self.notif_from), to, message)
+
+    async def send_validation(self, to: str, token: str, link: str, purpose: str) -> int:
+        what = {"register": "to register an account", "password": "to reset your password",
+                "add": "to add this address to your account", "bind": "to link this address to your account"
+                }.get(purpose, "to confirm this address")
+        text = (f"Someone asked {what} on {self.app_name} with this email address.\n\n"
+                f"To confirm, open this link:\n\n{link}\n\n"
+                f"or enter this code where you were asked for it:\n\n{token}\n\n"
+                "If it was not you, ignore this mail: nothing happens without the confirmation.\n")
+        return await self.send(to, f"Confirm your email address for {self.app_name}", text)
+
+    async def send_invitation(self, to: str, inviter: str, room_name: str, link: str) -> int:
+        inviter, room_name = one_line(inviter), one_line(room_name)
+        text = (f"{inviter} invited you to {room_name} on {self.app_name}.\n\n"
+                f"To join, create an account or sign in with this email address:\n\n{link}\n")
+        return await self.send(to, f"{inviter} invited you to {room_name}", text)
