@@ -558,6 +558,38 @@ def test_do_not_transfer_and_residency_reports(zhome_pair: ZhomeServers, tmp_pat
     assert (status, out["errcode"]) == (403, "M_FORBIDDEN")
 
 
+def test_a_server_that_joins_later_gets_a_do_not_transfer_users_history_redacted(
+        zhome_pair: ZhomeServers, tmp_path: Path) -> None:
+    a, b = zhome_pair.a, zhome_pair.b
+    alice = ClientUser(a, "alice_dnt_late")
+    carol = ClientUser(a, "carol_dnt_late")
+    bob = ClientUser(b, "bob_dnt_late")
+    assert a.request("PUT", "/_zhome/client/v1/privacy", {"do_not_transfer": True}, token=alice.token)[0] == 200
+    room = carol.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"]
+    alice.ok("POST", f"/join/{q(room)}", {})
+    secret, public = _marker(), _marker()
+    eid = _send(alice, room, {"msgtype": "m.text", "body": secret})  # no other server in the room yet
+    cid = _send(carol, room, {"msgtype": "m.text", "body": public})
+    bob.ok("POST", f"/join/{q(room)}?server_name={urllib.parse.quote(a.server_name)}", {})
+
+    # Bob's server fetches the history (backfill, the event itself):
+    # carol's message in full, alice's only in its redacted form.
+    got: dict[str, Any] = {}
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline and not {eid, cid} <= set(got):
+        got = {e["event_id"]: e for e in _timeline(bob, room)}
+        time.sleep(0.3)
+    assert got[cid]["content"]["body"] == public
+    assert got[eid]["content"] == {}
+    status, one = bob.req("GET", f"/rooms/{q(room)}/event/{q(eid)}")
+    assert status == 200 and one["content"] == {}
+    # Alice's own server still has it; B never stored it.
+    assert alice.ok("GET", f"/rooms/{q(room)}/event/{q(eid)}")["content"]["body"] == secret
+    b.stop()
+    assert not _where_stored(b, secret), _where_stored(b, secret)
+    b.start()
+
+
 def test_erasure_chains_its_redactions_in_every_room_version_format(zhome: ZhomeProcess, tmp_path: Path) -> None:
     """Redactions go out chained, a batch per transaction: in a v1 room
     (event IDs chosen by the server, references with hashes) and a v11 one

@@ -24,6 +24,7 @@ from zhome.federation.request_auth import authenticate_request, reject_json_cons
 from zhome.http.errors import MatrixError, bad_json, forbidden, not_found, too_large
 from zhome.http.server import JsonResource, query_arg, query_args, query_int
 from zhome.rooms.events import Event, StateMap
+from zhome.rooms.redaction import prune_event_dict
 from zhome.rooms.versions import KNOWN_ROOM_VERSIONS, RoomVersion, get_room_version
 from zhome.util.ids import server_of
 
@@ -130,6 +131,21 @@ class FederationServlets:
         if v is None:
             raise not_found("Unknown room")
         return v
+
+    def _pdu_for(self, origin: str, ev: Event) -> dict[str, Any]:
+        """The event as ``origin`` may have it: a user who blocked the
+        transfer of their data to that server has their events served in
+        the redacted form (what the room's graph and auth rules need; the
+        signatures still verify and the receiver, finding the content
+        hash does not match, keeps it redacted). Leaves and redactions
+        take data back and go in full, as the federation sender sends them."""
+        may = self.hs.transfer_store.may_receive
+        if may(ev.sender, origin) or ev.type == "m.room.redaction" or ev.membership == "leave":
+            return ev.pdu
+        return prune_event_dict(ev.room_version, ev.pdu)
+
+    def _pdus_for(self, origin: str, events: Any) -> list[dict[str, Any]]:
+        return [self._pdu_for(origin, e) for e in events]
 
     async def _origin_in_room(self, origin: str, room_id: str) -> None:
         """Only servers with a member in the room may read it."""
@@ -347,8 +363,8 @@ class FederationServlets:
         servers = sorted({server_of(sk) for (t, sk), _ in before.items() if t == "m.room.member"})
         body = {
             "origin": self.hs.server_name,
-            "state": [e.pdu for e in state_evs.values()],
-            "auth_chain": [e.pdu for e in chain],
+            "state": self._pdus_for(origin, state_evs.values()),
+            "auth_chain": self._pdus_for(origin, chain),
             "event": ev.pdu,
             "members_omitted": False,
             "servers_in_room": servers,
@@ -434,7 +450,7 @@ class FederationServlets:
                 out.append(e)
                 frontier.extend(p for p in e.prev_event_ids if p not in seen)
         return 200, {"origin": self.hs.server_name, "origin_server_ts": int(time.time() * 1000),
-                     "pdus": [e.pdu for e in out[:limit]]}
+                     "pdus": self._pdus_for(origin, out[:limit])}
 
     async def on_get_missing_events(self, request: Request, ver: str, room_id: str) -> tuple[int, Any]:
         origin, body = await self._authed_body(request)
@@ -465,9 +481,9 @@ class FederationServlets:
                     found.append(e)
                 frontier.extend(p for p in e.prev_event_ids if p not in seen)
         found.sort(key=lambda e: e.depth)
-        return 200, {"events": [e.pdu for e in found[-limit:]] if limit else []}
+        return 200, {"events": self._pdus_for(origin, found[-limit:]) if limit else []}
 
-    async def _state_at(self, request: Request, room_id: str) -> tuple[StateMap, list[Event]]:
+    async def _state_at(self, request: Request, room_id: str) -> tuple[str, StateMap, list[Event]]:
         origin = await self._auth(request)
         event_id = query_arg(request, "event_id")
         if event_id is None:
@@ -479,15 +495,15 @@ class FederationServlets:
             raise not_found("Event not found")
         state = await self.events.get_state_before_event(ev)
         chain = await self._auth_chain(list(state.values()))
-        return state, chain
+        return origin, state, chain
 
     async def on_state(self, request: Request, ver: str, room_id: str) -> tuple[int, Any]:
-        state, chain = await self._state_at(request, room_id)
+        origin, state, chain = await self._state_at(request, room_id)
         evs = await self.events.get_events(state.values())
-        return 200, {"pdus": [e.pdu for e in evs.values()], "auth_chain": [e.pdu for e in chain]}
+        return 200, {"pdus": self._pdus_for(origin, evs.values()), "auth_chain": self._pdus_for(origin, chain)}
 
     async def on_state_ids(self, request: Request, ver: str, room_id: str) -> tuple[int, Any]:
-        state, chain = await self._state_at(request, room_id)
+        _, state, chain = await self._state_at(request, room_id)
         return 200, {"pdu_ids": list(state.values()), "auth_chain_ids": [e.event_id for e in chain]}
 
     async def on_event(self, request: Request, ver: str, event_id: str) -> tuple[int, Any]:
@@ -496,7 +512,8 @@ class FederationServlets:
         if ev is None or ev.rejected_reason:
             raise not_found("Event not found")
         await self._origin_in_room(origin, ev.room_id)
-        return 200, {"origin": self.hs.server_name, "origin_server_ts": int(time.time() * 1000), "pdus": [ev.pdu]}
+        return 200, {"origin": self.hs.server_name, "origin_server_ts": int(time.time() * 1000),
+                     "pdus": [self._pdu_for(origin, ev)]}
 
     async def on_event_auth(self, request: Request, ver: str, room_id: str, event_id: str) -> tuple[int, Any]:
         origin = await self._auth(request)
@@ -505,7 +522,7 @@ class FederationServlets:
         if ev is None or ev.room_id != room_id:
             raise not_found("Event not found")
         chain = await self._auth_chain(ev.auth_event_ids)
-        return 200, {"auth_chain": [e.pdu for e in chain]}
+        return 200, {"auth_chain": self._pdus_for(origin, chain)}
 
     async def on_query_directory(self, request: Request, ver: str) -> tuple[int, Any]:
         await self._auth(request)
