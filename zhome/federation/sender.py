@@ -64,6 +64,8 @@ class FederationSender:
         self.clock = clock
         self._running: set[str] = set()
         self._wake: dict[str, defer.Deferred[None]] = {}
+        #: Destinations woken while their loop ran (see wake).
+        self._again: set[str] = set()
         # Typing notices are only worth sending now; they are not queued in SQL.
         self._ephemeral: dict[str, list[dict[str, Any]]] = {}
         self._txn_counter = int(clock() * 1000)
@@ -169,6 +171,9 @@ class FederationSender:
             if w is not None and not w.called:
                 w.callback(None)
         if destination in self._running:
+            # The running loop may have just found the queue empty, before
+            # this event's row committed: it looks once more before ending.
+            self._again.add(destination)
             w = self._wake.get(destination)
             if w is not None and not w.called and reset_backoff:
                 w.callback(None)
@@ -183,7 +188,8 @@ class FederationSender:
 
     def stop(self) -> None:
         self._stopped = True
-        for w in self._wake.values():
+        # Firing a wake-up ends its loop, which takes its entry out.
+        for w in list(self._wake.values()):
             if not w.called:
                 w.callback(None)
 
@@ -199,6 +205,7 @@ class FederationSender:
                     await self._sleep(destination, delay)
                     if self._stopped:
                         return
+                self._again.discard(destination)
                 rows = await self.db.execute(
                     "outbound_batch",
                     "SELECT id, event_id, edu_json FROM federation_outbound WHERE destination = ?"
@@ -208,6 +215,8 @@ class FederationSender:
                 )
                 ephemeral = self._ephemeral.pop(destination, [])
                 if not rows and not ephemeral:
+                    if destination in self._again:
+                        continue
                     return
                 QUEUED.labels(destination).set(len(rows))
                 ok = await self._send_batch(destination, rows, ephemeral)
@@ -221,6 +230,7 @@ class FederationSender:
             # queued stays queued for the next start.
         finally:
             self._running.discard(destination)
+            self._again.discard(destination)
             self._wake.pop(destination, None)
 
     async def _send_batch(self, destination: str, rows: list[tuple], ephemeral: list[dict[str, Any]]) -> bool:
