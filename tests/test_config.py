@@ -724,3 +724,36 @@ def test_email_and_identity_service_sections(tmp_path: Path) -> None:
     assert "12345" not in err({"smtp_host": "h", "notif_from": "a@example.org", "smtp_pass": 12345})
     assert "did you mean 'smtp_host'" in err({"smtp_hots": "h", "notif_from": "a@example.org"})
     assert "identity_service.enabled" in error_for(tmp_path, {**MINIMAL, "identity_service": {"enabled": "yes"}})
+
+
+# ---------------------------------------------------------------------------
+# The email bridge
+
+
+def test_email_bridge_defaults_off(tmp_path: Path) -> None:
+    bridge = load_raw(tmp_path).email_bridge
+    assert bridge.enabled is False
+    assert (bridge.smtp_listen, bridge.lmtp_listen, bridge.max_mail_size, bridge.quiet_period_ms) == (
+        "127.0.0.1:2525", None, 25 * 1024 * 1024, 120_000)
+    # Its own files in data_dir, never the homeserver's database.
+    assert bridge.database_path == str(tmp_path / "email_bridge.db")
+    assert bridge.registration_file == str(tmp_path / "email_bridge_registration.yaml")
+    assert bridge.homeserver_url is not None and bridge.homeserver_url.startswith("http://127.0.0.1:")
+    assert load_config(str(SAMPLE)).email_bridge.enabled is False
+
+
+def test_email_bridge_errors_name_the_key(tmp_path: Path) -> None:
+    raw = dict(MINIMAL, email_bridge={"enabled": True, "mail_domian": "m.example.org"})
+    assert error_for(tmp_path, raw).endswith(
+        "email_bridge.mail_domian: unknown key (did you mean 'mail_domain'?)")
+    raw = dict(MINIMAL, email_bridge={"enabled": True})
+    assert error_for(tmp_path, raw).endswith("email_bridge.mail_domain: required when enabled is true")
+    raw = dict(MINIMAL, email_bridge={"smtp_listen": "127.0.0.1"})
+    assert "email_bridge.smtp_listen: expected host:port" in error_for(tmp_path, raw)
+    raw = dict(MINIMAL, email_bridge={"dns_servers": ["[::1]:53", "nope:99999"]})
+    assert "email_bridge.dns_servers[1]: expected host:port" in error_for(tmp_path, raw)
+    raw = dict(MINIMAL, email_bridge={"max_mail_size": 10})
+    assert "email_bridge.max_mail_size: must be at least 1024" in error_for(tmp_path, raw)
+    ok = load_raw(tmp_path, email_bridge={"enabled": True, "mail_domain": "Mail.Example.org",
+                                          "lmtp_listen": "[::1]:2526"}).email_bridge
+    assert (ok.mail_domain, ok.lmtp_listen) == ("mail.example.org", "[::1]:2526")

@@ -818,6 +818,94 @@ class IdentityServiceConfig:
     invite_client_location: str = setting(base_url, default="https://app.element.io/")
 
 
+def host_port(value: Any, path: str) -> str:
+    """``host:port`` of a listening socket or a server, e.g. 127.0.0.1:2525
+    or [::1]:2525 (the host an IP literal or a DNS name)."""
+    text = non_empty_string(value, path)
+    bad = _Invalid(path, f"expected host:port such as '127.0.0.1:2525', got {text!r}")
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad from None
+    else:
+        host, sep, port = text.rpartition(":")
+        if not _DNS_NAME.fullmatch(host or "-"):
+            raise bad
+    if not sep or not host or not (_PORT.fullmatch(port) and 1 <= int(port) <= 65535):
+        raise bad
+    return text
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """The host (without IPv6 brackets) and port of a checked ``host:port``."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+_MAIL_DOMAIN = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                          r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_LOCALPART = re.compile(r"[a-z0-9._=/+-]+")
+
+
+def mail_domain(value: Any, path: str) -> str:
+    text = non_empty_string(value, path)
+    if not _MAIL_DOMAIN.fullmatch(text):
+        raise _Invalid(path, f"expected a domain name such as 'mail.example.org', got {text!r}")
+    return text.lower()
+
+
+def user_localpart(value: Any, path: str) -> str:
+    text = non_empty_string(value, path)
+    if not _LOCALPART.fullmatch(text):
+        raise _Invalid(path, f"expected a user ID localpart (a-z, 0-9, ._=/+-), got {text!r}")
+    return text
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmailBridgeConfig:
+    """The email bridge (zhome/bridges/email): an application service that
+    posts mail into rooms. It talks to the homeserver only over HTTP."""
+
+    enabled: bool = setting(boolean, default=False)
+    # The domain of room addresses (LOCALPART@mail_domain) and reply
+    # addresses (reply+TOKEN@mail_domain). Required when enabled.
+    mail_domain: str | None = setting(optional(mail_domain), default=None)
+    smtp_listen: str = setting(host_port, default="127.0.0.1:2525")
+    # LMTP (RFC 2033) for a local MTA to hand mail over; none: no LMTP.
+    lmtp_listen: str | None = setting(optional(host_port), default=None)
+    # Mail larger than this is refused (552), announced with SIZE.
+    max_mail_size: int = setting(integer(1024), default=25 * MiB)
+    # Resolvers for sender checks (host:port); empty: the system's.
+    dns_servers: tuple[str, ...] = setting(list_of(host_port), default=())
+    # Outbound: mail to email participants waits this long for more messages.
+    quiet_period_ms: int = setting(integer(0), default=120_000)
+    # The bridge's own listener for the homeserver's AS transactions; keep
+    # it on loopback.
+    appservice_listen: str = setting(host_port, default="127.0.0.1:9025")
+    # Where the bridge reaches the homeserver's client API. None: the first
+    # client listener on loopback.
+    homeserver_url: str | None = setting(optional(base_url), default=None)
+    # The bridge's own SQLite database (never the homeserver's tables);
+    # relative to data_dir. None: data_dir/email_bridge.db.
+    database_path: str | None = setting(optional(non_empty_string), default=None)
+    # The bridge's registration, written on first start and loaded by the
+    # homeserver like any app_service_config_files entry; relative to
+    # data_dir. None: data_dir/email_bridge_registration.yaml.
+    registration_file: str | None = setting(optional(non_empty_string), default=None)
+    sender_localpart: str = setting(user_localpart, default="emailbot")
+    # Ghost users are @<ghost_prefix>...:server_name (exclusive namespace).
+    ghost_prefix: str = setting(user_localpart, default="email_")
+    # zhome run starts the bridge in its own process; false: run it with
+    # zhome bridge-email.
+    in_process: bool = setting(boolean, default=True)
+
+    def _check(self, path: str) -> None:
+        if self.enabled and self.mail_domain is None:
+            raise _Invalid(_join(path, "mail_domain"), "required when enabled is true")
+
+
 @dataclass(frozen=True, kw_only=True)
 class HomeserverConfig:
     server_name: str = setting(server_name)
@@ -858,6 +946,7 @@ class HomeserverConfig:
     email: EmailConfig | None = setting(optional(section(EmailConfig)), default=None)
     identity_service: IdentityServiceConfig = setting(section(IdentityServiceConfig),
                                                       default=IdentityServiceConfig())
+    email_bridge: EmailBridgeConfig = setting(section(EmailBridgeConfig), default=EmailBridgeConfig())
     # PEM certificate (chain) and private key for listeners with tls: true.
     tls_certificate_path: str | None = setting(optional(non_empty_string), default=None)
     tls_private_key_path: str | None = setting(optional(non_empty_string), default=None)
@@ -964,6 +1053,13 @@ def _finish(config: HomeserverConfig, config_path: str) -> HomeserverConfig:
         database=database,
         app_service_config_files=tuple(_resolve(p, config_dir) for p in config.app_service_config_files),
         media=_finish_media(config, config_dir, data_dir),
+        email_bridge=dataclasses.replace(
+            config.email_bridge,
+            database_path=_resolve(config.email_bridge.database_path or "email_bridge.db", data_dir),
+            registration_file=_resolve(config.email_bridge.registration_file or "email_bridge_registration.yaml",
+                                       data_dir),
+            homeserver_url=config.email_bridge.homeserver_url or _loopback_client_url(config),
+        ),
         encryption=dataclasses.replace(
             config.encryption,
             key_file=(_resolve(config.encryption.key_file, config_dir) if config.encryption.key_file
@@ -972,6 +1068,11 @@ def _finish(config: HomeserverConfig, config_path: str) -> HomeserverConfig:
         ),
         config_path=config_path,
     )
+
+
+def _loopback_client_url(config: HomeserverConfig) -> str:
+    client = next(lst for lst in config.listeners if lst.type == "http" and "client" in lst.resources)
+    return f"{'https' if client.tls else 'http'}://127.0.0.1:{client.port}/"
 
 
 def _finish_media(config: HomeserverConfig, config_dir: str, data_dir: str) -> MediaConfig:
