@@ -19,6 +19,7 @@ non-zero exit code, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import json
 import os
@@ -69,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="start the homeserver")
     run.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
+
+    be = commands.add_parser("bridge-email", help="run the email bridge (email_bridge section) in its own process")
+    be.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
 
     reg = commands.add_parser("register-user", help="create a local user")
     reg.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
@@ -126,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _generate_config(args)
     if args.command == "run":
         return _run(args)
+    if args.command == "bridge-email":
+        return _bridge_email(args)
     if args.command == "rotate-media-key":
         return _rotate_media_key(args)
     if args.command == "rotate-signing-key":
@@ -419,12 +425,34 @@ def _run(args: argparse.Namespace) -> int:
     config = _load(args.config_path)
     if config is None:
         return 1
+    if config.email_bridge.enabled:
+        # The bridge's registration exists before the server loads its
+        # application services (it is one of them).
+        from zhome.bridges.email.registration import ensure_registration
+
+        reg = ensure_registration(config.email_bridge, config.server_name)
+        if reg.path not in config.app_service_config_files:
+            config = dataclasses.replace(
+                config, app_service_config_files=(*config.app_service_config_files, reg.path))
     # Imported late: loading the whole server (reactor, storage, handlers) is
     # not needed to generate a config or to report a config error.
     from zhome import server
 
     result = server.run(config)
     return result if isinstance(result, int) else 0
+
+
+def _bridge_email(args: argparse.Namespace) -> int:
+    config = _load(args.config_path)
+    if config is None:
+        return 1
+    if not config.email_bridge.enabled:
+        return _error("bridge-email", "email_bridge.enabled is false in the configuration")
+    from zhome.bridges.email.bridge import run_standalone
+    from zhome.logging_setup import setup_logging
+
+    setup_logging(config.log_level, config.log_file, config.log_format)
+    return run_standalone(config.email_bridge, config.server_name, config.data_dir, config.encryption.enabled)
 
 
 # ---------------------------------------------------------------------------

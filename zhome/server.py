@@ -847,11 +847,21 @@ def run(config: HomeserverConfig) -> int:
     setup_logging(config.log_level, config.log_file, config.log_format)
     hs = HomeServer(config)
     exit_code = [0]
+    bridges: list[Any] = []
 
     async def start() -> None:
         try:
             await hs.setup()
             hs.start_listening()
+            bridge_cfg = config.email_bridge
+            if bridge_cfg.enabled and bridge_cfg.in_process:
+                # Only an HTTP client of this server (AS and CS APIs), even in its process.
+                from zhome.bridges.email.bridge import EmailBridge
+
+                bridge = await EmailBridge.create(bridge_cfg, config.server_name, config.data_dir,
+                                                  seal=config.encryption.enabled)
+                bridge.start()
+                bridges.append(bridge)
             logger.info("zhome %s started for %s (pid %d)", _version(), config.server_name, os.getpid())
         except Exception as e:
             logger.error("Start-up failed: %s", e, exc_info=not isinstance(e, (ValueError, OSError)))
@@ -859,6 +869,11 @@ def run(config: HomeserverConfig) -> int:
             reactor.stop()
 
     async def shutdown() -> None:
+        for bridge in bridges:
+            try:
+                await bridge.stop()
+            except Exception:
+                logger.exception("email bridge: stopping failed")
         await hs.stop_background()
         try:
             await hs.db.close()

@@ -1,0 +1,281 @@
+"""The email bridge's inbound half end to end: a real ``zhome run`` with
+``email_bridge.enabled: true`` on SQLite and PostgreSQL, mail delivered by
+Python's smtplib over loopback, results read back through the
+Client-Server API as a room member sees them.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import email.utils
+import smtplib
+import socket
+import sqlite3
+import time
+import urllib.request
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, TypeVar
+
+import pytest
+
+from tests.e2e.harness import CS, ClientUser, ZhomeProcess, free_port, q
+from zhome.bridges.email.tokens import ghost_localpart, reply_localpart
+
+DOMAIN = "mail.test"
+BOT = "@emailbot:localhost"
+MAX_SIZE = 64 * 1024
+T = TypeVar("T")
+
+
+def wait_for(fn: Callable[[], Optional[T]], what: str, timeout: float = 30.0) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = fn()
+        if got:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class MailRoom:
+    """A zhome with the bridge on, and a room with the address team@mail.test."""
+
+    def __init__(self, hs: ZhomeProcess, smtp_port: int) -> None:
+        self.hs = hs
+        self.smtp_port = smtp_port
+        self.alice = ClientUser(hs, "alice")
+        self.room_id: str = self.alice.ok("POST", "/createRoom", {"preset": "private_chat"})["room_id"]
+
+    @property
+    def bridge_db(self) -> Path:
+        return self.hs.workdir / "data" / "email_bridge.db"
+
+    def enable_address(self, localpart: str = "team", policy: str = "authenticated") -> None:
+        self.alice.ok("POST", f"/rooms/{q(self.room_id)}/invite", {"user_id": BOT})
+        wait_for(lambda: BOT in self.alice.ok("GET", f"/rooms/{q(self.room_id)}/joined_members")["joined"],
+                 "the bridge's user to join")
+        self.alice.ok("PUT", f"/rooms/{q(self.room_id)}/state/org.zhome.email_address/",
+                      {"localpart": localpart, "policy": policy})
+        wait_for(lambda: self.rcpt_code(f"{localpart}@{DOMAIN}") == 250, "the bridge to learn the address")
+
+    def smtp(self) -> smtplib.SMTP:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                return smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=30)
+            except (ConnectionRefusedError, socket.timeout):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def rcpt_code(self, rcpt: str, mail_from: str = "bob@example.net") -> int:
+        with self.smtp() as s:
+            s.ehlo("client.test")
+            assert s.mail(mail_from)[0] == 250
+            code = s.rcpt(rcpt)[0]
+            s.rset()
+            return code
+
+    def send(self, msg: EmailMessage | bytes, rcpt: str = f"team@{DOMAIN}", mail_from: str = "bob@example.net") -> None:
+        raw = msg if isinstance(msg, bytes) else msg.as_bytes(policy=email.policy.SMTP)
+        with self.smtp() as s:
+            refused = s.sendmail(mail_from, [rcpt], raw)
+            assert refused == {}
+
+    def messages(self) -> list[dict[str, Any]]:
+        out = self.alice.ok("GET", f"/rooms/{q(self.room_id)}/messages?dir=b&limit=200")
+        return [e for e in out["chunk"] if e["type"] == "m.room.message"]
+
+    def wait_message(self, pred: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+        return wait_for(lambda: next((e for e in self.messages() if pred(e)), None), what)
+
+    def states(self) -> list[tuple[int, str, str]]:
+        with sqlite3.connect(self.bridge_db) as conn:
+            return [tuple(r) for r in conn.execute("SELECT id, state, COALESCE(outcome, '') FROM inbound_mail"
+                                                   " ORDER BY id")]  # type: ignore[misc]
+
+
+def mail(text: str, *, sender: str = "Bob Smith <bob@example.net>", subject: str = "Hello",
+         html: Optional[str] = None, **headers: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = f"team@{DOMAIN}"
+    msg["Subject"] = subject
+    msg["Date"] = email.utils.formatdate()
+    msg["Message-ID"] = headers.pop("message_id", email.utils.make_msgid(domain="example.net"))
+    for k, v in headers.items():
+        msg[k.replace("_", "-")] = v
+    msg.set_content(text)
+    if html is not None:
+        msg.add_alternative(html, subtype="html")
+    return msg
+
+
+def ghost(address: str) -> str:
+    return f"@{ghost_localpart('email_', address)}:localhost"
+
+
+@pytest.fixture
+def mail_room(zhome_factory: Any) -> Iterator[MailRoom]:
+    smtp_port = free_port()
+    hs = zhome_factory(overrides={"email_bridge": {
+        "enabled": True, "mail_domain": DOMAIN, "smtp_listen": f"127.0.0.1:{smtp_port}",
+        "appservice_listen": f"127.0.0.1:{free_port()}", "max_mail_size": MAX_SIZE}})
+    hs.start()
+    room = MailRoom(hs, smtp_port)
+    room.enable_address()
+    yield room
+
+
+def test_refused_at_rcpt_and_over_the_size_limit(mail_room: MailRoom) -> None:
+    r = mail_room
+    # No room has this address; another domain is nobody's here.
+    assert r.rcpt_code(f"nobody@{DOMAIN}") == 550
+    assert r.rcpt_code("team@elsewhere.test") == 550
+    assert r.rcpt_code(f"team@{DOMAIN}") == 250
+    big = mail("x" * 100 + "\n" + ("y" * 75 + "\n") * 1200, subject="big")
+    # Announced SIZE larger than the limit: refused at MAIL FROM.
+    with r.smtp() as s:
+        s.ehlo("client.test")
+        assert s.has_extn("size") and int(s.esmtp_features["size"]) == MAX_SIZE
+        with pytest.raises(smtplib.SMTPSenderRefused) as info:
+            s.sendmail("bob@example.net", [f"team@{DOMAIN}"], big.as_bytes(policy=email.policy.SMTP))
+        assert info.value.smtp_code == 552
+    # No SIZE given: counted while receiving, refused after the final dot.
+    with r.smtp() as s:
+        s.ehlo("client.test")
+        assert s.mail("bob@example.net")[0] == 250
+        assert s.rcpt(f"team@{DOMAIN}")[0] == 250
+        code, _ = s.data(big.as_bytes(policy=email.policy.SMTP))
+        assert code == 552
+    # The server keeps serving; nothing of the refused mail was stored or posted.
+    r.send(mail("after the big one"))
+    r.wait_message(lambda e: e["content"].get("body") == "after the big one", "the small mail")
+    assert not any("yyyy" in e["content"].get("body", "") for e in r.messages())
+    assert len(r.states()) == 1
+
+
+def test_mail_is_posted_by_the_senders_ghost(mail_room: MailRoom) -> None:
+    r = mail_room
+    marker = f"Hello team, first mail {time.time_ns()}"
+    r.send(mail(marker, html=f"<p>{marker} <b>bold</b><script>alert('x')</script>"
+                              "<a href='javascript:alert(1)'>bad</a> <a href='https://example.org/'>ok</a></p>"))
+    ev = r.wait_message(lambda e: e["content"].get("body") == marker, "the posted mail")
+    bob = ghost("bob@example.net")
+    assert ev["sender"] == bob
+    assert ev["content"]["msgtype"] == "m.text"
+    assert ev["content"]["format"] == "org.matrix.custom.html"
+    formatted = ev["content"]["formatted_body"]
+    assert "<b>bold</b>" in formatted and marker in formatted and 'href="https://example.org/"' in formatted
+    assert "script" not in formatted and "alert" not in formatted and "javascript" not in formatted
+    # The ghost's display name is the From: header's.
+    members = r.alice.ok("GET", f"/rooms/{q(r.room_id)}/joined_members")["joined"]
+    assert members[bob]["display_name"] == "Bob Smith"
+    # Posted: the mail's content is gone from the bridge's table, and never
+    # was there in clear.
+    wait_for(lambda: r.states() and r.states()[0][1] == "posted", "the row marked posted")
+    with sqlite3.connect(r.bridge_db) as conn:
+        assert [row[0] for row in conn.execute("SELECT message FROM inbound_mail")] == [""]
+    assert marker.encode() not in r.bridge_db.read_bytes()
+
+
+def test_replies_strip_quoted_history_and_thread(mail_room: MailRoom) -> None:
+    r = mail_room
+    first = mail("The first question.", message_id="<first-1@example.net>")
+    r.send(first)
+    ev1 = r.wait_message(lambda e: e["content"].get("body") == "The first question.", "the first mail")
+    quoted = ("Here is the answer.\n\n"
+              "On Mon, 30 Nov 2026 at 10:00, Bob Smith <bob@example.net> wrote:\n"
+              "> The first question.\n")
+    reply = mail(quoted, sender="Carol <carol@example.com>", subject="Re: Hello",
+                 message_id="<reply-1@example.com>", In_Reply_To="<first-1@example.net>",
+                 References="<first-1@example.net>")
+    r.send(reply, mail_from="carol@example.com")
+    ev2 = r.wait_message(lambda e: "answer" in e["content"].get("body", ""), "the reply")
+    assert ev2["content"]["body"] == "Here is the answer."
+    assert ev2["sender"] == ghost("carol@example.com")
+    assert ev2["content"]["m.relates_to"] == {"m.in_reply_to": {"event_id": ev1["event_id"]}}
+
+    # A signed reply address for Carol and the first event.
+    with sqlite3.connect(r.bridge_db) as conn:
+        secret = bytes.fromhex(conn.execute("SELECT value FROM bridge_meta WHERE name = 'reply_secret'").fetchone()[0])
+        n = conn.execute("SELECT n FROM known_events WHERE event_id = ?", (ev1["event_id"],)).fetchone()[0]
+    good = reply_localpart(secret, n, r.room_id, ev1["event_id"], "carol@example.com")
+    assert r.rcpt_code(f"{good}@{DOMAIN}", "carol@example.com") == 250
+    # Forged: the same token from another sender, a token for another
+    # event number, a made-up MAC: all 550 at RCPT.
+    assert r.rcpt_code(f"{good}@{DOMAIN}", "mallory@example.org") == 550
+    moved = good.replace(f"reply+{n}.", f"reply+{n + 1}.")
+    assert r.rcpt_code(f"{moved}@{DOMAIN}", "carol@example.com") == 550
+    assert r.rcpt_code(f"reply+{n}.{'a' * 20}@{DOMAIN}", "carol@example.com") == 550
+    by_token = mail("Answer through the reply address.", sender="Carol <carol@example.com>")
+    r.send(by_token, rcpt=f"{good}@{DOMAIN}", mail_from="carol@example.com")
+    ev3 = r.wait_message(lambda e: e["content"].get("body") == "Answer through the reply address.", "token reply")
+    assert ev3["sender"] == ghost("carol@example.com")
+    assert ev3["content"]["m.relates_to"] == {"m.in_reply_to": {"event_id": ev1["event_id"]}}
+
+
+def _download(hs: ZhomeProcess, token: str, mxc: str) -> bytes:
+    server, media_id = mxc[len("mxc://"):].split("/", 1)
+    req = urllib.request.Request(f"{hs.base_url}/_matrix/client/v1/media/download/{server}/{media_id}")
+    req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return bytes(resp.read())
+
+
+def test_attachments_become_media_events(mail_room: MailRoom) -> None:
+    r = mail_room
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
+    pdf = b"%PDF-1.4\n" + b"binary \x00\x01\x02 data\n" * 50
+    msg = mail("See the attached files.")
+    msg.add_attachment(png, maintype="image", subtype="png", filename="photo.png")
+    msg.add_attachment(pdf, maintype="application", subtype="pdf", filename="report.pdf")
+    r.send(msg)
+    image = r.wait_message(lambda e: e["content"].get("msgtype") == "m.image", "the image")
+    file = r.wait_message(lambda e: e["content"].get("msgtype") == "m.file", "the file")
+    text = r.wait_message(lambda e: e["content"].get("body") == "See the attached files.", "the text")
+    assert image["sender"] == file["sender"] == text["sender"] == ghost("bob@example.net")
+    assert image["content"]["body"] == "photo.png" and image["content"]["info"]["mimetype"] == "image/png"
+    assert file["content"]["body"] == "report.pdf" and file["content"]["info"]["size"] == len(pdf)
+    assert _download(r.hs, r.alice.token, image["content"]["url"]) == png
+    assert _download(r.hs, r.alice.token, file["content"]["url"]) == pdf
+
+
+def test_auto_replies_loops_and_malformed_mail_are_not_posted(mail_room: MailRoom) -> None:
+    r = mail_room
+    r.send(mail("I am out of office (auto).", Auto_Submitted="auto-replied"))
+    r.send(mail("Bulk newsletter.", Precedence="bulk"))
+    r.send(mail("Our own mail coming back.", message_id=f"<zhome.abc123@{DOMAIN}>"))
+    broken = (b"From: Bob <bob@example.net>\r\nTo: team@mail.test\r\nSubject: broken\r\n"
+              b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed\r\n\r\nBroken body text.\r\n")
+    r.send(broken)
+    # Not auto-replied to anything: Auto-Submitted: no is an ordinary mail.
+    r.send(mail("A person wrote this.", Auto_Submitted="no"))
+    r.wait_message(lambda e: e["content"].get("body") == "A person wrote this.", "the ordinary mail")
+    wait_for(lambda: all(s != "pending" for _, s, _ in r.states()), "every mail handled")
+    bodies = [e["content"].get("body", "") for e in r.messages()]
+    for text in ("out of office", "newsletter", "coming back", "Broken body"):
+        assert not any(text in b for b in bodies), text
+    states = [(s, o) for _, s, o in r.states()]
+    assert states[0] == ("ignored", "auto-submitted")
+    assert states[1] == ("ignored", "precedence bulk")
+    assert states[2] == ("ignored", "loop (our own Message-ID)")
+    assert states[3][0] == "failed" and states[3][1].startswith("malformed")
+    assert states[4] == ("posted", "posted")
+
+
+def test_a_crash_after_250_posts_the_mail_once(mail_room: MailRoom) -> None:
+    r = mail_room
+    marker = f"Sent just before the crash {time.time_ns()}"
+    r.send(mail(marker, sender="Dave <dave@example.org>"), mail_from="dave@example.org")
+    # 250 was answered: kill at once, before (or while) it is posted.
+    r.hs.stop(kill=True)
+    r.hs.start()
+    r.wait_message(lambda e: e["content"].get("body") == marker, "the mail after the restart")
+    # A second restart and a later mail: still exactly one copy.
+    r.hs.restart()
+    r.send(mail("after the second restart"))
+    r.wait_message(lambda e: e["content"].get("body") == "after the second restart", "the later mail")
+    copies = [e for e in r.messages() if e["content"].get("body") == marker]
+    assert len(copies) == 1 and copies[0]["sender"] == ghost("dave@example.org")

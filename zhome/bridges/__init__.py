@@ -1,0 +1,1 @@
+"""Bridges that run beside the homeserver and reach it only over HTTP."""

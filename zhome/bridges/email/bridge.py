@@ -1,0 +1,210 @@
+"""Wiring of the email bridge, in the homeserver's process or its own.
+
+Spec: application-service-api. Room addresses come from the room state
+event ``org.zhome.email_address`` (``{"localpart": ..., "policy":
+"email_participants" | "authenticated"}``), which only users with the
+power to send state events (the room's admins) can set; the bridge sees it
+in its transactions once its own user (invited by them) is in the room.
+
+Policies: ``authenticated`` takes mail from any sender (sender
+authentication, DKIM/SPF/DMARC, is not done yet); ``email_participants``
+takes mail only from addresses whose ghost is joined or invited.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, Optional
+
+from twisted.internet import defer
+from twisted.web import server as web_server
+
+from zhome.bridges.email.appservice import AppServiceResource
+from zhome.bridges.email.hsclient import HomeserverClient
+from zhome.bridges.email.processor import InboundProcessor, ProcessorSettings
+from zhome.bridges.email.registration import BridgeRegistration, ensure_registration
+from zhome.bridges.email.smtp import BridgeSMTPFactory, Target
+from zhome.bridges.email.store import BridgeStore
+from zhome.bridges.email.tokens import (
+    address_of_ghost, ghost_localpart, normalise_address, parse_reply_localpart, verify_reply,
+)
+from zhome.config import EmailBridgeConfig, split_host_port
+from zhome.storage.at_rest import Sealer
+from zhome.storage.database import Database
+from zhome.util.reactor import reactor
+
+logger = logging.getLogger(__name__)
+
+ADDRESS_EVENT = "org.zhome.email_address"
+POLICIES = ("email_participants", "authenticated")
+_ROOM_LOCALPART = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+class EmailBridge:
+    def __init__(self, cfg: EmailBridgeConfig, server_name: str, registration: BridgeRegistration,
+                 store: BridgeStore, hs: HomeserverClient, processor: InboundProcessor, secret: bytes,
+                 sealer: Optional[Sealer] = None) -> None:
+        assert cfg.mail_domain is not None
+        self.cfg = cfg
+        self.mail_domain = cfg.mail_domain
+        self.server_name = server_name
+        self.registration = registration
+        self.store = store
+        self.hs = hs
+        self.processor = processor
+        self.secret = secret
+        self.sealer = sealer
+        self.bot = f"@{registration.sender_localpart}:{server_name}"
+        self._ports: list[Any] = []
+        self._background: set[defer.Deferred[None]] = set()
+
+    @classmethod
+    async def create(cls, cfg: EmailBridgeConfig, server_name: str, data_dir: str, *,
+                     seal: bool = True) -> "EmailBridge":
+        registration = ensure_registration(cfg, server_name)
+        assert cfg.database_path is not None and cfg.homeserver_url is not None and cfg.mail_domain is not None
+        os.makedirs(os.path.dirname(cfg.database_path), exist_ok=True)
+        db = Database("sqlite3", {"database": cfg.database_path})
+        # A key ring and key store of the bridge's own, beside its database.
+        sealer = Sealer(os.path.join(data_dir, "email_bridge_encryption.key"),
+                        os.path.join(data_dir, "email_bridge_keystore.db"), enabled=seal)
+        store = BridgeStore(db, sealer)
+        await store.setup()
+        hs = HomeserverClient(cfg.homeserver_url, registration.as_token, server_name)
+        processor = InboundProcessor(store, hs, ProcessorSettings(server_name, cfg.mail_domain, cfg.ghost_prefix))
+        return cls(cfg, server_name, registration, store, hs, processor, await store.secret(), sealer)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        as_host, as_port = split_host_port(self.cfg.appservice_listen)
+        site = web_server.Site(AppServiceResource(self.registration.hs_token, self.on_event))
+        site.noisy = False
+        self._ports.append(reactor.listenTCP(as_port, site, interface=as_host))
+        host, port = split_host_port(self.cfg.smtp_listen)
+        self._ports.append(reactor.listenTCP(port, BridgeSMTPFactory(
+            self.mail_domain, self, self.accept, self.cfg.max_mail_size), interface=host))
+        if self.cfg.lmtp_listen:
+            host, port = split_host_port(self.cfg.lmtp_listen)
+            self._ports.append(reactor.listenTCP(port, BridgeSMTPFactory(
+                self.mail_domain, self, self.accept, self.cfg.max_mail_size, lmtp=True), interface=host))
+        self.processor.start()
+        logger.info("email bridge listening (SMTP %s%s)", self.cfg.smtp_listen,
+                    f", LMTP {self.cfg.lmtp_listen}" if self.cfg.lmtp_listen else "")
+
+    async def stop(self) -> None:
+        for port in self._ports:
+            await port.stopListening()
+        self._ports = []
+        await self.processor.stop()
+        for d in list(self._background):
+            try:
+                await d
+            except Exception:
+                pass
+        await self.hs.close()
+        await self.store.db.close()
+        if self.sealer is not None:
+            self.sealer.close()
+
+    # -- SMTP: recipients and accepted mail ------------------------------------------------
+    async def resolve(self, localpart: str, domain: str, mail_from: str) -> Optional[Target]:
+        if domain != self.mail_domain:
+            return None
+        token = parse_reply_localpart(localpart)
+        if token is not None:
+            n, mac = token
+            known = await self.store.event_by_number(n)
+            if known is None or not mail_from:
+                return None
+            room_id, event_id = known
+            if not verify_reply(self.secret, mac, room_id, event_id, mail_from):
+                return None
+            return Target(room_id, event_id, normalise_address(mail_from))
+        found = await self.store.room_for_localpart(localpart)
+        if found is None:
+            return None
+        room_id, policy = found
+        if policy == "email_participants":
+            if not mail_from:
+                return None
+            ghost = f"@{ghost_localpart(self.cfg.ghost_prefix, mail_from)}:{self.server_name}"
+            if await self.store.membership(room_id, ghost) not in ("join", "invite"):
+                return None
+        return Target(room_id)
+
+    async def accept(self, target: Target, raw: bytes) -> int:
+        row_id = await self.store.add_inbound(target.room_id, target.reply_event, target.token_address, raw)
+        self.processor.kick()
+        return row_id
+
+    # -- AS transactions ---------------------------------------------------------------
+    async def on_event(self, event: dict[str, Any]) -> None:
+        etype, room_id = event.get("type"), event.get("room_id")
+        content = event.get("content")
+        if not isinstance(room_id, str) or not isinstance(content, dict):
+            return
+        state_key = event.get("state_key")
+        if etype == "m.room.member" and isinstance(state_key, str):
+            membership = content.get("membership")
+            if not isinstance(membership, str):
+                return
+            if state_key == self.bot and membership == "invite":
+                self._in_background(self._join_bot(room_id))
+            elif address_of_ghost(self.cfg.ghost_prefix, state_key) is not None:
+                await self.store.set_membership(room_id, state_key, membership)
+        elif etype == ADDRESS_EVENT and state_key == "":
+            localpart = content.get("localpart")
+            policy = content.get("policy", "email_participants")
+            if localpart is None:
+                await self.store.set_room_address(room_id, None, "")
+                return
+            if (not isinstance(localpart, str) or not _ROOM_LOCALPART.fullmatch(localpart.lower())
+                    or localpart.lower().startswith("reply") or policy not in POLICIES):
+                logger.info("email bridge: ignoring an invalid %s in a room", ADDRESS_EVENT)
+                return
+            if not await self.store.set_room_address(room_id, localpart.lower(), str(policy)):
+                logger.info("email bridge: a room asked for an address another room has")
+        elif etype == "m.room.message" and isinstance(event.get("event_id"), str):
+            await self.store.remember_event(room_id, str(event["event_id"]))
+
+    def _in_background(self, coro: Any) -> None:
+        d = defer.ensureDeferred(coro)
+        self._background.add(d)
+
+        def done(result: Any) -> None:
+            self._background.discard(d)
+
+        d.addBoth(done)
+
+    async def _join_bot(self, room_id: str) -> None:
+        try:
+            await self.hs.join(room_id)
+        except Exception as e:
+            logger.info("email bridge: could not join a room it was invited to: %s", e)
+
+
+def run_standalone(cfg: EmailBridgeConfig, server_name: str, data_dir: str, seal: bool) -> int:
+    """``zhome bridge-email``: the bridge in a process of its own."""
+    bridge: list[EmailBridge] = []
+    code = [0]
+
+    async def start() -> None:
+        try:
+            b = await EmailBridge.create(cfg, server_name, data_dir, seal=seal)
+            b.start()
+            bridge.append(b)
+        except Exception as e:
+            logger.error("email bridge start-up failed: %s", e)
+            code[0] = 1
+            reactor.stop()
+
+    async def shutdown() -> None:
+        if bridge:
+            await bridge[0].stop()
+
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(start()))
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(shutdown()))
+    reactor.run()
+    return code[0]

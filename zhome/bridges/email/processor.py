@@ -1,0 +1,197 @@
+"""Posting the inbound table: each committed mail becomes events in its room.
+
+Spec: application-service-api "Identity assertion" (the sender's ghost
+sends with ``?user_id=``); client-server-api "Transaction identifiers":
+every event of a mail is sent with a txnId derived from the mail's row ID,
+so a retry after a crash (or a lost answer) gets the event already sent
+back instead of a second one. Attachments go to the media repository first
+(re-uploaded on a retry: a spare copy of a file, never a second message).
+
+A mail that cannot be posted for good (malformed, not allowed) is marked
+failed and kept (sealed); a homeserver that cannot be reached is retried
+with backoff. Logs name the row ID and the reason, never an address or a
+body.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from twisted.internet import defer
+
+from zhome.bridges.email.hsclient import HomeserverClient, HomeserverError, HomeserverUnreachable
+from zhome.bridges.email.mime import MalformedMail, ParsedMail, parse_mail, text_content
+from zhome.bridges.email.store import FAILED, IGNORED, POSTED, BridgeStore, InboundMail
+from zhome.bridges.email.tokens import ghost_localpart, normalise_address
+from zhome.util.reactor import reactor
+
+logger = logging.getLogger(__name__)
+
+BATCH = 10
+#: Rounds of BATCH in one go before yielding to a timer (bounds one burst).
+MAX_BATCHES_PER_ROUND = 20
+MAX_ATTEMPTS = 12
+MIN_BACKOFF_MS = 500
+MAX_BACKOFF_MS = 300_000
+
+
+@dataclass(frozen=True)
+class ProcessorSettings:
+    server_name: str
+    mail_domain: str
+    ghost_prefix: str
+
+
+class InboundProcessor:
+    def __init__(self, store: BridgeStore, hs: HomeserverClient, settings: ProcessorSettings) -> None:
+        self.store = store
+        self.hs = hs
+        self.settings = settings
+        self._stopped = True
+        self._running = False
+        self._again = False
+        self._timer: Any = None
+        self._current: Optional[defer.Deferred[None]] = None
+        self._displaynames: dict[str, str] = {}
+
+    def start(self) -> None:
+        self._stopped = False
+        self.kick()
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._current is not None:
+            try:
+                await self._current
+            except Exception:
+                pass
+
+    def kick(self) -> None:
+        if self._stopped:
+            return
+        if self._running:
+            self._again = True
+            return
+        self._current = defer.ensureDeferred(self._round())
+
+    async def _round(self) -> None:
+        self._running = True
+        try:
+            for _ in range(MAX_BATCHES_PER_ROUND):
+                if self._stopped:
+                    break
+                self._again = False
+                rows = await self.store.due_inbound(BATCH)
+                for row in rows:
+                    if self._stopped:
+                        break
+                    await self._process(row)
+                if len(rows) < BATCH and not self._again:
+                    break
+        except Exception:
+            logger.exception("email bridge: inbound round failed")
+        finally:
+            self._running = False
+        await self._schedule_next()
+
+    async def _schedule_next(self) -> None:
+        if self._stopped:
+            return
+        try:
+            nxt = await self.store.next_due_ts()
+        except Exception:
+            logger.exception("email bridge: could not read the next attempt time")
+            nxt = int(reactor.seconds() * 1000) + 30_000
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if nxt is None:
+            return
+        import time
+
+        delay = max(0.05, min(nxt / 1000 - time.time(), MAX_BACKOFF_MS / 1000))
+        self._timer = reactor.callLater(delay, self.kick)
+
+    # -- one mail ------------------------------------------------------------------------
+    async def _process(self, row: InboundMail) -> None:
+        if row.raw is None:
+            await self.store.finish_inbound(row.id, IGNORED, "content no longer available")
+            return
+        try:
+            parsed = parse_mail(row.raw, self.settings.mail_domain)
+        except MalformedMail as e:
+            logger.info("email bridge: mail %d not posted: malformed (%s)", row.id, e)
+            await self.store.finish_inbound(row.id, FAILED, f"malformed: {e}")
+            return
+        if parsed.not_posted is not None:
+            logger.info("email bridge: mail %d not posted: %s", row.id, parsed.not_posted)
+            await self.store.finish_inbound(row.id, IGNORED, parsed.not_posted)
+            return
+        if row.token_address is not None and normalise_address(parsed.from_address) != row.token_address:
+            logger.info("email bridge: mail %d not posted: From is not the reply address's owner", row.id)
+            await self.store.finish_inbound(row.id, FAILED, "From does not match the reply address")
+            return
+        try:
+            await self._post(row, parsed)
+        except (HomeserverUnreachable, HomeserverError) as e:
+            attempts = row.attempts + 1
+            permanent = isinstance(e, HomeserverError) and 400 <= e.status < 500 and e.status != 429
+            if attempts >= MAX_ATTEMPTS or (permanent and attempts >= 3):
+                logger.warning("email bridge: mail %d failed for good after %d attempt(s): %s", row.id,
+                               attempts, e)
+                await self.store.finish_inbound(row.id, FAILED, f"homeserver: {e}")
+                return
+            delay = min(MAX_BACKOFF_MS, MIN_BACKOFF_MS * (2 ** (attempts - 1)))
+            logger.info("email bridge: mail %d not posted yet (%s), retrying in %d ms", row.id, e, delay)
+            await self.store.retry_inbound_later(row.id, attempts, delay, f"homeserver: {e}")
+            return
+        await self.store.finish_inbound(row.id, POSTED, "posted")
+        logger.info("email bridge: mail %d posted", row.id)
+
+    async def _post(self, row: InboundMail, parsed: ParsedMail) -> None:
+        s = self.settings
+        localpart = ghost_localpart(s.ghost_prefix, parsed.from_address)
+        ghost = f"@{localpart}:{s.server_name}"
+        await self.hs.ensure_registered(localpart)
+        name = parsed.display_name[:200]
+        if self._displaynames.get(ghost) != name:
+            await self.hs.set_displayname(ghost, name)
+            self._displaynames[ghost] = name
+        await self._ensure_joined(row.room_id, ghost)
+        reply_to = await self.store.event_for_message_ids(row.room_id, parsed.references) or row.reply_event
+        n = 0
+        if parsed.body:
+            content: dict[str, Any] = text_content(parsed)
+            if reply_to is not None:
+                content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
+            event_id = await self.hs.send(row.room_id, ghost, "m.room.message", content, f"zhome-mail-{row.id}-0")
+            await self.store.remember_event(row.room_id, event_id, parsed.message_id)
+            n += 1
+        for i, att in enumerate(parsed.attachments, start=1):
+            mxc = await self.hs.upload(ghost, att.data, att.content_type, att.filename)
+            msgtype = "m.image" if att.content_type.startswith("image/") else "m.file"
+            content = {"msgtype": msgtype, "body": att.filename, "filename": att.filename, "url": mxc,
+                       "info": {"mimetype": att.content_type, "size": len(att.data)}}
+            event_id = await self.hs.send(row.room_id, ghost, "m.room.message", content, f"zhome-mail-{row.id}-{i}")
+            if n == 0:
+                await self.store.remember_event(row.room_id, event_id, parsed.message_id)
+            n += 1
+
+    async def _ensure_joined(self, room_id: str, ghost: str) -> None:
+        if await self.store.membership(room_id, ghost) == "join":
+            return
+        try:
+            await self.hs.join(room_id, ghost)
+        except HomeserverError as e:
+            if e.status != 403:
+                raise
+            # Not invited and not public: the bridge's own user (a member,
+            # it learnt of the address there) invites the ghost.
+            await self.hs.invite(room_id, ghost)
+            await self.hs.join(room_id, ghost)
+        await self.store.set_membership(room_id, ghost, "join")
