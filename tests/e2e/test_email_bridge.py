@@ -11,6 +11,8 @@ import email.utils
 import smtplib
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.request
 from email.message import EmailMessage
@@ -19,7 +21,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import pytest
 
-from tests.e2e.harness import CS, ClientUser, ZhomeProcess, free_port, q
+from tests.e2e.harness import ClientUser, ZhomeProcess, _server_env, free_port, q
 from zhome.bridges.email.tokens import ghost_localpart, reply_localpart
 
 DOMAIN = "mail.test"
@@ -279,3 +281,68 @@ def test_a_crash_after_250_posts_the_mail_once(mail_room: MailRoom) -> None:
     r.wait_message(lambda e: e["content"].get("body") == "after the second restart", "the later mail")
     copies = [e for e in r.messages() if e["content"].get("body") == marker]
     assert len(copies) == 1 and copies[0]["sender"] == ghost("dave@example.org")
+
+
+def test_email_participants_policy_and_lmtp(zhome_factory: Any) -> None:
+    smtp_port, lmtp_port = free_port(), free_port()
+    hs = zhome_factory(overrides={"email_bridge": {
+        "enabled": True, "mail_domain": DOMAIN, "smtp_listen": f"127.0.0.1:{smtp_port}",
+        "lmtp_listen": f"127.0.0.1:{lmtp_port}", "appservice_listen": f"127.0.0.1:{free_port()}"}})
+    hs.start()
+    r = MailRoom(hs, smtp_port)
+    r.alice.ok("POST", f"/rooms/{q(r.room_id)}/invite", {"user_id": BOT})
+    wait_for(lambda: BOT in r.alice.ok("GET", f"/rooms/{q(r.room_id)}/joined_members")["joined"], "the bot")
+    r.alice.ok("PUT", f"/rooms/{q(r.room_id)}/state/org.zhome.email_address/",
+               {"localpart": "Care-Team", "policy": "email_participants"})
+    # Only the room's email participants may write: nobody yet.
+    wait_for(lambda: r.states() == [] and _address_known(r, "care-team"), "the address")
+    assert r.rcpt_code(f"care-team@{DOMAIN}", "erin@example.org") == 550
+    # Alice invites Erin's ghost (the bridge registers it when asked).
+    r.alice.ok("POST", f"/rooms/{q(r.room_id)}/invite", {"user_id": ghost("erin@example.org")})
+    wait_for(lambda: r.rcpt_code(f"care-team@{DOMAIN}", "erin@example.org") == 250, "Erin a participant")
+    assert r.rcpt_code(f"care-team@{DOMAIN}", "mallory@example.org") == 550
+
+    # LMTP (RFC 2033): LHLO, recipients checked one by one, a reply per recipient.
+    with smtplib.LMTP("127.0.0.1", lmtp_port, timeout=30) as lmtp:
+        assert lmtp.docmd("EHLO", "mta.test")[0] == 500  # not LMTP
+        assert lmtp.ehlo("mta.test")[0] == 250  # smtplib's LMTP sends LHLO
+        assert lmtp.has_extn("size")
+        msg = mail("Delivered over LMTP.", sender="Erin <erin@example.org>")
+        msg.replace_header("To", f"care-team@{DOMAIN}")
+        refused = lmtp.sendmail("erin@example.org", [f"care-team@{DOMAIN}", f"nobody@{DOMAIN}"],
+                                msg.as_bytes(policy=email.policy.SMTP))
+        assert list(refused) == [f"nobody@{DOMAIN}"] and refused[f"nobody@{DOMAIN}"][0] == 550
+    ev = r.wait_message(lambda e: e["content"].get("body") == "Delivered over LMTP.", "the LMTP mail")
+    assert ev["sender"] == ghost("erin@example.org")
+    members = r.alice.ok("GET", f"/rooms/{q(r.room_id)}/joined_members")["joined"]
+    assert members[ghost("erin@example.org")]["display_name"] == "Erin"
+
+
+def _address_known(r: MailRoom, localpart: str) -> bool:
+    with sqlite3.connect(r.bridge_db) as conn:
+        return conn.execute("SELECT 1 FROM room_addresses WHERE localpart = ?", (localpart,)).fetchone() is not None
+
+
+def test_bridge_in_its_own_process(zhome_factory: Any) -> None:
+    smtp_port = free_port()
+    hs = zhome_factory(overrides={"email_bridge": {
+        "enabled": True, "in_process": False, "mail_domain": DOMAIN, "smtp_listen": f"127.0.0.1:{smtp_port}",
+        "appservice_listen": f"127.0.0.1:{free_port()}"}})
+    hs.start()
+    # zhome run loads the registration but does not run the bridge itself.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", smtp_port), timeout=5).close()
+    log = open(hs.workdir / "bridge.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "zhome", "bridge-email", "--config-path", str(hs.config_path)],
+                            stdout=log, stderr=subprocess.STDOUT, env=_server_env())
+    try:
+        r = MailRoom(hs, smtp_port)
+        r.enable_address()
+        r.send(mail("Through the separate bridge."))
+        ev = r.wait_message(lambda e: e["content"].get("body") == "Through the separate bridge.", "the mail")
+        assert ev["sender"] == ghost("bob@example.net")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+        log.close()
+    assert proc.returncode == 0, (hs.workdir / "bridge.log").read_text()

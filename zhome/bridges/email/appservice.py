@@ -4,8 +4,10 @@ Spec: application-service-api "Pushing events"
 (``PUT /_matrix/app/v1/transactions/{txnId}``, and the legacy path without
 the prefix), "Authorization" (the homeserver's ``hs_token`` as a Bearer
 token; the old ``access_token`` query parameter is accepted too),
-"Querying" (``/users`` and ``/rooms``: the bridge makes no users or rooms
-on demand, so 404 ``M_NOT_FOUND``) and "Pinging" (``/ping``).
+"Querying" (``/users/{userId}``: a ghost of a valid address is registered
+on demand, so rooms can invite an email participant before it ever wrote;
+``/rooms``: no rooms on demand, 404 ``M_NOT_FOUND``) and "Pinging"
+(``/ping``).
 
 Events are handed to a handler one by one; the transaction is answered
 ``200`` once all are handled, so a failure (the bridge's database) makes
@@ -27,15 +29,17 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024 * 1024
 EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
+UserQuery = Callable[[str], Awaitable[bool]]
 
 
 class AppServiceResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, hs_token: str, on_event: EventHandler) -> None:
+    def __init__(self, hs_token: str, on_event: EventHandler, query_user: UserQuery) -> None:
         super().__init__()
         self.hs_token = hs_token
         self.on_event = on_event
+        self.query_user = query_user
 
     def _respond(self, request: Request, status: int, body: dict[str, Any]) -> None:
         request.setResponseCode(status)
@@ -93,6 +97,10 @@ class AppServiceResource(resource.Resource):
                     await self.on_event(event)
             self._respond(request, 200, {})
             return
+        if len(path) == 2 and path[0] == "users" and method == "GET":
+            if await self.query_user(path[1]):
+                self._respond(request, 200, {})
+                return
         if path == ["ping"] and method == "POST":
             self._respond(request, 200, {})
             return

@@ -79,7 +79,7 @@ class EmailBridge:
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
         as_host, as_port = split_host_port(self.cfg.appservice_listen)
-        site = web_server.Site(AppServiceResource(self.registration.hs_token, self.on_event))
+        site = web_server.Site(AppServiceResource(self.registration.hs_token, self.on_event, self.query_user))
         site.noisy = False
         self._ports.append(reactor.listenTCP(as_port, site, interface=as_host))
         host, port = split_host_port(self.cfg.smtp_listen)
@@ -168,6 +168,22 @@ class EmailBridge:
                 logger.info("email bridge: a room asked for an address another room has")
         elif etype == "m.room.message" and isinstance(event.get("event_id"), str):
             await self.store.remember_event(room_id, str(event["event_id"]))
+
+    async def query_user(self, user_id: str) -> bool:
+        """A ghost the homeserver asks about exists once it is registered."""
+        address = address_of_ghost(self.cfg.ghost_prefix, user_id)
+        if (address is None or not user_id.endswith(":" + self.server_name) or address.count("@") != 1
+                or ghost_localpart(self.cfg.ghost_prefix, address) != user_id[1:].split(":", 1)[0]):
+            return False
+        local, _, domain = address.partition("@")
+        if not local or "." not in domain:
+            return False
+        try:
+            await self.hs.ensure_registered(ghost_localpart(self.cfg.ghost_prefix, address))
+        except Exception as e:
+            logger.info("email bridge: could not register a queried ghost: %s", e)
+            return False
+        return True
 
     def _in_background(self, coro: Any) -> None:
         d = defer.ensureDeferred(coro)
