@@ -53,12 +53,20 @@ class MailRoom:
     def bridge_db(self) -> Path:
         return self.hs.workdir / "data" / "email_bridge.db"
 
-    def enable_address(self, localpart: str = "team", policy: str = "authenticated") -> None:
+    def enable_address(self, localpart: str = "team", policy: str = "authenticated",
+                       state_first: bool = False) -> None:
+        def set_state() -> None:
+            self.alice.ok("PUT", f"/rooms/{q(self.room_id)}/state/org.zhome.email_address/",
+                          {"localpart": localpart, "policy": policy})
+
+        if state_first:
+            # Set before the bridge is in the room: it reads it on joining.
+            set_state()
         self.alice.ok("POST", f"/rooms/{q(self.room_id)}/invite", {"user_id": BOT})
         wait_for(lambda: BOT in self.alice.ok("GET", f"/rooms/{q(self.room_id)}/joined_members")["joined"],
                  "the bridge's user to join")
-        self.alice.ok("PUT", f"/rooms/{q(self.room_id)}/state/org.zhome.email_address/",
-                      {"localpart": localpart, "policy": policy})
+        if not state_first:
+            set_state()
         wait_for(lambda: self.rcpt_code(f"{localpart}@{DOMAIN}") == 250, "the bridge to learn the address")
 
     def smtp(self) -> smtplib.SMTP:
@@ -316,6 +324,9 @@ def test_email_participants_policy_and_lmtp(zhome_factory: Any) -> None:
     assert ev["sender"] == ghost("erin@example.org")
     members = r.alice.ok("GET", f"/rooms/{q(r.room_id)}/joined_members")["joined"]
     assert members[ghost("erin@example.org")]["display_name"] == "Erin"
+    # The bridge's user removed from the room: the address is no more.
+    r.alice.ok("POST", f"/rooms/{q(r.room_id)}/kick", {"user_id": BOT})
+    wait_for(lambda: r.rcpt_code(f"care-team@{DOMAIN}", "erin@example.org") == 550, "the address gone")
 
 
 def _address_known(r: MailRoom, localpart: str) -> bool:
@@ -337,7 +348,7 @@ def test_bridge_in_its_own_process(zhome_factory: Any) -> None:
                             stdout=log, stderr=subprocess.STDOUT, env=_server_env())
     try:
         r = MailRoom(hs, smtp_port)
-        r.enable_address()
+        r.enable_address(state_first=True)
         r.send(mail("Through the separate bridge."))
         ev = r.wait_message(lambda e: e["content"].get("body") == "Through the separate bridge.", "the mail")
         assert ev["sender"] == ghost("bob@example.net")

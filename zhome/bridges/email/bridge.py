@@ -22,7 +22,7 @@ from twisted.internet import defer
 from twisted.web import server as web_server
 
 from zhome.bridges.email.appservice import AppServiceResource
-from zhome.bridges.email.hsclient import HomeserverClient
+from zhome.bridges.email.hsclient import HomeserverClient, HomeserverError, HomeserverUnreachable
 from zhome.bridges.email.processor import InboundProcessor, ProcessorSettings
 from zhome.bridges.email.registration import BridgeRegistration, ensure_registration
 from zhome.bridges.email.smtp import BridgeSMTPFactory, Target
@@ -152,20 +152,13 @@ class EmailBridge:
                 return
             if state_key == self.bot and membership == "invite":
                 self._in_background(self._join_bot(room_id))
+            elif state_key == self.bot and membership in ("leave", "ban"):
+                # Out of the room: it can no longer post there.
+                await self.store.set_room_address(room_id, None, "")
             elif address_of_ghost(self.cfg.ghost_prefix, state_key) is not None:
                 await self.store.set_membership(room_id, state_key, membership)
         elif etype == ADDRESS_EVENT and state_key == "":
-            localpart = content.get("localpart")
-            policy = content.get("policy", "email_participants")
-            if localpart is None:
-                await self.store.set_room_address(room_id, None, "")
-                return
-            if (not isinstance(localpart, str) or not _ROOM_LOCALPART.fullmatch(localpart.lower())
-                    or localpart.lower().startswith("reply") or policy not in POLICIES):
-                logger.info("email bridge: ignoring an invalid %s in a room", ADDRESS_EVENT)
-                return
-            if not await self.store.set_room_address(room_id, localpart.lower(), str(policy)):
-                logger.info("email bridge: a room asked for an address another room has")
+            await self._address_event(room_id, content)
         elif etype == "m.room.message" and isinstance(event.get("event_id"), str):
             await self.store.remember_event(room_id, str(event["event_id"]))
 
@@ -185,6 +178,19 @@ class EmailBridge:
             return False
         return True
 
+    async def _address_event(self, room_id: str, content: dict[str, Any]) -> None:
+        localpart = content.get("localpart")
+        policy = content.get("policy", "email_participants")
+        if localpart is None:
+            await self.store.set_room_address(room_id, None, "")
+            return
+        if (not isinstance(localpart, str) or not _ROOM_LOCALPART.fullmatch(localpart.lower())
+                or localpart.lower().startswith("reply") or policy not in POLICIES):
+            logger.info("email bridge: ignoring an invalid %s in a room", ADDRESS_EVENT)
+            return
+        if not await self.store.set_room_address(room_id, localpart.lower(), str(policy)):
+            logger.info("email bridge: a room asked for an address another room has")
+
     def _in_background(self, coro: Any) -> None:
         d = defer.ensureDeferred(coro)
         self._background.add(d)
@@ -199,6 +205,19 @@ class EmailBridge:
             await self.hs.join(room_id)
         except Exception as e:
             logger.info("email bridge: could not join a room it was invited to: %s", e)
+            return
+        # An address set before the bridge was in the room came in no
+        # transaction of ours: read it from the room's state.
+        try:
+            content = await self.hs.state_event(room_id, ADDRESS_EVENT, "")
+        except HomeserverError as e:
+            if e.status != 404:
+                logger.info("email bridge: could not read a room's address: %s", e)
+            return
+        except HomeserverUnreachable as e:
+            logger.info("email bridge: could not read a room's address: %s", e)
+            return
+        await self._address_event(room_id, content)
 
 
 def run_standalone(cfg: EmailBridgeConfig, server_name: str, data_dir: str, seal: bool) -> int:

@@ -105,6 +105,9 @@ class HomeserverClient:
     async def invite(self, room_id: str, target: str) -> None:
         await self.request("POST", f"{CS}/rooms/{_q(room_id)}/invite", {"user_id": target})
 
+    async def state_event(self, room_id: str, event_type: str, state_key: str) -> dict[str, Any]:
+        return await self.request("GET", f"{CS}/rooms/{_q(room_id)}/state/{_q(event_type)}/{_q(state_key)}")
+
     async def send(self, room_id: str, user_id: str, event_type: str, content: dict[str, Any], txn_id: str) -> str:
         out = await self.request("PUT", f"{CS}/rooms/{_q(room_id)}/send/{_q(event_type)}/{_q(txn_id)}", content,
                                  user_id=user_id)
