@@ -448,11 +448,12 @@ def _bridge_email(args: argparse.Namespace) -> int:
         return 1
     if not config.email_bridge.enabled:
         return _error("bridge-email", "email_bridge.enabled is false in the configuration")
-    from zhome.bridges.email.bridge import run_standalone
+    from zhome.bridges.email.bridge import relay_settings, run_standalone
     from zhome.logging_setup import setup_logging
 
     setup_logging(config.log_level, config.log_file, config.log_format)
-    return run_standalone(config.email_bridge, config.server_name, config.data_dir, config.encryption.enabled)
+    return run_standalone(config.email_bridge, config.server_name, config.data_dir, config.encryption.enabled,
+                          **relay_settings(config.email))
 
 
 # ---------------------------------------------------------------------------

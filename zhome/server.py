@@ -856,10 +856,10 @@ def run(config: HomeserverConfig) -> int:
             bridge_cfg = config.email_bridge
             if bridge_cfg.enabled and bridge_cfg.in_process:
                 # Only an HTTP client of this server (AS and CS APIs), even in its process.
-                from zhome.bridges.email.bridge import EmailBridge
+                from zhome.bridges.email.bridge import EmailBridge, relay_settings
 
                 bridge = await EmailBridge.create(bridge_cfg, config.server_name, config.data_dir,
-                                                  seal=config.encryption.enabled)
+                                                  seal=config.encryption.enabled, **relay_settings(config.email))
                 bridge.start()
                 bridges.append(bridge)
             logger.info("zhome %s started for %s (pid %d)", _version(), config.server_name, os.getpid())

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 import pytest
 
 from tests.e2e.harness import ClientUser, ZhomeProcess, _server_env, free_port, q
+from tests.e2e.mailsink import MailSink, body_of
 from zhome.bridges.email.tokens import ghost_localpart, reply_localpart
 
 DOMAIN = "mail.test"
@@ -357,3 +358,42 @@ def test_bridge_in_its_own_process(zhome_factory: Any) -> None:
         proc.wait(timeout=15)
         log.close()
     assert proc.returncode == 0, (hs.workdir / "bridge.log").read_text()
+
+
+def test_room_messages_are_mailed_to_email_participants(zhome_factory: Any) -> None:
+    sink = MailSink(free_port()).start()
+    try:
+        smtp_port = free_port()
+        hs = zhome_factory(overrides={
+            "email": {"smtp_host": "127.0.0.1", "smtp_port": sink.port, "notif_from": f"zhome <noreply@{DOMAIN}>"},
+            "email_bridge": {"enabled": True, "mail_domain": DOMAIN, "smtp_listen": f"127.0.0.1:{smtp_port}",
+                             "appservice_listen": f"127.0.0.1:{free_port()}", "quiet_period_ms": 300}})
+        hs.start()
+        r = MailRoom(hs, smtp_port)
+        r.enable_address()
+        r.send(mail("Hi from Bob.", message_id="<bob-1@example.net>"))
+        ev_bob = r.wait_message(lambda e: e["content"].get("body") == "Hi from Bob.", "Bob's mail")
+        sent = r.alice.ok("PUT", f"/rooms/{q(r.room_id)}/send/m.room.message/a1", {
+            "msgtype": "m.text", "body": "Thanks Bob, noted.",
+            "m.relates_to": {"m.in_reply_to": {"event_id": ev_bob["event_id"]}}})
+        out = sink.wait_for("bob@example.net")[0]
+        assert "Thanks Bob, noted." in body_of(out)
+        assert str(out["Message-ID"]).startswith("<zhome.") and str(out["Message-ID"]).endswith(f"@{DOMAIN}>")
+        assert str(out["In-Reply-To"]) == "<bob-1@example.net>"
+        reply_to = str(out["Reply-To"])
+        assert reply_to.startswith("reply+") and reply_to.endswith(f"@{DOMAIN}")
+        # Bob answers from his mail client: a Matrix reply to Alice's message.
+        answer = mail("Bob's answer.\n\nOn Tue, 1 Dec 2026, zhome <noreply@mail.test> wrote:\n> Thanks Bob, noted.\n",
+                      In_Reply_To=str(out["Message-ID"]))
+        r.send(answer, rcpt=reply_to)
+        ev = r.wait_message(lambda e: e["content"].get("body") == "Bob's answer.", "Bob's answer")
+        assert ev["content"]["m.relates_to"] == {"m.in_reply_to": {"event_id": sent["event_id"]}}
+        # The reply address is Bob's alone; our own mail coming back is a loop.
+        assert r.rcpt_code(reply_to, "mallory@example.org") == 550
+        r.send(out.as_bytes(policy=email.policy.SMTP))
+        wait_for(lambda: all(s != "pending" for _, s, _ in r.states()), "every mail handled")
+        assert r.states()[-1][1:] == ("ignored", "loop (our own Message-ID)")
+        # Bob's own mails were not mailed back to him.
+        assert len(sink.to("bob@example.net")) == 1
+    finally:
+        sink.stop()

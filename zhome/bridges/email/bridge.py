@@ -23,6 +23,7 @@ from twisted.web import server as web_server
 
 from zhome.bridges.email.appservice import AppServiceResource
 from zhome.bridges.email.hsclient import HomeserverClient, HomeserverError, HomeserverUnreachable
+from zhome.bridges.email.outbound import OutboundMailer
 from zhome.bridges.email.processor import InboundProcessor, ProcessorSettings
 from zhome.bridges.email.registration import BridgeRegistration, ensure_registration
 from zhome.bridges.email.smtp import BridgeSMTPFactory, Target
@@ -30,8 +31,13 @@ from zhome.bridges.email.store import BridgeStore
 from zhome.bridges.email.tokens import (
     address_of_ghost, ghost_localpart, normalise_address, parse_reply_localpart, verify_reply,
 )
-from zhome.config import EmailBridgeConfig, split_host_port
+from zhome.config import EmailBridgeConfig, EmailConfig, split_host_port
+from zhome.mail.compose import envelope_address
+from zhome.mail.outbox import MailOutbox, Relay
+from zhome.mail.outbox import ensure_schema as ensure_outbox_schema
+from zhome.mail.smtp import SmtpRelay
 from zhome.storage.at_rest import Sealer
+from zhome.storage.ids import IdGenerator
 from zhome.storage.database import Database
 from zhome.util.reactor import reactor
 
@@ -45,7 +51,7 @@ _ROOM_LOCALPART = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 class EmailBridge:
     def __init__(self, cfg: EmailBridgeConfig, server_name: str, registration: BridgeRegistration,
                  store: BridgeStore, hs: HomeserverClient, processor: InboundProcessor, secret: bytes,
-                 sealer: Optional[Sealer] = None) -> None:
+                 sealer: Optional[Sealer] = None, outbound: Optional[OutboundMailer] = None) -> None:
         assert cfg.mail_domain is not None
         self.cfg = cfg
         self.mail_domain = cfg.mail_domain
@@ -56,13 +62,17 @@ class EmailBridge:
         self.processor = processor
         self.secret = secret
         self.sealer = sealer
+        self.outbound = outbound
         self.bot = f"@{registration.sender_localpart}:{server_name}"
         self._ports: list[Any] = []
         self._background: set[defer.Deferred[None]] = set()
 
     @classmethod
     async def create(cls, cfg: EmailBridgeConfig, server_name: str, data_dir: str, *,
-                     seal: bool = True) -> "EmailBridge":
+                     seal: bool = True, relay: Optional[Relay] = None,
+                     from_address: Optional[str] = None) -> "EmailBridge":
+        """``relay`` and ``from_address``: where mail to email participants
+        goes and whose address it is from; none: no outbound mail."""
         registration = ensure_registration(cfg, server_name)
         assert cfg.database_path is not None and cfg.homeserver_url is not None and cfg.mail_domain is not None
         os.makedirs(os.path.dirname(cfg.database_path), exist_ok=True)
@@ -74,7 +84,15 @@ class EmailBridge:
         await store.setup()
         hs = HomeserverClient(cfg.homeserver_url, registration.as_token, server_name)
         processor = InboundProcessor(store, hs, ProcessorSettings(server_name, cfg.mail_domain, cfg.ghost_prefix))
-        return cls(cfg, server_name, registration, store, hs, processor, await store.secret(), sealer)
+        secret = await store.secret()
+        outbound = None
+        if relay is not None and from_address is not None:
+            await ensure_outbox_schema(db)
+            outbox = MailOutbox(db, await IdGenerator.from_table(db, "mail_outbox", "id"), sealer if seal else None,
+                                relay, owner="zhome:email_bridge:outbox")
+            outbound = OutboundMailer(store, hs, outbox, secret, cfg.mail_domain, from_address,
+                                      cfg.quiet_period_ms, cfg.ghost_prefix)
+        return cls(cfg, server_name, registration, store, hs, processor, secret, sealer, outbound)
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -90,6 +108,9 @@ class EmailBridge:
             self._ports.append(reactor.listenTCP(port, BridgeSMTPFactory(
                 self.mail_domain, self, self.accept, self.cfg.max_mail_size, lmtp=True), interface=host))
         self.processor.start()
+        if self.outbound is not None:
+            self.outbound.outbox.start()
+            self.outbound.start()
         logger.info("email bridge listening (SMTP %s%s)", self.cfg.smtp_listen,
                     f", LMTP {self.cfg.lmtp_listen}" if self.cfg.lmtp_listen else "")
 
@@ -98,6 +119,9 @@ class EmailBridge:
             await port.stopListening()
         self._ports = []
         await self.processor.stop()
+        if self.outbound is not None:
+            await self.outbound.stop()
+            await self.outbound.outbox.stop()
         for d in list(self._background):
             try:
                 await d
@@ -161,6 +185,10 @@ class EmailBridge:
             await self._address_event(room_id, content)
         elif etype == "m.room.message" and isinstance(event.get("event_id"), str):
             await self.store.remember_event(room_id, str(event["event_id"]))
+            sender = event.get("sender")
+            if (self.outbound is not None and isinstance(sender, str) and sender != self.bot
+                    and address_of_ghost(self.cfg.ghost_prefix, sender) is None):
+                await self.outbound.queue(event)
 
     async def query_user(self, user_id: str) -> bool:
         """A ghost the homeserver asks about exists once it is registered."""
@@ -220,14 +248,24 @@ class EmailBridge:
         await self._address_event(room_id, content)
 
 
-def run_standalone(cfg: EmailBridgeConfig, server_name: str, data_dir: str, seal: bool) -> int:
+def relay_settings(email_cfg: Optional[EmailConfig]) -> dict[str, Any]:
+    """The outbound relay and From address: the ``email`` section's (the
+    relay zhome's own mail goes through); none: no outbound mail."""
+    if email_cfg is None:
+        return {}
+    return {"relay": SmtpRelay.from_config(email_cfg), "from_address": envelope_address(email_cfg.notif_from)}
+
+
+def run_standalone(cfg: EmailBridgeConfig, server_name: str, data_dir: str, seal: bool,
+                   relay: Optional[Relay] = None, from_address: Optional[str] = None) -> int:
     """``zhome bridge-email``: the bridge in a process of its own."""
     bridge: list[EmailBridge] = []
     code = [0]
 
     async def start() -> None:
         try:
-            b = await EmailBridge.create(cfg, server_name, data_dir, seal=seal)
+            b = await EmailBridge.create(cfg, server_name, data_dir, seal=seal, relay=relay,
+                                         from_address=from_address)
             b.start()
             bridge.append(b)
         except Exception as e:

@@ -105,6 +105,11 @@ class HomeserverClient:
     async def invite(self, room_id: str, target: str) -> None:
         await self.request("POST", f"{CS}/rooms/{_q(room_id)}/invite", {"user_id": target})
 
+    async def displayname(self, user_id: str) -> Optional[str]:
+        out = await self.request("GET", f"{CS}/profile/{_q(user_id)}/displayname")
+        name = out.get("displayname")
+        return name if isinstance(name, str) else None
+
     async def state_event(self, room_id: str, event_type: str, state_key: str) -> dict[str, Any]:
         return await self.request("GET", f"{CS}/rooms/{_q(room_id)}/state/{_q(event_type)}/{_q(state_key)}")
 

@@ -42,6 +42,12 @@ _SCHEMA = (
         room_id TEXT NOT NULL,
         event_id TEXT NOT NULL UNIQUE,
         message_id TEXT UNIQUE)""",
+    """CREATE TABLE IF NOT EXISTS outbound_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        room_id TEXT NOT NULL,
+        event_id TEXT NOT NULL UNIQUE,
+        payload TEXT NOT NULL,
+        due_ts BIGINT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS ghost_members (
         room_id TEXT NOT NULL,
         user_id TEXT NOT NULL,
@@ -125,6 +131,68 @@ class BridgeStore:
         rows = await self.db.execute("email_bridge_get_membership", "SELECT membership FROM ghost_members"
                                      " WHERE room_id = ? AND user_id = ?", room_id, user_id)
         return str(rows[0][0]) if rows else None
+
+    async def email_participants(self, room_id: str, ghost_prefix: str) -> list[str]:
+        """The addresses of the ghosts joined or invited in ``room_id``."""
+        from zhome.bridges.email.tokens import address_of_ghost
+
+        rows = await self.db.execute("email_bridge_participants", "SELECT user_id, membership FROM ghost_members"
+                                     " WHERE room_id = ? ORDER BY user_id LIMIT 1000", room_id)
+        out = []
+        for user_id, membership in rows:
+            if membership in ("join", "invite"):
+                address = address_of_ghost(ghost_prefix, str(user_id))
+                if address is not None:
+                    out.append(address)
+        return out
+
+    # -- the outbound queue ---------------------------------------------------------------
+    def _seal_json(self, aad: bytes, room_id: str, data: dict[str, Any]) -> str:
+        text = json.dumps(data)
+        if self.sealer is not None and self.sealer.enabled:
+            return self.sealer.seal(_OWNER, room_id, time.strftime("%Y-%m"), text.encode("utf-8"), aad)[1]
+        return text
+
+    async def add_outbound(self, room_id: str, event_id: str, sender: str, body: str, reply_to: Optional[str],
+                           due_ts: int) -> None:
+        payload = self._seal_json(f"outbound_events\x00{event_id}".encode(), room_id,
+                                  {"sender": sender, "body": body, "reply_to": reply_to})
+
+        def txn_fn(txn: Txn) -> None:
+            txn.execute("SELECT 1 FROM outbound_events WHERE event_id = ?", (event_id,))
+            if txn.fetchone() is None:
+                txn.execute("INSERT INTO outbound_events (room_id, event_id, payload, due_ts) VALUES (?,?,?,?)",
+                            (room_id, event_id, payload, due_ts))
+
+        await self.db.run_interaction("email_bridge_add_outbound", txn_fn)
+
+    async def due_outbound(self, limit: int) -> list[tuple[int, str, str, str, Optional[str], Optional[str]]]:
+        now = int(time.time() * 1000)
+        rows = await self.db.execute("email_bridge_due_outbound", "SELECT id, room_id, event_id, payload"
+                                     " FROM outbound_events WHERE due_ts <= ? ORDER BY id LIMIT ?", now, limit)
+        out: list[tuple[int, str, str, str, Optional[str], Optional[str]]] = []
+        for row_id, room_id, event_id, payload in rows:
+            text: Optional[str] = str(payload)
+            if text and text.startswith("zk1:") and self.sealer is not None:
+                plain = self.sealer.open(text, f"outbound_events\x00{event_id}".encode())
+                text = None if plain is None else plain.decode("utf-8")
+            data = json.loads(text) if text else {}
+            out.append((int(row_id), str(room_id), str(event_id), str(data.get("sender", "")), data.get("body"),
+                        data.get("reply_to")))
+        return out
+
+    async def next_outbound_ts(self) -> Optional[int]:
+        rows = await self.db.execute("email_bridge_next_outbound", "SELECT MIN(due_ts) FROM outbound_events")
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    async def finish_outbound(self, row_id: int) -> None:
+        await self.db.run_interaction("email_bridge_finish_outbound", lambda txn: txn.execute(
+            "DELETE FROM outbound_events WHERE id = ?", (row_id,)))
+
+    async def message_id_of(self, event_id: str) -> Optional[str]:
+        rows = await self.db.execute("email_bridge_mid_of", "SELECT message_id FROM known_events"
+                                     " WHERE event_id = ?", event_id)
+        return str(rows[0][0]) if rows and rows[0][0] is not None else None
 
     # -- known events -------------------------------------------------------------------
     async def remember_event(self, room_id: str, event_id: str, message_id: Optional[str] = None) -> int:
