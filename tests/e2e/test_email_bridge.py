@@ -397,3 +397,12 @@ def test_room_messages_are_mailed_to_email_participants(zhome_factory: Any) -> N
         assert len(sink.to("bob@example.net")) == 1
     finally:
         sink.stop()
+
+
+def test_bridge_is_off_by_default(zhome: ZhomeProcess) -> None:
+    # Nothing of the bridge runs or is written when the section is left out.
+    data = zhome.workdir / "data"
+    assert not (data / "email_bridge_registration.yaml").exists()
+    assert not (data / "email_bridge.db").exists()
+    assert "email bridge" not in zhome.log()
+    assert zhome.request("GET", "/_matrix/client/versions")[0] == 200

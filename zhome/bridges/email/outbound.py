@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 BATCH = 20
 MAX_BATCHES_PER_ROUND = 10
+RETRY_MS = 60_000
 
 
 def message_id_for(event_id: str, mail_domain: str) -> str:
@@ -124,16 +125,31 @@ class OutboundMailer:
                 for row in rows:
                     if self._stopped:
                         return
-                    await self._mail_event(*row)
+                    try:
+                        await self._mail_event(*row)
+                    except Exception as e:
+                        # Tried again later, never in a tight loop.
+                        logger.warning("email bridge: outbound event %d not mailed yet (%s)", row[0],
+                                       type(e).__name__)
+                        await self.store.postpone_outbound(row[0], RETRY_MS)
                 if len(rows) < BATCH and not self._again:
                     break
         except Exception:
             logger.exception("email bridge: outbound round failed")
+            min_delay = 5.0
+        else:
+            min_delay = 0.05
         finally:
             self._running = False
-        nxt = await self.store.next_outbound_ts()
+        if self._stopped:
+            return
+        try:
+            nxt = await self.store.next_outbound_ts()
+        except Exception:
+            logger.exception("email bridge: could not read the next outbound time")
+            nxt = int(time.time() * 1000) + 30_000
         if nxt is not None:
-            self._schedule(nxt / 1000 - time.time())
+            self._schedule(max(min_delay, nxt / 1000 - time.time()))
 
     async def _mail_event(self, row_id: int, room_id: str, event_id: str, sender: str, body: Optional[str],
                           reply_to: Optional[str]) -> None:

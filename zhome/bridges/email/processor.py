@@ -44,6 +44,14 @@ class ProcessorSettings:
     ghost_prefix: str
 
 
+def _reason(e: Exception) -> str:
+    """A short reason naming no content: the homeserver's status and errcode,
+    or just the type of an unexpected error."""
+    if isinstance(e, (HomeserverUnreachable, HomeserverError)):
+        return f"homeserver: {e}"
+    return f"error: {type(e).__name__}"
+
+
 class InboundProcessor:
     def __init__(self, store: BridgeStore, hs: HomeserverClient, settings: ProcessorSettings) -> None:
         self.store = store
@@ -95,11 +103,14 @@ class InboundProcessor:
                     break
         except Exception:
             logger.exception("email bridge: inbound round failed")
+            failed = True
+        else:
+            failed = False
         finally:
             self._running = False
-        await self._schedule_next()
+        await self._schedule_next(min_delay_s=5.0 if failed else 0.05)
 
-    async def _schedule_next(self) -> None:
+    async def _schedule_next(self, min_delay_s: float = 0.05) -> None:
         if self._stopped:
             return
         try:
@@ -114,11 +125,14 @@ class InboundProcessor:
             return
         import time
 
-        delay = max(0.05, min(nxt / 1000 - time.time(), MAX_BACKOFF_MS / 1000))
+        delay = max(min_delay_s, min(nxt / 1000 - time.time(), MAX_BACKOFF_MS / 1000))
         self._timer = reactor.callLater(delay, self.kick)
 
     # -- one mail ------------------------------------------------------------------------
     async def _process(self, row: InboundMail) -> None:
+        if row.unreadable:
+            await self.store.finish_inbound(row.id, FAILED, "sealed content does not open")
+            return
         if row.raw is None:
             await self.store.finish_inbound(row.id, IGNORED, "content no longer available")
             return
@@ -127,6 +141,10 @@ class InboundProcessor:
         except MalformedMail as e:
             logger.info("email bridge: mail %d not posted: malformed (%s)", row.id, e)
             await self.store.finish_inbound(row.id, FAILED, f"malformed: {e}")
+            return
+        except Exception as e:
+            logger.warning("email bridge: mail %d not posted: the parser failed (%s)", row.id, type(e).__name__)
+            await self.store.finish_inbound(row.id, FAILED, f"malformed: parser failed ({type(e).__name__})")
             return
         if parsed.not_posted is not None:
             logger.info("email bridge: mail %d not posted: %s", row.id, parsed.not_posted)
@@ -138,17 +156,21 @@ class InboundProcessor:
             return
         try:
             await self._post(row, parsed)
-        except (HomeserverUnreachable, HomeserverError) as e:
+        except Exception as e:
+            # Unexpected errors too: a mail that keeps failing must not
+            # spin the loop, it waits (and ends failed) like the rest.
+            if not isinstance(e, (HomeserverUnreachable, HomeserverError)):
+                logger.exception("email bridge: mail %d: unexpected error while posting", row.id)
             attempts = row.attempts + 1
             permanent = isinstance(e, HomeserverError) and 400 <= e.status < 500 and e.status != 429
             if attempts >= MAX_ATTEMPTS or (permanent and attempts >= 3):
                 logger.warning("email bridge: mail %d failed for good after %d attempt(s): %s", row.id,
                                attempts, e)
-                await self.store.finish_inbound(row.id, FAILED, f"homeserver: {e}")
+                await self.store.finish_inbound(row.id, FAILED, _reason(e))
                 return
             delay = min(MAX_BACKOFF_MS, MIN_BACKOFF_MS * (2 ** (attempts - 1)))
-            logger.info("email bridge: mail %d not posted yet (%s), retrying in %d ms", row.id, e, delay)
-            await self.store.retry_inbound_later(row.id, attempts, delay, f"homeserver: {e}")
+            logger.info("email bridge: mail %d not posted yet (%s), retrying in %d ms", row.id, _reason(e), delay)
+            await self.store.retry_inbound_later(row.id, attempts, delay, _reason(e))
             return
         await self.store.finish_inbound(row.id, POSTED, "posted")
         logger.info("email bridge: mail %d posted", row.id)

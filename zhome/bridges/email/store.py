@@ -68,6 +68,8 @@ class InboundMail:
     #: The address a reply token was made for (None for room addresses).
     token_address: Optional[str]
     attempts: int
+    #: Its sealed copy is damaged (or not this row's): it cannot be posted.
+    unreadable: bool = False
 
 
 class BridgeStore:
@@ -185,6 +187,11 @@ class BridgeStore:
         rows = await self.db.execute("email_bridge_next_outbound", "SELECT MIN(due_ts) FROM outbound_events")
         return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
+    async def postpone_outbound(self, row_id: int, delay_ms: int) -> None:
+        due = int(time.time() * 1000) + delay_ms
+        await self.db.run_interaction("email_bridge_postpone_outbound", lambda txn: txn.execute(
+            "UPDATE outbound_events SET due_ts = ? WHERE id = ?", (due, row_id)))
+
     async def finish_outbound(self, row_id: int) -> None:
         await self.db.run_interaction("email_bridge_finish_outbound", lambda txn: txn.execute(
             "DELETE FROM outbound_events WHERE id = ?", (row_id,)))
@@ -275,7 +282,11 @@ class BridgeStore:
             " WHERE state = ? AND next_attempt_ts <= ? ORDER BY id LIMIT ?", PENDING, now, limit)
         out = []
         for row_id, room_id, reply_event, message, attempts in rows:
-            raw, token_address = self._open(int(row_id), str(message))
+            try:
+                raw, token_address = self._open(int(row_id), str(message))
+            except Exception:
+                out.append(InboundMail(int(row_id), str(room_id), reply_event, None, None, int(attempts), True))
+                continue
             out.append(InboundMail(int(row_id), str(room_id), reply_event, raw, token_address, int(attempts)))
         return out
 
