@@ -26,6 +26,7 @@ from zhome.storage.at_rest import Sealer, open_text, seal_text
 from zhome.storage.database import Database, Txn
 from zhome.storage.ids import IdGenerator
 from zhome.util.reactor import reactor
+from zhome.util.rounds import Rounds
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +57,11 @@ async def ensure_schema(db: Database) -> None:
     await db.run_interaction("mail_outbox_schema", lambda txn: txn.execute(OUTBOX_SCHEMA.strip()))
 
 
-class MailOutbox:
+class MailOutbox(Rounds):
     def __init__(self, db: Database, ids: IdGenerator, sealer: Optional[Sealer], relay: Relay, *,
                  owner: str = "zhome:mail", min_backoff_s: float = 5.0, max_backoff_s: float = 3600.0,
                  max_attempts: int = 25, clock: Callable[[], float] = time.time) -> None:
+        super().__init__()
         self.db = db
         self.ids = ids
         self.sealer = sealer
@@ -69,11 +71,6 @@ class MailOutbox:
         self.max_backoff_s = max_backoff_s
         self.max_attempts = max_attempts
         self.clock = clock
-        self._running = False
-        self._again = False
-        self._stopped = True
-        self._timer: Any = None
-        self._current: Optional[defer.Deferred[None]] = None
         #: Called with the row ID after the relay accepted a mail (tests, metrics).
         self.on_sent: list[Callable[[int], Awaitable[None] | None]] = []
 
@@ -108,30 +105,6 @@ class MailOutbox:
         return int(rows[0][0])
 
     # -- the sending loop -----------------------------------------------------------------
-    def start(self) -> None:
-        self._stopped = False
-        self.kick()
-
-    async def stop(self) -> None:
-        self._stopped = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self._current is not None:
-            try:
-                await self._current
-            except Exception:
-                pass
-
-    def kick(self) -> None:
-        """Run a round now (or right after the one running)."""
-        if self._stopped:
-            return
-        if self._running:
-            self._again = True
-            return
-        self._current = defer.ensureDeferred(self._round())
-
     async def _round(self) -> None:
         self._running = True
         try:

@@ -33,6 +33,7 @@ from zhome.bridges.email.store import BridgeStore
 from zhome.bridges.email.tokens import reply_localpart
 from zhome.mail.outbox import MailOutbox
 from zhome.util.reactor import reactor
+from zhome.util.rounds import Rounds
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +51,10 @@ def _one_line(text: str, limit: int = 150) -> str:
     return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:limit]
 
 
-class OutboundMailer:
+class OutboundMailer(Rounds):
     def __init__(self, store: BridgeStore, hs: HomeserverClient, outbox: MailOutbox, secret: bytes,
                  mail_domain: str, from_address: str, quiet_period_ms: int, ghost_prefix: str) -> None:
+        super().__init__()
         self.ghost_prefix = ghost_prefix
         self.store = store
         self.hs = hs
@@ -61,11 +63,6 @@ class OutboundMailer:
         self.mail_domain = mail_domain
         self.from_address = from_address
         self.quiet_period_ms = quiet_period_ms
-        self._stopped = True
-        self._running = False
-        self._again = False
-        self._timer: Any = None
-        self._current: Optional[defer.Deferred[None]] = None
 
     async def queue(self, event: dict[str, Any]) -> None:
         """An event from a transaction; queued when its room has email participants."""
@@ -84,21 +81,6 @@ class OutboundMailer:
                                       int(time.time() * 1000) + self.quiet_period_ms)
         self._schedule(self.quiet_period_ms / 1000)
 
-    def start(self) -> None:
-        self._stopped = False
-        self.kick()
-
-    async def stop(self) -> None:
-        self._stopped = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self._current is not None:
-            try:
-                await self._current
-            except Exception:
-                pass
-
     def _schedule(self, delay_s: float) -> None:
         if self._stopped:
             return
@@ -107,14 +89,6 @@ class OutboundMailer:
                 return
             self._timer.cancel()
         self._timer = reactor.callLater(max(0.05, delay_s), self.kick)
-
-    def kick(self) -> None:
-        if self._stopped:
-            return
-        if self._running:
-            self._again = True
-            return
-        self._current = defer.ensureDeferred(self._round())
 
     async def _round(self) -> None:
         self._running = True

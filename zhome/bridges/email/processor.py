@@ -26,6 +26,7 @@ from zhome.bridges.email.mime import MalformedMail, ParsedMail, parse_mail, text
 from zhome.bridges.email.store import FAILED, IGNORED, POSTED, BridgeStore, InboundMail
 from zhome.bridges.email.tokens import ghost_localpart, normalise_address
 from zhome.util.reactor import reactor
+from zhome.util.rounds import Rounds
 
 logger = logging.getLogger(__name__)
 
@@ -52,40 +53,13 @@ def _reason(e: Exception) -> str:
     return f"error: {type(e).__name__}"
 
 
-class InboundProcessor:
+class InboundProcessor(Rounds):
     def __init__(self, store: BridgeStore, hs: HomeserverClient, settings: ProcessorSettings) -> None:
+        super().__init__()
         self.store = store
         self.hs = hs
         self.settings = settings
-        self._stopped = True
-        self._running = False
-        self._again = False
-        self._timer: Any = None
-        self._current: Optional[defer.Deferred[None]] = None
         self._displaynames: dict[str, str] = {}
-
-    def start(self) -> None:
-        self._stopped = False
-        self.kick()
-
-    async def stop(self) -> None:
-        self._stopped = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self._current is not None:
-            try:
-                await self._current
-            except Exception:
-                pass
-
-    def kick(self) -> None:
-        if self._stopped:
-            return
-        if self._running:
-            self._again = True
-            return
-        self._current = defer.ensureDeferred(self._round())
 
     async def _round(self) -> None:
         self._running = True
