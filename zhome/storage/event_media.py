@@ -126,15 +126,10 @@ class EventMediaStore:
     def backfill_txn(self, txn: Txn, limit: int) -> int:
         """Index up to ``limit`` events in stream order from where the pass
         stopped; returns how many were looked at (0: the pass is done)."""
-        txn.execute("SELECT position FROM at_rest_progress WHERE name = 'event_media'")
-        row = txn.fetchone()
-        if row is not None:
-            pos = int(row[0])
-        else:
-            txn.execute("SELECT MIN(stream_ordering) FROM events")
-            low = txn.fetchone()
-            pos = int(low[0]) - 1 if low and low[0] is not None else 0
-            txn.execute("INSERT INTO at_rest_progress (name, position) VALUES ('event_media', ?)", (pos,))
+        # Imported here: the events store imports this module.
+        from zhome.storage.events import events_pass_position_txn
+
+        pos = events_pass_position_txn(txn, "event_media")
         txn.execute("SELECT stream_ordering, event_id, room_id, json, sealed FROM events"
                     " WHERE stream_ordering > ? AND rejected_reason IS NULL ORDER BY stream_ordering LIMIT ?",
                     (pos, limit))

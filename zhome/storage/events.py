@@ -77,6 +77,21 @@ def _replaced_extremities(item: PersistItem) -> list[str]:
     return list(dict.fromkeys(item.event.prev_event_ids + item.also_replaces))
 
 
+def events_pass_position_txn(txn: Txn, name: str) -> int:
+    """Where a background pass over the stored events (in stream order)
+    stopped, from ``at_rest_progress``; a pass not begun starts before the
+    first event and records that."""
+    txn.execute("SELECT position FROM at_rest_progress WHERE name = ?", (name,))
+    row = txn.fetchone()
+    if row is not None:
+        return int(row[0])
+    txn.execute("SELECT MIN(stream_ordering) FROM events")
+    low = txn.fetchone()
+    pos = int(low[0]) - 1 if low and low[0] is not None else 0
+    txn.execute("INSERT INTO at_rest_progress (name, position) VALUES (?, ?)", (name, pos))
+    return pos
+
+
 class EventsStore:
     def __init__(self, db: Database, stream_ids: IdGenerator, state_group_ids: IdGenerator,
                  backfill_ids: Optional[IdGenerator] = None, sealer: Optional[Sealer] = None) -> None:
@@ -260,15 +275,7 @@ class EventsStore:
         while it was off), in stream order; returns how many rows were
         looked at (0: none left). The update only lands on a row still as
         it was read, so a purge meanwhile is never undone."""
-        txn.execute("SELECT position FROM at_rest_progress WHERE name = 'events'")
-        row = txn.fetchone()
-        if row is not None:
-            pos = int(row[0])
-        else:
-            txn.execute("SELECT MIN(stream_ordering) FROM events")
-            low = txn.fetchone()
-            pos = int(low[0]) - 1 if low and low[0] is not None else 0
-            txn.execute("INSERT INTO at_rest_progress (name, position) VALUES ('events', ?)", (pos,))
+        pos = events_pass_position_txn(txn, "events")
         txn.execute(
             "SELECT e.stream_ordering, e.event_id, r.room_version, e.json FROM events e"
             " JOIN rooms r ON r.room_id = e.room_id WHERE e.stream_ordering > ? AND e.data_key IS NULL"
