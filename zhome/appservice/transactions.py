@@ -31,7 +31,7 @@ from zhome.storage.database import Database, Txn, in_chunks
 from zhome.storage.events import PersistItem
 from zhome.storage.ids import IdGenerator
 from zhome.storage.lru import LruCache
-from zhome.util.reactor import reactor
+from zhome.util.reactor import reactor, wakeable_sleep
 
 logger = logging.getLogger(__name__)
 
@@ -311,19 +311,7 @@ class AppServiceTransactions:
         await self.db.run_interaction("appservice_failure", txn_fn)
 
     async def _sleep(self, as_id: str, seconds: float) -> None:
-        d: defer.Deferred[None] = defer.Deferred()
-        self._wake[as_id] = d
-
-        def fire() -> None:
-            if not d.called:
-                d.callback(None)
-
-        call = reactor.callLater(seconds, fire)
-        try:
-            await d
-        finally:
-            if call.active():
-                call.cancel()
+        await wakeable_sleep(self._wake, as_id, seconds)
 
     def retry_now(self, as_id: str) -> None:
         """The service showed it is alive (a ping answered): cut the backoff short."""

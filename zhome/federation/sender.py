@@ -26,7 +26,7 @@ from zhome.storage.database import Database, Txn, in_chunks
 from zhome.storage.events import PersistItem
 from zhome.storage.ids import IdGenerator
 from zhome.util.ids import server_of
-from zhome.util.reactor import reactor
+from zhome.util.reactor import reactor, wakeable_sleep
 
 logger = logging.getLogger(__name__)
 
@@ -343,19 +343,7 @@ class FederationSender:
         self.wake(destination, reset_backoff=True)
 
     async def _sleep(self, destination: str, seconds: float) -> None:
-        d: defer.Deferred[None] = defer.Deferred()
-        self._wake[destination] = d
-
-        def fire() -> None:
-            if not d.called:
-                d.callback(None)
-
-        call = reactor.callLater(seconds, fire)
-        try:
-            await d
-        finally:
-            if call.active():
-                call.cancel()
+        await wakeable_sleep(self._wake, destination, seconds)
 
 
 def _short(e: Exception) -> str:

@@ -9,8 +9,9 @@ module installs the default reactor), and types what ``callLater`` returns as
 ``DelayedCall``.
 """
 
-from typing import Any, TypeAlias
+from typing import Any, Hashable, MutableMapping, TypeAlias
 
+from twisted.internet import defer
 from twisted.internet import reactor as _reactor
 
 reactor: Any = _reactor
@@ -18,4 +19,24 @@ reactor: Any = _reactor
 # What reactor.callLater returns: an IDelayedCall provider.
 DelayedCall: TypeAlias = Any
 
-__all__ = ["DelayedCall", "reactor"]
+
+
+async def wakeable_sleep(waits: MutableMapping[Any, "defer.Deferred[None]"], key: Hashable, seconds: float) -> None:
+    """Sleep ``seconds``, or until someone fires ``waits[key]`` (a loop's
+    wake-up: new work, a backoff cut short, shutdown)."""
+    d: defer.Deferred[None] = defer.Deferred()
+    waits[key] = d
+
+    def fire() -> None:
+        if not d.called:
+            d.callback(None)
+
+    call = reactor.callLater(seconds, fire)
+    try:
+        await d
+    finally:
+        if call.active():
+            call.cancel()
+
+
+__all__ = ["DelayedCall", "reactor", "wakeable_sleep"]
