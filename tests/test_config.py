@@ -112,6 +112,44 @@ def test_generate_config_with_database_url(tmp_path: Path) -> None:
     }
 
 
+def test_generate_config_mail_flags_turn_the_email_bridge_on(tmp_path: Path) -> None:
+    rc, path = generate(tmp_path, "--mail-domain", "mail.example.org", "--smtp-port", "2626",
+                        "--smtp-relay", "relay.example.org:587")
+    assert rc == 0
+    config = load_config(path)
+    bridge = config.email_bridge
+    assert bridge.enabled and bridge.mail_domain == "mail.example.org"
+    assert bridge.smtp_listen == "127.0.0.1:2626"
+    assert config.email is not None
+    assert (config.email.smtp_host, config.email.smtp_port) == ("relay.example.org", 587)
+    assert config.email.notif_from == "example.org <noreply@mail.example.org>"
+    assert config.identity_service.enabled
+    # The registration zhome run loads is written, tokens owner-only.
+    assert bridge.registration_file is not None
+    reg = yaml.safe_load(Path(bridge.registration_file).read_text())
+    assert reg["id"] == "zhome-email-bridge" and len(reg["as_token"]) >= 32
+    assert os.stat(bridge.registration_file).st_mode & 0o077 == 0
+    # Written again: the tokens stay (the server already trusts them).
+    assert main(["generate-config", "--server-name", "example.org", "--config-path", path, "--force",
+                 "--mail-domain", "mail.example.org"]) == 0
+    assert yaml.safe_load(Path(bridge.registration_file).read_text())["as_token"] == reg["as_token"]
+    assert load_config(path).email_bridge.smtp_listen == "127.0.0.1:2525"
+
+
+def test_generate_config_without_mail_flags_leaves_the_bridge_off(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    rc, path = generate(tmp_path)
+    assert rc == 0
+    config = load_config(path)
+    assert not config.email_bridge.enabled and config.email is None and not config.identity_service.enabled
+    assert not (tmp_path / "conf" / "email_bridge_registration.yaml").exists()
+    rc2 = main(["generate-config", "--server-name", "example.org", "-c", str(tmp_path / "b.yaml"),
+                "--smtp-relay", "127.0.0.1:25"])
+    assert rc2 == 1
+    assert "--smtp-port and --smtp-relay need --mail-domain" in capsys.readouterr().err
+    assert not (tmp_path / "b.yaml").exists()
+
+
 def test_generate_config_rejects_bad_server_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "hs.yaml"
     assert main(["generate-config", "--server-name", "not a name", "-c", str(path)]) == 1

@@ -45,6 +45,18 @@ def _port(text: str) -> int:
     return port
 
 
+def _host_port_arg(text: str) -> str:
+    from zhome.config import split_host_port
+
+    try:
+        host, port = split_host_port(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}") from None
+    if not host or not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zhome", description="zhome, a Matrix homeserver.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -67,6 +79,16 @@ def _parser() -> argparse.ArgumentParser:
         help="make a self-signed certificate for the server name and turn federation on without "
         "certificate checks and with private addresses allowed: for local testing only",
     )
+    gen.add_argument(
+        "--mail-domain",
+        help="turn the email bridge on for this mail domain (room addresses NAME@DOMAIN), with the "
+        "identity service for invitations by email; without it the bridge stays off",
+    )
+    gen.add_argument("--smtp-port", type=_port,
+                     help="the bridge's inbound SMTP listener on 127.0.0.1 [2525]; needs --mail-domain")
+    gen.add_argument("--smtp-relay", type=_host_port_arg,
+                     help="HOST:PORT of the SMTP relay outbound mail goes through [127.0.0.1:25]; "
+                     "needs --mail-domain")
 
     run = commands.add_parser("run", help="start the homeserver")
     run.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
@@ -184,6 +206,9 @@ def _render_config(
     tls_files: tuple[str, str] | None = None,
     self_signed_tls: bool = False,
     media_key_file: str = "media_encryption.key",
+    mail_domain: str | None = None,
+    smtp_port: int = 2525,
+    smtp_relay: str = "127.0.0.1:25",
 ) -> str:
     if database_url:
         database = f"database_url: {_q(database_url)}\n"
@@ -241,6 +266,32 @@ def _render_config(
             '  allowed_servers: ["*"]\n'
             "  blocked_servers: []\n"
         )
+    mail = ""
+    if mail_domain is not None:
+        relay_host, _, relay_port = smtp_relay.rpartition(":")
+        mail = f"""
+# Outbound mail: invitations, validation codes and the email bridge's mail
+# go through this relay (STARTTLS when it offers it). See the sample config
+# for AUTH and implicit TLS.
+email:
+  smtp_host: {_q(relay_host.strip("[]"))}
+  smtp_port: {int(relay_port)}
+  notif_from: {_q(f"{server_name} <noreply@{mail_domain}>")}
+
+# Invitations by email (an Identity Service of zhome's own).
+identity_service:
+  enabled: true
+
+# The email bridge: mail to a room's address (NAME@{mail_domain}) is posted
+# into the room, and room messages are mailed to people taking part by mail.
+# Point the MX of {mail_domain} (or a local MTA over LMTP) at smtp_listen.
+email_bridge:
+  enabled: true
+  mail_domain: {_q(mail_domain)}
+  smtp_listen: {_q(f"127.0.0.1:{smtp_port}")}
+  # Room messages wait this long for more before one mail goes out.
+  quiet_period_ms: 120000
+"""
     return f"""\
 # zhome configuration, written by `zhome generate-config`.
 # config/homeserver.sample.yaml in the zhome source documents every option.
@@ -310,7 +361,7 @@ secrets:
   form_secret: {_q(form_secret)}
   macaroon_secret_key: {_q(macaroon_secret_key)}
 
-{federation}"""
+{federation}{mail}"""
 
 
 def _generate_config(args: argparse.Namespace) -> int:
@@ -323,6 +374,8 @@ def _generate_config(args: argparse.Namespace) -> int:
     # Written out absolute: a relative --data-dir means relative to where the
     # command ran, while relative paths in the file mean relative to the file.
     data_dir = os.path.abspath(args.data_dir) if args.data_dir else config_dir
+    if args.mail_domain is None and (args.smtp_port is not None or args.smtp_relay is not None):
+        return _error("generate-config", "--smtp-port and --smtp-relay need --mail-domain")
     key_file = _key_file_name(args.server_name)
     tls_files: tuple[str, str] | None = None
     if args.federation_port is not None or args.self_signed_tls:
@@ -342,6 +395,9 @@ def _generate_config(args: argparse.Namespace) -> int:
         tls_files=tls_files,
         self_signed_tls=args.self_signed_tls,
         media_key_file=key_file[: -len(".signing.key")] + ".media.key",
+        mail_domain=args.mail_domain,
+        smtp_port=args.smtp_port if args.smtp_port is not None else 2525,
+        smtp_relay=args.smtp_relay or "127.0.0.1:25",
     )
     # Validate before touching the disk, so a bad --server-name or
     # --database-url leaves nothing half-written behind.
@@ -372,6 +428,13 @@ def _generate_config(args: argparse.Namespace) -> int:
 
             write_key_file(media_key)
             print(f"Wrote a new media encryption key to {media_key}")
+        if config.email_bridge.enabled:
+            from zhome.bridges.email.registration import ensure_registration
+
+            # The bridge's application service registration (its tokens are
+            # kept when the file exists); zhome run loads it.
+            registration = ensure_registration(config.email_bridge, config.server_name)
+            print(f"Wrote the email bridge's registration to {registration.path}")
         flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.force else os.O_EXCL)
         # 0600: the file holds secrets.
         fd = os.open(config_path, flags, 0o600)

@@ -18,7 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 
@@ -51,7 +51,7 @@ def free_port(ip: str = "127.0.0.1") -> int:
 class ZhomeProcess:
     def __init__(self, workdir: Path, database_url: Optional[str] = None, server_name: str = "localhost",
                  rate_limits: bool = False, overrides: Optional[dict[str, Any]] = None,
-                 federation_ip: Optional[str] = None) -> None:
+                 federation_ip: Optional[str] = None, generate_args: Sequence[str] = ()) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -75,6 +75,7 @@ class ZhomeProcess:
             args += ["--federation-port", str(fed_port), "--self-signed-tls"]
         if database_url:
             args += ["--database-url", database_url]
+        args += list(generate_args)
         subprocess.run(args, check=True, capture_output=True, env=_server_env())
         cfg = yaml.safe_load(self.config_path.read_text())
         cfg["rate_limits"]["enabled"] = rate_limits

@@ -406,3 +406,30 @@ def test_bridge_is_off_by_default(zhome: ZhomeProcess) -> None:
     assert not (data / "email_bridge.db").exists()
     assert "email bridge" not in zhome.log()
     assert zhome.request("GET", "/_matrix/client/versions")[0] == 200
+
+
+def test_generate_config_mail_flags_make_a_working_bridge(zhome_factory: Any) -> None:
+    # What an operator gets from `zhome generate-config --mail-domain ...`:
+    # the listener, the registration, the relay and the identity service.
+    sink = MailSink(free_port()).start()
+    try:
+        smtp_port = free_port()
+        hs = zhome_factory(
+            generate_args=["--mail-domain", DOMAIN, "--smtp-port", str(smtp_port),
+                           "--smtp-relay", f"127.0.0.1:{sink.port}"],
+            # Only what a test needs changed: a free port, no waiting.
+            overrides={"email_bridge": {"appservice_listen": f"127.0.0.1:{free_port()}", "quiet_period_ms": 0}})
+        hs.start()
+        status, wk = hs.request("GET", "/.well-known/matrix/client")
+        assert status == 200 and wk["m.identity_server"]["base_url"].startswith("http://127.0.0.1:")
+        r = MailRoom(hs, smtp_port)
+        assert r.rcpt_code(f"nobody@{DOMAIN}") == 550
+        r.enable_address()
+        r.send(mail("Hello from a generated config."))
+        r.wait_message(lambda e: e["content"].get("body") == "Hello from a generated config.", "the mail")
+        r.alice.ok("PUT", f"/rooms/{q(r.room_id)}/send/m.room.message/g1", {"msgtype": "m.text", "body": "Got it."})
+        out = sink.wait_for("bob@example.net")[0]
+        assert "Got it." in body_of(out)
+        assert str(out["From"]).endswith(f"<noreply@{DOMAIN}>")
+    finally:
+        sink.stop()
