@@ -173,6 +173,11 @@ class HomeServer:
             await check_transfer(self, event, state)
 
         self.event_creator.pre_send_checks.append(transfer_check)
+        if self.config.email_bridge.enabled:
+            from zhome.rooms.email_participants import encrypted_room_guard
+
+            self.event_creator.pre_send_checks.append(encrypted_room_guard(
+                self.config.email_bridge.ghost_prefix, self.server_name, self.events))
         from zhome.admin.invite_permissions import InvitePolicy
         from zhome.admin.notices import SYSTEM_LOCALPART
         from zhome.storage.invite_permissions import InvitePermissionsStore

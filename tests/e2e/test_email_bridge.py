@@ -433,3 +433,19 @@ def test_generate_config_mail_flags_make_a_working_bridge(zhome_factory: Any) ->
         assert str(out["From"]).endswith(f"<noreply@{DOMAIN}>")
     finally:
         sink.stop()
+
+
+def test_email_participants_are_refused_in_encrypted_rooms(mail_room: MailRoom) -> None:
+    # The bridge cannot read an encrypted room: the inviter is told at once.
+    r = mail_room
+    carol = ghost("carol@example.net")
+    encrypted = r.alice.ok("POST", "/createRoom", {"preset": "private_chat", "initial_state": [
+        {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}]})["room_id"]
+    status, body = r.alice.req("POST", f"/rooms/{q(encrypted)}/invite", {"user_id": carol})
+    assert status == 403 and body["errcode"] == "M_FORBIDDEN"
+    assert "takes part by email" in body["error"] and "encrypted" in body["error"]
+    # The same person into a room without encryption is fine.
+    r.alice.ok("POST", f"/rooms/{q(r.room_id)}/invite", {"user_id": carol})
+    # An ordinary user into the encrypted room is fine too.
+    ClientUser(r.hs, "dave")
+    r.alice.ok("POST", f"/rooms/{q(encrypted)}/invite", {"user_id": "@dave:localhost"})
