@@ -804,6 +804,11 @@ class EmailConfig:
     # up to outbox_max_backoff_ms.
     outbox_min_backoff_ms: int = setting(integer(100), default=5000)
     outbox_max_backoff_ms: int = setting(integer(1000), default=3600 * 1000)
+    # Email notifications of missed messages (zhome/push/email_notify.py): a
+    # notification still unread this long after it came is mailed, in one
+    # mail per user at most every notif_min_interval_ms.
+    notif_delay_ms: int = setting(integer(0), default=10 * 60 * 1000)
+    notif_min_interval_ms: int = setting(integer(0), default=3600 * 1000)
 
 
 @dataclass(frozen=True, kw_only=True)

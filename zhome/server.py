@@ -233,6 +233,7 @@ class HomeServer:
         self.retention = RetentionJob(self)
         self.retention.start()
         await self.push_delivery.start()
+        self._setup_email_notifications()
         from zhome.storage.at_rest_backlog import SealingBacklog
 
         self.sealing_backlog = SealingBacklog(self)
@@ -479,6 +480,22 @@ class HomeServer:
         self.accounts.after_device_deletion.append(self.push_delivery.reload_user_soon)
         self.persister.after_commit_hooks.append(self.push_delivery.after_persist)
         self.persister.outlier_after_commit_hooks.append(self.push_delivery.after_persist)
+
+    def _setup_email_notifications(self) -> None:
+        """Mails about missed messages (zhome/push/email_notify.py), when zhome sends mail."""
+        self.email_notifier: Any = None
+        email = self.config.email
+        if email is None or self.mailer is None:
+            return
+        from zhome.push.email_notify import EmailNotifier, EmailNotifyStore
+
+        store = EmailNotifyStore(self.db)
+        self.account_purge_hooks.append(store.delete_for_user)
+        notifier = self.notifier
+        self.email_notifier = EmailNotifier(
+            self, store, self.push_delivery.notifications, lambda: notifier.events_pos, email.notif_delay_ms,
+            email.notif_min_interval_ms, self.config.identity_service.invite_client_location)
+        self.email_notifier.start()
 
     def _setup_federation(self) -> None:
         """The outbound client (when enabled) and the federation + key resource."""
@@ -730,6 +747,8 @@ class HomeServer:
             await self.sealing_backlog.stop()
         if getattr(self, "event_media", None) is not None:
             await self.event_media.stop()
+        if getattr(self, "email_notifier", None) is not None:
+            await self.email_notifier.stop()
         if getattr(self, "mail_outbox", None) is not None:
             await self.mail_outbox.stop()
         if getattr(self, "push_delivery", None) is not None:

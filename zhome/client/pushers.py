@@ -94,6 +94,19 @@ class PusherServlets:
         pushers = await self.hs.pushers.get_for_user(req.user_id)
         return 200, {"pushers": [render_pusher(p) for p in pushers]}
 
+    async def _check_email_pusher(self, user_id: str, app_id: str, pushkey: str) -> None:
+        """Spec: an email pusher's app_id is ``m.email`` and its pushkey the
+        address; zhome mails only the user's own validated addresses."""
+        if app_id != "m.email":
+            raise invalid_param("An email pusher's 'app_id' must be 'm.email'")
+        if getattr(self.hs, "email_notifier", None) is None:
+            raise MatrixError(400, "M_THREEPID_MEDIUM_NOT_SUPPORTED", "This server does not send mail")
+        validated = {t["address"].lower() for t in await self.hs.threepids.list_for_user(user_id)
+                     if t.get("medium") == "email" and t.get("validated_at")}
+        if pushkey.lower() not in validated:
+            raise MatrixError(400, "M_THREEPID_NOT_FOUND",
+                              "An email pusher's 'pushkey' must be one of your validated email addresses")
+
     async def on_set_pusher(self, request: Request) -> tuple[int, Any]:
         req = await self.hs.auth.get_user_by_req(request)
         body = read_json_body(request)
@@ -138,6 +151,9 @@ class PusherServlets:
             fmt = data.get("format")
             if fmt is not None and not isinstance(fmt, str):
                 raise bad_json("'data.format' must be a string")
+        if kind == "email":
+            await self._check_email_pusher(req.user_id, app_id, pushkey)
+            await self.hs.email_notifier.enable(req.user_id)
         append = body.get("append", False)
         if not isinstance(append, bool):
             raise bad_json("'append' must be a boolean")

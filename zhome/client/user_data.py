@@ -261,6 +261,10 @@ class UserDataServlets:
         self._check_room_id(room_id)
         body = read_json_body(request)
         self._check_client_settable(data_type)
+        notifier = getattr(self.hs, "email_notifier", None)
+        if notifier is not None and data_type == notifier.ROOM_SETTING:
+            # Mails cover what comes from this moment on.
+            await notifier.enable(user_id)
         await self._set_account_data(user_id, room_id, data_type, body)
         return 200, {}
 

@@ -80,22 +80,16 @@ class NotificationsStore:
                 StoredNotification(room_id, event_id, int(so), int(ts), _actions(actions), bool(highlight))
                 for room_id, event_id, so, ts, actions, highlight in fetched[:limit]
             ]
-            read_up_to: dict[tuple[str, str], int] = {}
-            rooms = sorted({r.room_id for r in rows})
-            for chunk, qs in in_chunks(rooms):
-                txn.execute(
-                    "SELECT r.room_id, r.thread_id, MAX(e.stream_ordering) FROM receipts r"
-                    " JOIN events e ON e.event_id = r.event_id"
-                    f" WHERE r.room_id IN ({qs}) AND r.user_id = ? AND r.receipt_type IN (?, ?)"
-                    " GROUP BY r.room_id, r.thread_id",
-                    (*chunk, user_id, *_READ_RECEIPT_TYPES),
-                )
-                for room_id, thread_id, so in txn.fetchall():
-                    if so is not None:
-                        read_up_to[(room_id, thread_id)] = int(so)
+            read_up_to = _read_up_to_txn(txn, user_id, {r.room_id for r in rows})
             return NotificationPage(rows, len(fetched) > limit, read_up_to)
 
         return await self.db.run_interaction("get_notifications", txn_fn)
+
+    async def read_up_to(self, user_id: str, room_ids: set[str]) -> dict[tuple[str, str], int]:
+        """(room_id, thread_id) -> the stream position of the newest event
+        the user's read receipts in those rooms point at."""
+        return await self.db.run_interaction("notifications_read_up_to",
+                                             lambda txn: _read_up_to_txn(txn, user_id, room_ids))
 
     async def get_after(self, user_id: str, after: int, upto: int, limit: int) -> list[StoredNotification]:
         """The user's notifications above position ``after`` and at most
@@ -149,6 +143,22 @@ class NotificationsStore:
         rows = await self.db.execute("count_notifications",
                                      "SELECT COUNT(*) FROM user_notifications WHERE user_id = ?", user_id)
         return int(rows[0][0]) if rows else 0
+
+
+def _read_up_to_txn(txn: Txn, user_id: str, room_ids: set[str]) -> dict[tuple[str, str], int]:
+    read_up_to: dict[tuple[str, str], int] = {}
+    for chunk, qs in in_chunks(sorted(room_ids)):
+        txn.execute(
+            "SELECT r.room_id, r.thread_id, MAX(e.stream_ordering) FROM receipts r"
+            " JOIN events e ON e.event_id = r.event_id"
+            f" WHERE r.room_id IN ({qs}) AND r.user_id = ? AND r.receipt_type IN (?, ?)"
+            " GROUP BY r.room_id, r.thread_id",
+            (*chunk, user_id, *_READ_RECEIPT_TYPES),
+        )
+        for room_id, thread_id, so in txn.fetchall():
+            if so is not None:
+                read_up_to[(room_id, thread_id)] = int(so)
+    return read_up_to
 
 
 def _actions(text: str) -> list[Any]:
