@@ -20,18 +20,25 @@ class Visibility:
     def __init__(self, events: EventsStore) -> None:
         self.events = events
 
-    async def filter_events(self, user_id: str, events: list[Event]) -> list[Event]:
+    async def filter_events(self, user_id: str, events: list[Event],
+                            known: Optional[Mapping[int, tuple[str, Optional[str]]]] = None,
+                            latest_joins: Optional[Mapping[str, int]] = None) -> list[Event]:
+        """The events ``user_id`` may see. ``known``: groups_visibility of
+        this user already read for (some of) the events' state groups;
+        ``latest_joins``: latest_joins of this user for (some of) the rooms."""
         if not events:
             return []
-        groups: dict[int, tuple[str, Optional[str]]] = {}
+        groups: Mapping[int, tuple[str, Optional[str]]] = known or {}
+        missing = [ev for ev in events if ev.internal.get("state_group") not in groups]
+        if missing:
+            extra = await self.groups_visibility(user_id, missing)
+            groups = {**groups, **extra} if groups else extra
         out = []
-        latest_join: dict[str, int] = {}
+        latest_join: dict[str, int] = dict(latest_joins or {})
         for ev in events:
             g = ev.internal.get("state_group")
             if g is None:
                 continue
-            if g not in groups:
-                groups[g] = await self._visibility_and_membership(user_id, await self.events.get_state_group(g))
             hv, membership = groups[g]
             # A user always sees their own membership events: the state
             # group is the state after the event, so a leave, kick or ban
@@ -49,18 +56,21 @@ class Visibility:
                     out.append(ev)
         return out
 
+    async def groups_visibility(self, user_id: str, events: list[Event]) -> dict[int, tuple[str, Optional[str]]]:
+        """(history visibility, the user's membership) in the state of each
+        event's group, from only those two keys of each group, read together."""
+        keys = [("m.room.history_visibility", ""), ("m.room.member", user_id)]
+        groups = [g for g in (ev.internal.get("state_group") for ev in events) if g is not None]
+        states = await self.events.get_state_keys_for_groups(groups, keys)
+        evs = await self.events.get_events(list({eid for st in states.values() for eid in st.values()}))
+        return {g: _hv_and_membership(st, user_id, evs) for g, st in states.items()}
+
     async def _visibility_and_membership(self, user_id: str,
                                          state: Mapping[tuple[str, str], str]) -> tuple[str, Optional[str]]:
-        hv = "shared"
         hv_id = state.get(("m.room.history_visibility", ""))
         mid = state.get(("m.room.member", user_id))
         evs = await self.events.get_events([i for i in (hv_id, mid) if i])
-        if hv_id and hv_id in evs:
-            v = evs[hv_id].content.get("history_visibility")
-            if v in ("world_readable", "shared", "invited", "joined"):
-                hv = v
-        membership = evs[mid].membership if mid and mid in evs else None
-        return hv, membership
+        return _hv_and_membership(state, user_id, evs)
 
     async def _allowed(self, user_id: str, ev: Event, hv: str, membership: Optional[str],
                        latest_join: dict[str, int]) -> bool:
@@ -82,6 +92,16 @@ class Visibility:
         ev = await self.events.get_event(eid) if eid else None
         return ev is not None and ev.content.get("history_visibility") == "world_readable"
 
+    async def latest_joins(self, user_id: str, room_ids: list[str]) -> dict[str, int]:
+        """For each room, the stream position of the user's latest join (0: never)."""
+        rows = await self.events.db.select_in(
+            "latest_joins",
+            "SELECT room_id, MAX(stream_ordering) FROM room_memberships WHERE user_id = ? AND membership = 'join'"
+            " AND room_id IN ({in}) GROUP BY room_id", room_ids, before=(user_id,))
+        out = {r: 0 for r in room_ids}
+        out.update({r: int(so or 0) for r, so in rows})
+        return out
+
     async def _latest_join(self, user_id: str, room_id: str) -> int:
         rows = await self.events.db.execute(
             "latest_join",
@@ -90,3 +110,16 @@ class Visibility:
             room_id,
         )
         return int(rows[0][0] or 0) if rows else 0
+
+
+def _hv_and_membership(state: Mapping[tuple[str, str], str], user_id: str,
+                       evs: Mapping[str, Event]) -> tuple[str, Optional[str]]:
+    hv = "shared"
+    hv_id = state.get(("m.room.history_visibility", ""))
+    mid = state.get(("m.room.member", user_id))
+    if hv_id and hv_id in evs:
+        v = evs[hv_id].content.get("history_visibility")
+        if v in ("world_readable", "shared", "invited", "joined"):
+            hv = v
+    membership = evs[mid].membership if mid and mid in evs else None
+    return hv, membership

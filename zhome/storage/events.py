@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence, cast
 
 from zhome.rooms.events import Event, StateMap
 from zhome.rooms.redaction import prune_event_dict
@@ -24,6 +24,8 @@ from zhome.storage.lru import LruCache
 
 # A state group's chain of deltas is cut by a full snapshot at this length.
 MAX_STATE_CHAIN = 64
+# Keys asked for in one state_keys_for_groups query.
+KEYS_PER_QUERY = 40
 
 
 @dataclass
@@ -107,6 +109,9 @@ class EventsStore:
         self._state_group_cache: LruCache[int, dict[tuple[str, str], str]] = LruCache(
             1000, max_weight=20000, weigh=len)
         self._extremities_cache: LruCache[str, tuple[str, ...]] = LruCache(10000)
+        # (state group, (type, state_key)) -> event ID, "" when the group has
+        # no such key: what get_state_keys_for_groups read (groups never change).
+        self._state_key_cache: LruCache[tuple[int, tuple[str, str]], str] = LruCache(20000)
 
     # -- writing ----------------------------------------------------------
     def persist_txn(self, txn: Txn, item: PersistItem) -> None:
@@ -418,6 +423,80 @@ class EventsStore:
         if cached is not None:
             return cached
         return await self.db.run_interaction("get_state_group", self._state_group_txn, group)
+
+    async def get_state_keys_for_groups(self, groups: Sequence[int],
+                                        keys: Sequence[tuple[str, str]]) -> dict[int, StateMap]:
+        """For each group, its entries for ``keys`` only (absent keys left
+        out): one query for all of them, walking each group's chain in SQL,
+        without reading (or caching) whole state maps. A cached whole map
+        answers for its group directly."""
+        out: dict[int, StateMap] = {}
+        todo: list[int] = []
+        want = list(dict.fromkeys(keys))
+        for g in dict.fromkeys(groups):
+            hit = self._state_group_cache.get(g)
+            if hit is not None:
+                out[g] = {k: hit[k] for k in want if k in hit}
+                continue
+            known: StateMap = {}
+            for k in want:
+                eid = self._state_key_cache.get((g, k))
+                if eid is None:
+                    todo.append(g)
+                    break
+                if eid:
+                    known[k] = eid
+            else:
+                out[g] = known
+        if not todo or not want:
+            for g in todo:
+                out[g] = {}
+            return out
+
+        def txn_fn(txn: Txn) -> dict[int, StateMap]:
+            found: dict[int, dict[tuple[str, str], tuple[int, str]]] = {g: {} for g in todo}
+            for g_chunk, g_qs in in_chunks(todo):
+                for k_start in range(0, len(want), KEYS_PER_QUERY):
+                    k_chunk = want[k_start:k_start + KEYS_PER_QUERY]
+                    values = ", ".join("(?, ?)" for _ in k_chunk)
+                    txn.execute(
+                        "WITH RECURSIVE wanted(t, sk) AS (VALUES " + values + "),"
+                        " chain(start, g, depth) AS ("
+                        f"  SELECT id, id, 0 FROM state_groups WHERE id IN ({g_qs})"
+                        "  UNION ALL"
+                        "  SELECT chain.start, sg.prev_group, chain.depth + 1 FROM chain"
+                        "  JOIN state_groups sg ON sg.id = chain.g"
+                        "  WHERE sg.prev_group IS NOT NULL AND chain.depth < ?)"
+                        " SELECT chain.start, chain.depth, e.type, e.state_key, e.event_id FROM chain"
+                        " JOIN wanted ON 1 = 1"
+                        " JOIN state_group_entries e ON e.state_group = chain.g AND e.type = wanted.t"
+                        " AND e.state_key = wanted.sk",
+                        (*[x for k in k_chunk for x in k], *g_chunk, MAX_STATE_CHAIN + 1),
+                    )
+                    for start, depth, t, sk, eid in txn.fetchall():
+                        # The nearest link of the chain holds the value.
+                        have = found[int(start)].get((t, sk))
+                        if have is None or int(depth) < have[0]:
+                            found[int(start)][(t, sk)] = (int(depth), eid)
+            return {g: {k: v[1] for k, v in m.items()} for g, m in found.items()}
+
+        read = await self.db.run_interaction("state_keys_for_groups", txn_fn)
+        for g, m in read.items():
+            for k in want:
+                self._state_key_cache.set((g, k), m.get(k, ""))
+        out.update(read)
+        return out
+
+    async def state_group_before(self, event: Event) -> Optional[int]:
+        """The group of the room's state just before ``event``."""
+        if not event.is_state():
+            return event.internal.get("state_group") if "state_group" in event.internal else \
+                await self.get_state_group_for_event(event.event_id)
+        if "prev_state_group" in event.internal:
+            return cast(Optional[int], event.internal["prev_state_group"])
+        rows = await self.db.execute(
+            "prev_state_group", "SELECT prev_state_group FROM events WHERE event_id = ?", event.event_id)
+        return rows[0][0] if rows else None
 
     async def get_state_group_for_event(self, event_id: str) -> Optional[int]:
         cached = self._event_cache.get(event_id)

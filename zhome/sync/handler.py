@@ -144,6 +144,20 @@ class SyncHandler:
             # was at ``now`` instead (asked after reading current state, so
             # no such room is missed).
             pre.ahead = await self.events.get_rooms_changed_since(full_rooms, now.events)
+            pre.members = await self.events.get_events(
+                [memberships[r][1] for r in full_rooms if memberships[r][1]])
+            # Rooms whose batch reaches back before the user joined have
+            # their events' visibility read together, for all of them.
+            check: list[Event] = []
+            for r, batch in pre.batches.items():
+                me = pre.members.get(memberships[r][1] or "")
+                oldest = min((e.internal.get("stream_ordering", 0) for e in batch), default=0)
+                if batch and not (me is not None and me.membership == "join"
+                                  and me.internal.get("stream_ordering", 1 << 62) <= oldest):
+                    check.extend(batch)
+            if check:
+                pre.visibility = await self.hs.visibility.groups_visibility(user_id, check)
+                pre.latest_joins = await self.hs.visibility.latest_joins(user_id, sorted({e.room_id for e in check}))
         pre.unread = await self.events.get_unread_counts_for_rooms(user_id, joined_rooms) if joined_rooms else {}
 
         for room_id in joined_rooms:
@@ -338,7 +352,7 @@ class SyncHandler:
         # joined while the user was away must still show as joined).
         always = frozenset(end_state.values()) if upto is None else frozenset()
         timeline, limited, complete = await self._timeline(user_id, room_id, raw, lower, limit, tl_filter,
-                                                           member_event_id, always)
+                                                           member_event_id, always, pre)
         if fresh and not complete:
             # A room joined since the last sync has history before this
             # timeline that the client has never had.
@@ -349,7 +363,7 @@ class SyncHandler:
             # The timeline holds every event since ``since``: no state to add.
             state_ids: StateMap = {}
         else:
-            start_state = await self.events.get_state_before_event(timeline[0]) if timeline else end_state
+            start_state = await self._start_state(timeline, end_state, tl_ids, flt, tl_filter)
             assert since is not None or full
             base = {} if full or since is None else await self._state_at_pos(room_id, since.events)
             state_ids = {}
@@ -360,7 +374,8 @@ class SyncHandler:
                     state_ids[k] = val
         lazy = tl_filter.lazy_load_members or flt.state.lazy_load_members
         if lazy:
-            state_ids = self._lazy_members(requester, room_id, full, state_ids, start_state or end_state, timeline,
+            state_ids = self._lazy_members(requester, room_id, full, state_ids,
+                                           start_state if start_state is not None else end_state, timeline,
                                            tl_ids, flt)
         state_evs = await self.events.get_events(state_ids.values())
         state_list = sorted((e for e in state_evs.values() if flt.state.matches_type(e.type)
@@ -375,6 +390,23 @@ class SyncHandler:
             },
             "state": {"events": await self._serialize(state_list, requester, flt)},
         }
+
+    async def _start_state(self, timeline: list[Event], end_state: StateMap, tl_ids: set[str], flt: SyncFilter,
+                           tl_filter: EventFilter) -> StateMap:
+        """The state before the timeline, for the keys the response needs:
+        those whose value at the end is an event of the timeline (the state
+        section gives their earlier value) and, with lazy-loaded members,
+        the members of the timeline's senders. Read for those keys only, not
+        as the room's whole state map."""
+        if not timeline:
+            return end_state
+        keys = {k for k, v in end_state.items() if v in tl_ids}
+        if tl_filter.lazy_load_members or flt.state.lazy_load_members:
+            keys |= {("m.room.member", e.sender) for e in timeline}
+        group = await self.events.state_group_before(timeline[0])
+        if group is None:
+            return {}
+        return (await self.events.get_state_keys_for_groups([group], sorted(keys))).get(group, {})
 
     def _lazy_members(self, requester: Requester, room_id: str, full: bool, state_ids: StateMap,
                       start_state: StateMap, timeline: list[Event], tl_ids: set[str], flt: SyncFilter) -> StateMap:
@@ -411,7 +443,7 @@ class SyncHandler:
 
     async def _timeline(self, user_id: str, room_id: str, raw: list[Event], lower: int, limit: int,
                         tl_filter: EventFilter, member_event_id: Optional[str],
-                        always: frozenset[str]) -> tuple[list[Event], bool, bool]:
+                        always: frozenset[str], pre: Optional["_Prefetch"] = None) -> tuple[list[Event], bool, bool]:
         """The newest ``limit`` events of ``raw`` (newest first, ``limit`` + 1
         of them fetched) that pass the filter and visibility, reading further
         back when those leave too few.
@@ -428,7 +460,7 @@ class SyncHandler:
         chunk = raw
         for _ in range(MAX_FILL_ROUNDS):
             wanted = [e for e in reversed(chunk) if tl_filter.matches(e)]
-            visible = await self._visible(user_id, room_id, wanted, member_event_id, always)
+            visible = await self._visible(user_id, room_id, wanted, member_event_id, always, pre)
             if len(visible) != len(chunk):
                 complete = False
             picked.extend(reversed(visible))
@@ -458,16 +490,22 @@ class SyncHandler:
         return await self.events.get_state_after_event(rows[0][0])
 
     async def _visible(self, user_id: str, room_id: str, events: list[Event],
-                       member_event_id: Optional[str] = None, always: frozenset[str] = frozenset()) -> list[Event]:
+                       member_event_id: Optional[str] = None, always: frozenset[str] = frozenset(),
+                       pre: Optional["_Prefetch"] = None) -> list[Event]:
         if not events:
             return events
         eid = member_event_id or await self.events.get_current_state_event_id(room_id, "m.room.member", user_id)
-        me = await self.events.get_event(eid) if eid else None
+        me = (pre.members.get(eid) if pre is not None and eid else None) or (
+            await self.events.get_event(eid) if eid else None)
         first = events[0].internal.get("stream_ordering", 0)
         if me is not None and me.membership == "join" and me.internal.get("stream_ordering", 1 << 62) <= first:
             # Joined throughout the timeline: every event is visible.
             return events
-        allowed = await self.hs.visibility.filter_events(user_id, events)
+        allowed = await self.hs.visibility.filter_events(user_id, events,
+                                                         known=pre.visibility if pre is not None else None,
+                                                         latest_joins=({room_id: pre.latest_joins[room_id]}
+                                                                       if pre is not None and room_id in pre.latest_joins
+                                                                       else None))
         if always and len(allowed) != len(events):
             ok = {e.event_id for e in allowed} | always
             return [e for e in events if e.event_id in ok]
@@ -530,6 +568,13 @@ class _Prefetch:
         self.unread: dict[str, tuple[int, int]] = {}
         # Rooms with events past the response's token.
         self.ahead: set[str] = set()
+        # The user's own membership events, by event ID.
+        self.members: dict[str, Event] = {}
+        # State group -> (history visibility, the user's membership), for
+        # the batches' events where visibility must be checked.
+        self.visibility: dict[int, tuple[str, Optional[str]]] = {}
+        # Room -> the stream position of the user's latest join there.
+        self.latest_joins: dict[str, int] = {}
 
 
 def _unread(pre: _Prefetch, room_id: str) -> dict[str, int]:
