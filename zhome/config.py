@@ -581,6 +581,17 @@ class PresenceConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SyncConfig:
+    # A /sync answer is kept this long and answers the same request again
+    # (same user, device, since, filter, full_state and timeout: a client
+    # that timed out and retries); identical requests in flight share one
+    # answer. 0: no cache. Empty answers are never kept.
+    response_cache_ms: int = setting(integer(0), default=120_000)
+    # The cache's size in bytes of encoded answers (the oldest go first).
+    response_cache_max_bytes: int = setting(integer(0), default=32 * MiB)
+
+
+@dataclass(frozen=True, kw_only=True)
 class RetentionConfig:
     # Message retention: message events older than a room's m.room.retention
     # max_lifetime (else default_max_lifetime_ms) lose their content, never
@@ -941,6 +952,7 @@ class HomeserverConfig:
     rooms: RoomsConfig = setting(section(RoomsConfig), default=RoomsConfig())
     user_directory: UserDirectoryConfig = setting(section(UserDirectoryConfig), default=UserDirectoryConfig())
     presence: PresenceConfig = setting(section(PresenceConfig), default=PresenceConfig())
+    sync: SyncConfig = setting(section(SyncConfig), default=SyncConfig())
     retention: RetentionConfig = setting(section(RetentionConfig), default=RetentionConfig())
     voip: VoipConfig = setting(section(VoipConfig), default=VoipConfig())
     secrets: SecretsConfig = setting(section(SecretsConfig))

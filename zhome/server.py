@@ -134,6 +134,16 @@ class HomeServer:
         self.notifier = Notifier(stream_ids.current(), account_data_ids.current(), receipt_ids.current(),
                                  presence_pos=presence_store.current_position(),
                                  device_lists_pos=device_list_ids.current(), to_device_pos=to_device_ids.current())
+        self.sync_response_cache: Any = None
+        if self.config.sync.response_cache_ms > 0:
+            from zhome.sync.handler import has_content
+            from zhome.sync.response_cache import SyncResponseCache
+
+            events = self.events
+            self.sync_response_cache = SyncResponseCache(
+                self.config.sync.response_cache_ms, self.config.sync.response_cache_max_bytes,
+                lambda: events.content_epoch, has_content)
+            self.notifier.wake_listeners.append(self.sync_response_cache.on_wake)
         self._setup_e2ee(E2eKeysStore(db), DeviceListStore(db, device_list_ids), ToDeviceStore(db, to_device_ids, self.sealer),
                          CrossSigningStore(db, device_list_ids))
         self._setup_key_backup()
@@ -302,8 +312,15 @@ class HomeServer:
         self.device_lists = DeviceListService(self.server_name, device_list_store, self.accounts, keys_store,
                                               self.events, self.notifier)
         self.e2e_keys = E2eKeysService(self.server_name, keys_store, self.accounts, self.device_lists)
+        cache = self.sync_response_cache
+        if cache is not None:
+            # Key counts are in /sync answers but wake no sync.
+            self.e2e_keys.on_counts_changed.append(lambda user_id: cache.on_wake((), (user_id,)))
         self.to_device_store = to_device_store
         self.to_device = ToDeviceService(self.server_name, to_device_store, self.accounts, self.notifier)
+        if cache is not None:
+            # Acknowledged messages leave the user's answers; no sync wakes for it.
+            self.to_device.on_acknowledged.append(lambda user_id: cache.on_wake((), (user_id,)))
         # Replacing cross-signing keys needs the password (the account
         # servlets' user-interactive auth), bound late: those are built later.
         self.cross_signing = CrossSigningService(self.server_name, cross_signing_store, keys_store, self.accounts,

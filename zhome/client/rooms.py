@@ -243,6 +243,9 @@ class RoomServlets:
                 if membership is None:
                     raise not_found("You have never been in this room")
                 await self.events.forget_room(req.user_id, room_id)
+                if self.hs.sync_response_cache is not None:
+                    # A forgotten room leaves the user's answers; no sync wakes for it.
+                    self.hs.sync_response_cache.on_wake((), (req.user_id,))
                 return 200, {}
             if action == "invite" and "user_id" not in body and ("id_server" in body or "medium" in body):
                 # Spec: "Third-party invites": inviting by email address.

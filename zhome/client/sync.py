@@ -52,7 +52,13 @@ class SyncServlets:
         await presence_service.user_synced(req.user_id, presence)
         presence_service.sync_started(req.user_id)
         try:
-            return 200, await self.hs.sync_handler.sync(req, since, timeout, full_state, flt)
+            cache = self.hs.sync_response_cache
+            if cache is None:
+                return 200, await self.hs.sync_handler.sync(req, since, timeout, full_state, flt)
+            key = (req.user_id, req.device_id, since.encode() if since is not None else None,
+                   query_arg(request, "filter"), full_state, timeout)
+            return 200, await cache.get(key, req.user_id, lambda rooms: self.hs.sync_handler.sync(
+                req, since, timeout, full_state, flt, rooms))
         finally:
             presence_service.sync_ended(req.user_id)
 

@@ -57,6 +57,9 @@ class E2eKeysService:
         # this process's uploads and claims (and device deletions), which
         # drop the entry. A cache: the database stays the truth.
         self._summaries: dict[tuple[str, str], tuple[dict[str, int], list[str]]] = {}
+        #: user_id -> None, when a device's key counts changed (an upload,
+        #: a claim): /sync answers kept for the user are out of date.
+        self.on_counts_changed: list[Callable[[str], None]] = []
         device_lists.on_devices_deleted.append(self._forget_devices)
         # What /keys/query answers for local users. Every change of a
         # user's devices, their keys or their signatures is a device-list
@@ -97,6 +100,8 @@ class E2eKeysService:
             raise bad_json(str(e))
         finally:
             self._summaries.pop((user_id, device_id), None)
+            for hook in self.on_counts_changed:
+                hook(user_id)
         return {"one_time_key_counts": counts}
 
     async def sync_summary(self, user_id: str, device_id: str) -> tuple[dict[str, int], list[str]]:
@@ -196,6 +201,9 @@ class E2eKeysService:
         out = await self.store.claim(wanted)
         for u, d, _ in wanted:
             self._summaries.pop((u, d), None)
+        for u in {u for u, _, _ in wanted}:
+            for hook in self.on_counts_changed:
+                hook(u)
         return out
 
     async def claim(self, raw: Any, timeout_ms: int) -> dict[str, Any]:

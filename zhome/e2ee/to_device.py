@@ -45,6 +45,9 @@ class ToDeviceService:
         # acknowledging delete) and devices looked at since this process
         # started. Losing them costs one query, never a message.
         self._delivered: set[tuple[str, str]] = set()
+        #: user_id -> None, when a sync acknowledged (deleted) messages
+        #: delivered before: /sync answers kept for the user hold them.
+        self.on_acknowledged: list[Callable[[str], None]] = []
         # device -> the stream position up to which it was last looked at.
         self._checked: dict[tuple[str, str], int] = {}
         self._last_expiry = time.monotonic()
@@ -117,6 +120,9 @@ class ToDeviceService:
             # acknowledged, and no message was written since (every one
             # moves the stream on): an initial sync too is spared the query.
             return [], now_pos
+        if since_pos is not None and key in self._delivered:
+            for hook in self.on_acknowledged:
+                hook(user_id)
         events, pos = await self.store.take_for_sync(user_id, device_id, since_pos or 0, now_pos)
         if len(self._checked) >= MAX_CHECKED:
             self._checked.clear()

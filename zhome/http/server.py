@@ -187,7 +187,7 @@ def _redacted_path(path: str) -> str:
 def respond_json(request: Request, code: int, body: Any) -> None:
     if request.finished or request._disconnected:
         return
-    data = (jsonsplice.encode(body) if isinstance(body, jsonsplice.Spliced)
+    data = (jsonsplice.encode(body) if isinstance(body, (jsonsplice.Spliced, jsonsplice.RawJson))
             else jsonsplice.dumps(body)).encode("utf-8")
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"application/json")

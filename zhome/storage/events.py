@@ -112,6 +112,10 @@ class EventsStore:
         # (state group, (type, state_key)) -> event ID, "" when the group has
         # no such key: what get_state_keys_for_groups read (groups never change).
         self._state_key_cache: LruCache[tuple[int, tuple[str, str]], str] = LruCache(20000)
+        #: Bumped whenever stored content is removed or replaced (a
+        #: redaction applied, erasure, a purge): what was read before may
+        #: hold content that is gone (zhome/sync/response_cache.py).
+        self.content_epoch = 0
 
     # -- writing ----------------------------------------------------------
     def persist_txn(self, txn: Txn, item: PersistItem) -> None:
@@ -185,6 +189,7 @@ class EventsStore:
             txn.execute("INSERT INTO redactions (event_id, redacts) VALUES (?, ?)", (ev.event_id, redacts))
             self._purge_redacted_txn(txn, redacts, ev.room_id)
             self._event_cache.pop(redacts)
+            self.content_epoch += 1
         if item.txn_id and item.device_id:
             txn.execute(
                 "INSERT INTO event_txn_ids (user_id, device_id, txn_id, event_id) VALUES (?,?,?,?)",
@@ -629,9 +634,11 @@ class EventsStore:
 
     def invalidate_event(self, event_id: str) -> None:
         self._event_cache.pop(event_id)
+        self.content_epoch += 1
 
     def drop_room_caches(self, room_id: str) -> None:
         """After a room was purged from the database: nothing of it stays cached."""
+        self.content_epoch += 1
         self._event_cache.clear()
         self._state_group_cache.clear()
         self._extremities_cache.pop(room_id)

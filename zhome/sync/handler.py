@@ -48,10 +48,12 @@ class SyncHandler:
         self._ll_sent: LruCache[tuple[str, str, str], dict[str, str]] = LruCache(20000)
 
     async def sync(self, requester: Requester, since: Optional[StreamToken], timeout_ms: int, full_state: bool,
-                   flt: SyncFilter) -> dict[str, Any]:
+                   flt: SyncFilter, rooms_out: Optional[set[str]] = None) -> dict[str, Any]:
+        """The /sync answer. ``rooms_out``: the rooms the user is in (any
+        membership) are added to it, for the answer cache."""
         user_id = requester.user_id
         if since is None or full_state:
-            return await self._build(requester, since, full_state, flt)
+            return await self._build(requester, since, full_state, flt, rooms_out)
         deadline = time.monotonic() + timeout_ms / 1000.0
         # Wait for a change that concerns this user; a wake-up for nothing
         # visible goes back to waiting until the deadline (bounded rounds).
@@ -60,18 +62,20 @@ class SyncHandler:
             interesting = {r for r, (m, _) in rooms.items() if m in ("join", "invite", "knock")}
             remaining = max(0, int((deadline - time.monotonic()) * 1000))
             await self.notifier.wait_for_change(user_id, interesting, since, remaining)
-            result = await self._build(requester, since, False, flt)
-            if _has_content(result) or time.monotonic() >= deadline:
+            result = await self._build(requester, since, False, flt, rooms_out)
+            if has_content(result) or time.monotonic() >= deadline:
                 return result
             since_now = StreamToken.decode(result["next_batch"])
             since = since_now
-        return await self._build(requester, since, False, flt)
+        return await self._build(requester, since, False, flt, rooms_out)
 
     async def _build(self, requester: Requester, since: Optional[StreamToken], full_state: bool,
-                     flt: SyncFilter) -> dict[str, Any]:
+                     flt: SyncFilter, rooms_out: Optional[set[str]] = None) -> dict[str, Any]:
         user_id = requester.user_id
         now = self.notifier.current_token()
         memberships = await self.events.get_rooms_for_user(user_id)
+        if rooms_out is not None:
+            rooms_out.update(memberships)
         forgotten = await self.events.get_forgotten_rooms(user_id) if memberships else set()
         join: dict[str, Any] = {}
         invite: dict[str, Any] = {}
@@ -591,7 +595,8 @@ def _summary(current: dict[tuple[str, str], tuple[str, Optional[str]]], user_id:
     return out
 
 
-def _has_content(result: dict[str, Any]) -> bool:
+def has_content(result: dict[str, Any]) -> bool:
+    """Whether a /sync answer carries anything (else it is an empty long poll)."""
     return bool(result["rooms"] or result["account_data"]["events"] or result["presence"]["events"]
                 or result["to_device"]["events"] or result["device_lists"]["changed"]
                 or result["device_lists"]["left"])

@@ -12,7 +12,7 @@ in and their own user ID; a change to a room or user wakes exactly those.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 from prometheus_client import Gauge
 from twisted.internet import defer
@@ -90,6 +90,9 @@ class Notifier:
         self.to_device_pos = to_device_pos
         self._by_room: dict[str, set[_Waiter]] = {}
         self._by_user: dict[str, set[_Waiter]] = {}
+        #: (room_ids, user_ids) -> None, called with every wake-up (the
+        #: /sync answer cache drops what it covers).
+        self.wake_listeners: list[Callable[[Sequence[str], Sequence[str]], None]] = []
 
     def current_token(self) -> StreamToken:
         return StreamToken(self.events_pos, self.account_data_pos, self.receipts_pos, self.typing_pos,
@@ -127,6 +130,10 @@ class Notifier:
         self._wake(user_ids=user_ids)
 
     def _wake(self, room_ids: Iterable[str] = (), user_ids: Iterable[str] = ()) -> None:
+        if self.wake_listeners:
+            room_ids, user_ids = list(room_ids), list(user_ids)
+            for listener in self.wake_listeners:
+                listener(room_ids, user_ids)
         hit: set[_Waiter] = set()
         for r in room_ids:
             hit.update(self._by_room.get(r, ()))
