@@ -134,6 +134,13 @@ def test_servfail_is_a_temporary_failure(stub: DnsStub, resolver: sa.Resolver) -
             _check(resolver, _mail("B <b@broken.test>"), "b@broken.test")
     finally:
         stub.servfail.discard("_dmarc.broken.test")
+    # The DKIM key's lookup failing is temporary too, not a failed signature.
+    stub.servfail.add("sel._domainkey.reject.test")
+    try:
+        with pytest.raises(sa.TemporaryFailure):
+            _check(resolver, _signed("Bob <bob@reject.test>", "reject.test"), "bob@reject.test")
+    finally:
+        stub.servfail.discard("sel._domainkey.reject.test")
     # Nobody listening: a timeout, also temporary.
     dead = sa.Resolver(("127.0.0.1:9",), timeout=0.5)
     with pytest.raises(sa.TemporaryFailure):

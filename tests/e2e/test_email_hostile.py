@@ -191,6 +191,15 @@ def test_dmarc_outcomes(site: Site) -> None:
     ev = s.wait_message(s.team, lambda e: e["content"].get("body") == UNVERIFIED + "No DMARC here.", "no-DMARC mail")
     assert ev["content"]["org.zhome.email.auth"]["dmarc"] == "none"
 
+    # DNS failing (SERVFAIL): 451, the sender retries; nothing accepted unchecked.
+    s.dns.servfail.add("_dmarc.tempfail.test")
+    try:
+        before = len(s.states())
+        code, resp = s.send(raw(mail("While DNS is down.", "Tim <tim@tempfail.test>")), "tim@tempfail.test")
+        assert code == 451 and len(s.states()) == before
+    finally:
+        s.dns.servfail.discard("_dmarc.tempfail.test")
+
     # Quarantine: held, not posted; the room told once, with no address or content.
     held_mail = signed(mail("Held original.", "Lax <lax2@lax.test>", rcpt=f"held@{DOMAIN}"), "lax.test")
     for i in range(2):

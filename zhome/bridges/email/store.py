@@ -436,10 +436,13 @@ class BridgeStore:
 
         from zhome.bridges.email.tokens import normalise_address
 
-        if self.sealer is not None:
-            key = self.sealer.named_key("email_bridge:bouncing_addresses")
-        else:
-            key = b"zhome:email_bridge:bouncing_addresses"
+        key = getattr(self, "_bounce_key", None)
+        if key is None:
+            if self.sealer is not None:
+                key = self.sealer.named_key("email_bridge:bouncing_addresses")
+            else:
+                key = b"zhome:email_bridge:bouncing_addresses"
+            self._bounce_key: Optional[bytes] = key
         return hmac_lib.new(key, normalise_address(address).encode("utf-8"), hashlib.sha256).hexdigest()
 
     async def mark_bouncing(self, address: str, status: str) -> bool:
