@@ -43,6 +43,7 @@ from __future__ import annotations
 import email.policy
 import email.utils
 import ipaddress
+import logging
 import threading
 from dataclasses import asdict, dataclass, field
 from email.parser import BytesHeaderParser
@@ -58,6 +59,8 @@ import spf
 import tldextract
 
 from zhome.config import split_host_port
+
+logger = logging.getLogger(__name__)
 
 #: Seconds one DNS lookup may take.
 LOOKUP_TIMEOUT_S = 5.0
@@ -83,7 +86,15 @@ class Resolver:
                 nameservers.append(dns.nameserver.Do53Nameserver(host, port))
             r.nameservers = nameservers
         else:
-            r = dns.resolver.Resolver()
+            try:
+                r = dns.resolver.Resolver()
+            except dns.resolver.NoResolverConfiguration:
+                # No system resolvers: every check is a temporary failure
+                # (451) until dns_servers names one.
+                logger.error("email bridge: no DNS resolvers configured; sender checks fail until"
+                             " email_bridge.dns_servers names one")
+                r = dns.resolver.Resolver(configure=False)
+                r.nameservers = ["127.0.0.1"]
         r.timeout = timeout
         r.lifetime = timeout
         r.cache = None
