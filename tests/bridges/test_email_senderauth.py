@@ -118,6 +118,12 @@ def test_spf_alignment_and_subdomain_policy(resolver: sa.Resolver) -> None:
     # No DMARC record anywhere: marked.
     res = _check(resolver, _mail("Nia <nia@nodmarc.test>"), "nia@nodmarc.test")
     assert res.dmarc == "none" and sa.decide(res, "reject") == "mark"
+    # Several From: addresses (one could hide a p=reject domain): refused.
+    two = _mail("Nia <nia@nodmarc.test>").replace(b"From: Nia <nia@nodmarc.test>",
+                                                   b"From: Nia <nia@nodmarc.test>, Sig <sig@reject.test>")
+    assert sa.decide(_check(resolver, two, "nia@nodmarc.test")) == "reject"
+    twice = b"From: Sig <sig@reject.test>\r\n" + _mail("Nia <nia@nodmarc.test>")
+    assert sa.decide(_check(resolver, twice, "nia@nodmarc.test")) == "reject"
     # Two records are none.
     res = _check(resolver, _mail("T <t@two.test>"), "t@two.test")
     assert res.dmarc == "none"

@@ -26,8 +26,11 @@ says ``p=reject`` -> ``reject`` (``550 5.7.1`` at DATA, nothing stored);
 DMARC fail with ``p=none``/``quarantine`` -> the room address's own policy
 (``unauthenticated`` of ``org.zhome.email_address``: ``reject``,
 ``quarantine`` or ``mark``, default ``mark``); no DMARC record (or no
-usable ``From:`` domain) -> ``mark``: accepted and posted with a visible
-marker.
+``From:`` domain) -> ``mark``: accepted and posted with a visible marker.
+Several ``From:`` headers or addresses are refused like ``p=reject`` (RFC
+7489 6.6.1): a second address must not hide the first one's policy. The
+``From:`` domain is read as mime.py reads it (``policy.default``,
+``parseaddr``), so the domain checked is the one the ghost is made of.
 
 DNS: a dnspython ``Resolver`` on the ``email_bridge.dns_servers`` list
 (``host:port``), else the system's resolvers, with a timeout per lookup;
@@ -242,19 +245,27 @@ def dmarc_record(resolver: Resolver, from_domain: str) -> Optional[DmarcRecord]:
     return None
 
 
+#: ``from_domain_of`` of a mail with several From: headers or addresses.
+SEVERAL = "<several>"
+
+
 def from_domain_of(raw: bytes) -> Optional[str]:
-    """The domain of the single From: address, or None."""
+    """The domain of the From: address, read as mime.py reads it (so the
+    domain checked is the one the ghost is made from); ``SEVERAL`` when
+    there are several From: headers or addresses; None when there is none."""
     try:
-        headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
-        values = headers.get_all("From") or []
+        headers = BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
+        values = [str(v) for v in (headers.get_all("From") or [])]
     except Exception:
         return None
-    if len(values) != 1:
+    if not values:
         return None
-    addresses = email.utils.getaddresses([str(values[0])])
-    if len(addresses) != 1 or "@" not in addresses[0][1]:
+    if len(values) > 1 or len([a for a in email.utils.getaddresses(values) if a[1]]) > 1:
+        return SEVERAL
+    address = email.utils.parseaddr(values[0])[1]
+    if "@" not in address:
         return None
-    domain = addresses[0][1].rsplit("@", 1)[1].strip().lower().rstrip(".")
+    domain = address.rsplit("@", 1)[1].strip().lower().rstrip(".")
     return domain or None
 
 
@@ -323,6 +334,12 @@ def check(resolver: Resolver, raw: bytes, *, client_ip: str, mail_from: str, hel
     if run_spf:
         res.spf, res.spf_domain = _spf_check(resolver, client_ip, mail_from, helo)
     if res.from_domain is None:
+        return res
+    if res.from_domain == SEVERAL:
+        # RFC 7489 6.6.1: one domain cannot stand for the author; refused
+        # (else a second address would hide a p=reject domain).
+        res.from_domain = None
+        res.dmarc, res.dmarc_policy = "fail", "reject"
         return res
     rec = dmarc_record(resolver, res.from_domain)
     if rec is None:
