@@ -299,11 +299,11 @@ def _dsn(recipient: str, message_id: str, status: str = "5.1.1", action: str = "
         "--BB--\r\n").encode()
 
 
-def _send_dsn(s: Site, data: bytes) -> int:
+def _send_dsn(s: Site, data: bytes, rcpt: str = f"noreply@{DOMAIN}") -> int:
     with s.smtp() as c:
         c.ehlo("spfok.test")
         assert c.mail("<>")[0] == 250
-        code = c.rcpt(f"noreply@{DOMAIN}")[0]
+        code = c.rcpt(rcpt)[0]
         if code != 250:
             return int(code)
         return int(c.data(data)[0])
@@ -335,9 +335,20 @@ def test_a_hard_bounce_stops_mail_to_the_address(site: Site) -> None:
     assert b"bea@spfok.test" not in s.db.read_bytes()
     # The next message goes to Cal, not to Bea.
     s.alice.ok("PUT", f"/rooms/{q(s.team)}/send/m.room.message/b2", {"msgtype": "m.text", "body": "Again."})
-    s.sink.wait_for("cal@spfok.test", count=2)
+    to_cal = s.sink.wait_for("cal@spfok.test", count=2)[-1]
     time.sleep(0.5)
     assert len(s.sink.to("bea@spfok.test")) == 1
+    # A report from the null sender to a reply address works the same.
+    assert _send_dsn(s, _dsn("cal@spfok.test", str(to_cal["Message-ID"])), rcpt=str(to_cal["Reply-To"])) == 250
+    s.wait_message(s.team, lambda e: e["content"].get("msgtype") == "m.notice"
+                   and ghost("cal@spfok.test") in e["content"]["body"], "the second bounce notice")
+    with sqlite3.connect(s.db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM bouncing_addresses").fetchone()[0] == 2
+    # Another hard bounce for an address stopped already: no second notice.
+    assert _send_dsn(s, _dsn("bea@spfok.test", mid)) == 250
+    s.settled()
+    notices = [e for e in s.messages(s.team) if e["content"].get("msgtype") == "m.notice"]
+    assert len(notices) == 2
 
 
 def test_a_mail_bomb_is_limited(site: Site) -> None:

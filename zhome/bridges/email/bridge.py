@@ -11,7 +11,8 @@ sender checks; ``email_participants`` takes mail only from addresses whose
 ghost is joined or invited. The optional ``"unauthenticated": "reject" |
 "quarantine" | "mark"`` (default ``mark``) says what happens to mail whose
 DMARC check fails at a domain that does not itself ask for rejection
-(senderauth.py); mail to a signed reply address follows its room's policy.
+(senderauth.py; an unknown value counts as ``mark``); mail to a signed
+reply address follows its room's policy.
 
 Bounces: delivery reports (RFC 3464) come to the bridge's own envelope
 sender address (``from_address``, when it is at ``mail_domain``) or, with

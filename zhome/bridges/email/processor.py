@@ -253,7 +253,8 @@ class InboundProcessor(Rounds):
             await self.store.finish_inbound(row.id, IGNORED, "soft bounce" if soft else "delivery report")
             return
         for i, rcpt in enumerate(hard):
-            await self.store.mark_bouncing(rcpt.address, rcpt.status)
+            if await self.store.is_bouncing(rcpt.address):
+                continue  # told already (a later bounce of mail sent before)
             ghost = f"@{ghost_localpart(self.settings.ghost_prefix, rcpt.address)}:{self.settings.server_name}"
             assert address_of_ghost(self.settings.ghost_prefix, ghost) is not None
             body = (f"Mail to {ghost} bounces (status {rcpt.status}): the bridge sends this participant no more"
@@ -269,6 +270,9 @@ class InboundProcessor(Rounds):
                     await self.store.retry_inbound_later(row.id, attempts, MIN_BACKOFF_MS * (2 ** attempts),
                                                          _reason(e))
                 return
+            # After the notice (sent with a txnId of this row: a retry does
+            # not post it twice), so a failure to tell leaves it to retry.
+            await self.store.mark_bouncing(rcpt.address, rcpt.status)
         logger.info("email bridge: mail %d was a hard bounce: %d address(es) stopped", row.id, len(hard))
         await self.store.finish_inbound(row.id, IGNORED, "hard bounce")
 
