@@ -338,7 +338,11 @@ def test_a_hard_bounce_stops_mail_to_the_address(site: Site) -> None:
     to_cal = s.sink.wait_for("cal@spfok.test", count=2)[-1]
     time.sleep(0.5)
     assert len(s.sink.to("bea@spfok.test")) == 1
-    # A report from the null sender to a reply address works the same.
+    # A report from the null sender to a reply address works the same; a
+    # made-up token is refused at RCPT.
+    n = str(to_cal["Reply-To"]).split("+", 1)[1].split(".", 1)[0]
+    assert _send_dsn(s, _dsn("cal@spfok.test", str(to_cal["Message-ID"])),
+                     rcpt=f"reply+{n}.{'a' * 20}@{DOMAIN}") == 550
     assert _send_dsn(s, _dsn("cal@spfok.test", str(to_cal["Message-ID"])), rcpt=str(to_cal["Reply-To"])) == 250
     s.wait_message(s.team, lambda e: e["content"].get("msgtype") == "m.notice"
                    and ghost("cal@spfok.test") in e["content"]["body"], "the second bounce notice")

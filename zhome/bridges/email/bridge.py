@@ -172,9 +172,12 @@ class EmailBridge:
             room_id, event_id = known
             if not mail_from:
                 # The null sender: a delivery report about mail sent with
-                # this reply address; its recipient is checked against the
-                # token once the report is read.
-                return Target(room_id, event_id, None, bounce=True)
+                # this reply address. The token must be one of the room's
+                # participants'; the report is taken for that one only.
+                for address in await self.store.email_participants(room_id, self.cfg.ghost_prefix):
+                    if verify_reply(self.secret, mac, room_id, event_id, address):
+                        return Target(room_id, event_id, normalise_address(address), bounce=True)
+                return None
             if not verify_reply(self.secret, mac, room_id, event_id, mail_from):
                 return None
             return Target(room_id, event_id, normalise_address(mail_from),

@@ -247,7 +247,9 @@ class InboundProcessor(Rounds):
             await self.store.finish_inbound(row.id, IGNORED, "delivery report for no mail of ours")
             return
         participants = set(await self.store.email_participants(room_id, self.settings.ghost_prefix))
-        hard = [r for r in report.recipients if r.hard and r.address in participants]
+        # To a reply address: only about the participant whose token it is.
+        hard = [r for r in report.recipients if r.hard and r.address in participants
+                and (row.token_address is None or r.address == row.token_address)]
         if not hard:
             soft = any(r.action == "delayed" or r.status.startswith("4.") for r in report.recipients)
             await self.store.finish_inbound(row.id, IGNORED, "soft bounce" if soft else "delivery report")
