@@ -28,8 +28,9 @@ import re
 from typing import Any, Optional
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThread
+from twisted.internet.threads import deferToThreadPool
 from twisted.mail import smtp as tw_smtp
+from twisted.python.threadpool import ThreadPool
 from twisted.web import server as web_server
 
 from zhome.bridges.email.appservice import AppServiceResource
@@ -85,6 +86,10 @@ class EmailBridge:
         #: Where delivery reports for our outbound mail come (its envelope sender).
         self.bounce_address = outbound.from_address.lower() if outbound is not None else None
         self._auth_memo: dict[tuple[bytes, Envelope], senderauth.AuthResult] = {}
+        # Sender checks block on DNS: in threads of their own (a few, so a
+        # flood waits its turn there and no other component's threads are
+        # taken).
+        self._check_pool = ThreadPool(minthreads=0, maxthreads=4, name="zhome-email-senderauth")
         self._ports: list[Any] = []
         self._background: set[defer.Deferred[None]] = set()
 
@@ -131,6 +136,7 @@ class EmailBridge:
             self._ports.append(reactor.listenTCP(port, BridgeSMTPFactory(
                 self.mail_domain, self, self.accept, self.cfg.max_mail_size, lmtp=True, admit=self.limits.admit),
                 interface=host))
+        self._check_pool.start()
         self.processor.start()
         if self.outbound is not None:
             self.outbound.outbox.start()
@@ -142,6 +148,8 @@ class EmailBridge:
         for port in self._ports:
             await port.stopListening()
         self._ports = []
+        if self._check_pool.started:
+            self._check_pool.stop()
         await self.processor.stop()
         if self.outbound is not None:
             await self.outbound.stop()
@@ -202,8 +210,8 @@ class EmailBridge:
         if memo is not None:
             return memo
         try:
-            result: senderauth.AuthResult = await deferToThread(
-                senderauth.check, self.dns, raw, client_ip=envelope.client_ip, mail_from=envelope.mail_from,
+            result: senderauth.AuthResult = await deferToThreadPool(
+                reactor, self._check_pool, senderauth.check, self.dns, raw, client_ip=envelope.client_ip, mail_from=envelope.mail_from,
                 helo=envelope.helo, run_spf=not envelope.lmtp)
         except senderauth.TemporaryFailure:
             logger.info("email bridge: sender checks got no DNS answer; the sender is asked to retry")

@@ -34,8 +34,8 @@ Several ``From:`` headers or addresses are refused like ``p=reject`` (RFC
 
 DNS: a dnspython ``Resolver`` on the ``email_bridge.dns_servers`` list
 (``host:port``), else the system's resolvers, with a timeout per lookup;
-lookups block, so ``check`` runs in a thread (``deferToThread``). A timeout
-or SERVFAIL is a ``TemporaryFailure``: the sender is told ``451`` and
+lookups block, so ``check`` runs in a thread pool of the bridge's own
+(bridge.py, four threads). A timeout or SERVFAIL is a ``TemporaryFailure``: the sender is told ``451`` and
 retries; mail is never accepted unchecked. pyspf reads DNS through its
 module function ``spf.DNSLookup``, which is set here to one that uses the
 bridge's resolver (one bridge per process).
