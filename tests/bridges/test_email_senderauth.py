@@ -190,3 +190,40 @@ def test_token_buckets() -> None:
     # Refused attempts take nothing from the shared IP's bucket.
     assert not any(limits.admit("bomb@x.test", "127.0.0.1") for _ in range(50))
     assert limits.admit("other@y.test", "127.0.0.1")
+
+
+def test_smtp_passes_the_envelope_and_limits_at_rcpt() -> None:
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+    from twisted.mail import smtp as tw_smtp
+
+    from zhome.bridges.email.smtp import BridgeSMTPFactory, Envelope, Target
+
+    class Resolver:
+        async def resolve(self, localpart: str, domain: str, mail_from: str) -> Target:
+            return Target("!room:localhost")
+
+    seen: list[Envelope] = []
+
+    async def accept(target: Target, raw: bytes, envelope: Envelope) -> int:
+        seen.append(envelope)
+        if b"forged" in raw:
+            raise tw_smtp.SMTPServerError(550, "5.7.1 Sender authentication (DMARC) failed")
+        return 1
+
+    limits = SenderLimits(60, 2, 600, 50)
+    factory = BridgeSMTPFactory("mail.test", Resolver(), accept, 4096, admit=limits.admit)
+    proto = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2525))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.9", 40000))
+    proto.makeConnection(transport)
+    for line in [b"EHLO client.test", b"MAIL FROM:<bob@example.net>", b"RCPT TO:<team@mail.test>", b"DATA",
+                 b"From: bob@example.net", b"", b"forged", b".",
+                 b"MAIL FROM:<bob@example.net>", b"RCPT TO:<team@mail.test>", b"RCPT TO:<team@mail.test>", b"RSET",
+                 b"MAIL FROM:<other@example.org>", b"RCPT TO:<team@mail.test>"]:
+        proto.dataReceived(line + b"\r\n")
+    replies = [r[:3] for r in transport.value().decode().split("\r\n") if len(r) > 3 and r[3] == " "]
+    # 550 at DATA from the checks; the sender's third RCPT is over the
+    # burst of 2 (451 4.7.1); another sender is still served.
+    assert replies[5] == "550" and replies[6:] == ["250", "250", "451", "250", "250", "250"], replies
+    assert b"451 4.7.1" in transport.value()
+    assert seen == [Envelope("127.0.0.9", "client.test", "bob@example.net")]
