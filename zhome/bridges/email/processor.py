@@ -229,8 +229,12 @@ class InboundProcessor(Rounds):
                 await self.hs.send(room_id, self.settings.bot, "m.room.message",
                                    {"msgtype": "m.notice", "body": HELD_NOTICE}, f"zhome-held-{first}")
             except (HomeserverUnreachable, HomeserverError) as e:
-                logger.info("email bridge: could not tell a room of held mail yet: %s", _reason(e))
-                continue
+                if not _permanent(e):
+                    logger.info("email bridge: could not tell a room of held mail yet: %s", _reason(e))
+                    continue
+                # Refused for good (the bridge's user left the room, say):
+                # not asked again every round.
+                logger.info("email bridge: could not tell a room of held mail: %s", _reason(e))
             await self.store.held_notice_sent(room_id)
 
     async def _bounce(self, row: InboundMail) -> None:
@@ -266,17 +270,21 @@ class InboundProcessor(Rounds):
                                    {"msgtype": "m.notice", "body": body}, f"zhome-bounce-{row.id}-{i}")
             except (HomeserverUnreachable, HomeserverError) as e:
                 attempts = row.attempts + 1
-                if attempts >= MAX_ATTEMPTS:
-                    await self.store.finish_inbound(row.id, FAILED, _reason(e))
-                else:
-                    await self.store.retry_inbound_later(row.id, attempts, MIN_BACKOFF_MS * (2 ** attempts),
-                                                         _reason(e))
-                return
+                if not _permanent(e) and attempts < MAX_ATTEMPTS:
+                    await self.store.retry_inbound_later(
+                        row.id, attempts, min(MAX_BACKOFF_MS, MIN_BACKOFF_MS * (2 ** attempts)), _reason(e))
+                    return
+                # The room cannot be told: the address is stopped all the same.
+                logger.info("email bridge: mail %d: a bounce notice could not be posted: %s", row.id, _reason(e))
             # After the notice (sent with a txnId of this row: a retry does
             # not post it twice), so a failure to tell leaves it to retry.
             await self.store.mark_bouncing(rcpt.address, rcpt.status)
         logger.info("email bridge: mail %d was a hard bounce: %d address(es) stopped", row.id, len(hard))
         await self.store.finish_inbound(row.id, IGNORED, "hard bounce")
+
+
+def _permanent(e: Exception) -> bool:
+    return isinstance(e, HomeserverError) and 400 <= e.status < 500 and e.status != 429
 
 
 def _marked(content: dict[str, Any], auth: dict[str, Any]) -> dict[str, Any]:
