@@ -285,6 +285,7 @@ class EmailBridge:
         policy = content.get("policy", "email_participants")
         if localpart is None:
             await self.store.set_room_address(room_id, None, "")
+            await self.store.set_room_auth_policy(room_id, None)
             return
         if (not isinstance(localpart, str) or not _ROOM_LOCALPART.fullmatch(localpart.lower())
                 or localpart.lower().startswith("reply") or policy not in POLICIES):
