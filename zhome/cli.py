@@ -95,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
 
     be = commands.add_parser("bridge-email", help="run the email bridge (email_bridge section) in its own process")
     be.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
+    be_cmds = be.add_subparsers(dest="bridge_command", metavar="COMMAND")
+    bq = be_cmds.add_parser("quarantine", help="mail held by the sender checks: list, release or delete")
+    bq.add_argument("action", choices=("list", "release", "delete"))
+    bq.add_argument("mail_id", nargs="?", type=int, metavar="ID", help="the held mail (release, delete)")
 
     reg = commands.add_parser("register-user", help="create a local user")
     reg.add_argument("--config-path", "-c", required=True, help="the YAML configuration")
@@ -511,6 +515,11 @@ def _bridge_email(args: argparse.Namespace) -> int:
         return 1
     if not config.email_bridge.enabled:
         return _error("bridge-email", "email_bridge.enabled is false in the configuration")
+    if getattr(args, "bridge_command", None) == "quarantine":
+        from zhome.bridges.email.quarantine import run_quarantine
+
+        return run_quarantine(config.email_bridge, config.data_dir, config.encryption.enabled, args.action,
+                              args.mail_id)
     from zhome.bridges.email.bridge import relay_settings, run_standalone
     from zhome.logging_setup import setup_logging
 

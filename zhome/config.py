@@ -895,6 +895,13 @@ class EmailBridgeConfig:
     max_mail_size: int = setting(integer(1024), default=25 * MiB)
     # Resolvers for sender checks (host:port); empty: the system's.
     dns_servers: tuple[str, ...] = setting(list_of(host_port), default=())
+    # Per-sender rate limit of inbound mail (token bucket per envelope
+    # sender, per accepted RCPT TO): over it, 451 4.7.1 and the sender retries.
+    sender_rate_per_minute: int = setting(integer(1), default=30)
+    sender_burst: int = setting(integer(1), default=20)
+    # The same per connecting client IP (an MTA in front shares one IP).
+    client_ip_rate_per_minute: int = setting(integer(1), default=300)
+    client_ip_burst: int = setting(integer(1), default=100)
     # Outbound: mail to email participants waits this long for more messages.
     quiet_period_ms: int = setting(integer(0), default=120_000)
     # The bridge's own listener for the homeserver's AS transactions; keep

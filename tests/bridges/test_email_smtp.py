@@ -19,7 +19,7 @@ class _Resolver:
 def _session(accept_ok: bool, lmtp: bool = False) -> tuple[StringTransport, list[bytes]]:
     stored: list[bytes] = []
 
-    async def accept(target: Target, raw: bytes) -> int:
+    async def accept(target: Target, raw: bytes, envelope: Any) -> int:
         if not accept_ok:
             raise OSError("disk full")
         stored.append(raw)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import pytest
 
+from tests.e2e.dnsstub import DnsStub
 from tests.e2e.harness import ClientUser, ZhomeProcess, _server_env, free_port, q
 from tests.e2e.mailsink import MailSink, body_of
 from zhome.bridges.email.tokens import ghost_localpart, reply_localpart
@@ -127,10 +128,24 @@ def ghost(address: str) -> str:
     return f"@{ghost_localpart('email_', address)}:localhost"
 
 
+@pytest.fixture(scope="module")
+def dns() -> Iterator[DnsStub]:
+    """The senders' domains publish SPF for loopback and DMARC p=none: the
+    unsigned mail of these tests passes the sender checks (aligned SPF)."""
+    records: dict[str, list[tuple[str, str]]] = {}
+    for domain in ("example.net", "example.com", "example.org"):
+        records[domain] = [("TXT", "v=spf1 ip4:127.0.0.1 -all")]
+        records[f"_dmarc.{domain}"] = [("TXT", "v=DMARC1; p=none")]
+    stub = DnsStub(records).start()
+    yield stub
+    stub.stop()
+
+
 @pytest.fixture
-def mail_room(zhome_factory: Any) -> Iterator[MailRoom]:
+def mail_room(zhome_factory: Any, dns: DnsStub) -> Iterator[MailRoom]:
     smtp_port = free_port()
     hs = zhome_factory(overrides={"email_bridge": {
+        "dns_servers": [dns.address],
         "enabled": True, "mail_domain": DOMAIN, "smtp_listen": f"127.0.0.1:{smtp_port}",
         "appservice_listen": f"127.0.0.1:{free_port()}", "max_mail_size": MAX_SIZE}})
     hs.start()
@@ -292,9 +307,10 @@ def test_a_crash_after_250_posts_the_mail_once(mail_room: MailRoom) -> None:
     assert len(copies) == 1 and copies[0]["sender"] == ghost("dave@example.org")
 
 
-def test_email_participants_policy_and_lmtp(zhome_factory: Any) -> None:
+def test_email_participants_policy_and_lmtp(zhome_factory: Any, dns: DnsStub) -> None:
     smtp_port, lmtp_port = free_port(), free_port()
     hs = zhome_factory(overrides={"email_bridge": {
+        "dns_servers": [dns.address],
         "enabled": True, "mail_domain": DOMAIN, "smtp_listen": f"127.0.0.1:{smtp_port}",
         "lmtp_listen": f"127.0.0.1:{lmtp_port}", "appservice_listen": f"127.0.0.1:{free_port()}"}})
     hs.start()
@@ -321,7 +337,11 @@ def test_email_participants_policy_and_lmtp(zhome_factory: Any) -> None:
         refused = lmtp.sendmail("erin@example.org", [f"care-team@{DOMAIN}", f"nobody@{DOMAIN}"],
                                 msg.as_bytes(policy=email.policy.SMTP))
         assert list(refused) == [f"nobody@{DOMAIN}"] and refused[f"nobody@{DOMAIN}"][0] == 550
-    ev = r.wait_message(lambda e: e["content"].get("body") == "Delivered over LMTP.", "the LMTP mail")
+    # Over LMTP SPF is not run and this mail has no DKIM signature: DMARC
+    # fails at a p=none domain, and the room's default policy marks it.
+    ev = r.wait_message(lambda e: e["content"].get("body") == "Unverified sender:\nDelivered over LMTP.",
+                        "the LMTP mail")
+    assert ev["content"]["org.zhome.email.auth"]["dmarc"] == "fail"
     assert ev["sender"] == ghost("erin@example.org")
     members = r.alice.ok("GET", f"/rooms/{q(r.room_id)}/joined_members")["joined"]
     assert members[ghost("erin@example.org")]["display_name"] == "Erin"
@@ -335,9 +355,10 @@ def _address_known(r: MailRoom, localpart: str) -> bool:
         return conn.execute("SELECT 1 FROM room_addresses WHERE localpart = ?", (localpart,)).fetchone() is not None
 
 
-def test_bridge_in_its_own_process(zhome_factory: Any) -> None:
+def test_bridge_in_its_own_process(zhome_factory: Any, dns: DnsStub) -> None:
     smtp_port = free_port()
     hs = zhome_factory(overrides={"email_bridge": {
+        "dns_servers": [dns.address],
         "enabled": True, "in_process": False, "mail_domain": DOMAIN, "smtp_listen": f"127.0.0.1:{smtp_port}",
         "appservice_listen": f"127.0.0.1:{free_port()}"}})
     hs.start()
@@ -360,13 +381,14 @@ def test_bridge_in_its_own_process(zhome_factory: Any) -> None:
     assert proc.returncode == 0, (hs.workdir / "bridge.log").read_text()
 
 
-def test_room_messages_are_mailed_to_email_participants(zhome_factory: Any) -> None:
+def test_room_messages_are_mailed_to_email_participants(zhome_factory: Any, dns: DnsStub) -> None:
     sink = MailSink(free_port()).start()
     try:
         smtp_port = free_port()
         hs = zhome_factory(overrides={
             "email": {"smtp_host": "127.0.0.1", "smtp_port": sink.port, "notif_from": f"zhome <noreply@{DOMAIN}>"},
-            "email_bridge": {"enabled": True, "mail_domain": DOMAIN, "smtp_listen": f"127.0.0.1:{smtp_port}",
+            "email_bridge": {"dns_servers": [dns.address],
+                             "enabled": True, "mail_domain": DOMAIN, "smtp_listen": f"127.0.0.1:{smtp_port}",
                              "appservice_listen": f"127.0.0.1:{free_port()}", "quiet_period_ms": 300}})
         hs.start()
         r = MailRoom(hs, smtp_port)

@@ -6,9 +6,18 @@ event ``org.zhome.email_address`` (``{"localpart": ..., "policy":
 power to send state events (the room's admins) can set; the bridge sees it
 in its transactions once its own user (invited by them) is in the room.
 
-Policies: ``authenticated`` takes mail from any sender (sender
-authentication, DKIM/SPF/DMARC, is not done yet); ``email_participants``
-takes mail only from addresses whose ghost is joined or invited.
+Policies: ``authenticated`` takes mail from any sender that passes the
+sender checks; ``email_participants`` takes mail only from addresses whose
+ghost is joined or invited. The optional ``"unauthenticated": "reject" |
+"quarantine" | "mark"`` (default ``mark``) says what happens to mail whose
+DMARC check fails at a domain that does not itself ask for rejection
+(senderauth.py; an unknown value counts as ``mark``); mail to a signed
+reply address follows its room's policy.
+
+Bounces: delivery reports (RFC 3464) come to the bridge's own envelope
+sender address (``from_address``, when it is at ``mail_domain``) or, with
+the null sender, to a reply address; they are accepted and handed to the
+processor, which never posts them (bounces.py).
 """
 
 from __future__ import annotations
@@ -19,6 +28,9 @@ import re
 from typing import Any, Optional
 
 from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.mail import smtp as tw_smtp
+from twisted.python.threadpool import ThreadPool
 from twisted.web import server as web_server
 
 from zhome.bridges.email.appservice import AppServiceResource
@@ -26,7 +38,9 @@ from zhome.bridges.email.hsclient import HomeserverClient, HomeserverError, Home
 from zhome.bridges.email.outbound import OutboundMailer
 from zhome.bridges.email.processor import InboundProcessor, ProcessorSettings
 from zhome.bridges.email.registration import BridgeRegistration, ensure_registration
-from zhome.bridges.email.smtp import BridgeSMTPFactory, Target
+from zhome.bridges.email import senderauth
+from zhome.bridges.email.ratelimit import SenderLimits
+from zhome.bridges.email.smtp import BridgeSMTPFactory, Envelope, Target
 from zhome.bridges.email.store import BridgeStore
 from zhome.bridges.email.tokens import (
     address_of_ghost, ghost_localpart, normalise_address, parse_reply_localpart, verify_reply,
@@ -45,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 ADDRESS_EVENT = "org.zhome.email_address"
 POLICIES = ("email_participants", "authenticated")
+#: Check results kept for the other recipients of the same mail.
+_AUTH_MEMO = 32
 _ROOM_LOCALPART = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
@@ -64,6 +80,16 @@ class EmailBridge:
         self.sealer = sealer
         self.outbound = outbound
         self.bot = f"@{registration.sender_localpart}:{server_name}"
+        self.dns = senderauth.Resolver(cfg.dns_servers)
+        self.limits = SenderLimits(cfg.sender_rate_per_minute, cfg.sender_burst, cfg.client_ip_rate_per_minute,
+                                   cfg.client_ip_burst)
+        #: Where delivery reports for our outbound mail come (its envelope sender).
+        self.bounce_address = outbound.from_address.lower() if outbound is not None else None
+        self._auth_memo: dict[tuple[bytes, Envelope], senderauth.AuthResult] = {}
+        # Sender checks block on DNS: in threads of their own (a few, so a
+        # flood waits its turn there and no other component's threads are
+        # taken).
+        self._check_pool = ThreadPool(minthreads=0, maxthreads=4, name="zhome-email-senderauth")
         self._ports: list[Any] = []
         self._background: set[defer.Deferred[None]] = set()
 
@@ -83,7 +109,8 @@ class EmailBridge:
         store = BridgeStore(db, sealer)
         await store.setup()
         hs = HomeserverClient(cfg.homeserver_url, registration.as_token, server_name)
-        processor = InboundProcessor(store, hs, ProcessorSettings(server_name, cfg.mail_domain, cfg.ghost_prefix))
+        processor = InboundProcessor(store, hs, ProcessorSettings(
+            server_name, cfg.mail_domain, cfg.ghost_prefix, bot=f"@{registration.sender_localpart}:{server_name}"))
         secret = await store.secret()
         outbound = None
         if relay is not None and from_address is not None:
@@ -102,11 +129,14 @@ class EmailBridge:
         self._ports.append(reactor.listenTCP(as_port, site, interface=as_host))
         host, port = split_host_port(self.cfg.smtp_listen)
         self._ports.append(reactor.listenTCP(port, BridgeSMTPFactory(
-            self.mail_domain, self, self.accept, self.cfg.max_mail_size), interface=host))
+            self.mail_domain, self, self.accept, self.cfg.max_mail_size, admit=self.limits.admit),
+            interface=host))
         if self.cfg.lmtp_listen:
             host, port = split_host_port(self.cfg.lmtp_listen)
             self._ports.append(reactor.listenTCP(port, BridgeSMTPFactory(
-                self.mail_domain, self, self.accept, self.cfg.max_mail_size, lmtp=True), interface=host))
+                self.mail_domain, self, self.accept, self.cfg.max_mail_size, lmtp=True, admit=self.limits.admit),
+                interface=host))
+        self._check_pool.start()
         self.processor.start()
         if self.outbound is not None:
             self.outbound.outbox.start()
@@ -118,6 +148,8 @@ class EmailBridge:
         for port in self._ports:
             await port.stopListening()
         self._ports = []
+        if self._check_pool.started:
+            self._check_pool.stop()
         await self.processor.stop()
         if self.outbound is not None:
             await self.outbound.stop()
@@ -136,16 +168,28 @@ class EmailBridge:
     async def resolve(self, localpart: str, domain: str, mail_from: str) -> Optional[Target]:
         if domain != self.mail_domain:
             return None
+        if self.bounce_address is not None and f"{localpart}@{domain}" == self.bounce_address:
+            # Only a delivery report is taken here (checked after DATA).
+            return Target("", bounce=True)
         token = parse_reply_localpart(localpart)
         if token is not None:
             n, mac = token
             known = await self.store.event_by_number(n)
-            if known is None or not mail_from:
+            if known is None:
                 return None
             room_id, event_id = known
+            if not mail_from:
+                # The null sender: a delivery report about mail sent with
+                # this reply address. The token must be one of the room's
+                # participants'; the report is taken for that one only.
+                for address in await self.store.email_participants(room_id, self.cfg.ghost_prefix):
+                    if verify_reply(self.secret, mac, room_id, event_id, address):
+                        return Target(room_id, event_id, normalise_address(address), bounce=True)
+                return None
             if not verify_reply(self.secret, mac, room_id, event_id, mail_from):
                 return None
-            return Target(room_id, event_id, normalise_address(mail_from))
+            return Target(room_id, event_id, normalise_address(mail_from),
+                          unauthenticated=await self.store.room_auth_policy(room_id))
         found = await self.store.room_for_localpart(localpart)
         if found is None:
             return None
@@ -156,10 +200,40 @@ class EmailBridge:
             ghost = f"@{ghost_localpart(self.cfg.ghost_prefix, mail_from)}:{self.server_name}"
             if await self.store.membership(room_id, ghost) not in ("join", "invite"):
                 return None
-        return Target(room_id)
+        return Target(room_id, unauthenticated=await self.store.room_auth_policy(room_id))
 
-    async def accept(self, target: Target, raw: bytes) -> int:
-        row_id = await self.store.add_inbound(target.room_id, target.reply_event, target.token_address, raw)
+    async def check_sender(self, raw: bytes, envelope: Envelope) -> senderauth.AuthResult:
+        import hashlib
+
+        key = (hashlib.sha256(raw).digest(), envelope)
+        memo = self._auth_memo.get(key)
+        if memo is not None:
+            return memo
+        try:
+            result: senderauth.AuthResult = await deferToThreadPool(
+                reactor, self._check_pool, senderauth.check, self.dns, raw, client_ip=envelope.client_ip, mail_from=envelope.mail_from,
+                helo=envelope.helo, run_spf=not envelope.lmtp)
+        except senderauth.TemporaryFailure:
+            logger.info("email bridge: sender checks got no DNS answer; the sender is asked to retry")
+            raise tw_smtp.SMTPServerError(451, "4.4.3 Sender checks could not be done, try again later") from None
+        self._auth_memo[key] = result
+        while len(self._auth_memo) > _AUTH_MEMO:
+            self._auth_memo.pop(next(iter(self._auth_memo)))
+        return result
+
+    async def accept(self, target: Target, raw: bytes, envelope: Optional[Envelope] = None) -> int:
+        if envelope is None:
+            envelope = Envelope("", "", "")
+        result = await self.check_sender(raw, envelope)
+        verdict = senderauth.decide(result, "mark" if target.bounce else target.unauthenticated)
+        logger.info("email bridge: sender checks dkim=%s spf=%s dmarc=%s: %s", result.dkim, result.spf,
+                    result.dmarc, verdict)
+        if verdict == senderauth.REJECT:
+            raise tw_smtp.SMTPServerError(550, "5.7.1 Sender authentication (DMARC) failed")
+        auth = dict(result.as_dict(), verdict=verdict)
+        row_id = await self.store.add_inbound(target.room_id, target.reply_event, target.token_address, raw,
+                                              auth=auth, held=verdict == senderauth.QUARANTINE,
+                                              bounce=target.bounce)
         self.processor.kick()
         return row_id
 
@@ -211,13 +285,20 @@ class EmailBridge:
         policy = content.get("policy", "email_participants")
         if localpart is None:
             await self.store.set_room_address(room_id, None, "")
+            await self.store.set_room_auth_policy(room_id, None)
             return
         if (not isinstance(localpart, str) or not _ROOM_LOCALPART.fullmatch(localpart.lower())
                 or localpart.lower().startswith("reply") or policy not in POLICIES):
             logger.info("email bridge: ignoring an invalid %s in a room", ADDRESS_EVENT)
             return
+        unauthenticated = content.get("unauthenticated", "mark")
+        if unauthenticated not in senderauth.ROOM_POLICIES:
+            logger.info("email bridge: ignoring an invalid unauthenticated policy in a room")
+            unauthenticated = "mark"
         if not await self.store.set_room_address(room_id, localpart.lower(), str(policy)):
             logger.info("email bridge: a room asked for an address another room has")
+            return
+        await self.store.set_room_auth_policy(room_id, str(unauthenticated))
 
     def _in_background(self, coro: Any) -> None:
         d = defer.ensureDeferred(coro)

@@ -138,6 +138,8 @@ class OutboundMailer(Rounds):
         n = await self.store.remember_event(room_id, event_id, mid)
         in_reply_to = await self.store.message_id_of(reply_to) if reply_to else None
         for address in await self.store.email_participants(room_id, self.ghost_prefix):
+            if await self.store.is_bouncing(address):  # a hard bounce stopped mail to it (bounces.py)
+                continue
             msg = EmailMessage(policy=email.policy.default)
             msg["From"] = email.utils.formataddr((_one_line(name), self.from_address))
             msg["To"] = address

@@ -7,6 +7,16 @@ so a retry after a crash (or a lost answer) gets the event already sent
 back instead of a second one. Attachments go to the media repository first
 (re-uploaded on a retry: a spare copy of a file, never a second message).
 
+Sender checks (senderauth.py) were done before the mail was accepted:
+a mail whose verdict is ``mark`` (or a released quarantined one) is posted
+with the line "Unverified sender:" before its body (and formatted body)
+and the results in ``org.zhome.email.auth``; a held one is not posted, and
+its room gets one ``m.notice`` from the bridge's user (no address, no
+content) until the administrator releases or deletes its held mail.
+Delivery reports (bounces.py) are never posted: a hard bounce of mail to a
+room's email participant stops mail to that address (``is_bouncing``) and
+says so in the room with an ``m.notice``; a soft one is dropped.
+
 A mail that cannot be posted for good (malformed, not allowed) is marked
 failed and kept (sealed); a homeserver that cannot be reached is retried
 with backoff. Logs name the row ID and the reason, never an address or a
@@ -22,9 +32,10 @@ from typing import Any, Optional
 from twisted.internet import defer
 
 from zhome.bridges.email.hsclient import HomeserverClient, HomeserverError, HomeserverUnreachable
+from zhome.bridges.email.bounces import parse_report
 from zhome.bridges.email.mime import MalformedMail, ParsedMail, parse_mail, text_content
 from zhome.bridges.email.store import FAILED, IGNORED, POSTED, BridgeStore, InboundMail
-from zhome.bridges.email.tokens import ghost_localpart, normalise_address
+from zhome.bridges.email.tokens import address_of_ghost, ghost_localpart, normalise_address
 from zhome.util.reactor import reactor
 from zhome.util.rounds import Rounds
 
@@ -36,6 +47,12 @@ MAX_BATCHES_PER_ROUND = 20
 MAX_ATTEMPTS = 12
 MIN_BACKOFF_MS = 500
 MAX_BACKOFF_MS = 300_000
+#: With nothing due, the table is looked at this often (mail released from
+#: quarantine by ``zhome bridge-email quarantine release`` in another process).
+IDLE_POLL_S = 5.0
+UNVERIFIED = "Unverified sender:"
+HELD_NOTICE = ("A mail to this room's address did not pass the sender checks and is held for an administrator"
+               " of the email bridge.")
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,8 @@ class ProcessorSettings:
     server_name: str
     mail_domain: str
     ghost_prefix: str
+    #: The bridge's own user (sends notices).
+    bot: str = ""
 
 
 def _reason(e: Exception) -> str:
@@ -75,6 +94,7 @@ class InboundProcessor(Rounds):
                     await self._process(row)
                 if len(rows) < BATCH and not self._again:
                     break
+            await self._tell_of_held_mail()
         except Exception:
             logger.exception("email bridge: inbound round failed")
             failed = True
@@ -95,9 +115,11 @@ class InboundProcessor(Rounds):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if nxt is None:
-            return
         import time
+
+        if nxt is None:
+            self._timer = reactor.callLater(IDLE_POLL_S, self.kick)
+            return
 
         delay = max(min_delay_s, min(nxt / 1000 - time.time(), MAX_BACKOFF_MS / 1000))
         self._timer = reactor.callLater(delay, self.kick)
@@ -109,6 +131,9 @@ class InboundProcessor(Rounds):
             return
         if row.raw is None:
             await self.store.finish_inbound(row.id, IGNORED, "content no longer available")
+            return
+        if row.bounce:
+            await self._bounce(row)
             return
         try:
             parsed = parse_mail(row.raw, self.settings.mail_domain)
@@ -161,8 +186,11 @@ class InboundProcessor(Rounds):
         await self._ensure_joined(row.room_id, ghost)
         reply_to = await self.store.event_for_message_ids(row.room_id, parsed.references) or row.reply_event
         n = 0
-        if parsed.body:
+        mark = row.auth is not None and row.auth.get("verdict") != "accept"
+        if parsed.body or (mark and parsed.attachments):
             content: dict[str, Any] = text_content(parsed)
+            if mark and row.auth is not None:
+                content = _marked(content, row.auth)
             if reply_to is not None:
                 content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
             event_id = await self.hs.send(row.room_id, ghost, "m.room.message", content, f"zhome-mail-{row.id}-0")
@@ -191,3 +219,82 @@ class InboundProcessor(Rounds):
             await self.hs.invite(room_id, ghost)
             await self.hs.join(room_id, ghost)
         await self.store.set_membership(room_id, ghost, "join")
+
+    # -- held mail and bounces -----------------------------------------------------------
+    async def _tell_of_held_mail(self) -> None:
+        for room_id, first in await self.store.rooms_to_tell_of_held_mail():
+            if self._stopped:
+                return
+            try:
+                await self.hs.send(room_id, self.settings.bot, "m.room.message",
+                                   {"msgtype": "m.notice", "body": HELD_NOTICE}, f"zhome-held-{first}")
+            except (HomeserverUnreachable, HomeserverError) as e:
+                if not _permanent(e):
+                    logger.info("email bridge: could not tell a room of held mail yet: %s", _reason(e))
+                    continue
+                # Refused for good (the bridge's user left the room, say):
+                # not asked again every round.
+                logger.info("email bridge: could not tell a room of held mail: %s", _reason(e))
+            await self.store.held_notice_sent(room_id)
+
+    async def _bounce(self, row: InboundMail) -> None:
+        assert row.raw is not None
+        report = parse_report(row.raw)
+        if report is None:
+            logger.info("email bridge: mail %d to the bounce address is no delivery report: dropped", row.id)
+            await self.store.finish_inbound(row.id, IGNORED, "not a delivery report")
+            return
+        room_id = await self.store.room_of_message_id(report.returned_message_id) \
+            if report.returned_message_id else None
+        if room_id is None or (row.room_id and room_id != row.room_id):
+            # Not about a mail of ours (a forged or stray report).
+            await self.store.finish_inbound(row.id, IGNORED, "delivery report for no mail of ours")
+            return
+        participants = set(await self.store.email_participants(room_id, self.settings.ghost_prefix))
+        # To a reply address: only about the participant whose token it is.
+        hard = [r for r in report.recipients if r.hard and r.address in participants
+                and (row.token_address is None or r.address == row.token_address)]
+        if not hard:
+            soft = any(r.action == "delayed" or r.status.startswith("4.") for r in report.recipients)
+            await self.store.finish_inbound(row.id, IGNORED, "soft bounce" if soft else "delivery report")
+            return
+        for i, rcpt in enumerate(hard):
+            if await self.store.is_bouncing(rcpt.address):
+                continue  # told already (a later bounce of mail sent before)
+            ghost = f"@{ghost_localpart(self.settings.ghost_prefix, rcpt.address)}:{self.settings.server_name}"
+            assert address_of_ghost(self.settings.ghost_prefix, ghost) is not None
+            body = (f"Mail to {ghost} bounces (status {rcpt.status}): the bridge sends this participant no more"
+                    " mail.")
+            try:
+                await self.hs.send(room_id, self.settings.bot, "m.room.message",
+                                   {"msgtype": "m.notice", "body": body}, f"zhome-bounce-{row.id}-{i}")
+            except (HomeserverUnreachable, HomeserverError) as e:
+                attempts = row.attempts + 1
+                if not _permanent(e) and attempts < MAX_ATTEMPTS:
+                    await self.store.retry_inbound_later(
+                        row.id, attempts, min(MAX_BACKOFF_MS, MIN_BACKOFF_MS * (2 ** attempts)), _reason(e))
+                    return
+                # The room cannot be told: the address is stopped all the same.
+                logger.info("email bridge: mail %d: a bounce notice could not be posted: %s", row.id, _reason(e))
+            # After the notice (sent with a txnId of this row: a retry does
+            # not post it twice), so a failure to tell leaves it to retry.
+            await self.store.mark_bouncing(rcpt.address, rcpt.status)
+        logger.info("email bridge: mail %d was a hard bounce: %d address(es) stopped", row.id, len(hard))
+        await self.store.finish_inbound(row.id, IGNORED, "hard bounce")
+
+
+def _permanent(e: Exception) -> bool:
+    return isinstance(e, HomeserverError) and 400 <= e.status < 500 and e.status != 429
+
+
+def _marked(content: dict[str, Any], auth: dict[str, Any]) -> dict[str, Any]:
+    """The visible marker of mail that did not pass the sender checks."""
+    import html as html_lib
+
+    out = dict(content)
+    out["body"] = f"{UNVERIFIED}\n{content.get('body', '')}"
+    formatted = content.get("formatted_body")
+    if isinstance(formatted, str):
+        out["formatted_body"] = f"<p><em>{html_lib.escape(UNVERIFIED)}</em></p>{formatted}"
+    out["org.zhome.email.auth"] = {k: auth.get(k) for k in ("dkim", "spf", "dmarc", "dmarc_policy", "verdict")}
+    return out

@@ -9,6 +9,12 @@ received bytes are counted during DATA; both answer ``552``.
 RFC 2033 (LMTP): ``LHLO`` instead of ``EHLO``, and one reply per accepted
 recipient after the final dot.
 
+Sender checks (senderauth.py) run in the accept function at the end of
+DATA, before the mail is committed: it raises ``SMTPServerError`` with
+``550 5.7.1`` (refused by DMARC or the room's policy) or ``451`` (DNS did
+not answer). Per-sender rate limits (ratelimit.py) are applied at ``RCPT
+TO`` to recipients that exist: over the limit, ``451 4.7.1``.
+
 Nothing here logs an address or a line of a mail.
 """
 
@@ -38,14 +44,30 @@ class Target:
     reply_event: Optional[str] = None
     #: The only sender a reply address is valid for.
     token_address: Optional[str] = None
+    #: The room address's policy for unauthenticated mail (senderauth).
+    unauthenticated: str = "mark"
+    #: A delivery report (bounce) for the bridge, not a mail for a room.
+    bounce: bool = False
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What the SMTP session says about a mail's sender."""
+
+    client_ip: str
+    helo: str
+    mail_from: str
+    lmtp: bool = False
 
 
 class RecipientResolver(Protocol):
     async def resolve(self, localpart: str, domain: str, mail_from: str) -> Optional[Target]: ...
 
 
-#: (target, raw message) -> row ID; durable when it returns.
-AcceptFn = Callable[[Target, bytes], Awaitable[int]]
+#: (target, raw message, envelope) -> row ID; durable when it returns.
+AcceptFn = Callable[[Target, bytes, Envelope], Awaitable[int]]
+#: (envelope sender, client IP) -> may it send one more?
+AdmitFn = Callable[[str, str], bool]
 
 
 class _TooBig(smtp.SMTPServerError):
@@ -55,8 +77,9 @@ class _TooBig(smtp.SMTPServerError):
 
 @implementer(smtp.IMessage)
 class _InboundMessage:
-    def __init__(self, target: Target, accept: AcceptFn, max_size: int) -> None:
+    def __init__(self, target: Target, accept: AcceptFn, max_size: int, envelope: Envelope) -> None:
         self.target = target
+        self.envelope = envelope
         self.accept = accept
         self.max_size = max_size
         self.lines: list[bytes] = []
@@ -83,7 +106,7 @@ class _InboundMessage:
         return defer.ensureDeferred(self._accept(raw))
 
     async def _accept(self, raw: bytes) -> int:
-        return await self.accept(self.target, raw)
+        return await self.accept(self.target, raw, self.envelope)
 
     def connectionLost(self) -> None:
         self.lines = []
@@ -91,7 +114,10 @@ class _InboundMessage:
 
 @implementer(smtp.IMessageDelivery)
 class _Delivery:
-    def __init__(self, resolver: RecipientResolver, accept: AcceptFn, max_size: int) -> None:
+    def __init__(self, resolver: RecipientResolver, accept: AcceptFn, max_size: int,
+                 admit: Optional[AdmitFn] = None, lmtp: bool = False) -> None:
+        self.admit = admit
+        self.lmtp = lmtp
         self.resolver = resolver
         self.accept = accept
         self.max_size = max_size
@@ -117,8 +143,18 @@ class _Delivery:
             raise smtp.SMTPServerError(451, "Temporary failure, try again later") from None
         if target is None:
             raise smtp.SMTPBadRcpt(user, 550, "No such recipient here")
+        helo_name, peer = user.helo if isinstance(user.helo, tuple) else (None, None)
+        envelope = Envelope(_text(peer), _text(helo_name), str(user.orig), self.lmtp)
+        if self.admit is not None and not self.admit(envelope.mail_from, envelope.client_ip):
+            raise smtp.SMTPBadRcpt(user, 451, "4.7.1 Too many mails from this sender, try again later")
         accept, max_size = self.accept, self.max_size
-        return lambda: _InboundMessage(target, accept, max_size)
+        return lambda: _InboundMessage(target, accept, max_size, envelope)
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _failure_code(failure: Failure) -> tuple[int, bytes]:
@@ -190,9 +226,9 @@ class BridgeLMTP(BridgeESMTP):
 
 class BridgeSMTPFactory(ServerFactory):
     def __init__(self, hostname: str, resolver: RecipientResolver, accept: AcceptFn, max_size: int,
-                 lmtp: bool = False) -> None:
+                 lmtp: bool = False, admit: Optional[AdmitFn] = None) -> None:
         self.hostname = hostname.encode("idna")
-        self.delivery = _Delivery(resolver, accept, max_size)
+        self.delivery = _Delivery(resolver, accept, max_size, admit, lmtp)
         self.max_size = max_size
         self.lmtp = lmtp
         self.noisy = False

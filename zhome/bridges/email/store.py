@@ -6,6 +6,17 @@ zhome/storage/at_rest.py, under a key ring and key store of the bridge's
 own, scoped by room) and deleted from the row once posted or ignored; a
 mail that failed (malformed MIME) keeps its sealed copy for inspection.
 No address or body is stored in clear.
+
+Sender checks (senderauth.py) add: a mail held for an administrator
+(``state = 'held'``, the room address's ``unauthenticated: quarantine``)
+keeps its sealed copy until ``zhome bridge-email quarantine release`` or
+``delete``; the checks' results travel sealed in the row's payload.
+``room_auth_policies`` holds each room address's policy for
+unauthenticated mail, ``held_notices`` the rooms already told that mail is
+held (told once until their held mail is released or deleted), and
+``bouncing_addresses`` the participants' addresses a hard bounce stopped,
+as a blind index (HMAC-SHA256 under a named key of the key store), never
+in clear.
 """
 
 from __future__ import annotations
@@ -53,9 +64,17 @@ _SCHEMA = (
         user_id TEXT NOT NULL,
         membership TEXT NOT NULL,
         PRIMARY KEY (room_id, user_id))""",
+    """CREATE TABLE IF NOT EXISTS room_auth_policies (
+        room_id TEXT PRIMARY KEY,
+        unauthenticated TEXT NOT NULL)""",
+    "CREATE TABLE IF NOT EXISTS held_notices (room_id TEXT PRIMARY KEY, notified_ts BIGINT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS bouncing_addresses (
+        address_index TEXT PRIMARY KEY,
+        since_ts BIGINT NOT NULL,
+        status TEXT NOT NULL)""",
 )
 
-PENDING, POSTED, FAILED, IGNORED = "pending", "posted", "failed", "ignored"
+PENDING, POSTED, FAILED, IGNORED, HELD = "pending", "posted", "failed", "ignored", "held"
 _OWNER = "zhome:email_bridge"
 
 
@@ -70,6 +89,10 @@ class InboundMail:
     attempts: int
     #: Its sealed copy is damaged (or not this row's): it cannot be posted.
     unreadable: bool = False
+    #: The sender checks' results (senderauth.AuthResult.as_dict) and verdict.
+    auth: Optional[dict[str, Any]] = None
+    #: A delivery report addressed to the bridge.
+    bounce: bool = False
 
 
 class BridgeStore:
@@ -245,15 +268,23 @@ class BridgeStore:
         return f"inbound_mail.message\x00{row_id}".encode()
 
     async def add_inbound(self, room_id: str, reply_event: Optional[str], token_address: Optional[str],
-                          raw: bytes) -> int:
-        """Commit one accepted mail; durable when this returns."""
+                          raw: bytes, auth: Optional[dict[str, Any]] = None, held: bool = False,
+                          bounce: bool = False) -> int:
+        """Commit one accepted mail; durable when this returns. ``held``:
+        quarantined, not posted until released."""
         now = int(time.time() * 1000)
-        payload = json.dumps({"raw": base64.b64encode(raw).decode("ascii"), "token_address": token_address})
+        data: dict[str, Any] = {"raw": base64.b64encode(raw).decode("ascii"), "token_address": token_address}
+        if auth is not None:
+            data["auth"] = auth
+        if bounce:
+            data["bounce"] = True
+        payload = json.dumps(data)
+        state = HELD if held else PENDING
 
         def txn_fn(txn: Txn) -> int:
             row_id = txn.insert_returning_id(
                 "INSERT INTO inbound_mail (received_ts, room_id, reply_event, message, state, next_attempt_ts)"
-                " VALUES (?,?,?,'',?,?)", (now, room_id, reply_event, PENDING, now))
+                " VALUES (?,?,?,'',?,?)", (now, room_id, reply_event, state, now))
             if self.sealer is not None and self.sealer.enabled:
                 period = time.strftime("%Y-%m", time.gmtime(now / 1000))
                 sealed = self.sealer.seal(_OWNER, room_id, period, payload.encode("utf-8"), self._aad(row_id))[1]
@@ -264,16 +295,16 @@ class BridgeStore:
 
         return await self.db.run_interaction("email_bridge_add_inbound", txn_fn)
 
-    def _open(self, row_id: int, value: str) -> tuple[Optional[bytes], Optional[str]]:
+    def _open(self, row_id: int, value: str) -> tuple[Optional[bytes], Optional[str], dict[str, Any]]:
         if not value:
-            return None, None
+            return None, None, {}
         if self.sealer is not None and value.startswith("zk1:"):
             plain = self.sealer.open(value, self._aad(row_id))
             if plain is None:
-                return None, None
+                return None, None, {}
             value = plain.decode("utf-8")
         data: dict[str, Any] = json.loads(value)
-        return base64.b64decode(data["raw"]), data.get("token_address")
+        return base64.b64decode(data["raw"]), data.get("token_address"), data
 
     async def due_inbound(self, limit: int) -> list[InboundMail]:
         now = int(time.time() * 1000)
@@ -283,11 +314,14 @@ class BridgeStore:
         out = []
         for row_id, room_id, reply_event, message, attempts in rows:
             try:
-                raw, token_address = self._open(int(row_id), str(message))
+                raw, token_address, data = self._open(int(row_id), str(message))
             except Exception:
                 out.append(InboundMail(int(row_id), str(room_id), reply_event, None, None, int(attempts), True))
                 continue
-            out.append(InboundMail(int(row_id), str(room_id), reply_event, raw, token_address, int(attempts)))
+            auth = data.get("auth")
+            out.append(InboundMail(int(row_id), str(room_id), reply_event, raw, token_address, int(attempts),
+                                   auth=auth if isinstance(auth, dict) else None,
+                                   bounce=bool(data.get("bounce"))))
         return out
 
     async def next_due_ts(self) -> Optional[int]:
@@ -316,3 +350,122 @@ class BridgeStore:
         rows = await self.db.execute("email_bridge_states", "SELECT id, state, COALESCE(outcome, '')"
                                      " FROM inbound_mail ORDER BY id")
         return [(int(a), str(b), str(c)) for a, b, c in rows]
+
+    # -- sender checks: room policies, quarantine, bounces ------------------------------------
+    async def set_room_auth_policy(self, room_id: str, unauthenticated: Optional[str]) -> None:
+        def txn_fn(txn: Txn) -> None:
+            txn.execute("DELETE FROM room_auth_policies WHERE room_id = ?", (room_id,))
+            if unauthenticated is not None:
+                txn.execute("INSERT INTO room_auth_policies (room_id, unauthenticated) VALUES (?,?)",
+                            (room_id, unauthenticated))
+
+        await self.db.run_interaction("email_bridge_set_auth_policy", txn_fn)
+
+    async def room_auth_policy(self, room_id: str) -> str:
+        rows = await self.db.execute("email_bridge_auth_policy", "SELECT unauthenticated FROM room_auth_policies"
+                                     " WHERE room_id = ?", room_id)
+        return str(rows[0][0]) if rows else "mark"
+
+    async def held_mail(self) -> list[tuple[int, int, str, Optional[dict[str, Any]]]]:
+        """(row ID, received ts, room ID, check results) of each held mail."""
+        rows = await self.db.execute("email_bridge_held", "SELECT id, received_ts, room_id, message"
+                                     " FROM inbound_mail WHERE state = ? ORDER BY id", HELD)
+        out: list[tuple[int, int, str, Optional[dict[str, Any]]]] = []
+        for row_id, ts, room_id, message in rows:
+            try:
+                auth = self._open(int(row_id), str(message))[2].get("auth")
+            except Exception:
+                auth = None
+            out.append((int(row_id), int(ts), str(room_id), auth if isinstance(auth, dict) else None))
+        return out
+
+    async def release_held(self, row_id: int) -> bool:
+        """A held mail becomes due to be posted (marked). False: no such held mail."""
+        now = int(time.time() * 1000)
+
+        def txn_fn(txn: Txn) -> bool:
+            txn.execute("SELECT room_id FROM inbound_mail WHERE id = ? AND state = ?", (row_id, HELD))
+            row = txn.fetchone()
+            if row is None:
+                return False
+            txn.execute("UPDATE inbound_mail SET state = ?, next_attempt_ts = ?, outcome = 'released'"
+                        " WHERE id = ?", (PENDING, now, row_id))
+            self._clear_notice_txn(txn, str(row[0]))
+            return True
+
+        return await self.db.run_interaction("email_bridge_release", txn_fn)
+
+    async def delete_held(self, row_id: int) -> bool:
+        def txn_fn(txn: Txn) -> bool:
+            txn.execute("SELECT room_id FROM inbound_mail WHERE id = ? AND state = ?", (row_id, HELD))
+            row = txn.fetchone()
+            if row is None:
+                return False
+            txn.execute("UPDATE inbound_mail SET state = ?, outcome = 'deleted from quarantine', message = ''"
+                        " WHERE id = ?", (IGNORED, row_id))
+            self._clear_notice_txn(txn, str(row[0]))
+            return True
+
+        return await self.db.run_interaction("email_bridge_delete_held", txn_fn)
+
+    @staticmethod
+    def _clear_notice_txn(txn: Txn, room_id: str) -> None:
+        txn.execute("SELECT 1 FROM inbound_mail WHERE room_id = ? AND state = ? LIMIT 1", (room_id, HELD))
+        if txn.fetchone() is None:
+            txn.execute("DELETE FROM held_notices WHERE room_id = ?", (room_id,))
+
+    async def rooms_to_tell_of_held_mail(self) -> list[tuple[str, int]]:
+        """(room ID, its first held row) of rooms not yet told of their held mail."""
+        rows = await self.db.execute(
+            "email_bridge_held_rooms", "SELECT room_id, MIN(id) FROM inbound_mail WHERE state = ? AND room_id"
+            " NOT IN (SELECT room_id FROM held_notices) GROUP BY room_id ORDER BY room_id LIMIT 50", HELD)
+        return [(str(r[0]), int(r[1])) for r in rows]
+
+    async def held_notice_sent(self, room_id: str) -> None:
+        now = int(time.time() * 1000)
+
+        def txn_fn(txn: Txn) -> None:
+            txn.execute("DELETE FROM held_notices WHERE room_id = ?", (room_id,))
+            txn.execute("INSERT INTO held_notices (room_id, notified_ts) VALUES (?,?)", (room_id, now))
+
+        await self.db.run_interaction("email_bridge_held_notice", txn_fn)
+
+    def _address_index(self, address: str) -> str:
+        import hashlib
+        import hmac as hmac_lib
+
+        from zhome.bridges.email.tokens import normalise_address
+
+        key = getattr(self, "_bounce_key", None)
+        if key is None:
+            if self.sealer is not None:
+                key = self.sealer.named_key("email_bridge:bouncing_addresses")
+            else:
+                key = b"zhome:email_bridge:bouncing_addresses"
+            self._bounce_key: Optional[bytes] = key
+        return hmac_lib.new(key, normalise_address(address).encode("utf-8"), hashlib.sha256).hexdigest()
+
+    async def mark_bouncing(self, address: str, status: str) -> bool:
+        """Record a hard bounce; False when the address was bouncing already."""
+        index = self._address_index(address)
+        now = int(time.time() * 1000)
+
+        def txn_fn(txn: Txn) -> bool:
+            txn.execute("SELECT 1 FROM bouncing_addresses WHERE address_index = ?", (index,))
+            if txn.fetchone() is not None:
+                return False
+            txn.execute("INSERT INTO bouncing_addresses (address_index, since_ts, status) VALUES (?,?,?)",
+                        (index, now, status))
+            return True
+
+        return await self.db.run_interaction("email_bridge_mark_bouncing", txn_fn)
+
+    async def is_bouncing(self, address: str) -> bool:
+        rows = await self.db.execute("email_bridge_is_bouncing", "SELECT 1 FROM bouncing_addresses"
+                                     " WHERE address_index = ?", self._address_index(address))
+        return bool(rows)
+
+    async def room_of_message_id(self, message_id: str) -> Optional[str]:
+        rows = await self.db.execute("email_bridge_room_mid", "SELECT room_id FROM known_events"
+                                     " WHERE message_id = ?", message_id)
+        return str(rows[0][0]) if rows else None
