@@ -430,7 +430,7 @@ def test_bridge_is_off_by_default(zhome: ZhomeProcess) -> None:
     assert zhome.request("GET", "/_matrix/client/versions")[0] == 200
 
 
-def test_generate_config_mail_flags_make_a_working_bridge(zhome_factory: Any) -> None:
+def test_generate_config_mail_flags_make_a_working_bridge(zhome_factory: Any, dns: DnsStub) -> None:
     # What an operator gets from `zhome generate-config --mail-domain ...`:
     # the listener, the registration, the relay and the identity service.
     sink = MailSink(free_port()).start()
@@ -440,7 +440,8 @@ def test_generate_config_mail_flags_make_a_working_bridge(zhome_factory: Any) ->
             generate_args=["--mail-domain", DOMAIN, "--smtp-port", str(smtp_port),
                            "--smtp-relay", f"127.0.0.1:{sink.port}"],
             # Only what a test needs changed: a free port, no waiting.
-            overrides={"email_bridge": {"appservice_listen": f"127.0.0.1:{free_port()}", "quiet_period_ms": 0}})
+            overrides={"email_bridge": {"appservice_listen": f"127.0.0.1:{free_port()}", "quiet_period_ms": 0,
+                                        "dns_servers": [dns.address]}})
         hs.start()
         status, wk = hs.request("GET", "/.well-known/matrix/client")
         assert status == 200 and wk["m.identity_server"]["base_url"].startswith("http://127.0.0.1:")
