@@ -149,8 +149,9 @@ class EmailLinkServlets:
     """``/_zhome/email/v1/download`` and ``/unsubscribe`` for the email
     bridge whose registration has ``as_token``."""
 
-    def __init__(self, hs: "HomeServer", as_token: str) -> None:
+    def __init__(self, hs: "HomeServer", service_id: str, as_token: str) -> None:
         self.hs = hs
+        self.service_id = service_id
         self.download_key = derive_key(as_token, DOWNLOAD_LABEL)
         self.unsubscribe_key = derive_key(as_token, UNSUBSCRIBE_LABEL)
 
@@ -211,7 +212,7 @@ class EmailLinkServlets:
             return 200, _page(request, 400, "Not unsubscribed", "The request did not ask to unsubscribe.")
         room_id, ghost = found
         owner = self.hs.appservices.exclusive_user_owner(ghost)
-        if owner is None or not self.hs.membership.is_mine(ghost):
+        if owner is None or owner.id != self.service_id or not self.hs.membership.is_mine(ghost):
             return 200, _page(request, 403, "Link not valid", "This unsubscribe link is not valid.")
         current = await self.hs.membership.current_membership(room_id, ghost)
         if current in ("join", "invite"):
@@ -230,4 +231,4 @@ def register_for(hs: "HomeServer", r: "JsonResource") -> None:
 
     service = hs.appservices.by_id(SERVICE_ID)
     if service is not None:
-        EmailLinkServlets(hs, service.as_token).register_routes(r)
+        EmailLinkServlets(hs, service.id, service.as_token).register_routes(r)

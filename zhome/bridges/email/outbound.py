@@ -116,6 +116,7 @@ class OutboundMailer(Rounds):
         self._unsubscribe_key = derive_key(settings.as_token, UNSUBSCRIBE_LABEL)
         # A cache (the room's state is the truth): room ID -> (name, fetched at).
         self._room_names: dict[str, tuple[str, float]] = {}
+        self._sender_names: dict[tuple[str, str], tuple[str, float]] = {}
 
     async def queue(self, event: dict[str, Any]) -> None:
         """An event from a transaction; queued when its room has email participants."""
@@ -209,7 +210,18 @@ class OutboundMailer(Rounds):
         return name
 
     async def _sender_name(self, room_id: str, sender: str) -> str:
-        """The sender's display name in the room, else in their profile."""
+        """The sender's display name in the room, else in their profile
+        (cached briefly, like the room name)."""
+        cached = self._sender_names.get((room_id, sender))
+        if cached is not None and cached[1] > time.monotonic() - ROOM_NAME_TTL_S:
+            return cached[0]
+        name = await self._fetch_sender_name(room_id, sender)
+        if len(self._sender_names) > 10_000:
+            self._sender_names.clear()
+        self._sender_names[(room_id, sender)] = (name, time.monotonic())
+        return name
+
+    async def _fetch_sender_name(self, room_id: str, sender: str) -> str:
         try:
             member = await self.hs.state_event(room_id, "m.room.member", sender)
             name = member.get("displayname")
