@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.e2e.harness import ZhomeProcess, free_port, q
 from tests.e2e.mailsink import MailSink, body_of
-from tests.e2e.test_email_bridge import DOMAIN, MailRoom, ghost, wait_for
+from tests.e2e.test_email_bridge import DOMAIN, MailRoom, ghost, mail, wait_for
 from zhome.bridges.email.links import derive_key, download_sig
 
 BOB, CAROL = "bob@example.net", "carol@example.org"
@@ -122,6 +122,12 @@ def test_outbound_mail(zhome_factory: Any, tmp_path: Path) -> None:
         assert len(sink.to(BOB)) == 1 and len(sink.to(CAROL)) == 1
         assert first[BOB]["Message-ID"] == first[CAROL]["Message-ID"]
 
+        # 1b. Mail from one email participant reaches the other, not its sender.
+        r.send(mail("Bob writes to the team.", sender=f"Bob <{BOB}>"), mail_from=BOB)
+        forwarded = sink.wait_for(CAROL, 2)[1]
+        assert "Bob writes to the team." in body_of(forwarded) and "Bob wrote" in body_of(forwarded)
+        assert len(sink.to(BOB)) == 1
+
         # 2. Text and an image: one mail, the image attached, the same bytes.
         png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 3
         up_status, up = hs.request("POST", "/_matrix/media/v3/upload?filename=photo.png", raw=png,
@@ -201,7 +207,7 @@ def test_outbound_mail(zhome_factory: Any, tmp_path: Path) -> None:
         time.sleep(1.5)
         assert [m for m in sink.to(BOB) if "Across a crash." in body_of(m)] == [sink.to(BOB)[4]]
         assert len(sink.to(BOB)) == 5 and queued_before_kill
-        assert len(sink.to(CAROL)) == carol_mails == 4  # unsubscribed: nothing more
+        assert len(sink.to(CAROL)) == carol_mails == 5  # unsubscribed: nothing more
 
         # 7. Quiet period 0: mailed promptly.
         cfg = yaml.safe_load(hs.config_path.read_text())

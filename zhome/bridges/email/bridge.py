@@ -193,8 +193,9 @@ class EmailBridge:
         elif etype == "m.room.message" and isinstance(event.get("event_id"), str):
             await self.store.remember_event(room_id, str(event["event_id"]))
             sender = event.get("sender")
-            if (self.outbound is not None and isinstance(sender, str) and sender != self.bot
-                    and address_of_ghost(self.cfg.ghost_prefix, sender) is None):
+            # A ghost's message (a participant's mail) goes to the other
+            # email participants; outbound leaves it out of its sender's mail.
+            if self.outbound is not None and isinstance(sender, str) and sender != self.bot:
                 await self.outbound.queue(event)
 
     async def query_user(self, user_id: str) -> bool:
