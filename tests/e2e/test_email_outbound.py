@@ -170,14 +170,24 @@ def test_outbound_mail(zhome_factory: Any, tmp_path: Path) -> None:
         assert status == 403
 
         # 4. A Matrix reply and a thread: In-Reply-To/References name our first mail.
-        r.alice.ok("PUT", f"/rooms/{room}/send/m.room.message/r1", {
+        reply_id = r.alice.ok("PUT", f"/rooms/{room}/send/m.room.message/r1", {
             "msgtype": "m.text", "body": "A reply to the first.",
-            "m.relates_to": {"m.in_reply_to": {"event_id": sent[0]}}})
+            "m.relates_to": {"m.in_reply_to": {"event_id": sent[0]}}})["event_id"]
         four = sink.wait_for(BOB, 4)[3]
         assert "A reply to the first." in body_of(four)
         assert four["In-Reply-To"] == first[BOB]["Message-ID"]
         assert first[BOB]["Message-ID"] in str(four["References"])
         assert str(four["Subject"]).startswith("Re: ")
+        # In a thread rooted at the second message: the root's mail and the
+        # replied-to event's mail.
+        r.alice.ok("PUT", f"/rooms/{room}/send/m.room.message/th1", {
+            "msgtype": "m.text", "body": "In the thread.",
+            "m.relates_to": {"rel_type": "m.thread", "event_id": sent[1], "is_falling_back": True,
+                             "m.in_reply_to": {"event_id": reply_id}}})
+        five = sink.wait_for(BOB, 5)[4]
+        assert "In the thread." in body_of(five)
+        assert str(five["References"]).split() == [first[BOB]["Message-ID"], four["Message-ID"]]
+        assert five["In-Reply-To"] == four["Message-ID"] and five["Subject"] == four["Subject"]
 
         # 5. One-click unsubscribe: GET does nothing, a bad token is 403, POST leaves.
         unsub = _local(hs, str(first[CAROL]["List-Unsubscribe"]).strip("<>"))
@@ -199,15 +209,15 @@ def test_outbound_mail(zhome_factory: Any, tmp_path: Path) -> None:
 
         # 6. Restart between the message and its due time: mailed exactly once.
         r.alice.ok("PUT", f"/rooms/{room}/send/m.room.message/k1", {"msgtype": "m.text", "body": "Across a crash."})
-        wait_for(lambda: _queued(r) > 0 or len(sink.to(BOB)) > 4, "the message queued", timeout=10)
+        wait_for(lambda: _queued(r) > 0 or len(sink.to(BOB)) > 5, "the message queued", timeout=10)
         queued_before_kill = _queued(r) > 0
         hs.stop(kill=True)
         hs.start()
-        wait_for(lambda: len(sink.to(BOB)) >= 5, "the mail after the restart")
+        wait_for(lambda: len(sink.to(BOB)) >= 6, "the mail after the restart")
         time.sleep(1.5)
-        assert [m for m in sink.to(BOB) if "Across a crash." in body_of(m)] == [sink.to(BOB)[4]]
-        assert len(sink.to(BOB)) == 5 and queued_before_kill
-        assert len(sink.to(CAROL)) == carol_mails == 5  # unsubscribed: nothing more
+        assert [m for m in sink.to(BOB) if "Across a crash." in body_of(m)] == [sink.to(BOB)[5]]
+        assert len(sink.to(BOB)) == 6 and queued_before_kill
+        assert len(sink.to(CAROL)) == carol_mails == 6  # unsubscribed: nothing more
 
         # 7. Quiet period 0: mailed promptly.
         cfg = yaml.safe_load(hs.config_path.read_text())
@@ -217,8 +227,8 @@ def test_outbound_mail(zhome_factory: Any, tmp_path: Path) -> None:
         wait_for(lambda: r.rcpt_code(f"team@{DOMAIN}") == 250, "the bridge back")
         started = time.monotonic()
         r.alice.ok("PUT", f"/rooms/{room}/send/m.room.message/z1", {"msgtype": "m.text", "body": "No waiting."})
-        sink.wait_for(BOB, 6, timeout=10)
+        sink.wait_for(BOB, 7, timeout=10)
         assert time.monotonic() - started < 2.0
-        assert "No waiting." in body_of(sink.to(BOB)[5])
+        assert "No waiting." in body_of(sink.to(BOB)[6])
     finally:
         sink.stop()

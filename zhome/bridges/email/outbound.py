@@ -189,7 +189,8 @@ class OutboundMailer(Rounds):
             logger.warning("email bridge: a room's messages not mailed yet (%s)", e)
             await self.store.postpone_outbound_rows([r[0] for r in rows], RETRY_MS)
         except Exception as e:
-            logger.exception("email bridge: a room's messages not mailed yet (%s)", type(e).__name__)
+            # The type only: a message of a mail error may hold an address.
+            logger.warning("email bridge: a room's messages not mailed yet (unexpected %s)", type(e).__name__)
             await self.store.postpone_outbound_rows([r[0] for r in rows], RETRY_MS)
 
     async def _room_name(self, room_id: str) -> str:
