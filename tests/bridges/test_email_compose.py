@@ -1,7 +1,8 @@
 """The bridge's outbound mail on its own: MIME structure, sanitised HTML,
 DKIM signatures checked with dkimpy against the public key, the signed
 download and unsubscribe links, and the relay's certificate checked
-against a configured CA file (aiosmtpd with STARTTLS and AUTH on loopback)."""
+against a configured CA file (aiosmtpd with STARTTLS and AUTH on loopback),
+and one batch through the mailer with the homeserver down, then up."""
 
 from __future__ import annotations
 
@@ -186,3 +187,69 @@ async def test_relay_certificate_checked_against_the_ca_file(tmp_path: Path) -> 
     finally:
         sink.stop()
         implicit.stop()
+
+
+class _FakeHomeserver:
+    """The few Client-Server calls the mailer makes; ``down`` makes them fail."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.calls = 0
+
+    async def state_event(self, room_id: str, event_type: str, state_key: str) -> dict[str, Any]:
+        from zhome.bridges.email.hsclient import HomeserverUnreachable
+
+        self.calls += 1
+        if self.down:
+            raise HomeserverUnreachable("ConnectionRefusedError")
+        return {"name": "Ward 3"} if event_type == "m.room.name" else {"displayname": "Dr Alice"}
+
+    async def displayname(self, user_id: str) -> str:
+        return "Dr Alice"
+
+    async def download(self, mxc: str, max_bytes: int) -> Any:
+        raise AssertionError("no media in this test")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_waits_when_the_homeserver_is_down_then_goes_out_once(tmp_path: Path) -> None:
+    from zhome.bridges.email.outbound import OutboundMailer, OutboundSettings
+    from zhome.bridges.email.store import BridgeStore
+    from zhome.mail.outbox import MailOutbox, ensure_schema
+    from zhome.storage.database import Database
+    from zhome.storage.ids import IdGenerator
+
+    db = Database("sqlite3", {"database": str(tmp_path / "bridge.db")})
+    store = BridgeStore(db, None)
+    await store.setup()
+    await ensure_schema(db)
+    outbox = MailOutbox(db, await IdGenerator.from_table(db, "mail_outbox", "id"), None, relay=None)  # type: ignore[arg-type]
+    hs = _FakeHomeserver()
+    mailer = OutboundMailer(store, hs, outbox, b"s" * 32, OutboundSettings(  # type: ignore[arg-type]
+        mail_domain="mail.test", from_address="noreply@mail.test", quiet_period_ms=0, ghost_prefix="email_",
+        server_name="hs.test", public_baseurl="https://hs.test/", as_token="tok"))
+    room = "!r:hs.test"
+    try:
+        for address in ("bob@example.net", "carol@example.org"):
+            from zhome.bridges.email.tokens import ghost_localpart
+
+            await store.set_membership(room, f"@{ghost_localpart('email_', address)}:hs.test", "join")
+        for i in range(3):
+            await mailer.queue({"room_id": room, "event_id": f"$e{i}", "sender": "@alice:hs.test",
+                                "content": {"msgtype": "m.text", "body": f"message {i}"}})
+        await mailer._mail_room(room)
+        # Not built: nothing handed over, the rows wait (not due now).
+        assert await outbox.pending() == 0
+        assert len(await store.room_outbound(room, 10)) == 3 and await store.due_outbound_rooms(10) == []
+        hs.down = False
+        await store.postpone_outbound_rows([r[0] for r in await store.room_outbound(room, 10)], -1000)
+        await mailer._mail_room(room)
+        # One mail per participant, the rows gone, the Message-ID remembered
+        # for every event it carried; a second pass sends nothing more.
+        assert await outbox.pending() == 2 and await store.room_outbound(room, 10) == []
+        mid = (await store.message_ids_of("$e2"))[0]
+        assert await store.message_ids_of("$e0") == [mid] and mid.endswith("@mail.test>")
+        await mailer._mail_room(room)
+        assert await outbox.pending() == 2
+    finally:
+        await db.close()
