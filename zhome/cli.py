@@ -525,7 +525,7 @@ def _bridge_email(args: argparse.Namespace) -> int:
 
     setup_logging(config.log_level, config.log_file, config.log_format)
     return run_standalone(config.email_bridge, config.server_name, config.data_dir, config.encryption.enabled,
-                          **relay_settings(config.email))
+                          **relay_settings(config.email), public_baseurl=config.public_baseurl)
 
 
 # ---------------------------------------------------------------------------

@@ -795,6 +795,9 @@ class EmailConfig:
     force_tls: bool = setting(boolean, default=False)
     # Check the relay's TLS certificate. false is for test set-ups only.
     verify_certificate: bool = setting(boolean, default=True)
+    # PEM file of the CA certificates the relay's certificate is checked
+    # against; none: the system's trust store.
+    smtp_ca_file: str | None = setting(optional(non_empty_string), default=None)
     timeout_ms: int = setting(integer(1000, 600_000), default=60_000)
     # The From of every mail zhome sends.
     notif_from: str = setting(_mail_address)
@@ -923,6 +926,18 @@ class EmailBridgeConfig:
     # zhome run starts the bridge in its own process; false: run it with
     # zhome bridge-email.
     in_process: bool = setting(boolean, default=True)
+    # Outbound: files up to this size (bytes) are attached to the mail;
+    # larger ones (and any beyond max_attachments_total per mail) are sent
+    # as a signed download link served by zhome.
+    max_attachment_size: int = setting(integer(0), default=10 * MiB)
+    max_attachments_total: int = setting(integer(0), default=20 * MiB)
+    # How long such a download link stays valid.
+    download_link_lifetime_ms: int = setting(integer(60_000), default=7 * 24 * 3600 * 1000)
+    # DKIM signing of outbound mail (RFC 6376): a PEM private key (RSA or
+    # Ed25519) and its selector; the signing domain is the From address's.
+    # None: mail goes out unsigned.
+    dkim_key_path: str | None = setting(optional(non_empty_string), default=None)
+    dkim_selector: str = setting(non_empty_string, default="zhome")
 
     def _check(self, path: str) -> None:
         if self.enabled and self.mail_domain is None:

@@ -231,6 +231,9 @@ class HomeServer:
         await self._setup_threepids()
         for servlets in self.client_servlets():
             servlets.register_routes(self.client_resource)
+        from zhome.bridges.email.links import register_for as register_email_links
+
+        register_email_links(self, self.client_resource)
         await self._setup_federation_services()
         from zhome.media.setup import setup_media
 
@@ -900,7 +903,8 @@ def run(config: HomeserverConfig) -> int:
                 from zhome.bridges.email.bridge import EmailBridge, relay_settings
 
                 bridge = await EmailBridge.create(bridge_cfg, config.server_name, config.data_dir,
-                                                  seal=config.encryption.enabled, **relay_settings(config.email))
+                                                  seal=config.encryption.enabled, **relay_settings(config.email),
+                                                  public_baseurl=config.public_baseurl)
                 bridge.start()
                 bridges.append(bridge)
             logger.info("zhome %s started for %s (pid %d)", _version(), config.server_name, os.getpid())

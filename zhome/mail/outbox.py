@@ -100,6 +100,23 @@ class MailOutbox(Rounds):
         self.kick()
         return row_id
 
+    def prepare(self, sender: str, recipient: str, message: bytes) -> tuple[Any, ...]:
+        """A mail's row, sealed, for ``enqueue_txn``."""
+        row_id = self.ids.next()
+        now = int(self.clock() * 1000)
+        body = base64.b64encode(message).decode("ascii")
+        return (row_id, now, sender, self._seal(row_id, "recipient", recipient),
+                self._seal(row_id, "message", body), now)
+
+    @staticmethod
+    def enqueue_txn(txn: Txn, row: tuple[Any, ...]) -> int:
+        """Queue a ``prepare``d mail inside the caller's transaction (with
+        other work that must commit with it, or not at all); ``kick()`` once
+        it committed."""
+        txn.execute("INSERT INTO mail_outbox (id, created_ts, sender, recipient, message, attempts, next_attempt_ts)"
+                    " VALUES (?,?,?,?,?,0,?)", row)
+        return int(row[0])
+
     async def pending(self) -> int:
         rows = await self.db.execute("mail_pending", "SELECT COUNT(*) FROM mail_outbox")
         return int(rows[0][0])

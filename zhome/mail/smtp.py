@@ -39,16 +39,24 @@ class SmtpRelay:
     force_tls: bool = False
     #: Check the relay's certificate (off only for test set-ups).
     verify_certificate: bool = True
+    #: PEM file of the CA certificates to trust for the relay; None: the system's.
+    ca_file: Optional[str] = None
     timeout_s: float = 60.0
 
     @classmethod
     def from_config(cls, cfg: Any) -> "SmtpRelay":
         return cls(host=cfg.smtp_host, port=cfg.smtp_port, user=cfg.smtp_user, password=cfg.smtp_pass,
                    require_transport_security=cfg.require_transport_security, force_tls=cfg.force_tls,
-                   verify_certificate=cfg.verify_certificate, timeout_s=cfg.timeout_ms / 1000)
+                   verify_certificate=cfg.verify_certificate, ca_file=getattr(cfg, "smtp_ca_file", None),
+                   timeout_s=cfg.timeout_ms / 1000)
 
     def _tls_options(self) -> Any:
         if self.verify_certificate:
+            if self.ca_file is not None:
+                from twisted.internet.ssl import Certificate
+
+                with open(self.ca_file, "rb") as f:
+                    return optionsForClientTLS(self.host, trustRoot=Certificate.loadPEM(f.read()))
             return optionsForClientTLS(self.host)
         from twisted.internet.ssl import CertificateOptions
 

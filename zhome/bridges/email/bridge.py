@@ -35,7 +35,8 @@ from twisted.web import server as web_server
 
 from zhome.bridges.email.appservice import AppServiceResource
 from zhome.bridges.email.hsclient import HomeserverClient, HomeserverError, HomeserverUnreachable
-from zhome.bridges.email.outbound import OutboundMailer
+from zhome.bridges.email.compose import DkimSigner
+from zhome.bridges.email.outbound import OutboundMailer, OutboundSettings
 from zhome.bridges.email.processor import InboundProcessor, ProcessorSettings
 from zhome.bridges.email.registration import BridgeRegistration, ensure_registration
 from zhome.bridges.email import senderauth
@@ -84,7 +85,7 @@ class EmailBridge:
         self.limits = SenderLimits(cfg.sender_rate_per_minute, cfg.sender_burst, cfg.client_ip_rate_per_minute,
                                    cfg.client_ip_burst)
         #: Where delivery reports for our outbound mail come (its envelope sender).
-        self.bounce_address = outbound.from_address.lower() if outbound is not None else None
+        self.bounce_address = outbound.s.from_address.lower() if outbound is not None else None
         self._auth_memo: dict[tuple[bytes, Envelope], senderauth.AuthResult] = {}
         # Sender checks block on DNS: in threads of their own (a few, so a
         # flood waits its turn there and no other component's threads are
@@ -96,9 +97,11 @@ class EmailBridge:
     @classmethod
     async def create(cls, cfg: EmailBridgeConfig, server_name: str, data_dir: str, *,
                      seal: bool = True, relay: Optional[Relay] = None,
-                     from_address: Optional[str] = None) -> "EmailBridge":
+                     from_address: Optional[str] = None, public_baseurl: Optional[str] = None) -> "EmailBridge":
         """``relay`` and ``from_address``: where mail to email participants
-        goes and whose address it is from; none: no outbound mail."""
+        goes and whose address it is from; none: no outbound mail.
+        ``public_baseurl``: where the links in that mail point (default:
+        ``homeserver_url``)."""
         registration = ensure_registration(cfg, server_name)
         assert cfg.database_path is not None and cfg.homeserver_url is not None and cfg.mail_domain is not None
         os.makedirs(os.path.dirname(cfg.database_path), exist_ok=True)
@@ -117,8 +120,12 @@ class EmailBridge:
             await ensure_outbox_schema(db)
             outbox = MailOutbox(db, await IdGenerator.from_table(db, "mail_outbox", "id"), sealer if seal else None,
                                 relay, owner="zhome:email_bridge:outbox")
-            outbound = OutboundMailer(store, hs, outbox, secret, cfg.mail_domain, from_address,
-                                      cfg.quiet_period_ms, cfg.ghost_prefix)
+            outbound = OutboundMailer(store, hs, outbox, secret, OutboundSettings(
+                mail_domain=cfg.mail_domain, from_address=from_address, quiet_period_ms=cfg.quiet_period_ms,
+                ghost_prefix=cfg.ghost_prefix, server_name=server_name,
+                public_baseurl=public_baseurl or cfg.homeserver_url, as_token=registration.as_token,
+                max_attachment_size=cfg.max_attachment_size, max_attachments_total=cfg.max_attachments_total,
+                link_lifetime_ms=cfg.download_link_lifetime_ms), dkim_signer(cfg, from_address))
         return cls(cfg, server_name, registration, store, hs, processor, secret, sealer, outbound)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -260,8 +267,9 @@ class EmailBridge:
         elif etype == "m.room.message" and isinstance(event.get("event_id"), str):
             await self.store.remember_event(room_id, str(event["event_id"]))
             sender = event.get("sender")
-            if (self.outbound is not None and isinstance(sender, str) and sender != self.bot
-                    and address_of_ghost(self.cfg.ghost_prefix, sender) is None):
+            # A ghost's message (a participant's mail) goes to the other
+            # email participants; outbound leaves it out of its sender's mail.
+            if self.outbound is not None and isinstance(sender, str) and sender != self.bot:
                 await self.outbound.queue(event)
 
     async def query_user(self, user_id: str) -> bool:
@@ -329,6 +337,18 @@ class EmailBridge:
         await self._address_event(room_id, content)
 
 
+def dkim_signer(cfg: EmailBridgeConfig, from_address: str) -> Optional[DkimSigner]:
+    """The signer of outbound mail (its key read once), or None: unsigned."""
+    if cfg.dkim_key_path is None:
+        logger.info("email bridge: no dkim_key_path: outbound mail is not DKIM-signed")
+        return None
+    domain = from_address.rsplit("@", 1)[-1]
+    try:
+        return DkimSigner.from_file(cfg.dkim_key_path, cfg.dkim_selector, domain)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"email_bridge.dkim_key_path: cannot load the key ({type(e).__name__})") from None
+
+
 def relay_settings(email_cfg: Optional[EmailConfig]) -> dict[str, Any]:
     """The outbound relay and From address: the ``email`` section's (the
     relay zhome's own mail goes through); none: no outbound mail."""
@@ -338,7 +358,8 @@ def relay_settings(email_cfg: Optional[EmailConfig]) -> dict[str, Any]:
 
 
 def run_standalone(cfg: EmailBridgeConfig, server_name: str, data_dir: str, seal: bool,
-                   relay: Optional[Relay] = None, from_address: Optional[str] = None) -> int:
+                   relay: Optional[Relay] = None, from_address: Optional[str] = None,
+                   public_baseurl: Optional[str] = None) -> int:
     """``zhome bridge-email``: the bridge in a process of its own."""
     bridge: list[EmailBridge] = []
     code = [0]
@@ -346,7 +367,7 @@ def run_standalone(cfg: EmailBridgeConfig, server_name: str, data_dir: str, seal
     async def start() -> None:
         try:
             b = await EmailBridge.create(cfg, server_name, data_dir, seal=seal, relay=relay,
-                                         from_address=from_address)
+                                         from_address=from_address, public_baseurl=public_baseurl)
             b.start()
             bridge.append(b)
         except Exception as e:

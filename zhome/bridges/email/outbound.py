@@ -1,45 +1,72 @@
-"""The outbound half's start: room messages mailed to the room's email participants.
+"""Room messages mailed to the room's email participants.
 
 Spec: application-service-api "Pushing events" brings the room's
-``m.room.message`` events; each is queued in the bridge's database (content
-sealed, deleted once mailed) and, after ``quiet_period_ms``, becomes one
-mail per email participant (a ghost joined or invited), handed to the
-persistent outbox of zhome/mail on the bridge's own database.
+``m.room.message`` events; each is queued in the bridge's database
+(``outbound_events``, content sealed) with a due time of its arrival plus
+``quiet_period_ms``.
 
-Each mail (RFC 5322) has ``Reply-To`` the participant's signed reply
-address (tokens.py), a ``Message-ID`` derived from the event
-(``<zhome.HASH@mail_domain>``, so a reply's ``In-Reply-To`` finds the event
-and the bridge knows its own mail when it comes back) and, for a Matrix
-reply, ``In-Reply-To`` the replied-to event's Message-ID when known.
+Coalescing: when a room's oldest queued message is due, every message of
+that room queued by then (up to ``MAX_EVENTS_PER_MAIL``) becomes ONE mail
+per email participant (a ghost joined or invited), in event order, each
+introduced by its sender's display name in the room. A participant's own
+messages (their ghost's, e.g. their mail posted into the room) are left
+out of their mail, and mail from one email participant reaches the others
+this way. A batch whose messages are all the participant's own sends them
+nothing. What is the same for every participant (display names, the room
+name, media bytes) is fetched once per batch.
 
-At-least-once: a crash between handing a mail to the outbox and marking
-the event mailed sends that event's mails again.
+Headers (compose.py builds the mail): ``Message-ID`` derived from the
+batch's last event (``<zhome.HASH@mail_domain>``, so the bridge knows its
+own mail when it comes back); ``Reply-To`` the participant's signed reply
+address for the last event (tokens.py); for a Matrix reply or a thread
+(``m.in_reply_to``, ``rel_type: m.thread``) ``In-Reply-To``/``References``
+the Message-IDs of the replied-to event and the thread root when known
+(a mail of ours that carried it, ``sent_mail_events``, or the inbound mail
+it came from, ``known_events``); ``List-Unsubscribe`` with one-click
+(links.py); DKIM-signed when a key is configured.
+
+Media (``m.image``, ``m.file``, ``m.audio``, ``m.video`` with an ``mxc``
+``url``) is downloaded once through the authenticated media API and
+attached when it fits ``max_attachment_size`` and the mail's
+``max_attachments_total``; otherwise the mail carries a signed, expiring
+download link served by the homeserver (links.py). Encrypted files
+(``file`` instead of ``url``) cannot be attached: the mail says so.
+
+Once: the batch's mails are handed to the outbox (zhome/mail/outbox.py,
+on the same database) and its rows deleted in one transaction, so a crash
+neither loses nor doubles them; the outbox retries with backoff. A batch
+that cannot be built (homeserver unreachable) waits ``RETRY_MS``.
 """
 
 from __future__ import annotations
 
-import email.policy
-import email.utils
 import hashlib
 import logging
 import time
-from email.message import EmailMessage
+from dataclasses import dataclass
 from typing import Any, Optional
 
-from twisted.internet import defer
-
+from zhome.bridges.email.compose import (
+    Attachment, DkimSigner, MailHeaders, MailItem, build_mail, html_of, one_line, serialise,
+)
 from zhome.bridges.email.hsclient import HomeserverClient, HomeserverError, HomeserverUnreachable
+from zhome.bridges.email.links import (
+    DOWNLOAD_LABEL, UNSUBSCRIBE_LABEL, derive_key, download_url, unsubscribe_url,
+)
 from zhome.bridges.email.store import BridgeStore
-from zhome.bridges.email.tokens import reply_localpart
+from zhome.bridges.email.tokens import ghost_localpart, reply_localpart
 from zhome.mail.outbox import MailOutbox
+from zhome.storage.database import Txn
 from zhome.util.reactor import reactor
 from zhome.util.rounds import Rounds
 
 logger = logging.getLogger(__name__)
 
-BATCH = 20
-MAX_BATCHES_PER_ROUND = 10
+ROOMS_PER_ROUND = 20
+MAX_EVENTS_PER_MAIL = 50
 RETRY_MS = 60_000
+ROOM_NAME_TTL_S = 60.0
+MEDIA_TYPES = ("m.image", "m.file", "m.audio", "m.video")
 
 
 def message_id_for(event_id: str, mail_domain: str) -> str:
@@ -47,22 +74,49 @@ def message_id_for(event_id: str, mail_domain: str) -> str:
     return f"<zhome.{digest}@{mail_domain}>"
 
 
-def _one_line(text: str, limit: int = 150) -> str:
-    return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:limit]
+@dataclass(frozen=True)
+class OutboundSettings:
+    mail_domain: str
+    from_address: str
+    quiet_period_ms: int
+    ghost_prefix: str
+    server_name: str
+    #: Where the signed links point (the homeserver's public base URL).
+    public_baseurl: str
+    as_token: str
+    max_attachment_size: int = 10 * 1024 * 1024
+    max_attachments_total: int = 20 * 1024 * 1024
+    link_lifetime_ms: int = 7 * 24 * 3600 * 1000
+
+
+def _reply_target(content: dict[str, Any]) -> tuple[Optional[str], Optional[str]]:
+    """(replied-to event, thread root) of a message's ``m.relates_to``."""
+    relates = content.get("m.relates_to")
+    if not isinstance(relates, dict):
+        return None, None
+    reply = relates.get("m.in_reply_to")
+    target = reply.get("event_id") if isinstance(reply, dict) else None
+    root = relates.get("event_id") if relates.get("rel_type") == "m.thread" else None
+    return (target if isinstance(target, str) else None), (root if isinstance(root, str) else None)
 
 
 class OutboundMailer(Rounds):
     def __init__(self, store: BridgeStore, hs: HomeserverClient, outbox: MailOutbox, secret: bytes,
-                 mail_domain: str, from_address: str, quiet_period_ms: int, ghost_prefix: str) -> None:
+                 settings: OutboundSettings, signer: Optional[DkimSigner] = None) -> None:
         super().__init__()
-        self.ghost_prefix = ghost_prefix
         self.store = store
         self.hs = hs
         self.outbox = outbox
         self.secret = secret
-        self.mail_domain = mail_domain
-        self.from_address = from_address
-        self.quiet_period_ms = quiet_period_ms
+        self.s = settings
+        self.signer = signer
+        self.ghost_prefix = settings.ghost_prefix
+        self.quiet_period_ms = settings.quiet_period_ms
+        self._download_key = derive_key(settings.as_token, DOWNLOAD_LABEL)
+        self._unsubscribe_key = derive_key(settings.as_token, UNSUBSCRIBE_LABEL)
+        # A cache (the room's state is the truth): room ID -> (name, fetched at).
+        self._room_names: dict[str, tuple[str, float]] = {}
+        self._sender_names: dict[tuple[str, str], tuple[str, float]] = {}
 
     async def queue(self, event: dict[str, Any]) -> None:
         """An event from a transaction; queued when its room has email participants."""
@@ -72,47 +126,45 @@ class OutboundMailer(Rounds):
         body = content.get("body")
         if not isinstance(body, str) or not body:
             return
-        relates = content.get("m.relates_to")
-        reply_to = None
-        if isinstance(relates, dict) and isinstance(relates.get("m.in_reply_to"), dict):
-            target = relates["m.in_reply_to"].get("event_id")
-            reply_to = target if isinstance(target, str) else None
-        await self.store.add_outbound(room_id, event_id, str(event.get("sender", "")), body, reply_to,
-                                      int(time.time() * 1000) + self.quiet_period_ms)
+        kept = {k: content[k] for k in ("msgtype", "body", "format", "formatted_body", "url", "info", "filename",
+                                         "m.relates_to") if k in content}
+        if "file" in content:
+            kept["encrypted_file"] = True
+        await self.store.add_outbound_event(room_id, event_id, {"sender": str(event.get("sender", "")),
+                                                                "content": kept},
+                                            int(time.time() * 1000) + self.quiet_period_ms)
         self._schedule(self.quiet_period_ms / 1000)
 
     def _schedule(self, delay_s: float) -> None:
         if self._stopped:
             return
+        if self._running:
+            if delay_s <= 0.05:
+                self._again = True
+            # The running round schedules the next due time when it ends.
+            return
         if self._timer is not None and self._timer.active():
             if self._timer.getTime() <= reactor.seconds() + delay_s:
                 return
             self._timer.cancel()
-        self._timer = reactor.callLater(max(0.05, delay_s), self.kick)
+        self._timer = reactor.callLater(max(0.0, delay_s), self.kick)
 
     async def _round(self) -> None:
         self._running = True
+        min_delay = 0.0
         try:
-            for _ in range(MAX_BATCHES_PER_ROUND):
+            while not self._stopped:
                 self._again = False
-                rows = await self.store.due_outbound(BATCH)
-                for row in rows:
+                rooms = await self.store.due_outbound_rooms(ROOMS_PER_ROUND)
+                for room_id in rooms:
                     if self._stopped:
                         return
-                    try:
-                        await self._mail_event(*row)
-                    except Exception as e:
-                        # Tried again later, never in a tight loop.
-                        logger.warning("email bridge: outbound event %d not mailed yet (%s)", row[0],
-                                       type(e).__name__)
-                        await self.store.postpone_outbound(row[0], RETRY_MS)
-                if len(rows) < BATCH and not self._again:
+                    await self._mail_room(room_id)
+                if len(rooms) < ROOMS_PER_ROUND and not self._again:
                     break
         except Exception:
             logger.exception("email bridge: outbound round failed")
             min_delay = 5.0
-        else:
-            min_delay = 0.05
         finally:
             self._running = False
         if self._stopped:
@@ -125,32 +177,154 @@ class OutboundMailer(Rounds):
         if nxt is not None:
             self._schedule(max(min_delay, nxt / 1000 - time.time()))
 
-    async def _mail_event(self, row_id: int, room_id: str, event_id: str, sender: str, body: Optional[str],
-                          reply_to: Optional[str]) -> None:
-        if body is None:
-            await self.store.finish_outbound(row_id)
+    # -- one room's batch ------------------------------------------------------------
+    async def _mail_room(self, room_id: str) -> None:
+        rows = await self.store.room_outbound(room_id, MAX_EVENTS_PER_MAIL)
+        if not rows:
             return
         try:
-            name = await self.hs.displayname(sender) or sender
-        except (HomeserverError, HomeserverUnreachable):
-            name = sender
-        mid = message_id_for(event_id, self.mail_domain)
-        n = await self.store.remember_event(room_id, event_id, mid)
-        in_reply_to = await self.store.message_id_of(reply_to) if reply_to else None
-        for address in await self.store.email_participants(room_id, self.ghost_prefix):
-            if await self.store.is_bouncing(address):  # a hard bounce stopped mail to it (bounces.py)
-                continue
-            msg = EmailMessage(policy=email.policy.default)
-            msg["From"] = email.utils.formataddr((_one_line(name), self.from_address))
-            msg["To"] = address
-            msg["Subject"] = "New message"
-            msg["Date"] = email.utils.formatdate(usegmt=True)
-            msg["Message-ID"] = mid
-            msg["Reply-To"] = f"{reply_localpart(self.secret, n, room_id, event_id, address)}@{self.mail_domain}"
-            msg["Auto-Submitted"] = "no"
-            if in_reply_to:
-                msg["In-Reply-To"] = in_reply_to
-                msg["References"] = in_reply_to
-            msg.set_content(f"{name} wrote:\n\n{body}\n")
-            await self.outbox.enqueue(self.from_address, address, msg.as_bytes())
-        await self.store.finish_outbound(row_id)
+            await self._mail_event(room_id, rows)
+        except (HomeserverError, HomeserverUnreachable) as e:
+            # Tried again later, never in a tight loop.
+            logger.warning("email bridge: a room's messages not mailed yet (%s)", e)
+            await self.store.postpone_outbound_rows([r[0] for r in rows], RETRY_MS)
+        except Exception as e:
+            # The type only: a message of a mail error may hold an address.
+            logger.warning("email bridge: a room's messages not mailed yet (unexpected %s)", type(e).__name__)
+            await self.store.postpone_outbound_rows([r[0] for r in rows], RETRY_MS)
+
+    async def _room_name(self, room_id: str) -> str:
+        cached = self._room_names.get(room_id)
+        if cached is not None and cached[1] > time.monotonic() - ROOM_NAME_TTL_S:
+            return cached[0]
+        name = ""
+        try:
+            content = await self.hs.state_event(room_id, "m.room.name", "")
+            got = content.get("name")
+            name = one_line(got, 100) if isinstance(got, str) else ""
+        except HomeserverError as e:
+            if e.status not in (403, 404):
+                raise
+        self._room_names[room_id] = (name, time.monotonic())
+        if len(self._room_names) > 10_000:
+            self._room_names.clear()
+        return name
+
+    async def _sender_name(self, room_id: str, sender: str) -> str:
+        """The sender's display name in the room, else in their profile
+        (cached briefly, like the room name)."""
+        cached = self._sender_names.get((room_id, sender))
+        if cached is not None and cached[1] > time.monotonic() - ROOM_NAME_TTL_S:
+            return cached[0]
+        name = await self._fetch_sender_name(room_id, sender)
+        if len(self._sender_names) > 10_000:
+            self._sender_names.clear()
+        self._sender_names[(room_id, sender)] = (name, time.monotonic())
+        return name
+
+    async def _fetch_sender_name(self, room_id: str, sender: str) -> str:
+        try:
+            member = await self.hs.state_event(room_id, "m.room.member", sender)
+            name = member.get("displayname")
+            if isinstance(name, str) and name.strip():
+                return name
+        except HomeserverError:
+            pass
+        try:
+            return await self.hs.displayname(sender) or sender
+        except HomeserverError:
+            return sender
+
+    async def _media(self, content: dict[str, Any], budget: list[int]) -> MailItem:
+        """Attachments, links and notes of one message (without its sender)."""
+        msgtype = content.get("msgtype")
+        body = str(content.get("body", ""))
+        if msgtype not in MEDIA_TYPES:
+            return MailItem("", body)
+        filename = content.get("filename") if isinstance(content.get("filename"), str) else body
+        filename = "".join(c for c in str(filename) if c.isprintable() and c not in "/\\")[:200] or "attachment"
+        if content.get("encrypted_file"):
+            return MailItem("", body, notes=("an end-to-end encrypted file was sent; it cannot be mailed",))
+        url = content.get("url")
+        if not isinstance(url, str) or not url.startswith("mxc://"):
+            return MailItem("", body)
+        info = content.get("info") if isinstance(content.get("info"), dict) else {}
+        announced = info.get("size") if isinstance(info, dict) else None
+        cap = min(self.s.max_attachment_size, budget[0])
+        got: Optional[tuple[bytes, str]] = None
+        if not (isinstance(announced, int) and announced > cap):
+            got = await self.hs.download(url, cap)
+        if got is not None:
+            budget[0] -= len(got[0])
+            return MailItem("", body, attachments=(Attachment(filename, got[1], got[0]),))
+        exp = int(time.time() * 1000) + self.s.link_lifetime_ms
+        link = download_url(self.s.public_baseurl, self._download_key, url, exp)
+        if link is None:
+            return MailItem("", body)
+        return MailItem("", body, links=((filename, link),))
+
+    async def _mail_event(self, room_id: str, rows: list[tuple[int, str, Optional[dict[str, Any]]]]) -> None:
+        """Mail one room's batch ``rows`` (row ID, event ID, data) to each
+        email participant, handing the mails over with the rows' deletion."""
+        events = [(row_id, event_id, data) for row_id, event_id, data in rows if data is not None]
+        row_ids = [r[0] for r in rows]
+        mails: list[tuple[Any, ...]] = []
+        last_event = events[-1][1] if events else None
+        mid = message_id_for(last_event, self.s.mail_domain) if last_event else None
+        if events:
+            assert last_event is not None and mid is not None
+            names: dict[str, str] = {}
+            budget = [self.s.max_attachments_total]
+            items: list[tuple[str, MailItem]] = []
+            refs: list[str] = []
+            for _row_id, _event_id, data in events:
+                sender = str(data.get("sender", ""))
+                content = data.get("content")
+                if not isinstance(content, dict):
+                    # Queued by an older version: the body alone.
+                    content = {"msgtype": "m.text", "body": str(data.get("body") or "")}
+                    if data.get("reply_to"):
+                        content["m.relates_to"] = {"m.in_reply_to": {"event_id": data["reply_to"]}}
+                if sender not in names:
+                    names[sender] = await self._sender_name(room_id, sender)
+                media = await self._media(content, budget)
+                html = None if content.get("msgtype") in MEDIA_TYPES else html_of(
+                    media.body, content.get("format"), content.get("formatted_body"))
+                items.append((sender, MailItem(names[sender], media.body, html, media.attachments, media.links,
+                                               media.notes)))
+                target, root = _reply_target(content)
+                for ev in (root, target):
+                    if ev is not None:
+                        for m in await self.store.message_ids_of(ev):
+                            if m not in refs:
+                                refs.append(m)
+            room_name = await self._room_name(room_id)
+            subject = f"New messages in {room_name}" if room_name else "New messages"
+            if refs:
+                subject = "Re: " + subject
+            n = await self.store.remember_event(room_id, last_event, mid)
+            for address in await self.store.email_participants(room_id, self.ghost_prefix):
+                if await self.store.is_bouncing(address):  # a hard bounce stopped mail to it (bounces.py)
+                    continue
+                ghost = f"@{ghost_localpart(self.ghost_prefix, address)}:{self.s.server_name}"
+                mine = [item for sender, item in items if sender != ghost]
+                if not mine:
+                    continue
+                headers = MailHeaders(
+                    from_name=mine[-1].sender_name, from_address=self.s.from_address, to=address,
+                    subject=subject, message_id=mid,
+                    reply_to=f"{reply_localpart(self.secret, n, room_id, last_event, address)}@{self.s.mail_domain}",
+                    references=tuple(refs),
+                    unsubscribe_url=unsubscribe_url(self.s.public_baseurl, self._unsubscribe_key, room_id, ghost))
+                raw = serialise(build_mail(headers, mine), self.signer)
+                mails.append(self.outbox.prepare(self.s.from_address, address, raw))
+        event_ids = [e[1] for e in events]
+
+        def txn_fn(txn: Txn) -> None:
+            for mail in mails:
+                MailOutbox.enqueue_txn(txn, mail)
+            BridgeStore.finish_outbound_txn(txn, row_ids, room_id, mid, event_ids)
+
+        await self.store.db.run_interaction("email_bridge_mail_batch", txn_fn)
+        if mails:
+            self.outbox.kick()

@@ -59,6 +59,15 @@ _SCHEMA = (
         event_id TEXT NOT NULL UNIQUE,
         payload TEXT NOT NULL,
         due_ts BIGINT NOT NULL)""",
+    # Every Message-ID the bridge mailed and the events that mail carried
+    # (a coalesced mail carries several), so a reply's In-Reply-To or
+    # References finds them and a Matrix reply to any of them threads.
+    """CREATE TABLE IF NOT EXISTS sent_mail_events (
+        message_id TEXT NOT NULL,
+        room_id TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        PRIMARY KEY (message_id, event_id))""",
+    "CREATE INDEX IF NOT EXISTS sent_mail_events_event ON sent_mail_events (event_id)",
     """CREATE TABLE IF NOT EXISTS ghost_members (
         room_id TEXT NOT NULL,
         user_id TEXT NOT NULL,
@@ -218,6 +227,79 @@ class BridgeStore:
     async def finish_outbound(self, row_id: int) -> None:
         await self.db.run_interaction("email_bridge_finish_outbound", lambda txn: txn.execute(
             "DELETE FROM outbound_events WHERE id = ?", (row_id,)))
+
+    async def add_outbound_event(self, room_id: str, event_id: str, data: dict[str, Any], due_ts: int) -> None:
+        """Queue a room message (``data``: sender, content) for mail; the
+        first copy of an event wins (a transaction delivered twice)."""
+        payload = self._seal_json(f"outbound_events\x00{event_id}".encode(), room_id, data)
+
+        def txn_fn(txn: Txn) -> None:
+            txn.execute("SELECT 1 FROM outbound_events WHERE event_id = ?", (event_id,))
+            if txn.fetchone() is None:
+                txn.execute("INSERT INTO outbound_events (room_id, event_id, payload, due_ts) VALUES (?,?,?,?)",
+                            (room_id, event_id, payload, due_ts))
+
+        await self.db.run_interaction("email_bridge_add_outbound", txn_fn)
+
+    async def due_outbound_rooms(self, limit: int) -> list[str]:
+        """Rooms with a queued message that is due, oldest first."""
+        now = int(time.time() * 1000)
+        rows = await self.db.execute("email_bridge_due_rooms", "SELECT room_id, MIN(id) FROM outbound_events"
+                                     " WHERE due_ts <= ? GROUP BY room_id ORDER BY MIN(id) LIMIT ?", now, limit)
+        return [str(r[0]) for r in rows]
+
+    async def room_outbound(self, room_id: str, limit: int) -> list[tuple[int, str, Optional[dict[str, Any]]]]:
+        """The queued messages of ``room_id`` in event order: (row ID, event
+        ID, data or None when its sealed copy does not open)."""
+        rows = await self.db.execute("email_bridge_room_outbound", "SELECT id, event_id, payload FROM outbound_events"
+                                     " WHERE room_id = ? ORDER BY id LIMIT ?", room_id, limit)
+        out: list[tuple[int, str, Optional[dict[str, Any]]]] = []
+        for row_id, event_id, payload in rows:
+            text: Optional[str] = str(payload)
+            if text and text.startswith("zk1:") and self.sealer is not None:
+                try:
+                    plain = self.sealer.open(text, f"outbound_events\x00{event_id}".encode())
+                except Exception:
+                    plain = None
+                text = None if plain is None else plain.decode("utf-8")
+            data = json.loads(text) if text else None
+            out.append((int(row_id), str(event_id), data if isinstance(data, dict) else None))
+        return out
+
+    async def postpone_outbound_rows(self, row_ids: list[int], delay_ms: int) -> None:
+        due = int(time.time() * 1000) + delay_ms
+
+        def txn_fn(txn: Txn) -> None:
+            for row_id in row_ids:
+                txn.execute("UPDATE outbound_events SET due_ts = ? WHERE id = ?", (due, row_id))
+
+        await self.db.run_interaction("email_bridge_postpone_outbound", txn_fn)
+
+    @staticmethod
+    def finish_outbound_txn(txn: Txn, row_ids: list[int], room_id: str, message_id: Optional[str],
+                            event_ids: list[str]) -> None:
+        """In the transaction that hands the batch's mails to the outbox: the
+        rows are done and the Message-ID remembered for the events it carried."""
+        for row_id in row_ids:
+            txn.execute("DELETE FROM outbound_events WHERE id = ?", (row_id,))
+        if message_id is not None:
+            for event_id in event_ids:
+                txn.execute("SELECT 1 FROM sent_mail_events WHERE message_id = ? AND event_id = ?",
+                            (message_id, event_id))
+                if txn.fetchone() is None:
+                    txn.execute("INSERT INTO sent_mail_events (message_id, room_id, event_id) VALUES (?,?,?)",
+                                (message_id, room_id, event_id))
+
+    async def message_ids_of(self, event_id: str) -> list[str]:
+        """The Message-IDs an event is known by: the inbound mail it came
+        from, or the mails of ours that carried it."""
+        rows = await self.db.execute("email_bridge_mids_of", "SELECT message_id FROM known_events"
+                                     " WHERE event_id = ? AND message_id IS NOT NULL", event_id)
+        out = [str(r[0]) for r in rows]
+        rows = await self.db.execute("email_bridge_sent_mids_of", "SELECT message_id FROM sent_mail_events"
+                                     " WHERE event_id = ? ORDER BY message_id LIMIT 5", event_id)
+        out.extend(str(r[0]) for r in rows if str(r[0]) not in out)
+        return out
 
     async def message_id_of(self, event_id: str) -> Optional[str]:
         rows = await self.db.execute("email_bridge_mid_of", "SELECT message_id FROM known_events"
