@@ -7,6 +7,8 @@ dropped) when the test ends.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -76,7 +78,15 @@ class ZhomeProcess:
         if database_url:
             args += ["--database-url", database_url]
         args += list(generate_args)
-        subprocess.run(args, check=True, capture_output=True, env=_server_env())
+        # In this process (the command's own code, without starting another
+        # interpreter for it: most tests start a server or two).
+        from zhome.cli import main as zhome_command
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = zhome_command(args[3:])
+        if code != 0:
+            raise RuntimeError(f"zhome generate-config failed ({code}): {out.getvalue()}")
         cfg = yaml.safe_load(self.config_path.read_text())
         cfg["rate_limits"]["enabled"] = rate_limits
         cfg["log_level"] = "INFO"
