@@ -158,6 +158,11 @@ class InboundProcessor(Rounds):
         if self._displaynames.get(ghost) != name:
             await self.hs.set_displayname(ghost, name)
             self._displaynames[ghost] = name
+        invite = await self.store.invite_reply(row.id)
+        if invite is not None and row.token_address is not None:
+            # A reply to an invitation mail: the ghost claims the invitation
+            # (again: idempotent), which invites it; it joins, then posts.
+            await self.hs.claim_invite(invite[0], invite[1], row.token_address, ghost)
         await self._ensure_joined(row.room_id, ghost)
         reply_to = await self.store.event_for_message_ids(row.room_id, parsed.references) or row.reply_event
         n = 0
