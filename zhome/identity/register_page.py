@@ -167,6 +167,10 @@ class InvitationRegistration:
         if not hmac.compare_digest(password, password2):
             return 400, again("The two passwords differ.")
         accounts = self.hs.accounts
+        owner = await self.hs.threepids.user_for(str(row["medium"]), str(row["address"]))
+        if owner is not None and owner != user_id:
+            return 403, _page(request, 403, "Address already registered",
+                              ["This email address belongs to an account already: sign in with it."])
         existing = await accounts.get_user(user_id)
         if row["used_ts"] is not None:
             # Taken before: only the same registration, retried, may go on.
