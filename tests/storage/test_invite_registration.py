@@ -34,6 +34,12 @@ async def test_registration_token_lifecycle(database: Database) -> None:
     # Expired: not reservable.
     await store.add_registration_token("old", "email", "b@example.org", "inv2", "!r:test", -1)
     assert not await store.reserve_registration_token("old", "@w:test")
+    # Expired unused tokens are deleted as new ones come; the user's go with the user.
+    await store.add_registration_token("new", "email", "c@example.org", "inv3", "!r:test", 60_000)
+    assert await store.registration_token("old") is None
+    await store.delete_for_user("@v:test")
+    assert await store.registration_token("tok") is None
+    assert await store.registration_token("new") is not None
     # Claims are recorded once.
     await store.record_claim("inv1", "!r:test", "@g:test")
     await store.record_claim("inv1", "!other:test", "@h:test")

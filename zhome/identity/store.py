@@ -91,6 +91,8 @@ class IdentityStore:
         def txn_fn(txn: Txn) -> None:
             txn.execute("DELETE FROM identity_accounts WHERE user_id = ?", (user_id,))
             txn.execute("DELETE FROM identity_associations WHERE mxid = ?", (user_id,))
+            txn.execute("DELETE FROM invite_registration_tokens WHERE user_id = ?", (user_id,))
+            txn.execute("DELETE FROM email_invite_claims WHERE user_id = ?", (user_id,))
 
         await self.db.run_interaction("identity_delete_user", txn_fn)
 
@@ -183,9 +185,14 @@ class IdentityStore:
         sealed = seal_text(self.sealer, SERVICE_OWNER, address, self._regtoken_aad(h))
         now = int(time.time() * 1000)
         args = (h, medium, idx, sealed, invite_token, room_id, now, now + lifetime_ms)
-        await self.db.run_interaction("identity_add_regtoken", lambda txn: txn.execute(
-            "INSERT INTO invite_registration_tokens (token_hash, medium, address_index, address, invite_token,"
-            " room_id, created_ts, expires_ts) VALUES (?,?,?,?,?,?,?,?)", args))
+
+        def txn_fn(txn: Txn) -> None:
+            # Tokens expired and never used go (with their sealed address).
+            txn.execute("DELETE FROM invite_registration_tokens WHERE expires_ts < ? AND used_ts IS NULL", (now,))
+            txn.execute("INSERT INTO invite_registration_tokens (token_hash, medium, address_index, address,"
+                        " invite_token, room_id, created_ts, expires_ts) VALUES (?,?,?,?,?,?,?,?)", args)
+
+        await self.db.run_interaction("identity_add_regtoken", txn_fn)
 
     async def registration_token(self, token: str) -> Optional[dict[str, Any]]:
         """The registration token's row (the address opened), or None."""

@@ -7,6 +7,10 @@ so a retry after a crash (or a lost answer) gets the event already sent
 back instead of a second one. Attachments go to the media repository first
 (re-uploaded on a retry: a spare copy of a file, never a second message).
 
+A mail to an invitation's reply address (table invite_replies) is posted
+after its ghost claimed the invitation (zhome's claim_invite; idempotent,
+so a retry claims again harmlessly) and joined on the invite it made.
+
 A mail that cannot be posted for good (malformed, not allowed) is marked
 failed and kept (sealed); a homeserver that cannot be reached is retried
 with backoff. Logs name the row ID and the reason, never an address or a
