@@ -804,12 +804,6 @@ class EmailConfig:
     # up to outbox_max_backoff_ms.
     outbox_min_backoff_ms: int = setting(integer(100), default=5000)
     outbox_max_backoff_ms: int = setting(integer(1000), default=3600 * 1000)
-    # Mail about missed messages (rooms a user turned it on for with the room
-    # account data org.zhome.email_notifications {"enabled": true}): a
-    # notification still unread after this long is mailed; the check runs
-    # every missed_messages_interval_ms.
-    missed_messages_delay_ms: int = setting(integer(0), default=10 * 60 * 1000)
-    missed_messages_interval_ms: int = setting(integer(100), default=60 * 1000)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -345,15 +345,6 @@ class HomeServer:
         self._setup_identity()
         if self.mail_outbox is not None:
             self.mail_outbox.start()
-        self.missed_messages: Any = None
-        if self.mailer is not None and email is not None:
-            from zhome.mail.missed import MissedMessagesMailer
-
-            self.missed_messages = MissedMessagesMailer(
-                self.db, self.user_data, self.notification_log.store, self.events, self.threepids, self.mailer,
-                email.missed_messages_delay_ms, email.missed_messages_interval_ms,
-                self.config.identity_service.invite_client_location)
-            self.missed_messages.start()
 
     async def _unbind_threepids(self, user_id: str) -> None:
         try:
@@ -761,8 +752,6 @@ class HomeServer:
             await self.sealing_backlog.stop()
         if getattr(self, "event_media", None) is not None:
             await self.event_media.stop()
-        if getattr(self, "missed_messages", None) is not None:
-            await self.missed_messages.stop()
         if getattr(self, "mail_outbox", None) is not None:
             await self.mail_outbox.stop()
         if getattr(self, "push_delivery", None) is not None:

@@ -59,14 +59,3 @@ class Mailer:
                          f"\n\n{register_link}\n")
         parts.append(f"If you already have an account, sign in with this email address:\n\n{link}\n")
         return await self.send(to, f"{inviter} invited you to {room_name}", "\n".join(parts), reply_to=reply_to)
-
-    async def send_missed_messages(self, to: str, room_name: str, count: int, senders: list[str],
-                                   link: str) -> int:
-        """Mail about unread messages in one room: how many, from whom, where (no message text)."""
-        room_name = one_line(room_name)
-        who = one_line(", ".join(senders[:10]) + (" and others" if len(senders) > 10 else ""), 500)
-        plural = "message" if count == 1 else "messages"
-        text = (f"You have {count} unread {plural} in {room_name} on {self.app_name}, from {who}.\n\n"
-                f"To read them, open the room:\n\n{link}\n\n"
-                "You get this mail because you turned on email notifications for this room.\n")
-        return await self.send(to, f"{count} unread {plural} in {room_name}", text)

@@ -31,16 +31,3 @@ CREATE TABLE email_invite_claims (
     user_id TEXT NOT NULL,
     claimed_ts BIGINT NOT NULL
 );
-
--- Mail about missed messages, per room (zhome/mail/missed.py): a user
--- turns it on for a room with the room account data
--- org.zhome.email_notifications {"enabled": true}; since_ts is when the
--- mailer first saw it on (older notifications are never mailed),
--- mailed_up_to the stream position of the last notification considered.
-CREATE TABLE email_missed_messages (
-    user_id TEXT NOT NULL,
-    room_id TEXT NOT NULL,
-    since_ts BIGINT NOT NULL,
-    mailed_up_to BIGINT NOT NULL,
-    PRIMARY KEY (user_id, room_id)
-);
