@@ -423,13 +423,40 @@ class HomeServer:
             store, self.threepids, self.config.identity_service, self.mailer, self.signing_key, self.server_name,
             self.config.public_baseurl, email.validation_token_lifetime_ms if email else 3600 * 1000,
             self.threepids.openid_user, self.json_http,
-            federation_get=self.federation_client.get_json if self.federation_client is not None else None)
+            federation_get=self.federation_client.get_json if self.federation_client is not None else None,
+            bridge=self._invite_bridge())
         self.account_purge_hooks.append(store.delete_for_user)
         self.threepid_servlets.local_identity = self.identity_service
         IdentityServlets(self.identity_service, self.threepid_servlets.mail_ratelimit).register_routes(
             self.client_resource)
         self.client_resource.register("GET", r"/\.well-known/matrix/client", self._well_known_client,
                                       "well_known_client")
+        from zhome.identity.register_page import InvitationRegistration
+
+        InvitationRegistration(self, self.identity_service, RateLimiter(
+            self.config.rate_limits.registration.per_second, self.config.rate_limits.registration.burst_count,
+            self.config.rate_limits.enabled)).register_routes(self.client_resource)
+
+    def _invite_bridge(self) -> Any:
+        """The email bridge as invitation mails need it (its registration's
+        as_token keys the reply addresses), or None when it is off."""
+        cfg = self.config.email_bridge
+        if not cfg.enabled or cfg.mail_domain is None or cfg.registration_file is None:
+            return None
+        import yaml
+
+        from zhome.bridges.email.tokens import invite_key
+        from zhome.identity.service import InviteBridge
+
+        try:
+            with open(cfg.registration_file, encoding="utf-8") as f:
+                reg = yaml.safe_load(f)
+        except OSError:
+            return None
+        token = reg.get("as_token") if isinstance(reg, dict) else None
+        if not isinstance(token, str) or not token:
+            return None
+        return InviteBridge(token, invite_key(token), cfg.mail_domain, cfg.ghost_prefix)
 
     async def _on_3pid_onbind(self, request: Any) -> tuple[int, Any]:
         """server-server-api "Third-party invites": PUT /3pid/onbind."""

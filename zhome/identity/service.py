@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -24,6 +25,7 @@ from signedjson.key import decode_signing_key_base64, encode_signing_key_base64,
     generate_signing_key, get_verify_key
 from signedjson.sign import sign_json
 
+from zhome.bridges.email.tokens import ghost_localpart, invite_localpart, normalise_address, verify_invite
 from zhome.config import IdentityServiceConfig
 from zhome.http.errors import MatrixError
 from zhome.identity.http import HttpJsonError, JsonRequest
@@ -36,13 +38,29 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "/_matrix/identity/v2"
 ASSOCIATION_VALIDITY_MS = 100 * 365 * 24 * 3600 * 1000
+#: How long the registration link of an invitation mail works.
+INVITE_REGISTRATION_LIFETIME_MS = 14 * 24 * 3600 * 1000
+REGISTER_PATH = "_zhome/register/invitation"
+
+
+@dataclass(frozen=True)
+class InviteBridge:
+    """What the identity service knows of the email bridge (when it is on):
+    the key of invitation reply addresses (tokens.invite_key of the bridge's
+    as_token), the mail domain and the ghosts' prefix."""
+
+    as_token: str
+    key: bytes
+    mail_domain: str
+    ghost_prefix: str
 
 
 class IdentityService:
     def __init__(self, store: IdentityStore, threepids: ThreepidStore, config: IdentityServiceConfig,
                  mailer: Optional[Mailer], signing_key: Any, server_name: str, public_baseurl: str,
                  validation_lifetime_ms: int, openid_user: Callable[[str], Awaitable[Optional[str]]],
-                 http: Callable[[], JsonRequest], federation_get: Any = None) -> None:
+                 http: Callable[[], JsonRequest], federation_get: Any = None,
+                 bridge: Optional[InviteBridge] = None) -> None:
         self.store = store
         self.threepids = threepids
         self.config = config
@@ -56,6 +74,8 @@ class IdentityService:
         self.openid_user = openid_user
         self.http = http
         self.federation_get = federation_get
+        #: The email bridge: invitation mails offer the reply way too.
+        self.bridge = bridge
 
     @property
     def key_id(self) -> str:
@@ -123,7 +143,11 @@ class IdentityService:
     # -- associations ------------------------------------------------------------------------
     async def bind(self, sid: str, client_secret: str, mxid: str) -> dict[str, Any]:
         session = await self.validated(sid, client_secret)
-        medium, address = session["medium"], session["address"]
+        return await self.bind_address(session["medium"], session["address"], mxid)
+
+    async def bind_address(self, medium: str, address: str, mxid: str) -> dict[str, Any]:
+        """Bind a validated address to ``mxid`` (replacing an earlier
+        binding) and turn its stored invitations into invites (3pid/onbind)."""
         ts = await self.store.bind(medium, address, mxid, await self.pepper())
         association: dict[str, Any] = {"address": address, "medium": medium, "mxid": mxid, "not_before": ts,
                                        "not_after": ts + ASSOCIATION_VALIDITY_MS, "ts": ts}
@@ -172,7 +196,8 @@ class IdentityService:
                            extra: dict[str, Any]) -> dict[str, Any]:
         if await self.store.mxid_for(medium, address) is not None:
             raise MatrixError(400, "M_THREEPID_IN_USE", "This address is bound to a Matrix user: invite them")
-        token = secrets.token_urlsafe(24)
+        # Lower-case hex: it also goes into a reply address (tokens.invite_localpart).
+        token = secrets.token_hex(16)
         ephemeral = generate_signing_key("0")
         public = str(encode_verify_key_base64(get_verify_key(ephemeral)))
         await self.store.store_invite(token, medium, address, room_id, sender,
@@ -183,7 +208,18 @@ class IdentityService:
             inviter = extra.get("sender_display_name") or sender
             room = extra.get("room_name") or extra.get("room_alias") or "a room"
             link = self.config.invite_client_location + "#/room/" + quote(room_id, safe="!:")
-            await self.mailer.send_invitation(address, str(inviter), str(room), link)
+            reg_token = secrets.token_urlsafe(32)
+            await self.store.add_registration_token(reg_token, medium, address, token, room_id,
+                                                    INVITE_REGISTRATION_LIFETIME_MS)
+            register_link = self.public_baseurl.rstrip("/") + "/" + REGISTER_PATH + "?" + urlencode(
+                {"t": reg_token})
+            reply_to = None
+            if self.bridge is not None:
+                local_reply = invite_localpart(self.bridge.key, token, address)
+                if local_reply is not None:
+                    reply_to = f"{local_reply}@{self.bridge.mail_domain}"
+            await self.mailer.send_invitation(address, str(inviter), str(room), link, reply_to=reply_to,
+                                              register_link=register_link)
         base = self.base_url()
         return {
             "token": token, "display_name": display,
@@ -192,6 +228,41 @@ class IdentityService:
                 {"public_key": public, "key_validity_url": base + "/pubkey/ephemeral/isvalid"},
             ],
         }
+
+    # -- invitations by email: the reply way --------------------------------------------------
+    async def claim_invite(self, token: str, mac: str, address: str, user_id: str) -> str:
+        """The email bridge's ghost of ``address`` claims the invitation
+        ``token`` (a reply to its invitation mail): the address is bound to
+        the ghost (it counts as validated: the mail came from the address
+        the invitation was sent to, to a reply address only it received),
+        which turns the invitation into the ghost's invite. Returns the
+        room ID. Claiming again (a retried mail) answers the same."""
+        bridge = self.bridge
+        if bridge is None:
+            raise MatrixError(404, "M_UNRECOGNIZED", "The email bridge is not on")
+        address = normalise_address(address)
+        if user_id != f"@{ghost_localpart(bridge.ghost_prefix, address)}:{self.server_name}":
+            raise MatrixError(403, "M_FORBIDDEN", "user_id is not the ghost of this address")
+        if not verify_invite(bridge.key, token, mac, address):
+            raise MatrixError(403, "M_FORBIDDEN", "The invitation token does not verify for this address")
+        bound = await self.store.mxid_for("email", address)
+        if bound is not None and bound != user_id:
+            raise MatrixError(409, "M_THREEPID_IN_USE", "This address is bound to a Matrix user")
+        claimed = await self.store.claim(token)
+        if claimed is not None:
+            if claimed[1] != user_id:
+                raise MatrixError(403, "M_FORBIDDEN", "The invitation was claimed by another user")
+            room_id = claimed[0]
+        else:
+            row = await self.store.invite_row(token)
+            if row is None or row[0] != "email" or row[1] != self.threepids.index("email", address):
+                raise MatrixError(404, "M_NOT_FOUND", "No such pending invitation for this address")
+            room_id = row[2]
+            await self.store.record_claim(token, room_id, user_id)
+        if bound != user_id or await self.store.invite_row(token) is not None:
+            # Bound now (again after a crash in between: what is left is taken).
+            await self.bind_address("email", address, user_id)
+        return room_id
 
     async def sign_ed25519(self, mxid: str, token: str, private_key: str) -> dict[str, Any]:
         try:

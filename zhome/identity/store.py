@@ -91,6 +91,8 @@ class IdentityStore:
         def txn_fn(txn: Txn) -> None:
             txn.execute("DELETE FROM identity_accounts WHERE user_id = ?", (user_id,))
             txn.execute("DELETE FROM identity_associations WHERE mxid = ?", (user_id,))
+            txn.execute("DELETE FROM invite_registration_tokens WHERE user_id = ?", (user_id,))
+            txn.execute("DELETE FROM email_invite_claims WHERE user_id = ?", (user_id,))
 
         await self.db.run_interaction("identity_delete_user", txn_fn)
 
@@ -170,3 +172,87 @@ class IdentityStore:
         if not rows:
             return None
         return open_text(self.sealer, rows[0][0], self._invite_aad(token))
+
+    # -- invitations by email: registration tokens and claims (migration 0025) --------------
+    def _regtoken_aad(self, token_hash: str) -> str:
+        return f"invite_registration_tokens.address\x00{token_hash}"
+
+    async def add_registration_token(self, token: str, medium: str, address: str, invite_token: str,
+                                     room_id: str, lifetime_ms: int) -> None:
+        """Store an invitation-bound registration token (hashed; the address sealed)."""
+        h = digest(token)
+        idx = self.threepids.index(medium, address)
+        sealed = seal_text(self.sealer, SERVICE_OWNER, address, self._regtoken_aad(h))
+        now = int(time.time() * 1000)
+        args = (h, medium, idx, sealed, invite_token, room_id, now, now + lifetime_ms)
+
+        def txn_fn(txn: Txn) -> None:
+            # Tokens expired and never used go (with their sealed address).
+            txn.execute("DELETE FROM invite_registration_tokens WHERE expires_ts < ? AND used_ts IS NULL", (now,))
+            txn.execute("INSERT INTO invite_registration_tokens (token_hash, medium, address_index, address,"
+                        " invite_token, room_id, created_ts, expires_ts) VALUES (?,?,?,?,?,?,?,?)", args)
+
+        await self.db.run_interaction("identity_add_regtoken", txn_fn)
+
+    async def registration_token(self, token: str) -> Optional[dict[str, Any]]:
+        """The registration token's row (the address opened), or None."""
+        h = digest(token)
+        rows = await self.db.execute("identity_get_regtoken", "SELECT medium, address, invite_token, room_id,"
+                                     " expires_ts, used_ts, user_id, done_ts FROM invite_registration_tokens"
+                                     " WHERE token_hash = ?", h)
+        if not rows:
+            return None
+        medium, sealed, invite_token, room_id, expires, used, user_id, done = rows[0]
+        return {"medium": medium, "address": open_text(self.sealer, sealed, self._regtoken_aad(h)),
+                "invite_token": invite_token, "room_id": room_id, "expires_ts": int(expires),
+                "used_ts": used, "user_id": user_id, "done_ts": done}
+
+    async def reserve_registration_token(self, token: str, user_id: str) -> bool:
+        """Take the token for ``user_id`` (once; the same user again: still theirs)."""
+        h = digest(token)
+        now = int(time.time() * 1000)
+
+        def txn_fn(txn: Txn) -> bool:
+            txn.execute("UPDATE invite_registration_tokens SET used_ts = ?, user_id = ? WHERE token_hash = ?"
+                        " AND used_ts IS NULL AND expires_ts > ?", (now, user_id, h, now))
+            if txn.rowcount > 0:
+                return True
+            txn.execute("SELECT user_id, done_ts FROM invite_registration_tokens WHERE token_hash = ?", (h,))
+            row = txn.fetchone()
+            return row is not None and row[0] == user_id and row[1] is None
+
+        return await self.db.run_interaction("identity_reserve_regtoken", txn_fn)
+
+    async def release_registration_token(self, token: str, user_id: str) -> None:
+        """Give back a reservation whose account could not be made (the name was taken)."""
+        await self.db.run_interaction("identity_release_regtoken", lambda txn: txn.execute(
+            "UPDATE invite_registration_tokens SET used_ts = NULL, user_id = NULL WHERE token_hash = ?"
+            " AND user_id = ? AND done_ts IS NULL", (digest(token), user_id)))
+
+    async def finish_registration_token(self, token: str) -> None:
+        now = int(time.time() * 1000)
+        await self.db.run_interaction("identity_finish_regtoken", lambda txn: txn.execute(
+            "UPDATE invite_registration_tokens SET done_ts = ? WHERE token_hash = ?", (now, digest(token))))
+
+    async def invite_row(self, token: str) -> Optional[tuple[str, str, str]]:
+        """(medium, address_index, room_id) of a pending stored invite."""
+        rows = await self.db.execute("identity_invite_row", "SELECT medium, address_index, room_id"
+                                     " FROM identity_invites WHERE token = ?", token)
+        return (str(rows[0][0]), str(rows[0][1]), str(rows[0][2])) if rows else None
+
+    async def claim(self, invite_token: str) -> Optional[tuple[str, str]]:
+        """(room_id, user_id) of a recorded claim of an invitation."""
+        rows = await self.db.execute("identity_claim", "SELECT room_id, user_id FROM email_invite_claims"
+                                     " WHERE invite_token = ?", invite_token)
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None
+
+    async def record_claim(self, invite_token: str, room_id: str, user_id: str) -> None:
+        now = int(time.time() * 1000)
+
+        def txn_fn(txn: Txn) -> None:
+            txn.execute("SELECT 1 FROM email_invite_claims WHERE invite_token = ?", (invite_token,))
+            if txn.fetchone() is None:
+                txn.execute("INSERT INTO email_invite_claims (invite_token, room_id, user_id, claimed_ts)"
+                            " VALUES (?,?,?,?)", (invite_token, room_id, user_id, now))
+
+        await self.db.run_interaction("identity_record_claim", txn_fn)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from twisted.internet import defer
@@ -44,7 +45,8 @@ from zhome.bridges.email.ratelimit import SenderLimits
 from zhome.bridges.email.smtp import BridgeSMTPFactory, Envelope, Target
 from zhome.bridges.email.store import BridgeStore
 from zhome.bridges.email.tokens import (
-    address_of_ghost, ghost_localpart, normalise_address, parse_reply_localpart, verify_reply,
+    address_of_ghost, ghost_localpart, invite_key, normalise_address, parse_invite_localpart, parse_reply_localpart,
+    verify_invite, verify_reply,
 )
 from zhome.config import EmailBridgeConfig, EmailConfig, split_host_port
 from zhome.mail.compose import envelope_address
@@ -63,6 +65,15 @@ POLICIES = ("email_participants", "authenticated")
 #: Check results kept for the other recipients of the same mail.
 _AUTH_MEMO = 32
 _ROOM_LOCALPART = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True)
+class InviteTarget(Target):
+    """A recipient that is an invitation's reply address."""
+
+    invite_token: str = ""
+    mac: str = ""
+    address: str = ""
 
 
 class EmailBridge:
@@ -197,6 +208,9 @@ class EmailBridge:
                 return None
             return Target(room_id, event_id, normalise_address(mail_from),
                           unauthenticated=await self.store.room_auth_policy(room_id))
+        invite = parse_invite_localpart(localpart)
+        if invite is not None:
+            return await self._resolve_invite(invite[0], invite[1], mail_from)
         found = await self.store.room_for_localpart(localpart)
         if found is None:
             return None
@@ -232,6 +246,15 @@ class EmailBridge:
         if envelope is None:
             envelope = Envelope("", "", "")
         result = await self.check_sender(raw, envelope)
+        if isinstance(target, InviteTarget):
+            # An invitation's reply: the invitee's own address (the MAC says
+            # so) unless its domain's DMARC policy refuses this mail.
+            if senderauth.decide(result, "mark") == senderauth.REJECT:
+                raise tw_smtp.SMTPServerError(550, "5.7.1 Sender authentication (DMARC) failed")
+            row_id = await self.store.add_invite_reply(target.room_id, target.address, target.invite_token,
+                                                       target.mac, raw)
+            self.processor.kick()
+            return row_id
         verdict = senderauth.decide(result, "mark" if target.bounce else target.unauthenticated)
         logger.info("email bridge: sender checks dkim=%s spf=%s dmarc=%s: %s", result.dkim, result.spf,
                     result.dmarc, verdict)
@@ -243,6 +266,23 @@ class EmailBridge:
                                               bounce=target.bounce)
         self.processor.kick()
         return row_id
+
+    async def _resolve_invite(self, invite_token: str, mac: str, mail_from: str) -> Optional[Target]:
+        """An invitation's reply address: valid only from the invited
+        address (the MAC says which); the homeserver names the room (a
+        dry claim would be one more endpoint: the claim itself is
+        idempotent and is made later, before posting)."""
+        if not mail_from or not verify_invite(invite_key(self.registration.as_token), invite_token, mac, mail_from):
+            return None
+        address = normalise_address(mail_from)
+        ghost = f"@{ghost_localpart(self.cfg.ghost_prefix, address)}:{self.server_name}"
+        try:
+            await self.hs.ensure_registered(ghost_localpart(self.cfg.ghost_prefix, address))
+            room_id = await self.hs.claim_invite(invite_token, mac, address, ghost)
+        except (HomeserverError, HomeserverUnreachable) as e:
+            logger.info("email bridge: an invitation reply address was refused: %s", e)
+            return None
+        return InviteTarget(room_id, None, address, invite_token=invite_token, mac=mac, address=address)
 
     # -- AS transactions ---------------------------------------------------------------
     async def on_event(self, event: dict[str, Any]) -> None:

@@ -124,6 +124,13 @@ class HomeserverClient:
                                  user_id=user_id, query={"filename": filename})
         return str(out["content_uri"])
 
+    async def claim_invite(self, token: str, mac: str, address: str, user_id: str) -> str:
+        """The ghost ``user_id`` claims the invitation of an invitation
+        mail's reply address (zhome's own endpoint); returns its room ID."""
+        out = await self.request("POST", "_zhome/email/v1/claim_invite",
+                                 {"token": token, "mac": mac, "address": address, "user_id": user_id})
+        return str(out["room_id"])
+
     async def download(self, mxc: str, max_bytes: int) -> Optional[tuple[bytes, str]]:
         """(bytes, content type) of ``mxc`` through the authenticated media
         API; None when it is larger than ``max_bytes`` (not read further)."""

@@ -16,6 +16,9 @@ content) until the administrator releases or deletes its held mail.
 Delivery reports (bounces.py) are never posted: a hard bounce of mail to a
 room's email participant stops mail to that address (``is_bouncing``) and
 says so in the room with an ``m.notice``; a soft one is dropped.
+A mail to an invitation's reply address (table invite_replies) is posted
+after its ghost claimed the invitation (zhome's claim_invite; idempotent,
+so a retry claims again harmlessly) and joined on the invite it made.
 
 A mail that cannot be posted for good (malformed, not allowed) is marked
 failed and kept (sealed); a homeserver that cannot be reached is retried
@@ -183,6 +186,11 @@ class InboundProcessor(Rounds):
         if self._displaynames.get(ghost) != name:
             await self.hs.set_displayname(ghost, name)
             self._displaynames[ghost] = name
+        invite = await self.store.invite_reply(row.id)
+        if invite is not None and row.token_address is not None:
+            # A reply to an invitation mail: the ghost claims the invitation
+            # (again: idempotent), which invites it; it joins, then posts.
+            await self.hs.claim_invite(invite[0], invite[1], row.token_address, ghost)
         await self._ensure_joined(row.room_id, ghost)
         reply_to = await self.store.event_for_message_ids(row.room_id, parsed.references) or row.reply_event
         n = 0

@@ -68,6 +68,13 @@ _SCHEMA = (
         event_id TEXT NOT NULL,
         PRIMARY KEY (message_id, event_id))""",
     "CREATE INDEX IF NOT EXISTS sent_mail_events_event ON sent_mail_events (event_id)",
+    # A mail to an invitation's reply address (invite+TOKEN.MAC): its
+    # ghost claims the invitation before the mail is posted.
+    """CREATE TABLE IF NOT EXISTS invite_replies (
+        inbound_id INTEGER PRIMARY KEY,
+        invite_token TEXT NOT NULL,
+        mac TEXT NOT NULL
+    )""",
     """CREATE TABLE IF NOT EXISTS ghost_members (
         room_id TEXT NOT NULL,
         user_id TEXT NOT NULL,
@@ -548,6 +555,36 @@ class BridgeStore:
         return bool(rows)
 
     async def room_of_message_id(self, message_id: str) -> Optional[str]:
-        rows = await self.db.execute("email_bridge_room_mid", "SELECT room_id FROM known_events"
-                                     " WHERE message_id = ?", message_id)
+        """The room of a mail the bridge sent with this Message-ID (every
+        mail, coalesced ones too); None for any other (a stranger's)."""
+        rows = await self.db.execute("email_bridge_room_mid", "SELECT room_id FROM sent_mail_events"
+                                     " WHERE message_id = ? LIMIT 1", message_id)
         return str(rows[0][0]) if rows else None
+
+    # -- replies to invitation mails -----------------------------------------------------
+    async def add_invite_reply(self, room_id: str, address: str, invite_token: str, mac: str, raw: bytes) -> int:
+        """Commit a mail to an invitation's reply address, with its token, in one transaction."""
+        now = int(time.time() * 1000)
+        payload = json.dumps({"raw": base64.b64encode(raw).decode("ascii"), "token_address": address})
+
+        def txn_fn(txn: Txn) -> int:
+            row_id = txn.insert_returning_id(
+                "INSERT INTO inbound_mail (received_ts, room_id, reply_event, message, state, next_attempt_ts)"
+                " VALUES (?,?,NULL,'',?,?)", (now, room_id, PENDING, now))
+            if self.sealer is not None and self.sealer.enabled:
+                period = time.strftime("%Y-%m", time.gmtime(now / 1000))
+                sealed = self.sealer.seal(_OWNER, room_id, period, payload.encode("utf-8"), self._aad(row_id))[1]
+            else:
+                sealed = payload
+            txn.execute("UPDATE inbound_mail SET message = ? WHERE id = ?", (sealed, row_id))
+            txn.execute("INSERT INTO invite_replies (inbound_id, invite_token, mac) VALUES (?,?,?)",
+                        (row_id, invite_token, mac))
+            return row_id
+
+        return await self.db.run_interaction("email_bridge_add_invite_reply", txn_fn)
+
+    async def invite_reply(self, inbound_id: int) -> Optional[tuple[str, str]]:
+        """(invite token, MAC) when the mail was sent to an invitation's reply address."""
+        rows = await self.db.execute("email_bridge_invite_reply", "SELECT invite_token, mac FROM invite_replies"
+                                     " WHERE inbound_id = ?", inbound_id)
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None

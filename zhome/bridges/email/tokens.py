@@ -79,3 +79,45 @@ def parse_reply_localpart(localpart: str) -> Optional[tuple[int, str]]:
 
 def verify_reply(secret: bytes, mac: str, room_id: str, event_id: str, address: str) -> bool:
     return hmac.compare_digest(mac, _mac(secret, room_id, event_id, address))
+
+
+# -- invitation reply addresses --------------------------------------------------------------
+#
+# ``invite+TOKEN.MAC@mail_domain`` is the Reply-To of an invitation mail
+# (zhome/identity/invite_mail.py). TOKEN is the invitation's token (its
+# m.room.third_party_invite state key, 32 lower-case hex digits) and MAC an
+# HMAC-SHA256 over the token and the one address invited, keyed by
+# invite_key(as_token): the homeserver and the bridge both know the
+# bridge's as_token, so both derive the key without sharing a table.
+
+INVITE_PREFIX = "invite+"
+INVITE_KEY_LABEL = b"zhome email invites v1"
+_INVITE_TOKEN = re.compile(r"([0-9a-f]{32})\.([a-z2-7]{20})")
+
+
+def invite_key(as_token: str) -> bytes:
+    return hmac.new(as_token.encode("utf-8"), INVITE_KEY_LABEL, hashlib.sha256).digest()
+
+
+def _invite_mac(key: bytes, invite_token: str, address: str) -> str:
+    msg = "\x00".join(("invite", invite_token, normalise_address(address))).encode("utf-8")
+    return base64.b32encode(hmac.new(key, msg, hashlib.sha256).digest()).decode("ascii").lower()[:20]
+
+
+def invite_localpart(key: bytes, invite_token: str, address: str) -> Optional[str]:
+    """The reply address's localpart, or None for a token of another shape."""
+    if not re.fullmatch(r"[0-9a-f]{32}", invite_token):
+        return None
+    return f"{INVITE_PREFIX}{invite_token}.{_invite_mac(key, invite_token, address)}"
+
+
+def parse_invite_localpart(localpart: str) -> Optional[tuple[str, str]]:
+    """(invite token, MAC) of an invitation reply address, or None."""
+    if not localpart.lower().startswith(INVITE_PREFIX):
+        return None
+    m = _INVITE_TOKEN.fullmatch(localpart[len(INVITE_PREFIX):].lower())
+    return (m.group(1), m.group(2)) if m else None
+
+
+def verify_invite(key: bytes, invite_token: str, mac: str, address: str) -> bool:
+    return hmac.compare_digest(mac, _invite_mac(key, invite_token, address))
