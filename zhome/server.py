@@ -425,6 +425,12 @@ class HomeServer:
             self.threepids.openid_user, self.json_http,
             federation_get=self.federation_client.get_json if self.federation_client is not None else None,
             bridge=self._invite_bridge())
+        events = self.events
+
+        async def room_encrypted(room_id: str) -> bool:
+            return await events.get_current_state_event_id(room_id, "m.room.encryption", "") is not None
+
+        self.identity_service.room_encrypted = room_encrypted
         self.account_purge_hooks.append(store.delete_for_user)
         self.threepid_servlets.local_identity = self.identity_service
         IdentityServlets(self.identity_service, self.threepid_servlets.mail_ratelimit).register_routes(

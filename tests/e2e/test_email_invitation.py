@@ -20,7 +20,8 @@ import pytest
 
 from tests.e2e.harness import ClientUser, ZhomeProcess, free_port, q
 from tests.e2e.mailsink import MailSink, body_of
-from tests.e2e.test_email_bridge import ghost, wait_for
+from tests.e2e.dnsstub import DnsStub
+from tests.e2e.test_email_bridge import dns, ghost, wait_for  # noqa: F401 - dns: the senders' DNS (a fixture)
 from tests.e2e.test_identity import id_server, is_account
 from tests.e2e.test_threepids import email_overrides, new_address
 
@@ -105,12 +106,13 @@ def login(hs: ZhomeProcess, username: str) -> str:
     return str(out["access_token"])
 
 
-def test_invitation_reply_then_register(zhome_factory: Any, sink: MailSink) -> None:
+def test_invitation_reply_then_register(zhome_factory: Any, sink: MailSink, dns: DnsStub) -> None:  # noqa: F811
     smtp_port = free_port()
     overrides = email_overrides(sink.port)
     overrides["identity_service"] = {"enabled": True}
     overrides["email_bridge"] = {"enabled": True, "mail_domain": DOMAIN, "smtp_listen": f"127.0.0.1:{smtp_port}",
-                                 "appservice_listen": f"127.0.0.1:{free_port()}", "quiet_period_ms": 0}
+                                 "appservice_listen": f"127.0.0.1:{free_port()}", "quiet_period_ms": 0,
+                                 "dns_servers": [dns.address]}
     hs: ZhomeProcess = zhome_factory(overrides=overrides).start()
     alice = ClientUser(hs, "alice")
     alice.ok("PUT", f"/profile/{q(alice.user_id)}/displayname", {"displayname": "Alice Adams"})
@@ -120,7 +122,15 @@ def test_invitation_reply_then_register(zhome_factory: Any, sink: MailSink) -> N
     address = new_address()
     invite_by_email(alice, hs, room, address)
     invite_by_email(alice, hs, other, address)
-    msg = mail_for(sink, address, "Ward 7", 2)
+    # An encrypted room: the bridge cannot read it, so the mail offers
+    # only an account (and says why).
+    secret = alice.ok("POST", "/createRoom", {"preset": "private_chat", "name": "Ward 11", "initial_state": [
+        {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}]})["room_id"]
+    invite_by_email(alice, hs, secret, address)
+    sealed = mail_for(sink, address, "Ward 11", 3)
+    assert sealed["Reply-To"] is None and "end-to-end encrypted" in body_of(sealed)
+    assert "/_zhome/register/invitation?t=" in body_of(sealed)
+    msg = mail_for(sink, address, "Ward 7", 3)
     assert "Alice Adams" in str(msg["Subject"])
     reply_to = email.utils.parseaddr(str(msg["Reply-To"]))[1]
     assert re.fullmatch(r"invite\+[0-9a-f]{32}\.[a-z2-7]{20}@" + re.escape(DOMAIN), reply_to), reply_to

@@ -76,6 +76,9 @@ class IdentityService:
         self.federation_get = federation_get
         #: The email bridge: invitation mails offer the reply way too.
         self.bridge = bridge
+        #: async room_id -> whether it is a room of this server with
+        #: end-to-end encryption (its invitations offer no reply way).
+        self.room_encrypted: Optional[Callable[[str], Awaitable[bool]]] = None
 
     @property
     def key_id(self) -> str:
@@ -214,12 +217,15 @@ class IdentityService:
             register_link = self.public_baseurl.rstrip("/") + "/" + REGISTER_PATH + "?" + urlencode(
                 {"t": reg_token})
             reply_to = None
-            if self.bridge is not None:
+            # The bridge cannot read an encrypted room: no reply way there
+            # (zhome/rooms/email_participants.py refuses its ghost too).
+            encrypted = self.room_encrypted is not None and await self.room_encrypted(room_id)
+            if self.bridge is not None and not encrypted:
                 local_reply = invite_localpart(self.bridge.key, token, address)
                 if local_reply is not None:
                     reply_to = f"{local_reply}@{self.bridge.mail_domain}"
             await self.mailer.send_invitation(address, str(inviter), str(room), link, reply_to=reply_to,
-                                              register_link=register_link)
+                                              register_link=register_link, encrypted=encrypted)
         base = self.base_url()
         return {
             "token": token, "display_name": display,

@@ -44,7 +44,8 @@ class Mailer:
         return await self.send(to, f"Confirm your email address for {self.app_name}", text)
 
     async def send_invitation(self, to: str, inviter: str, room_name: str, link: str,
-                              reply_to: Optional[str] = None, register_link: Optional[str] = None) -> int:
+                              reply_to: Optional[str] = None, register_link: Optional[str] = None,
+                              encrypted: bool = False) -> int:
         """The invitation mail: who invited whom to which room, and the ways
         in. ``reply_to`` (the email bridge is on): replying takes part by
         email at once. ``register_link``: a registration page of this server
@@ -54,6 +55,9 @@ class Mailer:
         if reply_to is not None:
             parts.append("To take part by email, just reply to this mail: your reply is posted in the room,"
                          " and the room's messages come to you by mail.\n")
+        elif encrypted:
+            parts.append("The room is end-to-end encrypted: its messages can only be read with an account"
+                         " (they cannot be mailed).\n")
         if register_link is not None:
             parts.append(f"To take part with a Matrix account, create one here (this link is for you only):"
                          f"\n\n{register_link}\n")
