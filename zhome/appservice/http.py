@@ -35,13 +35,15 @@ def make_request_fn(tls_policy: Any = None) -> RequestFn:
     import treq
     from treq.client import HTTPClient
     from twisted.internet.error import TimeoutError as TxTimeoutError
-    from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived
+    from twisted.web.client import Agent, ResponseNeverReceived
+
+    from zhome.util.nodelay import NoDelayConnectionPool
     from twisted.web.http_headers import Headers
     from twisted.web.iweb import IAgent
 
     from zhome.util.reactor import reactor
 
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = NoDelayConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 2
     agent = Agent(reactor, contextFactory=tls_policy, pool=pool) if tls_policy is not None else Agent(
         reactor, pool=pool)

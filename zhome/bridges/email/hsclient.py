@@ -16,10 +16,11 @@ from urllib.parse import quote, urlencode
 
 import treq
 from treq.client import HTTPClient
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
+from zhome.util.nodelay import NoDelayConnectionPool
 from zhome.util.reactor import reactor
 
 CS = "_matrix/client/v3"
@@ -49,7 +50,7 @@ class HomeserverClient:
         self.base_url = base_url if base_url.endswith("/") else base_url + "/"
         self.as_token = as_token
         self.server_name = server_name
-        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool = NoDelayConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 4
         self._pool = pool
         self._http = HTTPClient(cast(IAgent, Agent(reactor, pool=pool)))

@@ -82,6 +82,8 @@ class InboundProcessor(Rounds):
         self.hs = hs
         self.settings = settings
         self._displaynames: dict[str, str] = {}
+        # Ghosts known to be registered (a cache: asking again is harmless).
+        self._registered: set[str] = set()
 
     async def _round(self) -> None:
         self._running = True
@@ -181,7 +183,11 @@ class InboundProcessor(Rounds):
         s = self.settings
         localpart = ghost_localpart(s.ghost_prefix, parsed.from_address)
         ghost = f"@{localpart}:{s.server_name}"
-        await self.hs.ensure_registered(localpart)
+        if ghost not in self._registered:
+            await self.hs.ensure_registered(localpart)
+            if len(self._registered) > 10_000:
+                self._registered.clear()
+            self._registered.add(ghost)
         name = parsed.display_name[:200]
         if self._displaynames.get(ghost) != name:
             await self.hs.set_displayname(ghost, name)
