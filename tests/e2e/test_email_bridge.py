@@ -472,3 +472,35 @@ def test_email_participants_are_refused_in_encrypted_rooms(mail_room: MailRoom) 
     # An ordinary user into the encrypted room is fine too.
     ClientUser(r.hs, "dave")
     r.alice.ok("POST", f"/rooms/{q(encrypted)}/invite", {"user_id": "@dave:localhost"})
+
+
+def test_a_room_turning_encryption_on_tells_its_email_participants(zhome_factory: Any, dns: DnsStub) -> None:
+    sink = MailSink(free_port()).start()
+    try:
+        smtp_port = free_port()
+        hs = zhome_factory(overrides={
+            "email": {"smtp_host": "127.0.0.1", "smtp_port": sink.port, "notif_from": f"zhome <noreply@{DOMAIN}>"},
+            "email_bridge": {"enabled": True, "mail_domain": DOMAIN, "smtp_listen": f"127.0.0.1:{smtp_port}",
+                             "appservice_listen": f"127.0.0.1:{free_port()}", "quiet_period_ms": 0,
+                             "dns_servers": [dns.address]}})
+        hs.start()
+        r = MailRoom(hs, smtp_port)
+        r.enable_address()
+        r.send(mail("Hello, I am Bob."))
+        r.wait_message(lambda e: e["content"].get("body") == "Hello, I am Bob.", "Bob's mail")
+        r.alice.ok("PUT", f"/rooms/{q(r.room_id)}/state/m.room.encryption/", {"algorithm": "m.megolm.v1.aes-sha2"})
+        # The room is told, and so is Bob, by mail; mail to the room is refused from now on.
+        notice = r.wait_message(lambda e: e["sender"] == BOT and "end-to-end encrypted" in e["content"]["body"],
+                                "the bridge's notice")
+        assert notice["content"]["msgtype"] == "m.notice" and "1 person" in notice["content"]["body"]
+        told = wait_for(lambda: [m for m in sink.to("bob@example.net") if "end-to-end encrypted" in body_of(m)],
+                        "Bob's mail about it")
+        assert len(told) == 1
+        assert r.rcpt_code(f"team@{DOMAIN}") == 550
+        with r.smtp() as s:
+            s.ehlo("client.test")
+            s.mail("bob@example.net")
+            code, text = s.rcpt(f"team@{DOMAIN}")
+        assert code == 550 and b"end-to-end encrypted" in text
+    finally:
+        sink.stop()

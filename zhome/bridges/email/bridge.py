@@ -42,7 +42,7 @@ from zhome.bridges.email.processor import InboundProcessor, ProcessorSettings
 from zhome.bridges.email.registration import BridgeRegistration, ensure_registration
 from zhome.bridges.email import senderauth
 from zhome.bridges.email.ratelimit import SenderLimits
-from zhome.bridges.email.smtp import BridgeSMTPFactory, Envelope, Target
+from zhome.bridges.email.smtp import Refused, BridgeSMTPFactory, Envelope, Target
 from zhome.bridges.email.store import BridgeStore
 from zhome.bridges.email.tokens import (
     address_of_ghost, ghost_localpart, invite_key, normalise_address, parse_invite_localpart, parse_reply_localpart,
@@ -206,6 +206,7 @@ class EmailBridge:
                 return None
             if not verify_reply(self.secret, mac, room_id, event_id, mail_from):
                 return None
+            await self._refuse_if_encrypted(room_id)
             return Target(room_id, event_id, normalise_address(mail_from),
                           unauthenticated=await self.store.room_auth_policy(room_id))
         invite = parse_invite_localpart(localpart)
@@ -221,7 +222,13 @@ class EmailBridge:
             ghost = f"@{ghost_localpart(self.cfg.ghost_prefix, mail_from)}:{self.server_name}"
             if await self.store.membership(room_id, ghost) not in ("join", "invite"):
                 return None
+        await self._refuse_if_encrypted(room_id)
         return Target(room_id, unauthenticated=await self.store.room_auth_policy(room_id))
+
+    async def _refuse_if_encrypted(self, room_id: str) -> None:
+        if await self.store.is_encrypted(room_id):
+            # Posting it in the clear would undo the room's encryption.
+            raise Refused(550, "5.7.1 This room is end-to-end encrypted: mail cannot be posted there")
 
     async def check_sender(self, raw: bytes, envelope: Envelope) -> senderauth.AuthResult:
         import hashlib
@@ -304,6 +311,8 @@ class EmailBridge:
                 await self.store.set_membership(room_id, state_key, membership)
         elif etype == ADDRESS_EVENT and state_key == "":
             await self._address_event(room_id, content)
+        elif etype == "m.room.encryption" and state_key == "":
+            await self._room_encrypted(room_id)
         elif etype == "m.room.message" and isinstance(event.get("event_id"), str):
             await self.store.remember_event(room_id, str(event["event_id"]))
             sender = event.get("sender")
@@ -311,6 +320,31 @@ class EmailBridge:
             # email participants; outbound leaves it out of its sender's mail.
             if self.outbound is not None and isinstance(sender, str) and sender != self.bot:
                 await self.outbound.queue(event)
+
+    async def _room_encrypted(self, room_id: str) -> None:
+        """The room turned end-to-end encryption on: the bridge cannot read
+        it any more. Its email participants are told, by a notice in the
+        room and by mail, and mail to the room is refused from now on."""
+        if not await self.store.set_encrypted(room_id):
+            return
+        participants = await self.store.email_participants(room_id, self.cfg.ghost_prefix)
+        if not participants:
+            return
+        body = (f"This room is now end-to-end encrypted. The {len(participants)} "
+                f"{'person' if len(participants) == 1 else 'people'} taking part by email can no longer get its "
+                "messages or post to it; to go on, they need a Matrix account.")
+        content = {"msgtype": "m.notice", "body": body}
+        try:
+            event_id = await self.hs.send(room_id, self.bot, "m.room.message", content,
+                                          f"zhome-encrypted-{room_id}")
+        except (HomeserverError, HomeserverUnreachable) as e:
+            logger.info("email bridge: could not tell a room it is encrypted now: %s", e)
+            return
+        if self.outbound is not None:
+            # The bot's own messages are not mailed; this one is, so the
+            # participants learn why mail stops.
+            await self.outbound.queue({"room_id": room_id, "event_id": event_id, "sender": self.bot,
+                                       "type": "m.room.message", "content": content})
 
     async def query_user(self, user_id: str) -> bool:
         """A ghost the homeserver asks about exists once it is registered."""
@@ -363,6 +397,15 @@ class EmailBridge:
         except Exception as e:
             logger.info("email bridge: could not join a room it was invited to: %s", e)
             return
+        try:
+            await self.hs.state_event(room_id, "m.room.encryption", "")
+            # Encrypted before the bridge came: no mail is posted there.
+            await self.store.set_encrypted(room_id)
+        except HomeserverError as e:
+            if e.status != 404:
+                logger.info("email bridge: could not read a room's encryption: %s", e)
+        except HomeserverUnreachable as e:
+            logger.info("email bridge: could not read a room's encryption: %s", e)
         # An address set before the bridge was in the room came in no
         # transaction of ours: read it from the room's state.
         try:

@@ -60,6 +60,15 @@ class Envelope:
     lmtp: bool = False
 
 
+class Refused(Exception):
+    """A recipient refused with its own reply (rather than "no such recipient")."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class RecipientResolver(Protocol):
     async def resolve(self, localpart: str, domain: str, mail_from: str) -> Optional[Target]: ...
 
@@ -138,6 +147,8 @@ class _Delivery:
             user.dest.domain)
         try:
             target = await self.resolver.resolve(local.lower(), domain.lower(), str(user.orig))
+        except Refused as e:
+            raise smtp.SMTPBadRcpt(user, e.code, e.message) from None
         except Exception:
             logger.exception("email bridge: recipient check failed")
             raise smtp.SMTPServerError(451, "Temporary failure, try again later") from None

@@ -62,6 +62,9 @@ _SCHEMA = (
     # Every Message-ID the bridge mailed and the events that mail carried
     # (a coalesced mail carries several), so a reply's In-Reply-To or
     # References finds them and a Matrix reply to any of them threads.
+    # Rooms whose state has m.room.encryption: the bridge cannot read
+    # them, so it posts no mail there.
+    "CREATE TABLE IF NOT EXISTS encrypted_rooms (room_id TEXT PRIMARY KEY)",
     """CREATE TABLE IF NOT EXISTS sent_mail_events (
         message_id TEXT NOT NULL,
         room_id TEXT NOT NULL,
@@ -552,6 +555,22 @@ class BridgeStore:
     async def is_bouncing(self, address: str) -> bool:
         rows = await self.db.execute("email_bridge_is_bouncing", "SELECT 1 FROM bouncing_addresses"
                                      " WHERE address_index = ?", self._address_index(address))
+        return bool(rows)
+
+    async def set_encrypted(self, room_id: str) -> bool:
+        """Record that the room is encrypted; False when it was known already."""
+        def txn_fn(txn: Txn) -> bool:
+            txn.execute("SELECT 1 FROM encrypted_rooms WHERE room_id = ?", (room_id,))
+            if txn.fetchone() is not None:
+                return False
+            txn.execute("INSERT INTO encrypted_rooms (room_id) VALUES (?)", (room_id,))
+            return True
+
+        return await self.db.run_interaction("email_bridge_set_encrypted", txn_fn)
+
+    async def is_encrypted(self, room_id: str) -> bool:
+        rows = await self.db.execute("email_bridge_is_encrypted", "SELECT 1 FROM encrypted_rooms WHERE room_id = ?",
+                                     room_id)
         return bool(rows)
 
     async def room_of_message_id(self, message_id: str) -> Optional[str]:
