@@ -15,6 +15,7 @@ from __future__ import annotations
 import email.policy
 import email.utils
 import smtplib
+import sqlite3
 import time
 from email.message import EmailMessage
 from typing import Any
@@ -93,15 +94,25 @@ def test_the_whole_conversation(zhome_factory: Any, sink: MailSink, dns: DnsStub
                             headers={"Content-Type": "image/png"})
     assert status == 200, up
     before = len(sink.to(address))
-    alice.ok("PUT", f"/rooms/{q(room)}/send/m.room.message/a2", {"msgtype": "m.text", "body": "Here is the chart"})
-    alice.ok("PUT", f"/rooms/{q(room)}/send/m.room.message/a3", {
+    text = alice.ok("PUT", f"/rooms/{q(room)}/send/m.room.message/a2",
+                    {"msgtype": "m.text", "body": "Here is the chart"})["event_id"]
+    image = alice.ok("PUT", f"/rooms/{q(room)}/send/m.room.message/a3", {
         "msgtype": "m.image", "body": "chart.png", "url": up["content_uri"],
-        "info": {"mimetype": "image/png", "size": len(png)}})
+        "info": {"mimetype": "image/png", "size": len(png)}})["event_id"]
+    # Both wait in the bridge's queue (the room is not quiet long enough
+    # yet) when the process dies.
+    queue = hs.workdir / "data" / "email_bridge.db"
+
+    def queued() -> bool:
+        with sqlite3.connect(queue) as conn:
+            rows = conn.execute("SELECT event_id FROM outbound_events").fetchall()
+        return {text, image} <= {r[0] for r in rows}
+    wait_for(queued, "both messages in the bridge's queue", timeout=10)
     hs.restart(kill=True)
     coalesced = sink.wait_for(address, before + 1, timeout=60)[before]
     assert "Here is the chart" in body_of(coalesced)
     atts = list(coalesced.iter_attachments())
-    assert len(atts) == 1 and atts[0].get_content() == png
+    assert len(atts) == 1 and atts[0].get_content() == png, [body_of(m) for m in sink.to(address)[before:]]
     time.sleep(3)
     assert len(sink.to(address)) == before + 1, "a mail went twice"
 

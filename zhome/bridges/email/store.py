@@ -93,6 +93,10 @@ _SCHEMA = (
         status TEXT NOT NULL)""",
 )
 
+#: A room that never goes quiet gets its mail this long after the oldest
+#: queued message's quiet period was over.
+MAX_HOLD_MS = 10 * 60 * 1000
+
 PENDING, POSTED, FAILED, IGNORED, HELD = "pending", "posted", "failed", "ignored", "held"
 _OWNER = "zhome:email_bridge"
 
@@ -226,7 +230,12 @@ class BridgeStore:
         return out
 
     async def next_outbound_ts(self) -> Optional[int]:
-        rows = await self.db.execute("email_bridge_next_outbound", "SELECT MIN(due_ts) FROM outbound_events")
+        """When the next room becomes due (due_outbound_rooms)."""
+        rows = await self.db.execute(
+            "email_bridge_next_outbound",
+            "SELECT MIN(CASE WHEN mx < mn + ? THEN mx ELSE mn + ? END) FROM"
+            " (SELECT MAX(due_ts) AS mx, MIN(due_ts) AS mn FROM outbound_events GROUP BY room_id) AS rooms",
+            MAX_HOLD_MS, MAX_HOLD_MS)
         return int(rows[0][0]) if rows and rows[0][0] is not None else None
 
     async def postpone_outbound(self, row_id: int, delay_ms: int) -> None:
@@ -252,10 +261,14 @@ class BridgeStore:
         await self.db.run_interaction("email_bridge_add_outbound", txn_fn)
 
     async def due_outbound_rooms(self, limit: int) -> list[str]:
-        """Rooms with a queued message that is due, oldest first."""
+        """Rooms whose queued messages are due, oldest first: a room is due
+        once its newest message's quiet period is over (the room went quiet:
+        a burst becomes one mail), or once its oldest waited MAX_HOLD_MS
+        past its own (a room that never goes quiet still gets mail)."""
         now = int(time.time() * 1000)
-        rows = await self.db.execute("email_bridge_due_rooms", "SELECT room_id, MIN(id) FROM outbound_events"
-                                     " WHERE due_ts <= ? GROUP BY room_id ORDER BY MIN(id) LIMIT ?", now, limit)
+        rows = await self.db.execute(
+            "email_bridge_due_rooms", "SELECT room_id, MIN(id) FROM outbound_events GROUP BY room_id"
+            " HAVING MAX(due_ts) <= ? OR MIN(due_ts) <= ? ORDER BY MIN(id) LIMIT ?", now, now - MAX_HOLD_MS, limit)
         return [str(r[0]) for r in rows]
 
     async def room_outbound(self, room_id: str, limit: int) -> list[tuple[int, str, Optional[dict[str, Any]]]]:
