@@ -894,6 +894,10 @@ class EmailBridgeConfig:
     smtp_listen: str = setting(host_port, default="127.0.0.1:2525")
     # LMTP (RFC 2033) for a local MTA to hand mail over; none: no LMTP.
     lmtp_listen: str | None = setting(optional(host_port), default=None)
+    # STARTTLS on the SMTP listener with this certificate (PEM, full chain)
+    # and key; relative to data_dir. None: no STARTTLS offered.
+    tls_certificate_path: str | None = setting(optional(non_empty_string), default=None)
+    tls_private_key_path: str | None = setting(optional(non_empty_string), default=None)
     # Mail larger than this is refused (552), announced with SIZE.
     max_mail_size: int = setting(integer(1024), default=25 * MiB)
     # Resolvers for sender checks (host:port); empty: the system's.
@@ -942,6 +946,9 @@ class EmailBridgeConfig:
     def _check(self, path: str) -> None:
         if self.enabled and self.mail_domain is None:
             raise _Invalid(_join(path, "mail_domain"), "required when enabled is true")
+        if (self.tls_certificate_path is None) != (self.tls_private_key_path is None):
+            raise _Invalid(_join(path, "tls_private_key_path" if self.tls_certificate_path else "tls_certificate_path"),
+                           "tls_certificate_path and tls_private_key_path go together")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1098,6 +1105,10 @@ def _finish(config: HomeserverConfig, config_path: str) -> HomeserverConfig:
             registration_file=_resolve(config.email_bridge.registration_file or "email_bridge_registration.yaml",
                                        data_dir),
             homeserver_url=config.email_bridge.homeserver_url or _loopback_client_url(config),
+            tls_certificate_path=(_resolve(config.email_bridge.tls_certificate_path, data_dir)
+                                  if config.email_bridge.tls_certificate_path else None),
+            tls_private_key_path=(_resolve(config.email_bridge.tls_private_key_path, data_dir)
+                                  if config.email_bridge.tls_private_key_path else None),
         ),
         encryption=dataclasses.replace(
             config.encryption,

@@ -504,3 +504,32 @@ def test_a_room_turning_encryption_on_tells_its_email_participants(zhome_factory
         assert code == 550 and b"end-to-end encrypted" in text
     finally:
         sink.stop()
+
+
+def test_starttls_with_a_configured_certificate(zhome_factory: Any, dns: DnsStub, tmp_path: Path) -> None:
+    import ssl
+
+    from zhome.federation.tls import generate_self_signed_certificate
+
+    cert, key = generate_self_signed_certificate(DOMAIN)
+    (tmp_path / "mail.crt").write_bytes(cert)
+    (tmp_path / "mail.key").write_bytes(key)
+    smtp_port = free_port()
+    hs = zhome_factory(overrides={"email_bridge": {
+        "enabled": True, "mail_domain": DOMAIN, "smtp_listen": f"127.0.0.1:{smtp_port}",
+        "appservice_listen": f"127.0.0.1:{free_port()}", "dns_servers": [dns.address],
+        "tls_certificate_path": str(tmp_path / "mail.crt"), "tls_private_key_path": str(tmp_path / "mail.key")}})
+    hs.start()
+    r = MailRoom(hs, smtp_port)
+    r.enable_address()
+    trust = ssl.create_default_context(cafile=str(tmp_path / "mail.crt"))
+    trust.check_hostname = False
+    with r.smtp() as s:
+        s.ehlo("client.test")
+        assert s.has_extn("starttls")
+        assert s.starttls(context=trust)[0] == 220
+        s.ehlo("client.test")
+        assert not s.has_extn("starttls")
+        assert s.sendmail("bob@example.net", [f"team@{DOMAIN}"],
+                          mail("Sent over TLS.").as_bytes(policy=email.policy.SMTP)) == {}
+    r.wait_message(lambda e: e["content"].get("body") == "Sent over TLS.", "the mail sent over TLS")

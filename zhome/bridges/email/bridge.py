@@ -147,8 +147,8 @@ class EmailBridge:
         self._ports.append(reactor.listenTCP(as_port, site, interface=as_host))
         host, port = split_host_port(self.cfg.smtp_listen)
         self._ports.append(reactor.listenTCP(port, BridgeSMTPFactory(
-            self.mail_domain, self, self.accept, self.cfg.max_mail_size, admit=self.limits.admit),
-            interface=host))
+            self.mail_domain, self, self.accept, self.cfg.max_mail_size, admit=self.limits.admit,
+            tls_context=self._tls_context()), interface=host))
         if self.cfg.lmtp_listen:
             host, port = split_host_port(self.cfg.lmtp_listen)
             self._ports.append(reactor.listenTCP(port, BridgeSMTPFactory(
@@ -161,6 +161,14 @@ class EmailBridge:
             self.outbound.start()
         logger.info("email bridge listening (SMTP %s%s)", self.cfg.smtp_listen,
                     f", LMTP {self.cfg.lmtp_listen}" if self.cfg.lmtp_listen else "")
+
+    def _tls_context(self) -> Any:
+        """The STARTTLS context of the SMTP listener; None without a certificate."""
+        if not self.cfg.tls_certificate_path or not self.cfg.tls_private_key_path:
+            return None
+        from zhome.federation.tls import server_context_factory
+
+        return server_context_factory(self.cfg.tls_certificate_path, self.cfg.tls_private_key_path)
 
     async def stop(self) -> None:
         for port in self._ports:

@@ -237,7 +237,9 @@ class BridgeLMTP(BridgeESMTP):
 
 class BridgeSMTPFactory(ServerFactory):
     def __init__(self, hostname: str, resolver: RecipientResolver, accept: AcceptFn, max_size: int,
-                 lmtp: bool = False, admit: Optional[AdmitFn] = None) -> None:
+                 lmtp: bool = False, admit: Optional[AdmitFn] = None, tls_context: Any = None) -> None:
+        """``tls_context``: a server TLS context factory; STARTTLS is offered with it."""
+        self.tls_context = tls_context
         self.hostname = hostname.encode("idna")
         self.delivery = _Delivery(resolver, accept, max_size, admit, lmtp)
         self.max_size = max_size
@@ -252,4 +254,7 @@ class BridgeSMTPFactory(ServerFactory):
         proto.timeout = COMMAND_TIMEOUT_S
         proto.noisy = False
         proto.factory = self
+        if self.tls_context is not None:
+            # twisted.mail's ESMTP offers STARTTLS while a context is set.
+            proto.ctx = self.tls_context
         return proto
