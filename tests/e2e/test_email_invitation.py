@@ -14,28 +14,17 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from email.message import EmailMessage
-from typing import Any, Iterator
-
-import pytest
+from typing import Any
 
 from tests.e2e.harness import ClientUser, ZhomeProcess, free_port, q
 from tests.e2e.mailsink import MailSink, body_of
 from tests.e2e.dnsstub import DnsStub
 from tests.e2e.test_email_bridge import dns, ghost, wait_for  # noqa: F401 - dns: the senders' DNS (a fixture)
 from tests.e2e.test_identity import id_server, is_account
-from tests.e2e.test_threepids import email_overrides, new_address
+from tests.e2e.test_threepids import email_overrides, new_address, sink  # noqa: F401 - sink: a fixture
 
 DOMAIN = "mail.test"
 PASSWORD = "a long enough password"
-
-
-@pytest.fixture
-def sink() -> Iterator[MailSink]:
-    s = MailSink(free_port()).start()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 def http(url: str, form: dict[str, str] | None = None) -> tuple[int, str, Any]:

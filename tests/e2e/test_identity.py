@@ -12,26 +12,17 @@ import hashlib
 import secrets
 import urllib.parse
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import nio
 import pytest
 
-from tests.e2e.harness import CS, ClientUser, ZhomeProcess, free_port, q
+from tests.e2e.harness import CS, ClientUser, ZhomeProcess, q
 from tests.e2e.mailsink import MailSink, link_in
 from tests.e2e.test_erasure import _where_stored
-from tests.e2e.test_threepids import email_overrides, new_address, open_link
+from tests.e2e.test_threepids import email_overrides, new_address, open_link, sink  # noqa: F401 - sink: a fixture
 
 IS = "/_matrix/identity/v2"
-
-
-@pytest.fixture
-def sink() -> Iterator[MailSink]:
-    s = MailSink(free_port()).start()
-    try:
-        yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture

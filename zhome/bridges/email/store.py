@@ -385,20 +385,22 @@ class BridgeStore:
             data["bounce"] = True
         payload = json.dumps(data)
         state = HELD if held else PENDING
+        return await self.db.run_interaction(
+            "email_bridge_add_inbound", self._insert_inbound_txn, now, room_id, reply_event, state, payload)
 
-        def txn_fn(txn: Txn) -> int:
-            row_id = txn.insert_returning_id(
-                "INSERT INTO inbound_mail (received_ts, room_id, reply_event, message, state, next_attempt_ts)"
-                " VALUES (?,?,?,'',?,?)", (now, room_id, reply_event, state, now))
-            if self.sealer is not None and self.sealer.enabled:
-                period = time.strftime("%Y-%m", time.gmtime(now / 1000))
-                sealed = self.sealer.seal(_OWNER, room_id, period, payload.encode("utf-8"), self._aad(row_id))[1]
-            else:
-                sealed = payload
-            txn.execute("UPDATE inbound_mail SET message = ? WHERE id = ?", (sealed, row_id))
-            return row_id
-
-        return await self.db.run_interaction("email_bridge_add_inbound", txn_fn)
+    def _insert_inbound_txn(self, txn: Txn, now: int, room_id: str, reply_event: Optional[str], state: str,
+                            payload: str) -> int:
+        """One inbound_mail row, its message sealed under the row's own AAD."""
+        row_id = txn.insert_returning_id(
+            "INSERT INTO inbound_mail (received_ts, room_id, reply_event, message, state, next_attempt_ts)"
+            " VALUES (?,?,?,'',?,?)", (now, room_id, reply_event, state, now))
+        if self.sealer is not None and self.sealer.enabled:
+            period = time.strftime("%Y-%m", time.gmtime(now / 1000))
+            sealed = self.sealer.seal(_OWNER, room_id, period, payload.encode("utf-8"), self._aad(row_id))[1]
+        else:
+            sealed = payload
+        txn.execute("UPDATE inbound_mail SET message = ? WHERE id = ?", (sealed, row_id))
+        return row_id
 
     def _open(self, row_id: int, value: str) -> tuple[Optional[bytes], Optional[str], dict[str, Any]]:
         if not value:
@@ -600,15 +602,7 @@ class BridgeStore:
         payload = json.dumps({"raw": base64.b64encode(raw).decode("ascii"), "token_address": address})
 
         def txn_fn(txn: Txn) -> int:
-            row_id = txn.insert_returning_id(
-                "INSERT INTO inbound_mail (received_ts, room_id, reply_event, message, state, next_attempt_ts)"
-                " VALUES (?,?,NULL,'',?,?)", (now, room_id, PENDING, now))
-            if self.sealer is not None and self.sealer.enabled:
-                period = time.strftime("%Y-%m", time.gmtime(now / 1000))
-                sealed = self.sealer.seal(_OWNER, room_id, period, payload.encode("utf-8"), self._aad(row_id))[1]
-            else:
-                sealed = payload
-            txn.execute("UPDATE inbound_mail SET message = ? WHERE id = ?", (sealed, row_id))
+            row_id = self._insert_inbound_txn(txn, now, room_id, None, PENDING, payload)
             txn.execute("INSERT INTO invite_replies (inbound_id, invite_token, mac) VALUES (?,?,?)",
                         (row_id, invite_token, mac))
             return row_id
