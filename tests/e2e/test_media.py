@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -292,9 +293,24 @@ def test_async_create_and_put_upload(zhome: ZhomeProcess) -> None:
     assert 'filename="later.txt"' in headers["content-disposition"]
 
 
-def _store_files(proc: ZhomeProcess) -> list[Path]:
-    store = proc.workdir / "data" / "media"
-    return [p for p in store.rglob("*") if p.is_file()]
+def _settled_contents(root: Path) -> dict[Path, bytes]:
+    """Every file under ``root`` with its bytes, once no write is in flight.
+
+    A thumbnail is stored after it is answered, through a temporary file
+    that is renamed into place (and SQLite's journal comes and goes), so a
+    listing can name a file that is gone when it is read: list again, a
+    bounded number of times, until one listing reads whole with no
+    temporary file in it."""
+    for _ in range(100):
+        try:
+            contents = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+        except FileNotFoundError:
+            time.sleep(0.05)
+            continue
+        if not any(p.name.startswith(".tmp_") for p in contents):
+            return contents
+        time.sleep(0.05)
+    raise AssertionError(f"{root} never settled")
 
 
 def test_media_store_holds_no_plaintext(zhome: ZhomeProcess) -> None:
@@ -306,16 +322,20 @@ def test_media_store_holds_no_plaintext(zhome: ZhomeProcess) -> None:
     status, _, body = download(zhome, token, server, media_id)
     assert status == 200 and marker in body
 
-    files = _store_files(zhome)
+    store = zhome.workdir / "data" / "media"
+    files: dict[Path, bytes] = {}
+    for _ in range(100):  # the thumbnail may still be on its way to disk
+        files = _settled_contents(store)
+        if len(files) >= 3:
+            break
+        time.sleep(0.05)
     assert len(files) >= 3  # two originals and a thumbnail
-    for f in files:
-        content = f.read_bytes()
+    for f, content in files.items():
         assert marker not in content, f
         assert not content.startswith(b"\x89PNG"), f
     # Nor does anything else under the server's data directory.
-    for f in (zhome.workdir / "data").rglob("*"):
-        if f.is_file():
-            assert marker not in f.read_bytes(), f
+    for f, content in _settled_contents(zhome.workdir / "data").items():
+        assert marker not in content, f
 
 
 async def _nio_client(base: str, name: str) -> nio.AsyncClient:
