@@ -446,6 +446,10 @@ def test_value_checks(tmp_path: Path) -> None:
     )
     raw = with_changes(password_hashing={"scheme": "md5"})
     assert "password_hashing.scheme: expected one of 'argon2', 'bcrypt'" in error_for(tmp_path, raw)
+    raw = with_changes(password_hashing={"argon2_time_cost": 0})
+    assert "password_hashing.argon2_time_cost" in error_for(tmp_path, raw)
+    raw = with_changes(password_hashing={"argon2_memory_kib": 4})
+    assert "password_hashing.argon2_memory_kib" in error_for(tmp_path, raw)
 
 
 def test_empty_section_takes_defaults(tmp_path: Path) -> None:
@@ -795,3 +799,19 @@ def test_email_bridge_errors_name_the_key(tmp_path: Path) -> None:
     ok = load_raw(tmp_path, email_bridge={"enabled": True, "mail_domain": "Mail.Example.org",
                                           "lmtp_listen": "[::1]:2526"}).email_bridge
     assert (ok.mail_domain, ok.lmtp_listen) == ("mail.example.org", "[::1]:2526")
+
+
+def test_argon2_cost_applies_to_new_hashes_and_old_ones_still_check() -> None:
+    from zhome.util import passwords
+
+    old = passwords.hash_password("correct horse")
+    try:
+        passwords.configure(1, 64)
+        cheap = passwords.hash_password("correct horse")
+        assert "m=64,t=1" in cheap and "m=7168,t=5" in old
+        assert passwords.check_password("correct horse", cheap)
+        assert passwords.check_password("correct horse", old)
+        assert not passwords.check_password("wrong", cheap)
+    finally:
+        passwords.configure(5, 7168)
+    assert "m=7168,t=5" in passwords.hash_password("x")

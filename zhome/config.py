@@ -513,6 +513,11 @@ class RegistrationConfig:
 @dataclass(frozen=True, kw_only=True)
 class PasswordHashingConfig:
     scheme: str = setting(one_of("argon2", "bcrypt"), default="argon2")
+    # argon2id cost of newly set passwords. Lower only for load tests (as
+    # Synapse's bcrypt_rounds is lowered for them); existing hashes keep
+    # the parameters they record.
+    argon2_time_cost: int = setting(integer(1, 100), default=5)
+    argon2_memory_kib: int = setting(integer(8, 4 * 1024 * 1024), default=7168)
 
 
 @dataclass(frozen=True, kw_only=True)

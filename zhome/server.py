@@ -37,6 +37,7 @@ from zhome.http.ratelimit import RateLimiter
 from zhome.http.request import make_request_factory
 from zhome.http.server import JsonResource
 from zhome.logging_setup import setup_logging
+from zhome.util.passwords import configure as configure_password_hashing
 from zhome.media.upload_sink import is_upload
 from zhome.push.cache import RulesetCache
 from zhome.push.notifications import NotificationLog
@@ -94,6 +95,7 @@ class HomeServer:
         app_services = load_registrations(cfg.app_service_config_files, cfg.server_name)
         self.signing_keys = read_signing_key_file(cfg.signing_key_path)
         self.signing_key = self.signing_keys[0]
+        configure_password_hashing(cfg.password_hashing.argon2_time_cost, cfg.password_hashing.argon2_memory_kib)
         os.makedirs(cfg.data_dir, exist_ok=True)
         if cfg.database.engine == "sqlite3" and cfg.database.args.get("database", ":memory:") != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(cfg.database.args["database"])), exist_ok=True)

@@ -15,6 +15,12 @@ from twisted.internet import defer, threads
 _hasher = PasswordHasher(time_cost=5, memory_cost=7168, parallelism=1)
 
 
+def configure(time_cost: int, memory_kib: int) -> None:
+    """Set the cost of hashes made from now on (``password_hashing``)."""
+    global _hasher
+    _hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=1)
+
+
 def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
