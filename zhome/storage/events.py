@@ -195,18 +195,17 @@ class EventsStore:
                 "INSERT INTO event_txn_ids (user_id, device_id, txn_id, event_id) VALUES (?,?,?,?)",
                 (ev.sender, item.device_id, item.txn_id, ev.event_id),
             )
-        for user_id, (notify, highlight) in item.unread.items():
-            txn.execute(
-                "UPDATE room_unread SET notification_count = notification_count + ?,"
-                " highlight_count = highlight_count + ? WHERE user_id = ? AND room_id = ?",
-                (int(notify), int(highlight), user_id, ev.room_id),
+        if item.unread:
+            # One statement for every member (a big room has thousands):
+            # on PostgreSQL pages of them per round trip, not one each.
+            txn.executemany(
+                "INSERT INTO room_unread (user_id, room_id, notification_count, highlight_count)"
+                " VALUES (?,?,?,?) ON CONFLICT (user_id, room_id) DO UPDATE SET"
+                " notification_count = room_unread.notification_count + excluded.notification_count,"
+                " highlight_count = room_unread.highlight_count + excluded.highlight_count",
+                [(user_id, ev.room_id, int(notify), int(highlight))
+                 for user_id, (notify, highlight) in item.unread.items()],
             )
-            if txn.rowcount == 0:
-                txn.execute(
-                    "INSERT INTO room_unread (user_id, room_id, notification_count, highlight_count)"
-                    " VALUES (?,?,?,?)",
-                    (user_id, ev.room_id, int(notify), int(highlight)),
-                )
 
     def _insert_event_txn(self, txn: Txn, item: PersistItem, so: int, group: Optional[int]) -> None:
         ev = item.event
