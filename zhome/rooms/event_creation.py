@@ -20,9 +20,11 @@ from zhome.crypto.canonical import check_canonical_json_value
 from zhome.crypto.event_hashing import compute_reference_hash, hash_and_sign_event
 from zhome.rooms.state_res import resolve_state
 from zhome.http.errors import MatrixError, bad_json, forbidden, not_found
-from zhome.push.evaluator import actions_highlight, actions_notify, evaluate
+from zhome.push.bulk import actions_for_members
+from zhome.push.evaluator import actions_highlight
 from zhome.rooms import auth
 from zhome.rooms.events import Event, StateMap
+from zhome.rooms.joined_members import JoinedMembers
 from zhome.rooms.persistence import Persister
 from zhome.rooms.validation import check_pdu_size
 from zhome.rooms.versions import EventIdFormat, RoomVersion, get_room_version
@@ -75,6 +77,7 @@ class EventCreator:
         self.persister = persister
         # zhome.push.cache.RulesetCache; None counts messages without push rules.
         self.push_rules_cache = push_rules_cache
+        self.joined_members = JoinedMembers(events)
         self.room_locks = RoomLocks()
         #: async (event, state) checks run on every local event before it is
         #: persisted (a check refuses by raising a MatrixError).
@@ -227,7 +230,7 @@ class EventCreator:
             if transform is not None:
                 # E.g. an invite countersigned by the invitee's server.
                 event = await transform(event, state)
-            actions = await self.push_actions_for(event, state)
+            actions = await self.push_actions_for(event, state, group=group)
             item = PersistItem(event, group, state, txn_id=txn_id, device_id=device_id,
                                unread=unread_from_actions(actions, event), push_actions=actions,
                                snapshot_before=group is None and bool(state))
@@ -296,13 +299,15 @@ class EventCreator:
         """
         return unread_from_actions(await self.push_actions_for(event, state, for_user), event)
 
-    async def push_actions_for(self, event: Event, state: StateMap,
-                               for_user: Optional[str] = None) -> dict[str, list[Any]]:
+    async def push_actions_for(self, event: Event, state: StateMap, for_user: Optional[str] = None,
+                               group: Optional[int] = None) -> dict[str, list[Any]]:
         """The push rule actions for each local member of ``state`` (never
         the sender) that ``event`` notifies; members it does not notify are
-        left out. ``for_user`` limits the answer to that one member."""
+        left out. ``for_user`` limits the answer to that one member.
+        ``group``: the state group ``state`` is, when known (a big room's
+        members are then reused from the last event)."""
         if self.push_rules_cache is not None:
-            return await self._actions_by_push_rules(event, state, for_user)
+            return await self._actions_by_push_rules(event, state, for_user, group)
         if event.type not in _NOTIFYING_TYPES or event.is_state():
             return {}
         suffix = ":" + self.server_name
@@ -329,34 +334,32 @@ class EventCreator:
             out[m] = ["notify", {"set_tweak": "highlight"}] if highlight else ["notify"]
         return out
 
-    async def _actions_by_push_rules(self, event: Event, state: StateMap,
-                                     for_user: Optional[str]) -> dict[str, list[Any]]:
+    async def _actions_by_push_rules(self, event: Event, state: StateMap, for_user: Optional[str],
+                                     group: Optional[int] = None) -> dict[str, list[Any]]:
         """Spec "Receiving notifications": notifications (and so unread
-        counts) follow each member's push rules. Rules come from the per-user cache and state events from the
-        event cache, so a message costs no query once both are warm."""
-        member_keys = [k for k in state if k[0] == "m.room.member"]
-        wanted = [state[k] for k in member_keys]
-        for k in ((auth.CREATE, ""), (auth.POWER_LEVELS, "")):
-            if k in state:
-                wanted.append(state[k])
-        evs = await self.events.get_events(wanted)
+        counts) follow each member's push rules. The joined members come
+        from ``joined_members`` (reused while the room's state group is
+        the same), rules from the per-user cache, and members whose rules
+        cannot tell them apart are evaluated once (``zhome.push.bulk``),
+        so a message into a big room costs little per member."""
+        members = await self.joined_members.of(event.room_id, state, group)
         suffix = ":" + self.server_name
-        joined: list[tuple[str, Event]] = []
-        for k in member_keys:
-            mev = evs.get(state[k])
-            if mev is not None and mev.membership == "join":
-                joined.append((k[1], mev))
-        targets: list[tuple[str, Optional[Event]]] = [
-            (u, mev) for u, mev in joined
-            if u != event.sender and u.endswith(suffix) and (for_user is None or u == for_user)
-        ]
+        joined = members.joined
+        targets: list[tuple[str, Optional[str]]]
+        if for_user is not None:
+            targets = ([(for_user, joined[for_user])] if for_user in joined and for_user != event.sender
+                       and for_user.endswith(suffix) else [])
+        else:
+            targets = [(u, n) for u, n in joined.items() if u != event.sender and u.endswith(suffix)]
         invitee = invite_target(event, self.server_name)
-        if invitee is not None and (for_user is None or invitee == for_user) and all(u != invitee for u, _ in targets):
+        if invitee is not None and (for_user is None or invitee == for_user) and invitee not in joined:
             # Spec ".m.rule.invite_for_me": the invitee is not a member yet
             # but is notified by their own rules.
             targets.append((invitee, None))
         if not targets:
             return {}
+        wanted = [state[k] for k in ((auth.CREATE, ""), (auth.POWER_LEVELS, "")) if k in state]
+        evs = await self.events.get_events(wanted)
         auth_events = {k: evs[state[k]] for k in ((auth.CREATE, ""), (auth.POWER_LEVELS, ""))
                        if k in state and state[k] in evs}
         pl = auth_events.get((auth.POWER_LEVELS, ""))
@@ -364,15 +367,8 @@ class EventCreator:
         level = auth.get_user_power_level(event.sender, auth_events)
         # v12 creators have infinite power; any finite threshold is below it.
         sender_level = int(level) if level != float("inf") else 2**63
-        out: dict[str, list[Any]] = {}
-        for user_id, target_mev in targets:
-            ruleset = await self.push_rules_cache.get(user_id)
-            name = target_mev.content.get("displayname") if target_mev is not None else None
-            actions = evaluate(ruleset, event, user_id, name if isinstance(name, str) else None,
-                               len(joined), power_levels, sender_level)
-            if actions is not None and actions_notify(actions):
-                out[user_id] = actions
-        return out
+        return await actions_for_members(self.push_rules_cache, event, targets, len(joined), power_levels,
+                                         sender_level)
 
     async def create_room_event(self, rv: RoomVersion, pdu: dict[str, Any]) -> Event:
         return self.finish_event(rv, pdu)
