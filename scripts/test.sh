@@ -28,4 +28,6 @@ fi
 # the rest of the suite still runs and tests/e2e/test_jssdk_e2ee.py fails.
 (cd tests/jssdk && npm ci --no-audit --no-fund --loglevel=error) ||
   echo "warning: npm ci in tests/jssdk failed; tests/e2e/test_jssdk_e2ee.py will fail" >&2
-exec .venv/bin/python -m pytest -q "$@"
+# Two workers, each taking whole test files (module-scoped servers stay
+# in one worker); ZHOME_TEST_WORKERS=0 runs everything in this process.
+exec .venv/bin/python -m pytest -q -n "${ZHOME_TEST_WORKERS:-2}" --dist loadfile "$@"
