@@ -175,3 +175,43 @@ async def test_state_keys_for_groups_match_the_whole_state_maps(tmp_path: Path,
     member = await hs.events.get_event(got[groups[-1]][("m.room.member", bob)])
     assert member is not None and member.membership == "leave"
     await hs.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cached_current_state_follows_every_change(tmp_path: Path, db_config: tuple[str, dict[str, Any]]) -> None:
+    """get_current_state_for_rooms answers from a cache: after each kind of
+    change it still equals what the table holds."""
+    hs = await _server(tmp_path, db_config)
+    await hs.accounts.create_user("@carol:test.local", None)
+    alice, bob = "@alice:test.local", "@bob:test.local"
+    room_id, _ = await hs.room_creation.create_room(alice, {"name": "Ward 3", "preset": "public_chat"})
+
+    async def from_table() -> dict[tuple[str, str], tuple[str, Any]]:
+        rows = await hs.db.execute("t", "SELECT type, state_key, event_id, membership FROM current_state_events"
+                                   " WHERE room_id = ?", room_id)
+        return {(t, sk): (eid, m) for t, sk, eid, m in rows}
+
+    async def check() -> dict[tuple[str, str], tuple[str, Any]]:
+        cached = (await hs.events.get_current_state_for_rooms([room_id]))[room_id]
+        assert cached == await from_table()
+        # Asked again: the same answer (from the cache now).
+        assert (await hs.events.get_current_state_for_rooms([room_id]))[room_id] == cached
+        return cached
+
+    await check()
+    await hs.membership.update(bob, bob, room_id, "join")
+    assert (await check())[("m.room.member", bob)][1] == "join"
+    await hs.event_creator.send(room_id, "m.room.message", alice, {"msgtype": "m.text", "body": "no state"})
+    await check()
+    await hs.event_creator.send(room_id, "m.room.topic", alice, {"topic": "beds"}, state_key="")
+    assert ("m.room.topic", "") in await check()
+    await hs.membership.update(alice, "@carol:test.local", room_id, "invite")
+    assert (await check())[("m.room.member", "@carol:test.local")][1] == "invite"
+    await hs.membership.update(bob, bob, room_id, "leave")
+    assert (await check())[("m.room.member", bob)][1] == "leave"
+    # A purge outside the persistence path drops the cached copy too.
+    await hs.db.run_interaction("purge", lambda txn: txn.execute(
+        "DELETE FROM current_state_events WHERE room_id = ?", (room_id,)))
+    hs.events.drop_room_caches(room_id)
+    assert (await hs.events.get_current_state_for_rooms([room_id]))[room_id] == {}
+    await hs.stop()

@@ -122,6 +122,7 @@ class Persister:
         ev.internal["outlier"] = True
         ev.internal["stream_ordering"] = item.stream_ordering
         self.events.cache_event(ev)
+        self.events.invalidate_current_state(ev.room_id)
         for after in self.outlier_after_commit_hooks:
             after(item)
         self.notifier.on_new_event(item.stream_ordering, ev.room_id, [ev.state_key] if ev.state_key else [])

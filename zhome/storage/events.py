@@ -109,6 +109,15 @@ class EventsStore:
         self._state_group_cache: LruCache[int, dict[tuple[str, str], str]] = LruCache(
             1000, max_weight=20000, weigh=len)
         self._extremities_cache: LruCache[str, tuple[str, ...]] = LruCache(10000)
+        # room -> (type, state_key) -> (event ID, membership): the room's
+        # current state as /sync reads it for every room with news (an
+        # all-staff room's is thousands of rows). Weighed by entries. Every
+        # write of current_state_events is in this store and bumps the
+        # room's generation in its transaction and again after commit; a
+        # read keeps what it read only when no bump came in between.
+        self._current_state_cache: LruCache[str, dict[tuple[str, str], tuple[str, Optional[str]]]] = LruCache(
+            2000, max_weight=200_000, weigh=lambda m: len(m) + 1)
+        self._current_state_gen: dict[str, int] = {}
         # (state group, (type, state_key)) -> event ID, "" when the group has
         # no such key: what get_state_keys_for_groups read (groups never change).
         self._state_key_cache: LruCache[tuple[int, tuple[str, str]], str] = LruCache(20000)
@@ -162,6 +171,8 @@ class EventsStore:
         txn.execute(
             "INSERT INTO room_forward_extremities (room_id, event_id) VALUES (?, ?)", (ev.room_id, ev.event_id)
         )
+        if item.current_state is not None or ev.is_state():
+            self.invalidate_current_state(ev.room_id)
         if item.current_state is not None:
             item.current_state_delta = self._replace_current_state_txn(txn, ev.room_id, item.current_state)
         elif ev.is_state():
@@ -347,6 +358,8 @@ class EventsStore:
         user's /sync and let them accept or reject it.
         """
         assert ev.state_key is not None
+        # Again after commit (Persister.persist_membership_outlier).
+        self.invalidate_current_state(ev.room_id)
         txn.execute(
             "DELETE FROM current_state_events WHERE room_id = ? AND type = 'm.room.member' AND state_key = ?",
             (ev.room_id, ev.state_key),
@@ -568,6 +581,8 @@ class EventsStore:
             self.invalidate_event(ev.redacts)
         if item.outlier or item.soft_failed or item.backfilled or ev.rejected_reason:
             return
+        if item.current_state is not None or ev.is_state():
+            self.invalidate_current_state(ev.room_id)
         current = self._extremities_cache.get(ev.room_id)
         if current is None:
             if not ev.prev_event_ids:
@@ -641,6 +656,13 @@ class EventsStore:
         self._event_cache.clear()
         self._state_group_cache.clear()
         self._extremities_cache.pop(room_id)
+        self.invalidate_current_state(room_id)
+
+    def invalidate_current_state(self, room_id: str) -> None:
+        """The room's current state is changing or changed: forget it, and
+        make any read in flight not keep what it read."""
+        self._current_state_gen[room_id] = self._current_state_gen.get(room_id, 0) + 1
+        self._current_state_cache.pop(room_id)
 
     async def get_state_events(self, state: StateMap) -> dict[tuple[str, str], Event]:
         evs = await self.get_events(state.values())
@@ -712,15 +734,32 @@ class EventsStore:
     async def get_current_state_for_rooms(
         self, room_ids: list[str]
     ) -> dict[str, dict[tuple[str, str], tuple[str, Optional[str]]]]:
-        """room_id -> (type, state_key) -> (event_id, membership), in one query per 200 rooms."""
-        out: dict[str, dict[tuple[str, str], tuple[str, Optional[str]]]] = {r: {} for r in room_ids}
+        """room_id -> (type, state_key) -> (event_id, membership), in one
+        query per 200 rooms for those not cached. The maps are shared with
+        the cache: callers must not change them."""
+        out: dict[str, dict[tuple[str, str], tuple[str, Optional[str]]]] = {}
+        missing: list[str] = []
+        for r in room_ids:
+            hit = self._current_state_cache.get(r)
+            if hit is not None:
+                out[r] = hit
+            else:
+                missing.append(r)
+        if not missing:
+            return out
+        gens = {r: self._current_state_gen.get(r, 0) for r in missing}
+        read: dict[str, dict[tuple[str, str], tuple[str, Optional[str]]]] = {r: {} for r in missing}
         rows = await self.db.select_in(
             "current_state_for_rooms",
             "SELECT room_id, type, state_key, event_id, membership FROM current_state_events WHERE room_id IN ({in})",
-            room_ids,
+            missing,
         )
         for r, t, sk, eid, m in rows:
-            out[r][(t, sk)] = (eid, m)
+            read[r][(t, sk)] = (eid, m)
+        for r, state in read.items():
+            if state and self._current_state_gen.get(r, 0) == gens[r]:
+                self._current_state_cache.set(r, state)
+        out.update(read)
         return out
 
     async def get_unread_counts_for_rooms(self, user_id: str, room_ids: list[str]) -> dict[str, tuple[int, int]]:

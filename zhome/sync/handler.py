@@ -11,6 +11,7 @@ end-to-end encryption ``to_device``, ``device_lists``,
 
 from __future__ import annotations
 
+import heapq
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Optional
@@ -587,11 +588,16 @@ def _unread(pre: _Prefetch, room_id: str) -> dict[str, int]:
 
 
 def _summary(current: dict[tuple[str, str], tuple[str, Optional[str]]], user_id: str) -> dict[str, Any]:
-    joined = sorted(sk for (t, sk), (_, m) in current.items() if t == "m.room.member" and m == "join")
-    invited = sorted(sk for (t, sk), (_, m) in current.items() if t == "m.room.member" and m == "invite")
+    joined = [sk for (t, sk), (_, m) in current.items() if t == "m.room.member" and m == "join"]
+    invited = [sk for (t, sk), (_, m) in current.items() if t == "m.room.member" and m == "invite"]
     out: dict[str, Any] = {"m.joined_member_count": len(joined), "m.invited_member_count": len(invited)}
     if ("m.room.name", "") not in current and ("m.room.canonical_alias", "") not in current:
-        out["m.heroes"] = [u for u in joined + invited if u != user_id][:5]
+        # The first five by user ID, joined before invited: no need to sort
+        # an all-staff room's thousands of members for them.
+        heroes = heapq.nsmallest(5, (u for u in joined if u != user_id))
+        if len(heroes) < 5:
+            heroes += heapq.nsmallest(5 - len(heroes), (u for u in invited if u != user_id))
+        out["m.heroes"] = heroes
     return out
 
 
