@@ -127,23 +127,25 @@ async def measure_sends(hs: HS, sender: str, reader: str, room: str) -> tuple[li
         json.dumps({"room": {"timeline": {"limit": 1}}, "presence": {"types": []}})), reader))["next_batch"]
     sends: list[float] = []
     deliveries: list[float] = []
-    for i in range(SENDS):
+    for _ in range(SENDS):
         hs.check_deadline()
+        # A body no earlier message has: only this send's event ends the wait.
+        body = f"scale {uuid.uuid4().hex}"
 
-        async def poll(since: str = since) -> tuple[float, str]:
+        async def poll(since: str = since, body: str = body) -> tuple[float, str]:
             # Bounded: a /sync that never sees the message fails the run.
             for _ in range(20):
                 js = await hs.req("GET", f"/_matrix/client/v3/sync?timeout=30000&since={quote(since)}", reader,
                                   timeout=60)
                 got = js.get("rooms", {}).get("join", {}).get(room, {}).get("timeline", {}).get("events", [])
-                if any(e.get("content", {}).get("body") == f"scale {i}" for e in got):
+                if any(e.get("content", {}).get("body") == body for e in got):
                     return time.monotonic(), js["next_batch"]
                 since = js["next_batch"]
             raise RuntimeError("message never reached /sync")
         p = asyncio.ensure_future(poll())
         await asyncio.sleep(0.02)
         t = time.monotonic()
-        await hs.send(sender, room, f"scale {i}")
+        await hs.send(sender, room, body)
         sends.append(time.monotonic() - t)
         arrived, since = await p
         deliveries.append(arrived - t)
