@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from twisted.internet import defer, reactor, task
 
 from tests.storage.test_event_graph import _server
 from zhome.server import HomeServer
@@ -33,6 +34,8 @@ async def _say(hs: HomeServer, room_id: str, body: str, sender: str = ALICE) -> 
 
 
 async def _rows(hs: HomeServer, user_id: str) -> list[tuple[Any, ...]]:
+    # Rows are staged first and moved into the log by a pass (or a read).
+    await hs.notification_log.store.fold()
     return await hs.db.execute("t", "SELECT event_id, stream_ordering, highlight FROM user_notifications"
                                " WHERE user_id = ? ORDER BY stream_ordering", user_id)
 
@@ -139,4 +142,46 @@ async def test_age_retention(tmp_path: Path, db_config: tuple[str, dict[str, Any
     assert len(await _rows(hs, BOB)) == 3
     assert await log.expire_once() == 2
     assert [r[0] for r in await _rows(hs, BOB)] == [recent]
+    await hs.stop()
+
+
+async def _count(hs: HomeServer, table: str) -> int:
+    rows = await hs.db.execute("t", f"SELECT COUNT(*) FROM {table}")
+    return int(rows[0][0])
+
+
+@pytest_twisted.ensureDeferred
+async def test_staged_rows_are_read_moved_once_and_purged(tmp_path: Path,
+                                                         db_config: tuple[str, dict[str, Any]]) -> None:
+    """Rows are appended to the staging table with the event; every read
+    and delete of the log moves them over first, each row exactly once,
+    so nothing staged is missed by a reader or left behind by a purge."""
+    hs = await _server(tmp_path, db_config)
+    room_id = await _room(hs)
+    ids = [await _say(hs, room_id, f"m{i}") for i in range(3)]
+    assert await _count(hs, "user_notifications_staging") == 3
+    # A read moves them first and sees them all.
+    entries, _ = await hs.notification_log.get_page(BOB, None, 10, False)
+    assert [e.event.event_id for e in entries] == ids[::-1]
+    assert await _count(hs, "user_notifications_staging") == 0
+    assert await _count(hs, "user_notifications") == 3
+    # Folds at the same time move nothing twice.
+    more = [await _say(hs, room_id, f"n{i}") for i in range(3)]
+    moved = await defer.gatherResults([defer.ensureDeferred(hs.notification_log.store.fold()) for _ in range(4)])
+    assert sum(moved) == 3
+    assert await _count(hs, "user_notifications") == 6
+    # A purge of events meets their rows though they are still staged.
+    gone = await _say(hs, room_id, "gone")
+    assert await _count(hs, "user_notifications_staging") == 1
+    await hs.privacy_store.purge_content([gone, more[0]])
+    assert await _count(hs, "user_notifications_staging") == 0
+    left = await hs.db.execute("t", "SELECT event_id FROM user_notifications")
+    assert {r[0] for r in left} == set(ids + more[1:])
+    # The background pass moves what is staged without any read.
+    await _say(hs, room_id, "later")
+    for _ in range(100):
+        if await _count(hs, "user_notifications_staging") == 0:
+            break
+        await task.deferLater(reactor, 0.05, lambda: None)
+    assert await _count(hs, "user_notifications_staging") == 0
     await hs.stop()

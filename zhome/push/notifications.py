@@ -26,6 +26,12 @@ none older than ``MAX_AGE_MS`` (30 days).
   federation several times over). A user so holds at most
   ``MAX_PER_USER`` plus what arrived since the last pass. The counter lives
   in memory: after a restart a user is due again after ``TRIM_EVERY`` more.
+- Staging: the event's transaction appends its rows to a staging table
+  in position order (``NotificationsStore.insert_txn``); ``FOLD_DELAY_S``
+  after a write, one pass moves everything staged into the log in user
+  order, so a run of messages into a big room rewrites each member's index
+  page once rather than once per message. Every read or delete of the log
+  moves them first, in its own transaction, so none misses a row.
 - The age: the same pass, a minute after start-up and then every
   ``EXPIRY_INTERVAL_S``, deletes the rows past the age over the ``ts``
   index; each pass only meets the rows that aged out since the one before.
@@ -55,6 +61,7 @@ TRIM_EVERY = 100
 TRIM_PAUSE_S = 0.01
 EXPIRY_INTERVAL_S = 900.0
 FIRST_EXPIRY_DELAY_S = 60.0
+FOLD_DELAY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,10 @@ class NotificationLog:
         self._first: Any = None
         self._loop: Optional[task.LoopingCall] = None
         self._loop_done: Optional[defer.Deferred[task.LoopingCall]] = None
+        # The pending call that moves staged rows, and the move running.
+        self._fold_call: Any = None
+        self._fold_run: Optional[defer.Deferred[None]] = None
+        self._stopping = False
 
     # -- recording (persistence hooks) ------------------------------------------
     def persist_txn_hook(self, txn: Txn, item: PersistItem) -> None:
@@ -140,6 +151,7 @@ class NotificationLog:
         next pass's trim every ``trim_every``."""
         if not _records(item):
             return
+        self._schedule_fold()
         for user_id in item.push_actions:
             n = self._since_trim.get(user_id, 0) + 1
             if n >= self.trim_every:
@@ -147,6 +159,31 @@ class NotificationLog:
                 self._due.add(user_id)
             else:
                 self._since_trim[user_id] = n
+
+    def _schedule_fold(self) -> None:
+        if self._fold_call is None and not self._stopping:
+            self._fold_call = self._clock().callLater(FOLD_DELAY_S, self._fold)
+
+    def _fold(self) -> None:
+        self._fold_call = None
+        if self._fold_run is not None:
+            # Rows staged meanwhile are moved by a pass after this one.
+            self._fold_run.addBoth(lambda _: self._schedule_fold())
+            return
+        run = defer.ensureDeferred(self._fold_once())
+        if not run.called:
+            self._fold_run = run
+
+    async def _fold_once(self) -> None:
+        try:
+            await self.store.fold()
+        except DatabaseClosedError:
+            pass
+        except Exception:
+            # Left staged: the next pass, or the next read, moves them.
+            logger.exception("moving staged notifications failed")
+        finally:
+            self._fold_run = None
 
     def _clock(self) -> Any:
         if self.clock is not None:
@@ -237,6 +274,13 @@ class NotificationLog:
         # the cap's business, not shutdown's): a running pass ends after the
         # user it is trimming.
         self._due.clear()
+        self._stopping = True
+        if self._fold_call is not None:
+            if self._fold_call.active():
+                self._fold_call.cancel()
+            self._fold_call = None
+        if self._fold_run is not None:
+            await self._fold_run
         if self._first is not None:
             if self._first.active():
                 self._first.cancel()

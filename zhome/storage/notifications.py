@@ -2,8 +2,12 @@
 
 Spec: client-server-api "Push Notifications" → "Listing Notifications".
 Rows are written inside the transaction that persists the event
-(``insert_txn``), read a page at a time from the newest down, and removed
-by the retention passes of ``zhome.push.notifications``. Whether a row is
+(``insert_txn``), into ``user_notifications_staging`` in position order,
+and moved into ``user_notifications`` in user order by ``fold`` (a
+background pass) and by ``fold_staging_txn`` at the start of every
+transaction that reads or deletes notifications; they are read a page at a
+time from the newest down, and removed by the retention passes of
+``zhome.push.notifications``. Whether a row is
 read is never stored: ``get_page`` returns the user's read receipt
 positions with the rows so the caller can tell.
 """
@@ -14,7 +18,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from zhome.storage.database import Database, Txn, in_chunks
+from zhome.storage.database import ENGINE_POSTGRES, Database, Txn, in_chunks
 
 # Receipt types that mark events as read ("Receipts": m.read and its
 # private twin move the same read-up-to mark).
@@ -44,6 +48,31 @@ class NotificationPage:
     read_up_to: dict[tuple[str, str], int]
 
 
+_COLUMNS = "user_id, room_id, event_id, stream_ordering, ts, actions, highlight"
+
+
+def fold_staging_txn(txn: Txn) -> int:
+    """Move every staged row into ``user_notifications``, in user order;
+    returns how many. Called first by every transaction that reads or
+    deletes notification rows, so none of them misses a staged one."""
+    if txn.engine == ENGINE_POSTGRES:
+        # Moved by the DELETE itself: a fold running at the same time in
+        # another transaction waits for these rows and finds them gone, so
+        # no row is moved twice.
+        txn.execute(
+            f"WITH moved AS (DELETE FROM user_notifications_staging RETURNING {_COLUMNS})"
+            f" INSERT INTO user_notifications ({_COLUMNS}) SELECT {_COLUMNS} FROM moved"
+            " ORDER BY user_id, stream_ordering")
+        return max(txn.rowcount, 0)
+    # SQLite runs one transaction at a time: nothing can come in between.
+    txn.execute(f"INSERT INTO user_notifications ({_COLUMNS}) SELECT {_COLUMNS} FROM user_notifications_staging"
+                " ORDER BY user_id, stream_ordering")
+    moved = max(txn.rowcount, 0)
+    if moved:
+        txn.execute("DELETE FROM user_notifications_staging")
+    return moved
+
+
 class NotificationsStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -51,11 +80,16 @@ class NotificationsStore:
     @staticmethod
     def insert_txn(txn: Txn, rows: Sequence[NotificationInsert]) -> None:
         if rows:
+            # Appended in position order; ``fold`` moves them (see the module docstring).
             txn.executemany(
-                "INSERT INTO user_notifications (user_id, room_id, event_id, stream_ordering, ts, actions, highlight)"
-                " VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO user_notifications_staging (user_id, room_id, event_id, stream_ordering, ts, actions,"
+                " highlight) VALUES (?,?,?,?,?,?,?)",
                 rows,
             )
+
+    async def fold(self) -> int:
+        """Move the staged rows over now; returns how many."""
+        return int(await self.db.run_interaction("fold_notifications", fold_staging_txn))
 
     async def get_page(self, user_id: str, before: Optional[int], limit: int,
                        only_highlight: bool) -> NotificationPage:
@@ -63,6 +97,7 @@ class NotificationsStore:
         ``before`` (all when None), newest first."""
 
         def txn_fn(txn: Txn) -> NotificationPage:
+            fold_staging_txn(txn)
             sql = ("SELECT room_id, event_id, stream_ordering, ts, actions, highlight FROM user_notifications"
                    " WHERE user_id = ?")
             params: list[Any] = [user_id]
@@ -94,12 +129,15 @@ class NotificationsStore:
     async def get_after(self, user_id: str, after: int, upto: int, limit: int) -> list[StoredNotification]:
         """The user's notifications above position ``after`` and at most
         ``upto``, oldest first (what a pusher has yet to deliver)."""
-        rows = await self.db.execute(
-            "notifications_after",
-            "SELECT room_id, event_id, stream_ordering, ts, actions, highlight FROM user_notifications"
-            " WHERE user_id = ? AND stream_ordering > ? AND stream_ordering <= ? ORDER BY stream_ordering LIMIT ?",
-            user_id, after, upto, limit,
-        )
+        def txn_fn(txn: Txn) -> list[tuple[Any, ...]]:
+            fold_staging_txn(txn)
+            txn.execute(
+                "SELECT room_id, event_id, stream_ordering, ts, actions, highlight FROM user_notifications"
+                " WHERE user_id = ? AND stream_ordering > ? AND stream_ordering <= ? ORDER BY stream_ordering LIMIT ?",
+                (user_id, after, upto, limit))
+            return txn.fetchall()
+
+        rows = await self.db.run_interaction("notifications_after", txn_fn)
         return [StoredNotification(room_id, event_id, int(so), int(ts), _actions(actions), bool(highlight))
                 for room_id, event_id, so, ts, actions, highlight in rows]
 
@@ -112,6 +150,7 @@ class NotificationsStore:
         """``trim_user`` for each of ``user_ids``, in one transaction."""
 
         def txn_fn(txn: Txn) -> int:
+            fold_staging_txn(txn)
             removed = 0
             for user_id in user_ids:
                 # The oldest position to keep, found on the (user, position) index.
@@ -134,15 +173,20 @@ class NotificationsStore:
         """Delete every notification recorded before ``ts`` (ms); returns how many went."""
 
         def txn_fn(txn: Txn) -> int:
+            fold_staging_txn(txn)
             txn.execute("DELETE FROM user_notifications WHERE ts < ?", (ts,))
             return txn.rowcount
 
         return await self.db.run_interaction("expire_notifications", txn_fn)
 
     async def count_for_user(self, user_id: str) -> int:
-        rows = await self.db.execute("count_notifications",
-                                     "SELECT COUNT(*) FROM user_notifications WHERE user_id = ?", user_id)
-        return int(rows[0][0]) if rows else 0
+        def txn_fn(txn: Txn) -> int:
+            fold_staging_txn(txn)
+            txn.execute("SELECT COUNT(*) FROM user_notifications WHERE user_id = ?", (user_id,))
+            row = txn.fetchone()
+            return int(row[0]) if row else 0
+
+        return int(await self.db.run_interaction("count_notifications", txn_fn))
 
 
 def _read_up_to_txn(txn: Txn, user_id: str, room_ids: set[str]) -> dict[tuple[str, str], int]:

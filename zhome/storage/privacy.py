@@ -17,6 +17,7 @@ from zhome.storage.database import Database, Txn, in_chunks
 from zhome.storage.event_media import EventMediaStore
 from zhome.storage.events import EventsStore
 from zhome.storage.ids import IdGenerator
+from zhome.storage.notifications import fold_staging_txn
 
 
 def _hold_row(row: tuple[Any, ...]) -> dict[str, Any]:
@@ -103,6 +104,7 @@ class PrivacyStore:
         touched_keys: set[int] = set()
 
         def txn_fn(txn: Txn) -> int:
+            fold_staging_txn(txn)  # staged notifications are deleted like the rest
             changed = 0
             for chunk, qs in in_chunks(event_ids):
                 txn.execute("SELECT e.event_id, r.room_version, e.json, e.sealed, e.data_key FROM events e"
@@ -183,6 +185,7 @@ class PrivacyStore:
         """What the user left behind that deactivation keeps: read receipts,
         read markers, presence, notifications, forgotten rooms, transaction IDs."""
         def txn_fn(txn: Txn) -> None:
+            fold_staging_txn(txn)  # staged notifications are deleted like the rest
             for table in ("receipts", "room_unread", "room_forgotten", "presence", "user_notifications",
                           "event_txn_ids"):
                 txn.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))
@@ -196,6 +199,7 @@ class PrivacyStore:
         account data and queued federation traffic. Returns the number of
         events deleted."""
         def txn_fn(txn: Txn) -> int:
+            fold_staging_txn(txn)  # staged notifications are deleted like the rest
             txn.execute("SELECT event_id FROM events WHERE room_id = ?", (room_id,))
             event_ids = [r[0] for r in txn.fetchall()]
             for chunk, qs in in_chunks(event_ids):
@@ -227,6 +231,7 @@ class PrivacyStore:
         and the unread counts drop by as much. Returns how many events left
         the timeline."""
         def txn_fn(txn: Txn) -> int:
+            fold_staging_txn(txn)  # staged notifications are deleted like the rest
             txn.execute("SELECT event_id, sender, state_key FROM events WHERE room_id = ? AND stream_ordering < ?"
                         " AND outlier = 0", (room_id, before_stream))
             rows = txn.fetchall()
