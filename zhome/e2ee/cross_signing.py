@@ -192,14 +192,7 @@ class CrossSigningService:
         self._cache.clear()
 
     async def _local(self, user_ids: list[str]) -> dict[str, _LocalKeys]:
-        got: dict[str, _LocalKeys] = {}
-        missing = []
-        for u in user_ids:
-            e = self._cache.get(u)
-            if e is None:
-                missing.append(u)
-            else:
-                got[u] = e
+        got, missing = self._cache.get_many(user_ids)
         if missing:
             epoch = self._epoch
             keys = await self.store.get_keys(missing)

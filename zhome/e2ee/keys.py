@@ -116,14 +116,7 @@ class E2eKeysService:
 
     # -- query -------------------------------------------------------------------------
     async def _local_keys(self, users: list[str]) -> dict[str, _UserKeys]:
-        got: dict[str, _UserKeys] = {}
-        missing = []
-        for u in users:
-            e = self._keys_cache.get(u)
-            if e is None:
-                missing.append(u)
-            else:
-                got[u] = e
+        got, missing = self._keys_cache.get_many(users)
         if not missing:
             return got
         epoch = self._epoch

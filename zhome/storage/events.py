@@ -618,14 +618,7 @@ class EventsStore:
     )
 
     async def get_events(self, event_ids: Iterable[str]) -> dict[str, Event]:
-        out: dict[str, Event] = {}
-        missing = []
-        for eid in event_ids:
-            ev = self._event_cache.get(eid)
-            if ev is not None:
-                out[eid] = ev
-            else:
-                missing.append(eid)
+        out, missing = self._event_cache.get_many(event_ids)
         if missing:
             fetched = await self.db.run_interaction("get_events", self._get_events_txn, missing)
             for ev in fetched:
@@ -737,14 +730,7 @@ class EventsStore:
         """room_id -> (type, state_key) -> (event_id, membership), in one
         query per 200 rooms for those not cached. The maps are shared with
         the cache: callers must not change them."""
-        out: dict[str, dict[tuple[str, str], tuple[str, Optional[str]]]] = {}
-        missing: list[str] = []
-        for r in room_ids:
-            hit = self._current_state_cache.get(r)
-            if hit is not None:
-                out[r] = hit
-            else:
-                missing.append(r)
+        out, missing = self._current_state_cache.get_many(room_ids)
         if not missing:
             return out
         gens = {r: self._current_state_gen.get(r, 0) for r in missing}

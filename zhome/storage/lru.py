@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Callable, Generic, Hashable, Optional, TypeVar
+from typing import Callable, Generic, Hashable, Iterable, Optional, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -38,6 +38,18 @@ class LruCache(Generic[K, V]):
             if v is not None:
                 self._d.move_to_end(key)
             return v
+
+    def get_many(self, keys: Iterable[K]) -> tuple[dict[K, V], list[K]]:
+        """The cached values of ``keys`` and, in order, the keys not cached."""
+        hits: dict[K, V] = {}
+        missing: list[K] = []
+        for key in keys:
+            v = self.get(key)
+            if v is not None:
+                hits[key] = v
+            else:
+                missing.append(key)
+        return hits, missing
 
     def set(self, key: K, value: V) -> None:
         with self._lock:
