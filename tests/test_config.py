@@ -815,3 +815,30 @@ def test_argon2_cost_applies_to_new_hashes_and_old_ones_still_check() -> None:
     finally:
         passwords.configure(5, 7168)
     assert "m=7168,t=5" in passwords.hash_password("x")
+
+
+def test_well_known_section(tmp_path: Path) -> None:
+    config = load_raw(tmp_path)
+    assert config.well_known.support_contacts == () and config.well_known.support_page is None
+    config = load_raw(tmp_path, well_known={
+        "client_extra": {"org.example.x": 1},
+        "support_contacts": [{"role": "m.role.admin", "matrix_id": "@a:example.org"}],
+        "support_page": "https://example.org/help"})
+    assert config.well_known.support_contacts[0].matrix_id == "@a:example.org"
+    assert config.well_known.support_page == "https://example.org/help"
+
+    def err(section: dict) -> str:
+        return error_for(tmp_path, {**MINIMAL, "well_known": section})
+
+    assert "well_known.support_contacts[0]: give matrix_id" in err({"support_contacts": [{"role": "m.role.admin"}]})
+    assert "support_contacts[0].role" in err({"support_contacts": [{"role": "boss", "email_address": "a@b.c"}]})
+    assert "support_contacts[0].matrix_id" in err({"support_contacts": [{"role": "m.role.admin",
+                                                                         "matrix_id": "alice"}]})
+    assert "well_known.support_page" in err({"support_page": "ftp://example.org"})
+    assert "client_extra.m.homeserver: is set by zhome" in err({"client_extra": {"m.homeserver": {}}})
+
+
+def test_login_token_settings(tmp_path: Path) -> None:
+    assert load_raw(tmp_path).access_tokens.login_token_lifetime_ms == 120_000
+    assert "access_tokens.login_token_lifetime_ms" in error_for(
+        tmp_path, {**MINIMAL, "access_tokens": {"login_token_lifetime_ms": 5}})

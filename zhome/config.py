@@ -525,6 +525,11 @@ class AccessTokensConfig:
     # None: access tokens do not expire.
     lifetime_ms: int | None = setting(optional(integer(1)), default=None)
     refresh_tokens: bool = setting(boolean, default=True)
+    # POST /_matrix/client/v1/login/get_token: a signed-in device gets a
+    # one-use token that logs another device in (m.login.token), after the
+    # user re-enters their password. false: the capability says disabled.
+    login_token_enabled: bool = setting(boolean, default=True)
+    login_token_lifetime_ms: int = setting(integer(1000, 3_600_000), default=120_000)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -645,6 +650,53 @@ class VoipConfig:
         if self.turn_uris and self.turn_shared_secret is None and self.turn_username is None:
             raise _Invalid(_join(path, "turn_uris"),
                            "needs turn_shared_secret, or turn_username and turn_password")
+
+
+def _http_url(value: Any, path: str) -> str:
+    text = non_empty_string(value, path)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise _Invalid(path, f"expected an http:// or https:// URL, got {text!r}")
+    return text
+
+
+_SUPPORT_ROLE = re.compile(r"^(m\.role\.(admin|security)|[a-z0-9]+(\.[a-z0-9_-]+)+)$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SupportContact:
+    # m.role.admin or m.role.security, or a namespaced role of your own
+    # (e.g. org.example.role.helpdesk).
+    role: str = setting(non_empty_string)
+    matrix_id: str | None = setting(optional(non_empty_string), default=None)
+    email_address: str | None = setting(optional(non_empty_string), default=None)
+
+    def _check(self, path: str) -> None:
+        if not _SUPPORT_ROLE.match(self.role):
+            raise _Invalid(_join(path, "role"), "expected m.role.admin, m.role.security or a namespaced role")
+        if self.matrix_id is None and self.email_address is None:
+            raise _Invalid(path, "give matrix_id, email_address or both")
+        if self.matrix_id is not None and not re.match(r"^@[^:]+:.+$", self.matrix_id):
+            raise _Invalid(_join(path, "matrix_id"), f"not a user ID: {self.matrix_id!r}")
+        if self.email_address is not None and "@" not in self.email_address:
+            raise _Invalid(_join(path, "email_address"), f"not an email address: {self.email_address!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WellKnownConfig:
+    # Keys added to GET /.well-known/matrix/client beside m.homeserver
+    # (always public_baseurl) and m.identity_server (when zhome serves one),
+    # e.g. {"org.example.client_config": {...}}. They cannot replace those two.
+    client_extra: dict[str, Any] = setting(mapping, factory=dict)
+    # GET /.well-known/matrix/support: who to contact about this server.
+    # Neither set: that endpoint answers 404, as the spec asks.
+    support_contacts: tuple[SupportContact, ...] = setting(list_of(section(SupportContact)), default=())
+    support_page: str | None = setting(optional(_http_url), default=None)
+
+    def _check(self, path: str) -> None:
+        for key in ("m.homeserver", "m.identity_server"):
+            if key in self.client_extra:
+                raise _Invalid(_join(_join(path, "client_extra"), key), "is set by zhome itself")
 
 
 def _secret(value: Any, path: str) -> str:
@@ -989,6 +1041,7 @@ class HomeserverConfig:
     sync: SyncConfig = setting(section(SyncConfig), default=SyncConfig())
     retention: RetentionConfig = setting(section(RetentionConfig), default=RetentionConfig())
     voip: VoipConfig = setting(section(VoipConfig), default=VoipConfig())
+    well_known: WellKnownConfig = setting(section(WellKnownConfig), default=WellKnownConfig())
     secrets: SecretsConfig = setting(section(SecretsConfig))
     federation: FederationConfig = setting(section(FederationConfig), default=FederationConfig())
     media: MediaConfig = setting(section(MediaConfig), default=MediaConfig())

@@ -371,6 +371,10 @@ class HomeServer:
             # asks there when the server has no federation listener).
             self.threepid_servlets.register_federation_routes(self.client_resource)
         self._setup_identity()
+        from zhome.client.well_known import WellKnownServlets
+
+        WellKnownServlets(self.config.well_known, self.config.public_baseurl,
+                          self.identity_service is not None).register_routes(self.client_resource)
         if self.mail_outbox is not None:
             self.mail_outbox.start()
 
@@ -437,8 +441,6 @@ class HomeServer:
         self.threepid_servlets.local_identity = self.identity_service
         IdentityServlets(self.identity_service, self.threepid_servlets.mail_ratelimit).register_routes(
             self.client_resource)
-        self.client_resource.register("GET", r"/\.well-known/matrix/client", self._well_known_client,
-                                      "well_known_client")
         from zhome.identity.register_page import InvitationRegistration
 
         InvitationRegistration(self, self.identity_service, RateLimiter(
@@ -472,14 +474,6 @@ class HomeServer:
 
         await self.third_party_invites.on_bind(read_json_body(request))
         return 200, {}
-
-    async def _well_known_client(self, request: Any) -> tuple[int, Any]:
-        """Spec: client-server-api "Well-known URIs"; m.identity_server when zhome serves one."""
-        base = self.config.public_baseurl.rstrip("/")
-        out: dict[str, Any] = {"m.homeserver": {"base_url": base}}
-        if self.identity_service is not None:
-            out["m.identity_server"] = {"base_url": base}
-        return 200, out
 
     def _setup_key_backup(self) -> None:
         """Server-side key backups (zhome/e2ee/key_backup.py)."""

@@ -119,6 +119,14 @@ class Spec:
         except KeyError:
             raise KeyError(f"{method.upper()} {template} {status} documents no JSON body") from None
 
+    def validate(self, body: Any, template: str, method: str, status: int) -> None:
+        """Assert that ``body`` is what the spec documents for that response."""
+        import jsonschema
+
+        errors = list(jsonschema.Draft202012Validator(self.response_schema(template, method, status))
+                      .iter_errors(body))
+        assert not errors, [f"{list(e.absolute_path)}: {e.message}" for e in errors[:5]]
+
     def schema_file(self, relative: str) -> dict[str, Any]:
         """A schema file (e.g. ``definitions/errors/error.yaml``) with refs inlined."""
         path = (self.cs_dir / relative).resolve()

@@ -61,8 +61,10 @@ class AccountServlets:
         r.register("POST", CS + r"/login", self.on_login, "login")
         r.register("POST", CS + r"/register", self.on_register, "register", guests=True)
         r.register("GET", CS + r"/register/available", self.on_register_available, "register_available")
-        r.register("GET", CS + r"/register/m\.login\.registration_token/validity", self.on_regtoken_validity,
-                   "regtoken_validity")
+        for prefix in (CS, r"/_matrix/client/v1"):
+            r.register("GET", prefix + r"/register/m\.login\.registration_token/validity",
+                       self.on_regtoken_validity, "regtoken_validity")
+        r.register("POST", r"/_matrix/client/v1/login/get_token", self.on_get_login_token, "get_login_token")
         r.register("POST", CS + r"/refresh", self.on_refresh, "refresh")
         r.register("POST", CS + r"/logout", self.on_logout, "logout", guests=True)
         r.register("POST", CS + r"/logout/all", self.on_logout_all, "logout_all")
@@ -102,7 +104,7 @@ class AccountServlets:
             "m.set_displayname": {"enabled": True},
             "m.set_avatar_url": {"enabled": True},
             "m.3pid_changes": {"enabled": self.config.email is not None and self.config.email.enable_3pid_changes},
-            "m.get_login_token": {"enabled": False},
+            "m.get_login_token": {"enabled": self.config.access_tokens.login_token_enabled},
         }
         if req.is_admin:
             # Server administration: admins may lock and suspend accounts.
@@ -112,6 +114,9 @@ class AccountServlets:
     # -- login -------------------------------------------------------------
     async def on_login_flows(self, request: Request) -> tuple[int, Any]:
         flows: list[dict[str, Any]] = [{"type": "m.login.password"}]
+        if self.config.access_tokens.login_token_enabled:
+            # get_login_token: a signed-in client may make tokens of this type.
+            flows.append({"type": "m.login.token", "get_login_token": True})
         if self.hs.appservices:
             flows.append({"type": "m.login.application_service"})
         return 200, {"flows": flows}
@@ -123,6 +128,8 @@ class AccountServlets:
             raise bad_json("'type' must be a string")
         if body.get("type") == "m.login.application_service" and self.hs.appservices:
             return 200, await self._login_application_service(request, body)
+        if body.get("type") == "m.login.token" and self.config.access_tokens.login_token_enabled:
+            return 200, await self._login_with_token(request, body)
         if body.get("type") != "m.login.password":
             raise MatrixError(400, "M_UNKNOWN", "Unknown login type")
         user_id = self._user_id_from_identifier(body)
@@ -153,6 +160,32 @@ class AccountServlets:
         user = await self.accounts.get_user(user_id)
         if user is None or user["deactivated"]:
             raise forbidden("Invalid username")
+        return await self._issue_login(user_id, body, request)
+
+    async def on_get_login_token(self, request: Request) -> tuple[int, Any]:
+        """Spec: client-server-api "POST /_matrix/client/v1/login/get_token":
+        a one-use token for logging in another device as this user, after
+        the user proves it is them again (UIA with their password)."""
+        req = await self.hs.auth.get_user_by_req(request)
+        if not self.config.access_tokens.login_token_enabled:
+            raise MatrixError(404, "M_UNRECOGNIZED", "Login tokens are not enabled on this server")
+        body = read_json_body(request)
+        self.hs.ratelimit_login.check("user:" + req.user_id)
+        if req.app_service is None:
+            await self.require_password_uia(body, req.user_id, "POST /login/get_token")
+        lifetime = self.config.access_tokens.login_token_lifetime_ms
+        token = new_token("zhl")
+        await self.accounts.create_login_token(token, req.user_id, int(time.time() * 1000) + lifetime)
+        return 200, {"login_token": token, "expires_in_ms": lifetime}
+
+    async def _login_with_token(self, request: Request, body: dict[str, Any]) -> dict[str, Any]:
+        token = body.get("token")
+        if not isinstance(token, str) or not token:
+            raise bad_json("'token' must be a non-empty string")
+        user_id = await self.accounts.use_login_token(token, int(time.time() * 1000))
+        user = await self.accounts.get_user(user_id) if user_id is not None else None
+        if user_id is None or user is None or user["deactivated"]:
+            raise forbidden("Invalid or expired login token")
         return await self._issue_login(user_id, body, request)
 
     def _user_id_from_identifier(self, body: dict[str, Any]) -> str:

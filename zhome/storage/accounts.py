@@ -172,6 +172,7 @@ class AccountsStore:
             txn.execute("UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = ?", (user_id,))
             txn.execute("DELETE FROM access_tokens WHERE user_id = ?", (user_id,))
             txn.execute("DELETE FROM refresh_tokens WHERE user_id = ?", (user_id,))
+            txn.execute("DELETE FROM login_tokens WHERE user_id = ?", (user_id,))
             txn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
             txn.execute("UPDATE profiles SET displayname = NULL, avatar_url = NULL WHERE user_id = ?", (user_id,))
 
@@ -372,12 +373,36 @@ class AccountsStore:
         )
         self._forget_tokens()
 
+    async def create_login_token(self, token: str, user_id: str, expires_ts: int) -> None:
+        """Spec: "Token-based login": a one-use token; only its hash is kept."""
+        await self.db.run_interaction("create_login_token", lambda txn: txn.execute(
+            "INSERT INTO login_tokens (token_hash, user_id, expires_ts) VALUES (?,?,?)",
+            (token_hash(token), user_id, expires_ts)))
+
+    async def use_login_token(self, token: str, now_ms: int) -> Optional[str]:
+        """The user a login token logs in, once: the token is gone after this
+        call whether or not it was still valid (expired ones are swept too)."""
+
+        def txn_fn(txn: Txn) -> Optional[str]:
+            txn.execute("DELETE FROM login_tokens WHERE expires_ts <= ?", (now_ms,))
+            h = token_hash(token)
+            txn.execute("SELECT user_id FROM login_tokens WHERE token_hash = ?", (h,))
+            row = txn.fetchone()
+            if row is None:
+                return None
+            txn.execute("DELETE FROM login_tokens WHERE token_hash = ?", (h,))
+            # Two logins racing on one token: only the one whose delete took it wins.
+            return str(row[0]) if txn.rowcount == 1 else None
+
+        return await self.db.run_interaction("use_login_token", txn_fn)
+
     async def delete_devices(self, user_id: str, device_ids: Optional[list[str]]) -> None:
         """Delete the given devices (all when None) and their tokens."""
 
         def txn_fn(txn: Txn) -> None:
             if device_ids is None:
                 self._devices_changed_txn(txn, user_id, self._device_ids_txn(txn, user_id), True)
+                txn.execute("DELETE FROM login_tokens WHERE user_id = ?", (user_id,))
                 txn.execute("DELETE FROM access_tokens WHERE user_id = ?", (user_id,))
                 txn.execute("DELETE FROM refresh_tokens WHERE user_id = ?", (user_id,))
                 txn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
