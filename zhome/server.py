@@ -668,6 +668,7 @@ class HomeServer:
         from zhome.client.user_data import UserDataServlets
         from zhome.client.room_summary import RoomSummaryServlets
         from zhome.client.voip import VoipServlets
+        from zhome.client.timestamps import TimestampServlets
 
         from zhome.client.legacy import LegacyServlets
         from zhome.e2ee.servlets import E2eeServlets
@@ -687,6 +688,7 @@ class HomeServer:
                 EncryptionServlets(self),
                 AdminMediaServlets(self), DestinationServlets(self), ServerNoticeServlets(self), ExportServlets(self),
                 TransferServlets(self), InvitePermissionServlets(self),
+                TimestampServlets(self.auth, self.events, self.visibility, self.rooms.get_room_version),
                 *self._backup_and_dehydration_servlets(), self._appservice_servlets()]
 
     def _appservice_servlets(self) -> Any:

@@ -1069,3 +1069,26 @@ def test_valid_event_still_accepted_after_the_abuse(world: World) -> None:
     r.accepted(eid, pdu)
     assert eid in world.message_ids()
     world.assert_serving()
+
+
+def test_timestamp_to_event_for_servers_in_the_room_only(world: World) -> None:
+    """Spec: server-server-api "GET /_matrix/federation/v1/timestamp_to_event/{roomId}"."""
+    room_id = world.room.room_id
+    status, sent = world.client("PUT", f"/rooms/{q(room_id)}/send/m.room.message/ts{time.time_ns()}",
+                                {"msgtype": "m.text", "body": "what time is it"})
+    assert status == 200, sent
+    status, ev = world.client("GET", f"/rooms/{q(room_id)}/event/{q(sent['event_id'])}")
+    assert status == 200, ev
+    path = f"{FED}/v1/timestamp_to_event/{q(room_id)}?ts={ev['origin_server_ts']}&dir=b"
+    status, body = world.e.request(world.a, "GET", path)
+    assert status == 200 and body == {"event_id": sent["event_id"], "origin_server_ts": ev["origin_server_ts"]}, body
+    status, body = world.e.request(world.a, "GET", f"{FED}/v1/timestamp_to_event/{q(room_id)}?ts=5&dir=sideways")
+    assert status == 400 and body["errcode"] == "M_INVALID_PARAM", body
+    # A room E has no member in: refused, as for backfill.
+    status, other = world.client("POST", "/createRoom", {})
+    assert status == 200, other
+    status, body = world.e.request(world.a, "GET", f"{FED}/v1/timestamp_to_event/{q(other['room_id'])}?ts=1&dir=f")
+    assert status == 403 and body["errcode"] == "M_FORBIDDEN", body
+    # Unsigned: refused before anything is looked up.
+    status, body = world.e.request(world.a, "GET", path, auth=None)
+    assert status == 401, body

@@ -60,6 +60,7 @@ class FederationServlets:
         r.register("PUT", FED + r"/exchange_third_party_invite/" + room, self.on_exchange_third_party_invite,
                    "exchange_third_party_invite")
         r.register("GET", FED + r"/backfill/" + room, self.on_backfill, "backfill")
+        r.register("GET", FED + r"/timestamp_to_event/" + room, self.on_timestamp_to_event, "fed_timestamp_to_event")
         r.register("POST", FED + r"/get_missing_events/" + room, self.on_get_missing_events, "get_missing_events")
         r.register("GET", FED + r"/state/" + room, self.on_state, "state")
         r.register("GET", FED + r"/state_ids/" + room, self.on_state_ids, "state_ids")
@@ -451,6 +452,14 @@ class FederationServlets:
                 frontier.extend(p for p in e.prev_event_ids if p not in seen)
         return 200, {"origin": self.hs.server_name, "origin_server_ts": int(time.time() * 1000),
                      "pdus": self._pdus_for(origin, out[:limit])}
+
+    async def on_timestamp_to_event(self, request: Request, ver: str, room_id: str) -> tuple[int, Any]:
+        """Spec: server-server-api "GET /_matrix/federation/v1/timestamp_to_event/{roomId}"."""
+        from zhome.rooms.timestamps import timestamp_to_event_for_server
+
+        origin = await self._auth(request)
+        await self._origin_in_room(origin, room_id)
+        return 200, await timestamp_to_event_for_server(self.events, request, room_id)
 
     async def on_get_missing_events(self, request: Request, ver: str, room_id: str) -> tuple[int, Any]:
         origin, body = await self._authed_body(request)

@@ -680,6 +680,30 @@ class EventsStore:
         evs = await self.get_events(ids)
         return [evs[i] for i in ids if i in evs]
 
+    async def get_room_events_near_ts(self, room_id: str, ts: int, forwards: bool, limit: int,
+                                      after: Optional[tuple[int, int]] = None) -> list[Event]:
+        """Timeline events of a room sent at or after ``ts`` (oldest first)
+        when ``forwards``, else at or before it (newest first), by
+        ``origin_server_ts`` with ties in stream order. ``after`` is the
+        (origin_server_ts, stream_ordering) of the last event of the
+        previous page: the page goes on strictly past it."""
+        cmp, order = (">", "ASC") if forwards else ("<", "DESC")
+        if after is None:
+            where, args = f"origin_server_ts {cmp}= ?", [ts]
+        else:
+            where = f"(origin_server_ts {cmp} ? OR (origin_server_ts = ? AND stream_ordering {cmp} ?))"
+            args = [after[0], after[0], after[1]]
+        rows = await self.db.execute(
+            "room_events_near_ts",
+            f"SELECT event_id FROM events WHERE room_id = ? AND {where}"
+            " AND outlier = 0 AND soft_failed = 0 AND rejected_reason IS NULL"
+            f" ORDER BY origin_server_ts {order}, stream_ordering {order} LIMIT ?",
+            room_id, *args, limit,
+        )
+        ids = [r[0] for r in rows]
+        evs = await self.get_events(ids)
+        return [evs[i] for i in ids if i in evs]
+
     async def get_recent_events_for_rooms(
         self, room_ids: list[str], from_exclusive: int, to_inclusive: int, limit: int
     ) -> dict[str, list[Event]]:
