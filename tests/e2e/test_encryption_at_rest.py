@@ -167,3 +167,13 @@ def test_rotation_while_serving_then_only_the_new_key(zhome: ZhomeProcess, tmp_p
         path = "/_zhome/admin/v1/encryption" + ("/rotate" if method == "POST" else "")
         status_code, out = zhome.request(method, path, {} if method == "POST" else None, token=alice.token)
         assert (status_code, out.get("errcode")) == (403, "M_FORBIDDEN")
+
+
+def test_extended_profile_fields_are_sealed(zhome: ZhomeProcess) -> None:
+    alice = ClientUser(zhome, "alice")
+    marker = _marker()
+    alice.ok("PUT", f"/profile/{q(alice.user_id)}/org.example.note", {"org.example.note": f"pager {marker}"})
+    zhome.stop()
+    assert not _where_stored(zhome, marker), _where_stored(zhome, marker)
+    zhome.start()
+    assert alice.ok("GET", f"/profile/{q(alice.user_id)}/org.example.note") == {"org.example.note": f"pager {marker}"}

@@ -148,9 +148,12 @@ class ExportServlets:
             "privacy.json: your transfer and invite settings, legal holds on your data and erasures;"
             " audit.jsonl: the audit log entries about you.\n"
         ).encode())
-        await put("profile.json", _dumps({k: user.get(k) for k in (
+        profile = {k: user.get(k) for k in (
             "name", "displayname", "avatar_url", "creation_ts", "admin", "deactivated", "erased", "locked",
-            "suspended", "user_type", "is_guest")}))
+            "suspended", "user_type", "is_guest")}
+        # Extended profile fields (m.tz, namespaced keys), as the user set them.
+        profile["fields"] = await hs.accounts.get_profile_fields(user_id)
+        await put("profile.json", _dumps(profile))
         devices = [{k: d.get(k) for k in ("device_id", "display_name", "last_seen_ts", "last_seen_ip")}
                    for d in await hs.accounts.get_devices(user_id)]
         await put("devices.json", _dumps(devices))

@@ -30,7 +30,7 @@ from zhome.http.errors import (
 )
 from zhome.http.server import JsonResource, client_ip, query_arg, read_json_body
 from zhome.rooms.versions import KNOWN_ROOM_VERSIONS
-from zhome.util.ids import is_valid_user_id, is_valid_user_localpart, random_string
+from zhome.util.ids import PROFILE_KEY, is_valid_user_id, is_valid_user_localpart, random_string, server_of
 from zhome.util.passwords import check_password_async, hash_password_async
 
 if TYPE_CHECKING:
@@ -42,6 +42,18 @@ RESERVED_LOCALPARTS = frozenset({"server-notices", "zhome-operator"})
 SPEC_VERSIONS = ["r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10",
                  "v1.11", "v1.12", "v1.13", "v1.14", "v1.15", "v1.16"]
 UIA_SESSION_LIFETIME_MS = 30 * 60 * 1000
+
+
+MAX_PROFILE_KEY_BYTES = 255
+#: The whole profile "MUST be under 64 KiB".
+MAX_PROFILE_BYTES = 64 * 1024 - 1
+
+
+def _check_profile_key(field: str) -> None:
+    if len(field.encode()) > MAX_PROFILE_KEY_BYTES:
+        raise MatrixError(400, "M_KEY_TOO_LARGE", f"Profile keys are at most {MAX_PROFILE_KEY_BYTES} bytes")
+    if not PROFILE_KEY.match(field):
+        raise invalid_param("Invalid profile key: use displayname, avatar_url, m.tz or a namespaced key")
 
 
 def new_token(prefix: str) -> str:
@@ -77,10 +89,12 @@ class AccountServlets:
         r.register("DELETE", CS + r"/devices/(?P<device_id>[^/]+)", self.on_delete_device, "device")
         r.register("POST", CS + r"/delete_devices", self.on_delete_devices, "delete_devices")
         r.register("GET", CS + r"/profile/(?P<user_id>[^/]+)", self.on_get_profile, "profile", guests=True)
-        r.register("GET", CS + r"/profile/(?P<user_id>[^/]+)/(?P<field>displayname|avatar_url)",
+        r.register("GET", CS + r"/profile/(?P<user_id>[^/]+)/(?P<field>[^/]+)",
                    self.on_get_profile_field, "profile_field", guests=True)
-        r.register("PUT", CS + r"/profile/(?P<user_id>[^/]+)/(?P<field>displayname|avatar_url)",
+        r.register("PUT", CS + r"/profile/(?P<user_id>[^/]+)/(?P<field>[^/]+)",
                    self.on_put_profile_field, "profile_field", guests=True)
+        r.register("DELETE", CS + r"/profile/(?P<user_id>[^/]+)/(?P<field>[^/]+)",
+                   self.on_delete_profile_field, "profile_field")
         r.register("POST", CS + r"/user_directory/search", self.on_user_directory, "user_directory")
         # Shared-secret registration, also under Synapse's path (admin tools use it).
         for prefix in (r"/_zhome/admin/v1", r"/_synapse/admin/v1"):
@@ -105,6 +119,7 @@ class AccountServlets:
             "m.set_avatar_url": {"enabled": True},
             "m.3pid_changes": {"enabled": self.config.email is not None and self.config.email.enable_3pid_changes},
             "m.get_login_token": {"enabled": self.config.access_tokens.login_token_enabled},
+            "m.profile_fields": {"enabled": True},
         }
         if req.is_admin:
             # Server administration: admins may lock and suspend accounts.
@@ -652,7 +667,7 @@ class AccountServlets:
             raise not_found("Profile not found")
         return p
 
-    async def _remote_profile(self, server: str, user_id: str) -> dict[str, Optional[str]]:
+    async def _remote_profile(self, server: str, user_id: str) -> dict[str, Any]:
         """Spec: server-server-api "Query Types" (GET /query/profile)."""
         from zhome.federation.transport import FederationDenied, FederationError, FederationHttpError
 
@@ -669,31 +684,63 @@ class AccountServlets:
             raise MatrixError(502, "M_UNKNOWN", f"Could not reach {server}: {type(e).__name__}")
         if not isinstance(resp, dict):
             raise MatrixError(502, "M_UNKNOWN", f"{server} sent a bad profile")
-        return {k: (resp[k] if isinstance(resp.get(k), str) else None) for k in ("displayname", "avatar_url")}
+        out: dict[str, Any] = {k: (resp[k] if isinstance(resp.get(k), str) else None)
+                               for k in ("displayname", "avatar_url")}
+        # Extended fields under keys the spec allows; anything else is dropped.
+        out.update({k: v for k, v in resp.items() if k not in out and isinstance(k, str) and PROFILE_KEY.match(k)})
+        return out
+
+    async def _full_profile(self, user_id: str) -> dict[str, Any]:
+        p: dict[str, Any] = dict(await self._profile_or_404(user_id))
+        if server_of(user_id) == self.hs.server_name:
+            p.update(await self.accounts.get_profile_fields(user_id))
+        return {k: v for k, v in p.items() if v is not None}
 
     async def on_get_profile(self, request: Request, user_id: str) -> tuple[int, Any]:
-        p = await self._profile_or_404(user_id)
-        return 200, {k: v for k, v in p.items() if v is not None}
+        return 200, await self._full_profile(user_id)
 
     async def on_get_profile_field(self, request: Request, user_id: str, field: str) -> tuple[int, Any]:
-        p = await self._profile_or_404(user_id)
-        if p.get(field) is None:
+        _check_profile_key(field)
+        p = await self._full_profile(user_id)
+        if field not in p:
             raise not_found(f"No {field} set")
         return 200, {field: p[field]}
 
-    async def on_put_profile_field(self, request: Request, user_id: str, field: str) -> tuple[int, Any]:
+    async def _own_profile(self, request: Request, user_id: str, field: str) -> None:
         req = await self.hs.auth.get_user_by_req(request)
+        _check_profile_key(field)
         if req.user_id != user_id and not req.is_admin:
             raise forbidden("You may only change your own profile")
-        body = read_json_body(request)
-        value = body.get(field)
-        if value is not None and not isinstance(value, str):
-            raise bad_json(f"'{field}' must be a string")
-        if isinstance(value, str) and len(value) > 256 and field == "displayname":
-            raise bad_json("displayname is too long")
+        if server_of(user_id) != self.hs.server_name:
+            raise forbidden("Only profiles of this server's users can be changed here")
         await self._profile_or_404(user_id)
-        # Carried into the user's membership in every joined room.
-        await set_profile(self.hs, user_id, field, value)
+
+    async def on_put_profile_field(self, request: Request, user_id: str, field: str) -> tuple[int, Any]:
+        await self._own_profile(request, user_id, field)
+        body = read_json_body(request)
+        if field not in body:
+            raise missing_param(f"The body must have '{field}', the field named in the path")
+        value = body[field]
+        if field in ("displayname", "avatar_url"):
+            if value is not None and not isinstance(value, str):
+                raise bad_json(f"'{field}' must be a string")
+            if isinstance(value, str) and len(value) > 256 and field == "displayname":
+                raise bad_json("displayname is too long")
+            # Carried into the user's membership in every joined room.
+            await set_profile(self.hs, user_id, field, value)
+            return 200, {}
+        if field == "m.tz" and not isinstance(value, str):
+            raise bad_json("'m.tz' must be a string (an IANA time zone name)")
+        if not await self.accounts.set_extended_profile_field(user_id, field, value, MAX_PROFILE_BYTES):
+            raise MatrixError(400, "M_PROFILE_TOO_LARGE", f"The profile would exceed {MAX_PROFILE_BYTES} bytes")
+        return 200, {}
+
+    async def on_delete_profile_field(self, request: Request, user_id: str, field: str) -> tuple[int, Any]:
+        await self._own_profile(request, user_id, field)
+        if field in ("displayname", "avatar_url"):
+            await set_profile(self.hs, user_id, field, None)
+        else:
+            await self.accounts.delete_extended_profile_field(user_id, field)
         return 200, {}
 
     async def on_user_directory(self, request: Request) -> tuple[int, Any]:

@@ -559,9 +559,12 @@ class FederationServlets:
             profile = await self.hs.accounts.get_profile(user_id)
         if profile is None:
             raise not_found("Profile not found")
-        out = {k: v for k, v in profile.items() if v is not None}
+        from zhome.util.ids import PROFILE_KEY
+
+        out: dict[str, Any] = {k: v for k, v in profile.items() if v is not None}
+        out.update(await self.hs.accounts.get_profile_fields(user_id))
         if field is not None:
-            if field not in ("displayname", "avatar_url"):
+            if not PROFILE_KEY.match(field):
                 raise MatrixError(400, "M_INVALID_PARAM", "Unknown profile field")
             out = {field: out[field]} if field in out else {}
         return 200, out

@@ -175,6 +175,7 @@ class AccountsStore:
             txn.execute("DELETE FROM login_tokens WHERE user_id = ?", (user_id,))
             txn.execute("DELETE FROM devices WHERE user_id = ?", (user_id,))
             txn.execute("UPDATE profiles SET displayname = NULL, avatar_url = NULL WHERE user_id = ?", (user_id,))
+            txn.execute("DELETE FROM profile_fields WHERE user_id = ?", (user_id,))
 
         self._forget_tokens()
         self._name_writes += 1
@@ -210,6 +211,49 @@ class AccountsStore:
         )
         if field == "displayname":
             self._note_name(user_id, value)
+
+    async def get_profile_fields(self, user_id: str) -> dict[str, Any]:
+        """The user's extended profile fields (not displayname or avatar_url)."""
+        rows = await self.db.execute(
+            "get_profile_fields", "SELECT field, value FROM profile_fields WHERE user_id = ? ORDER BY field", user_id)
+        out: dict[str, Any] = {}
+        for field, stored in rows:
+            text = self.open_profile(user_id, "field:" + field, stored)
+            if text is not None:
+                out[field] = json.loads(text)
+        return out
+
+    async def set_extended_profile_field(self, user_id: str, field: str, value: Any,
+                                         max_total_bytes: Optional[int] = None) -> bool:
+        """Store one extended field. With ``max_total_bytes``, refuse (return
+        False, nothing written) when the whole profile would then be larger."""
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+        stored = self.seal_profile(user_id, "field:" + field, text)
+
+        def txn_fn(txn: Txn) -> bool:
+            if max_total_bytes is not None:
+                txn.execute("SELECT field, value FROM profile_fields WHERE user_id = ? AND field <> ?",
+                            (user_id, field))
+                total = len(field.encode()) + len(text.encode())
+                for other, other_stored in txn.fetchall():
+                    opened = self.open_profile(user_id, "field:" + other, other_stored) or ""
+                    total += len(other.encode()) + len(opened.encode())
+                txn.execute("SELECT displayname, avatar_url FROM profiles WHERE user_id = ?", (user_id,))
+                row = txn.fetchone()
+                if row is not None:
+                    for name, v in zip(("displayname", "avatar_url"), row):
+                        total += len((self.open_profile(user_id, name, v) or "").encode())
+                if total > max_total_bytes:
+                    return False
+            txn.execute("DELETE FROM profile_fields WHERE user_id = ? AND field = ?", (user_id, field))
+            txn.execute("INSERT INTO profile_fields (user_id, field, value) VALUES (?,?,?)", (user_id, field, stored))
+            return True
+
+        return await self.db.run_interaction("set_profile_field_ext", txn_fn)
+
+    async def delete_extended_profile_field(self, user_id: str, field: str) -> None:
+        await self.db.execute("delete_profile_field_ext", "DELETE FROM profile_fields WHERE user_id = ? AND field = ?",
+                              user_id, field)
 
     # -- encryption at rest: profiles, under the user's key ---------------------------------
     def seal_profile(self, user_id: str, field: str, value: Optional[str]) -> Optional[str]:

@@ -74,5 +74,10 @@ def is_valid_room_id(s: str) -> bool:
     return bool(local)
 
 
+#: Spec: "PUT /profile/{userId}/{keyName}": a profile field is displayname,
+#: avatar_url, m.tz or a key in the Common Namespaced Identifier Grammar.
+PROFILE_KEY = re.compile(r"^(avatar_url|displayname|m\.tz|[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+)$")
+
+
 def server_of(s: str) -> str:
     return s.split(":", 1)[1] if ":" in s else ""
