@@ -456,6 +456,32 @@ def test_typing_and_read_receipts_across(z: Client, s: Client, synapse: SynapseP
     s.sync_until(_read_receipt(room_id, z.user_id, from_s), "the zhome user's read receipt")
 
 
+def _presence_of(user_id: str, state: str, status_msg: str) -> Callable[[dict[str, Any]], Any]:
+    def pred(resp: dict[str, Any]) -> Any:
+        return any(e.get("sender") == user_id and e["content"].get("presence") == state
+                   and e["content"].get("status_msg") == status_msg
+                   for e in resp.get("presence", {}).get("events", []))
+    return pred
+
+
+def test_presence_across(z: Client, s: Client, synapse: SynapsePeer) -> None:
+    """Spec: server-server-api "Presence" (m.presence EDUs) both ways; each
+    side's /sync and GET /presence/{userId}/status show the other's."""
+    room_id = _synapse_room_with(z, s, synapse)
+    assert room_id
+    z.ok("PUT", f"/_matrix/client/v3/presence/{_q(z.user_id)}/status",
+         {"presence": "unavailable", "status_msg": "on the ward"})
+    s.sync_until(_presence_of(z.user_id, "unavailable", "on the ward"), "the zhome user's presence")
+    status = s.ok("GET", f"/_matrix/client/v3/presence/{_q(z.user_id)}/status")
+    assert status["presence"] == "unavailable" and status["status_msg"] == "on the ward", status
+
+    s.ok("PUT", f"/_matrix/client/v3/presence/{_q(s.user_id)}/status",
+         {"presence": "online", "status_msg": "in clinic"})
+    z.sync_until(_presence_of(s.user_id, "online", "in clinic"), "the Synapse user's presence")
+    status = z.ok("GET", f"/_matrix/client/v3/presence/{_q(s.user_id)}/status")
+    assert status["presence"] == "online" and status["status_msg"] == "in clinic", status
+
+
 def test_profile_and_directory_queries_across(z: Client, s: Client, synapse: SynapsePeer,
                                               zhome_fed: ZhomeProcess) -> None:
     z.ok("PUT", f"/_matrix/client/v3/profile/{_q(z.user_id)}/displayname", {"displayname": "Zoë on zhome"})
