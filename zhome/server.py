@@ -617,7 +617,8 @@ class HomeServer:
         queue_ids = await IdGenerator.from_table(self.db, "federation_outbound", "id")
         self.federation_sender = FederationSender(
             self.server_name, self.db, queue_ids, self.federation_client.put_json, self.events.get_events,
-            self.residency_policy, max_retry_interval_ms=self.config.federation.max_retry_interval_ms)
+            self.residency_policy, max_retry_interval_ms=self.config.federation.max_retry_interval_ms,
+            sealer=self.sealer)
         self.federation_sender.may_transfer = self.transfer_store.may_receive
         self.persister.pre_hooks.append(self.federation_sender.before_persist)
         self.persister.txn_hooks.append(self.federation_sender.persist_txn_hook)

@@ -62,9 +62,10 @@ def test_a_database_from_before_is_sealed_in_the_background(zhome_factory: Any, 
     hs.start()
     admin = Admin(hs, "root", tmp_path)
     alice = ClientUser(hs, "alice")
-    m_body, m_name, m_data, m_dev, m_file, m_note = (_marker() for _ in range(6))
+    m_body, m_name, m_data, m_dev, m_file, m_note, m_field = (_marker() for _ in range(7))
     room = alice.ok("POST", "/createRoom", {"name": "Ward"})["room_id"]
     alice.ok("PUT", f"/profile/{q(alice.user_id)}/displayname", {"displayname": f"Alice {m_name}"})
+    alice.ok("PUT", f"/profile/{q(alice.user_id)}/org.example.pager", {"org.example.pager": m_field})
     events = [_send(alice, room, {"msgtype": "m.text", "body": f"old {i} {m_body}"}) for i in range(30)]
     alice.ok("PUT", f"/user/{q(alice.user_id)}/account_data/org.example.notes", {"note": m_data})
     phone = _login_device(hs, alice, f"phone {m_dev}")
@@ -72,7 +73,7 @@ def test_a_database_from_before_is_sealed_in_the_background(zhome_factory: Any, 
     mxc = _upload(alice, b"file body", f"{m_file}.txt")
     hs.stop()
     # The control: with encryption off every marker is in the clear.
-    for m in (m_body, m_name, m_data, m_dev, m_file, m_note):
+    for m in (m_body, m_name, m_data, m_dev, m_file, m_note, m_field):
         assert _where_stored(hs, m), m
 
     _set_encryption(hs, True)
@@ -84,6 +85,7 @@ def test_a_database_from_before_is_sealed_in_the_background(zhome_factory: Any, 
     bodies = {e["event_id"]: e["content"].get("body") for e in _timeline(alice, room)}
     assert all(m_body in (bodies[e] or "") for e in events)
     assert alice.ok("GET", f"/profile/{q(alice.user_id)}")["displayname"] == f"Alice {m_name}"
+    assert alice.ok("GET", f"/profile/{q(alice.user_id)}/org.example.pager") == {"org.example.pager": m_field}
     assert alice.ok("GET", f"/user/{q(alice.user_id)}/account_data/org.example.notes") == {"note": m_data}
     devices = alice.ok("GET", "/devices")["devices"]
     assert f"phone {m_dev}" in [d.get("display_name") for d in devices]
@@ -96,7 +98,7 @@ def test_a_database_from_before_is_sealed_in_the_background(zhome_factory: Any, 
     assert [u["name"] for u in listed["users"]] == [alice.user_id]
     assert mxc
     hs.stop()
-    for m in (m_body, m_name, m_data, m_dev, m_file, m_note):
+    for m in (m_body, m_name, m_data, m_dev, m_file, m_note, m_field):
         assert not _where_stored(hs, m), (m, _where_stored(hs, m))
     opened = _open_stored(hs, events[:1])
     assert m_body in opened[events[0]]["content"]["body"]
@@ -177,3 +179,49 @@ def test_extended_profile_fields_are_sealed(zhome: ZhomeProcess) -> None:
     assert not _where_stored(zhome, marker), _where_stored(zhome, marker)
     zhome.start()
     assert alice.ok("GET", f"/profile/{q(alice.user_id)}/org.example.note") == {"org.example.note": f"pager {marker}"}
+
+
+def test_edus_waiting_for_another_server_are_sealed(tmp_path: Path) -> None:
+    """A to-device message for a server that cannot be reached waits in the
+    federation queue; what it says is not readable there, whether it was
+    queued with encryption on or sealed later by the backlog."""
+    import sqlite3
+
+    from tests.e2e.harness import free_port
+
+    hs = ZhomeProcess(tmp_path / "fed", federation_ip="127.0.0.2")
+    # Nothing listens there: the EDUs stay queued, retried with backoff.
+    far = f"@bob:127.0.0.9:{free_port('127.0.0.9')}"
+
+    def queue(user: ClientUser, marker: str) -> None:
+        user.ok("PUT", f"/sendToDevice/org.example.note/{secrets.token_hex(4)}",
+                {"messages": {far: {"PHONE": {"note": marker}}}})
+
+    def queued() -> list[str]:
+        conn = sqlite3.connect(f"file:{hs.workdir / 'data' / 'homeserver.db'}?mode=ro", uri=True)
+        try:
+            return [r[0] for r in conn.execute("SELECT edu_json FROM federation_outbound WHERE edu_json IS NOT NULL")]
+        finally:
+            conn.close()
+
+    try:
+        _set_encryption(hs, False)
+        hs.start()
+        admin = Admin(hs, "root", tmp_path)
+        alice = ClientUser(hs, "alice")
+        before, after = _marker(), _marker()
+        queue(alice, before)
+        hs.stop()
+        assert _where_stored(hs, before), "the control: queued in the clear with encryption off"
+
+        _set_encryption(hs, True)
+        hs.start()
+        queue(alice, after)
+        _wait("the sealing backlog", lambda: admin.ok("GET", "/_zhome/admin/v1/encryption")["backlog_done"])
+        hs.stop()
+        for m in (before, after):
+            assert not _where_stored(hs, m), (m, _where_stored(hs, m))
+        rows = queued()
+        assert len(rows) == 2 and all(row.startswith("zk1:") for row in rows), rows
+    finally:
+        hs.stop()

@@ -22,6 +22,7 @@ from twisted.internet import defer
 
 from zhome.federation.policy import ResidencyPolicy
 from zhome.rooms.events import Event
+from zhome.storage.at_rest import Sealer, open_text, seal_text
 from zhome.storage.database import Database, Txn, in_chunks
 from zhome.storage.events import PersistItem
 from zhome.storage.ids import IdGenerator
@@ -51,8 +52,12 @@ class FederationSender:
         policy: ResidencyPolicy,
         max_retry_interval_ms: int = 10 * 60 * 1000,
         clock: Callable[[], float] = time.time,
+        sealer: Optional[Sealer] = None,
     ) -> None:
         self.server_name = server_name
+        #: Queued EDUs (presence status messages, device names in device-list
+        #: updates, to-device payloads, receipts) are sealed at rest.
+        self.sealer = sealer
         self.db = db
         self.ids = ids
         self.put_json = put_json
@@ -94,15 +99,29 @@ class FederationSender:
             return
         now = int(self.clock() * 1000)
 
+        text = json.dumps(edu)
+
         def txn_fn(txn: Txn) -> None:
+            rows = []
+            for d in dests:
+                row_id = self.ids.next()
+                rows.append((row_id, d, None, self.seal_edu(row_id, text), now))
             txn.executemany(
                 "INSERT INTO federation_outbound (id, destination, event_id, edu_json, created_ts) VALUES (?,?,?,?,?)",
-                [(self.ids.next(), d, None, json.dumps(edu), now) for d in dests],
+                rows,
             )
 
         await self.db.run_interaction("queue_edu", txn_fn)
         for d in dests:
             self.wake(d)
+
+    # -- encryption at rest of queued EDUs, under the server's own key ----------------------
+    def seal_edu(self, row_id: int, text: str) -> Optional[str]:
+        return seal_text(self.sealer, self.server_name, text, f"federation_outbound.edu_json\x00{row_id}")
+
+    def open_edu(self, row_id: int, stored: str) -> Any:
+        text = open_text(self.sealer, stored, f"federation_outbound.edu_json\x00{row_id}")
+        return json.loads(text) if text is not None else None
 
     async def before_persist(self, item: PersistItem) -> None:
         """Pre-persist hook: work out who must receive a local event."""
@@ -250,7 +269,8 @@ class FederationSender:
                 edu_rows.append(r)
         evs = await self.get_events([r[1] for r in pdu_rows])
         pdus = [evs[r[1]].pdu for r in pdu_rows if r[1] in evs]
-        edus = [json.loads(r[2]) for r in edu_rows] + ephemeral[:MAX_EDUS]
+        opened = (self.open_edu(int(r[0]), r[2]) for r in edu_rows)
+        edus = [e for e in opened if e is not None] + ephemeral[:MAX_EDUS]
         sent_ids = sorted(r[0] for r in pdu_rows + edu_rows)
         self._txn_counter += 1
         txn_id = f"{self._txn_counter}_{sent_ids[-1] if sent_ids else 0}"

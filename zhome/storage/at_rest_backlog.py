@@ -75,6 +75,14 @@ def _steps(hs: "HomeServer") -> list[tuple[str, Callable[[Txn, int], int]]]:
             txn, n, "user_directory_remote_profiles", ("user_id",), ("display_name", "avatar_url"),
             remote_profile)),
     ]
+    steps.append(("extended profile fields", lambda txn, n: _seal_columns_txn(
+        txn, n, "profile_fields", ("user_id", "field"), ("value",),
+        lambda k, _c, v: acc.seal_profile(k[0], "field:" + k[1], v))))
+    sender = getattr(hs, "federation_sender", None)
+    if sender is not None:
+        steps.append(("queued federation EDUs", lambda txn, n: _seal_columns_txn(
+            txn, n, "federation_outbound", ("id",), ("edu_json",),
+            lambda k, _c, v: sender.seal_edu(int(k[0]), v))))
     if repo is not None:
         steps.append(("media names", lambda txn, n: _seal_columns_txn(
             txn, n, "media", ("origin", "media_id", "user_id"), ("upload_name",),
@@ -83,7 +91,8 @@ def _steps(hs: "HomeServer") -> list[tuple[str, Callable[[Txn, int], int]]]:
 
 
 #: Tables the job rewrites: their old row versions are scrubbed afterwards.
-SEALED_TABLES = ("events", "account_data", "devices", "device_inbox", "content_reports", "profiles", "user_directory_remote_profiles", "media")
+SEALED_TABLES = ("events", "account_data", "devices", "device_inbox", "content_reports", "profiles", "profile_fields",
+                 "user_directory_remote_profiles", "federation_outbound", "media")
 
 
 class SealingBacklog:
