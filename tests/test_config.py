@@ -842,3 +842,31 @@ def test_login_token_settings(tmp_path: Path) -> None:
     assert load_raw(tmp_path).access_tokens.login_token_lifetime_ms == 120_000
     assert "access_tokens.login_token_lifetime_ms" in error_for(
         tmp_path, {**MINIMAL, "access_tokens": {"login_token_lifetime_ms": 5}})
+
+
+def test_bcrypt_scheme_makes_bcrypt_hashes_and_both_kinds_check(tmp_path: Path) -> None:
+    import bcrypt
+
+    from zhome.util import passwords
+
+    argon = passwords.hash_password("correct horse")
+    # A hash as another server made it (full-length password, library default cost).
+    imported = bcrypt.hashpw(b"battery staple", bcrypt.gensalt(rounds=4)).decode()
+    assert passwords.check_password("battery staple", imported)
+    assert not passwords.check_password("battery stapler", imported)
+    assert not passwords.check_password("x", "$2b$04$not-a-real-hash")
+    try:
+        passwords.configure(5, 7168, "bcrypt", 4)
+        made = passwords.hash_password("correct horse")
+        assert made.startswith("$2b$04$"), made
+        assert passwords.check_password("correct horse", made)
+        assert passwords.check_password("correct horse", argon)
+        assert not passwords.check_password("correct hors", made)
+        # Past bcrypt's 72 bytes: cut the same way both ways, never an error.
+        long_pw = "é" * 50
+        assert passwords.check_password(long_pw, passwords.hash_password(long_pw))
+    finally:
+        passwords.configure(5, 7168)
+    assert passwords.hash_password("x").startswith("$argon2id$")
+    assert "password_hashing.bcrypt_rounds" in error_for(tmp_path, with_changes(
+        password_hashing={"bcrypt_rounds": 3}))

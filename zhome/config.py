@@ -518,6 +518,8 @@ class PasswordHashingConfig:
     # the parameters they record.
     argon2_time_cost: int = setting(integer(1, 100), default=5)
     argon2_memory_kib: int = setting(integer(8, 4 * 1024 * 1024), default=7168)
+    # bcrypt cost (log2 of its rounds) when scheme is bcrypt.
+    bcrypt_rounds: int = setting(integer(4, 31), default=12)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -95,7 +95,8 @@ class HomeServer:
         app_services = load_registrations(cfg.app_service_config_files, cfg.server_name)
         self.signing_keys = read_signing_key_file(cfg.signing_key_path)
         self.signing_key = self.signing_keys[0]
-        configure_password_hashing(cfg.password_hashing.argon2_time_cost, cfg.password_hashing.argon2_memory_kib)
+        ph = cfg.password_hashing
+        configure_password_hashing(ph.argon2_time_cost, ph.argon2_memory_kib, ph.scheme, ph.bcrypt_rounds)
         os.makedirs(cfg.data_dir, exist_ok=True)
         if cfg.database.engine == "sqlite3" and cfg.database.args.get("database", ":memory:") != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(cfg.database.args["database"])), exist_ok=True)

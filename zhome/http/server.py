@@ -30,6 +30,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from zhome.http import jsonsplice
 from zhome.http.errors import MatrixError, bad_json, not_json, too_large, unrecognized
+from zhome.storage.database import DatabaseClosedError
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("zhome.access")
@@ -125,6 +126,12 @@ class JsonResource(Resource):
             code, body = e.code, e.to_json()
             # An error answered by a route still counts as that route's.
             endpoint = getattr(request, "zhome_endpoint", endpoint)
+        except DatabaseClosedError:
+            # The server is stopping and has closed its database under a
+            # request still in flight: a client retries (with its txnId, so a
+            # send that did commit is not doubled).
+            code, body = 503, {"errcode": "M_UNKNOWN", "error": "The server is shutting down; try again shortly"}
+            request.setHeader(b"Retry-After", b"5")
         except Exception:
             logger.exception("Unhandled error handling %s %s", method, _redacted_path(raw_path))
             code, body = 500, {"errcode": "M_UNKNOWN", "error": "Internal server error"}

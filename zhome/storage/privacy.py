@@ -131,7 +131,8 @@ class PrivacyStore:
                     if data_key:
                         touched_keys.add(int(data_key))
                 # Notifications and transaction IDs of these events go too.
-                txn.execute(f"DELETE FROM user_notifications WHERE event_id IN ({qs})", tuple(chunk))
+                txn.execute("DELETE FROM user_notifications WHERE stream_ordering IN"
+                            f" (SELECT stream_ordering FROM events WHERE event_id IN ({qs}))", tuple(chunk))
                 txn.execute(f"DELETE FROM event_txn_ids WHERE event_id IN ({qs})", tuple(chunk))
             EventMediaStore.forget_txn(txn, event_ids)
             return changed
@@ -239,15 +240,16 @@ class PrivacyStore:
             hide = [e for e, sender, sk in rows if sk is not None or (not delete_local and sender.endswith(local_suffix))]
             for chunk, qs in in_chunks([e for e, _, _ in rows]):
                 args = tuple(chunk)
+                by_position = f"stream_ordering IN (SELECT stream_ordering FROM events WHERE event_id IN ({qs}))"
                 txn.execute("SELECT user_id, COUNT(*), SUM(highlight) FROM user_notifications"
-                            f" WHERE event_id IN ({qs}) GROUP BY user_id", args)
+                            f" WHERE {by_position} GROUP BY user_id", args)
                 for user_id, n, hl in txn.fetchall():
                     n, hl = int(n), int(hl or 0)
                     txn.execute("UPDATE room_unread SET notification_count = CASE WHEN notification_count > ?"
                                 " THEN notification_count - ? ELSE 0 END, highlight_count = CASE WHEN"
                                 " highlight_count > ? THEN highlight_count - ? ELSE 0 END"
                                 " WHERE user_id = ? AND room_id = ?", (n, n, hl, hl, user_id, room_id))
-                txn.execute(f"DELETE FROM user_notifications WHERE event_id IN ({qs})", args)
+                txn.execute(f"DELETE FROM user_notifications WHERE {by_position}", args)
             for chunk, qs in in_chunks(delete):
                 args = tuple(chunk)
                 txn.execute(f"DELETE FROM redactions WHERE event_id IN ({qs}) OR redacts IN ({qs})", args + args)
