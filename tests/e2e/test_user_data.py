@@ -171,6 +171,43 @@ def test_account_data_and_tags(zhome: ZhomeProcess) -> None:
     assert status == 403
 
 
+def test_account_data_deletion(zhome: ZhomeProcess) -> None:
+    """MSC3391: DELETE on account data; incremental /sync carries {} for it,
+    reads answer 404 and a fresh /sync leaves it out."""
+    alice, bob = U(zhome, "alice"), U(zhome, "bob")
+    room_id = _shared_room(alice, bob)
+    base = f"/user/{q(alice.user_id)}"
+    alice.ok("PUT", base + "/account_data/org.example.old", {"keep": False})
+    alice.ok("PUT", base + "/account_data/org.example.stays", {"keep": True})
+    alice.ok("PUT", base + f"/rooms/{q(room_id)}/account_data/org.example.draft", {"text": "gone soon"})
+    alice.sync()
+
+    unstable = f"/_matrix/client/unstable/org.matrix.msc3391/user/{q(alice.user_id)}"
+    status, body = alice.hs.request("DELETE", unstable + "/account_data/org.example.old", token=alice.token)
+    assert status == 200, body
+    alice.ok("DELETE", base + f"/rooms/{q(room_id)}/account_data/org.example.draft")
+    # Deleting what does not exist is fine; server-controlled types are not the client's to delete.
+    alice.ok("DELETE", base + "/account_data/org.example.never")
+    status, body = alice.req("DELETE", base + "/account_data/m.push_rules")
+    assert status == 405, body
+    status, body = bob.req("DELETE", base + "/account_data/org.example.stays")
+    assert status == 403, body
+
+    for path in ("/account_data/org.example.old", f"/rooms/{q(room_id)}/account_data/org.example.draft"):
+        status, body = alice.req("GET", base + path)
+        assert status == 404 and body["errcode"] == "M_NOT_FOUND", (path, body)
+    assert alice.ok("GET", base + "/account_data/org.example.stays") == {"keep": True}
+    s = alice.sync(timeout=5000)
+    glob = {e["type"]: e["content"] for e in s["account_data"]["events"]}
+    assert glob.get("org.example.old") == {}, glob
+    assert _room_account_data(s, room_id).get("org.example.draft") == {}
+    s = alice.sync(incremental=False)
+    types = {e["type"] for e in s["account_data"]["events"]}
+    assert "org.example.old" not in types and "org.example.stays" in types, types
+    assert "org.example.draft" not in _room_account_data(s, room_id)
+    assert alice.hs.request("GET", "/_matrix/client/versions")[1]["unstable_features"]["org.matrix.msc3391"]
+
+
 def test_filters_and_limited_timeline(zhome: ZhomeProcess) -> None:
     alice = U(zhome, "alice")
     room_id = str(alice.ok("POST", "/createRoom", {})["room_id"])

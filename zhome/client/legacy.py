@@ -237,6 +237,8 @@ class LegacyServlets:
         global_ad: list[dict[str, Any]] = []
         room_ad: dict[str, list[dict[str, Any]]] = {}
         for room_id, dtype, content in await self.user_data.get_account_data_since(user_id, 0):
+            if content == {}:  # deleted (MSC3391)
+                continue
             if room_id:
                 room_ad.setdefault(room_id, []).append({"type": dtype, "content": content})
             else:
@@ -315,7 +317,7 @@ class LegacyServlets:
             visible = await self._recent_visible(user_id, room_id, upper, limit)
         state = list((await self.events.get_events(state_map.values())).values())
         room_ad = [{"type": t, "content": c} for r, t, c in await self.user_data.get_account_data_since(user_id, 0)
-                   if r == room_id]
+                   if r == room_id and c != {}]
         receipts: list[dict[str, Any]] = []
         presence: list[dict[str, Any]] = []
         if not departed:

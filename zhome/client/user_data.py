@@ -78,6 +78,13 @@ class UserDataServlets:
                    "account_data", guests=True)
         r.register("PUT", CS + _USER + r"/account_data/(?P<data_type>[^/]+)", self.on_put_account_data,
                    "account_data", guests=True)
+        # Deleting account data (MSC3391): the unstable paths clients call
+        # today and the stable ones it proposes.
+        for prefix in (CS, r"/_matrix/client/unstable/org\.matrix\.msc3391"):
+            r.register("DELETE", prefix + _USER + r"/account_data/(?P<data_type>[^/]+)",
+                       self.on_delete_account_data, "delete_account_data")
+            r.register("DELETE", prefix + _USER + _ROOM + r"/account_data/(?P<data_type>[^/]+)",
+                       self.on_delete_room_account_data, "delete_room_account_data")
         r.register("GET", CS + _USER + _ROOM + r"/account_data/(?P<data_type>[^/]+)",
                    self.on_get_room_account_data, "room_account_data", guests=True)
         r.register("PUT", CS + _USER + _ROOM + r"/account_data/(?P<data_type>[^/]+)",
@@ -235,7 +242,7 @@ class UserDataServlets:
             # Always answerable, even before the user has changed a rule.
             return 200, await self._ruleset(user_id)
         content = await self.hs.user_data.get_account_data(user_id, "", data_type)
-        if content is None:
+        if not content:  # never set, or deleted (stored as {}, see on_delete_account_data)
             raise not_found("Account data not found.")
         return 200, content
 
@@ -251,9 +258,28 @@ class UserDataServlets:
         await self._auth_self(request, user_id, "get account data")
         self._check_room_id(room_id)
         content = await self.hs.user_data.get_account_data(user_id, room_id, data_type)
-        if content is None:
+        if not content:
             raise not_found("Room account data not found.")
         return 200, content
+
+    async def on_delete_account_data(self, request: Request, user_id: str, data_type: str) -> tuple[int, Any]:
+        """MSC3391: a deleted type is kept as {} so that an incremental
+        /sync tells every device it is gone; reading it answers 404 and a
+        full /sync leaves it out."""
+        await self._auth_self(request, user_id, "delete account data")
+        self._check_client_settable(data_type)
+        if await self.hs.user_data.get_account_data(user_id, "", data_type):
+            await self._set_account_data(user_id, "", data_type, {})
+        return 200, {}
+
+    async def on_delete_room_account_data(self, request: Request, user_id: str, room_id: str,
+                                          data_type: str) -> tuple[int, Any]:
+        await self._auth_self(request, user_id, "delete account data")
+        self._check_room_id(room_id)
+        self._check_client_settable(data_type)
+        if await self.hs.user_data.get_account_data(user_id, room_id, data_type):
+            await self._set_account_data(user_id, room_id, data_type, {})
+        return 200, {}
 
     async def on_put_room_account_data(self, request: Request, user_id: str, room_id: str,
                                        data_type: str) -> tuple[int, Any]:

@@ -114,6 +114,10 @@ class SyncHandler:
         ad_since = since.account_data if since is not None and not full_state else 0
         if since is None or full_state or now.account_data > since.account_data:
             for room_id, dtype, content in await self.hs.user_data.get_account_data_since(user_id, ad_since):
+                if ad_since == 0 and content == {}:
+                    # Deleted (MSC3391): an incremental sync says so with {},
+                    # a full one simply leaves it out.
+                    continue
                 if room_id:
                     if flt.room_account_data.matches_type(dtype):
                         room_account_data.setdefault(room_id, []).append({"type": dtype, "content": content})
