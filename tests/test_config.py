@@ -870,3 +870,16 @@ def test_bcrypt_scheme_makes_bcrypt_hashes_and_both_kinds_check(tmp_path: Path) 
     assert passwords.hash_password("x").startswith("$argon2id$")
     assert "password_hashing.bcrypt_rounds" in error_for(tmp_path, with_changes(
         password_hashing={"bcrypt_rounds": 3}))
+
+
+def test_email_bridge_database_url(tmp_path: Path) -> None:
+    base = {"enabled": True, "mail_domain": "mail.example.org"}
+    cfg = load_raw(tmp_path, email_bridge={**base, "database_url": "postgresql://zhome@127.0.0.1:5432/bridge"})
+    assert cfg.email_bridge.database_url == "postgresql://zhome@127.0.0.1:5432/bridge"
+    assert "email_bridge.database_url" in error_for(tmp_path, with_changes(
+        email_bridge={**base, "database_url": "mysql://nope"}))
+    assert "give either database_path or database_url" in error_for(tmp_path, with_changes(
+        email_bridge={**base, "database_url": "postgresql://a@b/c", "database_path": "x.db"}))
+    # It may hold a password: never shown.
+    secret = load_raw(tmp_path, email_bridge={**base, "database_url": "postgresql://u:hunter2@127.0.0.1/b"})
+    assert "hunter2" not in repr(secret.email_bridge)

@@ -941,6 +941,12 @@ def user_localpart(value: Any, path: str) -> str:
     return text
 
 
+def _bridge_database_url(value: Any, path: str) -> str:
+    text = non_empty_string(value, path)
+    parse_database_url(text, path)  # checked now: a typo stops start-up, not the bridge later
+    return text
+
+
 @dataclass(frozen=True, kw_only=True)
 class EmailBridgeConfig:
     """The email bridge (zhome/bridges/email): an application service that
@@ -979,6 +985,9 @@ class EmailBridgeConfig:
     # The bridge's own SQLite database (never the homeserver's tables);
     # relative to data_dir. None: data_dir/email_bridge.db.
     database_path: str | None = setting(optional(non_empty_string), default=None)
+    # Or a PostgreSQL database of the bridge's own (postgresql://user@host/db,
+    # as the top-level database_url; never the homeserver's database).
+    database_url: str | None = setting(optional(_bridge_database_url), default=None, secret=True)
     # The bridge's registration, written on first start and loaded by the
     # homeserver like any app_service_config_files entry; relative to
     # data_dir. None: data_dir/email_bridge_registration.yaml.
@@ -1008,6 +1017,8 @@ class EmailBridgeConfig:
         if (self.tls_certificate_path is None) != (self.tls_private_key_path is None):
             raise _Invalid(_join(path, "tls_private_key_path" if self.tls_certificate_path else "tls_certificate_path"),
                            "tls_certificate_path and tls_private_key_path go together")
+        if self.database_url is not None and self.database_path is not None:
+            raise _Invalid(_join(path, "database_url"), "give either database_path or database_url, not both")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -6,6 +6,8 @@ Client-Server API as a room member sees them.
 
 from __future__ import annotations
 
+import contextlib
+
 import email.policy
 import email.utils
 import smtplib
@@ -21,6 +23,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import pytest
 
+from tests.conftest import fresh_pg_database
 from tests.e2e.dnsstub import DnsStub
 from tests.e2e.harness import ClientUser, ZhomeProcess, _server_env, free_port, q
 from tests.e2e.mailsink import MailSink, body_of
@@ -45,15 +48,32 @@ def wait_for(fn: Callable[[], Optional[T]], what: str, timeout: float = 30.0) ->
 class MailRoom:
     """A zhome with the bridge on, and a room with the address team@mail.test."""
 
-    def __init__(self, hs: ZhomeProcess, smtp_port: int) -> None:
+    def __init__(self, hs: ZhomeProcess, smtp_port: int, bridge_db_url: Optional[str] = None) -> None:
         self.hs = hs
         self.smtp_port = smtp_port
+        #: The bridge's PostgreSQL database, when it has one (else its SQLite file).
+        self.bridge_db_url = bridge_db_url
         self.alice = ClientUser(hs, "alice")
         self.room_id: str = self.alice.ok("POST", "/createRoom", {"preset": "private_chat"})["room_id"]
 
     @property
     def bridge_db(self) -> Path:
         return self.hs.workdir / "data" / "email_bridge.db"
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows from the bridge's own database, on whichever engine it is."""
+        if self.bridge_db_url is None:
+            with sqlite3.connect(self.bridge_db) as conn:
+                return [tuple(r) for r in conn.execute(sql, params)]
+        import psycopg2
+
+        conn = psycopg2.connect(self.bridge_db_url)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql.replace("?", "%s"), params)
+                return [tuple(r) for r in cur.fetchall()]
+        finally:
+            conn.close()
 
     def enable_address(self, localpart: str = "team", policy: str = "authenticated",
                        state_first: bool = False) -> None:
@@ -103,9 +123,7 @@ class MailRoom:
         return wait_for(lambda: next((e for e in self.messages() if pred(e)), None), what)
 
     def states(self) -> list[tuple[int, str, str]]:
-        with sqlite3.connect(self.bridge_db) as conn:
-            return [tuple(r) for r in conn.execute("SELECT id, state, COALESCE(outcome, '') FROM inbound_mail"
-                                                   " ORDER BY id")]  # type: ignore[misc]
+        return self.query("SELECT id, state, COALESCE(outcome, '') FROM inbound_mail ORDER BY id")  # type: ignore[return-value]
 
 
 def mail(text: str, *, sender: str = "Bob Smith <bob@example.net>", subject: str = "Hello",
@@ -142,16 +160,24 @@ def dns() -> Iterator[DnsStub]:
 
 
 @pytest.fixture
-def mail_room(zhome_factory: Any, dns: DnsStub) -> Iterator[MailRoom]:
+def mail_room(zhome_factory: Any, dns: DnsStub, db_config: tuple[str, dict[str, Any]]) -> Iterator[MailRoom]:
+    """A room with an email address. On PostgreSQL the bridge keeps its own
+    database there too (email_bridge.database_url), beside the homeserver's."""
     smtp_port = free_port()
-    hs = zhome_factory(overrides={"email_bridge": {
-        "dns_servers": [dns.address],
-        "enabled": True, "mail_domain": DOMAIN, "smtp_listen": f"127.0.0.1:{smtp_port}",
-        "appservice_listen": f"127.0.0.1:{free_port()}", "max_mail_size": MAX_SIZE}})
-    hs.start()
-    room = MailRoom(hs, smtp_port)
-    room.enable_address()
-    yield room
+    bridge = {"dns_servers": [dns.address], "enabled": True, "mail_domain": DOMAIN,
+              "smtp_listen": f"127.0.0.1:{smtp_port}", "appservice_listen": f"127.0.0.1:{free_port()}",
+              "max_mail_size": MAX_SIZE}
+    with contextlib.ExitStack() as stack:
+        if db_config[0] != "sqlite3":
+            name = stack.enter_context(fresh_pg_database())
+            bridge["database_url"] = f"postgresql://postgres@127.0.0.1:5432/{name}"
+        hs = zhome_factory(overrides={"email_bridge": bridge})
+        # Stopped before the bridge's database is dropped.
+        stack.callback(hs.stop)
+        hs.start()
+        room = MailRoom(hs, smtp_port, bridge.get("database_url"))
+        room.enable_address()
+        yield room
 
 
 def test_refused_at_rcpt_and_over_the_size_limit(mail_room: MailRoom) -> None:
@@ -201,9 +227,13 @@ def test_mail_is_posted_by_the_senders_ghost(mail_room: MailRoom) -> None:
     # Posted: the mail's content is gone from the bridge's table, and never
     # was there in clear.
     wait_for(lambda: r.states() and r.states()[0][1] == "posted", "the row marked posted")
-    with sqlite3.connect(r.bridge_db) as conn:
-        assert [row[0] for row in conn.execute("SELECT message FROM inbound_mail")] == [""]
-    assert marker.encode() not in r.bridge_db.read_bytes()
+    assert [row[0] for row in r.query("SELECT message FROM inbound_mail")] == [""]
+    if r.bridge_db_url is None:
+        assert marker.encode() not in r.bridge_db.read_bytes()
+    else:
+        # Nothing of the mail in clear in any column of the bridge's tables.
+        for (table,) in r.query("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"):
+            assert not r.query(f"SELECT 1 FROM {table} t WHERE CAST(t AS TEXT) LIKE ?", (f"%{marker}%",)), table
 
 
 def test_replies_strip_quoted_history_and_thread(mail_room: MailRoom) -> None:
@@ -224,9 +254,8 @@ def test_replies_strip_quoted_history_and_thread(mail_room: MailRoom) -> None:
     assert ev2["content"]["m.relates_to"] == {"m.in_reply_to": {"event_id": ev1["event_id"]}}
 
     # A signed reply address for Carol and the first event.
-    with sqlite3.connect(r.bridge_db) as conn:
-        secret = bytes.fromhex(conn.execute("SELECT value FROM bridge_meta WHERE name = 'reply_secret'").fetchone()[0])
-        n = conn.execute("SELECT n FROM known_events WHERE event_id = ?", (ev1["event_id"],)).fetchone()[0]
+    secret = bytes.fromhex(r.query("SELECT value FROM bridge_meta WHERE name = 'reply_secret'")[0][0])
+    n = r.query("SELECT n FROM known_events WHERE event_id = ?", (ev1["event_id"],))[0][0]
     good = reply_localpart(secret, n, r.room_id, ev1["event_id"], "carol@example.com")
     assert r.rcpt_code(f"{good}@{DOMAIN}", "carol@example.com") == 250
     # Forged: the same token from another sender, a token for another
@@ -351,8 +380,7 @@ def test_email_participants_policy_and_lmtp(zhome_factory: Any, dns: DnsStub) ->
 
 
 def _address_known(r: MailRoom, localpart: str) -> bool:
-    with sqlite3.connect(r.bridge_db) as conn:
-        return conn.execute("SELECT 1 FROM room_addresses WHERE localpart = ?", (localpart,)).fetchone() is not None
+    return bool(r.query("SELECT 1 FROM room_addresses WHERE localpart = ?", (localpart,)))
 
 
 def test_bridge_in_its_own_process(zhome_factory: Any, dns: DnsStub) -> None:

@@ -43,7 +43,7 @@ from zhome.bridges.email.registration import BridgeRegistration, ensure_registra
 from zhome.bridges.email import senderauth
 from zhome.bridges.email.ratelimit import SenderLimits
 from zhome.bridges.email.smtp import Refused, BridgeSMTPFactory, Envelope, Target
-from zhome.bridges.email.store import BridgeStore
+from zhome.bridges.email.store import BridgeStore, open_bridge_database
 from zhome.bridges.email.tokens import (
     address_of_ghost, ghost_localpart, invite_key, normalise_address, parse_invite_localpart, parse_reply_localpart,
     verify_invite, verify_reply,
@@ -116,7 +116,7 @@ class EmailBridge:
         registration = ensure_registration(cfg, server_name)
         assert cfg.database_path is not None and cfg.homeserver_url is not None and cfg.mail_domain is not None
         os.makedirs(os.path.dirname(cfg.database_path), exist_ok=True)
-        db = Database("sqlite3", {"database": cfg.database_path})
+        db = open_bridge_database(cfg)
         # A key ring and key store of the bridge's own, beside its database.
         sealer = Sealer(os.path.join(data_dir, "email_bridge_encryption.key"),
                         os.path.join(data_dir, "email_bridge_keystore.db"), enabled=seal)

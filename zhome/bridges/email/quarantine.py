@@ -17,7 +17,7 @@ from typing import Optional
 
 from twisted.internet import defer, task
 
-from zhome.bridges.email.store import BridgeStore
+from zhome.bridges.email.store import BridgeStore, open_bridge_database
 from zhome.config import EmailBridgeConfig
 from zhome.storage.at_rest import Sealer
 from zhome.storage.database import Database
@@ -28,7 +28,7 @@ async def _run(cfg: EmailBridgeConfig, data_dir: str, seal: bool, action: str, m
     if not os.path.exists(cfg.database_path):
         print("zhome bridge-email: the bridge has no database yet", file=sys.stderr)
         return 1
-    db = Database("sqlite3", {"database": cfg.database_path})
+    db = open_bridge_database(cfg)
     sealer = Sealer(os.path.join(data_dir, "email_bridge_encryption.key"),
                     os.path.join(data_dir, "email_bridge_keystore.db"), enabled=seal)
     store = BridgeStore(db, sealer)

@@ -1,4 +1,6 @@
-"""The bridge's own database (SQLite, apart from the homeserver's).
+"""The bridge's own database, apart from the homeserver's: SQLite by default
+(``email_bridge.database_path``), or PostgreSQL (``email_bridge.database_url``,
+a database of its own, never the homeserver's).
 
 ``inbound_mail`` holds each accepted mail from the moment before the SMTP
 ``250`` until it is posted: the raw message is sealed at rest (AES-256-GCM,
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from zhome.storage.at_rest import Sealer
-from zhome.storage.database import Database, Txn
+from zhome.storage.database import ENGINE_POSTGRES, ENGINE_SQLITE, Database, Txn
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS bridge_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -38,7 +40,7 @@ _SCHEMA = (
         room_id TEXT NOT NULL UNIQUE,
         policy TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS inbound_mail (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        id {serial},
         received_ts BIGINT NOT NULL,
         room_id TEXT NOT NULL,
         reply_event TEXT,
@@ -49,12 +51,12 @@ _SCHEMA = (
         outcome TEXT)""",
     "CREATE INDEX IF NOT EXISTS inbound_mail_due ON inbound_mail (state, next_attempt_ts)",
     """CREATE TABLE IF NOT EXISTS known_events (
-        n INTEGER PRIMARY KEY AUTOINCREMENT,
+        n {serial},
         room_id TEXT NOT NULL,
         event_id TEXT NOT NULL UNIQUE,
         message_id TEXT UNIQUE)""",
     """CREATE TABLE IF NOT EXISTS outbound_events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        id {serial},
         room_id TEXT NOT NULL,
         event_id TEXT NOT NULL UNIQUE,
         payload TEXT NOT NULL,
@@ -118,15 +120,28 @@ class InboundMail:
     bounce: bool = False
 
 
+def open_bridge_database(cfg: Any) -> Database:
+    """The bridge's database as ``email_bridge`` configures it."""
+    if cfg.database_url is not None:
+        from zhome.config import parse_database_url
+
+        db_cfg = parse_database_url(cfg.database_url, "email_bridge.database_url")
+        return Database(db_cfg.engine, dict(db_cfg.args))
+    return Database(ENGINE_SQLITE, {"database": cfg.database_path})
+
+
 class BridgeStore:
     def __init__(self, db: Database, sealer: Optional[Sealer]) -> None:
         self.db = db
         self.sealer = sealer
 
     async def setup(self) -> None:
+        # Row numbers that only grow: SQLite's AUTOINCREMENT, PostgreSQL's sequences.
+        serial = "BIGSERIAL PRIMARY KEY" if self.db.engine == ENGINE_POSTGRES else "INTEGER PRIMARY KEY AUTOINCREMENT"
+
         def txn_fn(txn: Txn) -> None:
             for stmt in _SCHEMA:
-                txn.execute(stmt)
+                txn.execute(stmt.replace("{serial}", serial))
 
         await self.db.run_interaction("email_bridge_schema", txn_fn)
 
