@@ -17,6 +17,13 @@ class _Handler:
     def __init__(self, sink: "MailSink") -> None:
         self.sink = sink
 
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,  # noqa: N802
+                          rcpt_options: Any) -> str:
+        if address in self.sink.refuse:
+            return "550 5.1.1 No such mailbox"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd's name
         msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
         with self.sink.lock:
@@ -29,6 +36,8 @@ class MailSink:
         self.port = port
         self.lock = threading.Lock()
         self.mails: list[tuple[str, list[str], EmailMessage]] = []
+        #: Recipients refused at RCPT with 550 (a mailbox that does not exist).
+        self.refuse: set[str] = set()
         self.controller: Optional[Controller] = None
 
     def start(self) -> "MailSink":

@@ -233,3 +233,51 @@ def test_outbound_mail(zhome_factory: Any, tmp_path: Path, dns: DnsStub) -> None
         assert "No waiting." in body_of(sink.to(BOB)[6])
     finally:
         sink.stop()
+
+
+def test_undelivered_mail_is_told_in_the_room(zhome_factory: Any, dns: DnsStub) -> None:  # noqa: F811
+    """The relay refuses one participant's address for good: the room hears
+    that this participant did not get the messages, and the bridge stops
+    mailing them; the other participant's mail goes on as before."""
+    gone = "nobody@example.net"
+    sink = MailSink(free_port()).start()
+    sink.refuse.add(gone)
+    try:
+        smtp_port = free_port()
+        hs = zhome_factory(overrides={
+            "email": {"smtp_host": "127.0.0.1", "smtp_port": sink.port, "notif_from": f"zhome <noreply@{DOMAIN}>"},
+            "email_bridge": {"enabled": True, "mail_domain": DOMAIN, "smtp_listen": f"127.0.0.1:{smtp_port}",
+                             "appservice_listen": f"127.0.0.1:{free_port()}", "quiet_period_ms": 0,
+                             "dns_servers": [dns.address]}})
+        hs.start()
+        r = MailRoom(hs, smtp_port)
+        r.enable_address()
+        for address in (BOB, gone):
+            r.alice.ok("POST", f"/rooms/{q(r.room_id)}/invite", {"user_id": ghost(address)})
+            wait_for(lambda: _participant_known(r, ghost(address)), "the ghost known to the bridge")
+        room = q(r.room_id)
+        r.alice.ok("PUT", f"/rooms/{room}/send/m.room.message/u1", {"msgtype": "m.text", "body": "Anyone there?"})
+        sink.wait_for(BOB)
+
+        def notice() -> Any:
+            for ev in r.alice.ok("GET", f"/rooms/{room}/messages?dir=b&limit=50")["chunk"]:
+                body = ev["content"].get("body", "")
+                if ev["type"] == "m.room.message" and ev["content"].get("msgtype") == "m.notice" \
+                        and ghost(gone) in body and "not delivered" in body:
+                    return ev
+            return None
+
+        ev = wait_for(notice, "the notice of the undelivered mail")
+        assert ev["sender"].startswith("@emailbot:"), ev
+        assert "no more mail" in ev["content"]["body"]
+        assert gone not in ev["content"]["body"]  # the ghost's ID, never the address
+        # Stopped: the next message goes to Bob only, and no second notice.
+        r.alice.ok("PUT", f"/rooms/{room}/send/m.room.message/u2", {"msgtype": "m.text", "body": "Second try."})
+        sink.wait_for(BOB, 2)
+        time.sleep(1.0)
+        notices = [e for e in r.alice.ok("GET", f"/rooms/{room}/messages?dir=b&limit=50")["chunk"]
+                   if e["content"].get("msgtype") == "m.notice" and "not delivered" in e["content"].get("body", "")]
+        assert len(notices) == 1, notices
+        assert sink.to(gone) == []
+    finally:
+        sink.stop()

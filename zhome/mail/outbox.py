@@ -6,7 +6,8 @@ acceptance, so each mail is handed over once (a crash in the instant
 between the relay's "250" and that commit is the only way to send twice,
 the usual at-least-once edge of SMTP). Failures are retried with
 exponential backoff; a permanent refusal (5xx) or too many attempts drops
-the mail with a log line that names neither address nor content.
+the mail with a log line that names neither address nor content, and
+tells ``on_dropped`` (the email bridge says so in the room).
 
 Recipient and message are sealed at rest (zhome/storage/at_rest.py) under
 the outbox's own data key. The table's DDL is ``OUTBOX_SCHEMA`` so another
@@ -73,6 +74,9 @@ class MailOutbox(Rounds):
         self.clock = clock
         #: Called with the row ID after the relay accepted a mail (tests, metrics).
         self.on_sent: list[Callable[[int], Awaitable[None] | None]] = []
+        #: Called with the row ID and whether the relay refused it for good
+        #: (else: too many failed attempts) when a mail is given up.
+        self.on_dropped: list[Callable[[int, bool], Awaitable[None] | None]] = []
 
     # -- sealing --------------------------------------------------------------------------
     def _aad(self, row_id: int, column: str) -> str:
@@ -190,6 +194,13 @@ class MailOutbox(Rounds):
             logger.warning("mail %d dropped after %d attempt(s): %s", row_id, attempts,
                            "refused by the relay" if permanent else "too many failures")
             await self._delete(row_id)
+            for hook in self.on_dropped:
+                try:
+                    got = hook(row_id, permanent)
+                    if got is not None:
+                        await got
+                except Exception as e:  # the mail is gone either way; a hook must not stop the outbox
+                    logger.warning("mail %d: a drop hook failed: %s", row_id, type(e).__name__)
             return
         backoff = min(self.max_backoff_s, self.min_backoff_s * (2 ** (attempts - 1)))
         nxt = int((self.clock() + backoff) * 1000)

@@ -136,7 +136,8 @@ class EmailBridge:
                 ghost_prefix=cfg.ghost_prefix, server_name=server_name,
                 public_baseurl=public_baseurl or cfg.homeserver_url, as_token=registration.as_token,
                 max_attachment_size=cfg.max_attachment_size, max_attachments_total=cfg.max_attachments_total,
-                link_lifetime_ms=cfg.download_link_lifetime_ms), dkim_signer(cfg, from_address))
+                link_lifetime_ms=cfg.download_link_lifetime_ms,
+                bot=f"@{registration.sender_localpart}:{server_name}"), dkim_signer(cfg, from_address))
         return cls(cfg, server_name, registration, store, hs, processor, secret, sealer, outbound)
 
     # -- lifecycle ---------------------------------------------------------------------

@@ -54,7 +54,7 @@ from zhome.bridges.email.links import (
     DOWNLOAD_LABEL, UNSUBSCRIBE_LABEL, derive_key, download_url, unsubscribe_url,
 )
 from zhome.bridges.email.store import BridgeStore
-from zhome.bridges.email.tokens import ghost_localpart, reply_localpart
+from zhome.bridges.email.tokens import address_of_ghost, ghost_localpart, reply_localpart
 from zhome.mail.outbox import MailOutbox
 from zhome.storage.database import Txn
 from zhome.util.reactor import reactor
@@ -87,6 +87,8 @@ class OutboundSettings:
     max_attachment_size: int = 10 * 1024 * 1024
     max_attachments_total: int = 20 * 1024 * 1024
     link_lifetime_ms: int = 7 * 24 * 3600 * 1000
+    #: The bridge's own user, who tells a room of mail that could not go out.
+    bot: Optional[str] = None
 
 
 def _reply_target(content: dict[str, Any]) -> tuple[Optional[str], Optional[str]]:
@@ -117,6 +119,33 @@ class OutboundMailer(Rounds):
         # A cache (the room's state is the truth): room ID -> (name, fetched at).
         self._room_names: dict[str, tuple[str, float]] = {}
         self._sender_names: dict[tuple[str, str], tuple[str, float]] = {}
+        outbox.on_sent.append(self._mail_sent)
+        outbox.on_dropped.append(self._mail_dropped)
+
+    async def _mail_sent(self, outbox_id: int) -> None:
+        await self.store.take_outbox_mail(outbox_id)
+
+    async def _mail_dropped(self, outbox_id: int, refused: bool) -> None:
+        """The outbox gave a mail up: the room hears that a participant did
+        not get its messages. Refused by the relay for good, the address is
+        also stopped, as after a hard bounce."""
+        found = await self.store.take_outbox_mail(outbox_id)
+        if found is None or self.s.bot is None:
+            return
+        room_id, ghost = found
+        address = address_of_ghost(self.ghost_prefix, ghost)
+        if refused and address is not None:
+            await self.store.mark_bouncing(address, "5.0.0")
+        why = ("the mail server refused it" if refused
+               else f"it could not be handed to the mail server after {self.outbox.max_attempts} attempts")
+        body = f"Mail to {ghost} was not delivered: {why}. They did not get the messages it carried."
+        if refused:
+            body += " The bridge sends this participant no more mail."
+        try:
+            await self.hs.send(room_id, self.s.bot, "m.room.message", {"msgtype": "m.notice", "body": body},
+                               f"zhome-undelivered-{outbox_id}")
+        except (HomeserverUnreachable, HomeserverError) as e:
+            logger.info("email bridge: a room could not be told of an undelivered mail: %s", type(e).__name__)
 
     async def queue(self, event: dict[str, Any]) -> None:
         """An event from a transaction; queued when its room has email participants."""
@@ -269,6 +298,7 @@ class OutboundMailer(Rounds):
         events = [(row_id, event_id, data) for row_id, event_id, data in rows if data is not None]
         row_ids = [r[0] for r in rows]
         mails: list[tuple[Any, ...]] = []
+        ghosts: list[tuple[int, str]] = []  # (outbox row, participant) of each mail
         last_event = events[-1][1] if events else None
         mid = message_id_for(last_event, self.s.mail_domain) if last_event else None
         if events:
@@ -318,12 +348,13 @@ class OutboundMailer(Rounds):
                     unsubscribe_url=unsubscribe_url(self.s.public_baseurl, self._unsubscribe_key, room_id, ghost))
                 raw = serialise(build_mail(headers, mine), self.signer)
                 mails.append(self.outbox.prepare(self.s.from_address, address, raw))
+                ghosts.append((int(mails[-1][0]), ghost))
         event_ids = [e[1] for e in events]
 
         def txn_fn(txn: Txn) -> None:
             for mail in mails:
                 MailOutbox.enqueue_txn(txn, mail)
-            BridgeStore.finish_outbound_txn(txn, row_ids, room_id, mid, event_ids)
+            BridgeStore.finish_outbound_txn(txn, row_ids, room_id, mid, event_ids, ghosts)
 
         await self.store.db.run_interaction("email_bridge_mail_batch", txn_fn)
         if mails:

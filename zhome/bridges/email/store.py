@@ -89,6 +89,13 @@ _SCHEMA = (
         room_id TEXT PRIMARY KEY,
         unauthenticated TEXT NOT NULL)""",
     "CREATE TABLE IF NOT EXISTS held_notices (room_id TEXT PRIMARY KEY, notified_ts BIGINT NOT NULL)",
+    # Each outbox mail of the bridge: its room and participant (the ghost),
+    # until the relay took it or the outbox gave it up, so the room can be
+    # told of a mail that never went out.
+    """CREATE TABLE IF NOT EXISTS outbox_mail_rooms (
+        outbox_id BIGINT PRIMARY KEY,
+        room_id TEXT NOT NULL,
+        ghost TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS bouncing_addresses (
         address_index TEXT PRIMARY KEY,
         since_ts BIGINT NOT NULL,
@@ -315,9 +322,13 @@ class BridgeStore:
 
     @staticmethod
     def finish_outbound_txn(txn: Txn, row_ids: list[int], room_id: str, message_id: Optional[str],
-                            event_ids: list[str]) -> None:
+                            event_ids: list[str], outbox_ghosts: Optional[list[tuple[int, str]]] = None) -> None:
         """In the transaction that hands the batch's mails to the outbox: the
-        rows are done and the Message-ID remembered for the events it carried."""
+        rows are done, the Message-ID remembered for the events it carried,
+        and each outbox mail's room and participant (``outbox_ghosts``)."""
+        for outbox_id, ghost in outbox_ghosts or ():
+            txn.execute("INSERT INTO outbox_mail_rooms (outbox_id, room_id, ghost) VALUES (?,?,?)",
+                        (outbox_id, room_id, ghost))
         for row_id in row_ids:
             txn.execute("DELETE FROM outbound_events WHERE id = ?", (row_id,))
         if message_id is not None:
@@ -327,6 +338,19 @@ class BridgeStore:
                 if txn.fetchone() is None:
                     txn.execute("INSERT INTO sent_mail_events (message_id, room_id, event_id) VALUES (?,?,?)",
                                 (message_id, room_id, event_id))
+
+    async def take_outbox_mail(self, outbox_id: int) -> Optional[tuple[str, str]]:
+        """The (room, ghost) of an outbox mail that was sent or given up; the
+        record goes."""
+        def txn_fn(txn: Txn) -> Optional[tuple[str, str]]:
+            txn.execute("SELECT room_id, ghost FROM outbox_mail_rooms WHERE outbox_id = ?", (outbox_id,))
+            row = txn.fetchone()
+            if row is None:
+                return None
+            txn.execute("DELETE FROM outbox_mail_rooms WHERE outbox_id = ?", (outbox_id,))
+            return str(row[0]), str(row[1])
+
+        return await self.db.run_interaction("email_bridge_take_outbox_mail", txn_fn)
 
     async def message_ids_of(self, event_id: str) -> list[str]:
         """The Message-IDs an event is known by: the inbound mail it came
