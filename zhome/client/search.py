@@ -43,7 +43,7 @@ from zhome.client.serialize import serialize_events
 from zhome.http.errors import bad_json, invalid_param, missing_param
 from zhome.http.server import JsonResource, query_arg, read_json_body
 from zhome.rooms.events import Event
-from zhome.storage.event_search import MAX_QUERY_WORDS, SEARCH_KEYS, EventSearchStore, Hit, parse_query
+from zhome.storage.event_search import MAX_QUERY_WORDS, SEARCH_KEYS, UNBOUNDED, EventSearchStore, Hit, parse_query
 from zhome.sync.filtering import EventFilter, parse_filter_param
 
 if TYPE_CHECKING:
@@ -59,7 +59,6 @@ MAX_CONTEXT = 100
 #: Batches of hits read per request at most: a search whose hits are
 #: mostly invisible to the user ends with a next_batch, not a long wait.
 MAX_ROUNDS = 10
-UNBOUNDED = 2 ** 62
 GROUP_KEYS = ("room_id", "sender")
 
 

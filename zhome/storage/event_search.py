@@ -94,6 +94,8 @@ SEARCH_KEYS = tuple(k for k, _ in INDEXED_TYPES.values())
 KEY_NAME = "event-search-index"
 #: Words in one search term at most (each is a term of the query).
 MAX_QUERY_WORDS = 64
+#: A room's bound that is no bound (the whole room is searched).
+UNBOUNDED = 2 ** 62
 BACKFILL_BATCH = 500
 BACKFILL_PAUSE_S = 0.05
 
@@ -296,7 +298,7 @@ class EventSearchStore:
                      order_by: str, limit: int, after: Optional[tuple[float, int]] = None,
                      senders: Optional[Sequence[str]] = None) -> list[Hit]:
         """Up to ``limit`` hits in rooms of ``bounds`` (room ID, highest
-        stream ordering searched in it), best first (``order_by`` "rank") or
+        stream ordering searched in it, or UNBOUNDED), best first (``order_by`` "rank") or
         newest first ("recent"); ``after``: (rank, stream ordering) of the
         last hit already had, to go on from."""
         if not query.phrases or not bounds or not keys or limit <= 0:
@@ -304,21 +306,29 @@ class EventSearchStore:
         match = self.match_expression(query)
         sqlite = self.db.engine == ENGINE_SQLITE
         params: list[Any] = []
-        values = ",".join("(?, ?)" for _ in bounds)
-        for room_id, upto in bounds:
-            params += [room_id, upto]
         if sqlite:
+            # The full-text match drives the query (CROSS JOIN fixes the
+            # order): looked up per row of event_search it is far slower.
             inner = ("SELECT s.event_id, s.room_id, s.sender, s.stream_ordering, -bm25(event_search_fts) AS r"
-                     " FROM event_search_fts JOIN event_search s ON s.id = event_search_fts.rowid"
-                     " JOIN b ON b.room_id = s.room_id"
-                     " WHERE event_search_fts MATCH ? AND s.stream_ordering <= b.upto")
+                     " FROM event_search_fts CROSS JOIN event_search s"
+                     " WHERE event_search_fts MATCH ? AND s.id = event_search_fts.rowid")
         else:
             inner = ("SELECT s.event_id, s.room_id, s.sender, s.stream_ordering,"
                      " CAST(ts_rank(s.vector, to_tsquery('simple', ?)) AS DOUBLE PRECISION) AS r"
-                     " FROM event_search s JOIN b ON b.room_id = s.room_id"
-                     " WHERE s.vector @@ to_tsquery('simple', ?) AND s.stream_ordering <= b.upto")
+                     " FROM event_search s WHERE s.vector @@ to_tsquery('simple', ?)")
             params.append(match)
         params.append(match)
+        # Rooms as an IN list (a lookup per row on both engines); the few
+        # rooms searched only up to a point get their bound in a CASE.
+        inner += f" AND s.room_id IN ({','.join('?' * len(bounds))})"
+        params += [r for r, _ in bounds]
+        bounded = [(r, upto) for r, upto in bounds if upto < UNBOUNDED]
+        if bounded:
+            inner += (f" AND (s.room_id NOT IN ({','.join('?' * len(bounded))}) OR s.stream_ordering <= CASE s.room_id"
+                      + " WHEN ? THEN ?" * len(bounded) + " END)")
+            params += [r for r, _ in bounded]
+            for r, upto in bounded:
+                params += [r, upto]
         inner += f" AND s.key IN ({','.join('?' * len(keys))})"
         params += list(keys)
         if senders is not None:
@@ -326,8 +336,7 @@ class EventSearchStore:
                 return []
             inner += f" AND s.sender IN ({','.join('?' * len(senders))})"
             params += list(senders)
-        sql = f"WITH b (room_id, upto) AS (VALUES {values}) SELECT event_id, room_id, sender, stream_ordering, r" \
-              f" FROM ({inner}) hits"
+        sql = f"SELECT event_id, room_id, sender, stream_ordering, r FROM ({inner}) hits"
         if after is not None:
             rank, so = after
             if order_by == "rank":
