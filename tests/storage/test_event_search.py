@@ -13,10 +13,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 
 from tests.storage.test_event_graph import _server
 from zhome.server import HomeServer
+from zhome.storage import event_search
 from zhome.storage.event_search import SEARCH_KEYS, parse_query, text_of, token, words
 from zhome.storage.events import PersistItem
 
@@ -88,7 +90,8 @@ async def _find(hs: HomeServer, term: str, rooms: list[str], order: str = "recen
 
 
 @pytest_twisted.ensureDeferred
-async def test_index_and_search(tmp_path: Path, db_config: tuple[str, dict[str, Any]]) -> None:
+async def test_index_and_search(tmp_path: Path, db_config: tuple[str, dict[str, Any]],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
     hs = await _server(tmp_path, db_config)
     room = await _room(hs)
     other = await _room(hs, "Pharmacy")
@@ -126,6 +129,16 @@ async def test_index_and_search(tmp_path: Path, db_config: tuple[str, dict[str, 
     assert [h.event_id for h in hits] == [a]
     assert await _find(hs, "morphine", [room], senders=[BOB]) == [b]
     assert await _find(hs, "morphine", [room], senders=[]) == []
+    # Many rooms take several statements, merged in order.
+    whole = await hs.event_search.search(parse_query("morphine"), [(room, ALL), (other, ALL)], SEARCH_KEYS,
+                                         "rank", 10)
+    monkeypatch.setattr(event_search, "ROOMS_PER_QUERY", 1)
+    assert await _find(hs, "morphine", [room, other]) == [d, b, a]
+    assert await _find(hs, "morphine", [other, room], limit=2) == [d, b]
+    split = await hs.event_search.search(parse_query("morphine"), [(room, ALL), (other, ALL)], SEARCH_KEYS,
+                                         "rank", 10)
+    assert [h.event_id for h in split] == [h.event_id for h in whole]
+    monkeypatch.undo()
 
     # No plaintext word in the index's rows.
     if hs.db.engine == "sqlite3":
@@ -148,7 +161,8 @@ async def test_index_and_search(tmp_path: Path, db_config: tuple[str, dict[str, 
 
 
 @pytest_twisted.ensureDeferred
-async def test_not_indexed_and_backfill_pass(tmp_path: Path, db_config: tuple[str, dict[str, Any]]) -> None:
+async def test_not_indexed_and_backfill_pass(tmp_path: Path, db_config: tuple[str, dict[str, Any]],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     hs = await _server(tmp_path, db_config)
     room = await _room(hs)
     a = await _say(hs, room, "Saline drip")
@@ -170,9 +184,9 @@ async def test_not_indexed_and_backfill_pass(tmp_path: Path, db_config: tuple[st
     hs.event_search._complete = False
     assert await _find(hs, "saline", [room]) == []
     assert not await hs.event_search.complete()
-    for _ in range(20):
-        if not await hs.db.run_interaction("t", hs.event_search.backfill_txn, 3):
-            break
+    monkeypatch.setattr(event_search, "BACKFILL_BATCH", 3)
+    monkeypatch.setattr(event_search, "BACKFILL_PAUSE_S", 0.0)
+    await hs.event_search._backfill(max_batches=20)
     assert await hs.event_search.complete()
     assert len(await _find(hs, "saline", [room])) == 8
     assert len(await _find(hs, "ward", [room])) == 1  # the room's name

@@ -94,6 +94,9 @@ SEARCH_KEYS = tuple(k for k, _ in INDEXED_TYPES.values())
 KEY_NAME = "event-search-index"
 #: Words in one search term at most (each is a term of the query).
 MAX_QUERY_WORDS = 64
+#: Rooms in one statement at most (each is a parameter or four: both
+#: engines limit them); more rooms take more statements, merged.
+ROOMS_PER_QUERY = 2000
 #: A room's bound that is no bound (the whole room is searched).
 UNBOUNDED = 2 ** 62
 BACKFILL_BATCH = 500
@@ -298,15 +301,36 @@ class EventSearchStore:
                      order_by: str, limit: int, after: Optional[tuple[float, int]] = None,
                      senders: Optional[Sequence[str]] = None) -> list[Hit]:
         """Up to ``limit`` hits in rooms of ``bounds`` (room ID, highest
-        stream ordering searched in it, or UNBOUNDED), best first (``order_by`` "rank") or
-        newest first ("recent"); ``after``: (rank, stream ordering) of the
-        last hit already had, to go on from."""
-        if not query.phrases or not bounds or not keys or limit <= 0:
+        stream ordering searched in it, or UNBOUNDED), best first
+        (``order_by`` "rank") or newest first ("recent"); ``after``: (rank,
+        stream ordering) of the last hit already had, to go on from."""
+        if not query.phrases or not bounds or not keys or limit <= 0 or (senders is not None and not senders):
             return []
         match = self.match_expression(query)
-        sqlite = self.db.engine == ENGINE_SQLITE
+        statements = [self._search_sql(match, list(bounds[i:i + ROOMS_PER_QUERY]), keys, order_by, limit,
+                                       after, senders) for i in range(0, len(bounds), ROOMS_PER_QUERY)]
+
+        def txn_fn(txn: Txn) -> list[Hit]:
+            hits: list[Hit] = []
+            for sql, params in statements:
+                txn.execute(sql, params)
+                hits += [Hit(e, r, s, int(so), float(rank)) for e, r, s, so, rank in txn.fetchall()]
+            return hits
+
+        hits = await self.db.run_interaction("event_search", txn_fn)
+        if len(statements) > 1:
+            # Each statement gave its best ``limit``: the best of them all are among those.
+            if order_by == "rank":
+                hits.sort(key=lambda h: (h.rank, h.stream_ordering), reverse=True)
+            else:
+                hits.sort(key=lambda h: h.stream_ordering, reverse=True)
+        return hits[:limit]
+
+    def _search_sql(self, match: str, bounds: list[tuple[str, int]], keys: Sequence[str], order_by: str,
+                    limit: int, after: Optional[tuple[float, int]],
+                    senders: Optional[Sequence[str]]) -> tuple[str, list[Any]]:
         params: list[Any] = []
-        if sqlite:
+        if self.db.engine == ENGINE_SQLITE:
             # The full-text match drives the query (CROSS JOIN fixes the
             # order): looked up per row of event_search it is far slower.
             inner = ("SELECT s.event_id, s.room_id, s.sender, s.stream_ordering, -bm25(event_search_fts) AS r"
@@ -332,8 +356,6 @@ class EventSearchStore:
         inner += f" AND s.key IN ({','.join('?' * len(keys))})"
         params += list(keys)
         if senders is not None:
-            if not senders:
-                return []
             inner += f" AND s.sender IN ({','.join('?' * len(senders))})"
             params += list(senders)
         sql = f"SELECT event_id, room_id, sender, stream_ordering, r FROM ({inner}) hits"
@@ -348,12 +370,7 @@ class EventSearchStore:
         sql += " ORDER BY r DESC, stream_ordering DESC" if order_by == "rank" else " ORDER BY stream_ordering DESC"
         sql += " LIMIT ?"
         params.append(limit)
-
-        def txn_fn(txn: Txn) -> list[Hit]:
-            txn.execute(sql, params)
-            return [Hit(e, r, s, int(so), float(rank)) for e, r, s, so, rank in txn.fetchall()]
-
-        return await self.db.run_interaction("event_search", txn_fn)
+        return sql, params
 
     # -- events stored before the index -----------------------------------------------------
     async def complete(self) -> bool:
