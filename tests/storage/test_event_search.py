@@ -155,6 +155,18 @@ async def test_index_and_search(tmp_path: Path, db_config: tuple[str, dict[str, 
     await hs.privacy_store.purge_content([a])
     assert await _find(hs, "morphine", [room]) == []
     assert await _find(hs, "four", [room]) == [c]
+    # An edit is found by its new text, not by the "* " fallback.
+    edit = (await hs.event_creator.send(room, "m.room.message", ALICE, {
+        "msgtype": "m.text", "body": "* four beds, one isolation",
+        "m.new_content": {"msgtype": "m.text", "body": "Four beds free, one isolation"},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": c}})).event_id
+    assert await _find(hs, "isolation", [room]) == [edit]
+    assert await _find(hs, '"free one isolation"', [room]) == [edit]
+    # Purged history leaves the index, kept (local) events included.
+    last = await _say(hs, room, "four more")
+    last_so = (await hs.events.get_event(last)).internal["stream_ordering"]  # type: ignore[union-attr]
+    await hs.privacy_store.purge_history(room, last_so, False, ":test.local")
+    assert await _find(hs, "four", [room]) == [last]
     await hs.privacy_store.purge_room(other)
     assert await _find(hs, "morphine", [other]) == [] and await _find(hs, "pharmacy", [other]) == []
     await hs.stop()

@@ -225,7 +225,15 @@ class EventSearchStore:
         """Runs in the transaction that persists ``item`` (a txn hook of the
         persister): index the event when it is searchable."""
         ev = item.event
-        if item.outlier or item.soft_failed or ev.rejected_reason or ev.type not in INDEXED_TYPES:
+        if item.outlier or item.soft_failed or ev.rejected_reason:
+            return
+        if ev.redacts:
+            # A redaction that took effect (backfilled ones too, whose
+            # target's content the persist path leaves in place).
+            txn.execute("SELECT 1 FROM redactions WHERE event_id = ?", (ev.event_id,))
+            if txn.fetchone() is not None:
+                txn.execute("DELETE FROM event_search WHERE event_id = ? AND room_id = ?", (ev.redacts, ev.room_id))
+        if ev.type not in INDEXED_TYPES:
             return
         # A redaction that came first (over federation) already applies.
         txn.execute("SELECT 1 FROM redactions WHERE redacts = ?", (ev.event_id,))
