@@ -39,6 +39,18 @@ def test_words_are_normalised_and_split_on_word_boundaries() -> None:
     # Ideographs and Hiragana are words of their own; Katakana runs stay together.
     assert words("日本語のテキスト") == ["日", "本", "語", "の", "テキスト"]
     assert words("   ") == [] and words("!!! ...") == []
+    # Combining marks stay inside words (Devanagari vowel signs, virama).
+    assert words("हिन्दी भाषा") == ["हिन्दी", "भाषा"]
+    # A variation selector stays with its ideograph.
+    assert words("葛\U000E0100城") == ["葛\U000E0100", "城"]
+    assert words("한국어 텍스트") == ["한국어", "텍스트"]
+
+
+def test_the_mark_ranges_hold_every_combining_mark() -> None:
+    import unicodedata
+
+    scanned = set(range(0x300, 0x20000)) | set(range(0xE0100, 0xE01F0))
+    assert all(cp in scanned for cp in range(0x110000) if unicodedata.category(chr(cp))[0] == "M")
 
 
 def test_queries_are_phrases_of_words() -> None:

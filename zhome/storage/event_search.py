@@ -12,11 +12,12 @@ anyone holding the database file. Instead:
 1. the text is normalised: NFKC, case-folded (full Unicode case folding),
    NFKC again, then split into words on word boundaries (an approximation
    of Unicode's default word boundaries, UAX #29, with the standard
-   library: runs of letters, digits, marks and connector punctuation,
-   joined across an apostrophe or full stop between two of them and a
-   comma between digits; every ideograph, Hiragana and Hangul-compatibility
-   character standing alone is a word of its own, as UAX #29 has it,
-   so text without spaces is still searchable);
+   library: runs of letters, digits, combining marks and connector
+   punctuation, joined across an apostrophe or full stop between two of
+   them and a comma between digits; every CJK ideograph and Hiragana
+   character is a word of its own, as UAX #29 has it, so text written
+   without spaces is still searchable; Katakana, Hangul and scripts such as
+   Thai stay in runs, which UAX #29 also does without a dictionary);
 2. each word becomes an opaque token: the first 64 bits of
    HMAC-SHA256(key, word), written with the letters a-p (so neither
    engine's tokenizer can read a number or split it);
@@ -65,6 +66,7 @@ pass (``start()``), as ``zhome/storage/event_media.py`` does.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -103,12 +105,31 @@ BACKFILL_BATCH = 500
 BACKFILL_PAUSE_S = 0.05
 
 _JOINER = r"(?:['\u2019.]|(?<=\d),(?=\d))"
-_WORD = re.compile(r"\w+(?:" + _JOINER + r"\w+)*")
 # Characters that are each a word of their own (UAX #29 joins none of
 # them): Hiragana, CJK ideographs (with extensions and compatibility forms).
 _SOLO = "\u3040-\u309f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
-_PIECES = re.compile("[" + _SOLO + "]|[^" + _SOLO + "]+")
 _LETTERS = "abcdefghijklmnop"
+
+
+@functools.lru_cache(maxsize=1)
+def _patterns() -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """(words, pieces of a word). Python's ``\\w`` leaves out combining
+    marks (Devanagari's vowel signs and virama, say), which belong inside
+    words: they are added from the Unicode database (planes 0, 1 and the
+    variation selectors of plane 14 hold them all), once per process."""
+    cat = unicodedata.category
+    marks = [cp for r in (range(0x300, 0x20000), range(0xE0100, 0xE01F0)) for cp in r if cat(chr(cp))[0] == "M"]
+    spans: list[tuple[int, int]] = []
+    for cp in marks:
+        if spans and spans[-1][1] == cp - 1:
+            spans[-1] = (spans[-1][0], cp)
+        else:
+            spans.append((cp, cp))
+    mark_class = "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in spans)
+    char = "[\\w" + mark_class + "]"
+    word = re.compile(char + "+(?:" + _JOINER + char + "+)*")
+    pieces = re.compile("[" + _SOLO + "][" + mark_class + "]*|[^" + _SOLO + "]+")
+    return word, pieces
 
 
 def normalise(text: str) -> str:
@@ -118,9 +139,10 @@ def normalise(text: str) -> str:
 
 def _words_with_spans(text: str) -> list[tuple[str, int, int]]:
     out: list[tuple[str, int, int]] = []
-    for m in _WORD.finditer(text):
+    word_re, pieces_re = _patterns()
+    for m in word_re.finditer(text):
         word = m.group(0)
-        for p in _PIECES.finditer(word):
+        for p in pieces_re.finditer(word):
             piece = p.group(0).strip("_")
             if piece:
                 out.append((piece, m.start() + p.start(), m.start() + p.end()))
