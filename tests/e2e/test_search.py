@@ -227,6 +227,14 @@ def test_search_follows_history_visibility(zhome: ZhomeProcess, spec: Spec) -> N
     # Context follows visibility too.
     page = Searcher(carol, spec).page({"search_term": "two", "event_context": {"before_limit": 5}})
     assert early not in _ids([{"result": e} for e in page["results"][0]["context"]["events_before"]])
+    # A former member's context stops where they left, and the state is the
+    # state when they left.
+    page = Searcher(dave, spec).page({"search_term": "two", "event_context": {"after_limit": 10},
+                                      "include_state": True})
+    after = [e["event_id"] for e in page["results"][0]["context"]["events_after"]]
+    assert late not in after and after  # their own leave is there
+    members = {e["state_key"]: e["content"]["membership"] for e in page["state"][room] if e["type"] == "m.room.member"}
+    assert members[dave.user_id] == "leave"
 
 
 def test_search_index_holds_no_plaintext(zhome: ZhomeProcess, spec: Spec, db_config: Any) -> None:
