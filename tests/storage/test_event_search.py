@@ -69,6 +69,7 @@ def test_tokens_are_keyed_and_opaque() -> None:
     assert re.fullmatch(r"[a-p]{16}", t)
     assert t == token(k1, "morphine") and t != token(k2, "morphine") and t != token(k1, "morphin")
     assert "morphine" not in t
+    assert re.fullmatch(r"[a-p]{16}", token(k1, "lone\ud800surrogate"))
 
 
 def test_text_of_takes_the_searchable_field() -> None:

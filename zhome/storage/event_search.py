@@ -184,7 +184,8 @@ def parse_query(term: str) -> Query:
 
 
 def token(key: bytes, word: str) -> str:
-    digest = hmac.new(key, word.encode("utf-8"), hashlib.sha256).digest()[:8]
+    # surrogatepass: a lone surrogate in received JSON must not fail the event's persistence.
+    digest = hmac.new(key, word.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()[:8]
     return "".join(_LETTERS[b >> 4] + _LETTERS[b & 15] for b in digest)
 
 
