@@ -20,7 +20,7 @@ from typing import Any, Optional
 import jsonschema
 import pytest
 
-from tests.e2e.harness import CS, ClientUser, ZhomeProcess, q
+from tests.e2e.harness import ClientUser, ZhomeProcess, q
 from tests.e2e.openapi import Spec, spec_data_dir
 from tests.e2e.test_admin_api import Admin
 from tests.e2e.test_erasure import _bytes_on_disk, _database_url, _pg_dump

@@ -52,8 +52,10 @@ redaction; erasure, retention and purges remove the rows with the content
 key is not destroyed). On SQLite, rows deleted from FTS5 can linger in its
 segments until they are merged: where SQLite offers FTS5 ``secure-delete``
 (3.42 and later) it is switched on at start-up, elsewhere ``scrub()`` (run
-by erasure) merges the whole index into one segment. On PostgreSQL
-erasure vacuums ``event_search``.
+by erasure, not by retention) merges the whole index into one segment,
+which rewrites all of it while holding the write lock. On PostgreSQL
+erasure vacuums ``event_search``. Until then what lingers are tokens,
+which only the index key turns back into guesses.
 
 Edits (``m.replace``) are indexed as the events they are, by the text of
 their ``m.new_content`` when there is one (not the "* " fallback body): a
