@@ -209,6 +209,10 @@ class HomeServer:
         from zhome.storage.event_media import EventMediaStore
 
         self.event_media = EventMediaStore(db, self.events)
+        from zhome.storage.event_search import EventSearchStore
+
+        self.event_search = EventSearchStore(db, self.events, self.sealer)
+        self.persister.txn_hooks.append(self.event_search.persist_txn_hook)
         self.guest_access = GuestAccessEnforcer(self.events, self.accounts, self.membership)
         self.persister.hooks.append(self.guest_access.after_persist)
         self.room_creation = RoomCreationService(self.server_name, self.event_creator, self.membership, self.rooms,
@@ -255,6 +259,7 @@ class HomeServer:
         self.sealing_backlog = SealingBacklog(self)
         self.sealing_backlog.start()
         self.event_media.start()
+        self.event_search.start()
 
     async def _setup_appservices(self, services: list[Any]) -> None:
         """Application services (zhome/appservice): none configured, nothing
@@ -681,6 +686,10 @@ class HomeServer:
         e2ee = E2eeServlets(self.auth, self.e2e_keys, self.to_device, self.device_lists, self.events, self.notifier,
                             self.cross_signing)
         self.account_servlets = AccountServlets(self)
+        from zhome.client.search import SearchServlets
+
+        search = SearchServlets(self.auth, self.events, self.visibility, self.event_search, self.user_data,
+                                self.notifier)
         return [self.account_servlets, self.threepid_servlets, self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
                 PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee,
                 PusherServlets(self), VoipServlets(self.auth, self.config.voip),
@@ -691,7 +700,7 @@ class HomeServer:
                 AdminMediaServlets(self), DestinationServlets(self), ServerNoticeServlets(self), ExportServlets(self),
                 TransferServlets(self), InvitePermissionServlets(self),
                 TimestampServlets(self.auth, self.events, self.visibility, self.rooms.get_room_version),
-                *self._backup_and_dehydration_servlets(), self._appservice_servlets()]
+                *self._backup_and_dehydration_servlets(), self._appservice_servlets(), search]
 
     def _appservice_servlets(self) -> Any:
         from zhome.appservice.servlets import AppServiceRoomList, AppServiceServlets
@@ -800,6 +809,8 @@ class HomeServer:
             await self.sealing_backlog.stop()
         if getattr(self, "event_media", None) is not None:
             await self.event_media.stop()
+        if getattr(self, "event_search", None) is not None:
+            await self.event_search.stop()
         if getattr(self, "email_notifier", None) is not None:
             await self.email_notifier.stop()
         if getattr(self, "mail_outbox", None) is not None:

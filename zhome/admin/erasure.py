@@ -53,7 +53,7 @@ SCRUBBED_TABLES = ("events", "profiles", "profile_fields", "account_data", "rece
                    "event_txn_ids", "media", "media_thumbnails", "devices", "e2e_device_keys", "e2e_one_time_keys",
                    "e2e_fallback_keys", "device_inbox", "pushers", "push_rules", "user_filters",
                    "current_state_events", "room_memberships", "user_threepids", "user_threepid_id_servers",
-                   "openid_tokens", "identity_associations")
+                   "openid_tokens", "identity_associations", "event_search")
 
 #: Content keys that carry an mxc:// URI of a file an event shows.
 _MXC_KEYS = ("url", "thumbnail_url", "avatar_url")
@@ -205,6 +205,7 @@ async def erase_user(hs: "HomeServer", user_id: str, requested_by: str) -> dict[
     else:
         report["erased"]["data_keys"] = await store.shred_user_keys(user_id)
     # What was overwritten or deleted leaves the database files too.
+    await hs.event_search.scrub()
     await hs.db.scrub(SCRUBBED_TABLES)
     report["erased"]["account"] = True
     report["finished_ts"] = int(time.time() * 1000)

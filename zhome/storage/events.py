@@ -19,6 +19,7 @@ from zhome.rooms.versions import RoomVersion, get_room_version
 from zhome.storage.at_rest import Sealer, event_period
 from zhome.storage.database import Database, Txn, in_chunks
 from zhome.storage.event_media import EventMediaStore
+from zhome.storage.event_search import EventSearchStore
 from zhome.storage.ids import IdGenerator
 from zhome.storage.lru import LruCache
 
@@ -281,6 +282,7 @@ class EventsStore:
         if row is None:
             return
         EventMediaStore.forget_txn(txn, [event_id])
+        EventSearchStore.forget_txn(txn, [event_id])
         stored, sealed, version = row
         if sealed is not None:
             txn.execute("UPDATE events SET sealed = NULL, data_key = 0 WHERE event_id = ?", (event_id,))

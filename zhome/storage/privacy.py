@@ -15,6 +15,7 @@ from zhome.rooms.versions import get_room_version
 from zhome.storage.at_rest import event_period
 from zhome.storage.database import Database, Txn, in_chunks
 from zhome.storage.event_media import EventMediaStore
+from zhome.storage.event_search import EventSearchStore
 from zhome.storage.events import EventsStore
 from zhome.storage.ids import IdGenerator
 from zhome.storage.notifications import fold_staging_txn
@@ -135,6 +136,7 @@ class PrivacyStore:
                             f" (SELECT stream_ordering FROM events WHERE event_id IN ({qs}))", tuple(chunk))
                 txn.execute(f"DELETE FROM event_txn_ids WHERE event_id IN ({qs})", tuple(chunk))
             EventMediaStore.forget_txn(txn, event_ids)
+            EventSearchStore.forget_txn(txn, event_ids)
             return changed
 
         try:
@@ -209,6 +211,7 @@ class PrivacyStore:
                 txn.execute(f"DELETE FROM redactions WHERE event_id IN ({qs}) OR redacts IN ({qs})", args + args)
                 txn.execute(f"DELETE FROM event_txn_ids WHERE event_id IN ({qs})", args)
                 txn.execute(f"DELETE FROM federation_outbound WHERE event_id IN ({qs})", args)
+            EventSearchStore.forget_room_txn(txn, room_id)
             txn.execute("DELETE FROM state_group_entries WHERE state_group IN"
                         " (SELECT id FROM state_groups WHERE room_id = ?)", (room_id,))
             for table in ("state_groups", "current_state_events", "room_memberships", "room_forgotten",
@@ -257,6 +260,8 @@ class PrivacyStore:
                 txn.execute(f"DELETE FROM event_edges WHERE event_id IN ({qs})", args)
                 txn.execute(f"DELETE FROM events WHERE event_id IN ({qs})", args)
             EventMediaStore.forget_txn(txn, delete)
+            # Kept ones leave the timeline: no search finds them either.
+            EventSearchStore.forget_txn(txn, [e for e, _, _ in rows])
             for chunk, qs in in_chunks(hide):
                 txn.execute(f"UPDATE events SET outlier = 1 WHERE event_id IN ({qs})", tuple(chunk))
             return len(rows)

@@ -1,0 +1,469 @@
+"""The full-text index behind server-side search, blind to the words it holds.
+
+Spec: client-server-api "Server Side Search" (``POST /search``, category
+``room_events``, keys ``content.body``, ``content.name``,
+``content.topic``). The endpoint is ``zhome/client/search.py``; this module
+is the index and its queries.
+
+Encryption at rest. Event content is sealed (``zhome/storage/at_rest.py``),
+so a plaintext full-text index would hand the words of every message to
+anyone holding the database file. Instead:
+
+1. the text is normalised: NFKC, case-folded (full Unicode case folding),
+   NFKC again, then split into words on word boundaries (an approximation
+   of Unicode's default word boundaries, UAX #29, with the standard
+   library: runs of letters, digits, combining marks and connector
+   punctuation, joined across an apostrophe or full stop between two of
+   them and a comma between digits; every CJK ideograph and Hiragana
+   character is a word of its own, as UAX #29 has it, so text written
+   without spaces is still searchable; Katakana, Hangul and scripts such as
+   Thai stay in runs, which UAX #29 also does without a dictionary);
+2. each word becomes an opaque token: the first 64 bits of
+   HMAC-SHA256(key, word), written with the letters a-p (so neither
+   engine's tokenizer can read a number or split it);
+3. the tokens, space separated and in word order, go into SQLite FTS5 (an
+   external-content table whose content is the tokens themselves) or a
+   PostgreSQL ``tsvector`` made by ``to_tsvector('simple', ...)`` (no
+   stemming, no stop words) with a GIN index.
+
+Search terms go through the same steps, so a query is a set of tokens:
+every word must match (AND); words written together without a space in the
+query ("e-mail", a run of ideographs) and words in double quotes must
+match as a phrase, in order and adjacent. Ranking: FTS5 ``bm25()`` and
+PostgreSQL ``ts_rank``. Because only whole words are tokens, there is no
+prefix matching, no stemming ("run" does not find "running"), no fuzzy or
+accent-insensitive matching: each would need the plain words.
+
+The key is ``Sealer.named_key("event-search-index")``: it lives in the key
+store, never in the database, so the index alone gives away neither the
+words nor a way to test guesses against it. It is used whether or not
+encryption at rest is on (``encryption.enabled``: the key store exists
+either way), so turning it on or off never re-indexes. Without a key
+store at all (tools and unit tests that open a database bare) the key is
+32 zero bytes: the same format, but guesses can be tested. What the index
+does show to someone with the database file alone: which events share a
+word (tokens are deterministic), word counts and frequencies.
+
+Events that are rejected, soft-failed or outliers are not indexed. A
+redacted event loses its row in the transaction that applies the
+redaction; erasure, retention and purges remove the rows with the content
+(``zhome/storage/privacy.py``), so the index never outlives the content
+(the data keys of erased events being destroyed is not enough: the index
+key is not destroyed). On SQLite, rows deleted from FTS5 can linger in its
+segments until they are merged: where SQLite offers FTS5 ``secure-delete``
+(3.42 and later) it is switched on at start-up, elsewhere ``scrub()`` (run
+by erasure, not by retention) merges the whole index into one segment,
+which rewrites all of it while holding the write lock. On PostgreSQL
+erasure vacuums ``event_search``. Until then what lingers are tokens,
+which only the index key turns back into guesses.
+
+Edits (``m.replace``) are indexed as the events they are, by the text of
+their ``m.new_content`` when there is one (not the "* " fallback body): a
+search finds the edit by the new text and the original by the old. It does
+not replace the original's text by its latest edit.
+
+Events stored before the index existed are indexed by a bounded background
+pass (``start()``), as ``zhome/storage/event_media.py`` does.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import logging
+import re
+import threading
+import unicodedata
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+from twisted.internet import defer, task
+
+from zhome.storage.database import ENGINE_SQLITE, Database, Txn, in_chunks
+
+if TYPE_CHECKING:
+    from zhome.storage.at_rest import Sealer
+    from zhome.storage.events import EventsStore, PersistItem
+
+logger = logging.getLogger(__name__)
+
+#: Event type -> (search key, content field holding its text).
+INDEXED_TYPES = {
+    "m.room.message": ("content.body", "body"),
+    "m.room.name": ("content.name", "name"),
+    "m.room.topic": ("content.topic", "topic"),
+}
+SEARCH_KEYS = tuple(k for k, _ in INDEXED_TYPES.values())
+KEY_NAME = "event-search-index"
+#: Words in one search term at most (each is a term of the query).
+MAX_QUERY_WORDS = 64
+#: Rooms in one statement at most (each is a parameter or four: both
+#: engines limit them); more rooms take more statements, merged.
+ROOMS_PER_QUERY = 2000
+#: A room's bound that is no bound (the whole room is searched).
+UNBOUNDED = 2 ** 62
+BACKFILL_BATCH = 500
+BACKFILL_PAUSE_S = 0.05
+
+_JOINER = r"(?:['\u2019.]|(?<=\d),(?=\d))"
+# Characters that are each a word of their own (UAX #29 joins none of
+# them): Hiragana, CJK ideographs (with extensions and compatibility forms).
+_SOLO = "\u3040-\u309f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+_LETTERS = "abcdefghijklmnop"
+
+
+@functools.lru_cache(maxsize=1)
+def _patterns() -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """(words, pieces of a word). Python's ``\\w`` leaves out combining
+    marks (Devanagari's vowel signs and virama, say), which belong inside
+    words: they are added from the Unicode database (planes 0, 1 and the
+    variation selectors of plane 14 hold them all), once per process."""
+    cat = unicodedata.category
+    marks = [cp for r in (range(0x300, 0x20000), range(0xE0100, 0xE01F0)) for cp in r if cat(chr(cp))[0] == "M"]
+    spans: list[tuple[int, int]] = []
+    for cp in marks:
+        if spans and spans[-1][1] == cp - 1:
+            spans[-1] = (spans[-1][0], cp)
+        else:
+            spans.append((cp, cp))
+    mark_class = "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in spans)
+    char = "[\\w" + mark_class + "]"
+    word = re.compile(char + "+(?:" + _JOINER + char + "+)*")
+    pieces = re.compile("[" + _SOLO + "][" + mark_class + "]*|[^" + _SOLO + "]+")
+    return word, pieces
+
+
+def normalise(text: str) -> str:
+    """NFKC, case-folded, NFKC again (case folding can undo the normal form)."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+
+
+def _words_with_spans(text: str) -> list[tuple[str, int, int]]:
+    out: list[tuple[str, int, int]] = []
+    word_re, pieces_re = _patterns()
+    for m in word_re.finditer(text):
+        word = m.group(0)
+        for p in pieces_re.finditer(word):
+            piece = p.group(0).strip("_")
+            if piece:
+                out.append((piece, m.start() + p.start(), m.start() + p.end()))
+    return out
+
+
+def words(text: str) -> list[str]:
+    """The words of ``text``, normalised, in order."""
+    return [w for w, _, _ in _words_with_spans(normalise(text))]
+
+
+@dataclass(frozen=True)
+class Query:
+    """A parsed search term: phrases of words (each phrase must match in
+    order and adjacent, all phrases must match)."""
+    phrases: tuple[tuple[str, ...], ...]
+
+    @property
+    def words(self) -> list[str]:
+        return list(dict.fromkeys(w for p in self.phrases for w in p))
+
+
+def parse_query(term: str) -> Query:
+    """Phrases: a double-quoted part, or the words of a run of text without
+    whitespace ("e-mail" is the phrase "e mail")."""
+    text = normalise(term)
+    phrases: list[tuple[str, ...]] = []
+    for i, part in enumerate(text.split('"')):
+        if i % 2:
+            ws = tuple(w for w, _, _ in _words_with_spans(part))
+            if ws:
+                phrases.append(ws)
+            continue
+        for chunk in part.split():
+            ws = tuple(w for w, _, _ in _words_with_spans(chunk))
+            if ws:
+                phrases.append(ws)
+    return Query(tuple(dict.fromkeys(phrases)))
+
+
+def token(key: bytes, word: str) -> str:
+    # surrogatepass: a lone surrogate in received JSON must not fail the event's persistence.
+    digest = hmac.new(key, word.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()[:8]
+    return "".join(_LETTERS[b >> 4] + _LETTERS[b & 15] for b in digest)
+
+
+def text_of(ev_type: str, content: Any) -> Optional[tuple[str, str]]:
+    """(search key, text) of an event that is searchable, else None."""
+    spec = INDEXED_TYPES.get(ev_type)
+    if spec is None or not isinstance(content, dict):
+        return None
+    key, field = spec
+    if ev_type == "m.room.message":
+        # An edit: its new text, not the "* " fallback.
+        new = content.get("m.new_content")
+        rel = content.get("m.relates_to")
+        if isinstance(new, dict) and isinstance(rel, dict) and rel.get("rel_type") == "m.replace" \
+                and isinstance(new.get("body"), str):
+            return key, new["body"]
+    value = content.get(field)
+    if not isinstance(value, str) or not value:
+        return None
+    return key, value
+
+
+@dataclass(frozen=True)
+class Hit:
+    event_id: str
+    room_id: str
+    sender: str
+    stream_ordering: int
+    rank: float
+
+
+class EventSearchStore:
+    def __init__(self, db: Database, events: "EventsStore", sealer: Optional["Sealer"]) -> None:
+        self.db = db
+        self.events = events
+        self.sealer = sealer
+        self._key: Optional[bytes] = None
+        self._key_lock = threading.Lock()
+        self._complete = False
+        self._stopped = False
+        self._running: Optional[defer.Deferred[None]] = None
+        #: Whether deleted FTS5 rows are removed from its segments at once.
+        self.secure_delete = self.db.engine != ENGINE_SQLITE
+
+    # -- tokens ---------------------------------------------------------------------------
+    def key(self) -> bytes:
+        """The index key (from the key store; thread-safe, read once)."""
+        if self._key is None:
+            with self._key_lock:
+                if self._key is None:
+                    self._key = self.sealer.named_key(KEY_NAME) if self.sealer is not None else b"\x00" * 32
+        return self._key
+
+    def tokens(self, text: str) -> list[str]:
+        k = self.key()
+        return [token(k, w) for w in words(text)]
+
+    # -- written with the events ------------------------------------------------------------
+    def persist_txn_hook(self, txn: Txn, item: "PersistItem") -> None:
+        """Runs in the transaction that persists ``item`` (a txn hook of the
+        persister): index the event when it is searchable."""
+        ev = item.event
+        if item.outlier or item.soft_failed or ev.rejected_reason:
+            return
+        if ev.redacts:
+            # A redaction that took effect (backfilled ones too, whose
+            # target's content the persist path leaves in place).
+            txn.execute("SELECT 1 FROM redactions WHERE event_id = ?", (ev.event_id,))
+            if txn.fetchone() is not None:
+                txn.execute("DELETE FROM event_search WHERE event_id = ? AND room_id = ?", (ev.redacts, ev.room_id))
+        if ev.type not in INDEXED_TYPES:
+            return
+        # A redaction that came first (over federation) already applies.
+        txn.execute("SELECT 1 FROM redactions WHERE redacts = ?", (ev.event_id,))
+        if txn.fetchone() is not None:
+            return
+        self.index_txn(txn, ev.event_id, ev.room_id, ev.sender, ev.type, ev.content, item.stream_ordering)
+
+    def index_txn(self, txn: Txn, event_id: str, room_id: str, sender: str, ev_type: str, content: Any,
+                  stream_ordering: int) -> None:
+        found = text_of(ev_type, content)
+        if found is None:
+            return
+        key, text = found
+        toks = self.tokens(text)
+        if not toks:
+            return
+        joined = " ".join(toks)
+        if txn.engine == ENGINE_SQLITE:
+            txn.execute("INSERT INTO event_search (event_id, room_id, sender, key, stream_ordering, tokens)"
+                        " VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                        (event_id, room_id, sender, key, stream_ordering, joined))
+        else:
+            txn.execute("INSERT INTO event_search (event_id, room_id, sender, key, stream_ordering, vector)"
+                        " VALUES (?,?,?,?,?, to_tsvector('simple', ?)) ON CONFLICT DO NOTHING",
+                        (event_id, room_id, sender, key, stream_ordering, joined))
+
+    @staticmethod
+    def forget_txn(txn: Txn, event_ids: Sequence[str]) -> None:
+        """The events' content is gone: they are found by no search."""
+        for chunk, qs in in_chunks(event_ids):
+            txn.execute(f"DELETE FROM event_search WHERE event_id IN ({qs})", tuple(chunk))
+
+    @staticmethod
+    def forget_room_txn(txn: Txn, room_id: str) -> None:
+        txn.execute("DELETE FROM event_search WHERE room_id = ?", (room_id,))
+
+    async def forget(self, event_ids: Sequence[str]) -> None:
+        if event_ids:
+            await self.db.run_interaction("event_search_forget", self.forget_txn, list(event_ids))
+
+    async def scrub(self) -> None:
+        """Make deleted rows leave the full-text index's own storage too (see
+        the module docstring); erasure calls it before scrubbing the files."""
+        if self.db.engine != ENGINE_SQLITE or self.secure_delete:
+            return
+        await self.db.run_interaction("event_search_optimize", lambda txn: txn.execute(
+            "INSERT INTO event_search_fts (event_search_fts) VALUES ('optimize')"))
+
+    async def enable_secure_delete(self) -> None:
+        """On SQLite with FTS5 secure-delete (3.42+), switch it on: a
+        deleted row's tokens are removed from the index at once."""
+        if self.db.engine != ENGINE_SQLITE:
+            return
+
+        def txn_fn(txn: Txn) -> None:
+            txn.execute("INSERT INTO event_search_fts (event_search_fts, rank) VALUES ('secure-delete', 1)")
+
+        try:
+            await self.db.run_interaction("event_search_secure_delete", txn_fn)
+            self.secure_delete = True
+        except Exception:
+            self.secure_delete = False
+
+    # -- searching ----------------------------------------------------------------------------
+    def match_expression(self, query: Query) -> str:
+        """The query as FTS5 MATCH text or as PostgreSQL tsquery text."""
+        k = self.key()
+        if self.db.engine == ENGINE_SQLITE:
+            return " AND ".join('"' + " ".join(token(k, w) for w in phrase) + '"' for phrase in query.phrases)
+        return " & ".join("(" + " <-> ".join(token(k, w) for w in phrase) + ")" for phrase in query.phrases)
+
+    async def search(self, query: Query, bounds: Sequence[tuple[str, int]], keys: Sequence[str],
+                     order_by: str, limit: int, after: Optional[tuple[float, int]] = None,
+                     senders: Optional[Sequence[str]] = None) -> list[Hit]:
+        """Up to ``limit`` hits in rooms of ``bounds`` (room ID, highest
+        stream ordering searched in it, or UNBOUNDED), best first
+        (``order_by`` "rank") or newest first ("recent"); ``after``: (rank,
+        stream ordering) of the last hit already had, to go on from."""
+        if not query.phrases or not bounds or not keys or limit <= 0 or (senders is not None and not senders):
+            return []
+        match = self.match_expression(query)
+        statements = [self._search_sql(match, list(bounds[i:i + ROOMS_PER_QUERY]), keys, order_by, limit,
+                                       after, senders) for i in range(0, len(bounds), ROOMS_PER_QUERY)]
+
+        def txn_fn(txn: Txn) -> list[Hit]:
+            hits: list[Hit] = []
+            for sql, params in statements:
+                txn.execute(sql, params)
+                hits += [Hit(e, r, s, int(so), float(rank)) for e, r, s, so, rank in txn.fetchall()]
+            return hits
+
+        hits = await self.db.run_interaction("event_search", txn_fn)
+        if len(statements) > 1:
+            # Each statement gave its best ``limit``: the best of them all are among those.
+            if order_by == "rank":
+                hits.sort(key=lambda h: (h.rank, h.stream_ordering), reverse=True)
+            else:
+                hits.sort(key=lambda h: h.stream_ordering, reverse=True)
+        return hits[:limit]
+
+    def _search_sql(self, match: str, bounds: list[tuple[str, int]], keys: Sequence[str], order_by: str,
+                    limit: int, after: Optional[tuple[float, int]],
+                    senders: Optional[Sequence[str]]) -> tuple[str, list[Any]]:
+        params: list[Any] = []
+        if self.db.engine == ENGINE_SQLITE:
+            # The full-text match drives the query (CROSS JOIN fixes the
+            # order): looked up per row of event_search it is far slower.
+            inner = ("SELECT s.event_id, s.room_id, s.sender, s.stream_ordering, -bm25(event_search_fts) AS r"
+                     " FROM event_search_fts CROSS JOIN event_search s"
+                     " WHERE event_search_fts MATCH ? AND s.id = event_search_fts.rowid")
+        else:
+            inner = ("SELECT s.event_id, s.room_id, s.sender, s.stream_ordering,"
+                     " CAST(ts_rank(s.vector, to_tsquery('simple', ?)) AS DOUBLE PRECISION) AS r"
+                     " FROM event_search s WHERE s.vector @@ to_tsquery('simple', ?)")
+            params.append(match)
+        params.append(match)
+        # Rooms as an IN list (a lookup per row on both engines); the few
+        # rooms searched only up to a point get their bound in a CASE.
+        inner += f" AND s.room_id IN ({','.join('?' * len(bounds))})"
+        params += [r for r, _ in bounds]
+        bounded = [(r, upto) for r, upto in bounds if upto < UNBOUNDED]
+        if bounded:
+            inner += (f" AND (s.room_id NOT IN ({','.join('?' * len(bounded))}) OR s.stream_ordering <= CASE s.room_id"
+                      + " WHEN ? THEN ?" * len(bounded) + " END)")
+            params += [r for r, _ in bounded]
+            for r, upto in bounded:
+                params += [r, upto]
+        inner += f" AND s.key IN ({','.join('?' * len(keys))})"
+        params += list(keys)
+        if senders is not None:
+            inner += f" AND s.sender IN ({','.join('?' * len(senders))})"
+            params += list(senders)
+        sql = f"SELECT event_id, room_id, sender, stream_ordering, r FROM ({inner}) hits"
+        if after is not None:
+            rank, so = after
+            if order_by == "rank":
+                sql += " WHERE (r < ? OR (r = ? AND stream_ordering < ?))"
+                params += [rank, rank, so]
+            else:
+                sql += " WHERE stream_ordering < ?"
+                params.append(so)
+        sql += " ORDER BY r DESC, stream_ordering DESC" if order_by == "rank" else " ORDER BY stream_ordering DESC"
+        sql += " LIMIT ?"
+        params.append(limit)
+        return sql, params
+
+    # -- events stored before the index -----------------------------------------------------
+    async def complete(self) -> bool:
+        """Whether every stored event is indexed (the background pass is done)."""
+        if not self._complete:
+            rows = await self.db.execute("event_search_done",
+                                         "SELECT 1 FROM at_rest_progress WHERE name = 'event_search_done'")
+            self._complete = bool(rows)
+        return self._complete
+
+    def backfill_txn(self, txn: Txn, limit: int) -> int:
+        """Index up to ``limit`` events in stream order from where the pass
+        stopped; returns how many were looked at (0: the pass is done)."""
+        from zhome.storage.events import events_pass_position_txn
+
+        pos = events_pass_position_txn(txn, "event_search")
+        types = tuple(INDEXED_TYPES)
+        txn.execute(
+            "SELECT e.stream_ordering, e.event_id, e.room_id, e.sender, e.type, e.json, e.sealed FROM events e"
+            f" WHERE e.stream_ordering > ? AND e.type IN ({','.join('?' * len(types))})"
+            " AND e.rejected_reason IS NULL AND e.outlier = 0 AND e.soft_failed = 0"
+            " AND NOT EXISTS (SELECT 1 FROM redactions rd WHERE rd.redacts = e.event_id)"
+            " ORDER BY e.stream_ordering LIMIT ?", (pos, *types, limit))
+        rows = txn.fetchall()
+        for so, event_id, room_id, sender, ev_type, stored, sealed in rows:
+            content = self.events.open_pdu(event_id, stored, sealed).get("content")
+            self.index_txn(txn, event_id, room_id, sender, ev_type, content, int(so))
+            pos = max(pos, int(so))
+        if rows:
+            txn.execute("UPDATE at_rest_progress SET position = ? WHERE name = 'event_search'", (pos,))
+        else:
+            txn.execute("INSERT INTO at_rest_progress (name, position) VALUES ('event_search_done', ?)"
+                        " ON CONFLICT DO NOTHING", (pos,))
+        return len(rows)
+
+    def start(self) -> None:
+        """Index, in the background, what was stored before the index."""
+        if self._running is None:
+            self._running = defer.ensureDeferred(self._backfill())
+
+    async def _backfill(self, max_batches: int = 1_000_000) -> None:
+        from zhome.util.reactor import reactor
+
+        try:
+            await self.enable_secure_delete()
+            if await self.complete():
+                return
+            for _ in range(max_batches):
+                if self._stopped:
+                    return
+                n = await self.db.run_interaction("event_search_backfill", self.backfill_txn, BACKFILL_BATCH)
+                if n == 0:
+                    self._complete = True
+                    logger.info("search index: events stored before it are indexed")
+                    return
+                await task.deferLater(reactor, BACKFILL_PAUSE_S, lambda: None)
+        except Exception:
+            logger.exception("indexing stored events for search failed; older events are not searchable")
+
+    async def stop(self) -> None:
+        self._stopped = True
+        if self._running is not None:
+            await self._running
