@@ -212,6 +212,10 @@ class HomeServer:
         self.persister.hooks.append(self.guest_access.after_persist)
         self.room_creation = RoomCreationService(self.server_name, self.event_creator, self.membership, self.rooms,
                                                  cfg.rooms.default_room_version)
+        from zhome.rooms.room_upgrade import RoomUpgradeService
+
+        self.room_upgrades = RoomUpgradeService(self.server_name, self.event_creator, self.membership,
+                                                self.room_creation, self.rooms, self.events)
         self.visibility = Visibility(self.events)
         self.auth = Auth(self.accounts)
         self.auth.operator_user_id = f"@zhome-operator:{self.server_name}"
@@ -678,7 +682,11 @@ class HomeServer:
         from zhome.client.legacy import LegacyServlets
         from zhome.e2ee.servlets import E2eeServlets
 
+        from zhome.client.room_upgrades import RoomUpgradeServlets
+
         self.room_servlets = RoomServlets(self)
+        self.room_upgrades.aliases_moved.append(
+            lambda old_room, new_room: [self.room_servlets._alias_changed(r) for r in (old_room, new_room)])
         legacy = LegacyServlets(self.auth, self.events, self.user_data, self.rooms, self.notifier, self.typing,
                                 self.visibility, self.room_servlets, presence=self.presence)
         e2ee = E2eeServlets(self.auth, self.e2e_keys, self.to_device, self.device_lists, self.events, self.notifier,
@@ -689,6 +697,7 @@ class HomeServer:
                 PusherServlets(self), VoipServlets(self.auth, self.config.voip),
                 RoomSummaryServlets(self.auth, self.events, self.room_servlets.resolve_room,
                                     self.room_servlets.room_summary),
+                RoomUpgradeServlets(self.auth, self.room_upgrades, self.ratelimit_joins),
                 AdminServlets(self), ReportServlets(self), AdminRoomServlets(self), PrivacyServlets(self),
                 EncryptionServlets(self),
                 AdminMediaServlets(self), DestinationServlets(self), ServerNoticeServlets(self), ExportServlets(self),
