@@ -684,7 +684,10 @@ class HomeServer:
 
         from zhome.client.room_upgrades import RoomUpgradeServlets
 
+        from zhome.rooms.previews import RoomPreviews
+
         self.room_servlets = RoomServlets(self)
+        self.room_previews = RoomPreviews(self.events, self.room_servlets.room_summary)
         self.room_upgrades.aliases_moved.append(
             lambda old_room, new_room: [self.room_servlets._alias_changed(r) for r in (old_room, new_room)])
         legacy = LegacyServlets(self.auth, self.events, self.user_data, self.rooms, self.notifier, self.typing,
@@ -695,8 +698,7 @@ class HomeServer:
         return [self.account_servlets, self.threepid_servlets, self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
                 PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee,
                 PusherServlets(self), VoipServlets(self.auth, self.config.voip),
-                RoomSummaryServlets(self.auth, self.events, self.room_servlets.resolve_room,
-                                    self.room_servlets.room_summary),
+                RoomSummaryServlets(self.auth, self.room_previews, self.room_servlets.resolve_room),
                 RoomUpgradeServlets(self.auth, self.room_upgrades, self.ratelimit_joins),
                 AdminServlets(self), ReportServlets(self), AdminRoomServlets(self), PrivacyServlets(self),
                 EncryptionServlets(self),
