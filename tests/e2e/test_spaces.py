@@ -170,3 +170,5 @@ def test_mutual_rooms(zhome: ZhomeProcess) -> None:
                           (bob.user_id, {"from": "!!!"}), (bob.user_id, {"limit": "0"})):
         status, body = mutual(alice, other, **params)
         assert status == 400 and body["errcode"] in ("M_INVALID_PARAM", "M_MISSING_PARAM"), (other, params, body)
+    versions = zhome.request("GET", "/_matrix/client/versions")[1]
+    assert versions["unstable_features"]["uk.half-shot.msc2666.query_mutual_rooms"] is True

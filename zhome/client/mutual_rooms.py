@@ -26,6 +26,9 @@ from zhome.storage.events import EventsStore
 from zhome.util.ids import is_valid_user_id
 
 MAX_PAGE = 100
+#: Announced in /versions' unstable_features: clients that predate v1.16
+#: look for it before calling the endpoint.
+UNSTABLE_FEATURE = "uk.half-shot.msc2666.query_mutual_rooms"
 
 
 class MutualRoomsServlets:
