@@ -7,6 +7,7 @@ copied and who is invited: zhome/rooms/room_upgrade.py.
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Any
 
 import jsonschema
@@ -175,3 +176,16 @@ def test_v12_room_tombstone_level_and_additional_creators(zhome: ZhomeProcess) -
     older = out["replacement_room"]
     older_pl = carol.ok("GET", f"/rooms/{q(older)}/state/m.room.power_levels/")
     assert older_pl["users"] == {alice.user_id: 100, bob.user_id: 100, carol.user_id: 100}, older_pl
+
+
+def test_repeated_upgrade_request_gets_one_replacement(zhome: ZhomeProcess) -> None:
+    alice = ClientUser(zhome, "alice")
+    room = alice.ok("POST", "/createRoom", {"room_version": "9", "preset": "public_chat", "name": "Busy"})["room_id"]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda _: upgrade(alice, room, {"new_version": "11"}), range(2)))
+    assert all(status == 200 for status, _ in answers), answers
+    replacements = {body["replacement_room"] for _, body in answers}
+    tomb = alice.ok("GET", f"/rooms/{q(room)}/state/m.room.tombstone/")
+    # Either one request answered both, or they ran one after the other:
+    # the tombstone names the last replacement either way.
+    assert tomb["replacement_room"] in replacements and len(replacements) <= 2

@@ -92,6 +92,11 @@ def test_hierarchy_of_nested_spaces(zhome: ZhomeProcess) -> None:
     status, body = hierarchy(bob, space, limit=2, suggested_only=True, **{"from": first["next_batch"]})
     assert status == 400 and body["errcode"] == "M_INVALID_PARAM", body
 
+    # A banned user does not see the room they are banned from (nor below it).
+    carol = ClientUser(zhome, "carol")
+    alice.ok("POST", f"/rooms/{q(ward)}/ban", {"user_id": carol.user_id})
+    assert ids(hierarchy(carol, space)[1]) == [space, general]
+
     # A private room is 403 for outsiders; bad parameters are 400.
     status, body = hierarchy(bob, private)
     assert status == 403 and body["errcode"] == "M_FORBIDDEN", body

@@ -45,8 +45,9 @@ M_UNSUPPORTED_ROOM_VERSION otherwise):
    per member would hold the request on every remote server), they need an
    invite from someone in the new room, or a join rule that lets them in.
 
-Two upgrades of one room at once share one answer: the second request waits
-for the first and gets its replacement room.
+Upgrades of one room run one after the other; a request repeated while the
+first is running (same user, same parameters) waits for it and gets the
+same replacement room.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class RoomUpgradeService:
         #: called with (old room ID, new room ID) after aliases moved
         #: (application services are told which rooms' aliases changed).
         self.aliases_moved: list[Callable[[str, str], Any]] = []
-        self._running: dict[str, list[defer.Deferred[str]]] = {}
+        self._running: dict[tuple[str, str, str, tuple[str, ...]], list[defer.Deferred[str]]] = {}
+        self._locks: dict[str, defer.DeferredLock] = {}
 
     async def upgrade(self, user_id: str, room_id: str, body: dict[str, Any]) -> str:
         """Upgrade ``room_id`` as ``body`` (``new_version``, optional
@@ -121,19 +123,28 @@ class RoomUpgradeService:
             if not all(is_valid_user_id(u) for u in given):
                 raise invalid_param("'additional_creators' must be a list of user IDs")
             extra_creators = sorted(set(given) - {user_id})
-        waiting = self._running.get(room_id)
+        key = (room_id, user_id, new_version, tuple(extra_creators))
+        waiting = self._running.get(key)
         if waiting is not None:
+            # The same request again (a client retrying): the same answer.
             d: defer.Deferred[str] = defer.Deferred()
             waiting.append(d)
             return await d
-        self._running[room_id] = []
+        self._running[key] = []
         try:
-            new_room = await self._upgrade(user_id, room_id, new_rv, extra_creators)
+            lock = self._locks.setdefault(room_id, defer.DeferredLock())
+            await lock.acquire()
+            try:
+                new_room = await self._upgrade(user_id, room_id, new_rv, extra_creators)
+            finally:
+                lock.release()
+                if not lock.locked and not lock.waiting:
+                    self._locks.pop(room_id, None)
         except Exception as e:
-            for d in self._running.pop(room_id, []):
+            for d in self._running.pop(key, []):
                 d.errback(e)
             raise
-        for d in self._running.pop(room_id, []):
+        for d in self._running.pop(key, []):
             d.callback(new_room)
         return new_room
 

@@ -10,9 +10,10 @@ the ``m.space.child`` event's ``origin_server_ts``, then room ID), each
 space's children right after it. Only ``m.space.child`` events with a
 non-empty ``via`` link (with ``suggested_only``: only those marked
 ``suggested``), and only rooms of type ``m.space`` have children. A room
-is listed when the user may see it (zhome/rooms/previews.py); a room the
-user may not see is left out together with everything below it. A room
-seen twice (a loop, or a room in two spaces) is listed once.
+is listed when the user may see it (zhome/rooms/previews.py) and is not
+banned from it; a room the user may not see is left out together with
+everything below it. A room seen twice (a loop, or a room in two spaces)
+is listed once.
 
 Rooms this server is not in are asked of the ``via`` servers of the link
 that led to them (``/federation/v1/hierarchy``); an answer also describes
@@ -155,8 +156,9 @@ class SpaceHierarchy:
             facts = await self.previews.facts(room_id)
             if facts is None:
                 return None
-            visible, _ = await self.previews.visible_to_user(facts, walk.user_id)
-            if not visible:
+            visible, membership = await self.previews.visible_to_user(facts, walk.user_id)
+            if not visible or membership == "ban":
+                # Spec: a banned user may not view the room.
                 return None
             entry, children = await self._local_entry(facts, walk.suggested_only)
             return entry, children
