@@ -8,11 +8,49 @@ Spec: client-server-api "Spaces", server-server-api "Spaces".
 
 from __future__ import annotations
 
+import json
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
 from typing import Any
 
+import jsonschema
+import yaml
+
 from tests.e2e.conftest import ZhomeServers
-from tests.e2e.harness import ClientUser, q
+from tests.e2e.harness import ClientUser, ZhomeProcess, q
+from tests.e2e.openapi import Spec
 from tests.e2e.test_spaces import hierarchy, ids
+from zhome.crypto.keys import read_signing_key_file
+from zhome.federation.request_auth import sign_request
+
+
+def federation_get(origin: ZhomeProcess, dest: ZhomeProcess, path: str) -> tuple[int, Any]:
+    """A GET to ``dest``'s federation API signed with ``origin``'s key (which
+    ``dest`` fetches from ``origin``, a running server)."""
+    cfg = yaml.safe_load(origin.config_path.read_text())
+    key_path = Path(cfg["signing_key_path"])
+    if not key_path.is_absolute():
+        key_path = origin.config_path.parent / key_path
+    key = read_signing_key_file(str(key_path))[0]
+    auth = sign_request(origin.server_name, dest.server_name, "GET", path, None, key)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    req = urllib.request.Request(f"https://{dest.server_name}{path}", headers={"Authorization": auth})
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def federation_schema(status: int) -> Any:
+    spec = Spec()
+    path = spec.data_dir / "api" / "server-server" / "space_hierarchy.yaml"
+    op = spec._load(path)["paths"]["/hierarchy/{roomId}"]["get"]
+    return spec._inline(path, op["responses"][str(status)])["content"]["application/json"]["schema"]
 
 
 def _room(user: ClientUser, name: str, preset: str = "public_chat", **extra: Any) -> str:
@@ -41,6 +79,19 @@ def test_hierarchy_through_another_server(zhome_pair: ZhomeServers) -> None:
     assert remote["name"] == "B's space" and remote["room_type"] == "m.space" and remote["num_joined_members"] == 1
     assert {c["state_key"] for c in remote["children_state"]} == {night_b, secret_b}
     assert body["rooms"][2]["name"] == "Night on B" and body["rooms"][2]["join_rule"] == "public"
+
+    # B's own answer to A: the space, its public child, the private one named only.
+    status, answer = federation_get(a, b, f"/_matrix/federation/v1/hierarchy/{q(space_b)}?suggested_only=false")
+    assert status == 200, answer
+    errors = list(jsonschema.Draft202012Validator(federation_schema(200)).iter_errors(answer))
+    assert not errors, [f"{list(e.absolute_path)}: {e.message}" for e in errors[:5]]
+    assert answer["room"]["room_id"] == space_b and len(answer["room"]["children_state"]) == 2
+    assert [c["room_id"] for c in answer["children"]] == [night_b]
+    assert answer["inaccessible_children"] == [secret_b]
+    status, answer = federation_get(a, b, f"/_matrix/federation/v1/hierarchy/{q(secret_b)}")
+    assert status == 404 and answer["errcode"] == "M_NOT_FOUND", answer
+    status, answer = federation_get(a, b, f"/_matrix/federation/v1/hierarchy/{q(space_b)}?suggested_only=true")
+    assert status == 200 and answer["children"] == [] and answer["room"]["children_state"] == [], answer
 
     # Paging over the remote part walks the same tree.
     status, first = hierarchy(alice, space_a, limit=2)
