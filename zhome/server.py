@@ -212,10 +212,11 @@ class HomeServer:
         self.persister.hooks.append(self.guest_access.after_persist)
         self.room_creation = RoomCreationService(self.server_name, self.event_creator, self.membership, self.rooms,
                                                  cfg.rooms.default_room_version)
-        from zhome.rooms.room_upgrade import RoomUpgradeService
+        from zhome.rooms.room_upgrade import RoomUpgradeService, refuse_self_tombstone
 
         self.room_upgrades = RoomUpgradeService(self.server_name, self.event_creator, self.membership,
                                                 self.room_creation, self.rooms, self.events)
+        self.event_creator.pre_send_checks.append(refuse_self_tombstone)
         self.visibility = Visibility(self.events)
         self.auth = Auth(self.accounts)
         self.auth.operator_user_id = f"@zhome-operator:{self.server_name}"
@@ -698,12 +699,15 @@ class HomeServer:
             room_servlets.alias_changed(new_room)
 
         self.room_upgrades.aliases_moved.append(aliases_moved)
+        self.membership.after_join.append(self.room_upgrades.on_local_join)
+        user_data_servlets = UserDataServlets(self)
+        self.room_upgrades.copy_user_settings = user_data_servlets.copy_room_settings
         legacy = LegacyServlets(self.auth, self.events, self.user_data, self.rooms, self.notifier, self.typing,
                                 self.visibility, self.room_servlets, presence=self.presence)
         e2ee = E2eeServlets(self.auth, self.e2e_keys, self.to_device, self.device_lists, self.events, self.notifier,
                             self.cross_signing)
         self.account_servlets = AccountServlets(self)
-        return [self.account_servlets, self.threepid_servlets, self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
+        return [self.account_servlets, self.threepid_servlets, self.room_servlets, SyncServlets(self), user_data_servlets, legacy,
                 PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee,
                 PusherServlets(self), VoipServlets(self.auth, self.config.voip),
                 RoomSummaryServlets(self.auth, self.room_previews, self.room_servlets.resolve_room),

@@ -140,10 +140,41 @@ def test_upgrade_errors(zhome: ZhomeProcess) -> None:
         status, out = upgrade(alice, room, body)
         assert status == 400 and out["errcode"] == code, (body, out)
     # Not a member, or a room nobody knows.
-    for who, target in ((bob, room), (alice, "!nowhere:localhost")):
-        status, out = upgrade(who, target, {"new_version": "11"})
-        assert status == 403 and out["errcode"] == "M_FORBIDDEN", out
+    status, out = upgrade(bob, room, {"new_version": "11"})
+    assert status == 403 and out["errcode"] == "M_FORBIDDEN", out
+    status, out = alice.req("POST", f"/rooms/{q('!nowhere:localhost')}/upgrade", {"new_version": "11"})
+    assert status == 404 and out["errcode"] == "M_NOT_FOUND", out
     assert alice.req("GET", f"/rooms/{q(room)}/state/m.room.tombstone/")[0] == 404
+    # A tombstone may not point at its own room.
+    for path in (f"/rooms/{q(room)}/state/m.room.tombstone/", f"/rooms/{q(room)}/send/m.room.tombstone/t1"):
+        status, out = alice.req("PUT", path, {"body": "loop", "replacement_room": room})
+        assert status == 400, (path, out)
+
+
+def test_users_settings_and_the_directory_follow_the_upgrade(zhome: ZhomeProcess) -> None:
+    alice, bob = ClientUser(zhome, "alice"), ClientUser(zhome, "bob")
+    old = alice.ok("POST", "/createRoom", {"preset": "public_chat", "visibility": "public",
+                                           "room_version": "11"})["room_id"]
+    bob.ok("POST", f"/join/{q(old)}", {})
+    bob.ok("PUT", f"/user/{q(bob.user_id)}/rooms/{q(old)}/tags/m.favourite", {"order": 0.5})
+    bob.ok("PUT", f"/pushrules/global/room/{q(old)}", {"actions": ["dont_notify"]})
+    bob.ok("PUT", f"/pushrules/global/override/{q(old)}", {"actions": [], "conditions": [
+        {"kind": "event_match", "key": "room_id", "pattern": old}]})
+    alice.ok("PUT", f"/user/{q(alice.user_id)}/account_data/m.direct", {bob.user_id: [old]})
+
+    new = upgrade(alice, old, {"new_version": "12"})[1]["replacement_room"]
+    # The directory lists the new room instead of the old one.
+    listed = [r["room_id"] for r in zhome.request("GET", "/_matrix/client/v3/publicRooms")[1]["chunk"]]
+    assert new in listed and old not in listed
+    assert alice.ok("GET", f"/directory/list/room/{q(new)}")["visibility"] == "public"
+    # The upgrader's direct chat is the new room too.
+    assert alice.ok("GET", f"/user/{q(alice.user_id)}/account_data/m.direct") == {bob.user_id: [old, new]}
+
+    bob.ok("POST", f"/join/{q(new)}", {})
+    assert bob.ok("GET", f"/user/{q(bob.user_id)}/rooms/{q(new)}/tags")["tags"] == {"m.favourite": {"order": 0.5}}
+    assert bob.ok("GET", f"/pushrules/global/room/{q(new)}")["actions"] == ["dont_notify"]
+    override = bob.ok("GET", f"/pushrules/global/override/{q(new)}")
+    assert override["conditions"] == [{"kind": "event_match", "key": "room_id", "pattern": new}], override
 
 
 def test_v12_room_tombstone_level_and_additional_creators(zhome: ZhomeProcess) -> None:

@@ -45,6 +45,13 @@ M_UNSUPPORTED_ROOM_VERSION otherwise):
    per member would hold the request on every remote server), they need an
    invite from someone in the new room, or a join rule that lets them in.
 
+When a local user joins a room that replaces another (its predecessor's
+tombstone names it), the user's push rules, tags and direct-chat entry for
+the old room are copied to the new one, and aliases and the room directory
+entry this server still has for the old room move (so a server that did not
+make the upgrade follows it as its users do); a tombstone naming its own
+room is refused (400).
+
 Upgrades of one room run one after the other; a request repeated while the
 first is running (same user, same parameters) waits for it and gets the
 same replacement room.
@@ -58,7 +65,7 @@ from typing import Any, Awaitable, Callable, Optional
 
 from twisted.internet import defer
 
-from zhome.http.errors import MatrixError, bad_json, forbidden, invalid_param
+from zhome.http.errors import MatrixError, bad_json, forbidden, invalid_param, not_found
 from zhome.rooms import auth as auth_rules
 from zhome.rooms.event_creation import EventCreator
 from zhome.rooms.events import Event
@@ -105,6 +112,9 @@ class RoomUpgradeService:
         self.aliases_moved: list[Callable[[str, str], Any]] = []
         self._running: dict[tuple[str, str, str, tuple[str, ...]], list[defer.Deferred[str]]] = {}
         self._locks: dict[str, defer.DeferredLock] = {}
+        #: async (user_id, old room, new room): copy the user's own settings
+        #: for the old room (push rules, tags, direct chats) to the new one.
+        self.copy_user_settings: Optional[Callable[[str, str, str], Awaitable[None]]] = None
 
     async def upgrade(self, user_id: str, room_id: str, body: dict[str, Any]) -> str:
         """Upgrade ``room_id`` as ``body`` (``new_version``, optional
@@ -150,7 +160,9 @@ class RoomUpgradeService:
 
     async def _upgrade(self, user_id: str, old_room: str, new_rv: RoomVersion, extra_creators: list[str]) -> str:
         old_version = await self.rooms.get_room_version(old_room)
-        if old_version is None or not await self.membership.host_in_room(old_room):
+        if old_version is None:
+            raise not_found("Unknown room")
+        if not await self.membership.host_in_room(old_room):
             raise forbidden("You are not in this room")
         state = await self.events.get_current_state_ids(old_room)
         if await self.membership.current_membership(old_room, user_id) != "join":
@@ -246,7 +258,45 @@ class RoomUpgradeService:
             for member in sorted(await self.events.get_joined_users(old_room)):
                 if member != user_id and server_of(member) == self.server_name:
                     await self._best_effort(self.membership.update(user_id, member, new_room, "invite"))
+        # The upgrading user joined before the tombstone existed.
+        await self.on_local_join(user_id, new_room)
         return new_room
+
+    async def on_local_join(self, user_id: str, room_id: str) -> None:
+        """A local user joined ``room_id``: when it replaces a room (its
+        create event names a predecessor whose tombstone points back at it),
+        the user's settings for the old room follow (spec: "When a user joins
+        the new room, the server should automatically transfer/replicate some
+        of the user's personalized settings"), and so do this server's
+        aliases and room directory entry of the old room, which matters where
+        the upgrade was made on another server."""
+        old_room = await self._predecessor(room_id)
+        if old_room is None:
+            return
+        moved = await self.rooms.move_aliases(old_room, room_id)
+        if moved:
+            for hook in self.aliases_moved:
+                hook(old_room, room_id)
+        if await self.rooms.is_public(old_room):
+            await self.rooms.set_public(room_id, True)
+            await self.rooms.set_public(old_room, False)
+        if self.copy_user_settings is not None:
+            await self.copy_user_settings(user_id, old_room, room_id)
+
+    async def _predecessor(self, room_id: str) -> Optional[str]:
+        eid = await self.events.get_current_state_event_id(room_id, "m.room.create", "")
+        create = await self.events.get_event(eid) if eid else None
+        predecessor = create.content.get("predecessor") if create is not None else None
+        old_room = predecessor.get("room_id") if isinstance(predecessor, dict) else None
+        if not isinstance(old_room, str) or old_room == room_id:
+            return None
+        # Only a room that says it was replaced by this one: a room cannot
+        # take another's aliases by naming it as its predecessor.
+        tomb_id = await self.events.get_current_state_event_id(old_room, "m.room.tombstone", "")
+        tomb = await self.events.get_event(tomb_id) if tomb_id else None
+        if tomb is None or tomb.content.get("replacement_room") != room_id:
+            return None
+        return old_room
 
     async def _latest_event(self, room_id: str) -> Optional[str]:
         prevs = await self.events.get_forward_extremities(room_id)
@@ -347,3 +397,10 @@ def _moved_canonical_alias(content: dict[str, Any], moved: set[str]) -> dict[str
         if kept:
             out["alt_aliases"] = kept
     return out
+
+
+async def refuse_self_tombstone(event: Event, state: Any) -> None:
+    """A pre-send check: a tombstone may not name its own room as the
+    replacement (clients following it would loop)."""
+    if event.type == "m.room.tombstone" and event.content.get("replacement_room") == event.room_id:
+        raise MatrixError(400, "M_BAD_JSON", "A room cannot be replaced by itself")
