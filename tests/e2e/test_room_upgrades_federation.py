@@ -35,6 +35,11 @@ def test_remote_member_follows_the_tombstone(zhome_pair: ZhomeServers) -> None:
     pl["users"][bob.user_id] = 50
     alice.ok("PUT", f"/rooms/{q(old)}/state/m.room.power_levels/", pl)
 
+    # B's own alias for the room and bob's tag on it, kept by B.
+    alias_b = f"#shared-b:{b.server_name}"
+    bob.ok("PUT", f"/directory/room/{q(alias_b)}", {"room_id": old})
+    bob.ok("PUT", f"/user/{q(bob.user_id)}/rooms/{q(old)}/tags/u.work", {})
+
     new = alice.ok("POST", f"/rooms/{q(old)}/upgrade", {"new_version": "12"})["replacement_room"]
 
     def tombstone() -> Any:
@@ -46,6 +51,9 @@ def test_remote_member_follows_the_tombstone(zhome_pair: ZhomeServers) -> None:
     # The predecessor's sender names the server to join through.
     sender_server = alice.user_id.split(":", 1)[1]
     assert bob.ok("POST", f"/join/{q(new)}?via={q(sender_server)}", {})["room_id"] == new
+    # B follows the upgrade as its user does.
+    assert bob.ok("GET", f"/directory/room/{q(alias_b)}")["room_id"] == new
+    assert bob.ok("GET", f"/user/{q(bob.user_id)}/rooms/{q(new)}/tags")["tags"] == {"u.work": {}}
     create = bob.ok("GET", f"/rooms/{q(new)}/state/m.room.create/")
     assert create["predecessor"]["room_id"] == old and create["room_version"] == "12"
     assert bob.ok("GET", f"/rooms/{q(new)}/state/m.room.name/") == {"name": "Shared"}
