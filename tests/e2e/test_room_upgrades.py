@@ -115,7 +115,9 @@ def test_upgrade_private_v1_room_to_v10_invites_local_members(zhome: ZhomeProces
     assert new.endswith(":localhost")
     create = alice.ok("GET", f"/rooms/{q(new)}/state/m.room.create/")
     assert create["room_version"] == "10" and create["creator"] == alice.user_id
-    assert create["predecessor"]["room_id"] == old
+    # Before v12 the tombstone goes first and is the predecessor's event.
+    tomb = [e for e in alice.ok("GET", f"/rooms/{q(old)}/state") if e["type"] == "m.room.tombstone"]
+    assert create["predecessor"] == {"room_id": old, "event_id": tomb[0]["event_id"]}
     assert alice.ok("GET", f"/rooms/{q(new)}/state/m.room.encryption/")["algorithm"] == "m.megolm.v1.aes-sha2"
     assert alice.ok("GET", f"/rooms/{q(new)}/state/m.room.join_rules/")["join_rule"] == "invite"
     new_pl = alice.ok("GET", f"/rooms/{q(new)}/state/m.room.power_levels/")

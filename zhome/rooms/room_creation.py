@@ -156,16 +156,27 @@ class RoomCreationService:
         return room_id, alias
 
     async def start_room(self, rv: RoomVersion, user_id: str, creation_content: dict[str, Any],
-                         join_extra: Optional[dict[str, Any]] = None) -> str:
+                         join_extra: Optional[dict[str, Any]] = None, room_id: Optional[str] = None) -> str:
         """The first two events of every room made here (``createRoom`` and
         room upgrades, zhome/rooms/room_upgrade.py): the create event with
         ``creation_content`` (which must already hold ``room_version`` and,
-        before v11, ``creator``) and the creator's join. Returns the room ID."""
-        room_id = await self._persist_create_event(rv, user_id, creation_content)
+        before v11, ``creator``) and the creator's join. Returns the room ID.
+        ``room_id`` (before v12 only, from ``unused_room_id``) is the ID to
+        use; otherwise one is picked."""
+        room_id = await self._persist_create_event(rv, user_id, creation_content, room_id)
         await self.membership.update(user_id, user_id, room_id, "join", extra=join_extra)
         return room_id
 
-    async def _persist_create_event(self, rv: RoomVersion, user_id: str, content: dict[str, Any]) -> str:
+    async def unused_room_id(self) -> str:
+        """A room ID (before room version 12) that no room has yet."""
+        for _ in range(CREATE_ATTEMPTS):
+            room_id = f"!{random_string(18)}:{self.server_name}"
+            if await self.rooms.get_room_version(room_id) is None:
+                return room_id
+        raise MatrixError(503, "M_UNKNOWN", "Could not allocate a room ID; try again")
+
+    async def _persist_create_event(self, rv: RoomVersion, user_id: str, content: dict[str, Any],
+                                    chosen: Optional[str] = None) -> str:
         """Build, check and persist the create event; returns the room ID.
 
         From room version 12 the room ID is the create event's hash, so two
@@ -175,10 +186,12 @@ class RoomCreationService:
         random ID, which a collision also just re-picks.
         """
         ts = int(time.time() * 1000)
-        for _ in range(CREATE_ATTEMPTS):
+        if chosen is not None and rv.hydra:
+            raise ValueError("a version 12 room ID cannot be chosen")
+        for _ in range(1 if chosen is not None else CREATE_ATTEMPTS):
             room_id: Optional[str] = None
             if not rv.hydra:
-                room_id = f"!{random_string(18)}:{self.server_name}"
+                room_id = chosen or f"!{random_string(18)}:{self.server_name}"
             pdu = self.creator.build_pdu(rv, room_id, "m.room.create", user_id, content, "", [], [], 1)
             pdu["origin_server_ts"] = ts
             create_ev = self.creator.finish_event(rv, pdu)

@@ -7,9 +7,13 @@ M_UNSUPPORTED_ROOM_VERSION otherwise):
 
 1. A replacement room is made through the same path as ``createRoom``
    (zhome/rooms/room_creation.py ``start_room``): its create event names
-   the old room as ``predecessor`` (with the old room's latest event, the
-   last one known here) and keeps the old room's ``type`` and
-   ``m.federate``. In version 12 the upgrading user and
+   the old room as ``predecessor`` and keeps the old room's ``type`` and
+   ``m.federate``. Up to version 11 the new room's ID is chosen first and
+   the tombstone (5) sent before the room is made, so that the
+   predecessor's ``event_id`` is the tombstone, the old room's last event;
+   in version 12 the room ID is the create event's hash, which cannot
+   name a tombstone that names the room, so ``event_id`` is the old room's
+   latest event before the upgrade and the tombstone comes after. In version 12 the upgrading user and
    ``additional_creators`` (as given in the request: the old room's extra
    creators are not carried over, as the spec says) are its creators;
    other versions ignore ``additional_creators``.
@@ -183,9 +187,22 @@ class RoomUpgradeService:
         # 1. The replacement room.
         creation: dict[str, Any] = {"room_version": new_rv.identifier,
                                     "predecessor": {"room_id": old_room}}
-        latest = await self._latest_event(old_room)
-        if latest is not None:
-            creation["predecessor"]["event_id"] = latest
+        new_room_id: Optional[str] = None
+        if new_rv.hydra:
+            # The room ID is the create event's hash, so the create event
+            # cannot name a tombstone that names the room: it names the old
+            # room's latest event, and the tombstone follows.
+            latest = await self._latest_event(old_room)
+            if latest is not None:
+                creation["predecessor"]["event_id"] = latest
+        else:
+            # The room ID is ours to choose: the tombstone goes first and is
+            # the predecessor's last event.
+            new_room_id = await self.room_creation.unused_room_id()
+            tombstone = await self.creator.send(old_room, "m.room.tombstone", user_id,
+                                                {"body": TOMBSTONE_BODY, "replacement_room": new_room_id},
+                                                state_key="")
+            creation["predecessor"]["event_id"] = tombstone.event_id
         for key in ("type", "m.federate"):
             if key in create.content:
                 creation[key] = create.content[key]
@@ -206,7 +223,7 @@ class RoomUpgradeService:
                 users[c] = max(100, users.get(c, 0))
         if new_rv.hydra:
             pl["users"] = {u: v for u, v in pl.get("users", {}).items() if u not in new_creators}
-        new_room = await self.room_creation.start_room(new_rv, user_id, creation)
+        new_room = await self.room_creation.start_room(new_rv, user_id, creation, room_id=new_room_id)
         send = self.creator.send
 
         # 2. Power levels, the upgrading user raised while it copies state.
@@ -236,7 +253,10 @@ class RoomUpgradeService:
                 hook(old_room, new_room)
         canonical = old.get("m.room.canonical_alias")
         if canonical is not None:
-            content = _moved_canonical_alias(canonical.content, set(moved))
+            # (The upgrading user's join may have moved them already, see
+            # on_local_join.)
+            here = set(await self.rooms.get_aliases_for_room(new_room))
+            content = _moved_canonical_alias(canonical.content, here)
             if content:
                 await send(new_room, "m.room.canonical_alias", user_id, content, state_key="")
         if raised is not pl:
@@ -245,9 +265,10 @@ class RoomUpgradeService:
             await self.rooms.set_public(new_room, True)
             await self.rooms.set_public(old_room, False)
 
-        # 5. The tombstone, then the old room is closed to talk.
-        await send(old_room, "m.room.tombstone", user_id,
-                   {"body": TOMBSTONE_BODY, "replacement_room": new_room}, state_key="")
+        # 5. The tombstone (unless it went first), then the old room is closed to talk.
+        if new_room_id is None:
+            await send(old_room, "m.room.tombstone", user_id,
+                       {"body": TOMBSTONE_BODY, "replacement_room": new_room}, state_key="")
         if canonical is not None and canonical.content:
             await self._best_effort(send(old_room, "m.room.canonical_alias", user_id, {}, state_key=""))
         await self._restrict_old_room(old_room, user_id)
