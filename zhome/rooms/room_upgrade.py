@@ -279,8 +279,10 @@ class RoomUpgradeService:
             for member in sorted(await self.events.get_joined_users(old_room)):
                 if member != user_id and server_of(member) == self.server_name:
                     await self._best_effort(self.membership.update(user_id, member, new_room, "invite"))
-        # The upgrading user joined before the tombstone existed.
-        await self.on_local_join(user_id, new_room)
+        if new_room_id is None:
+            # The upgrading user joined before the tombstone existed (when it
+            # went first, their join already carried their settings over).
+            await self.on_local_join(user_id, new_room)
         return new_room
 
     async def on_local_join(self, user_id: str, room_id: str) -> None:
