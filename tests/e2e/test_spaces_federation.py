@@ -63,7 +63,10 @@ def test_hierarchy_through_another_server(zhome_pair: ZhomeServers) -> None:
     space_b = _room(bob, "B's space", creation_content={"type": "m.space"})
     night_b = _room(bob, "Night on B")
     secret_b = _room(bob, "Secret on B", preset="private_chat")
-    for child in (night_b, secret_b):
+    members_b = _room(bob, "Members of B's space", preset="private_chat", initial_state=[
+        {"type": "m.room.join_rules", "state_key": "",
+         "content": {"join_rule": "restricted", "allow": [{"type": "m.room_membership", "room_id": space_b}]}}])
+    for child in (night_b, secret_b, members_b):
         bob.ok("PUT", f"/rooms/{q(space_b)}/state/m.space.child/{q(child)}", {"via": [b.server_name]})
     space_a = _room(alice, "A's space", creation_content={"type": "m.space"})
     local_a = _room(alice, "Local on A")
@@ -77,7 +80,7 @@ def test_hierarchy_through_another_server(zhome_pair: ZhomeServers) -> None:
     assert ids(body) == [space_a, space_b, night_b, local_a], body
     remote = body["rooms"][1]
     assert remote["name"] == "B's space" and remote["room_type"] == "m.space" and remote["num_joined_members"] == 1
-    assert {c["state_key"] for c in remote["children_state"]} == {night_b, secret_b}
+    assert {c["state_key"] for c in remote["children_state"]} == {night_b, secret_b, members_b}
     assert body["rooms"][2]["name"] == "Night on B" and body["rooms"][2]["join_rule"] == "public"
 
     # B's own answer to A: the space, its public child, the private one named only.
@@ -85,9 +88,9 @@ def test_hierarchy_through_another_server(zhome_pair: ZhomeServers) -> None:
     assert status == 200, answer
     errors = list(jsonschema.Draft202012Validator(federation_schema(200)).iter_errors(answer))
     assert not errors, [f"{list(e.absolute_path)}: {e.message}" for e in errors[:5]]
-    assert answer["room"]["room_id"] == space_b and len(answer["room"]["children_state"]) == 2
+    assert answer["room"]["room_id"] == space_b and len(answer["room"]["children_state"]) == 3
     assert [c["room_id"] for c in answer["children"]] == [night_b]
-    assert answer["inaccessible_children"] == [secret_b]
+    assert answer["inaccessible_children"] == [secret_b, members_b]
     status, answer = federation_get(a, b, f"/_matrix/federation/v1/hierarchy/{q(secret_b)}")
     assert status == 404 and answer["errcode"] == "M_NOT_FOUND", answer
     status, answer = federation_get(a, b, f"/_matrix/federation/v1/hierarchy/{q(space_b)}?suggested_only=true")
@@ -100,11 +103,15 @@ def test_hierarchy_through_another_server(zhome_pair: ZhomeServers) -> None:
     assert status == 200 and ids(rest) == [night_b, local_a], rest
     assert ids(hierarchy(alice, space_a, max_depth=1)[1]) == [space_a, space_b, local_a]
 
-    # Once alice is in B's space, A's own copy of it is used.
+    # Once alice is in B's space, A's own copy of it is used, and the room
+    # restricted to the space's members is hers to see (B tells A about it
+    # now that one of A's users is in the space).
     alice.ok("POST", f"/join/{q(space_b)}?via={q(b.server_name)}", {})
     status, body = hierarchy(alice, space_a)
-    assert ids(body) == [space_a, space_b, night_b, local_a], body
+    assert ids(body) == [space_a, space_b, night_b, members_b, local_a], body
     assert body["rooms"][1]["num_joined_members"] == 2
+    restricted = body["rooms"][3]
+    assert restricted["join_rule"] == "restricted" and restricted["allowed_room_ids"] == [space_b], restricted
 
 
 def test_hierarchy_of_an_unreachable_child(zhome_pair: ZhomeServers) -> None:
