@@ -722,7 +722,7 @@ class HomeServer:
     def _setup_space_hierarchy(self) -> None:
         """The space hierarchy (zhome/rooms/spaces.py), asking other servers
         through the federation client when there is one."""
-        from zhome.rooms.spaces import SpaceHierarchy
+        from zhome.rooms.spaces import REMOTE_TIMEOUT_S, SpaceHierarchy
 
         fetch = None
         client = self.federation_client
@@ -732,7 +732,7 @@ class HomeServer:
             async def fetch(server: str, room_id: str, suggested_only: bool) -> Any:
                 return await client.get_json(server, "/_matrix/federation/v1/hierarchy/" + quote(room_id, safe=""),
                                              query={"suggested_only": "true" if suggested_only else "false"},
-                                             timeout=15)
+                                             timeout=REMOTE_TIMEOUT_S)
 
         async def room_allows(server: str, room_id: str) -> bool:
             handler = self.federation_handler

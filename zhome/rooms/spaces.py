@@ -24,10 +24,11 @@ ask again. Local data always wins over another server's.
 
 Paging: ``next_batch`` is an opaque token naming the start room, the
 filters and how many rooms were listed before; the next page walks again
-and skips those. A token used with other filters is refused (400
-M_INVALID_PARAM), as the spec asks. Each walk is bounded: at most
-``MAX_WALK`` rooms visited, ``MAX_REMOTE_REQUESTS`` servers asked and
-``MAX_DEPTH`` levels deep.
+and skips those (a tree that changes between two pages may shift a room
+from one page to the next). A token used with other filters is refused
+(400 M_INVALID_PARAM), as the spec asks. Each walk is bounded: at most
+``MAX_WALK`` rooms visited, ``MAX_REMOTE_REQUESTS`` requests to other
+servers within ``REMOTE_BUDGET_S`` seconds, ``MAX_DEPTH`` levels deep.
 
 The federation answer lists the room and its children that this server is
 in and the requesting server may see; children it may not see are named
@@ -63,6 +64,9 @@ MAX_VIA_TRIED = 3
 REMOTE_TTL_S = 60.0
 REMOTE_FAILURE_TTL_S = 30.0
 REMOTE_CACHE_SIZE = 1000
+# Seconds a walk may spend asking other servers (each request has its own timeout too).
+REMOTE_BUDGET_S = 20.0
+REMOTE_TIMEOUT_S = 10.0
 
 # Fetch a room's hierarchy from a server: (server, room ID, suggested_only) -> the answer.
 RemoteFetch = Callable[[str, str, bool], Awaitable[Any]]
@@ -88,6 +92,8 @@ class _Walk:
     inaccessible: set[str] = field(default_factory=set)
     requests: int = 0
     memberships: Optional[dict[str, tuple[str, str]]] = None
+    #: After this (time.monotonic()) no other server is asked.
+    deadline: float = 0.0
 
 
 class SpaceHierarchy:
@@ -120,7 +126,7 @@ class SpaceHierarchy:
         if from_token is not None:
             skip = _decode_token(from_token, room_id, suggested_only, max_depth)
 
-        walk = _Walk(user_id, suggested_only)
+        walk = _Walk(user_id, suggested_only, deadline=time.monotonic() + REMOTE_BUDGET_S)
         stack: list[tuple[str, int, list[str]]] = [(room_id, 0, _servers_of_id(room_id))]
         seen: set[str] = set()
         rooms: list[dict[str, Any]] = []
@@ -224,7 +230,7 @@ class SpaceHierarchy:
         servers = [s for s in dict.fromkeys(via) if isinstance(s, str) and s != self.server_name][:MAX_VIA_TRIED]
         answer: Optional[dict[str, Any]] = None
         for server in servers:
-            if walk.requests >= MAX_REMOTE_REQUESTS:
+            if walk.requests >= MAX_REMOTE_REQUESTS or time.monotonic() > walk.deadline:
                 return None
             walk.requests += 1
             try:
