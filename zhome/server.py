@@ -217,6 +217,11 @@ class HomeServer:
         self.persister.hooks.append(self.guest_access.after_persist)
         self.room_creation = RoomCreationService(self.server_name, self.event_creator, self.membership, self.rooms,
                                                  cfg.rooms.default_room_version)
+        from zhome.rooms.room_upgrade import RoomUpgradeService, refuse_self_tombstone
+
+        self.room_upgrades = RoomUpgradeService(self.server_name, self.event_creator, self.membership,
+                                                self.room_creation, self.rooms, self.events)
+        self.event_creator.pre_send_checks.append(refuse_self_tombstone)
         self.visibility = Visibility(self.events)
         self.auth = Auth(self.accounts)
         self.auth.operator_user_id = f"@zhome-operator:{self.server_name}"
@@ -680,7 +685,25 @@ class HomeServer:
         from zhome.client.legacy import LegacyServlets
         from zhome.e2ee.servlets import E2eeServlets
 
+        from zhome.client.room_upgrades import RoomUpgradeServlets
+        from zhome.client.mutual_rooms import MutualRoomsServlets
+        from zhome.client.spaces import SpaceServlets
+
+        from zhome.rooms.previews import RoomPreviews
+
         self.room_servlets = RoomServlets(self)
+        self.room_previews = RoomPreviews(self.events, self.room_servlets.room_summary)
+        self._setup_space_hierarchy()
+        room_servlets = self.room_servlets
+
+        def aliases_moved(old_room: str, new_room: str) -> None:
+            room_servlets.alias_changed(old_room)
+            room_servlets.alias_changed(new_room)
+
+        self.room_upgrades.aliases_moved.append(aliases_moved)
+        self.membership.after_join.append(self.room_upgrades.on_local_join)
+        user_data_servlets = UserDataServlets(self)
+        self.room_upgrades.copy_user_settings = user_data_servlets.copy_room_settings
         legacy = LegacyServlets(self.auth, self.events, self.user_data, self.rooms, self.notifier, self.typing,
                                 self.visibility, self.room_servlets, presence=self.presence)
         e2ee = E2eeServlets(self.auth, self.e2e_keys, self.to_device, self.device_lists, self.events, self.notifier,
@@ -690,17 +713,40 @@ class HomeServer:
 
         search = SearchServlets(self.auth, self.events, self.visibility, self.event_search, self.user_data,
                                 self.notifier)
-        return [self.account_servlets, self.threepid_servlets, self.room_servlets, SyncServlets(self), UserDataServlets(self), legacy,
+        return [self.account_servlets, self.threepid_servlets, self.room_servlets, SyncServlets(self), user_data_servlets, legacy,
                 PresenceServlets(self.auth, self.accounts, self.events, self.presence, self.server_name), e2ee,
                 PusherServlets(self), VoipServlets(self.auth, self.config.voip),
-                RoomSummaryServlets(self.auth, self.events, self.room_servlets.resolve_room,
-                                    self.room_servlets.room_summary),
+                RoomSummaryServlets(self.auth, self.room_previews, self.room_servlets.resolve_room),
+                RoomUpgradeServlets(self.auth, self.room_upgrades, self.ratelimit_joins),
+                SpaceServlets(self.auth, self.space_hierarchy), MutualRoomsServlets(self.auth, self.events),
                 AdminServlets(self), ReportServlets(self), AdminRoomServlets(self), PrivacyServlets(self),
                 EncryptionServlets(self),
                 AdminMediaServlets(self), DestinationServlets(self), ServerNoticeServlets(self), ExportServlets(self),
                 TransferServlets(self), InvitePermissionServlets(self),
                 TimestampServlets(self.auth, self.events, self.visibility, self.rooms.get_room_version),
                 *self._backup_and_dehydration_servlets(), self._appservice_servlets(), search]
+
+    def _setup_space_hierarchy(self) -> None:
+        """The space hierarchy (zhome/rooms/spaces.py), asking other servers
+        through the federation client when there is one."""
+        from zhome.rooms.spaces import REMOTE_TIMEOUT_S, SpaceHierarchy
+
+        fetch = None
+        client = self.federation_client
+        if client is not None:
+            from urllib.parse import quote
+
+            async def fetch(server: str, room_id: str, suggested_only: bool) -> Any:
+                return await client.get_json(server, "/_matrix/federation/v1/hierarchy/" + quote(room_id, safe=""),
+                                             query={"suggested_only": "true" if suggested_only else "false"},
+                                             timeout=REMOTE_TIMEOUT_S)
+
+        async def room_allows(server: str, room_id: str) -> bool:
+            handler = self.federation_handler
+            return True if handler is None else bool(await handler._room_allows(server, room_id))
+
+        self.space_hierarchy = SpaceHierarchy(self.server_name, self.events, self.room_previews,
+                                              self.membership.host_in_room, fetch, room_allows)
 
     def _appservice_servlets(self) -> Any:
         from zhome.appservice.servlets import AppServiceRoomList, AppServiceServlets

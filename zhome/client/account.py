@@ -105,8 +105,10 @@ class AccountServlets:
     async def on_versions(self, request: Request) -> tuple[int, Any]:
         from zhome.e2ee.dehydrated_devices import UNSTABLE_FEATURE as DEHYDRATED_DEVICES
 
+        from zhome.client.mutual_rooms import UNSTABLE_FEATURE as MUTUAL_ROOMS
+
         return 200, {"versions": SPEC_VERSIONS,
-                     "unstable_features": {DEHYDRATED_DEVICES: True, "org.matrix.msc3391": True}}
+                     "unstable_features": {DEHYDRATED_DEVICES: True, MUTUAL_ROOMS: True, "org.matrix.msc3391": True}}
 
     async def on_capabilities(self, request: Request) -> tuple[int, Any]:
         req = await self.hs.auth.get_user_by_req(request)

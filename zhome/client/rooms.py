@@ -141,7 +141,7 @@ class RoomServlets:
                     and await self.hs.accounts.get_user(user_id) is None):
                 await self.hs.appservices.query_user(user_id)
 
-    def _alias_changed(self, room_id: str) -> None:
+    def alias_changed(self, room_id: str) -> None:
         txns = getattr(self.hs, "appservice_txns", None)
         if txns is not None:
             txns.alias_changed(room_id)
@@ -616,7 +616,7 @@ class RoomServlets:
             raise forbidden("You are not in this room")
         if not await self.hs.rooms.create_alias(alias, room_id, req.user_id):
             raise MatrixError(409, "M_UNKNOWN", "Room alias already exists")
-        self._alias_changed(room_id)
+        self.alias_changed(room_id)
         return 200, {}
 
     async def on_get_alias(self, request: Request, alias: str) -> tuple[int, Any]:
@@ -650,7 +650,7 @@ class RoomServlets:
             if level < auth_rules.get_required_level("m.room.canonical_alias", True, ae):
                 raise forbidden("You may not delete this alias")
         await self.hs.rooms.delete_alias(alias)
-        self._alias_changed(room_id)
+        self.alias_changed(room_id)
         await self._drop_from_canonical_alias(room_id, alias, req.user_id)
         return 200, {}
 

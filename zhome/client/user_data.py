@@ -126,6 +126,40 @@ class UserDataServlets:
         pos = await self.hs.user_data.set_account_data(user_id, room_id, data_type, content)
         self.hs.notifier.on_account_data(pos, user_id)
 
+    async def copy_room_settings(self, user_id: str, old_room: str, new_room: str) -> None:
+        """After ``user_id`` followed a room upgrade into ``new_room``
+        (zhome/rooms/room_upgrade.py): their push rules for the old room
+        (room rules, and override/underride rules named after it, as
+        clients mute a room), its tags and its place in m.direct are copied,
+        where the new room has none of its own yet."""
+        rules, enables = await self.hs.user_data.get_push_rule_changes(user_id)
+        have = {(k, r) for k, r, _, _ in rules}
+        copied = False
+        for kind, rule_id, _, rule in rules:
+            if rule_id != old_room or kind not in ("room", "override", "underride") or (kind, new_room) in have:
+                continue
+            new_rule = dict(rule)
+            if isinstance(rule.get("conditions"), list):
+                new_rule["conditions"] = [
+                    dict(c, pattern=new_room) if isinstance(c, dict) and c.get("key") == "room_id"
+                    and c.get("pattern") == old_room else c for c in rule["conditions"]]
+            await self.hs.user_data.put_push_rule(user_id, kind, new_room, new_rule, None, None)
+            for k, r, enabled, actions in enables:
+                if k == kind and r == old_room:
+                    await self.hs.user_data.set_push_rule_attr(user_id, kind, new_room, bool(enabled), actions)
+            copied = True
+        if copied:
+            await self._push_rules_changed(user_id)
+        tags = await self._get_tags(user_id, old_room)
+        if tags and not await self._get_tags(user_id, new_room):
+            await self._set_account_data(user_id, new_room, "m.tag", {"tags": tags})
+        direct = await self.hs.user_data.get_account_data(user_id, "", "m.direct")
+        if isinstance(direct, dict):
+            updated = {other: rooms + [new_room] if isinstance(rooms, list) and old_room in rooms
+                       and new_room not in rooms else rooms for other, rooms in direct.items()}
+            if updated != direct:
+                await self._set_account_data(user_id, "", "m.direct", updated)
+
     # -- typing ----------------------------------------------------------------
     async def on_typing(self, request: Request, room_id: str, user_id: str) -> tuple[int, Any]:
         await self._auth_self(request, user_id, "set typing state")

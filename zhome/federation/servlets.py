@@ -5,7 +5,8 @@ origin and txnId), make_join/send_join (v2), make_leave/send_leave (v2),
 make_knock/send_knock, invite (v2), backfill, get_missing_events, state,
 state_ids, event, event_auth, query/directory, query/profile,
 user/devices, user/keys/query, user/keys/claim (server-server-api
-"End-to-End Encryption", "Device Management"), publicRooms. Every request is authenticated with X-Matrix;
+"End-to-End Encryption", "Device Management"), publicRooms, hierarchy
+("Spaces", zhome/rooms/spaces.py). Every request is authenticated with X-Matrix;
 every PDU is checked by the federation handler before it is stored.
 """
 
@@ -73,6 +74,17 @@ class FederationServlets:
         r.register("POST", FED + r"/user/keys/claim", self.on_user_keys_claim, "user_keys_claim")
         r.register("GET", FED + r"/publicRooms", self.on_public_rooms, "fed_public_rooms")
         r.register("POST", FED + r"/publicRooms", self.on_public_rooms, "fed_public_rooms")
+        r.register("GET", FED + r"/hierarchy/" + room, self.on_hierarchy, "fed_hierarchy")
+
+    async def on_hierarchy(self, request: Request, ver: str, room_id: str) -> tuple[int, Any]:
+        """Spec: server-server-api "Spaces" (zhome/rooms/spaces.py)."""
+        if ver != "v1":
+            raise MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request")
+        origin = await self._auth(request)
+        raw = query_arg(request, "suggested_only", "false")
+        if raw not in ("true", "false"):
+            raise MatrixError(400, "M_INVALID_PARAM", "suggested_only must be 'true' or 'false'")
+        return 200, await self.hs.space_hierarchy.federation_hierarchy(origin, room_id, raw == "true")
 
     async def on_exchange_third_party_invite(self, request: Request, room_id: str,
                                              ver: str = "v1") -> tuple[int, Any]:

@@ -6,7 +6,8 @@ allowed, this module builds the member event a client asked for.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import logging
+from typing import Any, Awaitable, Callable, Optional
 
 from zhome.http.errors import MatrixError, forbidden, not_found
 from zhome.rooms.event_creation import EventCreator
@@ -15,6 +16,8 @@ from zhome.rooms.guest_access import GUEST_ACCESS, guests_can_join
 from zhome.storage.accounts import AccountsStore
 from zhome.storage.events import EventsStore
 from zhome.util.ids import server_of
+
+logger = logging.getLogger(__name__)
 
 STRIPPED_STATE_TYPES = (
     "m.room.create", "m.room.join_rules", "m.room.canonical_alias", "m.room.avatar", "m.room.name",
@@ -36,6 +39,9 @@ class MembershipService:
         self.may_transfer: Any = None
         #: async (inviter, invitee): raises unless the (local) invitee accepts invites from the inviter.
         self.may_invite: Any = None
+        #: async (user_id, room_id) run after a local user joined a room
+        #: (locally or through another server); a failing one is logged.
+        self.after_join: list[Callable[[str, str], Awaitable[None]]] = []
 
     def is_mine(self, user_id: str) -> bool:
         return user_id.endswith(":" + self.server_name)
@@ -65,6 +71,31 @@ class MembershipService:
         return out
 
     async def update(
+        self,
+        sender: str,
+        target: str,
+        room_id: str,
+        membership: str,
+        reason: Optional[str] = None,
+        extra: Optional[dict[str, Any]] = None,
+        txn_id: Optional[str] = None,
+        device_id: Optional[str] = None,
+        via: Optional[list[str]] = None,
+    ) -> Event:
+        """Send ``membership`` for ``target`` as ``sender`` (see ``_update``);
+        a local user's own new join then runs the ``after_join`` hooks."""
+        joining = (membership == "join" and sender == target and self.is_mine(target) and bool(self.after_join)
+                   and await self.current_membership(room_id, target) != "join")
+        ev = await self._update(sender, target, room_id, membership, reason, extra, txn_id, device_id, via)
+        if joining:
+            for hook in self.after_join:
+                try:
+                    await hook(target, room_id)
+                except Exception:
+                    logger.exception("a hook after %s joined %s failed", target, room_id)
+        return ev
+
+    async def _update(
         self,
         sender: str,
         target: str,

@@ -109,15 +109,13 @@ class RoomCreationService:
             if not isinstance(extra, list):
                 raise bad_json("'additional_creators' must be a list")
             cc["additional_creators"] = sorted(set(extra) | set(invites))
-        room_id = await self._persist_create_event(rv, user_id, cc)
-        send = self.creator.send
-
         # 2. The creator joins.
-        await self.membership.update(user_id, user_id, room_id, "join", extra=_is_direct(body, None))
+        room_id = await self.start_room(rv, user_id, cc, join_extra=_is_direct(body, None))
+        send = self.creator.send
 
         # 3. Power levels.
         creators = {user_id} | set(cc.get("additional_creators", []) if rv.hydra else [])
-        pl = _default_power_levels(user_id, preset, invites, rv.hydra, creators)
+        pl = default_power_levels(user_id, preset, invites, rv.hydra, creators)
         if pl_override:
             pl.update(pl_override)
         await send(room_id, "m.room.power_levels", user_id, pl, state_key="")
@@ -157,8 +155,28 @@ class RoomCreationService:
             await self.rooms.set_public(room_id, True)
         return room_id, alias
 
+    async def start_room(self, rv: RoomVersion, user_id: str, creation_content: dict[str, Any],
+                         join_extra: Optional[dict[str, Any]] = None, room_id: Optional[str] = None) -> str:
+        """The first two events of every room made here (``createRoom`` and
+        room upgrades, zhome/rooms/room_upgrade.py): the create event with
+        ``creation_content`` (which must already hold ``room_version`` and,
+        before v11, ``creator``) and the creator's join. Returns the room ID.
+        ``room_id`` (before v12 only, from ``unused_room_id``) is the ID to
+        use; otherwise one is picked."""
+        room_id = await self._persist_create_event(rv, user_id, creation_content, room_id)
+        await self.membership.update(user_id, user_id, room_id, "join", extra=join_extra)
+        return room_id
 
-    async def _persist_create_event(self, rv: RoomVersion, user_id: str, content: dict[str, Any]) -> str:
+    async def unused_room_id(self) -> str:
+        """A room ID (before room version 12) that no room has yet."""
+        for _ in range(CREATE_ATTEMPTS):
+            room_id = f"!{random_string(18)}:{self.server_name}"
+            if await self.rooms.get_room_version(room_id) is None:
+                return room_id
+        raise MatrixError(503, "M_UNKNOWN", "Could not allocate a room ID; try again")
+
+    async def _persist_create_event(self, rv: RoomVersion, user_id: str, content: dict[str, Any],
+                                    chosen: Optional[str] = None) -> str:
         """Build, check and persist the create event; returns the room ID.
 
         From room version 12 the room ID is the create event's hash, so two
@@ -168,10 +186,12 @@ class RoomCreationService:
         random ID, which a collision also just re-picks.
         """
         ts = int(time.time() * 1000)
-        for _ in range(CREATE_ATTEMPTS):
+        if chosen is not None and rv.hydra:
+            raise ValueError("a version 12 room ID cannot be chosen")
+        for _ in range(1 if chosen is not None else CREATE_ATTEMPTS):
             room_id: Optional[str] = None
             if not rv.hydra:
-                room_id = f"!{random_string(18)}:{self.server_name}"
+                room_id = chosen or f"!{random_string(18)}:{self.server_name}"
             pdu = self.creator.build_pdu(rv, room_id, "m.room.create", user_id, content, "", [], [], 1)
             pdu["origin_server_ts"] = ts
             create_ev = self.creator.finish_event(rv, pdu)
@@ -200,9 +220,13 @@ def _is_direct(body: dict[str, Any], for_invite: Optional[bool]) -> Optional[dic
     return None
 
 
-def _default_power_levels(
+def default_power_levels(
     user_id: str, preset: str, invites: list[str], hydra: bool, creators: set[str]
 ) -> dict[str, Any]:
+    """The power levels a new room starts with. From room version 12 the
+    creators are above every level and not listed in ``users``; upgrading
+    the room (``m.room.tombstone``) needs 150 there, more than any level a
+    non-creator can be given by default, so only creators can upgrade."""
     users: dict[str, int] = {}
     if not hydra:
         users[user_id] = 100
@@ -218,7 +242,7 @@ def _default_power_levels(
             "m.room.history_visibility": 100,
             "m.room.canonical_alias": 50,
             "m.room.avatar": 50,
-            "m.room.tombstone": 100,
+            "m.room.tombstone": 150 if hydra else 100,
             "m.room.server_acl": 100,
             "m.room.encryption": 100,
         },

@@ -82,3 +82,15 @@ class RoomsStore:
             "room_aliases", "SELECT room_alias FROM room_aliases WHERE room_id = ? ORDER BY room_alias", room_id
         )
         return [r[0] for r in rows]
+
+    async def move_aliases(self, from_room: str, to_room: str) -> list[str]:
+        """Point every alias of ``from_room`` at ``to_room`` (a room upgrade);
+        returns the aliases moved."""
+
+        def txn_fn(txn: Txn) -> list[str]:
+            txn.execute("SELECT room_alias FROM room_aliases WHERE room_id = ? ORDER BY room_alias", (from_room,))
+            aliases = [r[0] for r in txn.fetchall()]
+            txn.execute("UPDATE room_aliases SET room_id = ? WHERE room_id = ?", (to_room, from_room))
+            return aliases
+
+        return await self.db.run_interaction("move_aliases", txn_fn)
