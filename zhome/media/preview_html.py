@@ -60,9 +60,9 @@ def _known_codec(name: Optional[str]) -> Optional[str]:
 
 
 def decode_html(body: bytes, content_type: Optional[str]) -> str:
-    for bom, codec in _BOMS:
+    for bom, bom_codec in _BOMS:
         if body.startswith(bom):
-            return body[len(bom):].decode(codec, "replace")
+            return body[len(bom):].decode(bom_codec, "replace")
     codec = _known_codec(charset_of_content_type(content_type))
     if codec is None:
         m = _META_CHARSET.search(body[:META_SCAN_BYTES])
