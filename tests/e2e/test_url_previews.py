@@ -251,3 +251,20 @@ def test_private_addresses_refused(zhome_factory: Callable[..., ZhomeProcess]) -
         # Refused before connecting: the server never saw a request.
         assert site.requests == []
     assert "refused" in hs.log()
+
+
+def test_previews_rate_limited_per_user(zhome_factory: Callable[..., ZhomeProcess]) -> None:
+    previews = {"enabled": True, "allow_private_addresses": True}
+    hs = zhome_factory(rate_limits=True, overrides={
+        "media": {"url_previews": previews},
+        "rate_limits": {"url_previews": {"per_second": 0.01, "burst_count": 2}}}).start()
+    alice = ClientUser(hs, "alice")
+    routes = {f"/p{i}.html": html(f"<title>{i}</title>") for i in range(3)}
+    with serving(routes) as site:
+        assert preview(hs, alice, site.url("/p0.html")) == (200, {"og:title": "0"})
+        assert preview(hs, alice, site.url("/p1.html"))[0] == 200
+        status, body = preview(hs, alice, site.url("/p2.html"))
+        assert (status, body["errcode"]) == (429, "M_LIMIT_EXCEEDED") and body["retry_after_ms"] > 0
+        assert site.count("/p2.html") == 0
+        # An answer from the cache costs nothing.
+        assert preview(hs, alice, site.url("/p0.html")) == (200, {"og:title": "0"})

@@ -69,6 +69,12 @@ def test_malformed_html() -> None:
     assert parse_preview("<<<>>>&&&;<!--", PAGE)[1] is None
 
 
+def test_og_url_is_an_http_url() -> None:
+    assert parse_preview('<meta property="og:url" content="/canonical">', PAGE)[0] == {
+        "og:url": "https://example.org/canonical"}
+    assert parse_preview('<meta property="og:url" content="javascript:alert(1)">', PAGE)[0] == {}
+
+
 def test_charsets() -> None:
     text = "<title>Caf\u00e9 \u2013 na\u00efve</title>"
     # Content-Type header charset.

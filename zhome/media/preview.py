@@ -153,9 +153,10 @@ class UrlPreviewer:
         except PreviewFailed as e:
             logger.info("URL preview of host %s failed: %s", host, e)
             raise
-        except Exception:
-            # Never the URL or the page in the log, and never a 500.
-            logger.exception("URL preview of host %s failed unexpectedly", host)
+        except Exception as e:
+            # Never a 500, and never the URL or the page in the log: not even
+            # in an exception's text, so only its type.
+            logger.error("URL preview of host %s failed unexpectedly: %s", host, type(e).__name__)
             raise PreviewFailed("internal error") from None
         logger.info("URL preview of host %s: %d properties%s", host, len(preview),
                     ", with image" if "og:image" in preview else "")

@@ -23,8 +23,7 @@ from urllib.parse import urljoin, urlsplit
 
 # The OpenGraph properties a preview carries; the rest of a page's tags are
 # dropped (a preview is a summary, not a copy of the page's metadata).
-TEXT_PROPERTIES = ("og:title", "og:description", "og:type", "og:site_name", "og:url", "og:image:type",
-                   "og:locale")
+TEXT_PROPERTIES = ("og:title", "og:description", "og:type", "og:site_name", "og:image:type", "og:locale")
 INT_PROPERTIES = ("og:image:width", "og:image:height")
 # Where the image may be named, best first.
 IMAGE_PROPERTIES = ("og:image", "og:image:url", "og:image:secure_url")
@@ -186,6 +185,10 @@ def parse_preview(html: str, page_url: str) -> tuple[dict[str, Any], Optional[st
     base = page_url
     if parser.base is not None:
         base = _absolute_http_url(parser.base, page_url) or page_url
+    # Clients link to it: only an http(s) URL (a javascript: one is dropped).
+    canonical = _absolute_http_url(props.get("og:url", ""), base)
+    if canonical is not None:
+        out["og:url"] = canonical
     image: Optional[str] = None
     for key in IMAGE_PROPERTIES:
         if key in props:
