@@ -837,6 +837,11 @@ def test_url_previews_section(tmp_path: Path) -> None:
         tmp_path, with_changes(media={"url_previews": {"timeout_ms": 0}}))
     assert "media.url_previews.cache_ms" in error_for(tmp_path, with_changes(media={"url_previews": {"cache_ms": -1}}))
     assert "media.url_previews.enable" in error_for(tmp_path, with_changes(media={"url_previews": {"enable": True}}))
+    assert previews.blocked_hosts == ()
+    assert load_raw(tmp_path, media={"url_previews": {"blocked_hosts": ["*.Example.org", "10.*", "::1"]}}).media \
+        .url_previews.blocked_hosts == ("*.example.org", "10.*", "::1")
+    assert "media.url_previews.blocked_hosts[1]" in error_for(
+        tmp_path, with_changes(media={"url_previews": {"blocked_hosts": ["ok.example", "http://x/"]}}))
     limit = load_raw(tmp_path).rate_limits.url_previews
     assert (limit.per_second, limit.burst_count) == (0.5, 10)
     # The sample documents them with their defaults.

@@ -721,6 +721,14 @@ DEFAULT_THUMBNAIL_SIZES = (
 )
 
 
+def host_glob(value: Any, path: str) -> str:
+    """A glob over host names or IP literals ("*.example.org", "10.*"), lower-cased."""
+    text = non_empty_string(value, path)
+    if not re.fullmatch(r"[A-Za-z0-9.\-:*?]+", text):
+        raise _Invalid(path, f"expected a host name pattern such as '*.example.org', got {text!r}")
+    return text.lower()
+
+
 @dataclass(frozen=True, kw_only=True)
 class UrlPreviewConfig:
     """URL previews (GET /_matrix/client/v1/media/preview_url, zhome/media/preview.py)."""
@@ -739,6 +747,8 @@ class UrlPreviewConfig:
     # How long a preview is answered from memory before the URL is fetched
     # again; 0: never cached.
     cache_ms: int = setting(integer(0), default=3600 * 1000)
+    # Hosts never previewed (globs over the URL's host, checked on every hop).
+    blocked_hosts: tuple[str, ...] = setting(list_of(host_glob), default=())
 
 
 @dataclass(frozen=True, kw_only=True)

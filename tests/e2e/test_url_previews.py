@@ -153,9 +153,11 @@ def test_previews(zhome_factory: Callable[..., ZhomeProcess]) -> None:
         "/broken-image.html": html('<title>t</title><meta property="og:image" content="/missing.png">'),
         "/cached.html": html("<title>Once</title>"),
     }
-    hs = enabled(zhome_factory)
+    hs = enabled(zhome_factory, blocked_hosts=["localhost", "*.internal.test"])
     alice, bob = ClientUser(hs, "alice"), ClientUser(hs, "bob")
     with serving(routes) as site:
+        port = site.server.server_address[1]
+        routes["/to-blocked"] = redirect(302, f"http://LocalHost:{port}/og.html")
         # OpenGraph tags, and the image stored as alice's media.
         status, body = preview(hs, alice, site.url("/og.html"))
         assert status == 200, body
@@ -184,6 +186,10 @@ def test_previews(zhome_factory: Callable[..., ZhomeProcess]) -> None:
         assert preview(hs, alice, site.url("/far1")) == (404, {"errcode": "M_NOT_FOUND",
                                                                 "error": "Could not preview this URL"})
         assert site.count("/og.html") == 1
+        # A blocked host, asked for or redirected to, is never fetched.
+        assert preview(hs, alice, f"http://localhost:{port}/og.html")[1]["errcode"] == "M_NOT_FOUND"
+        assert preview(hs, alice, site.url("/to-blocked"))[1]["errcode"] == "M_NOT_FOUND"
+        assert site.count("/to-blocked") == 1 and site.count("/og.html") == 1
 
         # A URL that is an image is previewed as that image.
         status, body = preview(hs, bob, site.url("/photo.jpg"))

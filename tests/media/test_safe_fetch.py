@@ -14,8 +14,8 @@ from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from zhome.media.safe_fetch import AddressRefused, BadUrl, BodyTooLarge, FetchError, PublicEndpointFactory, \
-    SafeFetcher, normalise_url
+from zhome.media.safe_fetch import AddressRefused, BadUrl, BodyTooLarge, FetchError, HostBlocked, \
+    PublicEndpointFactory, SafeFetcher, normalise_url
 from zhome.util.reactor import reactor
 
 
@@ -133,6 +133,16 @@ async def test_pinned_to_the_checked_address_on_every_hop(pages: tuple[_Pages, i
         await SafeFetcher(reactor, False, address_lookup=lookup).fetch(
             f"http://first.test:{port}/page", _limit, time.monotonic() + 10)
     assert len(resource.seen) == before
+
+    # A blocked host is refused on any hop, before it is even resolved.
+    blocking = SafeFetcher(reactor, True, address_lookup=lookup, blocked_hosts=("OTHER.test", "*.blocked.test"))
+    looked_up.clear()
+    before = len(resource.seen)
+    with pytest.raises(HostBlocked):
+        await blocking.fetch(f"http://first.test:{port}/to-other-host", _limit, time.monotonic() + 10)
+    with pytest.raises(HostBlocked):
+        await blocking.fetch(f"http://deep.blocked.test:{port}/page", _limit, time.monotonic() + 10)
+    assert looked_up == ["first.test"] and resource.seen[before:] == [(f"first.test:{port}", "/to-other-host")]
 
     with pytest.raises(FetchError, match="answered 404"):
         await fetcher.fetch(f"http://first.test:{port}/missing", _limit, time.monotonic() + 10)

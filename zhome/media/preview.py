@@ -16,7 +16,7 @@ that time gets the same answer and image; nothing of a page goes to the
 database but that image (encrypted at rest like any media).
 
 Fetching goes through ``safe_fetch`` (non-public addresses refused unless
-allowed, checked on every hop). Off by default; off, the endpoint answers
+allowed, and ``blocked_hosts`` always, checked on every hop). Off by default; off, the endpoint answers
 404 M_NOT_FOUND. A URL that cannot be previewed (unreachable, refused, an
 error status, too large, too slow) is 404 M_NOT_FOUND: the spec names no
 error for it, and one answer for every cause tells a client nothing about

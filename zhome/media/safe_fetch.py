@@ -6,7 +6,8 @@ connection, the first and each redirect's, resolves its host off the
 reactor, refuses addresses that are not globally routable (unless
 ``allow_private_addresses``), and connects to exactly the address it
 checked, so a name that resolves differently a moment later (DNS
-rebinding) cannot slip past the check. ``https`` certificates are checked
+rebinding) cannot slip past the check. A host matching a configured blocked
+pattern is refused on any hop as well. ``https`` certificates are checked
 against the system's web PKI for the URL's host. At most ``MAX_REDIRECTS``
 redirects; the body is cut off at the caller's limit while it arrives (the
 limit may depend on the response's Content-Type); one deadline covers
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from fnmatch import fnmatchcase
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -52,6 +54,10 @@ class FetchError(Exception):
 
 class AddressRefused(FetchError):
     """The host resolves only to addresses that may not be reached."""
+
+
+class HostBlocked(AddressRefused):
+    """The host matches one of the configured blocked host patterns."""
 
 
 class BodyTooLarge(FetchError):
@@ -124,6 +130,7 @@ class _CheckedEndpoint:
         return defer.ensureDeferred(self._connect(protocol_factory))
 
     async def _connect(self, protocol_factory: Any) -> Any:
+        self.factory.check_host(self.host)
         addresses = await self.factory.checked_addresses(self.host)
         reactor = self.factory.reactor
         creator = self.factory.tls_policy.creatorForNetloc(self.host.encode("ascii"), self.port) if self.tls else None
@@ -148,12 +155,18 @@ class PublicEndpointFactory:
 
     def __init__(self, reactor: Any, allow_private_addresses: bool = False,
                  address_lookup: Optional[AddressLookup] = None, tls_policy: Any = None,
-                 connect_timeout: float = 10.0) -> None:
+                 connect_timeout: float = 10.0, blocked_hosts: tuple[str, ...] = ()) -> None:
         self.reactor = reactor
         self.allow_private_addresses = allow_private_addresses
+        self.blocked_hosts = tuple(p.lower() for p in blocked_hosts)
         self._lookup: AddressLookup = address_lookup or (lambda host: lookup_addresses(reactor, host))
         self.tls_policy = tls_policy if tls_policy is not None else BrowserLikePolicyForHTTPS()
         self.connect_timeout = connect_timeout
+
+    def check_host(self, host: str) -> None:
+        name = host.lower()
+        if any(fnmatchcase(name, pattern) for pattern in self.blocked_hosts):
+            raise HostBlocked("the host is blocked by configuration")
 
     async def checked_addresses(self, host: str) -> list[str]:
         try:
@@ -252,9 +265,11 @@ class SafeFetcher:
     """GETs a URL through ``PublicEndpointFactory`` connections."""
 
     def __init__(self, reactor: Any, allow_private_addresses: bool = False, user_agent: str = "zhome",
-                 address_lookup: Optional[AddressLookup] = None, tls_policy: Any = None) -> None:
+                 address_lookup: Optional[AddressLookup] = None, tls_policy: Any = None,
+                 blocked_hosts: tuple[str, ...] = ()) -> None:
         self.reactor = reactor
-        self.endpoints = PublicEndpointFactory(reactor, allow_private_addresses, address_lookup, tls_policy)
+        self.endpoints = PublicEndpointFactory(reactor, allow_private_addresses, address_lookup, tls_policy,
+                                               blocked_hosts=blocked_hosts)
         # No connection is kept: each request resolves and checks afresh.
         self.agent = Agent.usingEndpointFactory(reactor, self.endpoints,
                                                 pool=HTTPConnectionPool(reactor, persistent=False))

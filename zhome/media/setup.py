@@ -48,7 +48,8 @@ def _setup_url_previews(hs: "HomeServer") -> None:
     cfg = hs.config.media.url_previews
     previewer = None
     if cfg.enabled:
-        fetcher = SafeFetcher(reactor, cfg.allow_private_addresses, f"zhome/{__version__} (URL preview)")
+        fetcher = SafeFetcher(reactor, cfg.allow_private_addresses, f"zhome/{__version__} (URL preview)",
+                              blocked_hosts=cfg.blocked_hosts)
         previewer = UrlPreviewer(cfg, hs.media_repository, fetcher)
     rl = hs.config.rate_limits
     limiter = RateLimiter(rl.url_previews.per_second, rl.url_previews.burst_count, rl.enabled)
