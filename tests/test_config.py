@@ -883,3 +883,36 @@ def test_email_bridge_database_url(tmp_path: Path) -> None:
     # It may hold a password: never shown.
     secret = load_raw(tmp_path, email_bridge={**base, "database_url": "postgresql://u:hunter2@127.0.0.1/b"})
     assert "hunter2" not in repr(secret.email_bridge)
+
+
+def test_url_previews_section(tmp_path: Path) -> None:
+    previews = load_raw(tmp_path).media.url_previews
+    # Off, and never to private addresses, unless asked for.
+    assert previews.enabled is False
+    assert previews.allow_private_addresses is False
+    assert (previews.max_page_bytes, previews.timeout_ms, previews.cache_ms) == (2 * 1024 * 1024, 10_000, 3_600_000)
+    changed = load_raw(tmp_path, media={"url_previews": {
+        "enabled": True, "allow_private_addresses": True, "max_page_bytes": 4096, "timeout_ms": 500,
+        "cache_ms": 0}}).media.url_previews
+    assert (changed.enabled, changed.allow_private_addresses, changed.max_page_bytes, changed.timeout_ms,
+            changed.cache_ms) == (True, True, 4096, 500, 0)
+    # A partial section keeps the other defaults.
+    assert load_raw(tmp_path, media={"url_previews": {"enabled": True}}).media.url_previews.cache_ms == 3_600_000
+    assert "media.url_previews.enabled" in error_for(tmp_path, with_changes(media={"url_previews": {"enabled": "yes"}}))
+    assert "media.url_previews.max_page_bytes" in error_for(
+        tmp_path, with_changes(media={"url_previews": {"max_page_bytes": 10}}))
+    assert "media.url_previews.timeout_ms" in error_for(
+        tmp_path, with_changes(media={"url_previews": {"timeout_ms": 0}}))
+    assert "media.url_previews.cache_ms" in error_for(tmp_path, with_changes(media={"url_previews": {"cache_ms": -1}}))
+    assert "media.url_previews.enable" in error_for(tmp_path, with_changes(media={"url_previews": {"enable": True}}))
+    assert previews.blocked_hosts == ()
+    assert load_raw(tmp_path, media={"url_previews": {"blocked_hosts": ["*.Example.org", "10.*", "::1"]}}).media \
+        .url_previews.blocked_hosts == ("*.example.org", "10.*", "::1")
+    assert "media.url_previews.blocked_hosts[1]" in error_for(
+        tmp_path, with_changes(media={"url_previews": {"blocked_hosts": ["ok.example", "http://x/"]}}))
+    limit = load_raw(tmp_path).rate_limits.url_previews
+    assert (limit.per_second, limit.burst_count) == (0.5, 10)
+    # The sample documents them with their defaults.
+    sample = load_config(str(SAMPLE))
+    assert sample.media.url_previews == previews.__class__()
+    assert sample.rate_limits.url_previews == limit

@@ -550,6 +550,8 @@ class RateLimitsConfig:
     registration: RateLimit = setting(section(RateLimit), default=RateLimit(per_second=0.17, burst_count=3))
     login: RateLimit = setting(section(RateLimit), default=RateLimit(per_second=0.17, burst_count=3))
     joins: RateLimit = setting(section(RateLimit), default=RateLimit(per_second=0.1, burst_count=10))
+    # Per user: URL previews that fetch (answers from the cache are free).
+    url_previews: RateLimit = setting(section(RateLimit), default=RateLimit(per_second=0.5, burst_count=10))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -773,6 +775,36 @@ DEFAULT_THUMBNAIL_SIZES = (
 )
 
 
+def host_glob(value: Any, path: str) -> str:
+    """A glob over host names or IP literals ("*.example.org", "10.*"), lower-cased."""
+    text = non_empty_string(value, path)
+    if not re.fullmatch(r"[A-Za-z0-9.\-:*?]+", text):
+        raise _Invalid(path, f"expected a host name pattern such as '*.example.org', got {text!r}")
+    return text.lower()
+
+
+@dataclass(frozen=True, kw_only=True)
+class UrlPreviewConfig:
+    """URL previews (GET /_matrix/client/v1/media/preview_url, zhome/media/preview.py)."""
+
+    # Off by default: a preview makes the server fetch whatever URL a user
+    # names.
+    enabled: bool = setting(boolean, default=False)
+    # Let previews reach loopback, private, link-local, multicast and other
+    # non-global addresses (checked on the resolved address of every hop).
+    # Off in production: a URL must not be a way into the internal network.
+    allow_private_addresses: bool = setting(boolean, default=False)
+    # Largest page read (bytes); a longer page is not previewed.
+    max_page_bytes: int = setting(integer(1024), default=2 * MiB)
+    # The longest one preview may take, page, redirects and image together.
+    timeout_ms: int = setting(integer(100, 120_000), default=10_000)
+    # How long a preview is answered from memory before the URL is fetched
+    # again; 0: never cached.
+    cache_ms: int = setting(integer(0), default=3600 * 1000)
+    # Hosts never previewed (globs over the URL's host, checked on every hop).
+    blocked_hosts: tuple[str, ...] = setting(list_of(host_glob), default=())
+
+
 @dataclass(frozen=True, kw_only=True)
 class MediaConfig:
     # Where encrypted media files live; relative to data_dir. "": data_dir/media.
@@ -803,6 +835,7 @@ class MediaConfig:
     remote_cache_max_age_ms: int | None = setting(optional(integer(60_000)), default=90 * 24 * 3600 * 1000)
     # How often expired pending uploads and stale remote media are removed.
     cleanup_interval_ms: int = setting(integer(1000), default=3600 * 1000)
+    url_previews: UrlPreviewConfig = setting(section(UrlPreviewConfig), default=UrlPreviewConfig())
 
     @property
     def effective_max_upload_size(self) -> int:

@@ -359,29 +359,35 @@ class ServerResolver:
         return self._checked(list(dict.fromkeys(found)), host)
 
     async def _default_address_lookup(self, host: str) -> list[str]:
-        from twisted.internet import defer
-        from twisted.internet.interfaces import IHostResolution, IResolutionReceiver
-        from zope.interface import implementer
-
-        done: defer.Deferred[list[str]] = defer.Deferred()
-        found: list[str] = []
-
-        @implementer(IResolutionReceiver)
-        class _Receiver:
-            def resolutionBegan(self, resolution: IHostResolution) -> None:  # noqa: N802
-                pass
-
-            def addressResolved(self, address: Any) -> None:  # noqa: N802
-                found.append(address.host)
-
-            def resolutionComplete(self) -> None:  # noqa: N802
-                done.callback(found)
-
-        self.reactor.nameResolver.resolveHostName(_Receiver(), host, 0)
-        return await done
+        return await lookup_addresses(self.reactor, host)
 
     async def _default_fetch_well_known(self, host: str) -> WellKnownResponse:
         return await fetch_well_known(self, host)
+
+
+async def lookup_addresses(reactor: Any, host: str) -> list[str]:
+    """The IPv4 and IPv6 addresses of ``host``, by the reactor's name
+    resolver (getaddrinfo in a worker thread: never blocks the reactor)."""
+    from twisted.internet import defer
+    from twisted.internet.interfaces import IHostResolution, IResolutionReceiver
+    from zope.interface import implementer
+
+    done: defer.Deferred[list[str]] = defer.Deferred()
+    found: list[str] = []
+
+    @implementer(IResolutionReceiver)
+    class _Receiver:
+        def resolutionBegan(self, resolution: IHostResolution) -> None:  # noqa: N802
+            pass
+
+        def addressResolved(self, address: Any) -> None:  # noqa: N802
+            found.append(address.host)
+
+        def resolutionComplete(self) -> None:  # noqa: N802
+            done.callback(found)
+
+    reactor.nameResolver.resolveHostName(_Receiver(), host, 0)
+    return await done
 
 
 def _srv_order(records: list[SrvRecord]) -> list[SrvRecord]:
