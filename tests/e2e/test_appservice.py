@@ -3,6 +3,7 @@ PostgreSQL) and a real application service built on mautrix-python."""
 
 from __future__ import annotations
 
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -154,9 +155,11 @@ def test_durability_across_outage_and_restart(bridge: Bridge, db_config: Any) ->
 
     # The service refuses transactions: the same transaction comes back.
     svc.refuse_transactions = True
-    sent = [f"m{i}" for i in range(1, 4)]
-    for body in sent:
-        alice.ok("PUT", f"/rooms/{q(room_id)}/send/m.room.message/{body}", {"msgtype": "m.text", "body": body})
+    # Bodies no event ID or other stored value can contain by chance.
+    tag = secrets.token_hex(6)
+    sent = [f"durable-{tag}-m{i}" for i in range(1, 4)]
+    for i, body in enumerate(sent, 1):
+        alice.ok("PUT", f"/rooms/{q(room_id)}/send/m.room.message/m{i}", {"msgtype": "m.text", "body": body})
     refused = svc.wait_for(lambda: len([w for w in svc.wire if w[2] == 500]) >= 2 and svc.wire, timeout=30,
                            message="two refused attempts")
     first_refused = [w for w in refused if w[2] == 500][0]
@@ -173,13 +176,13 @@ def test_durability_across_outage_and_restart(bridge: Bridge, db_config: Any) ->
         with sqlite3.connect(db_file) as conn:
             rows = conn.execute("SELECT * FROM appservice_queue").fetchall()
         assert rows and all(len(r) == 3 and str(r[2]).startswith("$") for r in rows)
-        assert b"m1" not in b"".join(str(r).encode() for r in rows)
+        assert sent[0].encode() not in b"".join(str(r).encode() for r in rows)
 
     # The service goes away; more messages; zhome restarts; the service comes back.
     bridge.stop_service()
-    more = ["m4", "m5"]
-    for body in more:
-        alice.ok("PUT", f"/rooms/{q(room_id)}/send/m.room.message/{body}", {"msgtype": "m.text", "body": body})
+    more = [f"durable-{tag}-m{i}" for i in (4, 5)]
+    for i, body in zip((4, 5), more):
+        alice.ok("PUT", f"/rooms/{q(room_id)}/send/m.room.message/m{i}", {"msgtype": "m.text", "body": body})
     hs.restart()
     svc2 = bridge.start_service()
     svc2.wait_for(lambda: set(sent + more) <= set(_bodies([e for _, b in svc2.accepted() for e in b["events"]],
