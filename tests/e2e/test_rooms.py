@@ -63,6 +63,7 @@ def test_create_room_presets_and_options(zhome: ZhomeProcess) -> None:
     st = _by_type(alice.state(public))
     assert st[("m.room.join_rules", "")]["content"]["join_rule"] == "public"
     assert st[("m.room.history_visibility", "")]["content"]["history_visibility"] == "shared"
+    assert st[("m.room.guest_access", "")]["content"]["guest_access"] == "forbidden"
     assert st[("m.room.name", "")]["content"]["name"] == "Lobby"
     assert st[("m.room.topic", "")]["content"]["topic"] == "Say hi"
     assert st[("m.room.member", alice.user_id)]["content"]["membership"] == "join"

@@ -129,12 +129,13 @@ class RoomCreationService:
         # 5. Preset state, unless initial_state sets it.
         given = {(st["type"], st.get("state_key", "")) for st in initial_state}
         join_rule = "public" if preset == "public_chat" else "invite"
+        # Spec: createRoom's presets: guest_access is can_join for the private
+        # presets and forbidden for public_chat.
         preset_state = [
             ("m.room.join_rules", {"join_rule": join_rule}),
             ("m.room.history_visibility", {"history_visibility": "shared"}),
+            ("m.room.guest_access", {"guest_access": "forbidden" if preset == "public_chat" else "can_join"}),
         ]
-        if preset != "public_chat":
-            preset_state.append(("m.room.guest_access", {"guest_access": "can_join"}))
         for etype, content in preset_state:
             if (etype, "") not in given:
                 await send(room_id, etype, user_id, content, state_key="")
