@@ -552,6 +552,9 @@ class RateLimitsConfig:
     joins: RateLimit = setting(section(RateLimit), default=RateLimit(per_second=0.1, burst_count=10))
     # Per user: URL previews that fetch (answers from the cache are free).
     url_previews: RateLimit = setting(section(RateLimit), default=RateLimit(per_second=0.5, burst_count=10))
+    # Per client IP: the email bridge's download and unsubscribe pages
+    # (links in mail, opened without an account).
+    email_links: RateLimit = setting(section(RateLimit), default=RateLimit(per_second=1.0, burst_count=30))
 
 
 @dataclass(frozen=True, kw_only=True)

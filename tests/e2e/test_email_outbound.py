@@ -281,3 +281,18 @@ def test_undelivered_mail_is_told_in_the_room(zhome_factory: Any, dns: DnsStub) 
         assert sink.to(gone) == []
     finally:
         sink.stop()
+
+
+def test_link_pages_are_rate_limited_per_address(zhome_factory: Any, dns: DnsStub) -> None:  # noqa: F811
+    smtp_port = free_port()
+    hs = zhome_factory(rate_limits=True, overrides={
+        "rate_limits": {"enabled": True, "email_links": {"per_second": 0.01, "burst_count": 3}},
+        "email_bridge": {"enabled": True, "mail_domain": DOMAIN, "smtp_listen": f"127.0.0.1:{smtp_port}",
+                         "appservice_listen": f"127.0.0.1:{free_port()}", "dns_servers": [dns.address]}})
+    hs.start()
+    wait_for(lambda: hs.request("GET", "/_zhome/email/v1/unsubscribe?t=nothing")[0] != 404, "the link pages")
+    codes = [_http("GET", hs.base_url + "/_zhome/email/v1/unsubscribe?t=nothing")[0] for _ in range(4)]
+    # The wait above took one; two more invalid-link pages (403), then refused.
+    assert codes[:2] == [403, 403] and codes[2:] == [429, 429], codes
+    status, _, _ = _http("GET", hs.base_url + "/_zhome/email/v1/download/localhost/abc?exp=1&sig=x")
+    assert status == 429

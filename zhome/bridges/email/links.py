@@ -150,10 +150,20 @@ class EmailLinkServlets:
     bridge whose registration has ``as_token``."""
 
     def __init__(self, hs: "HomeServer", service_id: str, as_token: str) -> None:
+        from zhome.http.ratelimit import RateLimiter
+
         self.hs = hs
         self.service_id = service_id
         self.download_key = derive_key(as_token, DOWNLOAD_LABEL)
         self.unsubscribe_key = derive_key(as_token, UNSUBSCRIBE_LABEL)
+        limits = hs.config.rate_limits
+        # Per client IP: anyone with a mail's link may open these pages.
+        self.ratelimit = RateLimiter(limits.email_links.per_second, limits.email_links.burst_count, limits.enabled)
+
+    def _limit(self, request: "Request") -> None:
+        from zhome.http.server import client_ip
+
+        self.ratelimit.check("ip:" + client_ip(request))
 
     def register_routes(self, r: "JsonResource") -> None:
         base = r"/_zhome/email/v1"
@@ -168,6 +178,7 @@ class EmailLinkServlets:
         from zhome.media.headers import content_disposition
         from zhome.media.servlets import _check_ids, _common_headers, stream_plaintext
 
+        self._limit(request)
         why = check_download(self.download_key, server_name, media_id, query_arg(request, "exp"),
                              query_arg(request, "sig"))
         if why is not None:
@@ -192,6 +203,7 @@ class EmailLinkServlets:
         return token, check_unsubscribe(self.unsubscribe_key, token)
 
     async def on_unsubscribe_page(self, request: "Request") -> tuple[int, Any]:
+        self._limit(request)
         token, found = self._token(request)
         if found is None:
             return 200, _page(request, 403, "Link not valid", "This unsubscribe link is not valid.")
@@ -200,6 +212,7 @@ class EmailLinkServlets:
                           form_action=f"unsubscribe?t={token}")
 
     async def on_unsubscribe(self, request: "Request") -> tuple[int, Any]:
+        self._limit(request)
         _token, found = self._token(request)
         if found is None:
             return 200, _page(request, 403, "Link not valid", "This unsubscribe link is not valid.")
