@@ -27,7 +27,7 @@ import pytest
 
 from tests.e2e.dnsstub import DnsStub, dkim_key
 from tests.e2e.harness import ClientUser, ZhomeProcess, _server_env, free_port, q
-from tests.e2e.mailsink import MailSink
+from tests.e2e.mailsink import MailSink, body_of
 from tests.e2e.test_email_bridge import BOT, DOMAIN, ghost, wait_for
 from zhome.bridges.email.tokens import reply_localpart
 
@@ -353,6 +353,17 @@ def test_a_hard_bounce_stops_mail_to_the_address(site: Site) -> None:
     s.settled()
     notices = [e for e in s.messages(s.team) if e["content"].get("msgtype") == "m.notice"]
     assert len(notices) == 2
+
+    # Bea writes again, and her mail passes the sender checks: her mailbox
+    # works, so mail to her resumes and the room hears so.
+    assert s.send(raw(mail("I am back.", "bea <bea@spfok.test>")), "bea@spfok.test")[0] == 250
+    back = s.wait_message(s.team, lambda e: e["content"].get("msgtype") == "m.notice"
+                          and "arrived again" in e["content"]["body"], "the notice that Bea's mail works")
+    assert back["sender"] == BOT and ghost("bea@spfok.test") in back["content"]["body"]
+    with sqlite3.connect(s.db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM bouncing_addresses").fetchone()[0] == 1
+    s.alice.ok("PUT", f"/rooms/{q(s.team)}/send/m.room.message/b3", {"msgtype": "m.text", "body": "Welcome back."})
+    assert "Welcome back." in body_of(s.sink.wait_for("bea@spfok.test", count=2)[-1])
 
 
 def test_a_mail_bomb_is_limited(site: Site) -> None:

@@ -15,7 +15,9 @@ its room gets one ``m.notice`` from the bridge's user (no address, no
 content) until the administrator releases or deletes its held mail.
 Delivery reports (bounces.py) are never posted: a hard bounce of mail to a
 room's email participant stops mail to that address (``is_bouncing``) and
-says so in the room with an ``m.notice``; a soft one is dropped.
+says so in the room with an ``m.notice``; a soft one is dropped. Mail from
+a stopped address that passes the sender checks (verdict ``accept``) shows
+its mailbox works again: mail to it resumes, and the room is told.
 A mail to an invitation's reply address (table invite_replies) is posted
 after its ghost claimed the invitation (zhome's claim_invite; idempotent,
 so a retry claims again harmlessly) and joined on the invite it made.
@@ -219,6 +221,14 @@ class InboundProcessor(Rounds):
             if n == 0:
                 await self.store.remember_event(row.room_id, event_id, parsed.message_id)
             n += 1
+        if row.auth is not None and row.auth.get("verdict") == "accept" \
+                and await self.store.is_bouncing(parsed.from_address):
+            # Authenticated mail from an address a bounce stopped: its mailbox
+            # works again. (Unauthenticated mail could be forged to do this.)
+            await self.hs.send(row.room_id, s.bot, "m.room.message", {
+                "msgtype": "m.notice", "body": f"Mail from {ghost} arrived again: the bridge mails this participant"
+                                              " again."}, f"zhome-unbounce-{row.id}")
+            await self.store.clear_bouncing(parsed.from_address)
 
     async def _ensure_joined(self, room_id: str, ghost: str) -> None:
         if await self.store.membership(room_id, ghost) == "join":

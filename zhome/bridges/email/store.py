@@ -606,6 +606,16 @@ class BridgeStore:
 
         return await self.db.run_interaction("email_bridge_mark_bouncing", txn_fn)
 
+    async def clear_bouncing(self, address: str) -> bool:
+        """The address works again; False when it was not stopped."""
+        index = self._address_index(address)
+
+        def txn_fn(txn: Txn) -> bool:
+            txn.execute("DELETE FROM bouncing_addresses WHERE address_index = ?", (index,))
+            return txn.rowcount > 0
+
+        return await self.db.run_interaction("email_bridge_clear_bouncing", txn_fn)
+
     async def is_bouncing(self, address: str) -> bool:
         rows = await self.db.execute("email_bridge_is_bouncing", "SELECT 1 FROM bouncing_addresses"
                                      " WHERE address_index = ?", self._address_index(address))
