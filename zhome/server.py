@@ -213,6 +213,7 @@ class HomeServer:
         self.room_creation = RoomCreationService(self.server_name, self.event_creator, self.membership, self.rooms,
                                                  cfg.rooms.default_room_version)
         self.visibility = Visibility(self.events)
+        self._setup_relations()
         self.auth = Auth(self.accounts)
         self.auth.operator_user_id = f"@zhome-operator:{self.server_name}"
         rl = cfg.rate_limits
@@ -254,6 +255,22 @@ class HomeServer:
         self.sealing_backlog = SealingBacklog(self)
         self.sealing_backlog.start()
         self.event_media.start()
+        self.relations.start()
+
+    def _setup_relations(self) -> None:
+        """The relations index, written with every timeline event
+        (zhome/storage/relations.py), the bundled aggregations of events
+        served to clients (zhome/client/aggregations.py) and the checks on
+        new relations (zhome/client/relations.py)."""
+        from zhome.client.aggregations import BundledAggregations
+        from zhome.client.relations import RelationChecks
+        from zhome.storage.relations import RelationsStore
+
+        self.relations = RelationsStore(self.db, self.events)
+        self.persister.txn_hooks.append(self.relations.persist_txn_hook)
+        self.events.bundle_aggregations = BundledAggregations(self.events, self.relations, self.visibility,
+                                                              self.user_data.get_ignored_users)
+        self.event_creator.pre_send_checks.append(RelationChecks(self.events, self.relations))
 
     async def _setup_appservices(self, services: list[Any]) -> None:
         """Application services (zhome/appservice): none configured, nothing
@@ -674,6 +691,7 @@ class HomeServer:
         from zhome.client.user_data import UserDataServlets
         from zhome.client.room_summary import RoomSummaryServlets
         from zhome.client.voip import VoipServlets
+        from zhome.client.relations import RelationServlets
 
         from zhome.client.legacy import LegacyServlets
         from zhome.e2ee.servlets import E2eeServlets
@@ -689,6 +707,7 @@ class HomeServer:
                 PusherServlets(self), VoipServlets(self.auth, self.config.voip),
                 RoomSummaryServlets(self.auth, self.events, self.room_servlets.resolve_room,
                                     self.room_servlets.room_summary),
+                RelationServlets(self),
                 AdminServlets(self), ReportServlets(self), AdminRoomServlets(self), PrivacyServlets(self),
                 EncryptionServlets(self),
                 AdminMediaServlets(self), DestinationServlets(self), ServerNoticeServlets(self), ExportServlets(self),
@@ -802,6 +821,8 @@ class HomeServer:
             await self.sealing_backlog.stop()
         if getattr(self, "event_media", None) is not None:
             await self.event_media.stop()
+        if getattr(self, "relations", None) is not None:
+            await self.relations.stop()
         if getattr(self, "email_notifier", None) is not None:
             await self.email_notifier.stop()
         if getattr(self, "mail_outbox", None) is not None:
