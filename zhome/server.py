@@ -223,6 +223,7 @@ class HomeServer:
                                                 self.room_creation, self.rooms, self.events)
         self.event_creator.pre_send_checks.append(refuse_self_tombstone)
         self.visibility = Visibility(self.events)
+        self._setup_relations()
         self.auth = Auth(self.accounts)
         self.auth.operator_user_id = f"@zhome-operator:{self.server_name}"
         rl = cfg.rate_limits
@@ -265,6 +266,22 @@ class HomeServer:
         self.sealing_backlog.start()
         self.event_media.start()
         self.event_search.start()
+        self.relations.start()
+
+    def _setup_relations(self) -> None:
+        """The relations index, written with every timeline event
+        (zhome/storage/relations.py), the bundled aggregations of events
+        served to clients (zhome/client/aggregations.py) and the checks on
+        new relations (zhome/client/relations.py)."""
+        from zhome.client.aggregations import BundledAggregations
+        from zhome.client.relations import RelationChecks
+        from zhome.storage.relations import RelationsStore
+
+        self.relations = RelationsStore(self.db, self.events)
+        self.persister.txn_hooks.append(self.relations.persist_txn_hook)
+        self.events.bundle_aggregations = BundledAggregations(self.events, self.relations, self.visibility,
+                                                              self.user_data.get_ignored_users)
+        self.event_creator.pre_send_checks.append(RelationChecks(self.events, self.relations))
 
     async def _setup_appservices(self, services: list[Any]) -> None:
         """Application services (zhome/appservice): none configured, nothing
@@ -681,6 +698,7 @@ class HomeServer:
         from zhome.client.room_summary import RoomSummaryServlets
         from zhome.client.voip import VoipServlets
         from zhome.client.timestamps import TimestampServlets
+        from zhome.client.relations import RelationServlets
 
         from zhome.client.legacy import LegacyServlets
         from zhome.e2ee.servlets import E2eeServlets
@@ -719,6 +737,7 @@ class HomeServer:
                 RoomSummaryServlets(self.auth, self.room_previews, self.room_servlets.resolve_room),
                 RoomUpgradeServlets(self.auth, self.room_upgrades, self.ratelimit_joins),
                 SpaceServlets(self.auth, self.space_hierarchy), MutualRoomsServlets(self.auth, self.events),
+                RelationServlets(self),
                 AdminServlets(self), ReportServlets(self), AdminRoomServlets(self), PrivacyServlets(self),
                 EncryptionServlets(self),
                 AdminMediaServlets(self), DestinationServlets(self), ServerNoticeServlets(self), ExportServlets(self),
@@ -857,6 +876,8 @@ class HomeServer:
             await self.event_media.stop()
         if getattr(self, "event_search", None) is not None:
             await self.event_search.stop()
+        if getattr(self, "relations", None) is not None:
+            await self.relations.stop()
         if getattr(self, "email_notifier", None) is not None:
             await self.email_notifier.stop()
         if getattr(self, "mail_outbox", None) is not None:

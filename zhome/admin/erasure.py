@@ -53,7 +53,7 @@ SCRUBBED_TABLES = ("events", "profiles", "profile_fields", "account_data", "rece
                    "event_txn_ids", "media", "media_thumbnails", "devices", "e2e_device_keys", "e2e_one_time_keys",
                    "e2e_fallback_keys", "device_inbox", "pushers", "push_rules", "user_filters",
                    "current_state_events", "room_memberships", "user_threepids", "user_threepid_id_servers",
-                   "openid_tokens", "identity_associations", "event_search")
+                   "openid_tokens", "identity_associations", "event_search", "event_relations", "event_threads")
 
 #: Content keys that carry an mxc:// URI of a file an event shows.
 _MXC_KEYS = ("url", "thumbnail_url", "avatar_url")

@@ -1,7 +1,9 @@
 """Events as clients see them (ClientEvent), with redactions applied.
 
 Spec: client-server-api "Room Events" (ClientEvent, ``unsigned``:
-``age``, ``redacted_because``, ``transaction_id``, ``prev_content``).
+``age``, ``redacted_because``, ``transaction_id``, ``prev_content``),
+"Aggregations of child events" (``unsigned["m.relations"]``, from
+``EventsStore.bundle_aggregations``: zhome/client/aggregations.py).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from zhome.storage.events import EventsStore
 
 async def serialize_events(
     store: EventsStore, events: list[Event], with_room_id: bool = True,
-    requester: Optional[Requester] = None,
+    requester: Optional[Requester] = None, bundle: bool = True,
 ) -> list[dict[str, Any]]:
     """Client views of ``events``. ``requester`` is who they are served to: an event that device sent carries its
-    ``transaction_id``, for that device only."""
+    ``transaction_id``, for that device only; events served to a requester carry their bundled aggregations
+    (unless ``bundle`` is false)."""
     redaction_ids = [e.internal["redacted_by"] for e in events if e.internal.get("redacted_by")]
     redactions = await store.get_events(redaction_ids) if redaction_ids else {}
     now = int(time.time() * 1000)
@@ -41,6 +44,12 @@ async def serialize_events(
                 unsigned["transaction_id"] = txn[1]
             d = ev.client_dict(unsigned, with_room_id)
         out.append(d)
+    if bundle and requester is not None and store.bundle_aggregations is not None and events:
+        bundles = await store.bundle_aggregations(events, requester, with_room_id)
+        for ev, d in zip(events, out):
+            relations = bundles.get(ev.event_id)
+            if relations:
+                d["unsigned"]["m.relations"] = relations
     return out
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence, cast
+from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence, cast
 
 from zhome.rooms.events import Event, StateMap
 from zhome.rooms.redaction import prune_event_dict
@@ -126,6 +126,11 @@ class EventsStore:
         #: redaction applied, erasure, a purge): what was read before may
         #: hold content that is gone (zhome/sync/response_cache.py).
         self.content_epoch = 0
+        #: Bundled aggregations (unsigned "m.relations") of events served
+        #: to clients: (events, requester, with_room_id) -> event ID ->
+        #: aggregations (zhome/client/aggregations.py). None: none.
+        self.bundle_aggregations: Optional[
+            Callable[[list[Event], Any, bool], Awaitable[dict[str, dict[str, Any]]]]] = None
 
     # -- writing ----------------------------------------------------------
     def persist_txn(self, txn: Txn, item: PersistItem) -> None:

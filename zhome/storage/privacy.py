@@ -19,6 +19,7 @@ from zhome.storage.event_search import EventSearchStore
 from zhome.storage.events import EventsStore
 from zhome.storage.ids import IdGenerator
 from zhome.storage.notifications import fold_staging_txn
+from zhome.storage.relations import RelationsStore
 
 
 def _hold_row(row: tuple[Any, ...]) -> dict[str, Any]:
@@ -137,6 +138,7 @@ class PrivacyStore:
                 txn.execute(f"DELETE FROM event_txn_ids WHERE event_id IN ({qs})", tuple(chunk))
             EventMediaStore.forget_txn(txn, event_ids)
             EventSearchStore.forget_txn(txn, event_ids)
+            RelationsStore.forget_txn(txn, event_ids)
             return changed
 
         try:
@@ -216,7 +218,7 @@ class PrivacyStore:
                         " (SELECT id FROM state_groups WHERE room_id = ?)", (room_id,))
             for table in ("state_groups", "current_state_events", "room_memberships", "room_forgotten",
                           "room_aliases", "account_data", "receipts", "room_unread", "user_notifications",
-                          "user_directory_public_rooms",
+                          "user_directory_public_rooms", "event_relations", "event_threads",
                           "room_forward_extremities", "server_notice_rooms", "events", "rooms"):
                 txn.execute(f"DELETE FROM {table} WHERE room_id = ?", (room_id,))
             return len(event_ids)
@@ -262,6 +264,8 @@ class PrivacyStore:
             EventMediaStore.forget_txn(txn, delete)
             # Kept ones leave the timeline: no search finds them either.
             EventSearchStore.forget_txn(txn, [e for e, _, _ in rows])
+            # Deleted or hidden, they leave the timeline: their relations and threads go.
+            RelationsStore.forget_txn(txn, [e for e, _, _ in rows], roots_gone=True)
             for chunk, qs in in_chunks(hide):
                 txn.execute(f"UPDATE events SET outlier = 1 WHERE event_id IN ({qs})", tuple(chunk))
             return len(rows)
