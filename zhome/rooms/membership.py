@@ -13,6 +13,7 @@ from zhome.http.errors import MatrixError, forbidden, not_found
 from zhome.rooms.event_creation import EventCreator
 from zhome.rooms.events import Event, StateMap
 from zhome.rooms.guest_access import GUEST_ACCESS, guests_can_join
+from zhome.rooms.restricted import AUTHORISED_VIA, JoinNotAuthorised, RestrictedJoins
 from zhome.storage.accounts import AccountsStore
 from zhome.storage.events import EventsStore
 from zhome.util.ids import server_of
@@ -31,6 +32,7 @@ class MembershipService:
         self.creator = creator
         self.events = events
         self.accounts = accounts
+        self.restricted = RestrictedJoins(server_name, events)
         # The federation handler, when federation is enabled.
         self.federation: Any = None
         #: async room_id -> bool: whether an admin blocked the room (no local joins).
@@ -114,6 +116,10 @@ class MembershipService:
             for k, v in extra.items():
                 if k not in ("membership",):
                     content[k] = v
+        # Who vouches for a restricted join is the resident server's choice
+        # (its make_join template, or this server's own below), never the
+        # client's: it names a user whose server must sign the event.
+        content.pop(AUTHORISED_VIA, None)
         if reason is not None:
             if not isinstance(reason, str):
                 raise MatrixError(400, "M_BAD_JSON", "'reason' must be a string")
@@ -161,6 +167,10 @@ class MembershipService:
                 raise forbidden(f"{target} is already in the room.")
             if current == "ban":
                 raise forbidden(f"{target} is banned from the room")
+        if membership == "join" and sender == target and self.is_mine(target):
+            authoriser = await self._local_authoriser(room_id, target)
+            if authoriser is not None:
+                content[AUTHORISED_VIA] = authoriser
         countersign = None
         if membership == "invite" and not self.is_mine(target):
             if self.federation is None:
@@ -170,6 +180,18 @@ class MembershipService:
             room_id, "m.room.member", sender, content, state_key=target, txn_id=txn_id, device_id=device_id,
             transform=countersign, extra_check=self._check_guest_may_join if guest_join else None,
         )
+
+    async def _local_authoriser(self, room_id: str, user_id: str) -> Optional[str]:
+        """The local user who authorises ``user_id``'s join to a restricted
+        room (None when the join needs none); 403 when nobody here can."""
+        rv = await self.creator.room_version_of(room_id)
+        state = await self.events.get_current_state_ids(room_id)
+        try:
+            return await self.restricted.authoriser_for(rv, state, user_id)
+        except JoinNotAuthorised as e:
+            if e.no_authoriser:
+                raise forbidden("You may join this room, but no user of this server in it may invite you")
+            raise forbidden("You are not invited, and not a member of any room whose members may join this room")
 
     async def _check_guest_may_join(self, event: Event, state: StateMap) -> None:
         # Checked against the state the join is built on, under the room
