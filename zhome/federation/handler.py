@@ -656,17 +656,26 @@ class FederationHandler:
         ``m.room.guest_access`` ``can_join`` (spec: "Guest Access").
         """
         last_error: Optional[Exception] = None
+        refusal: Optional[MatrixError] = None
         for server in _dedupe(s for s in servers if s != self.server_name):
             if not self.policy.server_allowed(server):
                 self.policy.count_refusal("join")
                 continue
             try:
                 return await self._join_via(server, user_id, room_id, membership, content_extra or {}, guest)
-            except MatrixError:
-                raise
+            except MatrixError as e:
+                if e.errcode not in _ASK_ANOTHER_SERVER:
+                    raise
+                # A restricted room: this resident server cannot vouch for
+                # the user, another (in an allowed room) may.
+                logger.info("joining %s via %s: %s", room_id, server, e.errcode)
+                if refusal is None or e.errcode == "M_UNABLE_TO_GRANT_JOIN":
+                    refusal = e
             except Exception as e:
                 logger.info("joining %s via %s failed: %s", room_id, server, e)
                 last_error = e
+        if refusal is not None:
+            raise refusal
         if last_error is None:
             raise not_found("No known servers to join the room through")
         raise MatrixError(502, "M_UNKNOWN", f"Could not join through any server: {_describe(last_error)}")
@@ -744,8 +753,15 @@ class FederationHandler:
                 countersigned = parse_pdu(rv, _strip_pdu(result["event"]))
             except PduRejected as e:
                 raise MatrixError(502, "M_UNKNOWN", f"{server} sent a bad join event back: {e}")
-            if countersigned.event_id == event_id and verify_content_hash(countersigned.pdu):
-                ev = countersigned
+            if not _same_but_signatures(countersigned.pdu, signed):
+                raise PduRejected(f"{server} sent back another join event than the one it was sent")
+            via = signed.get("content", {}).get("join_authorised_via_users_server")
+            if isinstance(via, str):
+                try:
+                    await self.keyring.verify_event(rv, countersigned.pdu)
+                except Exception as e:
+                    raise PduRejected(f"the join {server} sent back is not signed as it must be: {e}")
+            ev = countersigned
         state_pdus = result.get("state") or []
         chain = result.get("auth_chain") or []
         if not isinstance(state_pdus, list) or not isinstance(chain, list):
@@ -799,6 +815,7 @@ class FederationHandler:
     # -- leaving a room we are not joined to (rejecting an invite) ------------------------
     async def remote_leave(self, user_id: str, room_id: str, servers: list[str]) -> Event:
         last_error: Optional[Exception] = None
+        refusal: Optional[MatrixError] = None
         for server in _dedupe(s for s in servers if s != self.server_name):
             try:
                 resp = await self.client.get_json(
@@ -901,6 +918,21 @@ class FederationHandler:
         except (SignatureError, KeyLookupError) as e:
             raise MatrixError(502, "M_UNKNOWN", f"Bad signature on the invite: {e}")
         return Event(signed, ev.event_id, ev.room_version)
+
+
+_ASK_ANOTHER_SERVER = ("M_UNABLE_TO_AUTHORISE_JOIN", "M_UNABLE_TO_GRANT_JOIN")
+
+
+def _same_but_signatures(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two PDUs are the same event, ``a`` with at least ``b``'s signatures."""
+    def rest(p: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in p.items() if k not in ("signatures", "unsigned")}
+
+    sig_a, sig_b = a.get("signatures"), b.get("signatures")
+    if rest(a) != rest(b) or not isinstance(sig_a, dict) or not isinstance(sig_b, dict):
+        return False
+    return all(isinstance(sig_a.get(s), dict) and all(sig_a[s].get(k) == v for k, v in sigs.items())
+               for s, sigs in sig_b.items())
 
 
 def _check_canonical(rv: RoomVersion, pdu: dict[str, Any], what: str) -> None:
