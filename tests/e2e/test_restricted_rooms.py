@@ -132,3 +132,30 @@ def test_restricted_to_a_room_the_resident_server_is_not_in(zhome_pair: ZhomeSer
     bob.ok("POST", f"/join/{q(room)}", {})
     member = wait_for_member(alice, room, bob.user_id)
     assert member["join_authorised_via_users_server"] == dave.user_id
+
+
+def test_restricted_join_vouched_for_by_another_resident_server(zhome_pair: ZhomeServers) -> None:
+    a, b = zhome_pair.a, zhome_pair.b
+    alice = ClientUser(a, "talice")
+    bob, dave = ClientUser(b, "tbob"), ClientUser(b, "tdave")
+    space = alice.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"]
+    bob.ok("POST", f"/join/{q(space)}?server_name={q(a.server_name)}", {})
+    room = restricted_room(alice, space, power_level_content_override={"invite": 50})
+    alice.ok("POST", f"/rooms/{q(room)}/invite", {"user_id": dave.user_id})
+    deadline = time.monotonic() + WAIT_S
+    while dave.req("POST", f"/join/{q(room)}?server_name={q(a.server_name)}", {})[0] != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    # B is in the room, but dave may not invite: A vouches for bob's join,
+    # which B then takes in like any event from A.
+    assert bob.ok("POST", f"/join/{q(room)}", {})["room_id"] == room
+    assert member_event(bob, room, bob.user_id)["join_authorised_via_users_server"] == alice.user_id
+    assert wait_for_member(alice, room, bob.user_id)["join_authorised_via_users_server"] == alice.user_id
+    bob.ok("PUT", f"/rooms/{q(room)}/send/m.room.message/t1", {"msgtype": "m.text", "body": "in"})
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        chunk = alice.ok("GET", f"/rooms/{q(room)}/messages?dir=b&limit=10")["chunk"]
+        if any(e["content"].get("body") == "in" for e in chunk):
+            break
+        assert time.monotonic() < deadline, chunk
+        time.sleep(0.2)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Optional
 
 from prometheus_client import Counter
 from twisted.internet import defer
@@ -655,6 +655,30 @@ class FederationHandler:
         join only if the room's state (as the resident server sends it) is
         ``m.room.guest_access`` ``can_join`` (spec: "Guest Access").
         """
+        async def attempt(server: str) -> Event:
+            return await self._join_via(server, user_id, room_id, membership, content_extra or {}, guest)
+
+        return await self._through_servers(room_id, servers, attempt)
+
+    async def join_through_resident(self, user_id: str, room_id: str, servers: list[str],
+                                    content_extra: Optional[dict[str, Any]] = None) -> Event:
+        """A local user's join to a restricted room this server is in but
+        none of its users in the room may invite: another resident server
+        vouches for it (make_join/send_join), and the join it signed comes
+        in like any event from that server."""
+        async def attempt(server: str) -> Event:
+            _, _, ev, _ = await self._membership_handshake(server, user_id, room_id, "join", content_extra or {})
+            await self.on_receive_pdu(server, ev.pdu)
+            stored = await self.events.get_event(ev.event_id)
+            if stored is None or stored.rejected_reason or stored.internal.get("soft_failed"):
+                raise MatrixError(403, "M_FORBIDDEN", f"The join {server} authorised was not accepted here")
+            return stored
+
+        return await self._through_servers(room_id, servers, attempt)
+
+    async def _through_servers(self, room_id: str, servers: list[str],
+                               attempt: Callable[[str], Awaitable[Event]]) -> Event:
+        """``attempt`` with each server in turn until one succeeds."""
         last_error: Optional[Exception] = None
         refusal: Optional[MatrixError] = None
         for server in _dedupe(s for s in servers if s != self.server_name):
@@ -662,7 +686,7 @@ class FederationHandler:
                 self.policy.count_refusal("join")
                 continue
             try:
-                return await self._join_via(server, user_id, room_id, membership, content_extra or {}, guest)
+                return await attempt(server)
             except MatrixError as e:
                 if e.errcode not in _ASK_ANOTHER_SERVER:
                     raise
@@ -680,8 +704,11 @@ class FederationHandler:
             raise not_found("No known servers to join the room through")
         raise MatrixError(502, "M_UNKNOWN", f"Could not join through any server: {_describe(last_error)}")
 
-    async def _join_via(self, server: str, user_id: str, room_id: str, membership: str,
-                        content_extra: dict[str, Any], guest: bool = False) -> Event:
+    async def _membership_handshake(self, server: str, user_id: str, room_id: str, membership: str,
+                                    content_extra: dict[str, Any]) -> tuple[RoomVersion, str, Event, dict[str, Any]]:
+        """make_join/send_join (or make_knock/send_knock) with ``server``:
+        (room version, its name, the event as sent or as ``server``
+        countersigned it, the send response)."""
         from zhome.federation.transport import FederationHttpError
 
         make = "make_join" if membership == "join" else "make_knock"
@@ -710,6 +737,8 @@ class FederationHandler:
         pdu = {k: v for k, v in template.items() if k not in ("signatures", "hashes", "unsigned", "event_id")}
         if pdu.get("sender") != user_id or pdu.get("state_key") != user_id or pdu.get("type") != "m.room.member":
             raise PduRejected("bad join template")
+        # The template's content is kept: in a restricted room it names the
+        # user of the resident server who authorises the join.
         content = dict(pdu.get("content") or {})
         content["membership"] = membership
         content.update(await self.hs.membership._profile_content(user_id))
@@ -737,18 +766,9 @@ class FederationHandler:
         if not isinstance(result, dict):
             raise PduRejected("bad send_join response")
         ev = Event(signed, event_id, rv)
-        if membership == "knock":
-            # A knock leaves us outside the room: store it like an invite.
-            from zhome.federation.servlets import _stripped
-
-            given = result.get("knock_room_state") or result.get("knock_state_events") or []
-            stripped = _stripped(given) if isinstance(given, list) else []
-            ev.pdu.setdefault("unsigned", {})["knock_room_state"] = stripped
-            await self.store_membership_outlier(ev, version)
-            return ev
-        if isinstance(result.get("event"), dict):
+        if membership == "join" and isinstance(result.get("event"), dict):
             # A restricted join comes back countersigned by the resident
-            # server: the same event (ID and content hash), more signatures.
+            # server: the same event, more signatures.
             try:
                 countersigned = parse_pdu(rv, _strip_pdu(result["event"]))
             except PduRejected as e:
@@ -762,6 +782,21 @@ class FederationHandler:
                 except Exception as e:
                     raise PduRejected(f"the join {server} sent back is not signed as it must be: {e}")
             ev = countersigned
+        return rv, version, ev, result
+
+    async def _join_via(self, server: str, user_id: str, room_id: str, membership: str,
+                        content_extra: dict[str, Any], guest: bool = False) -> Event:
+        rv, version, ev, result = await self._membership_handshake(server, user_id, room_id, membership,
+                                                                   content_extra)
+        if membership == "knock":
+            # A knock leaves us outside the room: store it like an invite.
+            from zhome.federation.servlets import _stripped
+
+            given = result.get("knock_room_state") or result.get("knock_state_events") or []
+            stripped = _stripped(given) if isinstance(given, list) else []
+            ev.pdu.setdefault("unsigned", {})["knock_room_state"] = stripped
+            await self.store_membership_outlier(ev, version)
+            return ev
         state_pdus = result.get("state") or []
         chain = result.get("auth_chain") or []
         if not isinstance(state_pdus, list) or not isinstance(chain, list):

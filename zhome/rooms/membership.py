@@ -26,6 +26,10 @@ STRIPPED_STATE_TYPES = (
 )
 
 
+class _NoLocalAuthoriser(Exception):
+    """A restricted join the user may make, but no local user can vouch for."""
+
+
 class MembershipService:
     def __init__(self, server_name: str, creator: EventCreator, events: EventsStore, accounts: AccountsStore) -> None:
         self.server_name = server_name
@@ -142,11 +146,8 @@ class MembershipService:
             if self.federation is None:
                 raise not_found("Room not found on this server")
             servers = list(via or []) + await self._servers_to_try(room_id, target)
-            if membership != "leave" and self.may_transfer is not None:
-                refused = sorted({s for s in servers if not self.may_transfer(target, s)})
-                if refused:
-                    raise MatrixError(403, "M_FORBIDDEN", "Your data may not be transferred to "
-                                      + ", ".join(refused) + " (your do-not-transfer setting)", servers=refused)
+            if membership != "leave":
+                self._check_transfer(target, servers)
             if membership == "leave":
                 return await self.federation.remote_leave(target, room_id, servers)
             extra_content = {k: v for k, v in content.items() if k not in ("membership",)}
@@ -168,7 +169,18 @@ class MembershipService:
             if current == "ban":
                 raise forbidden(f"{target} is banned from the room")
         if membership == "join" and sender == target and self.is_mine(target):
-            authoriser = await self._local_authoriser(room_id, target)
+            try:
+                authoriser = await self._local_authoriser(room_id, target)
+            except _NoLocalAuthoriser:
+                # The user may join, but none of this server's users in the
+                # room may invite: another server in the room may vouch.
+                servers = ([s for s in dict.fromkeys(list(via or []) + await self._servers_to_try(room_id, target))
+                            if s != self.server_name] if self.federation is not None else [])
+                if not servers:
+                    raise forbidden("You may join this room, but no user in it may invite you")
+                self._check_transfer(target, servers)
+                extra_content = {k: v for k, v in content.items() if k not in ("membership",)}
+                return await self.federation.join_through_resident(target, room_id, servers, extra_content)
             if authoriser is not None:
                 content[AUTHORISED_VIA] = authoriser
         countersign = None
@@ -183,15 +195,25 @@ class MembershipService:
 
     async def _local_authoriser(self, room_id: str, user_id: str) -> Optional[str]:
         """The local user who authorises ``user_id``'s join to a restricted
-        room (None when the join needs none); 403 when nobody here can."""
+        room (None when the join needs none); 403 when the user may not
+        join, ``_NoLocalAuthoriser`` when they may but nobody here can vouch."""
         rv = await self.creator.room_version_of(room_id)
         state = await self.events.get_current_state_ids(room_id)
         try:
             return await self.restricted.authoriser_for(rv, state, user_id)
         except JoinNotAuthorised as e:
             if e.no_authoriser:
-                raise forbidden("You may join this room, but no user of this server in it may invite you")
+                raise _NoLocalAuthoriser()
             raise forbidden("You are not invited, and not a member of any room whose members may join this room")
+
+    def _check_transfer(self, user_id: str, servers: list[str]) -> None:
+        """403 when ``user_id``'s do-not-transfer setting refuses one of ``servers``."""
+        if self.may_transfer is None:
+            return
+        refused = sorted({s for s in servers if not self.may_transfer(user_id, s)})
+        if refused:
+            raise MatrixError(403, "M_FORBIDDEN", "Your data may not be transferred to "
+                              + ", ".join(refused) + " (your do-not-transfer setting)", servers=refused)
 
     async def _check_guest_may_join(self, event: Event, state: StateMap) -> None:
         # Checked against the state the join is built on, under the room
