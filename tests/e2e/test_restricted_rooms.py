@@ -4,8 +4,8 @@ zhome_pair in conftest.py), on SQLite and PostgreSQL.
 
 Spec: client-server-api "Restricted rooms"; server-server-api "Restricted
 rooms" (make_join names an authorising user of the resident server,
-send_join returns the join signed by it; M_UNABLE_TO_AUTHORISE_JOIN,
-M_UNABLE_TO_GRANT_JOIN); rooms v8/v10 auth rules.
+send_join returns the join signed by it; 400 M_UNABLE_TO_AUTHORISE_JOIN,
+400 M_UNABLE_TO_GRANT_JOIN, 403 M_FORBIDDEN); rooms v8/v10 auth rules.
 """
 
 from __future__ import annotations
@@ -83,11 +83,17 @@ def test_restricted_join_over_federation(zhome_pair: ZhomeServers) -> None:
     status, body = federation_get(b, a, f"/_matrix/federation/v1/make_join/{q(room)}/{q(bob.user_id)}?ver=10")
     assert status == 200 and body["event"]["content"]["join_authorised_via_users_server"] == alice.user_id, body
     status, body = federation_get(b, a, f"/_matrix/federation/v1/make_join/{q(room)}/{q(carol.user_id)}?ver=10")
-    assert status == 403 and body["errcode"] == "M_UNABLE_TO_GRANT_JOIN", body
+    assert status == 403 and body["errcode"] == "M_FORBIDDEN", body
+    # Allowed, but nobody on A may invite: B is told to try another server.
+    closed = restricted_room(alice, space, power_level_content_override={"invite": 101})
+    status, body = federation_get(b, a, f"/_matrix/federation/v1/make_join/{q(closed)}/{q(bob.user_id)}?ver=10")
+    assert status == 400 and body["errcode"] == "M_UNABLE_TO_GRANT_JOIN", body
+    status, body = bob.req("POST", f"/join/{q(closed)}?server_name={q(a.server_name)}", {})
+    assert status == 400 and body["errcode"] == "M_UNABLE_TO_GRANT_JOIN", body
 
     # While B is not in the room, A refuses carol's join for it.
     status, body = carol.req("POST", f"/join/{q(room)}?server_name={q(a.server_name)}", {})
-    assert status == 403 and body["errcode"] == "M_UNABLE_TO_GRANT_JOIN", body
+    assert status == 403 and body["errcode"] == "M_FORBIDDEN", body
 
     bob.ok("POST", f"/join/{q(room)}?server_name={q(a.server_name)}", {})
     member = wait_for_member(alice, room, bob.user_id)

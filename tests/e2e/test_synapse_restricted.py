@@ -38,7 +38,7 @@ def test_synapse_user_joins_restricted_zhome_room(zhome_fed: ZhomeProcess,  # no
 
     status, body = outsider.request("POST", f"/_matrix/client/v3/join/{_q(room)}", {},
                                     {"server_name": [zhome_fed.server_name]})
-    # zhome's make_join says 403 M_UNABLE_TO_GRANT_JOIN; Synapse tells its
+    # zhome's make_join says 403 M_FORBIDDEN; Synapse tells its
     # user that no server would let it join.
     assert status in (403, 502), body
     assert outsider.user_id not in z.joined_members(room)

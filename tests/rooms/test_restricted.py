@@ -18,6 +18,7 @@ from zhome.http.errors import MatrixError
 from zhome.rooms.events import Event
 from zhome.rooms.restricted import (
     CANNOT_TELL,
+    NOT_ALLOWED,
     NOT_GRANTED,
     JoinNotAuthorised,
     choose_authoriser,
@@ -109,7 +110,7 @@ async def test_local_restricted_joins(tmp_path: Path, db_config: tuple[str, dict
             assert await hs.membership.restricted.authoriser_for(rv, state, MEMBER) == OWNER
             with pytest.raises(JoinNotAuthorised) as e:
                 await hs.membership.restricted.authoriser_for(rv, state, OTHER)
-            assert e.value.errcode == NOT_GRANTED
+            assert e.value.errcode == NOT_ALLOWED and e.value.status == 403
             # Who vouches is the server's choice, not the client's.
             ev = await hs.membership.update(MEMBER, MEMBER, room, "join",
                                             extra={"join_authorised_via_users_server": "@x:elsewhere.test"})
@@ -125,6 +126,10 @@ async def test_local_restricted_joins(tmp_path: Path, db_config: tuple[str, dict
         # Nobody of this server may invite: the owner asks for more.
         room, _ = await hs.room_creation.create_room(OWNER, {**_restricted(space), "power_level_content_override": {
             "invite": 101}})
+        state = await hs.events.get_current_state_ids(room)
+        with pytest.raises(JoinNotAuthorised) as e:
+            await hs.membership.restricted.authoriser_for(get_room_version("10"), state, MEMBER)
+        assert e.value.errcode == NOT_GRANTED and e.value.status == 400 and e.value.no_authoriser
         with pytest.raises(MatrixError) as me:
             await hs.membership.update(MEMBER, MEMBER, room, "join")
         assert me.value.code == 403 and "may invite" in me.value.msg
@@ -133,7 +138,7 @@ async def test_local_restricted_joins(tmp_path: Path, db_config: tuple[str, dict
         state = await hs.events.get_current_state_ids(room)
         with pytest.raises(JoinNotAuthorised) as e:
             await hs.membership.restricted.authoriser_for(get_room_version("10"), state, "@u:far.test")
-        assert e.value.errcode == CANNOT_TELL
+        assert e.value.errcode == CANNOT_TELL and e.value.status == 400
         # An invited user joins without an authoriser.
         await hs.membership.update(OWNER, OTHER, room, "invite")
         ev = await hs.membership.update(OTHER, OTHER, room, "join")

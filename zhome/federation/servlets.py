@@ -27,7 +27,7 @@ from zhome.http.errors import MatrixError, bad_json, forbidden, not_found, too_l
 from zhome.http.server import JsonResource, query_arg, query_args, query_int
 from zhome.rooms.events import Event, StateMap
 from zhome.rooms.redaction import prune_event_dict
-from zhome.rooms.restricted import AUTHORISED_VIA, CANNOT_TELL, JoinNotAuthorised
+from zhome.rooms.restricted import AUTHORISED_VIA, JoinNotAuthorised
 from zhome.rooms.versions import KNOWN_ROOM_VERSIONS, RoomVersion, get_room_version
 from zhome.util.ids import server_of
 
@@ -679,9 +679,7 @@ def _stripped(events: list[Any]) -> list[dict[str, Any]]:
 
 
 def _not_authorised(e: JoinNotAuthorised) -> MatrixError:
-    # 400 when this server cannot tell (the joining server may ask another
-    # resident server), 403 when it can and says no.
-    return MatrixError(400 if e.errcode == CANNOT_TELL else 403, e.errcode, e.msg)
+    return MatrixError(e.status, e.errcode, e.msg)
 
 
 def _event_for_path(rv: RoomVersion, pdu: Any, room_id: str, event_id: str) -> Event:

@@ -27,24 +27,30 @@ from zhome.util.ids import server_of
 
 AUTHORISED_VIA = "join_authorised_via_users_server"
 
-#: Why a join could not be authorised (the resident server's errcodes).
-CANNOT_TELL = "M_UNABLE_TO_AUTHORISE_JOIN"
-NOT_GRANTED = "M_UNABLE_TO_GRANT_JOIN"
+#: Why a join could not be authorised (server-server-api make_join/send_join).
+CANNOT_TELL = "M_UNABLE_TO_AUTHORISE_JOIN"  # 400: in none of the allowed rooms
+NOT_GRANTED = "M_UNABLE_TO_GRANT_JOIN"  # 400: allowed, but nobody here may invite
+NOT_ALLOWED = "M_FORBIDDEN"  # 403: this server sees the user in none of them
 
 
 class JoinNotAuthorised(Exception):
     """The join needs an authorising user and this server cannot give one.
 
-    ``errcode`` is ``M_UNABLE_TO_AUTHORISE_JOIN`` when this server is in
-    none of the allowed rooms (it cannot tell), else ``M_UNABLE_TO_GRANT_JOIN``.
+    ``errcode`` and ``status`` are the resident server's answer: the two
+    400s tell the joining server to try another resident server, the 403
+    that the user may not join.
     """
 
-    def __init__(self, errcode: str, msg: str, no_authoriser: bool = False) -> None:
+    def __init__(self, errcode: str, msg: str) -> None:
         super().__init__(msg)
         self.errcode = errcode
         self.msg = msg
-        #: The joiner may join, but no user of this server can vouch for it.
-        self.no_authoriser = no_authoriser
+        self.status = 403 if errcode == NOT_ALLOWED else 400
+
+    @property
+    def no_authoriser(self) -> bool:
+        """The joiner may join, but no user of this server can vouch for it."""
+        return self.errcode == NOT_GRANTED
 
 
 def is_restricted(rv: RoomVersion, join_rules: Optional[Event]) -> bool:
@@ -110,7 +116,7 @@ class RestrictedJoins:
                 known = True
         if not known:
             raise JoinNotAuthorised(CANNOT_TELL, "This server is in none of the rooms whose members may join")
-        raise JoinNotAuthorised(NOT_GRANTED, f"{user_id} is not joined to any of the rooms whose members may join")
+        raise JoinNotAuthorised(NOT_ALLOWED, f"{user_id} is not joined to any of the rooms whose members may join")
 
     async def authoriser_for(self, rv: RoomVersion, state: StateMap, user_id: str) -> Optional[str]:
         """The user of this server to name in ``user_id``'s join built on
@@ -125,5 +131,5 @@ class RestrictedJoins:
         loaded = {k: evs[eid] for k, eid in wanted.items() if eid in evs}
         chosen = choose_authoriser(loaded, self.server_name, exclude=user_id)
         if chosen is None:
-            raise JoinNotAuthorised(NOT_GRANTED, "No user of this server in the room may invite", no_authoriser=True)
+            raise JoinNotAuthorised(NOT_GRANTED, "No user of this server in the room may invite")
         return chosen
