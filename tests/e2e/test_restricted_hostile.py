@@ -9,12 +9,15 @@ Spec: server-server-api "Restricted rooms"; rooms v8 auth rules.
 
 from __future__ import annotations
 
+import copy
 import time
-from typing import Any
+import urllib.parse
+from typing import Any, Callable
 
 from tests.e2e.harness import q
 from tests.e2e.test_federation_hostile import FED, RemoteRoom, World, _event_id_of
 from tests.e2e.test_federation_hostile import world  # noqa: F401  (A and E, per engine)
+from tests.rooms.builders import build_pdu
 from zhome.crypto.event_hashing import hash_and_sign_event
 from zhome.rooms.versions import get_room_version
 
@@ -74,4 +77,74 @@ def test_restricted_joins_from_a_hostile_server(world: World) -> None:  # noqa: 
     assert status == 200, members
     assert {m["state_key"]: m["content"]["membership"] for m in members["chunk"]} == {
         world.alice: "join", world.mallory: "join"}
+    world.assert_serving()
+
+
+def test_joining_a_restricted_room_on_e(world: World) -> None:  # noqa: F811
+    """A's user joins a restricted room that lives on E, which names its
+    founder as the authoriser: A takes the join back only as it sent it,
+    with E's signature added."""
+    e = world.e
+    rv = get_room_version("10")
+    room_id = f"!restricted{time.time_ns()}:{e.server_name}"
+    founder = f"@founder:{e.server_name}"
+    now = int(time.time() * 1000)
+
+    def signed(pdu: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        return hash_and_sign_event(rv, pdu, e.server_name, e.key)
+
+    create_id, create = signed(build_pdu("m.room.create", founder, {"room_version": "10", "creator": founder}, state_key="",
+                                         room_id=room_id, prev_events=[], auth_events=[], depth=1,
+                                         origin_server_ts=now))
+    founder_id, joined = signed(build_pdu("m.room.member", founder, {"membership": "join"}, state_key=founder,
+                                          room_id=room_id, prev_events=[create_id], auth_events=[create_id],
+                                          depth=2, origin_server_ts=now))
+    rules_id, rules = signed(build_pdu("m.room.join_rules", founder, {"join_rule": "restricted", "allow": [
+        {"type": "m.room_membership", "room_id": f"!space:{e.server_name}"}]}, state_key="", room_id=room_id,
+        prev_events=[founder_id], auth_events=[create_id, founder_id], depth=3, origin_server_ts=now))
+    state = [create, joined, rules]
+
+    def make_join(path: str, body: Any) -> tuple[int, Any]:
+        user = urllib.parse.unquote(path.split("?")[0].rsplit("/", 1)[1])
+        return 200, {"room_version": "10", "event": build_pdu(
+            "m.room.member", user, {"membership": "join", "join_authorised_via_users_server": founder},
+            state_key=user, room_id=room_id, prev_events=[rules_id], auth_events=[create_id, rules_id, founder_id],
+            depth=4, origin_server_ts=int(time.time() * 1000))}
+
+    def answer_with(event: Callable[[dict[str, Any]], Any]) -> Callable[[str, Any], tuple[int, Any]]:
+        def send_join(path: str, body: Any) -> tuple[int, Any]:
+            out: dict[str, Any] = {"state": state, "auth_chain": state}
+            returned = event(copy.deepcopy(body))
+            if returned is not None:
+                out["event"] = returned
+            return 200, out
+        return send_join
+
+    def tampered(body: dict[str, Any]) -> dict[str, Any]:
+        body["content"]["displayname"] = "someone else"
+        return signed(body)[1]
+
+    join_path = f"/join/{q(room_id)}?server_name={q(e.server_name)}"
+    for bad, why in ((lambda body: None, "did not send back"), (lambda body: body, "not signed"),
+                     (tampered, "another join event")):
+        # Not returned, returned without E's signature, returned changed.
+        e.handlers[:] = [("GET", f"{FED}/v1/make_join/{room_id}/", make_join),
+                         ("PUT", f"{FED}/v2/send_join/", answer_with(bad))]
+        try:
+            status, body = world.client("POST", join_path, {})
+        finally:
+            e.handlers.clear()
+        assert status == 502 and body["errcode"] == "M_UNKNOWN" and why in body["error"], (status, body)
+        status, rooms = world.client("GET", "/joined_rooms")
+        assert room_id not in rooms["joined_rooms"], rooms
+
+    e.handlers[:] = [("GET", f"{FED}/v1/make_join/{room_id}/", make_join),
+                     ("PUT", f"{FED}/v2/send_join/", answer_with(lambda body: signed(body)[1]))]
+    try:
+        status, body = world.client("POST", join_path, {})
+    finally:
+        e.handlers.clear()
+    assert status == 200 and body["room_id"] == room_id, body
+    status, member = world.client("GET", f"/rooms/{q(room_id)}/state/m.room.member/{q(world.alice)}")
+    assert status == 200 and member["join_authorised_via_users_server"] == founder, member
     world.assert_serving()

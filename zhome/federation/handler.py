@@ -766,6 +766,12 @@ class FederationHandler:
         if not isinstance(result, dict):
             raise PduRejected("bad send_join response")
         ev = Event(signed, event_id, rv)
+        via = content.get("join_authorised_via_users_server")
+        if membership == "join" and isinstance(via, str) and server_of(via) != self.server_name \
+                and not isinstance(result.get("event"), dict):
+            # Without the authorising server's signature the join is good
+            # for nobody: every server would refuse it from us.
+            raise PduRejected(f"{server} did not send back the join it authorised, signed")
         if membership == "join" and isinstance(result.get("event"), dict):
             # A restricted join comes back countersigned by the resident
             # server: the same event, more signatures.
@@ -775,7 +781,6 @@ class FederationHandler:
                 raise MatrixError(502, "M_UNKNOWN", f"{server} sent a bad join event back: {e}")
             if not _same_but_signatures(countersigned.pdu, signed):
                 raise PduRejected(f"{server} sent back another join event than the one it was sent")
-            via = signed.get("content", {}).get("join_authorised_via_users_server")
             if isinstance(via, str):
                 try:
                     await self.keyring.verify_event(rv, countersigned.pdu)
@@ -850,7 +855,6 @@ class FederationHandler:
     # -- leaving a room we are not joined to (rejecting an invite) ------------------------
     async def remote_leave(self, user_id: str, room_id: str, servers: list[str]) -> Event:
         last_error: Optional[Exception] = None
-        refusal: Optional[MatrixError] = None
         for server in _dedupe(s for s in servers if s != self.server_name):
             try:
                 resp = await self.client.get_json(
