@@ -165,3 +165,24 @@ def test_restricted_join_vouched_for_by_another_resident_server(zhome_pair: Zhom
             break
         assert time.monotonic() < deadline, chunk
         time.sleep(0.2)
+
+
+def test_restricted_join_tries_the_next_resident_server(zhome_pair: ZhomeServers) -> None:
+    """The room lives on A, the allowed room on C: A cannot tell, so B asks
+    C, whose user in the room may invite and vouches for B's user."""
+    a, b = zhome_pair.a, zhome_pair.b
+    c = zhome_pair.spawn("127.0.0.4", "c")
+    alice, bob, carl = ClientUser(a, "ualice"), ClientUser(b, "ubob"), ClientUser(c, "ucarl")
+    space_c = carl.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"]
+    bob.ok("POST", f"/join/{q(space_c)}?server_name={q(c.server_name)}", {})
+    room = restricted_room(alice, space_c)
+    alice.ok("POST", f"/rooms/{q(room)}/invite", {"user_id": carl.user_id})
+    deadline = time.monotonic() + WAIT_S
+    while carl.req("POST", f"/join/{q(room)}?server_name={q(a.server_name)}", {})[0] != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    via = f"server_name={q(a.server_name)}&server_name={q(c.server_name)}"
+    assert bob.ok("POST", f"/join/{q(room)}?{via}", {})["room_id"] == room
+    assert member_event(bob, room, bob.user_id)["join_authorised_via_users_server"] == carl.user_id
+    assert wait_for_member(alice, room, bob.user_id)["join_authorised_via_users_server"] == carl.user_id
