@@ -123,6 +123,12 @@ def test_hierarchy_restricted_child_for_members_of_the_space(zhome: ZhomeProcess
     assert ids(body) == [space, team_room], body
     assert body["rooms"][1]["allowed_room_ids"] == [space] and body["rooms"][1]["join_rule"] == "restricted"
     assert hierarchy(carol, space)[0] == 403
+    # The listed room is bob's to join, by the space's membership; not carol's.
+    bob.ok("POST", f"/join/{q(team_room)}", {})
+    member = bob.ok("GET", f"/rooms/{q(team_room)}/state/m.room.member/{q(bob.user_id)}")
+    assert member["membership"] == "join" and member["join_authorised_via_users_server"] == alice.user_id
+    status, body = carol.req("POST", f"/join/{q(team_room)}", {})
+    assert status == 403 and body["errcode"] == "M_FORBIDDEN", body
 
 
 def mutual(user: ClientUser, other: Optional[str], **params: str) -> tuple[int, Any]:

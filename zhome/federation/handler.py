@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Optional
 
 from prometheus_client import Counter
 from twisted.internet import defer
@@ -655,24 +655,60 @@ class FederationHandler:
         join only if the room's state (as the resident server sends it) is
         ``m.room.guest_access`` ``can_join`` (spec: "Guest Access").
         """
+        async def attempt(server: str) -> Event:
+            return await self._join_via(server, user_id, room_id, membership, content_extra or {}, guest)
+
+        return await self._through_servers(room_id, servers, attempt)
+
+    async def join_through_resident(self, user_id: str, room_id: str, servers: list[str],
+                                    content_extra: Optional[dict[str, Any]] = None) -> Event:
+        """A local user's join to a restricted room this server is in but
+        none of its users in the room may invite: another resident server
+        vouches for it (make_join/send_join), and the join it signed comes
+        in like any event from that server."""
+        async def attempt(server: str) -> Event:
+            _, _, ev, _ = await self._membership_handshake(server, user_id, room_id, "join", content_extra or {})
+            await self.on_receive_pdu(server, ev.pdu)
+            stored = await self.events.get_event(ev.event_id)
+            if stored is None or stored.rejected_reason or stored.internal.get("soft_failed"):
+                raise MatrixError(403, "M_FORBIDDEN", f"The join {server} authorised was not accepted here")
+            return stored
+
+        return await self._through_servers(room_id, servers, attempt)
+
+    async def _through_servers(self, room_id: str, servers: list[str],
+                               attempt: Callable[[str], Awaitable[Event]]) -> Event:
+        """``attempt`` with each server in turn until one succeeds."""
         last_error: Optional[Exception] = None
+        refusal: Optional[MatrixError] = None
         for server in _dedupe(s for s in servers if s != self.server_name):
             if not self.policy.server_allowed(server):
                 self.policy.count_refusal("join")
                 continue
             try:
-                return await self._join_via(server, user_id, room_id, membership, content_extra or {}, guest)
-            except MatrixError:
-                raise
+                return await attempt(server)
+            except MatrixError as e:
+                if e.errcode not in _ASK_ANOTHER_SERVER:
+                    raise
+                # A restricted room: this resident server cannot vouch for
+                # the user, another (in an allowed room) may.
+                logger.info("joining %s via %s: %s", room_id, server, e.errcode)
+                if refusal is None or e.errcode == "M_UNABLE_TO_GRANT_JOIN":
+                    refusal = e
             except Exception as e:
                 logger.info("joining %s via %s failed: %s", room_id, server, e)
                 last_error = e
+        if refusal is not None:
+            raise refusal
         if last_error is None:
             raise not_found("No known servers to join the room through")
         raise MatrixError(502, "M_UNKNOWN", f"Could not join through any server: {_describe(last_error)}")
 
-    async def _join_via(self, server: str, user_id: str, room_id: str, membership: str,
-                        content_extra: dict[str, Any], guest: bool = False) -> Event:
+    async def _membership_handshake(self, server: str, user_id: str, room_id: str, membership: str,
+                                    content_extra: dict[str, Any]) -> tuple[RoomVersion, str, Event, dict[str, Any]]:
+        """make_join/send_join (or make_knock/send_knock) with ``server``:
+        (room version, its name, the event as sent or as ``server``
+        countersigned it, the send response)."""
         from zhome.federation.transport import FederationHttpError
 
         make = "make_join" if membership == "join" else "make_knock"
@@ -701,6 +737,8 @@ class FederationHandler:
         pdu = {k: v for k, v in template.items() if k not in ("signatures", "hashes", "unsigned", "event_id")}
         if pdu.get("sender") != user_id or pdu.get("state_key") != user_id or pdu.get("type") != "m.room.member":
             raise PduRejected("bad join template")
+        # The template's content is kept: in a restricted room it names the
+        # user of the resident server who authorises the join.
         content = dict(pdu.get("content") or {})
         content["membership"] = membership
         content.update(await self.hs.membership._profile_content(user_id))
@@ -728,6 +766,33 @@ class FederationHandler:
         if not isinstance(result, dict):
             raise PduRejected("bad send_join response")
         ev = Event(signed, event_id, rv)
+        via = content.get("join_authorised_via_users_server")
+        if membership == "join" and isinstance(via, str) and server_of(via) != self.server_name \
+                and not isinstance(result.get("event"), dict):
+            # Without the authorising server's signature the join is good
+            # for nobody: every server would refuse it from us.
+            raise PduRejected(f"{server} did not send back the join it authorised, signed")
+        if membership == "join" and isinstance(result.get("event"), dict):
+            # A restricted join comes back countersigned by the resident
+            # server: the same event, more signatures.
+            try:
+                countersigned = parse_pdu(rv, _strip_pdu(result["event"]))
+            except PduRejected as e:
+                raise MatrixError(502, "M_UNKNOWN", f"{server} sent a bad join event back: {e}")
+            if not _same_but_signatures(countersigned.pdu, signed):
+                raise PduRejected(f"{server} sent back another join event than the one it was sent")
+            if isinstance(via, str):
+                try:
+                    await self.keyring.verify_event(rv, countersigned.pdu)
+                except Exception as e:
+                    raise PduRejected(f"the join {server} sent back is not signed as it must be: {e}")
+            ev = countersigned
+        return rv, version, ev, result
+
+    async def _join_via(self, server: str, user_id: str, room_id: str, membership: str,
+                        content_extra: dict[str, Any], guest: bool = False) -> Event:
+        rv, version, ev, result = await self._membership_handshake(server, user_id, room_id, membership,
+                                                                   content_extra)
         if membership == "knock":
             # A knock leaves us outside the room: store it like an invite.
             from zhome.federation.servlets import _stripped
@@ -737,15 +802,6 @@ class FederationHandler:
             ev.pdu.setdefault("unsigned", {})["knock_room_state"] = stripped
             await self.store_membership_outlier(ev, version)
             return ev
-        if isinstance(result.get("event"), dict):
-            # A restricted join comes back countersigned by the resident
-            # server: the same event (ID and content hash), more signatures.
-            try:
-                countersigned = parse_pdu(rv, _strip_pdu(result["event"]))
-            except PduRejected as e:
-                raise MatrixError(502, "M_UNKNOWN", f"{server} sent a bad join event back: {e}")
-            if countersigned.event_id == event_id and verify_content_hash(countersigned.pdu):
-                ev = countersigned
         state_pdus = result.get("state") or []
         chain = result.get("auth_chain") or []
         if not isinstance(state_pdus, list) or not isinstance(chain, list):
@@ -901,6 +957,21 @@ class FederationHandler:
         except (SignatureError, KeyLookupError) as e:
             raise MatrixError(502, "M_UNKNOWN", f"Bad signature on the invite: {e}")
         return Event(signed, ev.event_id, ev.room_version)
+
+
+_ASK_ANOTHER_SERVER = ("M_UNABLE_TO_AUTHORISE_JOIN", "M_UNABLE_TO_GRANT_JOIN")
+
+
+def _same_but_signatures(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two PDUs are the same event, ``a`` with at least ``b``'s signatures."""
+    def rest(p: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in p.items() if k not in ("signatures", "unsigned")}
+
+    sig_a, sig_b = a.get("signatures"), b.get("signatures")
+    if rest(a) != rest(b) or not isinstance(sig_a, dict) or not isinstance(sig_b, dict):
+        return False
+    return all(isinstance(sig_a.get(s), dict) and all(sig_a[s].get(k) == v for k, v in sigs.items())
+               for s, sigs in sig_b.items())
 
 
 def _check_canonical(rv: RoomVersion, pdu: dict[str, Any], what: str) -> None:

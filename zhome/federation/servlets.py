@@ -19,13 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.web.server import Request
 
-from zhome.crypto.event_hashing import hash_and_sign_event
+from zhome.crypto.event_hashing import hash_and_sign_event, verify_content_hash
+from zhome.crypto.signing import sign_json
 from zhome.federation.handler import EventRejected, PduRejected, _strip_pdu, parse_pdu
 from zhome.federation.request_auth import authenticate_request, reject_json_constant
 from zhome.http.errors import MatrixError, bad_json, forbidden, not_found, too_large
 from zhome.http.server import JsonResource, query_arg, query_args, query_int
 from zhome.rooms.events import Event, StateMap
 from zhome.rooms.redaction import prune_event_dict
+from zhome.rooms.restricted import AUTHORISED_VIA, JoinNotAuthorised
 from zhome.rooms.versions import KNOWN_ROOM_VERSIONS, RoomVersion, get_room_version
 from zhome.util.ids import server_of
 
@@ -322,6 +324,13 @@ class FederationServlets:
         rv = get_room_version(version)
         prevs, group, state, depth = await creator.state_before_new_event(room_id)
         content: dict[str, Any] = {"membership": membership}
+        if membership == "join":
+            try:
+                via = await self.hs.membership.restricted.authoriser_for(rv, state, user_id)
+            except JoinNotAuthorised as e:
+                raise _not_authorised(e)
+            if via is not None:
+                content[AUTHORISED_VIA] = via
         from zhome.rooms import auth
 
         keys = auth.auth_types_for_event(rv, "m.room.member", user_id, user_id, content)
@@ -359,6 +368,8 @@ class FederationServlets:
         if not await self.handler._room_allows(origin, room_id):
             self.hs.residency_policy.count_refusal(membership)
             raise forbidden("This server's residency policy does not allow your server in this room")
+        if membership == "join":
+            ev = await self._countersign_restricted_join(ev)
         try:
             await self.handler.on_receive_pdu(origin, ev.pdu)
         except PduRejected as e:
@@ -368,6 +379,33 @@ class FederationServlets:
             raise forbidden(f"The {membership} was not accepted")
         before = await self.events.get_state_before_event(stored)
         return origin, stored, before
+
+    async def _countersign_restricted_join(self, ev: Event) -> Event:
+        """A join naming one of this server's users as its authoriser, with
+        this server's signature added (server-server-api "Restricted rooms").
+
+        The joiner's right to join through an allowed room is checked again
+        on the current state; the named user's membership and power are
+        checked by the auth rules when the join is received. A join naming
+        another server's user is left as it is: it needs that server's
+        signature, which the signature check insists on.
+        """
+        via = ev.content.get(AUTHORISED_VIA)
+        if not isinstance(via, str) or server_of(via) != self.hs.server_name:
+            return ev
+        if not verify_content_hash(ev.pdu):
+            raise forbidden("The join event's content hash is wrong")
+        rv = ev.room_version
+        restricted = self.hs.membership.restricted
+        state = await self.events.get_current_state_ids(ev.room_id)
+        if await restricted.needs_authoriser(rv, state, ev.sender):
+            try:
+                await restricted.may_join_via_allowed_room(state, ev.sender)
+            except JoinNotAuthorised as e:
+                raise _not_authorised(e)
+        pdu = dict(ev.pdu)
+        pdu["signatures"] = sign_json(prune_event_dict(rv, pdu), self.hs.server_name, self.hs.signing_key)["signatures"]
+        return Event(pdu, ev.event_id, rv)
 
     async def on_send_join(self, request: Request, ver: str, room_id: str, event_id: str) -> tuple[int, Any]:
         origin, ev, before = await self._receive_membership(request, room_id, event_id, "join")
@@ -638,6 +676,10 @@ def _stripped(events: list[Any]) -> list[dict[str, Any]]:
         if isinstance(e, dict) and isinstance(e.get("type"), str) and isinstance(e.get("content"), dict):
             out.append({k: e[k] for k in ("type", "state_key", "content", "sender") if k in e})
     return out
+
+
+def _not_authorised(e: JoinNotAuthorised) -> MatrixError:
+    return MatrixError(e.status, e.errcode, e.msg)
 
 
 def _event_for_path(rv: RoomVersion, pdu: Any, room_id: str, event_id: str) -> Event:

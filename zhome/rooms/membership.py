@@ -13,6 +13,7 @@ from zhome.http.errors import MatrixError, forbidden, not_found
 from zhome.rooms.event_creation import EventCreator
 from zhome.rooms.events import Event, StateMap
 from zhome.rooms.guest_access import GUEST_ACCESS, guests_can_join
+from zhome.rooms.restricted import AUTHORISED_VIA, JoinNotAuthorised, RestrictedJoins
 from zhome.storage.accounts import AccountsStore
 from zhome.storage.events import EventsStore
 from zhome.util.ids import server_of
@@ -25,12 +26,17 @@ STRIPPED_STATE_TYPES = (
 )
 
 
+class _NoLocalAuthoriser(Exception):
+    """A restricted join the user may make, but no local user can vouch for."""
+
+
 class MembershipService:
     def __init__(self, server_name: str, creator: EventCreator, events: EventsStore, accounts: AccountsStore) -> None:
         self.server_name = server_name
         self.creator = creator
         self.events = events
         self.accounts = accounts
+        self.restricted = RestrictedJoins(server_name, events)
         # The federation handler, when federation is enabled.
         self.federation: Any = None
         #: async room_id -> bool: whether an admin blocked the room (no local joins).
@@ -114,6 +120,10 @@ class MembershipService:
             for k, v in extra.items():
                 if k not in ("membership",):
                     content[k] = v
+        # Who vouches for a restricted join is the resident server's choice
+        # (its make_join template, or this server's own below), never the
+        # client's: it names a user whose server must sign the event.
+        content.pop(AUTHORISED_VIA, None)
         if reason is not None:
             if not isinstance(reason, str):
                 raise MatrixError(400, "M_BAD_JSON", "'reason' must be a string")
@@ -136,11 +146,8 @@ class MembershipService:
             if self.federation is None:
                 raise not_found("Room not found on this server")
             servers = list(via or []) + await self._servers_to_try(room_id, target)
-            if membership != "leave" and self.may_transfer is not None:
-                refused = sorted({s for s in servers if not self.may_transfer(target, s)})
-                if refused:
-                    raise MatrixError(403, "M_FORBIDDEN", "Your data may not be transferred to "
-                                      + ", ".join(refused) + " (your do-not-transfer setting)", servers=refused)
+            if membership != "leave":
+                self._check_transfer(target, servers)
             if membership == "leave":
                 return await self.federation.remote_leave(target, room_id, servers)
             extra_content = {k: v for k, v in content.items() if k not in ("membership",)}
@@ -161,6 +168,21 @@ class MembershipService:
                 raise forbidden(f"{target} is already in the room.")
             if current == "ban":
                 raise forbidden(f"{target} is banned from the room")
+        if membership == "join" and sender == target and self.is_mine(target):
+            try:
+                authoriser = await self._local_authoriser(room_id, target)
+            except _NoLocalAuthoriser:
+                # The user may join, but none of this server's users in the
+                # room may invite: another server in the room may vouch.
+                servers = ([s for s in dict.fromkeys(list(via or []) + await self._servers_to_try(room_id, target))
+                            if s != self.server_name] if self.federation is not None else [])
+                if not servers:
+                    raise forbidden("You may join this room, but no user in it may invite you")
+                self._check_transfer(target, servers)
+                extra_content = {k: v for k, v in content.items() if k not in ("membership",)}
+                return await self.federation.join_through_resident(target, room_id, servers, extra_content)
+            if authoriser is not None:
+                content[AUTHORISED_VIA] = authoriser
         countersign = None
         if membership == "invite" and not self.is_mine(target):
             if self.federation is None:
@@ -170,6 +192,28 @@ class MembershipService:
             room_id, "m.room.member", sender, content, state_key=target, txn_id=txn_id, device_id=device_id,
             transform=countersign, extra_check=self._check_guest_may_join if guest_join else None,
         )
+
+    async def _local_authoriser(self, room_id: str, user_id: str) -> Optional[str]:
+        """The local user who authorises ``user_id``'s join to a restricted
+        room (None when the join needs none); 403 when the user may not
+        join, ``_NoLocalAuthoriser`` when they may but nobody here can vouch."""
+        rv = await self.creator.room_version_of(room_id)
+        state = await self.events.get_current_state_ids(room_id)
+        try:
+            return await self.restricted.authoriser_for(rv, state, user_id)
+        except JoinNotAuthorised as e:
+            if e.no_authoriser:
+                raise _NoLocalAuthoriser()
+            raise forbidden("You are not invited, and not a member of any room whose members may join this room")
+
+    def _check_transfer(self, user_id: str, servers: list[str]) -> None:
+        """403 when ``user_id``'s do-not-transfer setting refuses one of ``servers``."""
+        if self.may_transfer is None:
+            return
+        refused = sorted({s for s in servers if not self.may_transfer(user_id, s)})
+        if refused:
+            raise MatrixError(403, "M_FORBIDDEN", "Your data may not be transferred to "
+                              + ", ".join(refused) + " (your do-not-transfer setting)", servers=refused)
 
     async def _check_guest_may_join(self, event: Event, state: StateMap) -> None:
         # Checked against the state the join is built on, under the room
