@@ -32,6 +32,9 @@ def stub() -> Iterator[DnsStub]:
         "sub.spf.test": [("TXT", "v=spf1 -all")],
         "nodmarc.test": [("TXT", "v=spf1 ip4:192.0.2.1 -all")],
         "_dmarc.two.test": [("TXT", "v=DMARC1; p=none"), ("TXT", "v=DMARC1; p=reject")],
+        "_dmarc.never.test": [("TXT", "v=DMARC1; p=reject; pct=0")],
+        "_dmarc.half.test": [("TXT", "v=DMARC1; p=quarantine; pct=50")],
+        "_dmarc.badpct.test": [("TXT", "v=DMARC1; p=reject; pct=200")],
     }).start()
     yield s
     s.stop()
@@ -227,3 +230,23 @@ def test_smtp_passes_the_envelope_and_limits_at_rcpt() -> None:
     assert replies[5] == "550" and replies[6:] == ["250", "250", "451", "250", "250", "250"], replies
     assert b"451 4.7.1" in transport.value()
     assert seen == [Envelope("127.0.0.9", "client.test", "bob@example.net")]
+
+
+def test_dmarc_pct_samples_the_policy(resolver: sa.Resolver) -> None:
+    """RFC 7489 6.6.4: failing mail outside the pct sample gets the next policy down."""
+    assert sa.sampled_policy("reject", 100, 0.999) == "reject"
+    assert sa.sampled_policy("reject", 0, 0.0) == "quarantine"
+    assert sa.sampled_policy("reject", 30, 0.29) == "reject"
+    assert sa.sampled_policy("reject", 30, 0.30) == "quarantine"
+    assert sa.sampled_policy("quarantine", 30, 0.5) == "none"
+    assert sa.sampled_policy("none", 0, 0.5) == "none"
+    # pct=0: never rejected, only quarantined (the room address decides).
+    for _ in range(20):
+        res = _check(resolver, _mail("Ned <ned@never.test>"), "ned@never.test")
+        assert res.dmarc == "fail" and res.dmarc_policy == "quarantine" and sa.decide(res, "mark") == "mark"
+    # pct=50 over many mails: both outcomes, about half each (bounded, 200 draws).
+    seen = [_check(resolver, _mail("Hal <hal@half.test>"), "hal@half.test").dmarc_policy for _ in range(200)]
+    assert set(seen) == {"quarantine", "none"} and 50 < seen.count("quarantine") < 150
+    # A bad pct is the default, 100.
+    res = _check(resolver, _mail("Bo <bo@badpct.test>"), "bo@badpct.test")
+    assert res.dmarc_policy == "reject" and sa.decide(res) == "reject"

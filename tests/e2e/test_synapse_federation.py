@@ -469,11 +469,22 @@ def test_presence_across(z: Client, s: Client, synapse: SynapsePeer) -> None:
     side's /sync and GET /presence/{userId}/status show the other's."""
     room_id = _synapse_room_with(z, s, synapse)
     assert room_id
-    z.ok("PUT", f"/_matrix/client/v3/presence/{_q(z.user_id)}/status",
-         {"presence": "unavailable", "status_msg": "on the ward"})
-    s.sync_until(_presence_of(z.user_id, "unavailable", "on the ward"), "the zhome user's presence")
+    # Synapse drops a remote user's presence while its own cache of who
+    # shares a room with whom has not caught up with the join (seen under
+    # load, right after the join): the zhome user sets it again, a bounded
+    # number of times, each with its own status message.
+    for attempt in range(3):
+        msg = f"on the ward ({attempt})"
+        z.ok("PUT", f"/_matrix/client/v3/presence/{_q(z.user_id)}/status",
+             {"presence": "unavailable", "status_msg": msg})
+        try:
+            s.sync_until(_presence_of(z.user_id, "unavailable", msg), "the zhome user's presence", wait=10.0)
+            break
+        except AssertionError:
+            if attempt == 2:
+                raise
     status = s.ok("GET", f"/_matrix/client/v3/presence/{_q(z.user_id)}/status")
-    assert status["presence"] == "unavailable" and status["status_msg"] == "on the ward", status
+    assert status["presence"] == "unavailable" and status["status_msg"] == msg, status
 
     s.ok("PUT", f"/_matrix/client/v3/presence/{_q(s.user_id)}/status",
          {"presence": "online", "status_msg": "in clinic"})

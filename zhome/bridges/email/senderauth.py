@@ -18,8 +18,9 @@ Run at the end of DATA, before the mail is committed and before ``250``:
   policy when the record came from the organisational domain. DMARC passes
   when a passing DKIM ``d=`` or the passing SPF domain is aligned with the
   ``From:`` domain: relaxed (``adkim``/``aspf`` ``r``, the default: the
-  same organisational domain) or strict (``s``: the same name). ``pct`` is
-  not applied (every message is treated as sampled).
+  same organisational domain) or strict (``s``: the same name). ``pct``
+  (6.6.4): a failing mail outside the sampled share gets the next policy
+  down (reject -> quarantine -> none), drawn per mail.
 
 Verdict (``decide``): DMARC pass -> ``accept``; DMARC fail and the domain
 says ``p=reject`` -> ``reject`` (``550 5.7.1`` at DATA, nothing stored);
@@ -152,9 +153,22 @@ class DmarcRecord:
     aspf: str
     #: The record was the organisational domain's, not the From: domain's own.
     from_org: bool = False
+    #: ``pct=``: the share (0 to 100) of failing mail the policy is for.
+    pct: int = 100
 
     def policy_for_subdomain(self) -> str:
         return self.sp if self.from_org and self.sp else self.p
+
+
+#: RFC 7489 6.6.4: failing mail left out of the ``pct`` sample gets the
+#: next policy down.
+_NEXT_DOWN = {"reject": "quarantine", "quarantine": "none", "none": "none"}
+
+
+def sampled_policy(policy: str, pct: int, draw: float) -> str:
+    """The policy applied to a failing mail: ``policy`` when ``draw`` (uniform
+    in [0, 1)) falls in the ``pct`` per cent sample, else the next one down."""
+    return policy if draw * 100 < pct else _NEXT_DOWN.get(policy, policy)
 
 
 @dataclass
@@ -226,8 +240,11 @@ def _record(tags: dict[str, str], from_org: bool) -> Optional[DmarcRecord]:
         sp = None
     adkim = tags.get("adkim", "r").lower()
     aspf = tags.get("aspf", "r").lower()
+    # 6.3: pct is an integer 0-100, default 100; a bad value is the default.
+    raw_pct = tags.get("pct", "100")
+    pct = int(raw_pct) if raw_pct.isdigit() and 0 <= int(raw_pct) <= 100 else 100
     return DmarcRecord(p, sp, adkim if adkim in ("r", "s") else "r", aspf if aspf in ("r", "s") else "r",
-                       from_org)
+                       from_org, pct)
 
 
 def dmarc_record(resolver: Resolver, from_domain: str) -> Optional[DmarcRecord]:
@@ -349,6 +366,10 @@ def check(resolver: Resolver, raw: bytes, *, client_ip: str, mail_from: str, hel
     spf_ok = res.spf == "pass" and res.spf_domain is not None and aligned(res.spf_domain, res.from_domain,
                                                                            rec.aspf)
     res.dmarc = "pass" if dkim_ok or spf_ok else "fail"
+    if res.dmarc == "fail" and rec.pct < 100:
+        import secrets
+
+        res.dmarc_policy = sampled_policy(res.dmarc_policy, rec.pct, secrets.randbelow(10_000) / 10_000)
     return res
 
 
