@@ -127,7 +127,7 @@ class EventMediaStore:
         """Index up to ``limit`` events in stream order from where the pass
         stopped; returns how many were looked at (0: the pass is done)."""
         # Imported here: the events store imports this module.
-        from zhome.storage.events import events_pass_position_txn
+        from zhome.storage.events import events_pass_position_txn, events_pass_progress_txn
 
         pos = events_pass_position_txn(txn, "event_media")
         txn.execute("SELECT stream_ordering, event_id, room_id, json, sealed FROM events"
@@ -138,11 +138,7 @@ class EventMediaStore:
             content = self.events.open_pdu(event_id, stored, sealed).get("content")
             self.index_txn(txn, event_id, room_id, content)
             pos = max(pos, int(so))
-        if rows:
-            txn.execute("UPDATE at_rest_progress SET position = ? WHERE name = 'event_media'", (pos,))
-        else:
-            txn.execute("INSERT INTO at_rest_progress (name, position) VALUES ('event_media_done', ?)"
-                        " ON CONFLICT DO NOTHING", (pos,))
+        events_pass_progress_txn(txn, "event_media", pos, len(rows))
         return len(rows)
 
     def start(self) -> None:

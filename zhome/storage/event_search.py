@@ -417,7 +417,7 @@ class EventSearchStore:
     def backfill_txn(self, txn: Txn, limit: int) -> int:
         """Index up to ``limit`` events in stream order from where the pass
         stopped; returns how many were looked at (0: the pass is done)."""
-        from zhome.storage.events import events_pass_position_txn
+        from zhome.storage.events import events_pass_position_txn, events_pass_progress_txn
 
         pos = events_pass_position_txn(txn, "event_search")
         types = tuple(INDEXED_TYPES)
@@ -432,11 +432,7 @@ class EventSearchStore:
             content = self.events.open_pdu(event_id, stored, sealed).get("content")
             self.index_txn(txn, event_id, room_id, sender, ev_type, content, int(so))
             pos = max(pos, int(so))
-        if rows:
-            txn.execute("UPDATE at_rest_progress SET position = ? WHERE name = 'event_search'", (pos,))
-        else:
-            txn.execute("INSERT INTO at_rest_progress (name, position) VALUES ('event_search_done', ?)"
-                        " ON CONFLICT DO NOTHING", (pos,))
+        events_pass_progress_txn(txn, "event_search", pos, len(rows))
         return len(rows)
 
     def start(self) -> None:

@@ -95,6 +95,17 @@ def events_pass_position_txn(txn: Txn, name: str) -> int:
     return pos
 
 
+def events_pass_progress_txn(txn: Txn, name: str, pos: int, rows_read: int) -> None:
+    """Record how far a background pass over the stored events got: its
+    position after a batch that read rows, or ``<name>_done`` after one that
+    found none (the pass is complete)."""
+    if rows_read:
+        txn.execute("UPDATE at_rest_progress SET position = ? WHERE name = ?", (pos, name))
+    else:
+        txn.execute("INSERT INTO at_rest_progress (name, position) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                    (name + "_done", pos))
+
+
 class EventsStore:
     def __init__(self, db: Database, stream_ids: IdGenerator, state_group_ids: IdGenerator,
                  backfill_ids: Optional[IdGenerator] = None, sealer: Optional[Sealer] = None) -> None:

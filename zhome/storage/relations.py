@@ -377,7 +377,7 @@ class RelationsStore:
         """Index up to ``limit`` events in stream order from where the pass
         stopped; returns how many were looked at (0: the pass is done)."""
         # Imported here: the events store's module is imported by the server after this one.
-        from zhome.storage.events import events_pass_position_txn
+        from zhome.storage.events import events_pass_position_txn, events_pass_progress_txn
 
         pos = events_pass_position_txn(txn, "event_relations")
         txn.execute("SELECT stream_ordering, event_id, room_id, type, state_key, sender, origin_server_ts, json,"
@@ -390,11 +390,7 @@ class RelationsStore:
                 continue  # plain JSON without a relation: nothing to open
             content = self.events.open_pdu(event_id, stored, sealed).get("content")
             self.index_txn(txn, event_id, room_id, etype, state_key, sender, int(so), ts, content)
-        if rows:
-            txn.execute("UPDATE at_rest_progress SET position = ? WHERE name = 'event_relations'", (pos,))
-        else:
-            txn.execute("INSERT INTO at_rest_progress (name, position) VALUES ('event_relations_done', ?)"
-                        " ON CONFLICT DO NOTHING", (pos,))
+        events_pass_progress_txn(txn, "event_relations", pos, len(rows))
         return len(rows)
 
     def start(self) -> None:
