@@ -132,6 +132,46 @@ def test_send_to_device_delivery_ack_and_errors(zhome: ZhomeProcess) -> None:
     assert _sync(bob)["to_device"]["events"] == []
 
 
+def test_to_device_backlog_paging_and_a_reused_device_id(zhome: ZhomeProcess) -> None:
+    """More messages than one /sync carries come a page at a time, each once;
+    a device that is logged out loses its waiting messages, also when the
+    same device ID logs in again."""
+    alice, bob = ClientUser(zhome, "alice"), ClientUser(zhome, "bob")
+    password = "correct horse battery"
+
+    def login() -> str:
+        status, out = zhome.request("POST", "/_matrix/client/v3/login", {
+            "type": "m.login.password", "identifier": {"type": "m.id.user", "user": bob.user_id},
+            "password": password, "device_id": "REUSED"})
+        assert status == 200, out
+        bob.token = out["access_token"]
+        return str(out["device_id"])
+
+    def send(n: Any) -> None:
+        alice.ok("PUT", f"/sendToDevice/m.test/{n}", {"messages": {bob.user_id: {"REUSED": {"n": n}}}})
+
+    login()
+    token = _sync(bob)["next_batch"]
+    for n in range(130):
+        send(n)
+    seen: list[Any] = []
+    for _ in range(4):
+        page = _sync(bob, token)
+        token = page["next_batch"]
+        seen += [e["content"]["n"] for e in page["to_device"]["events"]]
+    assert seen == list(range(130))
+    send("late")
+    page = _sync(bob, token)
+    assert [e["content"]["n"] for e in page["to_device"]["events"]] == ["late"]
+    assert _sync(bob, page["next_batch"])["to_device"]["events"] == []
+    send("stale")
+    bob.ok("POST", "/logout", {})
+    login()
+    assert _sync(bob)["to_device"]["events"] == []
+    send("fresh")
+    assert [e["content"]["n"] for e in _sync(bob)["to_device"]["events"]] == ["fresh"]
+
+
 def test_device_lists_in_sync_and_keys_changes(zhome: ZhomeProcess) -> None:
     alice, bob, carol = ClientUser(zhome, "alice"), ClientUser(zhome, "bob"), ClientUser(zhome, "carol")
     room = alice.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"]

@@ -215,3 +215,64 @@ async def test_cached_current_state_follows_every_change(tmp_path: Path, db_conf
     hs.events.drop_room_caches(room_id)
     assert (await hs.events.get_current_state_for_rooms([room_id]))[room_id] == {}
     await hs.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cached_memberships_follow_every_change(tmp_path: Path, db_config: tuple[str, dict[str, Any]]) -> None:
+    """get_rooms_for_user and get_membership_changes_since answer from a
+    per-user cache: after each kind of change they still equal what the
+    tables hold."""
+    hs = await _server(tmp_path, db_config)
+    alice, bob = "@alice:test.local", "@bob:test.local"
+    room_id, _ = await hs.room_creation.create_room(alice, {"name": "Ward 3", "preset": "public_chat"})
+
+    async def check(user_id: str, since: int) -> dict[str, str]:
+        rows = await hs.db.execute("t", "SELECT room_id, membership, event_id FROM current_state_events"
+                                   " WHERE type = 'm.room.member' AND state_key = ?", user_id)
+        log = await hs.db.execute("t", "SELECT room_id, membership, stream_ordering FROM room_memberships"
+                                  " WHERE user_id = ? AND stream_ordering > ? ORDER BY stream_ordering",
+                                  user_id, since)
+        for _ in range(2):  # the second time from the cache
+            assert await hs.events.get_rooms_for_user(user_id) == {r: (m, e) for r, m, e in rows}
+            assert await hs.events.get_membership_changes_since(user_id, since) == [tuple(r) for r in log]
+        return {r: m for r, m, _ in rows}
+
+    pos = hs.notifier.current_token().events
+    assert await check(bob, pos) == {}
+    await hs.membership.update(bob, bob, room_id, "join")
+    assert await check(bob, pos) == {room_id: "join"}
+    pos = hs.notifier.current_token().events
+    assert await hs.events.get_membership_changes_since(bob, pos) == []
+    # A message changes no membership; a profile change is a member event.
+    await hs.event_creator.send(room_id, "m.room.message", alice, {"msgtype": "m.text", "body": "hello"})
+    await check(bob, pos)
+    other, _ = await hs.room_creation.create_room(alice, {"name": "Ward 4", "preset": "private_chat"})
+    await hs.membership.update(alice, bob, other, "invite")
+    assert await check(bob, pos) == {room_id: "join", other: "invite"}
+    await hs.membership.update(bob, bob, room_id, "leave")
+    assert await check(bob, pos) == {room_id: "leave", other: "invite"}
+    # A purged room leaves no cached membership behind.
+    await hs.privacy_store.purge_room(other)
+    assert await check(bob, 0) == {room_id: "leave"}
+    await hs.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cached_device_ids_follow_every_change(tmp_path: Path, db_config: tuple[str, dict[str, Any]]) -> None:
+    """get_device_ids (the fan-out of to-device messages) answers from a
+    cache that follows every creation and deletion of a device."""
+    hs = await _server(tmp_path, db_config)
+    bob = "@bob:test.local"
+    assert await hs.accounts.get_device_ids(bob) == frozenset()
+    await hs.accounts.create_device_and_token(bob, "D1", "tok1", None, None, None)
+    assert await hs.accounts.get_device_ids(bob) == {"D1"}
+    assert await hs.accounts.create_device(bob, "D2", None)
+    assert await hs.accounts.get_device_ids(bob) == {"D1", "D2"}
+    await hs.accounts.delete_devices(bob, ["D1"])
+    assert await hs.accounts.get_device_ids(bob) == {"D2"}
+    await hs.accounts.create_device_and_token(bob, "D3", "tok3", None, None, None)
+    await hs.accounts.delete_other_tokens(bob, "D3")
+    assert await hs.accounts.get_device_ids(bob) == {"D3"}
+    await hs.accounts.delete_devices(bob, None)
+    assert await hs.accounts.get_device_ids(bob) == frozenset()
+    await hs.stop()

@@ -9,6 +9,7 @@ them with a later since token.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from typing import Any, Awaitable, Callable, Optional
@@ -17,9 +18,11 @@ from twisted.internet import defer
 
 from zhome.http.errors import bad_json
 from zhome.storage.accounts import AccountsStore
-from zhome.storage.to_device import ToDeviceStore
+from zhome.storage.to_device import MAX_PER_SYNC, ToDeviceStore
 from zhome.sync.notifier import Notifier
 from zhome.util.ids import is_valid_user_id, server_of
+
+logger = logging.getLogger(__name__)
 
 MAX_RECIPIENTS = 10000
 MAX_CHECKED = 200000
@@ -50,15 +53,30 @@ class ToDeviceService:
         self.on_acknowledged: list[Callable[[str], None]] = []
         # device -> the stream position up to which it was last looked at.
         self._checked: dict[tuple[str, str], int] = {}
+        # user -> device -> [(position, message)]: for devices whose waiting
+        # messages this process knows exactly, every message written after
+        # the position in _checked. These rows are in the database too; a
+        # sync takes them from here instead of querying for them. A device
+        # that lets more than MAX_PER_SYNC wait, or is deleted, is dropped
+        # (the database answers then).
+        self._pending: dict[str, dict[str, list[tuple[int, dict[str, Any]]]]] = {}
+        # Syncs reading a device's messages from the database: the messages
+        # written meanwhile (what _pending holds once the read is done).
+        self._recorders: dict[tuple[str, str], list[list[tuple[int, dict[str, Any]]]]] = {}
+        # user -> bumped whenever the user's devices are deleted.
+        self._forgotten: dict[str, int] = {}
+        self._last_written = 0
         self._last_expiry = time.monotonic()
+        accounts.after_device_deletion.append(self._forget_user)
 
     async def _add(self, rows: list[tuple[str, str, dict[str, Any]]],
                    txn_key: Optional[tuple[str, str, str]]) -> bool:
         await self._write_lock.acquire()
         try:
-            is_new, last = await self.store.add_messages(rows, txn_key)
-            if last is not None:
-                self.notifier.on_to_device(last, sorted({u for u, _, _ in rows}))
+            is_new, positions = await self.store.add_messages(rows, txn_key)
+            if positions:
+                self._written(rows, positions)
+                self.notifier.on_to_device(positions[-1], sorted({u for u, _, _ in rows}))
             if time.monotonic() - self._last_expiry > EXPIRE_EVERY_S:
                 self._last_expiry = time.monotonic()
                 await self.store.expire_txns(TXN_ID_LIFETIME_MS)
@@ -66,13 +84,45 @@ class ToDeviceService:
             self._write_lock.release()
         return is_new
 
+    def _written(self, rows: list[tuple[str, str, dict[str, Any]]], positions: list[int]) -> None:
+        """After commit: the new rows join what is known to wait."""
+        self._last_written = positions[-1]
+        for (user_id, device_id, msg), pos in zip(rows, positions):
+            by_device = self._pending.get(user_id)
+            pending = by_device.get(device_id) if by_device is not None else None
+            if by_device is not None and pending is not None:
+                if len(pending) >= MAX_PER_SYNC:
+                    del by_device[device_id]
+                else:
+                    pending.append((pos, msg))
+            for rec in self._recorders.get((user_id, device_id), ()):
+                rec.append((pos, msg))
+
+    def _forget_user(self, user_id: str) -> None:
+        """After some of the user's devices (and their messages) were deleted."""
+        self._pending.pop(user_id, None)
+        self._forgotten[user_id] = self._forgotten.get(user_id, 0) + 1
+
+    def _acknowledge(self, user_id: str, device_id: str, acked: int) -> None:
+        for hook in self.on_acknowledged:
+            hook(user_id)
+
+        async def delete() -> None:
+            try:
+                await self.store.delete_acknowledged(user_id, device_id, acked)
+            except Exception:
+                # They are deleted by the device's next read of the database.
+                logger.warning("could not delete acknowledged to-device messages", exc_info=True)
+
+        defer.ensureDeferred(delete())
+
     async def _expand_local(self, sender: str, etype: str, messages: dict[str, dict[str, Any]]
                             ) -> list[tuple[str, str, dict[str, Any]]]:
         rows: list[tuple[str, str, dict[str, Any]]] = []
         for user_id, by_device in messages.items():
-            devices = [d["device_id"] for d in await self.accounts.get_devices(user_id)]
+            devices = await self.accounts.get_device_ids(user_id)
             for device_id, content in by_device.items():
-                targets = devices if device_id == "*" else [device_id] if device_id in devices else []
+                targets = sorted(devices) if device_id == "*" else [device_id] if device_id in devices else []
                 for d in targets:
                     rows.append((user_id, d, {"sender": sender, "type": etype, "content": content}))
         return rows
@@ -114,6 +164,23 @@ class ToDeviceService:
         of its next_batch."""
         key = (user_id, device_id)
         checked = self._checked.get(key)
+        pending = self._pending.get(user_id, {}).get(device_id)
+        if checked is not None and pending is not None and (
+                (since_pos is not None and since_pos >= checked) or (since_pos is None and key not in self._delivered)):
+            # Everything up to ``checked`` is acknowledged (or was never
+            # delivered) and what waits after it is ``pending``: no query.
+            acked = since_pos or 0
+            if since_pos is not None and (key in self._delivered or (pending and pending[0][0] <= acked)):
+                # Deleted in the background: a later read skips them by position.
+                self._acknowledge(user_id, device_id, acked)
+            due = [m for p, m in pending if acked < p <= now_pos]
+            self._pending[user_id][device_id] = [(p, m) for p, m in pending if p > now_pos]
+            self._checked[key] = now_pos
+            if due:
+                self._delivered.add(key)
+            else:
+                self._delivered.discard(key)
+            return due, now_pos
         if checked is not None and key not in self._delivered and (
                 (since_pos is not None and since_pos >= now_pos) or checked >= now_pos):
             # Nothing was waiting when last looked at, nothing is to be
@@ -123,11 +190,28 @@ class ToDeviceService:
         if since_pos is not None and key in self._delivered:
             for hook in self.on_acknowledged:
                 hook(user_id)
-        events, pos = await self.store.take_for_sync(user_id, device_id, since_pos or 0, now_pos)
+        rec: list[tuple[int, dict[str, Any]]] = []
+        recorders = self._recorders.setdefault(key, [])
+        recorders.append(rec)
+        written_before, forgotten = self._last_written, self._forgotten.get(user_id, 0)
+        try:
+            events, pos = await self.store.take_for_sync(user_id, device_id, since_pos or 0, now_pos)
+        finally:
+            recorders.remove(rec)
+            if not recorders:
+                del self._recorders[key]
         if len(self._checked) >= MAX_CHECKED:
             self._checked.clear()
             self._delivered.clear()
+            self._pending.clear()
         self._checked[key] = pos
+        if pos >= now_pos and written_before <= pos and forgotten == self._forgotten.get(user_id, 0) \
+                and len(rec) < MAX_PER_SYNC:
+            # The read saw everything written before it up to ``pos``; what
+            # came after it was recorded.
+            self._pending.setdefault(user_id, {})[device_id] = [(p, m) for p, m in rec if p > pos]
+        else:
+            self._pending.get(user_id, {}).pop(device_id, None)
         if events:
             self._delivered.add(key)
         else:

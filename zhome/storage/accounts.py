@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 from zhome.storage.at_rest import Sealer, open_text, seal_text
 from zhome.storage.database import Database, IntegrityError, Txn
 from zhome.storage.ids import IdGenerator
+from zhome.storage.lru import LruCache
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,13 @@ class AccountsStore:
         # one that was revoked.
         self._token_cache: dict[str, TokenInfo] = {}
         self._token_generation = 0
+        # user -> their device IDs, for the fan-out of to-device messages.
+        # Every write of the devices table is in this store and goes through
+        # _devices_changed_txn, which bumps the user's generation in the
+        # transaction; _device_ids_changed does again after commit. A read
+        # keeps what it read only when no bump came in between.
+        self._device_ids_cache: LruCache[str, frozenset[str]] = LruCache(50000)
+        self._device_ids_gen: dict[str, int] = {}
         #: Called inside the transaction that adds, renames or deletes
         #: devices: (txn, user_id, device_ids, deleted). End-to-end
         #: encryption records the device-list change there and, for deleted
@@ -64,6 +72,7 @@ class AccountsStore:
     def _devices_changed_txn(self, txn: Txn, user_id: str, device_ids: list[str], deleted: bool) -> None:
         if not device_ids:
             return
+        self._device_ids_changed(user_id)
         for hook in self.device_change_hooks:
             hook(txn, user_id, device_ids, deleted)
 
@@ -316,6 +325,7 @@ class AccountsStore:
             self._issue_tokens_txn(txn, user_id, device_id, access_token, valid_until_ms, refresh_token)
 
         await self.db.run_interaction("create_device_and_token", txn_fn)
+        self._device_ids_changed(user_id)
         # Re-using a device ID replaced that device's old tokens.
         self._forget_tokens()
 
@@ -333,7 +343,9 @@ class AccountsStore:
             self._devices_changed_txn(txn, user_id, [device_id], False)
             return True
 
-        return await self.db.run_interaction("create_device", txn_fn)
+        created = await self.db.run_interaction("create_device", txn_fn)
+        self._device_ids_changed(user_id)
+        return created
 
     def _issue_tokens_txn(
         self,
@@ -490,7 +502,23 @@ class AccountsStore:
     def open_ip(self, user_id: str, device_id: str, ip: Optional[str]) -> Optional[str]:
         return open_text(self.sealer, ip, f"devices.last_seen_ip\x00{user_id}\x00{device_id}")
 
+    def _device_ids_changed(self, user_id: str) -> None:
+        self._device_ids_gen[user_id] = self._device_ids_gen.get(user_id, 0) + 1
+        self._device_ids_cache.pop(user_id)
+
+    async def get_device_ids(self, user_id: str) -> frozenset[str]:
+        """The IDs of the user's devices (cached)."""
+        cached = self._device_ids_cache.get(user_id)
+        if cached is not None:
+            return cached
+        gen = self._device_ids_gen.get(user_id, 0)
+        ids = frozenset(await self.db.run_interaction("get_device_ids", self._device_ids_txn, user_id))
+        if gen == self._device_ids_gen.get(user_id, 0):
+            self._device_ids_cache.set(user_id, ids)
+        return ids
+
     def _devices_deleted(self, user_id: str) -> None:
+        self._device_ids_changed(user_id)
         for after in self.after_device_deletion:
             try:
                 after(user_id)

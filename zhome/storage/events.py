@@ -130,6 +130,17 @@ class EventsStore:
         self._current_state_cache: LruCache[str, dict[tuple[str, str], tuple[str, Optional[str]]]] = LruCache(
             2000, max_weight=200_000, weigh=lambda m: len(m) + 1)
         self._current_state_gen: dict[str, int] = {}
+        # user -> (room -> (membership, event ID) from current state, the
+        # newest stream position in the user's membership log): what every
+        # /sync asks first. Every write of a member's current state or of
+        # the membership log is in persist_txn or set_invite_membership_txn
+        # and bumps the user's generation in its transaction and again after
+        # commit; a purged room bumps all of them (drop_room_caches). A read
+        # keeps what it read only when no bump came in between.
+        self._user_rooms_cache: LruCache[str, tuple[dict[str, tuple[str, str]], int]] = LruCache(
+            50000, max_weight=1_000_000, weigh=lambda v: len(v[0]) + 1)
+        self._user_rooms_gen: dict[str, int] = {}
+        self._user_rooms_epoch = 0
         # (state group, (type, state_key)) -> event ID, "" when the group has
         # no such key: what get_state_keys_for_groups read (groups never change).
         self._state_key_cache: LruCache[tuple[int, tuple[str, str]], str] = LruCache(20000)
@@ -212,6 +223,7 @@ class EventsStore:
                 txn.execute(
                     "DELETE FROM room_forgotten WHERE user_id = ? AND room_id = ?", (ev.state_key, ev.room_id)
                 )
+        self.invalidate_user_rooms(_members_changed(item))
         redacts = ev.redacts
         if redacts and item.apply_redaction:
             txn.execute("INSERT INTO redactions (event_id, redacts) VALUES (?, ?)", (ev.event_id, redacts))
@@ -378,6 +390,7 @@ class EventsStore:
         assert ev.state_key is not None
         # Again after commit (Persister.persist_membership_outlier).
         self.invalidate_current_state(ev.room_id)
+        self.invalidate_user_rooms([ev.state_key])
         txn.execute(
             "DELETE FROM current_state_events WHERE room_id = ? AND type = 'm.room.member' AND state_key = ?",
             (ev.room_id, ev.state_key),
@@ -601,6 +614,7 @@ class EventsStore:
             return
         if item.current_state is not None or ev.is_state():
             self.invalidate_current_state(ev.room_id)
+        self.invalidate_user_rooms(_members_changed(item))
         current = self._extremities_cache.get(ev.room_id)
         if current is None:
             if not ev.prev_event_ids:
@@ -668,12 +682,43 @@ class EventsStore:
         self._state_group_cache.clear()
         self._extremities_cache.pop(room_id)
         self.invalidate_current_state(room_id)
+        self.invalidate_user_rooms(None)
 
     def invalidate_current_state(self, room_id: str) -> None:
         """The room's current state is changing or changed: forget it, and
         make any read in flight not keep what it read."""
         self._current_state_gen[room_id] = self._current_state_gen.get(room_id, 0) + 1
         self._current_state_cache.pop(room_id)
+
+    def invalidate_user_rooms(self, user_ids: Optional[Iterable[str]]) -> None:
+        """These users' memberships are changing or changed (None: anyone's):
+        forget them, and make any read in flight not keep what it read."""
+        if user_ids is None:
+            self._user_rooms_epoch += 1
+            self._user_rooms_cache.clear()
+            return
+        for user_id in user_ids:
+            self._user_rooms_gen[user_id] = self._user_rooms_gen.get(user_id, 0) + 1
+            self._user_rooms_cache.pop(user_id)
+
+    async def _user_rooms(self, user_id: str) -> tuple[dict[str, tuple[str, str]], int]:
+        cached = self._user_rooms_cache.get(user_id)
+        if cached is not None:
+            return cached
+        gen = (self._user_rooms_epoch, self._user_rooms_gen.get(user_id, 0))
+
+        def txn_fn(txn: Txn) -> tuple[dict[str, tuple[str, str]], int]:
+            txn.execute("SELECT room_id, membership, event_id FROM current_state_events WHERE type = 'm.room.member'"
+                        " AND state_key = ?", (user_id,))
+            rooms = {r: (m, e) for r, m, e in txn.fetchall()}
+            txn.execute("SELECT MAX(stream_ordering) FROM room_memberships WHERE user_id = ?", (user_id,))
+            row = txn.fetchone()
+            return rooms, int(row[0]) if row and row[0] is not None else 0
+
+        value = await self.db.run_interaction("rooms_for_user", txn_fn)
+        if gen == (self._user_rooms_epoch, self._user_rooms_gen.get(user_id, 0)):
+            self._user_rooms_cache.set(user_id, value)
+        return value
 
     async def get_state_events(self, state: StateMap) -> dict[tuple[str, str], Event]:
         evs = await self.get_events(state.values())
@@ -851,13 +896,7 @@ class EventsStore:
     # -- membership -----------------------------------------------------------
     async def get_rooms_for_user(self, user_id: str) -> dict[str, tuple[str, str]]:
         """room_id -> (membership, event_id) from current state."""
-        rows = await self.db.execute(
-            "rooms_for_user",
-            "SELECT room_id, membership, event_id FROM current_state_events WHERE type = 'm.room.member'"
-            " AND state_key = ?",
-            user_id,
-        )
-        return {r: (m, e) for r, m, e in rows}
+        return dict((await self._user_rooms(user_id))[0])
 
     async def get_users_sharing_rooms(self, user_id: str, among: Optional[Iterable[str]] = None) -> set[str]:
         """Users joined to a room ``user_id`` is joined to (themself included
@@ -885,6 +924,8 @@ class EventsStore:
         return [r[0] for r in rows]
 
     async def get_membership_changes_since(self, user_id: str, since: int) -> list[tuple[str, str, int]]:
+        if (await self._user_rooms(user_id))[1] <= since:
+            return []
         rows = await self.db.execute(
             "membership_changes",
             "SELECT room_id, membership, stream_ordering FROM room_memberships WHERE user_id = ?"
@@ -977,3 +1018,13 @@ class EventsStore:
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def _members_changed(item: PersistItem) -> list[str]:
+    """The users whose current membership or membership log the event's
+    persisting changes."""
+    ev = item.event
+    users = [sk for (t, sk) in item.current_state_delta if t == "m.room.member"]
+    if ev.type == "m.room.member" and ev.state_key is not None:
+        users.append(ev.state_key)
+    return users

@@ -50,30 +50,32 @@ class ToDeviceStore:
         return max([int(r[0]) for r in rows if r[0] is not None] or [0])
 
     async def add_messages(self, messages: list[tuple[str, str, dict[str, Any]]],
-                           txn_key: Optional[tuple[str, str, str]] = None) -> tuple[bool, Optional[int]]:
+                           txn_key: Optional[tuple[str, str, str]] = None) -> tuple[bool, list[int]]:
         """Queue (user, device, message) rows in one transaction. With
         ``txn_key`` (sender, sender device, txn ID) a repeat of the same
         transaction stores nothing. Returns whether this was new and the
-        last position written (None when no row was)."""
+        position of each row, in order."""
 
-        def txn_fn(txn: Txn) -> tuple[bool, Optional[int]]:
+        def txn_fn(txn: Txn) -> tuple[bool, list[int]]:
             if txn_key is not None:
                 txn.execute("SELECT 1 FROM to_device_txns WHERE user_id = ? AND device_id = ? AND txn_id = ?",
                             txn_key)
                 if txn.fetchone() is not None:
-                    return False, None
+                    return False, []
                 txn.execute("INSERT INTO to_device_txns (user_id, device_id, txn_id, ts) VALUES (?,?,?,?)",
                             (*txn_key, int(time.time() * 1000)))
-            last = None
+            positions = []
             rows = []
             for user_id, device_id, msg in messages:
-                last = self.ids.next()
-                rows.append((last, user_id, device_id, self.seal_message(last, user_id, device_id, json.dumps(msg))))
+                pos = self.ids.next()
+                positions.append(pos)
+                rows.append((pos, user_id, device_id, self.seal_message(pos, user_id, device_id, json.dumps(msg))))
             txn.executemany("INSERT INTO device_inbox (stream_id, user_id, device_id, message_json) VALUES (?,?,?,?)",
                             rows)
-            if last is not None:
+            if positions:
+                last = positions[-1]
                 txn.execute("UPDATE stream_positions SET pos = ? WHERE stream = 'to_device' AND pos < ?", (last, last))
-            return True, last
+            return True, positions
 
         return await self.db.run_interaction("to_device_add", txn_fn)
 
@@ -97,6 +99,13 @@ class ToDeviceStore:
             return self._open(rows, user_id, device_id), upto
 
         return await self.db.run_interaction("to_device_take", txn_fn)
+
+    async def delete_acknowledged(self, user_id: str, device_id: str, acked: int) -> None:
+        """Delete the messages the device acknowledged (position <= ``acked``)."""
+        await self.db.run_interaction(
+            "to_device_ack", lambda txn: txn.execute(
+                "DELETE FROM device_inbox WHERE user_id = ? AND device_id = ? AND stream_id <= ?",
+                (user_id, device_id, acked)))
 
     async def peek(self, user_id: str, device_id: str, after: int, upto: int, limit: int
                    ) -> tuple[list[dict[str, Any]], Optional[int]]:
