@@ -73,6 +73,16 @@ FEDERATION_MAX_BODY = 10 * 1024 * 1024
 
 DB_SECONDS = Histogram("zhome_db_interaction_seconds", "Database interactions by description", ["desc"],
                        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
+# desc -> its labelled histogram (a few dozen descriptions, looked up on
+# every interaction).
+_DB_SECONDS_BY_DESC: dict[str, Any] = {}
+
+
+def _observe_db_interaction(desc: str, seconds: float) -> None:
+    child = _DB_SECONDS_BY_DESC.get(desc)
+    if child is None:
+        child = _DB_SECONDS_BY_DESC[desc] = DB_SECONDS.labels(desc)
+    child.observe(seconds)
 
 
 class HomeServer:
@@ -101,7 +111,7 @@ class HomeServer:
         if cfg.database.engine == "sqlite3" and cfg.database.args.get("database", ":memory:") != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(cfg.database.args["database"])), exist_ok=True)
         self.db = Database(cfg.database.engine, dict(cfg.database.args))
-        self.db.on_interaction = lambda desc, secs: DB_SECONDS.labels(desc).observe(secs)
+        self.db.on_interaction = _observe_db_interaction
         await prepare_database(self.db)
 
         db = self.db

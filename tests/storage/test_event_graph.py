@@ -251,9 +251,50 @@ async def test_cached_memberships_follow_every_change(tmp_path: Path, db_config:
     assert await check(bob, pos) == {room_id: "join", other: "invite"}
     await hs.membership.update(bob, bob, room_id, "leave")
     assert await check(bob, pos) == {room_id: "leave", other: "invite"}
+    # Forgotten rooms: cached with the memberships, and forgetting shows.
+    assert await hs.events.get_forgotten_rooms(bob) == set()
+    await hs.events.forget_room(bob, room_id)
+    assert await hs.events.get_forgotten_rooms(bob) == {room_id}
+    await hs.privacy_store.delete_user_traces(bob)
+    assert await hs.events.get_forgotten_rooms(bob) == set()
+    await hs.events.forget_room(bob, room_id)
+    await hs.membership.update(bob, bob, room_id, "join")  # joining again un-forgets
+    assert await hs.events.get_forgotten_rooms(bob) == set()
     # A purged room leaves no cached membership behind.
     await hs.privacy_store.purge_room(other)
-    assert await check(bob, 0) == {room_id: "leave"}
+    assert await check(bob, 0) == {room_id: "join"}
+    await hs.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_rooms_changed_since_follows_every_event(tmp_path: Path, db_config: tuple[str, dict[str, Any]]) -> None:
+    """get_rooms_changed_since answers from the newest position known per
+    room: it still equals what the events table says."""
+    hs = await _server(tmp_path, db_config)
+    alice = "@alice:test.local"
+    rooms = [(await hs.room_creation.create_room(alice, {"preset": "private_chat"}))[0] for _ in range(3)]
+    empty = "!nothing:test.local"
+
+    async def check(since: int) -> set[str]:
+        rows = await hs.db.execute("t", "SELECT DISTINCT room_id FROM events WHERE stream_ordering > ?"
+                                   " AND outlier = 0 AND soft_failed = 0", since)
+        expected = {r[0] for r in rows} & set(rooms)
+        for _ in range(2):  # the second time from the cache
+            assert await hs.events.get_rooms_changed_since(rooms + [empty], since) == expected
+        return expected
+
+    pos = hs.notifier.current_token().events
+    assert await check(pos) == set()
+    assert await check(0) == set(rooms)
+    await hs.event_creator.send(rooms[1], "m.room.message", alice, {"msgtype": "m.text", "body": "hi"})
+    assert await check(pos) == {rooms[1]}
+    hs.events.drop_room_caches(rooms[1])  # as after a purge: read again
+    assert await check(pos) == {rooms[1]}
+    await hs.event_creator.send(rooms[2], "m.room.topic", alice, {"topic": "t"}, state_key="")
+    assert await check(pos) == {rooms[1], rooms[2]}
+    # The history of a room purged up to now: no news since.
+    await hs.privacy_store.purge_history(rooms[2], hs.notifier.current_token().events + 1, True, ":test.local")
+    assert rooms[2] not in await check(pos)
     await hs.stop()
 
 
@@ -275,4 +316,40 @@ async def test_cached_device_ids_follow_every_change(tmp_path: Path, db_config: 
     assert await hs.accounts.get_device_ids(bob) == {"D3"}
     await hs.accounts.delete_devices(bob, None)
     assert await hs.accounts.get_device_ids(bob) == frozenset()
+    await hs.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_recent_events_from_memory_match_the_table(tmp_path: Path, db_config: tuple[str, dict[str, Any]]) -> None:
+    """The newest events of a room, which an incremental /sync reads, come
+    from memory when they can: always what the events table holds."""
+    hs = await _server(tmp_path, db_config)
+    alice = "@alice:test.local"
+    room_id, _ = await hs.room_creation.create_room(alice, {"preset": "private_chat"})
+    # The room's newest position is known before the first message.
+    assert await hs.events.get_rooms_changed_since([room_id], 0) == {room_id}
+    marks = [hs.notifier.current_token().events]
+    for i in range(events_mod.RECENT_KEPT + 20):
+        await hs.event_creator.send(room_id, "m.room.message", alice, {"msgtype": "m.text", "body": f"m{i}"})
+        if i % 10 == 0:
+            marks.append(hs.notifier.current_token().events)
+    now = hs.notifier.current_token().events
+
+    async def expected(frm: int, to: int, limit: int) -> list[str]:
+        rows = await hs.db.execute("t", "SELECT event_id FROM events WHERE room_id = ? AND stream_ordering > ?"
+                                   " AND stream_ordering <= ? AND outlier = 0 AND soft_failed = 0"
+                                   " AND rejected_reason IS NULL ORDER BY stream_ordering DESC LIMIT ?",
+                                   room_id, frm, to, limit)
+        return [r[0] for r in rows]
+
+    async def got(frm: int, to: int, limit: int) -> list[str]:
+        return [e.event_id for e in (await hs.events.get_recent_events_for_rooms([room_id], frm, to, limit))[room_id]]
+
+    for frm in marks:
+        for to in (now, marks[-1], frm + 3):
+            for limit in (1, 5, 11, 200):
+                assert await got(frm, to, limit) == await expected(frm, to, limit), (frm, to, limit)
+    # After a purge the table answers again.
+    hs.events.drop_room_caches(room_id)
+    assert await got(marks[-2], now, 11) == await expected(marks[-2], now, 11)
     await hs.stop()

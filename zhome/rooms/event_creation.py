@@ -216,13 +216,24 @@ class EventCreator:
     ) -> Event:
         """Create, check and persist a local event; returns it once durable."""
         async with self.room_locks.lock(room_id):
+            # Whether the transaction ID was used is asked while the event
+            # is built (a retry then costs a discarded event, and its answer
+            # is the first event even when this one could not be built).
+            prior: Optional[defer.Deferred[Optional[str]]] = None
             if txn_id is not None and device_id is not None:
-                existing = await self.events.get_event_id_for_txn(sender, device_id, txn_id)
-                if existing is not None:
-                    ev = await self.events.get_event(existing)
-                    if ev is not None:
-                        return ev
-            event, group, state = await self.create_event(room_id, etype, sender, content, state_key, redacts)
+                prior = defer.ensureDeferred(self.events.get_event_id_for_txn(sender, device_id, txn_id))
+            try:
+                event, group, state = await self.create_event(room_id, etype, sender, content, state_key, redacts)
+            except Exception:
+                if prior is not None:
+                    sent = await self._event_for(await prior)
+                    if sent is not None:
+                        return sent
+                raise
+            if prior is not None:
+                sent = await self._event_for(await prior)
+                if sent is not None:
+                    return sent
             for check in self.pre_send_checks:
                 await check(event, state)
             if extra_check is not None:
@@ -236,6 +247,9 @@ class EventCreator:
                                snapshot_before=group is None and bool(state))
             await self.persister.persist(item)
             return event
+
+    async def _event_for(self, event_id: Optional[str]) -> Optional[Event]:
+        return await self.events.get_event(event_id) if event_id is not None else None
 
     async def send_redactions(self, room_id: str, sender: str, targets: list[str]) -> list[Event]:
         """Redact each of ``targets`` as ``sender``, the redactions chained

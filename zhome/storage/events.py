@@ -131,16 +131,29 @@ class EventsStore:
             2000, max_weight=200_000, weigh=lambda m: len(m) + 1)
         self._current_state_gen: dict[str, int] = {}
         # user -> (room -> (membership, event ID) from current state, the
-        # newest stream position in the user's membership log): what every
-        # /sync asks first. Every write of a member's current state or of
-        # the membership log is in persist_txn or set_invite_membership_txn
-        # and bumps the user's generation in its transaction and again after
-        # commit; a purged room bumps all of them (drop_room_caches). A read
-        # keeps what it read only when no bump came in between.
-        self._user_rooms_cache: LruCache[str, tuple[dict[str, tuple[str, str]], int]] = LruCache(
-            50000, max_weight=1_000_000, weigh=lambda v: len(v[0]) + 1)
+        # newest stream position in the user's membership log, the rooms
+        # they forgot): what every /sync asks first. Every write of a
+        # member's current state, of the membership log or of forgotten
+        # rooms bumps the user's generation in its transaction and again
+        # after commit (persist_txn, set_invite_membership_txn, forget_room;
+        # PrivacyStore.delete_user_traces); a purged room bumps all of them
+        # (drop_room_caches). A read keeps what it read only when no bump
+        # came in between.
+        self._user_rooms_cache: LruCache[str, _UserRooms] = LruCache(
+            50000, max_weight=1_000_000, weigh=lambda v: len(v.rooms) + len(v.forgotten) + 1)
         self._user_rooms_gen: dict[str, int] = {}
         self._user_rooms_epoch = 0
+        # room -> the newest stream position of an event in its timeline
+        # (neither outlier nor soft-failed), or _NO_POSITION: which rooms a
+        # /sync since a position has news in. Set by on_event_persisted
+        # (commits come in position order, so the newest is the maximum),
+        # dropped by drop_room_caches.
+        self._room_position: LruCache[str, int] = LruCache(200_000)
+        self._room_position_drops = 0
+        # room -> its newest timeline events (what an incremental /sync
+        # reads), recorded by on_event_persisted from a position on that
+        # was known to be the room's newest: complete after ``start``.
+        self._room_recent: LruCache[str, _RecentEvents] = LruCache(20_000)
         # (state group, (type, state_key)) -> event ID, "" when the group has
         # no such key: what get_state_keys_for_groups read (groups never change).
         self._state_key_cache: LruCache[tuple[int, tuple[str, str]], str] = LruCache(20000)
@@ -610,6 +623,15 @@ class EventsStore:
         self.cache_event(ev)
         if ev.redacts:
             self.invalidate_event(ev.redacts)
+        if not (item.outlier or item.soft_failed or item.backfilled):
+            before = self._room_position.get(ev.room_id)
+            recent = self._room_recent.get(ev.room_id)
+            if recent is None and before is not None and before < item.stream_ordering:
+                recent = _RecentEvents(before, [])
+                self._room_recent.set(ev.room_id, recent)
+            if recent is not None and not ev.rejected_reason:
+                recent.add(item.stream_ordering, ev.event_id)
+            self._room_position.set(ev.room_id, max(item.stream_ordering, before or _NO_POSITION))
         if item.outlier or item.soft_failed or item.backfilled or ev.rejected_reason:
             return
         if item.current_state is not None or ev.is_state():
@@ -681,6 +703,9 @@ class EventsStore:
         self._event_cache.clear()
         self._state_group_cache.clear()
         self._extremities_cache.pop(room_id)
+        self._room_position.pop(room_id)
+        self._room_position_drops += 1
+        self._room_recent.pop(room_id)
         self.invalidate_current_state(room_id)
         self.invalidate_user_rooms(None)
 
@@ -701,19 +726,21 @@ class EventsStore:
             self._user_rooms_gen[user_id] = self._user_rooms_gen.get(user_id, 0) + 1
             self._user_rooms_cache.pop(user_id)
 
-    async def _user_rooms(self, user_id: str) -> tuple[dict[str, tuple[str, str]], int]:
+    async def _user_rooms(self, user_id: str) -> _UserRooms:
         cached = self._user_rooms_cache.get(user_id)
         if cached is not None:
             return cached
         gen = (self._user_rooms_epoch, self._user_rooms_gen.get(user_id, 0))
 
-        def txn_fn(txn: Txn) -> tuple[dict[str, tuple[str, str]], int]:
+        def txn_fn(txn: Txn) -> _UserRooms:
             txn.execute("SELECT room_id, membership, event_id FROM current_state_events WHERE type = 'm.room.member'"
                         " AND state_key = ?", (user_id,))
             rooms = {r: (m, e) for r, m, e in txn.fetchall()}
             txn.execute("SELECT MAX(stream_ordering) FROM room_memberships WHERE user_id = ?", (user_id,))
             row = txn.fetchone()
-            return rooms, int(row[0]) if row and row[0] is not None else 0
+            txn.execute("SELECT room_id FROM room_forgotten WHERE user_id = ?", (user_id,))
+            forgotten = frozenset(r[0] for r in txn.fetchall())
+            return _UserRooms(rooms, int(row[0]) if row and row[0] is not None else 0, forgotten)
 
         value = await self.db.run_interaction("rooms_for_user", txn_fn)
         if gen == (self._user_rooms_epoch, self._user_rooms_gen.get(user_id, 0)):
@@ -776,14 +803,23 @@ class EventsStore:
         would otherwise pay a round trip per room.
         """
         out: dict[str, list[Event]] = {r: [] for r in room_ids}
-        ids = await self.db.select_in(
-            "recent_events_for_rooms",
-            "SELECT room_id, event_id FROM (SELECT room_id, event_id, stream_ordering, ROW_NUMBER() OVER"
-            " (PARTITION BY room_id ORDER BY stream_ordering DESC) AS rn FROM events WHERE room_id IN"
-            " ({in}) AND stream_ordering > ? AND stream_ordering <= ? AND outlier = 0 AND soft_failed = 0"
-            " AND rejected_reason IS NULL) ranked WHERE rn <= ? ORDER BY room_id, stream_ordering DESC",
-            room_ids, after=(from_exclusive, to_inclusive, limit),
-        )
+        ids: list[tuple[str, str]] = []
+        ask: list[str] = []
+        for r in room_ids:
+            recent = self._room_recent.get(r)
+            if recent is not None and recent.start <= from_exclusive:
+                ids.extend((r, e) for e in recent.between(from_exclusive, to_inclusive, limit))
+            else:
+                ask.append(r)
+        if ask:
+            ids.extend((r, e) for r, e in await self.db.select_in(
+                "recent_events_for_rooms",
+                "SELECT room_id, event_id FROM (SELECT room_id, event_id, stream_ordering, ROW_NUMBER() OVER"
+                " (PARTITION BY room_id ORDER BY stream_ordering DESC) AS rn FROM events WHERE room_id IN"
+                " ({in}) AND stream_ordering > ? AND stream_ordering <= ? AND outlier = 0 AND soft_failed = 0"
+                " AND rejected_reason IS NULL) ranked WHERE rn <= ? ORDER BY room_id, stream_ordering DESC",
+                ask, after=(from_exclusive, to_inclusive, limit),
+            ))
         evs = await self.get_events(e for _, e in ids)
         for r, e in ids:
             if e in evs:
@@ -845,15 +881,23 @@ class EventsStore:
         return {r: (n, h) for r, n, h in rows}
 
     async def get_rooms_changed_since(self, room_ids: list[str], since: int) -> set[str]:
-        if not room_ids:
-            return set()
-        rows = await self.db.select_in(
-            "rooms_changed",
-            "SELECT DISTINCT room_id FROM events WHERE stream_ordering > ? AND outlier = 0 AND soft_failed = 0"
-            " AND room_id IN ({in})",
-            room_ids, before=(since,),
-        )
-        return {r[0] for r in rows}
+        """Those of the rooms with an event in their timeline after ``since``."""
+        known, missing = self._room_position.get_many(room_ids)
+        if missing:
+            drops = self._room_position_drops
+            rows = await self.db.select_in(
+                "room_positions",
+                "SELECT room_id, MAX(stream_ordering) FROM events WHERE outlier = 0 AND soft_failed = 0"
+                " AND room_id IN ({in}) GROUP BY room_id", missing)
+            found = {r: int(p) for r, p in rows if p is not None}
+            for room_id in missing:
+                pos = found.get(room_id, _NO_POSITION)
+                # An event committed meanwhile is newer than what was read.
+                pos = max(pos, self._room_position.get(room_id) or _NO_POSITION)
+                known[room_id] = pos
+                if drops == self._room_position_drops:
+                    self._room_position.set(room_id, pos)
+        return {r for r, pos in known.items() if pos > since}
 
     async def get_backward_extremities(self, room_id: str, limit: int = 20) -> list[str]:
         """Events referenced as prev_events in the room but not stored here."""
@@ -896,7 +940,7 @@ class EventsStore:
     # -- membership -----------------------------------------------------------
     async def get_rooms_for_user(self, user_id: str) -> dict[str, tuple[str, str]]:
         """room_id -> (membership, event_id) from current state."""
-        return dict((await self._user_rooms(user_id))[0])
+        return dict((await self._user_rooms(user_id)).rooms)
 
     async def get_users_sharing_rooms(self, user_id: str, among: Optional[Iterable[str]] = None) -> set[str]:
         """Users joined to a room ``user_id`` is joined to (themself included
@@ -924,7 +968,7 @@ class EventsStore:
         return [r[0] for r in rows]
 
     async def get_membership_changes_since(self, user_id: str, since: int) -> list[tuple[str, str, int]]:
-        if (await self._user_rooms(user_id))[1] <= since:
+        if (await self._user_rooms(user_id)).last_membership <= since:
             return []
         rows = await self.db.execute(
             "membership_changes",
@@ -957,14 +1001,17 @@ class EventsStore:
 
     async def forget_room(self, user_id: str, room_id: str) -> None:
         def txn_fn(txn: Txn) -> None:
+            self.invalidate_user_rooms([user_id])
             txn.execute("DELETE FROM room_forgotten WHERE user_id = ? AND room_id = ?", (user_id, room_id))
             txn.execute("INSERT INTO room_forgotten (user_id, room_id) VALUES (?, ?)", (user_id, room_id))
 
-        await self.db.run_interaction("forget_room", txn_fn)
+        try:
+            await self.db.run_interaction("forget_room", txn_fn)
+        finally:
+            self.invalidate_user_rooms([user_id])
 
     async def get_forgotten_rooms(self, user_id: str) -> set[str]:
-        rows = await self.db.execute("forgotten_rooms", "SELECT room_id FROM room_forgotten WHERE user_id = ?", user_id)
-        return {r[0] for r in rows}
+        return set((await self._user_rooms(user_id)).forgotten)
 
     async def get_membership_at(self, user_id: str, room_id: str, stream_ordering: int) -> Optional[tuple[str, int]]:
         """The user's membership in the room as of a stream position."""
@@ -1018,6 +1065,48 @@ class EventsStore:
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+#: A room with no event in its timeline (get_rooms_changed_since).
+_NO_POSITION = -(2 ** 62)
+
+
+class _RecentEvents:
+    """A room's newest timeline events, oldest first: every one after
+    ``start`` (a stream position), at most RECENT_KEPT of them."""
+
+    __slots__ = ("start", "events")
+
+    def __init__(self, start: int, events: list[tuple[int, str]]) -> None:
+        self.start = start
+        self.events = events
+
+    def add(self, pos: int, event_id: str) -> None:
+        self.events.append((pos, event_id))
+        if len(self.events) > RECENT_KEPT:
+            dropped, _ = self.events.pop(0)
+            self.start = dropped
+
+    def between(self, from_exclusive: int, to_inclusive: int, limit: int) -> list[str]:
+        """The newest ``limit`` event IDs in (from, to], newest first."""
+        out: list[str] = []
+        for pos, event_id in reversed(self.events):
+            if len(out) >= limit or pos <= from_exclusive:
+                break
+            if pos <= to_inclusive:
+                out.append(event_id)
+        return out
+
+
+#: Timeline events kept per room for incremental /sync.
+RECENT_KEPT = 64
+
+
+@dataclass(frozen=True)
+class _UserRooms:
+    rooms: dict[str, tuple[str, str]]
+    last_membership: int
+    forgotten: frozenset[str]
 
 
 def _members_changed(item: PersistItem) -> list[str]:

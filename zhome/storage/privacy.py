@@ -194,8 +194,12 @@ class PrivacyStore:
             for table in ("receipts", "room_unread", "room_forgotten", "presence", "user_notifications",
                           "event_txn_ids"):
                 txn.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))
+            self.events.invalidate_user_rooms([user_id])
 
-        await self.db.run_interaction("delete_user_traces", txn_fn)
+        try:
+            await self.db.run_interaction("delete_user_traces", txn_fn)
+        finally:
+            self.events.invalidate_user_rooms([user_id])  # forgotten rooms
 
     # -- purging a room ---------------------------------------------------------------------
     async def purge_room(self, room_id: str) -> int:
