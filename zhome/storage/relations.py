@@ -53,8 +53,12 @@ ANNOTATION = "m.annotation"
 MAX_ID_LEN = 255
 #: References bundled with one parent at most (the oldest first).
 MAX_BUNDLED_REFERENCES = 1000
-#: How deep ``recurse`` follows relations (the spec asks for at least 3).
+#: How deep ``recurse`` follows relations (the spec asks for at least 3),
+#: and how many relations are followed to find an event's thread.
 MAX_RECURSION = 3
+#: The thread ID of the main timeline: every event in no thread, thread
+#: roots included (client-server-api "Threaded read receipts").
+MAIN_THREAD = "main"
 BACKFILL_BATCH = 500
 BACKFILL_PAUSE_S = 0.05
 
@@ -80,6 +84,39 @@ def served_relation(ev: "Event") -> Optional[tuple[str, str]]:
     if ev.internal.get("redacted_by"):
         return None
     return relation_of(ev.content)
+
+
+def _thread_of_parent_txn(txn: Txn, room_id: str, parent: str, hops: int) -> str:
+    """The thread of an event whose own relation (not m.thread) points at
+    ``parent``: found by following the stored relations from ``parent``,
+    at most ``hops`` of them."""
+    for _ in range(hops):
+        txn.execute("SELECT rel_type, parent_id FROM event_relations WHERE event_id = ? AND room_id = ?",
+                    (parent, room_id))
+        row = txn.fetchone()
+        if row is None:
+            return MAIN_THREAD
+        if row[0] == THREAD:
+            return str(row[1])
+        parent = str(row[1])
+    return MAIN_THREAD
+
+
+def thread_of_content_txn(txn: Txn, room_id: str, content: Any) -> str:
+    """The thread an event with this content is in, for receipts and unread
+    counts (client-server-api "Threaded read receipts"): the root named by
+    an m.thread relation; else, for an event relating to another (a
+    reaction, an edit, a reference), the thread of the event it relates
+    to, following relations for at most ``MAX_RECURSION`` hops in all;
+    else the main timeline. A thread root is in the main timeline, as is
+    what relates to it other than by m.thread."""
+    rel = relation_of(content)
+    if rel is None:
+        return MAIN_THREAD
+    rel_type, parent = rel
+    if rel_type == THREAD:
+        return parent
+    return _thread_of_parent_txn(txn, room_id, parent, MAX_RECURSION - 1)
 
 
 class AggRow(NamedTuple):
@@ -349,6 +386,45 @@ class RelationsStore:
         rows = await self.db.execute("relations_threads", sql + " ORDER BY t.latest_stream_ordering DESC LIMIT ?",
                                      *args, limit)
         return [(e, int(so)) for e, so in rows]
+
+    async def threads_of(self, events: "list[Event]") -> dict[str, str]:
+        """Event ID -> the thread each event is in (``thread_of_content_txn``):
+        a thread root's event ID or ``MAIN_THREAD``. A redacted event has
+        lost its relation and is in the main timeline. Only events with
+        a relation other than m.thread cost a query."""
+        out: dict[str, str] = {}
+        follow: list[tuple[str, str, str]] = []
+        for ev in events:
+            rel = served_relation(ev)
+            if rel is None:
+                out[ev.event_id] = MAIN_THREAD
+            elif rel[0] == THREAD:
+                out[ev.event_id] = rel[1]
+            else:
+                follow.append((ev.event_id, ev.room_id, rel[1]))
+        if follow:
+            def txn_fn(txn: Txn) -> dict[str, str]:
+                return {eid: _thread_of_parent_txn(txn, room_id, parent, MAX_RECURSION - 1)
+                        for eid, room_id, parent in follow}
+
+            out.update(await self.db.run_interaction("threads_of", txn_fn))
+        return out
+
+    @staticmethod
+    def stored_threads_txn(txn: Txn, event_ids: list[str]) -> dict[str, str]:
+        """Event ID -> thread root for those of the stored ``event_ids`` that
+        are in a thread (by the index: run before ``forget_txn`` drops
+        their rows); events in the main timeline are left out."""
+        out: dict[str, str] = {}
+        for chunk, qs in in_chunks(event_ids):
+            txn.execute(f"SELECT event_id, room_id, rel_type, parent_id FROM event_relations WHERE event_id IN ({qs})",
+                        tuple(chunk))
+            for event_id, room_id, rel_type, parent in txn.fetchall():
+                thread = str(parent) if rel_type == THREAD else _thread_of_parent_txn(
+                    txn, room_id, parent, MAX_RECURSION - 1)
+                if thread != MAIN_THREAD:
+                    out[event_id] = thread
+        return out
 
     async def relation_type_of(self, event_id: str) -> Optional[str]:
         """The rel_type of the event's own relation (None: it has none)."""
