@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 import urllib.parse
+from pathlib import Path
 from typing import Any, Optional
 
 import jsonschema
@@ -103,7 +105,7 @@ def test_counts_and_receipts_by_thread(zhome: ZhomeProcess, spec: Spec) -> None:
     a1 = bob.send(room_id, "a1", thread=root_a)
     a2 = bob.send(room_id, "a2", thread=root_a)
     b1 = bob.send(room_id, "b1", thread=root_b)
-    bob.send(room_id, "b2 for alice", thread=root_b, mention=alice.user_id)
+    b2 = bob.send(room_id, "b2 for alice", thread=root_b, mention=alice.user_id)
     m2 = bob.send(room_id, "bye")
     # Alice's own messages count for no one of hers.
     alice.send(room_id, "mine", thread=root_a)
@@ -125,7 +127,6 @@ def test_counts_and_receipts_by_thread(zhome: ZhomeProcess, spec: Spec) -> None:
     assert _room(bob.sync(BY_THREAD), room_id)["unread_thread_notifications"] == {root_a: _counts(1)}
 
     # A threaded receipt clears its own thread only, up to its event.
-    alice.sync(BY_THREAD_NO_RECEIPTS)
     alice.read(room_id, a1, thread_id=root_a)
     assert by_thread() == (_counts(4), {root_a: _counts(1), root_b: _counts(2, 1)})
     assert total() == _counts(7, 1)
@@ -143,29 +144,39 @@ def test_counts_and_receipts_by_thread(zhome: ZhomeProcess, spec: Spec) -> None:
     # m1 there (both roots and m2) stays.
     alice.read(room_id, m1, thread_id="main")
     assert by_thread() == (_counts(3), {root_b: _counts(2, 1)})
+    alice.read(room_id, b1, thread_id=root_b)
+    assert by_thread() == (_counts(3), {root_b: _counts(1, 1)})
 
-    # An unthreaded receipt clears every thread up to its event: the main
-    # timeline keeps m2, thread B its mention.
-    alice.read(room_id, b1)
-    assert by_thread() == (_counts(1), {root_b: _counts(1, 1)})
-    assert total() == _counts(2, 1)
+    # An unthreaded receipt clears every thread up to its event, where it
+    # is ahead of the thread's own receipts: the main timeline keeps m2.
+    alice.read(room_id, b2)
+    assert by_thread() == (_counts(1), {})
+    assert total() == _counts(1)
+    # A threaded receipt behind it brings nothing back.
+    alice.read(room_id, b1, thread_id=root_b, rtype="m.read.private")
+    assert by_thread() == (_counts(1), {})
 
-    # A threaded receipt ahead of the unthreaded one still counts: a
-    # private unthreaded receipt behind it changes nothing in thread B...
-    alice.read(room_id, root_b, rtype="m.read.private")
-    assert by_thread() == (_counts(1), {root_b: _counts(1, 1)})
-    # ...and one at the end of the room clears everything.
-    alice.read(room_id, m2, rtype="m.read.private")
+    # A threaded receipt ahead of the unthreaded ones still counts: an
+    # unthreaded private receipt behind it changes nothing in its thread.
+    a3 = bob.send(room_id, "a3", thread=root_a)
+    m3 = bob.send(room_id, "m3")
+    assert by_thread() == (_counts(2), {root_a: _counts(1)})
+    alice.read(room_id, a3, thread_id=root_a, rtype="m.read.private")
+    assert by_thread() == (_counts(2), {})
+    alice.read(room_id, m1, rtype="m.read.private")
+    assert by_thread() == (_counts(2), {})
+    # One at the end of the room clears everything...
+    alice.read(room_id, m3, rtype="m.read.private")
     assert by_thread() == (_counts(0), {})
     assert total() == _counts(0)
-    # An older public receipt does not bring the counts back ("the receipt
-    # which is more recent/ahead must be used").
-    alice.read(room_id, m1)
+    # ...and an older public receipt does not bring the counts back ("the
+    # receipt which is more recent/ahead must be used").
+    alice.read(room_id, m2)
     assert total() == _counts(0)
 
     # New events count again, in their threads.
-    bob.send(room_id, "a3", thread=root_a)
-    bob.send(room_id, "m3")
+    bob.send(room_id, "a4", thread=root_a)
+    bob.send(room_id, "m4")
     assert by_thread() == (_counts(1), {root_a: _counts(1)})
 
 
@@ -217,9 +228,53 @@ def test_bad_threaded_receipts_are_refused(zhome: ZhomeProcess, spec: Spec) -> N
     assert room["unread_thread_notifications"] == {root_a: _counts(1)}
     status, out = alice.receipt(room_id, "$nowhere", {"thread_id": "main"})
     assert (status, out.get("errcode")) == (404, "M_NOT_FOUND")
+    # What the thread ID is made of is checked first, for any event.
+    status, out = alice.receipt(room_id, "$nowhere", {"thread_id": "thread-a"})
+    assert (status, out.get("errcode")) == (400, "M_INVALID_PARAM")
+
+    # A redacted event has lost its relation, and so its thread: a receipt
+    # in the thread it was in is taken; a malformed thread ID still is not.
+    bob.ok("PUT", f"/rooms/{q(room_id)}/redact/{q(a1)}/r{next(_TXN)}", {})
+    status, out = alice.receipt(room_id, a1, {"thread_id": "thread-a"})
+    assert (status, out.get("errcode")) == (400, "M_INVALID_PARAM")
+    alice.read(room_id, a1, thread_id=root_a)
+    assert _room(alice.sync(BY_THREAD), room_id)["unread_thread_notifications"] == {}
     # The receipts carry their thread to the other members.
     receipts = [e for e in _room(bob.sync(), room_id)["ephemeral"]["events"] if e["type"] == "m.receipt"]
     content = {eid: users for r in receipts for eid, types in r["content"].items()
                for users in [types.get("m.read", {})]}
     assert content[b1][alice.user_id]["thread_id"] == root_b
     assert content[root_a][alice.user_id]["thread_id"] in ("main", root_a)
+
+
+def test_history_purge_lowers_each_threads_count(zhome: ZhomeProcess, spec: Spec, tmp_path: Path) -> None:
+    from tests.e2e.test_admin_api import Admin
+
+    admin = Admin(zhome, "root", tmp_path)
+    alice, bob = U(zhome, "alice", spec), U(zhome, "bob", spec)
+    room_id = str(alice.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"])
+    bob.ok("POST", f"/rooms/{q(room_id)}/join", {})
+    root = bob.send(room_id, "topic")
+    bob.send(room_id, "r1", thread=root)
+    bob.send(room_id, "r2", thread=root, mention=alice.user_id)
+    bob.send(room_id, "main 1")
+    cut = bob.send(room_id, "main 2")
+    room = _room(alice.sync(BY_THREAD), room_id)
+    assert room["unread_notifications"] == _counts(3)
+    assert room["unread_thread_notifications"] == {root: _counts(2, 1)}
+
+    # Everything before "main 2" leaves the timeline, its notifications
+    # with it: each off its own thread's count.
+    purge_id = admin.ok("POST", f"/_synapse/admin/v1/purge_history/{q(room_id)}/{q(cut)}", {})["purge_id"]
+    status = "active"
+    for _ in range(100):
+        status = admin.ok("GET", f"/_synapse/admin/v1/purge_history_status/{purge_id}")["status"]
+        if status != "active":
+            break
+        time.sleep(0.1)
+    assert status == "complete"
+    room = _room(alice.sync(BY_THREAD), room_id)
+    assert room["unread_notifications"] == _counts(1)
+    # A thread left with nothing unread is not listed.
+    assert room["unread_thread_notifications"] == {}
+    assert _room(alice.sync(), room_id)["unread_notifications"] == _counts(1)
