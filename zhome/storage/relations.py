@@ -4,7 +4,8 @@ threads list and the bundled aggregations.
 Spec: client-server-api "Forming relationships between events" (a child's
 ``m.relates_to`` names its parent with ``rel_type`` and ``event_id``),
 "Relationships API", "Threading", "Event replacements", "Reference
-relations".
+relations", "Threaded read receipts" (the thread an event is in, for
+receipts and unread counts: ``thread_of_content_txn``, ``threads_of``).
 
 Event content is sealed at rest, so SQL cannot look inside it: every
 timeline event with a relation gets a row in ``event_relations`` in the

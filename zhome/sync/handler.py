@@ -4,7 +4,8 @@ Spec: client-server-api "Syncing" and GET /sync: initial and incremental
 sync, long-polling, ``full_state``, filters (timeline limit, types,
 lazy-loading members), joined/invited/knocked/left rooms with state,
 timeline (``limited``, ``prev_batch``), ephemeral events (typing,
-receipts), account data and unread notification counts; and for
+receipts), account data and unread notification counts (by thread when
+the timeline filter sets ``unread_thread_notifications``); and for
 end-to-end encryption ``to_device``, ``device_lists``,
 ``device_one_time_keys_count`` and ``device_unused_fallback_key_types``.
 """
