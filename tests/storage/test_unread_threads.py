@@ -100,14 +100,16 @@ async def test_history_purge_lowers_each_threads_count(tmp_path: Path, db_config
     room_id = await _room(hs)
     root = await _send(hs, room_id, BOB, _msg("root"))
     await _send(hs, room_id, BOB, _msg("r1", **_rel("m.thread", root.event_id)))
-    await _send(hs, room_id, BOB, _msg("r2", **_rel("m.thread", root.event_id)))
+    r2 = await _send(hs, room_id, BOB, _msg("r2", **_rel("m.thread", root.event_id)))
+    # In the thread through its relation to r2.
+    await _send(hs, room_id, BOB, _msg("about r2", **_rel("m.reference", r2.event_id)))
     await _send(hs, room_id, BOB, _msg("main 1"))
     cut = await _send(hs, room_id, BOB, _msg("main 2"))
     await _send(hs, room_id, BOB, _msg("r3", **_rel("m.thread", root.event_id)))
     assert await hs.events.get_unread_counts_by_thread(ALICE, [room_id]) == {
-        room_id: {MAIN_THREAD: (3, 0), root.event_id: (3, 0)}}
-    # Before "main 2": the root, r1, r2 and "main 1" go (and the room's
-    # creation events, which notified no one).
+        room_id: {MAIN_THREAD: (3, 0), root.event_id: (4, 0)}}
+    # Before "main 2": the root, r1, r2, the reference and "main 1" go (and
+    # the room's creation events, which notified no one).
     await hs.privacy_store.purge_history(room_id, cut.internal["stream_ordering"], True, ":test.local")
     assert await hs.events.get_unread_counts_by_thread(ALICE, [room_id]) == {
         room_id: {MAIN_THREAD: (1, 0), root.event_id: (1, 0)}}

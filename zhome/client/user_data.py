@@ -212,7 +212,7 @@ class UserDataServlets:
         its thread, is gone."""
         if ev.internal.get("redacted_by"):
             return
-        if thread_id == ev.event_id and thread_id != MAIN_THREAD:
+        if thread_id == ev.event_id:
             if await self.hs.relations.children(ev.room_id, ev.event_id, THREAD, None, -(2**62), 2**62,
                                                 False, 1):
                 return

@@ -87,20 +87,33 @@ def served_relation(ev: "Event") -> Optional[tuple[str, str]]:
     return relation_of(ev.content)
 
 
-def _thread_of_parent_txn(txn: Txn, room_id: str, parent: str, hops: int) -> str:
-    """The thread of an event whose own relation (not m.thread) points at
-    ``parent``: found by following the stored relations from ``parent``,
-    at most ``hops`` of them."""
+def _threads_via_parents_txn(txn: Txn, pending: dict[str, tuple[str, str]], hops: int) -> dict[str, str]:
+    """Event ID -> thread for events whose own relation (not m.thread)
+    points at a parent (``pending``: event ID -> (room ID, parent ID)):
+    the thread the parent is in, found by following the stored relations
+    from it, at most ``hops`` of them. One query per hop for all events."""
+    out: dict[str, str] = {}
     for _ in range(hops):
-        txn.execute("SELECT rel_type, parent_id FROM event_relations WHERE event_id = ? AND room_id = ?",
-                    (parent, room_id))
-        row = txn.fetchone()
-        if row is None:
-            return MAIN_THREAD
-        if row[0] == THREAD:
-            return str(row[1])
-        parent = str(row[1])
-    return MAIN_THREAD
+        if not pending:
+            break
+        rels: dict[str, tuple[str, str, str]] = {}
+        for chunk, qs in in_chunks(sorted({parent for _, parent in pending.values()})):
+            txn.execute(f"SELECT event_id, room_id, rel_type, parent_id FROM event_relations WHERE event_id IN ({qs})",
+                        tuple(chunk))
+            for event_id, room_id, rel_type, parent_id in txn.fetchall():
+                rels[event_id] = (room_id, rel_type, parent_id)
+        further: dict[str, tuple[str, str]] = {}
+        for event_id, (room_id, parent) in pending.items():
+            row = rels.get(parent)
+            if row is None or row[0] != room_id:
+                out[event_id] = MAIN_THREAD
+            elif row[1] == THREAD:
+                out[event_id] = row[2]
+            else:
+                further[event_id] = (room_id, row[2])
+        pending = further
+    out.update((event_id, MAIN_THREAD) for event_id in pending)
+    return out
 
 
 def thread_of_content_txn(txn: Txn, room_id: str, content: Any) -> str:
@@ -117,7 +130,7 @@ def thread_of_content_txn(txn: Txn, room_id: str, content: Any) -> str:
     rel_type, parent = rel
     if rel_type == THREAD:
         return parent
-    return _thread_of_parent_txn(txn, room_id, parent, MAX_RECURSION - 1)
+    return _threads_via_parents_txn(txn, {"": (room_id, parent)}, MAX_RECURSION - 1)[""]
 
 
 class AggRow(NamedTuple):
@@ -392,9 +405,9 @@ class RelationsStore:
         """Event ID -> the thread each event is in (``thread_of_content_txn``):
         a thread root's event ID or ``MAIN_THREAD``. A redacted event has
         lost its relation and is in the main timeline. Only events with
-        a relation other than m.thread cost a query."""
+        a relation other than m.thread cost queries: one per hop for all."""
         out: dict[str, str] = {}
-        follow: list[tuple[str, str, str]] = []
+        follow: dict[str, tuple[str, str]] = {}
         for ev in events:
             rel = served_relation(ev)
             if rel is None:
@@ -402,13 +415,10 @@ class RelationsStore:
             elif rel[0] == THREAD:
                 out[ev.event_id] = rel[1]
             else:
-                follow.append((ev.event_id, ev.room_id, rel[1]))
+                follow[ev.event_id] = (ev.room_id, rel[1])
         if follow:
-            def txn_fn(txn: Txn) -> dict[str, str]:
-                return {eid: _thread_of_parent_txn(txn, room_id, parent, MAX_RECURSION - 1)
-                        for eid, room_id, parent in follow}
-
-            out.update(await self.db.run_interaction("threads_of", txn_fn))
+            out.update(await self.db.run_interaction("threads_of", _threads_via_parents_txn, follow,
+                                                     MAX_RECURSION - 1))
         return out
 
     @staticmethod
@@ -417,14 +427,18 @@ class RelationsStore:
         are in a thread (by the index: run before ``forget_txn`` drops
         their rows); events in the main timeline are left out."""
         out: dict[str, str] = {}
+        follow: dict[str, tuple[str, str]] = {}
         for chunk, qs in in_chunks(event_ids):
             txn.execute(f"SELECT event_id, room_id, rel_type, parent_id FROM event_relations WHERE event_id IN ({qs})",
                         tuple(chunk))
             for event_id, room_id, rel_type, parent in txn.fetchall():
-                thread = str(parent) if rel_type == THREAD else _thread_of_parent_txn(
-                    txn, room_id, parent, MAX_RECURSION - 1)
-                if thread != MAIN_THREAD:
-                    out[event_id] = thread
+                if rel_type == THREAD:
+                    out[event_id] = str(parent)
+                else:
+                    follow[event_id] = (room_id, parent)
+        if follow:
+            out.update((e, t) for e, t in _threads_via_parents_txn(txn, follow, MAX_RECURSION - 1).items()
+                       if t != MAIN_THREAD)
         return out
 
     async def relation_type_of(self, event_id: str) -> Optional[str]:
