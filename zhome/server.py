@@ -289,6 +289,7 @@ class HomeServer:
 
         self.relations = RelationsStore(self.db, self.events)
         self.persister.txn_hooks.append(self.relations.persist_txn_hook)
+        self.notification_log.threads_of = self.relations.threads_of
         self.events.bundle_aggregations = BundledAggregations(self.events, self.relations, self.visibility,
                                                               self.user_data.get_ignored_users)
         self.event_creator.pre_send_checks.append(RelationChecks(self.events, self.relations))

@@ -76,12 +76,16 @@ def test_message_notifies_recipient_and_receipts_mark_read(zhome: ZhomeProcess) 
     # A private receipt counts as well.
     alice.ok("POST", f"/rooms/{q(room_id)}/receipt/m.read.private/{q(second)}", {})
     assert all(n["read"] for n in alice.notifications()["notifications"])
-    # A receipt in another thread does not read a main-timeline message.
+    # A receipt in a thread does not read a main-timeline message, even
+    # one older than the receipt's event; a main-timeline receipt does.
     third = bob.say(room_id, "one more")
-    alice.ok("POST", f"/rooms/{q(room_id)}/receipt/m.read/{q(third)}", {"thread_id": "$some-thread"})
-    assert alice.notifications()["notifications"][0]["read"] is False
+    reply = bob.send(room_id, {"msgtype": "m.text", "body": "in the thread",
+                               "m.relates_to": {"rel_type": "m.thread", "event_id": third}})
+    alice.ok("POST", f"/rooms/{q(room_id)}/receipt/m.read/{q(reply)}", {"thread_id": third})
+    got = {n["event"]["event_id"]: n["read"] for n in alice.notifications()["notifications"]}
+    assert got[reply] is True and got[third] is False
     alice.ok("POST", f"/rooms/{q(room_id)}/receipt/m.read/{q(third)}", {"thread_id": "main"})
-    assert alice.notifications()["notifications"][0]["read"] is True
+    assert all(n["read"] for n in alice.notifications()["notifications"])
 
     # A redacted event is listed redacted.
     bob.ok("PUT", f"/rooms/{q(room_id)}/redact/{q(first)}/r{next(_TXN)}", {"reason": "typo"})

@@ -27,6 +27,8 @@ from zhome.push.rules import (
     find_rule,
     is_default_rule_id,
 )
+from zhome.rooms.events import Event
+from zhome.storage.relations import MAIN_THREAD, THREAD
 
 if TYPE_CHECKING:
     from zhome.server import HomeServer
@@ -111,10 +113,11 @@ class UserDataServlets:
         if ev is None or ev.membership != "join":
             raise forbidden("You are not joined to this room")
 
-    async def _require_event_in_room(self, room_id: str, event_id: str) -> None:
+    async def _require_event_in_room(self, room_id: str, event_id: str) -> Event:
         ev = await self.hs.events.get_event(event_id)
         if ev is None or ev.room_id != room_id:
             raise not_found("Event not found in this room")
+        return ev
 
     async def _auth_self(self, request: Request, user_id: str, what: str) -> str:
         req = await self.hs.auth.get_user_by_req(request)
@@ -187,13 +190,37 @@ class UserDataServlets:
                 raise invalid_param("thread_id field must be a non-empty string")
             if receipt_type == "m.fully_read":
                 raise invalid_param("thread_id is not allowed for m.fully_read")
+            if thread_id != MAIN_THREAD and not thread_id.startswith("$"):
+                raise invalid_param("thread_id must be 'main' or the event ID of a thread root")
         await self._require_joined(room_id, req.user_id)
-        await self._require_event_in_room(room_id, event_id)
+        ev = await self._require_event_in_room(room_id, event_id)
+        if thread_id is not None:
+            await self._check_receipt_thread(ev, thread_id)
         if receipt_type == "m.fully_read":
             await self._set_fully_read(req.user_id, room_id, event_id)
         else:
             await self._set_read_receipt(req.user_id, room_id, receipt_type, event_id, thread_id)
         return 200, {}
+
+    async def _check_receipt_thread(self, ev: Event, thread_id: str) -> None:
+        """A threaded receipt's event must be in its thread ("Threaded read
+        receipts"; 400 M_INVALID_PARAM when "the event_id is not related to
+        the thread_id"): for ``main`` an event in no thread, else an event
+        of the thread with that root. Two events are let through: the thread
+        root itself (what the thread ID names; the receipt marks none of the
+        thread's events read) and a redacted event, whose relation, and so
+        its thread, is gone."""
+        if ev.internal.get("redacted_by"):
+            return
+        if thread_id == ev.event_id:
+            if await self.hs.relations.children(ev.room_id, ev.event_id, THREAD, None, -(2**62), 2**62,
+                                                False, 1):
+                return
+            raise invalid_param(f"{thread_id} is not the root of a thread")
+        in_thread = (await self.hs.relations.threads_of([ev]))[ev.event_id]
+        if in_thread != thread_id:
+            where = "the main timeline" if in_thread == MAIN_THREAD else f"thread {in_thread}"
+            raise invalid_param(f"Event {ev.event_id} is in {where}, not in thread {thread_id}")
 
     async def on_read_markers(self, request: Request, room_id: str) -> tuple[int, Any]:
         req = await self.hs.auth.get_user_by_req(request)
@@ -232,7 +259,7 @@ class UserDataServlets:
         # its owner only ("Private read receipts").
         pos = await self.hs.user_data.set_receipt(room_id, receipt_type, user_id, event_id, data,
                                                   thread_id=thread_id or "")
-        await self._recount_unread(user_id, room_id, event_id)
+        await self._recount_unread(user_id, room_id, thread_id)
         self.hs.notifier.on_receipt(pos, room_id)
         # The app's badge follows the new count.
         self.hs.push_delivery.on_unread_changed(user_id)
@@ -241,33 +268,53 @@ class UserDataServlets:
             # ones never leave this server.
             await self.hs.edu_sender.receipt(room_id, user_id, event_id, data)
 
-    async def _recount_unread(self, user_id: str, room_id: str, event_id: str) -> None:
-        """Unread counts after a read receipt: the events after the one read.
+    async def _recount_unread(self, user_id: str, room_id: str, thread_id: Optional[str]) -> None:
+        """Unread counts after a read receipt ("Marking notifications as
+        read"), by thread: in each thread, the notifying events after the
+        newest event the user's read receipts cover there, that is their
+        unthreaded receipts and their receipts for that thread, ``m.read``
+        or ``m.read.private``, whichever is ahead. An unthreaded receipt
+        recounts every thread, a threaded one (``thread_id``: a root or
+        ``main``) its own only.
 
         A receipt for an older event leaves the newer events counted
         ("Receiving notifications": counts are of events since the receipt).
         """
-        ev = await self.hs.events.get_event(event_id)
+        marks = await self.hs.notification_log.store.read_up_to(user_id, {room_id})
+        unthreaded = marks.get((room_id, ""))
+
+        def mark_of(thread: str) -> Optional[int]:
+            covered = [m for m in (unthreaded, marks.get((room_id, thread))) if m is not None]
+            return max(covered) if covered else None
+
+        start = unthreaded if thread_id is None else mark_of(thread_id)
         member_id = await self.hs.events.get_current_state_event_id(room_id, "m.room.member", user_id)
-        so = ev.internal.get("stream_ordering") if ev is not None else None
-        if so is None or member_id is None:
-            await self.hs.events.reset_unread(user_id, room_id)
+        if start is None or member_id is None:
+            await self.hs.events.set_unread_counts(user_id, room_id, {}, only_thread=thread_id)
             return
-        later = await self.hs.events.get_room_events_between(room_id, so, self.hs.notifier.events_pos,
+        later = await self.hs.events.get_room_events_between(room_id, start, self.hs.notifier.events_pos,
                                                              _MAX_UNREAD_RECOUNT, False)
+        threads = await self.hs.relations.threads_of(later) if later else {}
+        if thread_id is not None:
+            later = [e for e in later if threads[e.event_id] == thread_id]
         if later:
             # Push rules need the member count and power levels too; the
             # current state stands in for the state at each later event.
             state = await self.hs.events.get_current_state_ids(room_id)
         else:
             state = {("m.room.member", user_id): member_id}
-        notifications = highlights = 0
+        counts: dict[str, tuple[int, int]] = {}
         for later_ev in later:
+            thread = threads[later_ev.event_id]
+            mark = mark_of(thread)
+            if mark is not None and later_ev.internal.get("stream_ordering", 0) <= mark:
+                continue  # read by a receipt in its thread
             notify, highlight = (await self.hs.event_creator.unread_for(later_ev, state, for_user=user_id)).get(
                 user_id, (False, False))
-            notifications += int(notify)
-            highlights += int(highlight)
-        await self.hs.events.set_unread_counts(user_id, room_id, notifications, highlights)
+            if notify or highlight:
+                n, h = counts.get(thread, (0, 0))
+                counts[thread] = (n + int(notify), h + int(highlight))
+        await self.hs.events.set_unread_counts(user_id, room_id, counts, only_thread=thread_id)
 
     # -- account data ------------------------------------------------------------
     async def on_get_account_data(self, request: Request, user_id: str, data_type: str) -> tuple[int, Any]:

@@ -229,13 +229,14 @@ class EmailNotifier(Rounds):
             return []
         read = await self.notifications.read_up_to(user_id, {r.room_id for r in rows})
         events = await self.hs.events.get_events([r.event_id for r in rows])
+        threads = await self.hs.relations.threads_of(list(events.values())) if events else {}
         out: list[_Missed] = []
         membership: dict[str, Optional[str]] = {}
         for r in rows:
             ev = events.get(r.event_id)
             if ev is None or ev.rejected_reason or ev.sender == user_id:
                 continue
-            if is_read(r.stream_ordering, r.room_id, thread_of(ev), read):
+            if is_read(r.stream_ordering, r.room_id, threads.get(ev.event_id) or thread_of(ev), read):
                 continue
             if r.room_id not in membership:
                 membership[r.room_id] = await self.hs.membership.current_membership(r.room_id, user_id)

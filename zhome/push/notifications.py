@@ -43,7 +43,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 from twisted.internet import defer, task
 
@@ -72,7 +72,9 @@ class NotificationEntry:
 
 
 def thread_of(event: Event) -> str:
-    """The thread an event belongs to for receipts: its root, or ``main``."""
+    """The thread an event belongs to for receipts by its own relation: its
+    root, or ``main`` (RelationsStore.threads_of also follows relations to
+    other events, as the spec asks)."""
     rel = event.content.get("m.relates_to")
     if isinstance(rel, dict) and rel.get("rel_type") == "m.thread":
         root = rel.get("event_id")
@@ -126,6 +128,9 @@ class NotificationLog:
         self._fold_call: Any = None
         self._fold_run: Optional[defer.Deferred[None]] = None
         self._stopping = False
+        #: The thread of each event, following relations as unread counts
+        #: do (RelationsStore.threads_of); None: by its own relation only.
+        self.threads_of: Optional[Callable[[list[Event]], Awaitable[dict[str, str]]]] = None
 
     # -- recording (persistence hooks) ------------------------------------------
     def persist_txn_hook(self, txn: Txn, item: PersistItem) -> None:
@@ -225,14 +230,15 @@ class NotificationLog:
         first, and the ``next_token`` when older ones exist."""
         page = await self.store.get_page(user_id, before, limit, only_highlight)
         evs = await self.events.get_events([r.event_id for r in page.rows])
+        threads = await self.threads_of(list(evs.values())) if self.threads_of is not None and evs else {}
         out: list[NotificationEntry] = []
         for r in page.rows:
             ev = evs.get(r.event_id)
             if ev is None or ev.rejected_reason:
                 # Purged since (room deletion, erasure): nothing to show.
                 continue
-            out.append(NotificationEntry(r, ev, is_read(r.stream_ordering, r.room_id, thread_of(ev),
-                                                        page.read_up_to)))
+            thread = threads.get(ev.event_id) or thread_of(ev)
+            out.append(NotificationEntry(r, ev, is_read(r.stream_ordering, r.room_id, thread, page.read_up_to)))
         next_token = str(page.rows[-1].stream_ordering) if page.more and page.rows else None
         return out, next_token
 

@@ -22,6 +22,7 @@ from zhome.storage.event_media import EventMediaStore
 from zhome.storage.event_search import EventSearchStore
 from zhome.storage.ids import IdGenerator
 from zhome.storage.lru import LruCache
+from zhome.storage.relations import thread_of_content_txn
 
 # A state group's chain of deltas is cut by a full snapshot at this length.
 MAX_STATE_CHAIN = 64
@@ -249,14 +250,17 @@ class EventsStore:
                 (ev.sender, item.device_id, item.txn_id, ev.event_id),
             )
         if item.unread:
+            # The counts are kept by thread ("Threaded read receipts"); the
+            # event's thread is the same for every member, found once.
+            thread_id = thread_of_content_txn(txn, ev.room_id, ev.content)
             # One statement for every member (a big room has thousands):
             # on PostgreSQL pages of them per round trip, not one each.
             txn.executemany(
-                "INSERT INTO room_unread (user_id, room_id, notification_count, highlight_count)"
-                " VALUES (?,?,?,?) ON CONFLICT (user_id, room_id) DO UPDATE SET"
+                "INSERT INTO room_unread (user_id, room_id, thread_id, notification_count, highlight_count)"
+                " VALUES (?,?,?,?,?) ON CONFLICT (user_id, room_id, thread_id) DO UPDATE SET"
                 " notification_count = room_unread.notification_count + excluded.notification_count,"
                 " highlight_count = room_unread.highlight_count + excluded.highlight_count",
-                [(user_id, ev.room_id, int(notify), int(highlight))
+                [(user_id, ev.room_id, thread_id, int(notify), int(highlight))
                  for user_id, (notify, highlight) in item.unread.items()],
             )
 
@@ -871,14 +875,20 @@ class EventsStore:
         out.update(read)
         return out
 
-    async def get_unread_counts_for_rooms(self, user_id: str, room_ids: list[str]) -> dict[str, tuple[int, int]]:
+    async def get_unread_counts_by_thread(self, user_id: str,
+                                          room_ids: list[str]) -> dict[str, dict[str, tuple[int, int]]]:
+        """room_id -> thread ID (a thread root, or ``MAIN_THREAD``) ->
+        (notifications, highlights), for the threads with a row."""
         rows = await self.db.select_in(
             "unread_for_rooms",
-            "SELECT room_id, notification_count, highlight_count FROM room_unread WHERE user_id = ?"
+            "SELECT room_id, thread_id, notification_count, highlight_count FROM room_unread WHERE user_id = ?"
             " AND room_id IN ({in})",
             room_ids, before=(user_id,),
         )
-        return {r: (n, h) for r, n, h in rows}
+        out: dict[str, dict[str, tuple[int, int]]] = {}
+        for r, t, n, h in rows:
+            out.setdefault(r, {})[t] = (int(n), int(h))
+        return out
 
     async def get_rooms_changed_since(self, room_ids: list[str], since: int) -> set[str]:
         """Those of the rooms with an event in their timeline after ``since``."""
@@ -1026,17 +1036,20 @@ class EventsStore:
         return (rows[0][0], rows[0][1]) if rows else None
 
     async def get_unread_counts(self, user_id: str, room_id: str) -> tuple[int, int]:
+        """The user's unread counts in the room, summed over its threads."""
         rows = await self.db.execute(
             "unread_counts",
-            "SELECT notification_count, highlight_count FROM room_unread WHERE user_id = ? AND room_id = ?",
+            "SELECT SUM(notification_count), SUM(highlight_count) FROM room_unread WHERE user_id = ?"
+            " AND room_id = ?",
             user_id,
             room_id,
         )
-        return (rows[0][0], rows[0][1]) if rows else (0, 0)
+        return (int(rows[0][0] or 0), int(rows[0][1] or 0)) if rows else (0, 0)
 
     async def get_total_unread(self, user_id: str) -> int:
         """The user's unread notifications summed over the rooms they are
-        joined to (the badge count of push notifications)."""
+        joined to and all their threads (the badge count of push
+        notifications)."""
         rows = await self.db.execute(
             "total_unread",
             "SELECT SUM(u.notification_count) FROM room_unread u JOIN current_state_events c"
@@ -1044,21 +1057,24 @@ class EventsStore:
             " WHERE u.user_id = ? AND c.membership = 'join'", user_id)
         return int(rows[0][0] or 0) if rows else 0
 
-    async def reset_unread(self, user_id: str, room_id: str) -> None:
-        await self.db.run_interaction(
-            "reset_unread",
-            lambda txn: txn.execute("DELETE FROM room_unread WHERE user_id = ? AND room_id = ?", (user_id, room_id)),
-        )
-
-    async def set_unread_counts(self, user_id: str, room_id: str, notifications: int, highlights: int) -> None:
+    async def set_unread_counts(self, user_id: str, room_id: str, counts: dict[str, tuple[int, int]],
+                                only_thread: Optional[str] = None) -> None:
+        """Replace the user's unread counts in the room by ``counts`` (thread
+        ID -> (notifications, highlights); a thread left out has none). With
+        ``only_thread``, only that thread's counts are replaced."""
         def txn_fn(txn: Txn) -> None:
-            txn.execute("DELETE FROM room_unread WHERE user_id = ? AND room_id = ?", (user_id, room_id))
-            if notifications or highlights:
-                txn.execute(
-                    "INSERT INTO room_unread (user_id, room_id, notification_count, highlight_count)"
-                    " VALUES (?,?,?,?)",
-                    (user_id, room_id, notifications, highlights),
-                )
+            if only_thread is None:
+                txn.execute("DELETE FROM room_unread WHERE user_id = ? AND room_id = ?", (user_id, room_id))
+                rows = counts
+            else:
+                txn.execute("DELETE FROM room_unread WHERE user_id = ? AND room_id = ? AND thread_id = ?",
+                            (user_id, room_id, only_thread))
+                rows = {only_thread: counts[only_thread]} if only_thread in counts else {}
+            values = [(user_id, room_id, t, n, h) for t, (n, h) in sorted(rows.items()) if n or h]
+            if values:
+                txn.executemany(
+                    "INSERT INTO room_unread (user_id, room_id, thread_id, notification_count, highlight_count)"
+                    " VALUES (?,?,?,?,?)", values)
 
         await self.db.run_interaction("set_unread_counts", txn_fn)
 

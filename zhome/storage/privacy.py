@@ -19,7 +19,7 @@ from zhome.storage.event_search import EventSearchStore
 from zhome.storage.events import EventsStore
 from zhome.storage.ids import IdGenerator
 from zhome.storage.notifications import fold_staging_txn
-from zhome.storage.relations import RelationsStore
+from zhome.storage.relations import MAIN_THREAD, RelationsStore
 
 
 def _hold_row(row: tuple[Any, ...]) -> dict[str, Any]:
@@ -247,18 +247,26 @@ class PrivacyStore:
             rows = txn.fetchall()
             delete = [e for e, sender, sk in rows if sk is None and (delete_local or not sender.endswith(local_suffix))]
             hide = [e for e, sender, sk in rows if sk is not None or (not delete_local and sender.endswith(local_suffix))]
-            for chunk, qs in in_chunks([e for e, _, _ in rows]):
-                args = tuple(chunk)
-                by_position = f"stream_ordering IN (SELECT stream_ordering FROM events WHERE event_id IN ({qs}))"
-                txn.execute("SELECT user_id, COUNT(*), SUM(highlight) FROM user_notifications"
-                            f" WHERE {by_position} GROUP BY user_id", args)
-                for user_id, n, hl in txn.fetchall():
-                    n, hl = int(n), int(hl or 0)
-                    txn.execute("UPDATE room_unread SET notification_count = CASE WHEN notification_count > ?"
-                                " THEN notification_count - ? ELSE 0 END, highlight_count = CASE WHEN"
-                                " highlight_count > ? THEN highlight_count - ? ELSE 0 END"
-                                " WHERE user_id = ? AND room_id = ?", (n, n, hl, hl, user_id, room_id))
-                txn.execute(f"DELETE FROM user_notifications WHERE {by_position}", args)
+            # Each event's notifications came off its thread's count (read
+            # from the relations index before its rows go, below).
+            in_thread = RelationsStore.stored_threads_txn(txn, [e for e, _, _ in rows])
+            by_thread: dict[str, list[str]] = {}
+            for e, _, _ in rows:
+                by_thread.setdefault(in_thread.get(e, MAIN_THREAD), []).append(e)
+            for thread_id, thread_events in sorted(by_thread.items()):
+                for chunk, qs in in_chunks(thread_events):
+                    args = tuple(chunk)
+                    by_position = f"stream_ordering IN (SELECT stream_ordering FROM events WHERE event_id IN ({qs}))"
+                    txn.execute("SELECT user_id, COUNT(*), SUM(highlight) FROM user_notifications"
+                                f" WHERE {by_position} GROUP BY user_id", args)
+                    for user_id, n, hl in txn.fetchall():
+                        n, hl = int(n), int(hl or 0)
+                        txn.execute("UPDATE room_unread SET notification_count = CASE WHEN notification_count > ?"
+                                    " THEN notification_count - ? ELSE 0 END, highlight_count = CASE WHEN"
+                                    " highlight_count > ? THEN highlight_count - ? ELSE 0 END"
+                                    " WHERE user_id = ? AND room_id = ? AND thread_id = ?",
+                                    (n, n, hl, hl, user_id, room_id, thread_id))
+                    txn.execute(f"DELETE FROM user_notifications WHERE {by_position}", args)
             for chunk, qs in in_chunks(delete):
                 args = tuple(chunk)
                 txn.execute(f"DELETE FROM redactions WHERE event_id IN ({qs}) OR redacts IN ({qs})", args + args)

@@ -4,7 +4,8 @@ threads list and the bundled aggregations.
 Spec: client-server-api "Forming relationships between events" (a child's
 ``m.relates_to`` names its parent with ``rel_type`` and ``event_id``),
 "Relationships API", "Threading", "Event replacements", "Reference
-relations".
+relations", "Threaded read receipts" (the thread an event is in, for
+receipts and unread counts: ``thread_of_content_txn``, ``threads_of``).
 
 Event content is sealed at rest, so SQL cannot look inside it: every
 timeline event with a relation gets a row in ``event_relations`` in the
@@ -53,8 +54,12 @@ ANNOTATION = "m.annotation"
 MAX_ID_LEN = 255
 #: References bundled with one parent at most (the oldest first).
 MAX_BUNDLED_REFERENCES = 1000
-#: How deep ``recurse`` follows relations (the spec asks for at least 3).
+#: How deep ``recurse`` follows relations (the spec asks for at least 3),
+#: and how many relations are followed to find an event's thread.
 MAX_RECURSION = 3
+#: The thread ID of the main timeline: every event in no thread, thread
+#: roots included (client-server-api "Threaded read receipts").
+MAIN_THREAD = "main"
 BACKFILL_BATCH = 500
 BACKFILL_PAUSE_S = 0.05
 
@@ -80,6 +85,52 @@ def served_relation(ev: "Event") -> Optional[tuple[str, str]]:
     if ev.internal.get("redacted_by"):
         return None
     return relation_of(ev.content)
+
+
+def _threads_via_parents_txn(txn: Txn, pending: dict[str, tuple[str, str]], hops: int) -> dict[str, str]:
+    """Event ID -> thread for events whose own relation (not m.thread)
+    points at a parent (``pending``: event ID -> (room ID, parent ID)):
+    the thread the parent is in, found by following the stored relations
+    from it, at most ``hops`` of them. One query per hop for all events."""
+    out: dict[str, str] = {}
+    for _ in range(hops):
+        if not pending:
+            break
+        rels: dict[str, tuple[str, str, str]] = {}
+        for chunk, qs in in_chunks(sorted({parent for _, parent in pending.values()})):
+            txn.execute(f"SELECT event_id, room_id, rel_type, parent_id FROM event_relations WHERE event_id IN ({qs})",
+                        tuple(chunk))
+            for event_id, room_id, rel_type, parent_id in txn.fetchall():
+                rels[event_id] = (room_id, rel_type, parent_id)
+        further: dict[str, tuple[str, str]] = {}
+        for event_id, (room_id, parent) in pending.items():
+            row = rels.get(parent)
+            if row is None or row[0] != room_id:
+                out[event_id] = MAIN_THREAD
+            elif row[1] == THREAD:
+                out[event_id] = row[2]
+            else:
+                further[event_id] = (room_id, row[2])
+        pending = further
+    out.update((event_id, MAIN_THREAD) for event_id in pending)
+    return out
+
+
+def thread_of_content_txn(txn: Txn, room_id: str, content: Any) -> str:
+    """The thread an event with this content is in, for receipts and unread
+    counts (client-server-api "Threaded read receipts"): the root named by
+    an m.thread relation; else, for an event relating to another (a
+    reaction, an edit, a reference), the thread of the event it relates
+    to, following relations for at most ``MAX_RECURSION`` hops in all;
+    else the main timeline. A thread root is in the main timeline, as is
+    what relates to it other than by m.thread."""
+    rel = relation_of(content)
+    if rel is None:
+        return MAIN_THREAD
+    rel_type, parent = rel
+    if rel_type == THREAD:
+        return parent
+    return _threads_via_parents_txn(txn, {"": (room_id, parent)}, MAX_RECURSION - 1)[""]
 
 
 class AggRow(NamedTuple):
@@ -349,6 +400,46 @@ class RelationsStore:
         rows = await self.db.execute("relations_threads", sql + " ORDER BY t.latest_stream_ordering DESC LIMIT ?",
                                      *args, limit)
         return [(e, int(so)) for e, so in rows]
+
+    async def threads_of(self, events: "list[Event]") -> dict[str, str]:
+        """Event ID -> the thread each event is in (``thread_of_content_txn``):
+        a thread root's event ID or ``MAIN_THREAD``. A redacted event has
+        lost its relation and is in the main timeline. Only events with
+        a relation other than m.thread cost queries: one per hop for all."""
+        out: dict[str, str] = {}
+        follow: dict[str, tuple[str, str]] = {}
+        for ev in events:
+            rel = served_relation(ev)
+            if rel is None:
+                out[ev.event_id] = MAIN_THREAD
+            elif rel[0] == THREAD:
+                out[ev.event_id] = rel[1]
+            else:
+                follow[ev.event_id] = (ev.room_id, rel[1])
+        if follow:
+            out.update(await self.db.run_interaction("threads_of", _threads_via_parents_txn, follow,
+                                                     MAX_RECURSION - 1))
+        return out
+
+    @staticmethod
+    def stored_threads_txn(txn: Txn, event_ids: list[str]) -> dict[str, str]:
+        """Event ID -> thread root for those of the stored ``event_ids`` that
+        are in a thread (by the index: run before ``forget_txn`` drops
+        their rows); events in the main timeline are left out."""
+        out: dict[str, str] = {}
+        follow: dict[str, tuple[str, str]] = {}
+        for chunk, qs in in_chunks(event_ids):
+            txn.execute(f"SELECT event_id, room_id, rel_type, parent_id FROM event_relations WHERE event_id IN ({qs})",
+                        tuple(chunk))
+            for event_id, room_id, rel_type, parent in txn.fetchall():
+                if rel_type == THREAD:
+                    out[event_id] = str(parent)
+                else:
+                    follow[event_id] = (room_id, parent)
+        if follow:
+            out.update((e, t) for e, t in _threads_via_parents_txn(txn, follow, MAX_RECURSION - 1).items()
+                       if t != MAIN_THREAD)
+        return out
 
     async def relation_type_of(self, event_id: str) -> Optional[str]:
         """The rel_type of the event's own relation (None: it has none)."""

@@ -116,6 +116,8 @@ class EventFilter:
         self.lazy_load_members = bool(f.get("lazy_load_members", False))
         self.include_redundant_members = bool(f.get("include_redundant_members", False))
         self.contains_url = f.get("contains_url")
+        # Per-thread notification counts in /sync ("Receiving notifications").
+        self.unread_thread_notifications = bool(f.get("unread_thread_notifications", False))
         self.ignored: frozenset[str] = frozenset()
 
     def matches_type(self, etype: str) -> bool:

@@ -4,7 +4,8 @@ Spec: client-server-api "Syncing" and GET /sync: initial and incremental
 sync, long-polling, ``full_state``, filters (timeline limit, types,
 lazy-loading members), joined/invited/knocked/left rooms with state,
 timeline (``limited``, ``prev_batch``), ephemeral events (typing,
-receipts), account data and unread notification counts; and for
+receipts), account data and unread notification counts (by thread when
+the timeline filter sets ``unread_thread_notifications``); and for
 end-to-end encryption ``to_device``, ``device_lists``,
 ``device_one_time_keys_count`` and ``device_unused_fallback_key_types``.
 """
@@ -21,6 +22,7 @@ from zhome.http.auth import Requester
 from zhome.push.rules import load_ruleset
 from zhome.rooms.events import Event, StateMap
 from zhome.storage.lru import LruCache
+from zhome.storage.relations import MAIN_THREAD
 from zhome.sync.filtering import EventFilter, SyncFilter
 from zhome.sync.notifier import StreamToken
 
@@ -167,19 +169,25 @@ class SyncHandler:
             if check:
                 pre.visibility = await self.hs.visibility.groups_visibility(user_id, check)
                 pre.latest_joins = await self.hs.visibility.latest_joins(user_id, sorted({e.room_id for e in check}))
-        pre.unread = await self.events.get_unread_counts_for_rooms(user_id, joined_rooms) if joined_rooms else {}
+        pre.unread = await self.events.get_unread_counts_by_thread(user_id, joined_rooms) if joined_rooms else {}
+        by_thread = flt.timeline.unread_thread_notifications
+        # Rooms where the user's own read receipts moved: their counts were
+        # recounted, so the room is reported even when the client's filter
+        # leaves the receipts themselves out.
+        recounted = {row[0] for rows in receipts_by_room.values() for row in rows
+                     if row[2] == user_id and row[1] in ("m.read", "m.read.private")} if since is not None else set()
 
         for room_id in joined_rooms:
             newly_joined = room_id in fresh
             if since is not None and not full_state and room_id not in changed_rooms and not newly_joined:
                 eph = self._ephemeral(user_id, room_id, receipts_by_room.get(room_id, []), since, now, flt)
                 ad = room_account_data.get(room_id)
-                if eph or ad:
+                if eph or ad or room_id in recounted:
                     entry: dict[str, Any] = {"timeline": {"events": [], "limited": False,
                                                           "prev_batch": now.encode()},
                                              "state": {"events": []}, "ephemeral": {"events": eph},
                                              "account_data": {"events": ad or []}}
-                    entry["unread_notifications"] = _unread(pre, room_id)
+                    _add_unread(entry, pre, room_id, by_thread)
                     entry["summary"] = {}
                     join[room_id] = entry
                 continue
@@ -191,10 +199,10 @@ class SyncHandler:
             entry["account_data"] = {"events": room_account_data.get(room_id, [])}
             if (since is not None and not full_state and not newly_joined and not entry["timeline"]["events"]
                     and not entry["state"]["events"] and not entry["ephemeral"]["events"]
-                    and not entry["account_data"]["events"]):
+                    and not entry["account_data"]["events"] and room_id not in recounted):
                 # Everything that changed was filtered out.
                 continue
-            entry["unread_notifications"] = _unread(pre, room_id)
+            _add_unread(entry, pre, room_id, by_thread)
             entry["summary"] = _summary(pre.current.get(room_id, {}), user_id)
             join[room_id] = entry
 
@@ -574,7 +582,8 @@ class _Prefetch:
     def __init__(self) -> None:
         self.batches: dict[str, list[Event]] = {}
         self.current: dict[str, dict[tuple[str, str], tuple[str, Optional[str]]]] = {}
-        self.unread: dict[str, tuple[int, int]] = {}
+        # Room -> thread ID -> the user's (notifications, highlights).
+        self.unread: dict[str, dict[str, tuple[int, int]]] = {}
         # Rooms with events past the response's token.
         self.ahead: set[str] = set()
         # The user's own membership events, by event ID.
@@ -586,9 +595,20 @@ class _Prefetch:
         self.latest_joins: dict[str, int] = {}
 
 
-def _unread(pre: _Prefetch, room_id: str) -> dict[str, int]:
-    n, h = pre.unread.get(room_id, (0, 0))
-    return {"notification_count": n, "highlight_count": h}
+def _add_unread(entry: dict[str, Any], pre: _Prefetch, room_id: str, by_thread: bool) -> None:
+    """The room's unread counts: summed over its threads; or, when the
+    filter asks for ``unread_thread_notifications``, the main timeline's
+    in ``unread_notifications`` and each thread with any by its root."""
+    counts = pre.unread.get(room_id, {})
+    if not by_thread:
+        entry["unread_notifications"] = {"notification_count": sum(n for n, _ in counts.values()),
+                                         "highlight_count": sum(h for _, h in counts.values())}
+        return
+    n, h = counts.get(MAIN_THREAD, (0, 0))
+    entry["unread_notifications"] = {"notification_count": n, "highlight_count": h}
+    entry["unread_thread_notifications"] = {
+        root: {"notification_count": n, "highlight_count": h}
+        for root, (n, h) in sorted(counts.items()) if root != MAIN_THREAD and (n or h)}
 
 
 def _summary(current: dict[tuple[str, str], tuple[str, Optional[str]]], user_id: str) -> dict[str, Any]:
