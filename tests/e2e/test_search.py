@@ -317,3 +317,148 @@ def test_search_ten_thousand_messages_sqlite(tmp_path: Path, spec: Spec) -> None
         assert time.monotonic() - started < 120
     finally:
         hs.stop()
+
+
+# -- edits ----------------------------------------------------------------------------------------
+def _edit(user: ClientUser, room: str, original: str, body: str, fallback: Optional[str] = None,
+          etype: str = "m.room.message") -> str:
+    content = {"msgtype": "m.text", "body": fallback or f"* {body}",
+               "m.new_content": {"msgtype": "m.text", "body": body},
+               "m.relates_to": {"rel_type": "m.replace", "event_id": original}}
+    path = f"/rooms/{q(room)}/send/{q(etype)}/{secrets.token_hex(8)}"
+    return str(user.ok("PUT", path, content)["event_id"])
+
+
+def _latest_of(user: ClientUser, room: str, edits: list[str]) -> str:
+    """The spec's most recent replacement: by origin_server_ts, then the
+    lexicographically largest event ID."""
+    ts = {e: user.ok("GET", f"/rooms/{q(room)}/event/{q(e)}")["origin_server_ts"] for e in edits}
+    return max(edits, key=lambda e: (ts[e], e))
+
+
+def _db(hs: ZhomeProcess, sql: str, args: tuple[Any, ...] = (), write: bool = False) -> list[tuple[Any, ...]]:
+    """A statement on the server's database, straight (placeholders: ?)."""
+    url = _database_url(hs)
+    if url:
+        import psycopg2
+
+        conn = psycopg2.connect(url)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql.replace("?", "%s"), args)
+                rows = [] if write else [tuple(r) for r in cur.fetchall()]
+            conn.commit()
+            return rows
+        finally:
+            conn.close()
+    import sqlite3
+
+    lite = sqlite3.connect(str(hs.workdir / "data" / "homeserver.db"), timeout=30)
+    try:
+        rows = [tuple(r) for r in lite.execute(sql, args).fetchall()]
+        lite.commit()
+        return rows
+    finally:
+        lite.close()
+
+
+def test_search_sees_the_latest_edit(zhome: ZhomeProcess, spec: Spec) -> None:
+    """A message is found by the words of its latest valid edit, as the
+    original event with that edit bundled; never by its older words, never
+    as the edit event; invalid edits change nothing; redacting edits brings
+    earlier words back; the background pass gives the same index."""
+    alice, bob, dave = (ClientUser(zhome, n) for n in ("alice", "bob", "dave"))
+    room = alice.ok("POST", "/createRoom", {"preset": "public_chat", "topic": "Cardiology rota"})["room_id"]
+    bob.ok("POST", f"/rooms/{q(room)}/join", {})
+    dave.ok("POST", f"/rooms/{q(room)}/join", {})
+    s = Searcher(bob, spec)
+
+    def hits(term: str, searcher: Searcher = s) -> list[dict[str, Any]]:
+        results, _ = searcher.all({"search_term": term, "filter": {"limit": 3}})
+        return [r["result"] for r in results]
+
+    def found(term: str, searcher: Searcher = s) -> list[str]:
+        return [ev["event_id"] for ev in hits(term, searcher)]
+
+    def bundled(term: str) -> list[Optional[str]]:
+        return [ev.get("unsigned", {}).get("m.relations", {}).get("m.replace", {}).get("event_id")
+                for ev in hits(term)]
+
+    original = _send(alice, room, "Morning handover for bed one")
+    other = _send(alice, room, "Handover done for bed nine")
+    first = _edit(alice, room, original, "Evening report for bed two", fallback="* fallbackword")
+    # The original is the hit, with its content as sent and the edit bundled; the edit is no hit.
+    assert found("evening") == [original] and bundled("evening") == [first]
+    assert hits("evening")[0]["content"]["body"] == "Morning handover for bed one"
+    assert found("morning") == [] and found("fallbackword") == []
+    assert sorted(found("handover")) == [other]
+    assert sorted(found("bed")) == sorted([original, other])
+
+    # A later edit replaces the earlier one; a third right after, the spec's rule picks the latest.
+    second = _edit(alice, room, original, "Night summary for bed three")
+    third = _edit(alice, room, original, "Night summary for bed four")
+    latest = _latest_of(alice, room, [first, second, third])
+    words = {second: "three", third: "four"}
+    assert latest in words, "the first edit cannot be the latest"
+    assert found(words[latest]) == [original] and bundled("night") == [latest]
+    assert found(words[second if latest == third else third]) == [] and found("evening") == []
+
+    # Invalid edits change nothing: another sender, an edit of an edit, of a state event, another type.
+    _edit(bob, room, original, "bobsword overwrite")
+    _edit(alice, room, latest, "editofedit words")
+    topic = alice.ok("GET", f"/rooms/{q(room)}/state/m.room.topic/")
+    state_ids = {e["type"]: e["event_id"] for e in alice.ok("GET", f"/rooms/{q(room)}/state")}
+    assert topic["topic"] == "Cardiology rota"
+    _edit(alice, room, state_ids["m.room.topic"], "topicedit words")
+    _edit(alice, room, original, "othertype words", etype="m.room.topic")
+    alice.ok("PUT", f"/rooms/{q(room)}/send/m.room.message/{secrets.token_hex(8)}", {
+        "msgtype": "m.text", "body": "nonewcontent words",
+        "m.relates_to": {"rel_type": "m.replace", "event_id": original}})
+    for term in ("bobsword", "editofedit", "topicedit", "othertype", "nonewcontent"):
+        assert found(term) == [], term
+    assert found(words[latest]) == [original] and bundled("night") == [latest]
+    assert len(found("cardiology")) == 1
+
+    # A former member does not find the message by what an edit after they left made it say.
+    late = _send(alice, room, "Ward round at noon")
+    assert found("noon", Searcher(dave, spec)) == [late]
+    dave.ok("POST", f"/rooms/{q(room)}/leave", {})
+    late_edit = _edit(alice, room, late, "Ward round at dusk")
+    assert found("dusk") == [late] and found("dusk", Searcher(dave, spec)) == []
+    assert found("night", Searcher(dave, spec)) == [original]
+
+    # Redacting the latest edit brings the one before back, then the original's own words.
+    alice.ok("PUT", f"/rooms/{q(room)}/redact/{q(latest)}/{secrets.token_hex(4)}", {})
+    before = _latest_of(alice, room, [first] + [e for e in (second, third) if e != latest])
+    assert before in words, "the first edit is older than both others"
+    assert found(words[before]) == [original] and bundled("night") == [before] and found(words[latest]) == []
+    alice.ok("PUT", f"/rooms/{q(room)}/redact/{q(before)}/{secrets.token_hex(4)}", {})
+    assert found("evening") == [original] and bundled("evening") == [first] and found("night") == []
+    alice.ok("PUT", f"/rooms/{q(room)}/redact/{q(first)}/{secrets.token_hex(4)}", {})
+    assert found("morning") == [original] and bundled("morning") == [None] and found("evening") == []
+    # Redacting an original takes it out with its edits.
+    fourth = _edit(alice, room, original, "Final words")
+    assert found("final") == [original]
+    alice.ok("PUT", f"/rooms/{q(room)}/redact/{q(original)}/{secrets.token_hex(4)}", {})
+    assert found("final") == [] and found("morning") == []
+    _edit(alice, room, original, "After the redaction")
+    assert found("redaction") == [] and fourth not in found("bed")
+
+    # The background pass over stored events gives the index the persist path gave.
+    terms = ["morning", "evening", "night", "three", "four", "bed", "handover", "dusk", "noon", "ward",
+             "bobsword", "editofedit", "topicedit", "othertype", "nonewcontent", "fallbackword", "final", "redaction", "cardiology"]
+    live = {t: sorted(found(t)) for t in terms}
+    live_rows = sorted(_db(zhome, "SELECT event_id, edit_id FROM event_search"))
+    assert (late, late_edit) in live_rows
+    zhome.stop()
+    _db(zhome, "DELETE FROM event_search", write=True)
+    _db(zhome, "DELETE FROM at_rest_progress WHERE name IN ('event_search', 'event_search_done')", write=True)
+    zhome.start()
+    for _ in range(300):
+        if _db(zhome, "SELECT 1 FROM at_rest_progress WHERE name = 'event_search_done'"):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the background pass did not finish")
+    assert sorted(_db(zhome, "SELECT event_id, edit_id FROM event_search")) == live_rows
+    assert {t: sorted(found(t)) for t in terms} == live

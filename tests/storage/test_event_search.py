@@ -78,9 +78,9 @@ def test_text_of_takes_the_searchable_field() -> None:
     assert text_of("m.room.topic", {"topic": "Beds"}) == ("content.topic", "Beds")
     assert text_of("m.room.member", {"displayname": "x"}) is None
     assert text_of("m.room.message", {"body": 5}) is None
-    edit = {"body": "* new text", "m.new_content": {"body": "new text"},
-            "m.relates_to": {"rel_type": "m.replace", "event_id": "$x"}}
-    assert text_of("m.room.message", edit) == ("content.body", "new text")
+    # An edit's new content is read the same way, in place of its original's.
+    assert text_of("m.room.message", {"body": "new text", "msgtype": "m.text"}) == ("content.body", "new text")
+    assert text_of("m.room.message", None) is None
 
 
 # -- the index ----------------------------------------------------------------------------------
@@ -168,13 +168,16 @@ async def test_index_and_search(tmp_path: Path, db_config: tuple[str, dict[str, 
     await hs.privacy_store.purge_content([a])
     assert await _find(hs, "morphine", [room]) == []
     assert await _find(hs, "four", [room]) == [c]
-    # An edit is found by its new text, not by the "* " fallback.
+    # An edit: the original is found by its new text (not the "* " fallback), the edit itself is no hit.
     edit = (await hs.event_creator.send(room, "m.room.message", ALICE, {
         "msgtype": "m.text", "body": "* four beds, one isolation",
         "m.new_content": {"msgtype": "m.text", "body": "Four beds free, one isolation"},
         "m.relates_to": {"rel_type": "m.replace", "event_id": c}})).event_id
-    assert await _find(hs, "isolation", [room]) == [edit]
-    assert await _find(hs, '"free one isolation"', [room]) == [edit]
+    assert await _find(hs, "isolation", [room]) == [c]
+    assert await _find(hs, '"free one isolation"', [room]) == [c]
+    assert await _find(hs, "ward", [room], keys=("content.body",)) == []
+    hits = await hs.event_search.search(parse_query("isolation"), [(room, ALL)], SEARCH_KEYS, "recent", 10)
+    assert [h.edit_id for h in hits] == [edit]
     # Purged history leaves the index, kept (local) events included.
     last = await _say(hs, room, "four more")
     last_so = (await hs.events.get_event(last)).internal["stream_ordering"]  # type: ignore[union-attr]
