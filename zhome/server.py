@@ -215,14 +215,18 @@ class HomeServer:
 
         self.media_admin = MediaAdminStore(db)
         await self.media_admin.load()
-        self.privacy_store = PrivacyStore(db, self.events, await IdGenerator.from_table(db, "legal_holds", "id"))
         from zhome.storage.event_media import EventMediaStore
+        from zhome.storage.event_search import EventSearchStore
+        from zhome.storage.relations import RelationsStore
 
         self.event_media = EventMediaStore(db, self.events)
-        from zhome.storage.event_search import EventSearchStore
-
-        self.event_search = EventSearchStore(db, self.events, self.sealer)
+        # The relations index is written before the search index, which reads edits from it.
+        self.relations = RelationsStore(db, self.events)
+        self.persister.txn_hooks.append(self.relations.persist_txn_hook)
+        self.event_search = EventSearchStore(db, self.events, self.sealer, self.relations, self.server_name)
         self.persister.txn_hooks.append(self.event_search.persist_txn_hook)
+        self.privacy_store = PrivacyStore(db, self.events, await IdGenerator.from_table(db, "legal_holds", "id"),
+                                          self.event_search)
         self.guest_access = GuestAccessEnforcer(self.events, self.accounts, self.membership)
         self.persister.hooks.append(self.guest_access.after_persist)
         self.room_creation = RoomCreationService(self.server_name, self.event_creator, self.membership, self.rooms,
@@ -279,16 +283,13 @@ class HomeServer:
         self.relations.start()
 
     def _setup_relations(self) -> None:
-        """The relations index, written with every timeline event
-        (zhome/storage/relations.py), the bundled aggregations of events
+        """On the relations index (zhome/storage/relations.py, written with
+        every timeline event, set up with the search index): the bundled aggregations of events
         served to clients (zhome/client/aggregations.py) and the checks on
         new relations (zhome/client/relations.py)."""
         from zhome.client.aggregations import BundledAggregations
         from zhome.client.relations import RelationChecks
-        from zhome.storage.relations import RelationsStore
 
-        self.relations = RelationsStore(self.db, self.events)
-        self.persister.txn_hooks.append(self.relations.persist_txn_hook)
         self.notification_log.threads_of = self.relations.threads_of
         self.events.bundle_aggregations = BundledAggregations(self.events, self.relations, self.visibility,
                                                               self.user_data.get_ignored_users)

@@ -438,6 +438,12 @@ def test_request_authentication(world: World) -> None:
                               world.e.key)
         status, body = world.e.request(world.a, "PUT", txn_path, dict(txn, origin=claimed), auth=header)
         assert status == 401 and body["errcode"] == "M_UNAUTHORIZED", (claimed, status, body)
+    # An origin that is no server name (a port of letters): a malformed request, not bad credentials.
+    for claimed in ("localhost:http", "e.example:"):
+        header = sign_request(claimed, world.a.server_name, "PUT", txn_path, dict(txn, origin=claimed),
+                              world.e.key)
+        status, body = world.e.request(world.a, "PUT", txn_path, dict(txn, origin=claimed), auth=header)
+        assert status == 400 and body["errcode"] == "M_UNAUTHORIZED", (claimed, status, body)
     # A valid header, but over another body.
     status, body = world.send_txn([signed], signed_content={"origin": world.e.server_name, "pdus": [],
                                                             "edus": []})

@@ -1,8 +1,10 @@
 """Server-side search end to end on both engines: several hundred messages
 searched through POST /search with paging by next_batch until exhausted,
 rank and recent order, filters, groupings, context with profiles, current
-state, history visibility, redaction, bad input, the spec's response
-schema, and no searched word in the clear in the database.
+state, history visibility, redaction, edits (a message found by its latest
+valid edit, locally and when the edit came first over federation), bad
+input, the spec's response schema, and no searched word in the clear in
+the database.
 
 Spec: client-server-api "Server Side Search" (search.yaml); the index is
 described in zhome/storage/event_search.py.
@@ -24,6 +26,7 @@ from tests.e2e.harness import ClientUser, ZhomeProcess, q
 from tests.e2e.openapi import Spec, spec_data_dir
 from tests.e2e.test_admin_api import Admin
 from tests.e2e.test_erasure import _bytes_on_disk, _database_url, _pg_dump
+from tests.e2e.test_federation_hostile import World, world  # noqa: F401 - A, and E with mallory in A's room
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +40,49 @@ def spec() -> Spec:
 def _send(user: ClientUser, room: str, body: str, **extra: Any) -> str:
     content = {"msgtype": "m.text", "body": body, **extra}
     return str(user.ok("PUT", f"/rooms/{q(room)}/send/m.room.message/{secrets.token_hex(8)}", content)["event_id"])
+
+
+# -- edits ----------------------------------------------------------------------------------------
+def _edit(user: ClientUser, room: str, original: str, body: str, fallback: Optional[str] = None,
+          etype: str = "m.room.message") -> str:
+    content = {"msgtype": "m.text", "body": fallback or f"* {body}",
+               "m.new_content": {"msgtype": "m.text", "body": body},
+               "m.relates_to": {"rel_type": "m.replace", "event_id": original}}
+    path = f"/rooms/{q(room)}/send/{q(etype)}/{secrets.token_hex(8)}"
+    return str(user.ok("PUT", path, content)["event_id"])
+
+
+def _latest_of(user: ClientUser, room: str, edits: list[str]) -> str:
+    """The spec's most recent replacement: by origin_server_ts, then the
+    lexicographically largest event ID."""
+    ts = {e: user.ok("GET", f"/rooms/{q(room)}/event/{q(e)}")["origin_server_ts"] for e in edits}
+    return max(edits, key=lambda e: (ts[e], e))
+
+
+def _db(hs: ZhomeProcess, sql: str, args: tuple[Any, ...] = (), write: bool = False) -> list[tuple[Any, ...]]:
+    """A statement on the server's database, straight (placeholders: ?)."""
+    url = _database_url(hs)
+    if url:
+        import psycopg2
+
+        conn = psycopg2.connect(url)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql.replace("?", "%s"), args)
+                rows = [] if write else [tuple(r) for r in cur.fetchall()]
+            conn.commit()
+            return rows
+        finally:
+            conn.close()
+    import sqlite3
+
+    lite = sqlite3.connect(str(hs.workdir / "data" / "homeserver.db"), timeout=30)
+    try:
+        rows = [tuple(r) for r in lite.execute(sql, args).fetchall()]
+        lite.commit()
+        return rows
+    finally:
+        lite.close()
 
 
 class Searcher:
@@ -252,26 +298,8 @@ def test_search_index_holds_no_plaintext(zhome: ZhomeProcess, spec: Spec, db_con
 
 def _index_rows(hs: ZhomeProcess, event_ids: list[str]) -> int:
     """How many of ``event_ids`` have a row in the index (server stopped)."""
-    url = _database_url(hs)
-    sql = "SELECT COUNT(*) FROM event_search WHERE event_id IN ({})".format(
-        ",".join(["%s" if url else "?"] * len(event_ids)))
-    if url:
-        import psycopg2
-
-        conn = psycopg2.connect(url)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql, event_ids)
-                return int(cur.fetchone()[0])
-        finally:
-            conn.close()
-    import sqlite3
-
-    lite = sqlite3.connect(str(hs.workdir / "data" / "homeserver.db"))
-    try:
-        return int(lite.execute(sql, event_ids).fetchone()[0])
-    finally:
-        lite.close()
+    qs = ",".join("?" * len(event_ids))
+    return int(_db(hs, f"SELECT COUNT(*) FROM event_search WHERE event_id IN ({qs})", tuple(event_ids))[0][0])
 
 
 def test_erasure_deletes_the_index_rows(zhome: ZhomeProcess, spec: Spec, tmp_path: Path) -> None:
@@ -284,7 +312,10 @@ def test_erasure_deletes_the_index_rows(zhome: ZhomeProcess, spec: Spec, tmp_pat
     marker = "mrk" + secrets.token_hex(8)
     bobs = [_send(bob, room, f"bob says {marker} {i}") for i in range(3)]
     mine = _send(alice, room, f"alice says {marker}")
-    assert len(Searcher(alice, spec).page({"search_term": marker})["results"]) == 4
+    # An edited message: its row holds the edit's words.
+    draft = _send(bob, room, "bob drafts")
+    bobs += [draft, _edit(bob, room, draft, f"bob edits {marker}")]
+    assert len(Searcher(alice, spec).page({"search_term": marker})["results"]) == 5
     admin.ok("POST", f"/_zhome/admin/v1/users/{q(bob.user_id)}/erase")
     # Looked at before any search (a search drops rows of redacted hits).
     zhome.stop()
@@ -317,3 +348,136 @@ def test_search_ten_thousand_messages_sqlite(tmp_path: Path, spec: Spec) -> None
         assert time.monotonic() - started < 120
     finally:
         hs.stop()
+
+
+def test_search_sees_the_latest_edit(zhome: ZhomeProcess, spec: Spec) -> None:
+    """A message is found by the words of its latest valid edit, as the
+    original event with that edit bundled; never by its older words, never
+    as the edit event; invalid edits change nothing; redacting edits brings
+    earlier words back; the background pass gives the same index."""
+    alice, bob, dave = (ClientUser(zhome, n) for n in ("alice", "bob", "dave"))
+    room = alice.ok("POST", "/createRoom", {"preset": "public_chat", "topic": "Cardiology rota"})["room_id"]
+    bob.ok("POST", f"/rooms/{q(room)}/join", {})
+    dave.ok("POST", f"/rooms/{q(room)}/join", {})
+    s = Searcher(bob, spec)
+
+    def hits(term: str, searcher: Searcher = s) -> list[dict[str, Any]]:
+        results, _ = searcher.all({"search_term": term, "filter": {"limit": 3}})
+        return [r["result"] for r in results]
+
+    def found(term: str, searcher: Searcher = s) -> list[str]:
+        return [ev["event_id"] for ev in hits(term, searcher)]
+
+    def bundled(term: str) -> list[Optional[str]]:
+        return [ev.get("unsigned", {}).get("m.relations", {}).get("m.replace", {}).get("event_id")
+                for ev in hits(term)]
+
+    original = _send(alice, room, "Morning handover for bed one")
+    other = _send(alice, room, "Handover done for bed nine")
+    first = _edit(alice, room, original, "Evening report for bed two", fallback="* fallbackword")
+    # The original is the hit, with its content as sent and the edit bundled; the edit is no hit.
+    assert found("evening") == [original] and bundled("evening") == [first]
+    assert hits("evening")[0]["content"]["body"] == "Morning handover for bed one"
+    assert found("morning") == [] and found("fallbackword") == []
+    assert sorted(found("handover")) == [other]
+    assert sorted(found("bed")) == sorted([original, other])
+
+    # A later edit replaces the earlier one; a third right after, the spec's rule picks the latest.
+    second = _edit(alice, room, original, "Night summary for bed three")
+    third = _edit(alice, room, original, "Night summary for bed four")
+    latest = _latest_of(alice, room, [first, second, third])
+    words = {second: "three", third: "four"}
+    assert latest in words, "the first edit cannot be the latest"
+    assert found(words[latest]) == [original] and bundled("night") == [latest]
+    assert found(words[second if latest == third else third]) == [] and found("evening") == []
+
+    # Invalid edits change nothing: another sender, an edit of an edit, of a state event, another type.
+    _edit(bob, room, original, "bobsword overwrite")
+    _edit(alice, room, latest, "editofedit words")
+    topic = alice.ok("GET", f"/rooms/{q(room)}/state/m.room.topic/")
+    state_ids = {e["type"]: e["event_id"] for e in alice.ok("GET", f"/rooms/{q(room)}/state")}
+    assert topic["topic"] == "Cardiology rota"
+    _edit(alice, room, state_ids["m.room.topic"], "topicedit words")
+    _edit(alice, room, original, "othertype words", etype="m.room.topic")
+    alice.ok("PUT", f"/rooms/{q(room)}/send/m.room.message/{secrets.token_hex(8)}", {
+        "msgtype": "m.text", "body": "nonewcontent words",
+        "m.relates_to": {"rel_type": "m.replace", "event_id": original}})
+    for term in ("bobsword", "editofedit", "topicedit", "othertype", "nonewcontent"):
+        assert found(term) == [], term
+    assert found(words[latest]) == [original] and bundled("night") == [latest]
+    assert len(found("cardiology")) == 1
+
+    # A former member does not find the message by what an edit after they left made it say.
+    late = _send(alice, room, "Ward round at noon")
+    assert found("noon", Searcher(dave, spec)) == [late]
+    dave.ok("POST", f"/rooms/{q(room)}/leave", {})
+    late_edit = _edit(alice, room, late, "Ward round at dusk")
+    assert found("dusk") == [late] and found("dusk", Searcher(dave, spec)) == []
+    assert found("night", Searcher(dave, spec)) == [original]
+
+    # Redacting the latest edit brings the one before back, then the original's own words.
+    alice.ok("PUT", f"/rooms/{q(room)}/redact/{q(latest)}/{secrets.token_hex(4)}", {})
+    before = _latest_of(alice, room, [first] + [e for e in (second, third) if e != latest])
+    assert before in words, "the first edit is older than both others"
+    assert found(words[before]) == [original] and bundled("night") == [before] and found(words[latest]) == []
+    alice.ok("PUT", f"/rooms/{q(room)}/redact/{q(before)}/{secrets.token_hex(4)}", {})
+    assert found("evening") == [original] and bundled("evening") == [first] and found("night") == []
+    alice.ok("PUT", f"/rooms/{q(room)}/redact/{q(first)}/{secrets.token_hex(4)}", {})
+    assert found("morning") == [original] and bundled("morning") == [None] and found("evening") == []
+    # Redacting an original takes it out with its edits.
+    fourth = _edit(alice, room, original, "Final words")
+    assert found("final") == [original]
+    alice.ok("PUT", f"/rooms/{q(room)}/redact/{q(original)}/{secrets.token_hex(4)}", {})
+    assert found("final") == [] and found("morning") == []
+    _edit(alice, room, original, "After the redaction")
+    # No row either (looked at before a search, which drops rows of redacted hits).
+    assert _db(zhome, "SELECT event_id FROM event_search WHERE event_id = ?", (original,)) == []
+    assert found("redaction") == [] and fourth not in found("bed")
+
+    # The background pass over stored events gives the index the persist path gave.
+    terms = ["morning", "evening", "night", "three", "four", "bed", "handover", "dusk", "noon", "ward",
+             "bobsword", "editofedit", "topicedit", "othertype", "nonewcontent", "fallbackword", "final", "redaction", "cardiology"]
+    live = {t: sorted(found(t)) for t in terms}
+    live_rows = sorted(_db(zhome, "SELECT event_id, edit_id FROM event_search"))
+    assert (late, late_edit) in live_rows
+    zhome.stop()
+    _db(zhome, "DELETE FROM event_search", write=True)
+    _db(zhome, "DELETE FROM at_rest_progress WHERE name IN ('event_search', 'event_search_done')", write=True)
+    zhome.start()
+    for _ in range(300):
+        if _db(zhome, "SELECT 1 FROM at_rest_progress WHERE name = 'event_search_done'"):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the background pass did not finish")
+    assert sorted(_db(zhome, "SELECT event_id, edit_id FROM event_search")) == live_rows
+    assert {t: sorted(found(t)) for t in terms} == live
+
+
+def test_an_edit_received_before_its_original(world: World) -> None:  # noqa: F811
+    """Over federation an edit can come before the event it replaces (here
+    both are built on the same prev event and sent in that order): once the
+    original comes, it is found by the edit's words, not its own."""
+    r = world.room
+    original = r.build("m.room.message", {"msgtype": "m.text", "body": "remote draft wording"}, world.mallory)
+    oid, osigned = r.sign(original)
+    edit = r.build("m.room.message", {
+        "msgtype": "m.text", "body": "* remote final wording",
+        "m.new_content": {"msgtype": "m.text", "body": "remote final wording"},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": oid}}, world.mallory)
+    eid, esigned = r.sign(edit)
+    for event_id, signed in ((eid, esigned), (oid, osigned)):
+        status, body = world.send_txn([signed])
+        assert status == 200 and body["pdus"] == {event_id: {}}, (status, body)
+    r.accepted(eid, edit)
+
+    def found(term: str) -> list[dict[str, Any]]:
+        status, body = world.client("POST", "/search", {"search_categories": {"room_events": {
+            "search_term": term, "filter": {"rooms": [r.room_id]}}}})
+        assert status == 200, (status, body)
+        return [x["result"] for x in body["search_categories"]["room_events"]["results"]]
+
+    hits = found("final")
+    assert [h["event_id"] for h in hits] == [oid]
+    assert hits[0]["unsigned"]["m.relations"]["m.replace"]["event_id"] == eid
+    assert found("draft") == [] and found("wording")[0]["event_id"] == oid

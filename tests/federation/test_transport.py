@@ -167,6 +167,18 @@ def test_malformed_headers_are_401(header: str) -> None:
     assert (info.value.code, info.value.errcode) == (401, "M_UNAUTHORIZED")
 
 
+@pytest.mark.parametrize("origin", ["localhost:http", "example.org:", "example.org:123456", "exa mple.org",
+                                    "[::1", "example.org:8448:1", "ex_ample.org"])
+def test_an_origin_that_is_no_server_name_is_400(origin: str) -> None:
+    """Appendices "Server Name": a host, then a port of digits if any."""
+    header = 'X-Matrix origin="' + origin + '",key="ed25519:k",sig="s",destination="d.example"'
+    with pytest.raises(MatrixError) as info:
+        parse_authorization_header(header)
+    assert (info.value.code, info.value.errcode) == (400, "M_UNAUTHORIZED")
+    for good in ("localhost:8448", "1.2.3.4:5", "[1234:5678::abcd]:5678", "d.example"):
+        assert parse_authorization_header(header.replace(origin, good))[0] == good
+
+
 # ---------------------------------------------------------------------------
 # Discovery
 

@@ -78,9 +78,9 @@ def test_text_of_takes_the_searchable_field() -> None:
     assert text_of("m.room.topic", {"topic": "Beds"}) == ("content.topic", "Beds")
     assert text_of("m.room.member", {"displayname": "x"}) is None
     assert text_of("m.room.message", {"body": 5}) is None
-    edit = {"body": "* new text", "m.new_content": {"body": "new text"},
-            "m.relates_to": {"rel_type": "m.replace", "event_id": "$x"}}
-    assert text_of("m.room.message", edit) == ("content.body", "new text")
+    # An edit's new content is read the same way, in place of its original's.
+    assert text_of("m.room.message", {"body": "new text", "msgtype": "m.text"}) == ("content.body", "new text")
+    assert text_of("m.room.message", None) is None
 
 
 # -- the index ----------------------------------------------------------------------------------
@@ -168,13 +168,16 @@ async def test_index_and_search(tmp_path: Path, db_config: tuple[str, dict[str, 
     await hs.privacy_store.purge_content([a])
     assert await _find(hs, "morphine", [room]) == []
     assert await _find(hs, "four", [room]) == [c]
-    # An edit is found by its new text, not by the "* " fallback.
+    # An edit: the original is found by its new text (not the "* " fallback), the edit itself is no hit.
     edit = (await hs.event_creator.send(room, "m.room.message", ALICE, {
         "msgtype": "m.text", "body": "* four beds, one isolation",
         "m.new_content": {"msgtype": "m.text", "body": "Four beds free, one isolation"},
         "m.relates_to": {"rel_type": "m.replace", "event_id": c}})).event_id
-    assert await _find(hs, "isolation", [room]) == [edit]
-    assert await _find(hs, '"free one isolation"', [room]) == [edit]
+    assert await _find(hs, "isolation", [room]) == [c]
+    assert await _find(hs, '"free one isolation"', [room]) == [c]
+    assert await _find(hs, "ward", [room], keys=("content.body",)) == []
+    hits = await hs.event_search.search(parse_query("isolation"), [(room, ALL)], SEARCH_KEYS, "recent", 10)
+    assert [h.edit_id for h in hits] == [edit]
     # Purged history leaves the index, kept (local) events included.
     last = await _say(hs, room, "four more")
     last_so = (await hs.events.get_event(last)).internal["stream_ordering"]  # type: ignore[union-attr]
@@ -215,4 +218,54 @@ async def test_not_indexed_and_backfill_pass(tmp_path: Path, db_config: tuple[st
     assert await hs.event_search.complete()
     assert len(await _find(hs, "saline", [room])) == 8
     assert len(await _find(hs, "ward", [room])) == 1  # the room's name
+    await hs.stop()
+
+
+async def _edit(hs: HomeServer, room_id: str, original: str, body: str, sender: str = ALICE) -> Any:
+    return await hs.event_creator.send(room_id, "m.room.message", sender, {
+        "msgtype": "m.text", "body": f"* {body}", "m.new_content": {"msgtype": "m.text", "body": body},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": original}})
+
+
+@pytest_twisted.ensureDeferred
+async def test_removing_an_edits_content_brings_the_words_before_it_back(
+        tmp_path: Path, db_config: tuple[str, dict[str, Any]]) -> None:
+    """Erasure and retention remove content through purge_content: when it
+    removes an original's latest edit, the original is found by the edit
+    before it (or its own words) and no longer by the removed edit's."""
+    hs = await _server(tmp_path, db_config)
+    room = await _room(hs)
+    p = await _say(hs, room, "Oxygen saturation low")
+    edits = [await _edit(hs, room, p, "Oxygen saturation normal"), await _edit(hs, room, p, "Oxygen saturation fine")]
+    word = {edits[0].event_id: "normal", edits[1].event_id: "fine"}
+    # The spec's most recent: origin_server_ts, then the largest event ID.
+    latest, older = sorted(edits, key=lambda e: (e.origin_server_ts, e.event_id), reverse=True)
+    assert await _find(hs, word[latest.event_id], [room]) == [p]
+    assert await _find(hs, word[older.event_id], [room]) == [] and await _find(hs, "low", [room]) == []
+
+    await hs.privacy_store.purge_content([latest.event_id])
+    assert await _find(hs, word[latest.event_id], [room]) == []
+    assert await _find(hs, word[older.event_id], [room]) == [p]
+    await hs.privacy_store.purge_content([older.event_id])
+    assert await _find(hs, "low", [room]) == [p] and await _find(hs, "normal", [room]) == []
+    rows = await hs.db.execute("t", "SELECT event_id, edit_id FROM event_search WHERE event_id = ?", p)
+    assert [tuple(r) for r in rows] == [(p, None)]
+
+    # An edit by someone else never counted; removing the original removes it with all.
+    await _edit(hs, room, p, "Oxygen saturation bobs", sender=BOB)
+    again = await _edit(hs, room, p, "Oxygen saturation again")
+    assert await _find(hs, "again", [room]) == [p] and await _find(hs, "bobs", [room]) == []
+    await hs.privacy_store.purge_content([p])
+    assert await _find(hs, "oxygen", [room]) == []
+    rows = await hs.db.execute("t", "SELECT event_id FROM event_search WHERE event_id IN (?, ?)", p, again.event_id)
+    assert rows == []
+
+    # Purged history: an original and its edits leave the index.
+    q = await _say(hs, room, "Heart rate steady")
+    await _edit(hs, room, q, "Heart rate rising")
+    last = await _say(hs, room, "later")
+    last_so = (await hs.events.get_event(last)).internal["stream_ordering"]  # type: ignore[union-attr]
+    assert await _find(hs, "rising", [room]) == [q]
+    await hs.privacy_store.purge_history(room, last_so, True, ":test.local")
+    assert await _find(hs, "rising", [room]) == [] and await _find(hs, "heart", [room]) == []
     await hs.stop()

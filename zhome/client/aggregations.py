@@ -35,7 +35,7 @@ from zhome.client.serialize import serialize_events
 from zhome.rooms.events import Event
 from zhome.rooms.visibility import Visibility
 from zhome.storage.events import EventsStore
-from zhome.storage.relations import REFERENCE, REPLACE, THREAD, AggRow, RelationsStore
+from zhome.storage.relations import REFERENCE, REPLACE, THREAD, AggRow, RelationsStore, latest_edit, replaceable
 from zhome.storage.relations import served_relation as own_relation
 
 #: Latest replies of a thread (one per participant, newest first) tried
@@ -77,11 +77,10 @@ class BundledAggregations:
                 threads[parent_id] = (newest, sum(r.number for r in replies), participated)
             # The index gives only edits by the original's sender with its
             # type; an edit cannot be edited.
-            latest_edits = [r for r in parent_rows if r.rel_type == REPLACE]
-            if latest_edits and not ev.internal.get("redacted_by") and ev.sender not in ignored and (
-                    rel is None or rel[0] != REPLACE):
-                # All share the latest origin_server_ts: the largest event ID wins.
-                edits[parent_id] = max(latest_edits, key=lambda r: r.event_id)
+            newest_edit = latest_edit(parent_rows)
+            if newest_edit is not None and not ev.internal.get("redacted_by") and ev.sender not in ignored \
+                    and replaceable(rel):
+                edits[parent_id] = newest_edit
             refs = [r.event_id for r in parent_rows if r.rel_type == REFERENCE and r.sender not in ignored]
             if refs:
                 references[parent_id] = refs

@@ -16,7 +16,11 @@ said before. Events from ignored users are left out.
 
 The index and what it can match (whole words, no prefixes, no stemming:
 the words are blind HMAC tokens) are described in
-``zhome/storage/event_search.py``.
+``zhome/storage/event_search.py``. A message is found by the words of its
+latest valid edit ("Event replacements"); the hit is the original event,
+whose bundled ``m.replace`` aggregation carries that edit. The user must
+be able to see the edit too, or the hit is left out (a former member does
+not find a message by what an edit after they left made it say).
 
 ``count``: the hits a client may see are only known once they are checked,
 and counting the unchecked ones would tell a user how often a word occurs
@@ -176,7 +180,7 @@ class SearchServlets:
             if not found:
                 more = False
                 break
-            evs = await self.events.get_events([h.event_id for h in found])
+            evs = await self.events.get_events([h.event_id for h in found] + [h.edit_id for h in found if h.edit_id])
             candidates = []
             for h in found:
                 ev = evs.get(h.event_id)
@@ -188,10 +192,14 @@ class SearchServlets:
                     continue
                 if flt.matches(ev):
                     candidates.append(ev)
+                    edit = evs.get(h.edit_id) if h.edit_id else None
+                    if edit is not None:
+                        candidates.append(edit)
             visible = {e.event_id for e in await self.visibility.filter_events(user_id, candidates)}
             for i, h in enumerate(found):
                 cursor = (h.rank, h.stream_ordering)
-                if h.event_id in visible:
+                # Found by the words of its latest edit: that edit must be visible too.
+                if h.event_id in visible and (h.edit_id is None or h.edit_id in visible):
                     out.append((h, evs[h.event_id]))
                     if len(out) >= limit:
                         more = i < len(found) - 1 or len(found) == size

@@ -10,6 +10,11 @@ The header follows RFC 7235 auth-params: names are case-insensitive, order
 does not matter, values are tokens or quoted strings with backslash escapes;
 for older servers a colon is accepted in unquoted values. A request whose
 ``destination`` is not this server is refused with 401, as the spec says.
+An ``origin`` that is not a server name (appendices "Server Name": a host
+and an optional port of digits; ``example.org:http`` is none) is not a
+credential that could be checked but a malformed request: 400, before any
+attempt to fetch keys for it. Other header faults (no header, parameters
+missing or garbled, a signature that does not verify) are 401.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from nacl.signing import VerifyKey
 from zhome.crypto.keys import SigningKey
 from zhome.crypto.signing import SignatureError, sign_json, verify_json_signature
 from zhome.http.errors import MatrixError
+from zhome.util.ids import is_valid_server_name
 
 GetVerifyKey = Callable[[str, str, int], Awaitable[VerifyKey | None]]
 
@@ -78,7 +84,7 @@ def parse_authorization_header(value: str | bytes) -> tuple[str, str | None, str
     """``(origin, destination or None, key ID, signature)`` from an X-Matrix header.
 
     Raises a 401 ``M_UNAUTHORIZED`` MatrixError when the header is malformed
-    or lacks origin, key or sig.
+    or lacks origin, key or sig, a 400 one when the origin is not a server name.
     """
     if isinstance(value, bytes):
         try:
@@ -112,7 +118,10 @@ def parse_authorization_header(value: str | bytes) -> tuple[str, str | None, str
     destination = params.get("destination")
     if destination == "":
         raise unauthorized("X-Matrix Authorization header has an empty 'destination'")
-    return params["origin"], destination, params["key"], params["sig"]
+    origin = params["origin"]
+    if not is_valid_server_name(origin):
+        raise MatrixError(400, "M_UNAUTHORIZED", "X-Matrix 'origin' is not a server name")
+    return origin, destination, params["key"], params["sig"]
 
 
 def _header_values(request: Any) -> list[bytes]:

@@ -57,13 +57,40 @@ which rewrites all of it while holding the write lock. On PostgreSQL
 erasure vacuums ``event_search``. Until then what lingers are tokens,
 which only the index key turns back into guesses.
 
-Edits (``m.replace``) are indexed as the events they are, by the text of
-their ``m.new_content`` when there is one (not the "* " fallback body): a
-search finds the edit by the new text and the original by the old. It does
-not replace the original's text by its latest edit.
+Edits. A search sees each message as it reads now: by the words of its
+latest valid replacement (client-server-api "Event replacements": same
+room, sender and type, no state key, an original that is no edit itself,
+an ``m.new_content``; the most recent by ``origin_server_ts``, then the
+largest event ID). Which edit that is comes from the relations index
+(``RelationsStore.latest_edits_txn``, with ``latest_edit`` and
+``replaceable``: the rule the bundled aggregation uses), and its
+``m.new_content`` replaces the original's text, so a hit is the original
+event, served with the edit bundled (``zhome/client/aggregations.py``).
+An edit (any event with an ``m.replace`` relation, valid or not) has no
+row of its own; an invalid one changes nothing. The original's row names
+the edit whose words it holds (``edit_id``; kept, with no tokens, when the
+edit's new content has no text), so that:
+
+* a new edit that is now the latest rewrites the original's row (one
+  read of the relations index and one update, for edits only; a message
+  sent here needs no look at edits, as nothing can name it before it
+  exists, while one from elsewhere may arrive after its edits);
+* a redacted edit, or one whose content erasure, retention or a purge
+  removed (``forget_txn`` empties the rows it gave words to at once,
+  ``reindex_txn`` rewrites them once the relations index forgot it), gives
+  the original back the words of the edit before it, or its own;
+* a redacted original loses its row, edits or not.
+
+Whoever searches must be able to see the edit as well as the original
+(``zhome/client/search.py``): one who left before the edit does not find
+the message by words it gained after.
 
 Events stored before the index existed are indexed by a bounded background
-pass (``start()``), as ``zhome/storage/event_media.py`` does.
+pass (``start()``), as ``zhome/storage/event_media.py`` does; it reads
+edits from the relations index, so it waits until that index is complete,
+and then gives what indexing each event as it came would have given.
+Migration 0037 rebuilt the index this way (rows made before it indexed
+edits as events of their own).
 """
 
 from __future__ import annotations
@@ -81,10 +108,12 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from twisted.internet import defer, task
 
 from zhome.storage.database import ENGINE_SQLITE, Database, Txn, in_chunks
+from zhome.storage.relations import REPLACE, relation_of, replaceable
 
 if TYPE_CHECKING:
     from zhome.storage.at_rest import Sealer
     from zhome.storage.events import EventsStore, PersistItem
+    from zhome.storage.relations import RelationsStore
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +134,8 @@ ROOMS_PER_QUERY = 2000
 UNBOUNDED = 2 ** 62
 BACKFILL_BATCH = 500
 BACKFILL_PAUSE_S = 0.05
+#: How long the background pass waits for the relations index between looks.
+RELATIONS_WAIT_S = 0.5
 
 _JOINER = r"(?:['\u2019.]|(?<=\d),(?=\d))"
 # Characters that are each a word of their own (UAX #29 joins none of
@@ -192,18 +223,12 @@ def token(key: bytes, word: str) -> str:
 
 
 def text_of(ev_type: str, content: Any) -> Optional[tuple[str, str]]:
-    """(search key, text) of an event that is searchable, else None."""
+    """(search key, text) of an event (or of an edit's ``m.new_content``,
+    which replaces its original's content) that is searchable, else None."""
     spec = INDEXED_TYPES.get(ev_type)
     if spec is None or not isinstance(content, dict):
         return None
     key, field = spec
-    if ev_type == "m.room.message":
-        # An edit: its new text, not the "* " fallback.
-        new = content.get("m.new_content")
-        rel = content.get("m.relates_to")
-        if isinstance(new, dict) and isinstance(rel, dict) and rel.get("rel_type") == "m.replace" \
-                and isinstance(new.get("body"), str):
-            return key, new["body"]
     value = content.get(field)
     if not isinstance(value, str) or not value:
         return None
@@ -217,13 +242,39 @@ class Hit:
     sender: str
     stream_ordering: int
     rank: float
+    #: The edit whose words the event was found by (None: its own).
+    edit_id: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A stored event as the index reads it."""
+    event_id: str
+    room_id: str
+    sender: str
+    type: str
+    state_key: Optional[str]
+    stream_ordering: int
+    content: Any
+
+
+@dataclass(frozen=True)
+class _Row:
+    event: _Stored
+    key: str
+    tokens: str
+    edit_id: Optional[str]
 
 
 class EventSearchStore:
-    def __init__(self, db: Database, events: "EventsStore", sealer: Optional["Sealer"]) -> None:
+    def __init__(self, db: Database, events: "EventsStore", sealer: Optional["Sealer"],
+                 relations: "RelationsStore", server_name: str) -> None:
         self.db = db
         self.events = events
         self.sealer = sealer
+        #: Its persist hook runs before this store's: an edit is in it when ours runs.
+        self.relations = relations
+        self._local = ":" + server_name
         self._key: Optional[bytes] = None
         self._key_lock = threading.Lock()
         self._complete = False
@@ -248,7 +299,8 @@ class EventSearchStore:
     # -- written with the events ------------------------------------------------------------
     def persist_txn_hook(self, txn: Txn, item: "PersistItem") -> None:
         """Runs in the transaction that persists ``item`` (a txn hook of the
-        persister): index the event when it is searchable."""
+        persister, after the relations index's): index the event when it is
+        searchable, apply it to its original when it is an edit."""
         ev = item.event
         if item.outlier or item.soft_failed or ev.rejected_reason:
             return
@@ -258,46 +310,151 @@ class EventSearchStore:
             txn.execute("SELECT 1 FROM redactions WHERE event_id = ?", (ev.event_id,))
             if txn.fetchone() is not None:
                 txn.execute("DELETE FROM event_search WHERE event_id = ? AND room_id = ?", (ev.redacts, ev.room_id))
+                # A redacted edit: what it replaced reads as before it.
+                txn.execute("SELECT event_id FROM event_search WHERE edit_id = ? AND room_id = ?",
+                            (ev.redacts, ev.room_id))
+                self.reindex_txn(txn, [r[0] for r in txn.fetchall()])
         if ev.type not in INDEXED_TYPES:
+            return
+        rel = relation_of(ev.content)
+        if rel is not None and not replaceable(rel):
+            self._edit_txn(txn, ev.event_id, ev.room_id, ev.type, ev.content, rel[1])
             return
         # A redaction that came first (over federation) already applies.
         txn.execute("SELECT 1 FROM redactions WHERE redacts = ?", (ev.event_id,))
         if txn.fetchone() is not None:
             return
-        self.index_txn(txn, ev.event_id, ev.room_id, ev.sender, ev.type, ev.content, item.stream_ordering)
+        stored = _Stored(ev.event_id, ev.room_id, ev.sender, ev.type, ev.state_key, item.stream_ordering, ev.content)
+        # An edit names the ID of its original, which exists once the
+        # original does: only an event from elsewhere can come after its edits.
+        edited = item.backfilled or not ev.sender.endswith(self._local)
+        self._insert_txn(txn, self._rows_txn(txn, [stored], edited), upsert=False)
 
-    def index_txn(self, txn: Txn, event_id: str, room_id: str, sender: str, ev_type: str, content: Any,
-                  stream_ordering: int) -> None:
-        found = text_of(ev_type, content)
-        if found is None:
+    def _edit_txn(self, txn: Txn, event_id: str, room_id: str, ev_type: str, content: Any, original: str) -> None:
+        """An edit of ``original`` is stored (and in the relations index)."""
+        latest = self.relations.latest_edits_txn(txn, [(original, room_id)]).get(original)
+        if latest != event_id:
+            # Invalid, or older than the latest edit: the original reads as it did.
             return
-        key, text = found
-        toks = self.tokens(text)
-        if not toks:
-            return
-        joined = " ".join(toks)
+        joined = " ".join(self._edit_tokens(ev_type, content))
         if txn.engine == ENGINE_SQLITE:
-            txn.execute("INSERT INTO event_search (event_id, room_id, sender, key, stream_ordering, tokens)"
-                        " VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-                        (event_id, room_id, sender, key, stream_ordering, joined))
+            txn.execute("UPDATE event_search SET tokens = ?, edit_id = ? WHERE event_id = ? AND room_id = ?",
+                        (joined, event_id, original, room_id))
         else:
-            txn.execute("INSERT INTO event_search (event_id, room_id, sender, key, stream_ordering, vector)"
-                        " VALUES (?,?,?,?,?, to_tsvector('simple', ?)) ON CONFLICT DO NOTHING",
-                        (event_id, room_id, sender, key, stream_ordering, joined))
+            txn.execute("UPDATE event_search SET vector = to_tsvector('simple', ?), edit_id = ?"
+                        " WHERE event_id = ? AND room_id = ?", (joined, event_id, original, room_id))
+        if txn.rowcount == 0:
+            # No row: the original had no words of its own, or is not stored
+            # or is no hit (redacted, an edit itself, ...): it says which.
+            self.reindex_txn(txn, [original])
+
+    def _edit_tokens(self, ev_type: str, content: Any) -> list[str]:
+        """The tokens of an edit's new content (not of its "* " fallback)."""
+        new = content.get("m.new_content") if isinstance(content, dict) else None
+        found = text_of(ev_type, new)
+        return self.tokens(found[1]) if found is not None else []
+
+    def _rows_txn(self, txn: Txn, evs: list[_Stored], edited: bool) -> list[_Row]:
+        """The index rows of searchable events that are no edits: each by
+        the words of its latest valid edit (``edited``: look for one) or by
+        its own. An edited event keeps a row even without words (its
+        ``edit_id`` is how the loss of the edit finds it)."""
+        latest: dict[str, str] = {}
+        if edited:
+            parents = [(e.event_id, e.room_id) for e in evs if e.state_key is None]
+            if parents:
+                latest = self.relations.latest_edits_txn(txn, parents)
+        edits = self._load_txn(txn, list(latest.values())) if latest else {}
+        out: list[_Row] = []
+        for e in evs:
+            edit = edits.get(latest.get(e.event_id, ""))
+            # As the bundled aggregation: a latest edit that cannot be served is none.
+            if edit is not None and relation_of(edit.content) == (REPLACE, e.event_id):
+                out.append(_Row(e, INDEXED_TYPES[e.type][0], " ".join(self._edit_tokens(e.type, edit.content)),
+                                edit.event_id))
+                continue
+            found = text_of(e.type, e.content)
+            toks = self.tokens(found[1]) if found is not None else []
+            if found is not None and toks:
+                out.append(_Row(e, found[0], " ".join(toks), None))
+        return out
+
+    def _load_txn(self, txn: Txn, event_ids: list[str]) -> dict[str, _Stored]:
+        """Those of the events that are stored in the timeline, accepted and
+        not redacted, with their content."""
+        out: dict[str, _Stored] = {}
+        for chunk, qs in in_chunks(event_ids):
+            txn.execute(
+                "SELECT e.event_id, e.room_id, e.sender, e.type, e.state_key, e.stream_ordering, e.json, e.sealed"
+                f" FROM events e WHERE e.event_id IN ({qs})"
+                " AND e.rejected_reason IS NULL AND e.outlier = 0 AND e.soft_failed = 0"
+                " AND NOT EXISTS (SELECT 1 FROM redactions rd WHERE rd.redacts = e.event_id)", tuple(chunk))
+            for event_id, room_id, sender, ev_type, state_key, so, stored, sealed in txn.fetchall():
+                content = self.events.open_pdu(event_id, stored, sealed).get("content")
+                out[event_id] = _Stored(event_id, room_id, sender, ev_type, state_key, int(so), content)
+        return out
+
+    def _insert_txn(self, txn: Txn, rows: list[_Row], upsert: bool) -> None:
+        if txn.engine == ENGINE_SQLITE:
+            sql = ("INSERT INTO event_search (event_id, room_id, sender, key, stream_ordering, tokens, edit_id)"
+                   " VALUES (?,?,?,?,?,?,?)")
+            update = " ON CONFLICT (event_id) DO UPDATE SET tokens = excluded.tokens, edit_id = excluded.edit_id"
+        else:
+            sql = ("INSERT INTO event_search (event_id, room_id, sender, key, stream_ordering, vector, edit_id)"
+                   " VALUES (?,?,?,?,?, to_tsvector('simple', ?), ?)")
+            update = " ON CONFLICT (event_id) DO UPDATE SET vector = excluded.vector, edit_id = excluded.edit_id"
+        sql += update if upsert else " ON CONFLICT DO NOTHING"
+        for r in rows:
+            e = r.event
+            txn.execute(sql, (e.event_id, e.room_id, e.sender, r.key, e.stream_ordering, r.tokens, r.edit_id))
+
+    def reindex_txn(self, txn: Txn, event_ids: Sequence[str]) -> None:
+        """Write the rows of these events as they read now (by their latest
+        valid edit, or their own words), or drop them where they are no
+        hit (gone, redacted, an edit, no words). Callers whose change
+        touches the relations index (a redaction, a purge) run it after."""
+        if not event_ids:
+            return
+        found = self._load_txn(txn, list(dict.fromkeys(event_ids)))
+        evs = [e for e in found.values() if e.type in INDEXED_TYPES and replaceable(relation_of(e.content))]
+        rows = self._rows_txn(txn, evs, True)
+        kept = {r.event.event_id for r in rows}
+        gone = [e for e in dict.fromkeys(event_ids) if e not in kept]
+        for chunk, qs in in_chunks(gone):
+            txn.execute(f"DELETE FROM event_search WHERE event_id IN ({qs})", tuple(chunk))
+        self._insert_txn(txn, rows, upsert=True)
 
     @staticmethod
-    def forget_txn(txn: Txn, event_ids: Sequence[str]) -> None:
-        """The events' content is gone: they are found by no search."""
+    def forget_txn(txn: Txn, event_ids: Sequence[str]) -> list[str]:
+        """The events' content is gone: they are found by no search, nor by
+        their words are the events they edited, whose rows are emptied
+        (they match nothing). Returns the IDs of those edited events: the
+        caller gives them back their earlier words by ``reindex_txn`` once
+        the relations index has forgotten the events too."""
         for chunk, qs in in_chunks(event_ids):
             txn.execute(f"DELETE FROM event_search WHERE event_id IN ({qs})", tuple(chunk))
+        edited: list[str] = []
+        for chunk, qs in in_chunks(event_ids):
+            txn.execute(f"SELECT event_id FROM event_search WHERE edit_id IN ({qs})", tuple(chunk))
+            found = [r[0] for r in txn.fetchall()]
+            if not found:
+                continue
+            edited += found
+            column = "tokens = ''" if txn.engine == ENGINE_SQLITE else "vector = to_tsvector('simple', '')"
+            txn.execute(f"UPDATE event_search SET {column} WHERE edit_id IN ({qs})", tuple(chunk))
+        return edited
 
     @staticmethod
     def forget_room_txn(txn: Txn, room_id: str) -> None:
         txn.execute("DELETE FROM event_search WHERE room_id = ?", (room_id,))
 
     async def forget(self, event_ids: Sequence[str]) -> None:
+        """Hits found redacted (the redaction on its way when they were indexed)."""
         if event_ids:
-            await self.db.run_interaction("event_search_forget", self.forget_txn, list(event_ids))
+            def txn_fn(txn: Txn) -> None:
+                self.reindex_txn(txn, self.forget_txn(txn, list(event_ids)))
+
+            await self.db.run_interaction("event_search_forget", txn_fn)
 
     async def scrub(self) -> None:
         """Make deleted rows leave the full-text index's own storage too (see
@@ -347,7 +504,7 @@ class EventSearchStore:
             hits: list[Hit] = []
             for sql, params in statements:
                 txn.execute(sql, params)
-                hits += [Hit(e, r, s, int(so), float(rank)) for e, r, s, so, rank in txn.fetchall()]
+                hits += [Hit(e, r, s, int(so), float(rank), ed) for e, r, s, so, rank, ed in txn.fetchall()]
             return hits
 
         hits = await self.db.run_interaction("event_search", txn_fn)
@@ -366,12 +523,13 @@ class EventSearchStore:
         if self.db.engine == ENGINE_SQLITE:
             # The full-text match drives the query (CROSS JOIN fixes the
             # order): looked up per row of event_search it is far slower.
-            inner = ("SELECT s.event_id, s.room_id, s.sender, s.stream_ordering, -bm25(event_search_fts) AS r"
+            inner = ("SELECT s.event_id, s.room_id, s.sender, s.stream_ordering, -bm25(event_search_fts) AS r,"
+                     " s.edit_id"
                      " FROM event_search_fts CROSS JOIN event_search s"
                      " WHERE event_search_fts MATCH ? AND s.id = event_search_fts.rowid")
         else:
             inner = ("SELECT s.event_id, s.room_id, s.sender, s.stream_ordering,"
-                     " CAST(ts_rank(s.vector, to_tsquery('simple', ?)) AS DOUBLE PRECISION) AS r"
+                     " CAST(ts_rank(s.vector, to_tsquery('simple', ?)) AS DOUBLE PRECISION) AS r, s.edit_id"
                      " FROM event_search s WHERE s.vector @@ to_tsquery('simple', ?)")
             params.append(match)
         params.append(match)
@@ -391,7 +549,7 @@ class EventSearchStore:
         if senders is not None:
             inner += f" AND s.sender IN ({','.join('?' * len(senders))})"
             params += list(senders)
-        sql = f"SELECT event_id, room_id, sender, stream_ordering, r FROM ({inner}) hits"
+        sql = f"SELECT event_id, room_id, sender, stream_ordering, r, edit_id FROM ({inner}) hits"
         if after is not None:
             rank, so = after
             if order_by == "rank":
@@ -416,22 +574,27 @@ class EventSearchStore:
 
     def backfill_txn(self, txn: Txn, limit: int) -> int:
         """Index up to ``limit`` events in stream order from where the pass
-        stopped; returns how many were looked at (0: the pass is done)."""
+        stopped, each by its latest valid edit as the persist hook would
+        (edits give no row of their own); returns how many were looked at
+        (0: the pass is done). The relations index must be complete."""
         from zhome.storage.events import events_pass_position_txn, events_pass_progress_txn
 
         pos = events_pass_position_txn(txn, "event_search")
         types = tuple(INDEXED_TYPES)
         txn.execute(
-            "SELECT e.stream_ordering, e.event_id, e.room_id, e.sender, e.type, e.json, e.sealed FROM events e"
-            f" WHERE e.stream_ordering > ? AND e.type IN ({','.join('?' * len(types))})"
+            "SELECT e.stream_ordering, e.event_id, e.room_id, e.sender, e.type, e.state_key, e.json, e.sealed"
+            f" FROM events e WHERE e.stream_ordering > ? AND e.type IN ({','.join('?' * len(types))})"
             " AND e.rejected_reason IS NULL AND e.outlier = 0 AND e.soft_failed = 0"
             " AND NOT EXISTS (SELECT 1 FROM redactions rd WHERE rd.redacts = e.event_id)"
             " ORDER BY e.stream_ordering LIMIT ?", (pos, *types, limit))
         rows = txn.fetchall()
-        for so, event_id, room_id, sender, ev_type, stored, sealed in rows:
-            content = self.events.open_pdu(event_id, stored, sealed).get("content")
-            self.index_txn(txn, event_id, room_id, sender, ev_type, content, int(so))
+        batch: list[_Stored] = []
+        for so, event_id, room_id, sender, ev_type, state_key, stored, sealed in rows:
             pos = max(pos, int(so))
+            content = self.events.open_pdu(event_id, stored, sealed).get("content")
+            if replaceable(relation_of(content)):
+                batch.append(_Stored(event_id, room_id, sender, ev_type, state_key, int(so), content))
+        self._insert_txn(txn, self._rows_txn(txn, batch, True), upsert=False)
         events_pass_progress_txn(txn, "event_search", pos, len(rows))
         return len(rows)
 
@@ -450,6 +613,10 @@ class EventSearchStore:
             for _ in range(max_batches):
                 if self._stopped:
                     return
+                if not await self.relations.complete():
+                    # Edits are read from it: it must hold the stored events first.
+                    await task.deferLater(reactor, RELATIONS_WAIT_S, lambda: None)
+                    continue
                 n = await self.db.run_interaction("event_search_backfill", self.backfill_txn, BACKFILL_BATCH)
                 if n == 0:
                     self._complete = True

@@ -327,6 +327,7 @@ class EventsStore:
         if row is None:
             return
         EventMediaStore.forget_txn(txn, [event_id])
+        # What it edited is rewritten by the search index's persist hook.
         EventSearchStore.forget_txn(txn, [event_id])
         stored, sealed, version = row
         if sealed is not None:

@@ -28,10 +28,12 @@ def _hold_row(row: tuple[Any, ...]) -> dict[str, Any]:
 
 
 class PrivacyStore:
-    def __init__(self, db: Database, events: EventsStore, hold_ids: IdGenerator) -> None:
+    def __init__(self, db: Database, events: EventsStore, hold_ids: IdGenerator, search: EventSearchStore) -> None:
         self.db = db
         self.events = events
         self.hold_ids = hold_ids
+        #: Rewrites the rows of events whose latest edit's content is removed.
+        self.search = search
 
     # -- legal holds ---------------------------------------------------------------------
     async def add_hold(self, kind: str, target: str, reason: str, by: str) -> dict[str, Any]:
@@ -137,8 +139,10 @@ class PrivacyStore:
                             f" (SELECT stream_ordering FROM events WHERE event_id IN ({qs}))", tuple(chunk))
                 txn.execute(f"DELETE FROM event_txn_ids WHERE event_id IN ({qs})", tuple(chunk))
             EventMediaStore.forget_txn(txn, event_ids)
-            EventSearchStore.forget_txn(txn, event_ids)
+            edited = EventSearchStore.forget_txn(txn, event_ids)
             RelationsStore.forget_txn(txn, event_ids)
+            # Events whose latest edit this was read as the edit before it (or as themselves).
+            self.search.reindex_txn(txn, edited)
             return changed
 
         try:
@@ -275,11 +279,13 @@ class PrivacyStore:
                 txn.execute(f"DELETE FROM events WHERE event_id IN ({qs})", args)
             EventMediaStore.forget_txn(txn, delete)
             # Kept ones leave the timeline: no search finds them either.
-            EventSearchStore.forget_txn(txn, [e for e, _, _ in rows])
+            edited = EventSearchStore.forget_txn(txn, [e for e, _, _ in rows])
             # Deleted or hidden, they leave the timeline: their relations and threads go.
             RelationsStore.forget_txn(txn, [e for e, _, _ in rows], roots_gone=True)
             for chunk, qs in in_chunks(hide):
                 txn.execute(f"UPDATE events SET outlier = 1 WHERE event_id IN ({qs})", tuple(chunk))
+            # Later events edited by one of these read as they did before that edit.
+            self.search.reindex_txn(txn, edited)
             return len(rows)
 
         try:

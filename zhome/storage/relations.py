@@ -32,7 +32,7 @@ events store's ``content_epoch``, which empties the parent cache.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Optional
 
 from twisted.internet import defer, task
 
@@ -148,30 +148,56 @@ class AggRow(NamedTuple):
     number: int
 
 
+# The candidates for the most recent valid replacement of each parent of
+# a chunk: the replacements by the parent's own sender, in its room, with
+# its type, of a parent that is no state event, that share the latest
+# origin_server_ts (the spec's tie-break on event_id is ``latest_edit``'s,
+# as SQL text order depends on the collation). Whether the parent is itself
+# an edit is ``replaceable``'s to say.
+_LATEST_EDITS_SQL = (
+    "SELECT parent_id, 'm.replace', room_id, sender, event_id, origin_server_ts, 1 FROM ("
+    " SELECT r.parent_id, r.room_id, r.sender, r.event_id, r.origin_server_ts,"
+    " RANK() OVER (PARTITION BY r.parent_id ORDER BY r.origin_server_ts DESC) AS rk"
+    " FROM event_relations r JOIN events o ON o.event_id = r.parent_id"
+    " WHERE r.parent_id IN ({qs}) AND r.rel_type = 'm.replace' AND r.edit_ok = 1 AND o.room_id = r.room_id"
+    " AND o.sender = r.sender AND o.type = r.type AND o.state_key IS NULL) e WHERE rk = 1"
+)
+
 # One statement for a chunk of parents (its IN list three times): per
 # (parent, sender) of a thread the count and latest reply; the latest
-# edits (by origin_server_ts; the spec's tie-break on event_id is applied
-# by the caller, as SQL text order depends on the collation) by the
-# parent's own sender with its type; the oldest references.
+# edits (as above); the oldest references.
 _AGGREGATE_SQL = (
     "SELECT parent_id, 'm.thread', room_id, sender, event_id, stream_ordering, n FROM ("
     " SELECT parent_id, room_id, sender, event_id, stream_ordering,"
     " COUNT(*) OVER (PARTITION BY parent_id, room_id, sender) AS n,"
     " ROW_NUMBER() OVER (PARTITION BY parent_id, room_id, sender ORDER BY stream_ordering DESC) AS rn"
     " FROM event_relations WHERE parent_id IN ({qs}) AND rel_type = 'm.thread') t WHERE rn = 1"
-    " UNION ALL"
-    " SELECT parent_id, 'm.replace', room_id, sender, event_id, origin_server_ts, 1 FROM ("
-    " SELECT r.parent_id, r.room_id, r.sender, r.event_id, r.origin_server_ts,"
-    " RANK() OVER (PARTITION BY r.parent_id ORDER BY r.origin_server_ts DESC) AS rk"
-    " FROM event_relations r JOIN events o ON o.event_id = r.parent_id"
-    " WHERE r.parent_id IN ({qs}) AND r.rel_type = 'm.replace' AND r.edit_ok = 1 AND o.room_id = r.room_id"
-    " AND o.sender = r.sender AND o.type = r.type AND o.state_key IS NULL) e WHERE rk = 1"
+    " UNION ALL "
+    + _LATEST_EDITS_SQL +
     " UNION ALL"
     " SELECT parent_id, 'm.reference', room_id, sender, event_id, stream_ordering, 1 FROM ("
     " SELECT parent_id, room_id, sender, event_id, stream_ordering,"
     " ROW_NUMBER() OVER (PARTITION BY parent_id ORDER BY stream_ordering) AS rn"
     " FROM event_relations WHERE parent_id IN ({qs}) AND rel_type = 'm.reference') f WHERE rn <= ?"
 )
+
+
+def replaceable(relation: Optional[tuple[str, str]]) -> bool:
+    """Whether an event whose own relation is ``relation`` (as
+    ``relation_of`` or ``served_relation`` give it) can be the original of
+    a replacement: an edit cannot be edited (spec "Validity of replacement
+    events")."""
+    return relation is None or relation[0] != REPLACE
+
+
+def latest_edit(rows: Iterable[AggRow]) -> Optional[AggRow]:
+    """The most recent valid replacement among one parent's m.replace rows
+    (as ``aggregation_rows`` and ``latest_edits_txn`` give them: they share
+    the latest origin_server_ts): the lexicographically largest event ID
+    (spec "Server-side aggregation of m.replace relationships"). The one
+    rule for the bundled aggregation and the search index."""
+    edits = [r for r in rows if r.rel_type == REPLACE]
+    return max(edits, key=lambda r: r.event_id) if edits else None
 
 
 def _redacted_txn(txn: Txn, event_id: str, room_id: str) -> bool:
@@ -336,6 +362,27 @@ class RelationsStore:
                 self._parents.set(parent, value)
             if value:
                 out[parent] = value
+        return out
+
+    @staticmethod
+    def latest_edits_txn(txn: Txn, parents: list[tuple[str, str]]) -> dict[str, str]:
+        """(event ID, room ID) of events -> the event ID of the most recent
+        valid replacement of each that has one (``latest_edit``; the caller
+        checks ``replaceable`` on the event's own relation and that it is
+        not redacted). Read from the index, not the cache: for writers."""
+        rooms = dict(parents)
+        out: dict[str, str] = {}
+        for chunk, qs in in_chunks(list(rooms)):
+            txn.execute(_LATEST_EDITS_SQL.format(qs=qs), tuple(chunk))
+            found: dict[str, list[AggRow]] = {}
+            for parent, rel_type, room_id, sender, event_id, position, n in txn.fetchall():
+                if room_id == rooms.get(parent):
+                    found.setdefault(parent, []).append(AggRow(rel_type, room_id, sender, event_id, int(position),
+                                                               int(n)))
+            for parent, rows in found.items():
+                best = latest_edit(rows)
+                if best is not None:
+                    out[parent] = best.event_id
         return out
 
     async def _load_rooms(self) -> None:
