@@ -9,6 +9,7 @@ from typing import Any, Iterator
 import pytest
 
 from tests.e2e.harness import ZhomeProcess
+from tests.e2e.openapi import Spec, spec_data_dir
 
 
 def _database_url(db_config: tuple[str, dict[str, Any]]) -> str | None:
@@ -96,3 +97,13 @@ def zhome_pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         servers.a = servers.spawn("127.0.0.2", "a")
         servers.b = servers.spawn("127.0.0.3", "b")
         yield servers
+
+
+@pytest.fixture(scope="module")
+def spec() -> Spec:
+    """The spec's OpenAPI definitions, to validate answers against. They are
+    part of what the suite checks: missing, the test fails (never skips)."""
+    try:
+        return Spec()
+    except FileNotFoundError as e:
+        pytest.fail(f"{e} (expected <repo>/../shared/matrix-spec/data, got {spec_data_dir()})", pytrace=False)

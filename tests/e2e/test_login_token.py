@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 import yaml
 
 from tests.e2e.harness import CS, ClientUser, ZhomeProcess
@@ -18,10 +17,6 @@ from tests.e2e.openapi import Spec
 V1 = "/_matrix/client/v1"
 PASSWORD = "correct horse battery"
 
-
-@pytest.fixture(scope="module")
-def spec() -> Spec:
-    return Spec()
 
 
 def _get_token(hs: ZhomeProcess, u: ClientUser) -> dict[str, Any]:

@@ -17,23 +17,15 @@ import urllib.parse
 from typing import Any, Optional
 
 import jsonschema
-import pytest
 
 from tests.e2e.harness import ZhomeProcess, q
-from tests.e2e.openapi import Spec, spec_data_dir
+from tests.e2e.openapi import Spec
 
 CS = "/_matrix/client/v3"
 V1 = "/_matrix/client/v1"
 REL = "/rooms/{roomId}/relations/{eventId}"
 _txn = itertools.count()
 
-
-@pytest.fixture(scope="module")
-def spec() -> Spec:
-    try:
-        return Spec()
-    except FileNotFoundError as e:
-        pytest.fail(f"{e} (expected <repo>/../shared/matrix-spec/data, got {spec_data_dir()})", pytrace=False)
 
 
 class User:

@@ -11,21 +11,12 @@ import urllib.parse
 from typing import Any
 
 import jsonschema
-import pytest
 
 from tests.e2e.harness import ZhomeProcess
-from tests.e2e.openapi import Spec, spec_data_dir
+from tests.e2e.openapi import Spec
 
 CS = "/_matrix/client/v3"
 
-
-@pytest.fixture(scope="module")
-def spec() -> Spec:
-    try:
-        return Spec()
-    except FileNotFoundError as e:
-        # The schemas are part of what this suite checks: never skip.
-        pytest.fail(f"{e} (expected <repo>/../shared/matrix-spec/data, got {spec_data_dir()})", pytrace=False)
 
 
 def q(s: str) -> str:

@@ -20,21 +20,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import jsonschema
-import pytest
 
 from tests.e2e.harness import ClientUser, ZhomeProcess, q
-from tests.e2e.openapi import Spec, spec_data_dir
+from tests.e2e.openapi import Spec
 from tests.e2e.test_admin_api import Admin
 from tests.e2e.test_erasure import _bytes_on_disk, _database_url, _pg_dump
 from tests.e2e.test_federation_hostile import World, world  # noqa: F401 - A, and E with mallory in A's room
 
-
-@pytest.fixture(scope="module")
-def spec() -> Spec:
-    try:
-        return Spec()
-    except FileNotFoundError as e:
-        pytest.fail(f"{e} (expected the spec at {spec_data_dir()})", pytrace=False)
 
 
 def _send(user: ClientUser, room: str, body: str, **extra: Any) -> str:

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import jsonschema
-import pytest
 
 from tests.e2e.harness import ClientUser, ZhomeProcess, q
-from tests.e2e.openapi import Spec, spec_data_dir
+from tests.e2e.openapi import Spec
 
 _TXN = itertools.count()
 RECEIPT = "/rooms/{roomId}/receipt/{receiptType}/{eventId}"
@@ -35,13 +34,6 @@ BY_THREAD = {"room": {"timeline": {"unread_thread_notifications": True}}}
 BY_THREAD_NO_RECEIPTS = {"room": {"timeline": {"unread_thread_notifications": True},
                                   "ephemeral": {"not_types": ["m.receipt"]}}}
 
-
-@pytest.fixture(scope="module")
-def spec() -> Spec:
-    try:
-        return Spec()
-    except FileNotFoundError as e:
-        pytest.fail(f"{e} (expected <repo>/../shared/matrix-spec/data, got {spec_data_dir()})", pytrace=False)
 
 
 class U(ClientUser):
