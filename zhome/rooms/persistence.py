@@ -123,6 +123,8 @@ class Persister:
         ev.internal["stream_ordering"] = item.stream_ordering
         self.events.cache_event(ev)
         self.events.invalidate_current_state(ev.room_id)
+        if ev.state_key is not None:
+            self.events.invalidate_user_rooms([ev.state_key])
         for after in self.outlier_after_commit_hooks:
             after(item)
         self.notifier.on_new_event(item.stream_ordering, ev.room_id, [ev.state_key] if ev.state_key else [])
