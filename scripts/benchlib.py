@@ -1,12 +1,16 @@
-"""Helpers shared by ``scripts/bench-federation`` and ``scripts/bench-media``.
+"""Helpers shared by the benchmark scripts (``scripts/bench-federation``,
+``bench-media``, ``bench-email``, ``csbench.py``, ``e2ebench.py``).
 
 A small asynchronous Matrix client (aiohttp), percentile and table helpers,
-and a Synapse from the pinned venv (``tests/e2e/synapse_peer.py``) with every
-rate limit lifted. Only loopback addresses are used; every wait is bounded.
+a Synapse from the pinned venv (``tests/e2e/synapse_peer.py``) with every
+rate limit lifted, and the command line of the workload scripts that
+``scripts/bench`` runs against each server. Only loopback addresses are
+used; every wait is bounded.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
@@ -27,7 +31,7 @@ from tests.e2e.harness import ZhomeProcess, free_port  # noqa: E402
 from tests.e2e.synapse_peer import SynapsePeer  # noqa: E402
 
 __all__ = ["Client", "ZhomeProcess", "SynapsePeer", "free_port", "pct", "ratio", "fmt", "bounded_gather",
-           "lift_synapse_limits", "log", "check_loopback"]
+           "lift_synapse_limits", "log", "check_loopback", "workload_parser", "run_workloads"]
 
 PASSWORD = "bench-password-1"
 
@@ -141,3 +145,28 @@ def lift_synapse_limits(peer: SynapsePeer, extra: Optional[dict[str, Any]] = Non
     )
     cfg.update(extra or {})
     peer.config_path.write_text(yaml.safe_dump(cfg))
+
+
+def workload_parser(doc: Optional[str]) -> argparse.ArgumentParser:
+    """The options every workload script takes: ``BASE_URL [--quick] [--json OUT]``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("base_url")
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    ap.add_argument("--json", help="also write the JSON result to this file")
+    return ap
+
+
+def run_workloads(run: Callable[[str, argparse.Namespace], Awaitable[dict[str, Any]]], args: argparse.Namespace,
+                  deadline_s: float) -> None:
+    """Run a script's workloads against ``args.base_url`` within the deadline;
+    print the JSON result (and write it to ``--json``), then one line a
+    measured workload on stderr."""
+    res = asyncio.run(asyncio.wait_for(run(args.base_url, args), deadline_s))
+    out = json.dumps(res, indent=2)
+    print(out)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(out)
+    for k, v in res.items():
+        if isinstance(v, dict) and "count" in v:
+            print(f"{k:18s} n={v['count']:<5} p50 {v['p50_ms']} ms  p95 {v['p95_ms']} ms", file=sys.stderr)

@@ -23,8 +23,6 @@ is bounded by a count and the overall deadline.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import random
 import sys
 import time
@@ -36,7 +34,7 @@ from urllib.parse import quote
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import Client, bounded_gather, check_loopback, log, pct  # noqa: E402
+from benchlib import Client, bounded_gather, check_loopback, log, pct, run_workloads, workload_parser  # noqa: E402
 
 DEADLINE_S = 3600
 CS = "/_matrix/client/v3"
@@ -156,20 +154,7 @@ async def run(base: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("base_url")
-    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    ap.add_argument("--json", help="also write the JSON result to this file")
-    args = ap.parse_args()
-    res = asyncio.run(asyncio.wait_for(run(args.base_url, args), DEADLINE_S))
-    out = json.dumps(res, indent=2)
-    print(out)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(out)
-    for k, v in res.items():
-        if isinstance(v, dict) and "count" in v:
-            print(f"{k:18s} n={v['count']:<5} p50 {v['p50_ms']} ms  p95 {v['p95_ms']} ms", file=sys.stderr)
+    run_workloads(run, workload_parser(__doc__).parse_args(), DEADLINE_S)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ import signedjson.key
 import signedjson.sign
 from unpaddedbase64 import encode_base64
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import run_workloads, workload_parser  # noqa: E402
+
 DEADLINE_S = 900
 PASSWORD = "bench-password-1"
 ALGORITHMS = ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"]
@@ -181,24 +184,13 @@ async def run(base: str, args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     here = Path(__file__).resolve().parent
     default_mx = os.path.realpath(here / ".." / ".." / "shared" / "bench" / "mxbench.py")
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("base_url")
-    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    ap.add_argument("--json", help="also write the JSON result to this file")
+    ap = workload_parser(__doc__)
     ap.add_argument("--mxbench", default=default_mx, help="path of the shared benchmark's mxbench.py")
     args = ap.parse_args()
     host = urlparse(args.base_url).hostname
     if host not in ("localhost", "::1") and not (host or "").startswith("127."):
         sys.exit("e2ebench only talks to loopback addresses")
-    res = asyncio.run(asyncio.wait_for(run(args.base_url, args), DEADLINE_S))
-    out = json.dumps(res, indent=2)
-    print(out)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(out)
-    for k, v in res.items():
-        if isinstance(v, dict) and "count" in v:
-            print(f"{k:18s} n={v['count']:<5} p50 {v['p50_ms']} ms  p95 {v['p95_ms']} ms", file=sys.stderr)
+    run_workloads(run, args, DEADLINE_S)
 
 
 if __name__ == "__main__":

@@ -146,3 +146,24 @@ async def test_rotation_rewraps_every_file_key(database: Database, tmp_path: Pat
     await check_server_key(store, crypto.KeyRing(new))
     with pytest.raises(crypto.MediaKeyError):
         await check_server_key(store, crypto.KeyRing(old))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_same_thumbnail_stored_twice_at_once(database: Database) -> None:
+    """Two makers of one thumbnail size at the same moment (the pass after
+    an upload and a request for that size): one row is stored, the other
+    maker is told so, and neither fails."""
+    from twisted.internet import defer
+
+    store = MediaStore(database)
+    await store.insert_media(MediaInfo("hs", "m0", "@u:hs", "image/png", None, None, 10, 1, 1, None,
+                                       "local/00/00/m0", "k1", "wrapped"))
+    for round_ in range(10):
+        infos = [ThumbnailInfo("hs", "m0", 32 + round_, 32, "crop", False, "image/png", 5, f"thumb/{round_}/{i}",
+                               "k1", "wrapped", 1) for i in range(2)]
+        stored = await defer.gatherResults(
+            [defer.ensureDeferred(store.insert_thumbnail(i, of_stored_media=True)) for i in infos],
+            consumeErrors=True)
+        assert sorted(stored) == [False, True]
+        thumb = await store.get_thumbnail("hs", "m0", 32 + round_, 32, "crop", False)
+        assert thumb is not None and thumb.storage_name in {i.storage_name for i in infos}

@@ -209,12 +209,12 @@ async def test_not_indexed_and_backfill_pass(tmp_path: Path, db_config: tuple[st
     await hs.db.run_interaction("t", lambda txn: (
         txn.execute("DELETE FROM event_search"),
         txn.execute("DELETE FROM at_rest_progress WHERE name IN ('event_search', 'event_search_done')")))
-    hs.event_search._complete = False
+    hs.event_search.backlog._complete = False
     assert await _find(hs, "saline", [room]) == []
     assert not await hs.event_search.complete()
-    monkeypatch.setattr(event_search, "BACKFILL_BATCH", 3)
-    monkeypatch.setattr(event_search, "BACKFILL_PAUSE_S", 0.0)
-    await hs.event_search._backfill(max_batches=20)
+    monkeypatch.setattr(hs.event_search.backlog, "batch", 3)
+    monkeypatch.setattr(hs.event_search.backlog, "pause_s", 0.0)
+    await hs.event_search.backlog.run(max_batches=20)
     assert await hs.event_search.complete()
     assert len(await _find(hs, "saline", [room])) == 8
     assert len(await _find(hs, "ward", [room])) == 1  # the room's name

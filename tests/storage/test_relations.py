@@ -174,9 +174,9 @@ async def test_background_pass_indexes_older_events(tmp_path: Path, db_config: t
         txn.execute("DELETE FROM at_rest_progress WHERE name IN ('event_relations', 'event_relations_done')")
 
     await hs.db.run_interaction("t", wipe)
-    hs.relations._complete = False
+    hs.relations.backlog._complete = False
     passes = 0
-    while await hs.db.run_interaction("t", hs.relations.backfill_txn, 4):
+    while await hs.db.run_interaction("t", hs.relations.backlog.batch_txn, 4):
         passes += 1
     assert passes >= 3
     # The redacted reply stays out; everything else is back.
@@ -278,8 +278,8 @@ async def test_bundled_aggregations(tmp_path: Path, db_config: tuple[str, dict[s
 
     # Once the index is complete, events of a room without any relation
     # cost no query at all, and an event already read costs none either.
-    assert hs.relations._running is not None
-    await hs.relations._running
+    assert hs.relations.backlog.running is not None
+    await hs.relations.backlog.running
     quiet_room = await _room(hs)
     quiet = [await _send(hs, quiet_room, ALICE, {"msgtype": "m.text", "body": f"q{i}"}) for i in range(3)]
     asked: list[str] = []

@@ -45,6 +45,7 @@ from zhome.crypto.keys import SigningKey
 from zhome.federation.destinations import DestinationPolicy
 from zhome.federation.discovery import ResolutionError, ServerResolver
 from zhome.federation.request_auth import reject_json_constant, sign_request
+from zhome.util.failures import failure_chain
 
 logger = logging.getLogger(__name__)
 
@@ -338,16 +339,10 @@ class CheckedEndpointFactory:
 
 
 def _failure_text(error: BaseException, tls_name: str) -> str:
-    """One line saying why a request got no response."""
-    reasons: list[Any] = [error]
-    seen: list[BaseException] = []
-    while reasons:
-        item = reasons.pop(0)
-        exc = item.value if isinstance(item, Failure) else item
-        if not isinstance(exc, BaseException) or exc in seen:
-            continue
-        seen.append(exc)
-        reasons.extend(getattr(exc, "reasons", []) or [])
+    """One line saying why a request got no response, for the operator: in
+    the error's own words (the URL preview fetcher's short, URL-free
+    reasons leave those out: ``zhome/media/safe_fetch.py``)."""
+    seen = failure_chain(error)
     for exc in seen:
         module = type(exc).__module__
         if module.startswith("OpenSSL") or module.startswith("service_identity"):

@@ -38,6 +38,7 @@ from twisted.web.iweb import IAgentEndpointFactory, UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from zhome.federation.discovery import is_public_address, lookup_addresses
+from zhome.util.failures import failure_chain
 
 MAX_REDIRECTS = 5
 MAX_URL_LENGTH = 4096
@@ -333,15 +334,7 @@ class SafeFetcher:
 
 def _reason(error: BaseException) -> FetchError | str:
     """The FetchError behind a failed request, else a short, URL-free reason."""
-    reasons: list[Any] = [error]
-    seen: list[BaseException] = []
-    while reasons:
-        item = reasons.pop(0)
-        exc = item.value if isinstance(item, Failure) else item
-        if not isinstance(exc, BaseException) or exc in seen:
-            continue
-        seen.append(exc)
-        reasons.extend(getattr(exc, "reasons", []) or [])
+    seen = failure_chain(error)
     for exc in seen:
         if isinstance(exc, FetchError):
             return exc

@@ -293,16 +293,15 @@ class MediaStore:
                 t.execute("SELECT 1 FROM media WHERE origin = ? AND media_id = ?", (info.origin, info.media_id))
                 if t.fetchone() is None:
                     return False
+            # Two makers of the same size can race (the pass after an upload
+            # and a request for it): the second stores nothing.
             t.execute(
-                "SELECT 1 FROM media_thumbnails WHERE origin = ? AND media_id = ? AND width = ? AND height = ? "
-                "AND method = ? AND animated = ?",
-                (info.origin, info.media_id, info.width, info.height, info.method, 1 if info.animated else 0))
-            if t.fetchone() is not None:
-                return False
-            t.execute(
-                f"INSERT INTO media_thumbnails ({_THUMB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO media_thumbnails ({_THUMB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
                 (info.origin, info.media_id, info.width, info.height, info.method, 1 if info.animated else 0,
                  info.content_type, info.size, info.storage_name, info.key_id, info.wrapped_key, info.created_ts))
+            if t.rowcount == 0:
+                return False
             if self._is_remote(info.origin):
                 _note_remote_use(t, info.origin, info.media_id, info.created_ts)
             return True

@@ -18,9 +18,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
-from twisted.internet import defer, task
-
 from zhome.storage.database import Database, Txn, in_chunks
+from zhome.storage.events_pass import EventsPass
 
 if TYPE_CHECKING:
     from zhome.storage.events import EventsStore
@@ -29,8 +28,6 @@ logger = logging.getLogger(__name__)
 
 #: Content keys whose value is the mxc:// URI of a file the event shows.
 MXC_KEYS = ("url", "thumbnail_url", "avatar_url")
-BACKFILL_BATCH = 500
-BACKFILL_PAUSE_S = 0.05
 MAX_DEPTH = 20
 
 
@@ -71,9 +68,11 @@ class EventMediaStore:
     def __init__(self, db: Database, events: "EventsStore") -> None:
         self.db = db
         self.events = events
-        self._complete = False
-        self._stopped = False
-        self._running: Optional[defer.Deferred[None]] = None
+        #: Indexes the events stored before the index.
+        self.backlog = EventsPass(
+            db, "event_media", self._backfill_txn, logger=logger, finished="files shown by events: index complete",
+            failed="indexing the files shown by stored events failed; retention keeps files meanwhile")
+        self.start, self.stop = self.backlog.start, self.backlog.stop
 
     # -- written with the events ----------------------------------------------------------
     @staticmethod
@@ -116,20 +115,11 @@ class EventMediaStore:
 
     async def complete(self) -> bool:
         """Whether every stored event is indexed (the background pass is done)."""
-        if not self._complete:
-            rows = await self.db.execute("event_media_done",
-                                         "SELECT 1 FROM at_rest_progress WHERE name = 'event_media_done'")
-            self._complete = bool(rows)
-        return self._complete
+        return await self.backlog.complete()
 
     # -- events stored before the index -----------------------------------------------------
-    def backfill_txn(self, txn: Txn, limit: int) -> int:
-        """Index up to ``limit`` events in stream order from where the pass
-        stopped; returns how many were looked at (0: the pass is done)."""
-        # Imported here: the events store imports this module.
-        from zhome.storage.events import events_pass_position_txn, events_pass_progress_txn
-
-        pos = events_pass_position_txn(txn, "event_media")
+    def _backfill_txn(self, txn: Txn, pos: int, limit: int) -> tuple[int, int]:
+        """Index up to ``limit`` events in stream order after ``pos``."""
         txn.execute("SELECT stream_ordering, event_id, room_id, json, sealed FROM events"
                     " WHERE stream_ordering > ? AND rejected_reason IS NULL ORDER BY stream_ordering LIMIT ?",
                     (pos, limit))
@@ -138,33 +128,4 @@ class EventMediaStore:
             content = self.events.open_pdu(event_id, stored, sealed).get("content")
             self.index_txn(txn, event_id, room_id, content)
             pos = max(pos, int(so))
-        events_pass_progress_txn(txn, "event_media", pos, len(rows))
-        return len(rows)
-
-    def start(self) -> None:
-        """Index, in the background, what was stored before the index."""
-        if self._running is None:
-            self._running = defer.ensureDeferred(self._backfill())
-
-    async def _backfill(self, max_batches: int = 1_000_000) -> None:
-        from zhome.util.reactor import reactor
-
-        try:
-            if await self.complete():
-                return
-            for _ in range(max_batches):
-                if self._stopped:
-                    return
-                n = await self.db.run_interaction("event_media_backfill", self.backfill_txn, BACKFILL_BATCH)
-                if n == 0:
-                    self._complete = True
-                    logger.info("files shown by events: index complete")
-                    return
-                await task.deferLater(reactor, BACKFILL_PAUSE_S, lambda: None)
-        except Exception:
-            logger.exception("indexing the files shown by stored events failed; retention keeps files meanwhile")
-
-    async def stop(self) -> None:
-        self._stopped = True
-        if self._running is not None:
-            await self._running
+        return pos, len(rows)

@@ -105,9 +105,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from twisted.internet import defer, task
-
 from zhome.storage.database import ENGINE_SQLITE, Database, Txn, in_chunks
+from zhome.storage.events_pass import EventsPass
 from zhome.storage.relations import REPLACE, relation_of, replaceable
 
 if TYPE_CHECKING:
@@ -132,8 +131,6 @@ MAX_QUERY_WORDS = 64
 ROOMS_PER_QUERY = 2000
 #: A room's bound that is no bound (the whole room is searched).
 UNBOUNDED = 2 ** 62
-BACKFILL_BATCH = 500
-BACKFILL_PAUSE_S = 0.05
 #: How long the background pass waits for the relations index between looks.
 RELATIONS_WAIT_S = 0.5
 
@@ -277,9 +274,14 @@ class EventSearchStore:
         self._local = ":" + server_name
         self._key: Optional[bytes] = None
         self._key_lock = threading.Lock()
-        self._complete = False
-        self._stopped = False
-        self._running: Optional[defer.Deferred[None]] = None
+        #: Indexes the events stored before the index; edits are read from
+        #: the relations index, so it waits until that is complete.
+        self.backlog = EventsPass(
+            db, "event_search", self._backfill_txn, logger=logger,
+            finished="search index: events stored before it are indexed",
+            failed="indexing stored events for search failed; older events are not searchable",
+            prepare=self.enable_secure_delete, ready=relations.complete, ready_wait_s=RELATIONS_WAIT_S)
+        self.start, self.stop = self.backlog.start, self.backlog.stop
         #: Whether deleted FTS5 rows are removed from its segments at once.
         self.secure_delete = self.db.engine != ENGINE_SQLITE
 
@@ -566,20 +568,12 @@ class EventSearchStore:
     # -- events stored before the index -----------------------------------------------------
     async def complete(self) -> bool:
         """Whether every stored event is indexed (the background pass is done)."""
-        if not self._complete:
-            rows = await self.db.execute("event_search_done",
-                                         "SELECT 1 FROM at_rest_progress WHERE name = 'event_search_done'")
-            self._complete = bool(rows)
-        return self._complete
+        return await self.backlog.complete()
 
-    def backfill_txn(self, txn: Txn, limit: int) -> int:
-        """Index up to ``limit`` events in stream order from where the pass
-        stopped, each by its latest valid edit as the persist hook would
-        (edits give no row of their own); returns how many were looked at
-        (0: the pass is done). The relations index must be complete."""
-        from zhome.storage.events import events_pass_position_txn, events_pass_progress_txn
-
-        pos = events_pass_position_txn(txn, "event_search")
+    def _backfill_txn(self, txn: Txn, pos: int, limit: int) -> tuple[int, int]:
+        """Index up to ``limit`` events in stream order after ``pos``, each by
+        its latest valid edit as the persist hook would (edits give no row
+        of their own). The relations index must be complete."""
         types = tuple(INDEXED_TYPES)
         txn.execute(
             "SELECT e.stream_ordering, e.event_id, e.room_id, e.sender, e.type, e.state_key, e.json, e.sealed"
@@ -595,38 +589,4 @@ class EventSearchStore:
             if replaceable(relation_of(content)):
                 batch.append(_Stored(event_id, room_id, sender, ev_type, state_key, int(so), content))
         self._insert_txn(txn, self._rows_txn(txn, batch, True), upsert=False)
-        events_pass_progress_txn(txn, "event_search", pos, len(rows))
-        return len(rows)
-
-    def start(self) -> None:
-        """Index, in the background, what was stored before the index."""
-        if self._running is None:
-            self._running = defer.ensureDeferred(self._backfill())
-
-    async def _backfill(self, max_batches: int = 1_000_000) -> None:
-        from zhome.util.reactor import reactor
-
-        try:
-            await self.enable_secure_delete()
-            if await self.complete():
-                return
-            for _ in range(max_batches):
-                if self._stopped:
-                    return
-                if not await self.relations.complete():
-                    # Edits are read from it: it must hold the stored events first.
-                    await task.deferLater(reactor, RELATIONS_WAIT_S, lambda: None)
-                    continue
-                n = await self.db.run_interaction("event_search_backfill", self.backfill_txn, BACKFILL_BATCH)
-                if n == 0:
-                    self._complete = True
-                    logger.info("search index: events stored before it are indexed")
-                    return
-                await task.deferLater(reactor, BACKFILL_PAUSE_S, lambda: None)
-        except Exception:
-            logger.exception("indexing stored events for search failed; older events are not searchable")
-
-    async def stop(self) -> None:
-        self._stopped = True
-        if self._running is not None:
-            await self._running
+        return pos, len(rows)

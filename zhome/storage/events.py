@@ -20,6 +20,7 @@ from zhome.storage.at_rest import Sealer, event_period
 from zhome.storage.database import Database, Txn, in_chunks
 from zhome.storage.event_media import EventMediaStore
 from zhome.storage.event_search import EventSearchStore
+from zhome.storage.events_pass import events_pass_position_txn
 from zhome.storage.ids import IdGenerator
 from zhome.storage.lru import LruCache
 from zhome.storage.relations import thread_of_content_txn
@@ -79,32 +80,6 @@ class PersistItem:
 
 def _replaced_extremities(item: PersistItem) -> list[str]:
     return list(dict.fromkeys(item.event.prev_event_ids + item.also_replaces))
-
-
-def events_pass_position_txn(txn: Txn, name: str) -> int:
-    """Where a background pass over the stored events (in stream order)
-    stopped, from ``at_rest_progress``; a pass not begun starts before the
-    first event and records that."""
-    txn.execute("SELECT position FROM at_rest_progress WHERE name = ?", (name,))
-    row = txn.fetchone()
-    if row is not None:
-        return int(row[0])
-    txn.execute("SELECT MIN(stream_ordering) FROM events")
-    low = txn.fetchone()
-    pos = int(low[0]) - 1 if low and low[0] is not None else 0
-    txn.execute("INSERT INTO at_rest_progress (name, position) VALUES (?, ?)", (name, pos))
-    return pos
-
-
-def events_pass_progress_txn(txn: Txn, name: str, pos: int, rows_read: int) -> None:
-    """Record how far a background pass over the stored events got: its
-    position after a batch that read rows, or ``<name>_done`` after one that
-    found none (the pass is complete)."""
-    if rows_read:
-        txn.execute("UPDATE at_rest_progress SET position = ? WHERE name = ?", (pos, name))
-    else:
-        txn.execute("INSERT INTO at_rest_progress (name, position) VALUES (?, ?) ON CONFLICT DO NOTHING",
-                    (name + "_done", pos))
 
 
 class EventsStore:

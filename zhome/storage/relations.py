@@ -34,9 +34,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Optional
 
-from twisted.internet import defer, task
-
 from zhome.storage.database import Database, Txn, in_chunks
+from zhome.storage.events_pass import EventsPass
 from zhome.storage.lru import LruCache
 
 if TYPE_CHECKING:
@@ -60,8 +59,6 @@ MAX_RECURSION = 3
 #: The thread ID of the main timeline: every event in no thread, thread
 #: roots included (client-server-api "Threaded read receipts").
 MAIN_THREAD = "main"
-BACKFILL_BATCH = 500
-BACKFILL_PAUSE_S = 0.05
 
 
 def relation_of(content: Any) -> Optional[tuple[str, str]]:
@@ -222,9 +219,13 @@ class RelationsStore:
         self._rooms_added: Optional[set[str]] = set()
         self._gen = 0
         self._epoch = events.content_epoch
-        self._complete = False
-        self._stopped = False
-        self._running: Optional[defer.Deferred[None]] = None
+        #: Indexes the events stored before the index; once complete, which
+        #: rooms have relations is read.
+        self.backlog = EventsPass(
+            db, "event_relations", self._backfill_txn, logger=logger,
+            finished="relations between events: index complete",
+            failed="indexing the relations of stored events failed", on_complete=self._load_rooms)
+        self.start, self.stop = self.backlog.start, self.backlog.stop
 
     # -- written with the events ----------------------------------------------------------
     def persist_txn_hook(self, txn: Txn, item: "PersistItem") -> None:
@@ -505,19 +506,10 @@ class RelationsStore:
     # -- events stored before the index -----------------------------------------------------
     async def complete(self) -> bool:
         """Whether every stored event is indexed (the background pass is done)."""
-        if not self._complete:
-            rows = await self.db.execute("event_relations_done",
-                                         "SELECT 1 FROM at_rest_progress WHERE name = 'event_relations_done'")
-            self._complete = bool(rows)
-        return self._complete
+        return await self.backlog.complete()
 
-    def backfill_txn(self, txn: Txn, limit: int) -> int:
-        """Index up to ``limit`` events in stream order from where the pass
-        stopped; returns how many were looked at (0: the pass is done)."""
-        # Imported here: the events store's module is imported by the server after this one.
-        from zhome.storage.events import events_pass_position_txn, events_pass_progress_txn
-
-        pos = events_pass_position_txn(txn, "event_relations")
+    def _backfill_txn(self, txn: Txn, pos: int, limit: int) -> tuple[int, int]:
+        """Index up to ``limit`` events in stream order after ``pos``."""
         txn.execute("SELECT stream_ordering, event_id, room_id, type, state_key, sender, origin_server_ts, json,"
                     " sealed FROM events WHERE stream_ordering > ? AND rejected_reason IS NULL AND outlier = 0"
                     " AND soft_failed = 0 ORDER BY stream_ordering LIMIT ?", (pos, limit))
@@ -528,35 +520,4 @@ class RelationsStore:
                 continue  # plain JSON without a relation: nothing to open
             content = self.events.open_pdu(event_id, stored, sealed).get("content")
             self.index_txn(txn, event_id, room_id, etype, state_key, sender, int(so), ts, content)
-        events_pass_progress_txn(txn, "event_relations", pos, len(rows))
-        return len(rows)
-
-    def start(self) -> None:
-        """Index, in the background, what was stored before the index."""
-        if self._running is None:
-            self._running = defer.ensureDeferred(self._backfill())
-
-    async def _backfill(self, max_batches: int = 1_000_000) -> None:
-        from zhome.util.reactor import reactor
-
-        try:
-            if await self.complete():
-                await self._load_rooms()
-                return
-            for _ in range(max_batches):
-                if self._stopped:
-                    return
-                n = await self.db.run_interaction("event_relations_backfill", self.backfill_txn, BACKFILL_BATCH)
-                if n == 0:
-                    self._complete = True
-                    logger.info("relations between events: index complete")
-                    await self._load_rooms()
-                    return
-                await task.deferLater(reactor, BACKFILL_PAUSE_S, lambda: None)
-        except Exception:
-            logger.exception("indexing the relations of stored events failed")
-
-    async def stop(self) -> None:
-        self._stopped = True
-        if self._running is not None:
-            await self._running
+        return pos, len(rows)
