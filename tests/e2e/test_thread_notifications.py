@@ -86,10 +86,40 @@ def _room(sync: Any, room_id: str) -> dict[str, Any]:
     return dict(sync["rooms"]["join"][room_id])
 
 
+def test_sending_an_event_reads_what_came_before(zhome: ZhomeProcess, spec: Spec) -> None:
+    """"When the user updates their read receipt (either by using the API or
+    by sending an event), notifications prior to and including that event
+    MUST be marked as read": counts in every thread, the notification list,
+    and a later receipt for an older event does not bring them back."""
+    alice, bob = U(zhome, "alice", spec), U(zhome, "bob", spec)
+    room_id = str(alice.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"])
+    bob.ok("POST", f"/rooms/{q(room_id)}/join", {})
+    first = bob.send(room_id, "one")
+    root = bob.send(room_id, "a thread")
+    bob.send(room_id, "in it", thread=root)
+    assert _room(alice.sync(), room_id)["unread_notifications"] == _counts(3)
+    alice.send(room_id, "I have read it all")
+    assert _room(alice.sync(), room_id)["unread_notifications"] == _counts(0)
+    assert _room(alice.sync(BY_THREAD), room_id)["unread_thread_notifications"] == {}
+    listed = alice.ok("GET", "/notifications")["notifications"]
+    assert len(listed) == 3 and all(n["read"] for n in listed), listed
+    # A receipt for an event before her message leaves it all read.
+    alice.read(room_id, first)
+    assert _room(alice.sync(), room_id)["unread_notifications"] == _counts(0)
+    # What comes after her message counts again, and a receipt clears it.
+    later = bob.send(room_id, "two")
+    assert _room(alice.sync(), room_id)["unread_notifications"] == _counts(1)
+    assert [n["read"] for n in alice.ok("GET", "/notifications")["notifications"]] == [False, True, True, True]
+    alice.read(room_id, later)
+    assert _room(alice.sync(), room_id)["unread_notifications"] == _counts(0)
+
+
 def test_counts_and_receipts_by_thread(zhome: ZhomeProcess, spec: Spec) -> None:
     alice, bob = U(zhome, "alice", spec), U(zhome, "bob", spec)
     room_id = str(alice.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"])
     bob.ok("POST", f"/rooms/{q(room_id)}/join", {})
+    # Alice's own messages count for no one of hers.
+    alice.send(room_id, "mine")
     # Two members: every message of Bob's notifies Alice (.m.rule.room_one_to_one).
     m1 = bob.send(room_id, "hello")
     root_a = bob.send(room_id, "topic A")
@@ -99,8 +129,6 @@ def test_counts_and_receipts_by_thread(zhome: ZhomeProcess, spec: Spec) -> None:
     b1 = bob.send(room_id, "b1", thread=root_b)
     b2 = bob.send(room_id, "b2 for alice", thread=root_b, mention=alice.user_id)
     m2 = bob.send(room_id, "bye")
-    # Alice's own messages count for no one of hers.
-    alice.send(room_id, "mine", thread=root_a)
 
     def by_thread() -> tuple[dict[str, int], dict[str, Any]]:
         room = _room(alice.sync(BY_THREAD), room_id)
@@ -115,8 +143,10 @@ def test_counts_and_receipts_by_thread(zhome: ZhomeProcess, spec: Spec) -> None:
     assert total() == _counts(8, 1)
     # With it: the main timeline (thread roots included) apart from each thread.
     assert by_thread() == (_counts(4), {root_a: _counts(2), root_b: _counts(2, 1)})
-    # Bob's view: Alice's one reply, in thread A.
-    assert _room(bob.sync(BY_THREAD), room_id)["unread_thread_notifications"] == {root_a: _counts(1)}
+    # Bob's view: Alice's message came before his own, so it is read
+    # ("Receiving notifications": sending an event marks what is before it read).
+    bob_room = _room(bob.sync(BY_THREAD), room_id)
+    assert bob_room["unread_notifications"] == _counts(0) and bob_room["unread_thread_notifications"] == {}
 
     # A threaded receipt clears its own thread only, up to its event.
     alice.read(room_id, a1, thread_id=root_a)

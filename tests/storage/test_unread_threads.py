@@ -44,9 +44,6 @@ async def test_counts_go_to_the_events_thread(tmp_path: Path, db_config: DbConfi
     hop4 = await _send(hs, room_id, BOB, _msg("hop 4", **_rel("m.reference", hop3.event_id)))
     # A reaction notifies no one (.m.rule.reaction): no count anywhere.
     await _send(hs, room_id, BOB, _rel("m.annotation", reply.event_id, key="+1"), "m.reaction")
-    # Alice's own reply counts for Bob, in the thread.
-    await _send(hs, room_id, ALICE, _msg("mine", **_rel("m.thread", root.event_id)))
-
     threads = await hs.relations.threads_of([root, reply, ref_reply, ref_root, hop3, hop4])
     assert threads == {root.event_id: MAIN_THREAD, reply.event_id: root.event_id,
                        ref_reply.event_id: root.event_id, ref_root.event_id: MAIN_THREAD,
@@ -54,12 +51,17 @@ async def test_counts_go_to_the_events_thread(tmp_path: Path, db_config: DbConfi
 
     by_thread = await hs.events.get_unread_counts_by_thread(ALICE, [room_id])
     assert by_thread == {room_id: {MAIN_THREAD: (3, 0), root.event_id: (3, 0)}}
-    assert await hs.events.get_unread_counts_by_thread(BOB, [room_id]) == {
-        room_id: {root.event_id: (1, 0)}}
     # Totals: the room's and the badge's are over every thread.
     assert await hs.events.get_unread_counts(ALICE, room_id) == (6, 0)
     assert await hs.events.get_total_unread(ALICE) == 6
+    # Alice's own reply counts for Bob, in the thread; and having sent it,
+    # she has read everything before it ("Receiving notifications").
+    await _send(hs, room_id, ALICE, _msg("mine", **_rel("m.thread", root.event_id)))
+    assert await hs.events.get_unread_counts_by_thread(BOB, [room_id]) == {
+        room_id: {root.event_id: (1, 0)}}
     assert await hs.events.get_total_unread(BOB) == 1
+    assert await hs.events.get_unread_counts_by_thread(ALICE, [room_id]) == {}
+    assert await hs.events.get_total_unread(ALICE) == 0
 
     # A redacted event has lost its relation: main timeline.
     await hs.event_creator.send(room_id, "m.room.redaction", BOB, {}, redacts=ref_reply.event_id)

@@ -48,7 +48,8 @@ logger = logging.getLogger(__name__)
 REDACTION_BATCH = 50
 REDACTION_PAUSE_S = 0.08
 
-SCRUBBED_TABLES = ("events", "profiles", "profile_fields", "account_data", "receipts", "presence", "user_notifications",
+SCRUBBED_TABLES = ("events", "profiles", "profile_fields", "account_data", "receipts", "sent_read_marks", "presence",
+                   "user_notifications",
                    "user_notifications_staging",
                    "event_txn_ids", "media", "media_thumbnails", "devices", "e2e_device_keys", "e2e_one_time_keys",
                    "e2e_fallback_keys", "device_inbox", "pushers", "push_rules", "user_filters",

@@ -244,7 +244,7 @@ class EventCreator:
             actions = await self.push_actions_for(event, state, group=group)
             item = PersistItem(event, group, state, txn_id=txn_id, device_id=device_id,
                                unread=unread_from_actions(actions, event), push_actions=actions,
-                               snapshot_before=group is None and bool(state))
+                               snapshot_before=group is None and bool(state), sender_read=True)
             await self.persister.persist(item)
             return event
 

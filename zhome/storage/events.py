@@ -73,6 +73,9 @@ class PersistItem:
     # False for a received redaction that must not take effect (rooms/v3+
     # "Handling redactions": not from the original's server, no redact level).
     apply_redaction: bool = True
+    # Sent by a local user through the client API: what the room notified
+    # them of before it is read ("Receiving notifications").
+    sender_read: bool = False
     # Filled by persistence:
     stream_ordering: int = 0
     state_group_after: Optional[int] = None
@@ -238,6 +241,13 @@ class EventsStore:
                 [(user_id, ev.room_id, thread_id, int(notify), int(highlight))
                  for user_id, (notify, highlight) in item.unread.items()],
             )
+        if item.sender_read:
+            # Everything before the user's own event is read, in every thread.
+            txn.execute(
+                "INSERT INTO sent_read_marks (user_id, room_id, stream_ordering) VALUES (?,?,?)"
+                " ON CONFLICT (user_id, room_id) DO UPDATE SET stream_ordering = excluded.stream_ordering",
+                (ev.sender, ev.room_id, so))
+            txn.execute("DELETE FROM room_unread WHERE user_id = ? AND room_id = ?", (ev.sender, ev.room_id))
 
     def _insert_event_txn(self, txn: Txn, item: PersistItem, so: int, group: Optional[int]) -> None:
         ev = item.event

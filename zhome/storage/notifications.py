@@ -202,6 +202,12 @@ def _read_up_to_txn(txn: Txn, user_id: str, room_ids: set[str]) -> dict[tuple[st
         for room_id, thread_id, so in txn.fetchall():
             if so is not None:
                 read_up_to[(room_id, thread_id)] = int(so)
+        # The user's own newest event reads what came before it, unthreaded
+        # ("Receiving notifications": "or by sending an event").
+        txn.execute(f"SELECT room_id, stream_ordering FROM sent_read_marks WHERE room_id IN ({qs}) AND user_id = ?",
+                    (*chunk, user_id))
+        for room_id, so in txn.fetchall():
+            read_up_to[(room_id, "")] = max(int(so), read_up_to.get((room_id, ""), int(so)))
     return read_up_to
 
 

@@ -196,7 +196,7 @@ class PrivacyStore:
         def txn_fn(txn: Txn) -> None:
             fold_staging_txn(txn)  # staged notifications are deleted like the rest
             for table in ("receipts", "room_unread", "room_forgotten", "presence", "user_notifications",
-                          "event_txn_ids"):
+                          "event_txn_ids", "sent_read_marks"):
                 txn.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))
             self.events.invalidate_user_rooms([user_id])
 
@@ -225,7 +225,8 @@ class PrivacyStore:
             txn.execute("DELETE FROM state_group_entries WHERE state_group IN"
                         " (SELECT id FROM state_groups WHERE room_id = ?)", (room_id,))
             for table in ("state_groups", "current_state_events", "room_memberships", "room_forgotten",
-                          "room_aliases", "account_data", "receipts", "room_unread", "user_notifications",
+                          "room_aliases", "account_data", "receipts", "room_unread", "sent_read_marks",
+                          "user_notifications",
                           "user_directory_public_rooms", "event_relations", "event_threads",
                           "room_forward_extremities", "server_notice_rooms", "events", "rooms"):
                 txn.execute(f"DELETE FROM {table} WHERE room_id = ?", (room_id,))
