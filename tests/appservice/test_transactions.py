@@ -13,6 +13,7 @@ from twisted.internet import defer, task
 
 from zhome.appservice.registration import parse_registration
 from zhome.appservice.transactions import AppServiceTransactions
+from zhome.storage.appservice_ephemeral import AppServiceEphemeralStore
 from zhome.storage.database import Database, Txn
 from zhome.storage.ids import IdGenerator
 from zhome.util.reactor import reactor
@@ -26,6 +27,7 @@ SERVICE = parse_registration({"id": "b", "url": "http://127.0.0.1:1", "as_token"
 class FakeService:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str]]] = []
+        self.ephemeral: list[tuple[str, Any]] = []
         self.fail = 0
 
     async def request(self, method: str, url: str, token: str, body: Optional[Any],
@@ -33,13 +35,15 @@ class FakeService:
         assert method == "PUT" and token == "h"
         txn_id = url.rsplit("/", 1)[1]
         self.calls.append((txn_id, [e["event_id"] for e in body["events"]]))
+        self.ephemeral.append((txn_id, body.get("ephemeral")))
         if self.fail > 0:
             self.fail -= 1
             return 500, None, "no"
         return 200, {}, "{}"
 
 
-async def _make(db: Database, svc: FakeService) -> AppServiceTransactions:
+async def _make(db: Database, svc: FakeService,
+                services: Optional[list[Any]] = None) -> AppServiceTransactions:
     async def get_events(ids: Iterable[str]) -> dict[str, Any]:
         return {i: SimpleNamespace(event_id=i) for i in ids}
 
@@ -49,8 +53,11 @@ async def _make(db: Database, svc: FakeService) -> AppServiceTransactions:
     async def aliases(room_id: str) -> list[str]:
         return []
 
-    return AppServiceTransactions([SERVICE], db, await IdGenerator.from_table(db, "appservice_queue", "id"),
-                                  get_events, serialize, aliases, svc.request)
+    return AppServiceTransactions(services or [SERVICE], db,
+                                  await IdGenerator.from_table(db, "appservice_queue", "id"),
+                                  get_events, serialize, aliases, svc.request,
+                                  ephemeral=AppServiceEphemeralStore(
+                                      db, await IdGenerator.from_table(db, "appservice_ephemeral", "id")))
 
 
 async def _enqueue(db: Database, txns: AppServiceTransactions, event_ids: list[str]) -> None:
