@@ -5,6 +5,7 @@ restart, nothing sent twice."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 from typing import Any, Iterable, Optional
 
@@ -119,3 +120,59 @@ async def test_retry_same_txn_and_restart(database: Database) -> None:
     # Exactly once each in what was accepted: the last attempt of each ID.
     accepted = {t: evs for t, evs in delivered}
     assert [e for t in sorted(accepted, key=int) for e in accepted[t]] == ["$a", "$b", "$c"]
+
+
+EPH_SERVICE = parse_registration({"id": "b", "url": "http://127.0.0.1:1", "as_token": "a", "hs_token": "h",
+                                  "sender_localpart": "bot", "receive_ephemeral": True,
+                                  "namespaces": {"users": [{"exclusive": True, "regex": "@b_.*"}]}},
+                                 "b.yaml", "example.org")
+
+
+@pytest_twisted.ensureDeferred
+async def test_ephemeral_retry_same_txn_and_restart(database: Database) -> None:
+    svc = FakeService()
+    svc.fail = 2
+    txns = await _make(database, svc, [EPH_SERVICE])
+    receipt = {"type": "m.receipt", "room_id": "!r:x", "content": {"$a": {"m.read": {"@u:x": {"ts": 1}}}}}
+    presence = {"type": "m.presence", "sender": "@b_p:x", "content": {"presence": "online"}}
+    await _enqueue(database, txns, ["$a"])
+    # Queued before the loop runs (push_ephemeral would wake it at once).
+    await txns.ephemeral.push(["b"], receipt, "@u:x", int(time.time() * 1000))
+    await txns.ephemeral.push(["b"], presence, "@b_p:x", int(time.time() * 1000))
+    txns.wake("b")
+    await _until(lambda: len(svc.calls) >= 2)
+    # Pushed while the first transaction is failing: not added to it.
+    later = dict(receipt, content={"$b": {"m.read": {"@u:x": {"ts": 2}}}})
+    await txns.push_ephemeral([EPH_SERVICE], later, "@u:x")
+    txns.stop()
+    await defer.succeed(None)
+    # A new process: the transaction in flight comes again, as it was.
+    svc.fail = 0
+    again = await _make(database, svc, [EPH_SERVICE])
+    await again.start()
+    await _until(lambda: any(e == [later] for _, e in svc.ephemeral))
+    await task.deferLater(reactor, 0.3, lambda: None)
+    again.stop()
+    first_id, first_eph = svc.ephemeral[0]
+    assert first_eph == [receipt, presence]
+    assert all(c == (first_id, first_eph) for c in svc.ephemeral[:-1]), svc.ephemeral
+    assert len(svc.ephemeral) >= 3  # two refused attempts, then accepted after the restart
+    assert svc.ephemeral[-1] == (str(int(first_id) + 1), [later])
+    # Acknowledged: gone, and not sent again.
+    assert await database.execute("t", "SELECT COUNT(*) FROM appservice_ephemeral") == [(0,)]
+    n = len(svc.calls)
+    third = await _make(database, svc, [EPH_SERVICE])
+    await third.start()
+    await task.deferLater(reactor, 0.3, lambda: None)
+    third.stop()
+    assert len(svc.calls) == n
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_ephemeral_rows_without_receive_ephemeral(database: Database) -> None:
+    svc = FakeService()
+    txns = await _make(database, svc)
+    await txns.push_ephemeral([SERVICE], {"type": "m.typing", "room_id": "!r:x", "content": {"user_ids": []}})
+    assert await database.execute("t", "SELECT COUNT(*) FROM appservice_ephemeral") == [(0,)]
+    assert svc.calls == []
+    txns.stop()
