@@ -328,8 +328,13 @@ class HomeServer:
         async def serialize(evs: list[Any]) -> list[dict[str, Any]]:
             return await serialize_events(events, evs)
 
+        from zhome.storage.appservice_ephemeral import AppServiceEphemeralStore
+
+        ephemeral = AppServiceEphemeralStore(
+            self.db, await IdGenerator.from_table(self.db, "appservice_ephemeral", "id"))
         txns = AppServiceTransactions(services, self.db, await IdGenerator.from_table(self.db, "appservice_queue", "id"),
-                                      self.events.get_events, serialize, self.rooms.get_aliases_for_room, request)
+                                      self.events.get_events, serialize, self.rooms.get_aliases_for_room, request,
+                                      ephemeral=ephemeral)
         self.appservice_txns = txns
         self.persister.pre_hooks.append(txns.before_persist)
         self.persister.txn_hooks.append(txns.persist_txn_hook)

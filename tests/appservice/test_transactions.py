@@ -5,6 +5,7 @@ restart, nothing sent twice."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 from typing import Any, Iterable, Optional
 
@@ -13,6 +14,7 @@ from twisted.internet import defer, task
 
 from zhome.appservice.registration import parse_registration
 from zhome.appservice.transactions import AppServiceTransactions
+from zhome.storage.appservice_ephemeral import AppServiceEphemeralStore
 from zhome.storage.database import Database, Txn
 from zhome.storage.ids import IdGenerator
 from zhome.util.reactor import reactor
@@ -26,6 +28,7 @@ SERVICE = parse_registration({"id": "b", "url": "http://127.0.0.1:1", "as_token"
 class FakeService:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str]]] = []
+        self.ephemeral: list[tuple[str, Any]] = []
         self.fail = 0
 
     async def request(self, method: str, url: str, token: str, body: Optional[Any],
@@ -33,13 +36,15 @@ class FakeService:
         assert method == "PUT" and token == "h"
         txn_id = url.rsplit("/", 1)[1]
         self.calls.append((txn_id, [e["event_id"] for e in body["events"]]))
+        self.ephemeral.append((txn_id, body.get("ephemeral")))
         if self.fail > 0:
             self.fail -= 1
             return 500, None, "no"
         return 200, {}, "{}"
 
 
-async def _make(db: Database, svc: FakeService) -> AppServiceTransactions:
+async def _make(db: Database, svc: FakeService,
+                services: Optional[list[Any]] = None) -> AppServiceTransactions:
     async def get_events(ids: Iterable[str]) -> dict[str, Any]:
         return {i: SimpleNamespace(event_id=i) for i in ids}
 
@@ -49,8 +54,11 @@ async def _make(db: Database, svc: FakeService) -> AppServiceTransactions:
     async def aliases(room_id: str) -> list[str]:
         return []
 
-    return AppServiceTransactions([SERVICE], db, await IdGenerator.from_table(db, "appservice_queue", "id"),
-                                  get_events, serialize, aliases, svc.request)
+    return AppServiceTransactions(services or [SERVICE], db,
+                                  await IdGenerator.from_table(db, "appservice_queue", "id"),
+                                  get_events, serialize, aliases, svc.request,
+                                  ephemeral=AppServiceEphemeralStore(
+                                      db, await IdGenerator.from_table(db, "appservice_ephemeral", "id")))
 
 
 async def _enqueue(db: Database, txns: AppServiceTransactions, event_ids: list[str]) -> None:
@@ -112,3 +120,59 @@ async def test_retry_same_txn_and_restart(database: Database) -> None:
     # Exactly once each in what was accepted: the last attempt of each ID.
     accepted = {t: evs for t, evs in delivered}
     assert [e for t in sorted(accepted, key=int) for e in accepted[t]] == ["$a", "$b", "$c"]
+
+
+EPH_SERVICE = parse_registration({"id": "b", "url": "http://127.0.0.1:1", "as_token": "a", "hs_token": "h",
+                                  "sender_localpart": "bot", "receive_ephemeral": True,
+                                  "namespaces": {"users": [{"exclusive": True, "regex": "@b_.*"}]}},
+                                 "b.yaml", "example.org")
+
+
+@pytest_twisted.ensureDeferred
+async def test_ephemeral_retry_same_txn_and_restart(database: Database) -> None:
+    svc = FakeService()
+    svc.fail = 2
+    txns = await _make(database, svc, [EPH_SERVICE])
+    receipt = {"type": "m.receipt", "room_id": "!r:x", "content": {"$a": {"m.read": {"@u:x": {"ts": 1}}}}}
+    presence = {"type": "m.presence", "sender": "@b_p:x", "content": {"presence": "online"}}
+    await _enqueue(database, txns, ["$a"])
+    # Queued before the loop runs (push_ephemeral would wake it at once).
+    await txns.ephemeral.push(["b"], receipt, "@u:x", int(time.time() * 1000))
+    await txns.ephemeral.push(["b"], presence, "@b_p:x", int(time.time() * 1000))
+    txns.wake("b")
+    await _until(lambda: len(svc.calls) >= 2)
+    # Pushed while the first transaction is failing: not added to it.
+    later = dict(receipt, content={"$b": {"m.read": {"@u:x": {"ts": 2}}}})
+    await txns.push_ephemeral([EPH_SERVICE], later, "@u:x")
+    txns.stop()
+    await defer.succeed(None)
+    # A new process: the transaction in flight comes again, as it was.
+    svc.fail = 0
+    again = await _make(database, svc, [EPH_SERVICE])
+    await again.start()
+    await _until(lambda: any(e == [later] for _, e in svc.ephemeral))
+    await task.deferLater(reactor, 0.3, lambda: None)
+    again.stop()
+    first_id, first_eph = svc.ephemeral[0]
+    assert first_eph == [receipt, presence]
+    assert all(c == (first_id, first_eph) for c in svc.ephemeral[:-1]), svc.ephemeral
+    assert len(svc.ephemeral) >= 3  # two refused attempts, then accepted after the restart
+    assert svc.ephemeral[-1] == (str(int(first_id) + 1), [later])
+    # Acknowledged: gone, and not sent again.
+    assert await database.execute("t", "SELECT COUNT(*) FROM appservice_ephemeral") == [(0,)]
+    n = len(svc.calls)
+    third = await _make(database, svc, [EPH_SERVICE])
+    await third.start()
+    await task.deferLater(reactor, 0.3, lambda: None)
+    third.stop()
+    assert len(svc.calls) == n
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_ephemeral_rows_without_receive_ephemeral(database: Database) -> None:
+    svc = FakeService()
+    txns = await _make(database, svc)
+    await txns.push_ephemeral([SERVICE], {"type": "m.typing", "room_id": "!r:x", "content": {"user_ids": []}})
+    assert await database.execute("t", "SELECT COUNT(*) FROM appservice_ephemeral") == [(0,)]
+    assert svc.calls == []
+    txns.stop()

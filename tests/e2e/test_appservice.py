@@ -199,6 +199,82 @@ def test_durability_across_outage_and_restart(bridge: Bridge, db_config: Any) ->
     assert ids == sorted(set(ids)), "transaction IDs increase and are not reused for other contents"
 
 
+def _ephemeral_of(wire: list[tuple[str, dict[str, Any], int]]) -> list[dict[str, Any]]:
+    return [e for _, b, _ in wire for e in b.get("ephemeral") or []]
+
+
+def test_ephemeral_events_across_outage_and_restart(bridge: Bridge, db_config: Any) -> None:
+    """Receipts, presence and typing for a service that is down are kept in
+    the database: after a restart of zhome the transaction that failed is
+    sent again with the same ID and the same ephemeral events, each is
+    accepted exactly once, and nothing is sent again afterwards."""
+    hs, svc = bridge.hs, bridge.service
+    assert svc is not None
+    alice = ClientUser(hs, "alice")
+    room_id = alice.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"]
+    ghost_id = "@bridge_erin:localhost"
+    ghost = svc.az.intent.user(ghost_id)
+    svc.run(ghost.ensure_registered())
+    svc.run(ghost.join_room(room_id))
+    tag = secrets.token_hex(6)
+    event_id = alice.ok("PUT", f"/rooms/{q(room_id)}/send/m.room.message/e0",
+                        {"msgtype": "m.text", "body": f"read-me-{tag}"})["event_id"]
+    svc.wait_for(lambda: [e for e in svc.events if e.get("event_id") == event_id], message="the message")
+
+    # The service is down (answers 500); a receipt, typing and presence happen.
+    svc.refuse_transactions = True
+    alice.ok("POST", f"/rooms/{q(room_id)}/receipt/m.read/{q(event_id)}", {})
+    alice.ok("PUT", f"/rooms/{q(room_id)}/typing/{q(alice.user_id)}", {"typing": True, "timeout": 30000})
+    status, body = bridge.as_req("PUT", f"/presence/{q(ghost_id)}/status",
+                                 {"presence": "online", "status_msg": f"status-{tag}"}, user_id=ghost_id)
+    assert status == 200, body
+
+    def is_receipt(e: dict[str, Any]) -> bool:
+        return e["type"] == "m.receipt" and alice.user_id in e["content"].get(event_id, {}).get("m.read", {})
+
+    def is_presence(e: dict[str, Any]) -> bool:
+        return e["type"] == "m.presence" and e["content"].get("status_msg") == f"status-{tag}"
+
+    # The first refused transaction carries ephemeral events only (nothing
+    # else happened since the service went down): the receipt at least,
+    # unless activity of the ghost queued its presence first.
+    refused = svc.wait_for(lambda: [w for w in svc.wire if w[2] == 500], timeout=30,
+                           message="a refused transaction")
+    first_refused = refused[0]
+    assert first_refused[1]["ephemeral"] and not first_refused[1]["events"], first_refused
+    svc.wait_for(lambda: len([w for w in svc.wire if w[2] == 500 and w[0] == first_refused[0]]) >= 2,
+                 timeout=30, message="the refused transaction sent again")
+    attempts = [w for w in svc.wire if w[2] == 500 and w[0] == first_refused[0]]
+    assert all(w[1]["ephemeral"] == first_refused[1]["ephemeral"] for w in attempts), "same ephemeral events"
+    assert all(w[1]["de.sorunome.msc2409.ephemeral"] == w[1]["ephemeral"] for w in attempts)
+
+    # zhome stops and starts again while the service is down; then it comes back.
+    bridge.stop_service()
+    hs.restart()
+    svc2 = bridge.start_service()
+    svc2.wait_for(lambda: any(is_receipt(e) for e in _ephemeral_of(svc2.wire))
+                  and any(is_presence(e) for e in _ephemeral_of(svc2.wire)),
+                  timeout=60, message="the receipt and the presence after the restart")
+    first_ok = svc2.accepted()[0]
+    assert first_ok[0] == first_refused[0], "the transaction in flight is sent again first, under its ID"
+    assert first_ok[1]["ephemeral"] == first_refused[1]["ephemeral"], "with the same ephemeral events"
+    assert any(e["type"] == "m.typing" and alice.user_id in e["content"]["user_ids"]
+               for e in _ephemeral_of(svc2.wire)), "the fresh typing notice too"
+    accepted = [e for _, b in svc2.accepted() for e in b.get("ephemeral") or []]
+    assert len([e for e in accepted if is_receipt(e)]) == 1, "the receipt exactly once"
+    assert len([e for e in accepted if is_presence(e)]) == 1, "the presence exactly once"
+    ids = [int(t) for t, _ in svc2.accepted()]
+    assert ids == sorted(set(ids)), "each transaction ID accepted once"
+
+    # Acknowledged: not sent again, also not after another restart.
+    seen = len(svc2.wire)
+    done_ids = {t for t, _ in svc2.accepted()}
+    hs.restart()
+    time.sleep(2)
+    assert not any(is_receipt(e) or is_presence(e) for e in _ephemeral_of(svc2.wire[seen:]))
+    assert not any(w[0] in done_ids for w in svc2.wire[seen:]), "no acknowledged ID sent again"
+
+
 def test_namespaces_and_masquerading(bridge: Bridge) -> None:
     hs, svc = bridge.hs, bridge.service
     assert svc is not None

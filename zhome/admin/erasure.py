@@ -17,7 +17,8 @@
 4. deletes every file the user uploaded (thumbnails with them), except
    files referenced by events that are kept;
 5. deactivates the account with erase (sessions, devices and their keys,
-   pushers, account data, profile, receipts, presence, rooms left);
+   pushers, account data, profile, receipts, presence, rooms left,
+   ephemeral events about the user queued for application services);
 6. stores the erasure report (``GET /_zhome/admin/v1/erasures/{id}``),
    which reads back from the federation queue which servers acknowledged
    the redactions.
@@ -54,7 +55,8 @@ SCRUBBED_TABLES = ("events", "profiles", "profile_fields", "account_data", "rece
                    "event_txn_ids", "media", "media_thumbnails", "devices", "e2e_device_keys", "e2e_one_time_keys",
                    "e2e_fallback_keys", "device_inbox", "pushers", "push_rules", "user_filters",
                    "current_state_events", "room_memberships", "user_threepids", "user_threepid_id_servers",
-                   "openid_tokens", "identity_associations", "event_search", "event_relations", "event_threads")
+                   "openid_tokens", "identity_associations", "event_search", "event_relations", "event_threads",
+                   "appservice_ephemeral")
 
 #: Content keys that carry an mxc:// URI of a file an event shows.
 _MXC_KEYS = ("url", "thumbnail_url", "avatar_url")

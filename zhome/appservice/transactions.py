@@ -11,8 +11,15 @@ transaction as the event, ``appservice_queue``), the transaction in flight
 is recorded before it is sent (``appservice_state``). Ephemeral events
 (MSC2409: typing, receipts, presence) go to services with
 ``receive_ephemeral`` in ``ephemeral`` and ``de.sorunome.msc2409.ephemeral``;
-they are kept in memory only (a stale typing notice is no use after a
-restart).
+they are queued in the database too (``appservice_ephemeral``, see
+zhome/storage/appservice_ephemeral.py: at most 1000 waiting per service,
+the oldest dropped first), the rows a transaction carries are marked with
+its ID when it is recorded as in flight, so a re-send (after a failure or a
+restart) carries the same ephemeral events, and they are deleted when the
+service answered 200. Typing notices older than a minute are dropped when a
+new transaction is built, never from one in flight; receipts and presence
+are kept. Nothing is written for ephemeral events when no service has
+``receive_ephemeral``.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from twisted.internet import defer
 from zhome.appservice.http import AppServiceUnreachable, RequestFn, segment, service_url
 from zhome.appservice.registration import ApplicationService
 from zhome.rooms.events import Event
+from zhome.storage.appservice_ephemeral import AppServiceEphemeralStore
 from zhome.storage.database import Database, Txn, in_chunks
 from zhome.storage.events import PersistItem
 from zhome.storage.ids import IdGenerator
@@ -50,8 +58,8 @@ Serialize = Callable[[list[Event]], Awaitable[list[dict[str, Any]]]]
 class AppServiceTransactions:
     def __init__(self, services: list[ApplicationService], db: Database, ids: IdGenerator, get_events: GetEvents,
                  serialize: Serialize, get_room_aliases: Callable[[str], Awaitable[list[str]]],
-                 request: RequestFn, clock: Callable[[], float] = time.time,
-                 max_retry_ms: int = MAX_RETRY_MS) -> None:
+                 request: RequestFn, *, ephemeral: AppServiceEphemeralStore,
+                 clock: Callable[[], float] = time.time, max_retry_ms: int = MAX_RETRY_MS) -> None:
         self.services = [s for s in services]
         self.by_id = {s.id: s for s in services}
         self.db = db
@@ -68,8 +76,7 @@ class AppServiceTransactions:
         self._running: set[str] = set()
         self._again: set[str] = set()
         self._wake: dict[str, defer.Deferred[None]] = {}
-        self._ephemeral: dict[str, list[dict[str, Any]]] = {}
-        self._inflight_ephemeral: dict[str, list[dict[str, Any]]] = {}
+        self.ephemeral = ephemeral
         self._stopped = False
 
     # -- interest -------------------------------------------------------------------
@@ -154,15 +161,16 @@ class AppServiceTransactions:
             self.wake(as_id)
 
     # -- ephemeral events ----------------------------------------------------------------
-    def push_ephemeral(self, services: Iterable[ApplicationService], edu: dict[str, Any]) -> None:
-        for s in services:
-            if not s.receive_ephemeral or s.url is None:
-                continue
-            pending = self._ephemeral.setdefault(s.id, [])
-            if len(pending) >= 1000:
-                del pending[0]  # bounded: the oldest ephemeral event is the least useful
-            pending.append(edu)
-            self.wake(s.id)
+    async def push_ephemeral(self, services: Iterable[ApplicationService], edu: dict[str, Any],
+                             user_id: Optional[str] = None) -> None:
+        """Queue ``edu`` (about ``user_id``, if one user) for those of
+        ``services`` that receive ephemeral events."""
+        wanted = [s.id for s in services if s.receive_ephemeral and s.url is not None]
+        if not wanted or self._stopped:
+            return
+        await self.ephemeral.push(wanted, edu, user_id, int(self.clock() * 1000))
+        for as_id in wanted:
+            self.wake(as_id)
 
     # -- delivery ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -226,24 +234,21 @@ class AppServiceTransactions:
             rows = await self.db.execute(
                 "appservice_batch", "SELECT id, event_id FROM appservice_queue WHERE as_id = ? ORDER BY id LIMIT ?",
                 service.id, MAX_EVENTS)
+        retry = inflight is not None
         if inflight is None:
-            pending = self._ephemeral.get(service.id, [])
-            if not rows and not pending:
-                return False
-            # A retry carries the same ephemeral events as the first attempt
-            # (while this process runs; they are not persisted).
-            ephemeral = pending[:MAX_EPHEMERAL]
-            del pending[:len(ephemeral)]
-            self._inflight_ephemeral[service.id] = ephemeral
             inflight = int(last_txn) + 1
             inflight_max = rows[-1][0] if rows else 0
-            await self._record_inflight(service.id, inflight, inflight_max, bool(state))
-        else:
-            ephemeral = self._inflight_ephemeral.get(service.id, [])
+            if not await self._record_inflight(service, inflight, inflight_max, bool(state), bool(rows)):
+                return False
+        # The ephemeral events the transaction carries were marked with its
+        # ID when it was recorded: a retry (after a restart too) sends them
+        # again, as they were.
+        ephemeral = await self.ephemeral.carried(service.id, inflight) if (
+            service.receive_ephemeral or retry) else []
         evs = await self.get_events([r[1] for r in rows])
         events = await self.serialize([evs[r[1]] for r in rows if r[1] in evs])
         body: dict[str, Any] = {"events": events}
-        if service.receive_ephemeral:
+        if service.receive_ephemeral or ephemeral:
             body["ephemeral"] = ephemeral
             body["de.sorunome.msc2409.ephemeral"] = ephemeral
         txn_id = str(inflight)
@@ -263,7 +268,6 @@ class AppServiceTransactions:
             await self._record_failure(service.id)
             return True
         AS_TXNS.labels("ok").inc()
-        self._inflight_ephemeral.pop(service.id, None)
         logger.info("application service %s: transaction %s, %d events, %d ephemeral", service.id, txn_id,
                     len(events), len(ephemeral))
         sent_ids = [r[0] for r in rows]
@@ -271,6 +275,8 @@ class AppServiceTransactions:
         def done(txn: Txn) -> None:
             for chunk, qs in in_chunks(sent_ids):
                 txn.execute(f"DELETE FROM appservice_queue WHERE id IN ({qs})", chunk)
+            if ephemeral:
+                self.ephemeral.delete_txn(txn, service.id, inflight)
             txn.execute("UPDATE appservice_state SET last_txn_id = ?, inflight_txn_id = NULL,"
                         " inflight_max_id = NULL, failure_count = 0, retry_interval_ms = 0, last_failure_ts = NULL"
                         " WHERE as_id = ?", (inflight, service.id))
@@ -278,16 +284,28 @@ class AppServiceTransactions:
         await self.db.run_interaction("appservice_txn_done", done)
         return True
 
-    async def _record_inflight(self, as_id: str, txn_id: int, max_id: int, exists: bool) -> None:
-        def txn_fn(txn: Txn) -> None:
+    async def _record_inflight(self, service: ApplicationService, txn_id: int, max_id: int, exists: bool,
+                               has_events: bool) -> bool:
+        """Record transaction ``txn_id`` as in flight, carrying the queued
+        events up to ``max_id`` and (marked in the same database
+        transaction) the next ephemeral events. False: nothing to send."""
+        now_ms = int(self.clock() * 1000)
+
+        def txn_fn(txn: Txn) -> bool:
+            taken = 0
+            if service.receive_ephemeral:
+                taken = AppServiceEphemeralStore.take_txn(txn, service.id, txn_id, now_ms, MAX_EPHEMERAL)
+            if not has_events and not taken:
+                return False
             if exists:
                 txn.execute("UPDATE appservice_state SET inflight_txn_id = ?, inflight_max_id = ? WHERE as_id = ?",
-                            (txn_id, max_id, as_id))
+                            (txn_id, max_id, service.id))
             else:
                 txn.execute("INSERT INTO appservice_state (as_id, last_txn_id, inflight_txn_id, inflight_max_id)"
-                            " VALUES (?,?,?,?)", (as_id, txn_id - 1, txn_id, max_id))
+                            " VALUES (?,?,?,?)", (service.id, txn_id - 1, txn_id, max_id))
+            return True
 
-        await self.db.run_interaction("appservice_inflight_set", txn_fn)
+        return await self.db.run_interaction("appservice_inflight_set", txn_fn)
 
     async def _retry_delay(self, as_id: str) -> float:
         rows = await self.db.execute(

@@ -12,6 +12,7 @@ from twisted.internet import threads
 
 from zhome.rooms.redaction import prune_event_dict
 from zhome.rooms.versions import get_room_version
+from zhome.storage.appservice_ephemeral import AppServiceEphemeralStore
 from zhome.storage.at_rest import event_period
 from zhome.storage.database import Database, Txn, in_chunks
 from zhome.storage.event_media import EventMediaStore
@@ -192,12 +193,15 @@ class PrivacyStore:
 
     async def delete_user_traces(self, user_id: str) -> None:
         """What the user left behind that deactivation keeps: read receipts,
-        read markers, presence, notifications, forgotten rooms, transaction IDs."""
+        read markers, presence, notifications, forgotten rooms, transaction
+        IDs, and the ephemeral events about them queued for application
+        services (their receipts, presence, the typing notices naming them)."""
         def txn_fn(txn: Txn) -> None:
             fold_staging_txn(txn)  # staged notifications are deleted like the rest
             for table in ("receipts", "room_unread", "room_forgotten", "presence", "user_notifications",
                           "event_txn_ids", "sent_read_marks"):
                 txn.execute(f"DELETE FROM {table} WHERE user_id = ?", (user_id,))
+            AppServiceEphemeralStore.forget_user_txn(txn, user_id)
             self.events.invalidate_user_rooms([user_id])
 
         try:
@@ -209,7 +213,8 @@ class PrivacyStore:
     async def purge_room(self, room_id: str) -> int:
         """Delete everything this server holds of a room: its events, state,
         graph, aliases, receipts, read markers, notifications, per-room
-        account data and queued federation traffic. Returns the number of
+        account data, queued federation traffic and the typing notices and
+        receipts queued for application services. Returns the number of
         events deleted."""
         def txn_fn(txn: Txn) -> int:
             fold_staging_txn(txn)  # staged notifications are deleted like the rest
@@ -222,6 +227,7 @@ class PrivacyStore:
                 txn.execute(f"DELETE FROM event_txn_ids WHERE event_id IN ({qs})", args)
                 txn.execute(f"DELETE FROM federation_outbound WHERE event_id IN ({qs})", args)
             EventSearchStore.forget_room_txn(txn, room_id)
+            AppServiceEphemeralStore.forget_room_txn(txn, room_id)
             txn.execute("DELETE FROM state_group_entries WHERE state_group IN"
                         " (SELECT id FROM state_groups WHERE room_id = ?)", (room_id,))
             for table in ("state_groups", "current_state_events", "room_memberships", "room_forgotten",
