@@ -89,17 +89,23 @@ def _bodies(events: list[dict[str, Any]], room_id: str) -> list[str]:
             if e.get("room_id") == room_id and e.get("type") == "m.room.message"]
 
 
-def test_mautrix_bridge_round_trip(bridge: Bridge) -> None:
+def _room_with_ghost(bridge: Bridge, name: str) -> tuple[Any, Any, ClientUser, str, str, Any]:
+    """Alice's public room and the bridge's ghost ``@bridge_<name>``,
+    registered through mautrix's intent API and joined to it."""
     hs, svc = bridge.hs, bridge.service
     assert svc is not None
     alice = ClientUser(hs, "alice")
     room_id = alice.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"]
-
-    # A ghost, registered through mautrix's intent API, joins and speaks.
-    ghost_id = "@bridge_bob:localhost"
+    ghost_id = f"@bridge_{name}:localhost"
     ghost = svc.az.intent.user(ghost_id)
     svc.run(ghost.ensure_registered())
     svc.run(ghost.join_room(room_id))
+    return hs, svc, alice, room_id, ghost_id, ghost
+
+
+def test_mautrix_bridge_round_trip(bridge: Bridge) -> None:
+    hs, svc, alice, room_id, ghost_id, ghost = _room_with_ghost(bridge, "bob")
+    # A ghost, registered through mautrix's intent API, joins and speaks.
     svc.run(ghost.send_text(room_id, "hello from the bridge"))
     deadline = time.monotonic() + 20
     seen: list[dict[str, Any]] = []
@@ -208,14 +214,7 @@ def test_ephemeral_events_across_outage_and_restart(bridge: Bridge, db_config: A
     the database: after a restart of zhome the transaction that failed is
     sent again with the same ID and the same ephemeral events, each is
     accepted exactly once, and nothing is sent again afterwards."""
-    hs, svc = bridge.hs, bridge.service
-    assert svc is not None
-    alice = ClientUser(hs, "alice")
-    room_id = alice.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"]
-    ghost_id = "@bridge_erin:localhost"
-    ghost = svc.az.intent.user(ghost_id)
-    svc.run(ghost.ensure_registered())
-    svc.run(ghost.join_room(room_id))
+    hs, svc, alice, room_id, ghost_id, ghost = _room_with_ghost(bridge, "erin")
     tag = secrets.token_hex(6)
     event_id = alice.ok("PUT", f"/rooms/{q(room_id)}/send/m.room.message/e0",
                         {"msgtype": "m.text", "body": f"read-me-{tag}"})["event_id"]
