@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 from zhome.storage.at_rest import Sealer, open_text, seal_text
 from zhome.storage.database import Database, IntegrityError, Txn
 from zhome.storage.ids import IdGenerator
-from zhome.storage.lru import LruCache
+from zhome.storage.lru import InvalidatedCache
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +55,9 @@ class AccountsStore:
         self._token_generation = 0
         # user -> their device IDs, for the fan-out of to-device messages.
         # Every write of the devices table is in this store and goes through
-        # _devices_changed_txn, which bumps the user's generation in the
-        # transaction; _device_ids_changed does again after commit. A read
-        # keeps what it read only when no bump came in between.
-        self._device_ids_cache: LruCache[str, frozenset[str]] = LruCache(50000)
-        self._device_ids_gen: dict[str, int] = {}
+        # _devices_changed_txn, which invalidates in the transaction;
+        # _device_ids_changed does again after commit.
+        self._device_ids_cache: InvalidatedCache[str, frozenset[str]] = InvalidatedCache(50000)
         #: Called inside the transaction that adds, renames or deletes
         #: devices: (txn, user_id, device_ids, deleted). End-to-end
         #: encryption records the device-list change there and, for deleted
@@ -503,18 +501,16 @@ class AccountsStore:
         return open_text(self.sealer, ip, f"devices.last_seen_ip\x00{user_id}\x00{device_id}")
 
     def _device_ids_changed(self, user_id: str) -> None:
-        self._device_ids_gen[user_id] = self._device_ids_gen.get(user_id, 0) + 1
-        self._device_ids_cache.pop(user_id)
+        self._device_ids_cache.invalidate(user_id)
 
     async def get_device_ids(self, user_id: str) -> frozenset[str]:
         """The IDs of the user's devices (cached)."""
         cached = self._device_ids_cache.get(user_id)
         if cached is not None:
             return cached
-        gen = self._device_ids_gen.get(user_id, 0)
+        ticket = self._device_ids_cache.ticket(user_id)
         ids = frozenset(await self.db.run_interaction("get_device_ids", self._device_ids_txn, user_id))
-        if gen == self._device_ids_gen.get(user_id, 0):
-            self._device_ids_cache.set(user_id, ids)
+        self._device_ids_cache.set_if_unchanged(user_id, ticket, ids)
         return ids
 
     def _devices_deleted(self, user_id: str) -> None:

@@ -22,7 +22,7 @@ from zhome.storage.event_media import EventMediaStore
 from zhome.storage.event_search import EventSearchStore
 from zhome.storage.events_pass import events_pass_position_txn
 from zhome.storage.ids import IdGenerator
-from zhome.storage.lru import LruCache
+from zhome.storage.lru import InvalidatedCache, LruCache
 from zhome.storage.relations import thread_of_content_txn
 
 # A state group's chain of deltas is cut by a full snapshot at this length.
@@ -106,9 +106,8 @@ class EventsStore:
         # write of current_state_events is in this store and bumps the
         # room's generation in its transaction and again after commit; a
         # read keeps what it read only when no bump came in between.
-        self._current_state_cache: LruCache[str, dict[tuple[str, str], tuple[str, Optional[str]]]] = LruCache(
-            2000, max_weight=200_000, weigh=lambda m: len(m) + 1)
-        self._current_state_gen: dict[str, int] = {}
+        self._current_state_cache: InvalidatedCache[str, dict[tuple[str, str], tuple[str, Optional[str]]]] = \
+            InvalidatedCache(2000, max_weight=200_000, weigh=lambda m: len(m) + 1)
         # user -> (room -> (membership, event ID) from current state, the
         # newest stream position in the user's membership log, the rooms
         # they forgot): what every /sync asks first. Every write of a
@@ -118,10 +117,8 @@ class EventsStore:
         # PrivacyStore.delete_user_traces); a purged room bumps all of them
         # (drop_room_caches). A read keeps what it read only when no bump
         # came in between.
-        self._user_rooms_cache: LruCache[str, _UserRooms] = LruCache(
+        self._user_rooms_cache: InvalidatedCache[str, _UserRooms] = InvalidatedCache(
             50000, max_weight=1_000_000, weigh=lambda v: len(v.rooms) + len(v.forgotten) + 1)
-        self._user_rooms_gen: dict[str, int] = {}
-        self._user_rooms_epoch = 0
         # room -> the newest stream position of an event in its timeline
         # (neither outlier nor soft-failed), or _NO_POSITION: which rooms a
         # /sync since a position has news in. Set by on_event_persisted
@@ -621,7 +618,7 @@ class EventsStore:
                 self._room_recent.set(ev.room_id, recent)
             if recent is not None and not ev.rejected_reason:
                 recent.add(item.stream_ordering, ev.event_id)
-            self._room_position.set(ev.room_id, max(item.stream_ordering, before or _NO_POSITION))
+            self._raise_room_position(ev.room_id, item.stream_ordering)
         if item.outlier or item.soft_failed or item.backfilled or ev.rejected_reason:
             return
         if item.current_state is not None or ev.is_state():
@@ -702,25 +699,22 @@ class EventsStore:
     def invalidate_current_state(self, room_id: str) -> None:
         """The room's current state is changing or changed: forget it, and
         make any read in flight not keep what it read."""
-        self._current_state_gen[room_id] = self._current_state_gen.get(room_id, 0) + 1
-        self._current_state_cache.pop(room_id)
+        self._current_state_cache.invalidate(room_id)
 
     def invalidate_user_rooms(self, user_ids: Optional[Iterable[str]]) -> None:
         """These users' memberships are changing or changed (None: anyone's):
         forget them, and make any read in flight not keep what it read."""
         if user_ids is None:
-            self._user_rooms_epoch += 1
-            self._user_rooms_cache.clear()
+            self._user_rooms_cache.invalidate_all()
             return
         for user_id in user_ids:
-            self._user_rooms_gen[user_id] = self._user_rooms_gen.get(user_id, 0) + 1
-            self._user_rooms_cache.pop(user_id)
+            self._user_rooms_cache.invalidate(user_id)
 
     async def _user_rooms(self, user_id: str) -> _UserRooms:
         cached = self._user_rooms_cache.get(user_id)
         if cached is not None:
             return cached
-        gen = (self._user_rooms_epoch, self._user_rooms_gen.get(user_id, 0))
+        ticket = self._user_rooms_cache.ticket(user_id)
 
         def txn_fn(txn: Txn) -> _UserRooms:
             txn.execute("SELECT room_id, membership, event_id FROM current_state_events WHERE type = 'm.room.member'"
@@ -733,8 +727,7 @@ class EventsStore:
             return _UserRooms(rooms, int(row[0]) if row and row[0] is not None else 0, forgotten)
 
         value = await self.db.run_interaction("rooms_for_user", txn_fn)
-        if gen == (self._user_rooms_epoch, self._user_rooms_gen.get(user_id, 0)):
-            self._user_rooms_cache.set(user_id, value)
+        self._user_rooms_cache.set_if_unchanged(user_id, ticket, value)
         return value
 
     async def get_state_events(self, state: StateMap) -> dict[tuple[str, str], Event]:
@@ -846,7 +839,7 @@ class EventsStore:
         out, missing = self._current_state_cache.get_many(room_ids)
         if not missing:
             return out
-        gens = {r: self._current_state_gen.get(r, 0) for r in missing}
+        tickets = {r: self._current_state_cache.ticket(r) for r in missing}
         read: dict[str, dict[tuple[str, str], tuple[str, Optional[str]]]] = {r: {} for r in missing}
         rows = await self.db.select_in(
             "current_state_for_rooms",
@@ -856,8 +849,8 @@ class EventsStore:
         for r, t, sk, eid, m in rows:
             read[r][(t, sk)] = (eid, m)
         for r, state in read.items():
-            if state and self._current_state_gen.get(r, 0) == gens[r]:
-                self._current_state_cache.set(r, state)
+            if state:
+                self._current_state_cache.set_if_unchanged(r, tickets[r], state)
         out.update(read)
         return out
 
@@ -887,13 +880,16 @@ class EventsStore:
                 " AND room_id IN ({in}) GROUP BY room_id", missing)
             found = {r: int(p) for r, p in rows if p is not None}
             for room_id in missing:
-                pos = found.get(room_id, _NO_POSITION)
                 # An event committed meanwhile is newer than what was read.
-                pos = max(pos, self._room_position.get(room_id) or _NO_POSITION)
+                pos = max(found.get(room_id, _NO_POSITION), self._room_position.get(room_id) or _NO_POSITION)
                 known[room_id] = pos
                 if drops == self._room_position_drops:
-                    self._room_position.set(room_id, pos)
+                    self._raise_room_position(room_id, pos)
         return {r for r, pos in known.items() if pos > since}
+
+    def _raise_room_position(self, room_id: str, pos: int) -> None:
+        """The room's newest timeline position is at least ``pos``."""
+        self._room_position.set(room_id, max(pos, self._room_position.get(room_id) or _NO_POSITION))
 
     async def get_backward_extremities(self, room_id: str, limit: int = 20) -> list[str]:
         """Events referenced as prev_events in the room but not stored here."""

@@ -1,7 +1,7 @@
-"""A small LRU cache for immutable values (events, state groups).
+"""A small LRU cache for immutable values (events, state groups), and one
+for values read from tables that change (``InvalidatedCache``).
 
-Caches here only ever hold values that never change once written, so a
-cache is never the authority: losing it loses nothing.
+A cache is never the authority: losing it loses nothing.
 """
 
 from __future__ import annotations
@@ -74,3 +74,35 @@ class LruCache(Generic[K, V]):
         with self._lock:
             self._d.clear()
             self._weight = 0
+
+
+class InvalidatedCache(LruCache[K, V]):
+    """An LruCache of values read from tables that change. Every writer
+    calls ``invalidate(key)`` (or ``invalidate_all()``) in its transaction
+    and again after commit; a reader takes ``ticket(key)`` before it reads
+    and keeps what it read with ``set_if_unchanged``, which stores it only
+    when no invalidation came in between (a read that raced a write is
+    used once, never kept)."""
+
+    def __init__(self, max_size: int, max_weight: Optional[int] = None,
+                 weigh: Optional[Callable[[V], int]] = None) -> None:
+        super().__init__(max_size, max_weight, weigh)
+        self._gens: dict[K, int] = {}
+        self._epoch = 0
+
+    def ticket(self, key: K) -> tuple[int, int]:
+        return self._epoch, self._gens.get(key, 0)
+
+    def invalidate(self, key: K) -> None:
+        with self._lock:
+            self._gens[key] = self._gens.get(key, 0) + 1
+        self.pop(key)
+
+    def invalidate_all(self) -> None:
+        with self._lock:
+            self._epoch += 1
+        self.clear()
+
+    def set_if_unchanged(self, key: K, ticket: tuple[int, int], value: V) -> None:
+        if ticket == self.ticket(key):
+            self.set(key, value)
