@@ -103,9 +103,12 @@ class ToDeviceService:
         self._pending.pop(user_id, None)
         self._forgotten[user_id] = self._forgotten.get(user_id, 0) + 1
 
-    def _acknowledge(self, user_id: str, device_id: str, acked: int) -> None:
+    def _acknowledged(self, user_id: str) -> None:
         for hook in self.on_acknowledged:
             hook(user_id)
+
+    def _acknowledge(self, user_id: str, device_id: str, acked: int) -> None:
+        self._acknowledged(user_id)
 
         async def delete() -> None:
             try:
@@ -188,8 +191,7 @@ class ToDeviceService:
             # moves the stream on): an initial sync too is spared the query.
             return [], now_pos
         if since_pos is not None and key in self._delivered:
-            for hook in self.on_acknowledged:
-                hook(user_id)
+            self._acknowledged(user_id)
         rec: list[tuple[int, dict[str, Any]]] = []
         recorders = self._recorders.setdefault(key, [])
         recorders.append(rec)
