@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,17 @@ class Admin:
         got, out = self.req(method, path, body)
         assert got == status, (method, path, got, out)
         return out
+
+    def wait_for_purge(self, purge_id: str) -> str:
+        """The status of a history purge once it is no longer "active"
+        (polled for at most 10 s)."""
+        status = "active"
+        for _ in range(100):
+            status = str(self.ok("GET", f"/_synapse/admin/v1/purge_history_status/{purge_id}")["status"])
+            if status != "active":
+                break
+            time.sleep(0.1)
+        return status
 
 
 def _login(hs: ZhomeProcess, name: str, password: str = PASSWORD) -> tuple[int, Any]:
@@ -616,12 +628,7 @@ def test_purge_history(zhome: ZhomeProcess, tmp_path: Path) -> None:
     status, out = zhome.request("POST", path, {}, token=alice.token)
     assert (status, out["errcode"]) == (403, "M_FORBIDDEN")
     purge_id = admin.ok("POST", path, {})["purge_id"]
-    for _ in range(100):
-        st = admin.ok("GET", f"/_synapse/admin/v1/purge_history_status/{purge_id}")["status"]
-        if st != "active":
-            break
-        _time.sleep(0.1)
-    assert st == "complete"
+    assert admin.wait_for_purge(purge_id) == "complete"
     chunk = alice.ok("GET", f"/rooms/{q(room)}/messages?dir=b&limit=50")["chunk"]
     assert [e["event_id"] for e in chunk if e["type"] == "m.room.message"] == [ids[-1]]
     state = alice.ok("GET", f"/rooms/{q(room)}/state")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 import urllib.parse
 from pathlib import Path
 from typing import Any, Optional
@@ -288,13 +287,7 @@ def test_history_purge_lowers_each_threads_count(zhome: ZhomeProcess, spec: Spec
     # Everything before "main 2" leaves the timeline, its notifications
     # with it: each off its own thread's count.
     purge_id = admin.ok("POST", f"/_synapse/admin/v1/purge_history/{q(room_id)}/{q(cut)}", {})["purge_id"]
-    status = "active"
-    for _ in range(100):
-        status = admin.ok("GET", f"/_synapse/admin/v1/purge_history_status/{purge_id}")["status"]
-        if status != "active":
-            break
-        time.sleep(0.1)
-    assert status == "complete"
+    assert admin.wait_for_purge(purge_id) == "complete"
     room = _room(alice.sync(BY_THREAD), room_id)
     assert room["unread_notifications"] == _counts(1)
     # A thread left with nothing unread is not listed.
