@@ -12,10 +12,27 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
+
 
 def dumps(value: Any) -> str:
     """The encoding every JSON answer uses (compact, UTF-8 as is)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return dumps_bytes(value).decode("utf-8")
+
+
+def dumps_bytes(value: Any) -> bytes:
+    """:func:`dumps` as UTF-8 bytes, what is written to the wire.
+
+    orjson writes the same text as ``json.dumps(value, ensure_ascii=False,
+    separators=(",", ":"))`` about ten times faster. What it refuses (keys
+    that are not strings, integers beyond 64 bits, a string that is not
+    valid Unicode) goes to the standard library, which decides as it always
+    did: it converts such keys and integers, and such a string fails to
+    encode as UTF-8 in either case."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 class RawJson:

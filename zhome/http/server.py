@@ -194,8 +194,8 @@ def _redacted_path(path: str) -> str:
 def respond_json(request: Request, code: int, body: Any) -> None:
     if request.finished or request._disconnected:
         return
-    data = (jsonsplice.encode(body) if isinstance(body, (jsonsplice.Spliced, jsonsplice.RawJson))
-            else jsonsplice.dumps(body)).encode("utf-8")
+    data = (jsonsplice.encode(body).encode("utf-8") if isinstance(body, (jsonsplice.Spliced, jsonsplice.RawJson))
+            else jsonsplice.dumps_bytes(body))
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Content-Length", str(len(data)).encode())
