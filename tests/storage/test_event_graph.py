@@ -191,9 +191,25 @@ async def test_cached_current_state_follows_every_change(tmp_path: Path, db_conf
                                    " WHERE room_id = ?", room_id)
         return {(t, sk): (eid, m) for t, sk, eid, m in rows}
 
+    keys = [("m.room.member", bob), ("m.room.member", "@carol:test.local"), ("m.room.topic", ""),
+            ("m.room.name", "")]
+
     async def check() -> dict[tuple[str, str], tuple[str, Any]]:
+        table = await from_table()
+        # Single keys first, while the whole state is not cached (each
+        # change dropped it): read twice, the second time from the cache
+        # of single keys, which the change must have dropped too.
+        for _ in range(2):
+            for key in keys:
+                entry = table.get(key)
+                assert await hs.events.get_current_state_event_id(room_id, *key) == (
+                    entry[0] if entry else None), key
         cached = (await hs.events.get_current_state_for_rooms([room_id]))[room_id]
-        assert cached == await from_table()
+        assert cached == table
+        # With the whole state cached, single keys come from it.
+        for key in keys:
+            assert await hs.events.get_current_state_event_id(room_id, *key) == (
+                table[key][0] if key in table else None), key
         # Asked again: the same answer (from the cache now).
         assert (await hs.events.get_current_state_for_rooms([room_id]))[room_id] == cached
         return cached
@@ -213,6 +229,7 @@ async def test_cached_current_state_follows_every_change(tmp_path: Path, db_conf
     await hs.db.run_interaction("purge", lambda txn: txn.execute(
         "DELETE FROM current_state_events WHERE room_id = ?", (room_id,)))
     hs.events.drop_room_caches(room_id)
+    assert await hs.events.get_current_state_event_id(room_id, "m.room.topic", "") is None
     assert (await hs.events.get_current_state_for_rooms([room_id]))[room_id] == {}
     await hs.stop()
 

@@ -108,6 +108,12 @@ class EventsStore:
         # read keeps what it read only when no bump came in between.
         self._current_state_cache: InvalidatedCache[str, dict[tuple[str, str], tuple[str, Optional[str]]]] = \
             InvalidatedCache(2000, max_weight=200_000, weigh=lambda m: len(m) + 1)
+        # room -> (type, state_key) -> event ID (None: no such state): the
+        # single keys of current state read one at a time (a member's
+        # membership, checked by most requests), for rooms whose whole
+        # current state is not cached. Dropped with it (invalidate_current_state).
+        self._current_state_keys: InvalidatedCache[str, dict[tuple[str, str], Optional[str]]] = \
+            InvalidatedCache(20000, max_weight=200_000, weigh=lambda m: len(m) + 1)
         # user -> (room -> (membership, event ID) from current state, the
         # newest stream position in the user's membership log, the rooms
         # they forgot): what every /sync asks first. Every write of a
@@ -573,12 +579,19 @@ class EventsStore:
         return dict(await self.get_state_group(prev_group))
 
     async def get_current_state_ids(self, room_id: str) -> StateMap:
-        rows = await self.db.execute(
-            "current_state_ids", "SELECT type, state_key, event_id FROM current_state_events WHERE room_id = ?", room_id
-        )
-        return {(t, sk): eid for t, sk, eid in rows}
+        state = (await self.get_current_state_for_rooms([room_id]))[room_id]
+        return {key: entry[0] for key, entry in state.items()}
 
     async def get_current_state_event_id(self, room_id: str, etype: str, state_key: str) -> Optional[str]:
+        key = (etype, state_key)
+        whole = self._current_state_cache.get(room_id)
+        if whole is not None:
+            entry = whole.get(key)
+            return entry[0] if entry is not None else None
+        known = self._current_state_keys.get(room_id)
+        if known is not None and key in known:
+            return known[key]
+        ticket = self._current_state_keys.ticket(room_id)
         rows = await self.db.execute(
             "current_state_event",
             "SELECT event_id FROM current_state_events WHERE room_id = ? AND type = ? AND state_key = ?",
@@ -586,7 +599,12 @@ class EventsStore:
             etype,
             state_key,
         )
-        return rows[0][0] if rows else None
+        event_id: Optional[str] = rows[0][0] if rows else None
+        # Kept with the keys read before, unless the room's state changed
+        # since the read began (then those are gone too).
+        known = self._current_state_keys.get(room_id)
+        self._current_state_keys.set_if_unchanged(room_id, ticket, {**(known or {}), key: event_id})
+        return event_id
 
     async def get_forward_extremities(self, room_id: str) -> list[str]:
         cached = self._extremities_cache.get(room_id)
@@ -700,6 +718,7 @@ class EventsStore:
         """The room's current state is changing or changed: forget it, and
         make any read in flight not keep what it read."""
         self._current_state_cache.invalidate(room_id)
+        self._current_state_keys.invalidate(room_id)
 
     def invalidate_user_rooms(self, user_ids: Optional[Iterable[str]]) -> None:
         """These users' memberships are changing or changed (None: anyone's):

@@ -43,12 +43,15 @@ class LruCache(Generic[K, V]):
         """The cached values of ``keys`` and, in order, the keys not cached."""
         hits: dict[K, V] = {}
         missing: list[K] = []
-        for key in keys:
-            v = self.get(key)
-            if v is not None:
-                hits[key] = v
-            else:
-                missing.append(key)
+        d = self._d
+        with self._lock:
+            for key in keys:
+                v = d.get(key)
+                if v is not None:
+                    d.move_to_end(key)
+                    hits[key] = v
+                else:
+                    missing.append(key)
         return hits, missing
 
     def set(self, key: K, value: V) -> None:
