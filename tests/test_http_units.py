@@ -135,3 +135,29 @@ def test_spliced_answers_encode_as_their_plain_form() -> None:
         "device_keys": {"@a:x": part, "@b:x": {"D2": {"k": [1, None]}}},
         "failures": {}, "master_keys": {"@a:x": {"usage": ["master"]}}}
     assert text == dumps(to_plain(body))
+
+
+def test_answers_encode_as_the_standard_library_would() -> None:
+    """The fast encoder writes what ``json.dumps`` (compact, UTF-8 as is)
+    writes, and hands what it refuses to the standard library."""
+    import json
+
+    from zhome.http.jsonsplice import dumps, dumps_bytes
+
+    def stdlib(v: object) -> bytes:
+        return json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    values = [
+        {"chunk": [{"content": {"body": "Ĳssel – 🏥 \"quoted\" \\ \n\t\u2028"}, "origin_server_ts": 1_700_000_000_000,
+                    "unsigned": {"age": 0, "m.relations": {}}}], "next_batch": None, "flag": True},
+        [1, -2, 0.5, 2 ** 63 - 1, -(2 ** 63), "", [], {}],
+        {1: "an integer key", "b": (1, 2)},   # orjson refuses keys that are not strings
+        {"big": 2 ** 64},                      # and integers beyond 64 bits
+        {"small": -(2 ** 63) - 1},
+    ]
+    for v in values:
+        assert dumps_bytes(v) == stdlib(v), v
+        assert dumps(v) == stdlib(v).decode("utf-8")
+    # A string that is not valid Unicode cannot be an answer either way.
+    with pytest.raises(UnicodeEncodeError):
+        dumps_bytes({"bad": "\ud800"})
