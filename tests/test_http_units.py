@@ -161,3 +161,35 @@ def test_answers_encode_as_the_standard_library_would() -> None:
     # A string that is not valid Unicode cannot be an answer either way.
     with pytest.raises(UnicodeEncodeError):
         dumps_bytes({"bad": "\ud800"})
+
+
+def test_request_bodies_read_as_the_standard_library_would() -> None:
+    """The fast reader gives what ``json.loads`` gives, integers beyond 64
+    bits included, and refuses what was refused before."""
+    import io
+    import json
+    from types import SimpleNamespace
+
+    from zhome.http.errors import MatrixError
+    from zhome.http.server import read_json_body
+
+    def read(raw: bytes) -> object:
+        return read_json_body(SimpleNamespace(content=io.BytesIO(raw)))  # type: ignore[arg-type]
+
+    accepted = [
+        b'{"msgtype": "m.text", "body": "caf\\u00e9 \xc3\xa9 \xf0\x9f\x8f\xa5", "n": [1, -0, 2.5e-3, true, null]}',
+        b'{"big": 18446744073709551616, "small": -9223372036854775809, "max": 9223372036854775807}',
+        b'{"lone": "\\ud800"}',   # orjson refuses it; the standard library reads it, as before
+        b'{"a": 1, "a": 2}',
+        b'{"huge": 1e400}',
+    ]
+    for raw in accepted:
+        got = read(raw)
+        assert repr(got) == repr(json.loads(raw.decode("utf-8"))), raw
+    assert isinstance(read(accepted[1])["big"], int)  # type: ignore[index]
+    for raw, errcode in [(b'{"a": NaN}', "M_NOT_JSON"), (b'{"a": -Infinity}', "M_NOT_JSON"),
+                         (b'{"a": "\xff"}', "M_NOT_JSON"), (b'{"a": 1} x', "M_NOT_JSON"), (b"[1]", "M_BAD_JSON"),
+                         (b'"text"', "M_BAD_JSON"), (b"  ", "M_NOT_JSON")]:
+        with pytest.raises(MatrixError) as e:
+            read(raw)
+        assert e.value.errcode == errcode, raw

@@ -55,8 +55,12 @@ def encode(value: Any) -> str:
     if isinstance(value, RawJson):
         return value.text
     if isinstance(value, Spliced):
-        return "{" + ",".join(f"{dumps(str(k))}:{encode(v)}" for k, v in value.items()) + "}"
+        return "{" + ",".join([_key(str(k)) + ":" + encode(v) for k, v in value.items()]) + "}"
     return dumps(value)
+
+
+#: A key as dumps writes it (a JSON string, UTF-8 as is).
+_key = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 
 def to_plain(value: Any) -> Any:
