@@ -157,10 +157,10 @@ class E2eKeysService:
                 out[u] = {d: k for d, k in e.devices.items() if d in ask}
         return out
 
-    async def query(self, raw: Any, timeout_ms: int) -> dict[str, Any]:
-        """The /keys/query answer; a :class:`Spliced` object whose local
-        users' device maps may be encoded parts (see query_local)."""
-        wanted = parse_device_keys_request(raw)
+    async def query(self, wanted: dict[str, list[str]], timeout_ms: int) -> dict[str, Any]:
+        """The /keys/query answer for ``wanted`` (what
+        parse_device_keys_request read); a :class:`Spliced` object whose
+        local users' device maps may be encoded parts (see query_local)."""
         result: dict[str, Any] = Spliced(device_keys=Spliced(await self.query_local(wanted, encoded=True)),
                                          failures={})
         remote = {u: d for u, d in wanted.items() if server_of(u) != self.server_name}
@@ -307,7 +307,7 @@ def parse_device_keys_request(raw: Any) -> dict[str, list[str]]:
             raise bad_json(f"{u!r} is not a user ID")
         if devices is None:
             devices = []
-        if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+        if not isinstance(devices, list) or (devices and not all(isinstance(d, str) for d in devices)):
             raise bad_json(f"device_keys.{u} must be a list of device IDs")
         out[u] = devices
     return out

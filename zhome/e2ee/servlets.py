@@ -62,10 +62,10 @@ class E2eeServlets:
     async def on_query(self, request: Request) -> tuple[int, Any]:
         req = await self.auth.get_user_by_req(request)
         body = read_json_body(request)
-        result = await self.keys.query(body.get("device_keys"), _timeout(body))
+        wanted = parse_device_keys_request(body.get("device_keys"))
+        result = await self.keys.query(wanted, _timeout(body))
         if self.cross_signing is not None:
-            await self.cross_signing.add_to_query(req.user_id, list(parse_device_keys_request(body.get("device_keys"))),
-                                                  result)
+            await self.cross_signing.add_to_query(req.user_id, list(wanted), result)
         return 200, result
 
     async def on_device_signing_upload(self, request: Request) -> tuple[int, Any]:
