@@ -60,7 +60,7 @@ def encode(value: Any) -> str:
 
 
 #: A key as dumps writes it (a JSON string, UTF-8 as is).
-_key = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_key = json.encoder.encode_basestring
 
 
 def to_plain(value: Any) -> Any:
