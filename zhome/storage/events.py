@@ -1039,12 +1039,33 @@ class EventsStore:
             " WHERE u.user_id = ? AND c.membership = 'join'", user_id)
         return int(rows[0][0] or 0) if rows else 0
 
+    async def get_room_max_stream_ordering(self, room_id: str) -> int:
+        """The newest stream position of any committed event of the room
+        (outliers and soft-failed ones too), whether or not the notifier
+        has announced it yet; 0 for a room with none."""
+        rows = await self.db.execute("room_max_stream_ordering",
+                                     "SELECT MAX(stream_ordering) FROM events WHERE room_id = ?", room_id)
+        return int(rows[0][0] or 0) if rows else 0
+
     async def set_unread_counts(self, user_id: str, room_id: str, counts: dict[str, tuple[int, int]],
-                                only_thread: Optional[str] = None) -> None:
+                                only_thread: Optional[str] = None, unless_after: Optional[int] = None) -> bool:
         """Replace the user's unread counts in the room by ``counts`` (thread
         ID -> (notifications, highlights); a thread left out has none). With
-        ``only_thread``, only that thread's counts are replaced."""
-        def txn_fn(txn: Txn) -> None:
+        ``only_thread``, only that thread's counts are replaced.
+
+        ``unless_after``: the stream position the counts were computed up
+        to. When an event of the room was stored after it, the counts may
+        miss what that event added (or took away), and nothing is written:
+        returns False. The check and the write are one transaction; the
+        caller holds the persistence lock around it
+        (``Persister.writes_paused``), so no event is being stored
+        meanwhile."""
+        def txn_fn(txn: Txn) -> bool:
+            if unless_after is not None:
+                txn.execute("SELECT MAX(stream_ordering) FROM events WHERE room_id = ?", (room_id,))
+                row = txn.fetchone()
+                if row is not None and row[0] is not None and int(row[0]) > unless_after:
+                    return False
             if only_thread is None:
                 txn.execute("DELETE FROM room_unread WHERE user_id = ? AND room_id = ?", (user_id, room_id))
                 rows = counts
@@ -1057,8 +1078,9 @@ class EventsStore:
                 txn.executemany(
                     "INSERT INTO room_unread (user_id, room_id, thread_id, notification_count, highlight_count)"
                     " VALUES (?,?,?,?,?)", values)
+            return True
 
-        await self.db.run_interaction("set_unread_counts", txn_fn)
+        return bool(await self.db.run_interaction("set_unread_counts", txn_fn))
 
 
 def _dumps(obj: Any) -> str:
