@@ -99,6 +99,10 @@ class UnreadRecount:
             mark = mark_of(thread)
             if mark is not None and later_ev.internal.get("stream_ordering", 0) <= mark:
                 continue  # read by a receipt in its thread
+            if later_ev.internal.get("redacted_by"):
+                # Taken off the counts when it was redacted; its redacted
+                # form (no body, no relation) is no notification.
+                continue
             notify, highlight = (await self.event_creator.unread_for(later_ev, state, for_user=user_id)).get(
                 user_id, (False, False))
             if notify or highlight:
