@@ -382,6 +382,21 @@ def test_redacting_an_unread_message_sends_the_lower_badge(zhome: ZhomeProcess, 
     gateway.nothing_for(1.0)
 
 
+def test_sending_sends_the_cleared_badge(zhome: ZhomeProcess, gateway: Gateway) -> None:
+    """Sending an event reads what came before it ("Receiving
+    notifications"): the sender's other devices get the new badge, as
+    after a read receipt; a send that clears nothing pushes nothing."""
+    alice, bob = U(zhome, "alice"), U(zhome, "bob")
+    room_id = _room(alice, bob)
+    assert alice.set_pusher("key-a", gateway.url)[0] == 200
+    first = bob.say(room_id, "one")
+    assert gateway.wait_for(_for_event(first))["notification"]["counts"] == {"unread": 1}
+    alice.say(room_id, "answered from the desktop")
+    assert _badge(gateway) == {"unread": 0}
+    alice.say(room_id, "and more")
+    gateway.nothing_for(1.0)
+
+
 def test_event_id_only_invites_and_muted_rooms(zhome: ZhomeProcess, gateway: Gateway) -> None:
     alice, bob = U(zhome, "alice"), U(zhome, "bob")
     alice.set_pusher("key-a", gateway.url, data={"url": gateway.url, "format": "event_id_only"})

@@ -335,7 +335,9 @@ class PushDelivery:
 
         Only dictionary look-ups here; this runs on the send path."""
         for user_id in item.unread_lowered:
-            # Their devices' badges: a redacted event taken off their counts.
+            # Their devices' badges: the sender's counts cleared by sending
+            # (their other devices still show them), a redacted event taken
+            # off members' counts.
             self.on_unread_changed(user_id)
         if not item.push_actions or not self._workers or (item.outlier and not is_invite_outlier(item)) \
                 or item.soft_failed or item.backfilled or item.event.rejected_reason:
@@ -349,8 +351,8 @@ class PushDelivery:
                     w.wake()
 
     def on_unread_changed(self, user_id: str) -> None:
-        """The user's unread counts went down (a read receipt moved, a
-        redaction): send the new badge count."""
+        """The user's unread counts went down (a read receipt moved, they
+        sent an event, a redaction): send the new badge count."""
         for w in self._workers.get(user_id, {}).values():
             w.badge()
 

@@ -80,8 +80,9 @@ class PersistItem:
     # Filled by persistence:
     stream_ordering: int = 0
     state_group_after: Optional[int] = None
-    # Local users whose unread counts the event lowered: the members a
-    # redaction took its target's notification off.
+    # Local users whose unread counts the event lowered: the sender whose
+    # counts sending cleared (sender_read), the members a redaction took
+    # its target's notification off.
     unread_lowered: list[str] = field(default_factory=list)
 
 
@@ -253,6 +254,9 @@ class EventsStore:
                 " ON CONFLICT (user_id, room_id) DO UPDATE SET stream_ordering = excluded.stream_ordering",
                 (ev.sender, ev.room_id, so))
             txn.execute("DELETE FROM room_unread WHERE user_id = ? AND room_id = ?", (ev.sender, ev.room_id))
+            if txn.rowcount > 0 and ev.sender not in item.unread_lowered:
+                # Rows removed: counts the sender's other devices still show.
+                item.unread_lowered.append(ev.sender)
 
     def _insert_event_txn(self, txn: Txn, item: PersistItem, so: int, group: Optional[int]) -> None:
         ev = item.event
