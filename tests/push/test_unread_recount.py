@@ -99,3 +99,37 @@ async def test_a_busy_room_ends_with_a_recount_that_holds_persistence(tmp_path: 
     assert paused_evaluations == 1 + len(sent)
     assert await hs.events.get_unread_counts(ALICE, room_id) == (1 + len(sent), 0)
     await hs.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_later_receipt_is_not_overwritten_by_an_earlier_recount(tmp_path: Path,
+                                                                          db_config: DbConfig) -> None:
+    """Two receipts of one user in one room: the recount of the later one
+    (at the end of the room) is the one whose counts stay, though the
+    earlier one's recount was still evaluating push rules when it came."""
+    from twisted.internet import defer, reactor
+
+    hs = await _server(tmp_path, db_config)
+    room_id = await _room(hs)
+    m1 = await _send(hs, room_id, BOB, _msg("one"))
+    m2 = await _send(hs, room_id, BOB, _msg("two"))
+    original = hs.event_creator.unread_for
+    later: list[defer.Deferred[None]] = []
+
+    async def evaluating(event: Event, state: Any, for_user: Optional[str] = None) -> Any:
+        if not later:
+            later.append(defer.ensureDeferred(_receipt(hs, room_id, m2)))
+            # Let the later receipt run as far as it may (all of it, when
+            # nothing orders the two recounts); bounded either way.
+            done: defer.Deferred[None] = defer.Deferred()
+            call = reactor.callLater(0.5, done.callback, None)  # type: ignore[attr-defined]
+            later[0].addBoth(lambda _: (call.cancel(), done.callback(None)) if call.active() else None)
+            await done
+        return await original(event, state, for_user=for_user)
+
+    hs.event_creator.unread_for = evaluating  # type: ignore[method-assign]
+    await _receipt(hs, room_id, m1)
+    await later[0]
+    hs.event_creator.unread_for = original  # type: ignore[method-assign]
+    assert await hs.events.get_unread_counts(ALICE, room_id) == (0, 0)
+    await hs.stop()

@@ -14,19 +14,20 @@ changed the counts being replaced, and its change would be lost). When
 that fails ``OPTIMISTIC_ATTEMPTS`` times in a row (a busy room), the last
 attempt counts and writes with persistence paused throughout, which always
 succeeds.
+
+Recounts of one user in one room run one at a time: one that started
+earlier, from older receipts, never writes over a later one's counts.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
+from zhome.rooms.event_creation import EventCreator, RoomLocks
+from zhome.rooms.persistence import Persister
 from zhome.storage.events import EventsStore
 from zhome.storage.notifications import NotificationsStore
-
-if TYPE_CHECKING:
-    from zhome.rooms.event_creation import EventCreator
-    from zhome.rooms.persistence import Persister
-    from zhome.storage.relations import RelationsStore
+from zhome.storage.relations import RelationsStore
 
 #: A recount looks at no more than this many events after the receipt.
 MAX_RECOUNT = 1000
@@ -36,13 +37,15 @@ OPTIMISTIC_ATTEMPTS = 3
 
 
 class UnreadRecount:
-    def __init__(self, events: EventsStore, notifications: NotificationsStore, relations: "RelationsStore",
-                 event_creator: "EventCreator", persister: "Persister") -> None:
+    def __init__(self, events: EventsStore, notifications: NotificationsStore, relations: RelationsStore,
+                 event_creator: EventCreator, persister: Persister) -> None:
         self.events = events
         self.notifications = notifications
         self.relations = relations
         self.event_creator = event_creator
         self.persister = persister
+        # Keyed by user and room.
+        self._running = RoomLocks()
 
     async def recount(self, user_id: str, room_id: str, thread_id: Optional[str]) -> None:
         """Recount the user's unread counts in the room after a read
@@ -56,15 +59,16 @@ class UnreadRecount:
         A receipt for an older event leaves the newer events counted
         ("Receiving notifications": counts are of events since the receipt).
         """
-        for _ in range(OPTIMISTIC_ATTEMPTS):
-            counts, upto = await self._count(user_id, room_id, thread_id)
+        async with self._running.lock(f"{user_id} {room_id}"):
+            for _ in range(OPTIMISTIC_ATTEMPTS):
+                counts, upto = await self._count(user_id, room_id, thread_id)
+                async with self.persister.writes_paused():
+                    if await self.events.set_unread_counts(user_id, room_id, counts, only_thread=thread_id,
+                                                           unless_after=upto):
+                        return
             async with self.persister.writes_paused():
-                if await self.events.set_unread_counts(user_id, room_id, counts, only_thread=thread_id,
-                                                       unless_after=upto):
-                    return
-        async with self.persister.writes_paused():
-            counts, _ = await self._count(user_id, room_id, thread_id)
-            await self.events.set_unread_counts(user_id, room_id, counts, only_thread=thread_id)
+                counts, _ = await self._count(user_id, room_id, thread_id)
+                await self.events.set_unread_counts(user_id, room_id, counts, only_thread=thread_id)
 
     async def _count(self, user_id: str, room_id: str,
                      thread_id: Optional[str]) -> tuple[dict[str, tuple[int, int]], int]:
