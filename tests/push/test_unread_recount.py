@@ -66,6 +66,27 @@ async def test_an_event_persisted_while_counting_is_not_lost(tmp_path: Path, db_
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_event_committed_but_not_yet_announced_is_counted(tmp_path: Path, db_config: DbConfig) -> None:
+    """Between an event's commit and the notifier's news of it, the
+    event is already in the counts: a recount then must count it too."""
+    hs = await _server(tmp_path, db_config)
+    room_id = await _room(hs)
+    m1 = await _send(hs, room_id, BOB, _msg("one"))
+    await _send(hs, room_id, BOB, _msg("two"))
+    announced = hs.notifier.events_pos
+    # "three" commits; its announcement is held back.
+    original = hs.notifier.on_new_event
+    hs.notifier.on_new_event = lambda *a, **kw: None  # type: ignore[method-assign]
+    await _send(hs, room_id, BOB, _msg("three"))
+    hs.notifier.on_new_event = original  # type: ignore[method-assign]
+    assert hs.notifier.events_pos == announced
+    assert await hs.events.get_unread_counts(ALICE, room_id) == (3, 0)
+    await _receipt(hs, room_id, m1)
+    assert await hs.events.get_unread_counts(ALICE, room_id) == (2, 0)
+    await hs.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_busy_room_ends_with_a_recount_that_holds_persistence(tmp_path: Path,
                                                                        db_config: DbConfig) -> None:
     """An event arrives during every optimistic attempt: each one's write
