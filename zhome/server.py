@@ -41,6 +41,7 @@ from zhome.util.passwords import configure as configure_password_hashing
 from zhome.media.upload_sink import is_upload
 from zhome.push.cache import RulesetCache
 from zhome.push.notifications import NotificationLog
+from zhome.push.unread import UnreadRecount
 from zhome.rooms.event_creation import EventCreator
 from zhome.rooms.guest_access import GuestAccessEnforcer
 from zhome.rooms.membership import MembershipService
@@ -223,6 +224,8 @@ class HomeServer:
         # The relations index is written before the search index, which reads edits from it.
         self.relations = RelationsStore(db, self.events)
         self.persister.txn_hooks.append(self.relations.persist_txn_hook)
+        self.unread_recount = UnreadRecount(self.events, notifications_store, self.relations, self.event_creator,
+                                            self.persister)
         self.event_search = EventSearchStore(db, self.events, self.sealer, self.relations, self.server_name)
         self.persister.txn_hooks.append(self.event_search.persist_txn_hook)
         self.privacy_store = PrivacyStore(db, self.events, await IdGenerator.from_table(db, "legal_holds", "id"),

@@ -280,6 +280,39 @@ def test_membership_power_levels_and_redaction(zhome_pair: ZhomeServers, users: 
     assert alice.membership_of(room, bob.user_id) == "ban"
 
 
+def test_redaction_over_federation_lowers_unread_counts(zhome_pair: ZhomeServers) -> None:
+    """A redaction received over federation takes its target off the
+    counts of the receiving server's users who had not read it
+    (client-server-api "Receiving notifications"); one already read
+    changes nothing."""
+    alice, bob = User(zhome_pair.a, "alice_unread"), User(zhome_pair.b, "bob_unread")
+    a = zhome_pair.a.server_name
+    room = _public_room(alice, name="Night shift")
+    bob.join(room, f"?via={q(a)}")
+    wait_until(lambda: alice.membership_of(room, bob.user_id) == "join", "A sees B's user joined")
+
+    def bobs_count() -> int:
+        joined = bob.req("GET", f"{CS}/sync?timeout=0")["rooms"]["join"]
+        return int(joined[room]["unread_notifications"]["notification_count"]) if room in joined else -1
+
+    first, second = alice.send(room, "one"), alice.send(room, "two")
+    wait_until(lambda: bobs_count() == 2, "both of A's messages unread at B")
+    bob.req("POST", f"{CS}/rooms/{q(room)}/receipt/m.read/{q(first)}", {})
+    assert bobs_count() == 1
+    alice.req("PUT", f"{CS}/rooms/{q(room)}/redact/{q(second)}/r1", {})
+    wait_until(lambda: bobs_count() == 0, "the redacted unread message off B's count")
+    # Bob had read the first: its redaction leaves the count alone.
+    third = alice.send(room, "three")
+    alice.req("PUT", f"{CS}/rooms/{q(room)}/redact/{q(first)}/r2", {})
+
+    def redacted_at_b() -> bool:
+        status, ev = bob.req("GET", f"{CS}/rooms/{q(room)}/event/{q(first)}", expect=None)
+        return status == 200 and "redacted_because" in ev.get("unsigned", {})
+    wait_until(redacted_at_b, "B has the second redaction")
+    assert bobs_count() == 1
+    assert third
+
+
 # -- 4. the outbound queue survives the destination being down ----------------------------
 def test_outage_queue_delivers_in_order(zhome_pair: ZhomeServers, users: dict[str, User]) -> None:
     alice, bob = users["alice"], users["bob"]

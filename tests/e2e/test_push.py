@@ -359,6 +359,44 @@ def test_message_is_pushed_with_counts_and_fields(zhome: ZhomeProcess, gateway: 
     gateway.nothing_for(1.0)
 
 
+def _badge(gateway: Gateway) -> dict[str, Any]:
+    """The next badge-only push: counts without an event."""
+    body = gateway.wait_for(lambda b: "event_id" not in b["notification"])
+    return dict(body["notification"]["counts"])
+
+
+def test_redacting_an_unread_message_sends_the_lower_badge(zhome: ZhomeProcess, gateway: Gateway) -> None:
+    alice, bob = U(zhome, "alice"), U(zhome, "bob")
+    room_id = _room(alice, bob)
+    assert alice.set_pusher("key-a", gateway.url)[0] == 200
+    first = bob.say(room_id, "one")
+    assert gateway.wait_for(_for_event(first))["notification"]["counts"] == {"unread": 1}
+    second = bob.say(room_id, "two")
+    assert gateway.wait_for(_for_event(second))["notification"]["counts"] == {"unread": 2}
+    bob.ok("PUT", f"/rooms/{q(room_id)}/redact/{q(first)}/r{next(_TXN)}", {})
+    assert _badge(gateway) == {"unread": 1}
+    # Once read, a redaction changes no count, and sends nothing.
+    alice.ok("POST", f"/rooms/{q(room_id)}/receipt/m.read/{q(second)}", {})
+    assert _badge(gateway) == {"unread": 0}
+    bob.ok("PUT", f"/rooms/{q(room_id)}/redact/{q(second)}/r{next(_TXN)}", {})
+    gateway.nothing_for(1.0)
+
+
+def test_sending_sends_the_cleared_badge(zhome: ZhomeProcess, gateway: Gateway) -> None:
+    """Sending an event reads what came before it ("Receiving
+    notifications"): the sender's other devices get the new badge, as
+    after a read receipt; a send that clears nothing pushes nothing."""
+    alice, bob = U(zhome, "alice"), U(zhome, "bob")
+    room_id = _room(alice, bob)
+    assert alice.set_pusher("key-a", gateway.url)[0] == 200
+    first = bob.say(room_id, "one")
+    assert gateway.wait_for(_for_event(first))["notification"]["counts"] == {"unread": 1}
+    alice.say(room_id, "answered from the desktop")
+    assert _badge(gateway) == {"unread": 0}
+    alice.say(room_id, "and more")
+    gateway.nothing_for(1.0)
+
+
 def test_event_id_only_invites_and_muted_rooms(zhome: ZhomeProcess, gateway: Gateway) -> None:
     alice, bob = U(zhome, "alice"), U(zhome, "bob")
     alice.set_pusher("key-a", gateway.url, data={"url": gateway.url, "format": "event_id_only"})

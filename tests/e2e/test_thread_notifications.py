@@ -293,3 +293,69 @@ def test_history_purge_lowers_each_threads_count(zhome: ZhomeProcess, spec: Spec
     # A thread left with nothing unread is not listed.
     assert room["unread_thread_notifications"] == {}
     assert _room(alice.sync(), room_id)["unread_notifications"] == _counts(1)
+
+
+def _redact(user: U, room_id: str, event_id: str) -> None:
+    user.ok("PUT", f"/rooms/{q(room_id)}/redact/{q(event_id)}/r{next(_TXN)}", {})
+
+
+def test_redacting_an_unread_message_lowers_the_counts(zhome: ZhomeProcess, spec: Spec) -> None:
+    """A redacted event notifies no one: it comes off the counts of those
+    who had not read it, in its thread, highlight included; for those who
+    had, nothing changes."""
+    alice, bob = U(zhome, "alice", spec), U(zhome, "bob", spec)
+    room_id = str(alice.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"])
+    bob.ok("POST", f"/rooms/{q(room_id)}/join", {})
+    plain = bob.send(room_id, "hello")
+    assert _room(alice.sync(), room_id)["unread_notifications"] == _counts(1)
+    _redact(bob, room_id, plain)
+    assert _room(alice.sync(), room_id)["unread_notifications"] == _counts(0)
+    mention = bob.send(room_id, "for you", mention=alice.user_id)
+    assert _room(alice.sync(), room_id)["unread_notifications"] == _counts(1, 1)
+    _redact(bob, room_id, mention)
+    assert _room(alice.sync(), room_id)["unread_notifications"] == _counts(0)
+    # Redacting it again takes nothing more off.
+    kept = bob.send(room_id, "still here")
+    _redact(bob, room_id, mention)
+    assert _room(alice.sync(), room_id)["unread_notifications"] == _counts(1)
+    assert kept
+
+
+def test_redactions_lower_each_threads_count_of_those_who_had_not_read(zhome: ZhomeProcess, spec: Spec) -> None:
+    alice, bob, carol = U(zhome, "alice", spec), U(zhome, "bob", spec), U(zhome, "carol", spec)
+    room_id = str(alice.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"])
+    for u in (bob, carol):
+        u.ok("POST", f"/rooms/{q(room_id)}/join", {})
+    # Three members: every message notifies the two who did not send it
+    # (.m.rule.message), a mention highlights.
+    plain = bob.send(room_id, "hello")
+    mention = bob.send(room_id, "for alice", mention=alice.user_id)
+    root = bob.send(room_id, "topic")
+    bob.send(room_id, "t1", thread=root)
+    t2 = bob.send(room_id, "t2 for alice", thread=root, mention=alice.user_id)
+
+    def by_thread(u: U) -> tuple[dict[str, int], dict[str, Any]]:
+        room = _room(u.sync(BY_THREAD), room_id)
+        return room["unread_notifications"], room["unread_thread_notifications"]
+
+    assert by_thread(alice) == (_counts(3, 1), {root: _counts(2, 1)})
+    assert by_thread(carol) == (_counts(3), {root: _counts(2)})
+    # Carol has read the thread, and the main timeline up to the mention.
+    carol.read(room_id, t2, thread_id=root)
+    carol.read(room_id, mention)
+    assert by_thread(carol) == (_counts(1), {})
+
+    _redact(bob, room_id, mention)
+    assert by_thread(alice) == (_counts(2), {root: _counts(2, 1)})
+    _redact(bob, room_id, t2)
+    assert by_thread(alice) == (_counts(2), {root: _counts(1)})
+    _redact(bob, room_id, plain)
+    assert by_thread(alice) == (_counts(1), {root: _counts(1)})
+    assert _room(alice.sync(), room_id)["unread_notifications"] == _counts(2)
+    # What Carol had read stays read, and what she had not ("topic") stays unread.
+    assert by_thread(carol) == (_counts(1), {})
+    # Bob's own messages were never in his counts.
+    assert by_thread(bob) == (_counts(0), {})
+    # Receipts recount to the same.
+    alice.read(room_id, root, thread_id="main")
+    assert by_thread(alice) == (_counts(0), {root: _counts(1)})

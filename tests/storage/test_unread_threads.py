@@ -2,8 +2,9 @@
 room_unread; zhome/storage/relations.py, the thread of an event): counted
 into the event's thread as it is persisted, the thread found by following
 relations for at most three hops, replaced by thread, summed for the
-badge, split correctly by a history purge, and the counts kept before
-migration 0036 carried over into the main timeline.
+badge, split correctly by a history purge, lowered by a redaction, and
+the counts kept before migration 0036 carried over into the main
+timeline.
 
 Spec: client-server-api "Threaded read receipts", "Receiving
 notifications" / "Marking notifications as read".
@@ -115,6 +116,46 @@ async def test_history_purge_lowers_each_threads_count(tmp_path: Path, db_config
     await hs.privacy_store.purge_history(room_id, cut.internal["stream_ordering"], True, ":test.local")
     assert await hs.events.get_unread_counts_by_thread(ALICE, [room_id]) == {
         room_id: {MAIN_THREAD: (1, 0), root.event_id: (1, 0)}}
+    await hs.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redaction_lowers_the_count_by_the_notification_log(tmp_path: Path, db_config: DbConfig) -> None:
+    """A redaction takes its target off the counts of those the log says
+    it notified, whether their row is still staged or already folded, in
+    the target's thread, its highlight too; where retention removed the
+    row, the count stays (the next receipt recounts it)."""
+    hs = await _server(tmp_path, db_config)
+    room_id = await _room(hs)
+
+    async def redact(target: Any) -> None:
+        await hs.event_creator.send(room_id, "m.room.redaction", BOB, {}, redacts=target.event_id)
+
+    async def staged(target: Any) -> int:
+        rows = await hs.db.execute("t", "SELECT COUNT(*) FROM user_notifications_staging WHERE event_id = ?",
+                                   target.event_id)
+        return int(rows[0][0])
+
+    root = await _send(hs, room_id, BOB, _msg("root"))
+    reply = await _send(hs, room_id, BOB, _msg("reply", **_rel("m.thread", root.event_id)))
+    mention = await _send(hs, room_id, BOB, _msg("for alice", **{"m.mentions": {"user_ids": [ALICE]}}))
+    assert await hs.events.get_unread_counts_by_thread(ALICE, [room_id]) == {
+        room_id: {MAIN_THREAD: (2, 1), root.event_id: (1, 0)}}
+    assert await staged(reply) == 1
+    await redact(reply)
+    assert await hs.events.get_unread_counts_by_thread(ALICE, [room_id]) == {room_id: {MAIN_THREAD: (2, 1)}}
+    await hs.notification_log.store.fold()
+    assert await staged(mention) == 0
+    await redact(mention)
+    assert await hs.events.get_unread_counts_by_thread(ALICE, [room_id]) == {room_id: {MAIN_THREAD: (1, 0)}}
+    # A second redaction of it takes nothing more off.
+    await redact(mention)
+    assert await hs.events.get_unread_counts_by_thread(ALICE, [room_id]) == {room_id: {MAIN_THREAD: (1, 0)}}
+    # Retention removed the log's rows: the count is left as it is.
+    later = await _send(hs, room_id, BOB, _msg("later"))
+    assert await hs.notification_log.store.delete_older_than(2 ** 62) > 0
+    await redact(later)
+    assert await hs.events.get_unread_counts_by_thread(ALICE, [room_id]) == {room_id: {MAIN_THREAD: (2, 0)}}
     await hs.stop()
 
 

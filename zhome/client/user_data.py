@@ -46,8 +46,6 @@ DEFAULT_TYPING_TIMEOUT_MS = 30_000
 # GET /notifications page sizes; the spec names no default.
 DEFAULT_NOTIFICATIONS_LIMIT = 20
 MAX_NOTIFICATIONS_LIMIT = 100
-# Unread counts after a receipt look at no more than this many later events.
-_MAX_UNREAD_RECOUNT = 1000
 
 _USER = r"/user/(?P<user_id>[^/]+)"
 _ROOM = r"/rooms/(?P<room_id>[^/]+)"
@@ -259,7 +257,7 @@ class UserDataServlets:
         # its owner only ("Private read receipts").
         pos = await self.hs.user_data.set_receipt(room_id, receipt_type, user_id, event_id, data,
                                                   thread_id=thread_id or "")
-        await self._recount_unread(user_id, room_id, thread_id)
+        await self.hs.unread_recount.recount(user_id, room_id, thread_id)
         self.hs.notifier.on_receipt(pos, room_id)
         # The app's badge follows the new count.
         self.hs.push_delivery.on_unread_changed(user_id)
@@ -267,54 +265,6 @@ class UserDataServlets:
             # Public receipts go to the other servers in the room; private
             # ones never leave this server.
             await self.hs.edu_sender.receipt(room_id, user_id, event_id, data)
-
-    async def _recount_unread(self, user_id: str, room_id: str, thread_id: Optional[str]) -> None:
-        """Unread counts after a read receipt ("Marking notifications as
-        read"), by thread: in each thread, the notifying events after the
-        newest event the user's read receipts cover there, that is their
-        unthreaded receipts and their receipts for that thread, ``m.read``
-        or ``m.read.private``, whichever is ahead. An unthreaded receipt
-        recounts every thread, a threaded one (``thread_id``: a root or
-        ``main``) its own only.
-
-        A receipt for an older event leaves the newer events counted
-        ("Receiving notifications": counts are of events since the receipt).
-        """
-        marks = await self.hs.notification_log.store.read_up_to(user_id, {room_id})
-        unthreaded = marks.get((room_id, ""))
-
-        def mark_of(thread: str) -> Optional[int]:
-            covered = [m for m in (unthreaded, marks.get((room_id, thread))) if m is not None]
-            return max(covered) if covered else None
-
-        start = unthreaded if thread_id is None else mark_of(thread_id)
-        member_id = await self.hs.events.get_current_state_event_id(room_id, "m.room.member", user_id)
-        if start is None or member_id is None:
-            await self.hs.events.set_unread_counts(user_id, room_id, {}, only_thread=thread_id)
-            return
-        later = await self.hs.events.get_room_events_between(room_id, start, self.hs.notifier.events_pos,
-                                                             _MAX_UNREAD_RECOUNT, False)
-        threads = await self.hs.relations.threads_of(later) if later else {}
-        if thread_id is not None:
-            later = [e for e in later if threads[e.event_id] == thread_id]
-        if later:
-            # Push rules need the member count and power levels too; the
-            # current state stands in for the state at each later event.
-            state = await self.hs.events.get_current_state_ids(room_id)
-        else:
-            state = {("m.room.member", user_id): member_id}
-        counts: dict[str, tuple[int, int]] = {}
-        for later_ev in later:
-            thread = threads[later_ev.event_id]
-            mark = mark_of(thread)
-            if mark is not None and later_ev.internal.get("stream_ordering", 0) <= mark:
-                continue  # read by a receipt in its thread
-            notify, highlight = (await self.hs.event_creator.unread_for(later_ev, state, for_user=user_id)).get(
-                user_id, (False, False))
-            if notify or highlight:
-                n, h = counts.get(thread, (0, 0))
-                counts[thread] = (n + int(notify), h + int(highlight))
-        await self.hs.events.set_unread_counts(user_id, room_id, counts, only_thread=thread_id)
 
     # -- account data ------------------------------------------------------------
     async def on_get_account_data(self, request: Request, user_id: str, data_type: str) -> tuple[int, Any]:

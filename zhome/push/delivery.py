@@ -330,9 +330,15 @@ class PushDelivery:
 
     # -- wake-ups ------------------------------------------------------------------
     def after_persist(self, item: PersistItem) -> None:
-        """After an event commits: wake the workers of the users it notified.
+        """After an event commits: wake the workers of the users it notified,
+        and send a badge to those whose counts it lowered.
 
         Only dictionary look-ups here; this runs on the send path."""
+        for user_id in item.unread_lowered:
+            # Their devices' badges: the sender's counts cleared by sending
+            # (their other devices still show them), a redacted event taken
+            # off members' counts.
+            self.on_unread_changed(user_id)
         if not item.push_actions or not self._workers or (item.outlier and not is_invite_outlier(item)) \
                 or item.soft_failed or item.backfilled or item.event.rejected_reason:
             return
@@ -345,7 +351,8 @@ class PushDelivery:
                     w.wake()
 
     def on_unread_changed(self, user_id: str) -> None:
-        """A read receipt moved: send the new badge count."""
+        """The user's unread counts went down (a read receipt moved, they
+        sent an event, a redaction): send the new badge count."""
         for w in self._workers.get(user_id, {}).values():
             w.badge()
 

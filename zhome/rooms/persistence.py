@@ -9,7 +9,8 @@ only after commit are /sync waiters woken and other components told.
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable, Optional
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 from prometheus_client import Counter
 from twisted.internet import defer
@@ -47,6 +48,19 @@ class Persister:
         # The same for invites to rooms this server is not in (outliers).
         self.outlier_txn_hooks: list[TxnHook] = []
         self.outlier_after_commit_hooks: list[AfterCommitHook] = []
+
+    @asynccontextmanager
+    async def writes_paused(self) -> AsyncIterator[None]:
+        """No event is persisted while inside: every persist transaction
+        started before has committed, and the next waits until the block
+        is left. For a writer that must not overlap with what persistence
+        writes (unread counts recounted after a read receipt,
+        zhome/push/unread.py). Not reentrant: nothing inside may persist."""
+        await self._lock.acquire()
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     async def persist(self, item: PersistItem, before_txn: Callable | None = None) -> int:
         """Write ``item``; returns its stream ordering.

@@ -23,6 +23,7 @@ from zhome.storage.event_search import EventSearchStore
 from zhome.storage.events_pass import events_pass_position_txn
 from zhome.storage.ids import IdGenerator
 from zhome.storage.lru import InvalidatedCache, LruCache
+from zhome.storage.notifications import notified_of_txn, read_past_txn
 from zhome.storage.relations import thread_of_content_txn
 
 # A state group's chain of deltas is cut by a full snapshot at this length.
@@ -79,6 +80,10 @@ class PersistItem:
     # Filled by persistence:
     stream_ordering: int = 0
     state_group_after: Optional[int] = None
+    # Local users whose unread counts the event lowered: the sender whose
+    # counts sending cleared (sender_read), the members a redaction took
+    # its target's notification off.
+    unread_lowered: list[str] = field(default_factory=list)
 
 
 def _replaced_extremities(item: PersistItem) -> list[str]:
@@ -159,6 +164,7 @@ class EventsStore:
         ev = item.event
         so = self.backfill_ids.next() if item.backfilled else self.stream_ids.next()
         item.stream_ordering = so
+        item.unread_lowered = []
         rejected = ev.rejected_reason
         if item.outlier:
             self._insert_event_txn(txn, item, so, None)
@@ -221,6 +227,9 @@ class EventsStore:
         self.invalidate_user_rooms(_members_changed(item))
         redacts = ev.redacts
         if redacts and item.apply_redaction:
+            # Before the redaction is recorded and the content purged: both
+            # tell what the target counted for.
+            item.unread_lowered.extend(self._uncount_redacted_txn(txn, redacts, ev.room_id))
             txn.execute("INSERT INTO redactions (event_id, redacts) VALUES (?, ?)", (ev.event_id, redacts))
             self._purge_redacted_txn(txn, redacts, ev.room_id)
             self._event_cache.pop(redacts)
@@ -251,6 +260,9 @@ class EventsStore:
                 " ON CONFLICT (user_id, room_id) DO UPDATE SET stream_ordering = excluded.stream_ordering",
                 (ev.sender, ev.room_id, so))
             txn.execute("DELETE FROM room_unread WHERE user_id = ? AND room_id = ?", (ev.sender, ev.room_id))
+            if txn.rowcount > 0 and ev.sender not in item.unread_lowered:
+                # Rows removed: counts the sender's other devices still show.
+                item.unread_lowered.append(ev.sender)
 
     def _insert_event_txn(self, txn: Txn, item: PersistItem, so: int, group: Optional[int]) -> None:
         ev = item.event
@@ -303,6 +315,58 @@ class EventsStore:
             str(pdu.get("sender", "")), str(pdu.get("room_id", "")), event_period(pdu.get("origin_server_ts")),
             _dumps(rest).encode("utf-8"), event_id.encode("utf-8"))
         return _dumps(pruned), sealed, key_id
+
+    def _uncount_redacted_txn(self, txn: Txn, event_id: str, room_id: str) -> list[str]:
+        """Take a newly redacted event off the unread counts it is still in
+        ("Receiving notifications": counts are of notifying events, and a
+        redacted event notifies no one): one notification, and one
+        highlight if it highlighted, off its thread's counts of each local
+        user the notification log says it notified and who has not read
+        it (read receipts and sent events, as the recount reads them).
+        Clamped at zero. Returns the users whose counts went down.
+
+        The log is what tells: a user whose row retention removed (older
+        than the log keeps, or past its length) keeps the count, which
+        their next read receipt recounts."""
+        txn.execute("SELECT 1 FROM redactions WHERE redacts = ?", (event_id,))
+        if txn.fetchone() is not None:
+            return []  # taken off by the first redaction of it
+        txn.execute("SELECT stream_ordering, json, sealed, type, state_key FROM events WHERE event_id = ?"
+                    " AND room_id = ? AND outlier = 0 AND soft_failed = 0 AND rejected_reason IS NULL",
+                    (event_id, room_id))
+        row = txn.fetchone()
+        if row is None:
+            return []
+        so, stored, sealed, etype, state_key = row
+        notified = notified_of_txn(txn, event_id, int(so))
+        content = self.open_pdu(event_id, stored, sealed).get("content") if notified else None
+        if not isinstance(content, dict):
+            return []
+        if etype == "m.room.member" and content.get("membership") == "invite":
+            # An invite is not in its invitee's counts (unread_from_actions).
+            notified.pop(state_key, None)
+        # The thread the event was counted into as it was persisted.
+        thread_id = thread_of_content_txn(txn, room_id, content)
+        read = read_past_txn(txn, room_id, thread_id, int(so), list(notified))
+        unread = sorted(u for u in notified if u not in read)
+        lowered: list[str] = []
+        for chunk, qs in in_chunks(unread):
+            txn.execute("SELECT user_id, notification_count, highlight_count FROM room_unread"
+                        f" WHERE room_id = ? AND thread_id = ? AND user_id IN ({qs})", (room_id, thread_id, *chunk))
+            for user_id, n, h in txn.fetchall():
+                n2, h2 = max(0, int(n) - 1), max(0, int(h) - int(notified[user_id]))
+                if (n2, h2) == (int(n), int(h)):
+                    continue
+                if n2 or h2:
+                    txn.execute("UPDATE room_unread SET notification_count = ?, highlight_count = ?"
+                                " WHERE user_id = ? AND room_id = ? AND thread_id = ?",
+                                (n2, h2, user_id, room_id, thread_id))
+                else:
+                    # No row is what nothing unread is (set_unread_counts).
+                    txn.execute("DELETE FROM room_unread WHERE user_id = ? AND room_id = ? AND thread_id = ?",
+                                (user_id, room_id, thread_id))
+                lowered.append(user_id)
+        return lowered
 
     def _purge_redacted_txn(self, txn: Txn, event_id: str, room_id: str) -> None:
         """A redacted event keeps only its redacted form in the database:
@@ -1058,12 +1122,33 @@ class EventsStore:
             " WHERE u.user_id = ? AND c.membership = 'join'", user_id)
         return int(rows[0][0] or 0) if rows else 0
 
+    async def get_room_max_stream_ordering(self, room_id: str) -> int:
+        """The newest stream position of any committed event of the room
+        (outliers and soft-failed ones too), whether or not the notifier
+        has announced it yet; 0 for a room with none."""
+        rows = await self.db.execute("room_max_stream_ordering",
+                                     "SELECT MAX(stream_ordering) FROM events WHERE room_id = ?", room_id)
+        return int(rows[0][0] or 0) if rows else 0
+
     async def set_unread_counts(self, user_id: str, room_id: str, counts: dict[str, tuple[int, int]],
-                                only_thread: Optional[str] = None) -> None:
+                                only_thread: Optional[str] = None, unless_after: Optional[int] = None) -> bool:
         """Replace the user's unread counts in the room by ``counts`` (thread
         ID -> (notifications, highlights); a thread left out has none). With
-        ``only_thread``, only that thread's counts are replaced."""
-        def txn_fn(txn: Txn) -> None:
+        ``only_thread``, only that thread's counts are replaced.
+
+        ``unless_after``: the stream position the counts were computed up
+        to. When an event of the room was stored after it, the counts may
+        miss what that event added (or took away), and nothing is written:
+        returns False. The check and the write are one transaction; the
+        caller holds the persistence lock around it
+        (``Persister.writes_paused``), so no event is being stored
+        meanwhile."""
+        def txn_fn(txn: Txn) -> bool:
+            if unless_after is not None:
+                txn.execute("SELECT MAX(stream_ordering) FROM events WHERE room_id = ?", (room_id,))
+                row = txn.fetchone()
+                if row is not None and row[0] is not None and int(row[0]) > unless_after:
+                    return False
             if only_thread is None:
                 txn.execute("DELETE FROM room_unread WHERE user_id = ? AND room_id = ?", (user_id, room_id))
                 rows = counts
@@ -1076,8 +1161,9 @@ class EventsStore:
                 txn.executemany(
                     "INSERT INTO room_unread (user_id, room_id, thread_id, notification_count, highlight_count)"
                     " VALUES (?,?,?,?,?)", values)
+            return True
 
-        await self.db.run_interaction("set_unread_counts", txn_fn)
+        return bool(await self.db.run_interaction("set_unread_counts", txn_fn))
 
 
 def _dumps(obj: Any) -> str:
