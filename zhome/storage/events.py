@@ -24,6 +24,7 @@ from zhome.storage.events_pass import events_pass_position_txn
 from zhome.storage.ids import IdGenerator
 from zhome.storage.lru import InvalidatedCache, LruCache
 from zhome.storage.relations import thread_of_content_txn
+from zhome.util import fastjson
 
 # A state group's chain of deltas is cut by a full snapshot at this length.
 MAX_STATE_CHAIN = 64
@@ -346,17 +347,21 @@ class EventsStore:
         txn.execute("UPDATE at_rest_progress SET position = ? WHERE name = 'events'", (pos,))
         return len(rows)
 
-    def open_pdu(self, event_id: str, stored: str, sealed: Optional[str]) -> dict[str, Any]:
+    def open_pdu(self, event_id: str, stored: str, sealed: Optional[str],
+                 bounded_ints: bool = False) -> dict[str, Any]:
         """The event as it was persisted, from its json and sealed columns.
         When the data key was destroyed (erasure, retention) the redacted
-        form is all there is, and that is what comes back."""
-        pdu = json.loads(stored)
+        form is all there is, and that is what comes back. ``bounded_ints``:
+        the event's room version keeps its integers in the canonical range
+        (``strict_canonical_json``), so nothing needs looking for longer ones."""
+        loads = fastjson.loads_bounded if bounded_ints else fastjson.loads
+        pdu = loads(stored)
         if sealed is not None:
             if self.sealer is None:
                 raise RuntimeError("an event is sealed but no key store is open")
             plain = self.sealer.open(sealed, event_id.encode("utf-8"))
             if plain is not None:
-                pdu.update(json.loads(plain))
+                pdu.update(loads(plain))
         return pdu
 
     def _replace_current_state_txn(self, txn: Txn, room_id: str,
@@ -654,7 +659,8 @@ class EventsStore:
     def _row_to_event(self, row: tuple) -> Event:
         (event_id, room_version, js, rejected, so, state_group, outlier, soft_failed, prev_group, redacted_by,
          txn_device, txn_id, sealed) = row
-        ev = Event(self.open_pdu(event_id, js, sealed), event_id, get_room_version(room_version), rejected)
+        version = get_room_version(room_version)
+        ev = Event(self.open_pdu(event_id, js, sealed, version.strict_canonical_json), event_id, version, rejected)
         ev.internal["txn"] = (txn_device, txn_id) if txn_id is not None else None
         ev.internal["stream_ordering"] = so
         ev.internal["state_group"] = state_group
