@@ -102,6 +102,28 @@ async def test_rollback_on_exception(items_db: Database) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_transactions_after_plain_queries_still_roll_back(items_db: Database) -> None:
+    """Plain queries (db.execute, select_in) run without a transaction of
+    their own on PostgreSQL; every connection they used still runs the
+    next interaction as one transaction, rolled back as a whole."""
+    def add_then_fail(txn: Txn, name: str) -> None:
+        txn.execute("INSERT INTO items (name) VALUES (?)", (name,))
+        raise Boom()
+
+    # Enough at once that every pooled connection serves a plain query.
+    await defer.gatherResults([defer.ensureDeferred(items_db.execute("q", "SELECT 1")) for _ in range(12)]
+                              + [defer.ensureDeferred(items_db.select_in("q", "SELECT id FROM items WHERE id IN ({in})",
+                                                                          [1, 2])) for _ in range(12)])
+    for i in range(12):
+        with pytest.raises(Boom):
+            await items_db.run_interaction("fail", add_then_fail, f"n{i}")
+    assert await _names(items_db) == []
+    # A write through execute is still its own transaction.
+    await items_db.execute("w", "INSERT INTO items (name) VALUES (?)", "w")
+    assert await _names(items_db) == ["w"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_kwargs_are_passed(items_db: Database) -> None:
     def f(txn: Txn, a: int, *, b: int) -> int:
         return a + b
