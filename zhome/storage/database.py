@@ -137,6 +137,9 @@ class Txn:
         self._cursor = cursor
         self.engine: str = engine
         self._after_commit: list[Callable[[], None]] = []
+        # PostgreSQL: writes given to execute_later, as the statements
+        # psycopg2 would send, waiting to go with the next statement.
+        self._later: list[bytes] = []
 
     def _convert(self, sql: str) -> str:
         if self.engine == ENGINE_POSTGRES:
@@ -147,13 +150,46 @@ class Txn:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         """Run one statement; ``?`` marks each parameter on both engines."""
+        if self._later:
+            # The waiting writes and this statement in one round trip; the
+            # cursor holds the result (and rowcount) of the last one, this.
+            self._later.append(self._cursor.mogrify(self._convert(sql), tuple(params)))
+            self.flush()
+            return
         # Always pass a sequence (even empty) so psycopg2 always applies
         # %-formatting and the %% escaping above is undone consistently.
         self._cursor.execute(self._convert(sql), tuple(params))
 
+    def execute_later(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """A write whose rowcount nobody reads: on PostgreSQL it is sent
+        with the next statement of the transaction (or before its commit),
+        so that a run of writes costs one round trip, not one each; its
+        errors then surface there, failing the transaction all the same.
+        On SQLite (no round trips) it runs at once."""
+        if self.engine == ENGINE_POSTGRES:
+            self._later.append(self._cursor.mogrify(self._convert(sql), tuple(params)))
+        else:
+            self._cursor.execute(sql, tuple(params))
+
+    def executemany_later(self, sql: str, seq: Iterable[Sequence[Any]]) -> None:
+        """executemany as :meth:`execute_later` does execute."""
+        if self.engine == ENGINE_POSTGRES:
+            converted = self._convert(sql)
+            self._later.extend(self._cursor.mogrify(converted, tuple(p)) for p in seq)
+        else:
+            self._cursor.executemany(sql, [tuple(p) for p in seq])
+
+    def flush(self) -> None:
+        """Send the writes of execute_later now (the commit does it too)."""
+        if self._later:
+            batch = b";".join(self._later)
+            self._later = []
+            self._cursor.execute(batch)
+
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> None:
         """Run one statement once per parameter sequence (``rowcount`` is
         then undefined)."""
+        self.flush()
         rows = [tuple(p) for p in seq]
         if self.engine == ENGINE_POSTGRES and len(rows) > 1:
             # psycopg2's executemany makes one round trip per row; this
@@ -167,6 +203,7 @@ class Txn:
     def _execute_raw(self, sql: str) -> None:
         # For schema files: no parameters, so no placeholder conversion and
         # no %-formatting on psycopg2 (it only formats when given params).
+        self.flush()
         self._cursor.execute(sql)
 
     # After a statement without a result set (INSERT, UPDATE, ...) SQLite
@@ -332,7 +369,7 @@ class Database:
             txn.execute(sql, params)
             return txn.fetchall()
 
-        return await self._run(desc, query, (), {}, _reads_only(sql))  # type: ignore[no-any-return]
+        return await self._run(desc, query, (), {}, _reads_only(sql))
 
     async def select_in(self, desc: str, sql: str, values: Iterable[Any], before: Sequence[Any] = (),
                         after: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -352,7 +389,7 @@ class Database:
 
         # Under READ COMMITTED each statement reads its own snapshot in a
         # transaction too: the chunks lose nothing by standing alone.
-        return await self._run(desc, query, (), {}, _reads_only(sql))  # type: ignore[no-any-return]
+        return await self._run(desc, query, (), {}, _reads_only(sql))
 
     async def scrub(self, tables: Sequence[str]) -> None:
         """Make sure rows just deleted or overwritten in ``tables`` are gone
@@ -485,6 +522,7 @@ class Database:
         cursor.execute("BEGIN IMMEDIATE")
         try:
             result = func(txn, *args, **kwargs)
+            txn.flush()
             cursor.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -544,11 +582,13 @@ class Database:
                     conn.autocommit = True
                     try:
                         result = func(txn, *args, **kwargs)
+                        txn.flush()
                     finally:
                         if not conn.closed:
                             conn.autocommit = False
                 else:
                     result = func(txn, *args, **kwargs)
+                    txn.flush()
                     committing = True
                     conn.commit()
             finally:

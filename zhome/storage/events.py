@@ -176,7 +176,7 @@ class EventsStore:
         # A remote event may list a prev event twice.
         prevs = list(dict.fromkeys(ev.prev_event_ids))
         if prevs:
-            txn.executemany(
+            txn.executemany_later(
                 "INSERT INTO event_edges (event_id, prev_event_id) VALUES (?, ?)",
                 [(ev.event_id, p) for p in prevs],
             )
@@ -188,11 +188,11 @@ class EventsStore:
             return
         replaced = _replaced_extremities(item)
         if replaced:
-            txn.executemany(
+            txn.executemany_later(
                 "DELETE FROM room_forward_extremities WHERE room_id = ? AND event_id = ?",
                 [(ev.room_id, p) for p in replaced],
             )
-        txn.execute(
+        txn.execute_later(
             "INSERT INTO room_forward_extremities (room_id, event_id) VALUES (?, ?)", (ev.room_id, ev.event_id)
         )
         if item.current_state is not None or ev.is_state():
@@ -200,23 +200,23 @@ class EventsStore:
         if item.current_state is not None:
             item.current_state_delta = self._replace_current_state_txn(txn, ev.room_id, item.current_state)
         elif ev.is_state():
-            txn.execute(
+            txn.execute_later(
                 "DELETE FROM current_state_events WHERE room_id = ? AND type = ? AND state_key = ?",
                 (ev.room_id, ev.type, ev.state_key),
             )
-            txn.execute(
+            txn.execute_later(
                 "INSERT INTO current_state_events (room_id, type, state_key, event_id, membership)"
                 " VALUES (?,?,?,?,?)",
                 (ev.room_id, ev.type, ev.state_key, ev.event_id, ev.membership),
             )
         if ev.type == "m.room.member" and ev.state_key is not None:
-            txn.execute(
+            txn.execute_later(
                 "INSERT INTO room_memberships (event_id, user_id, room_id, membership, stream_ordering)"
                 " VALUES (?,?,?,?,?)",
                 (ev.event_id, ev.state_key, ev.room_id, ev.membership or "", so),
             )
             if ev.membership == "join":
-                txn.execute(
+                txn.execute_later(
                     "DELETE FROM room_forgotten WHERE user_id = ? AND room_id = ?", (ev.state_key, ev.room_id)
                 )
         self.invalidate_user_rooms(_members_changed(item))
@@ -227,7 +227,7 @@ class EventsStore:
             self._event_cache.pop(redacts)
             self.content_epoch += 1
         if item.txn_id and item.device_id:
-            txn.execute(
+            txn.execute_later(
                 "INSERT INTO event_txn_ids (user_id, device_id, txn_id, event_id) VALUES (?,?,?,?)",
                 (ev.sender, item.device_id, item.txn_id, ev.event_id),
             )
@@ -237,7 +237,7 @@ class EventsStore:
             thread_id = thread_of_content_txn(txn, ev.room_id, ev.content)
             # One statement for every member (a big room has thousands):
             # on PostgreSQL pages of them per round trip, not one each.
-            txn.executemany(
+            txn.executemany_later(
                 "INSERT INTO room_unread (user_id, room_id, thread_id, notification_count, highlight_count)"
                 " VALUES (?,?,?,?,?) ON CONFLICT (user_id, room_id, thread_id) DO UPDATE SET"
                 " notification_count = room_unread.notification_count + excluded.notification_count,"
@@ -247,16 +247,16 @@ class EventsStore:
             )
         if item.sender_read:
             # Everything before the user's own event is read, in every thread.
-            txn.execute(
+            txn.execute_later(
                 "INSERT INTO sent_read_marks (user_id, room_id, stream_ordering) VALUES (?,?,?)"
                 " ON CONFLICT (user_id, room_id) DO UPDATE SET stream_ordering = excluded.stream_ordering",
                 (ev.sender, ev.room_id, so))
-            txn.execute("DELETE FROM room_unread WHERE user_id = ? AND room_id = ?", (ev.sender, ev.room_id))
+            txn.execute_later("DELETE FROM room_unread WHERE user_id = ? AND room_id = ?", (ev.sender, ev.room_id))
 
     def _insert_event_txn(self, txn: Txn, item: PersistItem, so: int, group: Optional[int]) -> None:
         ev = item.event
         stored, sealed, data_key = self.seal_pdu(ev.event_id, ev.room_version, ev.pdu)
-        txn.execute(
+        txn.execute_later(
             "INSERT INTO events (stream_ordering, event_id, room_id, type, state_key, sender, depth,"
             " origin_server_ts, received_ts, json, rejected_reason, outlier, state_group, soft_failed,"
             " prev_state_group, sealed, data_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
