@@ -102,6 +102,28 @@ async def test_rollback_on_exception(items_db: Database) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_transactions_after_plain_queries_still_roll_back(items_db: Database) -> None:
+    """Plain queries (db.execute, select_in) run without a transaction of
+    their own on PostgreSQL; every connection they used still runs the
+    next interaction as one transaction, rolled back as a whole."""
+    def add_then_fail(txn: Txn, name: str) -> None:
+        txn.execute("INSERT INTO items (name) VALUES (?)", (name,))
+        raise Boom()
+
+    # Enough at once that every pooled connection serves a plain query.
+    await defer.gatherResults([defer.ensureDeferred(items_db.execute("q", "SELECT 1")) for _ in range(12)]
+                              + [defer.ensureDeferred(items_db.select_in("q", "SELECT id FROM items WHERE id IN ({in})",
+                                                                          [1, 2])) for _ in range(12)])
+    for i in range(12):
+        with pytest.raises(Boom):
+            await items_db.run_interaction("fail", add_then_fail, f"n{i}")
+    assert await _names(items_db) == []
+    # A write through execute is still its own transaction.
+    await items_db.execute("w", "INSERT INTO items (name) VALUES (?)", "w")
+    assert await _names(items_db) == ["w"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_kwargs_are_passed(items_db: Database) -> None:
     def f(txn: Txn, a: int, *, b: int) -> int:
         return a + b
@@ -670,3 +692,40 @@ async def test_user_directory_migration_backfills_existing_rooms(db_config: DbCo
         assert profiles == [("@remote:other", "Remote Rita", None)]
     finally:
         await db.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_later_writes_keep_their_order_and_fail_the_transaction(items_db: Database, db_config: DbConfig) -> None:
+    """Writes given to execute_later run before the next statement (which
+    sees them), in order, and before the commit; one that fails fails the
+    whole transaction, as if it had run at once."""
+    def later(txn: Txn) -> list[tuple[Any, ...]]:
+        txn.execute_later("INSERT INTO items (name, note) VALUES (?, ?)", ("a", "50% off"))
+        txn.executemany_later("INSERT INTO items (name) VALUES (?)", [("b",), ("c",)])
+        txn.execute_later("UPDATE items SET note = ? WHERE name = ?", ("it's", "b"))
+        # The next statement sees every one of them.
+        txn.execute("SELECT name, note FROM items ORDER BY name")
+        seen = txn.fetchall()
+        txn.execute_later("DELETE FROM items WHERE name = ?", ("c",))
+        txn.execute_later("INSERT INTO items (name) VALUES (?)", ("d",))
+        return seen
+
+    assert await items_db.run_interaction("later", later) == [("a", "50% off"), ("b", "it's"), ("c", None)]
+    # The last two went with the commit.
+    assert sorted(_outside_query(db_config, "SELECT name FROM items")) == [("a",), ("b",), ("d",)]
+
+    def later_conflict(txn: Txn) -> None:
+        txn.execute_later("INSERT INTO items (name) VALUES (?)", ("e",))
+        txn.execute_later("INSERT INTO items (name) VALUES (?)", ("a",))  # taken: UNIQUE
+
+    with pytest.raises(IntegrityError):
+        await items_db.run_interaction("conflict", later_conflict)
+    assert sorted(_outside_query(db_config, "SELECT name FROM items")) == [("a",), ("b",), ("d",)]
+
+    def rowcount_after(txn: Txn) -> int:
+        txn.execute_later("INSERT INTO items (name) VALUES (?)", ("f",))
+        txn.execute("UPDATE items SET note = 'x' WHERE name IN ('a', 'b', 'f')")
+        return txn.rowcount
+
+    # The statement's own rowcount, not the batch's.
+    assert await items_db.run_interaction("rowcount", rowcount_after) == 3

@@ -145,7 +145,7 @@ class AppServiceTransactions:
 
     def persist_txn_hook(self, txn: Txn, item: PersistItem) -> None:
         if item.appservices:
-            txn.executemany("INSERT INTO appservice_queue (id, as_id, event_id) VALUES (?,?,?)",
+            txn.executemany_later("INSERT INTO appservice_queue (id, as_id, event_id) VALUES (?,?,?)",
                             [(self.ids.next(), as_id, item.event.event_id) for as_id in item.appservices])
 
     def outlier_txn_hook(self, txn: Txn, item: PersistItem) -> None:

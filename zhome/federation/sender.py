@@ -81,7 +81,7 @@ class FederationSender:
         now = int(self.clock() * 1000)
         rows = [(self.ids.next(), d, event_id, None, now) for d in sorted(set(destinations))]
         if rows:
-            txn.executemany(
+            txn.executemany_later(
                 "INSERT INTO federation_outbound (id, destination, event_id, edu_json, created_ts) VALUES (?,?,?,?,?)",
                 rows,
             )

@@ -23,7 +23,6 @@ import time
 from typing import Any, Awaitable, Callable, Optional
 from urllib.parse import unquote
 
-import orjson
 from prometheus_client import Counter, Histogram
 from twisted.internet import defer
 from twisted.web.resource import Resource
@@ -32,6 +31,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zhome.http import jsonsplice
 from zhome.http.errors import MatrixError, bad_json, not_json, too_large, unrecognized
 from zhome.storage.database import DatabaseClosedError
+from zhome.util.fastjson import loads_fast
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("zhome.access")
@@ -217,20 +217,10 @@ def read_json_body(request: Request, max_size: int = 1024 * 1024 * 2, allow_empt
         if allow_empty:
             return {}
         raise not_json("Content not JSON.")
-    body = _NOT_READ
-    if _LONG_DIGITS.search(content) is None:
-        # orjson reads strict JSON (no NaN or Infinity, valid UTF-8) into
-        # what the standard library would, several times faster, except
-        # integers beyond 64 bits (it makes them floats): a body with a run
-        # of 19 digits or more goes to the standard library. So does what
-        # orjson refuses (beside bad input: escaped lone surrogates, deep
-        # nesting, numbers beyond a float's range), which decides as it
-        # always did.
-        try:
-            body = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            pass
-    if body is _NOT_READ:
+    # orjson where it reads what the standard library would (fastjson),
+    # else the standard library decides as it always did.
+    body = loads_fast(content)
+    if body is None:
         try:
             body = json.loads(content.decode("utf-8"), parse_constant=_reject_constant)
         except (ValueError, UnicodeDecodeError):
@@ -239,11 +229,6 @@ def read_json_body(request: Request, max_size: int = 1024 * 1024 * 2, allow_empt
         # Valid JSON of the wrong shape is malformed, not "not JSON".
         raise bad_json("Content must be a JSON object.")
     return body
-
-
-_NOT_READ = object()
-#: An integer orjson would not read as one may hide in such a run.
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
 
 def _reject_constant(name: str) -> Any:

@@ -121,6 +121,11 @@ def in_chunks(values: Iterable[Any]) -> Iterator[tuple[list[Any], str]]:
         yield chunk, ",".join("?" * len(chunk))
 
 
+def _reads_only(sql: str) -> bool:
+    """Whether ``sql`` is a plain query (a WITH may hold a write)."""
+    return sql.lstrip()[:6].upper() == "SELECT"
+
+
 class Txn:
     """One transaction: a thin wrapper over a DB-API cursor.
 
@@ -132,6 +137,9 @@ class Txn:
         self._cursor = cursor
         self.engine: str = engine
         self._after_commit: list[Callable[[], None]] = []
+        # PostgreSQL: writes given to execute_later, as the statements
+        # psycopg2 would send, waiting to go with the next statement.
+        self._later: list[bytes] = []
 
     def _convert(self, sql: str) -> str:
         if self.engine == ENGINE_POSTGRES:
@@ -142,13 +150,46 @@ class Txn:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         """Run one statement; ``?`` marks each parameter on both engines."""
+        if self._later:
+            # The waiting writes and this statement in one round trip; the
+            # cursor holds the result (and rowcount) of the last one, this.
+            self._later.append(self._cursor.mogrify(self._convert(sql), tuple(params)))
+            self.flush()
+            return
         # Always pass a sequence (even empty) so psycopg2 always applies
         # %-formatting and the %% escaping above is undone consistently.
         self._cursor.execute(self._convert(sql), tuple(params))
 
+    def execute_later(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """A write whose rowcount nobody reads: on PostgreSQL it is sent
+        with the next statement of the transaction (or before its commit),
+        so that a run of writes costs one round trip, not one each; its
+        errors then surface there, failing the transaction all the same.
+        On SQLite (no round trips) it runs at once."""
+        if self.engine == ENGINE_POSTGRES:
+            self._later.append(self._cursor.mogrify(self._convert(sql), tuple(params)))
+        else:
+            self._cursor.execute(sql, tuple(params))
+
+    def executemany_later(self, sql: str, seq: Iterable[Sequence[Any]]) -> None:
+        """executemany as :meth:`execute_later` does execute."""
+        if self.engine == ENGINE_POSTGRES:
+            converted = self._convert(sql)
+            self._later.extend(self._cursor.mogrify(converted, tuple(p)) for p in seq)
+        else:
+            self._cursor.executemany(sql, [tuple(p) for p in seq])
+
+    def flush(self) -> None:
+        """Send the writes of execute_later now (the commit does it too)."""
+        if self._later:
+            batch = b";".join(self._later)
+            self._later = []
+            self._cursor.execute(batch)
+
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> None:
         """Run one statement once per parameter sequence (``rowcount`` is
         then undefined)."""
+        self.flush()
         rows = [tuple(p) for p in seq]
         if self.engine == ENGINE_POSTGRES and len(rows) > 1:
             # psycopg2's executemany makes one round trip per row; this
@@ -162,6 +203,7 @@ class Txn:
     def _execute_raw(self, sql: str) -> None:
         # For schema files: no parameters, so no placeholder conversion and
         # no %-formatting on psycopg2 (it only formats when given params).
+        self.flush()
         self._cursor.execute(sql)
 
     # After a statement without a result set (INSERT, UPDATE, ...) SQLite
@@ -292,10 +334,18 @@ class Database:
         raises. On PostgreSQL a serialization failure or deadlock, or a
         connection that turns out dead before commit, restarts ``func`` in a
         fresh transaction, so ``func`` must only touch the database."""
+        return await self._run(desc, func, args, kwargs, False)
+
+    async def _run(self, desc: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                   single: bool) -> Any:
+        """run_interaction; ``single``: ``func`` runs queries that only
+        read, each of which stands alone (on PostgreSQL each is then its own
+        transaction: one round trip instead of three with BEGIN and COMMIT;
+        and one that fails on a dead connection is safe to run again)."""
         if self._closed:
             raise DatabaseClosedError(f"database closed; cannot run {desc}")
         started = time.monotonic()
-        d = defer.ensureDeferred(self._run_with_retries(desc, func, args, kwargs))
+        d = defer.ensureDeferred(self._run_with_retries(desc, func, args, kwargs, single))
         self._in_flight.add(d)
         try:
             attempt: _Attempt = await d
@@ -319,7 +369,7 @@ class Database:
             txn.execute(sql, params)
             return txn.fetchall()
 
-        return await self.run_interaction(desc, query)
+        return await self._run(desc, query, (), {}, _reads_only(sql))
 
     async def select_in(self, desc: str, sql: str, values: Iterable[Any], before: Sequence[Any] = (),
                         after: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -337,7 +387,9 @@ class Database:
                 rows.extend(txn.fetchall())
             return rows
 
-        return await self.run_interaction(desc, query)
+        # Under READ COMMITTED each statement reads its own snapshot in a
+        # transaction too: the chunks lose nothing by standing alone.
+        return await self._run(desc, query, (), {}, _reads_only(sql))
 
     async def scrub(self, tables: Sequence[str]) -> None:
         """Make sure rows just deleted or overwritten in ``tables`` are gone
@@ -406,13 +458,16 @@ class Database:
         func: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        single: bool = False,
     ) -> _Attempt:
-        worker = self._attempt_sqlite if self.engine == ENGINE_SQLITE else self._attempt_pg
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                result: _Attempt = await deferToThreadPool(
-                    self._reactor, self._pool, worker, func, args, kwargs
-                )
+                if self.engine == ENGINE_SQLITE:
+                    result: _Attempt = await deferToThreadPool(
+                        self._reactor, self._pool, self._attempt_sqlite, func, args, kwargs)
+                else:
+                    result = await deferToThreadPool(
+                        self._reactor, self._pool, self._attempt_pg, func, args, kwargs, single)
                 return result
             except sqlite3.IntegrityError as e:
                 raise IntegrityError(str(e)) from e
@@ -467,6 +522,7 @@ class Database:
         cursor.execute("BEGIN IMMEDIATE")
         try:
             result = func(txn, *args, **kwargs)
+            txn.flush()
             cursor.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -510,7 +566,7 @@ class Database:
             return self._pg_connect()
 
     def _attempt_pg(
-        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], single: bool = False
     ) -> _Attempt:
         conn = self._pg_take()
         if conn.closed:
@@ -521,9 +577,20 @@ class Database:
             cursor = conn.cursor()
             try:
                 txn = Txn(cursor, ENGINE_POSTGRES)
-                result = func(txn, *args, **kwargs)
-                committing = True
-                conn.commit()
+                if single:
+                    # Each statement commits by itself: no BEGIN, no COMMIT.
+                    conn.autocommit = True
+                    try:
+                        result = func(txn, *args, **kwargs)
+                        txn.flush()
+                    finally:
+                        if not conn.closed:
+                            conn.autocommit = False
+                else:
+                    result = func(txn, *args, **kwargs)
+                    txn.flush()
+                    committing = True
+                    conn.commit()
             finally:
                 if not conn.closed:
                     cursor.close()

@@ -322,14 +322,16 @@ class EventSearchStore:
         if rel is not None and not replaceable(rel):
             self._edit_txn(txn, ev.event_id, ev.room_id, ev.type, ev.content, rel[1])
             return
-        # A redaction that came first (over federation) already applies.
-        txn.execute("SELECT 1 FROM redactions WHERE redacts = ?", (ev.event_id,))
-        if txn.fetchone() is not None:
-            return
-        stored = _Stored(ev.event_id, ev.room_id, ev.sender, ev.type, ev.state_key, item.stream_ordering, ev.content)
         # An edit names the ID of its original, which exists once the
-        # original does: only an event from elsewhere can come after its edits.
+        # original does: only an event from elsewhere can come after its
+        # edits. The same holds for a redaction, which also names its target.
         edited = item.backfilled or not ev.sender.endswith(self._local)
+        if edited:
+            # A redaction that came first (over federation) already applies.
+            txn.execute("SELECT 1 FROM redactions WHERE redacts = ?", (ev.event_id,))
+            if txn.fetchone() is not None:
+                return
+        stored = _Stored(ev.event_id, ev.room_id, ev.sender, ev.type, ev.state_key, item.stream_ordering, ev.content)
         self._insert_txn(txn, self._rows_txn(txn, [stored], edited), upsert=False)
 
     def _edit_txn(self, txn: Txn, event_id: str, room_id: str, ev_type: str, content: Any, original: str) -> None:
@@ -408,7 +410,7 @@ class EventSearchStore:
         sql += update if upsert else " ON CONFLICT DO NOTHING"
         for r in rows:
             e = r.event
-            txn.execute(sql, (e.event_id, e.room_id, e.sender, r.key, e.stream_ordering, r.tokens, r.edit_id))
+            txn.execute_later(sql, (e.event_id, e.room_id, e.sender, r.key, e.stream_ordering, r.tokens, r.edit_id))
 
     def reindex_txn(self, txn: Txn, event_ids: Sequence[str]) -> None:
         """Write the rows of these events as they read now (by their latest

@@ -25,6 +25,7 @@ from zhome.storage.ids import IdGenerator
 from zhome.storage.lru import InvalidatedCache, LruCache
 from zhome.storage.notifications import notified_of_txn, read_past_txn
 from zhome.storage.relations import thread_of_content_txn
+from zhome.util import fastjson
 
 # A state group's chain of deltas is cut by a full snapshot at this length.
 MAX_STATE_CHAIN = 64
@@ -181,7 +182,7 @@ class EventsStore:
         # A remote event may list a prev event twice.
         prevs = list(dict.fromkeys(ev.prev_event_ids))
         if prevs:
-            txn.executemany(
+            txn.executemany_later(
                 "INSERT INTO event_edges (event_id, prev_event_id) VALUES (?, ?)",
                 [(ev.event_id, p) for p in prevs],
             )
@@ -193,11 +194,11 @@ class EventsStore:
             return
         replaced = _replaced_extremities(item)
         if replaced:
-            txn.executemany(
+            txn.executemany_later(
                 "DELETE FROM room_forward_extremities WHERE room_id = ? AND event_id = ?",
                 [(ev.room_id, p) for p in replaced],
             )
-        txn.execute(
+        txn.execute_later(
             "INSERT INTO room_forward_extremities (room_id, event_id) VALUES (?, ?)", (ev.room_id, ev.event_id)
         )
         if item.current_state is not None or ev.is_state():
@@ -205,23 +206,23 @@ class EventsStore:
         if item.current_state is not None:
             item.current_state_delta = self._replace_current_state_txn(txn, ev.room_id, item.current_state)
         elif ev.is_state():
-            txn.execute(
+            txn.execute_later(
                 "DELETE FROM current_state_events WHERE room_id = ? AND type = ? AND state_key = ?",
                 (ev.room_id, ev.type, ev.state_key),
             )
-            txn.execute(
+            txn.execute_later(
                 "INSERT INTO current_state_events (room_id, type, state_key, event_id, membership)"
                 " VALUES (?,?,?,?,?)",
                 (ev.room_id, ev.type, ev.state_key, ev.event_id, ev.membership),
             )
         if ev.type == "m.room.member" and ev.state_key is not None:
-            txn.execute(
+            txn.execute_later(
                 "INSERT INTO room_memberships (event_id, user_id, room_id, membership, stream_ordering)"
                 " VALUES (?,?,?,?,?)",
                 (ev.event_id, ev.state_key, ev.room_id, ev.membership or "", so),
             )
             if ev.membership == "join":
-                txn.execute(
+                txn.execute_later(
                     "DELETE FROM room_forgotten WHERE user_id = ? AND room_id = ?", (ev.state_key, ev.room_id)
                 )
         self.invalidate_user_rooms(_members_changed(item))
@@ -235,7 +236,7 @@ class EventsStore:
             self._event_cache.pop(redacts)
             self.content_epoch += 1
         if item.txn_id and item.device_id:
-            txn.execute(
+            txn.execute_later(
                 "INSERT INTO event_txn_ids (user_id, device_id, txn_id, event_id) VALUES (?,?,?,?)",
                 (ev.sender, item.device_id, item.txn_id, ev.event_id),
             )
@@ -245,7 +246,7 @@ class EventsStore:
             thread_id = thread_of_content_txn(txn, ev.room_id, ev.content)
             # One statement for every member (a big room has thousands):
             # on PostgreSQL pages of them per round trip, not one each.
-            txn.executemany(
+            txn.executemany_later(
                 "INSERT INTO room_unread (user_id, room_id, thread_id, notification_count, highlight_count)"
                 " VALUES (?,?,?,?,?) ON CONFLICT (user_id, room_id, thread_id) DO UPDATE SET"
                 " notification_count = room_unread.notification_count + excluded.notification_count,"
@@ -255,10 +256,11 @@ class EventsStore:
             )
         if item.sender_read:
             # Everything before the user's own event is read, in every thread.
-            txn.execute(
+            txn.execute_later(
                 "INSERT INTO sent_read_marks (user_id, room_id, stream_ordering) VALUES (?,?,?)"
                 " ON CONFLICT (user_id, room_id) DO UPDATE SET stream_ordering = excluded.stream_ordering",
                 (ev.sender, ev.room_id, so))
+            # Its rowcount is read: the writes waiting before it go with it.
             txn.execute("DELETE FROM room_unread WHERE user_id = ? AND room_id = ?", (ev.sender, ev.room_id))
             if txn.rowcount > 0 and ev.sender not in item.unread_lowered:
                 # Rows removed: counts the sender's other devices still show.
@@ -267,7 +269,7 @@ class EventsStore:
     def _insert_event_txn(self, txn: Txn, item: PersistItem, so: int, group: Optional[int]) -> None:
         ev = item.event
         stored, sealed, data_key = self.seal_pdu(ev.event_id, ev.room_version, ev.pdu)
-        txn.execute(
+        txn.execute_later(
             "INSERT INTO events (stream_ordering, event_id, room_id, type, state_key, sender, depth,"
             " origin_server_ts, received_ts, json, rejected_reason, outlier, state_group, soft_failed,"
             " prev_state_group, sealed, data_key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -410,17 +412,21 @@ class EventsStore:
         txn.execute("UPDATE at_rest_progress SET position = ? WHERE name = 'events'", (pos,))
         return len(rows)
 
-    def open_pdu(self, event_id: str, stored: str, sealed: Optional[str]) -> dict[str, Any]:
+    def open_pdu(self, event_id: str, stored: str, sealed: Optional[str],
+                 bounded_ints: bool = False) -> dict[str, Any]:
         """The event as it was persisted, from its json and sealed columns.
         When the data key was destroyed (erasure, retention) the redacted
-        form is all there is, and that is what comes back."""
-        pdu = json.loads(stored)
+        form is all there is, and that is what comes back. ``bounded_ints``:
+        the event's room version keeps its integers in the canonical range
+        (``strict_canonical_json``), so nothing needs looking for longer ones."""
+        loads = fastjson.loads_bounded if bounded_ints else fastjson.loads
+        pdu = loads(stored)
         if sealed is not None:
             if self.sealer is None:
                 raise RuntimeError("an event is sealed but no key store is open")
             plain = self.sealer.open(sealed, event_id.encode("utf-8"))
             if plain is not None:
-                pdu.update(json.loads(plain))
+                pdu.update(loads(plain))
         return pdu
 
     def _replace_current_state_txn(self, txn: Txn, room_id: str,
@@ -718,7 +724,8 @@ class EventsStore:
     def _row_to_event(self, row: tuple) -> Event:
         (event_id, room_version, js, rejected, so, state_group, outlier, soft_failed, prev_group, redacted_by,
          txn_device, txn_id, sealed) = row
-        ev = Event(self.open_pdu(event_id, js, sealed), event_id, get_room_version(room_version), rejected)
+        version = get_room_version(room_version)
+        ev = Event(self.open_pdu(event_id, js, sealed, version.strict_canonical_json), event_id, version, rejected)
         ev.internal["txn"] = (txn_device, txn_id) if txn_id is not None else None
         ev.internal["stream_ordering"] = so
         ev.internal["state_group"] = state_group

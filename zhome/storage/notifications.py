@@ -81,7 +81,7 @@ class NotificationsStore:
     def insert_txn(txn: Txn, rows: Sequence[NotificationInsert]) -> None:
         if rows:
             # Appended in position order; ``fold`` moves them (see the module docstring).
-            txn.executemany(
+            txn.executemany_later(
                 "INSERT INTO user_notifications_staging (user_id, room_id, event_id, stream_ordering, ts, actions,"
                 " highlight) VALUES (?,?,?,?,?,?,?)",
                 rows,
