@@ -253,6 +253,29 @@ def test_send_transaction_idempotent(zhome: ZhomeProcess) -> None:
     assert len([e for e in alice.messages(room_id) if e["type"] == "m.room.message"]) == 2
 
 
+def test_a_retried_send_answers_its_first_event_even_when_it_could_not_be_sent_now(zhome: ZhomeProcess) -> None:
+    """The transaction ID decides before the event's checks: a repeated
+    reaction is the first one (no M_DUPLICATE_ANNOTATION), and a send
+    repeated after leaving the room is the first event (no 403)."""
+    alice = U(zhome, "alice")
+    room_id = alice.create()
+    target = alice.send(room_id, "react to me")
+    path = f"/rooms/{q(room_id)}/send/m.reaction/react-1"
+    body = {"m.relates_to": {"rel_type": "m.annotation", "event_id": target, "key": "👍"}}
+    first = alice.ok("PUT", path, body)["event_id"]
+    assert alice.ok("PUT", path, body)["event_id"] == first
+    # The same reaction under a new transaction ID is the duplicate.
+    code, err = alice.req("PUT", f"/rooms/{q(room_id)}/send/m.reaction/react-2", body)
+    assert code == 400 and err["errcode"] == "M_DUPLICATE_ANNOTATION", (code, err)
+
+    sent = alice.send(room_id, "before leaving", txn="leave-txn")
+    alice.ok("POST", f"/rooms/{q(room_id)}/leave", {})
+    assert alice.send(room_id, "before leaving", txn="leave-txn") == sent
+    code, err = alice.req("PUT", f"/rooms/{q(room_id)}/send/m.room.message/new-after-leave",
+                          {"msgtype": "m.text", "body": "now"})
+    assert code == 403, (code, err)
+
+
 def test_transaction_id_only_to_the_sending_device(zhome: ZhomeProcess) -> None:
     alice = U(zhome, "alice")
     bob = U(zhome, "bob")

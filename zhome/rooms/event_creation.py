@@ -28,7 +28,7 @@ from zhome.rooms.joined_members import JoinedMembers
 from zhome.rooms.persistence import Persister
 from zhome.rooms.validation import check_pdu_size
 from zhome.rooms.versions import EventIdFormat, RoomVersion, get_room_version
-from zhome.storage.events import EventsStore, PersistItem
+from zhome.storage.events import EventsStore, PersistItem, TransactionIdUsed
 from zhome.storage.rooms import RoomsStore
 
 MAX_DEPTH = 2**63 - 1
@@ -216,36 +216,39 @@ class EventCreator:
     ) -> Event:
         """Create, check and persist a local event; returns it once durable."""
         async with self.room_locks.lock(room_id):
-            # Whether the transaction ID was used is asked while the event
-            # is built (a retry then costs a discarded event, and its answer
-            # is the first event even when this one could not be built).
-            prior: Optional[defer.Deferred[Optional[str]]] = None
-            if txn_id is not None and device_id is not None:
-                prior = defer.ensureDeferred(self.events.get_event_id_for_txn(sender, device_id, txn_id))
+            # Whether the transaction ID was used is asked by the transaction
+            # that persists the event, so a send costs one interaction (a
+            # retry then costs a discarded event); or here when this one
+            # cannot be built or checked, since the answer to a retry is the
+            # first event even then (a repeated reaction is no duplicate).
+            keyed = txn_id is not None and device_id is not None
             try:
                 event, group, state = await self.create_event(room_id, etype, sender, content, state_key, redacts)
+                for check in self.pre_send_checks:
+                    await check(event, state)
+                if extra_check is not None:
+                    await extra_check(event, state)
+                if transform is not None:
+                    # E.g. an invite countersigned by the invitee's server.
+                    event = await transform(event, state)
             except Exception:
-                if prior is not None:
-                    sent = await self._event_for(await prior)
+                if txn_id is not None and device_id is not None:
+                    sent = await self._event_for(await self.events.get_event_id_for_txn(sender, device_id, txn_id))
                     if sent is not None:
                         return sent
                 raise
-            if prior is not None:
-                sent = await self._event_for(await prior)
-                if sent is not None:
-                    return sent
-            for check in self.pre_send_checks:
-                await check(event, state)
-            if extra_check is not None:
-                await extra_check(event, state)
-            if transform is not None:
-                # E.g. an invite countersigned by the invitee's server.
-                event = await transform(event, state)
             actions = await self.push_actions_for(event, state, group=group)
             item = PersistItem(event, group, state, txn_id=txn_id, device_id=device_id,
                                unread=unread_from_actions(actions, event), push_actions=actions,
-                               snapshot_before=group is None and bool(state), sender_read=True)
-            await self.persister.persist(item)
+                               snapshot_before=group is None and bool(state), sender_read=True,
+                               check_txn_id=keyed)
+            try:
+                await self.persister.persist(item)
+            except TransactionIdUsed as used:
+                sent = await self._event_for(used.event_id)
+                if sent is None:
+                    raise
+                return sent
             return event
 
     async def _event_for(self, event_id: Optional[str]) -> Optional[Event]:

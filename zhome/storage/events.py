@@ -78,6 +78,10 @@ class PersistItem:
     # Sent by a local user through the client API: what the room notified
     # them of before it is read ("Receiving notifications").
     sender_read: bool = False
+    # A local send under a transaction ID: the persisting transaction first
+    # looks for an event already sent under it, and raises TransactionIdUsed
+    # (writing nothing) when there is one.
+    check_txn_id: bool = False
     # Filled by persistence:
     stream_ordering: int = 0
     state_group_after: Optional[int] = None
@@ -85,6 +89,15 @@ class PersistItem:
     # counts sending cleared (sender_read), the members a redaction took
     # its target's notification off.
     unread_lowered: list[str] = field(default_factory=list)
+
+
+class TransactionIdUsed(Exception):
+    """The transaction ID of a send was used before, by ``event_id``
+    (client-server-api "Transaction identifiers")."""
+
+    def __init__(self, event_id: str) -> None:
+        super().__init__(event_id)
+        self.event_id = event_id
 
 
 def _replaced_extremities(item: PersistItem) -> list[str]:
@@ -163,6 +176,15 @@ class EventsStore:
         persistence lock so positions commit in the order they were given.
         """
         ev = item.event
+        if item.check_txn_id and item.txn_id and item.device_id:
+            # In the transaction that would record it, so that a send costs
+            # one interaction; before a position is taken, so a repeat
+            # leaves no gap.
+            txn.execute("SELECT event_id FROM event_txn_ids WHERE user_id = ? AND device_id = ? AND txn_id = ?",
+                        (ev.sender, item.device_id, item.txn_id))
+            row = txn.fetchone()
+            if row is not None:
+                raise TransactionIdUsed(row[0])
         so = self.backfill_ids.next() if item.backfilled else self.stream_ids.next()
         item.stream_ordering = so
         item.unread_lowered = []
