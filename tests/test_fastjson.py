@@ -51,3 +51,17 @@ def test_bounded_reading_gives_what_json_loads_gives() -> None:
 
     for text in ['{"content":{"body":"é","n":[1,2.5]},"depth":3}', '{"lone":"\\ud800"}', '{"nan":NaN}']:
         assert repr(loads_bounded(text)) == repr(json.loads(text))
+
+
+def test_copy_json_shares_nothing_mutable() -> None:
+    from zhome.util.fastjson import copy_json
+
+    original = {"content": {"body": "x", "list": [1, {"a": True}], "n": None, "f": 1.5},
+                "prev_events": ["$a", "$b"], "pair": ([1], 2)}
+    copied = copy_json(original)
+    assert copied == original
+    copied["content"]["list"][1]["a"] = False
+    copied["prev_events"].append("$c")
+    copied["pair"][0].append(3)  # a tuple is copied by copy.deepcopy, its list too
+    assert original == {"content": {"body": "x", "list": [1, {"a": True}], "n": None, "f": 1.5},
+                        "prev_events": ["$a", "$b"], "pair": ([1], 2)}

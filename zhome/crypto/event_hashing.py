@@ -17,7 +17,6 @@ redacted form. All functions are pure: inputs are never changed.
 from __future__ import annotations
 
 import base64
-import copy
 import hashlib
 import secrets
 import string
@@ -31,6 +30,7 @@ from zhome.crypto.keys import SigningKey
 from zhome.crypto.signing import SignatureError, sign_json, verify_json_signature
 from zhome.rooms.redaction import prune_event_dict
 from zhome.rooms.versions import EventIdFormat, RoomVersion
+from zhome.util.fastjson import copy_json
 
 __all__ = [
     "SignatureError",
@@ -126,7 +126,7 @@ def hash_and_sign_event(
     there it is part of what is hashed and signed. Signatures already on
     the PDU are kept, as are other hash algorithms in ``hashes``.
     """
-    event = copy.deepcopy(pdu)
+    event = copy_json(pdu)
     if room_version.event_id_format is EventIdFormat.SERVER_CHOSEN and not isinstance(event.get("event_id"), str):
         event["event_id"] = _new_local_event_id(server_name)
 

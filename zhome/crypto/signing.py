@@ -11,7 +11,6 @@ changes its argument.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from nacl.exceptions import BadSignatureError
@@ -20,6 +19,7 @@ from unpaddedbase64 import decode_base64, encode_base64
 
 from zhome.crypto.canonical import encode_canonical_json
 from zhome.crypto.keys import SigningKey, key_id as signing_key_id
+from zhome.util.fastjson import copy_json
 
 # The only signing algorithm the spec defines.
 SUPPORTED_ALGORITHMS = frozenset({"ed25519"})
@@ -45,7 +45,7 @@ def sign_json(obj: dict[str, Any], server_name: str, key: SigningKey) -> dict[st
     if not isinstance(obj, dict):
         raise TypeError("only JSON objects can be signed")
     signature = key.sign(encode_canonical_json(_signable(obj))).signature
-    result = copy.deepcopy(obj)
+    result = copy_json(obj)
     signatures = result.get("signatures")
     if not isinstance(signatures, dict):
         signatures = {}

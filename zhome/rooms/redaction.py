@@ -17,10 +17,10 @@ code that serves it.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from zhome.rooms.versions import RoomVersion
+from zhome.util.fastjson import copy_json
 
 # Top-level keys protected from redaction in v1 to v10.
 _TOP_LEVEL_V1 = frozenset(
@@ -93,15 +93,15 @@ def _prune_content(room_version: RoomVersion, event_type: Any, content: Any) -> 
         # Not a valid event; an object is the only shape content can have.
         return {}
     if event_type == "m.room.create" and room_version.updated_redaction_rules:
-        return copy.deepcopy(content)
+        return copy_json(content)
     allowed = _content_keys(room_version, event_type)
-    pruned = {k: copy.deepcopy(v) for k, v in content.items() if k in allowed}
+    pruned = {k: copy_json(v) for k, v in content.items() if k in allowed}
     if event_type == "m.room.member" and room_version.updated_redaction_rules:
         # v11: the identity server's signed block is what authorises a
         # third-party invite, so it is kept (and nothing else from it).
         tpi = content.get("third_party_invite")
         if isinstance(tpi, dict) and "signed" in tpi:
-            pruned["third_party_invite"] = {"signed": copy.deepcopy(tpi["signed"])}
+            pruned["third_party_invite"] = {"signed": copy_json(tpi["signed"])}
     return pruned
 
 
@@ -119,5 +119,5 @@ def prune_event_dict(room_version: RoomVersion, pdu: dict[str, Any]) -> dict[str
         if key == "content":
             pruned["content"] = _prune_content(room_version, pdu.get("type"), value)
         else:
-            pruned[key] = copy.deepcopy(value)
+            pruned[key] = copy_json(value)
     return pruned

@@ -10,6 +10,7 @@ library keeps deciding every case it always decided.
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any, Optional
 
@@ -51,3 +52,16 @@ def loads_bounded(data: str | bytes) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         return json.loads(data)
+
+
+def copy_json(value: Any) -> Any:
+    """A deep copy of a JSON value (dicts, lists, strings, numbers, booleans,
+    None) several times faster than ``copy.deepcopy``, which it falls back
+    to for anything else (a tuple, another object)."""
+    if isinstance(value, dict):
+        return {k: copy_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [copy_json(v) for v in value]
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return copy.deepcopy(value)
