@@ -729,3 +729,31 @@ async def test_later_writes_keep_their_order_and_fail_the_transaction(items_db: 
 
     # The statement's own rowcount, not the batch's.
     assert await items_db.run_interaction("rowcount", rowcount_after) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_interaction_is_one_transaction_until_it_returns(items_db: Database, db_config: DbConfig) -> None:
+    """What an interaction wrote is invisible to others until it returns
+    (on PostgreSQL its BEGIN goes with its first statement), and a later
+    failure in it undoes what it ran before."""
+    seen_inside: list[list[tuple[Any, ...]]] = []
+
+    def add_then_look(txn: Txn) -> None:
+        txn.execute("INSERT INTO items (name) VALUES (?)", ("first",))
+        txn.execute("SELECT name FROM items")
+        assert txn.fetchall() == [("first",)]
+        if db_config[0] == "postgres":  # SQLite's lock would keep the outside reader waiting
+            seen_inside.append(_outside_query(db_config, "SELECT name FROM items"))
+
+    await items_db.run_interaction("add", add_then_look)
+    assert seen_inside in ([[]], [])
+    assert _outside_query(db_config, "SELECT name FROM items") == [("first",)]
+
+    def add_then_fail(txn: Txn) -> None:
+        txn.execute("INSERT INTO items (name) VALUES (?)", ("second",))
+        txn.execute("SELECT COUNT(*) FROM items")
+        txn.execute("INSERT INTO items (name) VALUES (?)", ("first",))  # UNIQUE: fails
+
+    with pytest.raises(IntegrityError):
+        await items_db.run_interaction("fail", add_then_fail)
+    assert _outside_query(db_config, "SELECT name FROM items") == [("first",)]

@@ -126,6 +126,13 @@ def _reads_only(sql: str) -> bool:
     return sql.lstrip()[:6].upper() == "SELECT"
 
 
+#: What opens a transaction on PostgreSQL (its connections run in
+#: autocommit: see Database._attempt_pg).
+_BEGIN = b"BEGIN ISOLATION LEVEL READ COMMITTED"
+#: Statements per round trip of Txn.executemany on PostgreSQL.
+_PAGE = 200
+
+
 class Txn:
     """One transaction: a thin wrapper over a DB-API cursor.
 
@@ -133,13 +140,18 @@ class Txn:
     a reference after the interaction function returns.
     """
 
-    def __init__(self, cursor: Any, engine: str) -> None:
+    def __init__(self, cursor: Any, engine: str, explicit: bool = False) -> None:
         self._cursor = cursor
         self.engine: str = engine
         self._after_commit: list[Callable[[], None]] = []
         # PostgreSQL: writes given to execute_later, as the statements
         # psycopg2 would send, waiting to go with the next statement.
         self._later: list[bytes] = []
+        # PostgreSQL, connections in autocommit: ``explicit`` makes this one
+        # transaction, its BEGIN sent with its first statement and its
+        # COMMIT with its last writes (``open``: BEGIN was sent).
+        self._explicit = explicit
+        self.open = False
 
     def _convert(self, sql: str) -> str:
         if self.engine == ENGINE_POSTGRES:
@@ -148,21 +160,30 @@ class Txn:
             return sql.replace("%", "%%").replace("?", "%s")
         return sql
 
+    def _send(self, parts: list[bytes]) -> None:
+        """PostgreSQL: ``parts`` (whole statements) in one round trip, after
+        the BEGIN when this is the transaction's first. The cursor then holds
+        the result and rowcount of the last one."""
+        if self._explicit and not self.open:
+            parts = [_BEGIN, *parts]
+            self.open = True
+        self._cursor.execute(b";".join(parts))
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
         """Run one statement; ``?`` marks each parameter on both engines."""
-        if self._later:
-            # The waiting writes and this statement in one round trip; the
-            # cursor holds the result (and rowcount) of the last one, this.
-            self._later.append(self._cursor.mogrify(self._convert(sql), tuple(params)))
-            self.flush()
+        if self.engine == ENGINE_POSTGRES:
+            # Always a sequence (even empty), so the %% escaping above is
+            # undone consistently. The writes waiting go first, in the same
+            # round trip.
+            stmt = self._cursor.mogrify(self._convert(sql), tuple(params))
+            parts, self._later = [*self._later, stmt], []
+            self._send(parts)
             return
-        # Always pass a sequence (even empty) so psycopg2 always applies
-        # %-formatting and the %% escaping above is undone consistently.
-        self._cursor.execute(self._convert(sql), tuple(params))
+        self._cursor.execute(sql, tuple(params))
 
     def execute_later(self, sql: str, params: Sequence[Any] = ()) -> None:
         """A write whose rowcount nobody reads: on PostgreSQL it is sent
-        with the next statement of the transaction (or before its commit),
+        with the next statement of the transaction (or with its commit),
         so that a run of writes costs one round trip, not one each; its
         errors then surface there, failing the transaction all the same.
         On SQLite (no round trips) it runs at once."""
@@ -180,31 +201,50 @@ class Txn:
             self._cursor.executemany(sql, [tuple(p) for p in seq])
 
     def flush(self) -> None:
-        """Send the writes of execute_later now (the commit does it too)."""
+        """Send the writes of execute_later now."""
         if self._later:
-            batch = b";".join(self._later)
-            self._later = []
-            self._cursor.execute(batch)
+            parts, self._later = self._later, []
+            self._send(parts)
 
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> None:
         """Run one statement once per parameter sequence (``rowcount`` is
         then undefined)."""
-        self.flush()
-        rows = [tuple(p) for p in seq]
-        if self.engine == ENGINE_POSTGRES and len(rows) > 1:
-            # psycopg2's executemany makes one round trip per row; this
-            # sends them in pages of statements.
-            import psycopg2.extras
-
-            psycopg2.extras.execute_batch(self._cursor, self._convert(sql), rows, page_size=200)
+        if self.engine == ENGINE_POSTGRES:
+            # Pages of statements, one round trip each (psycopg2's own
+            # executemany makes one per row).
+            converted = self._convert(sql)
+            stmts = [self._cursor.mogrify(converted, tuple(p)) for p in seq]
+            parts, self._later = [*self._later, *stmts], []
+            for i in range(0, len(parts), _PAGE):
+                self._send(parts[i:i + _PAGE])
             return
-        self._cursor.executemany(self._convert(sql), rows)
+        self._cursor.executemany(sql, [tuple(p) for p in seq])
 
     def _execute_raw(self, sql: str) -> None:
         # For schema files: no parameters, so no placeholder conversion and
         # no %-formatting on psycopg2 (it only formats when given params).
-        self.flush()
+        if self.engine == ENGINE_POSTGRES:
+            parts, self._later = [*self._later, sql.encode("utf-8")], []
+            self._send(parts)
+            return
         self._cursor.execute(sql)
+
+    def _pg_commit(self) -> None:
+        """The waiting writes and the COMMIT, in one round trip. Called with
+        the transaction open (Database._attempt_pg flushes the writes of
+        one that sent nothing yet first, so that a connection found dead
+        then fails before anything could have been committed)."""
+        if not self.open:
+            return  # nothing was sent, nothing to commit
+        parts, self._later = [*self._later, b"COMMIT"], []
+        self._cursor.execute(b";".join(parts))
+        self.open = False
+
+    def _pg_rollback(self) -> None:
+        if self.open:
+            self._later = []
+            self.open = False
+            self._cursor.connection.cursor().execute("ROLLBACK")
 
     # After a statement without a result set (INSERT, UPDATE, ...) SQLite
     # fetches nothing while psycopg2 raises; fetch nothing on both.
@@ -409,15 +449,13 @@ class Database:
                 return
             conn = self._pg_take()
             try:
-                conn.rollback()
-                conn.autocommit = True
+                # Pooled connections run in autocommit, as VACUUM needs.
                 with conn.cursor() as cur:
                     for t in tables:
                         cur.execute(f"VACUUM {t}")
             except BaseException:
                 self._pg_discard(conn)
                 raise
-            conn.autocommit = False
             self._pg_idle.put(conn)
 
         await deferToThreadPool(self._reactor, self._pool, work)
@@ -537,12 +575,11 @@ class Database:
     def _pg_connect(self) -> Any:
         psycopg2 = _pg()
         conn = psycopg2.connect(**self._args)
-        # READ COMMITTED and explicit commit/rollback: psycopg2 opens the
-        # transaction implicitly with the first statement.
-        conn.set_session(
-            isolation_level=psycopg2.extensions.ISOLATION_LEVEL_READ_COMMITTED,
-            autocommit=False,
-        )
+        # Autocommit: a plain query is its own transaction, and Txn opens
+        # the others itself, its BEGIN (READ COMMITTED) going with the first
+        # statement and its COMMIT with the last writes (psycopg2 would send
+        # each in a round trip of its own).
+        conn.set_session(autocommit=True)
         conn.set_client_encoding("UTF8")
         psycopg2.extensions.register_type(_bytea(), conn)
         with self._pg_lock:
@@ -573,29 +610,22 @@ class Database:
             self._pg_discard(conn)
             conn = self._pg_connect()
         committing = False
+        # single: each statement commits by itself, no BEGIN, no COMMIT.
+        txn = Txn(conn.cursor(), ENGINE_POSTGRES, explicit=not single)
         try:
-            cursor = conn.cursor()
             try:
-                txn = Txn(cursor, ENGINE_POSTGRES)
-                if single:
-                    # Each statement commits by itself: no BEGIN, no COMMIT.
-                    conn.autocommit = True
-                    try:
-                        result = func(txn, *args, **kwargs)
-                        txn.flush()
-                    finally:
-                        if not conn.closed:
-                            conn.autocommit = False
-                else:
-                    result = func(txn, *args, **kwargs)
+                result = func(txn, *args, **kwargs)
+                if not txn.open:
+                    # Writes only (or nothing): sent before the COMMIT, so a
+                    # dead connection shows before anything can commit.
                     txn.flush()
-                    committing = True
-                    conn.commit()
+                committing = True
+                txn._pg_commit()
             finally:
                 if not conn.closed:
-                    cursor.close()
+                    txn._cursor.close()
         except BaseException as e:
-            healthy = self._pg_rollback(conn)
+            healthy = self._pg_rollback(conn, txn)
             if healthy:
                 self._pg_idle.put(conn)
             else:
@@ -621,12 +651,12 @@ class Database:
         return _Attempt(result, txn._after_commit)
 
     @staticmethod
-    def _pg_rollback(conn: Any) -> bool:
+    def _pg_rollback(conn: Any, txn: Txn) -> bool:
         """Roll back; False if the connection is unusable and must go."""
         if conn.closed:
             return False
         try:
-            conn.rollback()
+            txn._pg_rollback()
         except (_pg().OperationalError, _pg().InterfaceError):
             return False
         return not conn.closed
