@@ -159,6 +159,10 @@ class EventsStore:
         #: redaction applied, erasure, a purge): what was read before may
         #: hold content that is gone (zhome/sync/response_cache.py).
         self.content_epoch = 0
+        #: Bumped by drop_room_caches (a room's history purged or the room
+        #: deleted): counts made from events read before may hold events
+        #: that are gone (zhome/push/unread.py).
+        self.purges = 0
         #: Bundled aggregations (unsigned "m.relations") of events served
         #: to clients: (events, requester, with_room_id) -> event ID ->
         #: aggregations (zhome/client/aggregations.py). None: none.
@@ -822,6 +826,7 @@ class EventsStore:
     def drop_room_caches(self, room_id: str) -> None:
         """After a room was purged from the database: nothing of it stays cached."""
         self.content_epoch += 1
+        self.purges += 1
         self._event_cache.clear()
         self._state_group_cache.clear()
         self._extremities_cache.pop(room_id)
