@@ -125,7 +125,7 @@ class HomeServer:
         self.sealer = Sealer(enc.key_file, enc.keystore_path, enabled=enc.enabled)
         self.events = EventsStore(db, stream_ids, group_ids,
                                   await IdGenerator.downward_from_table(db, "events", "stream_ordering"),
-                                  sealer=self.sealer)
+                                  sealer=self.sealer, server_name=self.server_name)
         self.accounts = AccountsStore(
             db,
             await IdGenerator.from_table(db, "access_tokens", "id"),

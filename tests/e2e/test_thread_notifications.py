@@ -295,6 +295,37 @@ def test_history_purge_lowers_each_threads_count(zhome: ZhomeProcess, spec: Spec
     assert _room(alice.sync(), room_id)["unread_notifications"] == _counts(1)
 
 
+def test_history_purge_takes_off_only_what_each_member_had_unread(zhome: ZhomeProcess, spec: Spec,
+                                                                   tmp_path: Path) -> None:
+    """A purge takes each purged notification off the counts of those who
+    had not read it: a member who had read the purged events keeps the
+    count of what came after them ("Receiving notifications": counts are
+    of events after the receipt)."""
+    from tests.e2e.test_admin_api import Admin
+
+    admin = Admin(zhome, "root", tmp_path)
+    alice, bob, carol = U(zhome, "alice", spec), U(zhome, "bob", spec), U(zhome, "carol", spec)
+    room_id = str(alice.ok("POST", "/createRoom", {"preset": "public_chat"})["room_id"])
+    bob.ok("POST", f"/rooms/{q(room_id)}/join", {})
+    carol.ok("POST", f"/rooms/{q(room_id)}/join", {})
+    bob.send(room_id, "one")
+    two = bob.send(room_id, "two")
+    alice.read(room_id, two)
+    cut = bob.send(room_id, "three")
+    assert _room(alice.sync(), room_id)["unread_notifications"] == _counts(1)
+    assert _room(carol.sync(), room_id)["unread_notifications"] == _counts(3)
+
+    purge_id = admin.ok("POST", f"/_synapse/admin/v1/purge_history/{q(room_id)}/{q(cut)}", {})["purge_id"]
+    assert admin.wait_for_purge(purge_id) == "complete"
+    # Alice had read "one" and "two": her count was of "three" alone.
+    assert _room(alice.sync(), room_id)["unread_notifications"] == _counts(1)
+    assert _room(carol.sync(), room_id)["unread_notifications"] == _counts(1)
+    # Counting goes on from there.
+    bob.send(room_id, "four")
+    assert _room(alice.sync(), room_id)["unread_notifications"] == _counts(2)
+    assert _room(carol.sync(), room_id)["unread_notifications"] == _counts(2)
+
+
 def _redact(user: U, room_id: str, event_id: str) -> None:
     user.ok("PUT", f"/rooms/{q(room_id)}/redact/{q(event_id)}/r{next(_TXN)}", {})
 

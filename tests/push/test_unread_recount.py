@@ -154,3 +154,35 @@ async def test_a_later_receipt_is_not_overwritten_by_an_earlier_recount(tmp_path
     hs.event_creator.unread_for = original  # type: ignore[method-assign]
     assert await hs.events.get_unread_counts(ALICE, room_id) == (0, 0)
     await hs.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_history_purge_while_counting_is_not_undone(tmp_path: Path, db_config: DbConfig) -> None:
+    """A history purge (which runs with writes paused, as the admin API
+    runs it) takes purged events off the counts; a recount that read them
+    before the purge must not write them back."""
+    hs = await _server(tmp_path, db_config)
+    room_id = await _room(hs)
+    m1 = await _send(hs, room_id, BOB, _msg("one"))
+    await _send(hs, room_id, BOB, _msg("two"))
+    m3 = await _send(hs, room_id, BOB, _msg("three"))
+    assert await hs.events.get_unread_counts(ALICE, room_id) == (3, 0)
+
+    # While the receipt's recount evaluates push rules for "two", the
+    # history before "three" is purged: "two" was unread, so it comes off.
+    original = hs.event_creator.unread_for
+    purged: list[int] = []
+
+    async def evaluating(event: Event, state: Any, for_user: Optional[str] = None) -> Any:
+        if not purged:
+            async with hs.persister.writes_paused():
+                purged.append(await hs.privacy_store.purge_history(
+                    room_id, int(m3.internal["stream_ordering"]), False, ":" + hs.server_name))
+        return await original(event, state, for_user=for_user)
+
+    hs.event_creator.unread_for = evaluating  # type: ignore[method-assign]
+    await _receipt(hs, room_id, m1)
+    hs.event_creator.unread_for = original  # type: ignore[method-assign]
+    assert purged and purged[0] > 0
+    # Only "three" is left after the receipt.
+    assert await hs.events.get_unread_counts(ALICE, room_id) == (1, 0)

@@ -61,10 +61,13 @@ class UnreadRecount:
         """
         async with self._running.lock(f"{user_id} {room_id}"):
             for _ in range(OPTIMISTIC_ATTEMPTS):
+                purges = self.events.purges
                 counts, upto = await self._count(user_id, room_id, thread_id)
                 async with self.persister.writes_paused():
-                    if await self.events.set_unread_counts(user_id, room_id, counts, only_thread=thread_id,
-                                                           unless_after=upto):
+                    # A history purge meanwhile (it runs with writes paused)
+                    # took events off the counts that these may still hold.
+                    if self.events.purges == purges and await self.events.set_unread_counts(
+                            user_id, room_id, counts, only_thread=thread_id, unless_after=upto):
                         return
             async with self.persister.writes_paused():
                 counts, _ = await self._count(user_id, room_id, thread_id)

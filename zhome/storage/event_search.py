@@ -107,6 +107,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from zhome.storage.database import ENGINE_SQLITE, Database, Txn, in_chunks
 from zhome.storage.events_pass import EventsPass
+from zhome.storage.redactions import REDACTED_IN_ROOM
 from zhome.storage.relations import REPLACE, relation_of, replaceable
 
 if TYPE_CHECKING:
@@ -326,11 +327,11 @@ class EventSearchStore:
         # original does: only an event from elsewhere can come after its
         # edits. The same holds for a redaction, which also names its target.
         edited = item.backfilled or not ev.sender.endswith(self._local)
-        if edited:
-            # A redaction that came first (over federation) already applies.
-            txn.execute("SELECT 1 FROM redactions WHERE redacts = ?", (ev.event_id,))
-            if txn.fetchone() is not None:
-                return
+        if item.redacted_by is not None:
+            # A redaction in its room came first (over federation): the
+            # persist path found it (EventsStore.may_be_named covers every
+            # event that can be edited first) and stored the event redacted.
+            return
         stored = _Stored(ev.event_id, ev.room_id, ev.sender, ev.type, ev.state_key, item.stream_ordering, ev.content)
         self._insert_txn(txn, self._rows_txn(txn, [stored], edited), upsert=False)
 
@@ -392,7 +393,7 @@ class EventSearchStore:
                 "SELECT e.event_id, e.room_id, e.sender, e.type, e.state_key, e.stream_ordering, e.json, e.sealed"
                 f" FROM events e WHERE e.event_id IN ({qs})"
                 " AND e.rejected_reason IS NULL AND e.outlier = 0 AND e.soft_failed = 0"
-                " AND NOT EXISTS (SELECT 1 FROM redactions rd WHERE rd.redacts = e.event_id)", tuple(chunk))
+                f" AND NOT {REDACTED_IN_ROOM}", tuple(chunk))
             for event_id, room_id, sender, ev_type, state_key, so, stored, sealed in txn.fetchall():
                 content = self.events.open_pdu(event_id, stored, sealed).get("content")
                 out[event_id] = _Stored(event_id, room_id, sender, ev_type, state_key, int(so), content)
@@ -581,7 +582,7 @@ class EventSearchStore:
             "SELECT e.stream_ordering, e.event_id, e.room_id, e.sender, e.type, e.state_key, e.json, e.sealed"
             f" FROM events e WHERE e.stream_ordering > ? AND e.type IN ({','.join('?' * len(types))})"
             " AND e.rejected_reason IS NULL AND e.outlier = 0 AND e.soft_failed = 0"
-            " AND NOT EXISTS (SELECT 1 FROM redactions rd WHERE rd.redacts = e.event_id)"
+            f" AND NOT {REDACTED_IN_ROOM}"
             " ORDER BY e.stream_ordering LIMIT ?", (pos, *types, limit))
         rows = txn.fetchall()
         batch: list[_Stored] = []

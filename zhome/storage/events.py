@@ -24,6 +24,7 @@ from zhome.storage.events_pass import events_pass_position_txn
 from zhome.storage.ids import IdGenerator
 from zhome.storage.lru import InvalidatedCache, LruCache
 from zhome.storage.notifications import notified_of_txn, read_past_txn
+from zhome.storage.redactions import redacted_in_room_txn
 from zhome.storage.relations import thread_of_content_txn
 from zhome.util import fastjson
 
@@ -89,6 +90,10 @@ class PersistItem:
     # counts sending cleared (sender_read), the members a redaction took
     # its target's notification off.
     unread_lowered: list[str] = field(default_factory=list)
+    # The redaction (in the event's room) that was stored before the event
+    # itself, received over federation ahead of its target: the event is
+    # stored, counted and served redacted. None: not redacted on arrival.
+    redacted_by: Optional[str] = None
 
 
 class TransactionIdUsed(Exception):
@@ -106,8 +111,13 @@ def _replaced_extremities(item: PersistItem) -> list[str]:
 
 class EventsStore:
     def __init__(self, db: Database, stream_ids: IdGenerator, state_group_ids: IdGenerator,
-                 backfill_ids: Optional[IdGenerator] = None, sealer: Optional[Sealer] = None) -> None:
+                 backfill_ids: Optional[IdGenerator] = None, sealer: Optional[Sealer] = None,
+                 server_name: Optional[str] = None) -> None:
         self.db = db
+        # ":" + this server's name: a new event of a local sender was just
+        # made here, so no redaction can have named it yet. None: any event
+        # may have been (tools and tests without a server name).
+        self._local = ":" + server_name if server_name is not None else None
         #: Encryption at rest of event content; None stores plain JSON
         #: (tools and tests that open a database without the key store).
         self.sealer = sealer
@@ -162,6 +172,10 @@ class EventsStore:
         #: redaction applied, erasure, a purge): what was read before may
         #: hold content that is gone (zhome/sync/response_cache.py).
         self.content_epoch = 0
+        #: Bumped by drop_room_caches (a room's history purged or the room
+        #: deleted): counts made from events read before may hold events
+        #: that are gone (zhome/push/unread.py).
+        self.purges = 0
         #: Bundled aggregations (unsigned "m.relations") of events served
         #: to clients: (events, requester, with_room_id) -> event ID ->
         #: aggregations (zhome/client/aggregations.py). None: none.
@@ -188,6 +202,7 @@ class EventsStore:
         so = self.backfill_ids.next() if item.backfilled else self.stream_ids.next()
         item.stream_ordering = so
         item.unread_lowered = []
+        item.redacted_by = None
         rejected = ev.rejected_reason
         if item.outlier:
             self._insert_event_txn(txn, item, so, None)
@@ -208,6 +223,9 @@ class EventsStore:
                 "INSERT INTO event_edges (event_id, prev_event_id) VALUES (?, ?)",
                 [(ev.event_id, p) for p in prevs],
             )
+        if not rejected and not item.soft_failed and self.may_be_named(item):
+            self._redacted_on_arrival_txn(txn, item)
+            ev = item.event
         if rejected or item.soft_failed or item.backfilled:
             # Neither rejected nor soft-failed events extend the room, and
             # old history never changes its present.
@@ -288,6 +306,35 @@ class EventsStore:
                 # Rows removed: counts the sender's other devices still show.
                 item.unread_lowered.append(ev.sender)
 
+    def may_be_named(self, item: PersistItem) -> bool:
+        """Whether another stored event can already name ``item``'s event
+        (a redaction or an edit received before it): history fetched from
+        other servers, and any event from another server. A local user's
+        new event was made just now; its ID was known to no one."""
+        return item.backfilled or self._local is None or not item.event.sender.endswith(self._local)
+
+    def _redacted_on_arrival_txn(self, txn: Txn, item: PersistItem) -> None:
+        """A redaction received before its target (over federation) takes
+        effect as the target is stored: the target keeps only its redacted
+        form, notifies no one and counts for no one ("Receiving
+        notifications": counts are of notifying events, and a redacted
+        event is none). Sets ``item.redacted_by`` and replaces
+        ``item.event`` by its redacted form, which the transaction hooks
+        (search, relations, the notification log, push) and the caches
+        after commit see."""
+        ev = item.event
+        red_id = redacted_in_room_txn(txn, ev.event_id, ev.room_id)
+        if red_id is None:
+            return
+        item.redacted_by = red_id
+        self._purge_redacted_txn(txn, ev.event_id, ev.room_id)
+        pruned = Event(prune_event_dict(ev.room_version, ev.pdu), ev.event_id, ev.room_version, ev.rejected_reason)
+        pruned.internal.update(ev.internal)
+        pruned.internal["redacted_by"] = red_id
+        item.event = pruned
+        item.unread = {}
+        item.push_actions = {}
+
     def _insert_event_txn(self, txn: Txn, item: PersistItem, so: int, group: Optional[int]) -> None:
         ev = item.event
         stored, sealed, data_key = self.seal_pdu(ev.event_id, ev.room_version, ev.pdu)
@@ -352,8 +399,7 @@ class EventsStore:
         The log is what tells: a user whose row retention removed (older
         than the log keeps, or past its length) keeps the count, which
         their next read receipt recounts."""
-        txn.execute("SELECT 1 FROM redactions WHERE redacts = ?", (event_id,))
-        if txn.fetchone() is not None:
+        if redacted_in_room_txn(txn, event_id, room_id) is not None:
             return []  # taken off by the first redaction of it
         txn.execute("SELECT stream_ordering, json, sealed, type, state_key FROM events WHERE event_id = ?"
                     " AND room_id = ? AND outlier = 0 AND soft_failed = 0 AND rejected_reason IS NULL",
@@ -763,7 +809,11 @@ class EventsStore:
     _EVENT_SELECT = (
         "SELECT e.event_id, r.room_version, e.json, e.rejected_reason, e.stream_ordering, e.state_group,"
         " e.outlier, e.soft_failed, e.prev_state_group,"
-        " (SELECT MIN(rd.event_id) FROM redactions rd WHERE rd.redacts = e.event_id),"
+        # Only a redaction in the event's own room applies (rooms/v3+
+        # "Handling redactions"; one named before its target was stored
+        # may turn out to be from another room).
+        " (SELECT MIN(rd.event_id) FROM redactions rd JOIN events re ON re.event_id = rd.event_id"
+        " WHERE rd.redacts = e.event_id AND re.room_id = e.room_id),"
         " t.device_id, t.txn_id, e.sealed"
         " FROM events e JOIN rooms r ON r.room_id = e.room_id"
         " LEFT JOIN event_txn_ids t ON t.event_id = e.event_id"
@@ -798,6 +848,7 @@ class EventsStore:
     def drop_room_caches(self, room_id: str) -> None:
         """After a room was purged from the database: nothing of it stays cached."""
         self.content_epoch += 1
+        self.purges += 1
         self._event_cache.clear()
         self._state_group_cache.clear()
         self._extremities_cache.pop(room_id)

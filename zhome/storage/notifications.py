@@ -245,6 +245,28 @@ def read_past_txn(txn: Txn, room_id: str, thread_id: str, stream_ordering: int,
     return read
 
 
+def read_marks_txn(txn: Txn, room_id: str, thread_id: str, user_ids: Sequence[str]) -> dict[str, int]:
+    """User ID -> the stream position up to which each of ``user_ids`` has
+    read the room's thread ``thread_id`` (their read receipts, unthreaded
+    or in that thread, and their own newest event: the marks of
+    ``_read_up_to_txn``); a user who has read nothing there is left out.
+    Their count in the thread covers only notifying events after it."""
+    marks: dict[str, int] = {}
+    for chunk, qs in in_chunks(sorted(user_ids)):
+        txn.execute(
+            "SELECT r.user_id, MAX(e.stream_ordering) FROM receipts r JOIN events e ON e.event_id = r.event_id"
+            f" WHERE r.room_id = ? AND r.receipt_type IN (?, ?) AND r.user_id IN ({qs})"
+            " AND r.thread_id IN ('', ?) GROUP BY r.user_id",
+            (room_id, *_READ_RECEIPT_TYPES, *chunk, thread_id))
+        rows = txn.fetchall()
+        txn.execute(f"SELECT user_id, stream_ordering FROM sent_read_marks WHERE room_id = ? AND user_id IN ({qs})",
+                    (room_id, *chunk))
+        for user_id, so in rows + txn.fetchall():
+            if so is not None:
+                marks[user_id] = max(int(so), marks.get(user_id, int(so)))
+    return marks
+
+
 def _actions(text: str) -> list[Any]:
     try:
         value = json.loads(text)

@@ -19,7 +19,8 @@ from zhome.storage.event_media import EventMediaStore
 from zhome.storage.event_search import EventSearchStore
 from zhome.storage.events import EventsStore
 from zhome.storage.ids import IdGenerator
-from zhome.storage.notifications import fold_staging_txn
+from zhome.storage.notifications import fold_staging_txn, read_marks_txn
+from zhome.storage.redactions import REDACTED_IN_ROOM
 from zhome.storage.relations import MAIN_THREAD, RelationsStore
 
 
@@ -258,26 +259,14 @@ class PrivacyStore:
             rows = txn.fetchall()
             delete = [e for e, sender, sk in rows if sk is None and (delete_local or not sender.endswith(local_suffix))]
             hide = [e for e, sender, sk in rows if sk is not None or (not delete_local and sender.endswith(local_suffix))]
-            # Each event's notifications came off its thread's count (read
+            # Each event's notifications come off its thread's count (read
             # from the relations index before its rows go, below).
             in_thread = RelationsStore.stored_threads_txn(txn, [e for e, _, _ in rows])
             by_thread: dict[str, list[str]] = {}
             for e, _, _ in rows:
                 by_thread.setdefault(in_thread.get(e, MAIN_THREAD), []).append(e)
             for thread_id, thread_events in sorted(by_thread.items()):
-                for chunk, qs in in_chunks(thread_events):
-                    args = tuple(chunk)
-                    by_position = f"stream_ordering IN (SELECT stream_ordering FROM events WHERE event_id IN ({qs}))"
-                    txn.execute("SELECT user_id, COUNT(*), SUM(highlight) FROM user_notifications"
-                                f" WHERE {by_position} GROUP BY user_id", args)
-                    for user_id, n, hl in txn.fetchall():
-                        n, hl = int(n), int(hl or 0)
-                        txn.execute("UPDATE room_unread SET notification_count = CASE WHEN notification_count > ?"
-                                    " THEN notification_count - ? ELSE 0 END, highlight_count = CASE WHEN"
-                                    " highlight_count > ? THEN highlight_count - ? ELSE 0 END"
-                                    " WHERE user_id = ? AND room_id = ? AND thread_id = ?",
-                                    (n, n, hl, hl, user_id, room_id, thread_id))
-                    txn.execute(f"DELETE FROM user_notifications WHERE {by_position}", args)
+                self._uncount_purged_txn(txn, room_id, thread_id, thread_events)
             for chunk, qs in in_chunks(delete):
                 args = tuple(chunk)
                 txn.execute(f"DELETE FROM redactions WHERE event_id IN ({qs}) OR redacts IN ({qs})", args + args)
@@ -299,6 +288,43 @@ class PrivacyStore:
             return await self.db.run_interaction("purge_history", txn_fn)
         finally:
             self.events.drop_room_caches(room_id)
+
+    @staticmethod
+    def _uncount_purged_txn(txn: Txn, room_id: str, thread_id: str, event_ids: list[str]) -> None:
+        """Take the purged ``event_ids`` of one thread off the unread counts
+        that hold them, and delete their notifications: for each user the
+        notification log says they notified, the ones after the user's read
+        mark in the thread (a count covers only events after it, "Receiving
+        notifications"), and none that a redaction already took off. The
+        marks are read while the purged events (which receipts may point
+        at) are still stored. The caller keeps persistence and recounts
+        out meanwhile (``Persister.writes_paused``)."""
+        # user -> (stream ordering, highlight) of each notification of the purged events.
+        notified: dict[str, list[tuple[int, int]]] = {}
+        for chunk, qs in in_chunks(event_ids):
+            args = tuple(chunk)
+            by_position = f"stream_ordering IN (SELECT stream_ordering FROM events WHERE event_id IN ({qs}))"
+            txn.execute("SELECT n.user_id, n.stream_ordering, n.highlight FROM user_notifications n"
+                        f" JOIN events e ON e.event_id = n.event_id WHERE n.{by_position} AND NOT {REDACTED_IN_ROOM}",
+                        args)
+            for user_id, so, hl in txn.fetchall():
+                notified.setdefault(user_id, []).append((int(so), int(hl or 0)))
+            txn.execute_later(f"DELETE FROM user_notifications WHERE {by_position}", args)
+        marks = read_marks_txn(txn, room_id, thread_id, list(notified))
+        for user_id, notes in sorted(notified.items()):
+            mark = marks.get(user_id)
+            counted = [hl for so, hl in notes if mark is None or so > mark]
+            n, hl = len(counted), sum(counted)
+            if not n:
+                continue
+            txn.execute_later("UPDATE room_unread SET notification_count = CASE WHEN notification_count > ?"
+                              " THEN notification_count - ? ELSE 0 END, highlight_count = CASE WHEN"
+                              " highlight_count > ? THEN highlight_count - ? ELSE 0 END"
+                              " WHERE user_id = ? AND room_id = ? AND thread_id = ?",
+                              (n, n, hl, hl, user_id, room_id, thread_id))
+            # No row is what nothing unread is (EventsStore.set_unread_counts).
+            txn.execute_later("DELETE FROM room_unread WHERE user_id = ? AND room_id = ? AND thread_id = ?"
+                              " AND notification_count = 0 AND highlight_count = 0", (user_id, room_id, thread_id))
 
     # -- erasure reports -------------------------------------------------------------------------
     async def save_erasure(self, report: dict[str, Any]) -> None:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Optional
 from zhome.storage.database import Database, Txn, in_chunks
 from zhome.storage.events_pass import EventsPass
 from zhome.storage.lru import LruCache
+from zhome.storage.redactions import redacted_in_room_txn
 
 if TYPE_CHECKING:
     from zhome.rooms.events import Event
@@ -199,9 +200,7 @@ def latest_edit(rows: Iterable[AggRow]) -> Optional[AggRow]:
 
 def _redacted_txn(txn: Txn, event_id: str, room_id: str) -> bool:
     """Whether a redaction in the room has already removed the event's content."""
-    txn.execute("SELECT 1 FROM redactions rd JOIN events e ON e.event_id = rd.event_id"
-                " WHERE rd.redacts = ? AND e.room_id = ?", (event_id, room_id))
-    return txn.fetchone() is not None
+    return redacted_in_room_txn(txn, event_id, room_id) is not None
 
 
 class RelationsStore:
