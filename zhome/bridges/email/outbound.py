@@ -119,11 +119,10 @@ class OutboundMailer(Rounds):
         # A cache (the room's state is the truth): room ID -> (name, fetched at).
         self._room_names: dict[str, tuple[str, float]] = {}
         self._sender_names: dict[tuple[str, str], tuple[str, float]] = {}
-        outbox.on_sent.append(self._mail_sent)
+        # The outbox is on the bridge's database: a sent mail's record goes
+        # in the transaction that deletes the mail.
+        outbox.sent_txn.append(BridgeStore.forget_outbox_mails_txn)
         outbox.on_dropped.append(self._mail_dropped)
-
-    async def _mail_sent(self, outbox_id: int) -> None:
-        await self.store.take_outbox_mail(outbox_id)
 
     async def _mail_dropped(self, outbox_id: int, refused: bool) -> None:
         """The outbox gave a mail up: the room hears that a participant did

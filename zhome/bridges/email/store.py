@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from zhome.storage.at_rest import Sealer
-from zhome.storage.database import ENGINE_POSTGRES, ENGINE_SQLITE, Database, Txn
+from zhome.storage.database import ENGINE_POSTGRES, ENGINE_SQLITE, Database, Txn, in_chunks
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS bridge_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -338,6 +338,13 @@ class BridgeStore:
                 if txn.fetchone() is None:
                     txn.execute("INSERT INTO sent_mail_events (message_id, room_id, event_id) VALUES (?,?,?)",
                                 (message_id, room_id, event_id))
+
+    @staticmethod
+    def forget_outbox_mails_txn(txn: Txn, outbox_ids: list[int]) -> None:
+        """The outbox mails the relay took: their records go (in the
+        outbox's transaction that deletes them)."""
+        for chunk, qs in in_chunks(outbox_ids):
+            txn.execute(f"DELETE FROM outbox_mail_rooms WHERE outbox_id IN ({qs})", chunk)
 
     async def take_outbox_mail(self, outbox_id: int) -> Optional[tuple[str, str]]:
         """The (room, ghost) of an outbox mail that was sent or given up; the
