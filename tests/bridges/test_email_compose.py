@@ -11,6 +11,7 @@ import datetime
 import email
 import email.policy
 import ipaddress
+import re
 import ssl
 from email.message import EmailMessage
 from pathlib import Path
@@ -28,7 +29,9 @@ from cryptography.x509.oid import NameOID
 from tests.e2e.harness import free_port
 from tests.e2e.mailsink import MailSink, _Handler
 from tests.mail.test_outbox import _authenticator
-from zhome.bridges.email.compose import Attachment, DkimSigner, MailHeaders, MailItem, build_mail, html_of, serialise
+from zhome.bridges.email.compose import (
+    Attachment, DkimSigner, MailHeaders, MailItem, MailTemplate, build_mail, html_of, serialise,
+)
 from zhome.bridges.email.links import (
     check_download, check_unsubscribe, derive_key, download_sig, download_url, unsubscribe_token,
 )
@@ -82,6 +85,36 @@ def _dns_for(record: bytes) -> Any:
     def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
         return record if name == b"zhome._domainkey.mail.test." else b""
     return dnsfunc
+
+
+@pytest.mark.parametrize("variant", ["plain", "attachment", "no_unsubscribe", "long_and_unicode"])
+def test_a_template_gives_each_participant_the_mail_build_mail_gives(variant: str) -> None:
+    items = [MailItem("Alice", "hello", html="<p>hello</p>"), MailItem("Bob", "second")]
+    kw: dict[str, Any] = {}
+    if variant == "attachment":
+        items.append(MailItem("Carol", "p.png", attachments=(Attachment("p.png", "image/png", b"\x89PNG" * 40),)))
+    if variant == "no_unsubscribe":
+        kw["unsubscribe_url"] = None
+    if variant == "long_and_unicode":
+        kw["from_name"] = "Zoë Ünïcode-Ärztin"
+    template = MailTemplate(_headers(**kw), items)
+    for n, to in enumerate(["bob@example.net", "dana@example.org"]):
+        unsub = None if variant == "no_unsubscribe" else f"https://hs.test/_zhome/email/v1/unsubscribe?t={n}"
+        reply = f"reply+{n}.bbbb@mail.test"
+        if variant == "long_and_unicode":
+            to = "d" * 70 + "@example.org"
+            unsub = "https://hs.test/_zhome/email/v1/unsubscribe?t=" + "x" * 150
+            reply = "reply+" + "9" * 60 + ".cccc@mail.test"
+        got = template.render(to, reply, unsub)
+        want = serialise(build_mail(_headers(**{**kw, "to": to, "reply_to": reply, "unsubscribe_url": unsub}), items),
+                         None)
+
+        def same(raw: bytes) -> bytes:  # the Date and the MIME boundary are the template's own
+            return re.sub(rb"=+[0-9]+==", b"BOUNDARY", re.sub(rb"\nDate: [^\n]*", b"", raw))
+        assert same(got) == same(want)
+        msg = _parse(got)
+        assert msg["To"] == to and msg["Reply-To"] == reply
+        assert (msg["List-Unsubscribe"] is None) if unsub is None else (msg["List-Unsubscribe"] == f"<{unsub}>")
 
 
 @pytest.mark.parametrize("kind", ["rsa", "ed25519"])

@@ -282,6 +282,31 @@ class BridgeStore:
 
         await self.db.run_interaction("email_bridge_add_outbound", txn_fn)
 
+    async def remember_and_queue(self, room_id: str, event_id: str, data: Optional[dict[str, Any]], due_ts: int,
+                                 ghost_prefix: str) -> bool:
+        """remember_event(room_id, event_id) and, when ``data`` is given and
+        the room has email participants, add_outbound_event: one
+        transaction (a room message from a transaction). True when queued."""
+        from zhome.bridges.email.tokens import address_of_ghost
+
+        payload = None if data is None else self._seal_json(f"outbound_events\x00{event_id}".encode(), room_id, data)
+
+        def txn_fn(txn: Txn) -> bool:
+            self.remember_event_txn(txn, room_id, event_id)
+            if payload is None:
+                return False
+            txn.execute("SELECT user_id FROM ghost_members WHERE room_id = ? AND membership IN ('join', 'invite')"
+                        " ORDER BY user_id LIMIT 1000", (room_id,))
+            if not any(address_of_ghost(ghost_prefix, str(r[0])) is not None for r in txn.fetchall()):
+                return False
+            txn.execute("SELECT 1 FROM outbound_events WHERE event_id = ?", (event_id,))
+            if txn.fetchone() is None:
+                txn.execute("INSERT INTO outbound_events (room_id, event_id, payload, due_ts) VALUES (?,?,?,?)",
+                            (room_id, event_id, payload, due_ts))
+            return True
+
+        return await self.db.run_interaction("email_bridge_remember_and_queue", txn_fn)
+
     async def due_outbound_rooms(self, limit: int) -> list[str]:
         """Rooms whose queued messages are due, oldest first: a room is due
         once its newest message's quiet period is over (the room went quiet:
@@ -378,27 +403,28 @@ class BridgeStore:
     # -- known events -------------------------------------------------------------------
     async def remember_event(self, room_id: str, event_id: str, message_id: Optional[str] = None) -> int:
         """The number N of an event (for reply tokens), made on first sight."""
-        def txn_fn(txn: Txn) -> int:
-            txn.execute("SELECT n, message_id FROM known_events WHERE event_id = ?", (event_id,))
-            row = txn.fetchone()
-            if row is not None:
-                if message_id is not None and row[1] is None:
-                    txn.execute("UPDATE known_events SET message_id = ? WHERE n = ?", (message_id, row[0]))
-                return int(row[0])
-            if message_id is not None:
-                # A Message-ID names one event: the first one posted for it.
-                txn.execute("SELECT n FROM known_events WHERE message_id = ?", (message_id,))
-                if txn.fetchone() is not None:
-                    message_id_ = None
-                else:
-                    message_id_ = message_id
-            else:
-                message_id_ = None
-            return txn.insert_returning_id(
-                "INSERT INTO known_events (room_id, event_id, message_id) VALUES (?,?,?)",
-                (room_id, event_id, message_id_), column="n")
+        return await self.db.run_interaction("email_bridge_remember_event", self.remember_event_txn, room_id,
+                                             event_id, message_id)
 
-        return await self.db.run_interaction("email_bridge_remember_event", txn_fn)
+    @staticmethod
+    def remember_event_txn(txn: Txn, room_id: str, event_id: str, message_id: Optional[str] = None) -> int:
+        txn.execute("SELECT n, message_id FROM known_events WHERE event_id = ?", (event_id,))
+        row = txn.fetchone()
+        if row is not None:
+            if message_id is not None and row[1] is None:
+                txn.execute("SELECT 1 FROM known_events WHERE message_id = ?", (message_id,))
+                if txn.fetchone() is None:
+                    txn.execute("UPDATE known_events SET message_id = ? WHERE n = ?", (message_id, row[0]))
+            return int(row[0])
+        message_id_: Optional[str] = None
+        if message_id is not None:
+            # A Message-ID names one event: the first one posted for it.
+            txn.execute("SELECT n FROM known_events WHERE message_id = ?", (message_id,))
+            if txn.fetchone() is None:
+                message_id_ = message_id
+        return txn.insert_returning_id(
+            "INSERT INTO known_events (room_id, event_id, message_id) VALUES (?,?,?)",
+            (room_id, event_id, message_id_), column="n")
 
     async def event_by_number(self, n: int) -> Optional[tuple[str, str]]:
         rows = await self.db.execute("email_bridge_event_n", "SELECT room_id, event_id FROM known_events"
@@ -627,6 +653,15 @@ class BridgeStore:
         rows = await self.db.execute("email_bridge_is_bouncing", "SELECT 1 FROM bouncing_addresses"
                                      " WHERE address_index = ?", self._address_index(address))
         return bool(rows)
+
+    async def bouncing_among(self, addresses: list[str]) -> set[str]:
+        """Those of ``addresses`` that a hard bounce stopped (is_bouncing), in one query."""
+        if not addresses:
+            return set()
+        by_index = {self._address_index(a): a for a in addresses}
+        rows = await self.db.select_in("email_bridge_bouncing_among", "SELECT address_index FROM bouncing_addresses"
+                                       " WHERE address_index IN ({in})", list(by_index))
+        return {by_index[str(r[0])] for r in rows if str(r[0]) in by_index}
 
     async def set_encrypted(self, room_id: str) -> bool:
         """Record that the room is encrypted; False when it was known already."""
