@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Protocol
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from zhome.storage.at_rest import Sealer, open_text, seal_text
 from zhome.storage.database import Database, Txn, in_chunks
@@ -270,7 +271,7 @@ class MailOutbox(Rounds):
                                             for lane in _lanes(mails, self.connections)], consumeErrors=True)
         await sent.flush()
         for ok, failure in results:
-            if not ok:
+            if not ok and isinstance(failure, Failure):
                 failure.raiseException()
         return len(rows) < BATCH
 
