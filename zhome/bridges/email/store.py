@@ -27,7 +27,7 @@ import base64
 import json
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from zhome.storage.at_rest import Sealer
@@ -125,6 +125,20 @@ class InboundMail:
     auth: Optional[dict[str, Any]] = None
     #: A delivery report addressed to the bridge.
     bounce: bool = False
+
+
+@dataclass
+class InboundContext:
+    """What BridgeStore.inbound_context found for a batch of mails."""
+
+    #: inbound row ID -> (invitation token, MAC) of a reply to an invitation.
+    invites: dict[int, tuple[str, str]] = field(default_factory=dict)
+    #: (room, ghost) -> its membership as the bridge last saw it.
+    memberships: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: (room, Message-ID) -> the event posted for it.
+    known: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: The addresses a hard bounce stopped.
+    bouncing: set[str] = field(default_factory=set)
 
 
 def open_bridge_database(cfg: Any) -> Database:
@@ -518,6 +532,70 @@ class BridgeStore:
                             (state, outcome, row_id))
 
         await self.db.run_interaction("email_bridge_finish", txn_fn)
+
+    async def inbound_context(self, inbound_ids: list[int], members: list[tuple[str, str]],
+                              references: list[tuple[str, str]], addresses: list[str]) -> "InboundContext":
+        """What posting a batch of mails needs to know, in one transaction:
+        the invitation tokens of ``inbound_ids`` (invite_reply), the
+        memberships of (room, ghost) ``members``, the events of (room,
+        Message-ID) ``references`` and which ``addresses`` are bouncing."""
+        indexes = {a: self._address_index(a) for a in addresses}
+
+        def txn_fn(txn: Txn) -> InboundContext:
+            ctx = InboundContext()
+            for chunk, qs in in_chunks(sorted(set(inbound_ids))):
+                txn.execute(f"SELECT inbound_id, invite_token, mac FROM invite_replies WHERE inbound_id IN ({qs})",
+                            chunk)
+                for row_id, token, mac in txn.fetchall():
+                    ctx.invites[int(row_id)] = (str(token), str(mac))
+            for room_id, user_id in sorted(set(members)):
+                txn.execute("SELECT membership FROM ghost_members WHERE room_id = ? AND user_id = ?",
+                            (room_id, user_id))
+                row = txn.fetchone()
+                if row is not None:
+                    ctx.memberships[(room_id, user_id)] = str(row[0])
+            for room_id, mid in sorted(set(references)):
+                txn.execute("SELECT event_id FROM known_events WHERE message_id = ? AND room_id = ?", (mid, room_id))
+                row = txn.fetchone()
+                if row is not None:
+                    ctx.known[(room_id, mid)] = str(row[0])
+            for address, index in indexes.items():
+                txn.execute("SELECT 1 FROM bouncing_addresses WHERE address_index = ?", (index,))
+                if txn.fetchone() is not None:
+                    ctx.bouncing.add(address)
+            return ctx
+
+        return await self.db.run_interaction("email_bridge_inbound_context", txn_fn)
+
+    async def finish_inbound_batch(self, remembered: list[tuple[str, str, Optional[str]]],
+                                   finished: list[tuple[int, str, str]],
+                                   retries: list[tuple[int, int, int, str]],
+                                   not_bouncing: list[str]) -> None:
+        """A batch's results in one transaction: the events posted, in
+        order (room, event ID, Message-ID: remember_event), the rows done
+        (row ID, state, outcome: finish_inbound), the rows to try again
+        (row ID, attempts, delay ms, outcome: retry_inbound_later) and the
+        addresses whose mail works again (clear_bouncing)."""
+        now = int(time.time() * 1000)
+        indexes = [self._address_index(a) for a in not_bouncing]
+
+        def txn_fn(txn: Txn) -> None:
+            for room_id, event_id, message_id in remembered:
+                self.remember_event_txn(txn, room_id, event_id, message_id)
+            for row_id, state, outcome in finished:
+                if state == FAILED:
+                    txn.execute("UPDATE inbound_mail SET state = ?, outcome = ? WHERE id = ?",
+                                (state, outcome, row_id))
+                else:
+                    txn.execute("UPDATE inbound_mail SET state = ?, outcome = ?, message = '' WHERE id = ?",
+                                (state, outcome, row_id))
+            for row_id, attempts, delay_ms, outcome in retries:
+                txn.execute("UPDATE inbound_mail SET attempts = ?, next_attempt_ts = ?, outcome = ? WHERE id = ?",
+                            (attempts, now + delay_ms, outcome, row_id))
+            for index in indexes:
+                txn.execute("DELETE FROM bouncing_addresses WHERE address_index = ?", (index,))
+
+        await self.db.run_interaction("email_bridge_finish_batch", txn_fn)
 
     async def retry_inbound_later(self, row_id: int, attempts: int, delay_ms: int, outcome: str) -> None:
         nxt = int(time.time() * 1000) + delay_ms
