@@ -218,17 +218,19 @@ class _Counting(_Handler):
 
     def __init__(self, sink: MailSink, drop_at: int = 0) -> None:
         super().__init__(sink)
-        self.sessions: set[int] = set()
+        #: Each session seen (kept: an ID is not reused while its object lives).
+        self.sessions: list[Any] = []
         self.first: Any = None
         self.in_first = 0
         self.drop_at = drop_at
         self.dropped = 0
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
-        self.sessions.add(id(session))
+        if not any(s is session for s in self.sessions):
+            self.sessions.append(session)
         if self.first is None:
-            self.first = id(session)
-        if id(session) == self.first:
+            self.first = session
+        if session is self.first:
             self.in_first += 1
             if self.in_first == self.drop_at:
                 self.dropped += 1
