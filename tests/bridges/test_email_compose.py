@@ -11,6 +11,7 @@ import datetime
 import email
 import email.policy
 import ipaddress
+import re
 import ssl
 from email.message import EmailMessage
 from pathlib import Path
@@ -28,7 +29,9 @@ from cryptography.x509.oid import NameOID
 from tests.e2e.harness import free_port
 from tests.e2e.mailsink import MailSink, _Handler
 from tests.mail.test_outbox import _authenticator
-from zhome.bridges.email.compose import Attachment, DkimSigner, MailHeaders, MailItem, build_mail, html_of, serialise
+from zhome.bridges.email.compose import (
+    Attachment, DkimSigner, MailHeaders, MailItem, MailTemplate, build_mail, html_of, serialise,
+)
 from zhome.bridges.email.links import (
     check_download, check_unsubscribe, derive_key, download_sig, download_url, unsubscribe_token,
 )
@@ -82,6 +85,36 @@ def _dns_for(record: bytes) -> Any:
     def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
         return record if name == b"zhome._domainkey.mail.test." else b""
     return dnsfunc
+
+
+@pytest.mark.parametrize("variant", ["plain", "attachment", "no_unsubscribe", "long_and_unicode"])
+def test_a_template_gives_each_participant_the_mail_build_mail_gives(variant: str) -> None:
+    items = [MailItem("Alice", "hello", html="<p>hello</p>"), MailItem("Bob", "second")]
+    kw: dict[str, Any] = {}
+    if variant == "attachment":
+        items.append(MailItem("Carol", "p.png", attachments=(Attachment("p.png", "image/png", b"\x89PNG" * 40),)))
+    if variant == "no_unsubscribe":
+        kw["unsubscribe_url"] = None
+    if variant == "long_and_unicode":
+        kw["from_name"] = "Zoë Ünïcode-Ärztin"
+    template = MailTemplate(_headers(**kw), items)
+    for n, to in enumerate(["bob@example.net", "dana@example.org"]):
+        unsub = None if variant == "no_unsubscribe" else f"https://hs.test/_zhome/email/v1/unsubscribe?t={n}"
+        reply = f"reply+{n}.bbbb@mail.test"
+        if variant == "long_and_unicode":
+            to = "d" * 70 + "@example.org"
+            unsub = "https://hs.test/_zhome/email/v1/unsubscribe?t=" + "x" * 150
+            reply = "reply+" + "9" * 60 + ".cccc@mail.test"
+        got = template.render(to, reply, unsub)
+        want = serialise(build_mail(_headers(**{**kw, "to": to, "reply_to": reply, "unsubscribe_url": unsub}), items),
+                         None)
+
+        def same(raw: bytes) -> bytes:  # the Date and the MIME boundary are the template's own
+            return re.sub(rb"=+[0-9]+==", b"BOUNDARY", re.sub(rb"\nDate: [^\n]*", b"", raw))
+        assert same(got) == same(want)
+        msg = _parse(got)
+        assert msg["To"] == to and msg["Reply-To"] == reply
+        assert (msg["List-Unsubscribe"] is None) if unsub is None else (msg["List-Unsubscribe"] == f"<{unsub}>")
 
 
 @pytest.mark.parametrize("kind", ["rsa", "ed25519"])
@@ -253,3 +286,35 @@ async def test_a_batch_waits_when_the_homeserver_is_down_then_goes_out_once(tmp_
         assert await outbox.pending() == 2
     finally:
         await db.close()
+
+
+def test_the_fast_serialiser_writes_what_the_email_package_writes() -> None:
+    import random
+
+    from zhome.bridges.email.compose import _fast_serialise
+
+    def same(raw: bytes) -> bytes:  # the Date and the MIME boundary are its own
+        return re.sub(rb"=+[0-9]+==(\.[0-9]+)?", b"BOUNDARY", re.sub(rb"\nDate: [^\n]*", b"", raw))
+
+    rng = random.Random(2)
+    words = ["hello", "Grüße", "<b>x</b>", "line\nbreak", "--", "=?utf-8?q?x?=", "\ttab", ".", "From x", "\r\n",
+             "&amp;", "日本", "a" * 90]
+    fast = 0
+    for _ in range(300):
+        items = [MailItem(rng.choice(["Alice", "Zoë Ärztin", "Bob <b>", "x" * 100]),
+                          " ".join(rng.choice(words) for _ in range(rng.randint(0, 5))),
+                          rng.choice([None, "<p>hi</p>", "<p>Grüße</p>"]), (),
+                          rng.choice([(), (("f.bin", "https://x/y"),)]), rng.choice([(), ("a note",)]))
+                 for _ in range(rng.randint(1, 3))]
+        h = _headers(from_name=items[-1].sender_name,
+                     subject=rng.choice(["New messages in Care", "Re: New messages in " + "R" * 90, "Ünï"]),
+                     references=rng.choice([(), ("<root@x>", "<parent@x>")]),
+                     unsubscribe_url=rng.choice([None, "https://hs.test/u?t=" + "T" * rng.randint(1, 150)]))
+        got = _fast_serialise(h, items)
+        if got is None:
+            continue  # lines that need a transfer encoding: build_mail writes those
+        fast += 1
+        assert same(got) == same(serialise(build_mail(h, items), None))
+    assert fast > 100
+    # Attachments are left to build_mail.
+    assert _fast_serialise(_headers(), [MailItem("A", "f", attachments=(Attachment("f", "text/plain", b"x"),))]) is None

@@ -250,3 +250,16 @@ def test_dmarc_pct_samples_the_policy(resolver: sa.Resolver) -> None:
     # A bad pct is the default, 100.
     res = _check(resolver, _mail("Bo <bo@badpct.test>"), "bo@badpct.test")
     assert res.dmarc_policy == "reject" and sa.decide(res) == "reject"
+
+
+def test_answers_are_kept_for_their_ttl(stub: DnsStub, resolver: sa.Resolver) -> None:
+    # Mail from one domain asks the same records: within their TTL (1 s
+    # here) they are asked once. (A failure is asked again: see above.)
+    with stub.lock:
+        stub.queries.clear()
+    for _ in range(2):
+        res = _check(resolver, _mail("S <s@spf.test>"), "s@spf.test")
+        assert res.spf == "pass" and res.dmarc == "pass"
+    with stub.lock:
+        asked = list(stub.queries)
+    assert asked.count(("spf.test", "TXT")) == 1 and asked.count(("_dmarc.spf.test", "TXT")) == 1, asked

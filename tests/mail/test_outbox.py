@@ -209,3 +209,106 @@ async def test_permanent_refusal_drops_and_down_relay_retries(db_config: tuple[s
         await db.close()
         sealer.close()
 
+
+
+class _Counting(_Handler):
+    """A sink that counts its SMTP sessions and can drop one mid-way: on
+    the ``drop_at``-th mail of its first session it keeps nothing and closes
+    the connection (a relay that goes away in the middle of a batch)."""
+
+    def __init__(self, sink: MailSink, drop_at: int = 0) -> None:
+        super().__init__(sink)
+        #: Each session seen (kept: an ID is not reused while its object lives).
+        self.sessions: list[Any] = []
+        self.first: Any = None
+        self.in_first = 0
+        self.drop_at = drop_at
+        self.dropped = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        if not any(s is session for s in self.sessions):
+            self.sessions.append(session)
+        if self.first is None:
+            self.first = session
+        if session is self.first:
+            self.in_first += 1
+            if self.in_first == self.drop_at:
+                self.dropped += 1
+                server.transport.close()
+                return "421 4.3.0 going away"
+        return await super().handle_DATA(server, session, envelope)
+
+
+def _subjects(sink: MailSink, rcpt: str) -> list[str]:
+    return [str(m["Subject"]) for m in sink.to(rcpt)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_several_mails_per_connection_in_order_per_recipient(db_config: tuple[str, dict[str, Any]],
+                                                                   tmp_path: Path) -> None:
+    sink = MailSink(free_port())
+    handler = _Counting(sink)
+    sink.controller = Controller(handler, hostname="127.0.0.1", port=sink.port)
+    sink.controller.start()
+    db, sealer, outbox = await _outbox(db_config, tmp_path, SmtpRelay("127.0.0.1", sink.port, timeout_s=10),
+                                       connections=2)
+    try:
+        rcpts = [f"p{i}@example.org" for i in range(3)]
+        for n in range(8):
+            for r in rcpts:
+                await outbox.enqueue("a@example.org", r, compose("a@example.org", r, f"mail {n}", "text"))
+        outbox.start()
+        await _wait("every mail", lambda: len(sink.mails) == 24)
+        deadline = time.monotonic() + 10
+        while await outbox.pending() and time.monotonic() < deadline:
+            await task.deferLater(reactor, 0.05, lambda: None)
+        assert await outbox.pending() == 0
+        # Two connections for 24 mails; each recipient's mails in order.
+        assert len(handler.sessions) == 2
+        for r in rcpts:
+            assert _subjects(sink, r) == [f"mail {n}" for n in range(8)]
+    finally:
+        await outbox.stop()
+        sink.stop()
+        await db.close()
+        sealer.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_relay_failing_mid_batch_loses_nothing(db_config: tuple[str, dict[str, Any]],
+                                                       tmp_path: Path) -> None:
+    sink = MailSink(free_port())
+    handler = _Counting(sink, drop_at=3)
+    sink.controller = Controller(handler, hostname="127.0.0.1", port=sink.port)
+    sink.controller.start()
+    db, sealer, outbox = await _outbox(db_config, tmp_path, SmtpRelay("127.0.0.1", sink.port, timeout_s=10),
+                                       connections=1, min_backoff_s=0.3, max_backoff_s=1.0)
+    sent: list[int] = []
+    outbox.on_sent.append(sent.append)
+    try:
+        ids = [await outbox.enqueue("a@example.org", "p@example.org",
+                                    compose("a@example.org", "p@example.org", f"mail {n}", "text")) for n in range(6)]
+        outbox.start()
+        # The first two went through before the relay went away: their rows
+        # are gone at once; the other four wait for their retry.
+        rows: list[Any] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            rows = await db.execute("t", "SELECT id, attempts FROM mail_outbox ORDER BY id")
+            if len(rows) == 4 and all(int(r[1]) == 1 for r in rows):
+                break
+            await task.deferLater(reactor, 0.02, lambda: None)
+        assert handler.dropped == 1 and sent == ids[:2]
+        assert [int(r[0]) for r in rows] == ids[2:] and all(int(r[1]) == 1 for r in rows)
+        await _wait("every mail", lambda: len(sink.mails) == 6)
+        deadline = time.monotonic() + 10
+        while await outbox.pending() and time.monotonic() < deadline:
+            await task.deferLater(reactor, 0.05, lambda: None)
+        assert await outbox.pending() == 0
+        assert _subjects(sink, "p@example.org") == [f"mail {n}" for n in range(6)]
+        assert sorted(sent) == ids
+    finally:
+        await outbox.stop()
+        sink.stop()
+        await db.close()
+        sealer.close()

@@ -1,19 +1,24 @@
-"""Hand one message to an SMTP relay with twisted.mail.
+"""Hand messages to an SMTP relay with twisted.mail.
 
 RFC 5321 (ESMTP), RFC 3207 (STARTTLS), RFC 8314 (implicit TLS, "force_tls"),
 RFC 4954 (AUTH). The relay's settings come from the ``email`` config
 section (``SmtpRelay.from_config``); credentials are never logged.
+``send_many`` hands several messages over one connection (one greeting,
+TLS handshake and AUTH for all of them, ``RSET`` between two), each with
+its own outcome.
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.internet.ssl import optionsForClientTLS
-from twisted.mail.smtp import ESMTPSenderFactory, SMTPClientError
+from twisted.mail.smtp import (
+    SUCCESS, Address, AddressError, ESMTPSender, ESMTPSenderFactory, SMTPClient, SMTPClientError, SMTPProtocolError,
+)
 
 from zhome.util.nodelay import set_no_delay
 from zhome.util.reactor import reactor
@@ -66,49 +71,158 @@ class SmtpRelay:
     async def send(self, sender: str, recipient: str, message: bytes) -> None:
         """Deliver ``message`` from ``sender`` to ``recipient`` through the
         relay; raises MailSendError when it is not accepted."""
+        outcome = (await self.send_many([(sender, recipient, message)]))[0]
+        if outcome is not None:
+            raise outcome
+
+    async def send_many(self, mails: Sequence[tuple[str, str, bytes]]) -> list[Optional[MailSendError]]:
+        """Deliver ``mails`` (sender, recipient, message) in order over ONE
+        connection to the relay, ``RSET`` between them (RFC 5321 4.1.1.5).
+        Returns each mail's outcome: None when the relay accepted it, else
+        why not (``permanent`` for a 5xx answer to that mail). A refusal of
+        one mail does not end the others; a failure of the connection (or
+        of the relay's greeting, TLS, AUTH, a timeout) is the outcome of
+        every mail not answered yet."""
+        if not mails:
+            return []
         done: defer.Deferred[Any] = defer.Deferred()
         user = self.user.encode() if self.user else None
         secret = self.password.encode() if self.password is not None and self.user else None
-        factory = _NoDelaySenderFactory(
-            user, secret, sender, [recipient], io.BytesIO(message), done,
-            retries=0, timeout=int(self.timeout_s), contextFactory=self._tls_options(),
+        factory = _BatchSenderFactory(
+            list(mails), user, secret, done, timeout=int(self.timeout_s), contextFactory=self._tls_options(),
             heloFallback=True, requireAuthentication=bool(self.user),
             requireTransportSecurity=self.require_transport_security, hostname=self.host)
         factory.noisy = False
-        if self.force_tls:
-            connector = reactor.connectSSL(self.host, self.port, factory, self._tls_options(),
-                                           timeout=self.timeout_s)
+        if factory.sendable():
+            if self.force_tls:
+                connector = reactor.connectSSL(self.host, self.port, factory, self._tls_options(),
+                                               timeout=self.timeout_s)
+            else:
+                connector = reactor.connectTCP(self.host, self.port, factory, timeout=self.timeout_s)
+            try:
+                await done
+            except Exception as e:
+                factory.fail_rest(_send_error(e))
+            finally:
+                connector.disconnect()
+        return factory.outcomes
+
+
+def _send_error(e: BaseException) -> MailSendError:
+    """The MailSendError for what twisted.mail raised (no address in it)."""
+    if isinstance(e, MailSendError):
+        return e
+    if isinstance(e, SMTPClientError):
+        code = getattr(e, "code", None)
+        permanent = isinstance(code, int) and 500 <= code < 600
+        return MailSendError(f"relay refused: {code}", permanent=permanent)
+    return MailSendError(f"could not send through the relay: {type(e).__name__}")
+
+
+class _BatchSender(ESMTPSender):
+    """ESMTPSender for several mails: each ``MAIL FROM`` asks the factory
+    for the next one; once every mail has an outcome it says QUIT."""
+
+    factory: "_BatchSenderFactory"
+
+    def connectionMade(self) -> None:
+        # SMTP is a dialogue of short lines: each is sent at once
+        # (TCP_NODELAY), not held back by Nagle's algorithm until the
+        # previous one is acknowledged (a delayed-ACK wait, tens of ms, per
+        # exchange).
+        set_no_delay(self.transport)
+        super().connectionMade()
+
+    def getMailFrom(self) -> Optional[str]:
+        f = self.factory
+        nxt = f.next_index()
+        if nxt is None:
+            f.finish()
+            return None
+        return f.envelopes[nxt][0]
+
+    def getMailTo(self) -> list[bytes]:
+        i = self.factory.next_index()
+        assert i is not None
+        return [self.factory.envelopes[i][1]]
+
+    def getMailData(self) -> io.BytesIO:
+        i = self.factory.next_index()
+        assert i is not None
+        return io.BytesIO(self.factory.mails[i][2])
+
+    def sentMail(self, code: int, resp: bytes, numOk: int, addresses: Any, log: Any) -> None:  # noqa: N803
+        if code in SUCCESS and numOk:
+            self.factory.record(None)
         else:
-            connector = reactor.connectTCP(self.host, self.port, factory, timeout=self.timeout_s)
-        try:
-            result = await done
-        except SMTPClientError as e:
-            code = getattr(e, "code", None)
-            permanent = isinstance(code, int) and 500 <= code < 600
-            raise MailSendError(f"relay refused: {code}", permanent=permanent) from None
-        except Exception as e:
-            raise MailSendError(f"could not send through the relay: {type(e).__name__}") from None
-        finally:
-            connector.disconnect()
-        # (number accepted, [(address, code, response)])
-        accepted = result[0] if isinstance(result, tuple) else 1
-        if not accepted:
-            raise MailSendError("relay accepted no recipient", permanent=True)
+            self.factory.record(MailSendError(f"relay refused: {code}", permanent=500 <= code < 600))
+
+    def smtpTransferFailed(self, code: int, resp: bytes) -> None:
+        if self._from is None and code >= 0:
+            # The answer to RSET (no mail under way): the session is no
+            # good for the next mail.
+            self.sendError(SMTPProtocolError(code, resp, self.log.str()))
+            return
+        super().smtpTransferFailed(code, resp)
+
+    def sendError(self, exc: Any) -> None:
+        SMTPClient.sendError(self, exc)
+        self.factory.fail(exc)
 
 
-class _NoDelaySenderFactory(ESMTPSenderFactory):
-    """SMTP is a dialogue of short lines: each is sent at once (TCP_NODELAY),
-    not held back by Nagle's algorithm until the previous one is acknowledged
-    (which costs a delayed-ACK wait, tens of ms, per exchange)."""
+class _BatchSenderFactory(ESMTPSenderFactory):
+    protocol = _BatchSender
 
-    def buildProtocol(self, addr: Any) -> Any:
-        proto = super().buildProtocol(addr)
-        made = proto.connectionMade
+    def __init__(self, mails: list[tuple[str, str, bytes]], username: Optional[bytes], password: Optional[bytes],
+                 deferred: "defer.Deferred[Any]", **kw: Any) -> None:
+        super().__init__(username, password, "", [b""], io.BytesIO(b""), deferred, retries=0, **kw)
+        self.mails = mails
+        self.outcomes: list[Optional[MailSendError]] = []
+        #: (MAIL FROM, RCPT TO) of each mail; "" for one that cannot be sent.
+        self.envelopes: list[tuple[str, bytes]] = []
+        for sender, recipient, _message in mails:
+            try:
+                self.envelopes.append((str(Address(sender)), recipient.encode("ascii")))
+            except (AddressError, UnicodeError):
+                self.envelopes.append(("", b""))
+        self._fired = False
+        self._skip_unsendable()
 
-        def connection_made() -> None:
-            set_no_delay(proto.transport)
-            made()
+    def _skip_unsendable(self) -> None:
+        # An address SMTP cannot carry (no SMTPUTF8 here): never sendable.
+        while len(self.outcomes) < len(self.mails) and not self.envelopes[len(self.outcomes)][1]:
+            self.outcomes.append(MailSendError("not an address the relay can take", permanent=True))
 
-        proto.connectionMade = connection_made
-        return proto
+    def sendable(self) -> bool:
+        return len(self.outcomes) < len(self.mails)
 
+    def next_index(self) -> Optional[int]:
+        return len(self.outcomes) if len(self.outcomes) < len(self.mails) else None
+
+    def record(self, outcome: Optional[MailSendError]) -> None:
+        if len(self.outcomes) < len(self.mails):
+            self.outcomes.append(outcome)
+        self._skip_unsendable()
+
+    def fail_rest(self, error: MailSendError) -> None:
+        while len(self.outcomes) < len(self.mails):
+            self.outcomes.append(error)
+
+    def finish(self) -> None:
+        if not self._fired:
+            self._fired = True
+            self.sendFinished = True
+            self.result.callback(None)
+
+    def _processConnectionError(self, connector: Any, err: Any) -> None:
+        # Lost before every mail had its outcome: the rest fail with it.
+        if self._fired:
+            return
+        self._fired = True
+        super()._processConnectionError(connector, err)
+
+    def fail(self, exc: Any) -> None:
+        if not self._fired:
+            self._fired = True
+            self.sendFinished = True
+            self.result.errback(exc)

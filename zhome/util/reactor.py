@@ -40,3 +40,12 @@ async def wakeable_sleep(waits: MutableMapping[Any, "defer.Deferred[None]"], key
 
 
 __all__ = ["DelayedCall", "reactor", "wakeable_sleep"]
+
+
+async def next_turn() -> None:
+    """Let the reactor run what is ready (I/O, other requests) before going
+    on: long stretches of work (building many mails, parsing many) are cut
+    into pieces, so others are not kept waiting behind them."""
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(0, d.callback, None)
+    await d

@@ -323,12 +323,13 @@ class EmailBridge:
         elif etype == "m.room.encryption" and state_key == "":
             await self._room_encrypted(room_id)
         elif etype == "m.room.message" and isinstance(event.get("event_id"), str):
-            await self.store.remember_event(room_id, str(event["event_id"]))
             sender = event.get("sender")
             # A ghost's message (a participant's mail) goes to the other
             # email participants; outbound leaves it out of its sender's mail.
             if self.outbound is not None and isinstance(sender, str) and sender != self.bot:
-                await self.outbound.queue(event)
+                await self.outbound.queue(event, remember=True)
+            else:
+                await self.store.remember_event(room_id, str(event["event_id"]))
 
     async def _room_encrypted(self, room_id: str) -> None:
         """The room turned end-to-end encryption on: the bridge cannot read

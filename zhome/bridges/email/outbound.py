@@ -13,7 +13,15 @@ messages (their ghost's, e.g. their mail posted into the room) are left
 out of their mail, and mail from one email participant reaches the others
 this way. A batch whose messages are all the participant's own sends them
 nothing. What is the same for every participant (display names, the room
-name, media bytes) is fetched once per batch.
+name, media bytes) is fetched once per batch, and the mail is built once
+per distinct set of messages (compose.MailTemplate): each participant's
+copy differs only in its ``To``, ``Reply-To`` and ``List-Unsubscribe``.
+
+Pacing: after a round that mailed something the mailer rests twice as long
+as the round took (at most half a second). A message to a quiet room is
+mailed at once; in a burst, the messages that arrive meanwhile share the
+next mail, so mailing never takes more than about a third of the time
+from everything else.
 
 Headers (compose.py builds the mail): ``Message-ID`` derived from the
 batch's last event (``<zhome.HASH@mail_domain>``, so the bridge knows its
@@ -47,7 +55,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from zhome.bridges.email.compose import (
-    Attachment, DkimSigner, MailHeaders, MailItem, build_mail, html_of, one_line, serialise,
+    Attachment, DkimSigner, MailHeaders, MailItem, MailTemplate, html_of, one_line,
 )
 from zhome.bridges.email.hsclient import HomeserverClient, HomeserverError, HomeserverUnreachable
 from zhome.bridges.email.links import (
@@ -57,7 +65,7 @@ from zhome.bridges.email.store import BridgeStore
 from zhome.bridges.email.tokens import address_of_ghost, ghost_localpart, reply_localpart
 from zhome.mail.outbox import MailOutbox
 from zhome.storage.database import Txn
-from zhome.util.reactor import reactor
+from zhome.util.reactor import next_turn, reactor
 from zhome.util.rounds import Rounds
 
 logger = logging.getLogger(__name__)
@@ -67,6 +75,13 @@ MAX_EVENTS_PER_MAIL = 50
 RETRY_MS = 60_000
 ROOM_NAME_TTL_S = 60.0
 MEDIA_TYPES = ("m.image", "m.file", "m.audio", "m.video")
+#: After a round that mailed something the mailer rests REST_FACTOR times as
+#: long as that round took (at most MAX_REST_S): in a burst, the messages
+#: that arrive meanwhile share the next mail, and mailing takes at most about
+#: a third of the time, leaving the rest to everything else (mail coming in,
+#: clients). A quiet room's message is mailed at once as before.
+REST_FACTOR = 2.0
+MAX_REST_S = 0.5
 
 
 def message_id_for(event_id: str, mail_domain: str) -> str:
@@ -119,11 +134,13 @@ class OutboundMailer(Rounds):
         # A cache (the room's state is the truth): room ID -> (name, fetched at).
         self._room_names: dict[str, tuple[str, float]] = {}
         self._sender_names: dict[tuple[str, str], tuple[str, float]] = {}
-        outbox.on_sent.append(self._mail_sent)
+        #: No round starts before this (reactor time): the rest after one that mailed.
+        self._rest_until = 0.0
+        self._mailed = False
+        # The outbox is on the bridge's database: a sent mail's record goes
+        # in the transaction that deletes the mail.
+        outbox.sent_txn.append(BridgeStore.forget_outbox_mails_txn)
         outbox.on_dropped.append(self._mail_dropped)
-
-    async def _mail_sent(self, outbox_id: int) -> None:
-        await self.store.take_outbox_mail(outbox_id)
 
     async def _mail_dropped(self, outbox_id: int, refused: bool) -> None:
         """The outbox gave a mail up: the room hears that a participant did
@@ -147,26 +164,33 @@ class OutboundMailer(Rounds):
         except (HomeserverUnreachable, HomeserverError) as e:
             logger.info("email bridge: a room could not be told of an undelivered mail: %s", type(e).__name__)
 
-    async def queue(self, event: dict[str, Any]) -> None:
-        """An event from a transaction; queued when its room has email participants."""
+    async def queue(self, event: dict[str, Any], remember: bool = False) -> None:
+        """An event from a transaction; queued when its room has email
+        participants. ``remember``: the event is also remembered
+        (BridgeStore.remember_event), in the same transaction."""
         room_id, event_id, content = event["room_id"], event["event_id"], event["content"]
-        if not await self.store.email_participants(room_id, self.ghost_prefix):
-            return
         body = content.get("body")
-        if not isinstance(body, str) or not body:
-            return
-        kept = {k: content[k] for k in ("msgtype", "body", "format", "formatted_body", "url", "info", "filename",
-                                         "m.relates_to") if k in content}
-        if "file" in content:
-            kept["encrypted_file"] = True
-        await self.store.add_outbound_event(room_id, event_id, {"sender": str(event.get("sender", "")),
-                                                                "content": kept},
-                                            int(time.time() * 1000) + self.quiet_period_ms)
+        data: Optional[dict[str, Any]] = None
+        if isinstance(body, str) and body:
+            kept = {k: content[k] for k in ("msgtype", "body", "format", "formatted_body", "url", "info", "filename",
+                                             "m.relates_to") if k in content}
+            if "file" in content:
+                kept["encrypted_file"] = True
+            data = {"sender": str(event.get("sender", "")), "content": kept}
+        due = int(time.time() * 1000) + self.quiet_period_ms
+        if remember:
+            if not await self.store.remember_and_queue(room_id, event_id, data, due, self.ghost_prefix):
+                return
+        else:
+            if data is None or not await self.store.email_participants(room_id, self.ghost_prefix):
+                return
+            await self.store.add_outbound_event(room_id, event_id, data, due)
         self._schedule(self.quiet_period_ms / 1000)
 
     def _schedule(self, delay_s: float) -> None:
         if self._stopped:
             return
+        delay_s = max(delay_s, self._rest_until - reactor.seconds())
         if self._running:
             if delay_s <= 0.05:
                 self._again = True
@@ -181,6 +205,8 @@ class OutboundMailer(Rounds):
     async def _round(self) -> None:
         self._running = True
         min_delay = 0.0
+        started = reactor.seconds()
+        self._mailed = False
         try:
             while not self._stopped:
                 self._again = False
@@ -189,13 +215,18 @@ class OutboundMailer(Rounds):
                     if self._stopped:
                         return
                     await self._mail_room(room_id)
-                if len(rooms) < ROOMS_PER_ROUND and not self._again:
+                # Messages queued meanwhile (``_again``) wait for the next
+                # round, after the rest.
+                if len(rooms) < ROOMS_PER_ROUND:
                     break
         except Exception:
             logger.exception("email bridge: outbound round failed")
             min_delay = 5.0
         finally:
             self._running = False
+            if self._mailed:
+                took = reactor.seconds() - started
+                self._rest_until = reactor.seconds() + min(MAX_REST_S, REST_FACTOR * took)
         if self._stopped:
             return
         try:
@@ -333,20 +364,34 @@ class OutboundMailer(Rounds):
             if refs:
                 subject = "Re: " + subject
             n = await self.store.remember_event(room_id, last_event, mid)
-            for address in await self.store.email_participants(room_id, self.ghost_prefix):
-                if await self.store.is_bouncing(address):  # a hard bounce stopped mail to it (bounces.py)
+            participants = await self.store.email_participants(room_id, self.ghost_prefix)
+            # A hard bounce stopped mail to these (bounces.py).
+            bouncing = await self.store.bouncing_among(participants)
+            # One template per distinct set of messages (most participants
+            # get all of them; an author gets the others').
+            templates: dict[tuple[int, ...], MailTemplate] = {}
+            for address in participants:
+                if address in bouncing:
                     continue
+                if mails:
+                    await next_turn()  # one mail at a time between other work
                 ghost = f"@{ghost_localpart(self.ghost_prefix, address)}:{self.s.server_name}"
-                mine = [item for sender, item in items if sender != ghost]
-                if not mine:
+                picked = tuple(i for i, (sender, _item) in enumerate(items) if sender != ghost)
+                if not picked:
                     continue
-                headers = MailHeaders(
-                    from_name=mine[-1].sender_name, from_address=self.s.from_address, to=address,
-                    subject=subject, message_id=mid,
-                    reply_to=f"{reply_localpart(self.secret, n, room_id, last_event, address)}@{self.s.mail_domain}",
-                    references=tuple(refs),
-                    unsubscribe_url=unsubscribe_url(self.s.public_baseurl, self._unsubscribe_key, room_id, ghost))
-                raw = serialise(build_mail(headers, mine), self.signer)
+                template = templates.get(picked)
+                if template is None:
+                    mine = [items[i][1] for i in picked]
+                    template = templates[picked] = MailTemplate(MailHeaders(
+                        from_name=mine[-1].sender_name, from_address=self.s.from_address, to=address,
+                        subject=subject, message_id=mid, reply_to="", references=tuple(refs),
+                        unsubscribe_url=""), mine)
+                raw = template.render(
+                    address,
+                    f"{reply_localpart(self.secret, n, room_id, last_event, address)}@{self.s.mail_domain}",
+                    unsubscribe_url(self.s.public_baseurl, self._unsubscribe_key, room_id, ghost))
+                if self.signer is not None:
+                    raw = self.signer.sign(raw)
                 mails.append(self.outbox.prepare(self.s.from_address, address, raw))
                 ghosts.append((int(mails[-1][0]), ghost))
         event_ids = [e[1] for e in events]
@@ -358,4 +403,5 @@ class OutboundMailer(Rounds):
 
         await self.store.db.run_interaction("email_bridge_mail_batch", txn_fn)
         if mails:
+            self._mailed = True
             self.outbox.kick()

@@ -31,7 +31,7 @@ body.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from twisted.internet import defer
@@ -39,16 +39,21 @@ from twisted.internet import defer
 from zhome.bridges.email.hsclient import HomeserverClient, HomeserverError, HomeserverUnreachable
 from zhome.bridges.email.bounces import parse_report
 from zhome.bridges.email.mime import MalformedMail, ParsedMail, parse_mail, text_content
-from zhome.bridges.email.store import FAILED, IGNORED, POSTED, BridgeStore, InboundMail
+from zhome.bridges.email.store import FAILED, IGNORED, POSTED, BridgeStore, InboundContext, InboundMail
 from zhome.bridges.email.tokens import address_of_ghost, ghost_localpart, normalise_address
-from zhome.util.reactor import reactor
+from zhome.util.reactor import next_turn, reactor
 from zhome.util.rounds import Rounds
 
 logger = logging.getLogger(__name__)
 
-BATCH = 10
-#: Rounds of BATCH in one go before yielding to a timer (bounds one burst).
+#: Mails read (and posted) together.
+BATCH = 100
+#: Batches in one go before yielding to a timer (bounds one burst).
 MAX_BATCHES_PER_ROUND = 20
+#: Ghosts made ready (registered, joined, attachments uploaded) at once.
+CONCURRENCY = 8
+#: Mails parsed before the reactor gets a turn.
+PARSE_TURN = 5
 MAX_ATTEMPTS = 12
 MIN_BACKOFF_MS = 500
 MAX_BACKOFF_MS = 300_000
@@ -77,7 +82,57 @@ def _reason(e: Exception) -> str:
     return f"error: {type(e).__name__}"
 
 
+@dataclass
+class _Mail:
+    """A mail of a batch on its way to its room."""
+
+    row: InboundMail
+    parsed: ParsedMail
+    ghost: str
+    #: Why it could not be made ready (posting it is then retried or failed).
+    error: Optional[Exception] = None
+    #: The content URIs of its attachments, once uploaded.
+    mxcs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Results:
+    """What a batch did, written in one transaction at its end."""
+
+    remembered: list[tuple[str, str, Optional[str]]] = field(default_factory=list)
+    finished: list[tuple[int, str, str]] = field(default_factory=list)
+    retries: list[tuple[int, int, int, str]] = field(default_factory=list)
+    not_bouncing: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Batch:
+    rows: list[InboundMail]
+    mails: list[_Mail] = field(default_factory=list)
+    ctx: Optional[InboundContext] = None
+    results: _Results = field(default_factory=_Results)
+
+
+@dataclass
+class _RoundState:
+    """What the batches of one round did that their context (read before
+    the batch) does not say."""
+
+    #: room -> Message-ID -> the event posted for it.
+    posted: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: Addresses whose mail works again (clear_bouncing).
+    not_bouncing: set[str] = field(default_factory=set)
+
+
 class InboundProcessor(Rounds):
+    """Posts the inbound table in batches: each batch's mails are parsed,
+    then made ready (ghost registered and named, invitation claimed, room
+    joined, attachments uploaded) CONCURRENCY at a time, then posted one
+    after another per room in the order they were accepted (rooms side by
+    side); what the batch did is written in one transaction at its end (a
+    crash before it posts the same events again: same txnIds, no second
+    message)."""
+
     def __init__(self, store: BridgeStore, hs: HomeserverClient, settings: ProcessorSettings) -> None:
         super().__init__()
         self.store = store
@@ -90,16 +145,14 @@ class InboundProcessor(Rounds):
     async def _round(self) -> None:
         self._running = True
         try:
+            state = _RoundState()
             for _ in range(MAX_BATCHES_PER_ROUND):
                 if self._stopped:
                     break
                 self._again = False
-                rows = await self.store.due_inbound(BATCH)
-                for row in rows:
-                    if self._stopped:
-                        break
-                    await self._process(row)
-                if len(rows) < BATCH and not self._again:
+                batch = await self._ready_batch()
+                await self._post_batch(batch, state)
+                if len(batch.rows) < BATCH and not self._again:
                     break
             await self._tell_of_held_mail()
         except Exception:
@@ -131,60 +184,121 @@ class InboundProcessor(Rounds):
         delay = max(min_delay_s, min(nxt / 1000 - time.time(), MAX_BACKOFF_MS / 1000))
         self._timer = reactor.callLater(delay, self.kick)
 
-    # -- one mail ------------------------------------------------------------------------
-    async def _process(self, row: InboundMail) -> None:
+    # -- a batch -------------------------------------------------------------------------
+    async def _ready_batch(self) -> "_Batch":
+        """The next due mails, parsed and made ready (ghosts registered and
+        named, invitations claimed, rooms joined, attachments uploaded)
+        CONCURRENCY ghosts at a time."""
+        rows = await self.store.due_inbound(BATCH)
+        batch = _Batch(rows)
+        results = batch.results
+        for row in rows:
+            if self._stopped:
+                break
+            if row.bounce and not row.unreadable and row.raw is not None:
+                await self._bounce(row)  # rare: on its own, with its own writes
+                continue
+            if batch.mails and len(batch.mails) % PARSE_TURN == 0:
+                await next_turn()  # parsing a batch keeps no one waiting long
+            mail = self._parse(row, results)
+            if mail is not None:
+                batch.mails.append(mail)
+        mails = batch.mails
+        if not mails:
+            return batch
+        batch.ctx = ctx = await self.store.inbound_context(
+            [m.row.id for m in mails], [(m.row.room_id, m.ghost) for m in mails],
+            [(m.row.room_id, mid) for m in mails for mid in m.parsed.references[:50]],
+            [m.parsed.from_address for m in mails if m.row.auth is not None and m.row.auth.get("verdict") == "accept"])
+        # Per ghost: its mails' setup in order, one ghost's never twice at once.
+        by_ghost: dict[str, list[_Mail]] = {}
+        for m in mails:
+            by_ghost.setdefault(m.ghost, []).append(m)
+        sem = defer.DeferredSemaphore(CONCURRENCY)
+        await defer.DeferredList([sem.run(self._prepare_ghost, ms, ctx) for ms in by_ghost.values()],
+                                 consumeErrors=True)
+        return batch
+
+    async def _post_batch(self, batch: "_Batch", state: "_RoundState") -> None:
+        """Post a ready batch: in order within each room, rooms side by
+        side; then its results in one transaction."""
+        results = batch.results
+        if batch.mails and batch.ctx is not None:
+            by_room: dict[str, list[_Mail]] = {}
+            for m in batch.mails:
+                by_room.setdefault(m.row.room_id, []).append(m)
+            await defer.DeferredList([defer.ensureDeferred(self._post_room(ms, batch.ctx, state, results))
+                                      for ms in by_room.values()], consumeErrors=True)
+        if results.finished or results.retries or results.remembered or results.not_bouncing:
+            await self.store.finish_inbound_batch(results.remembered, results.finished, results.retries,
+                                                  results.not_bouncing)
+        for row_id, st, _outcome in results.finished:
+            if st == POSTED:
+                logger.info("email bridge: mail %d posted", row_id)
+
+    def _parse(self, row: InboundMail, results: _Results) -> Optional[_Mail]:
+        """The mail of ``row`` to post, or None when it is not posted (its
+        outcome is in ``results``)."""
         if row.unreadable:
-            await self.store.finish_inbound(row.id, FAILED, "sealed content does not open")
-            return
+            results.finished.append((row.id, FAILED, "sealed content does not open"))
+            return None
         if row.raw is None:
-            await self.store.finish_inbound(row.id, IGNORED, "content no longer available")
-            return
-        if row.bounce:
-            await self._bounce(row)
-            return
+            results.finished.append((row.id, IGNORED, "content no longer available"))
+            return None
         try:
             parsed = parse_mail(row.raw, self.settings.mail_domain)
         except MalformedMail as e:
             logger.info("email bridge: mail %d not posted: malformed (%s)", row.id, e)
-            await self.store.finish_inbound(row.id, FAILED, f"malformed: {e}")
-            return
+            results.finished.append((row.id, FAILED, f"malformed: {e}"))
+            return None
         except Exception as e:
             logger.warning("email bridge: mail %d not posted: the parser failed (%s)", row.id, type(e).__name__)
-            await self.store.finish_inbound(row.id, FAILED, f"malformed: parser failed ({type(e).__name__})")
-            return
+            results.finished.append((row.id, FAILED, f"malformed: parser failed ({type(e).__name__})"))
+            return None
         if parsed.not_posted is not None:
             logger.info("email bridge: mail %d not posted: %s", row.id, parsed.not_posted)
-            await self.store.finish_inbound(row.id, IGNORED, parsed.not_posted)
-            return
+            results.finished.append((row.id, IGNORED, parsed.not_posted))
+            return None
         if row.token_address is not None and normalise_address(parsed.from_address) != row.token_address:
             logger.info("email bridge: mail %d not posted: From is not the reply address's owner", row.id)
-            await self.store.finish_inbound(row.id, FAILED, "From does not match the reply address")
-            return
-        try:
-            await self._post(row, parsed)
-        except Exception as e:
-            # Unexpected errors too: a mail that keeps failing must not
-            # spin the loop, it waits (and ends failed) like the rest.
-            if not isinstance(e, (HomeserverUnreachable, HomeserverError)):
-                logger.exception("email bridge: mail %d: unexpected error while posting", row.id)
-            attempts = row.attempts + 1
-            permanent = isinstance(e, HomeserverError) and 400 <= e.status < 500 and e.status != 429
-            if attempts >= MAX_ATTEMPTS or (permanent and attempts >= 3):
-                logger.warning("email bridge: mail %d failed for good after %d attempt(s): %s", row.id,
-                               attempts, e)
-                await self.store.finish_inbound(row.id, FAILED, _reason(e))
-                return
-            delay = min(MAX_BACKOFF_MS, MIN_BACKOFF_MS * (2 ** (attempts - 1)))
-            logger.info("email bridge: mail %d not posted yet (%s), retrying in %d ms", row.id, _reason(e), delay)
-            await self.store.retry_inbound_later(row.id, attempts, delay, _reason(e))
-            return
-        await self.store.finish_inbound(row.id, POSTED, "posted")
-        logger.info("email bridge: mail %d posted", row.id)
-
-    async def _post(self, row: InboundMail, parsed: ParsedMail) -> None:
+            results.finished.append((row.id, FAILED, "From does not match the reply address"))
+            return None
         s = self.settings
-        localpart = ghost_localpart(s.ghost_prefix, parsed.from_address)
-        ghost = f"@{localpart}:{s.server_name}"
+        ghost = f"@{ghost_localpart(s.ghost_prefix, parsed.from_address)}:{s.server_name}"
+        return _Mail(row, parsed, ghost)
+
+    async def _prepare_ghost(self, mails: list[_Mail], ctx: InboundContext) -> None:
+        ghost = mails[0].ghost
+        try:
+            await self._ensure_ghost(ghost, mails[-1].parsed)
+        except Exception as e:
+            for m in mails:
+                m.error = e
+            return
+        joined: set[str] = set()
+        for m in mails:
+            if self._stopped:
+                m.error = HomeserverUnreachable("stopping")
+                continue
+            try:
+                invite = ctx.invites.get(m.row.id)
+                if invite is not None and m.row.token_address is not None:
+                    # A reply to an invitation mail: the ghost claims the
+                    # invitation (again: idempotent), which invites it; it
+                    # joins, then posts.
+                    await self.hs.claim_invite(invite[0], invite[1], m.row.token_address, ghost)
+                    joined.discard(m.row.room_id)
+                if m.row.room_id not in joined:
+                    await self._ensure_joined(m.row.room_id, ghost, ctx.memberships.get((m.row.room_id, ghost)))
+                    ctx.memberships[(m.row.room_id, ghost)] = "join"
+                    joined.add(m.row.room_id)
+                for att in m.parsed.attachments:
+                    m.mxcs.append(await self.hs.upload(ghost, att.data, att.content_type, att.filename))
+            except Exception as e:
+                m.error = e
+
+    async def _ensure_ghost(self, ghost: str, parsed: ParsedMail) -> None:
+        localpart = ghost[1:].split(":", 1)[0]
         if ghost not in self._registered:
             await self.hs.ensure_registered(localpart)
             if len(self._registered) > 10_000:
@@ -193,14 +307,53 @@ class InboundProcessor(Rounds):
         name = parsed.display_name[:200]
         if self._displaynames.get(ghost) != name:
             await self.hs.set_displayname(ghost, name)
+            if len(self._displaynames) > 10_000:
+                self._displaynames.clear()
             self._displaynames[ghost] = name
-        invite = await self.store.invite_reply(row.id)
-        if invite is not None and row.token_address is not None:
-            # A reply to an invitation mail: the ghost claims the invitation
-            # (again: idempotent), which invites it; it joins, then posts.
-            await self.hs.claim_invite(invite[0], invite[1], row.token_address, ghost)
-        await self._ensure_joined(row.room_id, ghost)
-        reply_to = await self.store.event_for_message_ids(row.room_id, parsed.references) or row.reply_event
+
+    async def _post_room(self, mails: list[_Mail], ctx: InboundContext, state: "_RoundState",
+                         results: _Results) -> None:
+        # Message-IDs posted in this round (not in ctx.known yet); the first
+        # event posted for a Message-ID keeps it (as remember_event does).
+        posted = state.posted.setdefault(mails[0].row.room_id, {})
+        for m in mails:
+            if self._stopped:
+                return  # not posted yet: the rows stay due
+            try:
+                if m.error is not None:
+                    raise m.error
+                await self._post(m, ctx, posted, state, results)
+            except Exception as e:
+                self._not_posted(m.row, e, results)
+                continue
+            results.finished.append((m.row.id, POSTED, "posted"))
+
+    def _not_posted(self, row: InboundMail, e: Exception, results: _Results) -> None:
+        # Unexpected errors too: a mail that keeps failing must not spin the
+        # loop, it waits (and ends failed) like the rest.
+        if not isinstance(e, (HomeserverUnreachable, HomeserverError)):
+            logger.error("email bridge: mail %d: unexpected error while posting", row.id,
+                         exc_info=(type(e), e, e.__traceback__))
+        attempts = row.attempts + 1
+        permanent = isinstance(e, HomeserverError) and 400 <= e.status < 500 and e.status != 429
+        if attempts >= MAX_ATTEMPTS or (permanent and attempts >= 3):
+            logger.warning("email bridge: mail %d failed for good after %d attempt(s): %s", row.id, attempts, e)
+            results.finished.append((row.id, FAILED, _reason(e)))
+            return
+        delay = min(MAX_BACKOFF_MS, MIN_BACKOFF_MS * (2 ** (attempts - 1)))
+        logger.info("email bridge: mail %d not posted yet (%s), retrying in %d ms", row.id, _reason(e), delay)
+        results.retries.append((row.id, attempts, delay, _reason(e)))
+
+    async def _post(self, m: _Mail, ctx: InboundContext, posted: dict[str, str], state: "_RoundState",
+                    results: _Results) -> None:
+        row, parsed, ghost = m.row, m.parsed, m.ghost
+        reply_to: Optional[str] = row.reply_event
+        for mid in parsed.references[:50]:
+            found = ctx.known.get((row.room_id, mid)) or posted.get(mid)
+            if found is not None:
+                reply_to = found
+                break
+        remembered: list[tuple[str, str, Optional[str]]] = []
         n = 0
         mark = row.auth is not None and row.auth.get("verdict") != "accept"
         if parsed.body or (mark and parsed.attachments):
@@ -210,28 +363,31 @@ class InboundProcessor(Rounds):
             if reply_to is not None:
                 content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
             event_id = await self.hs.send(row.room_id, ghost, "m.room.message", content, f"zhome-mail-{row.id}-0")
-            await self.store.remember_event(row.room_id, event_id, parsed.message_id)
+            remembered.append((row.room_id, event_id, parsed.message_id))
             n += 1
-        for i, att in enumerate(parsed.attachments, start=1):
-            mxc = await self.hs.upload(ghost, att.data, att.content_type, att.filename)
+        for i, (att, mxc) in enumerate(zip(parsed.attachments, m.mxcs), start=1):
             msgtype = "m.image" if att.content_type.startswith("image/") else "m.file"
             content = {"msgtype": msgtype, "body": att.filename, "filename": att.filename, "url": mxc,
                        "info": {"mimetype": att.content_type, "size": len(att.data)}}
             event_id = await self.hs.send(row.room_id, ghost, "m.room.message", content, f"zhome-mail-{row.id}-{i}")
-            if n == 0:
-                await self.store.remember_event(row.room_id, event_id, parsed.message_id)
+            remembered.append((row.room_id, event_id, parsed.message_id if n == 0 else None))
             n += 1
-        if row.auth is not None and row.auth.get("verdict") == "accept" \
-                and await self.store.is_bouncing(parsed.from_address):
+        if (row.auth is not None and row.auth.get("verdict") == "accept" and parsed.from_address in ctx.bouncing
+                and parsed.from_address not in state.not_bouncing):
             # Authenticated mail from an address a bounce stopped: its mailbox
             # works again. (Unauthenticated mail could be forged to do this.)
-            await self.hs.send(row.room_id, s.bot, "m.room.message", {
+            await self.hs.send(row.room_id, self.settings.bot, "m.room.message", {
                 "msgtype": "m.notice", "body": f"Mail from {ghost} arrived again: the bridge mails this participant"
                                               " again."}, f"zhome-unbounce-{row.id}")
-            await self.store.clear_bouncing(parsed.from_address)
+            state.not_bouncing.add(parsed.from_address)
+            results.not_bouncing.append(parsed.from_address)
+        results.remembered.extend(remembered)
+        for _room, posted_event, posted_mid in remembered:
+            if posted_mid is not None:
+                posted.setdefault(posted_mid, posted_event)
 
-    async def _ensure_joined(self, room_id: str, ghost: str) -> None:
-        if await self.store.membership(room_id, ghost) == "join":
+    async def _ensure_joined(self, room_id: str, ghost: str, membership: Optional[str]) -> None:
+        if membership == "join":
             return
         try:
             await self.hs.join(room_id, ghost)

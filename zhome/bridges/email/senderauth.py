@@ -36,7 +36,7 @@ Several ``From:`` headers or addresses are refused like ``p=reject`` (RFC
 DNS: a dnspython ``Resolver`` on the ``email_bridge.dns_servers`` list
 (``host:port``), else the system's resolvers, with a timeout per lookup;
 lookups block, so ``check`` runs in a thread pool of the bridge's own
-(bridge.py, four threads). A timeout or SERVFAIL is a ``TemporaryFailure``: the sender is told ``451`` and
+(bridge.py, four threads); answers are cached for their TTL. A timeout or SERVFAIL is a ``TemporaryFailure``: the sender is told ``451`` and
 retries; mail is never accepted unchecked. pyspf reads DNS through its
 module function ``spf.DNSLookup``, which is set here to one that uses the
 bridge's resolver (one bridge per process).
@@ -68,6 +68,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds one DNS lookup may take.
 LOOKUP_TIMEOUT_S = 5.0
+#: DNS answers kept (each for its TTL).
+CACHED_ANSWERS = 2000
 ROOM_POLICIES = ("reject", "quarantine", "mark")
 ACCEPT, MARK, QUARANTINE, REJECT = "accept", "mark", "quarantine", "reject"
 
@@ -101,7 +103,10 @@ class Resolver:
                 r.nameservers = ["127.0.0.1"]
         r.timeout = timeout
         r.lifetime = timeout
-        r.cache = None
+        # Answers are kept for their TTL, as any resolver keeps them: mail
+        # from one domain asks the same SPF, DMARC and DKIM key records
+        # again and again. Failures are not kept (asked again each time).
+        r.cache = dns.resolver.LRUCache(max_size=CACHED_ANSWERS)
         self._resolver = r
 
     def _answer(self, name: str, qtype: str) -> list[Any]:

@@ -27,11 +27,11 @@ import base64
 import json
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from zhome.storage.at_rest import Sealer
-from zhome.storage.database import ENGINE_POSTGRES, ENGINE_SQLITE, Database, Txn
+from zhome.storage.database import ENGINE_POSTGRES, ENGINE_SQLITE, Database, Txn, in_chunks
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS bridge_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -125,6 +125,20 @@ class InboundMail:
     auth: Optional[dict[str, Any]] = None
     #: A delivery report addressed to the bridge.
     bounce: bool = False
+
+
+@dataclass
+class InboundContext:
+    """What BridgeStore.inbound_context found for a batch of mails."""
+
+    #: inbound row ID -> (invitation token, MAC) of a reply to an invitation.
+    invites: dict[int, tuple[str, str]] = field(default_factory=dict)
+    #: (room, ghost) -> its membership as the bridge last saw it.
+    memberships: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: (room, Message-ID) -> the event posted for it.
+    known: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: The addresses a hard bounce stopped.
+    bouncing: set[str] = field(default_factory=set)
 
 
 def open_bridge_database(cfg: Any) -> Database:
@@ -282,6 +296,31 @@ class BridgeStore:
 
         await self.db.run_interaction("email_bridge_add_outbound", txn_fn)
 
+    async def remember_and_queue(self, room_id: str, event_id: str, data: Optional[dict[str, Any]], due_ts: int,
+                                 ghost_prefix: str) -> bool:
+        """remember_event(room_id, event_id) and, when ``data`` is given and
+        the room has email participants, add_outbound_event: one
+        transaction (a room message from a transaction). True when queued."""
+        from zhome.bridges.email.tokens import address_of_ghost
+
+        payload = None if data is None else self._seal_json(f"outbound_events\x00{event_id}".encode(), room_id, data)
+
+        def txn_fn(txn: Txn) -> bool:
+            self.remember_event_txn(txn, room_id, event_id)
+            if payload is None:
+                return False
+            txn.execute("SELECT user_id FROM ghost_members WHERE room_id = ? AND membership IN ('join', 'invite')"
+                        " ORDER BY user_id LIMIT 1000", (room_id,))
+            if not any(address_of_ghost(ghost_prefix, str(r[0])) is not None for r in txn.fetchall()):
+                return False
+            txn.execute("SELECT 1 FROM outbound_events WHERE event_id = ?", (event_id,))
+            if txn.fetchone() is None:
+                txn.execute("INSERT INTO outbound_events (room_id, event_id, payload, due_ts) VALUES (?,?,?,?)",
+                            (room_id, event_id, payload, due_ts))
+            return True
+
+        return await self.db.run_interaction("email_bridge_remember_and_queue", txn_fn)
+
     async def due_outbound_rooms(self, limit: int) -> list[str]:
         """Rooms whose queued messages are due, oldest first: a room is due
         once its newest message's quiet period is over (the room went quiet:
@@ -339,6 +378,13 @@ class BridgeStore:
                     txn.execute("INSERT INTO sent_mail_events (message_id, room_id, event_id) VALUES (?,?,?)",
                                 (message_id, room_id, event_id))
 
+    @staticmethod
+    def forget_outbox_mails_txn(txn: Txn, outbox_ids: list[int]) -> None:
+        """The outbox mails the relay took: their records go (in the
+        outbox's transaction that deletes them)."""
+        for chunk, qs in in_chunks(outbox_ids):
+            txn.execute(f"DELETE FROM outbox_mail_rooms WHERE outbox_id IN ({qs})", chunk)
+
     async def take_outbox_mail(self, outbox_id: int) -> Optional[tuple[str, str]]:
         """The (room, ghost) of an outbox mail that was sent or given up; the
         record goes."""
@@ -371,27 +417,28 @@ class BridgeStore:
     # -- known events -------------------------------------------------------------------
     async def remember_event(self, room_id: str, event_id: str, message_id: Optional[str] = None) -> int:
         """The number N of an event (for reply tokens), made on first sight."""
-        def txn_fn(txn: Txn) -> int:
-            txn.execute("SELECT n, message_id FROM known_events WHERE event_id = ?", (event_id,))
-            row = txn.fetchone()
-            if row is not None:
-                if message_id is not None and row[1] is None:
-                    txn.execute("UPDATE known_events SET message_id = ? WHERE n = ?", (message_id, row[0]))
-                return int(row[0])
-            if message_id is not None:
-                # A Message-ID names one event: the first one posted for it.
-                txn.execute("SELECT n FROM known_events WHERE message_id = ?", (message_id,))
-                if txn.fetchone() is not None:
-                    message_id_ = None
-                else:
-                    message_id_ = message_id
-            else:
-                message_id_ = None
-            return txn.insert_returning_id(
-                "INSERT INTO known_events (room_id, event_id, message_id) VALUES (?,?,?)",
-                (room_id, event_id, message_id_), column="n")
+        return await self.db.run_interaction("email_bridge_remember_event", self.remember_event_txn, room_id,
+                                             event_id, message_id)
 
-        return await self.db.run_interaction("email_bridge_remember_event", txn_fn)
+    @staticmethod
+    def remember_event_txn(txn: Txn, room_id: str, event_id: str, message_id: Optional[str] = None) -> int:
+        txn.execute("SELECT n, message_id FROM known_events WHERE event_id = ?", (event_id,))
+        row = txn.fetchone()
+        if row is not None:
+            if message_id is not None and row[1] is None:
+                txn.execute("SELECT 1 FROM known_events WHERE message_id = ?", (message_id,))
+                if txn.fetchone() is None:
+                    txn.execute("UPDATE known_events SET message_id = ? WHERE n = ?", (message_id, row[0]))
+            return int(row[0])
+        message_id_: Optional[str] = None
+        if message_id is not None:
+            # A Message-ID names one event: the first one posted for it.
+            txn.execute("SELECT n FROM known_events WHERE message_id = ?", (message_id,))
+            if txn.fetchone() is None:
+                message_id_ = message_id
+        return txn.insert_returning_id(
+            "INSERT INTO known_events (room_id, event_id, message_id) VALUES (?,?,?)",
+            (room_id, event_id, message_id_), column="n")
 
     async def event_by_number(self, n: int) -> Optional[tuple[str, str]]:
         rows = await self.db.execute("email_bridge_event_n", "SELECT room_id, event_id FROM known_events"
@@ -485,6 +532,70 @@ class BridgeStore:
                             (state, outcome, row_id))
 
         await self.db.run_interaction("email_bridge_finish", txn_fn)
+
+    async def inbound_context(self, inbound_ids: list[int], members: list[tuple[str, str]],
+                              references: list[tuple[str, str]], addresses: list[str]) -> "InboundContext":
+        """What posting a batch of mails needs to know, in one transaction:
+        the invitation tokens of ``inbound_ids`` (invite_reply), the
+        memberships of (room, ghost) ``members``, the events of (room,
+        Message-ID) ``references`` and which ``addresses`` are bouncing."""
+        indexes = {a: self._address_index(a) for a in addresses}
+
+        def txn_fn(txn: Txn) -> InboundContext:
+            ctx = InboundContext()
+            for chunk, qs in in_chunks(sorted(set(inbound_ids))):
+                txn.execute(f"SELECT inbound_id, invite_token, mac FROM invite_replies WHERE inbound_id IN ({qs})",
+                            chunk)
+                for row_id, token, mac in txn.fetchall():
+                    ctx.invites[int(row_id)] = (str(token), str(mac))
+            for room_id, user_id in sorted(set(members)):
+                txn.execute("SELECT membership FROM ghost_members WHERE room_id = ? AND user_id = ?",
+                            (room_id, user_id))
+                row = txn.fetchone()
+                if row is not None:
+                    ctx.memberships[(room_id, user_id)] = str(row[0])
+            for room_id, mid in sorted(set(references)):
+                txn.execute("SELECT event_id FROM known_events WHERE message_id = ? AND room_id = ?", (mid, room_id))
+                row = txn.fetchone()
+                if row is not None:
+                    ctx.known[(room_id, mid)] = str(row[0])
+            for address, index in indexes.items():
+                txn.execute("SELECT 1 FROM bouncing_addresses WHERE address_index = ?", (index,))
+                if txn.fetchone() is not None:
+                    ctx.bouncing.add(address)
+            return ctx
+
+        return await self.db.run_interaction("email_bridge_inbound_context", txn_fn)
+
+    async def finish_inbound_batch(self, remembered: list[tuple[str, str, Optional[str]]],
+                                   finished: list[tuple[int, str, str]],
+                                   retries: list[tuple[int, int, int, str]],
+                                   not_bouncing: list[str]) -> None:
+        """A batch's results in one transaction: the events posted, in
+        order (room, event ID, Message-ID: remember_event), the rows done
+        (row ID, state, outcome: finish_inbound), the rows to try again
+        (row ID, attempts, delay ms, outcome: retry_inbound_later) and the
+        addresses whose mail works again (clear_bouncing)."""
+        now = int(time.time() * 1000)
+        indexes = [self._address_index(a) for a in not_bouncing]
+
+        def txn_fn(txn: Txn) -> None:
+            for room_id, event_id, message_id in remembered:
+                self.remember_event_txn(txn, room_id, event_id, message_id)
+            for row_id, state, outcome in finished:
+                if state == FAILED:
+                    txn.execute("UPDATE inbound_mail SET state = ?, outcome = ? WHERE id = ?",
+                                (state, outcome, row_id))
+                else:
+                    txn.execute("UPDATE inbound_mail SET state = ?, outcome = ?, message = '' WHERE id = ?",
+                                (state, outcome, row_id))
+            for row_id, attempts, delay_ms, outcome in retries:
+                txn.execute("UPDATE inbound_mail SET attempts = ?, next_attempt_ts = ?, outcome = ? WHERE id = ?",
+                            (attempts, now + delay_ms, outcome, row_id))
+            for index in indexes:
+                txn.execute("DELETE FROM bouncing_addresses WHERE address_index = ?", (index,))
+
+        await self.db.run_interaction("email_bridge_finish_batch", txn_fn)
 
     async def retry_inbound_later(self, row_id: int, attempts: int, delay_ms: int, outcome: str) -> None:
         nxt = int(time.time() * 1000) + delay_ms
@@ -620,6 +731,15 @@ class BridgeStore:
         rows = await self.db.execute("email_bridge_is_bouncing", "SELECT 1 FROM bouncing_addresses"
                                      " WHERE address_index = ?", self._address_index(address))
         return bool(rows)
+
+    async def bouncing_among(self, addresses: list[str]) -> set[str]:
+        """Those of ``addresses`` that a hard bounce stopped (is_bouncing), in one query."""
+        if not addresses:
+            return set()
+        by_index = {self._address_index(a): a for a in addresses}
+        rows = await self.db.select_in("email_bridge_bouncing_among", "SELECT address_index FROM bouncing_addresses"
+                                       " WHERE address_index IN ({in})", list(by_index))
+        return {by_index[str(r[0])] for r in rows if str(r[0]) in by_index}
 
     async def set_encrypted(self, room_id: str) -> bool:
         """Record that the room is encrypted; False when it was known already."""
