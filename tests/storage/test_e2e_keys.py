@@ -115,6 +115,26 @@ async def test_concurrent_claims_take_each_key_once(tmp_path: Path, db_config: t
 
 
 @pytest_twisted.ensureDeferred
+async def test_one_claim_for_many_devices(tmp_path: Path, db_config: tuple[str, dict[str, Any]]) -> None:
+    """One claim of several devices (one statement on PostgreSQL): each
+    gets its lowest free one-time key, else its fallback key, else nothing;
+    a device asked for twice gets one key; the keys taken are gone."""
+    hs = await _hs_with_devices(tmp_path, db_config)
+    store = E2eKeysStore(hs.db)
+    await store.upload(ALICE, "A1", KeyUpload(one_time_keys={("alg", "k2"): "v2", ("alg", "k1"): "v1",
+                                                              ("other", "o1"): "w1"}))
+    await store.upload(ALICE, "A2", KeyUpload(fallback_keys={("alg", "f1"): "fb"}))
+    wanted = [(ALICE, "A1", "alg"), (ALICE, "A2", "alg"), (BOB, "B1", "alg"), (ALICE, "A1", "alg")]
+    assert await store.claim(wanted) == {ALICE: {"A1": {"alg:k1": "v1"}, "A2": {"alg:f1": "fb"}}}
+    assert await store.claim(wanted) == {ALICE: {"A1": {"alg:k2": "v2"}, "A2": {"alg:f1": "fb"}}}
+    # None left of that algorithm; the other algorithm's key is untouched.
+    assert await store.claim(wanted) == {ALICE: {"A2": {"alg:f1": "fb"}}}
+    assert await store.claim([(ALICE, "A1", "other")]) == {ALICE: {"A1": {"other:o1": "w1"}}}
+    assert await _count_rows(hs, "e2e_one_time_keys", ALICE, "A1") == 0
+    await hs.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_bad_uploads_store_nothing(tmp_path: Path, db_config: tuple[str, dict[str, Any]]) -> None:
     hs = await _hs_with_devices(tmp_path, db_config)
     keys = hs.e2e_keys
