@@ -266,16 +266,11 @@ def _event_id_of(rv: RoomVersion, pdu: dict[str, Any]) -> str:
     return compute_event_id(rv, {k: v for k, v in pdu.items() if k != "unsigned"})
 
 
-@pytest.fixture(scope="module", params=["sqlite3", "postgres"])
-def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    """A with alice's public room, and E with @mallory joined to it.
-
-    Module-scoped, one per database engine: starting a server and joining
-    for every case would cost more than the cases themselves.
-    """
-    workdir = tmp_path_factory.mktemp(f"hostile-{request.param}")
-    # A fresh database of the engine, dropped once A has stopped.
-    with _engine_database(request.param) as db_url:
+def hostile_world(engine: str, workdir: Path) -> Iterator[World]:
+    """A with alice's public room, and E with @mallory joined to it, on a
+    fresh database of ``engine`` (dropped once A has stopped); for the
+    module-scoped ``world`` fixtures of this file and of others."""
+    with _engine_database(engine) as db_url:
         a = ZhomeProcess(workdir / "a", database_url=db_url, federation_ip="127.0.0.2")
         e = FakeServer(workdir / "e")
         try:
@@ -295,6 +290,13 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         finally:
             a.stop()
             e.stop()
+
+
+@pytest.fixture(scope="module", params=["sqlite3", "postgres"])
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """Module-scoped, one per database engine: starting a server and joining
+    for every case would cost more than the cases themselves."""
+    yield from hostile_world(request.param, tmp_path_factory.mktemp(f"hostile-{request.param}"))
 
 
 # -- the cases ------------------------------------------------------------------------

@@ -20,9 +20,8 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
-from tests.e2e.conftest import _engine_database
-from tests.e2e.harness import ZhomeProcess, q
-from tests.e2e.test_federation_hostile import FED, FakeServer, RemoteRoom, World, _join
+from tests.e2e.harness import q
+from tests.e2e.test_federation_hostile import FED, RemoteRoom, World, _join, hostile_world
 
 WAIT_S = 10.0
 
@@ -30,22 +29,7 @@ WAIT_S = 10.0
 @pytest.fixture(scope="module", params=["sqlite3", "postgres"])
 def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     """A with alice's public room, and E with @mallory joined to it."""
-    workdir = tmp_path_factory.mktemp(f"redaction-first-{request.param}")
-    with _engine_database(request.param) as db_url:
-        a = ZhomeProcess(workdir / "a", database_url=db_url, federation_ip="127.0.0.2")
-        e = FakeServer(workdir / "e")
-        try:
-            a.start()
-            reg = a.register("alice")
-            status, created = a.request("POST", "/_matrix/client/v3/createRoom", {"preset": "public_chat"},
-                                        token=reg["access_token"])
-            assert status == 200, (status, created)
-            mallory = f"@mallory:{e.server_name}"
-            room = _join(a, e, created["room_id"], mallory)
-            yield World(a, e, reg["access_token"], reg["user_id"], mallory, room)
-        finally:
-            a.stop()
-            e.stop()
+    yield from hostile_world(request.param, tmp_path_factory.mktemp(f"redaction-first-{request.param}"))
 
 
 def _new_room(world: World) -> RemoteRoom:
