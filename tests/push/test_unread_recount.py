@@ -11,7 +11,7 @@ read of the room and its write; the tests persist events exactly there.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Awaitable, Callable, Optional
 
 import pytest_twisted
 
@@ -33,6 +33,23 @@ async def _receipt(hs: HomeServer, room_id: str, ev: Event) -> None:
     await UserDataServlets(hs)._set_read_receipt(ALICE, room_id, "m.read", ev.event_id, None)
 
 
+async def _receipt_while_counting(hs: HomeServer, room_id: str, ev: Event,
+                                  during: Callable[[Event], Awaitable[None]]) -> None:
+    """_receipt, with ``during(event)`` run each time its recount is about
+    to evaluate push rules for an event."""
+    original = hs.event_creator.unread_for
+
+    async def evaluating(event: Event, state: Any, for_user: Optional[str] = None) -> Any:
+        await during(event)
+        return await original(event, state, for_user=for_user)
+
+    hs.event_creator.unread_for = evaluating  # type: ignore[method-assign]
+    try:
+        await _receipt(hs, room_id, ev)
+    finally:
+        hs.event_creator.unread_for = original  # type: ignore[method-assign]
+
+
 @pytest_twisted.ensureDeferred
 async def test_an_event_persisted_while_counting_is_not_lost(tmp_path: Path, db_config: DbConfig) -> None:
     hs = await _server(tmp_path, db_config)
@@ -43,17 +60,13 @@ async def test_an_event_persisted_while_counting_is_not_lost(tmp_path: Path, db_
 
     # While the receipt's recount evaluates push rules for "two", Bob's
     # "three" is persisted: counted into room_unread by its own transaction.
-    original = hs.event_creator.unread_for
     sent: list[Event] = []
 
-    async def evaluating(event: Event, state: Any, for_user: Optional[str] = None) -> Any:
+    async def during(event: Event) -> None:
         if not sent:
             sent.append(await _send(hs, room_id, BOB, _msg("three")))
-        return await original(event, state, for_user=for_user)
 
-    hs.event_creator.unread_for = evaluating  # type: ignore[method-assign]
-    await _receipt(hs, room_id, m1)
-    hs.event_creator.unread_for = original  # type: ignore[method-assign]
+    await _receipt_while_counting(hs, room_id, m1, during)
     assert len(sent) == 1
     # "two" and "three" are after the receipt: both unread.
     assert await hs.events.get_unread_counts(ALICE, room_id) == (2, 0)
@@ -98,11 +111,10 @@ async def test_a_busy_room_ends_with_a_recount_that_holds_persistence(tmp_path: 
     room_id = await _room(hs)
     m1 = await _send(hs, room_id, BOB, _msg("one"))
     m2 = await _send(hs, room_id, BOB, _msg("two"))
-    original = hs.event_creator.unread_for
     sent: list[Event] = []
     paused_evaluations = 0
 
-    async def evaluating(event: Event, state: Any, for_user: Optional[str] = None) -> Any:
+    async def during(event: Event) -> None:
         nonlocal paused_evaluations
         if hs.persister._lock.locked:
             # The last attempt: persisting now would wait for it.
@@ -110,11 +122,8 @@ async def test_a_busy_room_ends_with_a_recount_that_holds_persistence(tmp_path: 
         elif event.event_id == m2.event_id and len(sent) < 10:
             # Once per attempt (each evaluates "two" first).
             sent.append(await _send(hs, room_id, BOB, _msg(f"during attempt {len(sent) + 1}")))
-        return await original(event, state, for_user=for_user)
 
-    hs.event_creator.unread_for = evaluating  # type: ignore[method-assign]
-    await _receipt(hs, room_id, m1)
-    hs.event_creator.unread_for = original  # type: ignore[method-assign]
+    await _receipt_while_counting(hs, room_id, m1, during)
     assert len(sent) == unread.OPTIMISTIC_ATTEMPTS
     # The last attempt evaluated "two" and every event sent meanwhile.
     assert paused_evaluations == 1 + len(sent)
@@ -134,10 +143,9 @@ async def test_a_later_receipt_is_not_overwritten_by_an_earlier_recount(tmp_path
     room_id = await _room(hs)
     m1 = await _send(hs, room_id, BOB, _msg("one"))
     m2 = await _send(hs, room_id, BOB, _msg("two"))
-    original = hs.event_creator.unread_for
     later: list[defer.Deferred[None]] = []
 
-    async def evaluating(event: Event, state: Any, for_user: Optional[str] = None) -> Any:
+    async def during(event: Event) -> None:
         if not later:
             later.append(defer.ensureDeferred(_receipt(hs, room_id, m2)))
             # Let the later receipt run as far as it may (all of it, when
@@ -146,12 +154,9 @@ async def test_a_later_receipt_is_not_overwritten_by_an_earlier_recount(tmp_path
             call = reactor.callLater(0.5, done.callback, None)  # type: ignore[attr-defined]
             later[0].addBoth(lambda _: (call.cancel(), done.callback(None)) if call.active() else None)
             await done
-        return await original(event, state, for_user=for_user)
 
-    hs.event_creator.unread_for = evaluating  # type: ignore[method-assign]
-    await _receipt(hs, room_id, m1)
+    await _receipt_while_counting(hs, room_id, m1, during)
     await later[0]
-    hs.event_creator.unread_for = original  # type: ignore[method-assign]
     assert await hs.events.get_unread_counts(ALICE, room_id) == (0, 0)
     await hs.stop()
 
@@ -170,19 +175,15 @@ async def test_a_history_purge_while_counting_is_not_undone(tmp_path: Path, db_c
 
     # While the receipt's recount evaluates push rules for "two", the
     # history before "three" is purged: "two" was unread, so it comes off.
-    original = hs.event_creator.unread_for
     purged: list[int] = []
 
-    async def evaluating(event: Event, state: Any, for_user: Optional[str] = None) -> Any:
+    async def during(event: Event) -> None:
         if not purged:
             async with hs.persister.writes_paused():
                 purged.append(await hs.privacy_store.purge_history(
                     room_id, int(m3.internal["stream_ordering"]), False, ":" + hs.server_name))
-        return await original(event, state, for_user=for_user)
 
-    hs.event_creator.unread_for = evaluating  # type: ignore[method-assign]
-    await _receipt(hs, room_id, m1)
-    hs.event_creator.unread_for = original  # type: ignore[method-assign]
+    await _receipt_while_counting(hs, room_id, m1, during)
     assert purged and purged[0] > 0
     # Only "three" is left after the receipt.
     assert await hs.events.get_unread_counts(ALICE, room_id) == (1, 0)
