@@ -226,7 +226,7 @@ class HomeServer:
         self.persister.txn_hooks.append(self.relations.persist_txn_hook)
         self.unread_recount = UnreadRecount(self.events, notifications_store, self.relations, self.event_creator,
                                             self.persister)
-        self.event_search = EventSearchStore(db, self.events, self.sealer, self.relations, self.server_name)
+        self.event_search = EventSearchStore(db, self.events, self.sealer, self.relations)
         self.persister.txn_hooks.append(self.event_search.persist_txn_hook)
         self.privacy_store = PrivacyStore(db, self.events, await IdGenerator.from_table(db, "legal_holds", "id"),
                                           self.event_search)

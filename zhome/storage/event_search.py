@@ -266,13 +266,12 @@ class _Row:
 
 class EventSearchStore:
     def __init__(self, db: Database, events: "EventsStore", sealer: Optional["Sealer"],
-                 relations: "RelationsStore", server_name: str) -> None:
+                 relations: "RelationsStore") -> None:
         self.db = db
         self.events = events
         self.sealer = sealer
         #: Its persist hook runs before this store's: an edit is in it when ours runs.
         self.relations = relations
-        self._local = ":" + server_name
         self._key: Optional[bytes] = None
         self._key_lock = threading.Lock()
         #: Indexes the events stored before the index; edits are read from
@@ -323,17 +322,15 @@ class EventSearchStore:
         if rel is not None and not replaceable(rel):
             self._edit_txn(txn, ev.event_id, ev.room_id, ev.type, ev.content, rel[1])
             return
-        # An edit names the ID of its original, which exists once the
-        # original does: only an event from elsewhere can come after its
-        # edits. The same holds for a redaction, which also names its target.
-        edited = item.backfilled or not ev.sender.endswith(self._local)
         if item.redacted_by is not None:
             # A redaction in its room came first (over federation): the
-            # persist path found it (EventsStore.may_be_named covers every
-            # event that can be edited first) and stored the event redacted.
+            # persist path found it and stored the event redacted.
             return
         stored = _Stored(ev.event_id, ev.room_id, ev.sender, ev.type, ev.state_key, item.stream_ordering, ev.content)
-        self._insert_txn(txn, self._rows_txn(txn, [stored], edited), upsert=False)
+        # Edits stored before the event can only exist when something could
+        # name it before it was stored (EventsStore.may_be_named: an event
+        # from elsewhere, or backfilled).
+        self._insert_txn(txn, self._rows_txn(txn, [stored], self.events.may_be_named(item)), upsert=False)
 
     def _edit_txn(self, txn: Txn, event_id: str, room_id: str, ev_type: str, content: Any, original: str) -> None:
         """An edit of ``original`` is stored (and in the relations index)."""
