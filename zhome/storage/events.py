@@ -23,7 +23,7 @@ from zhome.storage.event_search import EventSearchStore
 from zhome.storage.events_pass import events_pass_position_txn
 from zhome.storage.ids import IdGenerator
 from zhome.storage.lru import InvalidatedCache, LruCache
-from zhome.storage.notifications import notified_of_txn, read_past_txn
+from zhome.storage.notifications import notified_of_txn, read_marks_txn
 from zhome.storage.redactions import redacted_in_room_txn
 from zhome.storage.relations import thread_of_content_txn
 from zhome.util import fastjson
@@ -417,8 +417,9 @@ class EventsStore:
             notified.pop(state_key, None)
         # The thread the event was counted into as it was persisted.
         thread_id = thread_of_content_txn(txn, room_id, content)
-        read = read_past_txn(txn, room_id, thread_id, int(so), list(notified))
-        unread = sorted(u for u in notified if u not in read)
+        # Those whose read mark in the thread is at or after the event have read it.
+        marks = read_marks_txn(txn, room_id, thread_id, list(notified))
+        unread = sorted(u for u in notified if u not in marks or marks[u] < int(so))
         lowered: list[str] = []
         for chunk, qs in in_chunks(unread):
             txn.execute("SELECT user_id, notification_count, highlight_count FROM room_unread"
@@ -428,13 +429,13 @@ class EventsStore:
                 if (n2, h2) == (int(n), int(h)):
                     continue
                 if n2 or h2:
-                    txn.execute("UPDATE room_unread SET notification_count = ?, highlight_count = ?"
-                                " WHERE user_id = ? AND room_id = ? AND thread_id = ?",
-                                (n2, h2, user_id, room_id, thread_id))
+                    txn.execute_later("UPDATE room_unread SET notification_count = ?, highlight_count = ?"
+                                      " WHERE user_id = ? AND room_id = ? AND thread_id = ?",
+                                      (n2, h2, user_id, room_id, thread_id))
                 else:
                     # No row is what nothing unread is (set_unread_counts).
-                    txn.execute("DELETE FROM room_unread WHERE user_id = ? AND room_id = ? AND thread_id = ?",
-                                (user_id, room_id, thread_id))
+                    txn.execute_later("DELETE FROM room_unread WHERE user_id = ? AND room_id = ? AND thread_id = ?",
+                                      (user_id, room_id, thread_id))
                 lowered.append(user_id)
         return lowered
 

@@ -225,26 +225,6 @@ def notified_of_txn(txn: Txn, event_id: str, stream_ordering: int) -> dict[str, 
     return out
 
 
-def read_past_txn(txn: Txn, room_id: str, thread_id: str, stream_ordering: int,
-                  user_ids: Sequence[str]) -> set[str]:
-    """Those of ``user_ids`` who have read the event at ``stream_ordering``
-    in the room's thread ``thread_id``: by a read receipt, unthreaded or in
-    that thread, at or after it, or by sending an event after it (the
-    marks of ``_read_up_to_txn``)."""
-    read: set[str] = set()
-    for chunk, qs in in_chunks(sorted(user_ids)):
-        txn.execute(
-            "SELECT DISTINCT r.user_id FROM receipts r JOIN events e ON e.event_id = r.event_id"
-            f" WHERE r.room_id = ? AND r.receipt_type IN (?, ?) AND r.user_id IN ({qs})"
-            " AND r.thread_id IN ('', ?) AND e.stream_ordering >= ?",
-            (room_id, *_READ_RECEIPT_TYPES, *chunk, thread_id, stream_ordering))
-        read.update(u for u, in txn.fetchall())
-        txn.execute(f"SELECT user_id FROM sent_read_marks WHERE room_id = ? AND user_id IN ({qs})"
-                    " AND stream_ordering >= ?", (room_id, *chunk, stream_ordering))
-        read.update(u for u, in txn.fetchall())
-    return read
-
-
 def read_marks_txn(txn: Txn, room_id: str, thread_id: str, user_ids: Sequence[str]) -> dict[str, int]:
     """User ID -> the stream position up to which each of ``user_ids`` has
     read the room's thread ``thread_id`` (their read receipts, unthreaded
