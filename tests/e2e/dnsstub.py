@@ -10,7 +10,6 @@ an RSA key (cryptography) and its ``_domainkey`` record.
 
 from __future__ import annotations
 
-import socket
 import threading
 from typing import Any
 
@@ -19,20 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord, TXT
 from dnslib.server import BaseResolver, DNSServer
 
+from tests.e2e.harness import free_port
+
 
 def _free_port() -> int:
     # One port free for both UDP and TCP.
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind(("127.0.0.1", 0))
-            port = int(t.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port")
+    return free_port(udp=True)
 
 
 def _txt_chunks(text: str) -> list[bytes]:

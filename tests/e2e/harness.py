@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -44,10 +45,59 @@ def q(s: str) -> str:
     return urllib.parse.quote(s, safe="")
 
 
-def free_port(ip: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((ip, 0))
-        return int(s.getsockname()[1])
+def _port_block() -> Optional[range]:
+    """The ports this test process hands out: a share, by xdist worker, of
+    the ports below the kernel's ephemeral range. The kernel gives none of
+    them to ``bind(0)`` or to outgoing connections, and no two workers share
+    one, so a port chosen here and released until its server binds it is not
+    taken meanwhile by another test's server (two ``bind(0)`` calls can
+    return the same port once the first is closed). None: no room below
+    that range; ``bind(0)`` then."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    low, high = 10000, min(ephemeral_low, 65536)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    count = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1), index + 1)
+    size = (high - low) // count
+    if size < 500:
+        return None
+    return range(low + index * size, low + (index + 1) * size)
+
+
+_PORTS = _port_block()
+_port_turn = [0]
+
+
+def _bindable(ip: str, port: int, kind: int) -> bool:
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind((ip, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(ip: str = "127.0.0.1", udp: bool = False) -> int:
+    """A loopback port no listener holds, not handed out before by this
+    process (while its block lasts). ``udp``: free for UDP as well."""
+    if _PORTS is None:
+        for _ in range(50):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((ip, 0))
+                port = int(s.getsockname()[1])
+            if not udp or _bindable(ip, port, socket.SOCK_DGRAM):
+                return port
+        raise RuntimeError("no free port")
+    for _ in range(len(_PORTS)):
+        port = _PORTS[_port_turn[0] % len(_PORTS)]
+        _port_turn[0] += 1
+        if _bindable(ip, port, socket.SOCK_STREAM) and (not udp or _bindable(ip, port, socket.SOCK_DGRAM)):
+            return port
+    raise RuntimeError(f"no free port in {_PORTS}")
 
 
 class ZhomeProcess:
@@ -111,13 +161,27 @@ class ZhomeProcess:
                 raise RuntimeError(f"zhome exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 with urllib.request.urlopen(self.base_url + "/_matrix/client/versions", timeout=1) as r:
-                    if r.status == 200:
+                    # Serving, and done starting: the client API answers
+                    # before the rest (an email bridge's listeners) is up,
+                    # and a start that fails there stops the server.
+                    if r.status == 200 and self._started_line():
                         return self
             except (urllib.error.URLError, ConnectionError, socket.timeout):
                 pass
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"zhome did not start in {STARTUP_TIMEOUT_S}s:\n{self.log()}")
+
+    def _started_line(self) -> bool:
+        """Whether this process has logged that it started."""
+        assert self.proc is not None
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, os.path.getsize(self.log_path) - 65536))
+                tail = f.read()
+        except OSError:
+            return False
+        return re.search(rb" started for \S+ \(pid %d\)" % self.proc.pid, tail) is not None
 
     def stop(self, kill: bool = False) -> None:
         if self.proc is None:

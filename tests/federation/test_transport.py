@@ -51,14 +51,10 @@ from zhome.federation.transport import (
 from zhome.http.errors import MatrixError
 from zhome.http.server import JsonResource, read_json_body
 
+from tests.e2e.harness import free_port
+
 ORIGIN = "origin.example"
 DEST = "dest.example"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---------------------------------------------------------------------------
