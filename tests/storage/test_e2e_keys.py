@@ -235,3 +235,41 @@ async def test_to_device_acknowledged_and_position_kept(tmp_path: Path,
     await hs2.setup()
     assert hs2.notifier.current_token().to_device == now
     await hs2.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_remote_list_dropped_during_a_read_is_not_read_as_empty(
+        tmp_path: Path, db_config: tuple[str, dict[str, Any]]) -> None:
+    """A remote user's cached list dropped (their last shared room left)
+    while a key query reads it: the query sees the whole list or none, never
+    "cached, no devices", which would answer empty without asking their
+    server."""
+    hs = await _server(tmp_path, db_config)
+    store, lists = hs.device_lists.store, hs.device_lists
+    carol = "@carol:remote.example"
+    keys = {"user_id": carol, "device_id": "C1", "keys": {"ed25519:C1": "k"}}
+    await store.replace_remote_devices(carol, 7, {"C1": ("phone", keys)})
+    assert set((await lists.cached_remote_keys([carol]))[carol]) == {"C1"}
+
+    # The drop lands just before the devices are read.
+    real_select_in = hs.db.select_in
+    dropped: list[bool] = []
+
+    async def select_in(name: str, *a: Any, **kw: Any) -> Any:
+        if name == "remote_devices" and not dropped:
+            dropped.append(True)
+            await store.forget_remote_user(carol)
+        return await real_select_in(name, *a, **kw)
+    hs.db.select_in = select_in  # type: ignore[method-assign]
+    try:
+        got = await lists.cached_remote_keys([carol])
+    finally:
+        hs.db.select_in = real_select_in  # type: ignore[method-assign]
+    assert dropped and got == {}, got
+    # Cached again (a resync): read whole.
+    await store.replace_remote_devices(carol, 8, {"C1": ("phone", keys)})
+    assert set((await lists.cached_remote_keys([carol]))[carol]) == {"C1"}
+    # Cached with no devices at all: an empty list, not "not cached".
+    await store.replace_remote_devices(carol, 9, {})
+    assert await lists.cached_remote_keys([carol]) == {carol: {}}
+    await hs.stop()

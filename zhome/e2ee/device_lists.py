@@ -234,12 +234,13 @@ class DeviceListService:
     async def cached_remote_keys(self, user_ids: Iterable[str]) -> dict[str, dict[str, dict[str, Any]]]:
         """Device keys of remote users whose lists are cached (users not
         cached are left out)."""
-        users = list(user_ids)
-        cached = await self.store.get_remote_stream_ids(users)
-        if not cached:
-            return {}
-        out: dict[str, dict[str, dict[str, Any]]] = {u: {} for u in cached}
-        for u, devices in (await self.store.get_remote_devices(cached)).items():
+        # The cached users and their devices in one read: a list dropped
+        # between two reads (a leave just made the user share no room)
+        # would otherwise show as cached with no devices, and not be asked
+        # of their server.
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for u, devices in (await self.store.get_remote_devices(user_ids)).items():
+            out[u] = {}
             for d, (name, keys) in devices.items():
                 if keys is None:
                     continue

@@ -96,14 +96,20 @@ class DeviceListStore:
         return {u: int(s) for u, s in rows}
 
     async def get_remote_devices(self, user_ids: Iterable[str]) -> dict[str, dict[str, tuple[Optional[str], Any]]]:
-        """user -> device -> (display name, keys or None), cached users only."""
+        """user -> device -> (display name, keys or None), for the users
+        whose lists are cached (one with no devices maps to an empty dict;
+        users not cached are left out). One statement, so one snapshot:
+        a list dropped or replaced meanwhile is read whole or not at all."""
         rows = await self.db.select_in(
             "remote_devices",
-            "SELECT user_id, device_id, display_name, keys_json FROM remote_devices WHERE user_id IN ({in})",
+            "SELECT s.user_id, d.device_id, d.display_name, d.keys_json FROM remote_device_list_streams s"
+            " LEFT JOIN remote_devices d ON d.user_id = s.user_id WHERE s.user_id IN ({in})",
             sorted(set(user_ids)))
         out: dict[str, dict[str, tuple[Optional[str], Any]]] = {}
         for u, d, name, keys in rows:
-            out.setdefault(u, {})[d] = (name, json.loads(keys) if keys else None)
+            devices = out.setdefault(u, {})
+            if d is not None:
+                devices[d] = (name, json.loads(keys) if keys else None)
         return out
 
     async def apply_remote_update(self, user_id: str, device_id: str, stream_id: int, deleted: bool,
