@@ -75,8 +75,10 @@ class PersistItem:
     # Events an accepted event replaces as forward extremities besides its
     # prev events: those its soft-failed or rejected prev events built on.
     also_replaces: list[str] = field(default_factory=list)
-    # False for a received redaction that must not take effect (rooms/v3+
-    # "Handling redactions": not from the original's server, no redact level).
+    # False for a received or backfilled redaction that must not take
+    # effect (rooms/v3+ "Handling redactions": not from the original's
+    # server, no redact level). One whose target is not stored yet is
+    # judged as the target is stored (_redacted_on_arrival_txn).
     apply_redaction: bool = True
     # Sent by a local user through the client API: what the room notified
     # them of before it is read ("Receiving notifications").
@@ -92,9 +94,10 @@ class PersistItem:
     # counts sending cleared (sender_read), the members a redaction took
     # its target's notification off.
     unread_lowered: list[str] = field(default_factory=list)
-    # The redaction (in the event's room) that was stored before the event
-    # itself, received over federation ahead of its target: the event is
-    # stored, counted and served redacted. None: not redacted on arrival.
+    # The redaction (in the event's room, one that may take effect on it)
+    # that was stored before the event itself, received over federation
+    # or backfilled ahead of its target: the event is stored, counted and
+    # served redacted. None: not redacted on arrival.
     redacted_by: Optional[str] = None
 
 
@@ -345,8 +348,8 @@ class EventsStore:
         applying = [red_id for red_id, sender, group in named if self._redaction_applies_txn(txn, ev, sender, group)]
         refused = [red_id for red_id, _, _ in named if red_id not in applying]
         if refused:
-            txn.executemany("DELETE FROM redactions WHERE event_id = ? AND redacts = ?",
-                            [(red_id, ev.event_id) for red_id in refused])
+            txn.executemany_later("DELETE FROM redactions WHERE event_id = ? AND redacts = ?",
+                                  [(red_id, ev.event_id) for red_id in refused])
         if not applying:
             return
         red_id = applying[0]
