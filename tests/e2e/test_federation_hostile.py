@@ -202,13 +202,16 @@ class RemoteRoom:
 
 class World:
     def __init__(self, a: ZhomeProcess, e: FakeServer, token: str, alice: str, mallory: str,
-                 room: RemoteRoom) -> None:
+                 room: RemoteRoom, t: Optional[FakeServer] = None) -> None:
         self.a = a
         self.e = e
         self.token = token
         self.alice = alice
         self.mallory = mallory
         self.room = room
+        #: A third server "T" (another fake, its own key and port), when
+        #: the world was made with one; in no room until a test joins it.
+        self.t = t
 
     # A's client API, as alice
     def client(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -227,11 +230,14 @@ class World:
         return [ev["event_id"] for ev in body["chunk"]]
 
     def send_txn(self, pdus: list[dict[str, Any]], edus: Optional[list[dict[str, Any]]] = None,
-                 txn_id: Optional[str] = None, origin: Optional[str] = None, **kw: Any) -> tuple[int, Any]:
+                 txn_id: Optional[str] = None, origin: Optional[str] = None,
+                 server: Optional[FakeServer] = None, **kw: Any) -> tuple[int, Any]:
+        """A transaction to A from E (or from ``server``)."""
+        sender = server or self.e
         txn_id = txn_id or f"hostile{next(_TXN)}-{time.time_ns()}"
-        body = {"origin": origin or self.e.server_name, "origin_server_ts": int(time.time() * 1000),
+        body = {"origin": origin or sender.server_name, "origin_server_ts": int(time.time() * 1000),
                 "pdus": pdus, "edus": edus or []}
-        return self.e.request(self.a, "PUT", f"{FED}/v1/send/{q(txn_id)}", body, **kw)
+        return sender.request(self.a, "PUT", f"{FED}/v1/send/{q(txn_id)}", body, **kw)
 
     def assert_serving(self) -> None:
         status, body = self.a.request("GET", "/_matrix/client/versions")
@@ -266,13 +272,15 @@ def _event_id_of(rv: RoomVersion, pdu: dict[str, Any]) -> str:
     return compute_event_id(rv, {k: v for k, v in pdu.items() if k != "unsigned"})
 
 
-def hostile_world(engine: str, workdir: Path) -> Iterator[World]:
+def hostile_world(engine: str, workdir: Path, third_server: bool = False) -> Iterator[World]:
     """A with alice's public room, and E with @mallory joined to it, on a
     fresh database of ``engine`` (dropped once A has stopped); for the
-    module-scoped ``world`` fixtures of this file and of others."""
+    module-scoped ``world`` fixtures of this file and of others.
+    ``third_server``: a second fake server "T" as well (``World.t``)."""
     with _engine_database(engine) as db_url:
         a = ZhomeProcess(workdir / "a", database_url=db_url, federation_ip="127.0.0.2")
         e = FakeServer(workdir / "e")
+        t = FakeServer(workdir / "t") if third_server else None
         try:
             a.start()
             reg = a.register("alice")
@@ -282,7 +290,7 @@ def hostile_world(engine: str, workdir: Path) -> Iterator[World]:
             assert status == 200, (status, created)
             mallory = f"@mallory:{e.server_name}"
             room = _join(a, e, created["room_id"], mallory)
-            w = World(a, e, token, alice, mallory, room)
+            w = World(a, e, token, alice, mallory, room, t)
             members = {ev["state_key"]: ev["content"].get("membership") for ev in w.room_state()
                        if ev["type"] == "m.room.member"}
             assert members == {alice: "join", mallory: "join"}, members
@@ -290,6 +298,8 @@ def hostile_world(engine: str, workdir: Path) -> Iterator[World]:
         finally:
             a.stop()
             e.stop()
+            if t is not None:
+                t.stop()
 
 
 @pytest.fixture(scope="module", params=["sqlite3", "postgres"])

@@ -638,11 +638,18 @@ class FederationHandler:
                     logger.info("backfilled event %s dropped: %s", ev.event_id, e)
                     continue
                 reason = await self.check_auth_events(ev)
+                # The state at old events is taken as the state before the
+                # oldest event we had; good enough to decide visibility, and
+                # what a redaction's power is judged by (here for a target
+                # already stored, by the persist path for one stored later:
+                # both read this group).
+                apply_redaction = True
+                if reason is None and ev.type == "m.room.redaction" and ev.redacts:
+                    reason, apply_redaction = await self._check_redaction(ev, state)
                 if reason is not None:
                     ev = Event(ev.pdu, ev.event_id, rv, rejected_reason=reason)
-                # The state at old events is taken as the state before the
-                # oldest event we had; good enough to decide visibility.
-                await self.hs.persister.persist(PersistItem(ev, group, state, backfilled=True))
+                await self.hs.persister.persist(PersistItem(ev, group, state, backfilled=True,
+                                                            apply_redaction=apply_redaction))
                 stored += 1
         return stored
 

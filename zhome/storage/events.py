@@ -13,9 +13,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, Optional, Sequence, cast
 
+from zhome.rooms.auth import can_redact
 from zhome.rooms.events import Event, StateMap
 from zhome.rooms.redaction import prune_event_dict
-from zhome.rooms.versions import RoomVersion, get_room_version
+from zhome.rooms.versions import EventIdFormat, RoomVersion, get_room_version
 from zhome.storage.at_rest import Sealer, event_period
 from zhome.storage.database import Database, Txn, in_chunks
 from zhome.storage.event_media import EventMediaStore
@@ -27,6 +28,7 @@ from zhome.storage.notifications import notified_of_txn, read_marks_txn
 from zhome.storage.redactions import redacted_in_room_txn
 from zhome.storage.relations import thread_of_content_txn
 from zhome.util import fastjson
+from zhome.util.ids import server_of
 
 # A state group's chain of deltas is cut by a full snapshot at this length.
 MAX_STATE_CHAIN = 64
@@ -73,8 +75,10 @@ class PersistItem:
     # Events an accepted event replaces as forward extremities besides its
     # prev events: those its soft-failed or rejected prev events built on.
     also_replaces: list[str] = field(default_factory=list)
-    # False for a received redaction that must not take effect (rooms/v3+
-    # "Handling redactions": not from the original's server, no redact level).
+    # False for a received or backfilled redaction that must not take
+    # effect (rooms/v3+ "Handling redactions": not from the original's
+    # server, no redact level). One whose target is not stored yet is
+    # judged as the target is stored (_redacted_on_arrival_txn).
     apply_redaction: bool = True
     # Sent by a local user through the client API: what the room notified
     # them of before it is read ("Receiving notifications").
@@ -90,9 +94,10 @@ class PersistItem:
     # counts sending cleared (sender_read), the members a redaction took
     # its target's notification off.
     unread_lowered: list[str] = field(default_factory=list)
-    # The redaction (in the event's room) that was stored before the event
-    # itself, received over federation ahead of its target: the event is
-    # stored, counted and served redacted. None: not redacted on arrival.
+    # The redaction (in the event's room, one that may take effect on it)
+    # that was stored before the event itself, received over federation
+    # or backfilled ahead of its target: the event is stored, counted and
+    # served redacted. None: not redacted on arrival.
     redacted_by: Optional[str] = None
 
 
@@ -229,7 +234,7 @@ class EventsStore:
         if rejected or item.soft_failed or item.backfilled:
             # Neither rejected nor soft-failed events extend the room, and
             # old history never changes its present.
-            if item.backfilled and not rejected and ev.redacts:
+            if item.backfilled and not rejected and ev.redacts and item.apply_redaction:
                 txn.execute("INSERT INTO redactions (event_id, redacts) VALUES (?, ?)", (ev.event_id, ev.redacts))
             return
         replaced = _replaced_extremities(item)
@@ -314,18 +319,40 @@ class EventsStore:
         return item.backfilled or self._local is None or not item.event.sender.endswith(self._local)
 
     def _redacted_on_arrival_txn(self, txn: Txn, item: PersistItem) -> None:
-        """A redaction received before its target (over federation) takes
-        effect as the target is stored: the target keeps only its redacted
+        """A redaction received before its target (over federation or in
+        backfilled history) takes effect as the target is stored, if it
+        may (``_redaction_applies_txn``): the target keeps only its redacted
         form, notifies no one and counts for no one ("Receiving
         notifications": counts are of notifying events, and a redacted
         event is none). Sets ``item.redacted_by`` and replaces
         ``item.event`` by its redacted form, which the transaction hooks
         (search, relations, the notification log, push) and the caches
-        after commit see."""
+        after commit see.
+
+        The redactions recorded for the target that may not take effect
+        are forgotten here, so that every reader of the ``redactions``
+        table (rooms/v3+ "Handling redactions": a server applies only
+        those) takes the target as it is. Runs in the transaction that
+        stores the target, under its room's lock: no redaction of it can
+        be recorded in between (the receive and backfill paths decide
+        whether one applies under the same lock)."""
         ev = item.event
-        red_id = redacted_in_room_txn(txn, ev.event_id, ev.room_id)
-        if red_id is None:
+        # The one query every event from elsewhere pays: most are named by
+        # no redaction.
+        txn.execute("SELECT rd.event_id, re.sender, re.prev_state_group FROM redactions rd"
+                    " JOIN events re ON re.event_id = rd.event_id WHERE rd.redacts = ? AND re.room_id = ?"
+                    " ORDER BY rd.event_id", (ev.event_id, ev.room_id))
+        named = [(str(r[0]), str(r[1]), r[2]) for r in txn.fetchall()]
+        if not named:
             return
+        applying = [red_id for red_id, sender, group in named if self._redaction_applies_txn(txn, ev, sender, group)]
+        refused = [red_id for red_id, _, _ in named if red_id not in applying]
+        if refused:
+            txn.executemany_later("DELETE FROM redactions WHERE event_id = ? AND redacts = ?",
+                                  [(red_id, ev.event_id) for red_id in refused])
+        if not applying:
+            return
+        red_id = applying[0]
         item.redacted_by = red_id
         self._purge_redacted_txn(txn, ev.event_id, ev.room_id)
         pruned = Event(prune_event_dict(ev.room_version, ev.pdu), ev.event_id, ev.room_version, ev.rejected_reason)
@@ -334,6 +361,29 @@ class EventsStore:
         item.event = pruned
         item.unread = {}
         item.push_actions = {}
+
+    def _redaction_applies_txn(self, txn: Txn, target: Event, redaction_sender: str,
+                               redaction_group: Optional[int]) -> bool:
+        """Whether a redaction stored before ``target`` takes effect on it
+        (rooms/v3+ "Handling redactions"): its sender is on the target
+        sender's server, or had the redact level in the state before the
+        redaction (its state group). In v1 and v2 the auth rules the
+        redaction passed decided it already."""
+        rv = target.room_version
+        if rv.event_id_format is EventIdFormat.SERVER_CHOSEN:
+            return True
+        if redaction_sender == target.sender or server_of(redaction_sender) == server_of(target.sender):
+            return True
+        if redaction_group is None:
+            return False
+        keys = [("m.room.create", ""), ("m.room.power_levels", "")]
+        state = self._state_keys_txn(txn, redaction_group, keys)
+        ids = [state[k] for k in keys if k in state]
+        found, missing = self._event_cache.get_many(ids)
+        if missing:
+            found.update((e.event_id, e) for e in self._get_events_txn(txn, missing))
+        auth_map = {k: found[state[k]] for k in keys if k in state and state[k] in found}
+        return can_redact(rv, redaction_sender, target.sender, auth_map, same_server_ok=True)
 
     def _insert_event_txn(self, txn: Txn, item: PersistItem, so: int, group: Optional[int]) -> None:
         ev = item.event
@@ -646,39 +696,59 @@ class EventsStore:
                 out[g] = {}
             return out
 
-        def txn_fn(txn: Txn) -> dict[int, StateMap]:
-            found: dict[int, dict[tuple[str, str], tuple[int, str]]] = {g: {} for g in todo}
-            for g_chunk, g_qs in in_chunks(todo):
-                for k_start in range(0, len(want), KEYS_PER_QUERY):
-                    k_chunk = want[k_start:k_start + KEYS_PER_QUERY]
-                    values = ", ".join("(?, ?)" for _ in k_chunk)
-                    txn.execute(
-                        "WITH RECURSIVE wanted(t, sk) AS (VALUES " + values + "),"
-                        " chain(start, g, depth) AS ("
-                        f"  SELECT id, id, 0 FROM state_groups WHERE id IN ({g_qs})"
-                        "  UNION ALL"
-                        "  SELECT chain.start, sg.prev_group, chain.depth + 1 FROM chain"
-                        "  JOIN state_groups sg ON sg.id = chain.g"
-                        "  WHERE sg.prev_group IS NOT NULL AND chain.depth < ?)"
-                        " SELECT chain.start, chain.depth, e.type, e.state_key, e.event_id FROM chain"
-                        " JOIN wanted ON 1 = 1"
-                        " JOIN state_group_entries e ON e.state_group = chain.g AND e.type = wanted.t"
-                        " AND e.state_key = wanted.sk",
-                        (*[x for k in k_chunk for x in k], *g_chunk, MAX_STATE_CHAIN + 1),
-                    )
-                    for start, depth, t, sk, eid in txn.fetchall():
-                        # The nearest link of the chain holds the value.
-                        have = found[int(start)].get((t, sk))
-                        if have is None or int(depth) < have[0]:
-                            found[int(start)][(t, sk)] = (int(depth), eid)
-            return {g: {k: v[1] for k, v in m.items()} for g, m in found.items()}
-
-        read = await self.db.run_interaction("state_keys_for_groups", txn_fn)
+        read = await self.db.run_interaction("state_keys_for_groups", self._read_state_keys_txn, todo, want)
         for g, m in read.items():
             for k in want:
                 self._state_key_cache.set((g, k), m.get(k, ""))
         out.update(read)
         return out
+
+    def _read_state_keys_txn(self, txn: Txn, groups: list[int], want: list[tuple[str, str]]) -> dict[int, StateMap]:
+        """Each of ``groups``' entries for the keys ``want`` (absent keys
+        left out), read from the database: one query per chunk of groups
+        and keys, walking each group's chain in SQL."""
+        found: dict[int, dict[tuple[str, str], tuple[int, str]]] = {g: {} for g in groups}
+        for g_chunk, g_qs in in_chunks(groups):
+            for k_start in range(0, len(want), KEYS_PER_QUERY):
+                k_chunk = want[k_start:k_start + KEYS_PER_QUERY]
+                values = ", ".join("(?, ?)" for _ in k_chunk)
+                txn.execute(
+                    "WITH RECURSIVE wanted(t, sk) AS (VALUES " + values + "),"
+                    " chain(start, g, depth) AS ("
+                    f"  SELECT id, id, 0 FROM state_groups WHERE id IN ({g_qs})"
+                    "  UNION ALL"
+                    "  SELECT chain.start, sg.prev_group, chain.depth + 1 FROM chain"
+                    "  JOIN state_groups sg ON sg.id = chain.g"
+                    "  WHERE sg.prev_group IS NOT NULL AND chain.depth < ?)"
+                    " SELECT chain.start, chain.depth, e.type, e.state_key, e.event_id FROM chain"
+                    " JOIN wanted ON 1 = 1"
+                    " JOIN state_group_entries e ON e.state_group = chain.g AND e.type = wanted.t"
+                    " AND e.state_key = wanted.sk",
+                    (*[x for k in k_chunk for x in k], *g_chunk, MAX_STATE_CHAIN + 1),
+                )
+                for start, depth, t, sk, eid in txn.fetchall():
+                    # The nearest link of the chain holds the value.
+                    have = found[int(start)].get((t, sk))
+                    if have is None or int(depth) < have[0]:
+                        found[int(start)][(t, sk)] = (int(depth), eid)
+        return {g: {k: v[1] for k, v in m.items()} for g, m in found.items()}
+
+    def _state_keys_txn(self, txn: Txn, group: int, keys: list[tuple[str, str]]) -> StateMap:
+        """A stored group's entries for ``keys`` (absent keys left out),
+        read inside a transaction: from the caches when they hold them
+        all, else from the database. Nothing is cached here (the caller's
+        transaction may yet roll back)."""
+        hit = self._state_group_cache.get(group)
+        if hit is not None:
+            return {k: hit[k] for k in keys if k in hit}
+        known: StateMap = {}
+        for k in keys:
+            eid = self._state_key_cache.get((group, k))
+            if eid is None:
+                return self._read_state_keys_txn(txn, [group], keys).get(group, {})
+            if eid:
+                known[k] = eid
+        return known
 
     async def state_group_before(self, event: Event) -> Optional[int]:
         """The group of the room's state just before ``event``."""

@@ -1,12 +1,15 @@
 """Which recorded redactions apply.
 
 Spec: rooms/v3 and later "Handling redactions", client-server-api
-"Redactions": a redaction applies only to an event in its own room. A
-redaction received over federation before its target is recorded in the
-``redactions`` table (event_id, redacts) before anyone can tell the
-target's room; once the target is stored, the row applies only when both
-events are in one room. Every reader that takes a row as applying goes
-through here.
+"Redactions": a redaction applies only to an event in its own room, and
+(v3 and later) only when its sender is on the target sender's server or
+has the redact level. A redaction received over federation (or backfilled)
+before its target is recorded in the ``redactions`` table (event_id,
+redacts) before anyone can tell the target's room or sender; as the target
+is stored, the rows of redactions that may not take effect on it are
+deleted (``EventsStore._redacted_on_arrival_txn``), and a row left applies
+only when both events are in one room. Every reader that takes a row as
+applying goes through here.
 """
 
 from __future__ import annotations

@@ -236,7 +236,7 @@ class RelationsStore:
         redacts = ev.redacts
         # As EventsStore.persist_txn records the redaction (then the
         # target is served redacted and its m.relates_to is gone).
-        if redacts and (item.backfilled or (not item.soft_failed and item.apply_redaction)):
+        if redacts and item.apply_redaction and (item.backfilled or not item.soft_failed):
             self.forget_txn(txn, [redacts], room_id=ev.room_id)
             self._changed_txn(txn, ev.room_id, None)
         if item.soft_failed:
