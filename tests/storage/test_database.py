@@ -124,6 +124,34 @@ async def test_transactions_after_plain_queries_still_roll_back(items_db: Databa
 
 
 @pytest_twisted.ensureDeferred
+async def test_run_reads_opens_no_transaction(items_db: Database, db_config: DbConfig) -> None:
+    """run_reads: several reads in one trip to a database thread, each its
+    own statement (on PostgreSQL no BEGIN went before them, so none is left
+    to commit); the interactions after it are transactions as before."""
+    await items_db.run_interaction("add", lambda txn: txn.execute("INSERT INTO items (name) VALUES ('a'), ('b')"))
+    opened: list[bool] = []
+
+    def reads(txn: Txn) -> list[str]:
+        txn.execute("SELECT name FROM items WHERE name = ?", ("a",))
+        first = [r[0] for r in txn.fetchall()]
+        txn.execute("SELECT name FROM items WHERE name = ?", ("b",))
+        opened.append(txn.open)
+        return first + [r[0] for r in txn.fetchall()]
+
+    assert await items_db.run_reads("reads", reads) == ["a", "b"]
+    if db_config[0] == "postgres":
+        assert opened == [False]
+
+    def add_then_fail(txn: Txn) -> None:
+        txn.execute("INSERT INTO items (name) VALUES ('c')")
+        raise Boom()
+    for _ in range(3):
+        with pytest.raises(Boom):
+            await items_db.run_interaction("fail", add_then_fail)
+    assert await _names(items_db) == ["a", "b"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_kwargs_are_passed(items_db: Database) -> None:
     def f(txn: Txn, a: int, *, b: int) -> int:
         return a + b

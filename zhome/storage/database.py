@@ -376,6 +376,15 @@ class Database:
         fresh transaction, so ``func`` must only touch the database."""
         return await self._run(desc, func, args, kwargs, False)
 
+    async def run_reads(
+        self, desc: str, func: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> T:
+        """Run ``func(txn, *args, **kwargs)`` on a worker thread, for a
+        ``func`` whose queries only read and each stand alone (no answer
+        depends on another being of the same moment): on PostgreSQL each is
+        its own transaction, with no BEGIN and COMMIT round trips."""
+        return await self._run(desc, func, args, kwargs, True)
+
     async def _run(self, desc: str, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                    single: bool) -> Any:
         """run_interaction; ``single``: ``func`` runs queries that only

@@ -893,7 +893,7 @@ class EventsStore:
     async def get_events(self, event_ids: Iterable[str]) -> dict[str, Event]:
         out, missing = self._event_cache.get_many(event_ids)
         if missing:
-            fetched = await self.db.run_interaction("get_events", self._get_events_txn, missing)
+            fetched = await self.db.run_reads("get_events", self._get_events_txn, missing)
             for ev in fetched:
                 self._event_cache.set(ev.event_id, ev)
                 out[ev.event_id] = ev
@@ -973,18 +973,22 @@ class EventsStore:
     ) -> list[Event]:
         """Events of a room in (from, to] by stream order; newest first when backwards."""
         order = "DESC" if backwards else "ASC"
-        rows = await self.db.execute(
-            "room_events_between",
-            "SELECT event_id FROM events WHERE room_id = ? AND stream_ordering > ? AND stream_ordering <= ?"
-            " AND outlier = 0 AND soft_failed = 0 AND rejected_reason IS NULL"
-            f" ORDER BY stream_ordering {order} LIMIT ?",
-            room_id,
-            from_exclusive,
-            to_inclusive,
-            limit,
-        )
-        ids = [r[0] for r in rows]
-        evs = await self.get_events(ids)
+        sql = ("SELECT event_id FROM events WHERE room_id = ? AND stream_ordering > ? AND stream_ordering <= ?"
+               " AND outlier = 0 AND soft_failed = 0 AND rejected_reason IS NULL"
+               f" ORDER BY stream_ordering {order} LIMIT ?")
+
+        def txn_fn(txn: Txn) -> tuple[list[str], dict[str, Event], list[Event]]:
+            # The page's IDs and the events not cached, in one trip to the
+            # database thread (history read back is mostly not cached).
+            txn.execute(sql, (room_id, from_exclusive, to_inclusive, limit))
+            ids = [r[0] for r in txn.fetchall()]
+            cached, missing = self._event_cache.get_many(ids)
+            return ids, cached, self._get_events_txn(txn, missing) if missing else []
+
+        ids, evs, fetched = await self.db.run_reads("room_events_between", txn_fn)
+        for ev in fetched:
+            self._event_cache.set(ev.event_id, ev)
+            evs[ev.event_id] = ev
         return [evs[i] for i in ids if i in evs]
 
     async def get_room_events_near_ts(self, room_id: str, ts: int, forwards: bool, limit: int,
