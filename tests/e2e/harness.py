@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -69,7 +70,9 @@ def _port_block() -> Optional[range]:
 
 
 _PORTS = _port_block()
-_port_turn = [0]
+# Each process walks its block from a place of its own: processes outside
+# pytest-xdist (benchmarks, a second run) share one block.
+_port_turn = [random.randrange(len(_PORTS)) if _PORTS else 0]
 
 
 def _bindable(ip: str, port: int, kind: int) -> bool:
