@@ -84,6 +84,79 @@ def test_destroying_a_key_shreds_every_copy(tmp_path: Path) -> None:
     again.close()
 
 
+def _keys_on_disk(tmp_path: Path) -> int:
+    """Data keys another connection sees: what is committed to the file."""
+    conn = sqlite3.connect(str(tmp_path / "keystore.db"), timeout=0)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM data_keys").fetchone()[0])
+    except sqlite3.OperationalError:  # locked: the batch's transaction holds it
+        return -1
+    finally:
+        conn.close()
+
+
+def test_keys_made_in_a_batch_are_committed_together_as_it_ends(tmp_path: Path) -> None:
+    s = _sealer(tmp_path)
+    s.seal("@first:x", "", "", b"x", b"a")
+    assert _keys_on_disk(tmp_path) == 1  # outside a batch: at once
+    with s.key_batch():
+        tokens = [s.seal(f"@u{i}:x", "!r:x", "202612", f"m{i}".encode(), b"a")[1] for i in range(50)]
+        with s.key_batch():  # nested: ends with the outer one
+            tokens.append(s.seal("@inner:x", "!r:x", "202612", b"inner", b"a")[1])
+        assert _keys_on_disk(tmp_path) in (1, -1)  # not committed yet
+        assert s.open(tokens[3], b"a") == b"m3"  # usable meanwhile
+    assert _keys_on_disk(tmp_path) == 52
+    s.close()
+    again = _sealer(tmp_path)
+    assert [again.open(t, b"a") for t in tokens] == [f"m{i}".encode() for i in range(50)] + [b"inner"]
+    again.close()
+
+
+def test_a_batch_does_not_hold_back_other_key_store_writes(tmp_path: Path) -> None:
+    """Destroying keys, a key made outside any batch, named keys and
+    rotation each commit at once, with the batch's keys so far."""
+    s = _sealer(tmp_path)
+    with s.key_batch():
+        kid, token = s.seal("@a:x", "!r:x", "202612", b"erase me", b"a")
+        assert s.destroy([kid]) == 1
+        assert _keys_on_disk(tmp_path) == 0
+        assert s.open(token, b"a") is None
+        s.seal("@b:x", "!r:x", "202612", b"x", b"a")
+        s.named_key("index")
+        assert _keys_on_disk(tmp_path) == 2
+        s.seal("@c:x", "!r:x", "202612", b"x", b"a")
+        s.rotate()
+        assert _keys_on_disk(tmp_path) == 3
+        s.seal("@d:x", "!r:x", "202612", b"x", b"a")
+    assert _keys_on_disk(tmp_path) == 4
+    s.close()
+
+
+def test_a_key_made_outside_a_batch_while_another_thread_batches(tmp_path: Path) -> None:
+    """A thread not batching gets its key committed before it goes on,
+    even while another thread's batch is open (one key store for both)."""
+    import threading
+
+    s = _sealer(tmp_path)
+    in_batch, done = threading.Event(), threading.Event()
+
+    def batcher() -> None:
+        with s.key_batch():
+            s.seal("@batch:x", "!r:x", "202612", b"x", b"a")
+            in_batch.set()
+            assert done.wait(10)
+
+    t = threading.Thread(target=batcher)
+    t.start()
+    assert in_batch.wait(10)
+    s.seal("@alone:x", "!r:x", "202612", b"x", b"a")
+    assert _keys_on_disk(tmp_path) == 2
+    done.set()
+    t.join(10)
+    assert _keys_on_disk(tmp_path) == 2
+    s.close()
+
+
 def test_rotation_rewraps_while_in_use_and_drops_the_old_master_key(tmp_path: Path) -> None:
     s = _sealer(tmp_path)
     tokens = [s.seal(f"@u{i}:x", "!r:x", "202612", f"m{i}".encode(), b"a") for i in range(7)]

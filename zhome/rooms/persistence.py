@@ -62,6 +62,19 @@ class Persister:
         finally:
             self._lock.release()
 
+    def _key_batched(self, txn_fn: Callable[[Txn], None]) -> Callable[[Txn], None]:
+        """``txn_fn`` with the data keys it makes committed to the key store
+        together (Sealer.key_batch), before its transaction commits: one
+        key store commit for the state of a big room, not one per sender."""
+        sealer = self.events.sealer
+        if sealer is None or not sealer.enabled:
+            return txn_fn
+
+        def batched(txn: Txn) -> None:
+            with sealer.key_batch():
+                txn_fn(txn)
+        return batched
+
     async def persist(self, item: PersistItem, before_txn: Callable | None = None) -> int:
         """Write ``item``; returns its stream ordering.
 
@@ -80,7 +93,7 @@ class Persister:
             for hook in self.txn_hooks:
                 hook(txn, item)
 
-        await self._lock.run(self.db.run_interaction, "persist_event", txn_fn)
+        await self._lock.run(self.db.run_interaction, "persist_event", self._key_batched(txn_fn))
         await self._after_commit(item)
         return item.stream_ordering
 
@@ -99,7 +112,7 @@ class Persister:
                 for hook in self.txn_hooks:
                     hook(txn, item)
 
-        await self._lock.run(self.db.run_interaction, "persist_chain", txn_fn)
+        await self._lock.run(self.db.run_interaction, "persist_chain", self._key_batched(txn_fn))
         for item in items:
             await self._after_commit(item)
 
@@ -111,7 +124,7 @@ class Persister:
             for item in items:
                 self.events.persist_txn(txn, item)
 
-        await self._lock.run(self.db.run_interaction, "persist_outliers", txn_fn)
+        await self._lock.run(self.db.run_interaction, "persist_outliers", self._key_batched(txn_fn))
         for item in items:
             item.event.internal["outlier"] = True
             item.event.internal["stream_ordering"] = item.stream_ordering
@@ -132,7 +145,7 @@ class Persister:
             for hook in self.outlier_txn_hooks:
                 hook(txn, item)
 
-        await self._lock.run(self.db.run_interaction, "persist_membership_outlier", txn_fn)
+        await self._lock.run(self.db.run_interaction, "persist_membership_outlier", self._key_batched(txn_fn))
         ev.internal["outlier"] = True
         ev.internal["stream_ordering"] = item.stream_ordering
         self.events.cache_event(ev)

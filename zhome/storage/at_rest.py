@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -48,7 +49,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -184,6 +185,12 @@ class Sealer:
         # scope -> (id, AESGCM) for writing; id -> AESGCM for reading.
         self._by_scope: OrderedDict[tuple[str, str, str], tuple[int, AESGCM]] = OrderedDict()
         self._by_id: OrderedDict[int, Optional[AESGCM]] = OrderedDict()
+        # New data keys made inside key_batch() wait in one open key store
+        # transaction (``_open``) and are committed together when the
+        # outermost batch of any thread ends, or at once by a key made
+        # outside a batch, or by any other write to the key store.
+        self._open = False
+        self._batch = threading.local()
         if not os.path.exists(key_file):
             os.makedirs(os.path.dirname(os.path.abspath(key_file)), exist_ok=True)
             write_key_ring(key_file, [MasterKey(os.urandom(KEY_SIZE))])
@@ -216,6 +223,30 @@ class Sealer:
     def _set_meta(self, name: str, value: str) -> None:
         self._conn.execute("INSERT INTO keystore_meta (name, value) VALUES (?, ?)"
                            " ON CONFLICT (name) DO UPDATE SET value = excluded.value", (name, value))
+
+    @contextlib.contextmanager
+    def key_batch(self) -> Iterator[None]:
+        """New data keys made within (by this thread) are committed to the
+        key store together as the block ends, not one commit (and its
+        fsyncs) each: for a transaction that seals under many scopes (a
+        room state of thousands of members, each its sender's key). Ends
+        before the caller commits what it sealed, so no sealed row can
+        outlive its key by a crash, as with a key committed at once."""
+        depth = getattr(self._batch, "depth", 0)
+        self._batch.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._batch.depth = depth
+            if depth == 0:
+                with self._lock:
+                    self._commit_new_keys()
+
+    def _commit_new_keys(self) -> None:
+        """Commit the open key store transaction of new keys (the lock held)."""
+        if self._open:
+            self._conn.execute("COMMIT")
+            self._open = False
 
     def _master(self, key_id: str) -> MasterKey:
         for m in self._masters:
@@ -253,13 +284,19 @@ class Sealer:
                 master = self._masters[0]
                 # Committed (synchronous=FULL) before the caller's own
                 # transaction commits what it seals: no row can outlive
-                # the only copy of its key by a crash.
+                # the only copy of its key by a crash. At once, or with
+                # the others of its batch as the batch ends.
+                if not self._open:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    self._open = True
                 cur = self._conn.execute(
                     "INSERT INTO data_keys (owner, room, period, generation, master_id, wrapped, created_ts)"
                     " VALUES (?,?,?,?,?,?,?)",
                     (owner, room, period, gen, master.key_id, master.wrap(raw), int(time.time() * 1000)))
                 key_id = int(cur.lastrowid or 0)
                 aes = AESGCM(raw)
+                if not getattr(self._batch, "depth", 0):
+                    self._commit_new_keys()
             self._remember(key_id, aes, scope)
             return key_id, aes
 
@@ -288,6 +325,7 @@ class Sealer:
                 return self._master(row[0]).unwrap(bytes(row[1]))
             raw = os.urandom(KEY_SIZE)
             master = self._masters[0]
+            self._commit_new_keys()
             self._conn.execute(
                 "INSERT INTO data_keys (owner, room, period, generation, master_id, wrapped, created_ts)"
                 " VALUES (?,?,'',-1,?,?,?)",
@@ -364,6 +402,7 @@ class Sealer:
             return 0
         n = 0
         with self._lock:
+            self._commit_new_keys()
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 for i in range(0, len(ids), 500):
@@ -395,6 +434,7 @@ class Sealer:
         data keys; returns the new master key's ID. Call ``rewrap_batch``
         until it returns 0 to move the stored data keys over."""
         with self._lock:
+            self._commit_new_keys()
             new = MasterKey(os.urandom(KEY_SIZE))
             write_key_ring(self.key_file, [new, *self._masters])
             self._masters = [new, *self._masters]
@@ -412,6 +452,7 @@ class Sealer:
             rows = self._conn.execute("SELECT id, master_id, wrapped FROM data_keys WHERE master_id != ?"
                                       " LIMIT ?", (current.key_id, limit)).fetchall()
             if rows:
+                self._commit_new_keys()
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
                     for key_id, master_id, wrapped in rows:
@@ -439,6 +480,7 @@ class Sealer:
 
     def close(self) -> None:
         with self._lock:
+            self._commit_new_keys()
             self._conn.close()
 
 
