@@ -1,7 +1,8 @@
 """The inbound processor on its own database (both engines) against a fake
 homeserver client: mails from several senders to one room are made ready
-side by side but posted in the order they were accepted, and a batch
-writes its results in one transaction."""
+and posted side by side, each sender's in the order they were accepted and
+a reply after the mail it answers, and a batch writes its results in one
+transaction."""
 
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ class FakeHomeserver:
         self.sent: list[tuple[str, str, str, dict[str, Any]]] = []
         self.in_setup = 0
         self.most_in_setup = 0
+        self.in_send = 0
+        self.most_in_send = 0
         self.fail_txn = fail_txn
         self.rng = random.Random(7)
 
@@ -76,7 +79,12 @@ class FakeHomeserver:
         return f"mxc://example.org/{len(self.sent)}"
 
     async def send(self, room_id: str, user_id: str, event_type: str, content: dict[str, Any], txn_id: str) -> str:
-        await self._wait()
+        self.in_send += 1
+        self.most_in_send = max(self.most_in_send, self.in_send)
+        try:
+            await self._wait()
+        finally:
+            self.in_send -= 1
         if txn_id == self.fail_txn:
             self.fail_txn = None
             raise HomeserverUnreachable("ConnectionLost")
@@ -97,17 +105,21 @@ def _processor(store: BridgeStore, hs: FakeHomeserver) -> InboundProcessor:
 
 
 @pytest_twisted.ensureDeferred
-async def test_mails_to_one_room_are_posted_in_the_order_accepted(db_config: tuple[str, dict[str, Any]]) -> None:
+async def test_mails_to_one_room_keep_each_senders_order_and_replies_follow(
+        db_config: tuple[str, dict[str, Any]]) -> None:
     store = await _store(db_config)
     hs = FakeHomeserver()
     processor = _processor(store, hs)
     try:
-        # 40 mails from 8 senders, interleaved; the 5th replies to the 2nd.
+        # 40 mails from 8 senders, interleaved; the 5th replies to the 2nd
+        # (another sender's), the 30th to the 29th (another sender's, just
+        # before it), the 17th repeats the 3rd's Message-ID.
+        replies = {5: 2, 30: 29}
         ids = []
         for i in range(40):
-            headers = {"message_id": f"<m{i}@example.net>"}
-            if i == 5:
-                headers["in_reply_to"] = "<m2@example.net>"
+            headers = {"message_id": "<m3@example.net>" if i == 17 else f"<m{i}@example.net>"}
+            if i in replies:
+                headers["in_reply_to"] = f"<m{replies[i]}@example.net>"
             ids.append(await store.add_inbound(ROOM, None, None, _raw(f"Sender {i % 8} <s{i % 8}@example.net>",
                                                                       f"mail number {i}", **headers),
                                                auth=ACCEPTED))
@@ -115,9 +127,23 @@ async def test_mails_to_one_room_are_posted_in_the_order_accepted(db_config: tup
         store.db.on_interaction = lambda desc, _s: writes.append(desc)
         processor._stopped = False
         await processor._round()
-        assert [c["body"] for _r, _u, _t, c in hs.sent] == [f"mail number {i}" for i in range(40)]
-        assert [t for _r, _u, t, _c in hs.sent] == [f"zhome-mail-{i}-0" for i in ids]
-        assert hs.sent[5][3]["m.relates_to"] == {"m.in_reply_to": {"event_id": f"$event-zhome-mail-{ids[2]}-0"}}
+        bodies = [c["body"] for _r, _u, _t, c in hs.sent]
+        assert sorted(bodies) == sorted(f"mail number {i}" for i in range(40))
+        # Each sender's mails in the order they were accepted.
+        for n in range(8):
+            assert [b for b in bodies if int(b.split()[-1]) % 8 == n] == [f"mail number {i}" for i in range(n, 40, 8)]
+        # A reply after the mail it answers, and replying to its event; the
+        # first mail of a Message-ID keeps it.
+        at = {int(b.split()[-1]): k for k, b in enumerate(bodies)}
+        for reply, parent in replies.items():
+            assert at[reply] > at[parent]
+            assert hs.sent[at[reply]][3]["m.relates_to"] == {
+                "m.in_reply_to": {"event_id": f"$event-zhome-mail-{ids[parent]}-0"}}
+        assert at[17] > at[3]
+        assert await store.event_for_message_ids(ROOM, ["<m3@example.net>"]) == f"$event-zhome-mail-{ids[3]}-0"
+        assert [t for _r, _u, t, _c in hs.sent] == [f"zhome-mail-{ids[int(b.split()[-1])]}-0" for b in bodies]
+        # Different senders' mails were sent side by side.
+        assert hs.most_in_send > 1
         # Each ghost is named by its own sender.
         assert {u for _r, u, _t, _c in hs.sent} == {f"@email_s{n}=40example.net:example.org" for n in range(8)}
         # The eight senders' ghosts were set up side by side, not one by one.
@@ -145,7 +171,7 @@ async def test_a_failed_post_is_retried_and_the_others_go_on(db_config: tuple[st
     try:
         processor._stopped = False
         await processor._round()
-        assert [c["body"] for *_x, c in hs.sent] == [f"mail number {i}" for i in (0, 1, 2, 4, 5)]
+        assert sorted(c["body"] for *_x, c in hs.sent) == [f"mail number {i}" for i in (0, 1, 2, 4, 5)]
         states = {row_id: (state, outcome) for row_id, state, outcome in await store.inbound_states()}
         assert states[ids[3]] == ("pending", "homeserver: ConnectionLost")
         assert all(states[ids[i]][0] == POSTED for i in (0, 1, 2, 4, 5))

@@ -52,6 +52,8 @@ BATCH = 100
 MAX_BATCHES_PER_ROUND = 20
 #: Ghosts made ready (registered, joined, attachments uploaded) at once.
 CONCURRENCY = 8
+# Sends into one room at once (different senders' mails).
+POST_CONCURRENCY = 4
 #: Mails parsed before the reactor gets a turn.
 PARSE_TURN = 5
 MAX_ATTEMPTS = 12
@@ -127,9 +129,10 @@ class _RoundState:
 class InboundProcessor(Rounds):
     """Posts the inbound table in batches: each batch's mails are parsed,
     then made ready (ghost registered and named, invitation claimed, room
-    joined, attachments uploaded) CONCURRENCY at a time, then posted one
-    after another per room in the order they were accepted (rooms side by
-    side); what the batch did is written in one transaction at its end (a
+    joined, attachments uploaded) CONCURRENCY at a time, then posted: each
+    sender's mails in a room one after another in the order they were
+    accepted, a reply after the mail it answers, senders and rooms side by
+    side; what the batch did is written in one transaction at its end (a
     crash before it posts the same events again: same txnIds, no second
     message)."""
 
@@ -220,8 +223,8 @@ class InboundProcessor(Rounds):
         return batch
 
     async def _post_batch(self, batch: "_Batch", state: "_RoundState") -> None:
-        """Post a ready batch: in order within each room, rooms side by
-        side; then its results in one transaction."""
+        """Post a ready batch (see _post_room), rooms side by side; then its
+        results in one transaction."""
         results = batch.results
         if batch.mails and batch.ctx is not None:
             by_room: dict[str, list[_Mail]] = {}
@@ -313,20 +316,55 @@ class InboundProcessor(Rounds):
 
     async def _post_room(self, mails: list[_Mail], ctx: InboundContext, state: "_RoundState",
                          results: _Results) -> None:
+        """Post one room's mails of a batch: each sender's in the order they
+        were accepted, senders side by side (POST_CONCURRENCY sends at
+        once); a mail that answers (In-Reply-To, References) or repeats the
+        Message-ID of one accepted before it in the batch waits until that
+        one is posted, so it replies to its event."""
         # Message-IDs posted in this round (not in ctx.known yet); the first
         # event posted for a Message-ID keeps it (as remember_event does).
         posted = state.posted.setdefault(mails[0].row.room_id, {})
-        for m in mails:
-            if self._stopped:
-                return  # not posted yet: the rows stay due
+        # Each Message-ID of the batch's mails: fired once the first mail
+        # with it was posted (or given up).
+        owner: dict[str, int] = {}
+        for i, m in enumerate(mails):
+            if m.parsed.message_id is not None:
+                owner.setdefault(m.parsed.message_id, i)
+        ready: list[defer.Deferred[None]] = [defer.Deferred() for _ in mails]
+        sem = defer.DeferredSemaphore(POST_CONCURRENCY)
+
+        async def one(i: int, m: _Mail) -> None:
             try:
-                if m.error is not None:
-                    raise m.error
-                await self._post(m, ctx, posted, state, results)
+                for mid in ([m.parsed.message_id] if m.parsed.message_id else []) + m.parsed.references[:50]:
+                    first = owner.get(mid)
+                    if first is not None and first < i:
+                        # Only on mails accepted earlier: no two wait for each other.
+                        await ready[first]
+                if self._stopped:
+                    return  # not posted yet: the row stays due
+                await sem.acquire()
+                try:
+                    if m.error is not None:
+                        raise m.error
+                    await self._post(m, ctx, posted, state, results)
+                finally:
+                    sem.release()
             except Exception as e:
                 self._not_posted(m.row, e, results)
-                continue
+                return
+            finally:
+                ready[i].callback(None)
             results.finished.append((m.row.id, POSTED, "posted"))
+
+        async def chain(items: list[tuple[int, _Mail]]) -> None:
+            for i, m in items:
+                await one(i, m)
+
+        by_ghost: dict[str, list[tuple[int, _Mail]]] = {}
+        for i, m in enumerate(mails):
+            by_ghost.setdefault(m.ghost, []).append((i, m))
+        await defer.DeferredList([defer.ensureDeferred(chain(items)) for items in by_ghost.values()],
+                                 consumeErrors=True)
 
     def _not_posted(self, row: InboundMail, e: Exception, results: _Results) -> None:
         # Unexpected errors too: a mail that keeps failing must not spin the
