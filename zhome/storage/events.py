@@ -25,7 +25,7 @@ from zhome.storage.events_pass import events_pass_position_txn
 from zhome.storage.ids import IdGenerator
 from zhome.storage.lru import InvalidatedCache, LruCache
 from zhome.storage.notifications import notified_of_txn, read_marks_txn
-from zhome.storage.redactions import redacted_in_room_txn
+from zhome.storage.redactions import redacted_in_room_txn, redactions_in_room_txn
 from zhome.storage.relations import thread_of_content_txn
 from zhome.util import fastjson
 from zhome.util.ids import server_of
@@ -339,10 +339,7 @@ class EventsStore:
         ev = item.event
         # The one query every event from elsewhere pays: most are named by
         # no redaction.
-        txn.execute("SELECT rd.event_id, re.sender, re.prev_state_group FROM redactions rd"
-                    " JOIN events re ON re.event_id = rd.event_id WHERE rd.redacts = ? AND re.room_id = ?"
-                    " ORDER BY rd.event_id", (ev.event_id, ev.room_id))
-        named = [(str(r[0]), str(r[1]), r[2]) for r in txn.fetchall()]
+        named = redactions_in_room_txn(txn, ev.event_id, ev.room_id)
         if not named:
             return
         applying = [red_id for red_id, sender, group in named if self._redaction_applies_txn(txn, ev, sender, group)]

@@ -30,3 +30,13 @@ def redacted_in_room_txn(txn: Txn, event_id: str, room_id: str) -> Optional[str]
                 " WHERE rd.redacts = ? AND re.room_id = ?", (event_id, room_id))
     row = txn.fetchone()
     return str(row[0]) if row is not None and row[0] is not None else None
+
+
+def redactions_in_room_txn(txn: Txn, event_id: str, room_id: str) -> list[tuple[str, str, Optional[int]]]:
+    """Every stored redaction of ``event_id`` that is in ``room_id``, in
+    event ID order: (redaction event ID, its sender, the state group
+    before it)."""
+    txn.execute("SELECT rd.event_id, re.sender, re.prev_state_group FROM redactions rd"
+                " JOIN events re ON re.event_id = rd.event_id WHERE rd.redacts = ? AND re.room_id = ?"
+                " ORDER BY rd.event_id", (event_id, room_id))
+    return [(str(r[0]), str(r[1]), r[2]) for r in txn.fetchall()]
